@@ -1,0 +1,142 @@
+"""Control messages: small JSON objects carried in CONTROL frames, checked strictly.
+
+Each message type has a schema (field -> kind); ``parse_message`` accepts a
+payload only if it is a JSON object whose ``type`` is one the caller expects,
+whose fields are exactly the schema's, and whose values have the right kind
+and lie within caps.  Anything else is a ProtocolError naming the field, so a
+peer can never smuggle an unchecked value past this module.  JSON keeps the
+control plane readable in packet dumps; data never travels as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from cyclemirror.errors import ProtocolError
+
+MAX_INT = 2**63 - 1
+MAX_TEXT = 1024
+MAX_MEMBERS = 64
+MAX_HASH_BLOCKS = 16384  # per hashes message: 128 KiB of digests, hex-encoded
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
+NODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 1 << 20
+MAX_VOLUME_SIZE = 1 << 56
+
+# kinds: int, float, bool, name, node, text, hex, volumes, opt_text
+SCHEMAS: dict[str, dict[str, str]] = {
+    # source -> target
+    "open": {"node_id": "node", "node_name": "opt_text", "mirror": "name", "group": "bool",
+             "volumes": "volumes"},
+    "begin": {"cycle": "int", "freeze_time": "float", "full": "bool", "resume_from": "int"},
+    "member": {"index": "int"},
+    "end": {"cycle": "int", "chunks": "int"},
+    "hash_request": {"index": "int", "start_block": "int", "count": "int"},
+    # target -> source
+    "opened": {"node_id": "node", "applied_cycle": "int", "freeze_time": "float",
+               "has_image": "bool", "pending_cycle": "int", "pending_chunks": "int"},
+    "ack": {"cycle": "int", "chunks": "int"},
+    "applied": {"cycle": "int", "freeze_time": "float"},
+    "hashes": {"index": "int", "start_block": "int", "count": "int", "digests": "hex"},
+    # both ways
+    "error": {"code": "name", "message": "text", "temporary": "bool"},
+}
+
+
+def _bad(mtype: str, field: str, why: str) -> ProtocolError:
+    return ProtocolError(f"control message {mtype!r}: field {field!r} {why}")
+
+
+def _check_value(mtype: str, field: str, kind: str, value):
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+            raise _bad(mtype, field, f"must be an integer in 0..2**63-1, got {value!r:.40}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _bad(mtype, field, "must be a number")
+        if not math.isfinite(value) or value < 0:
+            raise _bad(mtype, field, f"must be finite and >= 0, got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise _bad(mtype, field, "must be true or false")
+    elif kind in ("name", "node"):
+        pattern = NAME_RE if kind == "name" else NODE_RE
+        if not isinstance(value, str) or not pattern.match(value):
+            raise _bad(mtype, field, f"is not a valid {kind} ({pattern.pattern})")
+    elif kind in ("text", "opt_text"):
+        if value is None and kind == "opt_text":
+            return
+        if not isinstance(value, str) or len(value) > MAX_TEXT:
+            raise _bad(mtype, field, f"must be a string of at most {MAX_TEXT} characters")
+    elif kind == "hex":
+        if not isinstance(value, str) or len(value) > MAX_HASH_BLOCKS * 16 or len(value) % 16:
+            raise _bad(mtype, field, "must be hex of whole 8-byte digests, within the cap")
+        try:
+            bytes.fromhex(value)
+        except ValueError:
+            raise _bad(mtype, field, "is not hex") from None
+    elif kind == "volumes":
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_MEMBERS:
+            raise _bad(mtype, field, f"must list 1..{MAX_MEMBERS} volumes")
+        seen = set()
+        for i, vol in enumerate(value):
+            where = f"{field}[{i}]"
+            if not isinstance(vol, dict) or set(vol) != {"name", "size", "block_size"}:
+                raise _bad(mtype, where, "must be {name, size, block_size}")
+            _check_value(mtype, where + ".name", "name", vol["name"])
+            _check_value(mtype, where + ".size", "int", vol["size"])
+            _check_value(mtype, where + ".block_size", "int", vol["block_size"])
+            bs = vol["block_size"]
+            if not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
+                raise _bad(mtype, where + ".block_size", f"must be a power of two in "
+                           f"{MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}, got {bs}")
+            if vol["size"] > MAX_VOLUME_SIZE or vol["size"] % bs:
+                raise _bad(mtype, where + ".size", "must be a multiple of block_size "
+                           "within 2**56")
+            if vol["name"] in seen:
+                raise _bad(mtype, where + ".name", "is listed twice")
+            seen.add(vol["name"])
+    else:  # pragma: no cover - a schema typo
+        raise AssertionError(kind)
+
+
+def encode_message(mtype: str, **fields) -> bytes:
+    """JSON bytes of a message; checks our own output with the same schema."""
+    msg = {"type": mtype, **fields}
+    validate_message(msg, {mtype})
+    return json.dumps(msg, separators=(",", ":"), sort_keys=True).encode()
+
+
+def validate_message(msg, expected: set[str]) -> dict:
+    if not isinstance(msg, dict):
+        raise ProtocolError("control message is not a JSON object")
+    mtype = msg.get("type")
+    if mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown control message type {mtype!r:.40}")
+    if mtype not in expected and mtype != "error":
+        raise ProtocolError(
+            f"unexpected control message {mtype!r} (expected one of {sorted(expected)})"
+        )
+    schema = SCHEMAS[mtype]
+    fields = set(msg) - {"type"}
+    if fields != set(schema):
+        missing = sorted(set(schema) - fields)
+        extra = sorted(fields - set(schema))
+        raise ProtocolError(
+            f"control message {mtype!r}: missing fields {missing}, unknown fields {extra}"
+        )
+    for field, kind in schema.items():
+        _check_value(mtype, field, kind, msg[field])
+    return msg
+
+
+def parse_message(payload: bytes, expected: set[str]) -> dict:
+    """Decode and validate one control payload; ``error`` messages always pass."""
+    try:
+        msg = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("control message is not valid UTF-8 JSON") from None
+    return validate_message(msg, expected)

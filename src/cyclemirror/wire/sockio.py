@@ -1,0 +1,55 @@
+"""Exact-length socket reads that turn EOF and resets into ConnectionLostError.
+
+Every reader in the protocol says what it was reading (``what``), so a
+truncated stream produces a message such as "connection closed after 7 of 48
+bytes of the frame header from 10.0.0.2:7000" instead of a bare struct error.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from cyclemirror.errors import ConnectionLostError
+
+
+def peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "a closed peer"
+
+
+def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+    """Read exactly ``n`` bytes or raise ConnectionLostError naming ``what``."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            raise ConnectionLostError(
+                f"timed out after {got} of {n} bytes of {what} from {peer_name(sock)}"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionLostError(
+                f"connection error after {got} of {n} bytes of {what} from "
+                f"{peer_name(sock)}: {exc}"
+            ) from None
+        if k == 0:
+            raise ConnectionLostError(
+                f"connection closed after {got} of {n} bytes of {what} from {peer_name(sock)}"
+            )
+        got += k
+    return bytes(buf)
+
+
+def send_all(sock: socket.socket, data: bytes | memoryview, what: str) -> None:
+    try:
+        sock.sendall(data)
+    except TimeoutError:
+        raise ConnectionLostError(f"timed out sending {what} to {peer_name(sock)}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectionLostError(f"cannot send {what} to {peer_name(sock)}: {exc}") from None
