@@ -16,6 +16,7 @@ import threading
 
 import pytest
 
+from conftest import require_tool
 from cyclemirror import keys
 from cyclemirror.errors import (
     AuthenticationError,
@@ -24,7 +25,6 @@ from cyclemirror.errors import (
     UsageError,
 )
 from cyclemirror.wire import handshake as hs
-from conftest import require_tool
 
 
 def run_pair(client_fn, server_fn):
