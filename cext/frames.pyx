@@ -1,0 +1,651 @@
+"""Frames of the mirror protocol: the fixed header, payload checks, and extent packing.
+
+The byte layout and the validation rules are in docs/protocol.md ("Frame
+header"); this module is the only code that reads or writes them.
+
+Design
+------
+* The header is 48 bytes, little-endian, and ends with an xxh3-64 of its own
+  first 40 bytes, so a flipped bit in an offset is caught just like one in a
+  payload (whose xxh3-64 of the raw bytes is also in the header).
+* ``decode_header`` checks every field in layout order against the caller's
+  ``FrameLimits`` and raises ``FrameError(field=...)`` naming the first bad
+  one, and only then the header checksum (``ChecksumError``).  It allocates
+  nothing but the small FrameHeader it returns; payload buffers are sized by
+  the caller only from a header that passed these checks.
+* ``decode_payload`` decompresses into a bytes object of exactly
+  ``raw_length`` bytes (the decompressor can never write more) and verifies
+  the checksum before returning.
+* ``FramePacker.pack_extents`` reads each run with a single ``preadv`` whose
+  vectors point straight into the payload area of each chunk's frame (a bytes
+  object allocated at full size), so raw chunks are never copied.  Each chunk
+  is hashed in place, compressed into a scratch buffer and copied back only
+  when that made it smaller; the frame is then shrunk to fit.  Runs longer
+  than MAX_READ bytes are read in pieces of whole chunks.  The read, hashing
+  and compression of a piece all run without the GIL.
+* A FramePacker holds only its settings; buffers and compression contexts
+  belong to one call, so one packer may be used by many threads at once.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, _PyBytes_Resize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, strerror
+from posix.types cimport off_t
+
+from cyclemirror import errors
+
+
+cdef extern from "sys/uio.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t preadv(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+
+cdef extern from "xxhash.h" nogil:
+    ctypedef unsigned long long XXH64_hash_t
+    XXH64_hash_t XXH3_64bits(const void *data, size_t length)
+
+
+cdef extern from "lz4.h" nogil:
+    int LZ4_compressBound(int inputSize)
+    int LZ4_compress_default(const char *src, char *dst, int srcSize, int dstCapacity)
+    int LZ4_decompress_safe(const char *src, char *dst, int compressedSize, int dstCapacity)
+
+
+cdef extern from "zstd.h" nogil:
+    ctypedef struct ZSTD_CCtx:
+        pass
+    size_t ZSTD_compressBound(size_t srcSize)
+    unsigned ZSTD_isError(size_t code)
+    const char *ZSTD_getErrorName(size_t code)
+    ZSTD_CCtx *ZSTD_createCCtx()
+    size_t ZSTD_freeCCtx(ZSTD_CCtx *cctx)
+    size_t ZSTD_compressCCtx(ZSTD_CCtx *cctx, void *dst, size_t dstCapacity,
+                             const void *src, size_t srcSize, int compressionLevel)
+    size_t ZSTD_decompress(void *dst, size_t dstCapacity, const void *src, size_t compressedSize)
+    int ZSTD_minCLevel()
+    int ZSTD_maxCLevel()
+
+
+HEADER_SIZE = 48
+MAGIC = b"CMFR"
+VERSION = 1
+
+cdef enum:
+    C_FT_DATA = 1
+    C_FT_ZERO = 2
+    C_FT_TRIM = 3
+    C_FT_CONTROL = 4
+    C_CODEC_NONE = 0
+    C_CODEC_LZ4 = 1
+    C_CODEC_ZSTD = 2
+
+FT_DATA = C_FT_DATA
+FT_ZERO = C_FT_ZERO
+FT_TRIM = C_FT_TRIM
+FT_CONTROL = C_FT_CONTROL
+
+CODEC_NONE = C_CODEC_NONE
+CODEC_LZ4 = C_CODEC_LZ4
+CODEC_ZSTD = C_CODEC_ZSTD
+
+# The one defined flag: the last frame of a batch (the wire protocol says which batch).
+FLAG_LAST = 0x01
+FLAGS_RESERVED = 0xFE
+
+# Largest run piece read by one preadv (whole chunks, at most IOV_MAX of them).
+MAX_READ = 16 << 20
+MAX_CHUNK_SIZE = 64 << 20
+MAX_CYCLE = 2**63 - 1
+MAX_OFFSET = 2**63 - 1
+U32_MAX = 0xFFFFFFFF
+
+cdef enum:
+    C_HEADER_SIZE = 48
+    C_CHECKED_BYTES = 40        # bytes covered by the header checksum
+    C_IOV_MAX = 1024
+    C_MAX_READ = 16 << 20
+
+cdef const char *C_MAGIC = b"CMFR"
+
+_TYPE_NAMES = {FT_DATA: "DATA", FT_ZERO: "ZERO", FT_TRIM: "TRIM", FT_CONTROL: "CONTROL"}
+_CODEC_NAMES = {CODEC_NONE: "NONE", CODEC_LZ4: "LZ4", CODEC_ZSTD: "ZSTD"}
+
+
+# ---------------------------------------------------------------- byte order
+
+cdef inline void _put_u32(unsigned char *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = (v >> 24) & 0xFF
+
+
+cdef inline void _put_u64(unsigned char *p, uint64_t v) noexcept nogil:
+    _put_u32(p, <uint32_t>(v & 0xFFFFFFFFu))
+    _put_u32(p + 4, <uint32_t>(v >> 32))
+
+
+cdef inline uint32_t _get_u32(const unsigned char *p) noexcept nogil:
+    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
+            | (<uint32_t>p[3] << 24))
+
+
+cdef inline uint64_t _get_u64(const unsigned char *p) noexcept nogil:
+    return <uint64_t>_get_u32(p) | (<uint64_t>_get_u32(p + 4) << 32)
+
+
+cdef void _write_header(unsigned char *p, uint8_t ftype, uint8_t flags, uint8_t codec,
+                        uint64_t cycle, uint64_t offset, uint32_t length,
+                        uint32_t raw_length, uint64_t checksum) noexcept nogil:
+    memcpy(p, C_MAGIC, 4)
+    p[4] = 1  # VERSION
+    p[5] = ftype
+    p[6] = flags
+    p[7] = codec
+    _put_u64(p + 8, cycle)
+    _put_u64(p + 16, offset)
+    _put_u32(p + 24, length)
+    _put_u32(p + 28, raw_length)
+    _put_u64(p + 32, checksum)
+    _put_u64(p + 40, XXH3_64bits(p, C_CHECKED_BYTES))
+
+
+# ---------------------------------------------------------------- limits, header
+
+cdef object _check_int(object value, str what, object low, object high):
+    try:
+        value = value.__index__()
+    except AttributeError:
+        raise errors.UsageError(
+            f"frames: {what} must be an integer, got {type(value).__name__}") from None
+    if value < low or value > high:
+        raise errors.UsageError(
+            f"frames: {what}={value} is outside [{low}, {high}]; pass a value in range")
+    return value
+
+
+cdef class FrameLimits:
+    """Caps a decoder applies to every header before anything is allocated.
+
+    max_payload: largest on-wire payload (bytes after the header);
+    max_raw: largest uncompressed DATA chunk; max_control: largest CONTROL
+    payload (uncompressed); volume_size: DATA/ZERO/TRIM must end inside it;
+    alignment: DATA/ZERO/TRIM offsets, and lengths except one that ends exactly
+    at volume_size, must be multiples of it (1 = no rule).  Immutable.
+    """
+
+    cdef readonly uint64_t max_payload, max_raw, max_control, volume_size, alignment
+
+    def __init__(self, max_payload, max_raw, max_control, volume_size, alignment=1):
+        self.max_payload = _check_int(max_payload, "FrameLimits.max_payload", 0, U32_MAX)
+        self.max_raw = _check_int(max_raw, "FrameLimits.max_raw", 0, U32_MAX)
+        self.max_control = _check_int(max_control, "FrameLimits.max_control", 0, U32_MAX)
+        self.volume_size = _check_int(volume_size, "FrameLimits.volume_size", 0, MAX_OFFSET)
+        self.alignment = _check_int(alignment, "FrameLimits.alignment", 1, 1 << 30)
+
+    def __repr__(self):
+        return (f"FrameLimits(max_payload={self.max_payload}, max_raw={self.max_raw}, "
+                f"max_control={self.max_control}, volume_size={self.volume_size}, "
+                f"alignment={self.alignment})")
+
+
+cdef class FrameHeader:
+    """A decoded header. Only decode_header makes ones that decode_payload accepts."""
+
+    cdef readonly int type, flags, codec
+    cdef readonly uint64_t cycle, offset, checksum
+    cdef readonly uint32_t length, raw_length
+    # Set only by decode_header: the fields passed the caller's limits, so
+    # raw_length is safe to allocate.
+    cdef bint validated
+
+    def __repr__(self):
+        return (f"FrameHeader(type={_TYPE_NAMES.get(self.type, self.type)}, flags={self.flags:#x}, "
+                f"codec={_CODEC_NAMES.get(self.codec, self.codec)}, cycle={self.cycle}, "
+                f"offset={self.offset}, length={self.length}, raw_length={self.raw_length}, "
+                f"checksum={self.checksum:#018x})")
+
+    def __eq__(self, other):
+        if not isinstance(other, FrameHeader):
+            return NotImplemented
+        return self.as_tuple() == (<FrameHeader>other).as_tuple()
+
+    def __hash__(self):
+        return hash(self.as_tuple())
+
+    def as_tuple(self):
+        """(type, flags, codec, cycle, offset, length, raw_length, checksum)."""
+        return (self.type, self.flags, self.codec, self.cycle, self.offset,
+                self.length, self.raw_length, self.checksum)
+
+
+def encode_header(ftype, flags, codec, cycle, offset, length, raw_length, checksum):
+    """Return the HEADER_SIZE bytes of a header, its own checksum included.
+
+    Checks that every value fits its field and that type, codec and flags are
+    defined; the rules between fields are decode_header's job.
+    """
+    if ftype not in _TYPE_NAMES:
+        raise errors.UsageError(f"frames: unknown frame type {ftype!r}; use one of FT_*")
+    if codec not in _CODEC_NAMES:
+        raise errors.UsageError(f"frames: unknown codec {codec!r}; use one of CODEC_*")
+    f = _check_int(flags, "flags", 0, 0xFF)
+    if f & FLAGS_RESERVED:
+        raise errors.UsageError(f"frames: flags={f:#x} sets reserved bits {FLAGS_RESERVED:#x}")
+    cdef uint64_t c = _check_int(cycle, "cycle", 0, MAX_CYCLE)
+    cdef uint64_t o = _check_int(offset, "offset", 0, MAX_OFFSET)
+    cdef uint32_t ln = _check_int(length, "length", 0, U32_MAX)
+    cdef uint32_t raw = _check_int(raw_length, "raw_length", 0, U32_MAX)
+    cdef uint64_t ck = _check_int(checksum, "checksum", 0, 2**64 - 1)
+    out = PyBytes_FromStringAndSize(NULL, C_HEADER_SIZE)
+    _write_header(<unsigned char *>PyBytes_AS_STRING(out), ftype, f, codec, c, o, ln, raw, ck)
+    return out
+
+
+cdef inline bint _is_aligned(uint64_t value, uint64_t alignment) noexcept nogil:
+    return alignment <= 1 or value % alignment == 0
+
+
+cdef _bad(str field, str what):
+    raise errors.FrameError(f"frame header: {field} {what}; closing the connection", field=field)
+
+
+def decode_header(buf, FrameLimits limits not None):
+    """Parse and validate the first HEADER_SIZE bytes of buf against limits.
+
+    Raises FrameError(field=<first bad field>) or ChecksumError(field="header_checksum").
+    """
+    cdef const unsigned char[::1] view
+    try:
+        view = memoryview(buf).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise errors.UsageError(f"frames: header buffer must be bytes-like ({exc})") from None
+    if view.shape[0] < C_HEADER_SIZE:
+        _bad("header", f"is {view.shape[0]} bytes, shorter than {C_HEADER_SIZE}")
+    cdef const unsigned char *p = &view[0]
+    if memcmp_magic(p) != 0:
+        _bad("magic", f"is {bytes(view[:4])!r}, not {MAGIC!r} (not a cyclemirror frame)")
+    if p[4] != VERSION:
+        _bad("version", f"is {p[4]}, this side speaks only version {VERSION}")
+    cdef int ftype = p[5], flags = p[6], codec = p[7]
+    if ftype not in _TYPE_NAMES:
+        _bad("type", f"{ftype} is not a known frame type")
+    if flags & FLAGS_RESERVED:
+        _bad("flags", f"{flags:#x} sets reserved bits {FLAGS_RESERVED:#x}")
+    if codec not in _CODEC_NAMES:
+        _bad("codec", f"{codec} is not a known codec")
+    cdef uint64_t cycle = _get_u64(p + 8), offset = _get_u64(p + 16)
+    cdef uint32_t length = _get_u32(p + 24), raw_length = _get_u32(p + 28)
+    cdef uint64_t checksum = _get_u64(p + 32), header_checksum = _get_u64(p + 40)
+    cdef bint extent = ftype != FT_CONTROL
+    cdef str name = _TYPE_NAMES[ftype]
+    if cycle > MAX_CYCLE:
+        _bad("cycle", f"{cycle} exceeds {MAX_CYCLE}")
+    if extent and codec != CODEC_NONE and ftype != FT_DATA:
+        _bad("codec", f"{_CODEC_NAMES[codec]} on a {name} frame, which has no payload")
+    # offset
+    if not extent:
+        if offset != 0:
+            _bad("offset", f"{offset} on a CONTROL frame must be 0")
+    else:
+        if offset > limits.volume_size:
+            _bad("offset", f"{offset} is beyond the volume size {limits.volume_size}")
+        if not _is_aligned(offset, limits.alignment):
+            _bad("offset", f"{offset} is not a multiple of the alignment {limits.alignment}")
+    # raw_length
+    if not extent:
+        if raw_length > limits.max_control:
+            _bad("raw_length", f"{raw_length} exceeds the CONTROL cap {limits.max_control}")
+    else:
+        if raw_length == 0:
+            _bad("raw_length", f"is 0 on a {name} frame")
+        if ftype == FT_DATA and raw_length > limits.max_raw:
+            _bad("raw_length", f"{raw_length} exceeds the DATA cap {limits.max_raw}")
+        if raw_length > limits.volume_size - offset:
+            _bad("raw_length", f"{raw_length} at offset {offset} runs past the volume "
+                 f"size {limits.volume_size}")
+        if (not _is_aligned(raw_length, limits.alignment)
+                and offset + raw_length != limits.volume_size):
+            _bad("raw_length", f"{raw_length} is not a multiple of the alignment "
+                 f"{limits.alignment} and does not end the volume")
+    # length (bytes of payload on the wire)
+    if ftype == FT_ZERO or ftype == FT_TRIM:
+        if length != 0:
+            _bad("length", f"{length} on a {name} frame must be 0 (no payload)")
+    else:
+        if length > limits.max_payload:
+            _bad("length", f"{length} exceeds the payload cap {limits.max_payload}")
+        if codec == CODEC_NONE and length != raw_length:
+            _bad("length", f"{length} differs from raw_length {raw_length} of an uncompressed frame")
+        if codec != CODEC_NONE and (length == 0 or length >= raw_length):
+            _bad("length", f"{length} of a compressed frame must be in [1, raw_length={raw_length})")
+    if (ftype == FT_ZERO or ftype == FT_TRIM) and checksum != 0:
+        _bad("checksum", f"{checksum:#x} on a {name} frame must be 0")
+    if XXH3_64bits(p, C_CHECKED_BYTES) != header_checksum:
+        raise errors.ChecksumError(
+            "frame header: header_checksum does not match the header bytes (corrupted in "
+            "transit); closing the connection", field="header_checksum")
+    cdef FrameHeader h = FrameHeader.__new__(FrameHeader)
+    h.type = ftype
+    h.flags = flags
+    h.codec = codec
+    h.cycle = cycle
+    h.offset = offset
+    h.length = length
+    h.raw_length = raw_length
+    h.checksum = checksum
+    h.validated = True
+    return h
+
+
+cdef inline int memcmp_magic(const unsigned char *p) noexcept nogil:
+    return 0 if (p[0] == C_MAGIC[0] and p[1] == C_MAGIC[1] and p[2] == C_MAGIC[2]
+                 and p[3] == C_MAGIC[3]) else 1
+
+
+def encode_control(cycle, payload):
+    """Return a whole CONTROL frame (header + payload), uncompressed."""
+    cdef const unsigned char[::1] data
+    try:
+        data = memoryview(payload).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise errors.UsageError(f"frames: control payload must be bytes-like ({exc})") from None
+    cdef size_t n = data.shape[0]
+    if n > U32_MAX:
+        raise errors.UsageError(f"frames: control payload of {n} bytes exceeds {U32_MAX}")
+    cdef uint64_t c = _check_int(cycle, "cycle", 0, MAX_CYCLE)
+    out = PyBytes_FromStringAndSize(NULL, C_HEADER_SIZE + n)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef uint64_t ck = XXH3_64bits(&data[0] if n else NULL, n)
+    if n:
+        memcpy(p + C_HEADER_SIZE, &data[0], n)
+    _write_header(p, FT_CONTROL, 0, CODEC_NONE, c, 0, <uint32_t>n, <uint32_t>n, ck)
+    return out
+
+
+def encode_zero(ftype, cycle, offset, length):
+    """Return the header of a ZERO or TRIM record for [offset, offset+length); no payload.
+
+    length must fit 32 bits: callers split longer runs.
+    """
+    if ftype != FT_ZERO and ftype != FT_TRIM:
+        raise errors.UsageError(f"frames: encode_zero needs FT_ZERO or FT_TRIM, got {ftype!r}")
+    ln = _check_int(length, "length", 1, U32_MAX)
+    return encode_header(ftype, 0, CODEC_NONE, cycle, offset, 0, ln, 0)
+
+
+def decode_payload(FrameHeader header not None, payload):
+    """Return the raw bytes of a frame's payload, decompressed and verified.
+
+    header must come from decode_header (its lengths passed the caps).
+    Raises FrameError(field="length") for a payload of the wrong size,
+    FrameError(field="payload") for one that does not decompress to exactly
+    raw_length bytes, ChecksumError(field="checksum") for a checksum mismatch.
+    """
+    if not header.validated:
+        raise errors.UsageError(
+            "frames: decode_payload needs a FrameHeader returned by decode_header")
+    cdef const unsigned char[::1] data
+    try:
+        data = memoryview(payload).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise errors.UsageError(f"frames: payload must be bytes-like ({exc})") from None
+    cdef size_t n = data.shape[0]
+    if n != header.length:
+        raise errors.FrameError(
+            f"frame payload: got {n} bytes but the header says length={header.length}; "
+            "closing the connection", field="length")
+    if header.type == FT_ZERO or header.type == FT_TRIM:
+        return b""
+    cdef size_t raw = header.raw_length
+    cdef const char *src = <const char *>&data[0] if n else NULL
+    cdef int lz4_got = 0
+    cdef size_t zstd_got = 0
+    cdef char *dst
+    if header.codec == CODEC_NONE:
+        out = bytes(data)
+    else:
+        out = PyBytes_FromStringAndSize(NULL, raw)
+        dst = PyBytes_AS_STRING(out)
+        if header.codec == CODEC_LZ4:
+            with nogil:
+                lz4_got = LZ4_decompress_safe(src, dst, <int>n, <int>raw)
+            if lz4_got != <int>raw:
+                raise errors.FrameError(
+                    f"frame payload: lz4 data at offset {header.offset} does not decompress to "
+                    f"raw_length={raw} bytes (got {lz4_got}); closing the connection",
+                    field="payload")
+        else:
+            with nogil:
+                zstd_got = ZSTD_decompress(dst, raw, src, n)
+            if ZSTD_isError(zstd_got) or zstd_got != raw:
+                why = (ZSTD_getErrorName(zstd_got).decode() if ZSTD_isError(zstd_got)
+                       else f"got {zstd_got} bytes")
+                raise errors.FrameError(
+                    f"frame payload: zstd data at offset {header.offset} does not decompress to "
+                    f"raw_length={raw} bytes ({why}); closing the connection", field="payload")
+    cdef const char *rp = PyBytes_AS_STRING(out)
+    cdef uint64_t ck
+    with nogil:
+        ck = XXH3_64bits(rp, raw)
+    if ck != header.checksum:
+        raise errors.ChecksumError(
+            f"frame payload: xxh3 of the {raw} raw bytes at offset {header.offset} is {ck:#x}, "
+            f"header says {header.checksum:#x} (corrupted); closing the connection",
+            field="checksum")
+    return out
+
+
+# ---------------------------------------------------------------- packing
+
+cdef struct Chunk:
+    unsigned char *frame      # start of the frame's bytes object (header, then payload)
+    uint64_t offset           # where the chunk's bytes are in the file
+    uint64_t checksum         # xxh3-64 of the raw bytes
+    size_t raw_length
+    size_t length             # payload length after compression (or raw)
+    uint8_t codec
+
+
+cdef int64_t _preadv_full(int fd, iovec *iov, int count, off_t offset) noexcept nogil:
+    """Fill every vector; return 0, -errno, or the offset where end of file came early (+1)."""
+    cdef ssize_t got
+    cdef int first = 0
+    cdef size_t left
+    while first < count:
+        got = preadv(fd, iov + first, count - first, offset)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if got == 0:
+            return <int64_t>offset + 1
+        offset += got
+        left = <size_t>got
+        # A short read (rare on regular files): skip the filled vectors and retry.
+        while first < count and left >= iov[first].iov_len:
+            left -= iov[first].iov_len
+            first += 1
+        if first < count and left:
+            iov[first].iov_base = <char *>iov[first].iov_base + left
+            iov[first].iov_len -= left
+    return 0
+
+
+cdef int _finish_chunks(Chunk *chunks, int count, int codec, int level, uint64_t cycle,
+                        char *scratch, size_t scratch_size, ZSTD_CCtx *cctx,
+                        size_t *zstd_error) noexcept nogil:
+    """Hash each chunk's raw payload, compress it in place when that shrinks it, write
+    its header. Return 0 or -1 for a zstd error."""
+    cdef int i
+    cdef size_t got
+    cdef int lz4_got
+    cdef char *payload
+    for i in range(count):
+        payload = <char *>chunks[i].frame + C_HEADER_SIZE
+        chunks[i].checksum = XXH3_64bits(payload, chunks[i].raw_length)
+        chunks[i].codec = C_CODEC_NONE
+        chunks[i].length = chunks[i].raw_length
+        if codec == C_CODEC_LZ4:
+            lz4_got = LZ4_compress_default(payload, scratch, <int>chunks[i].raw_length,
+                                           <int>scratch_size)
+            got = <size_t>lz4_got if lz4_got > 0 else chunks[i].raw_length
+        elif codec == C_CODEC_ZSTD:
+            got = ZSTD_compressCCtx(cctx, scratch, scratch_size, payload,
+                                    chunks[i].raw_length, level)
+            if ZSTD_isError(got):
+                zstd_error[0] = got
+                return -1
+        else:
+            got = chunks[i].raw_length
+        if got < chunks[i].raw_length:
+            memcpy(payload, scratch, got)
+            chunks[i].codec = <uint8_t>codec
+            chunks[i].length = got
+        _write_header(chunks[i].frame, C_FT_DATA, 0, chunks[i].codec, cycle, chunks[i].offset,
+                      <uint32_t>chunks[i].length, <uint32_t>chunks[i].raw_length,
+                      chunks[i].checksum)
+    return 0
+
+
+cdef class FramePacker:
+    """Packs extents of a file into DATA frames: FramePacker(codec, level=0, chunk_size=1 MiB).
+
+    level: 0 for the codec's default; zstd takes ZSTD_minCLevel()..ZSTD_maxCLevel(),
+    lz4 and none take only 0.  Holds no buffers, so it is safe to share between threads.
+    """
+
+    cdef readonly int codec, level
+    cdef readonly size_t chunk_size
+
+    def __init__(self, codec, level=0, chunk_size=1 << 20):
+        if codec not in _CODEC_NAMES:
+            raise errors.UsageError(f"FramePacker: unknown codec {codec!r}; use one of CODEC_*")
+        self.codec = codec
+        if codec == CODEC_ZSTD:
+            self.level = _check_int(level, "zstd level", ZSTD_minCLevel(), ZSTD_maxCLevel())
+        else:
+            self.level = _check_int(level, f"{_CODEC_NAMES[codec]} level", 0, 0)
+        self.chunk_size = _check_int(chunk_size, "chunk_size", 1, MAX_CHUNK_SIZE)
+
+    def __repr__(self):
+        return (f"FramePacker(codec={_CODEC_NAMES[self.codec]}, level={self.level}, "
+                f"chunk_size={self.chunk_size})")
+
+    def pack_extents(self, fd, extents, cycle):
+        """Return a list of whole DATA frames (bytes) for extents [(offset, length), ...] of fd.
+
+        Each run is read with one preadv (runs above MAX_READ in pieces),
+        cut into chunk_size chunks, each compressed when that makes it smaller,
+        each with the xxh3-64 of its raw bytes.  A run past end of file raises
+        UsageError; a read error raises StoreError.
+        """
+        cdef int cfd = _check_int(fd, "fd", 0, 2**31 - 1)
+        cdef uint64_t c = _check_int(cycle, "cycle", 0, MAX_CYCLE)
+        cdef size_t piece_max = min(<size_t>C_MAX_READ, <size_t>C_IOV_MAX * self.chunk_size)
+        piece_max -= piece_max % self.chunk_size
+        if piece_max == 0:
+            piece_max = self.chunk_size
+        cdef size_t scratch_size = 0
+        if self.codec == CODEC_LZ4:
+            scratch_size = LZ4_compressBound(<int>self.chunk_size)
+        elif self.codec == CODEC_ZSTD:
+            scratch_size = ZSTD_compressBound(self.chunk_size)
+        cdef char *scratch = NULL
+        cdef ZSTD_CCtx *cctx = NULL
+        cdef Chunk *chunks = <Chunk *>malloc(C_IOV_MAX * sizeof(Chunk))
+        cdef iovec *iov = <iovec *>malloc(C_IOV_MAX * sizeof(iovec))
+        frames = []
+        try:
+            if chunks == NULL or iov == NULL:
+                raise MemoryError()
+            if scratch_size:
+                scratch = <char *>malloc(scratch_size)
+                if scratch == NULL:
+                    raise MemoryError()
+            if self.codec == CODEC_ZSTD:
+                cctx = ZSTD_createCCtx()
+                if cctx == NULL:
+                    raise MemoryError()
+            for index, extent in enumerate(extents):
+                try:
+                    ext_offset, ext_length = extent
+                except (TypeError, ValueError):
+                    raise errors.UsageError(
+                        f"pack_extents: extent #{index} is {extent!r}, not (offset, length)"
+                    ) from None
+                off = _check_int(ext_offset, f"extent #{index} offset", 0, MAX_OFFSET)
+                ln = _check_int(ext_length, f"extent #{index} length", 1, MAX_OFFSET - off)
+                while ln > 0:
+                    piece = min(ln, piece_max)
+                    self._pack_piece(cfd, off, piece, c, frames, chunks, iov, scratch,
+                                     scratch_size, cctx)
+                    off += piece
+                    ln -= piece
+        finally:
+            free(chunks)
+            free(iov)
+            free(scratch)
+            if cctx != NULL:
+                ZSTD_freeCCtx(cctx)
+        return frames
+
+    cdef _pack_piece(self, int fd, uint64_t offset, size_t length, uint64_t cycle, list frames,
+                     Chunk *chunks, iovec *iov, char *scratch, size_t scratch_size,
+                     ZSTD_CCtx *cctx):
+        cdef int count = 0, i, rc_compress = 0
+        cdef size_t pos = 0, n, zstd_error = 0
+        cdef int64_t rc_read
+        cdef int codec = self.codec, level = self.level
+        pending = []
+        # Allocate every frame of the piece at full size first, so the read,
+        # hashing and compression below can all run without the GIL.
+        while pos < length:
+            n = min(self.chunk_size, length - pos)
+            frame = PyBytes_FromStringAndSize(NULL, C_HEADER_SIZE + n)
+            pending.append(frame)
+            chunks[count].frame = <unsigned char *>PyBytes_AS_STRING(frame)
+            chunks[count].raw_length = n
+            chunks[count].offset = offset + pos
+            iov[count].iov_base = chunks[count].frame + C_HEADER_SIZE
+            iov[count].iov_len = n
+            count += 1
+            pos += n
+        with nogil:
+            rc_read = _preadv_full(fd, iov, count, <off_t>offset)
+            if rc_read == 0:
+                rc_compress = _finish_chunks(chunks, count, codec, level, cycle, scratch,
+                                             scratch_size, cctx, &zstd_error)
+        if rc_read < 0:
+            raise errors.StoreError(
+                f"pack_extents: reading fd {fd} at [{offset}, {offset + length}) failed: "
+                f"{strerror(<int>-rc_read).decode()} (errno {-rc_read}); check the source image")
+        if rc_read > 0:
+            raise errors.UsageError(
+                f"pack_extents: fd {fd} ends at byte {rc_read - 1}, inside extent piece "
+                f"[{offset}, {offset + length}); extents must lie inside the file")
+        if rc_compress < 0:
+            raise errors.StoreError(
+                f"pack_extents: zstd failed at [{offset}, {offset + length}): "
+                f"{ZSTD_getErrorName(zstd_error).decode()}")
+        cdef PyObject *obj
+        for i in range(count):
+            frame = pending[i]
+            if chunks[i].length != chunks[i].raw_length:
+                # Shrink to the compressed size in place.  _PyBytes_Resize needs
+                # the only reference, so hand ours to obj and drop the others.
+                pending[i] = None
+                obj = <PyObject *>frame
+                Py_INCREF(frame)
+                frame = None
+                if _PyBytes_Resize(&obj, C_HEADER_SIZE + chunks[i].length) < 0:
+                    raise MemoryError()
+                frame = <object>obj
+                Py_DECREF(frame)
+            frames.append(frame)
