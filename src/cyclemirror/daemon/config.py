@@ -1,0 +1,255 @@
+"""Settings of one daemon: parsed from ``serve`` flags and/or a TOML file, validated.
+
+A config file (see examples/cyclemirror.toml) holds the same settings as the
+``serve`` flags plus ``[[mirror]]`` tables that the daemon starts at boot.
+Flags given on the command line override the file.  Every value is checked
+here, once, with an error that names the file and the key; an unknown key is
+an error too, because a typo (``bwlimt``) must not silently drop a setting.
+
+Nothing here touches the network or the store: it only turns text into
+validated values (``DaemonConfig``, ``MirrorSpec``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+
+from cyclemirror.errors import UsageError
+from cyclemirror.units import parse_rate, parse_seconds
+
+DEFAULT_INTERVAL = 10.0
+CODECS = ("none", "lz4", "zstd")
+ZSTD_LEVELS = range(1, 23)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NbdEndpoint:
+    kind: str  # "unix" or "tcp"
+    path: str | None = None
+    address: HostPort | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.address}"
+
+
+@dataclass(frozen=True)
+class Compression:
+    codec: str = "lz4"
+    level: int = 0
+
+    def __str__(self) -> str:
+        return f"zstd:{self.level}" if self.codec == "zstd" and self.level else self.codec
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    """What ``mirror start`` asked for; persisted in the store so a restart resumes it."""
+
+    volume: str
+    to: HostPort
+    remote_name: str
+    interval: float = DEFAULT_INTERVAL
+    compress: Compression = Compression()
+    bwlimit: int = 0  # bytes per second, 0 = no cap of its own
+    key_file: str | None = None
+    group: str | None = None
+
+    def to_json(self) -> dict:
+        return {"volume": self.volume, "to": str(self.to), "as": self.remote_name,
+                "interval": self.interval, "compress": str(self.compress),
+                "bwlimit": self.bwlimit, "key_file": self.key_file, "group": self.group}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> MirrorSpec:
+        return mirror_spec_from_mapping(data, where)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    store: str | None = None
+    node_name: str | None = None
+    nbd: tuple[NbdEndpoint, ...] = ()
+    listen: HostPort | None = None
+    key_file: str | None = None
+    metrics: HostPort | None = None
+    bwlimit: int = 0  # daemon-wide cap shared by all outgoing mirrors, 0 = none
+    log_level: str = "info"
+    mirrors: tuple[MirrorSpec, ...] = field(default_factory=tuple)
+
+    def merged_with(self, **overrides) -> DaemonConfig:
+        """Flags win over the file: only overrides that are not None replace a value."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_name(name, what: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UsageError(
+            f"{what} {name!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_hostport(text, what: str) -> HostPort:
+    """``HOST:PORT`` or ``[IPv6]:PORT``; the port must be 1-65535."""
+    if not isinstance(text, str) or not text:
+        raise UsageError(f"{what}: expected HOST:PORT, got {text!r}")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise UsageError(f"{what}: expected [IPv6]:PORT, got {text!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"{what}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise UsageError(
+                f"{what}: expected HOST:PORT (IPv6 as [ADDR]:PORT), got {text!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"{what}: port {port!r} in {text!r} is not a number from 1 to 65535")
+    return HostPort(host, int(port))
+
+
+def parse_nbd_endpoint(text, what: str = "--nbd") -> NbdEndpoint:
+    if not isinstance(text, str):
+        raise UsageError(f"{what}: expected unix:PATH or tcp:HOST:PORT, got {text!r}")
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "unix" and rest:
+        return NbdEndpoint("unix", path=os.path.abspath(rest))
+    if sep and kind == "tcp":
+        return NbdEndpoint("tcp", address=parse_hostport(rest, what))
+    raise UsageError(f"{what}: expected unix:PATH or tcp:HOST:PORT, got {text!r}")
+
+
+def parse_compress(text, what: str = "--compress") -> Compression:
+    """``lz4``, ``none``, ``zstd`` or ``zstd:LEVEL`` (1-22)."""
+    if not isinstance(text, str):
+        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL] or none, got {text!r}")
+    codec, sep, level = text.strip().lower().partition(":")
+    if codec not in CODECS or (sep and codec != "zstd"):
+        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL] or none, got {text!r}")
+    if not sep:
+        return Compression(codec, 0)
+    if not level.isdigit() or int(level) not in ZSTD_LEVELS:
+        raise UsageError(f"{what}: zstd level must be 1-22, got {level!r}")
+    return Compression("zstd", int(level))
+
+
+def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
+    """Build a MirrorSpec from a config table, a control request or the saved state."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: a mirror must be a table of settings")
+    allowed = {"volume", "to", "as", "interval", "compress", "bwlimit", "key_file", "group"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UsageError(f"{where}: unknown mirror setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(allowed))}")
+    if "volume" not in data or "to" not in data:
+        raise UsageError(f"{where}: a mirror needs 'volume' and 'to'")
+    volume = check_name(data["volume"], f"{where}: volume")
+    remote = data.get("as") or volume
+    key_file = data.get("key_file")
+    if key_file is not None:
+        if not isinstance(key_file, str) or not key_file:
+            raise UsageError(f"{where}: key_file must be a path")
+        key_file = os.path.abspath(key_file)
+    group = data.get("group")
+    if group is not None:
+        group = check_name(group, f"{where}: group")
+    return MirrorSpec(
+        volume=volume,
+        to=parse_hostport(data["to"], f"{where}: to"),
+        remote_name=check_name(remote, f"{where}: as"),
+        interval=parse_seconds(data.get("interval", DEFAULT_INTERVAL), f"{where}: interval"),
+        compress=parse_compress(data.get("compress", "lz4"), f"{where}: compress"),
+        bwlimit=parse_rate(data.get("bwlimit", 0), f"{where}: bwlimit"),
+        key_file=key_file,
+        group=group,
+    )
+
+
+_TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwlimit",
+             "log_level", "mirror"}
+
+
+def load_config(path: str) -> DaemonConfig:
+    """Read and validate a TOML config; relative paths in it are relative to the file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    return config_from_mapping(data, path)
+
+
+def config_from_mapping(data: dict, path: str) -> DaemonConfig:
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(_TOP_KEYS))}")
+    base = os.path.dirname(os.path.abspath(path))
+
+    def path_setting(key):
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{path}: {key} must be a path string")
+        return os.path.normpath(os.path.join(base, value))
+
+    nbd = data.get("nbd", [])
+    if isinstance(nbd, str):
+        nbd = [nbd]
+    if not isinstance(nbd, list):
+        raise UsageError(f"{path}: nbd must be a string or a list of unix:PATH / tcp:HOST:PORT")
+    endpoints = []
+    for item in nbd:
+        if isinstance(item, str) and item.startswith("unix:"):
+            item = "unix:" + os.path.join(base, item[5:])
+        endpoints.append(parse_nbd_endpoint(item, f"{path}: nbd"))
+    node_name = data.get("node_name")
+    if node_name is not None:
+        node_name = check_name(node_name, f"{path}: node_name")
+    log_level = data.get("log_level", "info")
+    if log_level not in LOG_LEVELS:
+        raise UsageError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}")
+    mirrors_raw = data.get("mirror", [])
+    if not isinstance(mirrors_raw, list):
+        raise UsageError(f"{path}: mirrors are written as [[mirror]] tables")
+    mirrors = []
+    for index, table in enumerate(mirrors_raw):
+        if isinstance(table, dict) and isinstance(table.get("key_file"), str):
+            table = dict(table, key_file=os.path.join(base, table["key_file"]))
+        mirrors.append(mirror_spec_from_mapping(table, f"{path}: mirror #{index + 1}"))
+    return DaemonConfig(
+        store=path_setting("store"),
+        node_name=node_name,
+        nbd=tuple(endpoints),
+        listen=parse_hostport(data["listen"], f"{path}: listen") if "listen" in data else None,
+        key_file=path_setting("key_file"),
+        metrics=parse_hostport(data["metrics"], f"{path}: metrics") if "metrics" in data else None,
+        bwlimit=parse_rate(data.get("bwlimit", 0), f"{path}: bwlimit"),
+        log_level=log_level,
+        mirrors=tuple(mirrors),
+    )

@@ -1,0 +1,105 @@
+"""Turns the status document (docs/cli.md, "status --json") into text for a terminal.
+
+Pure functions, no I/O: the CLI prints what they return, the demo too, and
+the tests feed them hand-written documents.  A mirror whose copy has a known
+total and is not done gets a progress line (bar, percent, rate, time left),
+which is what a long first cycle looks like in ``status --watch``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cyclemirror.units import format_duration, format_rate, format_size
+
+BAR_WIDTH = 30
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    if total <= 0:
+        return "[" + "-" * width + "]"
+    filled = min(width, max(0, done * width // total))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+            for row in rows]
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _freeze_clock(ts) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def render_progress(progress: dict) -> str:
+    done, total = progress.get("done", 0), progress.get("total", 0)
+    percent = 100.0 * done / total if total else 0.0
+    return (f"{progress_bar(done, total)} {percent:5.1f}%  {format_size(done)} of "
+            f"{format_size(total)}  {format_rate(progress.get('rate'))}  "
+            f"ETA {format_duration(progress.get('eta'))}")
+
+
+def render_status(doc: dict) -> str:
+    node = doc.get("node", {})
+    lines = [f"node {node.get('name') or '-'} ({node.get('id', '?')})  store {node.get('store')}"]
+    serving = []
+    if node.get("listen"):
+        serving.append(f"mirrors in on {node['listen']}")
+    for endpoint in node.get("nbd") or []:
+        serving.append(f"nbd {endpoint}")
+    if node.get("metrics"):
+        serving.append(f"metrics http://{node['metrics']}/metrics")
+    if serving:
+        lines.append("  " + ", ".join(serving))
+    volumes = doc.get("volumes", [])
+    lines.append("")
+    if volumes:
+        rows = [["VOLUME", "SIZE", "BLOCK"]]
+        rows += [[v["name"], format_size(v["size"]), str(v["block_size"])] for v in volumes]
+        lines += _table(rows)
+    else:
+        lines.append("no volumes")
+    mirrors = doc.get("mirrors", [])
+    if mirrors:
+        lines.append("")
+        rows = [["VOLUME", "TARGET", "GROUP", "CYCLE", "PHASE", "RPO AGE", "LAST BYTES",
+                 "LAST TIME", "RATE", "RATIO", "LAST ERROR"]]
+        progress_after = {}
+        for m in mirrors:
+            last = m.get("last_cycle") or {}
+            rows.append([
+                m["volume"] if m.get("remote_name") in (None, m["volume"])
+                else f"{m['volume']} as {m['remote_name']}",
+                m["target"], m.get("group") or "-", str(m.get("cycle", 0)), m.get("phase", "?"),
+                format_duration(m.get("rpo_age")),
+                format_size(last["bytes"]) if "bytes" in last else "-",
+                format_duration(last.get("duration")),
+                format_rate(last.get("throughput")),
+                _ratio(last.get("compression_ratio")),
+                (m.get("last_error") or "-")[:80],
+            ])
+            if m.get("progress"):
+                progress_after[len(rows) - 1] = render_progress(m["progress"])
+        for index, line in enumerate(_table(rows)):
+            lines.append(line)
+            if index in progress_after:
+                lines.append("    " + progress_after[index])
+    incoming = doc.get("incoming", [])
+    if incoming:
+        lines.append("")
+        rows = [["FROM NODE", "VOLUME", "GROUP", "APPLIED", "FREEZE TIME (UTC)", "IMAGE"]]
+        for m in incoming:
+            source = m.get("source_name") or m.get("source_node", "?")
+            rows.append([source, m["volume"], m.get("group") or "-",
+                         str(m.get("applied_cycle", 0)), _freeze_clock(m.get("freeze_time")),
+                         m.get("image", "-")])
+        lines += _table(rows)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,133 @@
+"""Status text, progress bar and Prometheus exposition of a status document.
+
+The metrics text is parsed back with a small strict parser of the exposition
+format, so a malformed line (bad escaping, a missing TYPE) fails the test.
+"""
+
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cyclemirror.daemon.metrics import MetricsServer, render_metrics
+from cyclemirror.daemon.render import progress_bar, render_status
+
+DOC = {
+    "schema": 1,
+    "time": 1_700_000_100.0,
+    "node": {"id": "n-abc", "name": "storage-a", "store": "/srv/store", "version": "0.1.0",
+             "listen": "0.0.0.0:7300", "nbd": ["unix:/run/nbd.sock"], "metrics": None},
+    "volumes": [{"name": "db", "size": 64 << 20, "block_size": 4096}],
+    "mirrors": [
+        {"volume": "db", "target": "b:7300", "remote_name": "db", "group": "app",
+         "cycle": 7, "applied_cycle": 6, "applied_freeze_time": 1_700_000_098.5,
+         "phase": "copying", "rpo_age": 1.5,
+         "last_cycle": {"bytes": 1 << 20, "raw_bytes": 3 << 20, "duration": 0.5,
+                        "throughput": 2 << 20, "compression_ratio": 3.0},
+         "shipped_bytes_total": 10 << 20, "cycles_total": 6,
+         "progress": {"done": 16 << 20, "total": 64 << 20, "rate": 8 << 20, "eta": 6.0},
+         "last_error": 'connection to "b:7300" lost\nretrying'},
+    ],
+    "incoming": [
+        {"source_node": "n-xyz", "source_name": "storage-c", "volume": "home",
+         "image": "/srv/store/mirrors/n-xyz/home.img", "applied_cycle": 3,
+         "freeze_time": 1_700_000_000.25, "group": None},
+    ],
+}
+
+SAMPLE = re.compile(r'^([a-z_]+)(\{(?:[a-z_]+="(?:[^"\\\n]|\\.)*",?)*\})? (-?[0-9.e+-]+|NaN)$',
+                    re.DOTALL)
+
+
+def parse_exposition(text):
+    types, samples = {}, []
+    assert text.endswith("\n")
+    for line in text[:-1].split("\n"):  # the format separates lines by \n only
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+        elif line.startswith("# HELP "):
+            continue
+        else:
+            match = SAMPLE.match(line)
+            assert match, f"malformed sample line: {line!r}"
+            assert match.group(1) in types, f"sample before its TYPE: {line!r}"
+            samples.append((match.group(1), match.group(2) or "", float(match.group(3))))
+    return types, samples
+
+
+def value(samples, name, **labels):
+    found = [v for n, lb, v in samples if n == name and all(
+        f'{k}="{val}"' in lb for k, val in labels.items())]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def test_metrics_carry_the_status_figures():
+    types, samples = parse_exposition(render_metrics(DOC))
+    lb = {"volume": "db", "target": "b:7300"}
+    assert value(samples, "cyclemirror_mirror_cycle", **lb) == 7
+    assert value(samples, "cyclemirror_mirror_applied_cycle", **lb) == 6
+    assert value(samples, "cyclemirror_mirror_rpo_age_seconds", **lb) == 1.5
+    assert value(samples, "cyclemirror_mirror_last_cycle_bytes", **lb) == 1 << 20
+    assert value(samples, "cyclemirror_mirror_compression_ratio", **lb) == 3.0
+    assert value(samples, "cyclemirror_mirror_shipped_bytes_total", **lb) == 10 << 20
+    assert value(samples, "cyclemirror_mirror_phase", phase="copying", **lb) == 1
+    assert value(samples, "cyclemirror_mirror_phase", phase="idle", **lb) == 0
+    assert value(samples, "cyclemirror_mirror_error", **lb) == 1
+    assert value(samples, "cyclemirror_incoming_applied_cycle", volume="home") == 3
+    assert types["cyclemirror_mirror_shipped_bytes_total"] == "counter"
+
+
+def test_unknown_figures_are_absent_not_zero():
+    doc = {"node": {}, "volumes": [], "incoming": [],
+           "mirrors": [{"volume": "v", "target": "t:1", "phase": "copying", "cycle": 1,
+                        "rpo_age": None, "last_cycle": None}]}
+    _, samples = parse_exposition(render_metrics(doc))
+    names = {n for n, _, _ in samples}
+    assert "cyclemirror_mirror_rpo_age_seconds" not in names
+    assert "cyclemirror_mirror_last_cycle_bytes" not in names
+
+
+@given(st.text(min_size=1, max_size=30))
+def test_any_label_text_is_escaped_into_a_valid_line(name):
+    doc = {"node": {"id": name}, "volumes": [], "incoming": [],
+           "mirrors": [{"volume": name, "target": name, "phase": "idle"}]}
+    parse_exposition(render_metrics(doc))
+
+
+def test_status_table_shows_every_figure_and_the_progress_line():
+    text = render_status(DOC)
+    for fragment in ["storage-a", "db", "b:7300", "app", "copying", "1.50s", "1.0 MiB",
+                     "0.50s", "2.0 MiB/s", "3.00x", "connection to", "25.0%", "ETA 6.00s",
+                     "/srv/store/mirrors/n-xyz/home.img", "storage-c",
+                     "2023-11-14 22:13:20.250Z"]:
+        assert fragment in text, fragment
+    bar_line = next(line for line in text.splitlines() if "ETA" in line)
+    assert "[#######......................." in bar_line
+
+
+@given(st.integers(0, 10**12), st.integers(1, 10**12))
+def test_progress_bar_is_fixed_width_and_monotone(done, total):
+    done = min(done, total)
+    bar = progress_bar(done, total)
+    assert len(bar) == 32
+    assert bar.count("#") <= progress_bar(min(total, done + total // 10), total).count("#")
+
+
+def test_metrics_server_serves_metrics_and_404s_elsewhere():
+    server = MetricsServer("127.0.0.1", 0, lambda: DOC)
+    server.start()
+    try:
+        host, port = server.address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            parse_exposition(resp.read().decode())
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://{host}:{port}/other", timeout=10)
+        assert info.value.code == 404
+    finally:
+        server.close()
