@@ -1,0 +1,182 @@
+"""Thin wrappers over the Linux file calls the store needs, with clear errors.
+
+Everything here works on raw file descriptors: positional I/O that loops over
+short transfers, hole punching (fallocate PUNCH_HOLE, which Python's os module
+does not expose, so it goes through ctypes), the allocation map through
+SEEK_DATA/SEEK_HOLE, kernel copies (FICLONERANGE reflink first, then
+copy_file_range) and atomic small-file replacement (temp, fsync, rename,
+fsync dir). No store logic lives here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import struct
+from collections.abc import Iterator
+
+from cyclemirror.errors import StoreError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+# _IOW(0x94, 13, struct file_clone_range): the reflink-a-range ioctl.
+_FICLONERANGE = 0x4020940D
+_NO_CLONE_ERRNOS = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def store_error(what: str, exc: OSError) -> StoreError:
+    """One place that turns an OSError into the StoreError a user sees."""
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = "; free space on the store's filesystem and retry"
+    elif exc.errno == errno.EFBIG:
+        hint = "; the filesystem cannot hold a file this large (ext4: under 16 TiB)"
+    return StoreError(f"{what} failed: {exc.strerror or exc}{hint}")
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """Read exactly ``length`` bytes; all store files are sized, so short means broken."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise StoreError(
+            f"short read of {length} bytes at offset {offset} (got {len(data)}): "
+            "a layer file was truncated behind the store's back"
+        )
+    return data
+
+
+def preadv_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``, looping over short reads."""
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise StoreError(
+                f"short read at offset {offset}: a layer file was truncated behind the store's back"
+            )
+        view = view[n:]
+        offset += n
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may be short on signals or near ENOSPC)."""
+    n = os.pwrite(fd, data, offset)
+    if n != len(data):
+        view = memoryview(data)[n:]
+        offset += n
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range (reads back as zeroes); falls back to writing zeroes."""
+    if length <= 0:
+        return
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    # No hole punching here (e.g. a block device base): write zeroes, 1 MiB at a time.
+    chunk = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        n = min(len(chunk), end - offset)
+        pwrite_all(fd, memoryview(chunk)[:n], offset)
+        offset += n
+
+
+def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield allocated byte ranges (begin, end) of ``fd`` within [start, end), via SEEK_DATA/SEEK_HOLE."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, min(hole, end)
+        pos = hole
+
+
+class KernelCopier:
+    """Copies byte ranges between files in the kernel: reflink when it works, else copy_file_range.
+
+    Remembers after the first refusal that reflink is unavailable so every later
+    range goes straight to copy_file_range. Not shared between threads.
+    """
+
+    def __init__(self, try_reflink: bool = True):
+        self.try_reflink = try_reflink
+        self.reflinked_bytes = 0
+        self.copied_bytes = 0
+
+    def copy(self, src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+        if self.try_reflink:
+            arg = struct.pack("=qQQQ", src_fd, offset, length, offset)
+            try:
+                fcntl.ioctl(dst_fd, _FICLONERANGE, arg)
+                self.reflinked_bytes += length
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_CLONE_ERRNOS:
+                    raise
+                self.try_reflink = False
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = os.copy_file_range(src_fd, dst_fd, end - pos, pos, pos)
+            if n <= 0:
+                raise StoreError(
+                    f"copy_file_range stopped at offset {pos} of {end}: the source file is short"
+                )
+            pos += n
+        self.copied_bytes += length
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str, obj: dict) -> None:
+    """Replace ``path`` with ``obj`` so that a crash leaves the old or the new file, never a mix."""
+    tmp = path + ".tmp"
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {what} at {path}: {exc}; the file is damaged") from exc
+    if not isinstance(obj, dict):
+        raise StoreError(f"{what} at {path} is not a JSON object; the file is damaged")
+    return obj

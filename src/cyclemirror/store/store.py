@@ -1,0 +1,227 @@
+"""A store: a directory of named volumes on one host.
+
+Layout::
+
+    STORE/store.json             node id and name (made once, at create)
+    STORE/.lock                  flock held by the one process that has the store open
+    STORE/volumes/NAME/          one directory per volume (see volume.py, docs/store.md)
+    STORE/volumes/.new-NAME-*    a volume being created or imported (removed on open)
+    STORE/volumes/.trash-NAME-*  a volume being deleted (removed on open)
+
+A volume appears under its name only when complete: it is built in a dot
+directory and renamed into place, and deleted by the reverse rename first.
+Locking: ``_lock`` guards the cache of open Volume objects (one per name).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import stat
+import threading
+import uuid
+
+from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, UsageError
+from cyclemirror.store import fileops
+from cyclemirror.store.layer import Layer
+from cyclemirror.store.names import validate_volume_name
+from cyclemirror.store.volume import BASE_FILE, STATE_FILE, Volume, check_geometry, initial_state
+
+STORE_FILE = "store.json"
+STORE_FORMAT = 1
+IMPORT_CHUNK = 1 << 20
+
+
+class Store:
+    """The volumes of one host. Thread-safe."""
+
+    def __init__(self, path: str, meta: dict, lock_fd: int):
+        self.path = path
+        self.node_id: str = meta["node_id"]
+        self.node_name: str = meta["node_name"]
+        self._lock_fd = lock_fd
+        self._lock = threading.Lock()
+        self._volumes: dict[str, Volume] = {}
+        self._closed = False
+        self._volumes_dir = os.path.join(path, "volumes")
+
+    @classmethod
+    def create(cls, path: str, node_name: str | None = None) -> Store:
+        path = os.path.abspath(path)
+        if node_name is not None and (not isinstance(node_name, str) or not 0 < len(node_name) <= 255):
+            raise UsageError(f"node name {node_name!r} must be a string of 1 to 255 characters")
+        if os.path.exists(os.path.join(path, STORE_FILE)):
+            raise AlreadyExistsError(f"a store already exists at {path}; open it instead")
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise UsageError(f"cannot create a store at {path}: it exists and is not an empty directory")
+        try:
+            os.makedirs(os.path.join(path, "volumes"), exist_ok=True)
+            meta = {
+                "format": STORE_FORMAT,
+                "node_id": uuid.uuid4().hex,
+                "node_name": node_name or socket.gethostname(),
+            }
+            fileops.atomic_write_json(os.path.join(path, STORE_FILE), meta)
+        except OSError as exc:
+            raise fileops.store_error(f"creating store {path}", exc) from exc
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str) -> Store:
+        path = os.path.abspath(path)
+        try:
+            meta = fileops.read_json(os.path.join(path, STORE_FILE), "store metadata")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no store at {path} (no {STORE_FILE}); create one first") from exc
+        if meta.get("format") != STORE_FORMAT or not isinstance(meta.get("node_id"), str):
+            raise StoreError(f"{path}/{STORE_FILE} is not a store of format {STORE_FORMAT}")
+        meta.setdefault("node_name", "")
+        lock_fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(lock_fd)
+            raise StoreError(
+                f"store {path} is open in another process (its .lock is held); stop that process first"
+            ) from exc
+        store = cls(path, meta, lock_fd)
+        store._remove_leftovers()
+        return store
+
+    def _remove_leftovers(self) -> None:
+        for entry in os.listdir(self._volumes_dir):
+            if entry.startswith((".new-", ".trash-")):
+                shutil.rmtree(os.path.join(self._volumes_dir, entry), ignore_errors=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
+
+    def _dir_of(self, name: str) -> str:
+        return os.path.join(self._volumes_dir, validate_volume_name(name))
+
+    # -- volumes ----------------------------------------------------------------------
+
+    def list_volumes(self) -> list[str]:
+        self._check_open()
+        return sorted(e for e in os.listdir(self._volumes_dir) if not e.startswith("."))
+
+    def create_volume(self, name: str, size: int, block_size: int = 4096) -> Volume:
+        check_geometry(size, block_size)
+        return self._build_volume(name, size, block_size, None)
+
+    def import_volume(self, name: str, src_path: str, block_size: int = 4096) -> Volume:
+        """Copy a raw image file or a block device into a new volume (holes and zero blocks stay sparse)."""
+        try:
+            fd = os.open(src_path, os.O_RDONLY)
+        except OSError as exc:
+            raise fileops.store_error(f"opening import source {src_path}", exc) from exc
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise UsageError(f"import source {src_path} is neither a regular file nor a block device")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            check_geometry(size, block_size)
+            return self._build_volume(name, size, block_size, (fd, stat.S_ISREG(mode)))
+        finally:
+            os.close(fd)
+
+    def _build_volume(self, name: str, size: int, block_size: int, source) -> Volume:
+        self._check_open()
+        final = self._dir_of(name)
+        with self._lock:
+            if os.path.exists(final):
+                raise AlreadyExistsError(f"volume {name!r} already exists in store {self.path}")
+            tmp = os.path.join(self._volumes_dir, f".new-{name}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.mkdir(tmp)
+                fd = os.open(os.path.join(tmp, BASE_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    os.ftruncate(fd, size)
+                    if source is not None:
+                        _copy_into_base(source[0], fd, size, sparse_source=source[1])
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                Layer.create_overlay(tmp, 0, size, size // block_size).retire()
+                fileops.atomic_write_json(os.path.join(tmp, STATE_FILE), initial_state(size, block_size))
+                os.rename(tmp, final)
+                fileops.fsync_dir(self._volumes_dir)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise fileops.store_error(f"creating volume {name!r} in {self.path}", exc) from exc
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return self._open_locked(name)
+
+    def open_volume(self, name: str) -> Volume:
+        self._check_open()
+        with self._lock:
+            return self._open_locked(name)
+
+    def _open_locked(self, name: str) -> Volume:
+        vol = self._volumes.get(name)
+        if vol is None:
+            vol_dir = self._dir_of(name)
+            if not os.path.isdir(vol_dir):
+                raise NotFoundError(f"no volume {name!r} in store {self.path}")
+            vol = Volume.open(name, vol_dir, on_close=self._forget)
+            self._volumes[name] = vol
+        return vol
+
+    def _forget(self, vol: Volume) -> None:
+        with self._lock:
+            if self._volumes.get(vol.name) is vol:
+                del self._volumes[vol.name]
+
+    def delete_volume(self, name: str) -> None:
+        self._check_open()
+        vol_dir = self._dir_of(name)
+        with self._lock:
+            vol = self._volumes.pop(name, None)
+        if vol is not None:
+            vol.close()
+        with self._lock:
+            if not os.path.isdir(vol_dir):
+                raise NotFoundError(f"no volume {name!r} in store {self.path}")
+            trash = os.path.join(self._volumes_dir, f".trash-{name}-{uuid.uuid4().hex[:8]}")
+            os.rename(vol_dir, trash)
+            fileops.fsync_dir(self._volumes_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            volumes = list(self._volumes.values())
+        for vol in volumes:
+            vol.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _copy_into_base(src_fd: int, dst_fd: int, size: int, sparse_source: bool) -> None:
+    """Copy an image into base leaving holes where the source has holes or zero chunks."""
+    if sparse_source:
+        copier = fileops.KernelCopier()
+        for ds, de in fileops.data_runs(src_fd, 0, size):
+            copier.copy(src_fd, dst_fd, ds, de - ds)
+        return
+    zero = bytes(IMPORT_CHUNK)
+    pos = 0
+    while pos < size:
+        chunk = os.pread(src_fd, min(IMPORT_CHUNK, size - pos), pos)
+        if not chunk:
+            raise StoreError(f"import source ended at {pos} of {size} bytes")
+        if chunk != zero[: len(chunk)]:
+            fileops.pwrite_all(dst_fd, chunk, pos)
+        pos += len(chunk)

@@ -1,0 +1,557 @@
+"""A volume: base plus a chain of overlays, served as one view with freeze and merge.
+
+Data path (redirect-on-write): every write goes to the newest ("open")
+overlay as whole blocks. An aligned write is one pwrite plus a bitmap update;
+an unaligned one first reads the partial edge blocks through the view
+(read-modify-write), so the overlay only ever holds whole blocks. Whole-block
+zeroes and trims append to the overlay's zero log, then punch a hole.
+
+Locking: ``_lock`` guards the layer list, the bitmaps and the reader counts;
+every view operation (read, write, zero, block_status) holds it for its
+duration, which also makes a freeze fall wholly before or after each write.
+``_cond`` (on ``_lock``) wakes merges waiting for frozen readers.
+``_freeze_lock`` serialises freezes, ``_merge_lock`` merges; neither is held
+by the data path, and the long work (fsync of a frozen overlay, copying an
+overlay into base) runs outside ``_lock``.
+
+On-disk protocol (argued in docs/store.md):
+* freeze k: create overlay-k files (fsynced), then under ``_lock`` switch and
+  atomically rewrite volume.json listing overlay k. The rename is the commit:
+  before it a reopen deletes the stray overlay-k (pre-freeze state), after it
+  overlay k exists (post-freeze state).
+* merge j: persist ``merging = j``, copy overlay j into base, fsync base,
+  persist ``merged_through = j``, unlink overlay j. A reopen that finds
+  ``merging`` set redoes the copy (idempotent: overlay j is frozen).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+from cyclemirror.errors import NotFoundError, StoreError, TimeoutError_, UsageError
+from cyclemirror.store import fileops
+from cyclemirror.store.exporter import write_image
+from cyclemirror.store.frozen import FrozenCycle
+from cyclemirror.store.layer import Layer, overlay_paths
+from cyclemirror.store.recovery import recover_overlay
+from cyclemirror.store.resolve import ZERO, classify, read_range
+
+STATE_FILE = "volume.json"
+BASE_FILE = "base.img"
+FORMAT = 1
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 1 << 20
+MAX_VOLUME_SIZE = 1 << 50
+MERGE_CHUNK = 64 << 20  # bytes per kernel copy call during a merge
+_OVERLAY_FILE_RE = re.compile(r"overlay-(\d+)\.(img|zlog)")
+
+FLAG_HOLE = 1
+FLAG_ZERO = 2
+
+
+def check_geometry(size: object, block_size: object) -> None:
+    """Raise UsageError unless (size, block_size) describe a volume we can store."""
+    if type(block_size) is not int or not (
+        MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0
+    ):
+        raise UsageError(
+            f"block size {block_size!r} is not allowed: use a power of two from "
+            f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        )
+    if type(size) is not int or size <= 0 or size > MAX_VOLUME_SIZE:
+        raise UsageError(f"volume size {size!r} must be an integer from 1 to {MAX_VOLUME_SIZE} bytes")
+    if size % block_size:
+        raise UsageError(
+            f"volume size {size} is not a multiple of the block size {block_size}; "
+            "round it up (for an image: truncate -s) or pick a smaller block size"
+        )
+
+
+def initial_state(size: int, block_size: int) -> dict:
+    return {
+        "format": FORMAT,
+        "size": size,
+        "block_size": block_size,
+        "created": time.time(),
+        "merged_through": -1,
+        "merging": None,
+        "overlays": [{"number": 0, "closed_at": None}],
+    }
+
+
+def _validate_state(state: dict, where: str) -> None:
+    def bad(why: str) -> StoreError:
+        return StoreError(f"volume state {where} is damaged: {why}")
+
+    if state.get("format") != FORMAT:
+        raise bad(f"format {state.get('format')!r}, this version reads {FORMAT}")
+    try:
+        check_geometry(state.get("size"), state.get("block_size"))
+    except UsageError as exc:
+        raise bad(str(exc)) from exc
+    merged = state.get("merged_through")
+    overlays = state.get("overlays")
+    merging = state.get("merging")
+    if type(merged) is not int or merged < -1:
+        raise bad(f"merged_through is {merged!r}")
+    if not isinstance(overlays, list) or not overlays:
+        raise bad("no overlay list")
+    for i, entry in enumerate(overlays):
+        if not isinstance(entry, dict) or entry.get("number") != merged + 1 + i:
+            raise bad(f"overlay entry {i} is {entry!r}, expected number {merged + 1 + i}")
+        closed = entry.get("closed_at")
+        is_last = i == len(overlays) - 1
+        if is_last != (closed is None) or not (closed is None or isinstance(closed, (int, float))):
+            raise bad(f"overlay {entry['number']} has closed_at {closed!r}")
+    if merging is not None and merging != merged + 1:
+        raise bad(f"merging is {merging!r} but merged_through is {merged}")
+    if merging is not None and len(overlays) < 2:
+        raise bad(f"merging overlay {merging}, which is the open one")
+
+
+class Volume:
+    """One volume of a store. Thread-safe; see the module docstring for the locks."""
+
+    def __init__(self, name: str, vol_dir: str, state: dict, on_close=None):
+        self.name = name
+        self.dir = vol_dir
+        self.size: int = state["size"]
+        self.block_size: int = state["block_size"]
+        self.nblocks = self.size // self.block_size
+        self.created: float = state.get("created", 0.0)
+        self._shift = self.block_size.bit_length() - 1
+        self._mask = self.block_size - 1
+        self._merged_through: int = state["merged_through"]
+        self._merging: int | None = state["merging"]
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._freeze_lock = threading.Lock()
+        self._merge_lock = threading.Lock()
+        self._readers: dict[int, int] = {}
+        self._cycles: dict[int, FrozenCycle] = {}
+        self._on_close = on_close
+        self._closed = False
+        self.torn_blocks_repaired = 0
+        self._base = Layer.open_base(os.path.join(vol_dir, BASE_FILE), self.nblocks)
+        self._overlays: list[Layer] = []  # newest (open) first
+        try:
+            self._open_overlays(state["overlays"])
+        except BaseException:
+            for layer in [*self._overlays, self._base]:
+                layer.retire()
+            raise
+
+    # -- opening and recovery ---------------------------------------------------
+
+    @classmethod
+    def open(cls, name: str, vol_dir: str, on_close=None) -> Volume:
+        path = os.path.join(vol_dir, STATE_FILE)
+        try:
+            state = fileops.read_json(path, f"state of volume {name!r}")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"volume {name!r} has no {STATE_FILE} in {vol_dir}") from exc
+        _validate_state(state, path)
+        base = os.path.join(vol_dir, BASE_FILE)
+        if not os.path.exists(base) or os.stat(base).st_size != state["size"]:
+            raise StoreError(f"base image {base} is missing or not {state['size']} bytes; volume damaged")
+        return cls(name, vol_dir, state, on_close)
+
+    def _open_overlays(self, entries: list[dict]) -> None:
+        listed = {e["number"] for e in entries}
+        for fname in os.listdir(self.dir):
+            m = _OVERLAY_FILE_RE.fullmatch(fname)
+            if m and int(m.group(1)) not in listed:
+                # Overlays merged before a crash, or created by a freeze that never committed.
+                os.unlink(os.path.join(self.dir, fname))
+        below: list[Layer] = []
+        for entry in entries:
+            layer = Layer.open_overlay(self.dir, entry["number"], self.size, self.nblocks)
+            self._overlays.insert(0, layer)
+            layer.closed_at = entry["closed_at"]
+            torn = recover_overlay(layer, below, self._base, self.size, self.block_size, self.nblocks)
+            if torn:
+                os.fsync(layer.fd)
+            self.torn_blocks_repaired += torn
+            below.insert(0, layer)
+        if self._merging is not None:
+            oldest = self._overlays[-1]
+            self._fold_into_base(oldest)
+            self._finish_merge(oldest)
+
+    def _state(self) -> dict:
+        return {
+            "format": FORMAT,
+            "size": self.size,
+            "block_size": self.block_size,
+            "created": self.created,
+            "merged_through": self._merged_through,
+            "merging": self._merging,
+            "overlays": [
+                {"number": layer.number, "closed_at": layer.closed_at}
+                for layer in reversed(self._overlays)
+            ],
+        }
+
+    def _save_state(self) -> None:
+        try:
+            fileops.atomic_write_json(os.path.join(self.dir, STATE_FILE), self._state())
+        except OSError as exc:
+            raise fileops.store_error(f"saving the state of volume {self.name!r}", exc) from exc
+
+    # -- argument checks ----------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int, op: str) -> None:
+        if type(offset) is not int or type(length) is not int:
+            raise UsageError(f"{op} on volume {self.name!r}: offset and length must be integers")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise UsageError(
+                f"{op} on volume {self.name!r}: range [{offset}, {offset + length}) is outside "
+                f"the volume's {self.size} bytes"
+            )
+
+    def _top(self) -> Layer:
+        if self._closed:
+            raise StoreError(f"volume {self.name!r} is closed; open it again from its store")
+        return self._overlays[0]
+
+    # -- the view -------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length, "read")
+        with self._lock:
+            self._top()
+            try:
+                return read_range(self._overlays, self._base, offset, length, self.block_size)
+            except OSError as exc:
+                raise fileops.store_error(f"reading volume {self.name!r} at {offset}", exc) from exc
+
+    def write(self, offset: int, data, fua: bool = False) -> None:
+        n = len(data)
+        self._check_range(offset, n, "write")
+        if n == 0:
+            return
+        with self._lock:
+            top = self._top()
+            try:
+                if (offset | n) & self._mask:
+                    self._write_unaligned(top, offset, data)
+                else:
+                    fileops.pwrite_all(top.fd, data, offset)
+                    b0, count = offset >> self._shift, n >> self._shift
+                    top.dirty.set_range(b0, count)
+                    if top.has_zeroed:
+                        top.zeroed.clear_range(b0, count)
+                if fua:
+                    os.fdatasync(top.fd)
+            except OSError as exc:
+                raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
+
+    def _write_unaligned(self, top: Layer, offset: int, data) -> None:
+        # First touch of a partial block is read-modify-write against the view, so the
+        # overlay keeps whole blocks only (recovery relies on that shape).
+        bs = self.block_size
+        end = offset + len(data)
+        a0 = offset & ~self._mask
+        a1 = (end + self._mask) & ~self._mask
+        buf = bytearray(a1 - a0)
+        if offset != a0:
+            buf[0:bs] = read_range(self._overlays, self._base, a0, bs, bs)
+        if end != a1 and (a1 - bs > a0 or offset == a0):
+            buf[a1 - bs - a0 :] = read_range(self._overlays, self._base, a1 - bs, bs, bs)
+        buf[offset - a0 : end - a0] = data
+        fileops.pwrite_all(top.fd, buf, a0)
+        b0, count = a0 >> self._shift, (a1 - a0) >> self._shift
+        top.dirty.set_range(b0, count)
+        if top.has_zeroed:
+            top.zeroed.clear_range(b0, count)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        self._zero(offset, length, fua, "write_zeroes")
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard: the range reads back as zeroes afterwards (tracked like write_zeroes)."""
+        self._zero(offset, length, False, "trim")
+
+    def _zero(self, offset: int, length: int, fua: bool, op: str) -> None:
+        self._check_range(offset, length, op)
+        if length == 0:
+            return
+        end = offset + length
+        a0 = (offset + self._mask) & ~self._mask
+        a1 = end & ~self._mask
+        with self._lock:
+            top = self._top()
+            try:
+                if a0 >= a1:
+                    self._write_unaligned(top, offset, bytes(length))
+                else:
+                    b0, count = a0 >> self._shift, (a1 - a0) >> self._shift
+                    top.zlog.append(b0, count)  # ahead of the hole: recovery must see it
+                    fileops.punch_hole(top.fd, a0, a1 - a0)
+                    top.dirty.set_range(b0, count)
+                    top.zeroed.set_range(b0, count)
+                    top.has_zeroed = True
+                    if offset < a0:
+                        self._write_unaligned(top, offset, bytes(a0 - offset))
+                    if a1 < end:
+                        self._write_unaligned(top, a1, bytes(end - a1))
+                if fua:
+                    os.fsync(top.fd)
+                    top.zlog.sync()
+            except OSError as exc:
+                raise fileops.store_error(f"{op} on volume {self.name!r} at {offset}", exc) from exc
+
+    def flush(self) -> None:
+        with self._lock:
+            top = self._top()
+            # A just-frozen overlay may not be fsynced yet (freeze does it outside the lock).
+            layers = [top, *(layer for layer in self._overlays[1:] if not layer.synced)]
+            for layer in layers:
+                layer.acquire()
+        try:
+            for layer in layers:
+                os.fsync(layer.fd)
+                layer.zlog.sync()
+        except OSError as exc:
+            raise fileops.store_error(f"flushing volume {self.name!r}", exc) from exc
+        finally:
+            for layer in layers:
+                layer.release()
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """NBD-style extents over [offset, offset + length): (length, flags), 1 = hole, 2 = zero."""
+        self._check_range(offset, length, "block_status")
+        if length == 0:
+            return []
+        bs = self.block_size
+        end = offset + length
+        out: list[list[int]] = []
+        with self._lock:
+            self._top()
+            runs = list(classify(self._overlays, self._base, offset // bs, -(-end // bs), bs))
+        for s, c, kind, _fd in runs:
+            lo, hi = max(s * bs, offset), min((s + c) * bs, end)
+            flags = FLAG_HOLE | FLAG_ZERO if kind == ZERO else 0
+            if out and out[-1][1] == flags:
+                out[-1][0] += hi - lo
+            else:
+                out.append([hi - lo, flags])
+        return [(n, f) for n, f in out]
+
+    # -- freeze -----------------------------------------------------------------------
+
+    @property
+    def open_overlay(self) -> int:
+        """Number of the overlay taking writes now (= number of the last freeze)."""
+        return self._overlays[0].number
+
+    def freeze(self) -> FrozenCycle:
+        with self._freeze_lock:
+            k = self._top().number + 1
+            new = Layer.create_overlay(self.dir, k, self.size, self.nblocks)
+            with self._lock:
+                old = self._top()
+                now = time.time()
+                old.closed_at = now
+                old.synced = False
+                self._overlays.insert(0, new)
+                try:
+                    self._save_state()
+                except BaseException:
+                    self._overlays.pop(0)
+                    old.closed_at = None
+                    new.retire()
+                    new.unlink()
+                    raise
+            try:
+                os.fsync(old.fd)
+                old.zlog.sync()
+            except OSError as exc:
+                raise fileops.store_error(f"syncing frozen overlay {old.number}", exc) from exc
+            old.synced = True
+            cycle = self._make_cycle(k, old)
+            with self._lock:
+                self._cycles[k] = cycle
+            return cycle
+
+    def _make_cycle(self, k: int, overlay: Layer) -> FrozenCycle:
+        if k == 1:
+            return FrozenCycle(self, k, overlay.closed_at, None, None)
+        return FrozenCycle(self, k, overlay.closed_at, overlay.dirty.copy(), overlay.zeroed.copy())
+
+    def _cycle_valid(self, k: int) -> bool:
+        merged = self._merged_through if self._merging is None else self._merging
+        return merged < k <= self._overlays[0].number and k >= 1
+
+    def frozen(self, k: int) -> FrozenCycle:
+        if type(k) is not int:
+            raise UsageError(f"cycle number must be an integer, got {k!r}")
+        with self._lock:
+            self._top()
+            if not self._cycle_valid(k):
+                raise NotFoundError(self._no_cycle(k))
+            cycle = self._cycles.get(k)
+            if cycle is None:
+                overlay = next((o for o in self._overlays if o.number == k - 1), None)
+                if overlay is None:
+                    raise NotFoundError(
+                        f"cycle {k} of volume {self.name!r}: its overlay {k - 1} is already merged "
+                        "into base, so its dirty set is gone; the cycle is complete"
+                    )
+                cycle = self._cycles[k] = self._make_cycle(k, overlay)
+            return cycle
+
+    def frozen_cycles(self) -> list[int]:
+        """Numbers of the cycles that frozen() can return now, oldest first."""
+        with self._lock:
+            return [o.number + 1 for o in reversed(self._overlays[1:])]
+
+    def _no_cycle(self, k: int) -> str:
+        return (
+            f"volume {self.name!r} has no frozen cycle {k}: frozen cycles are "
+            f"{self._merged_through + 2}..{self._overlays[0].number} "
+            f"(merged through overlay {self._merged_through}"
+            f"{'' if self._merging is None else f', merging {self._merging}'})"
+        )
+
+    def _open_reader(self, k: int) -> tuple[list[Layer], Layer]:
+        with self._lock:
+            self._top()
+            if not self._cycle_valid(k):
+                raise NotFoundError(self._no_cycle(k))
+            overlays = [o for o in self._overlays if o.number < k]
+            for layer in [*overlays, self._base]:
+                layer.acquire()
+            self._readers[k] = self._readers.get(k, 0) + 1
+            return overlays, self._base
+
+    def _close_reader(self, k: int, overlays: list[Layer], base: Layer) -> None:
+        for layer in [*overlays, base]:
+            layer.release()
+        with self._cond:
+            self._readers[k] -= 1
+            if not self._readers[k]:
+                del self._readers[k]
+            self._cond.notify_all()
+
+    # -- merge ------------------------------------------------------------------------
+
+    def merge_through(self, k: int, timeout: float | None = None) -> None:
+        """Fold frozen overlays <= k into base, oldest first; waits for readers of the images it changes.
+
+        Overlay j is the one frozen cycle j + 1 shipped, so after every target
+        applied cycle c, call merge_through(c - 1). Already-merged numbers are a no-op.
+        """
+        if type(k) is not int or k < 0:
+            raise UsageError(f"merge_through needs an overlay number >= 0, got {k!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._merge_lock:
+            with self._lock:
+                top = self._top().number
+            if k >= top:
+                raise UsageError(
+                    f"cannot merge overlay {k} of volume {self.name!r}: overlay {top} is still "
+                    "open; only frozen overlays (below the newest) can be merged"
+                )
+            while self._merged_through < k:
+                self._merge_one(self._merged_through + 1, deadline)
+
+    def _merge_one(self, j: int, deadline: float | None) -> None:
+        with self._cond:
+            self._merging = j
+
+            def no_readers() -> bool:
+                return not any(c <= j for c in self._readers)
+
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._cond.wait_for(no_readers, left):
+                self._merging = None
+                raise TimeoutError_(
+                    f"merging overlay {j} of volume {self.name!r}: readers of cycles "
+                    f"{sorted(c for c in self._readers if c <= j)} are still open"
+                )
+            self._save_state()  # from here on base may hold a mix: a reopen redoes the merge
+            layer = self._overlays[-1]
+            assert layer.number == j, (layer.number, j)
+            layer.acquire()
+        try:
+            self._fold_into_base(layer)
+        finally:
+            layer.release()
+        self._finish_merge(layer)
+
+    def _fold_into_base(self, layer: Layer) -> None:
+        bs = self.block_size
+        base_fd = self._base.fd
+        try:
+            data = layer.dirty.copy()
+            if layer.has_zeroed:
+                data.difference_update(layer.zeroed)
+            copier = fileops.KernelCopier()
+            for s, c in data.iter_runs(max_run=max(1, MERGE_CHUNK // bs)):
+                copier.copy(layer.fd, base_fd, s * bs, c * bs)
+            if layer.has_zeroed:
+                for s, c in layer.zeroed.iter_runs():
+                    fileops.punch_hole(base_fd, s * bs, c * bs)
+            os.fsync(base_fd)
+        except OSError as exc:
+            raise fileops.store_error(
+                f"merging overlay {layer.number} into base of volume {self.name!r}", exc
+            ) from exc
+
+    def _finish_merge(self, layer: Layer) -> None:
+        with self._cond:
+            self._merged_through = layer.number
+            self._merging = None
+            self._overlays.remove(layer)
+            for c in [c for c in self._cycles if c <= layer.number]:
+                del self._cycles[c]
+            self._save_state()
+        layer.retire()
+        layer.unlink()
+
+    # -- export and close --------------------------------------------------------------
+
+    def export(self, path: str, cycle: int | None = None) -> None:
+        """Write a point-in-time copy to ``path`` (sparse raw file).
+
+        With ``cycle``, copies that frozen image without stopping writers; without,
+        copies the view now, holding writes off until the copy is done.
+        """
+        if cycle is not None:
+            with self.frozen(cycle).reader() as reader:
+                reader.export_to(path)
+            return
+        with self._lock:
+            self._top()
+            bs = self.block_size
+            runs = (
+                (s * bs, c * bs, kind, fd)
+                for s, c, kind, fd in classify(self._overlays, self._base, 0, self.nblocks, bs, 1 << 18)
+            )
+            write_image(path, self.size, runs)
+
+    def close(self) -> None:
+        with self._freeze_lock, self._merge_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                top = self._overlays[0]
+                try:
+                    os.fsync(top.fd)
+                    top.zlog.sync()
+                finally:
+                    self._closed = True
+                    for layer in [*self._overlays, self._base]:
+                        layer.retire()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def __repr__(self) -> str:
+        return f"Volume({self.name!r}, size={self.size}, block_size={self.block_size})"
+
+
+__all__ = ["Volume", "check_geometry", "initial_state", "overlay_paths"]
