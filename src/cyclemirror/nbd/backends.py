@@ -1,0 +1,233 @@
+"""Export backends: what an NBD export reads from and writes to.
+
+A backend is any object with ``size``, ``block_size``, ``read(offset, length)
+-> bytes``, ``write(offset, data, fua=False)``, ``write_zeroes(offset, length,
+fua=False)``, ``trim(offset, length)``, ``flush()`` and ``block_status(offset,
+length) -> [(length, flags)]`` (flags: 1 hole, 2 zero), the signatures of a
+store ``Volume``.  Optional attributes tell the server what it may advertise
+(absent means no): ``readonly``; ``can_multi_conn`` (every connection sees one
+coherent image and a flush covers writes from all of them); ``fast_zero``
+(``write_zeroes`` also takes ``fast_only=True`` and then returns False, without
+touching anything, where zeroing would mean writing data).
+
+The server hands ``write`` a memoryview of its receive buffer: a backend must
+be done with ``data`` when ``write`` returns.
+
+Two backends live here:
+
+* ``RawFileBackend``: a plain raw image file, read-only by default (how a
+  target exports a mirror image), optionally writable.  Thread-safe without a
+  lock: every call uses positioned I/O (pread/pwrite/fallocate) on one fd, and
+  the kernel's page cache is shared by all connections, which is also why
+  multi-conn is safe.
+* ``VolumeBackend``: a store ``Volume`` (thread-safe itself; one object per
+  name per process) with the capability attributes the server looks for.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+from cyclemirror._cext import nbdio
+from cyclemirror.errors import NotFoundError, StoreError, UsageError
+
+STATE_HOLE = 1
+STATE_ZERO = 2
+_ZERO_CHUNK = 1 << 20
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+
+
+def _check_range(what: str, name: str, size: int, offset: int, length: int) -> None:
+    if not isinstance(offset, int) or not isinstance(length, int):
+        raise UsageError(f"{what} on {name}: offset and length must be integers")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise UsageError(f"{what} on {name}: {offset}+{length} is outside the image of {size} bytes")
+
+
+class RawFileBackend:
+    """A raw image file exported as is (see the module docstring for the thread model)."""
+
+    can_multi_conn = True
+
+    def __init__(self, path: str | os.PathLike[str], readonly: bool = True, *,
+                 block_size: int = 4096):
+        self.path = os.fspath(path)
+        self.readonly = bool(readonly)
+        self.block_size = block_size
+        self.fast_zero = not self.readonly
+        try:
+            fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"raw image {self.path} does not exist") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open raw image {self.path}: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise UsageError(f"raw image {self.path} is not a regular file")
+        self._fd = fd
+        self.size = st.st_size
+
+    def __repr__(self) -> str:
+        return f"RawFileBackend({self.path!r}, readonly={self.readonly})"
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _writable(self, what: str) -> None:
+        if self.readonly:
+            raise PermissionError(errno.EPERM, f"{what}: raw image {self.path} is exported read-only")
+
+    def read(self, offset: int, length: int) -> bytes:
+        _check_range("read", self.path, self.size, offset, length)
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            # The file shrank under us: that is damage, not zeroes.
+            raise StoreError(f"raw image {self.path}: short read at {offset}+{length} "
+                             f"({len(data)} bytes); was the file truncated?")
+        return data
+
+    def write(self, offset: int, data: Any, fua: bool = False) -> None:
+        self._writable("write")
+        view = memoryview(data).cast("B")
+        _check_range("write", self.path, self.size, offset, len(view))
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        if fua:
+            os.fdatasync(self._fd)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False,
+                     fast_only: bool = False) -> bool:
+        """Zero a range, keeping it allocated (so NBD_CMD_FLAG_NO_HOLE always holds)."""
+        self._writable("write zeroes")
+        _check_range("write zeroes", self.path, self.size, offset, length)
+        if length:
+            try:
+                nbdio.zero_range(self._fd, offset, length)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                try:  # e.g. tmpfs: punch, then allocate again
+                    nbdio.punch_hole(self._fd, offset, length)
+                    nbdio.allocate_range(self._fd, offset, length)
+                except OSError as exc2:
+                    if exc2.errno not in _UNSUPPORTED:
+                        raise
+                    if fast_only:
+                        return False
+                    self._write_zero_bytes(offset, length)
+        if fua:
+            os.fdatasync(self._fd)
+        return True
+
+    def trim(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads back as zeroes afterwards."""
+        self._writable("trim")
+        _check_range("trim", self.path, self.size, offset, length)
+        if not length:
+            return
+        try:
+            nbdio.punch_hole(self._fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            self._write_zero_bytes(offset, length)  # a trim must still read back as zeroes
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        zeros = bytes(min(length, _ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = os.pwrite(self._fd, memoryview(zeros)[: min(len(zeros), end - offset)], offset)
+            offset += n
+
+    def flush(self) -> None:
+        if not self.readonly:
+            os.fsync(self._fd)
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Holes (hole|zero) and data (0) from SEEK_HOLE/SEEK_DATA, covering exactly the range."""
+        _check_range("block status", self.path, self.size, offset, length)
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data_at = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but hole up to EOF
+                    data_at = end
+                elif exc.errno in _UNSUPPORTED or exc.errno == errno.EINVAL:
+                    out.append((end - pos, 0))  # unknown: report plain data
+                    break
+                else:
+                    raise
+            if data_at > pos:
+                stop = min(data_at, end)
+                out.append((stop - pos, STATE_HOLE | STATE_ZERO))
+                pos = stop
+                continue
+            try:
+                hole_at = os.lseek(self._fd, pos, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                hole_at = end
+            stop = min(max(hole_at, pos + 1), end)
+            out.append((stop - pos, 0))
+            pos = stop
+        return out
+
+
+class VolumeBackend:
+    """A store Volume as an export.
+
+    The store keeps zeroed and trimmed ranges in its own bitmaps, so zeroing
+    never writes data (``fast_zero``) and every connection shares the one
+    Volume object per name (``can_multi_conn``).  A ``readonly`` view refuses
+    writes with EPERM.
+    """
+
+    can_multi_conn = True
+
+    def __init__(self, volume: Any, readonly: bool = False):
+        self.volume = volume
+        self.name = volume.name
+        self.size = volume.size
+        self.block_size = volume.block_size
+        self.readonly = bool(readonly)
+        self.fast_zero = not self.readonly
+        # Bound once: the request loop calls these directly.
+        self.read = volume.read
+        self.block_status = volume.block_status
+        if not self.readonly:
+            self.write = volume.write
+            self.trim = volume.trim
+            self.flush = volume.flush
+
+    def __repr__(self) -> str:
+        return f"VolumeBackend({self.name!r}, readonly={self.readonly})"
+
+    def _refuse(self, what: str) -> None:
+        raise PermissionError(errno.EPERM, f"{what}: volume {self.name} is exported read-only")
+
+    def write(self, offset: int, data: Any, fua: bool = False) -> None:  # replaced when writable
+        self._refuse("write")
+
+    def trim(self, offset: int, length: int) -> None:  # replaced when writable
+        self._refuse("trim")
+
+    def flush(self) -> None:  # replaced when writable
+        pass
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False,
+                     fast_only: bool = False) -> bool:
+        if self.readonly:
+            self._refuse("write zeroes")
+        self.volume.write_zeroes(offset, length, fua)
+        return True
