@@ -1,0 +1,139 @@
+"""One source-to-target connection: connect, authenticate, open, ship, await apply.
+
+``TargetLink.connect()`` dials (TLS if configured), runs the handshake and the
+``open`` exchange, and starts a reader thread that turns ``ack``, ``applied``,
+``hashes`` and ``error`` messages into state the shipping thread waits on.
+The shipping thread only writes, so the target's acks never wait behind our
+sends (no deadlock when both socket buffers fill).
+
+Locking: ``_cond`` guards ``acked``, ``applied``, ``hashes``, ``failure``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from cyclemirror.errors import ConnectionLostError, PeerError, ProtocolError, TimeoutError_
+from cyclemirror.wire import handshake
+from cyclemirror.wire.link import FrameLink, volume_limits
+
+CONNECT_TIMEOUT = 10.0
+
+
+class TargetLink:
+    def __init__(self, address: tuple[str, int], key: bytes | None, *,
+                 tls: handshake.TlsConfig | None = None, insecure: bool = False):
+        self.address = (address[0], int(address[1]))
+        self.key = key
+        self.tls = tls
+        self.insecure = insecure
+        self.link: FrameLink | None = None
+        self.opened: dict | None = None
+        self._cond = threading.Condition()
+        self.acked = (0, 0)  # (cycle, chunks) of the newest ack
+        self.applied = (0, 0.0)  # (cycle, freeze_time) of the newest apply
+        self.hashes: dict[tuple[int, int], bytes] = {}
+        self.failure: BaseException | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def connect(self, open_msg: dict) -> dict:
+        """Dial, authenticate, open the mirror; return the target's ``opened`` reply."""
+        try:
+            raw = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot connect to target {self.label}: {exc}") from None
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock = raw
+            if self.tls is not None:
+                ctx = self.tls.client_context()
+                sock = ctx.wrap_socket(raw, server_hostname=self.tls.server_hostname
+                                       or self.address[0])
+            handshake.client_handshake(sock, self.key, insecure=self.insecure)
+            link = FrameLink(sock)
+            link.send_message("open", **open_msg)
+            opened = link.recv_message({"opened"})
+            vols = open_msg["volumes"]
+            link.limits = volume_limits(max(v["size"] for v in vols),
+                                        min(v["block_size"] for v in vols))
+            sock.settimeout(None)
+        except BaseException:
+            raw.close()
+            raise
+        self.link, self.opened = link, opened
+        with self._cond:
+            self.acked = (opened["pending_cycle"], opened["pending_chunks"])
+            self.applied = (opened["applied_cycle"], opened["freeze_time"])
+            self.failure = None
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name=f"mirror-acks-{self.label}")
+        self._reader.start()
+        return opened
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                msg = self.link.recv_message({"ack", "applied", "hashes"})
+                with self._cond:
+                    if msg["type"] == "ack":
+                        self.acked = (msg["cycle"], msg["chunks"])
+                    elif msg["type"] == "applied":
+                        self.applied = (msg["cycle"], msg["freeze_time"])
+                    else:
+                        if len(msg["digests"]) != msg["count"] * 16:
+                            raise ProtocolError("hashes: digest count does not match 'count'")
+                        self.hashes[(msg["index"], msg["start_block"])] = bytes.fromhex(
+                            msg["digests"])
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            with self._cond:
+                self.failure = exc
+                self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raise the reader's failure, if any (a lost link or the target's error)."""
+        if self.failure is not None:
+            raise self.failure
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                result = predicate()
+                if result:
+                    return result
+                self.check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError_(f"target {self.label}: timed out waiting for {what}")
+                self._cond.wait(min(left, 1.0))
+
+    def wait_applied(self, cycle: int, timeout: float) -> float:
+        return self.wait_for(lambda: self.applied[0] >= cycle and self.applied[1] + 1,
+                             timeout, f"cycle {cycle} to be applied")
+
+    def fetch_hashes(self, index: int, start: int, count: int, timeout: float) -> bytes:
+        self.link.send_message("hash_request", index=index, start_block=start, count=count)
+        return self.wait_for(lambda: self.hashes.pop((index, start), None), timeout,
+                             f"block hashes {start}+{count}")
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        if self._reader is not None:
+            self._reader.join(5)
+        self.link = None
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """Temporary faults are retried with backoff; permanent ones stop the driver."""
+    if isinstance(exc, PeerError):
+        return bool(exc.temporary)
+    return isinstance(exc, OSError | TimeoutError_)

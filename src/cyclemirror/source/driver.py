@@ -1,0 +1,571 @@
+"""MirrorDriver: the repeating cycle of one volume to one or more targets.
+
+One thread per driver runs:  wait -> freeze -> ship -> await apply -> merge.
+
+* Wait: the next freeze is at ``max(previous freeze + interval, copy done)``;
+  ``sync()`` freezes at once.
+* Owed blocks: per target, an ExtentBitmap of the blocks changed since the
+  freeze that target last applied (None = it needs a full copy).  At each
+  freeze the frozen cycle's dirty set is folded into every target's owed set
+  and persisted (``persist``) before anything is shipped; a target that
+  applies the cycle gets an empty set.  A slow or disconnected target simply
+  keeps accumulating, and catches up later with one delta read from a newer
+  frozen image -- never a full copy.  That is also why the overlay of cycle
+  *c* is merged after cycle *c* even if a target lagged: what it needs is in
+  its owed set, not in the overlay.
+* Ship: targets whose owed sets are equal share one producer that reads,
+  compresses and checksums each chunk once (``shipping.cycle_frames``) and
+  feeds a bounded queue per target; each target has its own sender thread and
+  link, so one slow target cannot hold the others (a queue that stays full for
+  ``stall_timeout`` drops that target from the cycle).
+* Faults: temporary errors (lost connection, timeouts) are retried with
+  exponential backoff; the retry resumes the cycle after the target's last
+  acknowledged chunk.  Permanent ones (bad key, size mismatch, protocol
+  error) put that target into ``broken`` with the error until ``resume()``.
+  Where change tracking cannot be trusted (our state lost, the target's
+  applied cycle moved back, another target answers), block hashes are
+  compared and only differing blocks ship.
+
+Locking: ``_cond`` guards the control flags (break/sync/stop) and the status
+fields; shipping happens outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from cyclemirror._cext import frames
+from cyclemirror._cext.bitmap import ExtentBitmap
+from cyclemirror.errors import (
+    CycleMirrorError,
+    NotFoundError,
+    StoreError,
+    TimeoutError_,
+    UsageError,
+)
+from cyclemirror.source import shipping
+from cyclemirror.source.connection import TargetLink, is_temporary
+from cyclemirror.source.persist import DriverState
+from cyclemirror.source.ratelimit import RateLimiter, SharedRate
+from cyclemirror.wire.handshake import TlsConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    host: str
+    port: int
+    key: bytes | None = None
+    tls: TlsConfig | None = None
+    insecure: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class MirrorOptions:
+    interval: float = 0.0  # seconds between freezes; 0 = back-to-back
+    codec: str = "lz4"  # none | lz4 | zstd
+    level: int = 0
+    chunk_size: int = 1 << 20
+    bwlimit: int = 0  # bytes/s for this mirror, 0 = unlimited
+    shared_rate: SharedRate | None = None  # the daemon-wide cap
+    retry_initial: float = 0.2
+    retry_max: float = 30.0
+    apply_timeout: float = 3600.0
+    stall_timeout: float = 60.0
+    queue_frames: int = 32
+    on_frozen: object = None  # callable(frozen, reader): the daemon's/tests' hook
+    on_applied: object = None  # callable(cycle, label, stats)
+    extra: dict = field(default_factory=dict)
+
+
+class _Run:
+    """One target of the driver: its link, owed set and figures."""
+
+    def __init__(self, spec: TargetSpec):
+        self.spec = spec
+        self.label = spec.label
+        self.link: TargetLink | None = None
+        self.owed: ExtentBitmap | None = None
+        self.phase = "idle"
+        self.broken: BaseException | None = None
+        self.last_error: str | None = None
+        self.applied_cycle = 0
+        self.freeze_time = 0.0
+        self.stats: dict = {}
+        self.backoff = 0.0
+        self.resume_from = 0
+        self.ok = False
+
+    def drop_link(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+
+class MirrorDriver:
+    def __init__(self, volume, targets, key: bytes | None = None,
+                 options: MirrorOptions | None = None, *, store):
+        if isinstance(targets, tuple):
+            targets = [TargetSpec(targets[0], int(targets[1]), key)]
+        specs = [t if isinstance(t, TargetSpec) else TargetSpec(t[0], int(t[1]), key)
+                 for t in targets]
+        if not specs:
+            raise UsageError(f"mirror of {volume.name!r}: no targets")
+        if len({s.label for s in specs}) != len(specs):
+            raise UsageError(f"mirror of {volume.name!r}: a target is listed twice")
+        self.volume = volume
+        self.store = store
+        self.options = options or MirrorOptions()
+        if self.options.codec not in shipping.CODECS:
+            raise UsageError(f"codec {self.options.codec!r}: use none, lz4 or zstd")
+        self.packer = frames.FramePacker(shipping.CODECS[self.options.codec],
+                                         self.options.level, self.options.chunk_size)
+        self.rate = RateLimiter(self.options.bwlimit, self.options.shared_rate)
+        self.runs = [_Run(s) for s in specs]
+        self.state = DriverState(os.path.join(store.path, "outgoing", volume.name),
+                                 volume.nblocks)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._break = False
+        self._break_now = False
+        self._sync_requested = False
+        self.phase = "idle"
+        self.cycle = 0
+        self.last_freeze_time = 0.0
+        self.last_error: str | None = None
+        self._copy_done = 0.0
+
+    # -- control ----------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise UsageError(f"mirror of {self.volume.name!r} is already running")
+        if self.options.shared_rate is not None:
+            self.options.shared_rate.join()
+        self._thread = threading.Thread(target=self._main, daemon=True,
+                                        name=f"mirror-{self.volume.name}")
+        self._thread.start()
+
+    def sync(self, timeout: float = 600.0) -> int:
+        """Freeze now; return the cycle once every target has applied it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._break:
+                raise UsageError(f"mirror of {self.volume.name!r} is broken; resume it first")
+            want = self.volume.open_overlay + 1
+            self._sync_requested = True
+            self._cond.notify_all()
+            while not all(r.applied_cycle >= want for r in self.runs):
+                broken = [r for r in self.runs if r.broken is not None]
+                if broken:
+                    raise broken[0].broken
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError_(
+                        f"sync of {self.volume.name!r}: cycle {want} not applied on every "
+                        f"target within {timeout}s ({self._targets_brief()})")
+                self._cond.wait(min(left, 0.5))
+        return want
+
+    def break_(self, now: bool = False) -> None:
+        """Stop repeating: after the in-flight cycle, or at once (target keeps the previous)."""
+        with self._cond:
+            self._break = True
+            self._break_now = now
+            self._cond.notify_all()
+        if now:
+            for r in self.runs:
+                r.drop_link()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._break = self._break_now = False
+            for r in self.runs:
+                r.broken = None
+                r.backoff = 0.0
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self.break_(now=True)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.options.shared_rate is not None:
+            self.options.shared_rate.leave()
+
+    def status(self) -> dict:
+        now = time.time()
+        with self._cond:
+            return {
+                "volume": self.volume.name, "cycle": self.cycle, "phase": self.phase,
+                "last_error": self.last_error,
+                "targets": {
+                    r.label: {
+                        "phase": "broken" if r.broken else r.phase,
+                        "applied_cycle": r.applied_cycle,
+                        "rpo_age": (now - r.freeze_time) if r.applied_cycle else None,
+                        "last_error": r.last_error,
+                        **r.stats,
+                    } for r in self.runs
+                },
+            }
+
+    def _targets_brief(self) -> str:
+        return ", ".join(f"{r.label} applied {r.applied_cycle}" for r in self.runs)
+
+    def _set_phase(self, phase: str) -> None:
+        with self._cond:
+            self.phase = phase
+            self._cond.notify_all()
+
+    # -- the loop ---------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            first = self._recover()
+            while True:
+                with self._cond:
+                    if self._stop:
+                        return
+                    if self._break:
+                        self.phase = "broken"
+                        self._cond.notify_all()
+                        self._cond.wait(1.0)
+                        continue
+                if first is None:
+                    if not self._wait_for_freeze_time():
+                        continue
+                    self._set_phase("freezing")
+                    frozen = self.volume.freeze()
+                    self._account_freeze(frozen)
+                else:
+                    frozen, first = first, None
+                self._ship_cycle(frozen)
+        except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
+            log.exception("mirror of %s stopped", self.volume.name)
+            with self._cond:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.phase = "broken"
+                self._break = True
+                for r in self.runs:
+                    r.broken = r.broken or exc
+                self._cond.notify_all()
+
+    def _wait_for_freeze_time(self) -> bool:
+        """Sleep until the next freeze is due (or a sync asks now); False to re-check flags."""
+        with self._cond:
+            due = max(self.last_freeze_time + self.options.interval, self._copy_done)
+            while not (self._sync_requested or self._stop or self._break):
+                left = due - time.time()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+            if self._stop or self._break:
+                return False
+            self._sync_requested = False
+            return True
+
+    # -- recovery and bookkeeping ----------------------------------------
+    def _recover(self):
+        """Reconcile persisted state with the store; return a frozen cycle to ship first."""
+        st = self.state
+        for r in self.runs:
+            e = st.entry(r.label)
+            r.applied_cycle, r.freeze_time = e["applied_cycle"], e["freeze_time"]
+            r.owed = st.load_owed(r.label)
+            if not st.trusted:
+                e["untrusted"] = True
+        top = self.volume.open_overlay
+        for k in range(st.last_freeze + 1, top + 1):
+            try:
+                frozen = self.volume.frozen(k)
+            except NotFoundError:
+                # That freeze's dirty set is gone: fall back to comparing hashes.
+                for r in self.runs:
+                    st.entry(r.label)["untrusted"] = True
+                continue
+            self._fold(frozen.dirty)
+        if top > st.last_freeze:
+            for r in self.runs:
+                st.save_owed(r.label, r.owed)
+            st.last_freeze = top
+            st.save()
+        self.cycle = top
+        if top >= 1 and top in self.volume.frozen_cycles() and any(
+            r.applied_cycle < top for r in self.runs
+        ):
+            frozen = self.volume.frozen(top)
+            self.last_freeze_time = frozen.freeze_time
+            return frozen
+        return None
+
+    def _fold(self, dirty: ExtentBitmap | None) -> None:
+        for r in self.runs:
+            if dirty is None:
+                r.owed = None
+            elif r.owed is not None:
+                r.owed.union_update(dirty)
+
+    def _account_freeze(self, frozen) -> None:
+        self._fold(frozen.dirty)
+        for r in self.runs:
+            self.state.save_owed(r.label, r.owed)
+        self.state.last_freeze = frozen.number
+        self.state.save()
+        with self._cond:
+            self.cycle = frozen.number
+            self.last_freeze_time = frozen.freeze_time
+
+    # -- one cycle --------------------------------------------------------
+    def _ship_cycle(self, frozen) -> None:
+        c = frozen.number
+        with frozen.reader() as reader:
+            if self.options.on_frozen is not None:
+                self.options.on_frozen(frozen, reader)
+            self._set_phase("copying")
+            while True:
+                todo = [r for r in self.runs if r.broken is None and r.applied_cycle < c]
+                for r in todo:
+                    r.ok = False
+                if not todo:
+                    break
+                self._attempt(frozen, reader, todo)
+                failed = [r for r in todo if not r.ok and r.broken is None]
+                any_ok = any(r.ok or r.applied_cycle >= c for r in self.runs)
+                with self._cond:
+                    if self._break_now or self._stop or not failed or any_ok:
+                        break
+                    delay = max(r.backoff for r in failed)
+                    self.phase = "reconnecting"
+                    self._cond.wait(delay)
+                    if self._break_now or self._stop:
+                        break
+        self._copy_done = time.time()
+        if c >= 2 and any(r.applied_cycle >= c for r in self.runs):
+            # Lagging targets catch up from their owed sets, not from this overlay.
+            self.volume.merge_through(c - 1)
+        self._set_phase("idle")
+
+    def _attempt(self, frozen, reader, runs: list[_Run]) -> None:
+        c = frozen.number
+        ready = []
+        for r in runs:
+            try:
+                r.phase = "connecting"
+                if self._prepare(r, frozen, reader):
+                    ready.append(r)
+                else:
+                    r.ok = True  # the target already holds this cycle
+            except BaseException as exc:  # noqa: BLE001
+                self._failed(r, exc)
+        groups: list[list[_Run]] = []
+        for r in ready:
+            for g in groups:
+                if _same_owed(g[0].owed, r.owed):
+                    g.append(r)
+                    break
+            else:
+                groups.append([r])
+        threads = [threading.Thread(target=self._ship_group, args=(g, frozen, reader),
+                                    daemon=True) for g in groups]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in ready:
+            if r.ok:
+                continue
+            try:
+                r.phase = "applying"
+                self._set_phase("applying")
+                r.link.wait_applied(c, self.options.apply_timeout)
+                self._applied(r, frozen)
+            except BaseException as exc:  # noqa: BLE001
+                self._failed(r, exc)
+
+    def _prepare(self, r: _Run, frozen, reader) -> bool:
+        """Connect and reconcile; return False if the target already applied this cycle."""
+        c = frozen.number
+        e = self.state.entry(r.label)
+        if r.link is not None and r.link.failure is None:
+            # A live link: the target's state is what we have tracked on it.
+            return self._begin(r, frozen, resume=False)
+        r.drop_link()
+        link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
+                          insecure=r.spec.insecure)
+        link.connect({
+            "node_id": self.store.node_id, "node_name": self.store.node_name,
+            "mirror": self.volume.name, "group": False,
+            "volumes": [{"name": self.volume.name, "size": self.volume.size,
+                         "block_size": self.volume.block_size}],
+        })
+        r.link = link
+        opened = r.link.opened
+        t_applied = max(opened["applied_cycle"], r.link.applied[0])
+        compare = bool(e.get("untrusted"))
+        if e["target_node"] not in (None, opened["node_id"]):
+            compare = True  # another store answers at that address
+        if not opened["has_image"]:
+            r.owed = None
+        elif t_applied < r.applied_cycle or (r.applied_cycle == 0 and r.owed is None
+                                               and e["target_node"] is None):
+            compare = True  # it went back in time, or we never knew it
+        elif t_applied >= c:
+            r.owed = ExtentBitmap(self.volume.nblocks)
+            self._record_applied(r, t_applied, opened["freeze_time"])
+            return False
+        e["target_node"] = opened["node_id"]
+        if compare:
+            r.phase = "comparing"
+            r.owed = shipping.block_differences(
+                reader, self.volume,
+                lambda s, n: r.link.fetch_hashes(0, s, n, self.options.apply_timeout))
+            e.pop("untrusted", None)
+            e["in_flight"] = 0
+            log.info("mirror %s -> %s: hash comparison found %d differing blocks",
+                     self.volume.name, r.label, r.owed.count())
+        resume = opened["pending_cycle"] == c and e["in_flight"] == c
+        return self._begin(r, frozen, resume)
+
+    def _begin(self, r: _Run, frozen, resume: bool) -> bool:
+        c = frozen.number
+        e = self.state.entry(r.label)
+        full = r.owed is None
+        pend_cycle, pend_chunks = r.link.acked
+        resume = resume and e["in_flight_full"] == full and pend_cycle == c
+        r.resume_from = pend_chunks if resume else 0
+        self.state.save_owed(r.label, r.owed)
+        e["in_flight"], e["in_flight_full"] = c, full
+        self.state.save()
+        r.link.link.send_message("begin", cycle=c, freeze_time=frozen.freeze_time, full=full,
+                                 resume_from=r.resume_from)
+        got = r.link.wait_for(lambda: r.link.acked[0] == c and r.link.acked, 30.0,
+                              f"the start of cycle {c}")
+        if got[1] != r.resume_from:
+            raise StoreError(f"target {r.label} resumed at chunk {got[1]}, "
+                             f"asked {r.resume_from}")
+        return True
+
+    def _ship_group(self, group: list[_Run], frozen, reader) -> None:
+        """Produce the cycle's frames once; one sender thread per target of the group."""
+        c = frozen.number
+        queues = {r.label: queue.Queue(self.options.queue_frames) for r in group}
+        alive = {r.label: r for r in group}
+        t0 = time.monotonic()
+
+        def sender(r: _Run) -> None:
+            q = queues[r.label]
+            sent_raw = 0
+            wire0 = r.link.link.bytes_sent
+            try:
+                r.phase = "copying"
+                while True:
+                    item = q.get()
+                    if item is None:
+                        break
+                    index, frame, raw = item
+                    if index < r.resume_from:
+                        continue
+                    self.rate.consume(len(frame))
+                    r.link.check()
+                    r.link.link.send_frame(frame, f"chunk {index} of cycle {c}")
+                    sent_raw += raw
+                r.link.link.send_message("end", cycle=c, chunks=total[0])
+                dt = time.monotonic() - t0
+                wire = r.link.link.bytes_sent - wire0
+                r.stats = {"last_cycle": c, "bytes_raw": sent_raw, "bytes_wire": wire,
+                           "chunks": total[0], "resumed_from": r.resume_from,
+                           "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
+                           "compression_ratio": sent_raw / wire if wire else None}
+            except BaseException as exc:  # noqa: BLE001
+                alive.pop(r.label, None)
+                self._failed(r, exc)
+                while q.get() is not None:  # drain so the producer never blocks on us
+                    pass
+
+        total = [0]
+        threads = [threading.Thread(target=sender, args=(r,), daemon=True) for r in group]
+        for t in threads:
+            t.start()
+        try:
+            for index, (frame, raw) in enumerate(
+                shipping.cycle_frames(reader, group[0].owed, c, self.packer,
+                                      self.volume.block_size)):
+                for r in group:
+                    if r.label not in alive:
+                        continue
+                    try:
+                        queues[r.label].put((index, frame, raw),
+                                            timeout=self.options.stall_timeout)
+                    except queue.Full:
+                        alive.pop(r.label, None)
+                        r.drop_link()  # the sender fails and drains
+                        self._failed(r, TimeoutError_(
+                            f"target {r.label} took no data for {self.options.stall_timeout}s;"
+                            " it will catch up in a later cycle"))
+                total[0] = index + 1
+                if self._break_now:
+                    raise TimeoutError_("break requested")
+        except BaseException as exc:  # noqa: BLE001 - a read error fails every target
+            for r in group:
+                if r.label in alive:
+                    self._failed(r, exc)
+                    r.drop_link()
+        finally:
+            for r in group:
+                queues[r.label].put(None)
+            for t in threads:
+                t.join()
+
+    def _applied(self, r: _Run, frozen) -> None:
+        r.owed = ExtentBitmap(self.volume.nblocks)
+        self._record_applied(r, frozen.number, frozen.freeze_time)
+        r.ok, r.backoff, r.last_error, r.phase = True, 0.0, None, "idle"
+        if self.options.on_applied is not None:
+            self.options.on_applied(frozen.number, r.label, dict(r.stats))
+
+    def _record_applied(self, r: _Run, cycle: int, freeze_time: float) -> None:
+        # Order: the owed set is emptied on disk before we claim the cycle.
+        self.state.save_owed(r.label, r.owed)
+        e = self.state.entry(r.label)
+        e["applied_cycle"], e["freeze_time"], e["in_flight"] = cycle, freeze_time, 0
+        self.state.save()
+        with self._cond:
+            r.applied_cycle, r.freeze_time = cycle, freeze_time
+            self._cond.notify_all()
+
+    def _failed(self, r: _Run, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        r.drop_link()
+        with self._cond:
+            r.last_error = text
+            if is_temporary(exc) or self._break_now:
+                r.phase = "reconnecting"
+                r.backoff = min(self.options.retry_max,
+                                max(self.options.retry_initial, r.backoff * 2))
+            else:
+                r.phase = "broken"
+                r.broken = exc
+                self.last_error = text
+            self._cond.notify_all()
+        log.warning("mirror %s -> %s: %s", self.volume.name, r.label, text)
+
+
+def _same_owed(a: ExtentBitmap | None, b: ExtentBitmap | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a == b
+
+
+__all__ = ["MirrorDriver", "MirrorOptions", "TargetSpec", "CycleMirrorError"]

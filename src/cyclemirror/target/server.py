@@ -1,0 +1,190 @@
+"""TargetServer: the listening side a daemon hosts, one thread per connection.
+
+``TargetServer(store, key, listen=(host, port), tls=None, insecure=False)``;
+``start()`` binds (port 0 picks a free port, see ``address``) and accepts in a
+thread; ``stop()`` closes the listener and every session.  ``store`` is a
+``cyclemirror.store.Store`` (only ``.path`` and ``.node_id`` are used), so
+mirror images land in ``STORE/mirrors/<source node id>/``.
+
+Isolation: a session that fails (bad key, protocol error, corrupted frame,
+disk error) is logged, told why, and closed; other sessions never notice.
+
+Locking: ``registry`` maps (source node, mirror, group) to the session that
+holds that mirror, under one lock.  A new session for a held mirror takes it
+over (the old connection is usually a dead one the source already left):
+the old socket is shut down and the new session waits for its release.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from cyclemirror.errors import CycleMirrorError, TimeoutError_, UsageError
+from cyclemirror.target.session import Session, error_code
+from cyclemirror.wire import handshake
+from cyclemirror.wire.handshake import TlsConfig
+from cyclemirror.wire.link import MAX_CHUNK, FrameLink
+
+log = logging.getLogger(__name__)
+TAKEOVER_TIMEOUT = 30.0
+
+
+class MirrorRegistry:
+    """Which session holds which mirror; guarded by one condition variable."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._held: dict[tuple, Session] = {}
+
+    def acquire(self, key: tuple, session: Session) -> None:
+        with self._cond:
+            old = self._held.get(key)
+            if old is not None:
+                log.info("mirror %s: new connection takes over from %s", key, old.link.peer)
+                try:
+                    old.link.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if not self._cond.wait_for(lambda: key not in self._held, TAKEOVER_TIMEOUT):
+                raise TimeoutError_(f"mirror {key[1]!r} is still held by another session")
+            self._held[key] = session
+
+    def release(self, key: tuple, session: Session) -> None:
+        with self._cond:
+            if self._held.get(key) is session:
+                del self._held[key]
+                self._cond.notify_all()
+
+
+class TargetServer:
+    def __init__(self, store, key: bytes | None, listen=("127.0.0.1", 0),
+                 tls: TlsConfig | None = None, insecure: bool = False):
+        if key is None and not insecure:
+            raise UsageError("a target without a key refuses to run; give it a key file "
+                             "(cyclemirror keygen) or pass --insecure explicitly")
+        self.root = os.fspath(store.path)
+        self.node_id = store.node_id
+        self.key = key
+        self.listen = tuple(listen)
+        self.tls_context = tls.server_context() if tls else None
+        self.registry = MirrorRegistry()
+        self.address: tuple[str, int] | None = None
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()  # guards _conns
+        self._stopping = threading.Event()
+        self.errors: list[str] = []  # recent session errors, newest last (capped)
+
+    def start(self) -> None:
+        os.makedirs(os.path.join(self.root, "mirrors"), exist_ok=True)
+        self._recover_all()
+        self._listener = socket.create_server(self.listen, reuse_port=False)
+        self.address = self._listener.getsockname()[:2]
+        self._thread = threading.Thread(target=self._accept_loop, name="target-accept",
+                                        daemon=True)
+        self._thread.start()
+        log.info("mirror target listening on %s:%d", *self.address)
+
+    def _recover_all(self) -> None:
+        """Finish or keep every mirror's in-flight cycle before accepting anyone."""
+        from cyclemirror.target.mirror import Mirror
+        from cyclemirror.target.state import MirrorState
+
+        base = os.path.join(self.root, "mirrors")
+        for node in sorted(os.listdir(base)):
+            ndir = os.path.join(base, node)
+            if not os.path.isdir(ndir):
+                continue
+            for name in sorted(os.listdir(ndir)):
+                if name.endswith((".state.json", ".group.json")):
+                    try:
+                        st = MirrorState.load(os.path.join(ndir, name))
+                        Mirror(ndir, st, os.path.join(ndir, name), MAX_CHUNK).close()
+                    except (CycleMirrorError, OSError) as exc:
+                        self._note_error(f"recovery of {ndir}/{name}: {exc}")
+
+    def _note_error(self, text: str) -> None:
+        log.warning("%s", text)
+        self.errors = (self.errors + [text])[-50:]
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _addr = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="target-session",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(conn)
+        link = None
+        try:
+            conn.settimeout(handshake.HANDSHAKE_TIMEOUT)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = conn
+            if self.tls_context is not None:
+                sock = self.tls_context.wrap_socket(conn, server_side=True)
+            handshake.server_handshake(sock, self.key)
+            sock.settimeout(None)  # idle between cycles is normal; keepalive finds the dead
+            link = FrameLink(sock)
+            Session(self, link).run()
+        except Exception as exc:  # noqa: BLE001 - isolate every session's failure
+            self._note_error(f"session with {_peer(conn)}: {exc}")
+            if link is not None:
+                link.send_error(exc, error_code(exc))
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def status(self) -> list[dict]:
+        from cyclemirror.target.state import MirrorState
+
+        out = []
+        base = os.path.join(self.root, "mirrors")
+        for node in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            ndir = os.path.join(base, node)
+            for name in sorted(os.listdir(ndir)) if os.path.isdir(ndir) else []:
+                if name.endswith((".state.json", ".group.json")):
+                    try:
+                        st = MirrorState.load(os.path.join(ndir, name))
+                    except (CycleMirrorError, OSError):
+                        continue
+                    out.append({"source_node": node, "mirror": st.mirror,
+                                "applied_cycle": st.applied_cycle,
+                                "freeze_time": st.freeze_time})
+        return out
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        host, port = conn.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "a peer"

@@ -1,0 +1,151 @@
+"""One source connection on the target: handshake, open a mirror, receive cycles.
+
+The loop reads frames strictly in protocol order (see docs/protocol.md,
+"Cycle"): ``begin``, then ``member`` switches and DATA/ZERO/TRIM frames of
+that cycle, then ``end``; ``hash_request`` is allowed between cycles.  Every
+value is checked before use: frame headers by the link's limits, extents
+against the member volume, cycle numbers against the one in flight.  A
+protocol error ends this connection only, after an ``error`` message that
+says what was wrong; whatever was staged stays unapplied (and resumable).
+
+Acknowledgements: after each ``ACK_BYTES`` of payload or ``ACK_SECONDS``,
+the mirror is checkpointed (fdatasync + state) and an ``ack`` goes back, so
+the source can resume an interrupted cycle after the last acked chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from cyclemirror._cext import frames
+from cyclemirror.errors import CycleMirrorError, ProtocolError
+from cyclemirror.target.mirror import Mirror
+from cyclemirror.target.staging import REC_DATA, REC_TRIM, REC_ZERO
+from cyclemirror.target.state import VolumeSpec
+from cyclemirror.wire import link as wirelink
+from cyclemirror.wire import messages
+
+log = logging.getLogger(__name__)
+
+ACK_BYTES = 8 << 20
+ACK_SECONDS = 0.5
+_KIND = {frames.FT_DATA: REC_DATA, frames.FT_ZERO: REC_ZERO, frames.FT_TRIM: REC_TRIM}
+
+
+def block_digests(path: str, start_block: int, count: int, block_size: int) -> bytes:
+    """xxh3-64 of each block (big-endian bytes), read from the mirror image."""
+    from cyclemirror._cext import blockhash
+
+    with open(path, "rb") as f:
+        hashes, _zero = blockhash.hash_file(f.fileno(), start_block * block_size,
+                                            count * block_size, block_size)
+    return np.asarray(hashes, dtype=">u8").tobytes()
+
+
+class Session:
+    """Owns one connection after the handshake; run() returns when it ends."""
+
+    def __init__(self, server, link: wirelink.FrameLink):
+        self.server = server
+        self.link = link
+        self.mirror: Mirror | None = None
+        self.key = None  # registry key of the mirror we hold
+
+    def run(self) -> None:
+        try:
+            self._open()
+            while True:
+                header, payload = self.link.recv_frame()
+                msg = self.link.message_from(header, payload, {"begin", "hash_request"})
+                if msg["type"] == "begin":
+                    self._receive_cycle(msg)
+                else:
+                    self._answer_hashes(msg)
+        finally:
+            if self.mirror is not None:
+                self.mirror.close()
+            if self.key is not None:
+                self.server.registry.release(self.key, self)
+
+    def _open(self) -> None:
+        msg = self.link.recv_message({"open"})
+        vols = [VolumeSpec(v["name"], v["size"], v["block_size"]) for v in msg["volumes"]]
+        if not msg["group"] and (len(vols) != 1 or vols[0].name != msg["mirror"]):
+            raise ProtocolError("open: a single-volume mirror must be named after its volume")
+        self.key = (msg["node_id"], msg["mirror"], msg["group"])
+        self.server.registry.acquire(self.key, self)
+        self.mirror = Mirror.open(self.server.root, msg["node_id"], msg["node_name"],
+                                  msg["mirror"], msg["group"], vols, wirelink.MAX_CHUNK)
+        st = self.mirror.state
+        align = min(v.block_size for v in vols)
+        self.link.limits = wirelink.volume_limits(max(v.size for v in vols), align)
+        p = st.pending
+        self.link.send_message(
+            "opened", node_id=self.server.node_id, applied_cycle=st.applied_cycle,
+            freeze_time=st.freeze_time, has_image=self.mirror.has_image,
+            pending_cycle=p.cycle if p else 0, pending_chunks=p.chunks if p else 0,
+        )
+        log.info("mirror %s from %s opened by %s", st.mirror, st.source_node, self.link.peer)
+
+    def _receive_cycle(self, begin: dict) -> None:
+        cycle = begin["cycle"]
+        mirror = self.mirror
+        chunks = mirror.begin(cycle, begin["freeze_time"], begin["full"], begin["resume_from"])
+        self.link.send_message("ack", cycle=cycle, chunks=chunks)
+        member = 0
+        unacked_bytes, last_ack = 0, time.monotonic()
+        while True:
+            header, payload = self.link.recv_frame()
+            if header.type == frames.FT_CONTROL:
+                msg = self.link.message_from(header, payload, {"member", "end"})
+                if msg["type"] == "member":
+                    if msg["index"] >= len(mirror.state.volumes):
+                        raise ProtocolError(f"member index {msg['index']} out of range")
+                    member = msg["index"]
+                    continue
+                if msg["cycle"] != cycle:
+                    raise ProtocolError(f"'end' names cycle {msg['cycle']}, in flight is {cycle}")
+                applied, freeze_time = mirror.finish(cycle, msg["chunks"])
+                self.link.send_message("applied", cycle=applied, freeze_time=freeze_time)
+                log.info("mirror %s applied cycle %d", mirror.state.mirror, applied)
+                return
+            if header.cycle != cycle:
+                raise ProtocolError(
+                    f"a data frame of cycle {header.cycle} arrived while cycle {cycle} is in "
+                    "flight; nothing of it is applied"
+                )
+            kind = _KIND[header.type]
+            mirror.receive(kind, member, header.offset, header.raw_length,
+                           payload if kind == REC_DATA else None)
+            unacked_bytes += header.raw_length if kind == REC_DATA else 0
+            now = time.monotonic()
+            if unacked_bytes >= ACK_BYTES or now - last_ack >= ACK_SECONDS:
+                self.link.send_message("ack", cycle=cycle, chunks=mirror.checkpoint())
+                unacked_bytes, last_ack = 0, now
+
+    def _answer_hashes(self, msg: dict) -> None:
+        mirror = self.mirror
+        index, start, count = msg["index"], msg["start_block"], msg["count"]
+        if index >= len(mirror.state.volumes):
+            raise ProtocolError(f"hash_request: member {index} out of range")
+        vol = mirror.state.volumes[index]
+        nblocks = vol.size // vol.block_size
+        if not mirror.has_image:
+            raise ProtocolError("hash_request: this target has no image of the mirror yet")
+        if count == 0 or count > messages.MAX_HASH_BLOCKS or start + count > nblocks:
+            raise ProtocolError(
+                f"hash_request: blocks {start}+{count} outside 0..{nblocks} or over the cap "
+                f"{messages.MAX_HASH_BLOCKS}"
+            )
+        digests = block_digests(mirror.image_path(index), start, count, vol.block_size)
+        self.link.send_message("hashes", index=index, start_block=start, count=count,
+                               digests=digests.hex())
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, CycleMirrorError):
+        return type(exc).__name__
+    return "internal"

@@ -1,0 +1,106 @@
+"""A frame link: frames in and out of one connected (possibly TLS) socket.
+
+Reading is strictly "header first, checked, then payload": ``decode_header``
+validates every field against the link's ``FrameLimits`` (payload and chunk
+caps, volume size, alignment) before we read or allocate a single payload
+byte, and ``decode_payload`` verifies the checksum of the raw bytes.  A CONTROL
+payload is then parsed by ``messages`` against the types the caller expects.
+
+Locking: ``send*`` may be called from several threads (a sender and an ack
+writer); a lock keeps whole frames from interleaving.  ``recv*`` belongs to
+one reader thread.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from cyclemirror._cext import frames
+from cyclemirror.errors import PeerError, ProtocolError
+from cyclemirror.wire import messages
+from cyclemirror.wire.sockio import peer_name, recv_exact, send_all
+
+MAX_CHUNK = 4 << 20  # the largest raw DATA chunk either side accepts
+MAX_CONTROL = 1 << 20
+
+
+def control_limits() -> frames.FrameLimits:
+    """Limits before a mirror is opened: CONTROL frames only (no volume yet)."""
+    return frames.FrameLimits(MAX_CONTROL, 0, MAX_CONTROL, 0, 1)
+
+
+def volume_limits(volume_size: int, alignment: int) -> frames.FrameLimits:
+    return frames.FrameLimits(max(MAX_CHUNK, MAX_CONTROL), MAX_CHUNK, MAX_CONTROL,
+                              volume_size, alignment)
+
+
+class RemoteError(PeerError):
+    """The peer sent an error message; ``temporary`` and ``code`` are the peer's."""
+
+    def __init__(self, message: str, code: str, temporary: bool):
+        super().__init__(message)
+        self.code = code
+        self.temporary = temporary
+
+
+class FrameLink:
+    def __init__(self, sock: socket.socket, limits: frames.FrameLimits | None = None):
+        self.sock = sock
+        self.peer = peer_name(sock)
+        self.limits = limits or control_limits()
+        self._send_lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- sending ---------------------------------------------------------
+    def send_frame(self, frame: bytes | memoryview, what: str = "a frame") -> None:
+        with self._send_lock:
+            send_all(self.sock, frame, what)
+            self.bytes_sent += len(frame)
+
+    def send_message(self, mtype: str, **fields) -> None:
+        """Send a control message; its frame carries the message's cycle (or 0)."""
+        payload = messages.encode_message(mtype, **fields)
+        self.send_frame(frames.encode_control(fields.get("cycle", 0), payload),
+                        f"a {mtype!r} message")
+
+    def send_error(self, exc: BaseException, code: str = "error") -> None:
+        """Best effort: tell the peer why we are closing (it may be gone already)."""
+        temporary = bool(getattr(exc, "temporary", False))
+        try:
+            self.send_message("error", code=code, message=str(exc)[: messages.MAX_TEXT],
+                              temporary=temporary)
+        except Exception:  # noqa: BLE001 - the connection is being dropped anyway
+            pass
+
+    # -- receiving -------------------------------------------------------
+    def recv_frame(self) -> tuple[frames.FrameHeader, bytes]:
+        """Return (header, raw payload) of the next frame, fully verified."""
+        raw = recv_exact(self.sock, frames.HEADER_SIZE, "a frame header")
+        header = frames.decode_header(raw, self.limits)
+        payload = recv_exact(self.sock, header.length, "a frame payload") if header.length else b""
+        self.bytes_received += frames.HEADER_SIZE + header.length
+        return header, frames.decode_payload(header, payload)
+
+    def message_from(self, header: frames.FrameHeader, payload: bytes, expected: set[str]):
+        if header.type != frames.FT_CONTROL:
+            raise ProtocolError(
+                f"{self.peer}: expected a control message ({sorted(expected)}), got a data frame"
+            )
+        msg = messages.parse_message(payload, expected)
+        if msg["type"] == "error":
+            raise RemoteError(f"peer {self.peer} reported: {msg['message']}", msg["code"],
+                              msg["temporary"])
+        return msg
+
+    def recv_message(self, expected: set[str]) -> dict:
+        header, payload = self.recv_frame()
+        return self.message_from(header, payload, expected)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
