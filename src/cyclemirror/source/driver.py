@@ -484,7 +484,7 @@ class MirrorDriver:
                 r.link.link.send_message("end", cycle=c, chunks=total[0])
                 dt = time.monotonic() - t0
                 wire = r.link.link.bytes_sent - wire0
-                r.stats = {"last_cycle": c, "bytes_raw": sent_raw, "bytes_wire": wire,
+                r.stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw, "bytes_wire": wire,
                            "chunks": total[0], "resumed_from": r.resume_from,
                            "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
                            "compression_ratio": sent_raw / wire if wire else None}

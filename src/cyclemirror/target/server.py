@@ -61,7 +61,7 @@ class MirrorRegistry:
 
 class TargetServer:
     def __init__(self, store, key: bytes | None, listen=("127.0.0.1", 0),
-                 tls: TlsConfig | None = None, insecure: bool = False):
+                 tls: TlsConfig | None = None, insecure: bool = False, on_applied=None):
         if key is None and not insecure:
             raise UsageError("a target without a key refuses to run; give it a key file "
                              "(cyclemirror keygen) or pass --insecure explicitly")
@@ -71,6 +71,9 @@ class TargetServer:
         self.listen = tuple(listen)
         self.tls_context = tls.server_context() if tls else None
         self.registry = MirrorRegistry()
+        # on_applied(mirror): called in the session thread right after a cycle is
+        # applied, before the source hears of it (the daemon's metrics, tests' snapshots).
+        self.on_applied = on_applied
         self.address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None

@@ -109,6 +109,8 @@ class Session:
                 if msg["cycle"] != cycle:
                     raise ProtocolError(f"'end' names cycle {msg['cycle']}, in flight is {cycle}")
                 applied, freeze_time = mirror.finish(cycle, msg["chunks"])
+                if self.server.on_applied is not None:
+                    self.server.on_applied(mirror)
                 self.link.send_message("applied", cycle=applied, freeze_time=freeze_time)
                 log.info("mirror %s applied cycle %d", mirror.state.mirror, applied)
                 return

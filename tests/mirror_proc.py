@@ -1,0 +1,126 @@
+"""Run a mirror target or a mirror source (with a writer) in a child process, for tests.
+
+    python tests/mirror_proc.py target STORE KEYFILE PORTFILE SNAPDIR
+    python tests/mirror_proc.py source STORE KEYFILE PORTFILE WORKDIR SIZE SEED [INTERVAL]
+
+Target: opens (or creates) the store, serves on 127.0.0.1 (the port in
+PORTFILE if it exists, so a restart keeps the address; else a free one,
+written there), copies every image to SNAPDIR/<cycle>.img right after each
+apply, and at start copies the recovered image to SNAPDIR/recovered-<n>.img
+(the state's applied cycle is in the name) so a test can check recovery.
+
+Source: opens (or creates) the store and volume ``v1`` of SIZE bytes; a
+writer thread makes random block writes (seeded) all the time; the driver
+exports each frozen image to WORKDIR/export-<cycle>.img before shipping and
+appends one JSON line per applied cycle to WORKDIR/events.jsonl.  When the
+file WORKDIR/stop appears, the writer stops, the driver syncs, and the
+process writes WORKDIR/final.json and exits.
+"""
+
+import json
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+
+from cyclemirror import keys
+from cyclemirror.errors import NotFoundError
+from cyclemirror.source import MirrorDriver, MirrorOptions
+from cyclemirror.store import Store
+from cyclemirror.target import TargetServer
+
+
+def open_store(path):
+    if os.path.exists(os.path.join(path)):
+        return Store.open(path)
+    return Store.create(path)
+
+
+def run_target(store_path, keyfile, portfile, snapdir):
+    store = open_store(store_path)
+    port = int(open(portfile).read()) if os.path.exists(portfile) else 0
+    os.makedirs(snapdir, exist_ok=True)
+
+    def snapshot(mirror):
+        st = mirror.state
+        tmp = os.path.join(snapdir, f".{st.applied_cycle}.tmp")
+        shutil.copyfile(mirror.image_path(0), tmp)
+        os.replace(tmp, os.path.join(snapdir, f"{st.applied_cycle}.img"))
+
+    server = TargetServer(store, keys.read_key_file(keyfile), ("127.0.0.1", port),
+                          on_applied=snapshot)
+    server.start()  # recovers every mirror first
+    mdir = os.path.join(store_path, "mirrors")
+    for node in os.listdir(mdir):
+        img = os.path.join(mdir, node, "v1.img")
+        state = os.path.join(mdir, node, "v1.state.json")
+        if os.path.exists(img) and os.path.exists(state):
+            applied = json.load(open(state))["body"]["applied_cycle"]
+            n = len([f for f in os.listdir(snapdir) if f.startswith("recovered-")])
+            shutil.copyfile(img, os.path.join(snapdir, f"recovered-{n}-{applied}.img"))
+    tmp = portfile + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(server.address[1]))
+    os.replace(tmp, portfile)
+    while True:
+        time.sleep(3600)
+
+
+def run_source(store_path, keyfile, portfile, workdir, size, seed, interval=0.1):
+    store = open_store(store_path)
+    try:
+        vol = store.open_volume("v1")
+    except NotFoundError:
+        vol = store.create_volume("v1", size)
+        vol.write(0, random.Random(seed).randbytes(size // 4))
+    while not os.path.exists(portfile):
+        time.sleep(0.05)
+    port = int(open(portfile).read())
+    events = open(os.path.join(workdir, "events.jsonl"), "a")
+
+    def on_frozen(frozen, reader):
+        reader.export_to(os.path.join(workdir, f"export-{frozen.number}.img"))
+
+    def on_applied(cycle, label, stats):
+        events.write(json.dumps({"cycle": cycle, "pid": os.getpid(), **stats}) + "\n")
+        events.flush()
+
+    driver = MirrorDriver(vol, ("127.0.0.1", port), keys.read_key_file(keyfile),
+                          MirrorOptions(interval=interval, on_frozen=on_frozen,
+                                        on_applied=on_applied, retry_max=0.5),
+                          store=store)
+    stop_writer = threading.Event()
+
+    def writer():
+        rng = random.Random(seed * 7919 + os.getpid())
+        nblocks = size // 4096
+        while not stop_writer.is_set():
+            for _ in range(8):
+                vol.write(rng.randrange(nblocks) * 4096, rng.randbytes(4096))
+            vol.flush()
+            time.sleep(0.005)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    driver.start()
+    while not os.path.exists(os.path.join(workdir, "stop")):
+        time.sleep(0.05)
+    stop_writer.set()
+    t.join()
+    cycle = driver.sync(120)
+    with open(os.path.join(workdir, "final.json"), "w") as f:
+        json.dump({"cycle": cycle, "status": driver.status()}, f)
+    driver.stop()
+    store.close()
+
+
+if __name__ == "__main__":
+    role, *args = sys.argv[1:]
+    if role == "target":
+        run_target(*args)
+    else:
+        store_path, keyfile, portfile, workdir, size, seed, *rest = args
+        run_source(store_path, keyfile, portfile, workdir, int(size), int(seed),
+                   *(float(x) for x in rest))
