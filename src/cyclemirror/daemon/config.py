@@ -105,8 +105,9 @@ def check_name(name, what: str) -> str:
     return name
 
 
-def parse_hostport(text, what: str) -> HostPort:
-    """``HOST:PORT`` or ``[IPv6]:PORT``; the port must be 1-65535."""
+def parse_hostport(text, what: str, *, listening: bool = False) -> HostPort:
+    """``HOST:PORT`` or ``[IPv6]:PORT``; the port must be 1-65535 (0 = any free port,
+    allowed only for an address we listen on: ``listening=True``)."""
     if not isinstance(text, str) or not text:
         raise UsageError(f"{what}: expected HOST:PORT, got {text!r}")
     if text.startswith("["):
@@ -122,8 +123,10 @@ def parse_hostport(text, what: str) -> HostPort:
         if not sep or not host or ":" in host:
             raise UsageError(
                 f"{what}: expected HOST:PORT (IPv6 as [ADDR]:PORT), got {text!r}")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise UsageError(f"{what}: port {port!r} in {text!r} is not a number from 1 to 65535")
+    lowest = 0 if listening else 1
+    if not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise UsageError(
+            f"{what}: port {port!r} in {text!r} is not a number from {lowest} to 65535")
     return HostPort(host, int(port))
 
 
@@ -134,7 +137,7 @@ def parse_nbd_endpoint(text, what: str = "--nbd") -> NbdEndpoint:
     if sep and kind == "unix" and rest:
         return NbdEndpoint("unix", path=os.path.abspath(rest))
     if sep and kind == "tcp":
-        return NbdEndpoint("tcp", address=parse_hostport(rest, what))
+        return NbdEndpoint("tcp", address=parse_hostport(rest, what, listening=True))
     raise UsageError(f"{what}: expected unix:PATH or tcp:HOST:PORT, got {text!r}")
 
 
@@ -246,9 +249,11 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         store=path_setting("store"),
         node_name=node_name,
         nbd=tuple(endpoints),
-        listen=parse_hostport(data["listen"], f"{path}: listen") if "listen" in data else None,
+        listen=(parse_hostport(data["listen"], f"{path}: listen", listening=True)
+                if "listen" in data else None),
         key_file=path_setting("key_file"),
-        metrics=parse_hostport(data["metrics"], f"{path}: metrics") if "metrics" in data else None,
+        metrics=(parse_hostport(data["metrics"], f"{path}: metrics", listening=True)
+                 if "metrics" in data else None),
         bwlimit=parse_rate(data.get("bwlimit", 0), f"{path}: bwlimit"),
         log_level=log_level,
         mirrors=tuple(mirrors),

@@ -265,13 +265,13 @@ class ControlClient:
         self._sock = sock
         self._reader = sock.makefile("rb")
 
-    def call(self, op: str, timeout: float | None = None, **args) -> Any:
-        """Send one request; ``timeout`` overrides the socket timeout for slow ops (sync)."""
+    def call(self, op: str, reply_timeout: float | None = None, **args) -> Any:
+        """Send one request; ``reply_timeout`` overrides the socket timeout for slow ops."""
         message = json.dumps({"v": PROTOCOL_VERSION, "op": op, "args": args}).encode() + b"\n"
         if len(message) > MAX_REQUEST_BYTES:
             raise UsageError(f"{op}: request too large for the control socket")
-        if timeout is not None:
-            self._sock.settimeout(timeout)
+        if reply_timeout is not None:
+            self._sock.settimeout(reply_timeout)
         try:
             self._sock.sendall(message)
             line = self._reader.readline(MAX_RESPONSE_BYTES + 1)

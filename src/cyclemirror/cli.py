@@ -1,0 +1,398 @@
+"""The ``cyclemirror`` command line: a thin client of the daemon of one store.
+
+Every verb except ``serve``, ``keygen`` and ``demo`` turns its arguments into
+one request on the store's control socket (``cyclemirror.daemon.control``)
+and prints the reply, as a table or, with ``--json`` where offered, as the
+documented JSON.  ``serve`` runs the daemon in the foreground.
+
+Exit codes come from one place, ``main``: a ``CycleMirrorError`` (raised here
+or rebuilt from the daemon's reply) exits with its ``exit_code`` after one
+line on stderr; argparse usage errors exit 2; Ctrl-C exits 130.  The table of
+codes is in docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from cyclemirror.errors import AlreadyExistsError, CycleMirrorError, UsageError
+
+EXIT_INTERRUPTED = 130
+STORE_ENV = "CYCLEMIRROR_STORE"
+DEFAULT_SYNC_TIMEOUT = 300.0
+
+
+def _store_dir(args) -> str:
+    store = args.store or os.environ.get(STORE_ENV)
+    if not store:
+        raise UsageError(
+            f"no store given: pass --store DIR before the command or set {STORE_ENV}")
+    return os.path.abspath(store)
+
+
+def _client(args, timeout: float | None = 30.0):
+    from cyclemirror.daemon.control import ControlClient
+
+    return ControlClient(_store_dir(args), timeout=timeout)
+
+
+def _call(args, op: str, *, reply_timeout: float | None = 60.0, **request):
+    """One request; ``reply_timeout`` None means wait as long as the daemon works."""
+    with _client(args, timeout=reply_timeout) as client:
+        return client.call(op, **request)
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# -- serve, keygen, demo ---------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from cyclemirror.daemon.config import (
+        DaemonConfig,
+        load_config,
+        parse_hostport,
+        parse_nbd_endpoint,
+    )
+    from cyclemirror.daemon.service import run_daemon
+    from cyclemirror.units import parse_rate
+
+    config = load_config(args.config) if args.config else DaemonConfig()
+    store = args.store or os.environ.get(STORE_ENV) or config.store
+    if not store:
+        raise UsageError(f"no store given: pass --store DIR, set {STORE_ENV}, "
+                         "or set 'store' in the --config file")
+    config = config.merged_with(
+        store=os.path.abspath(store),
+        node_name=args.node_name,
+        nbd=tuple(parse_nbd_endpoint(e) for e in args.nbd) if args.nbd else None,
+        listen=parse_hostport(args.listen, "--listen", listening=True) if args.listen else None,
+        key_file=os.path.abspath(args.key_file) if args.key_file else None,
+        metrics=parse_hostport(args.metrics, "--metrics", listening=True) if args.metrics else None,
+        bwlimit=parse_rate(args.bwlimit, "--bwlimit") if args.bwlimit is not None else None,
+        log_level=args.log_level,
+    )
+    if config.listen is not None and config.key_file is None:
+        raise UsageError("--listen needs --key-file (the pre-shared key peers must prove); "
+                         "make one with 'cyclemirror keygen --out FILE'")
+    return run_daemon(config)
+
+
+def cmd_keygen(args) -> int:
+    from cyclemirror import keys
+
+    if args.out:
+        try:
+            keys.write_key_file(args.out, keys.generate_key())
+        except FileExistsError:
+            raise AlreadyExistsError(
+                f"{args.out} already exists; keygen never overwrites a key (peers may use "
+                "it): remove it first or choose another path") from None
+        except OSError as exc:
+            raise UsageError(f"cannot write key file {args.out}: {exc.strerror}") from None
+        print(f"wrote a new key to {args.out} (mode 0600); copy it to every peer")
+    else:
+        sys.stdout.write(keys.keygen_text())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cyclemirror.demo import run_demo
+
+    return run_demo(keep=args.keep, seconds=args.seconds)
+
+
+# -- volumes -------------------------------------------------------------------------------
+
+def cmd_volume_create(args) -> int:
+    from cyclemirror.units import parse_size
+
+    size = parse_size(args.size, "--size")
+    block_size = parse_size(args.block_size, "--block-size")
+    info = _call(args, "volume.create", name=args.name, size=size, block_size=block_size)
+    print(f"created volume {info['name']} ({info['size']} bytes, block size "
+          f"{info['block_size']})")
+    return 0
+
+
+def cmd_volume_import(args) -> int:
+    from cyclemirror.units import parse_size
+
+    info = _call(args, "volume.import", name=args.name, path=os.path.abspath(args.src),
+                 block_size=parse_size(args.block_size, "--block-size"), reply_timeout=None)
+    print(f"imported {args.src} as volume {info['name']} ({info['size']} bytes)")
+    return 0
+
+
+def cmd_volume_export(args) -> int:
+    info = _call(args, "volume.export", name=args.name, path=os.path.abspath(args.dest),
+                 reply_timeout=None)
+    print(f"exported volume {args.name} to {info['path']} ({info['size']} bytes)")
+    return 0
+
+
+def cmd_volume_list(args) -> int:
+    from cyclemirror.units import format_size
+
+    volumes = _call(args, "volume.list")
+    if args.json:
+        _print_json(volumes)
+        return 0
+    if not volumes:
+        print("no volumes")
+    for v in volumes:
+        print(f"{v['name']}\t{format_size(v['size'])}\t{v['size']} bytes\tblock {v['block_size']}")
+    return 0
+
+
+def cmd_volume_rm(args) -> int:
+    _call(args, "volume.rm", name=args.name)
+    print(f"removed volume {args.name}")
+    return 0
+
+
+# -- mirrors -------------------------------------------------------------------------------
+
+def cmd_mirror_start(args) -> int:
+    request = {"volume": args.volume, "to": args.to, "interval": args.interval,
+               "compress": args.compress, "bwlimit": args.bwlimit, "group": args.group}
+    if args.remote_name:
+        request["as"] = args.remote_name
+    if args.key_file:
+        request["key_file"] = os.path.abspath(args.key_file)
+    info = _call(args, "mirror.start", reply_timeout=60,
+                 **{k: v for k, v in request.items() if v is not None})
+    print(f"mirroring {info['volume']} to {info['target']} as {info['remote_name']} "
+          f"every {info['interval']}s")
+    return 0
+
+
+def cmd_mirror_sync(args) -> int:
+    from cyclemirror.units import parse_seconds
+
+    timeout = parse_seconds(args.timeout, "--timeout", allow_zero=False)
+    request = {"volume": args.volume, "timeout": timeout}
+    if args.to:
+        request["to"] = args.to
+    # The daemon enforces the deadline; the socket waits a little longer for its answer.
+    results = _call(args, "mirror.sync", reply_timeout=timeout + 30, **request)
+    if args.json:
+        _print_json(results)
+        return 0
+    for r in results:
+        print(f"{r['volume']} -> {r['target']}: cycle {r['applied_cycle']} applied "
+              f"(freeze at {r['applied_freeze_time']:.3f})")
+    return 0
+
+
+def cmd_mirror_break(args) -> int:
+    request = {"volume": args.volume, "now": args.now}
+    if args.to:
+        request["to"] = args.to
+    results = _call(args, "mirror.break", reply_timeout=None, **request)
+    for r in results:
+        print(f"{r['volume']} -> {r['target']}: broken after cycle {r['applied_cycle']}")
+    return 0
+
+
+def cmd_mirror_resume(args) -> int:
+    request = {"volume": args.volume}
+    if args.to:
+        request["to"] = args.to
+    results = _call(args, "mirror.resume", **request)
+    for r in results:
+        print(f"{r['volume']} -> {r['target']}: resumed")
+    return 0
+
+
+def cmd_mirror_rm(args) -> int:
+    request = {"volume": args.volume}
+    if args.to:
+        request["to"] = args.to
+    results = _call(args, "mirror.rm", **request)
+    for r in results:
+        print(f"{r['volume']} -> {r['target']}: mirror removed")
+    return 0
+
+
+# -- status --------------------------------------------------------------------------------
+
+def cmd_status(args) -> int:
+    from cyclemirror.daemon.render import CLEAR_SCREEN, render_status
+    from cyclemirror.units import parse_seconds
+
+    every = parse_seconds(args.every, "--every", allow_zero=False)
+    with _client(args) as client:
+        if not args.watch:
+            doc = client.call("status")
+            if args.json:
+                _print_json(doc)
+            else:
+                sys.stdout.write(render_status(doc))
+            return 0
+        # --watch: redraw in place on a terminal; JSON lines when --json.
+        count = 0
+        while args.count == 0 or count < args.count:
+            doc = client.call("status")
+            if args.json:
+                sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+            else:
+                stamp = time.strftime("%H:%M:%S")
+                prefix = CLEAR_SCREEN if sys.stdout.isatty() else "\n"
+                sys.stdout.write(f"{prefix}cyclemirror status  {stamp}  (every {every:g}s, "
+                                 "Ctrl-C to stop)\n" + render_status(doc))
+            sys.stdout.flush()
+            count += 1
+            if args.count == 0 or count < args.count:
+                time.sleep(every)
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cyclemirror",
+        description="Asynchronous, cycle-based, always-consistent mirroring of block volumes. "
+                    "Run one 'cyclemirror serve' per host; every other command talks to it.",
+        epilog=f"The store is chosen by --store DIR or ${STORE_ENV}. Exit codes: see docs/cli.md.",
+    )
+    parser.add_argument("--store", metavar="DIR",
+                        help=f"the store directory (default: ${STORE_ENV})")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    serve = verbs.add_parser("serve", help="run the daemon of the store in the foreground",
+                             description="Run the daemon: serves volumes over NBD, accepts "
+                                         "incoming mirrors, runs outgoing ones, answers the CLI.")
+    serve.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT",
+                       help="serve the volumes over NBD here (repeatable)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="accept incoming mirrors here")
+    serve.add_argument("--key-file", metavar="FILE",
+                       help="pre-shared key for incoming mirrors and the default for outgoing")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    serve.add_argument("--config", metavar="FILE", help="TOML settings; flags override it")
+    serve.add_argument("--node-name", metavar="NAME",
+                       help="readable name of this store shown to targets")
+    serve.add_argument("--bwlimit", metavar="RATE",
+                       help="daemon-wide cap on outgoing mirror traffic, shared fairly (e.g. 100M)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    keygen = verbs.add_parser("keygen", help="make a new pre-shared mirror key",
+                              description="Print a new random key (hex), or write it to a new "
+                                          "file with mode 0600.")
+    keygen.add_argument("-o", "--out", metavar="FILE", help="write to FILE (must not exist)")
+    keygen.set_defaults(func=cmd_keygen)
+
+    volume = verbs.add_parser("volume", help="create, import, export, list, remove volumes")
+    vverbs = volume.add_subparsers(dest="volume_verb", metavar="ACTION", required=True)
+    create = vverbs.add_parser("create", help="create an empty (all-zero) volume")
+    create.add_argument("name")
+    create.add_argument("--size", required=True, metavar="SIZE", help="e.g. 64M, 10G")
+    create.add_argument("--block-size", default="4K", metavar="SIZE",
+                        help="change-tracking granularity (default 4K)")
+    create.set_defaults(func=cmd_volume_create)
+    imp = vverbs.add_parser("import", help="create a volume from a raw image file")
+    imp.add_argument("name")
+    imp.add_argument("--from", dest="src", required=True, metavar="PATH")
+    imp.add_argument("--block-size", default="4K", metavar="SIZE")
+    imp.set_defaults(func=cmd_volume_import)
+    exp = vverbs.add_parser("export", help="write a consistent raw copy of a volume to a file")
+    exp.add_argument("name")
+    exp.add_argument("--to", dest="dest", required=True, metavar="PATH")
+    exp.set_defaults(func=cmd_volume_export)
+    lst = vverbs.add_parser("list", help="list the store's volumes")
+    lst.add_argument("--json", action="store_true", help="print the documented JSON")
+    lst.set_defaults(func=cmd_volume_list)
+    rm = vverbs.add_parser("rm", help="delete a volume that has no running mirror")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_volume_rm)
+
+    mirror = verbs.add_parser("mirror", help="start, sync, break, resume mirrors")
+    mverbs = mirror.add_subparsers(dest="mirror_verb", metavar="ACTION", required=True)
+    start = mverbs.add_parser("start", help="start mirroring a volume to a target daemon")
+    start.add_argument("volume")
+    start.add_argument("--to", required=True, metavar="HOST:PORT",
+                       help="the target daemon's --listen address")
+    start.add_argument("--as", dest="remote_name", metavar="NAME",
+                       help="name of the mirror on the target (default: the volume's name)")
+    start.add_argument("--interval", type=float, metavar="SECONDS",
+                       help="time from one freeze to the next (default 10; 0 = back to back)")
+    start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|none",
+                       help="chunk compression (default lz4)")
+    start.add_argument("--bwlimit", metavar="RATE", help="cap this mirror's rate, e.g. 20M")
+    start.add_argument("--key-file", metavar="FILE",
+                       help="pre-shared key of the target (default: the daemon's --key-file)")
+    start.add_argument("--group", metavar="NAME",
+                       help="consistency group: members freeze at one instant")
+    start.set_defaults(func=cmd_mirror_start)
+    sync = mverbs.add_parser("sync", help="run a cycle now and wait until it is applied")
+    sync.add_argument("volume")
+    sync.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
+    sync.add_argument("--timeout", default=DEFAULT_SYNC_TIMEOUT, metavar="SECONDS",
+                      help=f"give up after this long (default {DEFAULT_SYNC_TIMEOUT:g})")
+    sync.add_argument("--json", action="store_true", help="print the documented JSON")
+    sync.set_defaults(func=cmd_mirror_sync)
+    brk = mverbs.add_parser("break", help="stop the repetition after the running cycle")
+    brk.add_argument("volume")
+    brk.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
+    brk.add_argument("--now", action="store_true",
+                     help="abandon the running cycle; the target keeps the previous image")
+    brk.set_defaults(func=cmd_mirror_break)
+    resume = mverbs.add_parser("resume", help="restart a broken mirror with a delta")
+    resume.add_argument("volume")
+    resume.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
+    resume.set_defaults(func=cmd_mirror_resume)
+    mrm = mverbs.add_parser("rm", help="forget a broken mirror (the target keeps its image)")
+    mrm.add_argument("volume")
+    mrm.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
+    mrm.set_defaults(func=cmd_mirror_rm)
+
+    status = verbs.add_parser("status", help="show volumes, mirrors and incoming mirrors")
+    status.add_argument("--json", action="store_true", help="print the documented JSON")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh in place until Ctrl-C (JSON lines with --json)")
+    status.add_argument("--every", default="1", metavar="SECONDS",
+                        help="refresh period of --watch (default 1)")
+    status.add_argument("--count", type=int, default=0, metavar="N",
+                        help="with --watch, stop after N refreshes (default: never)")
+    status.set_defaults(func=cmd_status)
+
+    demo = verbs.add_parser("demo", help="run a source and a target on loopback and show a "
+                                         "mirror at work (needs nothing else)")
+    demo.add_argument("--seconds", type=float, default=6.0,
+                      help="how long the write workload runs (default 6)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error, 0 on --help
+    try:
+        return args.func(args)
+    except CycleMirrorError as exc:
+        print(f"cyclemirror: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cyclemirror: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0  # 'cyclemirror status | head' closed our stdout: not an error
+    except Exception as exc:
+        if os.environ.get("CYCLEMIRROR_DEBUG") == "1":
+            raise
+        print(f"cyclemirror: internal error: {type(exc).__name__}: {exc} "
+              "(rerun with CYCLEMIRROR_DEBUG=1 for a traceback, and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

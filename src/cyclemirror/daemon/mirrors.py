@@ -1,0 +1,425 @@
+"""Outgoing mirrors of one daemon: their definitions on disk and the drivers that run them.
+
+``MirrorBook`` is the record of every ``mirror start`` (its options and
+whether it is broken) in ``STORE/daemon/mirrors.json``, replaced atomically
+(temp, fsync, rename, fsync dir) on every change, so a restarted daemon
+resumes exactly the mirrors that were running and keeps broken ones broken.
+The cycle state itself (cycle numbers, what each target applied) is the
+driver's, kept in the store by ``cyclemirror.source``.
+
+``OutgoingMirrors`` maps the book onto ``cyclemirror.source.MirrorDriver``
+objects (one per volume, all its targets) and turns their ``status()`` into
+the stable rows of ``status --json`` (docs/cli.md).  The driver's
+``on_applied`` hook gives one info log line per applied cycle per target and
+the running totals; ``on_frozen`` gives the size of the running cycle for the
+progress bar.  The driver itself logs every failure with volume and target.
+
+Locking: ``_lock`` (re-entrant) guards the book, the driver table and the
+figures; driver calls that block for long (sync, break) run outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+from cyclemirror.daemon.config import MirrorSpec, mirror_spec_from_mapping
+from cyclemirror.errors import (
+    AlreadyExistsError,
+    CycleMirrorError,
+    NotFoundError,
+    StoreError,
+    UsageError,
+)
+
+BOOK_FILE = "mirrors.json"
+BOOK_FORMAT = 1
+PHASES = ("freezing", "copying", "applying", "idle", "broken", "reconnecting")
+
+log = logging.getLogger("cyclemirror.mirror")
+
+
+def _atomic_write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class MirrorBook:
+    """Persisted definitions, keyed by (volume, target). Not locked: the owner locks."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, BOOK_FILE)
+        self.entries: dict[tuple[str, str], dict] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            with open(self.path) as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"mirror definitions {self.path} are unreadable ({exc}); "
+                             "restore it from a backup or move it away and start the "
+                             "mirrors again") from None
+        if not isinstance(data, dict) or data.get("format") != BOOK_FORMAT or not isinstance(
+                data.get("mirrors"), list):
+            raise StoreError(f"mirror definitions {self.path} are not of format {BOOK_FORMAT}")
+        for index, item in enumerate(data["mirrors"]):
+            where = f"{self.path} entry {index + 1}"
+            if not isinstance(item, dict) or not isinstance(item.get("broken"), bool):
+                raise StoreError(f"{where}: malformed")
+            spec = mirror_spec_from_mapping(item.get("spec"), where)
+            self.entries[(spec.volume, str(spec.to))] = {"spec": spec, "broken": item["broken"]}
+
+    def save(self) -> None:
+        data = {"format": BOOK_FORMAT,
+                "mirrors": [{"spec": e["spec"].to_json(), "broken": e["broken"]}
+                            for e in self.entries.values()]}
+        try:
+            _atomic_write_json(self.path, data)
+        except OSError as exc:
+            raise StoreError(f"saving mirror definitions to {self.path} failed: "
+                             f"{exc.strerror or exc}") from None
+
+
+def _select(entries, volume: str, target: str | None) -> list[tuple[str, str]]:
+    keys = [k for k in entries if k[0] == volume and (target is None or k[1] == target)]
+    if not keys:
+        where = f" to {target}" if target else ""
+        known = ", ".join(f"{v} -> {t}" for v, t in entries) or "none"
+        raise NotFoundError(f"no mirror of volume {volume!r}{where} (mirrors: {known}); "
+                            f"start one with 'cyclemirror mirror start {volume} --to HOST:PORT'")
+    return sorted(keys)
+
+
+class OutgoingMirrors:
+    """The daemon's outgoing mirrors: book + one driver per volume. Thread-safe (``_lock``).
+
+    A volume's targets share one ``MirrorDriver`` (it reads, compresses and
+    checksums each chunk once for all of them), so they share its interval,
+    compression and rate cap, and a break or resume acts on all of them.
+    Adding or removing a target rebuilds that volume's driver; its cycle state
+    lives in the store (``STORE/outgoing/<volume>/``), so nothing is re-sent.
+    """
+
+    def __init__(self, store, daemon_dir: str, *, default_key_file: str | None,
+                 daemon_bwlimit: int):
+        from cyclemirror.source.ratelimit import SharedRate
+
+        self.store = store
+        self.default_key_file = default_key_file
+        self._lock = threading.RLock()
+        self.book = MirrorBook(daemon_dir)
+        self._drivers: dict[str, object] = {}  # volume name -> MirrorDriver
+        self._totals: dict[tuple[str, str], dict] = {}  # since this daemon started
+        self._progress: dict[str, dict] = {}  # volume -> the running cycle's size
+        self._shared_rate = SharedRate(daemon_bwlimit) if daemon_bwlimit else None
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def restore(self, configured: tuple[MirrorSpec, ...]) -> None:
+        """Rebuild every recorded mirror (broken ones stay broken), then config-only ones."""
+        with self._lock:
+            for spec in configured:
+                key = (spec.volume, str(spec.to))
+                if key not in self.book.entries:
+                    self._check_compatible(spec)
+                    self.book.entries[key] = {"spec": spec, "broken": False}
+            self.book.save()
+            for volume in sorted({v for v, _ in self.book.entries}):
+                try:
+                    self._rebuild(volume)
+                except CycleMirrorError as exc:
+                    log.error("mirror of volume %s cannot start: %s", volume, exc)
+
+    def _read_key(self, spec: MirrorSpec) -> bytes:
+        from cyclemirror.keys import read_key_file
+
+        path = spec.key_file or self.default_key_file
+        if path is None:
+            raise UsageError(
+                f"mirror {spec.volume} -> {spec.to}: no key; pass --key-file to 'mirror start' "
+                "or start the daemon with --key-file")
+        return read_key_file(path)
+
+    def _entries_of(self, volume: str) -> list[tuple[str, dict]]:
+        return sorted((t, e) for (v, t), e in self.book.entries.items() if v == volume)
+
+    def _rebuild(self, volume: str) -> None:
+        """Replace the volume's driver by one for its recorded targets (lock held)."""
+        from cyclemirror.source import MirrorDriver, MirrorOptions
+        from cyclemirror.source.driver import TargetSpec
+
+        old = self._drivers.pop(volume, None)
+        if old is not None:
+            old.stop()
+        entries = self._entries_of(volume)
+        if not entries:
+            return
+        first = entries[0][1]["spec"]
+        targets = [TargetSpec(e["spec"].to.host, e["spec"].to.port, self._read_key(e["spec"]))
+                   for _, e in entries]
+        options = MirrorOptions(
+            interval=first.interval, codec=first.compress.codec, level=first.compress.level,
+            bwlimit=first.bwlimit, shared_rate=self._shared_rate,
+            on_frozen=lambda frozen, reader, v=volume: self._on_frozen(v, frozen),
+            on_applied=lambda cycle, label, stats, v=volume: self._on_applied(
+                v, cycle, label, stats))
+        driver = MirrorDriver(self.store.open_volume(volume), targets, options=options,
+                              store=self.store)
+        if any(e["broken"] for _, e in entries):
+            driver.break_()  # before start: it recovers its state and waits for resume
+        driver.start()
+        self._drivers[volume] = driver
+
+    # -- driver hooks (called from the driver's thread) -----------------------------------
+
+    def _on_frozen(self, volume: str, frozen) -> None:
+        vol = self.store.open_volume(volume)
+        blocks = vol.nblocks if frozen.dirty is None else frozen.dirty.count()
+        with self._lock:
+            self._progress[volume] = {"cycle": frozen.number, "total": blocks * vol.block_size,
+                                      "started": time.time(), "full": frozen.dirty is None}
+
+    def _on_applied(self, volume: str, cycle: int, label: str, stats: dict) -> None:
+        with self._lock:
+            totals = self._totals.setdefault((volume, label), {"bytes": 0, "cycles": 0})
+            totals["bytes"] += int(stats.get("bytes_wire") or 0)
+            totals["cycles"] += 1
+        log.info("mirror %s -> %s: cycle %d applied, %d bytes sent (%d raw) in %.2fs, "
+                 "ratio %s", volume, label, cycle, stats.get("bytes_wire") or 0,
+                 stats.get("bytes_raw") or 0, stats.get("duration") or 0.0,
+                 "-" if stats.get("compression_ratio") is None
+                 else f"{stats['compression_ratio']:.2f}")
+
+    # -- requests -------------------------------------------------------------------------
+
+    def mirrors_of(self, volume: str) -> list[str]:
+        with self._lock:
+            return [t for t, _ in self._entries_of(volume)]
+
+    def _check_compatible(self, spec: MirrorSpec) -> None:
+        for target, entry in self._entries_of(spec.volume):
+            other = entry["spec"]
+            for field_name in ("interval", "compress", "bwlimit", "group"):
+                if getattr(other, field_name) != getattr(spec, field_name):
+                    raise UsageError(
+                        f"volume {spec.volume!r} is already mirrored to {target} with "
+                        f"{field_name} {getattr(other, field_name)}; all targets of a volume "
+                        f"share one cycle, so give the same {field_name} (or omit it)")
+        if spec.remote_name != spec.volume:
+            raise UsageError(
+                f"--as {spec.remote_name}: this source driver names the mirror on the target "
+                f"after the volume ({spec.volume!r}); targets keep mirrors from different "
+                "stores apart by node id, so two stores may both send a volume of that name")
+        if spec.group is not None:
+            raise UsageError(f"--group {spec.group}: consistency groups are not available in "
+                             "this build's source driver yet")
+
+    def start(self, request: dict) -> dict:
+        """``mirror start``: options not given are inherited from the volume's other targets."""
+        with self._lock:
+            volume = request.get("volume")
+            existing = self._entries_of(volume) if isinstance(volume, str) else []
+            if existing:
+                inherited = existing[0][1]["spec"].to_json()
+                for name in ("interval", "compress", "bwlimit", "group"):
+                    request.setdefault(name, inherited[name])
+            spec = mirror_spec_from_mapping(request, "mirror start")
+            key = (spec.volume, str(spec.to))
+            if key in self.book.entries:
+                raise AlreadyExistsError(
+                    f"volume {spec.volume!r} is already mirrored to {spec.to}; after a break "
+                    f"use 'cyclemirror mirror resume {spec.volume}'")
+            self._check_compatible(spec)
+            self._read_key(spec)  # a bad key file fails here, not later in the driver
+            self.store.open_volume(spec.volume)  # NotFoundError names the volume
+            self.book.entries[key] = {"spec": spec, "broken": bool(existing) and any(
+                e["broken"] for _, e in existing)}
+            try:
+                self._rebuild(spec.volume)
+            except BaseException:
+                del self.book.entries[key]
+                self._rebuild(spec.volume)
+                raise
+            self.book.save()
+        log.info("mirror %s -> %s started (interval %gs, compress %s%s%s)",
+                 spec.volume, spec.to, spec.interval, spec.compress,
+                 f", bwlimit {spec.bwlimit} B/s" if spec.bwlimit else "",
+                 f", group {spec.group}" if spec.group else "")
+        return {"volume": spec.volume, "target": str(spec.to), "remote_name": spec.remote_name,
+                "interval": spec.interval, "compress": str(spec.compress),
+                "bwlimit": spec.bwlimit, "group": spec.group}
+
+    def _whole_volume(self, volume: str, target: str | None, verb: str) -> list[str]:
+        """Targets a verb acts on: every target of the volume (they share one driver)."""
+        keys = _select(self.book.entries, volume, target)
+        every = [t for t, _ in self._entries_of(volume)]
+        if target is not None and len(every) > 1:
+            raise UsageError(
+                f"'mirror {verb}' acts on the whole mirror of {volume!r}, which runs one cycle "
+                f"for all its targets ({', '.join(every)}); omit --to")
+        return [t for _, t in keys]
+
+    def _row(self, volume: str, target: str) -> dict:
+        return next(r for r in self.status() if r["volume"] == volume and r["target"] == target)
+
+    def sync(self, volume: str, target: str | None, timeout: float) -> list[dict]:
+        with self._lock:
+            targets = self._whole_volume(volume, target, "sync")
+            driver = self._drivers.get(volume)
+        if driver is None:
+            raise NotFoundError(f"the mirror of {volume!r} is not running (see the daemon log)")
+        driver.sync(timeout)
+        return [self._row(volume, t) for t in targets]
+
+    def break_(self, volume: str, target: str | None, now: bool) -> list[dict]:
+        with self._lock:
+            targets = self._whole_volume(volume, target, "break")
+            for t in targets:
+                self.book.entries[(volume, t)]["broken"] = True
+            self.book.save()
+            driver = self._drivers.get(volume)
+        if driver is not None:
+            driver.break_(now=now)
+            # Without --now the running cycle finishes first; wait for the driver to settle.
+            deadline = time.monotonic() + (30 if now else 3600)
+            while driver.status()["phase"] != "broken" and time.monotonic() < deadline:
+                time.sleep(0.05)
+        log.info("mirror %s -> %s: broken%s", volume, ", ".join(targets),
+                 " now (running cycle abandoned)" if now else "")
+        return [self._row(volume, t) for t in targets]
+
+    def resume(self, volume: str, target: str | None) -> list[dict]:
+        with self._lock:
+            targets = self._whole_volume(volume, target, "resume")
+            for t in targets:
+                self.book.entries[(volume, t)]["broken"] = False
+            self.book.save()
+            driver = self._drivers.get(volume)
+            if driver is None:
+                self._rebuild(volume)
+            else:
+                driver.resume()
+        log.info("mirror %s -> %s: resumed", volume, ", ".join(targets))
+        return [self._row(volume, t) for t in targets]
+
+    def remove(self, volume: str, target: str | None) -> list[dict]:
+        with self._lock:
+            keys = _select(self.book.entries, volume, target)
+            running = [t for v, t in keys if not self.book.entries[(v, t)]["broken"]]
+            if running:
+                raise UsageError(f"the mirror of {volume!r} to {', '.join(running)} is running; "
+                                 f"break it first ('cyclemirror mirror break {volume}')")
+            for key in keys:
+                del self.book.entries[key]
+            self.book.save()
+            self._forget_targets(volume, [t for _, t in keys])
+            self._rebuild(volume)
+        log.info("mirror %s -> %s: removed", volume, ", ".join(t for _, t in keys))
+        return [{"volume": v, "target": t} for v, t in keys]
+
+    def _forget_targets(self, volume: str, targets: list[str]) -> None:
+        """Drop the driver's record of removed targets (lock held, driver stopped).
+
+        A target added again later then counts as never known: the driver
+        compares block hashes with it (if it has an image) instead of trusting
+        an owed set that stopped growing while the target was out.
+        """
+        from cyclemirror.source.persist import DriverState
+
+        driver = self._drivers.pop(volume, None)
+        if driver is not None:
+            driver.stop()
+        vol = self.store.open_volume(volume)
+        state = DriverState(os.path.join(self.store.path, "outgoing", volume), vol.nblocks)
+        for t in targets:
+            state.targets.pop(t, None)
+        state.save()
+
+    def close(self) -> None:
+        with self._lock:
+            drivers = list(self._drivers.values())
+            self._drivers.clear()
+        for driver in drivers:
+            try:
+                driver.stop()
+            except Exception:
+                log.exception("stopping the mirror of %s failed", driver.volume.name)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self, now: float | None = None) -> list[dict]:
+        """The ``mirrors`` rows of ``status --json`` (docs/cli.md), one per volume and target."""
+        now = time.time() if now is None else now
+        with self._lock:
+            entries = sorted(self.book.entries.items())
+            drivers = dict(self._drivers)
+            totals = {k: dict(v) for k, v in self._totals.items()}
+            progress = {k: dict(v) for k, v in self._progress.items()}
+        rows = []
+        for (volume, target), entry in entries:
+            spec = entry["spec"]
+            driver = drivers.get(volume)
+            st = driver.status() if driver is not None else {"cycle": 0, "targets": {}}
+            t = st["targets"].get(target, {})
+            phase = t.get("phase", "broken" if entry["broken"] else "idle")
+            if entry["broken"] and st.get("phase") == "broken":
+                phase = "broken"
+            if phase not in PHASES:  # the driver's finer steps, in the documented words
+                phase = {"connecting": "reconnecting", "comparing": "copying"}.get(phase, phase)
+            rpo_age = t.get("rpo_age")
+            applied = t.get("applied_cycle", 0)
+            last = None
+            if t.get("last_cycle"):
+                last = {"cycle": t["last_cycle"], "bytes": t.get("bytes_wire"),
+                        "raw_bytes": t.get("bytes_raw"), "duration": t.get("duration"),
+                        "throughput": t.get("throughput"),
+                        "compression_ratio": t.get("compression_ratio")}
+            running = progress.get(volume)
+            row_progress = None
+            if (running and phase in ("copying", "applying") and applied < running["cycle"]
+                    and running["total"] > 0):
+                elapsed = max(1e-6, now - running["started"])
+                done = min(running["total"], self._bytes_done(driver, target))
+                rate = done / elapsed
+                row_progress = {"cycle": running["cycle"], "done": done,
+                                "total": running["total"], "rate": rate,
+                                "eta": (running["total"] - done) / rate if rate > 0 else None}
+            tot = totals.get((volume, target), {"bytes": 0, "cycles": 0})
+            rows.append({
+                "volume": volume, "target": target, "remote_name": spec.remote_name,
+                "group": spec.group, "interval": spec.interval,
+                "compress": str(spec.compress), "bwlimit": spec.bwlimit,
+                "cycle": st.get("cycle", 0), "phase": phase,
+                "applied_cycle": applied,
+                "applied_freeze_time": (now - rpo_age) if rpo_age is not None else None,
+                "rpo_age": rpo_age, "last_cycle": last,
+                "shipped_bytes_total": tot["bytes"], "cycles_total": tot["cycles"],
+                "progress": row_progress,
+                "last_error": t.get("last_error") or (st.get("last_error") if phase == "broken"
+                                                      else None),
+            })
+        return rows
+
+    @staticmethod
+    def _bytes_done(driver, target: str) -> int:
+        """Raw bytes of the running cycle read so far, as far as the driver lets us see."""
+        counter = getattr(driver, "progress_bytes", None)
+        if callable(counter):
+            return int(counter(target))
+        return 0

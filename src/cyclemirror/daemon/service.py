@@ -1,0 +1,362 @@
+"""The daemon: one process per store that hosts every part and answers the CLI.
+
+``Daemon(config).start()`` opens (or creates) the store, which also takes the
+store's lock so a second daemon on the same store fails at once; then it
+serves the volumes over NBD, accepts incoming mirrors (``TargetServer``),
+restarts the outgoing mirrors recorded in the store (``OutgoingMirrors``),
+serves metrics, and last opens the control socket, so a CLI that can connect
+finds everything running.  ``stop()`` undoes it in reverse.
+
+Everything a restart must know lives in the store (volumes, cycle state,
+mirror definitions in ``STORE/daemon/mirrors.json``), never only in memory.
+
+Concurrency: the control server calls ``handle`` from one thread per CLI
+connection.  Volume create/rm and mirror start/rm are serialised by
+``_admin_lock`` so a volume cannot be removed while a mirror of it starts;
+the parts themselves (Store, Volume, NBD, target, drivers) are thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from cyclemirror import __version__
+from cyclemirror.daemon.config import DaemonConfig, check_name
+from cyclemirror.daemon.control import ControlServer, control_socket_path
+from cyclemirror.daemon.mirrors import OutgoingMirrors
+from cyclemirror.errors import CycleMirrorError, NotFoundError, UsageError
+from cyclemirror.units import parse_seconds, parse_size
+
+STATUS_SCHEMA = 1
+log = logging.getLogger("cyclemirror.daemon")
+
+
+def open_or_create_store(path: str, node_name: str | None):
+    from cyclemirror.store import Store
+
+    if os.path.exists(os.path.join(path, "store.json")):
+        store = Store.open(path)
+    else:
+        store = Store.create(path, node_name=node_name)
+        log.info("created store %s with node id %s", path, store.node_id)
+    return store
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig):
+        if not config.store:
+            raise UsageError("the daemon needs a store directory (--store)")
+        self.config = config
+        self.store = None
+        self.control: ControlServer | None = None
+        self.nbd_servers: list = []
+        self._backends: dict[str, object] = {}  # one NBD backend per volume, under _backend_lock
+        self._backend_lock = threading.Lock()
+        self.target = None
+        self.metrics = None
+        self.outgoing: OutgoingMirrors | None = None
+        self.started_at = time.time()
+        self._admin_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.nbd_addresses: list[str] = []
+        self.listen_address: str | None = None
+        self.metrics_address: str | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        try:
+            self.store = open_or_create_store(cfg.store, cfg.node_name)
+            daemon_dir = os.path.join(self.store.path, "daemon")
+            os.makedirs(daemon_dir, exist_ok=True)
+            key = self._read_key(cfg.key_file) if cfg.key_file else None
+            for endpoint in cfg.nbd:
+                self._start_nbd(endpoint)
+            if cfg.listen is not None:
+                self._start_target(key)
+            self.outgoing = OutgoingMirrors(self.store, daemon_dir, default_key_file=cfg.key_file,
+                                            daemon_bwlimit=cfg.bwlimit)
+            self.outgoing.restore(cfg.mirrors)
+            if cfg.metrics is not None:
+                from cyclemirror.daemon.metrics import MetricsServer
+
+                self.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.status)
+                self.metrics.start()
+                host, port = self.metrics.address
+                self.metrics_address = f"{host}:{port}"
+            self.control = ControlServer(control_socket_path(self.store.path), self.handle)
+            self.control.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("daemon of store %s (node %s, %s) ready: control %s%s%s%s",
+                 self.store.path, self.store.node_name, self.store.node_id, self.control.path,
+                 "".join(f", nbd {a}" for a in self.nbd_addresses),
+                 f", mirrors in on {self.listen_address}" if self.listen_address else "",
+                 f", metrics http://{self.metrics_address}/metrics"
+                 if self.metrics_address else "")
+
+    @staticmethod
+    def _read_key(path: str) -> bytes:
+        from cyclemirror.keys import read_key_file
+
+        return read_key_file(path)
+
+    def _start_nbd(self, endpoint) -> None:
+        from cyclemirror.nbd import NbdServer
+
+        if endpoint.kind == "unix":
+            server = NbdServer(self._nbd_lookup, list_names=self.store.list_volumes,
+                               unix_path=endpoint.path)
+        else:
+            server = NbdServer(self._nbd_lookup, list_names=self.store.list_volumes,
+                               tcp=(endpoint.address.host, endpoint.address.port))
+        server.start()
+        self.nbd_servers.append(server)
+        if endpoint.kind == "tcp" and endpoint.address.port == 0:
+            host, port = server.tcp_address
+            self.nbd_addresses.append(f"tcp:{host}:{port}")
+        else:
+            self.nbd_addresses.append(str(endpoint))
+
+    def _nbd_lookup(self, name: str):
+        """Export NAME is the volume NAME; unknown or invalid names are refused by NBD."""
+        from cyclemirror.nbd import VolumeBackend
+
+        try:
+            volume = self.store.open_volume(name)
+        except (NotFoundError, UsageError):
+            return None
+        with self._backend_lock:
+            backend = self._backends.get(name)
+            if backend is None or getattr(backend, "volume", volume) is not volume:
+                backend = self._backends[name] = VolumeBackend(volume)
+            return backend
+
+    def _start_target(self, key: bytes | None) -> None:
+        from cyclemirror.target import TargetServer
+
+        addr = self.config.listen
+        self.target = TargetServer(self.store, key, listen=(addr.host, addr.port))
+        self.target.start()
+        host, port = self.target.address
+        self.listen_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def stop(self) -> None:
+        """Stop serving: control first (no new work), then mirrors, target, NBD, store."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        steps = [("control socket", self.control and self.control.close),
+                 ("metrics", self.metrics and self.metrics.close),
+                 ("outgoing mirrors", self.outgoing and self.outgoing.close),
+                 ("target server", self.target and self.target.stop)]
+        steps += [("nbd server", s.stop) for s in self.nbd_servers]
+        steps.append(("store", self.store and self.store.close))
+        for what, step in steps:
+            if not step:
+                continue
+            try:
+                step()
+            except Exception:
+                log.exception("stopping the %s failed", what)
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    # -- control requests ---------------------------------------------------------------------
+
+    def handle(self, op: str, args: dict):
+        method = self._OPS.get(op)
+        if method is None:
+            raise UsageError(f"unknown control operation {op!r}; known: "
+                             f"{', '.join(sorted(self._OPS))}")
+        return method(self, args)
+
+    @staticmethod
+    def _arg(args: dict, key: str, kind, what: str | None = None, default=...):
+        if key not in args or args[key] is None:
+            if default is ...:
+                raise UsageError(f"{what or key} is required")
+            return default
+        value = args[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{what or key} must be an integer, got {value!r}")
+        if kind is not int and not isinstance(value, kind):
+            raise UsageError(f"{what or key} has the wrong type: {value!r}")
+        return value
+
+    def _op_ping(self, args):
+        return {"node_id": self.store.node_id, "node_name": self.store.node_name,
+                "pid": os.getpid(), "version": __version__}
+
+    def _volume_info(self, vol) -> dict:
+        return {"name": vol.name, "size": vol.size, "block_size": vol.block_size}
+
+    def _op_volume_create(self, args):
+        name = check_name(self._arg(args, "name", str, "volume name"), "volume name")
+        size = parse_size(self._arg(args, "size", int, "--size"), "--size")
+        block_size = parse_size(self._arg(args, "block_size", int, "--block-size", 4096),
+                                "--block-size")
+        with self._admin_lock:
+            vol = self.store.create_volume(name, size, block_size)
+        log.info("volume %s created: %d bytes, block size %d", name, size, block_size)
+        return self._volume_info(vol)
+
+    def _op_volume_import(self, args):
+        name = check_name(self._arg(args, "name", str, "volume name"), "volume name")
+        path = self._absolute(self._arg(args, "path", str, "--from"), "--from")
+        block_size = parse_size(self._arg(args, "block_size", int, "--block-size", 4096),
+                                "--block-size")
+        if not os.path.exists(path):
+            raise NotFoundError(f"import source {path} does not exist")
+        with self._admin_lock:
+            vol = self.store.import_volume(name, path, block_size)
+        log.info("volume %s imported from %s: %d bytes", name, path, vol.size)
+        return self._volume_info(vol)
+
+    def _op_volume_export(self, args):
+        name = self._arg(args, "name", str, "volume name")
+        path = self._absolute(self._arg(args, "path", str, "--to"), "--to")
+        vol = self.store.open_volume(name)
+        vol.export(path)
+        log.info("volume %s exported to %s", name, path)
+        return {"name": name, "path": path, "size": vol.size}
+
+    def _op_volume_list(self, args):
+        out = []
+        for name in self.store.list_volumes():
+            try:
+                out.append(self._volume_info(self.store.open_volume(name)))
+            except CycleMirrorError as exc:  # one damaged volume must not hide the others
+                log.error("volume %s cannot be opened: %s", name, exc)
+                out.append({"name": name, "size": 0, "block_size": 0, "error": str(exc)})
+        return out
+
+    def _op_volume_rm(self, args):
+        name = check_name(self._arg(args, "name", str, "volume name"), "volume name")
+        with self._admin_lock:
+            users = self.outgoing.mirrors_of(name)
+            if users:
+                raise UsageError(
+                    f"volume {name!r} is mirrored to {', '.join(users)}; remove those mirrors "
+                    f"first ('cyclemirror mirror break {name}' then 'cyclemirror mirror rm "
+                    f"{name}')")
+            self.store.delete_volume(name)
+            with self._backend_lock:
+                self._backends.pop(name, None)
+        log.info("volume %s removed", name)
+        return {"name": name}
+
+    @staticmethod
+    def _absolute(path: str, what: str) -> str:
+        if not os.path.isabs(path):
+            raise UsageError(f"{what}: the daemon needs an absolute path, got {path!r}")
+        return path
+
+    def _op_mirror_start(self, args):
+        with self._admin_lock:
+            return self.outgoing.start(dict(args))
+
+    def _select(self, args) -> tuple[str, str | None]:
+        volume = self._arg(args, "volume", str, "volume")
+        target = self._arg(args, "to", str, "--to", None)
+        return volume, target
+
+    def _op_mirror_sync(self, args):
+        volume, target = self._select(args)
+        timeout = parse_seconds(self._arg(args, "timeout", (int, float), "--timeout", 300),
+                                "--timeout", allow_zero=False)
+        return self.outgoing.sync(volume, target, timeout)
+
+    def _op_mirror_break(self, args):
+        volume, target = self._select(args)
+        now = self._arg(args, "now", bool, "--now", False)
+        return self.outgoing.break_(volume, target, now)
+
+    def _op_mirror_resume(self, args):
+        volume, target = self._select(args)
+        return self.outgoing.resume(volume, target)
+
+    def _op_mirror_rm(self, args):
+        volume, target = self._select(args)
+        with self._admin_lock:
+            return self.outgoing.remove(volume, target)
+
+    def _op_status(self, args):
+        return self.status()
+
+    _OPS = {
+        "ping": _op_ping,
+        "volume.create": _op_volume_create,
+        "volume.import": _op_volume_import,
+        "volume.export": _op_volume_export,
+        "volume.list": _op_volume_list,
+        "volume.rm": _op_volume_rm,
+        "mirror.start": _op_mirror_start,
+        "mirror.sync": _op_mirror_sync,
+        "mirror.break": _op_mirror_break,
+        "mirror.resume": _op_mirror_resume,
+        "mirror.rm": _op_mirror_rm,
+        "status": _op_status,
+    }
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        now = time.time()
+        return {
+            "schema": STATUS_SCHEMA,
+            "time": now,
+            "node": {"id": self.store.node_id, "name": self.store.node_name,
+                     "store": self.store.path, "pid": os.getpid(), "version": __version__,
+                     "started": self.started_at, "listen": self.listen_address,
+                     "nbd": list(self.nbd_addresses), "metrics": self.metrics_address},
+            "volumes": self._op_volume_list({}),
+            "mirrors": self.outgoing.status(now) if self.outgoing else [],
+            "incoming": self._incoming_status(now),
+        }
+
+    def _incoming_status(self, now: float) -> list[dict]:
+        from cyclemirror.daemon.incoming import incoming_status
+
+        return incoming_status(self.store.path, now,
+                               self.target.errors if self.target is not None else [])
+
+
+# -- the foreground process -------------------------------------------------------------------
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run_daemon(config: DaemonConfig) -> int:
+    """``cyclemirror serve``: run until SIGTERM or SIGINT, then stop cleanly; returns 0."""
+    setup_logging(config.log_level)
+    daemon = Daemon(config)
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    # A short wait in a loop keeps the main thread responsive to signals.
+    while not stop_requested.wait(0.5):
+        pass
+    daemon.stop()
+    log.info("daemon of store %s stopped", config.store)
+    return 0

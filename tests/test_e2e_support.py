@@ -1,0 +1,170 @@
+"""Helpers for tests that drive real daemons in subprocesses through the real CLI.
+
+Not a test module itself (it defines no tests); the daemon, CLI and
+end-to-end tests import it.  Every daemon is ``python -m cyclemirror.cli
+serve`` in its own process with its log in a file, every command is a fresh
+``python -m cyclemirror.cli`` process, exactly as an administrator runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CYCLEMIRROR_STORE", None)
+    return env
+
+
+def run_cli(*args, store: str | None = None, check: bool = True, timeout: float = 120,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cyclemirror.cli"]
+    if store is not None:
+        cmd += ["--store", store]
+    cmd += [str(a) for a in args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=env or cli_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[3:])} exited {proc.returncode}\n"
+                             f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return proc
+
+
+def make_key(path) -> str:
+    run_cli("keygen", "--out", path)
+    return str(path)
+
+
+class Daemon:
+    """One ``cyclemirror serve`` subprocess on a store under ``root``."""
+
+    def __init__(self, root, name: str, *, key_file: str | None = None, listen: bool = False,
+                 nbd: bool = True, metrics: bool = True, extra: tuple = (), env: dict | None = None):
+        self.root = str(root)
+        self.name = name
+        self.store = os.path.join(self.root, name)
+        self.log_path = os.path.join(self.root, f"{name}.log")
+        self.nbd_sock = os.path.join(self.root, f"{name}-nbd.sock")
+        self.key_file = key_file
+        self.args = []
+        if nbd:
+            self.args += ["--nbd", f"unix:{self.nbd_sock}"]
+        if listen:
+            self.args += ["--listen", "127.0.0.1:0"]
+        if key_file:
+            self.args += ["--key-file", key_file]
+        if metrics:
+            self.args += ["--metrics", "127.0.0.1:0"]
+        self.args += list(extra)
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.listen: str | None = None
+        self.metrics: str | None = None
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cyclemirror.cli", "--store", self.store, "serve",
+                 *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env or cli_env())
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon {self.name} exited {self.proc.returncode}:\n"
+                                     f"{self.log()}")
+            probe = run_cli("status", "--json", store=self.store, check=False)
+            if probe.returncode == 0:
+                doc = json.loads(probe.stdout)
+                self.listen = doc["node"]["listen"]
+                self.metrics = doc["node"]["metrics"]
+                self.node_id = doc["node"]["id"]
+                return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"daemon {self.name} did not answer:\n{self.log()}")
+            time.sleep(0.1)
+
+    def cli(self, *args, check: bool = True, timeout: float = 120):
+        return run_cli(*args, store=self.store, check=check, timeout=timeout)
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon {self.name} ignored SIGTERM:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+class DaemonPool:
+    """Starts daemons under one temp dir and stops every one of them on exit.
+
+    Each test module declares its own fixture around it (a fixture imported
+    from here would shadow names for the linter)::
+
+        @pytest.fixture
+        def daemons(tmp_path):
+            with DaemonPool(tmp_path) as pool:
+                yield pool.start
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.started: list[Daemon] = []
+
+    def start(self, name: str, **kw) -> Daemon:
+        d = Daemon(self.root, name, **kw)
+        self.started.append(d)
+        return d.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for d in self.started:
+            try:
+                d.stop()
+            except AssertionError:
+                d.kill()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
