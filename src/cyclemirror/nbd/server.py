@@ -45,6 +45,9 @@ class NbdServer:
 
     ``list_names()`` (optional) answers NBD_OPT_LIST.  ``tcp`` is ``(host,
     port)``; port 0 picks a free one, readable afterwards as ``tcp_address``.
+    ``max_payload`` caps READ/WRITE lengths (advertised as the maximum block
+    size); ``negotiation_timeout`` is how long a client may stall per read
+    during negotiation before it is dropped.
     """
 
     def __init__(self, lookup: Callable[[str], Any], *,
@@ -52,7 +55,8 @@ class NbdServer:
                  unix_path: str | os.PathLike[str] | None = None,
                  tcp: tuple[str, int] | None = None,
                  max_connections: int = 256,
-                 max_payload: int = P.MAX_PAYLOAD):
+                 max_payload: int = P.MAX_PAYLOAD,
+                 negotiation_timeout: float = NEGOTIATION_TIMEOUT):
         if not callable(lookup):
             raise UsageError("NbdServer: lookup must be callable (name -> backend or None)")
         if unix_path is None and tcp is None:
@@ -72,6 +76,7 @@ class NbdServer:
         self._tcp = tcp
         self._max_connections = max_connections
         self._max_payload = max_payload
+        self._negotiation_timeout = float(negotiation_timeout)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._listeners: list[socket.socket] = []
@@ -223,7 +228,7 @@ class NbdServer:
         try:
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(NEGOTIATION_TIMEOUT)
+            conn.settimeout(self._negotiation_timeout)
             result = negotiate(conn, self._lookup, self._list_names, self._stopping)
             if result is None:
                 return
