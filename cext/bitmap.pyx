@@ -216,7 +216,7 @@ cdef uint64_t _leaf_count(const Leaf *lf, uint32_t a, uint32_t b) noexcept nogil
     return n
 
 
-cdef uint32_t _leaf_next_set(const Leaf *lf, uint32_t a) noexcept nogil:
+cdef inline uint32_t _leaf_next_set(const Leaf *lf, uint32_t a) noexcept nogil:
     """First set bit >= a in the leaf, or LEAF_BITS."""
     cdef uint32_t w = a >> 6
     cdef uint64_t m = lf.words[w] & _first_mask(a)
@@ -228,16 +228,20 @@ cdef uint32_t _leaf_next_set(const Leaf *lf, uint32_t a) noexcept nogil:
     return (w << 6) + <uint32_t>cm_ctz64(m)
 
 
-cdef uint32_t _leaf_next_clear(const Leaf *lf, uint32_t a) noexcept nogil:
-    """First clear bit >= a in the leaf, or LEAF_BITS."""
-    cdef uint32_t w = a >> 6
+cdef inline uint32_t _leaf_next_clear(const Leaf *lf, uint32_t a, uint32_t limit) noexcept nogil:
+    """First clear bit in [a, limit) of the leaf, or limit (a < limit <= LEAF_BITS).
+
+    The limit keeps a capped run piece from scanning the rest of a full leaf.
+    """
+    cdef uint32_t w = a >> 6, last = (limit - 1) >> 6, r
     cdef uint64_t m = ~lf.words[w] & _first_mask(a)
     while m == 0:
         w += 1
-        if w == LEAF_WORDS:
-            return LEAF_BITS
+        if w > last:
+            return limit
         m = ~lf.words[w]
-    return (w << 6) + <uint32_t>cm_ctz64(m)
+    r = (w << 6) + <uint32_t>cm_ctz64(m)
+    return r if r < limit else limit
 
 
 cdef uint64_t _leaf_recount(Leaf *lf) noexcept nogil:
@@ -492,7 +496,7 @@ cdef uint64_t _tree_next_set(const Tree *t, uint64_t pos, uint64_t stop) noexcep
 cdef uint64_t _tree_next_clear(const Tree *t, uint64_t pos, uint64_t stop) noexcept nogil:
     """First clear bit in [pos, stop), or stop."""
     cdef uint64_t leaf, base
-    cdef uint32_t r
+    cdef uint32_t r, limit
     cdef Leaf *lf
     while pos < stop:
         leaf = pos >> LEAF_SHIFT
@@ -500,10 +504,11 @@ cdef uint64_t _tree_next_clear(const Tree *t, uint64_t pos, uint64_t stop) noexc
         lf = _leaf_get(t, leaf)
         if lf == NULL:
             return pos
-        r = _leaf_next_clear(lf, <uint32_t>(pos - base))
-        if r < LEAF_BITS:
-            return base + r if base + r < stop else stop
-        pos = base + LEAF_BITS
+        limit = <uint32_t>(stop - base) if stop - base < LEAF_BITS else LEAF_BITS
+        r = _leaf_next_clear(lf, <uint32_t>(pos - base), limit)
+        if r < limit:
+            return base + r
+        pos = base + limit
     return stop
 
 
@@ -514,23 +519,71 @@ cdef size_t _tree_runs(const Tree *t, uint64_t *pos, uint64_t stop, uint64_t max
     Runs longer than max_run (0 = no cap) are cut into max_run pieces counted
     from the run's start (or from *pos if the run began earlier); *pos moves
     past the last piece written, so the next call continues exactly there.
+    The current leaf is kept between runs, so the tree is walked once per
+    leaf, not once per run.
     """
     cdef size_t n = 0
-    cdef uint64_t s, e
-    while n < cap:
-        s = _tree_next_set(t, pos[0], stop)
+    cdef uint64_t p = pos[0], base = 0, s, e, lim
+    cdef uint64_t cur = ALL_ONES           # index of the leaf `lf` (none yet)
+    cdef uint64_t y
+    cdef int64_t found
+    cdef uint32_t off, limit
+    cdef Leaf *lf = NULL
+    cdef Leaf *nxt
+    while n < cap and p < stop:
+        if (p >> LEAF_SHIFT) != cur:
+            found = _next_leaf(t, p >> LEAF_SHIFT, &lf)
+            if found < 0:
+                p = stop
+                break
+            cur = <uint64_t>found
+            base = cur << LEAF_SHIFT
+            if base > p:
+                p = base
+            if p >= stop:
+                p = stop
+                break
+        off = _leaf_next_set(lf, <uint32_t>(p - base))
+        if off == LEAF_BITS:
+            p = base + LEAF_BITS
+            continue
+        s = base + off
         if s >= stop:
-            pos[0] = stop
+            p = stop
             break
-        # with a cap, never scan further than the piece we emit (long runs stay linear)
+        lim = stop
         if max_run != 0 and stop - s > max_run:
-            e = _tree_next_clear(t, s, s + max_run)
-        else:
-            e = _tree_next_clear(t, s, stop)
+            lim = s + max_run
+        # fast path (most runs of a scattered bitmap): the run ends inside its first word
+        y = ~lf.words[off >> 6] & (ALL_ONES << (off & 63))
+        if y != 0:
+            e = base + ((off >> 6) << 6) + <uint64_t>cm_ctz64(y)
+            if e > lim:
+                e = lim
+            out[2 * n] = <int64_t>s
+            out[2 * n + 1] = <int64_t>(e - s)
+            n += 1
+            p = e
+            continue
+        # the run's end: scan this leaf, then step into the adjacent leaf while the run goes on
+        e = s
+        while True:
+            limit = <uint32_t>(lim - base) if lim - base < LEAF_BITS else LEAF_BITS
+            off = _leaf_next_clear(lf, <uint32_t>(e - base), limit)
+            e = base + off
+            if off < LEAF_BITS or e >= lim:
+                break
+            nxt = _leaf_get(t, cur + 1)
+            if nxt == NULL:
+                break
+            cur += 1
+            base = cur << LEAF_SHIFT
+            lf = nxt
         out[2 * n] = <int64_t>s
         out[2 * n + 1] = <int64_t>(e - s)
         n += 1
-        pos[0] = e
+        p = e
+    pos[0] = p if p < stop else stop
     return n
 
 
