@@ -708,14 +708,13 @@ cdef class TransmissionSession:
         if self._bad_range("write zeroes", offset, length, E_NOSPC, handle):
             return 0
         try:
-            if flags & FLAG_FAST_ZERO:
-                done = self.zeroes_fn(offset, length, bool(flags & FLAG_FUA), fast_only=True)
-                if done is False:
-                    self._reply_error(handle, E_NOTSUP,
-                                      f"write zeroes at {offset}+{length} cannot be fast here")
-                    return 0
-            else:
-                self.zeroes_fn(offset, length, bool(flags & FLAG_FUA))
+            done = self.zeroes_fn(offset, length, bool(flags & FLAG_FUA),
+                                  no_hole=bool(flags & FLAG_NO_HOLE),
+                                  fast_only=bool(flags & FLAG_FAST_ZERO))
+            if done is False and flags & FLAG_FAST_ZERO:
+                self._reply_error(handle, E_NOTSUP,
+                                  f"write zeroes at {offset}+{length} cannot be fast here")
+                return 0
         except Exception as exc:
             return self._backend_failed("write zeroes", handle, offset, length, exc)
         self._reply_ok(handle)

@@ -81,11 +81,14 @@ def run_session(path: str, stream: bytes, *, readonly: bool, structured: bool, f
     try:
         while nreplies is None or len(replies) < nreplies:
             replies.append(reader.next())
-    except EOFError:
-        pass
+    except (EOFError, ConnectionResetError):
+        pass  # a reset: the server hung up with our unread requests still queued (bad magic...)
     leftover = b""
     while True:
-        chunk = client_end.recv(65536)
+        try:
+            chunk = client_end.recv(65536)
+        except ConnectionResetError:
+            break
         if not chunk:
             break
         leftover += chunk

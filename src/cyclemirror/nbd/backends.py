@@ -4,11 +4,14 @@ A backend is any object with ``size``, ``block_size``, ``read(offset, length)
 -> bytes``, ``write(offset, data, fua=False)``, ``write_zeroes(offset, length,
 fua=False)``, ``trim(offset, length)``, ``flush()`` and ``block_status(offset,
 length) -> [(length, flags)]`` (flags: 1 hole, 2 zero), the signatures of a
-store ``Volume``.  Optional attributes tell the server what it may advertise
-(absent means no): ``readonly``; ``can_multi_conn`` (every connection sees one
-coherent image and a flush covers writes from all of them); ``fast_zero``
-(``write_zeroes`` also takes ``fast_only=True`` and then returns False, without
-touching anything, where zeroing would mean writing data).
+store ``Volume``, except that ``write_zeroes`` also takes the keywords
+``no_hole`` (keep the range allocated) and ``fast_only`` (return False, touching
+nothing, where zeroing would mean writing data).  Attributes tell the server
+what it may advertise (absent means no): ``readonly``; ``can_multi_conn``
+(every connection sees one coherent image and a flush covers writes from all
+of them); ``fast_zero`` (``fast_only`` is honoured).  Objects that are not
+backends of this module (and do not set ``nbd_backend = True``), such as a
+store ``Volume``, are wrapped in ``VolumeBackend`` by ``as_backend``.
 
 The server hands ``write`` a memoryview of its receive buffer: a backend must
 be done with ``data`` when ``write`` returns.
@@ -102,26 +105,28 @@ class RawFileBackend:
         if fua:
             os.fdatasync(self._fd)
 
-    def write_zeroes(self, offset: int, length: int, fua: bool = False,
-                     fast_only: bool = False) -> bool:
-        """Zero a range, keeping it allocated (so NBD_CMD_FLAG_NO_HOLE always holds)."""
+    def write_zeroes(self, offset: int, length: int, fua: bool = False, *,
+                     no_hole: bool = False, fast_only: bool = False) -> bool:
+        """Zero a range: punch a hole, or with ``no_hole`` zero it in place (stays allocated).
+
+        Falls back to writing zero bytes only where the file system has neither;
+        with ``fast_only`` it then returns False and leaves the range untouched.
+        """
         self._writable("write zeroes")
         _check_range("write zeroes", self.path, self.size, offset, length)
         if length:
-            try:
-                nbdio.zero_range(self._fd, offset, length)
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-                try:  # e.g. tmpfs: punch, then allocate again
-                    nbdio.punch_hole(self._fd, offset, length)
-                    nbdio.allocate_range(self._fd, offset, length)
-                except OSError as exc2:
-                    if exc2.errno not in _UNSUPPORTED:
+            ways = ((nbdio.zero_range,) if no_hole else (nbdio.punch_hole, nbdio.zero_range))
+            for way in ways:
+                try:
+                    way(self._fd, offset, length)
+                    break
+                except OSError as exc:
+                    if exc.errno not in _UNSUPPORTED:
                         raise
-                    if fast_only:
-                        return False
-                    self._write_zero_bytes(offset, length)
+            else:
+                if fast_only:
+                    return False
+                self._write_zero_bytes(offset, length)
         if fua:
             os.fdatasync(self._fd)
         return True
@@ -197,7 +202,7 @@ class VolumeBackend:
 
     def __init__(self, volume: Any, readonly: bool = False):
         self.volume = volume
-        self.name = volume.name
+        self.name = getattr(volume, "name", repr(volume))
         self.size = volume.size
         self.block_size = volume.block_size
         self.readonly = bool(readonly)
@@ -225,9 +230,20 @@ class VolumeBackend:
     def flush(self) -> None:  # replaced when writable
         pass
 
-    def write_zeroes(self, offset: int, length: int, fua: bool = False,
-                     fast_only: bool = False) -> bool:
+    def write_zeroes(self, offset: int, length: int, fua: bool = False, *,
+                     no_hole: bool = False, fast_only: bool = False) -> bool:
+        # The store records zeroes in its bitmaps and decides allocation itself (a
+        # redirect-on-write overlay has no fixed allocation to keep), so no_hole is moot
+        # and zeroing never degrades to a data write beyond the partial edge blocks.
         if self.readonly:
             self._refuse("write zeroes")
         self.volume.write_zeroes(offset, length, fua)
         return True
+
+
+def as_backend(obj: Any) -> Any:
+    """What the server serves for a lookup result: our backends as they are, anything
+    else with the Volume signatures (a store Volume) wrapped in a VolumeBackend."""
+    if isinstance(obj, (RawFileBackend, VolumeBackend)) or getattr(obj, "nbd_backend", False):
+        return obj
+    return VolumeBackend(obj, readonly=bool(getattr(obj, "readonly", False)))

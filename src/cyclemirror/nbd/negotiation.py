@@ -26,6 +26,7 @@ from typing import Any
 
 from cyclemirror.errors import ConnectionLostError, ProtocolError
 from cyclemirror.nbd import protocol as P
+from cyclemirror.nbd.backends import as_backend
 
 log = logging.getLogger("cyclemirror.nbd")
 
@@ -127,6 +128,11 @@ class _Options:
             return None, f"export {name!r} cannot be opened: {exc}"
         if backend is None:
             return None, f"no export named {name!r}"
+        try:
+            backend = as_backend(backend)
+        except Exception as exc:
+            log.error("nbd: export %r is not a usable backend: %s", name, exc)
+            return None, f"export {name!r} cannot be served: {exc}"
         size = getattr(backend, "size", None)
         if not isinstance(size, int) or size < 0 or size >= 1 << 63:
             log.error("nbd: export %r has an invalid size %r", name, size)
