@@ -19,6 +19,13 @@ from tests.reference import hash_ref
 from cyclemirror import errors
 from cyclemirror._cext import blockhash
 
+# CYCLEMIRROR_SLOW=1 runs 20 times as many random examples.
+SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
+
+
+def examples(n: int) -> int:
+    return n * 20 if SLOW else n
+
 
 def as_ref_hashes(hashes: np.ndarray) -> list:
     if hashes.ndim == 1:
@@ -38,7 +45,7 @@ block_sizes = st.one_of(st.sampled_from([1, 2, 16, 64, 512]), st.integers(1, 700
 
 
 @given(data=segments, block_size=block_sizes, bits=st.sampled_from([64, 128]))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_hash_buffer_matches_reference(data, block_size, bits):
     hashes, zero = blockhash.hash_buffer(data, block_size, bits)
     ref_hashes, ref_zero = hash_ref.hash_blocks(data, block_size, bits)
@@ -79,7 +86,7 @@ def test_accepts_numpy_and_memoryview_buffers():
 
 @given(data=segments, block_size=block_sizes, bits=st.sampled_from([64, 128]),
        prefix=st.integers(0, 5000))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_hash_file_equals_hash_buffer_of_the_same_bytes(tmp_path_factory, data, block_size,
                                                         bits, prefix):
     path = tmp_path_factory.mktemp("hf") / "img"
@@ -177,7 +184,7 @@ def bitmap_runs(bitmap) -> list[tuple[int, int]]:
 
 
 @given(n=st.integers(0, 200), bits=st.sampled_from([64, 128]), data=st.data())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_diff_hashes_matches_reference(n, bits, data):
     shape = (n,) if bits == 64 else (n, 2)
     a = np.array(data.draw(st.lists(st.integers(0, 3), min_size=a_size(shape),
@@ -244,3 +251,19 @@ def test_diff_hashes_reads_non_contiguous_columns_correctly():
     b = a.copy()
     b[7, 1] += 1
     assert bitmap_runs(blockhash.diff_hashes(a, b, 10)) == [(7, 1)]
+
+
+def test_hash_file_beyond_4_gib_in_a_sparse_file(tmp_path):
+    # Offsets above 32 bits must reach pread intact.
+    path = tmp_path / "sparse.img"
+    data = os.urandom(3 * 4096 + 10)
+    with open(path, "wb") as f:
+        f.truncate(6 << 30)
+        f.seek((5 << 30) + 4096)
+        f.write(data)
+    with open(path, "rb") as f:
+        hashes, zero = blockhash.hash_file(f.fileno(), 5 << 30, 8 * 4096, 4096)
+    ref_hashes, ref_zero = hash_ref.hash_blocks(bytes(4096) + data + bytes(4 * 4096 - 10),
+                                                4096)
+    assert as_ref_hashes(hashes) == ref_hashes
+    assert zero.tolist() == ref_zero == [True, False, False, False, False, True, True, True]

@@ -14,6 +14,7 @@ import struct
 import threading
 
 import lz4.block
+import numpy as np
 import pytest
 import xxhash
 import zstandard
@@ -23,6 +24,13 @@ from tests.reference import frames_ref as ref
 
 from cyclemirror import errors
 from cyclemirror._cext import frames
+
+# CYCLEMIRROR_SLOW=1 runs 20 times as many random examples.
+SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
+
+
+def examples(n: int) -> int:
+    return n * 20 if SLOW else n
 
 LIMITS = dict(max_payload=1 << 20, max_raw=1 << 20, max_control=1 << 16,
               volume_size=1 << 30, alignment=512)
@@ -195,7 +203,7 @@ field_values = st.fixed_dictionaries(dict(
 
 @given(fields=field_values, stale_checksum=st.booleans(), volume_size=st.sampled_from(
     [0, 1000, 1 << 30]), alignment=st.sampled_from([1, 512, 4096]))
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 def test_decode_header_agrees_with_the_model(fields, stale_checksum, volume_size, alignment):
     header = bytearray(ref.encode_header(**fields))
     if stale_checksum:
@@ -208,7 +216,7 @@ def test_decode_header_agrees_with_the_model(fields, stale_checksum, volume_size
 @given(fields=field_values.filter(lambda f: f["ftype"] in (1, 2, 3, 4) and f["codec"] <= 2
                                   and f["flags"] in (0, 1) and f["cycle"] < 2**63
                                   and f["offset"] < 2**63))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_encode_header_round_trips_through_the_model(fields):
     header = frames.encode_header(**fields)
     assert header == ref.encode_header(**fields)
@@ -342,7 +350,7 @@ contents = st.lists(
 @given(data=contents, codec=st.sampled_from([0, 1, 2]), chunk_size=st.sampled_from(
     [1, 7, 512, 4096, 1 << 20]), picks=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)),
                                                 max_size=5))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 def test_pack_extents_matches_the_model(tmp_path_factory, data, codec, chunk_size, picks):
     path = tmp_path_factory.mktemp("pk") / "img"
     fd = write_file(path, data)
@@ -451,3 +459,24 @@ def test_pack_extents_refuses_bad_extents_and_reports_read_errors(tmp_path):
 def test_frame_packer_refuses_bad_settings(args):
     with pytest.raises(errors.UsageError):
         frames.FramePacker(**args)
+
+
+def test_pack_extents_beyond_4_gib_and_from_a_numpy_run_array(tmp_path):
+    # Offsets above 32 bits land in the header intact; extents may come as the
+    # int64 (n, 2) array that ExtentBitmap.runs() gives (scaled to bytes).
+    path = tmp_path / "sparse.img"
+    data = os.urandom(10000)
+    base = (5 << 30) + 512
+    with open(path, "wb") as f:
+        f.truncate(6 << 30)
+        f.seek(base)
+        f.write(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        extents = np.array([[base, 4096], [base + 8192, 10000 - 8192]], dtype=np.int64)
+        got = frames.FramePacker(frames.CODEC_LZ4, chunk_size=4096).pack_extents(fd, extents, 3)
+    finally:
+        os.close(fd)
+    decoded = unpack_all(got, 6 << 30, 4096)
+    assert [(off, raw) for off, raw, _ in decoded] == [(base, data[:4096]),
+                                                      (base + 8192, data[8192:])]
