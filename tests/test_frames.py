@@ -32,6 +32,7 @@ SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
 def examples(n: int) -> int:
     return n * 20 if SLOW else n
 
+
 LIMITS = dict(max_payload=1 << 20, max_raw=1 << 20, max_control=1 << 16,
               volume_size=1 << 30, alignment=512)
 
