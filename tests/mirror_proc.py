@@ -12,7 +12,8 @@ apply, and at start copies the recovered image to SNAPDIR/recovered-<n>.img
 Source: opens (or creates) the store and volume ``v1`` of SIZE bytes; a
 writer thread makes random block writes (seeded) all the time; the driver
 exports each frozen image to WORKDIR/export-<cycle>.img before shipping and
-appends one JSON line per applied cycle to WORKDIR/events.jsonl.  When the
+appends one JSON line per applied cycle to WORKDIR/events.jsonl.
+MIRROR_TEST_BWLIMIT (bytes/s) caps the mirror's rate.  When the
 file WORKDIR/stop appears, the writer stops, the driver syncs, and the
 process writes WORKDIR/final.json and exits.
 """
@@ -81,7 +82,10 @@ def run_source(store_path, keyfile, portfile, workdir, size, seed, interval=0.1)
     events = open(os.path.join(workdir, "events.jsonl"), "a")
 
     def on_frozen(frozen, reader):
-        reader.export_to(os.path.join(workdir, f"export-{frozen.number}.img"))
+        path = os.path.join(workdir, f"export-{frozen.number}.img")
+        # A restarted source re-ships its newest frozen cycle: same image, keep it.
+        if not os.path.exists(path):
+            reader.export_to(path)
 
     def on_applied(cycle, label, stats):
         events.write(json.dumps({"cycle": cycle, "pid": os.getpid(), **stats}) + "\n")
@@ -89,7 +93,8 @@ def run_source(store_path, keyfile, portfile, workdir, size, seed, interval=0.1)
 
     driver = MirrorDriver(vol, ("127.0.0.1", port), keys.read_key_file(keyfile),
                           MirrorOptions(interval=interval, on_frozen=on_frozen,
-                                        on_applied=on_applied, retry_max=0.5),
+                                        on_applied=on_applied, retry_max=0.5,
+                                        bwlimit=int(os.environ.get("MIRROR_TEST_BWLIMIT", "0"))),
                           store=store)
     stop_writer = threading.Event()
 
@@ -97,10 +102,12 @@ def run_source(store_path, keyfile, portfile, workdir, size, seed, interval=0.1)
         rng = random.Random(seed * 7919 + os.getpid())
         nblocks = size // 4096
         while not stop_writer.is_set():
-            for _ in range(8):
+            # ~100 blocks/s: enough to change every cycle, few enough that a
+            # delta stays far below a full copy even after a restart's pause.
+            for _ in range(2):
                 vol.write(rng.randrange(nblocks) * 4096, rng.randbytes(4096))
             vol.flush()
-            time.sleep(0.005)
+            time.sleep(0.02)
 
     t = threading.Thread(target=writer, daemon=True)
     t.start()

@@ -384,12 +384,13 @@ class MirrorDriver:
         for t in threads:
             t.join()
         for r in ready:
-            if r.ok:
+            link = r.link
+            if r.ok or link is None:  # None: its sender failed and reported why
                 continue
             try:
                 r.phase = "applying"
                 self._set_phase("applying")
-                r.link.wait_applied(c, self.options.apply_timeout)
+                link.wait_applied(c, self.options.apply_timeout)
                 self._applied(r, frozen)
             except BaseException as exc:  # noqa: BLE001
                 self._failed(r, exc)
@@ -467,7 +468,10 @@ class MirrorDriver:
         def sender(r: _Run) -> None:
             q = queues[r.label]
             sent_raw = 0
-            wire0 = r.link.link.bytes_sent
+            # A local reference: a break or a stall may drop r.link meanwhile; then
+            # the closed socket fails our send with ConnectionLostError (temporary).
+            tlink = r.link
+            wire0 = tlink.link.bytes_sent
             try:
                 r.phase = "copying"
                 while True:
@@ -478,12 +482,12 @@ class MirrorDriver:
                     if index < r.resume_from:
                         continue
                     self.rate.consume(len(frame))
-                    r.link.check()
-                    r.link.link.send_frame(frame, f"chunk {index} of cycle {c}")
+                    tlink.check()
+                    tlink.link.send_frame(frame, f"chunk {index} of cycle {c}")
                     sent_raw += raw
-                r.link.link.send_message("end", cycle=c, chunks=total[0])
+                tlink.link.send_message("end", cycle=c, chunks=total[0])
                 dt = time.monotonic() - t0
-                wire = r.link.link.bytes_sent - wire0
+                wire = tlink.link.bytes_sent - wire0
                 r.stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw, "bytes_wire": wire,
                            "chunks": total[0], "resumed_from": r.resume_from,
                            "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
