@@ -53,7 +53,9 @@ def incoming_status(store_path: str, now: float, recent_errors: list[str]) -> li
                     "applied_cycle": st.applied_cycle,
                     "freeze_time": st.freeze_time if applied else None,
                     "rpo_age": now - st.freeze_time if applied else None,
-                    "receiving": None if inflight is None else inflight.cycle,
+                    "receiving": None if inflight is None else {
+                        "cycle": inflight.cycle, "full": inflight.full,
+                        "chunks": inflight.chunks, "staged_bytes": inflight.staged_bytes},
                     "error": None,
                 })
     return rows

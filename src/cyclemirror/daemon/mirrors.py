@@ -284,7 +284,14 @@ class OutgoingMirrors:
             driver = self._drivers.get(volume)
         if driver is None:
             raise NotFoundError(f"the mirror of {volume!r} is not running (see the daemon log)")
-        driver.sync(timeout)
+        try:
+            driver.sync(timeout)
+        except CycleMirrorError:
+            raise
+        except Exception as exc:  # the driver re-raises what broke a target, whatever it was
+            raise CycleMirrorError(
+                f"the mirror of {volume!r} stopped on {type(exc).__name__}: {exc}; see the "
+                f"daemon log, fix the cause, then 'cyclemirror mirror resume {volume}'") from exc
         return [self._row(volume, t) for t in targets]
 
     def break_(self, volume: str, target: str | None, now: bool) -> list[dict]:

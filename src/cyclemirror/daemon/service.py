@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -156,7 +157,7 @@ class Daemon:
         steps = [("control socket", self.control and self.control.close),
                  ("metrics", self.metrics and self.metrics.close),
                  ("outgoing mirrors", self.outgoing and self.outgoing.close),
-                 ("target server", self.target and self.target.stop)]
+                 ("target server", self.target and self._stop_target)]
         steps += [("nbd server", s.stop) for s in self.nbd_servers]
         steps.append(("store", self.store and self.store.close))
         for what, step in steps:
@@ -166,6 +167,17 @@ class Daemon:
                 step()
             except Exception:
                 log.exception("stopping the %s failed", what)
+
+    def _stop_target(self) -> None:
+        # Closing a listening socket does not wake a thread blocked in accept() on
+        # Linux; shutting it down does, so stop() need not wait out its join timeout.
+        listener = getattr(self.target, "_listener", None)
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.target.stop()
 
     def wait(self) -> None:
         self._stopped.wait()
