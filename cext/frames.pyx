@@ -231,6 +231,8 @@ def encode_header(ftype, flags, codec, cycle, offset, length, raw_length, checks
     Checks that every value fits its field and that type, codec and flags are
     defined; the rules between fields are decode_header's job.
     """
+    ftype = _check_int(ftype, "frame type", 0, 0xFF)
+    codec = _check_int(codec, "codec", 0, 0xFF)
     if ftype not in _TYPE_NAMES:
         raise errors.UsageError(f"frames: unknown frame type {ftype!r}; use one of FT_*")
     if codec not in _CODEC_NAMES:
@@ -374,6 +376,7 @@ def encode_zero(ftype, cycle, offset, length):
 
     length must fit 32 bits: callers split longer runs.
     """
+    ftype = _check_int(ftype, "frame type", 0, 0xFF)
     if ftype != FT_ZERO and ftype != FT_TRIM:
         raise errors.UsageError(f"frames: encode_zero needs FT_ZERO or FT_TRIM, got {ftype!r}")
     ln = _check_int(length, "length", 1, U32_MAX)
@@ -525,6 +528,7 @@ cdef class FramePacker:
     cdef readonly size_t chunk_size
 
     def __init__(self, codec, level=0, chunk_size=1 << 20):
+        codec = _check_int(codec, "codec", 0, 0xFF)
         if codec not in _CODEC_NAMES:
             raise errors.UsageError(f"FramePacker: unknown codec {codec!r}; use one of CODEC_*")
         self.codec = codec

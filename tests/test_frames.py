@@ -453,7 +453,7 @@ def test_pack_extents_refuses_bad_extents_and_reports_read_errors(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    dict(codec=3), dict(codec=frames.CODEC_LZ4, level=1), dict(codec=frames.CODEC_NONE, level=1),
+    dict(codec=3), dict(codec=1.0), dict(codec=frames.CODEC_LZ4, level=1), dict(codec=frames.CODEC_NONE, level=1),
     dict(codec=frames.CODEC_ZSTD, level=1000), dict(codec=frames.CODEC_LZ4, chunk_size=0),
     dict(codec=frames.CODEC_LZ4, chunk_size=(64 << 20) + 1),
 ])
