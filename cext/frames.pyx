@@ -412,7 +412,8 @@ def decode_payload(FrameHeader header not None, payload):
     cdef size_t zstd_got = 0
     cdef char *dst
     if header.codec == CODEC_NONE:
-        out = bytes(data)
+        # A bytes payload is immutable: hand it back as is instead of copying.
+        out = payload if type(payload) is bytes else bytes(data)
     else:
         out = PyBytes_FromStringAndSize(NULL, raw)
         dst = PyBytes_AS_STRING(out)
