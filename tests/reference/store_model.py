@@ -24,6 +24,8 @@ class VolumeModel:
 
     def _blocks(self, offset: int, length: int) -> range:
         bs = self.block_size
+        if length == 0:
+            return range(0)  # an empty request touches no block
         return range(offset // bs, (offset + length + bs - 1) // bs)
 
     def write(self, offset: int, data: bytes) -> None:
