@@ -57,9 +57,9 @@ class Layer:
     # -- creation and opening -------------------------------------------------
 
     @classmethod
-    def open_base(cls, path: str, nblocks: int, writable: bool = True) -> Layer:
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        return cls(None, path, fd, 0, None)
+    def open_base(cls, path: str) -> Layer:
+        # Base has no bitmaps: it holds every block no overlay holds.
+        return cls(None, path, os.open(path, os.O_RDWR), 0, None)
 
     @classmethod
     def create_overlay(cls, vol_dir: str, number: int, size: int, nblocks: int) -> Layer:

@@ -135,7 +135,7 @@ class Volume:
         self._on_close = on_close
         self._closed = False
         self.torn_blocks_repaired = 0
-        self._base = Layer.open_base(os.path.join(vol_dir, BASE_FILE), self.nblocks)
+        self._base = Layer.open_base(os.path.join(vol_dir, BASE_FILE))
         self._overlays: list[Layer] = []  # newest (open) first
         try:
             self._open_overlays(state["overlays"])
