@@ -152,3 +152,28 @@ def test_control_socket_survives_hostile_clients(daemons):
             pass
         s.close()
     assert run_cli("status", "--json", store=d.store).returncode == 0
+
+
+def test_status_watch_redraws_in_place_on_a_terminal(daemons):
+    import pty
+    import sys
+
+    d = daemons("src")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cyclemirror.cli", "--store", d.store,
+                             "status", "--watch", "--count", "3", "--every", "0.2"],
+                            stdout=slave, stderr=subprocess.PIPE, env=cli_env())
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert proc.wait(timeout=30) == 0
+    assert output.count(b"\x1b[H\x1b[2J") == 3  # home + clear before each frame
+    assert output.count(b"cyclemirror status") == 3

@@ -285,3 +285,61 @@ def test_a_restarted_daemon_keeps_broken_mirrors_broken(daemons, key):
     a.cli("mirror", "resume", "v")
     a.cli("mirror", "sync", "v")
     assert mirror_row(a, "v", b)["applied_cycle"] >= 2
+
+
+def test_a_long_first_cycle_shows_progress_with_rate_and_time_left(daemons, key):
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    a = daemons("a", key_file=key)
+    a.cli("volume", "create", "v", "--size", "16M")
+    write(a, "v", 0, os.urandom(8 * MiB))
+    a.cli("mirror", "start", "v", "--to", b.listen, "--interval", MANUAL, "--compress", "none",
+          "--bwlimit", "2M")
+
+    def moving():
+        row = mirror_row(a, "v", b)
+        p = row["progress"]
+        return p if p and p["done"] >= MiB else None
+
+    p = wait_for(moving, 30, "the first cycle to report progress")
+    assert p["cycle"] == 1 and 8 * MiB <= p["total"] <= 16 * MiB
+    assert 0 < p["done"] < p["total"] and p["rate"] > 0 and p["eta"] > 0
+    table = a.cli("status").stdout
+    bar = [line for line in table.splitlines() if "ETA" in line]
+    assert len(bar) == 1 and "[#" in bar[0] and "/s" in bar[0], table
+    _, samples = parse_exposition(a.scrape())
+    assert value(samples, "cyclemirror_mirror_progress_total_bytes", volume="v",
+                 target=b.listen) == p["total"]
+    a.cli("mirror", "sync", "v", "--timeout", "60")
+    assert mirror_row(a, "v", b)["progress"] is None
+
+
+def test_a_wrong_key_or_dead_target_shows_in_status_logs_and_metrics(daemons, key, tmp_path):
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    a = daemons("a", key_file=key)
+    a.cli("volume", "create", "v", "--size", "1M")
+    a.cli("volume", "create", "w", "--size", "1M")
+    other = make_key(tmp_path / "other.key")
+    missing = a.cli("mirror", "start", "v", "--to", b.listen, "--key-file", tmp_path / "nokey",
+                    check=False)
+    assert missing.returncode == errors.UsageError.exit_code and "nokey" in missing.stderr
+    a.cli("mirror", "start", "v", "--to", b.listen, "--key-file", other, "--interval", "0.5")
+    dead = f"127.0.0.1:{free_port()}"
+    a.cli("mirror", "start", "w", "--to", dead, "--interval", "0.5")
+
+    def failing(volume, to):
+        row = [m for m in a.status()["mirrors"] if m["volume"] == volume and m["target"] == to]
+        return row[0] if row and row[0]["last_error"] else None
+
+    bad = wait_for(lambda: failing("v", b.listen), 30, "the key mismatch to show")
+    assert bad["phase"] == "broken" and "Authentication" in bad["last_error"]
+    gone = wait_for(lambda: failing("w", dead), 30, "the dead target to show")
+    assert gone["phase"] == "reconnecting" and gone["applied_cycle"] == 0
+    _, samples = parse_exposition(a.scrape())
+    assert value(samples, "cyclemirror_mirror_error", volume="v", target=b.listen) == 1
+    assert value(samples, "cyclemirror_mirror_phase", phase="broken", volume="v",
+                 target=b.listen) == 1
+    log = a.log()
+    assert f"mirror v -> {b.listen}: AuthenticationError" in log
+    assert f"mirror w -> {dead}: ConnectionLostError" in log
+    sync = a.cli("mirror", "sync", "v", "--timeout", "5", check=False)
+    assert sync.returncode in (errors.PeerError.exit_code, errors.UsageError.exit_code)

@@ -14,8 +14,9 @@ the stable rows of ``status --json`` (docs/cli.md).  The driver's
 the running totals; ``on_frozen`` gives the size of the running cycle for the
 progress bar.  The driver itself logs every failure with volume and target.
 
-Locking: ``_lock`` (re-entrant) guards the book, the driver table and the
-figures; driver calls that block for long (sync, break) run outside it.
+Locking: ``_lock`` (re-entrant) guards the book and the driver table;
+``_figures_lock`` the totals and progress the driver hooks write.  Driver
+calls that block for long (sync, break) run outside both.
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ class OutgoingMirrors:
         self._lock = threading.RLock()
         self.book = MirrorBook(daemon_dir)
         self._drivers: dict[str, object] = {}  # volume name -> MirrorDriver
+        # The driver hooks write these from driver threads under _figures_lock only, never
+        # _lock: _rebuild holds _lock while it joins a driver thread that may be in a hook.
+        self._figures_lock = threading.Lock()
         self._totals: dict[tuple[str, str], dict] = {}  # since this daemon started
         self._progress: dict[str, dict] = {}  # volume -> the running cycle's size
         self._shared_rate = SharedRate(daemon_bwlimit) if daemon_bwlimit else None
@@ -176,7 +180,7 @@ class OutgoingMirrors:
         options = MirrorOptions(
             interval=first.interval, codec=first.compress.codec, level=first.compress.level,
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
-            on_frozen=lambda frozen, reader, v=volume: self._on_frozen(v, frozen),
+            on_frozen=lambda frozen, reader, v=volume: self._on_frozen(v, frozen, reader),
             on_applied=lambda cycle, label, stats, v=volume: self._on_applied(
                 v, cycle, label, stats))
         driver = MirrorDriver(self.store.open_volume(volume), targets, options=options,
@@ -188,15 +192,26 @@ class OutgoingMirrors:
 
     # -- driver hooks (called from the driver's thread) -----------------------------------
 
-    def _on_frozen(self, volume: str, frozen) -> None:
+    def _on_frozen(self, volume: str, frozen, reader) -> None:
+        """Size the cycle for the progress bar: the data bytes it will read and send."""
         vol = self.store.open_volume(volume)
-        blocks = vol.nblocks if frozen.dirty is None else frozen.dirty.count()
-        with self._lock:
-            self._progress[volume] = {"cycle": frozen.number, "total": blocks * vol.block_size,
-                                      "started": time.time(), "full": frozen.dirty is None}
+        total = 0
+        try:
+            for _offset, length, kind, _fd in reader.extents(frozen.dirty, 1 << 16):
+                if kind == "data":
+                    total += length
+        except CycleMirrorError as exc:  # sizing is only for display; never fail the cycle
+            log.debug("sizing cycle %d of %s failed: %s", frozen.number, volume, exc)
+            blocks = vol.nblocks if frozen.dirty is None else frozen.dirty.count()
+            total = blocks * vol.block_size
+        driver = self._drivers.get(volume)
+        with self._figures_lock:
+            self._progress[volume] = {"cycle": frozen.number, "total": total,
+                                      "started": time.time(), "full": frozen.dirty is None,
+                                      "base": _wire_counters(driver)}
 
     def _on_applied(self, volume: str, cycle: int, label: str, stats: dict) -> None:
-        with self._lock:
+        with self._figures_lock:
             totals = self._totals.setdefault((volume, label), {"bytes": 0, "cycles": 0})
             totals["bytes"] += int(stats.get("bytes_wire") or 0)
             totals["cycles"] += 1
@@ -376,6 +391,7 @@ class OutgoingMirrors:
         with self._lock:
             entries = sorted(self.book.entries.items())
             drivers = dict(self._drivers)
+        with self._figures_lock:
             totals = {k: dict(v) for k, v in self._totals.items()}
             progress = {k: dict(v) for k, v in self._progress.items()}
         rows = []
@@ -401,12 +417,7 @@ class OutgoingMirrors:
             row_progress = None
             if (running and phase in ("copying", "applying") and applied < running["cycle"]
                     and running["total"] > 0):
-                elapsed = max(1e-6, now - running["started"])
-                done = min(running["total"], self._bytes_done(driver, target))
-                rate = done / elapsed
-                row_progress = {"cycle": running["cycle"], "done": done,
-                                "total": running["total"], "rate": rate,
-                                "eta": (running["total"] - done) / rate if rate > 0 else None}
+                row_progress = _progress(running, driver, target, last, now)
             tot = totals.get((volume, target), {"bytes": 0, "cycles": 0})
             rows.append({
                 "volume": volume, "target": target, "remote_name": spec.remote_name,
@@ -423,10 +434,37 @@ class OutgoingMirrors:
             })
         return rows
 
-    @staticmethod
-    def _bytes_done(driver, target: str) -> int:
-        """Raw bytes of the running cycle read so far, as far as the driver lets us see."""
-        counter = getattr(driver, "progress_bytes", None)
-        if callable(counter):
-            return int(counter(target))
-        return 0
+
+def _wire_counters(driver) -> dict:
+    """Per target: (link object id, bytes it sent so far), read from the driver's links.
+
+    The driver reports a cycle's figures only once applied, so the progress of
+    a running cycle is read from the byte counter of each target's frame link.
+    Everything is looked up defensively: if the driver's shape changes, the bar
+    simply shows nothing done rather than failing ``status``.
+    """
+    out = {}
+    for run in getattr(driver, "runs", ()) or ():
+        link = getattr(getattr(run, "link", None), "link", None)
+        sent = getattr(link, "bytes_sent", None)
+        if isinstance(sent, int):
+            out[getattr(run, "label", None)] = (id(link), sent)
+    return out
+
+
+def _progress(running: dict, driver, target: str, last: dict | None, now: float) -> dict:
+    """Progress of the running cycle to one target: raw bytes done (estimated), rate, ETA."""
+    current = _wire_counters(driver).get(target)
+    base = running["base"].get(target)
+    wire = 0
+    if current is not None:
+        # A link opened after the freeze counts from zero.
+        wire = current[1] - (base[1] if base is not None and base[0] == current[0] else 0)
+    # Wire bytes are compressed; scale by the last known ratio to estimate raw bytes.
+    ratio = (last or {}).get("compression_ratio") or 1.0
+    done = min(running["total"], int(max(0, wire) * ratio))
+    elapsed = max(1e-6, now - running["started"])
+    rate = done / elapsed
+    return {"cycle": running["cycle"], "done": done, "total": running["total"], "rate": rate,
+            "eta": (running["total"] - done) / rate if rate > 0 else None,
+            "estimated": ratio != 1.0}
