@@ -229,21 +229,27 @@ class Volume:
                 raise fileops.store_error(f"reading volume {self.name!r} at {offset}", exc) from exc
 
     def write(self, offset: int, data, fua: bool = False) -> None:
+        # The hot path: checks are inlined and the slow helpers run only on failure.
         n = len(data)
-        self._check_range(offset, n, "write")
+        if type(offset) is not int or offset < 0 or offset + n > self.size:
+            self._check_range(offset, n, "write")
         if n == 0:
             return
         with self._lock:
-            top = self._top()
+            if self._closed:
+                self._top()  # raises the "closed" error
+            top = self._overlays[0]
             try:
                 if (offset | n) & self._mask:
                     self._write_unaligned(top, offset, data)
                 else:
-                    fileops.pwrite_all(top.fd, data, offset)
-                    b0, count = offset >> self._shift, n >> self._shift
-                    top.dirty.set_range(b0, count)
+                    done = os.pwrite(top.fd, data, offset)
+                    if done != n:
+                        fileops.pwrite_all(top.fd, memoryview(data)[done:], offset + done)
+                    b0 = offset >> self._shift
+                    top.dirty.set_range(b0, n >> self._shift)
                     if top.has_zeroed:
-                        top.zeroed.clear_range(b0, count)
+                        top.zeroed.clear_range(b0, n >> self._shift)
                 if fua:
                     os.fdatasync(top.fd)
             except OSError as exc:
