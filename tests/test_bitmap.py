@@ -311,6 +311,41 @@ def test_sparse_2_48_bitmap_iterates_and_clears_without_walking_empty_space():
     assert list(bm.iter_runs()) == [(0, 1), (nbits - 1, 1)]
 
 
+def test_runs_at_word_and_leaf_borders_for_every_cut_and_cap():
+    """Exhaustive over the borders where the scan changes word or leaf."""
+    for nbits, pieces in [
+        (300, [(0, 1), (62, 3), (127, 2), (190, 66), (299, 1)]),
+        (3 * LEAF_BITS, [(LEAF_BITS - 5, 10), (2 * LEAF_BITS - 1, 2), (2 * LEAF_BITS + 63, 1),
+                         (3 * LEAF_BITS - 64, 64)]),
+        (3 * LEAF_BITS, [(0, 3 * LEAF_BITS)]),
+    ]:
+        bm, ref = ExtentBitmap(nbits), RefBitmap(nbits)
+        for start, count in pieces:
+            bm.set_range(start, count)
+            ref.set_range(start, count)
+        cuts = sorted({c for s, n in pieces for c in (s - 1, s, s + 1, s + n - 1, s + n, s + n + 1)
+                       if 0 <= c <= nbits} | {0, nbits})
+        for start in cuts:
+            for stop in (c for c in cuts if c >= start):
+                for max_run in (0, 1, 2, 63, 64, 65, LEAF_BITS):
+                    want = list(ref.iter_runs(start, stop, max_run))
+                    assert list(bm.iter_runs(start, stop, max_run)) == want, (start, stop, max_run)
+                assert bm.count_range(start, stop - start) == ref.count_range(start, stop - start)
+                assert bm.any_in_range(start, stop - start) == ref.any_in_range(start, stop - start)
+
+
+def test_iter_runs_longer_than_one_batch_resumes_exactly():
+    bm, ref = ExtentBitmap(1 << 20), RefBitmap(1 << 20)
+    ref.intervals = [(i, i + 1) for i in range(0, 1 << 20, 3)]       # 349526 runs: many batches
+    for s, _ in ref.intervals:
+        bm.set_range(s, 1)
+    assert list(bm.iter_runs()) == list(ref.iter_runs())
+    assert list(bm.iter_runs(5, 9000, 1)) == list(ref.iter_runs(5, 9000, 1))
+    bm.clear_range(0, 1 << 20)
+    bm.set_range(0, 1 << 20)
+    assert len(list(bm.iter_runs(max_run=7))) == -(-(1 << 20) // 7)
+
+
 # ---- out-of-range arguments raise and change nothing ------------------------------------
 
 @pytest.mark.parametrize("call", [
