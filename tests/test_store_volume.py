@@ -513,3 +513,17 @@ def test_import_from_a_block_device(store, tmp_path):
     assert vol.read(MiB, 12288) == b"\x3c" * 12288 and vol.read(0, 4096) == bytes(4096)
     # all-zero chunks of a device are left as holes in base
     assert _allocated(os.path.join(vol.dir, "base.img")) <= MiB
+
+
+def test_sixteen_tebibytes_is_served_or_refused_naming_the_filesystem_limit(store):
+    # ext4 caps a file just below 16 TiB, so there a volume of 16 TiB cannot be one
+    # file; the error must say so instead of failing later or obscurely.
+    try:
+        vol = store.create_volume("huge", 16 * TiB)
+    except StoreError as exc:
+        assert "filesystem cannot hold a file this large" in str(exc)
+        assert store.list_volumes() == []
+        vol = store.create_volume("huge", 16 * TiB - 65536)
+    vol.write(vol.size - 4096, b"e" * 4096)
+    assert vol.read(vol.size - 4096, 4096) == b"e" * 4096
+    assert _dir_allocated(vol.dir) < MiB

@@ -18,6 +18,8 @@ from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import BitmapRangeError, UsageError
 from cyclemirror.store.resolve import classify, read_range
 
+EXTENT_WINDOW_BLOCKS = 1 << 20
+
 if TYPE_CHECKING:
     from cyclemirror.store.layer import Layer
     from cyclemirror.store.volume import Volume
@@ -113,9 +115,13 @@ class FrozenReader:
     def _extents(self, ranges, max_run_blocks):
         bs = self._volume.block_size
         for start, count in ranges:
-            overlays, base = self._layers()
-            for s, c, kind, fd in classify(overlays, base, start, start + count, bs, max_run_blocks):
-                yield s * bs, c * bs, kind, fd
+            # Windows bound the segment lists of a fragmented image (a run crossing a
+            # window edge is yielded as two runs, which every consumer accepts).
+            for w in range(start, start + count, EXTENT_WINDOW_BLOCKS):
+                overlays, base = self._layers()
+                stop = min(w + EXTENT_WINDOW_BLOCKS, start + count)
+                for s, c, kind, fd in classify(overlays, base, w, stop, bs, max_run_blocks):
+                    yield s * bs, c * bs, kind, fd
 
     def export_to(self, path: str) -> None:
         """Write this frozen image to ``path`` as a sparse raw file (atomically replaced)."""
