@@ -116,10 +116,11 @@ def consume(iterator):
 def report(title, variants, times, peer, unit_runs):
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"\n{title}, median of {ROUNDS} interleaved rounds")
-    print(f"{'variant':58} {'median ms':>10} {'Mruns/s':>8} {'x ' + peer[:14]:>16}")
+    print(f"ratio = median of the peer '{peer}' / median of the variant (> 1: faster)")
+    print(f"{'variant':58} {'median ms':>10} {'Mruns/s':>8} {'ratio':>9}")
     for name in variants:
         rate = unit_runs[name] / med[name] / 1e6
-        print(f"{name:58} {med[name] * 1e3:10.4f} {rate:8.2f} {med[peer] / med[name]:16.2f}")
+        print(f"{name:58} {med[name] * 1e3:10.4f} {rate:8.2f} {med[peer] / med[name]:9.2f}")
     return med
 
 

@@ -591,6 +591,28 @@ def test_crafted_files_with_valid_checksums_are_refused(body, complaint):
         ExtentBitmap.from_bytes(rechecksum(body))
 
 
+@settings(deadline=None, max_examples=300)
+@given(nbits=st.integers(0, 4 * LEAF_BITS), leaf_bits=st.sampled_from([LEAF_BITS, LEAF_BITS, 4096]),
+       records=st.lists(st.tuples(st.integers(0, 5),
+                                  st.dictionaries(st.sampled_from([0, 1, 255, 511]),
+                                                  st.integers(0, (1 << 64) - 1), max_size=3)),
+                        max_size=4),
+       population=st.one_of(st.none(), st.integers(0, 1 << 40)))
+def test_a_checksummed_file_is_either_refused_or_canonical(nbits, leaf_bits, records, population):
+    """Whatever a file says, loading it refuses it or rebuilds exactly those bytes."""
+    if population is None:                  # the honest population, so some files are valid
+        population = sum(bin(w).count("1") for _, words in records for w in words.values())
+    body = header(nbits, len(records), population, leaf_bits)
+    body += b"".join(leaf_record(i, words) for i, words in records)
+    data = rechecksum(body)
+    try:
+        bm = ExtentBitmap.from_bytes(data)
+    except BitmapFormatError:
+        return
+    assert bm.to_bytes() == data
+    assert bm.count() == population
+
+
 def test_load_names_the_file_in_its_error(tmp_path):
     path = tmp_path / "x.bitmap"
     path.write_bytes(b"nonsense")
