@@ -70,7 +70,7 @@ def test_the_shipped_example_config_is_valid():
     [
         ('stroe = "/x"', "unknown setting(s) stroe"),
         ('listen = "nohost"', "HOST:PORT"),
-        ('listen = "h:70000"', "1 to 65535"),
+        ('listen = "h:70000"', "0 to 65535"),
         ('nbd = ["ftp:x"]', "unix:PATH or tcp:HOST:PORT"),
         ('bwlimit = "fast"', "bwlimit"),
         ('log_level = "loud"', "log_level"),
