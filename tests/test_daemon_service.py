@@ -58,6 +58,10 @@ def test_errors_from_the_daemon_keep_their_exit_codes(daemons, tmp_path):
         (("volume", "import", "v9", "--from", tmp_path / "missing"), errors.NotFoundError),
         (("volume", "create", "bad/name", "--size", "1M"), errors.UsageError),
         (("volume", "create", "v3", "--size", "4097"), errors.UsageError),
+        (("mirror", "start", "nope", "--to", "127.0.0.1:9"), errors.NotFoundError),
+        (("mirror", "start", "v1", "--to", "127.0.0.1:9"), errors.UsageError),  # no key
+        (("mirror", "start", "v1", "--to", "127.0.0.1:0"), errors.UsageError),
+        (("mirror", "start", "v1", "--to", "h:1", "--compress", "gzip"), errors.UsageError),
         (("mirror", "sync", "v1"), errors.NotFoundError),
         (("mirror", "break", "v1"), errors.NotFoundError),
     ]

@@ -260,9 +260,9 @@ class OutgoingMirrors:
                 raise AlreadyExistsError(
                     f"volume {spec.volume!r} is already mirrored to {spec.to}; after a break "
                     f"use 'cyclemirror mirror resume {spec.volume}'")
+            self.store.open_volume(spec.volume)  # NotFoundError names the volume
             self._check_compatible(spec)
             self._read_key(spec)  # a bad key file fails here, not later in the driver
-            self.store.open_volume(spec.volume)  # NotFoundError names the volume
             self.book.entries[key] = {"spec": spec, "broken": bool(existing) and any(
                 e["broken"] for _, e in existing)}
             try:
