@@ -384,3 +384,24 @@ def test_a_group_of_two_volumes_is_frozen_and_applied_at_one_instant(daemons, ke
     a.cli("mirror", "break", "db")
     for name in ("db", "log"):
         assert image_of(b, a.node_id, name)[1] == export(a, name, tmp_path / name)
+
+
+def test_mirrors_declared_in_the_config_file_start_at_boot_and_restarts_keep_a_break(
+        daemons, key, tmp_path):
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    first = daemons("a", key_file=key)  # make the store and its volume, then restart with config
+    first.cli("volume", "create", "v", "--size", "2M")
+    write(first, "v", 0, os.urandom(MiB))
+    assert first.stop() == 0
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'key_file = "{key}"\n[[mirror]]\nvolume = "v"\nto = "{b.listen}"\n'
+                   'interval = 0.3\ncompress = "zstd:1"\n')
+    a = daemons("a", extra=("--config", str(cfg)))
+    row = wait_for(lambda: mirror_row(a, "v", b) if mirror_row(a, "v", b)["applied_cycle"] >= 2
+                   else None, 30, "the configured mirror to run")
+    assert row["compress"] == "zstd:1" and row["interval"] == 0.3
+    a.cli("mirror", "break", "v")
+    assert a.stop() == 0
+    a.start()  # same config: the store's record (broken) wins over the file
+    assert mirror_row(a, "v", b)["phase"] == "broken"
+    assert image_of(b, a.node_id, "v")[1] == export(a, "v", tmp_path / "v.img")

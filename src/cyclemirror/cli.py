@@ -196,7 +196,11 @@ def cmd_mirror_break(args) -> int:
         request["to"] = args.to
     results = _call(args, "mirror.break", reply_timeout=None, **request)
     for r in results:
-        print(f"{r['volume']} -> {r['target']}: broken after cycle {r['applied_cycle']}")
+        if r["phase"] == "broken":
+            print(f"{r['volume']} -> {r['target']}: broken after cycle {r['applied_cycle']}")
+        else:
+            print(f"{r['volume']} -> {r['target']}: break recorded; cycle {r['cycle']} is still "
+                  f"{r['phase']} and ends the repetition when done (--now abandons it)")
     return 0
 
 

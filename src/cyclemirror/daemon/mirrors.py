@@ -38,6 +38,7 @@ from cyclemirror.errors import (
 
 BOOK_FILE = "mirrors.json"
 BOOK_FORMAT = 1
+BREAK_WAIT = 20.0  # seconds 'mirror break' waits for the running cycle to end
 PHASES = ("freezing", "copying", "applying", "idle", "broken", "reconnecting")
 
 log = logging.getLogger("cyclemirror.mirror")
@@ -318,8 +319,10 @@ class OutgoingMirrors:
             driver = self._drivers.get(volume)
         if driver is not None:
             driver.break_(now=now)
-            # Without --now the running cycle finishes first; wait for the driver to settle.
-            deadline = time.monotonic() + (30 if now else 3600)
+            # Without --now the running cycle finishes first. Wait a while for that, but
+            # not for ever: a cycle to an unreachable target only ends with --now. The
+            # break is recorded either way; the rows say which phase the mirror is in.
+            deadline = time.monotonic() + BREAK_WAIT
             while driver.status()["phase"] != "broken" and time.monotonic() < deadline:
                 time.sleep(0.05)
         log.info("mirror %s -> %s: broken%s", volume, ", ".join(targets),

@@ -95,11 +95,16 @@ def render_status(doc: dict) -> str:
     incoming = doc.get("incoming", [])
     if incoming:
         lines.append("")
-        rows = [["FROM NODE", "VOLUME", "GROUP", "APPLIED", "FREEZE TIME (UTC)", "IMAGE"]]
+        rows = [["FROM NODE", "VOLUME", "GROUP", "APPLIED", "FREEZE TIME (UTC)", "RPO AGE",
+                 "RECEIVING", "IMAGE"]]
         for m in incoming:
             source = m.get("source_name") or m.get("source_node", "?")
+            receiving = m.get("receiving")
             rows.append([source, m["volume"], m.get("group") or "-",
                          str(m.get("applied_cycle", 0)), _freeze_clock(m.get("freeze_time")),
-                         m.get("image", "-")])
+                         format_duration(m.get("rpo_age")),
+                         f"cycle {receiving['cycle']}, {receiving['chunks']} chunks"
+                         if receiving else "-",
+                         m.get("image") or f"unreadable: {m.get('error')}"])
         lines += _table(rows)
     return "\n".join(lines) + "\n"
