@@ -335,11 +335,9 @@ class OutgoingMirrors:
             for t in targets:
                 self.book.entries[(volume, t)]["broken"] = False
             self.book.save()
-            driver = self._drivers.get(volume)
-            if driver is None:
-                self._rebuild(volume)
-            else:
-                driver.resume()
+            # A fresh driver, not driver.resume(): it also recovers a driver whose thread
+            # ended on an unexpected error. Its state is in the store, so nothing is re-sent.
+            self._rebuild(volume)
         log.info("mirror %s -> %s: resumed", volume, ", ".join(targets))
         return [self._row(volume, t) for t in targets]
 
