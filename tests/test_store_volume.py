@@ -527,3 +527,41 @@ def test_sixteen_tebibytes_is_served_or_refused_naming_the_filesystem_limit(stor
     vol.write(vol.size - 4096, b"e" * 4096)
     assert vol.read(vol.size - 4096, 4096) == b"e" * 4096
     assert _dir_allocated(vol.dir) < MiB
+
+
+def test_a_reader_keeps_its_image_while_older_overlays_merge_under_it(store):
+    vol = store.create_volume("v", 64 * 4096)
+    for i in range(3):
+        vol.write(i * 8192, bytes([65 + i]) * 8192)
+        vol.trim((i + 10) * 4096, 4096)
+        vol.freeze()
+    vol.write(0, b"z" * 4096)  # after freeze 3: not in cycle 3's image
+    cycle = vol.frozen(3)
+    stop = threading.Event()
+    seen_bad = []
+    with cycle.reader() as reader:
+        image = reader.read(0, vol.size)
+        runs = list(reader.extents(None, 4))
+
+        def keep_reading():
+            while not stop.is_set():
+                if reader.read(0, vol.size) != image:
+                    seen_bad.append(True)
+
+        th = threading.Thread(target=keep_reading)
+        th.start()
+        try:
+            vol.merge_through(1)  # overlays 0 and 1 are inside image 3: no wait, no change
+        finally:
+            stop.set()
+            th.join()
+        assert not seen_bad
+        assert not os.path.exists(os.path.join(vol.dir, "overlay-0.img"))
+        rebuilt = bytearray(vol.size)
+        for off, n, kind, fd in runs:  # descriptors taken before the merge still read right
+            if kind == "data":
+                rebuilt[off : off + n] = os.pread(fd, n, off)
+        assert bytes(rebuilt) == image
+        vol.merge_through(2, timeout=5)  # base becomes image 3 itself: still no wait
+        assert reader.read(0, vol.size) == image
+    assert vol.read(0, 8192) == b"z" * 4096 + b"A" * 4096
