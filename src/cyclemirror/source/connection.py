@@ -127,9 +127,9 @@ class TargetLink:
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
-        if self._reader is not None:
+        if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(5)
-        self.link = None
+        # self.link stays: a sender still holding it gets ConnectionLostError.
 
 
 def is_temporary(exc: BaseException) -> bool:

@@ -161,6 +161,9 @@ class MirrorDriver:
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._break:
+                failed = [r.broken for r in self.runs if r.broken is not None]
+                if failed:
+                    raise failed[0]  # the cause (a bad key, a size mismatch), not a symptom
                 raise UsageError(f"mirror of {self.volume.name!r} is broken; resume it first")
             want = self.volume.open_overlay + 1
             self._sync_requested = True
@@ -252,6 +255,12 @@ class MirrorDriver:
                 else:
                     frozen, first = first, None
                 self._ship_cycle(frozen)
+                with self._cond:
+                    if all(r.broken is not None for r in self.runs):
+                        # Nothing left to ship to: stop until resume() (after a fix).
+                        self._break = True
+                        self.last_error = "; ".join(f"{r.label}: {r.last_error}"
+                                                    for r in self.runs)
         except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
             log.exception("mirror of %s stopped", self.volume.name)
             with self._cond:
@@ -477,6 +486,7 @@ class MirrorDriver:
                 while True:
                     item = q.get()
                     if item is None:
+                        done[r.label] = True
                         break
                     index, frame, raw = item
                     if index < r.resume_from:
@@ -488,17 +498,19 @@ class MirrorDriver:
                 tlink.link.send_message("end", cycle=c, chunks=total[0])
                 dt = time.monotonic() - t0
                 wire = tlink.link.bytes_sent - wire0
-                r.stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw, "bytes_wire": wire,
-                           "chunks": total[0], "resumed_from": r.resume_from,
+                r.stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw,
+                           "bytes_wire": wire, "chunks": total[0], "resumed_from": r.resume_from,
                            "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
                            "compression_ratio": sent_raw / wire if wire else None}
             except BaseException as exc:  # noqa: BLE001
                 alive.pop(r.label, None)
                 self._failed(r, exc)
-                while q.get() is not None:  # drain so the producer never blocks on us
+                # Drain so the producer never blocks on us (unless the end was seen).
+                while not done.get(r.label) and q.get() is not None:
                     pass
 
         total = [0]
+        done: dict[str, bool] = {}
         threads = [threading.Thread(target=sender, args=(r,), daemon=True) for r in group]
         for t in threads:
             t.start()

@@ -141,7 +141,7 @@ class TargetServer:
             link = FrameLink(sock)
             Session(self, link).run()
         except Exception as exc:  # noqa: BLE001 - isolate every session's failure
-            self._note_error(f"session with {_peer(conn)}: {exc}")
+            self._note_error(f"session with {_peer(conn)}: {type(exc).__name__}: {exc}")
             if link is not None:
                 link.send_error(exc, error_code(exc))
         finally:
@@ -173,6 +173,10 @@ class TargetServer:
     def stop(self) -> None:
         self._stopping.set()
         if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            except OSError:
+                pass
             self._listener.close()
         with self._lock:
             conns = list(self._conns)

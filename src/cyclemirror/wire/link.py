@@ -17,7 +17,7 @@ import socket
 import threading
 
 from cyclemirror._cext import frames
-from cyclemirror.errors import PeerError, ProtocolError
+from cyclemirror.errors import FrameError, PeerError, ProtocolError
 from cyclemirror.wire import messages
 from cyclemirror.wire.sockio import peer_name, recv_exact, send_all
 
@@ -67,7 +67,10 @@ class FrameLink:
 
     def send_error(self, exc: BaseException, code: str = "error") -> None:
         """Best effort: tell the peer why we are closing (it may be gone already)."""
-        temporary = bool(getattr(exc, "temporary", False))
+        # A frame damaged in transit (a bad checksum, or a field a flipped bit made
+        # invalid) is worth a retry: it resumes after the last ack.  Anything else
+        # keeps its class's own classification.
+        temporary = bool(getattr(exc, "temporary", False)) or isinstance(exc, FrameError)
         try:
             self.send_message("error", code=code, message=str(exc)[: messages.MAX_TEXT],
                               temporary=temporary)
