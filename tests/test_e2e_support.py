@@ -16,12 +16,16 @@ import sys
 import time
 import urllib.request
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+import cyclemirror
+
+# The subprocesses import the very package this test process imported: the
+# source tree during development (PYTHONPATH=src), the installed wheel under tox.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cyclemirror.__file__)))
 
 
 def cli_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("CYCLEMIRROR_STORE", None)
     return env
 
