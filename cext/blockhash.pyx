@@ -32,6 +32,9 @@ from libc.string cimport memcmp, strerror
 from posix.types cimport off_t
 from posix.unistd cimport pread
 
+import os
+import stat
+
 import numpy as np
 
 from cyclemirror import errors
@@ -223,6 +226,18 @@ def hash_file(fd, offset, length, block_size, bits=64):
     cdef int nbits = _check_int(bits, "bits", 64, 128)
     if nbits != 64 and nbits != 128:
         raise errors.UsageError(f"blockhash: bits={nbits} is not supported; use 64 or 128")
+    # Refuse a range past the end of a regular file before sizing the outputs
+    # by it (block devices report no size here; their reads stop at the end).
+    try:
+        st = os.fstat(cfd)
+    except OSError as exc:
+        raise errors.StoreError(
+            f"blockhash: fd {cfd} cannot be inspected: {exc.strerror} (errno {exc.errno}); "
+            "pass an open file") from None
+    if ln and stat.S_ISREG(st.st_mode) and off + ln > <uint64_t>st.st_size:
+        raise errors.UsageError(
+            f"blockhash: fd {cfd} ends at byte {st.st_size}, before the end of the range "
+            f"[{off}, {off + ln}) to hash; hash only bytes inside the file")
     cdef uint64_t nblocks = (ln + bs - 1) // bs
     hashes, zero = _alloc_outputs(nblocks, nbits)
     if nblocks == 0:

@@ -144,6 +144,21 @@ def test_hash_file_past_end_of_file_raises(tmp_path):
         # Exactly to the end is fine; zero length anywhere is fine.
         assert blockhash.hash_file(f.fileno(), 4096, 10000 - 4096, 4096)[0].shape == (2,)
         assert blockhash.hash_file(f.fileno(), 1 << 40, 0, 4096)[0].shape == (0,)
+        # A huge range is refused before any output is sized by it.
+        with pytest.raises(errors.UsageError, match="ends at byte 10000"):
+            blockhash.hash_file(f.fileno(), 0, 1 << 60, 1)
+
+
+def test_hash_file_on_devices_without_a_size_stops_at_their_end():
+    # Character devices report no size, so the read loop itself must notice
+    # the end (/dev/null ends at once) and never hash missing bytes.
+    with open("/dev/null", "rb") as f:
+        with pytest.raises(errors.UsageError, match="ends at byte 0"):
+            blockhash.hash_file(f.fileno(), 0, 4096, 4096)
+    with open("/dev/zero", "rb") as f:
+        hashes, zero = blockhash.hash_file(f.fileno(), 0, (1 << 20) + 5, 4096)
+    assert zero.all() and len(zero) == 257
+    assert as_ref_hashes(hashes) == hash_ref.hash_blocks(bytes((1 << 20) + 5), 4096)[0]
 
 
 def test_hash_file_on_a_closed_fd_raises_store_error(tmp_path):
