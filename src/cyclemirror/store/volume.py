@@ -220,9 +220,13 @@ class Volume:
     # -- the view -------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
-        self._check_range(offset, length, "read")
+        if type(offset) is not int or type(length) is not int or not (
+            0 <= offset and 0 <= length and offset + length <= self.size
+        ):
+            self._check_range(offset, length, "read")
         with self._lock:
-            self._top()
+            if self._closed:
+                self._top()  # raises the "closed" error
             try:
                 return read_range(self._overlays, self._base, offset, length, self.block_size)
             except OSError as exc:
