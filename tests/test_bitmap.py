@@ -37,7 +37,9 @@ EDGE_NBITS = [0, 1, 63, 64, 65, LEAF_BITS - 1, LEAF_BITS, LEAF_BITS + 1, 3 * LEA
               (1 << 24) + 1, (1 << 33) + 7, 1 << 40, 1 << 48]
 MAX_SET = 3 * LEAF_BITS + 100            # caps how much one random set_range allocates
 
-SETTINGS = settings(deadline=None, max_examples=150,
+# CYCLEMIRROR_SLOW=1 multiplies the random trials by 20 (a few minutes instead of seconds).
+SCALE = 20 if os.environ.get("CYCLEMIRROR_SLOW") == "1" else 1
+SETTINGS = settings(deadline=None, max_examples=150 * SCALE,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -244,7 +246,7 @@ class BitmapMachine(RuleBasedStateMachine):
 
 
 TestBitmapMachine = BitmapMachine.TestCase
-TestBitmapMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
+TestBitmapMachine.settings = settings(max_examples=40 * SCALE, stateful_step_count=30, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -539,7 +541,7 @@ def test_every_truncation_of_a_file_is_detected(tmp_path):
         ExtentBitmap.from_bytes(data + b"\0")
 
 
-@settings(deadline=None, max_examples=200)
+@settings(deadline=None, max_examples=200 * SCALE)
 @given(position=st.integers(0, GOLDEN_SIZE - 1), flip=st.integers(1, 255))
 def test_any_flipped_byte_is_detected(position, flip):
     data = bytearray(golden_bitmap().to_bytes())
@@ -591,7 +593,7 @@ def test_crafted_files_with_valid_checksums_are_refused(body, complaint):
         ExtentBitmap.from_bytes(rechecksum(body))
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None, max_examples=300 * SCALE)
 @given(nbits=st.integers(0, 4 * LEAF_BITS), leaf_bits=st.sampled_from([LEAF_BITS, LEAF_BITS, 4096]),
        records=st.lists(st.tuples(st.integers(0, 5),
                                   st.dictionaries(st.sampled_from([0, 1, 255, 511]),
