@@ -11,6 +11,8 @@ after it, which may have run partly, wholly or not at all):
 * the frozen cycles are those before or after the in-flight operation (an
   interrupted freeze or merge is all or nothing), each frozen image is exact,
   and its dirty and zeroed sets are exactly what the model says;
+* every third trial crashes a second time while a new process reopens the
+  store (recovery itself must be restartable);
 * the open overlay's recovered dirty set (seen by freezing it) holds every
   block the model touched and nothing outside that plus the in-flight
   operation's blocks: a safe superset, never a full copy.
@@ -89,6 +91,17 @@ def _run_child_and_kill(store_path: str, seed: int, delay: float) -> tuple[int, 
     return (max(indexes) if indexes else -1), done
 
 
+def _kill_during_reopen(store_path: str, delay: float) -> None:
+    """A second crash, while the store recovers (redoing a merge, repairing torn blocks)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), store_path, "0", "0"], stdout=subprocess.DEVNULL, env=env
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def _trial(tmp_path: Path, seed: int) -> dict:
     rng = random.Random(seed)
     bs = 4096 if seed % 2 == 0 else 16384
@@ -97,6 +110,8 @@ def _trial(tmp_path: Path, seed: int) -> dict:
     with Store.create(store_path) as store:
         store.create_volume("v", size, bs)
     last, done = _run_child_and_kill(store_path, seed, rng.uniform(0.0, 0.4))
+    if seed % 3 == 0:
+        _kill_during_reopen(store_path, rng.uniform(0.0, 0.3))
 
     ops = list(workload(seed, size, bs, last + 2))
     before = VolumeModel(size, bs)
