@@ -34,6 +34,11 @@ session object is used by exactly one thread; another thread may only call
 
 import logging
 
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING,
+    PyByteArray_CheckExact,
+    PyByteArray_GET_SIZE,
+)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
@@ -137,6 +142,7 @@ cdef enum:
     HDR_AREA = 65536
     FLUSH_BYTES = 4194304
     MAX_DESCRIPTORS = 65536
+    KEEP_BIG_BUFFER = 4194304
 
 MAX_STATUS_LENGTH = 1 << 30
 
@@ -546,6 +552,10 @@ cdef class TransmissionSession:
                             break
                     self._do_write(flags, handle, offset, length, payload)
                     payload = None
+                    if self.bigbuf is not None and len(self.bigbuf) > KEEP_BIG_BUFFER:
+                        # Bound what idle connections hold: only modest buffers are reused.
+                        self.bigview = None
+                        self.bigbuf = None
                     continue
                 self.rpos += HEADER
                 if cmd == CMD_READ:
@@ -604,6 +614,8 @@ cdef class TransmissionSession:
 
     cdef int _do_read(self, uint16_t flags, uint64_t handle, uint64_t offset, uint32_t length) except -1:
         cdef unsigned char *p
+        cdef const unsigned char *ptr
+        cdef Py_ssize_t got
         if self._bad_flags(CMD_READ, flags, handle):
             return 0
         if length > self.max_payload:
@@ -616,15 +628,20 @@ cdef class TransmissionSession:
             data = self.read_fn(offset, length)
         except Exception as exc:
             return self._backend_failed("read", handle, offset, length, exc)
-        if not PyBytes_CheckExact(data):
-            try:
-                data = bytes(data)
-            except Exception as exc:
-                return self._backend_failed("read", handle, offset, length, exc)
-        if PyBytes_GET_SIZE(data) != length:
+        if PyBytes_CheckExact(data):
+            ptr = <const unsigned char *> PyBytes_AS_STRING(data)
+            got = PyBytes_GET_SIZE(data)
+        elif PyByteArray_CheckExact(data):
+            ptr = <const unsigned char *> PyByteArray_AS_STRING(data)
+            got = PyByteArray_GET_SIZE(data)
+        else:
             return self._backend_failed(
                 "read", handle, offset, length,
-                ProtocolError(f"backend returned {PyBytes_GET_SIZE(data)} bytes, not {length}"))
+                ProtocolError(f"backend returned {type(data).__name__}, not bytes"))
+        if got != length:
+            return self._backend_failed(
+                "read", handle, offset, length,
+                ProtocolError(f"backend returned {got} bytes, not {length}"))
         if self.structured:
             self._room(28, 2)
             p = self._hdr(28)
@@ -640,7 +657,7 @@ cdef class TransmissionSession:
             _put32(p, SIMPLE_REPLY_MAGIC)
             _put32(p + 4, 0)
             _put64(p + 8, handle)
-        self._queue_object(data, <const unsigned char *> PyBytes_AS_STRING(data), length)
+        self._queue_object(data, ptr, length)
         return 0
 
     cdef int _do_write(self, uint16_t flags, uint64_t handle, uint64_t offset, uint32_t length,

@@ -283,3 +283,52 @@ def test_block_status_from_a_broken_backend_is_an_error_reply_not_a_crash(answer
 
 def test_block_status_past_the_end_is_einval():
     assert _status([(4096, 0)], offset=(1 << 20) - 4096, length=8192).error == C.EINVAL
+
+
+class _ReadBackend:
+    """A read-only backend whose read answer is chosen by the test."""
+
+    size = 1 << 20
+    block_size = 4096
+    readonly = True
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def read(self, offset, length):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer(length)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("answer,error", [
+    (lambda n: bytes(n), 0),
+    (lambda n: bytearray(b"\x07" * n), 0),          # served without a copy, like bytes
+    (lambda n: bytes(n - 1), C.EIO),                 # short
+    (lambda n: bytes(n + 1), C.EIO),                 # long
+    (lambda n: memoryview(bytes(n)), C.EIO),         # not bytes
+    (lambda n: None, C.EIO),
+    (PermissionError(13, "no"), C.EPERM),
+    (OSError(28, "full"), C.ENOSPC),
+    (RuntimeError("bug in a backend"), C.EIO),
+])
+def test_what_a_backend_returns_from_read_is_checked(structured, answer, error):
+    server_end, client_end = socket.socketpair()
+    backend = _ReadBackend(answer)
+    s = nbdio.TransmissionSession(server_end.fileno(), "r", backend, backend.size,
+                                  1 | TF_READ_ONLY | (TF_DF if structured else 0), structured, 0,
+                                  MAX_PAYLOAD)
+    client_end.sendall(C.request(C.CMD_READ, 4096, 1000, handle=5)
+                       + C.request(C.CMD_READ, 0, 10, handle=6) + C.request(C.CMD_DISC))
+    s.run()
+    server_end.close()
+    client_end.settimeout(5)
+    reader = C.ReplyReader(client_end, structured)
+    reader.expect_read(5, 4096, 1000)
+    reader.expect_read(6, 0, 10)
+    first, second = reader.next(), reader.next()
+    assert (first.handle, first.error) == (5, error)
+    assert (first.data is not None) == (error == 0)
+    assert second.handle == 6  # the session went on after the failure
+    client_end.close()
