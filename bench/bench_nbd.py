@@ -18,6 +18,8 @@ Servers, each on a 512 MiB image filled with data beforehand, page cache warm:
   * volume   our NbdServer exporting a store Volume imported from that image,
              while another thread freezes it and merges the previous overlay
              every second (the issue's condition for the targets)
+  * vol-still  the same Volume without freezes: separates the cost of the
+             store's write path from the cost of the freezes and merges
 The servers run one after the other, interleaved round after round with the
 order rotated each round, so a busy neighbour on this shared 2-core machine
 (and the page cache's writeback of the previous trial) hits all of them alike;
@@ -43,7 +45,7 @@ MiB = 1 << 20
 SIZE = 512 * MiB
 SECONDS = int(os.environ.get("CYCLEMIRROR_BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
-SERVERS = ["nbdkit", "nbdkit-t1", "raw", "volume"]
+SERVERS = ["nbdkit", "nbdkit-t1", "raw", "volume", "vol-still"]
 WORKLOADS = {
     "4k-randwrite-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
     "1m-seqwrite-qd4": ["--rw=write", "--bs=1M", "--iodepth=4"],
@@ -116,6 +118,7 @@ def env(tmp_path_factory):
         "nbdkit-t1": f"nbd+unix:///?socket={nbdkit1_sock}",
         "raw": raw_server.uri("raw"),
         "volume": vol_server.uri("vol"),
+        "vol-still": vol_server.uri("vol"),
         "vol": vol,
     }
     raw_server.stop()
