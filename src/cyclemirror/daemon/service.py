@@ -74,6 +74,10 @@ class Daemon:
         cfg = self.config
         try:
             self.store = open_or_create_store(cfg.store, cfg.node_name)
+            if cfg.node_name and cfg.node_name != self.store.node_name:
+                log.warning("node name %r not applied: store %s was created as %r and keeps "
+                            "the name it got then", cfg.node_name, self.store.path,
+                            self.store.node_name)
             daemon_dir = os.path.join(self.store.path, "daemon")
             os.makedirs(daemon_dir, exist_ok=True)
             key = self._read_key(cfg.key_file) if cfg.key_file else None
