@@ -565,3 +565,40 @@ def test_a_reader_keeps_its_image_while_older_overlays_merge_under_it(store):
         vol.merge_through(2, timeout=5)  # base becomes image 3 itself: still no wait
         assert reader.read(0, vol.size) == image
     assert vol.read(0, 8192) == b"z" * 4096 + b"A" * 4096
+
+
+def test_merge_accounts_every_byte_as_reflinked_or_copied(store):
+    vol = store.create_volume("v", 8 * MiB)
+    vol.write(0, os.urandom(2 * MiB))
+    vol.freeze()
+    vol.merge_through(0)
+    assert vol.merged_bytes_reflinked + vol.merged_bytes_copied == 2 * MiB
+    with open(os.path.join(vol.dir, "base.img"), "rb") as f:
+        assert vol.read(0, 4096) == f.read(4096)
+
+
+def test_merge_reflinks_where_the_filesystem_can(tmp_path):
+    mkfs = require_tool("mkfs.xfs")
+    mount, umount = require_tool("mount"), require_tool("umount")
+    img, mnt = str(tmp_path / "xfs.img"), str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    with open(img, "wb") as f:
+        f.truncate(512 * MiB)
+    subprocess.run([mkfs, "-q", "-m", "reflink=1", img], check=True, capture_output=True)
+    mounted = subprocess.run([mount, "-o", "loop", img, mnt], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount an XFS image ({mounted.stderr.strip()}); needs root and loop devices")
+    try:
+        with Store.create(os.path.join(mnt, "store")) as xs:
+            vol = xs.create_volume("v", 64 * MiB)
+            data = os.urandom(8 * MiB)
+            vol.write(MiB, data)
+            vol.freeze()
+            vol.merge_through(0)
+            assert vol.merged_bytes_reflinked == 8 * MiB and vol.merged_bytes_copied == 0
+            assert vol.read(MiB, 8 * MiB) == data
+            with open(os.path.join(vol.dir, "base.img"), "rb") as f:
+                f.seek(MiB)
+                assert f.read(8 * MiB) == data
+    finally:
+        subprocess.run([umount, mnt], check=True)

@@ -135,6 +135,9 @@ class Volume:
         self._on_close = on_close
         self._closed = False
         self.torn_blocks_repaired = 0
+        # Bytes merges moved into base by reflink and by copy_file_range (for metrics and tests).
+        self.merged_bytes_reflinked = 0
+        self.merged_bytes_copied = 0
         self._base = Layer.open_base(os.path.join(vol_dir, BASE_FILE))
         self._overlays: list[Layer] = []  # newest (open) first
         try:
@@ -503,6 +506,8 @@ class Volume:
             copier = fileops.KernelCopier()
             for s, c in data.iter_runs(max_run=max(1, MERGE_CHUNK // bs)):
                 copier.copy(layer.fd, base_fd, s * bs, c * bs)
+            self.merged_bytes_reflinked += copier.reflinked_bytes
+            self.merged_bytes_copied += copier.copied_bytes
             if layer.has_zeroed:
                 for s, c in layer.zeroed.iter_runs():
                     fileops.punch_hole(base_fd, s * bs, c * bs)
