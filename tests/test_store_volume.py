@@ -602,3 +602,19 @@ def test_merge_reflinks_where_the_filesystem_can(tmp_path):
                 assert f.read(8 * MiB) == data
     finally:
         subprocess.run([umount, mnt], check=True)
+
+
+def test_a_lost_zero_log_is_damage_not_an_empty_log(store):
+    vol = store.create_volume("v", MiB)
+    vol.write(0, b"d" * 8192)
+    vol.freeze()
+    vol.write_zeroes(0, 8192)
+    vdir = vol.dir
+    store.close()
+    os.unlink(os.path.join(vdir, "overlay-1.zlog"))
+    again = Store.open(store.path)
+    try:
+        with pytest.raises(StoreError, match="no zero log"):
+            again.open_volume("v")
+    finally:
+        again.close()

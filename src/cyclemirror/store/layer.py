@@ -91,7 +91,15 @@ class Layer:
         if os.fstat(fd).st_size != size:
             os.close(fd)
             raise StoreError(f"overlay file {img} is not {size} bytes long; the volume is damaged")
-        zlog = ZeroLog.open(zpath) if os.path.exists(zpath) else ZeroLog.create(zpath)
+        try:
+            zlog = ZeroLog.open(zpath)
+        except FileNotFoundError as exc:
+            os.close(fd)
+            # Without it, zeroed blocks would look untouched and older data would reappear.
+            raise StoreError(
+                f"overlay {number} of volume {vol_dir} has no zero log {zpath}; the volume is "
+                "damaged (restore it from a mirror)"
+            ) from exc
         return cls(number, img, fd, nblocks, zlog)
 
     # -- sharing ----------------------------------------------------------------
