@@ -151,3 +151,11 @@ def test_stop_ends_every_session_and_joins_its_threads(tmp_path):
             except ConnectionResetError:
                 pass
             s.close()
+
+
+def test_a_stopped_server_can_start_again(tmp_path):
+    with raw_server(tmp_path, {"vol": (MiB, False)}) as (srv, _):
+        srv.stop()
+        srv.start()
+        with C.connect_unix(srv.unix_path) as s:
+            assert C.open_export(s, "vol").size == MiB

@@ -18,9 +18,10 @@ from nbd_helpers import file_blocks_bytes, raw_server, run
 MiB = 1 << 20
 
 
-def test_nbdinfo_shows_size_capabilities_and_the_allocation_context(tmp_path):
+def test_nbdinfo_shows_size_capabilities_and_the_allocation_context_over_unix_and_tcp(tmp_path):
     require_tool("nbdinfo")
-    with raw_server(tmp_path, {"vol": (64 * MiB, False), "mirror": (8 * MiB, True)}, tcp=True) as (srv, _):
+    require_tool("qemu-io")
+    with raw_server(tmp_path, {"vol": (64 * MiB, False), "mirror": (8 * MiB, True)}, tcp=True) as (srv, paths):
         info = json.loads(run("nbdinfo", "--json", srv.uri("vol")).stdout)
         (export,) = info["exports"]
         assert export["export-size"] == 64 * MiB
@@ -38,8 +39,13 @@ def test_nbdinfo_shows_size_capabilities_and_the_allocation_context(tmp_path):
         host, port = srv.tcp_address
         tcp = json.loads(run("nbdinfo", "--json", f"nbd://{host}:{port}/vol").stdout)
         assert tcp["exports"][0]["export-size"] == 64 * MiB
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x42 12345 100000", "-c", "read -P 0x42 12345 100000",
+            f"nbd://{host}:{port}/vol")
         listed = run("nbdinfo", "--list", "--json", srv.uri("")).stdout
         assert sorted(e["export-name"] for e in json.loads(listed)["exports"]) == ["mirror", "vol"]
+        with open(paths["vol"], "rb") as f:
+            f.seek(12345)
+            assert f.read(100000) == b"\x42" * 100000  # the TCP write landed
 
 
 def test_qemu_img_convert_fills_the_volume_and_compare_matches(tmp_path):

@@ -98,6 +98,8 @@ class NbdServer:
         if self.tcp_address is None:
             raise UsageError("NbdServer.uri: the server is not listening yet; call start()")
         host, port = self.tcp_address
+        if ":" in host:
+            host = f"[{host}]"  # IPv6 literal
         return f"nbd://{host}:{port}/{name}"
 
     def connection_count(self) -> int:
@@ -109,6 +111,8 @@ class NbdServer:
     def start(self) -> NbdServer:
         if self.started:
             raise UsageError("NbdServer.start: already started")
+        self._stopping.clear()  # a stopped server may be started again
+        self._accept_threads = []
         try:
             if self._unix_path is not None:
                 self._listeners.append(self._bind_unix(self._unix_path))
