@@ -195,3 +195,43 @@ def test_corrupted_staging_data_is_refused_on_apply(tmp_path):
     open(path, "wb").write(raw)
     with pytest.raises(IntegrityError, match="fails its checksum"):
         list(read_records(path, len(raw), 1 << 20))
+
+
+GROUP = [VolumeSpec("a", SIZE, BS), VolumeSpec("b", SIZE, BS)]
+
+
+def open_group(root):
+    return Mirror.open(root, "node1", None, "g", True, GROUP, 1 << 20)
+
+
+@pytest.mark.parametrize("crash", ["before_end", "after_commit"])
+def test_group_cycle_applies_to_all_members_or_to_none(tmp_path, crash):
+    root = str(tmp_path)
+    m = open_group(root)
+    m.begin(1, 1.0, True, 0)
+    m.receive(REC_DATA, 0, 0, BS, b"a" * BS)
+    m.receive(REC_DATA, 1, 0, BS, b"b" * BS)
+    m.finish(1, 2)
+    images = lambda g: [open(g.image_path(i), "rb").read(BS) for i in range(2)]  # noqa: E731
+    assert images(m) == [b"a" * BS, b"b" * BS]
+    m.begin(2, 2.0, False, 0)
+    m.receive(REC_DATA, 0, 0, BS, b"A" * BS)
+    m.receive(REC_DATA, 1, 0, BS, b"B" * BS)
+    if crash == "before_end":
+        m.checkpoint()
+        m.close()
+        m = open_group(root)
+        assert images(m) == [b"a" * BS, b"b" * BS]  # neither member changed
+    else:
+        m.checkpoint()
+        m._close_inflight()
+        p = m.state.pending
+        m.state.committed, m.state.pending = p, None
+        m.state.save(m.state_path)
+        fd = os.open(m.image_path(0), os.O_RDWR)  # member a already written, b not
+        os.pwrite(fd, b"A" * BS, 0)
+        os.close(fd)
+        m = open_group(root)
+        assert images(m) == [b"A" * BS, b"B" * BS]  # recovery finished both
+        assert m.state.applied_cycle == 2
+    m.close()
