@@ -263,23 +263,36 @@ class Volume:
                 raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
 
     def _write_unaligned(self, top: Layer, offset: int, data) -> None:
-        # First touch of a partial block is read-modify-write against the view, so the
-        # overlay keeps whole blocks only (recovery relies on that shape).
+        # The first touch of a partial block in this overlay is read-modify-write against
+        # the view, so the overlay keeps whole blocks only (recovery relies on that shape).
+        # A partial block the overlay already holds as data takes the bytes in place.
         bs = self.block_size
         end = offset + len(data)
         a0 = offset & ~self._mask
         a1 = (end + self._mask) & ~self._mask
-        buf = bytearray(a1 - a0)
-        if offset != a0:
-            buf[0:bs] = read_range(self._overlays, self._base, a0, bs, bs)
-        if end != a1 and (a1 - bs > a0 or offset == a0):
-            buf[a1 - bs - a0 :] = read_range(self._overlays, self._base, a1 - bs, bs, bs)
-        buf[offset - a0 : end - a0] = data
-        fileops.pwrite_all(top.fd, buf, a0)
+        head_rmw = offset != a0 and self._needs_rmw(top, a0 >> self._shift)
+        tail_rmw = end != a1 and self._needs_rmw(top, (a1 >> self._shift) - 1)
+        if head_rmw or tail_rmw:
+            lo = a0 if head_rmw else offset
+            hi = a1 if tail_rmw else end
+            buf = bytearray(hi - lo)
+            if head_rmw:
+                buf[0:bs] = read_range(self._overlays, self._base, a0, bs, bs)
+            if tail_rmw and (a1 - bs != a0 or not head_rmw):
+                buf[hi - lo - bs :] = read_range(self._overlays, self._base, a1 - bs, bs, bs)
+            buf[offset - lo : end - lo] = data
+            fileops.pwrite_all(top.fd, buf, lo)
+        else:
+            fileops.pwrite_all(top.fd, data, offset)
         b0, count = a0 >> self._shift, (a1 - a0) >> self._shift
         top.dirty.set_range(b0, count)
         if top.has_zeroed:
             top.zeroed.clear_range(b0, count)
+
+    @staticmethod
+    def _needs_rmw(top: Layer, block: int) -> bool:
+        # Zeroed blocks are holes in the overlay: a partial write would leave them half allocated.
+        return not top.dirty.test(block) or (top.has_zeroed and top.zeroed.test(block))
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
         self._zero(offset, length, fua, "write_zeroes")
