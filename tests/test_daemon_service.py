@@ -128,12 +128,12 @@ def test_config_file_sets_store_nbd_and_metrics_with_flags_winning(tmp_path):
     cfg.write_text(f'store = "cfgstore"\nnode_name = "from-config"\nnbd = "unix:{sock.name}"\n'
                    'metrics = "127.0.0.1:0"\nlog_level = "debug"\n')
     d = Daemon(tmp_path, "cfgstore", nbd=False, metrics=False,
-               extra=("--config", str(cfg), "--node-name", "from-flag"))
+               extra=("--config", str(cfg), "--node-name", "from-flag", "--bwlimit", "1M"))
     d.start()
     try:
         doc = d.status()
         assert doc["node"]["store"] == str(tmp_path / "cfgstore")
-        assert doc["node"]["name"] == "from-flag"
+        assert doc["node"]["name"] == "from-flag" and doc["node"]["bwlimit"] == MiB
         assert doc["node"]["nbd"] == [f"unix:{sock}"] and doc["node"]["metrics"]
         d.cli("volume", "create", "v", "--size", "1M")
         with NbdClient("v", unix_path=str(sock)) as nbd:
