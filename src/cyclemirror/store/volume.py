@@ -231,6 +231,13 @@ class Volume:
             if self._closed:
                 self._top()  # raises the "closed" error
             try:
+                block = offset >> self._shift
+                if 0 < length and (offset + length - 1) >> self._shift == block:
+                    # One block (the common NBD read): the newest layer holding it serves it.
+                    for layer in self._overlays:
+                        if layer.dirty.test(block):
+                            return fileops.pread_exact(layer.fd, length, offset)
+                    return fileops.pread_exact(self._base.fd, length, offset)
                 return read_range(self._overlays, self._base, offset, length, self.block_size)
             except OSError as exc:
                 raise fileops.store_error(f"reading volume {self.name!r} at {offset}", exc) from exc
