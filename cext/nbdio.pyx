@@ -202,31 +202,26 @@ def wire_error_for(exc):
     return E_IO
 
 
+cdef int _fallocate(int fd, int mode, long offset, long length, str what) except -1:
+    cdef int rc
+    cdef int err = 0
+    with nogil:
+        rc = fallocate(fd, mode, offset, length)
+        if rc != 0:
+            err = errno  # read before anything else can change it
+    if rc != 0:
+        raise OSError(err, f"fallocate({what}) at {offset}+{length} failed")
+    return 0
+
+
 def punch_hole(int fd, long offset, long length):
     """Deallocate [offset, offset+length) of a file, keeping its size; reads back as zeroes."""
-    cdef int rc
-    with nogil:
-        rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-    if rc != 0:
-        raise OSError(errno, f"fallocate(PUNCH_HOLE) at {offset}+{length} failed")
+    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, "PUNCH_HOLE")
 
 
 def zero_range(int fd, long offset, long length):
     """Zero [offset, offset+length) of a file in place, keeping it allocated and its size."""
-    cdef int rc
-    with nogil:
-        rc = fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-    if rc != 0:
-        raise OSError(errno, f"fallocate(ZERO_RANGE) at {offset}+{length} failed")
-
-
-def allocate_range(int fd, long offset, long length):
-    """Make sure [offset, offset+length) is allocated (mode 0 fallocate, size kept)."""
-    cdef int rc
-    with nogil:
-        rc = fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
-    if rc != 0:
-        raise OSError(errno, f"fallocate(KEEP_SIZE) at {offset}+{length} failed")
+    _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, "ZERO_RANGE")
 
 
 cdef class TransmissionSession:
