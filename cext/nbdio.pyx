@@ -73,6 +73,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int MSG_NOSIGNAL
     int MSG_DONTWAIT
+    int MSG_WAITALL
 
 cdef extern from "<endian.h>" nogil:
     uint16_t be16toh(uint16_t x)
@@ -478,8 +479,10 @@ cdef class TransmissionSession:
     cdef object _big_payload(self, Py_ssize_t length):
         """Receive a payload longer than the receive buffer; returns a memoryview or None at EOF."""
         cdef Py_ssize_t have = self.rend - self.rpos
-        cdef Py_ssize_t got, n
+        cdef Py_ssize_t got
         cdef unsigned char *dst
+        cdef ssize_t r
+        cdef int err = 0
         if self.bigbuf is None or len(self.bigbuf) < length:
             self.bigview = None
             self.bigbuf = bytearray(length)
@@ -489,11 +492,23 @@ cdef class TransmissionSession:
         self.rpos = 0
         self.rend = 0
         got = have
+        if got < length and self.niov:
+            self._send_all()  # the client may wait for these before it sends on
         while got < length:
-            n = self._recv_some(dst + got, length - got)
-            if n == 0:
+            # The client must send the whole payload now: wait for all of it in one call.
+            with nogil:
+                r = recv(self.fd, dst + got, <size_t> (length - got), MSG_WAITALL)
+                if r < 0:
+                    err = errno
+            if r == 0:
                 return None
-            got += n
+            if r < 0:
+                if err == EINTR:
+                    continue
+                raise ConnectionLostError(
+                    f"nbd export {self.export_name!r}: receiving a write payload failed "
+                    f"({_errno_mod.errorcode.get(err, err)})")
+            got += r
         return self.bigview[:length]
 
     # ------------------------------------------------------------------ the loop
