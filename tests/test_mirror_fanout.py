@@ -106,10 +106,7 @@ def test_two_targets_one_down_the_other_goes_on_then_catch_up_is_a_delta(tmp_pat
 
 def d_sync_only_a(d, rec, a_store, src):
     """Freeze and wait until target a applied it (b is down, so sync() would wait)."""
-    with d._cond:
-        want = d.volume.open_overlay + 1
-        d._sync_requested = True
-        d._cond.notify_all()
+    want = d.request_freeze()
     a_label = d.runs[0].label
     wait_for(lambda: any(c >= want and lab == a_label for c, lab, _ in rec.events), 30,
              f"cycle {want} on target a")
@@ -179,4 +176,33 @@ def test_two_stores_push_volumes_of_one_name_without_collision(tmp_path, key):
     assert not same_file(exports[0][1], exports[1][1])
     for d in drivers:
         d.stop()
+    t.stop()
+
+
+def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(tmp_path, key):
+    rec = Recorder(str(tmp_path))
+    src = Store.create(str(tmp_path / "src"))
+    vol = src.create_volume("v", 8 * MiB)
+    t_store, t = make_target(tmp_path, "t", key)
+    d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    d.start()
+    c1 = d.sync(30)
+    vol.write(0, os.urandom(4 * MiB))
+    d.rate.rate = 1 * MiB  # slow enough to catch the cycle in the middle
+    d.request_freeze()
+    wait_for(lambda: d.status()["cycle"] == c1 + 1
+             and d.status()["targets"][d.runs[0].label]["phase"] == "copying", 30,
+             f"the next cycle to start copying (c1={c1})")
+    d.break_(now=True)
+    wait_for(lambda: d.status()["phase"] == "broken", 30, "the break")
+    assert same_file(image(t_store, src, "v"), rec.exports[c1])
+    assert not [c for c, _, _ in rec.events if c > c1]  # nothing else was applied
+    d.rate.rate = 0
+    d.resume()
+    c = d.sync(30)
+    assert same_file(image(t_store, src, "v"), rec.exports[c])
+    later = [s for cc, _, s in rec.events if cc > c1]
+    assert all(not s["full"] for s in later)
+    assert sum(s["bytes_raw"] for s in later) <= 4 * MiB
+    d.stop()
     t.stop()

@@ -139,7 +139,7 @@ class MirrorDriver:
         self._stop = False
         self._break = False
         self._break_now = False
-        self._sync_requested = False
+        self._sync_want = 0  # freeze as soon as open_overlay < this
         self.phase = "idle"
         self.cycle = 0
         self.last_freeze_time = 0.0
@@ -160,14 +160,7 @@ class MirrorDriver:
         """Freeze now; return the cycle once every target has applied it."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            if self._break:
-                failed = [r.broken for r in self.runs if r.broken is not None]
-                if failed:
-                    raise failed[0]  # the cause (a bad key, a size mismatch), not a symptom
-                raise UsageError(f"mirror of {self.volume.name!r} is broken; resume it first")
-            want = self.volume.open_overlay + 1
-            self._sync_requested = True
-            self._cond.notify_all()
+            want = self.request_freeze()
             while not all(r.applied_cycle >= want for r in self.runs):
                 broken = [r for r in self.runs if r.broken is not None]
                 if broken:
@@ -179,6 +172,24 @@ class MirrorDriver:
                         f"target within {timeout}s ({self._targets_brief()})")
                 self._cond.wait(min(left, 0.5))
         return want
+
+    def request_freeze(self) -> int:
+        """Ask for a freeze now, without waiting; return the cycle that will follow it.
+
+        Every write completed before this call lands in that cycle or an older one.
+        """
+        with self._cond:
+            if self._break:
+                failed = [r.broken for r in self.runs if r.broken is not None]
+                if failed:
+                    raise failed[0]  # the cause (a bad key, a size mismatch), not a symptom
+                raise UsageError(f"mirror of {self.volume.name!r} is broken; resume it first")
+            # A number, not a flag: a freeze the loop already decided on but has not
+            # made yet also satisfies the request, so no extra cycle follows.
+            want = self.volume.open_overlay + 1
+            self._sync_want = max(self._sync_want, want)
+            self._cond.notify_all()
+            return want
 
     def break_(self, now: bool = False) -> None:
         """Stop repeating: after the in-flight cycle, or at once (target keeps the previous)."""
@@ -275,15 +286,13 @@ class MirrorDriver:
         """Sleep until the next freeze is due (or a sync asks now); False to re-check flags."""
         with self._cond:
             due = max(self.last_freeze_time + self.options.interval, self._copy_done)
-            while not (self._sync_requested or self._stop or self._break):
+            while not (self._sync_want > self.volume.open_overlay or self._stop
+                       or self._break):
                 left = due - time.time()
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 1.0))
-            if self._stop or self._break:
-                return False
-            self._sync_requested = False
-            return True
+            return not (self._stop or self._break)
 
     # -- recovery and bookkeeping ----------------------------------------
     def _recover(self):
@@ -369,6 +378,8 @@ class MirrorDriver:
     def _attempt(self, frozen, reader, runs: list[_Run]) -> None:
         c = frozen.number
         ready = []
+        if self._break_now:
+            return
         for r in runs:
             try:
                 r.phase = "connecting"
@@ -546,8 +557,8 @@ class MirrorDriver:
 
     def _applied(self, r: _Run, frozen) -> None:
         r.owed = ExtentBitmap(self.volume.nblocks)
-        self._record_applied(r, frozen.number, frozen.freeze_time)
         r.ok, r.backoff, r.last_error, r.phase = True, 0.0, None, "idle"
+        self._record_applied(r, frozen.number, frozen.freeze_time)
         if self.options.on_applied is not None:
             self.options.on_applied(frozen.number, r.label, dict(r.stats))
 

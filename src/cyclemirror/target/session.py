@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from cyclemirror._cext import frames
-from cyclemirror.errors import CycleMirrorError, ProtocolError
+from cyclemirror.errors import ConnectionLostError, CycleMirrorError, ProtocolError
 from cyclemirror.target.mirror import Mirror
 from cyclemirror.target.staging import REC_DATA, REC_TRIM, REC_ZERO
 from cyclemirror.target.state import VolumeSpec
@@ -58,7 +58,14 @@ class Session:
         try:
             self._open()
             while True:
-                header, payload = self.link.recv_frame()
+                try:
+                    header, payload = self.link.recv_frame()
+                except ConnectionLostError as exc:
+                    if getattr(exc, "clean", False):
+                        log.info("mirror %s: source %s closed the connection between cycles",
+                                 self.mirror.state.mirror, self.link.peer)
+                        return
+                    raise
                 msg = self.link.message_from(header, payload, {"begin", "hash_request"})
                 if msg["type"] == "begin":
                     self._receive_cycle(msg)

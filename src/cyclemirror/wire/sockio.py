@@ -39,9 +39,11 @@ def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
                 f"{peer_name(sock)}: {exc}"
             ) from None
         if k == 0:
-            raise ConnectionLostError(
+            err = ConnectionLostError(
                 f"connection closed after {got} of {n} bytes of {what} from {peer_name(sock)}"
             )
+            err.clean = got == 0  # closed between messages: an orderly end, not truncation
+            raise err
         got += k
     return bytes(buf)
 
