@@ -419,7 +419,7 @@ class MirrorDriver:
         """Connect and reconcile; return False if the target already applied this cycle."""
         c = frozen.number
         e = self.state.entry(r.label)
-        if r.link is not None and r.link.failure is None:
+        if r.link is not None and r.link.failure is None and not e.get("untrusted"):
             # A live link: the target's state is what we have tracked on it.
             return self._begin(r, frozen, resume=False)
         r.drop_link()
@@ -437,14 +437,20 @@ class MirrorDriver:
         compare = bool(e.get("untrusted"))
         if e["target_node"] not in (None, opened["node_id"]):
             compare = True  # another store answers at that address
-        if not opened["has_image"]:
-            r.owed = None
-        elif t_applied < r.applied_cycle or (r.applied_cycle == 0 and r.owed is None
-                                               and e["target_node"] is None):
+        if t_applied < r.applied_cycle or (r.applied_cycle == 0 and r.owed is None
+                                           and e["target_node"] is None):
             compare = True  # it went back in time, or we never knew it
+        if not opened["has_image"]:
+            r.owed, compare = None, False
         elif t_applied >= c:
-            r.owed = ExtentBitmap(self.volume.nblocks)
-            self._record_applied(r, t_applied, opened["freeze_time"])
+            # It already holds this cycle or a newer one: nothing to send now.
+            e["target_node"] = opened["node_id"]
+            if compare:
+                e["untrusted"] = True  # the next cycle compares hashes
+                self.state.save()
+            else:
+                r.owed = ExtentBitmap(self.volume.nblocks)
+                self._record_applied(r, t_applied, opened["freeze_time"])
             return False
         e["target_node"] = opened["node_id"]
         if compare:
