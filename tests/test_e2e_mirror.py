@@ -332,6 +332,9 @@ def test_a_wrong_key_or_dead_target_shows_in_status_logs_and_metrics(daemons, ke
 
     bad = wait_for(lambda: failing("v", b.listen), 30, "the key mismatch to show")
     assert bad["phase"] == "broken" and "Authentication" in bad["last_error"]
+    # the target saw the failed sessions too (its words depend on which side gave up first)
+    assert any("session with 127.0.0.1" in e for e in b.status()["incoming_errors"])
+    assert "recent errors of incoming sessions" in b.cli("status").stdout
     gone = wait_for(lambda: failing("w", dead), 30, "the dead target to show")
     assert gone["phase"] == "reconnecting" and gone["applied_cycle"] == 0
     _, samples = parse_exposition(a.scrape())

@@ -17,7 +17,7 @@ from cyclemirror.errors import CycleMirrorError
 STATE_SUFFIXES = (".state.json", ".group.json")
 
 
-def incoming_status(store_path: str, now: float, recent_errors: list[str]) -> list[dict]:
+def incoming_status(store_path: str, now: float) -> list[dict]:
     from cyclemirror.target.state import MirrorState
 
     base = os.path.join(store_path, "mirrors")

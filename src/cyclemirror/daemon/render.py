@@ -107,4 +107,9 @@ def render_status(doc: dict) -> str:
                          if receiving else "-",
                          m.get("image") or f"unreadable: {m.get('error')}"])
         lines += _table(rows)
+    recent = doc.get("incoming_errors") or []
+    if recent:
+        lines.append("")
+        lines.append("recent errors of incoming sessions (newest last):")
+        lines += [f"  {text[:160]}" for text in recent[-5:]]
     return "\n".join(lines) + "\n"

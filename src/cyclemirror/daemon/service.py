@@ -338,13 +338,14 @@ class Daemon:
             "volumes": self._op_volume_list({}),
             "mirrors": self.outgoing.status(now) if self.outgoing else [],
             "incoming": self._incoming_status(now),
+            # The target's most recent session failures (bad key, protocol, disk), newest last.
+            "incoming_errors": list(getattr(self.target, "errors", []) or [])[-10:],
         }
 
     def _incoming_status(self, now: float) -> list[dict]:
         from cyclemirror.daemon.incoming import incoming_status
 
-        return incoming_status(self.store.path, now,
-                               self.target.errors if self.target is not None else [])
+        return incoming_status(self.store.path, now)
 
 
 # -- the foreground process -------------------------------------------------------------------
