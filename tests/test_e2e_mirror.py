@@ -409,3 +409,27 @@ def test_mirrors_declared_in_the_config_file_start_at_boot_and_restarts_keep_a_b
     a.start()  # same config: the store's record (broken) wins over the file
     assert mirror_row(a, "v", b)["phase"] == "broken"
     assert image_of(b, a.node_id, "v")[1] == export(a, "v", tmp_path / "v.img")
+
+
+def test_a_mirror_that_cannot_start_after_a_restart_says_why_and_resumes_later(
+        daemons, key, tmp_path):
+    import shutil
+
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    a = daemons("a")  # no daemon key: the mirror brings its own
+    own_key = tmp_path / "own.key"
+    shutil.copy(key, own_key)
+    a.cli("volume", "create", "v", "--size", "1M")
+    a.cli("mirror", "start", "v", "--to", b.listen, "--key-file", own_key, "--interval", MANUAL)
+    a.cli("mirror", "sync", "v")
+    assert a.stop() == 0
+    own_key.unlink()
+    a.start()
+    row = mirror_row(a, "v", b)
+    assert row["phase"] == "broken" and str(own_key) in row["last_error"]
+    assert "cannot start" in a.log() and str(own_key) in a.log()
+    shutil.copy(key, own_key)
+    a.cli("mirror", "resume", "v")
+    a.cli("mirror", "sync", "v")
+    row = mirror_row(a, "v", b)
+    assert row["last_error"] is None and row["applied_cycle"] >= 2

@@ -127,6 +127,7 @@ class OutgoingMirrors:
         self._lock = threading.RLock()
         self.book = MirrorBook(daemon_dir)
         self._drivers: dict[str, object] = {}  # volume name -> MirrorDriver
+        self._build_errors: dict[str, str] = {}  # volume -> why its driver could not start
         # The driver hooks write these from driver threads under _figures_lock only, never
         # _lock: _rebuild holds _lock while it joins a driver thread that may be in a hook.
         self._figures_lock = threading.Lock()
@@ -149,7 +150,8 @@ class OutgoingMirrors:
                 try:
                     self._rebuild(volume)
                 except CycleMirrorError as exc:
-                    log.error("mirror of volume %s cannot start: %s", volume, exc)
+                    log.error("mirror of volume %s to %s cannot start: %s", volume,
+                              ", ".join(self.mirrors_of(volume)), exc)
 
     def _read_key(self, spec: MirrorSpec) -> bytes:
         from cyclemirror.keys import read_key_file
@@ -166,15 +168,24 @@ class OutgoingMirrors:
 
     def _rebuild(self, volume: str) -> None:
         """Replace the volume's driver by one for its recorded targets (lock held)."""
-        from cyclemirror.source import MirrorDriver, MirrorOptions
-        from cyclemirror.source.driver import TargetSpec
-
         old = self._drivers.pop(volume, None)
         if old is not None:
             old.stop()
+        self._build_errors.pop(volume, None)
         entries = self._entries_of(volume)
         if not entries:
             return
+        try:
+            self._drivers[volume] = self._new_driver(volume, entries)
+        except CycleMirrorError as exc:
+            # Shown in status (phase broken, last_error) until a resume or restart succeeds.
+            self._build_errors[volume] = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _new_driver(self, volume: str, entries: list[tuple[str, dict]]):
+        from cyclemirror.source import MirrorDriver, MirrorOptions
+        from cyclemirror.source.driver import TargetSpec
+
         first = entries[0][1]["spec"]
         targets = [TargetSpec(e["spec"].to.host, e["spec"].to.port, self._read_key(e["spec"]))
                    for _, e in entries]
@@ -189,7 +200,7 @@ class OutgoingMirrors:
         if any(e["broken"] for _, e in entries):
             driver.break_()  # before start: it recovers its state and waits for resume
         driver.start()
-        self._drivers[volume] = driver
+        return driver
 
     # -- driver hooks (called from the driver's thread) -----------------------------------
 
@@ -270,7 +281,10 @@ class OutgoingMirrors:
                 self._rebuild(spec.volume)
             except BaseException:
                 del self.book.entries[key]
-                self._rebuild(spec.volume)
+                try:  # bring the volume's other targets back as they were
+                    self._rebuild(spec.volume)
+                except CycleMirrorError as exc:
+                    log.error("mirror of volume %s cannot restart: %s", spec.volume, exc)
                 raise
             self.book.save()
         log.info("mirror %s -> %s started (interval %gs, compress %s%s%s)",
@@ -392,6 +406,7 @@ class OutgoingMirrors:
         with self._lock:
             entries = sorted(self.book.entries.items())
             drivers = dict(self._drivers)
+            build_errors = dict(self._build_errors)
         with self._figures_lock:
             totals = {k: dict(v) for k, v in self._totals.items()}
             progress = {k: dict(v) for k, v in self._progress.items()}
@@ -401,7 +416,7 @@ class OutgoingMirrors:
             driver = drivers.get(volume)
             st = driver.status() if driver is not None else {"cycle": 0, "targets": {}}
             t = st["targets"].get(target, {})
-            phase = t.get("phase", "broken" if entry["broken"] else "idle")
+            phase = t.get("phase", "broken" if entry["broken"] or driver is None else "idle")
             if entry["broken"] and st.get("phase") == "broken":
                 phase = "broken"
             if phase not in PHASES:  # the driver's finer steps, in the documented words
@@ -430,8 +445,8 @@ class OutgoingMirrors:
                 "rpo_age": rpo_age, "last_cycle": last,
                 "shipped_bytes_total": tot["bytes"], "cycles_total": tot["cycles"],
                 "progress": row_progress,
-                "last_error": t.get("last_error") or (st.get("last_error") if phase == "broken"
-                                                      else None),
+                "last_error": (build_errors.get(volume) or t.get("last_error")
+                               or (st.get("last_error") if phase == "broken" else None)),
             })
         return rows
 
