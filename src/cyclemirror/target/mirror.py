@@ -173,7 +173,7 @@ class Mirror:
         self._received = p.chunks
         return p.chunks
 
-    def _check_extent(self, member: int, offset: int, length: int) -> None:
+    def check_extent(self, member: int, offset: int, length: int) -> None:
         vols = self.state.volumes
         if not 0 <= member < len(vols):
             raise ProtocolError(f"mirror {self.state.mirror!r}: member {member} does not exist")
@@ -188,15 +188,18 @@ class Mirror:
         """Take one verified chunk (REC_DATA with data, or REC_ZERO / REC_TRIM)."""
         if self.state.pending is None:
             raise ProtocolError(f"mirror {self.state.mirror!r}: data before 'begin'")
-        self._check_extent(member, offset, length)
+        self.check_extent(member, offset, length)
         if self.state.pending.full:
             fd = self._new_fds[member]
             if kind == REC_DATA:
                 fileops.pwrite_all(fd, data, offset)
+                fileops.start_writeback(fd, offset, length)
             else:
                 fileops.punch_zeroes(fd, offset, length)
         else:
+            start = self._staging.size
             self._staging.append(kind, member, offset, length, data)
+            fileops.start_writeback(self._staging.fd, start, self._staging.size - start)
         self._received += 1
 
     def checkpoint(self) -> int:
@@ -254,7 +257,7 @@ class Mirror:
                 for kind, member, offset, length, data in read_records(
                     self.staging_path, c.staged_bytes, self.max_chunk
                 ):
-                    self._check_extent(member, offset, length)
+                    self.check_extent(member, offset, length)
                     if kind == REC_DATA:
                         fileops.pwrite_all(fds[member], data, offset)
                     elif kind in (REC_ZERO, REC_TRIM):

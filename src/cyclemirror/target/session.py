@@ -16,6 +16,8 @@ the source can resume an interrupted cycle after the last acked chunk.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 
 import numpy as np
@@ -30,8 +32,8 @@ from cyclemirror.wire import messages
 
 log = logging.getLogger(__name__)
 
-ACK_BYTES = 8 << 20
-ACK_SECONDS = 0.5
+ACK_BYTES = 256 << 20
+ACK_SECONDS = 2.0
 _KIND = {frames.FT_DATA: REC_DATA, frames.FT_ZERO: REC_ZERO, frames.FT_TRIM: REC_TRIM}
 
 
@@ -43,6 +45,53 @@ def block_digests(path: str, start_block: int, count: int, block_size: int) -> b
         hashes, _zero = blockhash.hash_file(f.fileno(), start_block * block_size,
                                             count * block_size, block_size)
     return np.asarray(hashes, dtype=">u8").tobytes()
+
+
+class WriteBehind:
+    """Writes received chunks in a helper thread, so disk writes overlap the network.
+
+    The session validates each chunk, then ``put``s it; only this thread calls
+    ``mirror.receive`` while a cycle streams, and the session calls
+    ``drain()`` (wait for every queued write, re-raise a failure) before it
+    touches the mirror itself (checkpoint, finish).  The queue is bounded, so
+    a slow disk pushes back on the source through TCP.
+    """
+
+    DEPTH = 8
+
+    def __init__(self, mirror: Mirror):
+        self.mirror = mirror
+        self.queue: queue.Queue = queue.Queue(self.DEPTH)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="target-writer")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    self.mirror.receive(*item)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by put/drain
+                self.error = exc
+            finally:
+                self.queue.task_done()
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def drain(self) -> None:
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
 
 
 class Session:
@@ -104,6 +153,13 @@ class Session:
         self.link.send_message("ack", cycle=cycle, chunks=chunks)
         member = 0
         unacked_bytes, last_ack = 0, time.monotonic()
+        writer = WriteBehind(mirror)
+        try:
+            self._receive_frames(cycle, mirror, writer, member, unacked_bytes, last_ack)
+        finally:
+            writer.close()
+
+    def _receive_frames(self, cycle, mirror, writer, member, unacked_bytes, last_ack):
         while True:
             header, payload = self.link.recv_frame()
             if header.type == frames.FT_CONTROL:
@@ -115,6 +171,7 @@ class Session:
                     continue
                 if msg["cycle"] != cycle:
                     raise ProtocolError(f"'end' names cycle {msg['cycle']}, in flight is {cycle}")
+                writer.drain()
                 applied, freeze_time = mirror.finish(cycle, msg["chunks"])
                 if self.server.on_applied is not None:
                     self.server.on_applied(mirror)
@@ -127,11 +184,13 @@ class Session:
                     "flight; nothing of it is applied"
                 )
             kind = _KIND[header.type]
-            mirror.receive(kind, member, header.offset, header.raw_length,
-                           payload if kind == REC_DATA else None)
+            mirror.check_extent(member, header.offset, header.raw_length)
+            writer.put((kind, member, header.offset, header.raw_length,
+                        payload if kind == REC_DATA else None))
             unacked_bytes += header.raw_length if kind == REC_DATA else 0
             now = time.monotonic()
             if unacked_bytes >= ACK_BYTES or now - last_ack >= ACK_SECONDS:
+                writer.drain()
                 self.link.send_message("ack", cycle=cycle, chunks=mirror.checkpoint())
                 unacked_bytes, last_ack = 0, now
 

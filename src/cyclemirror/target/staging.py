@@ -58,6 +58,10 @@ class StagingWriter:
             os.pwrite(self._fd, header, self.size)
         self.size += HEADER_SIZE + (length if kind == REC_DATA else 0)
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def sync(self) -> None:
         os.fdatasync(self._fd)
 
