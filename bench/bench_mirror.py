@@ -13,7 +13,8 @@ Run on demand:  PYTHONPATH=src python -m pytest bench/bench_mirror.py -s
    against the changed bytes (before compression).
 
 The target (and the rsync daemon, and the pipe's receiver) run as separate
-processes; the source runs here.  CYCLEMIRROR_BENCH_ROUNDS rounds (default 3),
+processes; the source runs here.  ``os.sync()`` runs before each timed
+transfer so no contender pays for another's dirty pages.  CYCLEMIRROR_BENCH_ROUNDS rounds (default 3),
 interleaved; medians and ratios are printed.  Nothing asserts a time.
 """
 
@@ -219,15 +220,18 @@ def test_full_first_cycle_against_rsync_and_a_raw_pipe():
             for rnd in range(ROUNDS):
                 sub = os.path.join(tmp, f"r{rnd}")
                 os.makedirs(sub)
+                os.sync()  # each contender starts with no one else's dirty pages to flush
                 secs, stats, objs = run_mirror(sub, key, src, "full")
                 times["cyclemirror"].append(secs)
                 wire["cyclemirror"] = stats["bytes_wire"]
                 close_mirror(objs)
                 shutil.rmtree(sub)
+                os.sync()
                 t0 = time.perf_counter()
                 wire["rsync"] = daemon.push(src)
                 times["rsync"].append(time.perf_counter() - t0)
                 os.unlink(os.path.join(dest, "img"))
+                os.sync()
                 times["pipe"].append(pipe_copy(tmp, src))
                 wire["pipe"] = size
         finally:
@@ -270,10 +274,12 @@ def test_delta_cycle_after_rewriting_one_percent_against_rsync():
                 os.fsync(fd)
                 os.close(fd)
                 vol.flush()
+                os.sync()
                 t0 = time.perf_counter()
                 d.sync(3600)
                 ours.append(time.perf_counter() - t0)
                 ours_wire.append(stats["bytes_wire"])
+                os.sync()
                 t0 = time.perf_counter()
                 theirs_wire.append(daemon.push(src, "--no-whole-file"))
                 theirs.append(time.perf_counter() - t0)

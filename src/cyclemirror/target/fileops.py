@@ -17,22 +17,6 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _ZEROS = bytes(1 << 20)
-_SYNC_FILE_RANGE_WRITE = 2
-try:
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-except AttributeError:  # pragma: no cover - not Linux
-    _sync_file_range = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing [offset, offset+length) back, without waiting.
-
-    Why: the fdatasync before an acknowledgement then finds little left to do,
-    so receiving does not stall behind one big flush.  Best effort.
-    """
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -193,13 +193,10 @@ class Mirror:
             fd = self._new_fds[member]
             if kind == REC_DATA:
                 fileops.pwrite_all(fd, data, offset)
-                fileops.start_writeback(fd, offset, length)
             else:
                 fileops.punch_zeroes(fd, offset, length)
         else:
-            start = self._staging.size
             self._staging.append(kind, member, offset, length, data)
-            fileops.start_writeback(self._staging.fd, start, self._staging.size - start)
         self._received += 1
 
     def checkpoint(self) -> int:
