@@ -3,7 +3,9 @@
 Run on demand:  PYTHONPATH=src python -m pytest bench/bench_mirror.py -s
 
 1. Full first cycle of a mixed volume (thirds: random, text-like, zeroes)
-   over loopback until the target has applied it and synced it to disk;
+   over loopback until the target has applied it and synced it to disk,
+   with the default codec (lz4) and with codec none (loopback bandwidth is
+   free, so compression is pure CPU cost there);
    peers: ``rsync --inplace --fsync`` to an rsync daemon on loopback, and a
    raw pipe of the same file through a TCP socket into a file that is then
    fsynced.  Size: CYCLEMIRROR_BENCH_FULL_MB (default 2048).
@@ -150,7 +152,7 @@ class Target:
         self.proc.wait(10)
 
 
-def run_mirror(tmp, key, src_file, label):
+def run_mirror(tmp, key, src_file, label, codec="lz4"):
     """Import src_file as a volume, mirror the first cycle; return (seconds, stats, objects)."""
     from cyclemirror.source import MirrorDriver, MirrorOptions
     from cyclemirror.store import Store
@@ -163,7 +165,8 @@ def run_mirror(tmp, key, src_file, label):
     vol = store.import_volume("v", src_file)
     stats = {}
     d = MirrorDriver(vol, ("127.0.0.1", target.port), key,
-                     MirrorOptions(interval=3600, on_applied=lambda c, lab, s: stats.update(s)),
+                     MirrorOptions(interval=3600, codec=codec,
+                                   on_applied=lambda c, lab, s: stats.update(s)),
                      store=store)
     t0 = time.perf_counter()
     d.start()
@@ -214,18 +217,19 @@ def test_full_first_cycle_against_rsync_and_a_raw_pipe():
         dest = os.path.join(tmp, "rsync-dest")
         os.makedirs(dest)
         daemon = RsyncDaemon(tmp, dest)
-        times = {"cyclemirror": [], "rsync": [], "pipe": []}
+        times = {"cyclemirror": [], "cm codec none": [], "rsync": [], "pipe": []}
         wire = {}
         try:
             for rnd in range(ROUNDS):
-                sub = os.path.join(tmp, f"r{rnd}")
-                os.makedirs(sub)
-                os.sync()  # each contender starts with no one else's dirty pages to flush
-                secs, stats, objs = run_mirror(sub, key, src, "full")
-                times["cyclemirror"].append(secs)
-                wire["cyclemirror"] = stats["bytes_wire"]
-                close_mirror(objs)
-                shutil.rmtree(sub)
+                for name, codec in (("cyclemirror", "lz4"), ("cm codec none", "none")):
+                    sub = os.path.join(tmp, f"r{rnd}-{codec}")
+                    os.makedirs(sub)
+                    os.sync()  # each contender starts with no one else's dirty pages to flush
+                    secs, stats, objs = run_mirror(sub, key, src, "full", codec)
+                    times[name].append(secs)
+                    wire[name] = stats["bytes_wire"]
+                    close_mirror(objs)
+                    shutil.rmtree(sub)
                 os.sync()
                 t0 = time.perf_counter()
                 wire["rsync"] = daemon.push(src)
@@ -241,8 +245,9 @@ def test_full_first_cycle_against_rsync_and_a_raw_pipe():
     for name, ts in times.items():
         print(f"  {name:12s} {med(ts):8.2f} s  {mbps(size, med(ts)):8.1f} MiB/s  "
               f"wire {wire[name] / MiB:9.1f} MiB   (all: {', '.join(f'{t:.2f}' for t in ts)})")
-    print(f"  throughput cyclemirror / rsync = {med(times['rsync']) / med(times['cyclemirror']):.2f}x"
-          f"   cyclemirror / raw pipe = {med(times['pipe']) / med(times['cyclemirror']):.2f}x")
+    for name in ("cyclemirror", "cm codec none"):
+        print(f"  throughput {name} / rsync = {med(times['rsync']) / med(times[name]):.2f}x"
+              f"   {name} / raw pipe = {med(times['pipe']) / med(times[name]):.2f}x")
 
 
 def test_delta_cycle_after_rewriting_one_percent_against_rsync():

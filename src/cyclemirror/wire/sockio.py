@@ -21,8 +21,11 @@ def peer_name(sock: socket.socket) -> str:
         return "a closed peer"
 
 
-def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
-    """Read exactly ``n`` bytes or raise ConnectionLostError naming ``what``."""
+def recv_exact(sock: socket.socket, n: int, what: str) -> bytearray:
+    """Read exactly ``n`` bytes or raise ConnectionLostError naming ``what``.
+
+    Returns the receive buffer itself (no copy: payloads are megabytes).
+    """
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -45,7 +48,7 @@ def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
             err.clean = got == 0  # closed between messages: an orderly end, not truncation
             raise err
         got += k
-    return bytes(buf)
+    return buf
 
 
 def send_all(sock: socket.socket, data: bytes | memoryview, what: str) -> None:
