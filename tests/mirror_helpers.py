@@ -8,18 +8,14 @@ import subprocess
 import sys
 import time
 
+from tests.procenv import child_env
+
 from cyclemirror import keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROC = os.path.join(HERE, "mirror_proc.py")
-SRC = os.path.join(os.path.dirname(HERE), "src")
 
 
-def child_env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 class Rig:

@@ -16,16 +16,11 @@ import sys
 import time
 import urllib.request
 
-import cyclemirror
-
-# The subprocesses import the very package this test process imported: the
-# source tree during development (PYTHONPATH=src), the installed wheel under tox.
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cyclemirror.__file__)))
+from tests.procenv import child_env
 
 
 def cli_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     env.pop("CYCLEMIRROR_STORE", None)
     return env
 

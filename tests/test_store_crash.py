@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.procenv import child_env
 from tests.reference.store_model import VolumeModel
 from tests.store_crash_child import workload
 
@@ -42,7 +43,6 @@ TRIALS = 60 if SLOW else 4
 NBLOCKS = 64
 PAGE = 4096
 CHILD = Path(__file__).with_name("store_crash_child.py")
-REPO = CHILD.parent.parent
 
 
 def _apply(model: VolumeModel, op: tuple) -> None:
@@ -70,7 +70,7 @@ def _bits(bitmap) -> set[int]:
 
 
 def _run_child_and_kill(store_path: str, seed: int, delay: float) -> tuple[int, bool]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), store_path, str(seed), "1000000"],
         stdout=subprocess.PIPE,
@@ -93,7 +93,7 @@ def _run_child_and_kill(store_path: str, seed: int, delay: float) -> tuple[int, 
 
 def _kill_during_reopen(store_path: str, delay: float) -> None:
     """A second crash, while the store recovers (redoing a merge, repairing torn blocks)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), store_path, "0", "0"], stdout=subprocess.DEVNULL, env=env
     )
