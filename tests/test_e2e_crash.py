@@ -100,6 +100,14 @@ def test_kill_9_of_either_daemon_never_shows_a_torn_image_nor_loses_acked_writes
     a = daemons.start("a", key_file=key, metrics=False)
     a.cli("volume", "create", "v", "--size", str(NBLOCKS * BLOCK))
     a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "0.05", "--compress", "none")
+    try:
+        run_rounds(a, b, rng)
+    except AssertionError as exc:  # keep the evidence: both daemons' logs
+        raise AssertionError(f"{exc}\n--- source log ---\n{a.log()[-6000:]}\n"
+                             f"--- target log ---\n{b.log()[-6000:]}") from None
+
+
+def run_rounds(a, b, rng):
     acked = [0] * NBLOCKS
     gen, index = 1, 0
     images_checked = 0
