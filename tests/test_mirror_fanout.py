@@ -206,3 +206,40 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
     assert sum(s["bytes_raw"] for s in later) <= 4 * MiB
     d.stop()
     t.stop()
+
+
+def test_a_cycle_over_tls_with_a_real_certificate(tmp_path, key):
+    import subprocess
+
+    from conftest import require_tool
+    from cyclemirror.wire.handshake import TlsConfig
+
+    openssl = require_tool("openssl")
+    cert, pkey = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", pkey, "-out", cert],
+                   check=True, capture_output=True)
+    rec = Recorder(str(tmp_path))
+    src = Store.create(str(tmp_path / "src"))
+    vol = src.create_volume("v", 2 * MiB)
+    vol.write(0, os.urandom(MiB))
+    t_store = Store.create(str(tmp_path / "t"))
+    t = TargetServer(t_store, key, ("127.0.0.1", 0), tls=TlsConfig(certfile=cert, keyfile=pkey))
+    t.start()
+    spec = TargetSpec("127.0.0.1", t.address[1], key,
+                      tls=TlsConfig(cafile=cert, server_hostname="localhost"))
+    d = MirrorDriver(vol, [spec], key, rec.options(), store=src)
+    d.start()
+    c = d.sync(30)
+    assert same_file(image(t_store, src, "v"), rec.exports[c])
+    d.stop()
+    # A source that does not trust the certificate stops (permanent), sends nothing.
+    other = MirrorDriver(vol, [TargetSpec("127.0.0.1", t.address[1], key,
+                                          tls=TlsConfig(server_hostname="localhost"))],
+                         key, rec.options(), store=src)
+    other.start()
+    wait_for(lambda: other.status()["phase"] == "broken", 30, "the untrusting source to stop")
+    (t_status,) = other.status()["targets"].values()
+    assert "CERTIFICATE_VERIFY_FAILED" in t_status["last_error"]
+    other.stop()
+    t.stop()

@@ -12,6 +12,7 @@ Locking: ``_cond`` guards ``acked``, ``applied``, ``hashes``, ``failure``.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -136,4 +137,6 @@ def is_temporary(exc: BaseException) -> bool:
     """Temporary faults are retried with backoff; permanent ones stop the driver."""
     if isinstance(exc, PeerError):
         return bool(exc.temporary)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False  # retrying will not make the certificate trusted
     return isinstance(exc, OSError | TimeoutError_)
