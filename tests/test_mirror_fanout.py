@@ -243,3 +243,27 @@ def test_a_cycle_over_tls_with_a_real_certificate(tmp_path, key):
     assert "CERTIFICATE_VERIFY_FAILED" in t_status["last_error"]
     other.stop()
     t.stop()
+
+
+def test_size_mismatch_is_a_permanent_error_that_names_the_fix(tmp_path, key):
+    rec = Recorder(str(tmp_path))
+    src = Store.create(str(tmp_path / "src"))
+    vol = src.create_volume("v", 1 * MiB)
+    t_store, t = make_target(tmp_path, "t", key)
+    d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    d.start()
+    c = d.sync(30)
+    d.stop()
+    src.delete_volume("v")
+    shutil.rmtree(os.path.join(src.path, "outgoing"))
+    vol = src.create_volume("v", 2 * MiB)
+    d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    d.start()
+    wait_for(lambda: d.status()["phase"] == "broken", 30, "the driver to stop")
+    (t_status,) = d.status()["targets"].values()
+    assert "size or block-size change" in t_status["last_error"]
+    assert "re-seed" in t_status["last_error"]
+    assert os.path.getsize(image(t_store, src, "v")) == 1 * MiB  # the old mirror is intact
+    assert same_file(image(t_store, src, "v"), rec.exports[c])
+    d.stop()
+    t.stop()
