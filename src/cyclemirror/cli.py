@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cyclemirror",
         description="Asynchronous, cycle-based, always-consistent mirroring of block volumes. "
                     "Run one 'cyclemirror serve' per host; every other command talks to it.",
-        epilog=f"The store is chosen by --store DIR or ${STORE_ENV}. Exit codes: see docs/cli.md.",
+        epilog=f"The store is chosen by --store DIR or ${STORE_ENV}. Exit codes: 0 ok, "
+               "1 other failure, 2 usage/config, 3 not found, 4 already exists, 5 no daemon, "
+               "6 peer refused or broke protocol, 7 integrity, 8 timeout, 9 store I/O, "
+               "130 interrupted (details: docs/cli.md).",
     )
     parser.add_argument("--store", metavar="DIR",
                         help=f"the store directory (default: ${STORE_ENV})")
@@ -325,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--to", required=True, metavar="HOST:PORT",
                        help="the target daemon's --listen address")
     start.add_argument("--as", dest="remote_name", metavar="NAME",
-                       help="name of the mirror on the target (default: the volume's name)")
+                       help="name of the mirror on the target (default: the volume's name; "
+                            "other names are refused until the source driver supports them)")
     start.add_argument("--interval", type=float, metavar="SECONDS",
                        help="time from one freeze to the next (default 10; 0 = back to back)")
     start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|none",
@@ -334,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--key-file", metavar="FILE",
                        help="pre-shared key of the target (default: the daemon's --key-file)")
     start.add_argument("--group", metavar="NAME",
-                       help="consistency group: members freeze at one instant")
+                       help="consistency group: members freeze at one instant (refused "
+                            "until the source driver ships groups)")
     start.set_defaults(func=cmd_mirror_start)
     sync = mverbs.add_parser("sync", help="run a cycle now and wait until it is applied")
     sync.add_argument("volume")
