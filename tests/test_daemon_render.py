@@ -131,3 +131,27 @@ def test_metrics_server_serves_metrics_and_404s_elsewhere():
         assert info.value.code == 404
     finally:
         server.close()
+
+
+maybe_num = st.one_of(st.none(), st.floats(0, 1e12, allow_nan=False), st.integers(0, 1 << 50))
+rows = st.fixed_dictionaries({
+    "volume": st.text(min_size=1, max_size=12), "target": st.text(min_size=1, max_size=20),
+    "phase": st.sampled_from(["freezing", "copying", "applying", "idle", "broken",
+                              "reconnecting"]),
+    "cycle": st.integers(0, 10**9), "applied_cycle": st.integers(0, 10**9),
+    "rpo_age": maybe_num, "last_error": st.one_of(st.none(), st.text(max_size=300)),
+    "last_cycle": st.one_of(st.none(), st.fixed_dictionaries({
+        "bytes": st.integers(0, 1 << 50), "duration": maybe_num, "throughput": maybe_num,
+        "compression_ratio": maybe_num})),
+    "progress": st.one_of(st.none(), st.fixed_dictionaries({
+        "done": st.integers(0, 1 << 40), "total": st.integers(0, 1 << 40), "rate": maybe_num,
+        "eta": maybe_num})),
+})
+
+
+@given(st.lists(rows, max_size=4))
+def test_status_text_and_metrics_render_any_schema_conforming_document(mirror_rows):
+    doc = dict(DOC, mirrors=mirror_rows)
+    text = render_status(doc)
+    assert text.endswith("\n")
+    parse_exposition(render_metrics(doc))
