@@ -29,6 +29,7 @@ import time
 
 from cyclemirror.daemon.control import ControlClient
 from cyclemirror.daemon.nbd_client import NbdClient
+from cyclemirror.daemon.render import render_status
 from cyclemirror.errors import CycleMirrorError, DaemonUnavailableError, IntegrityError
 from cyclemirror.units import format_duration, format_rate, format_size
 
@@ -170,11 +171,13 @@ def run_demo(keep: bool = False, seconds: float = 6.0) -> int:
         keys.write_key_file(key_file, keys.generate_key())
         _say("$ cyclemirror keygen --out mirror.key")
         target = _DaemonProcess(workdir, "target", ["--listen", "127.0.0.1:0",
-                                                    "--key-file", key_file])
+                                                    "--key-file", key_file,
+                                                    "--node-name", "demo-target"])
         daemons.append(target)
         nbd_socket = os.path.join(workdir, "source-nbd.sock")
         source = _DaemonProcess(workdir, "source", ["--nbd", f"unix:{nbd_socket}",
-                                                    "--key-file", key_file])
+                                                    "--key-file", key_file,
+                                                    "--node-name", "demo-source"])
         daemons.append(source)
         target_doc = target.wait_ready()
         source.wait_ready()
@@ -213,6 +216,8 @@ def run_demo(keep: bool = False, seconds: float = 6.0) -> int:
             raise IntegrityError(f"the target does not list exactly one mirror image of "
                                  f"{VOLUME}: {incoming}")
         image = incoming[0]["image"]
+        _say("$ cyclemirror --store target status")
+        _say("  " + render_status(target.call("status")).rstrip("\n").replace("\n", "\n  "))
         _say(f"$ cmp {export} {image}")
         equal, where = _files_equal(export, image)
         row = source.call("status")["mirrors"][0]
