@@ -267,3 +267,31 @@ def test_size_mismatch_is_a_permanent_error_that_names_the_fix(tmp_path, key):
     assert same_file(image(t_store, src, "v"), rec.exports[c])
     d.stop()
     t.stop()
+
+
+def test_both_directions_between_two_stores_at_once(tmp_path, key):
+    """A mirrors v1 to B while B mirrors v2 to A; each store is source and target."""
+    a_store, a_target = make_target(tmp_path, "A", key)
+    b_store, b_target = make_target(tmp_path, "B", key)
+    recs, drivers, pairs = [], [], []
+    for i, (src, dst_store, dst_target) in enumerate(
+            [(a_store, b_store, b_target), (b_store, a_store, a_target)]):
+        rec = Recorder(str(tmp_path / f"rec{i}"))
+        os.makedirs(rec.tmp)
+        vol = src.create_volume(f"v{i + 1}", 2 * MiB)
+        vol.write(0, os.urandom(MiB))
+        d = MirrorDriver(vol, dst_target.address, key, rec.options(), store=src)
+        d.start()
+        recs.append(rec)
+        drivers.append(d)
+        pairs.append((src, dst_store, vol, rec))
+    for _ in range(3):  # a few rounds of writes and syncs in both directions at once
+        for _src, _dst, vol, _rec in pairs:
+            scribble(vol, [7, 300], 3)
+        cycles = [d.sync(30) for d in drivers]
+    for (src, dst_store, vol, rec), c in zip(pairs, cycles, strict=True):
+        assert same_file(image(dst_store, src, vol.name), rec.exports[c])
+    for d in drivers:
+        d.stop()
+    a_target.stop()
+    b_target.stop()
