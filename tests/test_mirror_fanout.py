@@ -113,7 +113,8 @@ def d_sync_only_a(d, rec, a_store, src):
     assert same_file(image(a_store, src, "v"), rec.exports[want])
 
 
-def test_lost_driver_state_leads_to_a_hash_comparison_not_a_full_copy(tmp_path, key):
+@pytest.mark.parametrize("damage", ["lost", "torn"])
+def test_lost_driver_state_leads_to_a_hash_comparison_not_a_full_copy(tmp_path, key, damage):
     rec = Recorder(str(tmp_path))
     src = Store.create(str(tmp_path / "src"))
     vol = src.create_volume("v", 8 * MiB)
@@ -123,7 +124,11 @@ def test_lost_driver_state_leads_to_a_hash_comparison_not_a_full_copy(tmp_path, 
     d.start()
     d.sync(30)
     d.stop()
-    shutil.rmtree(os.path.join(src.path, "outgoing"))  # change tracking is gone
+    if damage == "lost":
+        shutil.rmtree(os.path.join(src.path, "outgoing"))  # change tracking is gone
+    else:
+        with open(os.path.join(src.path, "outgoing", "v", "state.json"), "w") as f:
+            f.write("{ torn")
     scribble(vol, [10, 11, 700], 5)
     rec.events.clear()
     d = MirrorDriver(vol, t.address, key, rec.options(), store=src)

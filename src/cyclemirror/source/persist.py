@@ -16,14 +16,16 @@ dirty set in again (a union: harmless).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
 from cyclemirror._cext.bitmap import ExtentBitmap
-from cyclemirror.errors import CycleMirrorError, StoreError
+from cyclemirror.errors import CycleMirrorError
 from cyclemirror.target.fileops import atomic_write
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+log = logging.getLogger(__name__)
 
 
 class DriverState:
@@ -34,6 +36,7 @@ class DriverState:
         self.targets: dict[str, dict] = {}
         os.makedirs(directory, exist_ok=True)
         self.trusted = True
+        self.load_error: str | None = None
         self._load()
 
     @property
@@ -52,10 +55,14 @@ class DriverState:
             self.last_freeze = int(data["last_freeze"])
             self.targets = dict(data["targets"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Change tracking is lost: every target gets a hash comparison.
+            # Change tracking is lost: keep the damaged file for a person to look
+            # at, and give every target a hash comparison instead of trusting it.
             self.trusted = False
-            self.targets = {}
-            raise StoreError(f"mirror state {self.path} unreadable ({exc})") from None
+            self.targets, self.last_freeze = {}, 0
+            aside = self.path + ".damaged"
+            os.replace(self.path, aside)
+            self.load_error = f"mirror state {self.path} unreadable ({exc}); moved to {aside}"
+            log.warning("%s; every target will be compared by block hashes", self.load_error)
 
     def save(self) -> None:
         body = {"last_freeze": self.last_freeze, "targets": self.targets}
