@@ -14,6 +14,7 @@ import shutil
 import pytest
 
 from cyclemirror import keys
+from cyclemirror.errors import UsageError
 from cyclemirror.source import MirrorDriver, MirrorOptions
 from cyclemirror.source.driver import TargetSpec
 from cyclemirror.store import Store
@@ -300,3 +301,31 @@ def test_both_directions_between_two_stores_at_once(tmp_path, key):
         d.stop()
     a_target.stop()
     b_target.stop()
+
+
+def test_a_failure_outside_the_targets_breaks_the_mirror_until_resume(tmp_path, key):
+    rec = Recorder(str(tmp_path))
+    src = Store.create(str(tmp_path / "src"))
+    vol = src.create_volume("v", 1 * MiB)
+    t_store, t = make_target(tmp_path, "t", key)
+    fail = {"now": True}
+
+    def on_frozen(frozen, reader):
+        if fail["now"]:
+            raise OSError(28, "No space left on device (simulated by the hook)")
+        rec.on_frozen(frozen, reader)
+
+    opts = rec.options()
+    opts.on_frozen = on_frozen
+    d = MirrorDriver(vol, t.address, key, opts, store=src)
+    d.start()
+    wait_for(lambda: d.status()["phase"] == "broken", 30, "the driver to stop")
+    assert "No space left" in d.status()["last_error"]
+    with pytest.raises(UsageError, match="No space left"):
+        d.sync(1)
+    fail["now"] = False
+    d.resume()
+    c = d.sync(30)
+    assert same_file(image(t_store, src, "v"), rec.exports[c])
+    d.stop()
+    t.stop()

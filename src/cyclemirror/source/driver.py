@@ -183,7 +183,9 @@ class MirrorDriver:
                 failed = [r.broken for r in self.runs if r.broken is not None]
                 if failed:
                     raise failed[0]  # the cause (a bad key, a size mismatch), not a symptom
-                raise UsageError(f"mirror of {self.volume.name!r} is broken; resume it first")
+                why = f" ({self.last_error})" if self.last_error else ""
+                raise UsageError(f"mirror of {self.volume.name!r} is broken{why}; "
+                                 "resume it first")
             # A number, not a flag: a freeze the loop already decided on but has not
             # made yet also satisfies the request, so no extra cycle follows.
             want = self.volume.open_overlay + 1
@@ -246,17 +248,21 @@ class MirrorDriver:
 
     # -- the loop ---------------------------------------------------------
     def _main(self) -> None:
+        first = None
         try:
             first = self._recover()
-            while True:
-                with self._cond:
-                    if self._stop:
-                        return
-                    if self._break:
-                        self.phase = "broken"
-                        self._cond.notify_all()
-                        self._cond.wait(1.0)
-                        continue
+        except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
+            self._crashed(exc)
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                if self._break:
+                    self.phase = "broken"
+                    self._cond.notify_all()
+                    self._cond.wait(1.0)
+                    continue
+            try:
                 if first is None:
                     if not self._wait_for_freeze_time():
                         continue
@@ -266,21 +272,24 @@ class MirrorDriver:
                 else:
                     frozen, first = first, None
                 self._ship_cycle(frozen)
-                with self._cond:
-                    if all(r.broken is not None for r in self.runs):
-                        # Nothing left to ship to: stop until resume() (after a fix).
-                        self._break = True
-                        self.last_error = "; ".join(f"{r.label}: {r.last_error}"
-                                                    for r in self.runs)
-        except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
-            log.exception("mirror of %s stopped", self.volume.name)
+            except BaseException as exc:  # noqa: BLE001 - a store or hook failure
+                self._crashed(exc)
+                continue
             with self._cond:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self.phase = "broken"
-                self._break = True
-                for r in self.runs:
-                    r.broken = r.broken or exc
-                self._cond.notify_all()
+                if all(r.broken is not None for r in self.runs):
+                    # Nothing left to ship to: stop until resume() (after a fix).
+                    self._break = True
+                    self.last_error = "; ".join(f"{r.label}: {r.last_error}"
+                                                for r in self.runs)
+
+    def _crashed(self, exc: BaseException) -> None:
+        """A failure outside any one target (the store, a hook): stop until resume()."""
+        log.error("mirror of %s stopped: %s: %s", self.volume.name, type(exc).__name__, exc)
+        with self._cond:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.phase = "broken"
+            self._break = True
+            self._cond.notify_all()
 
     def _wait_for_freeze_time(self) -> bool:
         """Sleep until the next freeze is due (or a sync asks now); False to re-check flags."""
