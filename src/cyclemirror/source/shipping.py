@@ -27,19 +27,38 @@ MAX_ZERO_RECORD = 1 << 31  # a ZERO frame's length field is 32 bits
 
 def cycle_frames(reader, owed: ExtentBitmap | None, cycle: int, packer: frames.FramePacker,
                  block_size: int) -> Iterator[tuple[bytes, int]]:
-    """Yield (frame, raw DATA bytes it carries; 0 for a ZERO record), deterministically."""
+    """Yield (frame, raw DATA bytes it carries; 0 for a ZERO record), deterministically.
+
+    Consecutive data extents of one file are packed in one ``pack_extents``
+    call (up to BATCH_BYTES): a delta of scattered 4 KiB blocks would
+    otherwise pay one call per block.  The order of frames is the order of
+    the extents either way.
+    """
     max_run_blocks = max(1, BATCH_BYTES // block_size)
+    batch: list[tuple[int, int]] = []
+    batch_fd, batch_bytes = -1, 0
+
+    def flush():
+        for frame in packer.pack_extents(batch_fd, batch, cycle):
+            # raw_length: u32 little-endian at byte 28 of the header (docs/protocol.md)
+            yield frame, int.from_bytes(frame[28:32], "little")
+        batch.clear()
+
     for offset, length, kind, fd in reader.extents(owed, max_run_blocks):
+        if batch and (kind != "data" or fd != batch_fd or batch_bytes + length > BATCH_BYTES):
+            yield from flush()
+            batch_bytes = 0
         if kind == "data":
-            for frame in packer.pack_extents(fd, [(offset, length)], cycle):
-                # raw_length: u32 little-endian at byte 28 of the header (docs/protocol.md)
-                yield frame, int.from_bytes(frame[28:32], "little")
+            batch.append((offset, length))
+            batch_fd, batch_bytes = fd, batch_bytes + length
         else:
             end = offset + length
             while offset < end:
                 n = min(MAX_ZERO_RECORD, end - offset)
                 yield frames.encode_zero(frames.FT_ZERO, cycle, offset, n), 0
                 offset += n
+    if batch:
+        yield from flush()
 
 
 HASH_SPAN_BLOCKS = 16384  # one hash_request: what fits one hashes message
