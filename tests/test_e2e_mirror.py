@@ -367,9 +367,10 @@ def test_many_volumes_each_with_its_own_cycle(daemons, key, tmp_path):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "consistency groups need group shipping in cyclemirror.source.MirrorDriver (one freeze "
-    "instant for all members, group:true to the target); the daemon refuses --group until "
-    "then. Remove this marker when the daemon wires groups to the driver."))
+    "consistency groups: the target applies groups all-or-none, but the store has no call "
+    "that freezes several volumes at one instant, so the source driver ships single volumes "
+    "(docs/internals.md) and the daemon refuses --group. Remove this marker when the daemon "
+    "wires groups to the driver."))
 def test_a_group_of_two_volumes_is_frozen_and_applied_at_one_instant(daemons, key, tmp_path):
     b = daemons("b", key_file=key, listen=True, nbd=False)
     a = daemons("a", key_file=key)

@@ -205,17 +205,19 @@ class OutgoingMirrors:
     # -- driver hooks (called from the driver's thread) -----------------------------------
 
     def _on_frozen(self, volume: str, frozen, reader) -> None:
-        """Size the cycle for the progress bar: the data bytes it will read and send."""
-        vol = self.store.open_volume(volume)
-        total = 0
+        """Size the cycle for the progress bar: the data bytes it will read and send.
+
+        The driver breaks the mirror if a hook raises, and this is only for display,
+        so any failure just leaves the cycle without a progress figure.
+        """
         try:
+            total = 0
             for _offset, length, kind, _fd in reader.extents(frozen.dirty, 1 << 16):
                 if kind == "data":
                     total += length
-        except CycleMirrorError as exc:  # sizing is only for display; never fail the cycle
+        except Exception as exc:  # noqa: BLE001 - display only, never fail the cycle
             log.debug("sizing cycle %d of %s failed: %s", frozen.number, volume, exc)
-            blocks = vol.nblocks if frozen.dirty is None else frozen.dirty.count()
-            total = blocks * vol.block_size
+            return
         driver = self._drivers.get(volume)
         with self._figures_lock:
             self._progress[volume] = {"cycle": frozen.number, "total": total,
@@ -223,6 +225,7 @@ class OutgoingMirrors:
                                       "base": _wire_counters(driver)}
 
     def _on_applied(self, volume: str, cycle: int, label: str, stats: dict) -> None:
+        """Count and log an applied cycle (the driver's thread; must not raise)."""
         with self._figures_lock:
             totals = self._totals.setdefault((volume, label), {"bytes": 0, "cycles": 0})
             totals["bytes"] += int(stats.get("bytes_wire") or 0)
