@@ -9,6 +9,7 @@ byte for byte with an export of the source volume taken at a quiet moment.
 
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -247,6 +248,9 @@ def test_source_daemon_killed_mid_cycle_resumes_where_it_was(daemons, key, tmp_p
     a.cli("mirror", "sync", "v", "--timeout", "60")
     row = mirror_row(a, "v", b)
     assert row["shipped_bytes_total"] < 8 * MiB  # resumed after the staged chunks
+    resumed = re.findall(r"mirror v -> \S+: cycle \d+ applied, .* resumed after chunk (\d+)",
+                         a.log())
+    assert resumed and int(resumed[-1]) >= 2, a.log()
     assert image_of(b, a.node_id, "v")[1] == export(a, "v", tmp_path / "after")
 
 

@@ -230,11 +230,14 @@ class OutgoingMirrors:
             totals = self._totals.setdefault((volume, label), {"bytes": 0, "cycles": 0})
             totals["bytes"] += int(stats.get("bytes_wire") or 0)
             totals["cycles"] += 1
+        resumed = stats.get("resumed_from") or 0
         log.info("mirror %s -> %s: cycle %d applied, %d bytes sent (%d raw) in %.2fs, "
-                 "ratio %s", volume, label, cycle, stats.get("bytes_wire") or 0,
+                 "ratio %s%s%s", volume, label, cycle, stats.get("bytes_wire") or 0,
                  stats.get("bytes_raw") or 0, stats.get("duration") or 0.0,
                  "-" if stats.get("compression_ratio") is None
-                 else f"{stats['compression_ratio']:.2f}")
+                 else f"{stats['compression_ratio']:.2f}",
+                 ", full copy" if stats.get("full") else "",
+                 f", resumed after chunk {resumed}" if resumed else "")
 
     # -- requests -------------------------------------------------------------------------
 
@@ -431,7 +434,9 @@ class OutgoingMirrors:
                 last = {"cycle": t["last_cycle"], "bytes": t.get("bytes_wire"),
                         "raw_bytes": t.get("bytes_raw"), "duration": t.get("duration"),
                         "throughput": t.get("throughput"),
-                        "compression_ratio": t.get("compression_ratio")}
+                        "compression_ratio": t.get("compression_ratio"),
+                        "full": t.get("full"), "chunks": t.get("chunks"),
+                        "resumed_from": t.get("resumed_from")}
             running = progress.get(volume)
             row_progress = None
             if (running and phase in ("copying", "applying") and applied < running["cycle"]
