@@ -174,6 +174,9 @@ def test_fan_out_survives_a_target_killed_and_restarted_with_a_delta(daemons, ke
     row_c = mirror_row(a, "v", c)
     # the catch-up carried the change (1 MiB), never the 8 MiB volume again
     assert row_c["last_cycle"]["raw_bytes"] <= 2 * MiB
+    full_copies = re.findall(rf"mirror v -> {re.escape(c.listen)}: cycle \d+ applied.*full copy",
+                             a.log())
+    assert len(full_copies) == 1, a.log()  # only the very first cycle
     a.cli("mirror", "break", "v")
     source = export(a, "v", tmp_path / "src")
     assert image_of(b, a.node_id, "v")[1] == source
