@@ -13,6 +13,8 @@ One thread per driver runs:  wait -> freeze -> ship -> await apply -> merge.
   frozen image -- never a full copy.  That is also why the overlay of cycle
   *c* is merged after cycle *c* even if a target lagged: what it needs is in
   its owed set, not in the overlay.
+* Merge: overlay *c-1* is merged by a merger thread once a target applied
+  cycle *c*, so the merge is off the next cycle's path.
 * Ship: targets whose owed sets are equal share one producer that reads,
   compresses and checksums each chunk once (``shipping.cycle_frames``) and
   feeds a bounded queue per target; each target has its own sender thread and
@@ -26,8 +28,8 @@ One thread per driver runs:  wait -> freeze -> ship -> await apply -> merge.
   applied cycle moved back, another target answers), block hashes are
   compared and only differing blocks ship.
 
-Locking: ``_cond`` guards the control flags (break/sync/stop) and the status
-fields; shipping happens outside it.
+Locking: ``_cond`` guards the control flags (break/sync/stop/merge) and the
+status fields; shipping and merging happen outside it.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class MirrorDriver:
         self._break = False
         self._break_now = False
         self._sync_want = 0  # freeze as soon as open_overlay < this
+        self._merge_want = 0  # the merger folds overlays <= this into base
         self.phase = "idle"
         self.cycle = 0
         self.last_freeze_time = 0.0
@@ -155,7 +158,10 @@ class MirrorDriver:
             self.options.shared_rate.join()
         self._thread = threading.Thread(target=self._main, daemon=True,
                                         name=f"mirror-{self.volume.name}")
+        self._merger = threading.Thread(target=self._merge_loop, daemon=True,
+                                        name=f"mirror-merge-{self.volume.name}")
         self._thread.start()
+        self._merger.start()
 
     def sync(self, timeout: float = 600.0) -> int:
         """Freeze now; return the cycle once every target has applied it."""
@@ -219,6 +225,7 @@ class MirrorDriver:
         self.break_(now=True)
         if self._thread is not None:
             self._thread.join(timeout)
+            self._merger.join(timeout)  # a merge in progress finishes first
         if self.options.shared_rate is not None:
             self.options.shared_rate.leave()
 
@@ -382,8 +389,33 @@ class MirrorDriver:
         self._copy_done = time.time()
         if c >= 2 and any(r.applied_cycle >= c for r in self.runs):
             # Lagging targets catch up from their owed sets, not from this overlay.
-            self.volume.merge_through(c - 1)
+            # The merge runs in the merger thread, off the next cycle's path: it
+            # changes only images of cycles <= c-1, which nobody reads any more.
+            with self._cond:
+                self._merge_want = max(self._merge_want, c - 1)
+                self._cond.notify_all()
         self._set_phase("idle")
+
+    def _merge_loop(self) -> None:
+        """Fold shipped overlays into base, oldest first, as cycles get applied."""
+        done = 0
+        while True:
+            with self._cond:
+                while self._merge_want <= done and not self._stop:
+                    self._cond.wait(1.0)
+                if self._merge_want <= done:
+                    return  # stopping, and nothing left to merge
+                want = self._merge_want
+            try:
+                self.volume.merge_through(want)
+                done = want
+            except BaseException as exc:  # noqa: BLE001 - the store's failure, reported
+                self._crashed(exc)
+                with self._cond:
+                    while self._break and not self._stop:
+                        self._cond.wait(1.0)  # retried after resume()
+                    if self._stop:
+                        return
 
     def _attempt(self, frozen, reader, runs: list[_Run]) -> None:
         c = frozen.number

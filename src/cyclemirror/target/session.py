@@ -58,11 +58,15 @@ class WriteBehind:
     """
 
     DEPTH = 8
+    BATCH_BYTES = 1 << 20
+    BATCH_COUNT = 256
 
     def __init__(self, mirror: Mirror):
         self.mirror = mirror
         self.queue: queue.Queue = queue.Queue(self.DEPTH)
         self.error: BaseException | None = None
+        self._batch: list[tuple] = []
+        self._batch_bytes = 0
         self.thread = threading.Thread(target=self._run, daemon=True, name="target-writer")
         self.thread.start()
 
@@ -73,18 +77,29 @@ class WriteBehind:
                 if item is None:
                     return
                 if self.error is None:
-                    self.mirror.receive(*item)
+                    for chunk in item:
+                        self.mirror.receive(*chunk)
             except BaseException as exc:  # noqa: BLE001 - re-raised by put/drain
                 self.error = exc
             finally:
                 self.queue.task_done()
 
-    def put(self, item) -> None:
+    def put(self, chunk) -> None:
+        """Queue one chunk; small ones travel to the thread in batches (one handoff each)."""
         if self.error is not None:
             raise self.error
-        self.queue.put(item)
+        self._batch.append(chunk)
+        self._batch_bytes += chunk[3]
+        if self._batch_bytes >= self.BATCH_BYTES or len(self._batch) >= self.BATCH_COUNT:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            self.queue.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
 
     def drain(self) -> None:
+        self._flush()
         self.queue.join()
         if self.error is not None:
             raise self.error
