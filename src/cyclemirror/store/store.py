@@ -7,6 +7,7 @@ Layout::
     STORE/volumes/NAME/          one directory per volume (see volume.py, docs/store.md)
     STORE/volumes/.new-NAME-*    a volume being created or imported (removed on open)
     STORE/volumes/.trash-NAME-*  a volume being deleted (removed on open)
+    STORE/groups/freeze-*.json   a group freeze in progress (completed on open, see group.py)
 
 A volume appears under its name only when complete: it is built in a dot
 directory and renamed into place, and deleted by the reverse rename first.
@@ -24,7 +25,7 @@ import threading
 import uuid
 
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, UsageError
-from cyclemirror.store import fileops
+from cyclemirror.store import fileops, group
 from cyclemirror.store.layer import Layer
 from cyclemirror.store.names import validate_volume_name
 from cyclemirror.store.volume import BASE_FILE, STATE_FILE, Volume, check_geometry, initial_state
@@ -87,7 +88,13 @@ class Store:
                 f"store {path} is open in another process (its .lock is held); stop that process first"
             ) from exc
         store = cls(path, meta, lock_fd)
-        store._remove_leftovers()
+        try:
+            store._remove_leftovers()
+            # Before anyone can write: a group freeze cut by a crash is completed.
+            group.recover_group_freezes(store)
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def _remove_leftovers(self) -> None:
@@ -156,6 +163,11 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             return self._open_locked(name)
+
+    def freeze_group(self, names) -> dict:
+        """Freeze several volumes at one instant, crash-safely: {name: FrozenCycle} (store.group)."""
+        self._check_open()
+        return group.freeze_group(self, names)
 
     def open_volume(self, name: str) -> Volume:
         self._check_open()

@@ -383,32 +383,43 @@ class Volume:
 
     def freeze(self) -> FrozenCycle:
         with self._freeze_lock:
-            k = self._top().number + 1
-            new = Layer.create_overlay(self.dir, k, self.size, self.nblocks)
+            new = self._freeze_prepare()
             with self._lock:
-                old = self._top()
-                now = time.time()
-                old.closed_at = now
-                old.synced = False
-                self._overlays.insert(0, new)
-                try:
-                    self._save_state()
-                except BaseException:
-                    self._overlays.pop(0)
-                    old.closed_at = None
-                    new.retire()
-                    new.unlink()
-                    raise
-            try:
-                os.fsync(old.fd)
-                old.zlog.sync()
-            except OSError as exc:
-                raise fileops.store_error(f"syncing frozen overlay {old.number}", exc) from exc
-            old.synced = True
-            cycle = self._make_cycle(k, old)
-            with self._lock:
-                self._cycles[k] = cycle
-            return cycle
+                old = self._freeze_commit_locked(new, time.time())
+            return self._freeze_finish(new.number, old)
+
+    # The three steps of a freeze, also used by store.group to freeze several
+    # volumes at one instant: the caller holds _freeze_lock around all three and
+    # _lock around the commit.
+    def _freeze_prepare(self) -> Layer:
+        return Layer.create_overlay(self.dir, self._top().number + 1, self.size, self.nblocks)
+
+    def _freeze_commit_locked(self, new: Layer, now: float) -> Layer:
+        old = self._top()
+        old.closed_at = now
+        old.synced = False
+        self._overlays.insert(0, new)
+        try:
+            self._save_state()
+        except BaseException:
+            self._overlays.pop(0)
+            old.closed_at = None
+            new.retire()
+            new.unlink()
+            raise
+        return old
+
+    def _freeze_finish(self, k: int, old: Layer) -> FrozenCycle:
+        try:
+            os.fsync(old.fd)
+            old.zlog.sync()
+        except OSError as exc:
+            raise fileops.store_error(f"syncing frozen overlay {old.number}", exc) from exc
+        old.synced = True
+        cycle = self._make_cycle(k, old)
+        with self._lock:
+            self._cycles[k] = cycle
+        return cycle
 
     def _make_cycle(self, k: int, overlay: Layer) -> FrozenCycle:
         if k == 1:
