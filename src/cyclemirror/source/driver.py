@@ -52,6 +52,7 @@ from cyclemirror.errors import (
 )
 from cyclemirror.source import shipping
 from cyclemirror.source.connection import TargetLink, is_temporary
+from cyclemirror.source.group import SingleVolume
 from cyclemirror.source.persist import DriverState
 from cyclemirror.source.ratelimit import RateLimiter, SharedRate
 from cyclemirror.wire.handshake import TlsConfig
@@ -116,8 +117,18 @@ class _Run:
 
 
 class MirrorDriver:
+    """The cycle of one subject: a Volume (named ``remote_name`` on the targets) or a
+    ``source.group.VolumeGroup`` (a consistency group; see source/group.py)."""
+
     def __init__(self, volume, targets, key: bytes | None = None,
-                 options: MirrorOptions | None = None, *, store):
+                 options: MirrorOptions | None = None, *, store, remote_name: str | None = None):
+        if isinstance(volume, SingleVolume):
+            if remote_name is not None:
+                raise UsageError("remote_name is for a single volume; a group names its members")
+            self.subject = volume
+        else:
+            self.subject = SingleVolume(volume, remote_name)
+        volume = self.subject.volume
         if isinstance(targets, tuple):
             targets = [TargetSpec(targets[0], int(targets[1]), key)]
         specs = [t if isinstance(t, TargetSpec) else TargetSpec(t[0], int(t[1]), key)
@@ -135,8 +146,9 @@ class MirrorDriver:
                                          self.options.level, self.options.chunk_size)
         self.rate = RateLimiter(self.options.bwlimit, self.options.shared_rate)
         self.runs = [_Run(s) for s in specs]
-        self.state = DriverState(os.path.join(store.path, "outgoing", volume.name),
-                                 volume.nblocks)
+        self.state = DriverState(os.path.join(store.path, "outgoing",
+                                              self.subject.state_dir_name),
+                                 self.subject.nblocks)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -234,7 +246,8 @@ class MirrorDriver:
         with self._cond:
             return {
                 "volume": self.volume.name, "cycle": self.cycle, "phase": self.phase,
-                "last_error": self.last_error,
+                "last_error": self.last_error, "group": self.subject.group,
+                "members": [v.name for v in self.subject.volumes],
                 "targets": {
                     r.label: {
                         "phase": "broken" if r.broken else r.phase,
@@ -275,7 +288,7 @@ class MirrorDriver:
                     if not self._wait_for_freeze_time():
                         continue
                     self._set_phase("freezing")
-                    frozen = self.volume.freeze()
+                    frozen = self.subject.freeze()
                     self._account_freeze(frozen)
                 else:
                     frozen, first = first, None
@@ -321,10 +334,19 @@ class MirrorDriver:
             r.owed = st.load_owed(r.label)
             if not st.trusted:
                 e["untrusted"] = True
-        top = self.volume.open_overlay
+        if self.subject.align():
+            # Members of a group stood at different overlays (one was mirrored on its
+            # own): their extra freezes have no group cycle, so compare hashes.
+            for r in self.runs:
+                st.entry(r.label)["untrusted"] = True
+            st.last_freeze = self.subject.open_overlay
+            st.save()
+            self.cycle = st.last_freeze
+            return None
+        top = self.subject.open_overlay
         for k in range(st.last_freeze + 1, top + 1):
             try:
-                frozen = self.volume.frozen(k)
+                frozen = self.subject.frozen(k)
             except NotFoundError:
                 # That freeze's dirty set is gone: fall back to comparing hashes.
                 for r in self.runs:
@@ -337,10 +359,10 @@ class MirrorDriver:
             st.last_freeze = top
             st.save()
         self.cycle = top
-        if top >= 1 and top in self.volume.frozen_cycles() and any(
+        if top >= 1 and top in self.subject.frozen_cycles() and any(
             r.applied_cycle < top for r in self.runs
         ):
-            frozen = self.volume.frozen(top)
+            frozen = self.subject.frozen(top)
             self.last_freeze_time = frozen.freeze_time
             return frozen
         return None
@@ -407,7 +429,7 @@ class MirrorDriver:
                     return  # stopping, and nothing left to merge
                 want = self._merge_want
             try:
-                self.volume.merge_through(want)
+                self.subject.merge_through(want)
                 done = want
             except BaseException as exc:  # noqa: BLE001 - the store's failure, reported
                 self._crashed(exc)
@@ -469,9 +491,8 @@ class MirrorDriver:
                           insecure=r.spec.insecure)
         link.connect({
             "node_id": self.store.node_id, "node_name": self.store.node_name,
-            "mirror": self.volume.name, "group": False,
-            "volumes": [{"name": self.volume.name, "size": self.volume.size,
-                         "block_size": self.volume.block_size}],
+            "mirror": self.subject.remote_name, "group": self.subject.group,
+            "volumes": self.subject.volume_specs(),
         })
         r.link = link
         opened = r.link.opened
@@ -497,9 +518,8 @@ class MirrorDriver:
         e["target_node"] = opened["node_id"]
         if compare:
             r.phase = "comparing"
-            r.owed = shipping.block_differences(
-                reader, self.volume,
-                lambda s, n: r.link.fetch_hashes(0, s, n, self.options.apply_timeout))
+            r.owed = self.subject.differences(
+                reader, lambda i, s, n: r.link.fetch_hashes(i, s, n, self.options.apply_timeout))
             e.pop("untrusted", None)
             e["in_flight"] = 0
             log.info("mirror %s -> %s: hash comparison found %d differing blocks",
@@ -552,7 +572,8 @@ class MirrorDriver:
                             done[r.label] = True
                             break
                         index, frame, raw = item
-                        if index >= r.resume_from:
+                        # index None: a group's member switch, sent also when resuming.
+                        if index is None or index >= r.resume_from:
                             batch.append(frame)
                             nbytes += len(frame)
                             sent_raw += raw
@@ -587,9 +608,8 @@ class MirrorDriver:
         for t in threads:
             t.start()
         try:
-            for index, (frame, raw) in enumerate(
-                shipping.cycle_frames(reader, group[0].owed, c, self.packer,
-                                      self.volume.block_size)):
+            for index, frame, raw in self.subject.cycle_frames(reader, group[0].owed, c,
+                                                               self.packer):
                 for r in group:
                     if r.label not in alive:
                         continue
@@ -602,7 +622,8 @@ class MirrorDriver:
                         self._failed(r, TimeoutError_(
                             f"target {r.label} took no data for {self.options.stall_timeout}s;"
                             " it will catch up in a later cycle"))
-                total[0] = index + 1
+                if index is not None:
+                    total[0] = index + 1
                 if self._break_now:
                     raise TimeoutError_("break requested")
         except BaseException as exc:  # noqa: BLE001 - a read error fails every target

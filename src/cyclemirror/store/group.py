@@ -74,7 +74,7 @@ def freeze_group(store, names) -> dict:
         try:
             os.makedirs(gdir, exist_ok=True)
             fileops.atomic_write_json(intent, {
-                "members": {v.name: new.number for v, new in zip(vols, prepared)}})
+                "members": {v.name: new.number for v, new in zip(vols, prepared, strict=True)}})
         except OSError as exc:
             raise fileops.store_error(f"writing the group freeze intent {intent}", exc) from exc
         locked = []
@@ -83,7 +83,7 @@ def freeze_group(store, names) -> dict:
                 vol._lock.acquire()
                 locked.append(vol)
             now = time.time()
-            for vol, new in zip(vols, prepared):
+            for vol, new in zip(vols, prepared, strict=True):
                 committed.append(vol._freeze_commit_locked(new, now))
                 if _after_member_commit is not None:
                     _after_member_commit(vol.name)
@@ -91,7 +91,7 @@ def freeze_group(store, names) -> dict:
             for vol in reversed(locked):
                 vol._lock.release()
         cycles = {}
-        for vol, new, old in zip(vols, prepared, committed):
+        for vol, new, old in zip(vols, prepared, committed, strict=True):
             cycles[vol.name] = vol._freeze_finish(new.number, old)
         _remove_intent(intent, gdir)
         return cycles
@@ -102,7 +102,7 @@ def freeze_group(store, names) -> dict:
             log.error("group freeze of %s stopped after %d of %d members; the store "
                       "completes it when it is opened next", order, len(committed), len(vols))
         else:
-            for vol, new in zip(vols[len(committed):], prepared[len(committed):]):
+            for new in prepared[len(committed):]:
                 new.retire()
                 new.unlink()
             if not committed:
