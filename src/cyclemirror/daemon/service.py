@@ -7,6 +7,12 @@ restarts the outgoing mirrors recorded in the store (``OutgoingMirrors``),
 serves metrics, and last opens the control socket, so a CLI that can connect
 finds everything running.  ``stop()`` undoes it in reverse.
 
+NBD exports: each volume under its own name, read-write; each incoming mirror
+image read-only under ``mirror/<source node>/<volume>`` (volume names cannot
+contain ``/``, so the two never collide).  A connection to a mirror image
+pins the image as of connection time (``target.readers``) and gives the pin
+back when the connection ends, so every client reads one applied cycle.
+
 Everything a restart must know lives in the store (volumes, cycle state,
 mirror definitions in ``STORE/daemon/mirrors.json``), never only in memory.
 
@@ -117,10 +123,10 @@ class Daemon:
         from cyclemirror.nbd import NbdServer
 
         if endpoint.kind == "unix":
-            server = NbdServer(self._nbd_lookup, list_names=self.store.list_volumes,
+            server = NbdServer(self._nbd_lookup, list_names=self._nbd_names,
                                unix_path=endpoint.path)
         else:
-            server = NbdServer(self._nbd_lookup, list_names=self.store.list_volumes,
+            server = NbdServer(self._nbd_lookup, list_names=self._nbd_names,
                                tcp=(endpoint.address.host, endpoint.address.port))
         server.start()
         self.nbd_servers.append(server)
@@ -130,10 +136,21 @@ class Daemon:
         else:
             self.nbd_addresses.append(str(endpoint))
 
-    def _nbd_lookup(self, name: str):
-        """Export NAME is the volume NAME; unknown or invalid names are refused by NBD."""
-        from cyclemirror.nbd import VolumeBackend
+    def _nbd_names(self) -> list[str]:
+        """NBD_OPT_LIST: the volumes, then the mirror images (``mirror/<node>/<volume>``)."""
+        from cyclemirror.target.readers import listed_export_names, mirror_images
 
+        return list(self.store.list_volumes()) + listed_export_names(
+            mirror_images(self.store.path))
+
+    def _nbd_lookup(self, name: str):
+        """Export NAME is the volume NAME, or a mirror image's ``mirror/<node>/<volume>``;
+        unknown or invalid names are refused by NBD."""
+        from cyclemirror.nbd import VolumeBackend
+        from cyclemirror.target.readers import MIRROR_EXPORT_PREFIX
+
+        if name.startswith(MIRROR_EXPORT_PREFIX):
+            return self._mirror_backend(name)
         try:
             volume = self.store.open_volume(name)
         except (NotFoundError, UsageError):
@@ -143,6 +160,22 @@ class Daemon:
             if backend is None or getattr(backend, "volume", volume) is not volume:
                 backend = self._backends[name] = VolumeBackend(volume)
             return backend
+
+    def _mirror_backend(self, name: str):
+        """A read-only backend of one connection, pinning the image as of now (or None)."""
+        from cyclemirror.nbd import RawFileBackend
+        from cyclemirror.target.readers import PinnedImage, export_names, mirror_images
+
+        image = export_names(mirror_images(self.store.path)).get(name)
+        if image is None:
+            return None
+        pin = PinnedImage(image)  # errors (crash not recovered, timeout) reach the client
+        try:
+            return RawFileBackend(pin.path, readonly=True, block_size=image.block_size,
+                                  per_connection=True, on_release=pin.release)
+        except BaseException:
+            pin.release()
+            raise
 
     def _start_target(self, key: bytes | None) -> None:
         from cyclemirror.target import TargetServer

@@ -16,13 +16,23 @@ store ``Volume``, are wrapped in ``VolumeBackend`` by ``as_backend``.
 The server hands ``write`` a memoryview of its receive buffer: a backend must
 be done with ``data`` when ``write`` returns.
 
+Lifecycle.  A backend that sets ``per_connection = True`` belongs to the one
+lookup that returned it: the server calls its ``release()`` exactly once when
+it is done with it (at once after an INFO or meta-context probe, at the end of
+the session after GO or EXPORT_NAME), through ``release_backend``.  Backends
+without the attribute are shared and never released by the server.
+
 Two backends live here:
 
 * ``RawFileBackend``: a plain raw image file, read-only by default (how a
   target exports a mirror image), optionally writable.  Thread-safe without a
   lock: every call uses positioned I/O (pread/pwrite/fallocate) on one fd, and
   the kernel's page cache is shared by all connections, which is also why
-  multi-conn is safe.
+  multi-conn is safe.  With ``per_connection=True`` it is one connection's
+  private view (a target's mirror image pinned as of connection time): it
+  then does not advertise multi-conn (two connections may hold different
+  cycles) and ``release()`` closes the file and calls ``on_release`` (if the
+  constructor raises, ``on_release`` is not called: the caller still owns it).
 * ``VolumeBackend``: a store ``Volume`` (thread-safe itself; one object per
   name per process) with the capability attributes the server looks for.
 """
@@ -30,12 +40,16 @@ Two backends live here:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from cyclemirror._cext import nbdio
 from cyclemirror.errors import NotFoundError, StoreError, UsageError
+
+log = logging.getLogger("cyclemirror.nbd")
 
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -56,8 +70,13 @@ class RawFileBackend:
     can_multi_conn = True
 
     def __init__(self, path: str | os.PathLike[str], readonly: bool = True, *,
-                 block_size: int = 4096):
+                 block_size: int = 4096, per_connection: bool = False,
+                 on_release: Callable[[], None] | None = None):
         self.path = os.fspath(path)
+        self.per_connection = bool(per_connection)
+        if self.per_connection:
+            self.can_multi_conn = False  # each connection may hold another version of the file
+        self._on_release = on_release
         self.readonly = bool(readonly)
         self.block_size = block_size
         self.fast_zero = not self.readonly
@@ -81,6 +100,13 @@ class RawFileBackend:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def release(self) -> None:
+        """The server is done with this backend: close the file, then tell the owner (once)."""
+        self.close()
+        callback, self._on_release = self._on_release, None
+        if callback is not None:
+            callback()
 
     def _writable(self, what: str) -> None:
         if self.readonly:
@@ -247,3 +273,17 @@ def as_backend(obj: Any) -> Any:
     if isinstance(obj, (RawFileBackend, VolumeBackend)) or getattr(obj, "nbd_backend", False):
         return obj
     return VolumeBackend(obj, readonly=bool(getattr(obj, "readonly", False)))
+
+
+def release_backend(backend: Any) -> None:
+    """Give back a lookup result the server no longer needs (only ``per_connection`` ones).
+
+    A failing release is logged, never raised: it must not end other work of
+    the connection thread, and the owner's own bookkeeping says what leaked.
+    """
+    if backend is None or not getattr(backend, "per_connection", False):
+        return
+    try:
+        backend.release()
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("nbd: releasing backend %r failed", backend)

@@ -12,6 +12,11 @@ which cannot answer with an error, a closed connection).
 The result, ``Negotiated``, says which backend to serve and with which
 transmission flags; the flags advertise exactly what the transmission loop
 will honour for that backend (see ``transmission_flags``).
+
+Every lookup result is accounted for: a per-connection backend found for a
+probe (INFO, meta contexts), or for GO / EXPORT_NAME when the reply fails, is
+released here at once; the one in ``Negotiated`` is the server's to release
+when the session ends.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from cyclemirror.errors import ConnectionLostError, ProtocolError
 from cyclemirror.nbd import protocol as P
-from cyclemirror.nbd.backends import as_backend
+from cyclemirror.nbd.backends import as_backend, release_backend
 
 log = logging.getLogger("cyclemirror.nbd")
 
@@ -129,15 +134,17 @@ class _Options:
         if backend is None:
             return None, f"no export named {name!r}"
         try:
-            backend = as_backend(backend)
+            wrapped = as_backend(backend)
         except Exception as exc:
+            release_backend(backend)
             log.error("nbd: export %r is not a usable backend: %s", name, exc)
             return None, f"export {name!r} cannot be served: {exc}"
-        size = getattr(backend, "size", None)
+        size = getattr(wrapped, "size", None)
         if not isinstance(size, int) or size < 0 or size >= 1 << 63:
+            release_backend(wrapped)
             log.error("nbd: export %r has an invalid size %r", name, size)
             return None, f"export {name!r} has an invalid size"
-        return backend, ""
+        return wrapped, ""
 
     def negotiated(self, name: str, backend: Any) -> Negotiated:
         context_id = self.context_id if self.meta_export == name else 0
@@ -209,9 +216,13 @@ class _Options:
         if backend is None:
             log.info("nbd: EXPORT_NAME: %s; closing (this option cannot return an error)", why)
             return False
-        result = self.negotiated(name, backend)
-        tail = b"" if self.no_zeroes else bytes(124)
-        self.sock.sendall(struct.pack(">QH", result.size, result.transmission_flags) + tail)
+        try:
+            result = self.negotiated(name, backend)
+            tail = b"" if self.no_zeroes else bytes(124)
+            self.sock.sendall(struct.pack(">QH", result.size, result.transmission_flags) + tail)
+        except BaseException:
+            release_backend(backend)
+            raise
         return result
 
     def list_exports(self, option: int, data: bytes) -> None:
@@ -253,6 +264,17 @@ class _Options:
         if backend is None:
             self.error(option, P.REP_ERR_UNKNOWN, why)
             return None
+        keep = False
+        try:
+            result = self.info_replies(option, name, backend, requests)
+            keep = option == P.OPT_GO
+            return result if keep else None
+        finally:
+            if not keep:
+                release_backend(backend)
+
+    def info_replies(self, option: int, name: str, backend: Any,
+                     requests: tuple[int, ...]) -> Negotiated:
         result = self.negotiated(name, backend)
         self.reply(option, P.REP_INFO,
                    struct.pack(">HQH", P.INFO_EXPORT, result.size, result.transmission_flags))
@@ -264,7 +286,7 @@ class _Options:
         self.reply(option, P.REP_INFO,
                    struct.pack(">HIII", P.INFO_BLOCK_SIZE, 1, preferred, P.MAX_PAYLOAD))
         self.reply(option, P.REP_ACK)
-        return result if option == P.OPT_GO else None
+        return result
 
     def meta_context(self, option: int, data: bytes) -> None:
         setting = option == P.OPT_SET_META_CONTEXT
@@ -304,6 +326,7 @@ class _Options:
         if backend is None:
             self.error(option, P.REP_ERR_UNKNOWN, why)
             return
+        release_backend(backend)  # only its existence matters here
         if setting:
             selected = P.CONTEXT_BASE_ALLOCATION in queries
         else:  # listing: no query, the namespace, or the exact name all match

@@ -13,6 +13,11 @@ connection thread closes its socket under the lock, and ``stop()`` shuts
 sockets down under the same lock, so a shutdown never reaches a file
 descriptor number that was already reused.
 
+Backend lifecycle.  ``lookup`` may return a backend made for one connection
+(``per_connection = True``, e.g. a pinned mirror image): the negotiation
+releases those it only probed, and the connection thread releases the one it
+served when the session ends, whatever way it ends (``backends.release_backend``).
+
 Shutdown.  ``stop()`` closes the listeners, then shuts down the read side of
 every connection: a blocked ``recv`` returns end-of-stream, the session sends
 the replies to the requests it already handled and ends.  Connections still
@@ -32,6 +37,7 @@ from typing import Any
 from cyclemirror._cext.nbdio import TransmissionSession
 from cyclemirror.errors import AlreadyExistsError, CycleMirrorError, UsageError
 from cyclemirror.nbd import protocol as P
+from cyclemirror.nbd.backends import release_backend
 from cyclemirror.nbd.negotiation import negotiate
 
 log = logging.getLogger("cyclemirror.nbd")
@@ -229,6 +235,7 @@ class NbdServer:
     def _serve(self, conn: socket.socket) -> None:
         me = threading.current_thread()
         name = "?"
+        result = None
         try:
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -250,6 +257,8 @@ class NbdServer:
         except Exception:  # a bug in one session must not take the server down
             log.exception("nbd export %r: connection failed", name)
         finally:
+            if result is not None:
+                release_backend(result.backend)
             with self._lock:
                 self._connections.pop(me, None)
                 conn.close()

@@ -67,3 +67,38 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def copy_sparse(src: str, dst: str) -> None:
+    """Copy ``src`` to a new ``dst`` of the same size, data extents only (holes stay holes).
+
+    Used to clone a mirror image that readers hold, so a delta can be applied
+    into the copy; ``copy_file_range`` lets the kernel (or the file system)
+    move the bytes.  The caller fsyncs ``dst`` with everything else it writes.
+    """
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(sfd).st_size
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(dfd, size)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(sfd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break  # only a hole is left
+                    raise
+                end = os.lseek(sfd, start, os.SEEK_HOLE)
+                off = start
+                while off < end:
+                    n = os.copy_file_range(sfd, dfd, end - off, off, off)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"copy_file_range of {src} stopped at {off}")
+                    off += n
+                pos = end
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)

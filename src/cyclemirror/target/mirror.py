@@ -16,6 +16,13 @@ and one state file (see ``state``).  The life of a cycle:
                 redo: a delta is replayed from staging into the images, a full
                 cycle renames ``.img.new`` over ``.img``; fsync; state.applied.
 
+Readers (``readers.IMAGE_PINS``, e.g. the daemon's read-only NBD export of an
+image) pin the image they opened.  A delta is replayed in place only while
+nobody holds a pin (new readers wait for it); otherwise into a sparse clone
+``<volume>.img.apply`` that is then renamed over ``.img``, so every reader
+keeps the one applied cycle it opened.  A crash leaves ``.img`` untouched in
+that case, and redo (idempotent: records are absolute) starts again.
+
 Recovery (on every open) redoes a committed cycle and keeps a pending one for
 resume; the image files are only ever touched by redo of a committed cycle,
 so after any crash each image equals the source at some freeze instant, and
@@ -31,6 +38,7 @@ import time
 
 from cyclemirror.errors import ProtocolError, StoreError
 from cyclemirror.target import fileops
+from cyclemirror.target.readers import IMAGE_PINS
 from cyclemirror.target.staging import (
     REC_DATA,
     REC_TRIM,
@@ -62,6 +70,9 @@ class Mirror:
 
     def new_image_path(self, index: int) -> str:
         return self.image_path(index) + ".new"
+
+    def clone_path(self, index: int) -> str:
+        return self.image_path(index) + ".apply"
 
     @property
     def staging_path(self) -> str:
@@ -105,7 +116,11 @@ class Mirror:
     def recover(self) -> None:
         st = self.state
         if st.committed is not None:
-            self._redo(st.committed)
+            with IMAGE_PINS.applying(self.state_path, recovering=True):
+                self._redo(st.committed)
+        else:
+            for i in range(len(st.volumes)):
+                _unlink(self.clone_path(i))  # a clone left by a crash before its commit
         if st.pending is not None:
             ok = True
             if st.pending.full:
@@ -229,10 +244,12 @@ class Mirror:
             )
         self.checkpoint()
         self._close_inflight()
-        # The commit point: from here recovery completes the apply.
-        self.state.committed, self.state.pending = p, None
-        self.state.save(self.state_path)
-        self._redo(p)
+        # Readers opening the image from now on know an apply is under way (not a crash).
+        with IMAGE_PINS.applying(self.state_path):
+            # The commit point: from here recovery completes the apply.
+            self.state.committed, self.state.pending = p, None
+            self.state.save(self.state_path)
+            self._redo(p)
         return self.state.applied_cycle, self.state.freeze_time
 
     def _redo(self, c: InFlight) -> None:
@@ -249,7 +266,16 @@ class Mirror:
                     os.replace(self.new_image_path(i), self.image_path(i))
             fileops.fsync_dir(self.directory)
         else:
-            fds = [os.open(self.image_path(i), os.O_RDWR) for i in range(len(st.volumes))]
+            in_place = IMAGE_PINS.start_in_place(self.state_path)
+            if in_place:
+                paths = [self.image_path(i) for i in range(len(st.volumes))]
+                for i in range(len(st.volumes)):
+                    _unlink(self.clone_path(i))  # left by a crash inside a cloned apply
+            else:
+                paths = [self.clone_path(i) for i in range(len(st.volumes))]
+                for i in range(len(st.volumes)):
+                    fileops.copy_sparse(self.image_path(i), paths[i])
+            fds = [os.open(path, os.O_RDWR) for path in paths]
             try:
                 for kind, member, offset, length, data in read_records(
                     self.staging_path, c.staged_bytes, self.max_chunk
@@ -266,6 +292,10 @@ class Mirror:
             finally:
                 for fd in fds:
                     os.close(fd)
+            if not in_place:
+                for i, path in enumerate(paths):
+                    os.replace(path, self.image_path(i))
+                fileops.fsync_dir(self.directory)
         st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
         st.save(self.state_path)
         _unlink(self.staging_path)
