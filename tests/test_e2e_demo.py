@@ -13,6 +13,8 @@ def test_demo_mirrors_verifies_and_cleans_up():
     proc = run_cli("demo", "--seconds", "2", timeout=60)
     out = proc.stdout
     assert "verified           mirror image == source volume, 64.0 MiB byte for byte" in out
+    assert ("read-only export   mirror/demo-source/demo on the target reads the same; "
+            "writes get EPERM") in out
     for line in ("cycles applied", "bytes shipped", "RPO age", "last cycle"):
         assert line in out
     assert "$ cyclemirror --store source mirror start demo" in out

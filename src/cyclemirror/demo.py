@@ -6,7 +6,9 @@ on a free loopback port, the source serves NBD on a Unix socket), creates a
 volume, starts a mirror with a one-second interval and writes to the volume
 over NBD (the small client in ``daemon.nbd_client``) while cycles repeat,
 showing the mirror's status as it goes.  Then it syncs, breaks, and compares
-the target's mirror image with an export of the source volume byte for byte.
+the target's mirror image with an export of the source volume byte for byte,
+once as a file and once through the target's read-only NBD export of the
+image (``mirror/<source node>/<volume>``), where a write must get EPERM.
 It prints a summary and removes everything it made; a mismatch exits with
 ``IntegrityError.exit_code``.
 
@@ -30,7 +32,12 @@ import time
 from cyclemirror.daemon.control import ControlClient
 from cyclemirror.daemon.nbd_client import NbdClient
 from cyclemirror.daemon.render import render_status
-from cyclemirror.errors import CycleMirrorError, DaemonUnavailableError, IntegrityError
+from cyclemirror.errors import (
+    CycleMirrorError,
+    DaemonUnavailableError,
+    IntegrityError,
+    StoreError,
+)
 from cyclemirror.units import format_duration, format_rate, format_size
 
 VOLUME = "demo"
@@ -159,6 +166,29 @@ def _files_equal(a: str, b: str) -> tuple[bool, int | None]:
             offset += len(ca)
 
 
+def _export_equal(path: str, export: str, nbd_socket: str) -> tuple[bool, int | None]:
+    """Compare a file with an NBD export (one connection: one applied cycle throughout)."""
+    with open(path, "rb") as fa, NbdClient(export, unix_path=nbd_socket) as nbd:
+        if nbd.size != os.fstat(fa.fileno()).st_size:
+            return False, min(nbd.size, os.fstat(fa.fileno()).st_size)
+        for offset in range(0, nbd.size, COMPARE_CHUNK):
+            ca = fa.read(COMPARE_CHUNK)
+            cb = nbd.read(offset, len(ca))
+            if ca != cb:
+                return False, offset + next(i for i, (x, y) in enumerate(zip(ca, cb, strict=True))
+                                            if x != y)
+    return True, None
+
+
+def _write_is_refused(export: str, nbd_socket: str) -> bool:
+    with NbdClient(export, unix_path=nbd_socket) as nbd:
+        try:
+            nbd.write(0, bytes(4096))
+        except StoreError as exc:
+            return "EPERM" in str(exc)
+    return False
+
+
 def run_demo(keep: bool = False, seconds: float = 6.0) -> int:
     from cyclemirror import keys
 
@@ -170,7 +200,9 @@ def run_demo(keep: bool = False, seconds: float = 6.0) -> int:
         key_file = os.path.join(workdir, "mirror.key")
         keys.write_key_file(key_file, keys.generate_key())
         _say("$ cyclemirror keygen --out mirror.key")
+        target_nbd = os.path.join(workdir, "target-nbd.sock")
         target = _DaemonProcess(workdir, "target", ["--listen", "127.0.0.1:0",
+                                                    "--nbd", f"unix:{target_nbd}",
                                                     "--key-file", key_file,
                                                     "--node-name", "demo-target"])
         daemons.append(target)
@@ -182,7 +214,8 @@ def run_demo(keep: bool = False, seconds: float = 6.0) -> int:
         target_doc = target.wait_ready()
         source.wait_ready()
         address = target_doc["node"]["listen"]
-        _say(f"$ cyclemirror --store target serve --listen {address} --key-file mirror.key &")
+        _say(f"$ cyclemirror --store target serve --listen {address} --nbd unix:{target_nbd} "
+             "--key-file mirror.key &")
         _say(f"$ cyclemirror --store source serve --nbd unix:{nbd_socket} "
              "--key-file mirror.key &")
 
@@ -220,6 +253,10 @@ def run_demo(keep: bool = False, seconds: float = 6.0) -> int:
         _say("  " + render_status(target.call("status")).rstrip("\n").replace("\n", "\n  "))
         _say(f"$ cmp {export} {image}")
         equal, where = _files_equal(export, image)
+        mirror_export = f"mirror/demo-source/{VOLUME}"
+        _say(f"$ nbdcopy 'nbd+unix:///{mirror_export}?socket={target_nbd}' - | cmp {export} -")
+        nbd_equal, nbd_where = _export_equal(export, mirror_export, target_nbd)
+        refused = _write_is_refused(mirror_export, target_nbd)
         row = source.call("status")["mirrors"][0]
         last = row.get("last_cycle") or {}
         elapsed = time.monotonic() - started
@@ -240,8 +277,17 @@ def run_demo(keep: bool = False, seconds: float = 6.0) -> int:
             _say(f"  logs kept in {workdir}")
             keep = True
             return IntegrityError.exit_code
+        if not nbd_equal or not refused:
+            _say(f"  VERIFY FAILED: the read-only NBD export {mirror_export} "
+                 + (f"differs from the source at byte {nbd_where}" if not nbd_equal
+                    else "accepted a write (EPERM expected)"))
+            _say(f"  logs kept in {workdir}")
+            keep = True
+            return IntegrityError.exit_code
         _say(f"  verified           mirror image == source volume, "
              f"{format_size(VOLUME_SIZE)} byte for byte")
+        _say(f"  read-only export   {mirror_export} on the target reads the same; "
+             "writes get EPERM")
         return 0
     except CycleMirrorError:
         keep = True
