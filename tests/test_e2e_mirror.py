@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import threading
 
 import pytest
 
@@ -373,29 +374,114 @@ def test_many_volumes_each_with_its_own_cycle(daemons, key, tmp_path):
         assert image_of(b, a.node_id, name)[1] == export(a, name, tmp_path / name)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "consistency groups: the target applies groups all-or-none, but the store has no call "
-    "that freezes several volumes at one instant, so the source driver ships single volumes "
-    "(docs/internals.md) and the daemon refuses --group. Remove this marker when the daemon "
-    "wires groups to the driver."))
+def _counter(image: bytes, offset: int) -> int:
+    return int.from_bytes(image[offset:offset + 8], "little")
+
+
 def test_a_group_of_two_volumes_is_frozen_and_applied_at_one_instant(daemons, key, tmp_path):
+    """A writer puts counter n into db, then into log, while group cycles repeat: at any
+    one instant db's counter is log's or one more, so the two applied images on the
+    target must show exactly that; freezing the members one after another would not."""
     b = daemons("b", key_file=key, listen=True, nbd=False)
     a = daemons("a", key_file=key)
     for name in ("db", "log"):
         a.cli("volume", "create", name, "--size", "2M")
         write(a, name, 0, os.urandom(512 * 1024))
         a.cli("mirror", "start", name, "--to", b.listen, "--interval", "0.3", "--group", "app")
-    for _ in range(3):
-        write(a, "db", 1 * MiB, os.urandom(64 * 1024))
-        write(a, "log", 1 * MiB, os.urandom(64 * 1024))
-        a.cli("mirror", "sync", "db")
-        rows = {m["volume"]: m for m in b.status()["incoming"]}
-        assert rows["db"]["group"] == rows["log"]["group"] == "app"
-        assert rows["db"]["applied_cycle"] == rows["log"]["applied_cycle"]
-        assert rows["db"]["freeze_time"] == rows["log"]["freeze_time"]
+    group_mirror = mirror_row(a, "db", b)["target_mirror"]
+    assert mirror_row(a, "log", b)["target_mirror"] == group_mirror
+    assert group_mirror.startswith("app-") and mirror_row(a, "log", b)["group"] == "app"
+
+    stop = threading.Event()
+    written = []
+
+    def writer():
+        with NbdClient("db", unix_path=a.nbd_sock) as ndb, \
+                NbdClient("log", unix_path=a.nbd_sock) as nlog:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                block = n.to_bytes(8, "little") * 512
+                ndb.write(MiB, block)
+                ndb.flush()
+                nlog.write(MiB, block)
+                nlog.flush()
+            written.append(n)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(3):
+            a.cli("mirror", "sync", "db")
+        a.cli("mirror", "break", "log")  # a member's break stops the whole group
+        assert mirror_row(a, "db", b)["phase"] == mirror_row(a, "log", b)["phase"] == "broken"
+    finally:
+        stop.set()
+        thread.join()
+    # (The target may also list the group as it was before log joined: another mirror.)
+    rows = {m["volume"]: m for m in b.status()["incoming"]
+            if m["source_node"] == a.node_id and m["group"] == group_mirror}
+    assert rows["db"]["applied_cycle"] == rows["log"]["applied_cycle"] >= 4
+    assert rows["db"]["freeze_time"] == rows["log"]["freeze_time"]
+    db_n = _counter(group_image(rows["db"]), MiB)
+    log_n = _counter(group_image(rows["log"]), MiB)
+    assert db_n - log_n in (0, 1) and 0 < db_n <= written[0], (db_n, log_n, written)
+
+    # Resume and sync on a member act on the group; then each image equals its source.
+    a.cli("mirror", "resume", "db")
+    (row_db, row_log) = json.loads(a.cli("mirror", "sync", "log", "--json").stdout)
+    assert {row_db["volume"], row_log["volume"]} == {"db", "log"}
+    assert row_db["applied_cycle"] == row_log["applied_cycle"] > rows["db"]["applied_cycle"]
     a.cli("mirror", "break", "db")
     for name in ("db", "log"):
-        assert image_of(b, a.node_id, name)[1] == export(a, name, tmp_path / name)
+        assert group_image(rows[name]) == export(a, name, tmp_path / name)
+
+
+def group_image(row) -> bytes:
+    with open(row["image"], "rb") as fh:
+        return fh.read()
+
+
+def test_group_members_must_share_one_cycle_and_refusals_say_why(daemons, key):
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    a = daemons("a", key_file=key)
+    for name in ("x", "y", "z"):
+        a.cli("volume", "create", name, "--size", "1M")
+    a.cli("mirror", "start", "x", "--to", b.listen, "--interval", MANUAL, "--group", "g")
+    bad = a.cli("mirror", "start", "y", "--to", b.listen, "--interval", "5", "--group", "g",
+                check=False)
+    assert bad.returncode == errors.UsageError.exit_code
+    assert "group 'g'" in bad.stderr and "interval" in bad.stderr
+    a.cli("mirror", "start", "z", "--to", b.listen, "--interval", MANUAL)
+    bad = a.cli("mirror", "start", "z", "--to", f"127.0.0.1:{free_port()}", "--group", "g",
+                check=False)
+    assert bad.returncode == errors.UsageError.exit_code and "group" in bad.stderr
+    # y joins with the group's settings inherited; both members reach the target.
+    a.cli("mirror", "start", "y", "--to", b.listen, "--group", "g")
+    assert mirror_row(a, "y", b)["interval"] == float(MANUAL)
+    a.cli("mirror", "sync", "y")
+    rows = {m["volume"]: m for m in b.status()["incoming"]
+            if m["group"] == mirror_row(a, "x", b)["target_mirror"]}
+    assert rows["x"]["applied_cycle"] == rows["y"]["applied_cycle"] >= 1
+    # A member's rm needs a break first, and a group-wide --to acts on every member.
+    assert a.cli("mirror", "rm", "x", check=False).returncode == errors.UsageError.exit_code
+
+
+def test_as_names_the_mirror_on_the_target(daemons, key, tmp_path):
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    a = daemons("a", key_file=key)
+    a.cli("volume", "create", "v", "--size", "1M")
+    write(a, "v", 0, os.urandom(64 * 1024))
+    bad = a.cli("mirror", "start", "v", "--to", b.listen, "--as", "../etc", check=False)
+    assert bad.returncode == errors.UsageError.exit_code and "as" in bad.stderr
+    out = a.cli("mirror", "start", "v", "--to", b.listen, "--as", "v-offsite",
+                "--interval", MANUAL).stdout
+    assert "as v-offsite" in out
+    a.cli("mirror", "sync", "v")
+    row, image = image_of(b, a.node_id, "v-offsite")
+    assert row["image"].endswith("/v-offsite.img")
+    assert image == export(a, "v", tmp_path / "v.img")
+    assert mirror_row(a, "v", b)["remote_name"] == "v-offsite"
 
 
 def test_mirrors_declared_in_the_config_file_start_at_boot_and_restarts_keep_a_break(

@@ -167,8 +167,10 @@ def cmd_mirror_start(args) -> int:
         request["key_file"] = os.path.abspath(args.key_file)
     info = _call(args, "mirror.start", reply_timeout=60,
                  **{k: v for k, v in request.items() if v is not None})
+    group = info.get("group")
     print(f"mirroring {info['volume']} to {info['target']} as {info['remote_name']} "
-          f"every {info['interval']}s")
+          f"every {info['interval']}s"
+          + (f" in group {group} (on the target: {info.get('target_mirror')})" if group else ""))
     return 0
 
 
@@ -328,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--to", required=True, metavar="HOST:PORT",
                        help="the target daemon's --listen address")
     start.add_argument("--as", dest="remote_name", metavar="NAME",
-                       help="name of the mirror on the target (default: the volume's name; "
-                            "other names are refused until the source driver supports them)")
+                       help="name of the mirror (and image) on the target (default: the "
+                            "volume's name); same rules as a volume name")
     start.add_argument("--interval", type=float, metavar="SECONDS",
                        help="time from one freeze to the next (default 10; 0 = back to back)")
     start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|none",
@@ -338,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--key-file", metavar="FILE",
                        help="pre-shared key of the target (default: the daemon's --key-file)")
     start.add_argument("--group", metavar="NAME",
-                       help="consistency group: members freeze at one instant (refused "
-                            "until the source driver ships groups)")
+                       help="consistency group: all members freeze at one instant each "
+                            "cycle and the target applies them all or none; members share "
+                            "targets, interval, compression and bwlimit, and sync, break, "
+                            "resume and rm of a member act on the whole group")
     start.set_defaults(func=cmd_mirror_start)
     sync = mverbs.add_parser("sync", help="run a cycle now and wait until it is applied")
     sync.add_argument("volume")

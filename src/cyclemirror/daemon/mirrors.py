@@ -8,11 +8,22 @@ The cycle state itself (cycle numbers, what each target applied) is the
 driver's, kept in the store by ``cyclemirror.source``.
 
 ``OutgoingMirrors`` maps the book onto ``cyclemirror.source.MirrorDriver``
-objects (one per volume, all its targets) and turns their ``status()`` into
+objects and turns their ``status()`` into
 the stable rows of ``status --json`` (docs/cli.md).  The driver's
 ``on_applied`` hook gives one info log line per applied cycle per target and
 the running totals; ``on_frozen`` gives the size of the running cycle for the
 progress bar.  The driver itself logs every failure with volume and target.
+
+Units: one driver per *unit*, which is either a volume (key: its name; all
+its targets) or a consistency group (key: ``group:NAME``; every member, all
+the group's targets).  A group's members share targets, interval,
+compression and rate cap: ``mirror start`` of a new member adds it to every
+target of the group, and a new target to every member.  Sync, break, resume
+and rm of a member act on its whole group.  On the target a group is one
+mirror named ``NAME-<digest of its member names>`` (``group_mirror_name``):
+the target applies a group with a fixed member list, so a group whose
+members change is a new mirror there (its first cycle is a full copy)
+instead of one the target would refuse.
 
 Locking: ``_lock`` (re-entrant) guards the book and the driver table;
 ``_figures_lock`` the totals and progress the driver hooks write.  Driver
@@ -21,6 +32,8 @@ calls that block for long (sync, break) run outside both.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -98,6 +111,19 @@ class MirrorBook:
                              f"{exc.strerror or exc}") from None
 
 
+GROUP_UNIT = "group:"  # a unit key no volume name can have (names have no ':')
+
+
+def unit_of_spec(spec: MirrorSpec) -> str:
+    return GROUP_UNIT + spec.group if spec.group else spec.volume
+
+
+def group_mirror_name(group: str, member_names: list[str]) -> str:
+    """The group's mirror name on the target: the group name and a digest of its members."""
+    digest = hashlib.sha256("\n".join(sorted(member_names)).encode()).hexdigest()[:8]
+    return f"{group[:55]}-{digest}"
+
+
 def _select(entries, volume: str, target: str | None) -> list[tuple[str, str]]:
     keys = [k for k in entries if k[0] == volume and (target is None or k[1] == target)]
     if not keys:
@@ -109,9 +135,9 @@ def _select(entries, volume: str, target: str | None) -> list[tuple[str, str]]:
 
 
 class OutgoingMirrors:
-    """The daemon's outgoing mirrors: book + one driver per volume. Thread-safe (``_lock``).
+    """The daemon's outgoing mirrors: book + one driver per unit. Thread-safe (``_lock``).
 
-    A volume's targets share one ``MirrorDriver`` (it reads, compresses and
+    A unit's targets share one ``MirrorDriver`` (it reads, compresses and
     checksums each chunk once for all of them), so they share its interval,
     compression and rate cap, and a break or resume acts on all of them.
     Adding or removing a target rebuilds that volume's driver; its cycle state
@@ -126,13 +152,13 @@ class OutgoingMirrors:
         self.default_key_file = default_key_file
         self._lock = threading.RLock()
         self.book = MirrorBook(daemon_dir)
-        self._drivers: dict[str, object] = {}  # volume name -> MirrorDriver
-        self._build_errors: dict[str, str] = {}  # volume -> why its driver could not start
+        self._drivers: dict[str, object] = {}  # unit -> MirrorDriver
+        self._build_errors: dict[str, str] = {}  # unit -> why its driver could not start
         # The driver hooks write these from driver threads under _figures_lock only, never
         # _lock: _rebuild holds _lock while it joins a driver thread that may be in a hook.
         self._figures_lock = threading.Lock()
-        self._totals: dict[tuple[str, str], dict] = {}  # since this daemon started
-        self._progress: dict[str, dict] = {}  # volume -> the running cycle's size
+        self._totals: dict[tuple[str, str], dict] = {}  # (unit, target), since this daemon started
+        self._progress: dict[str, dict] = {}  # unit -> the running cycle's size
         self._shared_rate = SharedRate(daemon_bwlimit) if daemon_bwlimit else None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -145,13 +171,16 @@ class OutgoingMirrors:
                 if key not in self.book.entries:
                     self._check_compatible(spec)
                     self.book.entries[key] = {"spec": spec, "broken": False}
+                    if spec.group:
+                        self._complete_group(spec.group)
             self.book.save()
-            for volume in sorted({v for v, _ in self.book.entries}):
+            for unit in sorted({unit_of_spec(e["spec"]) for e in self.book.entries.values()}):
                 try:
-                    self._rebuild(volume)
+                    self._rebuild(unit)
                 except CycleMirrorError as exc:
-                    log.error("mirror of volume %s to %s cannot start: %s", volume,
-                              ", ".join(self.mirrors_of(volume)), exc)
+                    log.error("mirror of %s to %s cannot start: %s", _unit_text(unit),
+                              ", ".join(sorted({t for (_, t), _ in self._unit_entries(unit)})),
+                              exc)
 
     def _read_key(self, spec: MirrorSpec) -> bytes:
         from cyclemirror.keys import read_key_file
@@ -166,37 +195,70 @@ class OutgoingMirrors:
     def _entries_of(self, volume: str) -> list[tuple[str, dict]]:
         return sorted((t, e) for (v, t), e in self.book.entries.items() if v == volume)
 
-    def _rebuild(self, volume: str) -> None:
-        """Replace the volume's driver by one for its recorded targets (lock held)."""
-        old = self._drivers.pop(volume, None)
+    def _unit_of(self, volume: str) -> str:
+        entries = self._entries_of(volume)
+        return unit_of_spec(entries[0][1]["spec"]) if entries else volume
+
+    def _unit_entries(self, unit: str) -> list[tuple[tuple[str, str], dict]]:
+        """The book entries a unit's driver runs, sorted by (volume, target)."""
+        if unit.startswith(GROUP_UNIT):
+            group = unit[len(GROUP_UNIT):]
+            return sorted((k, e) for k, e in self.book.entries.items()
+                          if e["spec"].group == group)
+        return sorted((k, e) for k, e in self.book.entries.items()
+                      if k[0] == unit and e["spec"].group is None)
+
+    def _target_mirror(self, unit: str, entries) -> str:
+        """The unit's mirror name on its targets."""
+        if unit.startswith(GROUP_UNIT):
+            names = sorted({e["spec"].remote_name for _, e in entries})
+            return group_mirror_name(unit[len(GROUP_UNIT):], names)
+        return entries[0][1]["spec"].remote_name
+
+    def _rebuild(self, unit: str) -> None:
+        """Replace the unit's driver by one for its recorded members and targets (lock held)."""
+        old = self._drivers.pop(unit, None)
         if old is not None:
             old.stop()
-        self._build_errors.pop(volume, None)
-        entries = self._entries_of(volume)
+        self._build_errors.pop(unit, None)
+        entries = self._unit_entries(unit)
         if not entries:
             return
         try:
-            self._drivers[volume] = self._new_driver(volume, entries)
+            self._drivers[unit] = self._new_driver(unit, entries)
         except CycleMirrorError as exc:
             # Shown in status (phase broken, last_error) until a resume or restart succeeds.
-            self._build_errors[volume] = f"{type(exc).__name__}: {exc}"
+            self._build_errors[unit] = f"{type(exc).__name__}: {exc}"
             raise
 
-    def _new_driver(self, volume: str, entries: list[tuple[str, dict]]):
+    def _new_driver(self, unit: str, entries: list[tuple[tuple[str, str], dict]]):
         from cyclemirror.source import MirrorDriver, MirrorOptions
         from cyclemirror.source.driver import TargetSpec
+        from cyclemirror.source.group import VolumeGroup
 
         first = entries[0][1]["spec"]
-        targets = [TargetSpec(e["spec"].to.host, e["spec"].to.port, self._read_key(e["spec"]))
-                   for _, e in entries]
+        per_target: dict[str, MirrorSpec] = {}
+        for (_v, t), e in entries:
+            per_target.setdefault(t, e["spec"])
+        targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec))
+                   for _t, spec in sorted(per_target.items())]
         options = MirrorOptions(
             interval=first.interval, codec=first.compress.codec, level=first.compress.level,
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
-            on_frozen=lambda frozen, reader, v=volume: self._on_frozen(v, frozen, reader),
-            on_applied=lambda cycle, label, stats, v=volume: self._on_applied(
-                v, cycle, label, stats))
-        driver = MirrorDriver(self.store.open_volume(volume), targets, options=options,
-                              store=self.store)
+            on_frozen=lambda frozen, reader, u=unit: self._on_frozen(u, frozen, reader),
+            on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
+                u, cycle, label, stats))
+        if first.group:
+            remote = {v: e["spec"].remote_name for (v, _t), e in entries}
+            members = sorted(remote)
+            subject = VolumeGroup(self.store, first.group,
+                                  [self.store.open_volume(v) for v in members],
+                                  [remote[v] for v in members],
+                                  remote_name=self._target_mirror(unit, entries))
+            driver = MirrorDriver(subject, targets, options=options, store=self.store)
+        else:
+            driver = MirrorDriver(self.store.open_volume(unit), targets, options=options,
+                                  store=self.store, remote_name=first.remote_name)
         if any(e["broken"] for _, e in entries):
             driver.break_()  # before start: it recovers its state and waits for resume
         driver.start()
@@ -204,7 +266,7 @@ class OutgoingMirrors:
 
     # -- driver hooks (called from the driver's thread) -----------------------------------
 
-    def _on_frozen(self, volume: str, frozen, reader) -> None:
+    def _on_frozen(self, unit: str, frozen, reader) -> None:
         """Size the cycle for the progress bar: the data bytes it will read and send.
 
         The driver breaks the mirror if a hook raises, and this is only for display,
@@ -216,18 +278,20 @@ class OutgoingMirrors:
                 if kind == "data":
                     total += length
         except Exception as exc:  # noqa: BLE001 - display only, never fail the cycle
-            log.debug("sizing cycle %d of %s failed: %s", frozen.number, volume, exc)
+            log.debug("sizing cycle %d of %s failed: %s", frozen.number, unit, exc)
             return
-        driver = self._drivers.get(volume)
+        driver = self._drivers.get(unit)
         with self._figures_lock:
-            self._progress[volume] = {"cycle": frozen.number, "total": total,
+            self._progress[unit] = {"cycle": frozen.number, "total": total,
                                       "started": time.time(), "full": frozen.dirty is None,
                                       "base": _wire_counters(driver)}
 
-    def _on_applied(self, volume: str, cycle: int, label: str, stats: dict) -> None:
+    def _on_applied(self, unit: str, cycle: int, label: str, stats: dict) -> None:
         """Count and log an applied cycle (the driver's thread; must not raise)."""
+        # A volume logs under its name, a group as "group NAME".
+        volume = unit if not unit.startswith(GROUP_UNIT) else "group " + unit[len(GROUP_UNIT):]
         with self._figures_lock:
-            totals = self._totals.setdefault((volume, label), {"bytes": 0, "cycles": 0})
+            totals = self._totals.setdefault((unit, label), {"bytes": 0, "cycles": 0})
             totals["bytes"] += int(stats.get("bytes_wire") or 0)
             totals["cycles"] += 1
         resumed = stats.get("resumed_from") or 0
@@ -248,20 +312,53 @@ class OutgoingMirrors:
     def _check_compatible(self, spec: MirrorSpec) -> None:
         for target, entry in self._entries_of(spec.volume):
             other = entry["spec"]
-            for field_name in ("interval", "compress", "bwlimit", "group"):
+            for field_name in ("interval", "compress", "bwlimit", "group", "remote_name"):
                 if getattr(other, field_name) != getattr(spec, field_name):
+                    shown = {"remote_name": "--as name"}.get(field_name, field_name)
                     raise UsageError(
                         f"volume {spec.volume!r} is already mirrored to {target} with "
-                        f"{field_name} {getattr(other, field_name)}; all targets of a volume "
-                        f"share one cycle, so give the same {field_name} (or omit it)")
-        if spec.remote_name != spec.volume:
-            raise UsageError(
-                f"--as {spec.remote_name}: this source driver names the mirror on the target "
-                f"after the volume ({spec.volume!r}); targets keep mirrors from different "
-                "stores apart by node id, so two stores may both send a volume of that name")
-        if spec.group is not None:
-            raise UsageError(f"--group {spec.group}: consistency groups are not available in "
-                             "this build's source driver yet")
+                        f"{shown} {getattr(other, field_name)}; all targets of a volume "
+                        f"share one cycle, so give the same {shown} (or omit it)")
+        if spec.group is None:
+            return
+        for (volume, target), entry in self._unit_entries(GROUP_UNIT + spec.group):
+            other = entry["spec"]
+            if volume == spec.volume:
+                continue
+            for field_name in ("interval", "compress", "bwlimit"):
+                if getattr(other, field_name) != getattr(spec, field_name):
+                    raise UsageError(
+                        f"group {spec.group!r}: member {volume!r} (to {target}) has "
+                        f"{field_name} {getattr(other, field_name)}; the members of a group "
+                        f"freeze together in one cycle, so give the same {field_name} "
+                        "(or omit it)")
+            if other.remote_name == spec.remote_name:
+                raise UsageError(
+                    f"group {spec.group!r}: member {volume!r} is already named "
+                    f"{spec.remote_name!r} on the target; pick another --as name")
+
+    def _complete_group(self, group: str) -> list[tuple[str, str]]:
+        """Give every member of the group every target of the group; return the keys added.
+
+        A group is one mirror on each target, so its members cannot have different
+        targets: a new member joins every target, a new target gets every member.
+        """
+        entries = self._unit_entries(GROUP_UNIT + group)
+        members: dict[str, MirrorSpec] = {}
+        targets: dict[str, MirrorSpec] = {}
+        for (volume, target), entry in entries:
+            members.setdefault(volume, entry["spec"])
+            targets.setdefault(target, entry["spec"])
+        added = []
+        for volume, mspec in sorted(members.items()):
+            for target, tspec in sorted(targets.items()):
+                if (volume, target) in self.book.entries:
+                    continue
+                spec = dataclasses.replace(tspec, volume=volume, remote_name=mspec.remote_name)
+                broken = any(e["broken"] for _, e in entries)
+                self.book.entries[(volume, target)] = {"spec": spec, "broken": broken}
+                added.append((volume, target))
+        return added
 
     def start(self, request: dict) -> dict:
         """``mirror start``: options not given are inherited from the volume's other targets."""
@@ -270,8 +367,14 @@ class OutgoingMirrors:
             existing = self._entries_of(volume) if isinstance(volume, str) else []
             if existing:
                 inherited = existing[0][1]["spec"].to_json()
-                for name in ("interval", "compress", "bwlimit", "group"):
+                for name in ("interval", "compress", "bwlimit", "group", "as"):
                     request.setdefault(name, inherited[name])
+            elif isinstance(request.get("group"), str):
+                fellows = self._unit_entries(GROUP_UNIT + request["group"])
+                if fellows:  # a new member takes the group's cycle settings
+                    inherited = fellows[0][1]["spec"].to_json()
+                    for name in ("interval", "compress", "bwlimit"):
+                        request.setdefault(name, inherited[name])
             spec = mirror_spec_from_mapping(request, "mirror start")
             key = (spec.volume, str(spec.to))
             if key in self.book.entries:
@@ -281,16 +384,22 @@ class OutgoingMirrors:
             self.store.open_volume(spec.volume)  # NotFoundError names the volume
             self._check_compatible(spec)
             self._read_key(spec)  # a bad key file fails here, not later in the driver
-            self.book.entries[key] = {"spec": spec, "broken": bool(existing) and any(
-                e["broken"] for _, e in existing)}
+            unit = unit_of_spec(spec)
+            fellows = self._unit_entries(unit)
+            self.book.entries[key] = {"spec": spec, "broken": bool(fellows) and any(
+                e["broken"] for _, e in fellows)}
+            added = [key]
+            if spec.group:
+                added += self._complete_group(spec.group)
             try:
-                self._rebuild(spec.volume)
+                self._rebuild(unit)
             except BaseException:
-                del self.book.entries[key]
-                try:  # bring the volume's other targets back as they were
-                    self._rebuild(spec.volume)
+                for k in added:
+                    del self.book.entries[k]
+                try:  # bring the unit's other targets back as they were
+                    self._rebuild(unit)
                 except CycleMirrorError as exc:
-                    log.error("mirror of volume %s cannot restart: %s", spec.volume, exc)
+                    log.error("mirror of %s cannot restart: %s", _unit_text(unit), exc)
                 raise
             self.book.save()
         log.info("mirror %s -> %s started (interval %gs, compress %s%s%s)",
@@ -299,27 +408,32 @@ class OutgoingMirrors:
                  f", group {spec.group}" if spec.group else "")
         return {"volume": spec.volume, "target": str(spec.to), "remote_name": spec.remote_name,
                 "interval": spec.interval, "compress": str(spec.compress),
-                "bwlimit": spec.bwlimit, "group": spec.group}
+                "bwlimit": spec.bwlimit, "group": spec.group,
+                "target_mirror": self._target_mirror(unit, self._unit_entries(unit))}
 
-    def _whole_volume(self, volume: str, target: str | None, verb: str) -> list[str]:
-        """Targets a verb acts on: every target of the volume (they share one driver)."""
-        keys = _select(self.book.entries, volume, target)
-        every = [t for t, _ in self._entries_of(volume)]
+    def _whole_unit(self, volume: str, target: str | None, verb: str):
+        """(unit, keys) a verb acts on: every member and target of the volume's unit."""
+        _select(self.book.entries, volume, target)  # NotFoundError names what exists
+        unit = self._unit_of(volume)
+        keys = [k for k, _ in self._unit_entries(unit)]
+        every = sorted({t for _, t in keys})
         if target is not None and len(every) > 1:
             raise UsageError(
-                f"'mirror {verb}' acts on the whole mirror of {volume!r}, which runs one cycle "
-                f"for all its targets ({', '.join(every)}); omit --to")
-        return [t for _, t in keys]
+                f"'mirror {verb}' acts on the whole mirror of {_unit_text(unit)}, which runs "
+                f"one cycle for all its targets ({', '.join(every)}); omit --to")
+        return unit, keys
 
-    def _row(self, volume: str, target: str) -> dict:
-        return next(r for r in self.status() if r["volume"] == volume and r["target"] == target)
+    def _rows(self, keys) -> list[dict]:
+        want = set(keys)
+        return [r for r in self.status() if (r["volume"], r["target"]) in want]
 
     def sync(self, volume: str, target: str | None, timeout: float) -> list[dict]:
         with self._lock:
-            targets = self._whole_volume(volume, target, "sync")
-            driver = self._drivers.get(volume)
+            unit, keys = self._whole_unit(volume, target, "sync")
+            driver = self._drivers.get(unit)
         if driver is None:
-            raise NotFoundError(f"the mirror of {volume!r} is not running (see the daemon log)")
+            raise NotFoundError(f"the mirror of {_unit_text(unit)} is not running (see the "
+                                "daemon log)")
         try:
             driver.sync(timeout)
         except CycleMirrorError:
@@ -328,15 +442,15 @@ class OutgoingMirrors:
             raise CycleMirrorError(
                 f"the mirror of {volume!r} stopped on {type(exc).__name__}: {exc}; see the "
                 f"daemon log, fix the cause, then 'cyclemirror mirror resume {volume}'") from exc
-        return [self._row(volume, t) for t in targets]
+        return self._rows(keys)
 
     def break_(self, volume: str, target: str | None, now: bool) -> list[dict]:
         with self._lock:
-            targets = self._whole_volume(volume, target, "break")
-            for t in targets:
-                self.book.entries[(volume, t)]["broken"] = True
+            unit, keys = self._whole_unit(volume, target, "break")
+            for k in keys:
+                self.book.entries[k]["broken"] = True
             self.book.save()
-            driver = self._drivers.get(volume)
+            driver = self._drivers.get(unit)
         if driver is not None:
             driver.break_(now=now)
             # Without --now the running cycle finishes first. Wait a while for that, but
@@ -345,51 +459,65 @@ class OutgoingMirrors:
             deadline = time.monotonic() + BREAK_WAIT
             while driver.status()["phase"] != "broken" and time.monotonic() < deadline:
                 time.sleep(0.05)
-        log.info("mirror %s -> %s: broken%s", volume, ", ".join(targets),
+        log.info("mirror %s -> %s: broken%s", _unit_text(unit),
+                 ", ".join(sorted({t for _, t in keys})),
                  " now (running cycle abandoned)" if now else "")
-        return [self._row(volume, t) for t in targets]
+        return self._rows(keys)
 
     def resume(self, volume: str, target: str | None) -> list[dict]:
         with self._lock:
-            targets = self._whole_volume(volume, target, "resume")
-            for t in targets:
-                self.book.entries[(volume, t)]["broken"] = False
+            unit, keys = self._whole_unit(volume, target, "resume")
+            for k in keys:
+                self.book.entries[k]["broken"] = False
             self.book.save()
             # A fresh driver, not driver.resume(): it also recovers a driver whose thread
             # ended on an unexpected error. Its state is in the store, so nothing is re-sent.
-            self._rebuild(volume)
-        log.info("mirror %s -> %s: resumed", volume, ", ".join(targets))
-        return [self._row(volume, t) for t in targets]
+            self._rebuild(unit)
+        log.info("mirror %s -> %s: resumed", _unit_text(unit),
+                 ", ".join(sorted({t for _, t in keys})))
+        return self._rows(keys)
 
     def remove(self, volume: str, target: str | None) -> list[dict]:
+        """Remove a volume's mirror (to one target, or all).  For a group member: without
+        --to the member leaves the group; with --to that target leaves the whole group."""
         with self._lock:
             keys = _select(self.book.entries, volume, target)
-            running = [t for v, t in keys if not self.book.entries[(v, t)]["broken"]]
+            unit = self._unit_of(volume)
+            if unit.startswith(GROUP_UNIT) and target is not None:
+                keys = [k for k, _ in self._unit_entries(unit) if k[1] == target]
+            running = [f"{v} -> {t}" for v, t in keys if not self.book.entries[(v, t)]["broken"]]
             if running:
-                raise UsageError(f"the mirror of {volume!r} to {', '.join(running)} is running; "
+                raise UsageError(f"the mirror {', '.join(running)} is running; "
                                  f"break it first ('cyclemirror mirror break {volume}')")
+            self._forget_targets(unit, sorted({t for _, t in keys}))
             for key in keys:
                 del self.book.entries[key]
             self.book.save()
-            self._forget_targets(volume, [t for _, t in keys])
-            self._rebuild(volume)
-        log.info("mirror %s -> %s: removed", volume, ", ".join(t for _, t in keys))
+            self._rebuild(unit)
+        log.info("mirror %s: removed %s", _unit_text(unit),
+                 ", ".join(f"{v} -> {t}" for v, t in keys))
         return [{"volume": v, "target": t} for v, t in keys]
 
-    def _forget_targets(self, volume: str, targets: list[str]) -> None:
+    def _forget_targets(self, unit: str, targets: list[str]) -> None:
         """Drop the driver's record of removed targets (lock held, driver stopped).
 
         A target added again later then counts as never known: the driver
         compares block hashes with it (if it has an image) instead of trusting
         an owed set that stopped growing while the target was out.
         """
+        from cyclemirror.source.group import GROUP_STATE_PREFIX
         from cyclemirror.source.persist import DriverState
 
-        driver = self._drivers.pop(volume, None)
+        driver = self._drivers.pop(unit, None)
         if driver is not None:
             driver.stop()
-        vol = self.store.open_volume(volume)
-        state = DriverState(os.path.join(self.store.path, "outgoing", volume), vol.nblocks)
+        entries = self._unit_entries(unit)
+        if unit.startswith(GROUP_UNIT):
+            name = GROUP_STATE_PREFIX + self._target_mirror(unit, entries)
+        else:
+            name = unit
+        nblocks = sum(self.store.open_volume(v).nblocks for v in {v for (v, _), _ in entries})
+        state = DriverState(os.path.join(self.store.path, "outgoing", name), nblocks)
         for t in targets:
             state.targets.pop(t, None)
         state.save()
@@ -417,9 +545,14 @@ class OutgoingMirrors:
             totals = {k: dict(v) for k, v in self._totals.items()}
             progress = {k: dict(v) for k, v in self._progress.items()}
         rows = []
+        with self._lock:
+            mirror_names = {}
+            for unit in {unit_of_spec(e["spec"]) for _, e in entries}:
+                mirror_names[unit] = self._target_mirror(unit, self._unit_entries(unit))
         for (volume, target), entry in entries:
             spec = entry["spec"]
-            driver = drivers.get(volume)
+            unit = unit_of_spec(spec)
+            driver = drivers.get(unit)
             st = driver.status() if driver is not None else {"cycle": 0, "targets": {}}
             t = st["targets"].get(target, {})
             phase = t.get("phase", "broken" if entry["broken"] or driver is None else "idle")
@@ -437,15 +570,16 @@ class OutgoingMirrors:
                         "compression_ratio": t.get("compression_ratio"),
                         "full": t.get("full"), "chunks": t.get("chunks"),
                         "resumed_from": t.get("resumed_from")}
-            running = progress.get(volume)
+            running = progress.get(unit)
             row_progress = None
             if (running and phase in ("copying", "applying") and applied < running["cycle"]
                     and running["total"] > 0):
                 row_progress = _progress(running, driver, target, last, now)
-            tot = totals.get((volume, target), {"bytes": 0, "cycles": 0})
+            tot = totals.get((unit, target), {"bytes": 0, "cycles": 0})
             rows.append({
                 "volume": volume, "target": target, "remote_name": spec.remote_name,
-                "group": spec.group, "interval": spec.interval,
+                "group": spec.group, "target_mirror": mirror_names[unit],
+                "interval": spec.interval,
                 "compress": str(spec.compress), "bwlimit": spec.bwlimit,
                 "cycle": st.get("cycle", 0), "phase": phase,
                 "applied_cycle": applied,
@@ -453,10 +587,17 @@ class OutgoingMirrors:
                 "rpo_age": rpo_age, "last_cycle": last,
                 "shipped_bytes_total": tot["bytes"], "cycles_total": tot["cycles"],
                 "progress": row_progress,
-                "last_error": (build_errors.get(volume) or t.get("last_error")
+                "last_error": (build_errors.get(unit) or t.get("last_error")
                                or (st.get("last_error") if phase == "broken" else None)),
             })
         return rows
+
+
+def _unit_text(unit: str) -> str:
+    """A unit as a person reads it: "volume 'db'" or "group 'app'"."""
+    if unit.startswith(GROUP_UNIT):
+        return f"group {unit[len(GROUP_UNIT):]!r}"
+    return f"volume {unit!r}"
 
 
 def _wire_counters(driver) -> dict:

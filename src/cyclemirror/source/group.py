@@ -122,7 +122,11 @@ class VolumeGroup(SingleVolume):
 
     group = True
 
-    def __init__(self, store, name: str, volumes: list, remote_names: list[str] | None = None):
+    def __init__(self, store, name: str, volumes: list, remote_names: list[str] | None = None,
+                 *, remote_name: str | None = None):
+        """``remote_names``: each member's name on the target; ``remote_name``: the group's
+        mirror name there (default ``name``), which also names its state directory, so a
+        group whose members change starts a new mirror instead of misreading the old one."""
         self.name = validate_volume_name(name)
         if not volumes:
             raise UsageError(f"group {name!r} has no volumes")
@@ -134,13 +138,13 @@ class VolumeGroup(SingleVolume):
                 set(self.remote_names)) != len(self.remote_names):
             raise UsageError(f"group {name!r} lists a volume (or a name on the target) twice")
         self.store = store
-        self.remote_name = self.name
+        self.remote_name = validate_volume_name(remote_name or self.name)
         self.offsets, total = [], 0
         for v in self.volumes:
             self.offsets.append(total)
             total += v.nblocks
         self.nblocks = total
-        self.state_dir_name = GROUP_STATE_PREFIX + self.name
+        self.state_dir_name = GROUP_STATE_PREFIX + self.remote_name
         self.volume = _GroupFace(self)
 
     @property
