@@ -467,6 +467,30 @@ def test_group_members_must_share_one_cycle_and_refusals_say_why(daemons, key):
     assert a.cli("mirror", "rm", "x", check=False).returncode == errors.UsageError.exit_code
 
 
+def test_a_restarted_daemon_resumes_its_group_with_deltas(daemons, key, tmp_path):
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    a = daemons("a", key_file=key)
+    for name in ("p", "q"):
+        a.cli("volume", "create", name, "--size", "1M")
+        write(a, name, 0, os.urandom(256 * 1024))
+        a.cli("mirror", "start", name, "--to", b.listen, "--interval", MANUAL, "--group", "pq")
+    a.cli("mirror", "sync", "p")
+    assert a.stop() == 0
+    a.start()
+    write(a, "q", 512 * 1024, os.urandom(4096))
+    (row_p, row_q) = json.loads(a.cli("mirror", "sync", "q", "--json").stdout)
+    assert row_p["applied_cycle"] == row_q["applied_cycle"] >= 2
+    assert row_q["last_cycle"]["full"] is False and row_q["last_cycle"]["raw_bytes"] == 4096
+    applied = re.findall(r"mirror group pq -> \S+: cycle (\d+) applied.*", a.log())
+    assert applied, a.log()
+    a.cli("mirror", "break", "q")
+    rows = {m["volume"]: m for m in b.status()["incoming"]
+            if m["group"] == row_q["target_mirror"]}
+    for name in ("p", "q"):
+        with open(rows[name]["image"], "rb") as fh:
+            assert fh.read() == export(a, name, tmp_path / name)
+
+
 def test_as_names_the_mirror_on_the_target(daemons, key, tmp_path):
     b = daemons("b", key_file=key, listen=True, nbd=False)
     a = daemons("a", key_file=key)
