@@ -506,6 +506,10 @@ def test_as_names_the_mirror_on_the_target(daemons, key, tmp_path):
     assert row["image"].endswith("/v-offsite.img")
     assert image == export(a, "v", tmp_path / "v.img")
     assert mirror_row(a, "v", b)["remote_name"] == "v-offsite"
+    # Two of our volumes under one name on a target would overwrite one image.
+    a.cli("volume", "create", "v-offsite", "--size", "1M")
+    clash = a.cli("mirror", "start", "v-offsite", "--to", b.listen, check=False)
+    assert clash.returncode == errors.UsageError.exit_code and "already arrives" in clash.stderr
 
 
 def test_mirrors_declared_in_the_config_file_start_at_boot_and_restarts_keep_a_break(

@@ -319,6 +319,14 @@ class OutgoingMirrors:
                         f"volume {spec.volume!r} is already mirrored to {target} with "
                         f"{shown} {getattr(other, field_name)}; all targets of a volume "
                         f"share one cycle, so give the same {shown} (or omit it)")
+        for (volume, target), entry in self.book.entries.items():
+            # The target keeps one image per name for each source store: two of our
+            # volumes under one name there would overwrite each other's image.
+            if volume != spec.volume and entry["spec"].remote_name == spec.remote_name and (
+                    target == str(spec.to) or (spec.group and entry["spec"].group == spec.group)):
+                raise UsageError(
+                    f"volume {volume!r} already arrives at {target} as {spec.remote_name!r}; "
+                    f"give volume {spec.volume!r} another name there with --as")
         if spec.group is None:
             return
         for (volume, target), entry in self._unit_entries(GROUP_UNIT + spec.group):
@@ -332,10 +340,6 @@ class OutgoingMirrors:
                         f"{field_name} {getattr(other, field_name)}; the members of a group "
                         f"freeze together in one cycle, so give the same {field_name} "
                         "(or omit it)")
-            if other.remote_name == spec.remote_name:
-                raise UsageError(
-                    f"group {spec.group!r}: member {volume!r} is already named "
-                    f"{spec.remote_name!r} on the target; pick another --as name")
 
     def _complete_group(self, group: str) -> list[tuple[str, str]]:
         """Give every member of the group every target of the group; return the keys added.
