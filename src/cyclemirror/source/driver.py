@@ -1,4 +1,8 @@
-"""MirrorDriver: the repeating cycle of one volume to one or more targets.
+"""MirrorDriver: the repeating cycle of one volume (or consistency group) to one or more targets.
+
+What is mirrored is a *subject* (``source.group``): one volume, or a group of
+volumes frozen at one instant and applied all-or-none; everything below is
+written once for both, with owed sets over the subject's blocks.
 
 One thread per driver runs:  wait -> freeze -> ship -> await apply -> merge.
 
