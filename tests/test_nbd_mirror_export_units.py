@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 import threading
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import nbd_rawclient as C
 from conftest import require_tool
@@ -194,3 +198,126 @@ def test_an_image_with_a_committed_but_unapplied_cycle_is_refused(mirrored):
     with pytest.raises(StoreError, match="cut by a crash"):
         PinnedImage(image)
     assert IMAGE_PINS.pinned(image.state_path) == 0
+
+
+# -- naming and the pin bookkeeping ------------------------------------------------------
+
+
+def _fake_mirror(root, node_id, node_name, mirror, volumes, group=False, applied=1):
+    from cyclemirror.target.state import VolumeSpec
+
+    ndir = os.path.join(root, "mirrors", node_id)
+    os.makedirs(ndir, exist_ok=True)
+    st = MirrorState(mirror, group, node_id, node_name,
+                     [VolumeSpec(v, MiB, 4096) for v in volumes], applied_cycle=applied)
+    st.save(os.path.join(ndir, mirror + (".group.json" if group else ".state.json")))
+    for v in volumes:
+        with open(os.path.join(ndir, v + ".img"), "wb") as f:
+            f.truncate(MiB)
+
+
+def test_export_names_use_the_node_name_only_where_it_is_unambiguous(tmp_path):
+    from cyclemirror.target.readers import export_names, listed_export_names
+
+    root = str(tmp_path)
+    _fake_mirror(root, "aaaa", "db1", "vol", ["vol"])
+    _fake_mirror(root, "bbbb", "twin", "vol", ["vol"])
+    _fake_mirror(root, "cccc", "twin", "vol", ["vol"])      # a second node named twin
+    _fake_mirror(root, "dddd", None, "g", ["m1", "m2"], group=True)
+    _fake_mirror(root, "eeee", "fresh", "vol", ["vol"], applied=0)  # nothing applied yet
+    images = mirror_images(root)
+    names = export_names(images)
+    assert set(names) == {"mirror/aaaa/vol", "mirror/db1/vol", "mirror/bbbb/vol",
+                          "mirror/cccc/vol", "mirror/dddd/m1", "mirror/dddd/m2"}
+    assert names["mirror/db1/vol"] is names["mirror/aaaa/vol"]
+    assert names["mirror/dddd/m2"].image_path.endswith(os.path.join("dddd", "m2.img"))
+    assert listed_export_names(images) == ["mirror/bbbb/vol", "mirror/cccc/vol",
+                                           "mirror/db1/vol", "mirror/dddd/m1",
+                                           "mirror/dddd/m2"]
+
+
+def test_a_reader_waits_for_an_in_place_apply_and_times_out_naming_why(tmp_path):
+    from cyclemirror.errors import TimeoutError_
+    from cyclemirror.target.readers import ImagePins
+
+    pins = ImagePins()
+    key = str(tmp_path / "m.state.json")
+    with pins.applying(key):
+        assert pins.start_in_place(key) is True
+        with pytest.raises(TimeoutError_, match="retry when the cycle is applied"):
+            pins.pin(key, timeout=0.05)
+    assert pins.pin(key, timeout=0.05) is False  # the apply ended: no wait, none under way
+    with pins.applying(key):
+        assert pins.start_in_place(key) is False  # a reader holds it: clone
+        assert pins.pin(key, timeout=0.05) is True  # more readers may join a cloned apply
+    pins.unpin(key)
+    pins.unpin(key)
+    with pytest.raises(StoreError, match="unpin without a pin"):
+        pins.unpin(key)
+    assert pins.pinned(key) == 0 and pins.clones == 1
+
+
+class PinsMachine(RuleBasedStateMachine):
+    """ImagePins against a model: an in-place apply never overlaps a held pin."""
+
+    def __init__(self):
+        super().__init__()
+        from cyclemirror.target.readers import ImagePins
+
+        self.pins = ImagePins()
+        self.key = "/nonexistent/mirror.state.json"
+        self.stack = contextlib.ExitStack()
+        self.model_pins = 0
+        self.applies = 0
+        self.in_place = False  # an in-place apply was decided and is not over
+
+    @rule()
+    def pin(self):
+        from cyclemirror.errors import TimeoutError_
+
+        if self.in_place:
+            with pytest.raises(TimeoutError_):
+                self.pins.pin(self.key, timeout=0)
+        else:
+            assert self.pins.pin(self.key, timeout=0) == (self.applies > 0)
+            self.model_pins += 1
+
+    @rule()
+    def unpin(self):
+        if self.model_pins:
+            self.pins.unpin(self.key)
+            self.model_pins -= 1
+        else:
+            with pytest.raises(StoreError):
+                self.pins.unpin(self.key)
+
+    @rule(recovering=st.booleans())
+    def begin_apply(self, recovering):
+        self.stack.enter_context(self.pins.applying(self.key, recovering=recovering))
+        self.applies += 1
+        self.in_place = self.in_place or recovering
+
+    @precondition(lambda self: self.applies)
+    @rule()
+    def decide(self):
+        got = self.pins.start_in_place(self.key)
+        assert got == (self.model_pins == 0)
+        self.in_place = self.in_place or got
+
+    @precondition(lambda self: self.applies)
+    @rule()
+    def end_apply(self):
+        self.stack.pop_all().close()  # every nested apply of this mirror ends together
+        self.applies = 0
+        self.in_place = False
+
+    @invariant()
+    def agrees_with_the_model(self):
+        assert self.pins.pinned(self.key) == self.model_pins
+
+    def teardown(self):
+        self.stack.close()
+
+
+TestPinsMachine = PinsMachine.TestCase
+TestPinsMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
