@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from cyclemirror._cext import frames
 from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import (
+    ConnectionLostError,
     CycleMirrorError,
     NotFoundError,
     StoreError,
@@ -450,7 +451,9 @@ class MirrorDriver:
             return
         for r in runs:
             try:
-                r.phase = "connecting"
+                # A live link goes straight on; _prepare says "connecting" only
+                # when it has to open a new one.
+                r.phase = "copying"
                 if self._prepare(r, frozen, reader):
                     ready.append(r)
                 else:
@@ -490,6 +493,7 @@ class MirrorDriver:
         if r.link is not None and r.link.failure is None and not e.get("untrusted"):
             # A live link: the target's state is what we have tracked on it.
             return self._begin(r, frozen, resume=False)
+        r.phase = "connecting"
         r.drop_link()
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                           insecure=r.spec.insecure)
@@ -534,17 +538,20 @@ class MirrorDriver:
     def _begin(self, r: _Run, frozen, resume: bool) -> bool:
         c = frozen.number
         e = self.state.entry(r.label)
+        link = r.link  # a break or a stall may drop r.link while we wait
+        if link is None:
+            raise ConnectionLostError(f"target {r.label}: the link was dropped before cycle {c}")
         full = r.owed is None
-        pend_cycle, pend_chunks = r.link.acked
+        pend_cycle, pend_chunks = link.acked
         resume = resume and e["in_flight_full"] == full and pend_cycle == c
         r.resume_from = pend_chunks if resume else 0
         self.state.save_owed(r.label, r.owed)
         e["in_flight"], e["in_flight_full"] = c, full
         self.state.save()
-        r.link.link.send_message("begin", cycle=c, freeze_time=frozen.freeze_time, full=full,
-                                 resume_from=r.resume_from)
-        got = r.link.wait_for(lambda: r.link.acked[0] == c and r.link.acked, 30.0,
-                              f"the start of cycle {c}")
+        link.link.send_message("begin", cycle=c, freeze_time=frozen.freeze_time, full=full,
+                               resume_from=r.resume_from)
+        got = link.wait_for(lambda: link.acked[0] == c and link.acked, 30.0,
+                            f"the start of cycle {c}")
         if got[1] != r.resume_from:
             raise StoreError(f"target {r.label} resumed at chunk {got[1]}, "
                              f"asked {r.resume_from}")
@@ -563,8 +570,11 @@ class MirrorDriver:
             # A local reference: a break or a stall may drop r.link meanwhile; then
             # the closed socket fails our send with ConnectionLostError (temporary).
             tlink = r.link
-            wire0 = tlink.link.bytes_sent
             try:
+                if tlink is None:
+                    raise ConnectionLostError(
+                        f"target {r.label}: the link was dropped before cycle {c} was sent")
+                wire0 = tlink.link.bytes_sent
                 r.phase = "copying"
                 while not done.get(r.label):
                     # Small frames (scattered 4 KiB blocks) go out together, one
