@@ -30,23 +30,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from cyclemirror import keys  # noqa: E402
+import cyclemirror
+from cyclemirror import keys
+from cyclemirror.daemon import memtune
 
 FULL_MB = int(os.environ.get("CYCLEMIRROR_BENCH_FULL_MB", "2048"))
 DELTA_MB = int(os.environ.get("CYCLEMIRROR_BENCH_DELTA_MB", "4096"))
 ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
 BS = 4096
 MiB = 1 << 20
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+# Children import the package this process imported (src/ in a dev tree, the
+# installed wheel under tox -e bench).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cyclemirror.__file__)))
+ENV = {**os.environ, "PYTHONPATH": PACKAGE_ROOT}
+# Both ends tune the allocator as `cyclemirror serve` does.
+memtune.keep_freed_buffers()
 
 TARGET_SCRIPT = """
 import sys, time
 from cyclemirror import keys
+from cyclemirror.daemon import memtune
+memtune.keep_freed_buffers()
 from cyclemirror.store import Store
 from cyclemirror.target import TargetServer
 path, keyfile, portfile = sys.argv[1:]

@@ -33,6 +33,7 @@ import threading
 import time
 
 from cyclemirror import __version__
+from cyclemirror.daemon import memtune
 from cyclemirror.daemon.config import DaemonConfig, check_name
 from cyclemirror.daemon.control import ControlServer, control_socket_path
 from cyclemirror.daemon.mirrors import OutgoingMirrors
@@ -395,6 +396,7 @@ def setup_logging(level: str) -> None:
 def run_daemon(config: DaemonConfig) -> int:
     """``cyclemirror serve``: run until SIGTERM or SIGINT, then stop cleanly; returns 0."""
     setup_logging(config.log_level)
+    memtune.keep_freed_buffers()
     daemon = Daemon(config)
     stop_requested = threading.Event()
 
