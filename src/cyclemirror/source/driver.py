@@ -32,6 +32,12 @@ One thread per driver runs:  wait -> freeze -> ship -> await apply -> merge.
   applied cycle moved back, another target answers), block hashes are
   compared and only differing blocks ship.
 
+* Progress: while a cycle ships, each target's ``CycleProgress`` holds
+  counters that only its sender thread writes (plain int attributes, no
+  lock); ``status()`` reads them as they are, so a poll never waits on a
+  sender, and each figure is monotonic within one attempt.  Applied, they
+  move to the last-cycle figures and the progress is cleared.
+
 Locking: ``_cond`` guards the control flags (break/sync/stop/merge) and the
 status fields; shipping and merging happen outside it.
 """
@@ -97,6 +103,44 @@ class MirrorOptions:
     extra: dict = field(default_factory=dict)
 
 
+class CycleProgress:
+    """The running cycle to one target, as its sender thread counts it.
+
+    One writer (the sender thread) updates the int attributes in place; readers
+    take them without a lock (an attribute read is atomic under the GIL), so a
+    snapshot may mix two moments, but each counter only grows.
+
+    total_bytes: the bytes of the volume(s) this cycle covers -- the owed
+    blocks times the block size, or the whole size for a full copy -- known
+    up front.  done_bytes: the part of it dealt with so far (data chunks and
+    zero runs handed to the link, plus chunks skipped on a resume because the
+    target holds them); it ends equal to total_bytes.  bytes_raw: uncompressed
+    DATA bytes handed to the link in this attempt (zero runs excluded; the
+    same figure as the applied cycle's ``bytes_raw``).  bytes_wire: bytes sent
+    on this link since the attempt began (frames and messages).
+    """
+
+    __slots__ = ("cycle", "full", "total_bytes", "done_bytes", "bytes_raw", "bytes_wire",
+                 "chunks_sent", "resumed_from", "started")
+
+    def __init__(self, cycle: int, full: bool, total_bytes: int, resumed_from: int):
+        self.cycle = cycle
+        self.full = full
+        self.total_bytes = total_bytes
+        self.done_bytes = 0
+        self.bytes_raw = 0
+        self.bytes_wire = 0
+        self.chunks_sent = 0
+        self.resumed_from = resumed_from
+        self.started = time.time()
+
+    def as_dict(self) -> dict:
+        return {"cycle": self.cycle, "full": self.full, "total_bytes": self.total_bytes,
+                "done_bytes": self.done_bytes, "bytes_raw": self.bytes_raw,
+                "bytes_wire": self.bytes_wire, "chunks_sent": self.chunks_sent,
+                "resumed_from": self.resumed_from, "started": self.started}
+
+
 class _Run:
     """One target of the driver: its link, owed set and figures."""
 
@@ -111,6 +155,7 @@ class _Run:
         self.applied_cycle = 0
         self.freeze_time = 0.0
         self.stats: dict = {}
+        self.progress: CycleProgress | None = None  # the running cycle, while it ships
         self.backoff = 0.0
         self.resume_from = 0
         self.ok = False
@@ -260,6 +305,7 @@ class MirrorDriver:
                         "rpo_age": (now - r.freeze_time) if r.applied_cycle else None,
                         "last_error": r.last_error,
                         **r.stats,
+                        "progress": _progress_snapshot(r.progress),
                     } for r in self.runs
                 },
             }
@@ -567,6 +613,9 @@ class MirrorDriver:
         def sender(r: _Run) -> None:
             q = queues[r.label]
             sent_raw = 0
+            prog = CycleProgress(c, r.owed is None, _cycle_bytes(self.subject, r.owed),
+                                 r.resume_from)
+            r.progress = prog
             # A local reference: a break or a stall may drop r.link meanwhile; then
             # the closed socket fails our send with ConnectionLostError (temporary).
             tlink = r.link
@@ -575,6 +624,7 @@ class MirrorDriver:
                     raise ConnectionLostError(
                         f"target {r.label}: the link was dropped before cycle {c} was sent")
                 wire0 = tlink.link.bytes_sent
+                covered = 0
                 r.phase = "copying"
                 while not done.get(r.label):
                     # Small frames (scattered 4 KiB blocks) go out together, one
@@ -586,6 +636,10 @@ class MirrorDriver:
                             done[r.label] = True
                             break
                         index, frame, raw = item
+                        if index is not None:
+                            # raw_length (u32 LE at byte 28): a chunk's bytes, or a
+                            # zero run's length (docs/protocol.md).
+                            covered += int.from_bytes(frame[28:32], "little")
                         # index None: a group's member switch, sent also when resuming.
                         if index is None or index >= r.resume_from:
                             batch.append(frame)
@@ -602,9 +656,22 @@ class MirrorDriver:
                         tlink.check()
                         tlink.link.send_frame(batch[0] if len(batch) == 1 else b"".join(batch),
                                               f"chunks up to {index} of cycle {c}")
+                    # Published after the send: the figures never run ahead of the link.
+                    prog.bytes_raw = sent_raw
+                    prog.done_bytes = covered
+                    prog.bytes_wire = tlink.link.bytes_sent - wire0
+                    prog.chunks_sent = total[0] if done.get(r.label) else (
+                        index + 1 if index is not None else prog.chunks_sent)
                 tlink.link.send_message("end", cycle=c, chunks=total[0])
                 dt = time.monotonic() - t0
                 wire = tlink.link.bytes_sent - wire0
+                prog.bytes_wire = wire
+                if covered != prog.total_bytes and r.link is tlink:
+                    # Only the progress figure is off (the target verifies the data
+                    # itself), but it means the stream and the owed set disagree.
+                    log.warning("cycle %d of %s to %s: the frames covered %d bytes of the "
+                                "%d owed; the progress figures are off, please report this",
+                                c, self.volume.name, r.label, covered, prog.total_bytes)
                 r.stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw,
                            "bytes_wire": wire, "chunks": total[0], "resumed_from": r.resume_from,
                            "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
@@ -665,11 +732,13 @@ class MirrorDriver:
         e["applied_cycle"], e["freeze_time"], e["in_flight"] = cycle, freeze_time, 0
         self.state.save()
         with self._cond:
-            r.applied_cycle, r.freeze_time = cycle, freeze_time
+            # One step for status(): the cycle's figures are in r.stats already.
+            r.applied_cycle, r.freeze_time, r.progress = cycle, freeze_time, None
             self._cond.notify_all()
 
     def _failed(self, r: _Run, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"
+        r.progress = None  # a retry starts a new attempt with its own figures
         r.drop_link()
         with self._cond:
             r.last_error = text
@@ -685,10 +754,22 @@ class MirrorDriver:
         log.warning("mirror %s -> %s: %s", self.volume.name, r.label, text)
 
 
+def _cycle_bytes(subject, owed: ExtentBitmap | None) -> int:
+    """Bytes a cycle covers: each member's owed blocks times its block size (all of it if full)."""
+    total = 0
+    for vol, part in zip(subject.volumes, subject.split(owed), strict=True):
+        total += vol.size if part is None else part.count() * vol.block_size
+    return total
+
+
+def _progress_snapshot(prog: CycleProgress | None) -> dict | None:
+    return None if prog is None else prog.as_dict()
+
+
 def _same_owed(a: ExtentBitmap | None, b: ExtentBitmap | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return a == b
 
 
-__all__ = ["MirrorDriver", "MirrorOptions", "TargetSpec", "CycleMirrorError"]
+__all__ = ["CycleProgress", "MirrorDriver", "MirrorOptions", "TargetSpec", "CycleMirrorError"]
