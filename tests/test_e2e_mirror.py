@@ -311,6 +311,9 @@ def test_a_long_first_cycle_shows_progress_with_rate_and_time_left(daemons, key)
     p = wait_for(moving, 30, "the first cycle to report progress")
     assert p["cycle"] == 1 and 8 * MiB <= p["total"] <= 16 * MiB
     assert 0 < p["done"] < p["total"] and p["rate"] > 0 and p["eta"] > 0
+    # exact counts from the driver (no estimate): compression off, so raw and wire agree
+    assert "estimated" not in p and p["full"] is True and p["resumed_from"] == 0
+    assert 0 < p["raw_bytes"] <= p["done"] and p["wire_bytes"] >= p["raw_bytes"]
     table = a.cli("status").stdout
     bar = [line for line in table.splitlines() if "ETA" in line]
     assert len(bar) == 1 and "[#" in bar[0] and "/s" in bar[0], table
@@ -318,7 +321,9 @@ def test_a_long_first_cycle_shows_progress_with_rate_and_time_left(daemons, key)
     assert value(samples, "cyclemirror_mirror_progress_total_bytes", volume="v",
                  target=b.listen) == p["total"]
     a.cli("mirror", "sync", "v", "--timeout", "60")
-    assert mirror_row(a, "v", b)["progress"] is None
+    row = mirror_row(a, "v", b)
+    assert row["progress"] is None
+    assert row["applied_cycle"] == row["last_cycle"]["cycle"] >= 2  # sync froze a new cycle
 
 
 def test_a_wrong_key_or_dead_target_shows_in_status_logs_and_metrics(daemons, key, tmp_path):

@@ -106,9 +106,14 @@ def render_metrics(doc: dict) -> str:
         progress = m.get("progress")
         if progress:
             e.add("cyclemirror_mirror_progress_done_bytes", "gauge",
-                  "Bytes of the running cycle's delta sent so far.", lb, progress.get("done"))
+                  "Bytes of the running cycle's owed blocks (data and zero runs) sent so far.",
+                  lb, progress.get("done"))
             e.add("cyclemirror_mirror_progress_total_bytes", "gauge",
-                  "Bytes of the running cycle's delta in all.", lb, progress.get("total"))
+                  "Bytes of the running cycle's owed blocks in all (the volume for a full copy).",
+                  lb, progress.get("total"))
+            e.add("cyclemirror_mirror_progress_wire_bytes", "gauge",
+                  "Bytes the running cycle has sent on the wire so far.", lb,
+                  progress.get("wire_bytes"))
     for m in doc.get("incoming", []):
         lb = {"source_node": m.get("source_node", ""), "volume": m["volume"]}
         e.add("cyclemirror_incoming_applied_cycle", "gauge",

@@ -11,8 +11,9 @@ driver's, kept in the store by ``cyclemirror.source``.
 objects and turns their ``status()`` into
 the stable rows of ``status --json`` (docs/cli.md).  The driver's
 ``on_applied`` hook gives one info log line per applied cycle per target and
-the running totals; ``on_frozen`` gives the size of the running cycle for the
-progress bar.  The driver itself logs every failure with volume and target.
+the running totals.  The progress of a running cycle is the driver's own
+per-target ``progress`` figures (exact counts, no estimate), turned into a
+rate and time left here.  The driver itself logs every failure with volume and target.
 
 Units: one driver per *unit*, which is either a volume (key: its name; all
 its targets) or a consistency group (key: ``group:NAME``; every member, all
@@ -26,7 +27,7 @@ members change is a new mirror there (its first cycle is a full copy)
 instead of one the target would refuse.
 
 Locking: ``_lock`` (re-entrant) guards the book and the driver table;
-``_figures_lock`` the totals and progress the driver hooks write.  Driver
+``_figures_lock`` the totals the driver hook writes.  Driver
 calls that block for long (sync, break) run outside both.
 """
 
@@ -158,7 +159,6 @@ class OutgoingMirrors:
         # _lock: _rebuild holds _lock while it joins a driver thread that may be in a hook.
         self._figures_lock = threading.Lock()
         self._totals: dict[tuple[str, str], dict] = {}  # (unit, target), since this daemon started
-        self._progress: dict[str, dict] = {}  # unit -> the running cycle's size
         self._shared_rate = SharedRate(daemon_bwlimit) if daemon_bwlimit else None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -245,7 +245,6 @@ class OutgoingMirrors:
         options = MirrorOptions(
             interval=first.interval, codec=first.compress.codec, level=first.compress.level,
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
-            on_frozen=lambda frozen, reader, u=unit: self._on_frozen(u, frozen, reader),
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
                 u, cycle, label, stats))
         if first.group:
@@ -265,26 +264,6 @@ class OutgoingMirrors:
         return driver
 
     # -- driver hooks (called from the driver's thread) -----------------------------------
-
-    def _on_frozen(self, unit: str, frozen, reader) -> None:
-        """Size the cycle for the progress bar: the data bytes it will read and send.
-
-        The driver breaks the mirror if a hook raises, and this is only for display,
-        so any failure just leaves the cycle without a progress figure.
-        """
-        try:
-            total = 0
-            for _offset, length, kind, _fd in reader.extents(frozen.dirty, 1 << 16):
-                if kind == "data":
-                    total += length
-        except Exception as exc:  # noqa: BLE001 - display only, never fail the cycle
-            log.debug("sizing cycle %d of %s failed: %s", frozen.number, unit, exc)
-            return
-        driver = self._drivers.get(unit)
-        with self._figures_lock:
-            self._progress[unit] = {"cycle": frozen.number, "total": total,
-                                      "started": time.time(), "full": frozen.dirty is None,
-                                      "base": _wire_counters(driver)}
 
     def _on_applied(self, unit: str, cycle: int, label: str, stats: dict) -> None:
         """Count and log an applied cycle (the driver's thread; must not raise)."""
@@ -547,7 +526,6 @@ class OutgoingMirrors:
             build_errors = dict(self._build_errors)
         with self._figures_lock:
             totals = {k: dict(v) for k, v in self._totals.items()}
-            progress = {k: dict(v) for k, v in self._progress.items()}
         rows = []
         with self._lock:
             mirror_names = {}
@@ -574,11 +552,10 @@ class OutgoingMirrors:
                         "compression_ratio": t.get("compression_ratio"),
                         "full": t.get("full"), "chunks": t.get("chunks"),
                         "resumed_from": t.get("resumed_from")}
-            running = progress.get(unit)
+            running = t.get("progress")
             row_progress = None
-            if (running and phase in ("copying", "applying") and applied < running["cycle"]
-                    and running["total"] > 0):
-                row_progress = _progress(running, driver, target, last, now)
+            if running and applied < running["cycle"]:
+                row_progress = _progress(running, now)
             tot = totals.get((unit, target), {"bytes": 0, "cycles": 0})
             rows.append({
                 "volume": volume, "target": target, "remote_name": spec.remote_name,
@@ -604,36 +581,17 @@ def _unit_text(unit: str) -> str:
     return f"volume {unit!r}"
 
 
-def _wire_counters(driver) -> dict:
-    """Per target: (link object id, bytes it sent so far), read from the driver's links.
+def _progress(running: dict, now: float) -> dict:
+    """The ``progress`` of a row: the driver's exact counts, with a rate and time left.
 
-    The driver reports a cycle's figures only once applied, so the progress of
-    a running cycle is read from the byte counter of each target's frame link.
-    Everything is looked up defensively: if the driver's shape changes, the bar
-    simply shows nothing done rather than failing ``status``.
+    The rate leaves out what a resume skipped (already on the target, no time
+    spent), so the time left is not flattered by it.
     """
-    out = {}
-    for run in getattr(driver, "runs", ()) or ():
-        link = getattr(getattr(run, "link", None), "link", None)
-        sent = getattr(link, "bytes_sent", None)
-        if isinstance(sent, int):
-            out[getattr(run, "label", None)] = (id(link), sent)
-    return out
-
-
-def _progress(running: dict, driver, target: str, last: dict | None, now: float) -> dict:
-    """Progress of the running cycle to one target: raw bytes done (estimated), rate, ETA."""
-    current = _wire_counters(driver).get(target)
-    base = running["base"].get(target)
-    wire = 0
-    if current is not None:
-        # A link opened after the freeze counts from zero.
-        wire = current[1] - (base[1] if base is not None and base[0] == current[0] else 0)
-    # Wire bytes are compressed; scale by the last known ratio to estimate raw bytes.
-    ratio = (last or {}).get("compression_ratio") or 1.0
-    done = min(running["total"], int(max(0, wire) * ratio))
+    done, total = running["done_bytes"], running["total_bytes"]
     elapsed = max(1e-6, now - running["started"])
-    rate = done / elapsed
-    return {"cycle": running["cycle"], "done": done, "total": running["total"], "rate": rate,
-            "eta": (running["total"] - done) / rate if rate > 0 else None,
-            "estimated": ratio != 1.0}
+    rate = max(0, done - running.get("skipped_bytes", 0)) / elapsed
+    return {"cycle": running["cycle"], "done": done, "total": total, "rate": rate,
+            "eta": (total - done) / rate if rate > 0 else None,
+            "full": running["full"], "raw_bytes": running["bytes_raw"],
+            "wire_bytes": running["bytes_wire"], "chunks": running["chunks_sent"],
+            "resumed_from": running["resumed_from"], "started": running["started"]}

@@ -117,11 +117,12 @@ class CycleProgress:
     target holds them); it ends equal to total_bytes.  bytes_raw: uncompressed
     DATA bytes handed to the link in this attempt (zero runs excluded; the
     same figure as the applied cycle's ``bytes_raw``).  bytes_wire: bytes sent
-    on this link since the attempt began (frames and messages).
+    on this link since the attempt began (frames and messages).  skipped_bytes:
+    the part of done_bytes a resume skipped (it cost no time: rates leave it out).
     """
 
     __slots__ = ("cycle", "full", "total_bytes", "done_bytes", "bytes_raw", "bytes_wire",
-                 "chunks_sent", "resumed_from", "started")
+                 "chunks_sent", "skipped_bytes", "resumed_from", "started")
 
     def __init__(self, cycle: int, full: bool, total_bytes: int, resumed_from: int):
         self.cycle = cycle
@@ -131,6 +132,7 @@ class CycleProgress:
         self.bytes_raw = 0
         self.bytes_wire = 0
         self.chunks_sent = 0
+        self.skipped_bytes = 0
         self.resumed_from = resumed_from
         self.started = time.time()
 
@@ -138,6 +140,7 @@ class CycleProgress:
         return {"cycle": self.cycle, "full": self.full, "total_bytes": self.total_bytes,
                 "done_bytes": self.done_bytes, "bytes_raw": self.bytes_raw,
                 "bytes_wire": self.bytes_wire, "chunks_sent": self.chunks_sent,
+                "skipped_bytes": self.skipped_bytes,
                 "resumed_from": self.resumed_from, "started": self.started}
 
 
@@ -624,7 +627,7 @@ class MirrorDriver:
                     raise ConnectionLostError(
                         f"target {r.label}: the link was dropped before cycle {c} was sent")
                 wire0 = tlink.link.bytes_sent
-                covered = 0
+                covered = skipped = 0
                 r.phase = "copying"
                 while not done.get(r.label):
                     # Small frames (scattered 4 KiB blocks) go out together, one
@@ -639,7 +642,10 @@ class MirrorDriver:
                         if index is not None:
                             # raw_length (u32 LE at byte 28): a chunk's bytes, or a
                             # zero run's length (docs/protocol.md).
-                            covered += int.from_bytes(frame[28:32], "little")
+                            extent = int.from_bytes(frame[28:32], "little")
+                            covered += extent
+                            if index < r.resume_from:
+                                skipped += extent
                         # index None: a group's member switch, sent also when resuming.
                         if index is None or index >= r.resume_from:
                             batch.append(frame)
@@ -658,6 +664,7 @@ class MirrorDriver:
                                               f"chunks up to {index} of cycle {c}")
                     # Published after the send: the figures never run ahead of the link.
                     prog.bytes_raw = sent_raw
+                    prog.skipped_bytes = skipped
                     prog.done_bytes = covered
                     prog.bytes_wire = tlink.link.bytes_sent - wire0
                     prog.chunks_sent = total[0] if done.get(r.label) else (
