@@ -155,3 +155,30 @@ def test_a_delta_cycle_counts_owed_blocks_including_zeroed_ones(setup):
     assert final["done_bytes"] == owed * BS
     assert final["bytes_raw"] == len(set(blocks) - set(range(1000, 1016))) * BS
     finish(d, target, applied, label, 2, final)
+
+
+def test_a_group_totals_each_members_owed_blocks_at_its_own_block_size(setup):
+    from cyclemirror.source.group import VolumeGroup
+
+    src, target, make, applied = setup
+    db = src.create_volume("db", 2 * MiB)
+    lg = src.create_volume("log", MiB, block_size=16384)
+    d = make(VolumeGroup(src, "app", [db, lg]), 512 << 10)
+    label = d.runs[0].label
+    target.release.set()
+    d.start()
+    d.sync(30)
+    full = [s for c, s in applied if c == 1][0]
+    assert full["bytes_raw"] == 0  # both empty: zero runs only
+    target.reached.clear()
+    target.release.clear()
+    db.write(5 * BS, os.urandom(3 * BS))  # 3 blocks of 4 KiB
+    lg.write(16384 * 10 + 100, os.urandom(16384))  # straddles 2 blocks of 16 KiB
+    for i in range(40):  # scattered blocks: enough for the poll to see it ship
+        db.write((100 + 7 * i) * BS, os.urandom(BS))
+    d.request_freeze()
+    seen = watch_cycle(d, target, label, 2)
+    total = 43 * BS + 2 * 16384
+    check_snapshots(seen, 2, False, total)
+    assert seen[-1]["done_bytes"] == seen[-1]["bytes_raw"] == total
+    finish(d, target, applied, label, 2, seen[-1])
