@@ -119,6 +119,8 @@ class CycleProgress:
     same figure as the applied cycle's ``bytes_raw``).  bytes_wire: bytes sent
     on this link since the attempt began (frames and messages).  skipped_bytes:
     the part of done_bytes a resume skipped (it cost no time: rates leave it out).
+    chunks_sent: chunks of the cycle's stream dealt with so far, skipped ones
+    included, ending at the cycle's chunk count.
     """
 
     __slots__ = ("cycle", "full", "total_bytes", "done_bytes", "bytes_raw", "bytes_wire",
