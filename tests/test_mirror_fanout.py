@@ -205,6 +205,9 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
     assert not [c for c, _, _ in rec.events if c > c1]  # nothing else was applied
     d.rate.rate = 0
     d.resume()
+    # The interval is an hour: resuming must not wait for it.
+    wait_for(lambda: any(cc > c1 for cc, _, _ in rec.events), 30,
+             "a cycle shipped right after resume")
     c = d.sync(30)
     assert same_file(image(t_store, src, "v"), rec.exports[c])
     later = [s for cc, _, s in rec.events if cc > c1]

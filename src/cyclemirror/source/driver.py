@@ -278,11 +278,14 @@ class MirrorDriver:
                 r.drop_link()
 
     def resume(self) -> None:
+        """Repeat again, starting with a cycle now: the targets get what changed since
+        their last applied freeze without waiting out the interval."""
         with self._cond:
             self._break = self._break_now = False
             for r in self.runs:
                 r.broken = None
                 r.backoff = 0.0
+            self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
             self._cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
