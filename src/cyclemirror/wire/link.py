@@ -3,8 +3,14 @@
 Reading is strictly "header first, checked, then payload": ``decode_header``
 validates every field against the link's ``FrameLimits`` (payload and chunk
 caps, volume size, alignment) before we read or allocate a single payload
-byte, and ``decode_payload`` verifies the checksum of the raw bytes.  A CONTROL
+byte, and ``verify_payload`` verifies the checksum of the raw bytes.  A CONTROL
 payload is then parsed by ``messages`` against the types the caller expects.
+
+Copies: an uncompressed payload is received into a fresh, unzeroed buffer
+that is verified in place and handed to the caller (no second copy); a
+compressed one is received into a scratch buffer the link reuses, and
+decompressed into a new object.  Plain sockets read each part with one
+MSG_WAITALL receive.
 
 Locking: ``send*`` may be called from several threads (a sender and an ack
 writer); a lock keeps whole frames from interleaving.  ``recv*`` belongs to
@@ -19,7 +25,7 @@ import threading
 from cyclemirror._cext import frames
 from cyclemirror.errors import FrameError, PeerError, ProtocolError
 from cyclemirror.wire import messages
-from cyclemirror.wire.sockio import peer_name, recv_exact, send_all
+from cyclemirror.wire.sockio import peer_name, recv_into_exact, send_all
 
 MAX_CHUNK = 4 << 20  # the largest raw DATA chunk either side accepts
 MAX_CONTROL = 1 << 20
@@ -52,6 +58,10 @@ class FrameLink:
         self._send_lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Receive buffers owned by the reader thread: the header, and compressed
+        # payloads (grown to the largest seen, at most the payload cap).
+        self._header_buf = bytearray(frames.HEADER_SIZE)
+        self._scratch = bytearray(0)
 
     # -- sending ---------------------------------------------------------
     def send_frame(self, frame: bytes | memoryview, what: str = "a frame") -> None:
@@ -78,13 +88,30 @@ class FrameLink:
             pass
 
     # -- receiving -------------------------------------------------------
-    def recv_frame(self) -> tuple[frames.FrameHeader, bytes]:
-        """Return (header, raw payload) of the next frame, fully verified."""
-        raw = recv_exact(self.sock, frames.HEADER_SIZE, "a frame header")
-        header = frames.decode_header(raw, self.limits)
-        payload = recv_exact(self.sock, header.length, "a frame payload") if header.length else b""
-        self.bytes_received += frames.HEADER_SIZE + header.length
-        return header, frames.decode_payload(header, payload)
+    def recv_frame(self) -> tuple[frames.FrameHeader, bytes | bytearray]:
+        """Return (header, raw payload) of the next frame, fully verified.
+
+        The raw payload is bytes, or a bytearray that now belongs to the
+        caller (an uncompressed payload is returned in its receive buffer).
+        """
+        recv_into_exact(self.sock, self._header_buf, "a frame header")
+        # Every field is checked against the caps before a payload byte is read.
+        header = frames.decode_header(self._header_buf, self.limits)
+        n = header.length
+        if n == 0:
+            payload = b""
+        elif header.codec == frames.CODEC_NONE:
+            # Handed to the caller as is, so a fresh (unzeroed) buffer per frame.
+            payload = frames.new_payload_buffer(n)
+            recv_into_exact(self.sock, payload, "a frame payload")
+        else:
+            # Decompression writes a new object, so the input buffer is reused.
+            if len(self._scratch) < n:
+                self._scratch = frames.new_payload_buffer(n)
+            payload = memoryview(self._scratch)[:n]
+            recv_into_exact(self.sock, payload, "a frame payload")
+        self.bytes_received += frames.HEADER_SIZE + n
+        return header, frames.verify_payload(header, payload)
 
     def message_from(self, header: frames.FrameHeader, payload: bytes, expected: set[str]):
         if header.type != frames.FT_CONTROL:

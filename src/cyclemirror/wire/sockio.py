@@ -27,11 +27,26 @@ def recv_exact(sock: socket.socket, n: int, what: str) -> bytearray:
     Returns the receive buffer itself (no copy: payloads are megabytes).
     """
     buf = bytearray(n)
-    view = memoryview(buf)
+    recv_into_exact(sock, buf, what)
+    return buf
+
+
+def recv_into_exact(sock: socket.socket, buf, what: str) -> None:
+    """Fill all of the writable buffer ``buf`` from ``sock`` or raise ConnectionLostError.
+
+    A plain socket asks the kernel for the whole remainder at once
+    (MSG_WAITALL), so a megabyte payload costs one system call instead of one
+    per TCP receive window; a TLS socket accepts no flags and loops instead.
+    With a timeout set, the socket is non-blocking underneath and MSG_WAITALL
+    may still return early; the loop covers that too.
+    """
+    view = memoryview(buf).cast("B")
+    n = len(view)
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     got = 0
     while got < n:
         try:
-            k = sock.recv_into(view[got:], n - got)
+            k = sock.recv_into(view[got:], n - got, flags)
         except TimeoutError:
             raise ConnectionLostError(
                 f"timed out after {got} of {n} bytes of {what} from {peer_name(sock)}"
@@ -48,7 +63,6 @@ def recv_exact(sock: socket.socket, n: int, what: str) -> bytearray:
             err.clean = got == 0  # closed between messages: an orderly end, not truncation
             raise err
         got += k
-    return buf
 
 
 def send_all(sock: socket.socket, data: bytes | memoryview, what: str) -> None:
