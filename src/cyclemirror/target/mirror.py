@@ -202,8 +202,12 @@ class Mirror:
             )
 
     def receive(self, kind: int, member: int, offset: int, length: int,
-                data: bytes | None = None) -> None:
-        """Take one verified chunk (REC_DATA with data, or REC_ZERO / REC_TRIM)."""
+                data: bytes | None = None, checksum: int | None = None) -> None:
+        """Take one verified chunk (REC_DATA with data, or REC_ZERO / REC_TRIM).
+
+        ``checksum``: the verified xxh3-64 of ``data`` if the caller has it
+        (the staging log records it instead of hashing the data again).
+        """
         if self.state.pending is None:
             raise ProtocolError(f"mirror {self.state.mirror!r}: data before 'begin'")
         self.check_extent(member, offset, length)
@@ -214,7 +218,7 @@ class Mirror:
             else:
                 fileops.punch_zeroes(fd, offset, length)
         else:
-            self._staging.append(kind, member, offset, length, data)
+            self._staging.append(kind, member, offset, length, data, checksum)
         self._received += 1
 
     def checkpoint(self) -> int:

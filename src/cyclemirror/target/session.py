@@ -200,8 +200,9 @@ class Session:
                 )
             kind = _KIND[header.type]
             mirror.check_extent(member, header.offset, header.raw_length)
+            # The frame checksum was just verified against these bytes: staging reuses it.
             writer.put((kind, member, header.offset, header.raw_length,
-                        payload if kind == REC_DATA else None))
+                        payload if kind == REC_DATA else None, header.checksum))
             unacked_bytes += header.raw_length if kind == REC_DATA else 0
             now = time.monotonic()
             if unacked_bytes >= ACK_BYTES or now - last_ack >= ACK_SECONDS:

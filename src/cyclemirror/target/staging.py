@@ -47,8 +47,16 @@ class StagingWriter:
         self.size = start_bytes
 
     def append(self, kind: int, member: int, offset: int, length: int,
-               data: bytes | None = None) -> None:
-        checksum = data_checksum(data) if kind == REC_DATA else 0
+               data: bytes | None = None, checksum: int | None = None) -> None:
+        """Append one record; ``checksum``, if given, must be the xxh3-64 of ``data``.
+
+        The session passes the frame checksum it has just verified against
+        these very bytes (the same hash), which saves hashing every byte twice.
+        """
+        if kind != REC_DATA:
+            checksum = 0
+        elif checksum is None:
+            checksum = data_checksum(data)
         header = _HEADER.pack(_MAGIC, kind, 0, member, offset, length, checksum)
         if kind == REC_DATA:
             if data is None or len(data) != length:
