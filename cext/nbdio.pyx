@@ -702,13 +702,17 @@ cdef class TransmissionSession:
         self._reply_ok(handle)
         return 0
 
+    cdef int _refuse_unoffered(self, str what, uint64_t handle) except -1:
+        """A command this export does not offer: EPERM on a read-only export, else EINVAL."""
+        if self.transmission_flags & TFLAG_READ_ONLY:
+            self._reply_error(handle, E_PERM, f"export {self.export_name!r} is read-only")
+        else:
+            self._reply_error(handle, E_INVAL, f"{what} was not advertised for this export")
+        return 0
+
     cdef int _do_trim(self, uint16_t flags, uint64_t handle, uint64_t offset, uint32_t length) except -1:
         if self.trim_fn is None:
-            if self.transmission_flags & TFLAG_READ_ONLY:
-                self._reply_error(handle, E_PERM, f"export {self.export_name!r} is read-only")
-            else:
-                self._reply_error(handle, E_INVAL, "trim was not advertised for this export")
-            return 0
+            return self._refuse_unoffered("trim", handle)
         if self._bad_flags(CMD_TRIM, flags, handle):
             return 0
         if self._bad_range("trim", offset, length, E_NOSPC, handle):
@@ -725,11 +729,7 @@ cdef class TransmissionSession:
 
     cdef int _do_zeroes(self, uint16_t flags, uint64_t handle, uint64_t offset, uint32_t length) except -1:
         if self.zeroes_fn is None:
-            if self.transmission_flags & TFLAG_READ_ONLY:
-                self._reply_error(handle, E_PERM, f"export {self.export_name!r} is read-only")
-            else:
-                self._reply_error(handle, E_INVAL, "write zeroes was not advertised for this export")
-            return 0
+            return self._refuse_unoffered("write zeroes", handle)
         if self._bad_flags(CMD_WRITE_ZEROES, flags, handle):
             return 0
         if self._bad_range("write zeroes", offset, length, E_NOSPC, handle):
