@@ -5,7 +5,8 @@ lives in ``STORE/mirrors/<source node id>/`` as raw images ``<volume>.img``
 and one state file (see ``state``).  The life of a cycle:
 
   begin      -> state.pending = {cycle, chunks 0}; a full cycle creates
-                ``<volume>.img.new`` (sparse) and writes into it directly, so
+                ``<volume>.img.new`` (sparse) and writes into it directly
+                (``imagewriter``: O_DIRECT where the file system allows), so
                 the first cycle never needs room for a second full copy plus
                 a staged one; a delta cycle appends to the staging log.
   receive    -> every record was already verified by the session (frame
@@ -39,6 +40,7 @@ import time
 
 from cyclemirror.errors import ProtocolError, StoreError
 from cyclemirror.target import fileops
+from cyclemirror.target.imagewriter import ImageWriter
 from cyclemirror.target.readers import IMAGE_PINS
 from cyclemirror.target.staging import (
     REC_DATA,
@@ -63,7 +65,7 @@ class Mirror:
         self.state_path = state_path
         self.max_chunk = max_chunk
         self._staging: StagingWriter | None = None
-        self._new_fds: list[int] = []
+        self._new_images: list[ImageWriter] = []
         self._received = 0  # chunks received in the in-flight cycle (acked or not)
         self.recover()
 
@@ -152,9 +154,9 @@ class Mirror:
         if self._staging is not None:
             self._staging.close()
             self._staging = None
-        for fd in self._new_fds:
-            os.close(fd)
-        self._new_fds = []
+        for writer in self._new_images:
+            writer.close()
+        self._new_images = []
 
     # -- receiving -------------------------------------------------------
     def begin(self, cycle: int, freeze_time: float, full: bool, resume_from: int) -> int:
@@ -183,9 +185,7 @@ class Mirror:
             st.save(self.state_path)
         if full:
             for i, vol in enumerate(st.volumes):
-                fd = os.open(self.new_image_path(i), os.O_RDWR | os.O_CREAT, 0o644)
-                os.ftruncate(fd, vol.size)
-                self._new_fds.append(fd)
+                self._new_images.append(ImageWriter(self.new_image_path(i), vol.size))
         else:
             self._staging = StagingWriter(self.staging_path, p.staged_bytes)
         self._received = p.chunks
@@ -212,11 +212,11 @@ class Mirror:
             raise ProtocolError(f"mirror {self.state.mirror!r}: data before 'begin'")
         self.check_extent(member, offset, length)
         if self.state.pending.full:
-            fd = self._new_fds[member]
+            image = self._new_images[member]
             if kind == REC_DATA:
-                fileops.pwrite_all(fd, data, offset)
+                image.write(data, offset)
             else:
-                fileops.punch_zeroes(fd, offset, length)
+                image.punch(offset, length)
         else:
             self._staging.append(kind, member, offset, length, data, checksum)
         self._received += 1
@@ -229,8 +229,8 @@ class Mirror:
         if p.chunks == self._received:
             return p.chunks
         if p.full:
-            for fd in self._new_fds:
-                os.fdatasync(fd)
+            for image in self._new_images:
+                image.sync()
         else:
             self._staging.sync()
             p.staged_bytes = self._staging.size
