@@ -45,6 +45,7 @@ MiB = 1 << 20
 SIZE = 512 * MiB
 SECONDS = int(os.environ.get("CYCLEMIRROR_BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
+INTERVAL = 1.0  # seconds from one freeze to the next in the "volume" trials
 SERVERS = ["nbdkit", "nbdkit-t1", "raw", "volume", "vol-still"]
 WORKLOADS = {
     "4k-randwrite-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
@@ -66,7 +67,12 @@ def fio(uri: str, args: list[str]) -> tuple[float, float]:
 
 
 class Freezer(threading.Thread):
-    """Freeze the volume every second and merge the overlay the freeze closed off."""
+    """Freeze the volume every second and merge the overlay the freeze closed off.
+
+    The schedule is DESIGN.md's: the next freeze comes at max(previous freeze +
+    1 s, merge done), i.e. one second from freeze to freeze (not one second of
+    rest after each merge, which let slow merges thin out the freezes).
+    """
 
     def __init__(self, vol):
         super().__init__(daemon=True)
@@ -77,7 +83,9 @@ class Freezer(threading.Thread):
 
     def run(self):
         try:
-            while not self.stop.wait(1.0):
+            due = time.monotonic() + INTERVAL
+            while not self.stop.wait(max(0.0, due - time.monotonic())):
+                due = time.monotonic() + INTERVAL
                 cycle = self.vol.freeze()
                 self.vol.merge_through(cycle.number - 1)
                 self.freezes += 1

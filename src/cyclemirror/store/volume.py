@@ -45,7 +45,9 @@ FORMAT = 1
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 1 << 20
 MAX_VOLUME_SIZE = 1 << 50
-MERGE_CHUNK = 64 << 20  # bytes per kernel copy call during a merge
+# Bytes per kernel copy call during a merge; also how much of the merged overlay's
+# page cache is dropped at a time behind the copy (see _fold_into_base).
+MERGE_CHUNK = 16 << 20
 _OVERLAY_FILE_RE = re.compile(r"overlay-(\d+)\.(img|zlog)")
 
 FLAG_HOLE = 1
@@ -537,6 +539,12 @@ class Volume:
             copier = fileops.KernelCopier()
             for s, c in data.iter_runs(max_run=max(1, MERGE_CHUNK // bs)):
                 copier.copy(layer.fd, base_fd, s * bs, c * bs)
+                # The overlay is read for the last time: give its cached pages back at once
+                # (they are clean, the freeze fsynced them), so the open overlay's writers
+                # take freshly freed memory instead of new memory. On a VM whose freed
+                # memory returns to the host, a new page costs a host page fault, which made
+                # writes during a merge ~10x slower (docs/store.md, "Merge and the page cache").
+                fileops.drop_cache(layer.fd, s * bs, c * bs)
             self.merged_bytes_reflinked += copier.reflinked_bytes
             self.merged_bytes_copied += copier.copied_bytes
             if layer.has_zeroed:
