@@ -665,8 +665,7 @@ class MirrorDriver:
                     if batch:
                         self.rate.consume(nbytes)
                         tlink.check()
-                        tlink.link.send_frame(batch[0] if len(batch) == 1 else b"".join(batch),
-                                              f"chunks up to {index} of cycle {c}")
+                        tlink.link.send_frames(batch, f"chunks up to {index} of cycle {c}")
                     # Published after the send: the figures never run ahead of the link.
                     prog.bytes_raw = sent_raw
                     prog.skipped_bytes = skipped

@@ -25,7 +25,7 @@ import threading
 from cyclemirror._cext import frames
 from cyclemirror.errors import FrameError, PeerError, ProtocolError
 from cyclemirror.wire import messages
-from cyclemirror.wire.sockio import peer_name, recv_into_exact, send_all
+from cyclemirror.wire.sockio import peer_name, recv_into_exact, send_all, send_all_parts
 
 MAX_CHUNK = 4 << 20  # the largest raw DATA chunk either side accepts
 MAX_CONTROL = 1 << 20
@@ -68,6 +68,12 @@ class FrameLink:
         with self._send_lock:
             send_all(self.sock, frame, what)
             self.bytes_sent += len(frame)
+
+    def send_frames(self, frames_: list, what: str = "frames") -> None:
+        """Send several whole frames back to back, gathered by the kernel (no joined copy)."""
+        with self._send_lock:
+            send_all_parts(self.sock, frames_, what)
+            self.bytes_sent += sum(len(f) for f in frames_)
 
     def send_message(self, mtype: str, **fields) -> None:
         """Send a control message; its frame carries the message's cycle (or 0)."""

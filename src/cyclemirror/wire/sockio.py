@@ -72,3 +72,30 @@ def send_all(sock: socket.socket, data: bytes | memoryview, what: str) -> None:
         raise ConnectionLostError(f"timed out sending {what} to {peer_name(sock)}") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConnectionLostError(f"cannot send {what} to {peer_name(sock)}: {exc}") from None
+
+
+IOV_MAX = 1024  # sendmsg takes at most this many buffers per call on Linux
+
+
+def send_all_parts(sock: socket.socket, parts: list, what: str) -> None:
+    """Send the concatenation of ``parts`` without building it (sendmsg gathers them).
+
+    A TLS socket has no sendmsg, so its parts are joined first.
+    """
+    if len(parts) == 1 or isinstance(sock, ssl.SSLSocket):
+        send_all(sock, parts[0] if len(parts) == 1 else b"".join(parts), what)
+        return
+    views = [memoryview(p).cast("B") for p in parts]
+    first = 0
+    try:
+        while first < len(views):
+            n = sock.sendmsg(views[first:first + IOV_MAX])
+            while first < len(views) and n >= len(views[first]):
+                n -= len(views[first])
+                first += 1
+            if n:
+                views[first] = views[first][n:]
+    except TimeoutError:
+        raise ConnectionLostError(f"timed out sending {what} to {peer_name(sock)}") from None
+    except OSError as exc:
+        raise ConnectionLostError(f"cannot send {what} to {peer_name(sock)}: {exc}") from None
