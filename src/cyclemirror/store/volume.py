@@ -7,8 +7,14 @@ an unaligned one first reads the partial edge blocks through the view
 zeroes and trims append to the overlay's zero log, then punch a hole.
 
 Locking: ``_lock`` guards the layer list, the bitmaps and the reader counts;
-every view operation (read, write, zero, block_status) holds it for its
-duration, which also makes a freeze fall wholly before or after each write.
+every view operation (read, zero, trim, unaligned write, block_status) holds it
+for its duration. A whole-block write holds it only to pick the open overlay
+and to count itself in ``_writing``; its pwrite and bitmap update run outside,
+so several writes proceed at once (the bitmaps lock themselves). Whatever must
+not overlap a write in flight (a freeze's switch, read-modify-write, zeroing,
+close, a live export) calls ``_drain_writes_locked`` under ``_lock``: it sets
+``_draining`` (new writes wait) and waits for ``_writing`` to reach 0, so a
+freeze still falls wholly before or after each write.
 ``_cond`` (on ``_lock``) wakes merges waiting for frozen readers.
 ``_freeze_lock`` serialises freezes, ``_merge_lock`` merges; neither is held
 by the data path, and the long work (fsync of a frozen overlay, copying an
@@ -130,6 +136,8 @@ class Volume:
         self._merging: int | None = state["merging"]
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._writing = 0  # whole-block writes copying data outside _lock right now
+        self._draining = 0  # holders of _lock waiting for them (new writes wait meanwhile)
         self._freeze_lock = threading.Lock()
         self._merge_lock = threading.Lock()
         self._readers: dict[int, int] = {}
@@ -251,25 +259,59 @@ class Volume:
             self._check_range(offset, n, "write")
         if n == 0:
             return
+        if (offset | n) & self._mask:
+            # Read-modify-write of edge blocks: alone against every other write.
+            with self._lock:
+                top = self._top()
+                self._drain_writes_locked()
+                try:
+                    self._write_unaligned(top, offset, data)
+                    if fua:
+                        os.fdatasync(top.fd)
+                except OSError as exc:
+                    raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
+            return
+        # Whole blocks: the copy runs outside _lock, so writes from several connections
+        # (or one pipelined connection) proceed in parallel; _writing counts them so that
+        # a freeze or any exclusive operation can wait for them (_drain_writes_locked).
         with self._lock:
+            while self._draining:
+                self._cond.wait()
             if self._closed:
                 self._top()  # raises the "closed" error
             top = self._overlays[0]
-            try:
-                if (offset | n) & self._mask:
-                    self._write_unaligned(top, offset, data)
-                else:
-                    done = os.pwrite(top.fd, data, offset)
-                    if done != n:
-                        fileops.pwrite_all(top.fd, memoryview(data)[done:], offset + done)
-                    b0 = offset >> self._shift
-                    top.dirty.set_range(b0, n >> self._shift)
-                    if top.has_zeroed:
-                        top.zeroed.clear_range(b0, n >> self._shift)
-                if fua:
-                    os.fdatasync(top.fd)
-            except OSError as exc:
-                raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
+            self._writing += 1
+        try:
+            done = os.pwrite(top.fd, data, offset)
+            if done != n:
+                fileops.pwrite_all(top.fd, memoryview(data)[done:], offset + done)
+            b0 = offset >> self._shift
+            top.dirty.set_range(b0, n >> self._shift)  # the bitmap has its own lock
+            if top.has_zeroed:  # only set under _lock with no write in flight
+                top.zeroed.clear_range(b0, n >> self._shift)
+            if fua:
+                os.fdatasync(top.fd)
+        except OSError as exc:
+            raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if not self._writing and self._draining:
+                    self._cond.notify_all()
+
+    def _drain_writes_locked(self) -> None:
+        """With _lock held: wait until no whole-block write is in flight; new ones wait
+        meanwhile. On return _lock is held again and nothing writes until it is released."""
+        if not self._writing:
+            return
+        self._draining += 1
+        try:
+            while self._writing:
+                self._cond.wait()
+        finally:
+            self._draining -= 1
+            if not self._draining:
+                self._cond.notify_all()  # writers gated while we waited
 
     def _write_unaligned(self, top: Layer, offset: int, data) -> None:
         # The first touch of a partial block in this overlay is read-modify-write against
@@ -319,6 +361,7 @@ class Volume:
         a1 = end & ~self._mask
         with self._lock:
             top = self._top()
+            self._drain_writes_locked()
             try:
                 if a0 >= a1:
                     self._write_unaligned(top, offset, bytes(length))
@@ -397,6 +440,7 @@ class Volume:
         return Layer.create_overlay(self.dir, self._top().number + 1, self.size, self.nblocks)
 
     def _freeze_commit_locked(self, new: Layer, now: float) -> Layer:
+        self._drain_writes_locked()  # a write in flight lands wholly before the freeze
         old = self._top()
         old.closed_at = now
         old.synced = False
@@ -581,6 +625,7 @@ class Volume:
             return
         with self._lock:
             self._top()
+            self._drain_writes_locked()
             bs = self.block_size
             runs = (
                 (s * bs, c * bs, kind, fd)
@@ -593,6 +638,7 @@ class Volume:
             with self._lock:
                 if self._closed:
                     return
+                self._drain_writes_locked()
                 top = self._overlays[0]
                 try:
                     os.fsync(top.fd)
