@@ -2,9 +2,9 @@
 """NBD transmission phase: the per-connection request loop and its buffers.
 
 Design.  One ``TransmissionSession`` serves one connection after negotiation,
-on the connection's own thread, and processes requests strictly one after the
-other (so replies leave in request order and a reply to a write is sent only
-after the backend returned).  Requests are parsed straight out of a fixed
+on the connection's own thread, and processes requests one after the other
+(a reply is sent only after the backend returned), except big writes, see
+Pipelining.  Requests are parsed straight out of a fixed
 receive buffer: the socket is read in big gulps, every complete request in the
 gulp is handled, and only when the buffer holds no complete request any more
 are the queued replies sent with one ``sendmsg`` (a gather list of reply
@@ -26,10 +26,29 @@ everything else gets the error reply the protocol prescribes.  Exceptions from
 the backend become an error reply (EIO unless the errno says more); the
 session goes on.
 
+Pipelining.  A WRITE whose payload is longer than the receive buffer (and
+that passes every check) is received into a buffer of its own and queued for
+the connection's write threads (started at the first such write, up to
+``ASYNC_DEPTH`` writes in flight, their buffers kept for reuse); the loop goes
+on reading the next request while the backend writes.  A write thread sends
+its reply itself, as one piece under ``send_lock`` (the loop's batched sends
+take the same lock), so replies to pipelined writes may leave out of request
+order, which NBD allows: the client matches them by handle.  What keeps the
+protocol's promises: every other request (read, flush, trim, zeroes, block
+status, a small write, disconnect) first waits until all pipelined writes are
+done and answered, so it sees them and a FLUSH covers every write completed
+before it; a big write overlapping one in flight waits for it, so overlapping
+writes land in request order; FUA is done by the write itself before its
+reply.  A backend used this way must take concurrent ``write`` calls (a store
+Volume and RawFileBackend do).  The session ends only after its write threads
+finished and were joined.
+
 Threads.  The GIL is released around every socket system call; backend calls
-run with the GIL held (they release it themselves around their own I/O).  A
-session object is used by exactly one thread; another thread may only call
-``shutdown()`` on the socket to make the blocking ``recv`` return.
+run with the GIL held (they release it themselves around their own I/O).  The
+loop runs on the connection's thread; the write threads touch only the write
+queue, the buffer pool and the in-flight count (under ``wcond``) and the
+socket (under ``send_lock``).  Another thread may only call ``shutdown()`` on
+the socket to make the blocking ``recv`` return.
 """
 
 import logging
@@ -45,7 +64,9 @@ from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove
 
+import collections
 import errno as _errno_mod
+import threading
 
 from cyclemirror.errors import (
     BitmapRangeError,
@@ -70,6 +91,7 @@ cdef extern from "<sys/socket.h>" nogil:
         size_t msg_controllen
         int msg_flags
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int MSG_NOSIGNAL
     int MSG_DONTWAIT
@@ -144,6 +166,7 @@ cdef enum:
     FLUSH_BYTES = 4194304
     MAX_DESCRIPTORS = 65536
     KEEP_BIG_BUFFER = 4194304
+    ASYNC_DEPTH = 4
 
 MAX_STATUS_LENGTH = 1 << 30
 
@@ -256,6 +279,16 @@ cdef class TransmissionSession:
     cdef Py_ssize_t hdrused
     cdef Py_ssize_t queued
     cdef list owners
+    # pipelined big writes (see "Pipelining" in the module docstring)
+    cdef object wcond
+    cdef object wqueue
+    cdef list workers
+    cdef list wpool
+    cdef list wranges
+    cdef int inflight
+    cdef bint wclosing
+    cdef object send_lock
+    cdef readonly uint64_t async_writes
     # what happened, for logs and tests
     cdef readonly uint64_t requests
     cdef readonly uint64_t error_replies
@@ -305,6 +338,15 @@ cdef class TransmissionSession:
         self.requests = 0
         self.error_replies = 0
         self.end_reason = ""
+        self.wcond = threading.Condition()
+        self.wqueue = collections.deque()
+        self.workers = []
+        self.wpool = []
+        self.wranges = []
+        self.inflight = 0
+        self.wclosing = False
+        self.send_lock = None
+        self.async_writes = 0
 
     def __dealloc__(self):
         if self.iov != NULL:
@@ -329,6 +371,12 @@ cdef class TransmissionSession:
 
     cdef int _send_all(self) except -1:
         """Send every queued iovec (blocking), then forget them."""
+        if self.send_lock is None:
+            return self._send_all_unlocked()
+        with self.send_lock:  # write workers send their replies too
+            return self._send_all_unlocked()
+
+    cdef int _send_all_unlocked(self) except -1:
         cdef msghdr msg
         cdef ssize_t n
         cdef int first = 0
@@ -478,16 +526,23 @@ cdef class TransmissionSession:
 
     cdef object _big_payload(self, Py_ssize_t length):
         """Receive a payload longer than the receive buffer; returns a memoryview or None at EOF."""
-        cdef Py_ssize_t have = self.rend - self.rpos
-        cdef Py_ssize_t got
-        cdef unsigned char *dst
-        cdef ssize_t r
-        cdef int err = 0
         if self.bigbuf is None or len(self.bigbuf) < length:
             self.bigview = None
             self.bigbuf = bytearray(length)
             self.bigview = memoryview(self.bigbuf)
-        dst = <unsigned char *> (<char *> self.bigbuf)
+        if not self._recv_payload(self.bigbuf, length):
+            return None
+        return self.bigview[:length]
+
+    cdef int _recv_payload(self, bytearray buf, Py_ssize_t length) except -1:
+        """Fill buf[:length] with a payload longer than what the receive buffer holds
+        (the part that came with the header is copied once, the rest lands in place).
+        1 done, 0 end of stream."""
+        cdef Py_ssize_t have = self.rend - self.rpos
+        cdef Py_ssize_t got
+        cdef unsigned char *dst = <unsigned char *> (<char *> buf)
+        cdef ssize_t r
+        cdef int err = 0
         memcpy(dst, self.rp + self.rpos, have)
         self.rpos = 0
         self.rend = 0
@@ -501,7 +556,7 @@ cdef class TransmissionSession:
                 if r < 0:
                     err = errno
             if r == 0:
-                return None
+                return 0
             if r < 0:
                 if err == EINTR:
                     continue
@@ -509,7 +564,139 @@ cdef class TransmissionSession:
                     f"nbd export {self.export_name!r}: receiving a write payload failed "
                     f"({_errno_mod.errorcode.get(err, err)})")
             got += r
-        return self.bigview[:length]
+        return 1
+
+    # ------------------------------------------------------- pipelined big writes
+
+    cdef bint _can_pipeline(self, uint16_t flags, uint64_t offset, uint32_t length):
+        """A big write that will reach the backend (anything the checks refuse is
+        answered in order by the loop itself)."""
+        return (self.write_fn is not None and not (flags & ~self.allowed_flags[CMD_WRITE])
+                and offset <= self.size and length <= self.size - offset)
+
+    cdef object _take_buffer(self, Py_ssize_t length):
+        """A payload buffer for one more write in flight; waits while ASYNC_DEPTH are."""
+        cdef Py_ssize_t i
+        if self.send_lock is None:
+            self._start_workers()
+        if self.inflight >= ASYNC_DEPTH and self.niov:
+            self._send_all()
+        with self.wcond:
+            while self.inflight >= ASYNC_DEPTH:
+                self.wcond.wait()
+            self.inflight += 1
+            for i in range(len(self.wpool)):
+                if len(self.wpool[i]) >= length:
+                    return self.wpool.pop(i)
+        return bytearray(length)
+
+    cdef bint _overlaps_inflight(self, uint64_t offset, uint32_t length):
+        cdef uint64_t end = offset + length
+        with self.wcond:
+            for lo, hi in self.wranges:
+                if offset < hi and lo < end:
+                    return True
+        return False
+
+    cdef int _give_back(self, bytearray buf, object span=None) except -1:
+        with self.wcond:
+            if span is not None:
+                self.wranges.remove(span)
+            self.inflight -= 1
+            if len(buf) <= KEEP_BIG_BUFFER and len(self.wpool) < ASYNC_DEPTH:
+                self.wpool.append(buf)  # reused: warm pages, no allocation per write
+            self.wcond.notify_all()
+        return 0
+
+    cdef int _start_workers(self) except -1:
+        self.send_lock = threading.Lock()
+        for _ in range(ASYNC_DEPTH):
+            t = threading.Thread(target=self._write_worker, daemon=True, name="nbd-write")
+            t.start()
+            self.workers.append(t)
+        return 0
+
+    cdef int _drain_writes(self) except -1:
+        """Wait until every pipelined write is done and answered (the barrier in front
+        of every other request)."""
+        if self.inflight == 0:
+            return 0
+        if self.niov:
+            self._send_all()
+        with self.wcond:
+            while self.inflight:
+                self.wcond.wait()
+        return 0
+
+    cdef int _stop_workers(self) except -1:
+        if not self.workers:
+            return 0
+        self._drain_writes()
+        with self.wcond:
+            self.wclosing = True
+            self.wcond.notify_all()
+        for t in self.workers:
+            t.join()
+        self.workers = []
+        return 0
+
+    def _write_worker(self):
+        """One write thread: takes queued big writes, calls the backend, sends the reply."""
+        cdef uint16_t flags = 0
+        cdef uint64_t handle = 0, offset = 0
+        cdef uint32_t length = 0
+        cdef uint32_t err
+        while True:
+            with self.wcond:
+                while not self.wqueue and not self.wclosing:
+                    self.wcond.wait()
+                if not self.wqueue:
+                    return
+                flags, handle, offset, length, buf, span = self.wqueue.popleft()
+            err = 0
+            text = ""
+            try:
+                view = memoryview(buf)[:length]
+                try:
+                    self.write_fn(offset, view, bool(flags & FLAG_FUA))
+                finally:
+                    view = None
+            except Exception as exc:
+                err = wire_error_for(exc)
+                log.warning("nbd export %r: write at %d+%d failed: %s", self.export_name,
+                            offset, length, exc)
+                text = f"write at {offset}+{length} failed: {exc}"
+                self.error_replies += 1
+            try:
+                self._send_now(_reply_bytes(self.structured, handle, err, text))
+            except ConnectionLostError:
+                pass  # the loop's next receive ends the session
+            except Exception:  # never leave a write counted as in flight
+                log.exception("nbd export %r: replying to a write failed", self.export_name)
+            finally:
+                self._give_back(buf, span)
+
+    cdef int _send_now(self, bytes msg) except -1:
+        """Send one complete reply at once, between the loop's batches (send_lock)."""
+        cdef const char *p = PyBytes_AS_STRING(msg)
+        cdef Py_ssize_t left = PyBytes_GET_SIZE(msg)
+        cdef ssize_t n
+        cdef int err = 0
+        with self.send_lock:
+            while left > 0:
+                with nogil:
+                    n = send(self.fd, p, <size_t> left, MSG_NOSIGNAL)
+                    if n < 0:
+                        err = errno
+                if n < 0:
+                    if err == EINTR:
+                        continue
+                    raise ConnectionLostError(
+                        f"nbd export {self.export_name!r}: sending a write reply failed "
+                        f"({_errno_mod.errorcode.get(err, err)}); the client went away")
+                p += n
+                left -= n
+        return 0
 
     # ------------------------------------------------------------------ the loop
 
@@ -520,6 +707,7 @@ cdef class TransmissionSession:
         cdef uint16_t flags, cmd
         cdef uint64_t handle, offset
         cdef object payload
+        cdef object buf, span
         try:
             while True:
                 if self.rpos == self.rend:
@@ -554,12 +742,32 @@ cdef class TransmissionSession:
                             break
                         payload = self.rview[self.rpos + HEADER:self.rpos + HEADER + length]
                         self.rpos += HEADER + length
+                    elif self._can_pipeline(flags, offset, length):
+                        # Big and valid: received into its own buffer and handed to a write
+                        # thread, so the next request is read while this one is written.
+                        self.rpos += HEADER
+                        if self.inflight and self._overlaps_inflight(offset, length):
+                            self._drain_writes()  # overlapping writes land in request order
+                        buf = self._take_buffer(length)
+                        if not self._recv_payload(buf, length):
+                            self._give_back(buf)
+                            self.end_reason = "truncated write payload"
+                            break
+                        span = (offset, offset + length)
+                        with self.wcond:
+                            self.wranges.append(span)
+                            self.wqueue.append((flags, handle, offset, length, buf, span))
+                            self.async_writes += 1
+                            self.wcond.notify()
+                        buf = None
+                        continue
                     else:
                         self.rpos += HEADER
                         payload = self._big_payload(length)
                         if payload is None:
                             self.end_reason = "truncated write payload"
                             break
+                    self._drain_writes()
                     self._do_write(flags, handle, offset, length, payload)
                     payload = None
                     if self.bigbuf is not None and len(self.bigbuf) > KEEP_BIG_BUFFER:
@@ -568,6 +776,8 @@ cdef class TransmissionSession:
                         self.bigbuf = None
                     continue
                 self.rpos += HEADER
+                if self.inflight:
+                    self._drain_writes()
                 if cmd == CMD_READ:
                     self._do_read(flags, handle, offset, length)
                 elif cmd == CMD_DISC:
@@ -585,8 +795,13 @@ cdef class TransmissionSession:
                     self._reply_error(handle, E_INVAL, f"unknown command {cmd}")
         except ConnectionLostError as exc:
             self.end_reason = str(exc)
+            self._stop_workers()
             return self.end_reason
+        except BaseException:
+            self._stop_workers()
+            raise
         # Replies to everything handled before the end still go out.
+        self._stop_workers()
         try:
             if self.niov:
                 self._send_all()
@@ -806,6 +1021,29 @@ cdef class TransmissionSession:
         _put32(p + 20, self.context_id)
         self._queue_object(body, <const unsigned char *> PyBytes_AS_STRING(body), len(body))
         return 0
+
+
+cdef bytes _reply_bytes(bint structured, uint64_t handle, uint32_t error, str message):
+    """A complete reply to a write: simple when it succeeded (as _reply_ok sends), else
+    the same error reply _reply_error queues."""
+    cdef bytes text
+    cdef Py_ssize_t tlen
+    cdef unsigned char p[26]
+    if error == 0 or not structured:
+        _put32(p, SIMPLE_REPLY_MAGIC)
+        _put32(p + 4, error)
+        _put64(p + 8, handle)
+        return (<char *> p)[:16]
+    text = message.encode("utf-8", "replace")[:4096]
+    tlen = len(text)
+    _put32(p, STRUCTURED_REPLY_MAGIC)
+    _put16(p + 4, REPLY_FLAG_DONE)
+    _put16(p + 6, REPLY_TYPE_ERROR)
+    _put64(p + 8, handle)
+    _put32(p + 16, <uint32_t> (6 + tlen))
+    _put32(p + 20, error)
+    _put16(p + 24, <uint16_t> tlen)
+    return (<char *> p)[:26] + text
 
 
 cdef bytes _descriptor(uint64_t length, uint32_t flags):

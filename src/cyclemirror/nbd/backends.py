@@ -14,7 +14,10 @@ backends of this module (and do not set ``nbd_backend = True``), such as a
 store ``Volume``, are wrapped in ``VolumeBackend`` by ``as_backend``.
 
 The server hands ``write`` a memoryview of its receive buffer: a backend must
-be done with ``data`` when ``write`` returns.
+be done with ``data`` when ``write`` returns.  Big writes of one connection
+are pipelined (cext/nbdio.pyx): a writable backend's ``write`` is called from
+several threads at once, for ranges that do not overlap; every other call
+comes only when no write is in flight.
 
 Lifecycle.  A backend that sets ``per_connection = True`` belongs to the one
 lookup that returned it: the server calls its ``release()`` exactly once when
