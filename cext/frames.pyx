@@ -27,12 +27,12 @@ Design
   belong to one call, so one packer may be used by many threads at once.
 """
 
-from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, _PyBytes_Resize
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, strerror
 from posix.types cimport off_t
@@ -403,8 +403,8 @@ def verify_payload(FrameHeader header not None, payload):
     buffer, bytearray or bytes) instead of a copy: at chunk sizes that copy
     was a third of the receiver's CPU.  The caller must not reuse or change
     that buffer afterwards.  A compressed payload is decompressed into a new
-    bytes object, so its input buffer may be reused at once.  ZERO and TRIM
-    frames give b"".
+    ``new_aligned_buffer`` (a memoryview, ready for O_DIRECT), so its input
+    buffer may be reused at once.  ZERO and TRIM frames give b"".
     """
     return _decode_payload(header, payload, True)
 
@@ -418,6 +418,35 @@ def new_payload_buffer(n):
     """
     cdef object size = _check_int(n, "payload buffer size", 0, 0xFFFFFFFF)
     return PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>size)
+
+
+# Payload buffers a receiver writes to disk with O_DIRECT start at this alignment.
+BUFFER_ALIGN = 4096
+
+
+def new_aligned_buffer(n):
+    """A writable memoryview of ``n`` uninitialised bytes starting at a BUFFER_ALIGN boundary.
+
+    For payloads that end up in an O_DIRECT write (which needs an aligned
+    address): a bytearray of n + BUFFER_ALIGN - 1 bytes, viewed from its
+    first aligned byte.  The view keeps the bytearray alive (and unresizable).
+    """
+    cdef object size = _check_int(n, "payload buffer size", 0, 0xFFFFFFFF)
+    buf = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>size + BUFFER_ALIGN - 1)
+    cdef uintptr_t address = <uintptr_t>PyByteArray_AS_STRING(buf)
+    cdef Py_ssize_t skip = <Py_ssize_t>((BUFFER_ALIGN - address % BUFFER_ALIGN) % BUFFER_ALIGN)
+    return memoryview(buf)[skip:skip + size]
+
+
+def is_aligned(buf, alignment):
+    """True if the bytes-like ``buf`` starts at a multiple of ``alignment`` (a power of two)."""
+    cdef uintptr_t a = _check_int(alignment, "alignment", 1, 1 << 30)
+    if a & (a - 1):
+        raise errors.UsageError(f"is_aligned: alignment {alignment} is not a power of two")
+    cdef const unsigned char[::1] view = memoryview(buf).cast("B")
+    if view.shape[0] == 0:
+        return True
+    return (<uintptr_t>&view[0]) % a == 0
 
 
 cdef object _decode_payload(FrameHeader header, payload, bint borrow):
@@ -442,6 +471,7 @@ cdef object _decode_payload(FrameHeader header, payload, bint borrow):
     cdef int lz4_got = 0
     cdef size_t zstd_got = 0
     cdef char *dst
+    cdef unsigned char[::1] view_out
     if header.codec == CODEC_NONE:
         if borrow:
             out = payload  # verified in place below, handed back without a copy
@@ -450,8 +480,14 @@ cdef object _decode_payload(FrameHeader header, payload, bint borrow):
             out = payload if type(payload) is bytes else bytes(data)
             rp = PyBytes_AS_STRING(out)
     else:
-        out = PyBytes_FromStringAndSize(NULL, raw)
-        dst = PyBytes_AS_STRING(out)
+        if borrow:
+            # The receiver's output goes to disk: an aligned buffer lets it go by O_DIRECT.
+            out = new_aligned_buffer(raw)
+            view_out = out
+            dst = <char *>&view_out[0] if raw else NULL
+        else:
+            out = PyBytes_FromStringAndSize(NULL, raw)
+            dst = PyBytes_AS_STRING(out)
         rp = dst
         if header.codec == CODEC_LZ4:
             with nogil:

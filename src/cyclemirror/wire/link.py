@@ -97,8 +97,9 @@ class FrameLink:
     def recv_frame(self) -> tuple[frames.FrameHeader, bytes | bytearray]:
         """Return (header, raw payload) of the next frame, fully verified.
 
-        The raw payload is bytes, or a bytearray that now belongs to the
-        caller (an uncompressed payload is returned in its receive buffer).
+        The raw payload is bytes, a bytearray, or (DATA) a memoryview of a
+        page-aligned buffer, which now belongs to the caller (an uncompressed
+        payload is returned in its receive buffer).
         """
         recv_into_exact(self.sock, self._header_buf, "a frame header")
         # Every field is checked against the caps before a payload byte is read.
@@ -107,8 +108,12 @@ class FrameLink:
         if n == 0:
             payload = b""
         elif header.codec == frames.CODEC_NONE:
-            # Handed to the caller as is, so a fresh (unzeroed) buffer per frame.
-            payload = frames.new_payload_buffer(n)
+            # Handed to the caller as is, so a fresh (unzeroed) buffer per frame; DATA
+            # aligned, as the target's image writer sends it to disk with O_DIRECT.
+            if header.type == frames.FT_DATA:
+                payload = frames.new_aligned_buffer(n)
+            else:
+                payload = frames.new_payload_buffer(n)
             recv_into_exact(self.sock, payload, "a frame payload")
         else:
             # Decompression writes a new object, so the input buffer is reused.
