@@ -176,15 +176,17 @@ class ImageWriter:
         os.fdatasync(self.fd)
 
     def close(self) -> None:
-        """Close without syncing (the caller syncs what it acknowledges); pending bytes are written."""
-        try:
-            if self.fd >= 0 and self._buf is not None:
-                self._write_run()
-        finally:
-            for fd in (self.direct_fd, self.fd):
-                if fd >= 0:
-                    os.close(fd)
-            self.direct_fd = self.fd = -1
-            if self._buf is not None:
-                self._buf.close()
-                self._buf = None
+        """Close; a gathered run not yet written is dropped.
+
+        Only ``sync()`` makes bytes count (nothing unsynced is acknowledged, so
+        the source sends it again), and a close after a failed write must not
+        fail a second time and hide the first error.
+        """
+        self._run_len, self._run_views = 0, []
+        for fd in (self.direct_fd, self.fd):
+            if fd >= 0:
+                os.close(fd)
+        self.direct_fd = self.fd = -1
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
