@@ -102,6 +102,12 @@ class StoreError(CycleMirrorError):
     exit_code = 9
 
 
+class NoSpaceError(StoreError):
+    """A file system is full (ENOSPC, EDQUOT); retrying after space is freed may help."""
+
+    temporary = True
+
+
 class TimeoutError_(CycleMirrorError):
     """An operation with a deadline (sync, connect) ran out of time."""
 

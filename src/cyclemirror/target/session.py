@@ -15,6 +15,7 @@ the source can resume an interrupted cycle after the last acked chunk.
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -23,7 +24,12 @@ import time
 import numpy as np
 
 from cyclemirror._cext import frames
-from cyclemirror.errors import ConnectionLostError, CycleMirrorError, ProtocolError
+from cyclemirror.errors import (
+    ConnectionLostError,
+    CycleMirrorError,
+    NoSpaceError,
+    ProtocolError,
+)
 from cyclemirror.target.mirror import Mirror
 from cyclemirror.target.staging import REC_DATA, REC_TRIM, REC_ZERO
 from cyclemirror.target.state import VolumeSpec
@@ -120,26 +126,41 @@ class Session:
 
     def run(self) -> None:
         try:
-            self._open()
-            while True:
-                try:
-                    header, payload = self.link.recv_frame()
-                except ConnectionLostError as exc:
-                    if getattr(exc, "clean", False):
-                        log.info("mirror %s: source %s closed the connection between cycles",
-                                 self.mirror.state.mirror, self.link.peer)
-                        return
-                    raise
-                msg = self.link.message_from(header, payload, {"begin", "hash_request"})
-                if msg["type"] == "begin":
-                    self._receive_cycle(msg)
-                else:
-                    self._answer_hashes(msg)
+            self._serve()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self.mirror is None:
+                raise
+            # Worth retrying once an operator frees space: the source backs off and
+            # resumes after the last acknowledged chunk, which stays on disk.
+            st = self.mirror.state
+            raise NoSpaceError(
+                f"mirror {st.mirror!r} of source {st.source_name or st.source_node}: the "
+                f"target's disk is full ({exc.strerror}) under {self.mirror.directory}; "
+                "free space there (a first cycle needs the volume's size, a delta its "
+                "changed bytes again): the source retries and resumes after its last ack"
+            ) from exc
         finally:
             if self.mirror is not None:
                 self.mirror.close()
             if self.key is not None:
                 self.server.registry.release(self.key, self)
+
+    def _serve(self) -> None:
+        self._open()
+        while True:
+            try:
+                header, payload = self.link.recv_frame()
+            except ConnectionLostError as exc:
+                if getattr(exc, "clean", False):
+                    log.info("mirror %s: source %s closed the connection between cycles",
+                             self.mirror.state.mirror, self.link.peer)
+                    return
+                raise
+            msg = self.link.message_from(header, payload, {"begin", "hash_request"})
+            if msg["type"] == "begin":
+                self._receive_cycle(msg)
+            else:
+                self._answer_hashes(msg)
 
     def _open(self) -> None:
         msg = self.link.recv_message({"open"})
