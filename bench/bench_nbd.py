@@ -2,7 +2,9 @@
 
 Run on demand:  PYTHONPATH=src python -m pytest bench/bench_nbd.py -s
 (CYCLEMIRROR_BENCH_SECONDS=N sets each fio trial's length, default 4;
-CYCLEMIRROR_BENCH_ROUNDS=N the number of interleaved rounds, default 3.)
+CYCLEMIRROR_BENCH_ROUNDS=N the number of interleaved rounds, default 3;
+CYCLEMIRROR_BENCH_WORKLOADS=a,b runs only those workloads, e.g. 1m-seqwrite-qd4,
+to spend a locked run's minutes on more rounds of one.)
 
 Workloads (fio --ioengine=nbd over a Unix socket, one connection):
   * 4 KiB random writes, queue depth 32      (target: >= 0.5x nbdkit's IOPS)
@@ -52,6 +54,8 @@ WORKLOADS = {
     "1m-seqwrite-qd4": ["--rw=write", "--bs=1M", "--iodepth=4"],
     "4k-randread-qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
 }
+if os.environ.get("CYCLEMIRROR_BENCH_WORKLOADS"):
+    WORKLOADS = {w: WORKLOADS[w] for w in os.environ["CYCLEMIRROR_BENCH_WORKLOADS"].split(",")}
 
 
 def fio(uri: str, args: list[str]) -> tuple[float, float]:
@@ -79,6 +83,8 @@ class Freezer(threading.Thread):
         self.vol = vol
         self.stop = threading.Event()
         self.freezes = 0
+        self.freeze_s: list[float] = []  # how long each freeze() and merge took
+        self.merge_s: list[float] = []
         self.error: BaseException | None = None
 
     def run(self):
@@ -86,8 +92,12 @@ class Freezer(threading.Thread):
             due = time.monotonic() + INTERVAL
             while not self.stop.wait(max(0.0, due - time.monotonic())):
                 due = time.monotonic() + INTERVAL
+                t0 = time.monotonic()
                 cycle = self.vol.freeze()
+                t1 = time.monotonic()
                 self.vol.merge_through(cycle.number - 1)
+                self.freeze_s.append(t1 - t0)
+                self.merge_s.append(time.monotonic() - t1)
                 self.freezes += 1
         except BaseException as exc:  # reported in the table
             self.error = exc
@@ -141,6 +151,7 @@ def env(tmp_path_factory):
 def test_fio_against_nbdkit(env, benchmark):
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     freezes = []
+    phases: dict[str, list[tuple[float, float]]] = {}  # workload -> (freeze s, merge s) each
 
     def one_round():
         turn = len(freezes) // len(WORKLOADS)  # rounds done so far
@@ -158,6 +169,8 @@ def test_fio_against_nbdkit(env, benchmark):
                         freezer.join(60)
                         assert freezer.error is None, freezer.error
                         freezes.append(freezer.freezes)
+                        phases.setdefault(workload, []).extend(
+                            zip(freezer.freeze_s, freezer.merge_s, strict=True))
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     print(f"\nfio --ioengine=nbd, {SECONDS} s per trial, {ROUNDS} interleaved rounds, "
@@ -171,3 +184,8 @@ def test_fio_against_nbdkit(env, benchmark):
             mibs = statistics.median(m for _, m in trials)
             print(f"{workload:20} {server:9} {iops:10.0f} {mibs:9.1f} {iops / base_iops:9.2f}   "
                   + " ".join(f"{i:.0f}" for i, _ in trials))
+    print("volume trials, seconds per freeze() and per merge (median, max):")
+    for workload, pairs in phases.items():
+        fz, mg = [p[0] for p in pairs], [p[1] for p in pairs]
+        print(f"  {workload:20} {len(pairs):3} freezes   freeze {statistics.median(fz):.3f} "
+              f"{max(fz):.3f}   merge {statistics.median(mg):.3f} {max(mg):.3f}")
