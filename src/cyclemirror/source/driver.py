@@ -97,7 +97,7 @@ class MirrorOptions:
     retry_max: float = 30.0
     apply_timeout: float = 3600.0
     stall_timeout: float = 60.0
-    queue_frames: int = 32
+    queue_frames: int = 32  # lists of frames (each ~SEND_BATCH_BYTES, or one big frame) per target
     on_frozen: object = None  # callable(frozen, reader): the daemon's/tests' hook
     on_applied: object = None  # callable(cycle, label, stats)
     extra: dict = field(default_factory=dict)
@@ -638,28 +638,28 @@ class MirrorDriver:
                     # Small frames (scattered 4 KiB blocks) go out together, one
                     # send per batch instead of one per frame.
                     batch, nbytes = [], 0
-                    item = q.get()
+                    items = q.get()
                     while True:
-                        if item is None:
+                        if items is None:
                             done[r.label] = True
                             break
-                        index, frame, raw = item
-                        if index is not None:
-                            # raw_length (u32 LE at byte 28): a chunk's bytes, or a
-                            # zero run's length (docs/protocol.md).
-                            extent = int.from_bytes(frame[28:32], "little")
-                            covered += extent
-                            if index < r.resume_from:
-                                skipped += extent
-                        # index None: a group's member switch, sent also when resuming.
-                        if index is None or index >= r.resume_from:
-                            batch.append(frame)
-                            nbytes += len(frame)
-                            sent_raw += raw
+                        for index, frame, raw in items:
+                            if index is not None:
+                                # raw_length (u32 LE at byte 28): a chunk's bytes, or a
+                                # zero run's length (docs/protocol.md).
+                                extent = int.from_bytes(frame[28:32], "little")
+                                covered += extent
+                                if index < r.resume_from:
+                                    skipped += extent
+                            # index None: a group's member switch, sent also when resuming.
+                            if index is None or index >= r.resume_from:
+                                batch.append(frame)
+                                nbytes += len(frame)
+                                sent_raw += raw
                         if nbytes >= SEND_BATCH_BYTES:
                             break
                         try:
-                            item = q.get_nowait()
+                            items = q.get_nowait()
                         except queue.Empty:
                             break
                     if batch:
@@ -699,25 +699,36 @@ class MirrorDriver:
         threads = [threading.Thread(target=sender, args=(r,), daemon=True) for r in group]
         for t in threads:
             t.start()
+        def publish(items: list) -> None:
+            for r in group:
+                if r.label not in alive:
+                    continue
+                try:
+                    queues[r.label].put(items, timeout=self.options.stall_timeout)
+                except queue.Full:
+                    alive.pop(r.label, None)
+                    r.drop_link()  # the sender fails and drains
+                    self._failed(r, TimeoutError_(
+                        f"target {r.label} took no data for {self.options.stall_timeout}s;"
+                        " it will catch up in a later cycle"))
+
         try:
+            # Frames travel to the senders in lists of about SEND_BATCH_BYTES: one queue
+            # handoff per list, not per frame (a delta is thousands of 4 KiB frames).
+            items, nbytes = [], 0
             for index, frame, raw in self.subject.cycle_frames(reader, group[0].owed, c,
                                                                self.packer):
-                for r in group:
-                    if r.label not in alive:
-                        continue
-                    try:
-                        queues[r.label].put((index, frame, raw),
-                                            timeout=self.options.stall_timeout)
-                    except queue.Full:
-                        alive.pop(r.label, None)
-                        r.drop_link()  # the sender fails and drains
-                        self._failed(r, TimeoutError_(
-                            f"target {r.label} took no data for {self.options.stall_timeout}s;"
-                            " it will catch up in a later cycle"))
+                items.append((index, frame, raw))
+                nbytes += len(frame)
                 if index is not None:
                     total[0] = index + 1
+                if nbytes >= SEND_BATCH_BYTES:
+                    publish(items)
+                    items, nbytes = [], 0
                 if self._break_now:
                     raise TimeoutError_("break requested")
+            if items:
+                publish(items)
         except BaseException as exc:  # noqa: BLE001 - a read error fails every target
             for r in group:
                 if r.label in alive:
