@@ -8,6 +8,7 @@ ConnectionLostError naming what was being sent.
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cyclemirror import errors
-from cyclemirror.wire.sockio import IOV_MAX, send_all_parts
+from cyclemirror.wire.sockio import IOV_MAX, BufferedReceiver, send_all_parts
 
 
 def tcp_pair():
@@ -91,3 +92,69 @@ def test_a_vanished_peer_is_a_lost_connection_naming_what_was_sent():
         for _ in range(100):  # the first sends may still land in the buffer
             send_all_parts(a, [b"x" * 65536, b"y" * 65536], "chunks up to 9")
     a.close()
+
+
+def pieces_sender(sock, data, cuts, then_close=True):
+    def run():
+        pos = 0
+        for c in [*cuts, len(data)]:
+            c = min(max(c, pos), len(data))
+            if c > pos:
+                sock.sendall(data[pos:c])
+            pos = c
+        if then_close:
+            sock.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@settings(max_examples=40, deadline=None)
+@given(reads=st.lists(st.integers(1, 20_000), min_size=1, max_size=30),
+       cuts=st.lists(st.integers(0, 300_000), max_size=20), size=st.sampled_from([64, 4096]),
+       seed=st.integers(0, 2**32))
+def test_buffered_reads_return_the_stream_in_order_whatever_the_pieces(reads, cuts, size, seed):
+    """Reads smaller and larger than the buffer, over sends cut anywhere, rebuild the stream."""
+    data = random.Random(seed).randbytes(sum(reads))
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        a = socket.create_connection(lst.getsockname())
+        b, _ = lst.accept()
+    try:
+        t = pieces_sender(a, data, sorted(cuts))
+        rx = BufferedReceiver(b, size)
+        got = bytearray()
+        for n in reads:
+            buf = bytearray(n)
+            rx.read_into(buf, "a test message")
+            got += buf
+        assert got == data and rx.buffered == 0
+        t.join()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_buffered_eof_between_messages_is_clean_and_inside_one_is_not():
+    a, b = tcp_pair()
+    try:
+        t = pieces_sender(a, b"x" * 100, [30])
+        rx = BufferedReceiver(b, 4096)
+        rx.read_into(bytearray(60), "a header")
+        with pytest.raises(errors.ConnectionLostError, match="after 40 of 50 bytes of a tail"):
+            rx.read_into(bytearray(50), "a tail")
+        t.join()
+    finally:
+        a.close()
+        b.close()
+    a, b = tcp_pair()
+    try:
+        t = pieces_sender(a, b"y" * 10, [])
+        rx = BufferedReceiver(b, 4096)
+        rx.read_into(bytearray(10), "a header")
+        with pytest.raises(errors.ConnectionLostError) as exc:
+            rx.read_into(bytearray(48), "a frame header")
+        assert exc.value.clean
+        t.join()
+    finally:
+        a.close()
+        b.close()

@@ -9,8 +9,10 @@ payload is then parsed by ``messages`` against the types the caller expects.
 Copies: an uncompressed payload is received into a fresh, unzeroed buffer
 that is verified in place and handed to the caller (no second copy); a
 compressed one is received into a scratch buffer the link reuses, and
-decompressed into a new object.  Plain sockets read each part with one
-MSG_WAITALL receive.
+decompressed into a new object.  Reads go through a 256 KiB receive buffer
+(``sockio.BufferedReceiver``): small frames cost no system call each, and a
+big payload is read straight into its own buffer with one MSG_WAITALL
+receive.
 
 Locking: ``send*`` may be called from several threads (a sender and an ack
 writer); a lock keeps whole frames from interleaving.  ``recv*`` belongs to
@@ -25,7 +27,7 @@ import threading
 from cyclemirror._cext import frames
 from cyclemirror.errors import FrameError, PeerError, ProtocolError
 from cyclemirror.wire import messages
-from cyclemirror.wire.sockio import peer_name, recv_into_exact, send_all, send_all_parts
+from cyclemirror.wire.sockio import BufferedReceiver, peer_name, send_all, send_all_parts
 
 MAX_CHUNK = 4 << 20  # the largest raw DATA chunk either side accepts
 MAX_CONTROL = 1 << 20
@@ -62,6 +64,7 @@ class FrameLink:
         # payloads (grown to the largest seen, at most the payload cap).
         self._header_buf = bytearray(frames.HEADER_SIZE)
         self._scratch = bytearray(0)
+        self._rx = BufferedReceiver(sock)
 
     # -- sending ---------------------------------------------------------
     def send_frame(self, frame: bytes | memoryview, what: str = "a frame") -> None:
@@ -101,7 +104,7 @@ class FrameLink:
         page-aligned buffer, which now belongs to the caller (an uncompressed
         payload is returned in its receive buffer).
         """
-        recv_into_exact(self.sock, self._header_buf, "a frame header")
+        self._rx.read_into(self._header_buf, "a frame header")
         # Every field is checked against the caps before a payload byte is read.
         header = frames.decode_header(self._header_buf, self.limits)
         n = header.length
@@ -114,13 +117,13 @@ class FrameLink:
                 payload = frames.new_aligned_buffer(n)
             else:
                 payload = frames.new_payload_buffer(n)
-            recv_into_exact(self.sock, payload, "a frame payload")
+            self._rx.read_into(payload, "a frame payload")
         else:
             # Decompression writes a new object, so the input buffer is reused.
             if len(self._scratch) < n:
                 self._scratch = frames.new_payload_buffer(n)
             payload = memoryview(self._scratch)[:n]
-            recv_into_exact(self.sock, payload, "a frame payload")
+            self._rx.read_into(payload, "a frame payload")
         self.bytes_received += frames.HEADER_SIZE + n
         return header, frames.verify_payload(header, payload)
 
