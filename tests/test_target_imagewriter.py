@@ -8,6 +8,7 @@ the writer must fall back to the page cache and still be exact.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -167,3 +168,31 @@ def test_close_drops_a_run_that_was_never_synced(tmp_path):
     w.close()
     w.close()  # a second close is harmless
     assert open(path, "rb").read(2 * ALIGN) == b"\x05" * ALIGN + bytes(ALIGN)
+
+
+def test_a_device_that_refuses_our_alignment_gets_everything_through_the_page_cache(
+        tmp_path, monkeypatch):
+    # Fault injection: the kernel answers EINVAL to every O_DIRECT write, as on a
+    # device whose logical block is bigger than ALIGN.
+    path = str(tmp_path / "img.new")
+    w = ImageWriter(path, SIZE)
+    if not w.direct:
+        w.close()
+        pytest.skip("this file system refuses O_DIRECT at open already")
+
+    def refuse(*_args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pwritev", refuse)
+    first = frames.new_aligned_buffer(2 * ALIGN)
+    first[:] = b"\x01" * (2 * ALIGN)
+    w.write(first, 0)
+    w.write(b"\x02" * (ALIGN + 512), 2 * ALIGN)  # flushes the first run: refused
+    assert not w.direct
+    w.write(b"\x03" * ALIGN, 4 * ALIGN)
+    w.sync()
+    w.close()
+    monkeypatch.undo()
+    data = open(path, "rb").read(5 * ALIGN)
+    assert data == (b"\x01" * (2 * ALIGN) + b"\x02" * (ALIGN + 512) + bytes(ALIGN - 512)
+                    + b"\x03" * ALIGN)

@@ -127,27 +127,20 @@ class ImageWriter:
         view = memoryview(self._buf)
         try:
             if aligned:
-                try:
-                    fileops.pwrite_all(self.direct_fd, view[:aligned], start)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    # The device wants a coarser alignment than ALIGN: stop trying.
-                    log.info("%s: O_DIRECT write refused (%s); writing through the page "
-                             "cache from here on", self.path, exc)
-                    os.close(self.direct_fd)
-                    self.direct_fd = -1
-                    fileops.pwrite_all(self.fd, view[:length], start)
-                    return
+                self._write_views([view[:aligned]], start)
             if aligned < length:  # an unaligned tail
                 fileops.pwrite_all(self.fd, view[aligned:length], start + aligned)
         finally:
             view.release()
 
     def _write_views(self, views: list, start: int) -> None:
-        """One O_DIRECT pwritev of aligned buffers (a short write continues where it stopped)."""
+        """One O_DIRECT pwritev of aligned buffers (a short write continues where it stopped).
+
+        Once O_DIRECT has been refused (or was never there) the buffers go
+        through the page cache.
+        """
         try:
-            while views:
+            while views and self.direct_fd >= 0:
                 n = os.pwritev(self.direct_fd, views, start)
                 if n <= 0:
                     raise OSError(errno.ENOSPC, f"{self.path}: pwritev wrote nothing")
@@ -162,13 +155,14 @@ class ImageWriter:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
+            # The device wants a coarser alignment than ALIGN: stop trying.
             log.info("%s: O_DIRECT write refused (%s); writing through the page cache from "
                      "here on", self.path, exc)
             os.close(self.direct_fd)
             self.direct_fd = -1
-            for v in views:
-                fileops.pwrite_all(self.fd, v, start)
-                start += len(v)
+        for v in views:
+            fileops.pwrite_all(self.fd, v, start)
+            start += len(v)
 
     def sync(self) -> None:
         """Everything written so far reaches the disk (data and the allocation behind it)."""
