@@ -46,6 +46,23 @@ def read_all(sock, expected, out):
     sock.close()
 
 
+def received_after_sending(parts):
+    """send_all_parts over a fresh TCP pair; what the other end got before EOF."""
+    a, b = tcp_pair()
+    try:
+        out: list[bytes] = []
+        t = threading.Thread(target=read_all, args=(b, sum(map(len, parts)), out),
+                             daemon=True)
+        t.start()
+        send_all_parts(a, parts, "parts")
+        a.shutdown(socket.SHUT_WR)
+        t.join()
+        return out[0]
+    finally:
+        a.close()
+        b.close()
+
+
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.integers(0, 70000), min_size=1, max_size=20),
        seed=st.integers(0, 255))
@@ -53,36 +70,13 @@ def test_parts_arrive_as_their_concatenation(sizes, seed):
     parts = [bytes((seed + i + j) % 251 for j in range(n % 1000)) * (n // 1000 + 1)
              for i, n in enumerate(sizes)]
     parts = [p[:n] for p, n in zip(parts, sizes, strict=True)]
-    whole = b"".join(parts)
-    a, b = tcp_pair()
-    try:
-        out: list[bytes] = []
-        t = threading.Thread(target=read_all, args=(b, len(whole), out), daemon=True)
-        t.start()
-        send_all_parts(a, [bytearray(p) if i % 2 else p for i, p in enumerate(parts)], "parts")
-        a.shutdown(socket.SHUT_WR)
-        t.join()
-        assert out[0] == whole
-    finally:
-        a.close()
-        b.close()
+    mixed = [bytearray(p) if i % 2 else p for i, p in enumerate(parts)]
+    assert received_after_sending(mixed) == b"".join(parts)
 
 
 def test_more_parts_than_one_sendmsg_takes():
     parts = [bytes([i % 256]) * (1 + i % 7) for i in range(3 * IOV_MAX + 5)]
-    whole = b"".join(parts)
-    a, b = tcp_pair()
-    try:
-        out: list[bytes] = []
-        t = threading.Thread(target=read_all, args=(b, len(whole), out), daemon=True)
-        t.start()
-        send_all_parts(a, parts, "many parts")
-        a.shutdown(socket.SHUT_WR)
-        t.join()
-        assert out[0] == whole
-    finally:
-        a.close()
-        b.close()
+    assert received_after_sending(parts) == b"".join(parts)
 
 
 def test_a_vanished_peer_is_a_lost_connection_naming_what_was_sent():
