@@ -447,30 +447,11 @@ cdef class TransmissionSession:
         return 0
 
     cdef int _reply_error(self, uint64_t handle, uint32_t error, str message) except -1:
-        cdef bytes text
-        cdef Py_ssize_t tlen
-        cdef unsigned char *p
+        # Rare: one small bytes object per error reply, encoded in one place.
+        cdef bytes data = _reply_bytes(self.structured, handle, error, message)
         self.error_replies += 1
-        if not self.structured:
-            self._room(16, 1)
-            p = self._hdr(16)
-            _put32(p, SIMPLE_REPLY_MAGIC)
-            _put32(p + 4, error)
-            _put64(p + 8, handle)
-            return 0
-        text = message.encode("utf-8", "replace")[:4096]
-        tlen = len(text)
-        self._room(26, 2)
-        p = self._hdr(26)
-        _put32(p, STRUCTURED_REPLY_MAGIC)
-        _put16(p + 4, REPLY_FLAG_DONE)
-        _put16(p + 6, REPLY_TYPE_ERROR)
-        _put64(p + 8, handle)
-        _put32(p + 16, <uint32_t> (6 + tlen))
-        _put32(p + 20, error)
-        _put16(p + 24, <uint16_t> tlen)
-        if tlen:
-            self._queue_object(text, <const unsigned char *> PyBytes_AS_STRING(text), tlen)
+        self._room(0, 1)
+        self._queue_object(data, <const unsigned char *> PyBytes_AS_STRING(data), len(data))
         return 0
 
     # ---------------------------------------------------------------- receiving
@@ -1024,8 +1005,8 @@ cdef class TransmissionSession:
 
 
 cdef bytes _reply_bytes(bint structured, uint64_t handle, uint32_t error, str message):
-    """A complete reply to a write: simple when it succeeded (as _reply_ok sends), else
-    the same error reply _reply_error queues."""
+    """A complete reply: simple when the request succeeded (as _reply_ok sends), else an
+    error reply, structured if negotiated; _reply_error queues exactly these bytes."""
     cdef bytes text
     cdef Py_ssize_t tlen
     cdef unsigned char p[26]
