@@ -5,7 +5,11 @@ the parent (which replays them against the model) and here (which runs
 them against a real store). After each operation completes the child
 writes its index as one line on stdout, so the parent knows which
 operations finished before its SIGKILL: all up to the last line did, the
-next one may have run partly or wholly, none after it started.
+next one may have run partly or wholly, none after it started. A merge that
+went by swapping files (docs/store.md) writes a line "swap" before its index.
+
+One write in ten covers half the volume or more, so that overlays often hold
+most of it and their merges swap.
 
 Run as: python store_crash_child.py STORE_PATH SEED COUNT
 """
@@ -27,7 +31,11 @@ def workload(seed: int, size: int, block_size: int, count: int) -> Iterator[tupl
     for i in range(count):
         roll = rng.random()
         aligned = rng.random() < 0.6
-        if aligned:
+        if rng.random() < 0.1:
+            n = rng.randint(nblocks // 2, nblocks)
+            b = rng.randint(0, nblocks - n)
+            off, length = b * block_size, n * block_size
+        elif aligned:
             b = rng.randrange(nblocks)
             n = rng.randint(1, min(4, nblocks - b))
             off, length = b * block_size, n * block_size
@@ -83,8 +91,9 @@ def main() -> None:
     vol = store.open_volume("v")
     os.write(1, b"ready\n")
     for i, op in enumerate(workload(seed, vol.size, vol.block_size, count)):
+        swapped = vol.merges_swapped
         apply_op(vol, op)
-        os.write(1, b"%d\n" % i)
+        os.write(1, b"%s%d\n" % (b"swap\n" if vol.merges_swapped > swapped else b"", i))
     store.close()
     os.write(1, b"done\n")
 

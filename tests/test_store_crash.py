@@ -69,7 +69,7 @@ def _bits(bitmap) -> set[int]:
     return {b for s, n in bitmap.iter_runs() for b in range(s, s + n)}
 
 
-def _run_child_and_kill(store_path: str, seed: int, delay: float) -> tuple[int, bool]:
+def _run_child_and_kill(store_path: str, seed: int, delay: float) -> tuple[int, bool, int]:
     env = child_env()
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), store_path, str(seed), "1000000"],
@@ -88,7 +88,7 @@ def _run_child_and_kill(store_path: str, seed: int, delay: float) -> tuple[int, 
     lines = out.split()
     done = b"done" in lines
     indexes = [int(x) for x in lines if x.isdigit()]
-    return (max(indexes) if indexes else -1), done
+    return (max(indexes) if indexes else -1), done, lines.count(b"swap")
 
 
 def _kill_during_reopen(store_path: str, delay: float) -> None:
@@ -109,7 +109,7 @@ def _trial(tmp_path: Path, seed: int) -> dict:
     store_path = str(tmp_path / f"store-{seed}")
     with Store.create(store_path) as store:
         store.create_volume("v", size, bs)
-    last, done = _run_child_and_kill(store_path, seed, rng.uniform(0.0, 0.4))
+    last, done, swaps = _run_child_and_kill(store_path, seed, rng.uniform(0.0, 0.4))
     if seed % 3 == 0:
         _kill_during_reopen(store_path, rng.uniform(0.0, 0.3))
 
@@ -162,7 +162,8 @@ def _trial(tmp_path: Path, seed: int) -> dict:
                 assert (b in zeroed) == (b in model.zeroed), f"seed {seed}: block {b} zeroed flag"
         with new.reader() as reader:
             assert reader.read(0, size) == view
-        return {"last": last, "inflight": inflight and inflight[0], "torn": vol.torn_blocks_repaired}
+        return {"last": last, "inflight": inflight and inflight[0], "torn": vol.torn_blocks_repaired,
+                "swaps": swaps}
 
 
 @pytest.mark.timeout(600)
@@ -171,5 +172,7 @@ def test_kill_minus_nine_keeps_completed_writes_frozen_images_and_dirty_sets(tmp
     ops = [r["last"] for r in results]
     print(f"\n{TRIALS} kill -9 trials; ops completed per trial {ops}; "
           f"torn blocks repaired {sum(r['torn'] for r in results)}; "
+          f"merges by swap {[r['swaps'] for r in results]}; "
           f"in flight {[r['inflight'] for r in results]}")
     assert max(ops) > 0, "the child never completed an operation: the test checked nothing"
+    assert sum(r["swaps"] for r in results), "no merge swapped files: that path went unchecked"

@@ -45,9 +45,10 @@ def test_store_and_volume_files_are_as_documented(tmp_path):
         vol.freeze()
         with open(os.path.join(vdir, "volume.json")) as f:
             state = json.load(f)
-        assert set(state) == {"format", "size", "block_size", "created", "merged_through", "merging", "overlays"}
+        assert set(state) == {"format", "size", "block_size", "created", "merged_through", "merging", "merge_mode",
+                              "overlays"}
         assert (state["format"], state["size"], state["block_size"]) == (1, 1 << 20, 8192)
-        assert state["merged_through"] == -1 and state["merging"] is None
+        assert state["merged_through"] == -1 and state["merging"] is None and state["merge_mode"] is None
         assert [o["number"] for o in state["overlays"]] == [0, 1]
         assert isinstance(state["overlays"][0]["closed_at"], float) and state["overlays"][1]["closed_at"] is None
         for name in ("base.img", "overlay-0.img", "overlay-1.img"):

@@ -134,9 +134,10 @@ class Layer:
         if self.zlog is not None:
             self.zlog.close()
 
-    def unlink(self) -> None:
-        """Remove this overlay's files (open descriptors stay valid until closed)."""
-        for path in (self.path, self.zlog.path if self.zlog else None):
+    def unlink(self, image: bool = True) -> None:
+        """Remove this overlay's files (open descriptors stay valid until closed); with
+        ``image=False`` only its zero log (a swap merge renamed the image to base)."""
+        for path in (self.path if image else None, self.zlog.path if self.zlog else None):
             if path:
                 try:
                     os.unlink(path)

@@ -28,6 +28,10 @@ On-disk protocol (argued in docs/store.md):
 * merge j: persist ``merging = j``, copy overlay j into base, fsync base,
   persist ``merged_through = j``, unlink overlay j. A reopen that finds
   ``merging`` set redoes the copy (idempotent: overlay j is frozen).
+  When overlay j holds most of the volume, the merge goes the other way
+  (``merge_mode = "swap"``): copy the blocks j lacks from base into j, fsync
+  j, rename it over base.img. A reopen redoes the fill if overlay-j.img is
+  still there and only finishes the state if the rename already happened.
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ def check_geometry(size: object, block_size: object) -> None:
         )
 
 
+MERGE_COPY = "copy"  # overlay j's blocks are copied into base
+MERGE_SWAP = "swap"  # base's other blocks are copied into overlay j, which becomes base
+
+
 def initial_state(size: int, block_size: int) -> dict:
     return {
         "format": FORMAT,
@@ -86,6 +94,7 @@ def initial_state(size: int, block_size: int) -> dict:
         "created": time.time(),
         "merged_through": -1,
         "merging": None,
+        "merge_mode": None,
         "overlays": [{"number": 0, "closed_at": None}],
     }
 
@@ -118,6 +127,11 @@ def _validate_state(state: dict, where: str) -> None:
         raise bad(f"merging is {merging!r} but merged_through is {merged}")
     if merging is not None and len(overlays) < 2:
         raise bad(f"merging overlay {merging}, which is the open one")
+    mode = state.get("merge_mode")  # absent in files written before swap merges existed
+    if merging is None and mode is not None:
+        raise bad(f"merge_mode is {mode!r} but no merge is in progress")
+    if mode not in (None, MERGE_COPY, MERGE_SWAP):
+        raise bad(f"merge_mode is {mode!r}, expected {MERGE_COPY!r} or {MERGE_SWAP!r}")
 
 
 class Volume:
@@ -134,6 +148,9 @@ class Volume:
         self._mask = self.block_size - 1
         self._merged_through: int = state["merged_through"]
         self._merging: int | None = state["merging"]
+        self._merge_mode: str | None = state.get("merge_mode") or (
+            MERGE_COPY if self._merging is not None else None
+        )
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._writing = 0  # whole-block writes copying data outside _lock right now
@@ -148,6 +165,9 @@ class Volume:
         # Bytes merges moved into base by reflink and by copy_file_range (for metrics and tests).
         self.merged_bytes_reflinked = 0
         self.merged_bytes_copied = 0
+        # Merges done by swapping, and the base bytes they copied into the overlay first.
+        self.merges_swapped = 0
+        self.swap_filled_bytes = 0
         self._base = Layer.open_base(os.path.join(vol_dir, BASE_FILE))
         self._overlays: list[Layer] = []  # newest (open) first
         try:
@@ -173,6 +193,12 @@ class Volume:
         return cls(name, vol_dir, state, on_close)
 
     def _open_overlays(self, entries: list[dict]) -> None:
+        if self._merge_mode == MERGE_SWAP and not os.path.exists(overlay_paths(self.dir, self._merging)[0]):
+            # The crash came after the swap's rename: base.img is the merged image already,
+            # only the state still lists the overlay. Finish that step now.
+            entries = entries[1:]
+            self._merged_through, self._merging, self._merge_mode = self._merging, None, None
+            self._save_state(entries)
         listed = {e["number"] for e in entries}
         for fname in os.listdir(self.dir):
             m = _OVERLAY_FILE_RE.fullmatch(fname)
@@ -191,10 +217,18 @@ class Volume:
             below.insert(0, layer)
         if self._merging is not None:
             oldest = self._overlays[-1]
-            self._fold_into_base(oldest)
+            if self._merge_mode == MERGE_SWAP:
+                self._fill_from_base(oldest)
+            else:
+                self._fold_into_base(oldest)
             self._finish_merge(oldest)
 
-    def _state(self) -> dict:
+    def _state(self, overlays: list[dict] | None = None) -> dict:
+        if overlays is None:
+            overlays = [
+                {"number": layer.number, "closed_at": layer.closed_at}
+                for layer in reversed(self._overlays)
+            ]
         return {
             "format": FORMAT,
             "size": self.size,
@@ -202,15 +236,15 @@ class Volume:
             "created": self.created,
             "merged_through": self._merged_through,
             "merging": self._merging,
-            "overlays": [
-                {"number": layer.number, "closed_at": layer.closed_at}
-                for layer in reversed(self._overlays)
-            ],
+            "merge_mode": self._merge_mode,
+            "overlays": overlays,
         }
 
-    def _save_state(self) -> None:
+    def _save_state(self, overlays: list[dict] | None = None) -> None:
+        """Replace volume.json; ``overlays`` (entries as in the file) stands in for the layer
+        list while the volume is still being opened."""
         try:
-            fileops.atomic_write_json(os.path.join(self.dir, STATE_FILE), self._state())
+            fileops.atomic_write_json(os.path.join(self.dir, STATE_FILE), self._state(overlays))
         except OSError as exc:
             raise fileops.store_error(f"saving the state of volume {self.name!r}", exc) from exc
 
@@ -461,8 +495,14 @@ class Volume:
         # while the new overlay's first writes need memory and the fsync below frees none
         # (docs/store.md, "Merge and the page cache"). Clean pages only; disk untouched.
         bs = self.block_size
-        for s, c in old.dirty.iter_runs(max_run=max(1, MERGE_CHUNK // bs)):
-            fileops.drop_cache(self._base.fd, s * bs, c * bs)
+        with self._lock:
+            base = self._base  # a concurrent swap merge may replace it
+            base.acquire()
+        try:
+            for s, c in old.dirty.iter_runs(max_run=max(1, MERGE_CHUNK // bs)):
+                fileops.drop_cache(base.fd, s * bs, c * bs)
+        finally:
+            base.release()
         try:
             os.fsync(old.fd)
             old.zlog.sync()
@@ -570,15 +610,32 @@ class Volume:
                     f"merging overlay {j} of volume {self.name!r}: readers of cycles "
                     f"{sorted(c for c in self._readers if c <= j)} are still open"
                 )
-            self._save_state()  # from here on base may hold a mix: a reopen redoes the merge
             layer = self._overlays[-1]
             assert layer.number == j, (layer.number, j)
+            self._merge_mode = self._cheaper_merge(layer)
+            try:
+                self._save_state()  # from here on a reopen redoes the merge
+            except BaseException:
+                self._merging = self._merge_mode = None
+                raise
             layer.acquire()
         try:
-            self._fold_into_base(layer)
+            if self._merge_mode == MERGE_SWAP:
+                self._fill_from_base(layer)
+            else:
+                self._fold_into_base(layer)
         finally:
             layer.release()
         self._finish_merge(layer)
+
+    def _cheaper_merge(self, layer: Layer) -> str:
+        """Copy the overlay's data blocks into base, or base's other blocks into the overlay
+        and swap the files: whichever copies fewer blocks (base holes cost nothing, so the
+        swap's count is an upper bound). A workload that rewrites most of the volume
+        between freezes merges without copying at all."""
+        held = layer.dirty.count()
+        data = held - (layer.zeroed.count() if layer.has_zeroed else 0)
+        return MERGE_SWAP if self.nblocks - held < data else MERGE_COPY
 
     def _fold_into_base(self, layer: Layer) -> None:
         bs = self.block_size
@@ -607,16 +664,60 @@ class Volume:
                 f"merging overlay {layer.number} into base of volume {self.name!r}", exc
             ) from exc
 
+    def _fill_from_base(self, layer: Layer) -> None:
+        """First half of a swap merge: copy base's data under every block the overlay does not
+        hold into the overlay (base holes stay holes), then fsync the overlay. Images do not
+        change: those blocks resolve to base, whose bytes they now repeat. Idempotent."""
+        bs = self.block_size
+        base_fd = self._base.fd
+        try:
+            copier = fileops.KernelCopier()
+            pos = 0
+            for s, c in [*layer.dirty.iter_runs(), (self.nblocks, 0)]:
+                for ds, de in fileops.data_runs(base_fd, pos * bs, s * bs) if s > pos else ():
+                    for off in range(ds, de, MERGE_CHUNK):
+                        n = min(MERGE_CHUNK, de - off)
+                        copier.copy(base_fd, layer.fd, off, n)
+                        fileops.drop_cache(base_fd, off, n)  # base goes away with the swap
+                pos = s + c
+            self.swap_filled_bytes += copier.reflinked_bytes + copier.copied_bytes
+            os.fsync(layer.fd)
+        except OSError as exc:
+            raise fileops.store_error(
+                f"merging overlay {layer.number} of volume {self.name!r} (copying base's other "
+                "blocks into it)", exc
+            ) from exc
+
     def _finish_merge(self, layer: Layer) -> None:
+        new_base = None
+        if self._merge_mode == MERGE_SWAP:
+            # The commit of a swap: after this rename base.img is image j+1 itself. A reopen
+            # that finds overlay-j.img gone only has to finish the state (_open_overlays).
+            base_path = os.path.join(self.dir, BASE_FILE)
+            try:
+                os.rename(layer.path, base_path)
+                fileops.fsync_dir(self.dir)
+                new_base = Layer.open_base(base_path)
+            except OSError as exc:
+                raise fileops.store_error(
+                    f"merging overlay {layer.number} of volume {self.name!r} (renaming it to "
+                    f"{BASE_FILE}); reopen the store to finish the merge", exc
+                ) from exc
+            self.merges_swapped += 1
         with self._cond:
             self._merged_through = layer.number
-            self._merging = None
+            self._merging = self._merge_mode = None
             self._overlays.remove(layer)
             for c in [c for c in self._cycles if c <= layer.number]:
                 del self._cycles[c]
+            old_base = self._base
+            if new_base is not None:
+                self._base = new_base
             self._save_state()
         layer.retire()
-        layer.unlink()
+        if new_base is not None:
+            old_base.retire()  # readers that pinned it keep reading the old inode
+        layer.unlink(image=new_base is None)  # after a swap its file is base.img
 
     # -- export and close --------------------------------------------------------------
 
