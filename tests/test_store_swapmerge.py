@@ -6,14 +6,20 @@ merge goes, that images, holes and zeroes come out right, that readers pinned
 before the swap keep their images, and the two on-disk states a crash can
 leave (during the fill, and after the rename but before the state is saved).
 The random kill -9 loop of test_store_crash.py also lands in swap merges.
+Last, big writes hand base's cached pages of their range to the open overlay
+(docs/store.md, "Merge and the page cache"): checked with fincore.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import threading
+import time
 
 import pytest
+from tests.conftest import require_tool
 
 from cyclemirror.store import Store
 
@@ -260,3 +266,92 @@ def test_a_merge_mode_without_a_merge_is_refused(store):
         json.dump(state, f)
     with Store.open(path) as s, pytest.raises(Exception, match="no merge is in progress"):
         s.open_volume("v")
+
+
+def test_big_writes_in_flight_across_swap_merges_keep_every_image(tmp_path):
+    """Two threads rewrite their half of the volume in writes big enough to free base's
+    cached pages first (volume.FEED_MIN), while the main thread freezes, reads each frozen
+    image, and merges the one before (mostly swaps) with the newer cycle's reader open."""
+    s = Store.create(str(tmp_path / "store"))
+    half = 32 * BS  # 512 KiB: over FEED_MIN, so every write takes the feeding path
+    vol = s.create_volume("v", 2 * half, BS)
+    done = [0, 0]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def stamp(t: int, n: int) -> bytes:
+        return (bytes([t + 1]) + n.to_bytes(7, "little")) * (half // 8)
+
+    def writer(t: int) -> None:
+        try:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                vol.write(t * half, stamp(t, n))
+                done[t] = n
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(2)]
+    for th in threads:
+        th.start()
+    previous = None
+    try:
+        for _ in range(40):
+            before = list(done)
+            cycle = vol.freeze()
+            after = list(done)
+            reader = cycle.reader()
+            reader.__enter__()
+            image = reader.read(0, vol.size)
+            for t in range(2):
+                got = image[t * half : (t + 1) * half]
+                assert any(got == (stamp(t, n) if n else bytes(half))
+                           for n in range(before[t], after[t] + 1)), (
+                    f"cycle {cycle.number}: half {t} is no single write of {before[t]}..{after[t]}")
+            if previous is not None:
+                old_cycle, old_reader = previous
+                old_reader.__exit__(None, None, None)
+                vol.merge_through(old_cycle.number - 1)
+                assert reader.read(0, vol.size) == image, f"cycle {cycle.number} changed under a merge"
+            previous = (cycle, reader)
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(30)
+        if previous is not None:
+            previous[1].__exit__(None, None, None)
+    assert not errors, errors
+    assert vol.merges_swapped >= 5, f"only {vol.merges_swapped} merges swapped: the test missed its path"
+    final = stamp(0, done[0]) + stamp(1, done[1])
+    assert vol.read(0, vol.size) == final
+    s.close()
+    with Store.open(str(tmp_path / "store")) as s2:
+        assert s2.open_volume("v").read(0, 2 * half) == final
+
+
+def _resident(path: str) -> int:
+    fincore = require_tool("fincore")
+    out = subprocess.run([fincore, "--bytes", "--noheadings", "--output", "RES", path],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store):
+    # The kernel drops whole folios only, and a buffered write makes folios up to its own
+    # size: so, as with a client writing 1 MiB at a time, base is written in 1 MiB pieces.
+    vol = store.create_volume("v", 8 * MiB, BS)
+    for off in range(0, 8 * MiB, MiB):
+        vol.write(off, os.urandom(MiB))
+    vol.freeze()
+    vol.merge_through(0)  # swap: base.img is overlay 0's file, its pages still cached
+    base = os.path.join(vol.dir, "base.img")
+    if _resident(base) != 8 * MiB:
+        pytest.skip(f"base.img is not wholly in the page cache ({_resident(base)} bytes): "
+                    "memory pressure evicted it, so there is nothing to hand over")
+    vol.write(2 * MiB, os.urandom(MiB))  # over FEED_MIN: base's pages of the range go first
+    assert _resident(base) == 7 * MiB
+    vol.write(5 * MiB, os.urandom(BS))  # small writes leave the cache alone
+    assert _resident(base) == 7 * MiB
+    assert vol.read(0, 2 * MiB) == open(base, "rb").read(2 * MiB)  # data untouched

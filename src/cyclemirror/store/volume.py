@@ -58,6 +58,9 @@ MAX_VOLUME_SIZE = 1 << 50
 # Bytes per kernel copy call during a merge; also how much of the merged overlay's
 # page cache is dropped at a time behind the copy (see _fold_into_base).
 MERGE_CHUNK = 16 << 20
+# Whole-block writes at least this big first drop base's cached pages of their range
+# (see Volume.write): one fadvise per write is noise at this size, not at 4 KiB.
+FEED_MIN = 256 << 10
 _OVERLAY_FILE_RE = re.compile(r"overlay-(\d+)\.(img|zlog)")
 
 FLAG_HOLE = 1
@@ -314,8 +317,22 @@ class Volume:
             if self._closed:
                 self._top()  # raises the "closed" error
             top = self._overlays[0]
+            feed = ()
+            if n >= FEED_MIN and top.dirty.count_range(offset >> self._shift, n >> self._shift) < (
+                n >> self._shift
+            ):
+                feed = self._feeders_locked()
             self._writing += 1
         try:
+            while feed:
+                # The view reads this range from the open overlay from now on, so these
+                # layers' cached copies of it are stale: free those pages right before the
+                # write allocates as many. The kernel hands them straight back, instead of
+                # new memory, which on a VM whose free memory goes back to the host costs
+                # a host page fault per page (docs/store.md, "Merge and the page cache").
+                layer = feed.pop()
+                fileops.drop_cache(layer.fd, offset, n)
+                layer.release()
             done = os.pwrite(top.fd, data, offset)
             if done != n:
                 fileops.pwrite_all(top.fd, memoryview(data)[done:], offset + done)
@@ -328,10 +345,27 @@ class Volume:
         except OSError as exc:
             raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
         finally:
+            for layer in feed:
+                layer.release()
             with self._lock:
                 self._writing -= 1
                 if not self._writing and self._draining:
                     self._cond.notify_all()
+
+    def _feeders_locked(self) -> list[Layer]:
+        """With _lock held: the layers whose cached pages a big write may take over (acquired).
+
+        Only base: a delta cycle reads none of it where a newer overlay holds the range.
+        Called for first touches only (a write that needs new pages in the open overlay):
+        a rewrite needs no memory, and dropping base's pages then would only free memory
+        that the next overlay's first writes could have taken over (docs/store.md).
+        (Frozen overlays were tried too, when no reader of theirs is open: their pages
+        are dirty until the freeze's fsync wrote them back, and the benchmark did not
+        move.)"""
+        feed = [self._base]
+        for layer in feed:
+            layer.acquire()  # a merge may retire it meanwhile
+        return feed
 
     def _drain_writes_locked(self) -> None:
         """With _lock held: wait until no whole-block write is in flight; new ones wait
@@ -490,19 +524,6 @@ class Volume:
         return old
 
     def _freeze_finish(self, k: int, old: Layer) -> FrozenCycle:
-        # Base's cached copies of the blocks the frozen overlay holds are stale for every
-        # newer image and will be overwritten when it merges: give that memory back now,
-        # while the new overlay's first writes need memory and the fsync below frees none
-        # (docs/store.md, "Merge and the page cache"). Clean pages only; disk untouched.
-        bs = self.block_size
-        with self._lock:
-            base = self._base  # a concurrent swap merge may replace it
-            base.acquire()
-        try:
-            for s, c in old.dirty.iter_runs(max_run=max(1, MERGE_CHUNK // bs)):
-                fileops.drop_cache(base.fd, s * bs, c * bs)
-        finally:
-            base.release()
         try:
             os.fsync(old.fd)
             old.zlog.sync()
