@@ -355,3 +355,59 @@ def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store
     vol.write(5 * MiB, os.urandom(BS))  # small writes leave the cache alone
     assert _resident(base) == 7 * MiB
     assert vol.read(0, 2 * MiB) == open(base, "rb").read(2 * MiB)  # data untouched
+
+
+def _open_files_under(path: str) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(path):
+            out.append(target)
+    return out
+
+
+@pytest.mark.parametrize("fill", [0.25, 0.75])  # a copy merge, a swap merge
+def test_merged_files_leave_the_directory_at_once_and_their_descriptors_by_close(store, fill):
+    vol = store.create_volume("v", 64 * BS, BS)
+    for b in range(0, int(64 * fill)):
+        vol.write(b * BS, os.urandom(BS))
+    vol.freeze()
+    vol.merge_through(0)
+    assert vol.merges_swapped == (1 if fill > 0.5 else 0)
+    # The names are gone when the merge returns; the reaper may still hold a descriptor.
+    assert sorted(f for f in os.listdir(vol.dir) if f.startswith("overlay-")) == [
+        "overlay-1.img", "overlay-1.zlog"]
+    vdir = vol.dir
+    vol.close()
+    left = _open_files_under(vdir)
+    assert left == [], f"descriptors still open after close: {left}"
+
+
+def test_the_reaper_thread_ends_when_idle_and_starts_again_for_new_work(tmp_path, monkeypatch):
+    from cyclemirror.store import reaper as reaper_mod
+    from cyclemirror.store.layer import Layer
+
+    monkeypatch.setattr(reaper_mod, "IDLE_SECONDS", 0.05)
+    r = reaper_mod.Reaper("t")
+
+    def layer(i: int) -> Layer:
+        path = str(tmp_path / f"f{i}")
+        open(path, "wb").close()
+        return Layer.open_base(path)
+
+    first = [layer(i) for i in range(20)]
+    for lay in first:
+        r.retire_later(lay)
+    r.drain()
+    assert all(lay._closed for lay in first)
+    deadline = time.monotonic() + 10
+    while r._thread is not None:
+        assert time.monotonic() < deadline, "the idle reaper thread did not end"
+        time.sleep(0.01)
+    again = layer(99)
+    r.retire_later(again)
+    r.drain()
+    assert again._closed
