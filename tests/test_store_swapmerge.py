@@ -354,6 +354,12 @@ def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store
     assert _resident(base) == 7 * MiB
     vol.write(5 * MiB, os.urandom(BS))  # small writes leave the cache alone
     assert _resident(base) == 7 * MiB
+    with open(base, "rb") as f:
+        f.seek(2 * MiB)
+        f.read(MiB)  # base's copy of the range cached again
+    assert _resident(base) == 8 * MiB
+    vol.write(2 * MiB, os.urandom(MiB))  # a rewrite needs no new pages: nothing handed over
+    assert _resident(base) == 8 * MiB
     assert vol.read(0, 2 * MiB) == open(base, "rb").read(2 * MiB)  # data untouched
 
 

@@ -319,55 +319,44 @@ class Volume:
             if self._closed:
                 self._top()  # raises the "closed" error
             top = self._overlays[0]
-            feed = ()
-            if n >= FEED_MIN and top.dirty.count_range(offset >> self._shift, n >> self._shift) < (
-                n >> self._shift
-            ):
-                feed = self._feeders_locked()
+            nb = n >> self._shift
+            base = None
+            if n >= FEED_MIN and top.dirty.count_range(offset >> self._shift, nb) < nb:
+                base = self._base
+                base.acquire()  # a merge may retire it meanwhile
             self._writing += 1
         try:
-            while feed:
-                # The view reads this range from the open overlay from now on, so these
-                # layers' cached copies of it are stale: free those pages right before the
-                # write allocates as many. The kernel hands them straight back, instead of
-                # new memory, which on a VM whose free memory goes back to the host costs
-                # a host page fault per page (docs/store.md, "Merge and the page cache").
-                layer = feed.pop()
-                fileops.drop_cache(layer.fd, offset, n)
-                layer.release()
+            if base is not None:
+                # A big first touch (a rewrite needs no new pages): the view reads this
+                # range from the open overlay from now on, and no delta cycle reads base
+                # where a newer overlay holds it, so base's cached pages of the range are
+                # stale. Free them right before the write allocates as many: the kernel
+                # hands them straight back instead of new memory, which on a VM whose free
+                # memory goes back to the host costs a host page fault per page
+                # (docs/store.md, "Merge and the page cache"). Frozen overlays were tried
+                # as a source too: their pages stay dirty until the freeze's fsync, and the
+                # benchmark did not move.
+                fileops.drop_cache(base.fd, offset, n)
+                base.release()
+                base = None
             done = os.pwrite(top.fd, data, offset)
             if done != n:
                 fileops.pwrite_all(top.fd, memoryview(data)[done:], offset + done)
             b0 = offset >> self._shift
-            top.dirty.set_range(b0, n >> self._shift)  # the bitmap has its own lock
+            top.dirty.set_range(b0, nb)  # the bitmap has its own lock
             if top.has_zeroed:  # only set under _lock with no write in flight
-                top.zeroed.clear_range(b0, n >> self._shift)
+                top.zeroed.clear_range(b0, nb)
             if fua:
                 os.fdatasync(top.fd)
         except OSError as exc:
             raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
         finally:
-            for layer in feed:
-                layer.release()
+            if base is not None:
+                base.release()
             with self._lock:
                 self._writing -= 1
                 if not self._writing and self._draining:
                     self._cond.notify_all()
-
-    def _feeders_locked(self) -> list[Layer]:
-        """With _lock held: the layers whose cached pages a big write may take over (acquired).
-
-        Only base: a delta cycle reads none of it where a newer overlay holds the range.
-        Called for first touches only (a write that needs new pages in the open overlay):
-        a rewrite needs no memory, and dropping base's pages then would only free memory
-        that the next overlay's first writes could have taken over (docs/store.md).
-        (Frozen overlays were tried too, when no reader of theirs is open: their pages
-        are dirty until the freeze's fsync wrote them back, and the benchmark did not
-        move.)"""
-        feed = [self._base]
-        for layer in feed:
-            layer.acquire()  # a merge may retire it meanwhile
-        return feed
 
     def _drain_writes_locked(self) -> None:
         """With _lock held: wait until no whole-block write is in flight; new ones wait
