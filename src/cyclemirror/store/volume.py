@@ -46,7 +46,6 @@ from cyclemirror.store import fileops
 from cyclemirror.store.exporter import write_image
 from cyclemirror.store.frozen import FrozenCycle
 from cyclemirror.store.layer import Layer, overlay_paths
-from cyclemirror.store.reaper import Reaper
 from cyclemirror.store.recovery import recover_overlay
 from cyclemirror.store.resolve import ZERO, classify, read_range
 
@@ -165,7 +164,6 @@ class Volume:
         self._cycles: dict[int, FrozenCycle] = {}
         self._on_close = on_close
         self._closed = False
-        self._reaper = Reaper(name)
         self.torn_blocks_repaired = 0
         # Bytes merges moved into base by reflink and by copy_file_range (for metrics and tests).
         self.merged_bytes_reflinked = 0
@@ -726,12 +724,10 @@ class Volume:
             if new_base is not None:
                 self._base = new_base
             self._save_state()
-        # Names first, while the descriptors are open: then the unlink is cheap, and the
-        # freeing of the file's extents happens at its last close, in the reaper's thread.
-        layer.unlink(image=new_base is None)  # after a swap its file is base.img
-        self._reaper.retire_later(layer)
+        layer.retire()
         if new_base is not None:
-            self._reaper.retire_later(old_base)  # readers that pinned it keep the old inode
+            old_base.retire()  # readers that pinned it keep reading the old inode
+        layer.unlink(image=new_base is None)  # after a swap its file is base.img
 
     # -- export and close --------------------------------------------------------------
 
@@ -769,7 +765,6 @@ class Volume:
                     self._closed = True
                     for layer in [*self._overlays, self._base]:
                         layer.retire()
-        self._reaper.drain()  # merged layers' descriptors too: nothing stays open
         if self._on_close is not None:
             self._on_close(self)
 
