@@ -55,3 +55,16 @@ def qemu_uri(server: NbdServer, name: str) -> str:
 
 def file_blocks_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def run_under_freezer(writers, freezer, writers_done, errors: list, timeout: float = 300) -> None:
+    """Start ``freezer`` and the ``writers`` threads, wait for the writers, then set
+    ``writers_done`` and wait for the freezer; fail with whatever the threads recorded."""
+    freezer.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout)
+    writers_done.set()
+    freezer.join(60)
+    assert not errors, errors

@@ -30,6 +30,7 @@ import nbd_rawclient as C
 from conftest import SLOW
 from cyclemirror.nbd import NbdServer, VolumeBackend
 from cyclemirror.store import Store
+from nbd_helpers import run_under_freezer
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -160,16 +161,8 @@ def test_pipelining_clients_through_freezes_and_merges_keep_every_byte(served):
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    fz = threading.Thread(target=freezer)
-    fz.start()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
-    done.set()
-    fz.join(60)
-    assert not errors, errors
+    run_under_freezer([threading.Thread(target=client, args=(c,)) for c in range(clients)],
+                      threading.Thread(target=freezer), done, errors, timeout=120)
     assert len(frozen_checks) >= 2, f"only {len(frozen_checks)} freezes ran during the writes"
     sock, reader = connect(server)
     for c in range(clients):

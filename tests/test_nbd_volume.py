@@ -18,7 +18,7 @@ import pytest
 from conftest import SLOW, require_tool
 from cyclemirror.nbd import NbdServer, VolumeBackend
 from cyclemirror.store import Store
-from nbd_helpers import run
+from nbd_helpers import run, run_under_freezer
 
 MiB = 1 << 20
 WRITERS = 4
@@ -93,16 +93,8 @@ def test_writes_keep_working_through_repeated_freezes_and_merges(store, tmp_path
             errors.append(exc)
 
     try:
-        threads = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
-        fz = threading.Thread(target=freezer)
-        fz.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-        writers_done.set()
-        fz.join(60)
-        assert not errors, errors
+        run_under_freezer([threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)],
+                          threading.Thread(target=freezer), writers_done, errors)
         assert len(freezes) >= 3, f"only {len(freezes)} freezes happened during the writes"
         # every last pattern, read back through NBD by a fresh client
         cmds = []
