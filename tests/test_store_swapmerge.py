@@ -339,8 +339,8 @@ def _resident(path: str) -> int:
 
 
 def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store):
-    # The kernel drops whole folios only, and a buffered write makes folios up to its own
-    # size: so, as with a client writing 1 MiB at a time, base is written in 1 MiB pieces.
+    # The kernel drops whole folios only; the store's writes make folios of at most
+    # WRITE_PIECE (64 KiB, tests/test_pagewrite.py), so 1 MiB ranges drop exactly.
     vol = store.create_volume("v", 8 * MiB, BS)
     for off in range(0, 8 * MiB, MiB):
         vol.write(off, os.urandom(MiB))
@@ -361,3 +361,4 @@ def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store
     vol.write(2 * MiB, os.urandom(MiB))  # a rewrite needs no new pages: nothing handed over
     assert _resident(base) == 8 * MiB
     assert vol.read(0, 2 * MiB) == open(base, "rb").read(2 * MiB)  # data untouched
+

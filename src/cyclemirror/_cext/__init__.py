@@ -6,7 +6,7 @@ to load with a message that says how to rebuild.
 
 import importlib
 
-REQUIRED: tuple[str, ...] = ("bitmap", "blockhash", "frames", "nbdio")
+REQUIRED: tuple[str, ...] = ("bitmap", "blockhash", "frames", "nbdio", "pagewrite")
 
 for _name in REQUIRED:
     try:

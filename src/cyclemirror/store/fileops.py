@@ -1,7 +1,8 @@
 """Thin wrappers over the Linux file calls the store needs, with clear errors.
 
 Everything here works on raw file descriptors: positional I/O that loops over
-short transfers, hole punching (fallocate PUNCH_HOLE, which Python's os module
+short transfers (writes cut into page-cache-folio-sized pieces, in
+cext/pagewrite.pyx), hole punching (fallocate PUNCH_HOLE, which Python's os module
 does not expose, so it goes through ctypes), the allocation map through
 SEEK_DATA/SEEK_HOLE, kernel copies (FICLONERANGE reflink first, then
 copy_file_range) and atomic small-file replacement (temp, fsync, rename,
@@ -18,6 +19,7 @@ import os
 import struct
 from collections.abc import Iterator
 
+from cyclemirror._cext.pagewrite import pwrite_pieces
 from cyclemirror.errors import StoreError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -25,6 +27,15 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 # _IOW(0x94, 13, struct file_clone_range): the reflink-a-range ioctl.
 _FICLONERANGE = 0x4020940D
 _NO_CLONE_ERRNOS = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+
+# Every store write is cut at multiples of this in the file: 64 KiB is the piece in
+# which copy_file_range (merges, swap fills, imports) fills the page cache, and the
+# kernel sizes a new cached folio by the write that creates it. With one folio size in
+# every file, the clean pages the page hand-over frees in base (Volume.write) can serve
+# the new overlay's writes; a 1 MiB folio cannot be built from freed 64 KiB or 4 KiB
+# ones, and without that memory each new page costs a host page fault on a VM whose
+# free memory goes back to the host (docs/store.md, "Merge and the page cache").
+WRITE_PIECE = 64 << 10
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -66,15 +77,9 @@ def preadv_into(fd: int, view: memoryview, offset: int) -> None:
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (pwrite may be short on signals or near ENOSPC)."""
-    n = os.pwrite(fd, data, offset)
-    if n != len(data):
-        view = memoryview(data)[n:]
-        offset += n
-        while len(view):
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
+    """Write all of ``data`` at ``offset``, one pwrite per WRITE_PIECE-aligned piece (see
+    WRITE_PIECE); short writes and EINTR are retried, other failures raise OSError."""
+    pwrite_pieces(fd, data, offset, WRITE_PIECE)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -337,9 +337,7 @@ class Volume:
                 fileops.drop_cache(base.fd, offset, n)
                 base.release()
                 base = None
-            done = os.pwrite(top.fd, data, offset)
-            if done != n:
-                fileops.pwrite_all(top.fd, memoryview(data)[done:], offset + done)
+            fileops.pwrite_all(top.fd, data, offset)
             b0 = offset >> self._shift
             top.dirty.set_range(b0, nb)  # the bitmap has its own lock
             if top.has_zeroed:  # only set under _lock with no write in flight
