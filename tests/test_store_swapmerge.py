@@ -362,3 +362,30 @@ def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store
     assert _resident(base) == 8 * MiB
     assert vol.read(0, 2 * MiB) == open(base, "rb").read(2 * MiB)  # data untouched
 
+
+def test_a_freeze_hands_over_base_s_pages_under_the_frozen_overlay_s_long_runs(store):
+    vol = store.create_volume("v", 8 * MiB, BS)
+    data = os.urandom(8 * MiB)
+    vol.write(0, data)
+    vol.freeze()
+    vol.merge_through(0)  # swap: base.img is overlay 0's file, its pages still cached
+    base = os.path.join(vol.dir, "base.img")
+    if _resident(base) != 8 * MiB:
+        pytest.skip(f"base.img is not wholly in the page cache ({_resident(base)} bytes): "
+                    "memory pressure evicted it, so there is nothing to hand over")
+    # Overlay 1 gets a 1 MiB run from writes under FEED_MIN (which hand nothing over
+    # themselves) and a run of one block.
+    new = os.urandom(MiB)
+    for off in range(0, MiB, 128 * KiB):
+        vol.write(2 * MiB + off, new[off:off + 128 * KiB])
+    small = os.urandom(BS)
+    vol.write(5 * MiB, small)
+    assert _resident(base) == 8 * MiB
+    vol.freeze()  # base's pages under the 1 MiB run are dead for the view: handed over
+    assert _resident(base) == 7 * MiB
+    assert vol.read(2 * MiB, MiB) == new
+    with open(base, "rb") as f:
+        assert f.read() == data  # only the cache went; base's bytes are untouched
+    vol.merge_through(1)
+    assert vol.read(0, 8 * MiB) == data[:2 * MiB] + new + data[3 * MiB:5 * MiB] + small + \
+        data[5 * MiB + BS:]

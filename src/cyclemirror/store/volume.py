@@ -511,6 +511,7 @@ class Volume:
         return old
 
     def _freeze_finish(self, k: int, old: Layer) -> FrozenCycle:
+        self._hand_over_base_under(old)
         try:
             os.fsync(old.fd)
             old.zlog.sync()
@@ -521,6 +522,28 @@ class Volume:
         with self._lock:
             self._cycles[k] = cycle
         return cycle
+
+    def _hand_over_base_under(self, frozen: Layer) -> None:
+        # Base's cached pages under the frozen overlay's data are dead for the view: the
+        # frozen overlay and the open one above it shadow them. Free them now, when the new
+        # overlay's first writes start allocating, so the kernel hands this memory straight
+        # back to them. The per-write hand-over (write) cannot do it in this window: base
+        # is still the previous overlay, whose pages the frozen overlay's own first writes
+        # took, and the frozen overlay stays dirty until its fsync (docs/store.md, "Merge
+        # and the page cache"). Runs shorter than FEED_MIN are left, as in write.
+        bs = self.block_size
+        runs = frozen.dirty.runs()
+        runs = runs[runs[:, 1] * bs >= FEED_MIN]
+        if not len(runs):
+            return
+        with self._lock:
+            base = self._base
+            base.acquire()  # a merge may retire it meanwhile
+        try:
+            for start, count in runs.tolist():
+                fileops.drop_cache(base.fd, start * bs, count * bs)
+        finally:
+            base.release()
 
     def _make_cycle(self, k: int, overlay: Layer) -> FrozenCycle:
         if k == 1:
