@@ -338,18 +338,25 @@ def _resident(path: str) -> int:
     return int(out.strip())
 
 
+def _volume_with_cached_base(store, data: bytes):
+    """A volume whose base.img holds ``data`` and is wholly in the page cache (a swap merge
+    of overlay 0 made it base with its pages); skips if memory pressure evicted them."""
+    vol = store.create_volume("v", len(data), BS)
+    for off in range(0, len(data), MiB):
+        vol.write(off, data[off:off + MiB])
+    vol.freeze()
+    vol.merge_through(0)
+    base = os.path.join(vol.dir, "base.img")
+    if _resident(base) != len(data):
+        pytest.skip(f"base.img is not wholly in the page cache ({_resident(base)} bytes): "
+                    "memory pressure evicted it, so there is nothing to hand over")
+    return vol, base
+
+
 def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store):
     # The kernel drops whole folios only; the store's writes make folios of at most
     # WRITE_PIECE (64 KiB, tests/test_pagewrite.py), so 1 MiB ranges drop exactly.
-    vol = store.create_volume("v", 8 * MiB, BS)
-    for off in range(0, 8 * MiB, MiB):
-        vol.write(off, os.urandom(MiB))
-    vol.freeze()
-    vol.merge_through(0)  # swap: base.img is overlay 0's file, its pages still cached
-    base = os.path.join(vol.dir, "base.img")
-    if _resident(base) != 8 * MiB:
-        pytest.skip(f"base.img is not wholly in the page cache ({_resident(base)} bytes): "
-                    "memory pressure evicted it, so there is nothing to hand over")
+    vol, base = _volume_with_cached_base(store, os.urandom(8 * MiB))
     vol.write(2 * MiB, os.urandom(MiB))  # over FEED_MIN: base's pages of the range go first
     assert _resident(base) == 7 * MiB
     vol.write(5 * MiB, os.urandom(BS))  # small writes leave the cache alone
@@ -364,15 +371,8 @@ def test_a_big_write_hands_base_s_cached_pages_of_its_range_to_the_overlay(store
 
 
 def test_a_freeze_hands_over_base_s_pages_under_the_frozen_overlay_s_long_runs(store):
-    vol = store.create_volume("v", 8 * MiB, BS)
     data = os.urandom(8 * MiB)
-    vol.write(0, data)
-    vol.freeze()
-    vol.merge_through(0)  # swap: base.img is overlay 0's file, its pages still cached
-    base = os.path.join(vol.dir, "base.img")
-    if _resident(base) != 8 * MiB:
-        pytest.skip(f"base.img is not wholly in the page cache ({_resident(base)} bytes): "
-                    "memory pressure evicted it, so there is nothing to hand over")
+    vol, base = _volume_with_cached_base(store, data)
     # Overlay 1 gets a 1 MiB run from writes under FEED_MIN (which hand nothing over
     # themselves) and a run of one block.
     new = os.urandom(MiB)
