@@ -60,7 +60,11 @@ def run_target(store_path, keyfile, portfile, snapdir):
         if os.path.exists(img) and os.path.exists(state):
             applied = json.load(open(state))["body"]["applied_cycle"]
             n = len([f for f in os.listdir(snapdir) if f.startswith("recovered-")])
-            shutil.copyfile(img, os.path.join(snapdir, f"recovered-{n}-{applied}.img"))
+            # Copied under a temp name: the test may kill this process mid-copy (a restart
+            # finds the old port file and does not wait), and a cut copy is not an image.
+            tmp = os.path.join(snapdir, f".recovered-{n}.tmp")
+            shutil.copyfile(img, tmp)
+            os.replace(tmp, os.path.join(snapdir, f"recovered-{n}-{applied}.img"))
     tmp = portfile + ".tmp"
     with open(tmp, "w") as f:
         f.write(str(server.address[1]))
