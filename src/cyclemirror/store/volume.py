@@ -299,8 +299,10 @@ class Volume:
         if (offset | n) & self._mask:
             # Read-modify-write of edge blocks: alone against every other write.
             with self._lock:
-                top = self._top()
+                # Drain first: the wait releases _lock, so a freeze may switch overlays
+                # meanwhile, and a top picked before it would be a frozen overlay.
                 self._drain_writes_locked()
+                top = self._top()
                 try:
                     self._write_unaligned(top, offset, data)
                     if fua:
@@ -356,7 +358,9 @@ class Volume:
 
     def _drain_writes_locked(self) -> None:
         """With _lock held: wait until no whole-block write is in flight; new ones wait
-        meanwhile. On return _lock is held again and nothing writes until it is released."""
+        meanwhile. On return _lock is held again and nothing writes until it is released.
+        The wait releases _lock (a freeze or close may run meanwhile): read the layer list
+        only after this returns."""
         if not self._writing:
             return
         self._draining += 1
@@ -415,8 +419,8 @@ class Volume:
         a0 = (offset + self._mask) & ~self._mask
         a1 = end & ~self._mask
         with self._lock:
+            self._drain_writes_locked()  # first: its wait releases _lock (see write)
             top = self._top()
-            self._drain_writes_locked()
             try:
                 if a0 >= a1:
                     self._write_unaligned(top, offset, bytes(length))
@@ -763,8 +767,8 @@ class Volume:
                 reader.export_to(path)
             return
         with self._lock:
-            self._top()
             self._drain_writes_locked()
+            self._top()  # raises if a close ran while the drain waited
             bs = self.block_size
             runs = (
                 (s * bs, c * bs, kind, fd)
