@@ -92,17 +92,17 @@ def fio(uri: str, args: list[str], logdir: str) -> Trial:
     with open(path) as f:
         rows = [[int(x) for x in line.split(",")[:2]] for line in f if line.strip()]
     os.unlink(path)
-    bs = next(int(a[5:-1]) << {"k": 10, "M": 20}[a[-1]] for a in args if a.startswith("--bs="))
-    trial = Trial(*split_at_ramp(rows, RAMP * 1000, bs))
+    mibs, first_mibs = split_at_ramp(rows, RAMP * 1000)
     # The log's bytes must add up to what fio counted (its last window may be cut short).
-    logged = (trial.mibs * SECONDS + trial.first_mibs * RAMP) * MiB
+    logged = (mibs * SECONDS + first_mibs * RAMP) * MiB
     assert abs(logged / side["io_bytes"] - 1) < 0.1, (logged, side["io_bytes"])
-    return trial
+    per_mib = side["iops"] * MiB / side["bw_bytes"]  # I/Os per MiB: the job's block size
+    return Trial(mibs * per_mib, mibs, first_mibs * per_mib, first_mibs)
 
 
-def split_at_ramp(rows: list[list[int]], ramp_ms: int, bs: int) -> tuple[float, ...]:
-    """(IOPS, MiB/s) after ramp_ms and (IOPS, MiB/s) before, from fio bandwidth-log rows
-    (time in ms, KiB/s averaged since the previous row) of a job of block size bs."""
+def split_at_ramp(rows: list[list[int]], ramp_ms: int) -> tuple[float, float]:
+    """MiB/s after ramp_ms and before it, from fio bandwidth-log rows (time in ms, KiB/s
+    averaged since the previous row)."""
     parts = {False: [0.0, 0], True: [0.0, 0]}  # KiB, ms
     prev = 0
     for t, kib_s in rows:
@@ -113,8 +113,7 @@ def split_at_ramp(rows: list[list[int]], ramp_ms: int, bs: int) -> tuple[float, 
     (kib, ms), (kib0, ms0) = parts[True], parts[False]
     if not ms or not ms0:
         raise AssertionError(f"fio's bandwidth log does not span the ramp: {rows[:3]}...")
-    mibs, mibs0 = kib * 1000 / 1024 / ms, kib0 * 1000 / 1024 / ms0
-    return mibs * MiB / bs, mibs, mibs0 * MiB / bs, mibs0
+    return kib * 1000 / 1024 / ms, kib0 * 1000 / 1024 / ms0
 
 
 class Freezer(threading.Thread):
