@@ -28,24 +28,28 @@ session goes on.
 
 Pipelining.  A WRITE whose payload is longer than the receive buffer (and
 that passes every check) is received into a buffer of its own and queued for
-the connection's write threads (started at the first such write, up to
+the connection's write thread (started at the first such write; up to
 ``ASYNC_DEPTH`` writes in flight, their buffers kept for reuse); the loop goes
-on reading the next request while the backend writes.  A write thread sends
-its reply itself, as one piece under ``send_lock`` (the loop's batched sends
-take the same lock), so replies to pipelined writes may leave out of request
-order, which NBD allows: the client matches them by handle.  What keeps the
-protocol's promises: every other request (read, flush, trim, zeroes, block
-status, a small write, disconnect) first waits until all pipelined writes are
-done and answered, so it sees them and a FLUSH covers every write completed
-before it; a big write overlapping one in flight waits for it, so overlapping
-writes land in request order; FUA is done by the write itself before its
-reply.  A backend used this way must take concurrent ``write`` calls (a store
-Volume and RawFileBackend do).  The session ends only after its write threads
-finished and were joined.
+on reading the next request while the backend writes.  One thread, not one
+per write in flight: two buffered writes to one file do not copy in parallel
+(ext4 holds the inode lock across each), and on a 2-core machine the extra
+writers only spun on that lock and traded the GIL; 1 MiB writes under
+freezes ran ~40% faster with one (docs/nbd.md).  The write thread takes the
+queue in order, so pipelined writes reach the backend in request order, one
+at a time.  It sends each reply itself, as one piece under ``send_lock`` (the
+loop's batched sends take the same lock), so its replies may leave ahead of
+replies the loop still holds, which NBD allows: the client matches them by
+handle.  What keeps the protocol's promises: every other request (read,
+flush, trim, zeroes, block status, a small write, disconnect) first waits
+until all pipelined writes are done and answered, so it sees them and a FLUSH
+covers every write completed before it; FUA is done by the write itself
+before its reply.  Backends see concurrent ``write`` calls only from
+different connections.  The session ends only after its write thread
+finished and was joined.
 
 Threads.  The GIL is released around every socket system call; backend calls
 run with the GIL held (they release it themselves around their own I/O).  The
-loop runs on the connection's thread; the write threads touch only the write
+loop runs on the connection's thread; the write thread touches only the write
 queue, the buffer pool and the in-flight count (under ``wcond``) and the
 socket (under ``send_lock``).  Another thread may only call ``shutdown()`` on
 the socket to make the blocking ``recv`` return.
@@ -282,9 +286,8 @@ cdef class TransmissionSession:
     # pipelined big writes (see "Pipelining" in the module docstring)
     cdef object wcond
     cdef object wqueue
-    cdef list workers
+    cdef object writer
     cdef list wpool
-    cdef list wranges
     cdef int inflight
     cdef bint wclosing
     cdef object send_lock
@@ -340,9 +343,8 @@ cdef class TransmissionSession:
         self.end_reason = ""
         self.wcond = threading.Condition()
         self.wqueue = collections.deque()
-        self.workers = []
+        self.writer = None
         self.wpool = []
-        self.wranges = []
         self.inflight = 0
         self.wclosing = False
         self.send_lock = None
@@ -373,7 +375,7 @@ cdef class TransmissionSession:
         """Send every queued iovec (blocking), then forget them."""
         if self.send_lock is None:
             return self._send_all_unlocked()
-        with self.send_lock:  # write workers send their replies too
+        with self.send_lock:  # the write thread sends its replies too
             return self._send_all_unlocked()
 
     cdef int _send_all_unlocked(self) except -1:
@@ -559,7 +561,7 @@ cdef class TransmissionSession:
         """A payload buffer for one more write in flight; waits while ASYNC_DEPTH are."""
         cdef Py_ssize_t i
         if self.send_lock is None:
-            self._start_workers()
+            self._start_writer()
         if self.inflight >= ASYNC_DEPTH and self.niov:
             self._send_all()
         with self.wcond:
@@ -571,30 +573,18 @@ cdef class TransmissionSession:
                     return self.wpool.pop(i)
         return bytearray(length)
 
-    cdef bint _overlaps_inflight(self, uint64_t offset, uint32_t length):
-        cdef uint64_t end = offset + length
+    cdef int _give_back(self, bytearray buf) except -1:
         with self.wcond:
-            for lo, hi in self.wranges:
-                if offset < hi and lo < end:
-                    return True
-        return False
-
-    cdef int _give_back(self, bytearray buf, object span=None) except -1:
-        with self.wcond:
-            if span is not None:
-                self.wranges.remove(span)
             self.inflight -= 1
             if len(buf) <= KEEP_BIG_BUFFER and len(self.wpool) < ASYNC_DEPTH:
                 self.wpool.append(buf)  # reused: warm pages, no allocation per write
             self.wcond.notify_all()
         return 0
 
-    cdef int _start_workers(self) except -1:
+    cdef int _start_writer(self) except -1:
         self.send_lock = threading.Lock()
-        for _ in range(ASYNC_DEPTH):
-            t = threading.Thread(target=self._write_worker, daemon=True, name="nbd-write")
-            t.start()
-            self.workers.append(t)
+        self.writer = threading.Thread(target=self._write_worker, daemon=True, name="nbd-write")
+        self.writer.start()
         return 0
 
     cdef int _drain_writes(self) except -1:
@@ -609,20 +599,19 @@ cdef class TransmissionSession:
                 self.wcond.wait()
         return 0
 
-    cdef int _stop_workers(self) except -1:
-        if not self.workers:
+    cdef int _stop_writer(self) except -1:
+        if self.writer is None:
             return 0
         self._drain_writes()
         with self.wcond:
             self.wclosing = True
             self.wcond.notify_all()
-        for t in self.workers:
-            t.join()
-        self.workers = []
+        self.writer.join()
+        self.writer = None
         return 0
 
     def _write_worker(self):
-        """One write thread: takes queued big writes, calls the backend, sends the reply."""
+        """The write thread: takes queued big writes in order, calls the backend, sends the reply."""
         cdef uint16_t flags = 0
         cdef uint64_t handle = 0, offset = 0
         cdef uint32_t length = 0
@@ -633,7 +622,7 @@ cdef class TransmissionSession:
                     self.wcond.wait()
                 if not self.wqueue:
                     return
-                flags, handle, offset, length, buf, span = self.wqueue.popleft()
+                flags, handle, offset, length, buf = self.wqueue.popleft()
             err = 0
             text = ""
             try:
@@ -655,7 +644,7 @@ cdef class TransmissionSession:
             except Exception:  # never leave a write counted as in flight
                 log.exception("nbd export %r: replying to a write failed", self.export_name)
             finally:
-                self._give_back(buf, span)
+                self._give_back(buf)
 
     cdef int _send_now(self, bytes msg) except -1:
         """Send one complete reply at once, between the loop's batches (send_lock)."""
@@ -688,7 +677,7 @@ cdef class TransmissionSession:
         cdef uint16_t flags, cmd
         cdef uint64_t handle, offset
         cdef object payload
-        cdef object buf, span
+        cdef object buf
         try:
             while True:
                 if self.rpos == self.rend:
@@ -727,17 +716,13 @@ cdef class TransmissionSession:
                         # Big and valid: received into its own buffer and handed to a write
                         # thread, so the next request is read while this one is written.
                         self.rpos += HEADER
-                        if self.inflight and self._overlaps_inflight(offset, length):
-                            self._drain_writes()  # overlapping writes land in request order
                         buf = self._take_buffer(length)
                         if not self._recv_payload(buf, length):
                             self._give_back(buf)
                             self.end_reason = "truncated write payload"
                             break
-                        span = (offset, offset + length)
                         with self.wcond:
-                            self.wranges.append(span)
-                            self.wqueue.append((flags, handle, offset, length, buf, span))
+                            self.wqueue.append((flags, handle, offset, length, buf))
                             self.async_writes += 1
                             self.wcond.notify()
                         buf = None
@@ -776,13 +761,13 @@ cdef class TransmissionSession:
                     self._reply_error(handle, E_INVAL, f"unknown command {cmd}")
         except ConnectionLostError as exc:
             self.end_reason = str(exc)
-            self._stop_workers()
+            self._stop_writer()
             return self.end_reason
         except BaseException:
-            self._stop_workers()
+            self._stop_writer()
             raise
         # Replies to everything handled before the end still go out.
-        self._stop_workers()
+        self._stop_writer()
         try:
             if self.niov:
                 self._send_all()

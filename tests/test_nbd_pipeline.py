@@ -1,17 +1,15 @@
 """Pipelined big writes: the transmission loop reads the next request while writes are written.
 
 A WRITE whose payload does not fit the 256 KiB receive buffer is received into
-its own buffer and written by a per-connection write thread (up to four in
-flight); every other request waits until those are done and answered, and a
-big write that overlaps one in flight waits for it.  These tests use a real
+its own buffer and queued for the connection's one write thread (up to four
+in flight), which writes them in request order; every other request waits
+until those are done and answered.  These tests use a real
 NbdServer over a store Volume and the independent raw client (tests/
 nbd_rawclient.py), sending many requests before reading any reply:
 
 * reads, flushes and small writes queued behind pipelined writes see them all,
   and overlapping writes land in request order (the result equals a
-  sequential model, byte for byte; on ext4 the kernel's inode lock already
-  orders two buffered writes to one file, so the loop's own overlap wait is
-  defence in depth that this test cannot single out);
+  sequential model, byte for byte);
 * a big write that fails its checks gets its error, in order, and the session
   goes on;
 * several connections pipelining big writes while the volume freezes and
