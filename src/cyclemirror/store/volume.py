@@ -311,8 +311,8 @@ class Volume:
                     raise fileops.store_error(f"writing volume {self.name!r} at {offset}", exc) from exc
             return
         # Whole blocks: the copy runs outside _lock, so writes from several connections
-        # proceed in parallel; _writing counts them so that
-        # a freeze or any exclusive operation can wait for them (_drain_writes_locked).
+        # proceed in parallel; _writing counts them so that a freeze or any exclusive
+        # operation can wait for them (_drain_writes_locked).
         with self._lock:
             while self._draining:
                 self._cond.wait()
