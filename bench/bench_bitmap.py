@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cyclemirror._cext.bitmap import ExtentBitmap  # noqa: E402
-
-from reference.bitmap_ref import RefBitmap  # noqa: E402
+from tests.support.reference.bitmap_ref import RefBitmap  # noqa: E402
 
 ROUNDS = 5
 LEAF_BITS = 32768

@@ -19,9 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.reference import hash_ref  # noqa: E402
-
 from cyclemirror._cext import blockhash  # noqa: E402
+from tests.support.reference import hash_ref  # noqa: E402
 
 SIZE = int(os.environ.get("CYCLEMIRROR_BENCH_MB", "1024")) << 20
 BLOCK = 4096

@@ -22,9 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.reference import frames_ref  # noqa: E402
-
 from cyclemirror._cext import frames  # noqa: E402
+from tests.support.reference import frames_ref  # noqa: E402
 
 SIZE = int(os.environ.get("CYCLEMIRROR_BENCH_MB", "512")) << 20
 WINDOW = 64 << 20             # extents handed to one pack_extents call

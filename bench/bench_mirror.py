@@ -53,7 +53,7 @@ from cyclemirror import keys
 from cyclemirror.daemon import memtune
 memtune.keep_freed_buffers()
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
+from cyclemirror.receiver import TargetServer
 path, keyfile, portfile = sys.argv[1:]
 store = Store.create(path)
 t = TargetServer(store, keys.read_key_file(keyfile), ("127.0.0.1", 0))
@@ -159,7 +159,7 @@ class Target:
 
 def run_mirror(tmp, key, src_file, label, codec="lz4"):
     """Import src_file as a volume, mirror the first cycle; return (seconds, stats, objects)."""
-    from cyclemirror.source import MirrorDriver, MirrorOptions
+    from cyclemirror.sender import MirrorDriver, MirrorOptions
     from cyclemirror.store import Store
 
     keyfile = os.path.join(tmp, "key")

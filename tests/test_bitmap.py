@@ -1,7 +1,7 @@
 """Tests of cyclemirror._cext.bitmap.ExtentBitmap.
 
 The compiled bitmap is checked against the pure-Python model in
-tests/reference/bitmap_ref.py on random operation sequences (hypothesis),
+tests/support/reference/bitmap_ref.py on random operation sequences (hypothesis),
 including the first and last bit, zero-length ranges, leaf boundaries and
 nbits up to 2**40 and 2**48; a stateful test interleaves every operation
 with save/load and copies.  A golden test pins the file bytes of a small
@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from cyclemirror._cext import bitmap as bitmap_module
 from cyclemirror.errors import BitmapError, BitmapFormatError, BitmapRangeError, IntegrityError
-from reference.bitmap_ref import LEAF_BITS, RefBitmap
+from tests.support.reference.bitmap_ref import LEAF_BITS, RefBitmap
 
 ExtentBitmap = bitmap_module.ExtentBitmap
 

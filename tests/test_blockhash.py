@@ -1,4 +1,4 @@
-"""cyclemirror._cext.blockhash against the pure-Python model in tests/reference/hash_ref.py.
+"""cyclemirror._cext.blockhash against the pure-Python model in tests/support/reference/hash_ref.py.
 
 Proves: per-block xxh3 (64 and 128 bit) and all-zero marks equal the model's
 for random buffers and files, edges included (empty input, one short block,
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.reference import hash_ref
 
 from cyclemirror import errors
 from cyclemirror._cext import blockhash
+from tests.support.reference import hash_ref
+from tests.support.tools import SLOW
 
 # CYCLEMIRROR_SLOW=1 runs 20 times as many random examples.
-SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
 
 
 def examples(n: int) -> int:

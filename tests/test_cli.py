@@ -11,7 +11,7 @@ import pytest
 
 from cyclemirror import errors
 from cyclemirror.cli import build_parser
-from test_e2e_support import cli_env, run_cli
+from tests.support.daemons import cli_env, run_cli
 
 VERBS = [
     [], ["serve"], ["keygen"], ["demo"], ["status"],
@@ -81,7 +81,7 @@ def test_store_from_the_environment_and_no_daemon_exits_5(tmp_path):
 def test_exit_codes_are_distinct_per_class_of_failure():
     classes = [errors.UsageError, errors.NotFoundError, errors.AlreadyExistsError,
                errors.DaemonUnavailableError, errors.PeerError, errors.IntegrityError,
-               errors.TimeoutError_, errors.StoreError]
+               errors.DeadlineError, errors.StoreError]
     codes = [c.exit_code for c in classes]
     assert len(set(codes)) == len(codes) and all(0 < c < 126 for c in codes)
 

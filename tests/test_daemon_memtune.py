@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from tests.procenv import child_env
+
+from tests.support.procenv import child_env
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from conftest import require_tool
 from cyclemirror.daemon.nbd_client import NbdClient
 from cyclemirror.errors import ConnectionLostError, StoreError, UsageError
+from tests.support.tools import require_tool
 
 SIZE = 1 << 20
 

@@ -11,7 +11,7 @@ import pytest
 from cyclemirror import errors
 from cyclemirror.daemon.nbd_client import NbdClient
 from test_daemon_render import parse_exposition, value
-from test_e2e_support import Daemon, DaemonPool, cli_env, run_cli
+from tests.support.daemons import Daemon, DaemonPool, cli_env, run_cli
 
 MiB = 1 << 20
 

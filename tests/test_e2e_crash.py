@@ -23,10 +23,10 @@ import time
 
 import pytest
 
-from conftest import SLOW
 from cyclemirror.daemon.nbd_client import NbdClient
 from cyclemirror.errors import CycleMirrorError
-from test_e2e_support import DaemonPool, make_key
+from tests.support.daemons import DaemonPool, make_key
+from tests.support.tools import SLOW
 
 BLOCK = 4096
 NBLOCKS = 128  # a 512 KiB volume: many generations per second

@@ -5,7 +5,7 @@ import os
 import tempfile
 
 from cyclemirror.demo import _files_equal
-from test_e2e_support import run_cli
+from tests.support.daemons import run_cli
 
 
 def test_demo_mirrors_verifies_and_cleans_up():

@@ -18,7 +18,7 @@ import pytest
 from cyclemirror import errors
 from cyclemirror.daemon.nbd_client import NbdClient
 from test_daemon_render import parse_exposition, value
-from test_e2e_support import DaemonPool, make_key, wait_for
+from tests.support.daemons import DaemonPool, make_key, wait_for
 
 MiB = 1 << 20
 # Cycles only when a test asks (sync), unless a test wants them repeating.
@@ -239,7 +239,7 @@ def test_source_daemon_killed_mid_cycle_resumes_where_it_was(daemons, key, tmp_p
     a.cli("mirror", "sync", "v")
     write(a, "v", 0, os.urandom(8 * MiB))
     with_socket = a.cli("mirror", "sync", "v", "--timeout", "0.2", check=False)
-    assert with_socket.returncode == errors.TimeoutError_.exit_code
+    assert with_socket.returncode == errors.DeadlineError.exit_code
     # kill -9 once the target holds a few chunks of the 8 MiB cycle durably
     wait_for(lambda: (image_of(b, a.node_id, "v")[0]["receiving"] or {}).get("chunks", 0) >= 2,
              60, "the target to stage chunks")

@@ -1,4 +1,4 @@
-"""cyclemirror._cext.frames against docs/protocol.md and tests/reference/frames_ref.py.
+"""cyclemirror._cext.frames against docs/protocol.md and tests/support/reference/frames_ref.py.
 
 Proves: the header layout is pinned byte for byte (golden); decode_header
 agrees with the pure-Python model on random and corrupted headers, naming the
@@ -20,13 +20,13 @@ import xxhash
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.reference import frames_ref as ref
 
 from cyclemirror import errors
 from cyclemirror._cext import frames
+from tests.support.reference import frames_ref as ref
+from tests.support.tools import SLOW
 
 # CYCLEMIRROR_SLOW=1 runs 20 times as many random examples.
-SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
 
 
 def examples(n: int) -> int:

@@ -15,11 +15,11 @@ import pytest
 
 from cyclemirror import keys
 from cyclemirror.errors import UsageError
-from cyclemirror.source import MirrorDriver, MirrorOptions
-from cyclemirror.source.driver import TargetSpec
+from cyclemirror.receiver import TargetServer
+from cyclemirror.sender import MirrorDriver, MirrorOptions
+from cyclemirror.sender.driver import TargetSpec
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
-from mirror_helpers import same_file, wait_for
+from tests.support.mirror import same_file, wait_for
 
 MiB = 1 << 20
 BS = 4096
@@ -150,7 +150,7 @@ def test_break_then_resume_ships_only_what_changed_meanwhile(tmp_path, key):
     d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
     d.start()
     c1 = d.sync(30)
-    d.break_()
+    d.break_cycles()
     wait_for(lambda: d.status()["phase"] == "broken", 10, "the break")
     scribble(vol, [1, 2, 3, 4], 9)
     assert same_file(image(t_store, src, "v"), rec.exports[c1])  # untouched while broken
@@ -199,7 +199,7 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
     wait_for(lambda: d.status()["cycle"] == c1 + 1
              and d.status()["targets"][d.runs[0].label]["phase"] == "copying", 30,
              f"the next cycle to start copying (c1={c1})")
-    d.break_(now=True)
+    d.break_cycles(now=True)
     wait_for(lambda: d.status()["phase"] == "broken", 30, "the break")
     assert same_file(image(t_store, src, "v"), rec.exports[c1])
     assert not [c for c, _, _ in rec.events if c > c1]  # nothing else was applied
@@ -220,7 +220,7 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
 def test_a_cycle_over_tls_with_a_real_certificate(tmp_path, key):
     import subprocess
 
-    from conftest import require_tool
+    from tests.support.tools import require_tool
     from cyclemirror.wire.handshake import TlsConfig
 
     openssl = require_tool("openssl")

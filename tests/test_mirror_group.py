@@ -14,18 +14,18 @@ import os
 import shutil
 
 import pytest
-from cyclemirror._cext.bitmap import ExtentBitmap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cyclemirror import keys
+from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import UsageError
-from cyclemirror.source import MirrorDriver, MirrorOptions
-from cyclemirror.source.group import VolumeGroup
+from cyclemirror.receiver import TargetServer
+from cyclemirror.receiver.state import MirrorState
+from cyclemirror.sender import MirrorDriver, MirrorOptions
+from cyclemirror.sender.group import VolumeGroup
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
-from cyclemirror.target.state import MirrorState
-from mirror_helpers import same_file, wait_for
+from tests.support.mirror import same_file, wait_for
 
 MiB = 1 << 20
 BS = 4096

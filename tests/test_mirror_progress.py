@@ -19,11 +19,11 @@ import time
 import pytest
 
 from cyclemirror import keys
-from cyclemirror.source import MirrorDriver, MirrorOptions
-from cyclemirror.source.driver import TargetSpec
+from cyclemirror.receiver import TargetServer
+from cyclemirror.receiver.session import ACK_SECONDS
+from cyclemirror.sender import MirrorDriver, MirrorOptions
+from cyclemirror.sender.driver import TargetSpec
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
-from cyclemirror.target.session import ACK_SECONDS
 
 MiB = 1 << 20
 BS = 4096
@@ -171,7 +171,7 @@ def test_a_delta_cycle_counts_owed_blocks_including_zeroed_ones(setup):
 
 
 def test_a_group_totals_each_members_owed_blocks_at_its_own_block_size(setup):
-    from cyclemirror.source.group import VolumeGroup
+    from cyclemirror.sender.group import VolumeGroup
 
     src, target, make, applied = setup
     db = src.create_volume("db", 2 * MiB)

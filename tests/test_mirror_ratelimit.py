@@ -7,7 +7,7 @@ it, and a mirror's own --bwlimit still applies when it is lower.
 
 import pytest
 
-from cyclemirror.source import ratelimit
+from cyclemirror.sender import ratelimit
 
 
 class Clock:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mirror_helpers import Rig, same_file, wait_for
+from tests.support.mirror import Rig, same_file, wait_for
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Malformed traffic never crashes the server nor disturbs another client's session.
 
 A well-behaved client writes and verifies patterns on its own connection the
-whole time, while tests/nbd_badclient.py throws bad options, bad magic,
+whole time, while tests/support/nbd_badclient.py throws bad options, bad magic,
 truncated requests, huge lengths and a client that never reads its replies at
 the same server.  Each attack must get the reaction the protocol prescribes,
 and the good client must keep making progress without a single error.
@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-import nbd_badclient as bad
-import nbd_rawclient as C
-from conftest import require_tool
-from nbd_helpers import raw_server, run
+from tests.support import nbd_badclient as bad
+from tests.support import nbd_rawclient as C
+from tests.support.nbd import raw_server, run
+from tests.support.tools import require_tool
 
 MiB = 1 << 20
 

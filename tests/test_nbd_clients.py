@@ -12,8 +12,8 @@ import os
 import random
 import threading
 
-from conftest import require_tool
-from nbd_helpers import file_blocks_bytes, raw_server, run
+from tests.support.nbd import file_blocks_bytes, raw_server, run
+from tests.support.tools import require_tool
 
 MiB = 1 << 20
 

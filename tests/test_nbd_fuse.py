@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import require_tool
-from nbd_helpers import raw_server, run
+from tests.support.nbd import raw_server, run
+from tests.support.tools import require_tool
 
 MiB = 1 << 20
 

@@ -18,15 +18,15 @@ import time
 
 import pytest
 
-import nbd_badclient as bad
-import nbd_rawclient as C
-from conftest import require_tool
 from cyclemirror import keys
-from cyclemirror.source import MirrorDriver, MirrorOptions
+from cyclemirror.sender import MirrorDriver, MirrorOptions
 from cyclemirror.store import Store
-from mirror_helpers import wait_for
-from nbd_helpers import run
-from test_e2e_support import Daemon, make_key
+from tests.support import nbd_badclient as bad
+from tests.support import nbd_rawclient as C
+from tests.support.daemons import Daemon, make_key
+from tests.support.mirror import wait_for
+from tests.support.nbd import run
+from tests.support.tools import require_tool
 
 MiB = 1 << 20
 SIZE = 4 * MiB

@@ -21,18 +21,18 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import nbd_rawclient as C
-from conftest import require_tool
 from cyclemirror import keys
 from cyclemirror.errors import StoreError
 from cyclemirror.nbd import NbdServer, RawFileBackend
-from cyclemirror.source import MirrorDriver, MirrorOptions
+from cyclemirror.receiver import TargetServer
+from cyclemirror.receiver.readers import IMAGE_PINS, PinnedImage, mirror_images
+from cyclemirror.receiver.state import InFlight, MirrorState
+from cyclemirror.sender import MirrorDriver, MirrorOptions
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
-from cyclemirror.target.readers import IMAGE_PINS, PinnedImage, mirror_images
-from cyclemirror.target.state import InFlight, MirrorState
-from mirror_helpers import wait_for
-from nbd_helpers import run
+from tests.support import nbd_rawclient as C
+from tests.support.mirror import wait_for
+from tests.support.nbd import run
+from tests.support.tools import require_tool
 
 MiB = 1 << 20
 
@@ -204,7 +204,7 @@ def test_an_image_with_a_committed_but_unapplied_cycle_is_refused(mirrored):
 
 
 def _fake_mirror(root, node_id, node_name, mirror, volumes, group=False, applied=1):
-    from cyclemirror.target.state import VolumeSpec
+    from cyclemirror.receiver.state import VolumeSpec
 
     ndir = os.path.join(root, "mirrors", node_id)
     os.makedirs(ndir, exist_ok=True)
@@ -217,7 +217,7 @@ def _fake_mirror(root, node_id, node_name, mirror, volumes, group=False, applied
 
 
 def test_export_names_use_the_node_name_only_where_it_is_unambiguous(tmp_path):
-    from cyclemirror.target.readers import export_names, listed_export_names
+    from cyclemirror.receiver.readers import export_names, listed_export_names
 
     root = str(tmp_path)
     _fake_mirror(root, "aaaa", "db1", "vol", ["vol"])
@@ -237,14 +237,14 @@ def test_export_names_use_the_node_name_only_where_it_is_unambiguous(tmp_path):
 
 
 def test_a_reader_waits_for_an_in_place_apply_and_times_out_naming_why(tmp_path):
-    from cyclemirror.errors import TimeoutError_
-    from cyclemirror.target.readers import ImagePins
+    from cyclemirror.errors import DeadlineError
+    from cyclemirror.receiver.readers import ImagePins
 
     pins = ImagePins()
     key = str(tmp_path / "m.state.json")
     with pins.applying(key):
         assert pins.start_in_place(key) is True
-        with pytest.raises(TimeoutError_, match="retry when the cycle is applied"):
+        with pytest.raises(DeadlineError, match="retry when the cycle is applied"):
             pins.pin(key, timeout=0.05)
     assert pins.pin(key, timeout=0.05) is False  # the apply ended: no wait, none under way
     with pins.applying(key):
@@ -262,7 +262,7 @@ class PinsMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        from cyclemirror.target.readers import ImagePins
+        from cyclemirror.receiver.readers import ImagePins
 
         self.pins = ImagePins()
         self.key = "/nonexistent/mirror.state.json"
@@ -273,10 +273,10 @@ class PinsMachine(RuleBasedStateMachine):
 
     @rule()
     def pin(self):
-        from cyclemirror.errors import TimeoutError_
+        from cyclemirror.errors import DeadlineError
 
         if self.in_place:
-            with pytest.raises(TimeoutError_):
+            with pytest.raises(DeadlineError):
                 self.pins.pin(self.key, timeout=0)
         else:
             assert self.pins.pin(self.key, timeout=0) == (self.applies > 0)

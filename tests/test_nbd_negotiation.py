@@ -1,7 +1,7 @@
 """Option haggling (fixed newstyle) against a real server, byte by byte.
 
 Each test speaks to a real NbdServer over its Unix socket with the raw test
-client (tests/nbd_rawclient.py) and checks the replies the protocol prescribes,
+client (tests/support/nbd_rawclient.py) and checks the replies the protocol prescribes,
 including what happens to options that are malformed or unknown.
 """
 
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-import nbd_rawclient as C
-from nbd_helpers import raw_server
+from tests.support import nbd_rawclient as C
+from tests.support.nbd import raw_server
 
 SIZE = 1 << 20
 

@@ -24,11 +24,11 @@ import threading
 
 import pytest
 
-import nbd_rawclient as C
-from conftest import SLOW
 from cyclemirror.nbd import NbdServer, VolumeBackend
 from cyclemirror.store import Store
-from nbd_helpers import run_under_freezer
+from tests.support import nbd_rawclient as C
+from tests.support.nbd import run_under_freezer
+from tests.support.tools import SLOW
 
 KiB = 1 << 10
 MiB = 1 << 20

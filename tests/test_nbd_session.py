@@ -4,13 +4,12 @@ Hypothesis drives random request streams (valid and invalid: bad flags, zero
 and oversized lengths, ranges past the end, unknown commands, truncated tails,
 bad magic) through a real TransmissionSession on a socketpair over a real raw
 image file; every reply and the final image must equal what the model in
-tests/nbd_reference.py says (replies compared by handle: pipelined big writes
+tests/support/nbd_reference.py says (replies compared by handle: pipelined big writes
 may be answered out of order, which NBD allows).  A golden transcript pins the exact reply bytes.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import struct
@@ -20,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import nbd_rawclient as C
 from cyclemirror._cext import nbdio
 from cyclemirror.nbd import RawFileBackend
 from cyclemirror.nbd import protocol as P
-from nbd_reference import (
+from tests.support import nbd_rawclient as C
+from tests.support.nbd_reference import (
     TF_DF,
     TF_FAST_ZERO,
     TF_FLUSH,
@@ -34,10 +33,10 @@ from nbd_reference import (
     TF_ZEROES,
     ReferenceSession,
 )
+from tests.support.tools import SLOW
 
 SIZE = 1 << 20
 MAX_PAYLOAD = 512 * 1024  # above the 256 KiB receive buffer: exercises the big-payload path
-SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
 
 
 def tflags_for(readonly: bool, structured: bool, fast_zero: bool) -> int:

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from conftest import SLOW, require_tool
 from cyclemirror.nbd import NbdServer, VolumeBackend
 from cyclemirror.store import Store
-from nbd_helpers import run, run_under_freezer
+from tests.support.nbd import run, run_under_freezer
+from tests.support.tools import SLOW, require_tool
 
 MiB = 1 << 20
 WRITERS = 4

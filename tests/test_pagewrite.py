@@ -17,10 +17,10 @@ import os
 import struct
 
 import pytest
-from cyclemirror._cext.pagewrite import pwrite_pieces
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cyclemirror._cext.pagewrite import pwrite_pieces
 from cyclemirror.store import Store
 from cyclemirror.store.fileops import WRITE_PIECE
 
@@ -176,6 +176,7 @@ def require_large_folios(tmp_path) -> None:
                     "pieces cannot be told apart here")
 
 
+@pytest.mark.kernel
 def test_the_piece_is_the_folio_size_of_the_kernel_s_own_copies(tmp_path):
     require_large_folios(tmp_path)
     src, dst = tmp_path / "src", tmp_path / "dst"

@@ -27,8 +27,8 @@ import time
 
 import pytest
 
-from conftest import SLOW
 from cyclemirror.store import Store, group
+from tests.support.tools import SLOW
 
 BS = 4096
 REGION = 128 * BS  # per thread: big aligned writes (slow enough to be in flight) and small ones

@@ -1,6 +1,6 @@
 """Crash safety of the store: SIGKILL a child running a random workload, reopen, check.
 
-Each trial creates a store, starts tests/store_crash_child.py on it, kills it
+Each trial creates a store, starts tests/support/store_crash_child.py on it, kills it
 with SIGKILL after a random delay, reopens the store here and checks against
 the model replayed up to the last operation the child reported (and the one
 after it, which may have run partly, wholly or not at all):
@@ -23,7 +23,6 @@ A few trials run by default; CYCLEMIRROR_SLOW=1 runs 60.
 from __future__ import annotations
 
 import copy
-import os
 import random
 import signal
 import subprocess
@@ -32,17 +31,17 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.procenv import child_env
-from tests.reference.store_model import VolumeModel
-from tests.store_crash_child import workload
 
 from cyclemirror.store import Store
+from tests.support.procenv import child_env
+from tests.support.reference.store_model import VolumeModel
+from tests.support.store_crash_child import workload
+from tests.support.tools import SLOW
 
-SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
 TRIALS = 60 if SLOW else 4
 NBLOCKS = 64
 PAGE = 4096
-CHILD = Path(__file__).with_name("store_crash_child.py")
+CHILD = Path(__file__).parent / "support" / "store_crash_child.py"
 
 
 def _apply(model: VolumeModel, op: tuple) -> None:

@@ -8,10 +8,10 @@ import sys
 import threading
 
 import pytest
-from tests.procenv import child_env
 
 from cyclemirror.errors import NotFoundError, UsageError
 from cyclemirror.store import Store
+from tests.support.procenv import child_env
 
 BS = 4096
 

@@ -1,4 +1,4 @@
-"""Model-based test of the store: random operations against tests/reference/store_model.py.
+"""Model-based test of the store: random operations against tests/support/reference/store_model.py.
 
 A hypothesis state machine drives writes (aligned and not), write-zeroes,
 trims, flushes, freezes, merges and full close/reopen cycles on a small real
@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from tests.reference.store_model import VolumeModel
 
 from cyclemirror.store import Store
+from tests.support.reference.store_model import VolumeModel
+from tests.support.tools import SLOW
 
-SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
 NBLOCKS = 24
 MAX_FROZEN = 3
 

@@ -19,9 +19,9 @@ import threading
 import time
 
 import pytest
-from tests.conftest import require_tool
 
 from cyclemirror.store import Store
+from tests.support.tools import require_tool
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 16 * KiB

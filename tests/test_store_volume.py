@@ -13,21 +13,21 @@ import subprocess
 import threading
 
 import pytest
-from cyclemirror._cext.bitmap import ExtentBitmap
-from tests.conftest import require_tool
 
+from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import (
     AlreadyExistsError,
     BitmapRangeError,
+    DeadlineError,
     IntegrityError,
     NotFoundError,
     StoreError,
-    TimeoutError_,
     UsageError,
 )
 from cyclemirror.store import Store
 from cyclemirror.store.names import validate_volume_name
 from cyclemirror.store.zerolog import encode_record
+from tests.support.tools import require_tool
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -241,7 +241,7 @@ def test_merge_waits_for_readers_of_the_image_it_changes(store):
     reader = c1.reader().__enter__()
     vol.merge_through(0)  # image 1 includes overlay 0: unchanged, no wait
     assert reader.read(0, 4096) == b"a" * 4096
-    with pytest.raises(TimeoutError_, match="readers of cycles \\[1\\]"):
+    with pytest.raises(DeadlineError, match="readers of cycles \\[1\\]"):
         vol.merge_through(1, timeout=0.2)
     merger = threading.Thread(target=vol.merge_through, args=(1,))
     merger.start()

@@ -16,7 +16,6 @@ import threading
 
 import pytest
 
-from conftest import require_tool
 from cyclemirror import keys
 from cyclemirror.errors import (
     AuthenticationError,
@@ -25,6 +24,7 @@ from cyclemirror.errors import (
     UsageError,
 )
 from cyclemirror.wire import handshake as hs
+from tests.support.tools import require_tool
 
 
 def run_pair(client_fn, server_fn):

@@ -108,7 +108,7 @@ class NoSpaceError(StoreError):
     temporary = True
 
 
-class TimeoutError_(CycleMirrorError):
+class DeadlineError(CycleMirrorError):
     """An operation with a deadline (sync, connect) ran out of time."""
 
     exit_code = 8

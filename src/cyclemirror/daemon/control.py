@@ -276,7 +276,7 @@ class ControlClient:
             self._sock.sendall(message)
             line = self._reader.readline(MAX_RESPONSE_BYTES + 1)
         except TimeoutError:
-            raise errors.TimeoutError_(
+            raise errors.DeadlineError(
                 f"the daemon did not answer {op} in time on {self.path}") from None
         except OSError as exc:
             raise DaemonUnavailableError(

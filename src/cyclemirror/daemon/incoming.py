@@ -1,7 +1,7 @@
 """The incoming side of ``status``: every mirror image this store holds, read from disk.
 
 Reads the target's state files under ``STORE/mirrors/<source node>/`` (the
-apply journal, see ``cyclemirror.target.state``) without locking: each is
+apply journal, see ``cyclemirror.receiver.state``) without locking: each is
 replaced atomically, so a read sees an old or a new version, never a mix.
 A member of a group gets one row per volume, all with the group's cycle and
 freeze time.  An unreadable state file becomes a row with its error rather
@@ -18,7 +18,7 @@ STATE_SUFFIXES = (".state.json", ".group.json")
 
 
 def incoming_status(store_path: str, now: float) -> list[dict]:
-    from cyclemirror.target.state import MirrorState
+    from cyclemirror.receiver.state import MirrorState
 
     base = os.path.join(store_path, "mirrors")
     rows = []

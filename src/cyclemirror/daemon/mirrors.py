@@ -5,9 +5,9 @@ whether it is broken) in ``STORE/daemon/mirrors.json``, replaced atomically
 (temp, fsync, rename, fsync dir) on every change, so a restarted daemon
 resumes exactly the mirrors that were running and keeps broken ones broken.
 The cycle state itself (cycle numbers, what each target applied) is the
-driver's, kept in the store by ``cyclemirror.source``.
+driver's, kept in the store by ``cyclemirror.sender``.
 
-``OutgoingMirrors`` maps the book onto ``cyclemirror.source.MirrorDriver``
+``OutgoingMirrors`` maps the book onto ``cyclemirror.sender.MirrorDriver``
 objects and turns their ``status()`` into
 the stable rows of ``status --json`` (docs/cli.md).  The driver's
 ``on_applied`` hook gives one info log line per applied cycle per target and
@@ -147,7 +147,7 @@ class OutgoingMirrors:
 
     def __init__(self, store, daemon_dir: str, *, default_key_file: str | None,
                  daemon_bwlimit: int):
-        from cyclemirror.source.ratelimit import SharedRate
+        from cyclemirror.sender.ratelimit import SharedRate
 
         self.store = store
         self.default_key_file = default_key_file
@@ -232,9 +232,9 @@ class OutgoingMirrors:
             raise
 
     def _new_driver(self, unit: str, entries: list[tuple[tuple[str, str], dict]]):
-        from cyclemirror.source import MirrorDriver, MirrorOptions
-        from cyclemirror.source.driver import TargetSpec
-        from cyclemirror.source.group import VolumeGroup
+        from cyclemirror.sender import MirrorDriver, MirrorOptions
+        from cyclemirror.sender.driver import TargetSpec
+        from cyclemirror.sender.group import VolumeGroup
 
         first = entries[0][1]["spec"]
         per_target: dict[str, MirrorSpec] = {}
@@ -259,7 +259,7 @@ class OutgoingMirrors:
             driver = MirrorDriver(self.store.open_volume(unit), targets, options=options,
                                   store=self.store, remote_name=first.remote_name)
         if any(e["broken"] for _, e in entries):
-            driver.break_()  # before start: it recovers its state and waits for resume
+            driver.break_cycles()  # before start: it recovers its state and waits for resume
         driver.start()
         return driver
 
@@ -427,7 +427,7 @@ class OutgoingMirrors:
                 f"daemon log, fix the cause, then 'cyclemirror mirror resume {volume}'") from exc
         return self._rows(keys)
 
-    def break_(self, volume: str, target: str | None, now: bool) -> list[dict]:
+    def break_cycles(self, volume: str, target: str | None, now: bool) -> list[dict]:
         with self._lock:
             unit, keys = self._whole_unit(volume, target, "break")
             for k in keys:
@@ -435,7 +435,7 @@ class OutgoingMirrors:
             self.book.save()
             driver = self._drivers.get(unit)
         if driver is not None:
-            driver.break_(now=now)
+            driver.break_cycles(now=now)
             # Without --now the running cycle finishes first. Wait a while for that, but
             # not for ever: a cycle to an unreachable target only ends with --now. The
             # break is recorded either way; the rows say which phase the mirror is in.
@@ -488,8 +488,8 @@ class OutgoingMirrors:
         compares block hashes with it (if it has an image) instead of trusting
         an owed set that stopped growing while the target was out.
         """
-        from cyclemirror.source.group import GROUP_STATE_PREFIX
-        from cyclemirror.source.persist import DriverState
+        from cyclemirror.sender.group import GROUP_STATE_PREFIX
+        from cyclemirror.sender.persist import DriverState
 
         driver = self._drivers.pop(unit, None)
         if driver is not None:

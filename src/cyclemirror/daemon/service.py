@@ -10,7 +10,7 @@ finds everything running.  ``stop()`` undoes it in reverse.
 NBD exports: each volume under its own name, read-write; each incoming mirror
 image read-only under ``mirror/<source node>/<volume>`` (volume names cannot
 contain ``/``, so the two never collide).  A connection to a mirror image
-pins the image as of connection time (``target.readers``) and gives the pin
+pins the image as of connection time (``receiver.readers``) and gives the pin
 back when the connection ends, so every client reads one applied cycle.
 
 Everything a restart must know lives in the store (volumes, cycle state,
@@ -139,7 +139,7 @@ class Daemon:
 
     def _nbd_names(self) -> list[str]:
         """NBD_OPT_LIST: the volumes, then the mirror images (``mirror/<node>/<volume>``)."""
-        from cyclemirror.target.readers import listed_export_names, mirror_images
+        from cyclemirror.receiver.readers import listed_export_names, mirror_images
 
         return list(self.store.list_volumes()) + listed_export_names(
             mirror_images(self.store.path))
@@ -148,7 +148,7 @@ class Daemon:
         """Export NAME is the volume NAME, or a mirror image's ``mirror/<node>/<volume>``;
         unknown or invalid names are refused by NBD."""
         from cyclemirror.nbd import VolumeBackend
-        from cyclemirror.target.readers import MIRROR_EXPORT_PREFIX
+        from cyclemirror.receiver.readers import MIRROR_EXPORT_PREFIX
 
         if name.startswith(MIRROR_EXPORT_PREFIX):
             return self._mirror_backend(name)
@@ -165,7 +165,7 @@ class Daemon:
     def _mirror_backend(self, name: str):
         """A read-only backend of one connection, pinning the image as of now (or None)."""
         from cyclemirror.nbd import RawFileBackend
-        from cyclemirror.target.readers import PinnedImage, export_names, mirror_images
+        from cyclemirror.receiver.readers import PinnedImage, export_names, mirror_images
 
         image = export_names(mirror_images(self.store.path)).get(name)
         if image is None:
@@ -179,7 +179,7 @@ class Daemon:
             raise
 
     def _start_target(self, key: bytes | None) -> None:
-        from cyclemirror.target import TargetServer
+        from cyclemirror.receiver import TargetServer
 
         addr = self.config.listen
         self.target = TargetServer(self.store, key, listen=(addr.host, addr.port))
@@ -328,7 +328,7 @@ class Daemon:
     def _op_mirror_break(self, args):
         volume, target = self._select(args)
         now = self._arg(args, "now", bool, "--now", False)
-        return self.outgoing.break_(volume, target, now)
+        return self.outgoing.break_cycles(volume, target, now)
 
     def _op_mirror_resume(self, args):
         volume, target = self._select(args)

@@ -41,7 +41,7 @@ import re
 import threading
 import time
 
-from cyclemirror.errors import NotFoundError, StoreError, TimeoutError_, UsageError
+from cyclemirror.errors import DeadlineError, NotFoundError, StoreError, UsageError
 from cyclemirror.store import fileops
 from cyclemirror.store.exporter import write_image
 from cyclemirror.store.frozen import FrozenCycle
@@ -641,7 +641,7 @@ class Volume:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._cond.wait_for(no_readers, left):
                 self._merging = None
-                raise TimeoutError_(
+                raise DeadlineError(
                     f"merging overlay {j} of volume {self.name!r}: readers of cycles "
                     f"{sorted(c for c in self._readers if c <= j)} are still open"
                 )

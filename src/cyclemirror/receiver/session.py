@@ -30,9 +30,9 @@ from cyclemirror.errors import (
     NoSpaceError,
     ProtocolError,
 )
-from cyclemirror.target.mirror import Mirror
-from cyclemirror.target.staging import REC_DATA, REC_TRIM, REC_ZERO
-from cyclemirror.target.state import VolumeSpec
+from cyclemirror.receiver.mirror import Mirror
+from cyclemirror.receiver.staging import REC_DATA, REC_TRIM, REC_ZERO
+from cyclemirror.receiver.state import VolumeSpec
 from cyclemirror.wire import link as wirelink
 from cyclemirror.wire import messages
 

@@ -7,4 +7,4 @@ connection's protocol loop, and ``server`` the listening ``TargetServer`` a
 daemon hosts.
 """
 
-from cyclemirror.target.server import TargetServer  # noqa: F401
+from cyclemirror.receiver.server import TargetServer  # noqa: F401

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cyclemirror._cext import frames
-from cyclemirror.target.imagewriter import ALIGN, RUN_BYTES, ImageWriter
+from cyclemirror.receiver.imagewriter import ALIGN, RUN_BYTES, ImageWriter
 
 SIZE = 3 * RUN_BYTES // 2 + 1536  # not a multiple of ALIGN: the tail is unaligned
 

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from cyclemirror._cext import frames
 from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import UsageError
-from cyclemirror.source import shipping
+from cyclemirror.sender import shipping
 from cyclemirror.store.names import validate_volume_name
 from cyclemirror.wire import messages
 

@@ -22,8 +22,8 @@ import os
 import socket
 import threading
 
-from cyclemirror.errors import CycleMirrorError, TimeoutError_, UsageError
-from cyclemirror.target.session import Session, error_code
+from cyclemirror.errors import CycleMirrorError, DeadlineError, UsageError
+from cyclemirror.receiver.session import Session, error_code
 from cyclemirror.wire import handshake
 from cyclemirror.wire.handshake import TlsConfig
 from cyclemirror.wire.link import MAX_CHUNK, FrameLink
@@ -49,7 +49,7 @@ class MirrorRegistry:
                 except OSError:
                     pass
             if not self._cond.wait_for(lambda: key not in self._held, TAKEOVER_TIMEOUT):
-                raise TimeoutError_(f"mirror {key[1]!r} is still held by another session")
+                raise DeadlineError(f"mirror {key[1]!r} is still held by another session")
             self._held[key] = session
 
     def release(self, key: tuple, session: Session) -> None:
@@ -94,8 +94,8 @@ class TargetServer:
 
     def _recover_all(self) -> None:
         """Finish or keep every mirror's in-flight cycle before accepting anyone."""
-        from cyclemirror.target.mirror import Mirror
-        from cyclemirror.target.state import MirrorState
+        from cyclemirror.receiver.mirror import Mirror
+        from cyclemirror.receiver.state import MirrorState
 
         base = os.path.join(self.root, "mirrors")
         for node in sorted(os.listdir(base)):
@@ -153,7 +153,7 @@ class TargetServer:
                 pass
 
     def status(self) -> list[dict]:
-        from cyclemirror.target.state import MirrorState
+        from cyclemirror.receiver.state import MirrorState
 
         out = []
         base = os.path.join(self.root, "mirrors")

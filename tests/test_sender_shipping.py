@@ -13,7 +13,7 @@ import random
 import pytest
 
 from cyclemirror._cext import frames
-from cyclemirror.source import shipping
+from cyclemirror.sender import shipping
 from cyclemirror.store import Store
 
 MiB = 1 << 20

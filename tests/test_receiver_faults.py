@@ -23,12 +23,12 @@ import pytest
 from cyclemirror import keys
 from cyclemirror._cext import frames
 from cyclemirror.errors import AuthenticationError
-from cyclemirror.source import MirrorDriver, MirrorOptions
+from cyclemirror.receiver import TargetServer
+from cyclemirror.sender import MirrorDriver, MirrorOptions
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
 from cyclemirror.wire import handshake
 from cyclemirror.wire.link import FrameLink, RemoteError
-from mirror_helpers import same_file, wait_for
+from tests.support.mirror import same_file, wait_for
 
 MiB = 1 << 20
 

@@ -1,7 +1,6 @@
 """Helpers for tests that drive real daemons in subprocesses through the real CLI.
 
-Not a test module itself (it defines no tests); the daemon, CLI and
-end-to-end tests import it.  Every daemon is ``python -m cyclemirror.cli
+Every daemon is ``python -m cyclemirror.cli
 serve`` in its own process with its log in a file, every command is a fresh
 ``python -m cyclemirror.cli`` process, exactly as an administrator runs them.
 """
@@ -16,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from tests.procenv import child_env
+from tests.support.procenv import child_env
 
 
 def cli_env() -> dict:

@@ -32,7 +32,7 @@ import mmap
 import os
 
 from cyclemirror._cext import frames
-from cyclemirror.target import fileops
+from cyclemirror.receiver import fileops
 
 log = logging.getLogger(__name__)
 

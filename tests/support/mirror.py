@@ -8,9 +8,8 @@ import subprocess
 import sys
 import time
 
-from tests.procenv import child_env
-
 from cyclemirror import keys
+from tests.support.procenv import child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROC = os.path.join(HERE, "mirror_proc.py")

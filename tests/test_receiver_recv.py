@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 
 from cyclemirror import errors
 from cyclemirror._cext import frames
-from cyclemirror.target.staging import data_checksum
+from cyclemirror.receiver.staging import data_checksum
 from cyclemirror.wire import link as wirelink
 from cyclemirror.wire.sockio import recv_into_exact
+from tests.support.tools import SLOW
 
-SLOW = os.environ.get("CYCLEMIRROR_SLOW") == "1"
 LIMITS = frames.FrameLimits(1 << 20, 1 << 20, 1 << 16, 1 << 30, 512)
 CODECS = [frames.CODEC_NONE, frames.CODEC_LZ4, frames.CODEC_ZSTD]
 
@@ -206,7 +206,7 @@ def test_recv_into_exact_clean_close_between_messages(pair):
 
 
 def test_staging_records_a_passed_checksum_and_replay_still_verifies_it(tmp_path):
-    from cyclemirror.target.staging import REC_DATA, REC_ZERO, StagingWriter, read_records
+    from cyclemirror.receiver.staging import REC_DATA, REC_ZERO, StagingWriter, read_records
 
     data = bytearray(os.urandom(4096))
     path = str(tmp_path / "m.staging")

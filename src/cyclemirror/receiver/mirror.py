@@ -39,17 +39,17 @@ import os
 import time
 
 from cyclemirror.errors import ProtocolError, StoreError
-from cyclemirror.target import fileops
-from cyclemirror.target.imagewriter import ImageWriter
-from cyclemirror.target.readers import IMAGE_PINS
-from cyclemirror.target.staging import (
+from cyclemirror.receiver import fileops
+from cyclemirror.receiver.imagewriter import ImageWriter
+from cyclemirror.receiver.readers import IMAGE_PINS
+from cyclemirror.receiver.staging import (
     REC_DATA,
     REC_TRIM,
     REC_ZERO,
     StagingWriter,
     read_records,
 )
-from cyclemirror.target.state import InFlight, MirrorState, VolumeSpec
+from cyclemirror.receiver.state import InFlight, MirrorState, VolumeSpec
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cyclemirror.errors import CycleMirrorError, NotFoundError, StoreError, TimeoutError_
-from cyclemirror.target.state import MirrorState
+from cyclemirror.errors import CycleMirrorError, DeadlineError, NotFoundError, StoreError
+from cyclemirror.receiver.state import MirrorState
 
 PIN_WAIT = 60.0  # seconds a new reader waits for an in-place apply to finish
 MIRROR_EXPORT_PREFIX = "mirror/"
@@ -103,7 +103,7 @@ class ImagePins:
         with self._cond:
             e = self._entry(key)
             if not self._cond.wait_for(lambda: not e.in_place, timeout):
-                raise TimeoutError_(f"mirror {state_path}: an apply has held the image for over "
+                raise DeadlineError(f"mirror {state_path}: an apply has held the image for over "
                                     f"{timeout:g}s; retry when the cycle is applied")
             e = self._entry(key)  # the entry may have been forgotten and made anew
             e.pins += 1

@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 
-from cyclemirror.errors import ConnectionLostError, PeerError, ProtocolError, TimeoutError_
+from cyclemirror.errors import ConnectionLostError, DeadlineError, PeerError, ProtocolError
 from cyclemirror.wire import handshake
 from cyclemirror.wire.link import FrameLink, volume_limits
 
@@ -113,7 +113,7 @@ class TargetLink:
                 self.check()
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError_(f"target {self.label}: timed out waiting for {what}")
+                    raise DeadlineError(f"target {self.label}: timed out waiting for {what}")
                 self._cond.wait(min(left, 1.0))
 
     def wait_applied(self, cycle: int, timeout: float) -> float:
@@ -139,4 +139,4 @@ def is_temporary(exc: BaseException) -> bool:
         return bool(exc.temporary)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return False  # retrying will not make the certificate trusted
-    return isinstance(exc, OSError | TimeoutError_)
+    return isinstance(exc, OSError | DeadlineError)

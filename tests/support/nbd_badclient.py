@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 
-import nbd_rawclient as C
+from tests.support import nbd_rawclient as C
 
 
 def _closed(sock: socket.socket) -> bool:

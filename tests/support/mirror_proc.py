@@ -1,7 +1,7 @@
 """Run a mirror target or a mirror source (with a writer) in a child process, for tests.
 
-    python tests/mirror_proc.py target STORE KEYFILE PORTFILE SNAPDIR
-    python tests/mirror_proc.py source STORE KEYFILE PORTFILE WORKDIR SIZE SEED [INTERVAL]
+    python tests/support/mirror_proc.py target STORE KEYFILE PORTFILE SNAPDIR
+    python tests/support/mirror_proc.py source STORE KEYFILE PORTFILE WORKDIR SIZE SEED [INTERVAL]
 
 Target: opens (or creates) the store, serves on 127.0.0.1 (the port in
 PORTFILE if it exists, so a restart keeps the address; else a free one,
@@ -28,9 +28,9 @@ import time
 
 from cyclemirror import keys
 from cyclemirror.errors import NotFoundError
-from cyclemirror.source import MirrorDriver, MirrorOptions
+from cyclemirror.receiver import TargetServer
+from cyclemirror.sender import MirrorDriver, MirrorOptions
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
 
 
 def open_store(path):

@@ -6,4 +6,4 @@ acks), ``ratelimit`` caps a mirror's rate and shares a daemon-wide cap,
 freeze / ship / wait-for-apply / merge, with fan-out, catch-up and retry.
 """
 
-from cyclemirror.source.driver import MirrorDriver, MirrorOptions  # noqa: F401
+from cyclemirror.sender.driver import MirrorDriver, MirrorOptions  # noqa: F401

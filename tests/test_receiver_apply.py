@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cyclemirror.errors import IntegrityError, ProtocolError
-from cyclemirror.target.mirror import Mirror
-from cyclemirror.target.staging import REC_DATA, REC_ZERO, StagingWriter, read_records
-from cyclemirror.target.state import MirrorState, VolumeSpec
+from cyclemirror.receiver.mirror import Mirror
+from cyclemirror.receiver.staging import REC_DATA, REC_ZERO, StagingWriter, read_records
+from cyclemirror.receiver.state import MirrorState, VolumeSpec
 
 BS = 4096
 NBLOCKS = 32

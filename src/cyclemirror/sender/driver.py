@@ -1,6 +1,6 @@
 """MirrorDriver: the repeating cycle of one volume (or consistency group) to one or more targets.
 
-What is mirrored is a *subject* (``source.group``): one volume, or a group of
+What is mirrored is a *subject* (``sender.group``): one volume, or a group of
 volumes frozen at one instant and applied all-or-none; everything below is
 written once for both, with owed sets over the subject's blocks.
 
@@ -56,16 +56,16 @@ from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import (
     ConnectionLostError,
     CycleMirrorError,
+    DeadlineError,
     NotFoundError,
     StoreError,
-    TimeoutError_,
     UsageError,
 )
-from cyclemirror.source import shipping
-from cyclemirror.source.connection import TargetLink, is_temporary
-from cyclemirror.source.group import SingleVolume
-from cyclemirror.source.persist import DriverState
-from cyclemirror.source.ratelimit import RateLimiter, SharedRate
+from cyclemirror.sender import shipping
+from cyclemirror.sender.connection import TargetLink, is_temporary
+from cyclemirror.sender.group import SingleVolume
+from cyclemirror.sender.persist import DriverState
+from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
 from cyclemirror.wire.handshake import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class CycleProgress:
                 "resumed_from": self.resumed_from, "started": self.started}
 
 
-class _Run:
+class OutgoingTarget:
     """One target of the driver: its link, owed set and figures."""
 
     def __init__(self, spec: TargetSpec):
@@ -173,7 +173,7 @@ class _Run:
 
 class MirrorDriver:
     """The cycle of one subject: a Volume (named ``remote_name`` on the targets) or a
-    ``source.group.VolumeGroup`` (a consistency group; see source/group.py)."""
+    ``sender.group.VolumeGroup`` (a consistency group; see sender/group.py)."""
 
     def __init__(self, volume, targets, key: bytes | None = None,
                  options: MirrorOptions | None = None, *, store, remote_name: str | None = None):
@@ -200,7 +200,7 @@ class MirrorDriver:
         self.packer = frames.FramePacker(shipping.CODECS[self.options.codec],
                                          self.options.level, self.options.chunk_size)
         self.rate = RateLimiter(self.options.bwlimit, self.options.shared_rate)
-        self.runs = [_Run(s) for s in specs]
+        self.runs = [OutgoingTarget(s) for s in specs]
         self.state = DriverState(os.path.join(store.path, "outgoing",
                                               self.subject.state_dir_name),
                                  self.subject.nblocks)
@@ -241,7 +241,7 @@ class MirrorDriver:
                     raise broken[0].broken
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError_(
+                    raise DeadlineError(
                         f"sync of {self.volume.name!r}: cycle {want} not applied on every "
                         f"target within {timeout}s ({self._targets_brief()})")
                 self._cond.wait(min(left, 0.5))
@@ -267,7 +267,7 @@ class MirrorDriver:
             self._cond.notify_all()
             return want
 
-    def break_(self, now: bool = False) -> None:
+    def break_cycles(self, now: bool = False) -> None:
         """Stop repeating: after the in-flight cycle, or at once (target keeps the previous)."""
         with self._cond:
             self._break = True
@@ -292,7 +292,7 @@ class MirrorDriver:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self.break_(now=True)
+        self.break_cycles(now=True)
         if self._thread is not None:
             self._thread.join(timeout)
             self._merger.join(timeout)  # a merge in progress finishes first
@@ -498,7 +498,7 @@ class MirrorDriver:
                     if self._stop:
                         return
 
-    def _attempt(self, frozen, reader, runs: list[_Run]) -> None:
+    def _attempt(self, frozen, reader, runs: list[OutgoingTarget]) -> None:
         c = frozen.number
         ready = []
         if self._break_now:
@@ -514,7 +514,7 @@ class MirrorDriver:
                     r.ok = True  # the target already holds this cycle
             except BaseException as exc:  # noqa: BLE001
                 self._failed(r, exc)
-        groups: list[list[_Run]] = []
+        groups: list[list[OutgoingTarget]] = []
         for r in ready:
             for g in groups:
                 if _same_owed(g[0].owed, r.owed):
@@ -540,7 +540,7 @@ class MirrorDriver:
             except BaseException as exc:  # noqa: BLE001
                 self._failed(r, exc)
 
-    def _prepare(self, r: _Run, frozen, reader) -> bool:
+    def _prepare(self, r: OutgoingTarget, frozen, reader) -> bool:
         """Connect and reconcile; return False if the target already applied this cycle."""
         c = frozen.number
         e = self.state.entry(r.label)
@@ -589,7 +589,7 @@ class MirrorDriver:
         resume = opened["pending_cycle"] == c and e["in_flight"] == c
         return self._begin(r, frozen, resume)
 
-    def _begin(self, r: _Run, frozen, resume: bool) -> bool:
+    def _begin(self, r: OutgoingTarget, frozen, resume: bool) -> bool:
         c = frozen.number
         e = self.state.entry(r.label)
         link = r.link  # a break or a stall may drop r.link while we wait
@@ -611,14 +611,14 @@ class MirrorDriver:
                              f"asked {r.resume_from}")
         return True
 
-    def _ship_group(self, group: list[_Run], frozen, reader) -> None:
+    def _ship_group(self, group: list[OutgoingTarget], frozen, reader) -> None:
         """Produce the cycle's frames once; one sender thread per target of the group."""
         c = frozen.number
         queues = {r.label: queue.Queue(self.options.queue_frames) for r in group}
         alive = {r.label: r for r in group}
         t0 = time.monotonic()
 
-        def sender(r: _Run) -> None:
+        def sender(r: OutgoingTarget) -> None:
             q = queues[r.label]
             sent_raw = 0
             prog = CycleProgress(c, r.owed is None, _cycle_bytes(self.subject, r.owed),
@@ -708,7 +708,7 @@ class MirrorDriver:
                 except queue.Full:
                     alive.pop(r.label, None)
                     r.drop_link()  # the sender fails and drains
-                    self._failed(r, TimeoutError_(
+                    self._failed(r, DeadlineError(
                         f"target {r.label} took no data for {self.options.stall_timeout}s;"
                         " it will catch up in a later cycle"))
 
@@ -726,7 +726,7 @@ class MirrorDriver:
                     publish(items)
                     items, nbytes = [], 0
                 if self._break_now:
-                    raise TimeoutError_("break requested")
+                    raise DeadlineError("break requested")
             if items:
                 publish(items)
         except BaseException as exc:  # noqa: BLE001 - a read error fails every target
@@ -740,14 +740,14 @@ class MirrorDriver:
             for t in threads:
                 t.join()
 
-    def _applied(self, r: _Run, frozen) -> None:
+    def _applied(self, r: OutgoingTarget, frozen) -> None:
         r.owed = ExtentBitmap(self.volume.nblocks)
         r.ok, r.backoff, r.last_error, r.phase = True, 0.0, None, "idle"
         self._record_applied(r, frozen.number, frozen.freeze_time)
         if self.options.on_applied is not None:
             self.options.on_applied(frozen.number, r.label, dict(r.stats))
 
-    def _record_applied(self, r: _Run, cycle: int, freeze_time: float) -> None:
+    def _record_applied(self, r: OutgoingTarget, cycle: int, freeze_time: float) -> None:
         # Order: the owed set is emptied on disk before we claim the cycle.
         self.state.save_owed(r.label, r.owed)
         e = self.state.entry(r.label)
@@ -758,7 +758,7 @@ class MirrorDriver:
             r.applied_cycle, r.freeze_time, r.progress = cycle, freeze_time, None
             self._cond.notify_all()
 
-    def _failed(self, r: _Run, exc: BaseException) -> None:
+    def _failed(self, r: OutgoingTarget, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"
         r.progress = None  # a retry starts a new attempt with its own figures
         r.drop_link()

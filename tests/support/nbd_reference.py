@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-import nbd_rawclient as C
+from tests.support import nbd_rawclient as C
 
 TF_READ_ONLY, TF_FLUSH, TF_FUA, TF_TRIM, TF_ZEROES, TF_DF, TF_FAST_ZERO = 2, 4, 8, 32, 64, 128, 2048
 

@@ -3,7 +3,7 @@
 A child must import the very cyclemirror this test process imported: the
 source tree during development (PYTHONPATH=src with an in-place build), the
 installed wheel under tox (where src/ holds no compiled modules).  The repo
-root comes next so children can import tests.reference models.
+root comes next so children can import tests.support modules.
 """
 
 import os
@@ -11,7 +11,7 @@ import os
 import cyclemirror
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cyclemirror.__file__)))
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def child_env(**extra) -> dict:

@@ -15,10 +15,10 @@ import subprocess
 import pytest
 
 from cyclemirror import keys
-from cyclemirror.source import MirrorDriver, MirrorOptions
+from cyclemirror.receiver import TargetServer
+from cyclemirror.sender import MirrorDriver, MirrorOptions
 from cyclemirror.store import Store
-from cyclemirror.target import TargetServer
-from mirror_helpers import same_file, wait_for
+from tests.support.mirror import same_file, wait_for
 
 MiB = 1 << 20
 
