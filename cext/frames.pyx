@@ -82,6 +82,7 @@ cdef enum:
     C_FT_ZERO = 2
     C_FT_TRIM = 3
     C_FT_CONTROL = 4
+    C_FT_SCATTER = 5
     C_CODEC_NONE = 0
     C_CODEC_LZ4 = 1
     C_CODEC_ZSTD = 2
@@ -90,6 +91,7 @@ FT_DATA = C_FT_DATA
 FT_ZERO = C_FT_ZERO
 FT_TRIM = C_FT_TRIM
 FT_CONTROL = C_FT_CONTROL
+FT_SCATTER = C_FT_SCATTER
 
 CODEC_NONE = C_CODEC_NONE
 CODEC_LZ4 = C_CODEC_LZ4
@@ -109,12 +111,22 @@ U32_MAX = 0xFFFFFFFF
 cdef enum:
     C_HEADER_SIZE = 48
     C_CHECKED_BYTES = 40        # bytes covered by the header checksum
+    C_SCATTER_HEAD = 8
+    C_SCATTER_ENTRY = 16
+    C_MAX_SCATTER = 1024
     C_IOV_MAX = 1024
     C_MAX_READ = 16 << 20
 
 cdef const char *C_MAGIC = b"CMFR"
 
-_TYPE_NAMES = {FT_DATA: "DATA", FT_ZERO: "ZERO", FT_TRIM: "TRIM", FT_CONTROL: "CONTROL"}
+_TYPE_NAMES = {FT_DATA: "DATA", FT_ZERO: "ZERO", FT_TRIM: "TRIM", FT_CONTROL: "CONTROL",
+               FT_SCATTER: "SCATTER"}
+
+# A SCATTER payload (raw) starts with a table: count u32, reserved u32, then per
+# extent offset u64, length u32, reserved u32; the extents' data follows in table order.
+SCATTER_TABLE_HEAD = 8
+SCATTER_ENTRY = 16
+MAX_SCATTER_EXTENTS = 1024
 _CODEC_NAMES = {CODEC_NONE: "NONE", CODEC_LZ4: "LZ4", CODEC_ZSTD: "ZSTD"}
 
 
@@ -290,7 +302,8 @@ def decode_header(buf, FrameLimits limits not None):
     cdef str name = _TYPE_NAMES[ftype]
     if cycle > MAX_CYCLE:
         _bad("cycle", f"{cycle} exceeds {MAX_CYCLE}")
-    if extent and codec != CODEC_NONE and ftype != FT_DATA:
+    cdef bint carries = ftype == FT_DATA or ftype == FT_SCATTER  # an extent with a payload
+    if extent and codec != CODEC_NONE and not carries:
         _bad("codec", f"{_CODEC_NAMES[codec]} on a {name} frame, which has no payload")
     # offset
     if not extent:
@@ -308,12 +321,16 @@ def decode_header(buf, FrameLimits limits not None):
     else:
         if raw_length == 0:
             _bad("raw_length", f"is 0 on a {name} frame")
-        if ftype == FT_DATA and raw_length > limits.max_raw:
-            _bad("raw_length", f"{raw_length} exceeds the DATA cap {limits.max_raw}")
-        if raw_length > limits.volume_size - offset:
+        if carries and raw_length > limits.max_raw:
+            _bad("raw_length", f"{raw_length} exceeds the {name} cap {limits.max_raw}")
+        if ftype == FT_SCATTER:
+            # The payload is a table and scattered extents: scatter_check validates them.
+            if raw_length < C_SCATTER_HEAD + C_SCATTER_ENTRY + 1:
+                _bad("raw_length", f"{raw_length} is too short for a SCATTER table and data")
+        elif raw_length > limits.volume_size - offset:
             _bad("raw_length", f"{raw_length} at offset {offset} runs past the volume "
                  f"size {limits.volume_size}")
-        if (not _is_aligned(raw_length, limits.alignment)
+        elif (not _is_aligned(raw_length, limits.alignment)
                 and offset + raw_length != limits.volume_size):
             _bad("raw_length", f"{raw_length} is not a multiple of the alignment "
                  f"{limits.alignment} and does not end the volume")
@@ -407,6 +424,160 @@ def verify_payload(FrameHeader header not None, payload):
     buffer may be reused at once.  ZERO and TRIM frames give b"".
     """
     return _decode_payload(header, payload, True)
+
+
+# ---------------------------------------------------------------- scatter payloads
+
+cdef extern from "unistd.h" nogil:
+    ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+
+
+cdef int _scatter_parse(const unsigned char *p, size_t raw, uint64_t volume_size,
+                        uint64_t alignment, uint32_t *count_out, size_t *table_out) noexcept nogil:
+    """Check a SCATTER raw payload; return 0 or the number of the first failed rule."""
+    if raw < C_SCATTER_HEAD:
+        return 1
+    cdef uint32_t count = _get_u32(p)
+    if count == 0 or count > C_MAX_SCATTER or _get_u32(p + 4) != 0:
+        return 2
+    cdef size_t table = C_SCATTER_HEAD + C_SCATTER_ENTRY * <size_t>count
+    if table > raw:
+        return 3
+    cdef uint64_t prev_end = 0, off, total = 0
+    cdef uint32_t ln, i
+    cdef const unsigned char *e
+    for i in range(count):
+        e = p + C_SCATTER_HEAD + C_SCATTER_ENTRY * i
+        off = _get_u64(e)
+        ln = _get_u32(e + 8)
+        if ln == 0 or _get_u32(e + 12) != 0:
+            return 4
+        if (i and off < prev_end) or off > volume_size or ln > volume_size - off:
+            return 5
+        if not _is_aligned(off, alignment) or (
+                not _is_aligned(ln, alignment) and off + ln != volume_size):
+            return 6
+        prev_end = off + ln
+        total += ln
+    if total != raw - table:
+        return 7
+    count_out[0] = count
+    table_out[0] = table
+    return 0
+
+
+_SCATTER_RULES = {
+    1: "is shorter than its table head",
+    2: "has an extent count of 0 or over MAX_SCATTER_EXTENTS, or a reserved field set",
+    3: "has a table longer than the payload",
+    4: "has an extent of length 0 or a reserved field set",
+    5: "has extents that are not ascending, overlap, or run past the volume",
+    6: "has an extent that is not aligned to the block size",
+    7: "has data that does not add up to the extents' lengths",
+}
+
+
+cdef object _scatter_view(raw, volume_size, alignment, uint32_t *count, size_t *table):
+    """The payload as a checked byte memoryview; count and table size through the pointers."""
+    cdef uint64_t vs = _check_int(volume_size, "volume_size", 0, MAX_OFFSET)
+    cdef uint64_t al = _check_int(alignment, "alignment", 1, 1 << 30)
+    cdef const unsigned char[::1] view
+    try:
+        view = memoryview(raw).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise errors.UsageError(f"frames: scatter payload must be bytes-like ({exc})") from None
+    cdef size_t n = view.shape[0]
+    cdef int rule
+    with nogil:
+        rule = _scatter_parse(&view[0] if n else NULL, n, vs, al, count, table)
+    if rule:
+        raise errors.FrameError(
+            f"SCATTER payload of {n} bytes {_SCATTER_RULES[rule]}; closing the connection",
+            field="payload")
+    return view
+
+
+def scatter_check(raw, volume_size, alignment=1):
+    """Validate a SCATTER frame's verified raw payload against one volume.
+
+    Returns (first offset, extent count, data bytes).  Raises FrameError(field="payload")
+    naming the rule broken: the table must hold 1..MAX_SCATTER_EXTENTS extents,
+    each non-empty, aligned (a length may be unaligned only at the volume's end),
+    ascending without overlap, inside the volume, and their lengths must add up
+    to the data that follows the table.
+    """
+    cdef const unsigned char[::1] view
+    cdef uint32_t count = 0
+    cdef size_t table = 0
+    view = _scatter_view(raw, volume_size, alignment, &count, &table)
+    return _get_u64(&view[0] + C_SCATTER_HEAD), count, view.shape[0] - table
+
+
+def scatter_extents(raw, volume_size, alignment=1):
+    """[(offset, length), ...] of a SCATTER raw payload (validated as in scatter_check)."""
+    cdef const unsigned char[::1] view
+    cdef uint32_t count = 0, i
+    cdef size_t table = 0
+    view = _scatter_view(raw, volume_size, alignment, &count, &table)
+    cdef const unsigned char *e
+    out = []
+    for i in range(count):
+        e = &view[0] + C_SCATTER_HEAD + C_SCATTER_ENTRY * i
+        out.append((_get_u64(e), _get_u32(e + 8)))
+    return out
+
+
+def scatter_write(fd, raw, volume_size, alignment=1):
+    """Write every extent of a SCATTER raw payload into fd at its offset; return data bytes.
+
+    Validates first (scatter_check's rules) and writes nothing from a bad table;
+    the writes run without the GIL, one pwrite per extent.  An I/O error raises
+    OSError with its errno (the caller knows which file it is).
+    """
+    cdef int cfd = _check_int(fd, "fd", 0, 2**31 - 1)
+    cdef const unsigned char[::1] view
+    cdef uint32_t count = 0, i
+    cdef size_t table = 0, pos, left
+    view = _scatter_view(raw, volume_size, alignment, &count, &table)
+    cdef size_t n = view.shape[0]
+    cdef const unsigned char *p = &view[0]
+    cdef const unsigned char *e
+    cdef uint64_t off
+    cdef ssize_t got
+    cdef int err = 0
+    with nogil:
+        pos = table
+        for i in range(count):
+            e = p + C_SCATTER_HEAD + C_SCATTER_ENTRY * i
+            off = _get_u64(e)
+            left = _get_u32(e + 8)
+            while left:
+                got = pwrite(cfd, p + pos, left, <off_t>off)
+                if got < 0:
+                    if errno == EINTR:
+                        continue
+                    err = errno
+                    break
+                pos += <size_t>got
+                off += <uint64_t>got
+                left -= <size_t>got
+            if err:
+                break
+    if err:
+        raise OSError(err, strerror(err).decode())
+    return n - table
+
+
+def frame_raw_length(frame):
+    """The raw_length field of a whole frame made by this module (bytes at least HEADER_SIZE).
+
+    Senders use it to count what a frame covers without decoding the header:
+    a DATA chunk's bytes, a ZERO/TRIM run's length, a SCATTER payload's bytes.
+    """
+    cdef const unsigned char[::1] view = memoryview(frame).cast("B")
+    if view.shape[0] < C_HEADER_SIZE:
+        raise errors.UsageError(f"frames: {view.shape[0]} bytes are not a whole frame")
+    return _get_u32(&view[0] + 28)
 
 
 def new_payload_buffer(n):
@@ -555,7 +726,7 @@ cdef int64_t _preadv_full(int fd, iovec *iov, int count, off_t offset) noexcept 
 
 cdef int _finish_chunks(Chunk *chunks, int count, int codec, int level, uint64_t cycle,
                         char *scratch, size_t scratch_size, ZSTD_CCtx *cctx,
-                        size_t *zstd_error) noexcept nogil:
+                        size_t *zstd_error, uint8_t ftype=C_FT_DATA) noexcept nogil:
     """Hash each chunk's raw payload, compress it in place when that shrinks it, write
     its header. Return 0 or -1 for a zstd error."""
     cdef int i
@@ -583,7 +754,7 @@ cdef int _finish_chunks(Chunk *chunks, int count, int codec, int level, uint64_t
             memcpy(payload, scratch, got)
             chunks[i].codec = <uint8_t>codec
             chunks[i].length = got
-        _write_header(chunks[i].frame, C_FT_DATA, 0, chunks[i].codec, cycle, chunks[i].offset,
+        _write_header(chunks[i].frame, ftype, 0, chunks[i].codec, cycle, chunks[i].offset,
                       <uint32_t>chunks[i].length, <uint32_t>chunks[i].raw_length,
                       chunks[i].checksum)
     return 0
@@ -671,6 +842,128 @@ cdef class FramePacker:
             if cctx != NULL:
                 ZSTD_freeCCtx(cctx)
         return frames
+
+    def pack_scatter(self, fd, extents, cycle):
+        """Return [(frame, data bytes), ...]: SCATTER frames carrying many small extents each.
+
+        extents: [(offset, length), ...] ascending and not overlapping.  A frame
+        takes extents in order until its data would pass chunk_size or it holds
+        MAX_SCATTER_EXTENTS of them (an extent longer than chunk_size gets a frame
+        of its own); its raw payload is the extent table then each extent's bytes,
+        read with one pread each, hashed and compressed as one chunk.  For the same
+        extents the frames are always the same (resume regenerates them).
+        """
+        cdef int cfd = _check_int(fd, "fd", 0, 2**31 - 1)
+        cdef uint64_t c = _check_int(cycle, "cycle", 0, MAX_CYCLE)
+        cdef list offs = []
+        cdef list lens = []
+        cdef uint64_t prev_end = 0
+        for index, extent in enumerate(extents):
+            try:
+                ext_offset, ext_length = extent
+            except (TypeError, ValueError):
+                raise errors.UsageError(
+                    f"pack_scatter: extent #{index} is {extent!r}, not (offset, length)"
+                ) from None
+            off = _check_int(ext_offset, f"extent #{index} offset", 0, MAX_OFFSET)
+            ln = _check_int(ext_length, f"extent #{index} length", 1, min(U32_MAX, MAX_OFFSET - off))
+            if index and off < prev_end:
+                raise errors.UsageError(
+                    f"pack_scatter: extent #{index} at {off} overlaps or precedes the one before")
+            prev_end = off + ln
+            offs.append(off)
+            lens.append(ln)
+        out = []
+        cdef Py_ssize_t n = len(offs), first = 0, last
+        cdef size_t data
+        while first < n:
+            last = first
+            data = lens[first]
+            while (last + 1 < n and last + 1 - first < C_MAX_SCATTER
+                   and data + <size_t>lens[last + 1] <= self.chunk_size):
+                last += 1
+                data += <size_t>lens[last]
+            out.append((self._pack_scatter_frame(cfd, offs, lens, first, last + 1, data, c),
+                        data))
+            first = last + 1
+        return out
+
+    cdef bytes _pack_scatter_frame(self, int fd, list offs, list lens, Py_ssize_t first,
+                                   Py_ssize_t stop, size_t data, uint64_t cycle):
+        cdef int count = <int>(stop - first), i, rc_compress = 0
+        cdef size_t table = C_SCATTER_HEAD + C_SCATTER_ENTRY * <size_t>count
+        cdef size_t raw = table + data
+        cdef size_t scratch_size = 0, zstd_error = 0, pos
+        cdef int64_t rc_read = 0
+        cdef uint64_t *eo = <uint64_t *>malloc(count * sizeof(uint64_t))
+        cdef size_t *el = <size_t *>malloc(count * sizeof(size_t))
+        cdef char *scratch = NULL
+        cdef ZSTD_CCtx *cctx = NULL
+        cdef Chunk chunk
+        cdef iovec iov
+        cdef unsigned char *p
+        cdef int codec = self.codec, level = self.level
+        frame = PyBytes_FromStringAndSize(NULL, C_HEADER_SIZE + raw)
+        try:
+            if eo == NULL or el == NULL:
+                raise MemoryError()
+            for i in range(count):
+                eo[i] = offs[first + i]
+                el[i] = lens[first + i]
+            if codec == CODEC_LZ4:
+                scratch_size = LZ4_compressBound(<int>raw)
+            elif codec == CODEC_ZSTD:
+                scratch_size = ZSTD_compressBound(raw)
+                cctx = ZSTD_createCCtx()
+                if cctx == NULL:
+                    raise MemoryError()
+            if scratch_size:
+                scratch = <char *>malloc(scratch_size)
+                if scratch == NULL:
+                    raise MemoryError()
+            p = <unsigned char *>PyBytes_AS_STRING(frame)
+            chunk.frame = p
+            chunk.offset = eo[0]
+            chunk.raw_length = raw
+            with nogil:
+                p += C_HEADER_SIZE
+                _put_u32(p, <uint32_t>count)
+                _put_u32(p + 4, 0)
+                for i in range(count):
+                    _put_u64(p + C_SCATTER_HEAD + C_SCATTER_ENTRY * i, eo[i])
+                    _put_u32(p + C_SCATTER_HEAD + C_SCATTER_ENTRY * i + 8, <uint32_t>el[i])
+                    _put_u32(p + C_SCATTER_HEAD + C_SCATTER_ENTRY * i + 12, 0)
+                pos = table
+                for i in range(count):
+                    iov.iov_base = p + pos
+                    iov.iov_len = el[i]
+                    rc_read = _preadv_full(fd, &iov, 1, <off_t>eo[i])
+                    if rc_read != 0:
+                        break
+                    pos += el[i]
+                if rc_read == 0:
+                    rc_compress = _finish_chunks(&chunk, 1, codec, level, cycle, scratch,
+                                                 scratch_size, cctx, &zstd_error, C_FT_SCATTER)
+            if rc_read < 0:
+                raise errors.StoreError(
+                    f"pack_scatter: reading fd {fd} failed: {strerror(<int>-rc_read).decode()} "
+                    f"(errno {-rc_read}); check the source image")
+            if rc_read > 0:
+                raise errors.UsageError(
+                    f"pack_scatter: fd {fd} ends at byte {rc_read - 1}, inside an extent; "
+                    "extents must lie inside the file")
+            if rc_compress < 0:
+                raise errors.StoreError(
+                    f"pack_scatter: zstd failed: {ZSTD_getErrorName(zstd_error).decode()}")
+        finally:
+            free(eo)
+            free(el)
+            free(scratch)
+            if cctx != NULL:
+                ZSTD_freeCCtx(cctx)
+        if chunk.length != raw:
+            return frame[:C_HEADER_SIZE + chunk.length]
+        return frame
 
     cdef _pack_piece(self, int fd, uint64_t offset, size_t length, uint64_t cycle, list frames,
                      Chunk *chunks, iovec *iov, char *scratch, size_t scratch_size,

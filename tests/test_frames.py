@@ -68,7 +68,8 @@ GOLDEN_HEX = ("434d4652" "01" "01" "01" "01"          # magic, version, type, fl
 def test_header_layout_is_pinned():
     assert frames.HEADER_SIZE == 48
     assert frames.MAGIC == b"CMFR" and frames.VERSION == 1
-    assert (frames.FT_DATA, frames.FT_ZERO, frames.FT_TRIM, frames.FT_CONTROL) == (1, 2, 3, 4)
+    assert (frames.FT_DATA, frames.FT_ZERO, frames.FT_TRIM, frames.FT_CONTROL,
+            frames.FT_SCATTER) == (1, 2, 3, 4, 5)
     assert (frames.CODEC_NONE, frames.CODEC_LZ4, frames.CODEC_ZSTD) == (0, 1, 2)
     assert (frames.FLAG_LAST, frames.FLAGS_RESERVED) == (0x01, 0xFE)
     header = frames.encode_header(*GOLDEN_FIELDS)
@@ -117,7 +118,7 @@ BAD_FIELDS = [
     ("magic", 0, b"CMFX"),
     ("version", 4, b"\x02"),
     ("type", 5, b"\x00"),
-    ("type", 5, b"\x05"),
+    ("type", 5, b"\x06"),
     ("flags", 6, b"\x02"),
     ("flags", 6, b"\x80"),
     ("codec", 7, b"\x03"),
@@ -481,3 +482,107 @@ def test_pack_extents_beyond_4_gib_and_from_a_numpy_run_array(tmp_path):
     decoded = unpack_all(got, 6 << 30, 4096)
     assert [(off, raw) for off, raw, _ in decoded] == [(base, data[:4096]),
                                                       (base + 8192, data[8192:])]
+
+
+# ---------------------------------------------------------------- SCATTER frames
+
+def _extents_from(gaps_and_lengths, block):
+    """Ascending, non-overlapping (offset, length) in blocks of ``block`` bytes."""
+    out, pos = [], 0
+    for gap, length in gaps_and_lengths:
+        pos += gap * block
+        out.append((pos, length * block))
+        pos += length * block
+    return out
+
+
+@given(spans=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 4)), min_size=1,
+                      max_size=60),
+       codec=st.sampled_from([0, 1, 2]), chunk_blocks=st.sampled_from([1, 3, 16, 256]))
+@settings(max_examples=examples(120), deadline=None)
+def test_pack_scatter_matches_the_model_and_round_trips(tmp_path_factory, spans, codec,
+                                                        chunk_blocks):
+    block = 512
+    extents = _extents_from(spans, block)
+    size = extents[-1][0] + extents[-1][1] + block
+    data = os.urandom(size // 2) + bytes(size - size // 2)  # half noise, half compressible
+    path = tmp_path_factory.mktemp("sc") / "img"
+    fd = write_file(path, data)
+    try:
+        packer = frames.FramePacker(codec, chunk_size=chunk_blocks * block)
+        got = packer.pack_scatter(fd, extents, 3)
+        expected = ref.pack_scatter(fd, extents, 3, codec, chunk_blocks * block)
+    finally:
+        os.close(fd)
+    assert [n for _, n in got] == [n for _, n in expected]
+    if codec == frames.CODEC_NONE:
+        assert [f for f, _ in got] == [f for f, _ in expected]
+    caps = frames.FrameLimits(1 << 20, 1 << 20, 0, size, block)
+    seen = []
+    for frame, n in got:
+        h = frames.decode_header(frame, caps)
+        assert h.type == frames.FT_SCATTER
+        raw = frames.decode_payload(h, frame[frames.HEADER_SIZE:])
+        first, count, nbytes = frames.scatter_check(raw, size, block)
+        ext = frames.scatter_extents(raw, size, block)
+        assert ext == ref.scatter_extents(raw, size, block)
+        assert (first, count, nbytes) == (h.offset, len(ext), n) == (ext[0][0], len(ext), n)
+        pos = 8 + 16 * count
+        for off, ln in ext:
+            assert raw[pos:pos + ln] == data[off:off + ln]
+            pos += ln
+        seen += ext
+    assert seen == extents
+
+
+@given(extents=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 3 << 12)),
+                        min_size=0, max_size=6),
+       count_delta=st.integers(-1, 1), reserved=st.integers(0, 1), tail=st.integers(-2, 2),
+       volume=st.sampled_from([1 << 16, (1 << 16) + 1024]))
+@settings(max_examples=examples(400), deadline=None)
+def test_scatter_tables_are_checked_like_the_model(extents, count_delta, reserved, tail,
+                                                   volume):
+    data = bytes(max(0, sum(ln for _, ln in extents) + tail))
+    raw = bytearray(ref.scatter_payload(extents, data))
+    struct.pack_into("<II", raw, 0, max(0, len(extents) + count_delta), reserved)
+    expected = ref.scatter_extents(bytes(raw), volume, 1024)
+    try:
+        got = frames.scatter_extents(bytes(raw), volume, 1024)
+    except errors.FrameError as exc:
+        got = ("FrameError", exc.field)
+    assert got == expected
+
+
+def test_scatter_write_writes_each_extent_and_refuses_a_bad_table(tmp_path):
+    size = 1 << 20
+    extents = [(0, 4096), (8192, 8192), (size - 4096, 4096)]
+    chunks = [os.urandom(ln) for _, ln in extents]
+    raw = ref.scatter_payload(extents, b"".join(chunks))
+    fd = os.open(tmp_path / "img", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, size)
+        assert frames.scatter_write(fd, raw, size, 4096) == sum(ln for _, ln in extents)
+        for (off, ln), chunk in zip(extents, chunks, strict=True):
+            assert os.pread(fd, ln, off) == chunk
+        assert os.pread(fd, 4096, 4096) == bytes(4096)
+        before = os.pread(fd, size, 0)
+        bad = bytearray(raw)
+        struct.pack_into("<Q", bad, 8 + 16 * 2, size)  # the last extent past the end
+        with pytest.raises(errors.FrameError) as info:
+            frames.scatter_write(fd, bytes(bad), size, 4096)
+        assert info.value.field == "payload"
+        assert os.pread(fd, size, 0) == before  # nothing written from a bad table
+    finally:
+        os.close(fd)
+
+
+def test_pack_scatter_refuses_unordered_extents(tmp_path):
+    fd = write_file(tmp_path / "img", bytes(1 << 16))
+    try:
+        packer = frames.FramePacker(frames.CODEC_NONE)
+        with pytest.raises(errors.UsageError, match="overlaps or precedes"):
+            packer.pack_scatter(fd, [(8192, 4096), (4096, 4096)], 1)
+        with pytest.raises(errors.UsageError, match="extent #0"):
+            packer.pack_scatter(fd, [(0, 0)], 1)
+    finally:
+        os.close(fd)

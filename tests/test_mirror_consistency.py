@@ -27,7 +27,9 @@ from tests.support.mirror import Rig, same_file, wait_for
 from tests.support.tools import SLOW
 
 TRIALS = 40 if SLOW else 3
-APPLY_SLEEP = "0.003"  # failpoint: slow apply down so kills can land inside it
+# failpoint: slow apply down (per staged record; a SCATTER record carries many blocks)
+# so kills land inside apply, and the next cycle arrives while the previous applies.
+APPLY_SLEEP = "0.05"
 
 
 def state_file(rig):
@@ -36,12 +38,21 @@ def state_file(rig):
     return os.path.join(mdir, nodes[0], "v1.state.json") if nodes else None
 
 
-def committed_now(rig) -> bool:
-    path = state_file(rig)
+def _state_body(rig) -> dict:
     try:
-        return json.load(open(path))["body"]["committed"] is not None
+        return json.load(open(state_file(rig)))["body"]
     except (OSError, ValueError, TypeError, KeyError):
-        return False
+        return {}
+
+
+def committed_now(rig) -> bool:
+    return _state_body(rig).get("committed") is not None
+
+
+def overlapping_now(rig) -> bool:
+    """The target applies one cycle while it already receives the next (protocol 2)."""
+    body = _state_body(rig)
+    return body.get("committed") is not None and body.get("pending") is not None
 
 
 def check_recovered(rig):
@@ -69,11 +80,25 @@ def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
     rig.start_source()
     wait_for(lambda: len(rig.events()) >= 2, 60, "the first cycles")
     kills_in_apply = 0
-    plan = ["target-in-apply"] + [rng.choice(["target", "source", "both"])
-                                  for _ in range(TRIALS)]
+    overlaps = 0
+    plan = ["target-in-apply", "target-in-overlap", "source-in-overlap", "both-in-overlap"]
+    plan += [rng.choice(["target", "source", "both"]) for _ in range(TRIALS)]
     for which in plan:
         before = len(rig.events())
-        if which == "target-in-apply":
+        if which.endswith("-in-overlap"):
+            who = which.split("-")[0]
+            for _attempt in range(20):  # the overlap may end between seeing it and the kill
+                wait_for(lambda: overlapping_now(rig), 60,
+                         "a cycle received while the previous one applies")
+                if who in ("target", "both"):
+                    rig.kill("target")
+                if who in ("source", "both"):
+                    rig.kill("source")
+                if who == "source" or overlapping_now(rig):
+                    overlaps += 1
+                    break
+                rig.start_target(**env)
+        elif which == "target-in-apply":
             for _attempt in range(20):  # the apply may finish between seeing it and the kill
                 wait_for(lambda: committed_now(rig), 30, "a committed delta on the target")
                 rig.kill("target")
@@ -98,6 +123,7 @@ def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
         wait_for(lambda b=before: len(rig.events()) >= b + 2, 60,
                  f"cycles after killing {which}:\n{rig.log('source')}")
     assert kills_in_apply >= 1, "no kill landed inside apply"
+    assert overlaps == 3, "a kill did not land while a copy and an apply overlapped"
     final = rig.finish()
     events = rig.events()
     assert events[0]["full"] and events[0]["cycle"] == 1

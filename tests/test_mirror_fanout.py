@@ -108,7 +108,7 @@ def test_two_targets_one_down_the_other_goes_on_then_catch_up_is_a_delta(tmp_pat
 def d_sync_only_a(d, rec, a_store, src):
     """Freeze and wait until target a applied it (b is down, so sync() would wait)."""
     want = d.request_freeze()
-    a_label = d.runs[0].label
+    a_label = d.targets[0].label
     wait_for(lambda: any(c >= want and lab == a_label for c, lab, _ in rec.events), 30,
              f"cycle {want} on target a")
     assert same_file(image(a_store, src, "v"), rec.exports[want])
@@ -197,7 +197,7 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
     d.rate.rate = 1 * MiB  # slow enough to catch the cycle in the middle
     d.request_freeze()
     wait_for(lambda: d.status()["cycle"] == c1 + 1
-             and d.status()["targets"][d.runs[0].label]["phase"] == "copying", 30,
+             and d.status()["targets"][d.targets[0].label]["phase"] == "copying", 30,
              f"the next cycle to start copying (c1={c1})")
     d.break_cycles(now=True)
     wait_for(lambda: d.status()["phase"] == "broken", 30, "the break")
@@ -220,8 +220,8 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
 def test_a_cycle_over_tls_with_a_real_certificate(tmp_path, key):
     import subprocess
 
-    from tests.support.tools import require_tool
     from cyclemirror.wire.handshake import TlsConfig
+    from tests.support.tools import require_tool
 
     openssl = require_tool("openssl")
     cert, pkey = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")

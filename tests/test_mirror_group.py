@@ -159,7 +159,7 @@ def test_an_interrupted_group_cycle_resumes_after_the_acknowledged_chunk(world):
     d.start()
     # 8 chunks of 1 MiB at 1 MiB/s, acknowledged every 2 s: wait for an ack inside
     # member b (chunks 4..7), about 2 s before the cycle would end.
-    wait_for(lambda: d.runs[0].link is not None and d.runs[0].link.acked[1] > 4, 30,
+    wait_for(lambda: d.targets[0].link is not None and d.targets[0].link.acked[1] > 4, 30,
              "an acknowledgement inside the second member")
     d.stop()
     d = group_driver(w, rec, [a, b], codec="none")

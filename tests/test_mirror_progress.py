@@ -5,11 +5,11 @@ only grow, the raw bytes never exceed the bytes covered and those never the
 total known up front (the volume's size for a full copy, owed blocks times the
 block size for a delta); when the target is about to apply, the bytes covered
 equal the total and the raw and wire bytes equal the figures the applied cycle
-then reports; once applied the progress is gone.  A group totals each
+then reports; once committed (and then applied) the progress is gone.  A group totals each
 member at its own block size.  A cycle resumed after a lost connection
 counts the chunks it skipped as done (``skipped_bytes``) but not as sent.
-The target's ``on_applied``
-hook holds the apply, so the final snapshot is taken deterministically.
+The target's ``on_committed``
+hook holds the commit, so the final snapshot is taken deterministically.
 """
 
 import os
@@ -31,14 +31,14 @@ COUNTERS = ("done_bytes", "bytes_raw", "bytes_wire", "chunks_sent")
 
 
 class HeldApply:
-    """A target whose apply waits until the test has looked at the source."""
+    """A target whose commit (and so the apply) waits until the test has looked at the source."""
 
     def __init__(self, tmp_path, key):
         self.reached = threading.Event()
         self.release = threading.Event()
         self.store = Store.create(str(tmp_path / "target"))
         self.key = key
-        self.server = TargetServer(self.store, key, ("127.0.0.1", 0), on_applied=self._hold)
+        self.server = TargetServer(self.store, key, ("127.0.0.1", 0), on_committed=self._hold)
         self.server.start()
 
     def _hold(self, mirror):
@@ -50,7 +50,7 @@ class HeldApply:
         port = self.server.address[1]
         self.server.stop()
         self.server = TargetServer(self.store, self.key, ("127.0.0.1", port),
-                                   on_applied=self._hold)
+                                   on_committed=self._hold)
         self.server.start()
 
     def close(self):
@@ -84,7 +84,7 @@ def setup(tmp_path):
 
 
 def watch_cycle(d, target, label, cycle, timeout=60.0):
-    """Poll status() until the target holds the apply; return the snapshots seen."""
+    """Poll status() until the target holds the commit; return the snapshots seen."""
     seen = []
     deadline = time.monotonic() + timeout
     while not target.reached.is_set():
@@ -132,7 +132,7 @@ def test_a_rate_capped_full_cycle_reports_growing_progress_ending_at_its_raw_fig
     vol.write(0, os.urandom(3 * MiB))  # 3 MiB at 1 MiB/s: about 3 s of shipping
     vol.write(6 * MiB, b"\x07" * MiB)  # compresses well: raw and wire differ
     d = make(vol, 1 * MiB)
-    label = d.runs[0].label
+    label = d.targets[0].label
     d.start()
     d.request_freeze()
     seen = watch_cycle(d, target, label, 1)
@@ -150,7 +150,7 @@ def test_a_delta_cycle_counts_owed_blocks_including_zeroed_ones(setup):
     src, target, make, applied = setup
     vol = src.create_volume("v", 4 * MiB)
     d = make(vol, 256 << 10)
-    label = d.runs[0].label
+    label = d.targets[0].label
     target.release.set()
     d.start()
     d.sync(30)
@@ -177,7 +177,7 @@ def test_a_group_totals_each_members_owed_blocks_at_its_own_block_size(setup):
     db = src.create_volume("db", 2 * MiB)
     lg = src.create_volume("log", MiB, block_size=16384)
     d = make(VolumeGroup(src, "app", [db, lg]), 512 << 10)
-    label = d.runs[0].label
+    label = d.targets[0].label
     target.release.set()
     d.start()
     d.sync(30)
@@ -202,7 +202,7 @@ def test_a_resumed_cycle_counts_skipped_chunks_as_done_but_not_as_sent(setup):
     vol = src.create_volume("v", 8 * MiB)
     vol.write(0, os.urandom(8 * MiB))
     d = make(vol, 1 * MiB)
-    label = d.runs[0].label
+    label = d.targets[0].label
     d.start()
     d.request_freeze()
     deadline = time.monotonic() + 30

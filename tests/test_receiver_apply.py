@@ -123,7 +123,7 @@ def test_recovery_always_leaves_a_freeze_instant(tmp_path_factory, first, cycles
         apply_model(model, recs)
         assert m.state.applied_cycle == cycle and m.state.committed is None
         assert read_image(m) == model
-        assert not os.path.exists(m.staging_path)
+        assert not [f for f in os.listdir(m.directory) if ".staging" in f]
     m.close()
 
 

@@ -43,11 +43,11 @@ def frozen_volume(tmp_path):
     store.close()
 
 
-def stream(frozen, owed, threads, codec=frames.CODEC_LZ4):
+def stream(frozen, owed, threads, codec=frames.CODEC_LZ4, scatter=False):
     packer = frames.FramePacker(codec, chunk_size=256 << 10)
     with frozen.reader() as reader:
         return list(shipping.cycle_frames(reader, owed, frozen.number, packer, BS,
-                                          threads=threads))
+                                          threads=threads, scatter=scatter))
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4])
@@ -57,17 +57,55 @@ def test_full_and_delta_streams_do_not_depend_on_the_thread_count(frozen_volume,
     owed = second.dirty
     assert owed.count() > 0
     assert stream(second, owed, threads) == stream(second, owed, 1)
+    assert stream(second, owed, threads, scatter=True) == stream(second, owed, 1, scatter=True)
 
 
 def test_the_stream_covers_the_volume_once(frozen_volume):
     vol, first, _second = frozen_volume
     covered = 0
-    for frame, raw in stream(first, None, 4):
+    for frame, raw, extent in stream(first, None, 4):
         header = frames.decode_header(frame[:frames.HEADER_SIZE],
                                       frames.FrameLimits(64 * MiB, 64 * MiB, 1 << 20, vol.size))
         covered += header.raw_length
         assert raw == (header.raw_length if header.type == frames.FT_DATA else 0)
+        assert extent == header.raw_length
     assert covered == vol.size
+
+
+def test_a_scattered_delta_travels_in_scatter_frames_that_cover_exactly_the_owed_blocks(
+        frozen_volume):
+    vol, _first, second = frozen_volume
+    owed = second.dirty
+    limits = frames.FrameLimits(64 * MiB, 64 * MiB, 1 << 20, vol.size, BS)
+    blocks, data_bytes, kinds = set(), 0, set()
+    with second.reader() as reader:
+        expected = {b: reader.read(b * BS, BS) for s, n in owed.iter_runs()
+                    for b in range(s, s + n)}
+    frames_out = stream(second, owed, 2, scatter=True)
+    for frame, raw, extent in frames_out:
+        header = frames.decode_header(frame[:frames.HEADER_SIZE], limits)
+        kinds.add(header.type)
+        assert raw == extent
+        payload = frames.decode_payload(header, frame[frames.HEADER_SIZE:])
+        if header.type == frames.FT_SCATTER:
+            pos = frames.SCATTER_TABLE_HEAD + frames.SCATTER_ENTRY * len(
+                frames.scatter_extents(payload, vol.size, BS))
+            for off, ln in frames.scatter_extents(payload, vol.size, BS):
+                for k in range(ln // BS):
+                    b = off // BS + k
+                    assert payload[pos + k * BS:pos + (k + 1) * BS] == expected[b]
+                    blocks.add(b)
+                pos += ln
+        else:
+            assert header.type == frames.FT_DATA
+            for k in range(header.raw_length // BS):
+                assert payload[k * BS:(k + 1) * BS] == expected[header.offset // BS + k]
+                blocks.add(header.offset // BS + k)
+        data_bytes += raw
+    assert frames.FT_SCATTER in kinds
+    assert blocks == set(expected) and data_bytes == len(expected) * BS
+    # Far fewer frames than blocks: that is what SCATTER is for.
+    assert len(frames_out) * 8 < len(expected)
 
 
 def test_an_abandoned_stream_stops_its_workers_and_keeps_the_reader_usable(frozen_volume):

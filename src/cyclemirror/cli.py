@@ -160,7 +160,8 @@ def cmd_volume_rm(args) -> int:
 
 def cmd_mirror_start(args) -> int:
     request = {"volume": args.volume, "to": args.to, "interval": args.interval,
-               "compress": args.compress, "bwlimit": args.bwlimit, "group": args.group}
+               "compress": args.compress, "bwlimit": args.bwlimit, "group": args.group,
+               "rpo": args.rpo}
     if args.remote_name:
         request["as"] = args.remote_name
     if args.key_file:
@@ -168,8 +169,10 @@ def cmd_mirror_start(args) -> int:
     info = _call(args, "mirror.start", reply_timeout=60,
                  **{k: v for k, v in request.items() if v is not None})
     group = info.get("group")
-    print(f"mirroring {info['volume']} to {info['target']} as {info['remote_name']} "
-          f"every {info['interval']}s"
+    cadence = (f"with an RPO objective of {info['rpo']:g}s"
+               + (f" (at most {info['interval']:g}s between freezes)" if info["interval"] else "")
+               if info.get("rpo") else f"every {info['interval']}s")
+    print(f"mirroring {info['volume']} to {info['target']} as {info['remote_name']} {cadence}"
           + (f" in group {group} (on the target: {info.get('target_mirror')})" if group else ""))
     return 0
 
@@ -228,10 +231,23 @@ def cmd_mirror_rm(args) -> int:
 
 # -- status --------------------------------------------------------------------------------
 
+EXIT_CHECK_UNKNOWN = 3  # status --check: the daemon could not be asked (Nagios "UNKNOWN")
+
+
 def cmd_status(args) -> int:
-    from cyclemirror.daemon.render import CLEAR_SCREEN, render_status
+    from cyclemirror.daemon.render import CLEAR_SCREEN, check_status, render_status
     from cyclemirror.units import parse_seconds
 
+    if args.check:
+        # For monitoring systems: one line, exit 0 ok / 1 at risk / 2 violated.
+        try:
+            doc = _call(args, "status")
+        except CycleMirrorError as exc:
+            print(f"UNKNOWN: {exc}")
+            return EXIT_CHECK_UNKNOWN
+        code, line = check_status(doc)
+        print(line)
+        return code
     every = parse_seconds(args.every, "--every", allow_zero=False)
     with _client(args) as client:
         if not args.watch:
@@ -333,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name of the mirror (and image) on the target (default: the "
                             "volume's name); same rules as a volume name")
     start.add_argument("--interval", type=float, metavar="SECONDS",
-                       help="time from one freeze to the next (default 10; 0 = back to back)")
+                       help="time from one freeze to the next (default 10; 0 = back to back); "
+                            "with --rpo, the longest time between freezes")
+    start.add_argument("--rpo", metavar="SECONDS",
+                       help="RPO objective: the interval adapts (back to back while a target "
+                            "lags, longer while the volume is quiet) and status says ok, "
+                            "at_risk or violated")
     start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|none",
                        help="chunk compression (default lz4)")
     start.add_argument("--bwlimit", metavar="RATE", help="cap this mirror's rate, e.g. 20M")
@@ -375,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refresh period of --watch (default 1)")
     status.add_argument("--count", type=int, default=0, metavar="N",
                         help="with --watch, stop after N refreshes (default: never)")
+    status.add_argument("--check", action="store_true",
+                        help="for monitoring: one line and exit 0 (every mirror ok), 1 (at "
+                             "risk), 2 (RPO objective violated or mirror broken), 3 (daemon "
+                             "not reachable)")
     status.set_defaults(func=cmd_status)
 
     demo = verbs.add_parser("demo", help="run a source and a target on loopback and show a "

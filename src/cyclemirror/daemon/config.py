@@ -68,11 +68,13 @@ class MirrorSpec:
     bwlimit: int = 0  # bytes per second, 0 = no cap of its own
     key_file: str | None = None
     group: str | None = None
+    rpo: float | None = None  # the RPO objective, seconds; the interval then adapts to it
 
     def to_json(self) -> dict:
         return {"volume": self.volume, "to": str(self.to), "as": self.remote_name,
                 "interval": self.interval, "compress": str(self.compress),
-                "bwlimit": self.bwlimit, "key_file": self.key_file, "group": self.group}
+                "bwlimit": self.bwlimit, "key_file": self.key_file, "group": self.group,
+                "rpo": self.rpo}
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> MirrorSpec:
@@ -159,7 +161,8 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
     """Build a MirrorSpec from a config table, a control request or the saved state."""
     if not isinstance(data, dict):
         raise UsageError(f"{where}: a mirror must be a table of settings")
-    allowed = {"volume", "to", "as", "interval", "compress", "bwlimit", "key_file", "group"}
+    allowed = {"volume", "to", "as", "interval", "compress", "bwlimit", "key_file", "group",
+               "rpo"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{where}: unknown mirror setting(s) {', '.join(unknown)}; "
@@ -176,15 +179,25 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
     group = data.get("group")
     if group is not None:
         group = check_name(group, f"{where}: group")
+    objective = data.get("rpo")
+    if objective is not None:
+        objective = parse_seconds(objective, f"{where}: rpo")
+        if objective <= 0:
+            raise UsageError(f"{where}: rpo must be more than 0 seconds (the RPO objective)")
+    # With an objective the interval adapts; a given interval is then the longest wait.
+    default_interval = 0.0 if objective is not None else DEFAULT_INTERVAL
+    interval = data.get("interval")
     return MirrorSpec(
         volume=volume,
         to=parse_hostport(data["to"], f"{where}: to"),
         remote_name=check_name(remote, f"{where}: as"),
-        interval=parse_seconds(data.get("interval", DEFAULT_INTERVAL), f"{where}: interval"),
+        interval=(default_interval if interval is None
+                  else parse_seconds(interval, f"{where}: interval")),
         compress=parse_compress(data.get("compress", "lz4"), f"{where}: compress"),
         bwlimit=parse_rate(data.get("bwlimit", 0), f"{where}: bwlimit"),
         key_file=key_file,
         group=group,
+        rpo=objective,
     )
 
 

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from cyclemirror.errors import UsageError
 
 PHASES = ("freezing", "copying", "applying", "idle", "broken", "reconnecting")
+RPO_STATES = ("ok", "at_risk", "violated")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 log = logging.getLogger("cyclemirror.daemon.metrics")
@@ -103,6 +104,27 @@ def render_metrics(doc: dict) -> str:
               m.get("cycles_total", 0))
         e.add("cyclemirror_mirror_error", "gauge", "1 if the mirror's last attempt failed.",
               lb, int(bool(m.get("last_error"))))
+        e.add("cyclemirror_mirror_committed_cycle", "gauge",
+              "Newest cycle the target holds durably (committed; applied follows).", lb,
+              m.get("committed_cycle"))
+        e.add("cyclemirror_mirror_interval_seconds", "gauge",
+              "Time from one freeze to the next now (adapts to an RPO objective).", lb,
+              m.get("interval_now"))
+        rpo = m.get("rpo")
+        if rpo:
+            e.add("cyclemirror_mirror_rpo_objective_seconds", "gauge",
+                  "The RPO objective of the mirror (mirror start --rpo).", lb, rpo["objective"])
+            e.add("cyclemirror_mirror_rpo_predicted_seconds", "gauge",
+                  "Worst RPO age expected before the target's next apply.", lb,
+                  rpo["predicted"] if rpo["predicted"] != float("inf") else None)
+            for state in RPO_STATES:
+                e.add("cyclemirror_mirror_rpo_state", "gauge",
+                      "1 for the mirror's state against its RPO objective.",
+                      dict(lb, state=state), int(rpo["state"] == state))
+        for phase, seconds in ((last.get("phases") or {}).items()):
+            e.add("cyclemirror_mirror_last_cycle_phase_seconds", "gauge",
+                  "Seconds the last completed cycle spent in each phase (wait, freeze, pack, "
+                  "send, commit, apply, merge).", dict(lb, phase=phase), seconds)
         progress = m.get("progress")
         if progress:
             e.add("cyclemirror_mirror_progress_done_bytes", "gauge",

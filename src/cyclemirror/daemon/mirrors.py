@@ -243,7 +243,8 @@ class OutgoingMirrors:
         targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec))
                    for _t, spec in sorted(per_target.items())]
         options = MirrorOptions(
-            interval=first.interval, codec=first.compress.codec, level=first.compress.level,
+            interval=first.interval, rpo=first.rpo, codec=first.compress.codec,
+            level=first.compress.level,
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
                 u, cycle, label, stats))
@@ -291,7 +292,7 @@ class OutgoingMirrors:
     def _check_compatible(self, spec: MirrorSpec) -> None:
         for target, entry in self._entries_of(spec.volume):
             other = entry["spec"]
-            for field_name in ("interval", "compress", "bwlimit", "group", "remote_name"):
+            for field_name in ("interval", "rpo", "compress", "bwlimit", "group", "remote_name"):
                 if getattr(other, field_name) != getattr(spec, field_name):
                     shown = {"remote_name": "--as name"}.get(field_name, field_name)
                     raise UsageError(
@@ -312,7 +313,7 @@ class OutgoingMirrors:
             other = entry["spec"]
             if volume == spec.volume:
                 continue
-            for field_name in ("interval", "compress", "bwlimit"):
+            for field_name in ("interval", "rpo", "compress", "bwlimit"):
                 if getattr(other, field_name) != getattr(spec, field_name):
                     raise UsageError(
                         f"group {spec.group!r}: member {volume!r} (to {target}) has "
@@ -350,13 +351,13 @@ class OutgoingMirrors:
             existing = self._entries_of(volume) if isinstance(volume, str) else []
             if existing:
                 inherited = existing[0][1]["spec"].to_json()
-                for name in ("interval", "compress", "bwlimit", "group", "as"):
+                for name in ("interval", "rpo", "compress", "bwlimit", "group", "as"):
                     request.setdefault(name, inherited[name])
             elif isinstance(request.get("group"), str):
                 fellows = self._unit_entries(GROUP_UNIT + request["group"])
                 if fellows:  # a new member takes the group's cycle settings
                     inherited = fellows[0][1]["spec"].to_json()
-                    for name in ("interval", "compress", "bwlimit"):
+                    for name in ("interval", "rpo", "compress", "bwlimit"):
                         request.setdefault(name, inherited[name])
             spec = mirror_spec_from_mapping(request, "mirror start")
             key = (spec.volume, str(spec.to))
@@ -385,12 +386,14 @@ class OutgoingMirrors:
                     log.error("mirror of %s cannot restart: %s", _unit_text(unit), exc)
                 raise
             self.book.save()
-        log.info("mirror %s -> %s started (interval %gs, compress %s%s%s)",
-                 spec.volume, spec.to, spec.interval, spec.compress,
+        log.info("mirror %s -> %s started (%s, compress %s%s%s)",
+                 spec.volume, spec.to,
+                 f"RPO objective {spec.rpo:g}s" if spec.rpo else f"interval {spec.interval:g}s",
+                 spec.compress,
                  f", bwlimit {spec.bwlimit} B/s" if spec.bwlimit else "",
                  f", group {spec.group}" if spec.group else "")
         return {"volume": spec.volume, "target": str(spec.to), "remote_name": spec.remote_name,
-                "interval": spec.interval, "compress": str(spec.compress),
+                "interval": spec.interval, "rpo": spec.rpo, "compress": str(spec.compress),
                 "bwlimit": spec.bwlimit, "group": spec.group,
                 "target_mirror": self._target_mirror(unit, self._unit_entries(unit))}
 
@@ -551,7 +554,7 @@ class OutgoingMirrors:
                         "throughput": t.get("throughput"),
                         "compression_ratio": t.get("compression_ratio"),
                         "full": t.get("full"), "chunks": t.get("chunks"),
-                        "resumed_from": t.get("resumed_from")}
+                        "resumed_from": t.get("resumed_from"), "phases": t.get("phases")}
             running = t.get("progress")
             row_progress = None
             if running and applied < running["cycle"]:
@@ -560,10 +563,11 @@ class OutgoingMirrors:
             rows.append({
                 "volume": volume, "target": target, "remote_name": spec.remote_name,
                 "group": spec.group, "target_mirror": mirror_names[unit],
-                "interval": spec.interval,
+                "interval": spec.interval, "interval_now": st.get("interval"),
                 "compress": str(spec.compress), "bwlimit": spec.bwlimit,
                 "cycle": st.get("cycle", 0), "phase": phase,
-                "applied_cycle": applied,
+                "applied_cycle": applied, "committed_cycle": t.get("committed_cycle", applied),
+                "rpo": t.get("rpo") if spec.rpo else None,
                 "applied_freeze_time": (now - rpo_age) if rpo_age is not None else None,
                 "rpo_age": rpo_age, "last_cycle": last,
                 "shipped_bytes_total": tot["bytes"], "cycles_total": tot["cycles"],

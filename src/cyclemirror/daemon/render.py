@@ -79,7 +79,7 @@ def render_status(doc: dict) -> str:
                 m["volume"] if m.get("remote_name") in (None, m["volume"])
                 else f"{m['volume']} as {m['remote_name']}",
                 m["target"], m.get("group") or "-", str(m.get("cycle", 0)), m.get("phase", "?"),
-                format_duration(m.get("rpo_age")),
+                _rpo_cell(m),
                 format_size(last["bytes"]) if "bytes" in last else "-",
                 format_duration(last.get("duration")),
                 format_rate(last.get("throughput")),
@@ -113,3 +113,45 @@ def render_status(doc: dict) -> str:
         lines.append("recent errors of incoming sessions (newest last):")
         lines += [f"  {text[:160]}" for text in recent[-5:]]
     return "\n".join(lines) + "\n"
+
+
+def _rpo_cell(m: dict) -> str:
+    """The RPO age, and against an objective its state: "1.2s (ok, objective 2s)"."""
+    age = format_duration(m.get("rpo_age"))
+    rpo = m.get("rpo")
+    if not rpo:
+        return age
+    return f"{age} ({rpo['state'].replace('_', ' ')}, objective {rpo['objective']:g}s)"
+
+
+CHECK_CODES = {"ok": 0, "at_risk": 1, "violated": 2}
+
+
+def check_status(doc: dict) -> tuple[int, str]:
+    """``status --check``: (exit code, one line) for monitoring systems.
+
+    Each outgoing mirror row counts as its RPO state (``rpo.state``), a broken
+    mirror as violated whether or not it has an objective; mirrors without an
+    objective are otherwise ok.  The line names the worst row and why.
+    """
+    rows = doc.get("mirrors", [])
+    judged = []
+    for m in rows:
+        rpo = m.get("rpo") or {}
+        if m.get("phase") == "broken":
+            state, why = "violated", f"broken: {m.get('last_error') or 'see status'}"
+        elif rpo.get("state") in CHECK_CODES:
+            state, why = rpo["state"], rpo.get("reason", "")
+        else:
+            state, why = "ok", ""
+        judged.append((CHECK_CODES[state], state, f"{m['volume']} -> {m['target']}", why))
+    if not judged:
+        return 0, "OK: no outgoing mirrors"
+    code, state, what, why = max(judged, key=lambda j: j[0])
+    others = sum(1 for j in judged if j[0] == code) - 1
+    more = f" (and {others} more)" if others else ""
+    if code == 0:
+        with_objective = sum(1 for m in rows if m.get("rpo"))
+        return 0, (f"OK: {len(rows)} mirror(s), {with_objective} with an RPO objective, "
+                   "all within it")
+    return code, f"{state.upper().replace('_', ' ')}: {what}: {why}{more}"

@@ -10,26 +10,16 @@ from __future__ import annotations
 import os
 
 # The store already has these; the target shares them rather than keeping twins.
-from cyclemirror.store.fileops import KernelCopier, data_runs, fsync_dir, pwrite_all
+from cyclemirror.store.fileops import (  # noqa: F401 - re-exported for the receiver
+    KernelCopier,
+    atomic_write,
+    data_runs,
+    fsync_dir,
+    pwrite_all,
+)
 from cyclemirror.store.fileops import punch_hole as punch_zeroes
 
 __all__ = ["atomic_write", "copy_sparse", "fsync_dir", "punch_zeroes", "pwrite_all"]
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
 
 
 def copy_sparse(src: str, dst: str) -> None:

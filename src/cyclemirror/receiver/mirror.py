@@ -8,14 +8,25 @@ and one state file (see ``state``).  The life of a cycle:
                 ``<volume>.img.new`` (sparse) and writes into it directly
                 (``imagewriter``: O_DIRECT where the file system allows), so
                 the first cycle never needs room for a second full copy plus
-                a staged one; a delta cycle appends to the staging log.
+                a staged one; a delta cycle appends to its own staging log
+                ``<mirror>.staging.<cycle>``.
   receive    -> every record was already verified by the session (frame
                 checksums); it is written, not yet acknowledged.
   checkpoint -> fdatasync, then state.pending.chunks = N: the source may
                 resume after chunk N, and we say so in an ack.
-  finish     -> all chunks present: state.committed (the commit point), then
-                redo: a delta is replayed from staging into the images, a full
+  commit     -> all chunks present: state.committed (the commit point).  From
+                here the cycle is as good as applied: recovery finishes it.
+  apply      -> redo: a delta is replayed from staging into the images, a full
                 cycle renames ``.img.new`` over ``.img``; fsync; state.applied.
+
+Pipelining (protocol 2): ``commit`` returns at once and ``start_apply`` runs
+the redo in a thread of its own, so the next cycle's ``begin`` and data are
+received (into the next staging log) while the previous one is applied.  At
+most one cycle is committed at a time: the next ``commit`` waits until the
+apply before it is done.  ``pending`` and ``committed`` may therefore both be
+set, each with its own staging log.  Every change of the state file happens
+under ``_state_lock``, by the session thread (pending) or the apply thread
+(committed -> applied).
 
 Readers (``readers.IMAGE_PINS``, e.g. the daemon's read-only NBD export of an
 image) pin the image they opened.  A delta is replayed in place only while
@@ -29,21 +40,26 @@ resume; the image files are only ever touched by redo of a committed cycle,
 so after any crash each image equals the source at some freeze instant, and
 all members of a group at the same one.
 
-Not thread-safe: the server lends a Mirror to one session at a time.
+The server lends a Mirror to one session at a time; that session's thread and
+at most one apply thread use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 
+from cyclemirror._cext import frames
 from cyclemirror.errors import ProtocolError, StoreError
 from cyclemirror.receiver import fileops
 from cyclemirror.receiver.imagewriter import ImageWriter
 from cyclemirror.receiver.readers import IMAGE_PINS
 from cyclemirror.receiver.staging import (
     REC_DATA,
+    REC_SCATTER,
     REC_TRIM,
     REC_ZERO,
     StagingWriter,
@@ -67,6 +83,9 @@ class Mirror:
         self._staging: StagingWriter | None = None
         self._new_images: list[ImageWriter] = []
         self._received = 0  # chunks received in the in-flight cycle (acked or not)
+        self._state_lock = threading.Lock()  # every change and save of self.state
+        self._apply_thread: threading.Thread | None = None
+        self.apply_error: BaseException | None = None  # the last background apply's failure
         self.recover()
 
     # -- paths -----------------------------------------------------------
@@ -79,10 +98,25 @@ class Mirror:
     def clone_path(self, index: int) -> str:
         return self.image_path(index) + ".apply"
 
+    def staging_file(self, c: InFlight) -> str:
+        """The staging log of cycle ``c`` (a name recorded in the state, or the older
+        single name ``<mirror>.staging`` of state files written before pipelining)."""
+        return os.path.join(self.directory, c.staging or self._staging_prefix())
+
+    def _staging_prefix(self) -> str:
+        return self.state.mirror + (".group.staging" if self.state.group else ".staging")
+
+    def _staging_name(self, cycle: int) -> str:
+        return f"{self._staging_prefix()}.{cycle}"
+
     @property
     def staging_path(self) -> str:
-        suffix = ".group.staging" if self.state.group else ".staging"
-        return os.path.join(self.directory, self.state.mirror + suffix)
+        """The staging log of the cycle being received (or, between cycles, of the
+        committed one)."""
+        c = self.state.pending or self.state.committed
+        if c is None:
+            raise ProtocolError(f"mirror {self.state.mirror!r}: nothing in flight")
+        return self.staging_file(c)
 
     @staticmethod
     def state_file(directory: str, mirror: str, group: bool) -> str:
@@ -117,6 +151,9 @@ class Mirror:
             os.path.exists(self.image_path(i)) for i in range(len(self.state.volumes))
         )
 
+    def _save(self) -> None:
+        self.state.save(self.state_path)
+
     # -- recovery --------------------------------------------------------
     def recover(self) -> None:
         st = self.state
@@ -131,10 +168,11 @@ class Mirror:
             if st.pending.full:
                 ok = all(os.path.exists(self.new_image_path(i)) for i in range(len(st.volumes)))
             else:
-                ok = (os.path.exists(self.staging_path)
-                      and os.path.getsize(self.staging_path) >= st.pending.staged_bytes)
+                path = self.staging_file(st.pending)
+                ok = os.path.exists(path) and os.path.getsize(path) >= st.pending.staged_bytes
             if not ok:
                 self._discard_pending()
+        self._remove_stray_staging()
         for i in range(len(st.volumes)):
             if st.applied_cycle > 0:
                 size = os.path.getsize(self.image_path(i))
@@ -142,13 +180,32 @@ class Mirror:
                     raise StoreError(f"mirror image {self.image_path(i)} is {size} bytes, "
                                      f"expected {st.volumes[i].size}; re-seed it")
 
+    def _remove_stray_staging(self) -> None:
+        """Staging logs no state entry names: left by a crash between a cycle's
+        creation of its log and the state save that records it, or after an apply."""
+        keep = {os.path.basename(self.staging_file(c))
+                for c in (self.state.pending, self.state.committed) if c is not None}
+        prefix = self._staging_prefix()
+        for name in os.listdir(self.directory):
+            if name in keep:
+                continue
+            if name == prefix or (name.startswith(prefix + ".")
+                                  and name[len(prefix) + 1:].isdigit()):
+                _unlink(os.path.join(self.directory, name))
+
     def _discard_pending(self) -> None:
         self._close_inflight()
+        p = self.state.pending
         for i in range(len(self.state.volumes)):
             _unlink(self.new_image_path(i))
-        _unlink(self.staging_path)
-        self.state.pending = None
-        self.state.save(self.state_path)
+        if p is not None and not p.full:
+            path = self.staging_file(p)
+            committed = self.state.committed
+            if committed is None or self.staging_file(committed) != path:
+                _unlink(path)
+        with self._state_lock:
+            self.state.pending = None
+            self._save()
 
     def _close_inflight(self) -> None:
         if self._staging is not None:
@@ -161,11 +218,13 @@ class Mirror:
     # -- receiving -------------------------------------------------------
     def begin(self, cycle: int, freeze_time: float, full: bool, resume_from: int) -> int:
         """Start or resume receiving ``cycle``; return the chunk count we hold."""
+        self.raise_apply_error()
         st = self.state
-        if cycle <= st.applied_cycle:
+        newest = max(st.applied_cycle, st.committed.cycle if st.committed else 0)
+        if cycle <= newest:
             raise ProtocolError(f"mirror {st.mirror!r}: cycle {cycle} is not newer than the "
-                                f"applied cycle {st.applied_cycle}")
-        if not full and not self.has_image:
+                                f"applied or committed cycle {newest}")
+        if not full and not (self.has_image or st.committed is not None):
             raise ProtocolError(f"mirror {st.mirror!r}: a delta cycle needs an image; this "
                                 "target has none (the source must send a full cycle)")
         p = st.pending
@@ -181,13 +240,16 @@ class Mirror:
             p = None
         self._close_inflight()
         if p is None:
-            p = st.pending = InFlight(cycle, freeze_time, full)
-            st.save(self.state_path)
+            p = InFlight(cycle, freeze_time, full,
+                         staging=None if full else self._staging_name(cycle))
+            with self._state_lock:
+                st.pending = p
+                self._save()
         if full:
             for i, vol in enumerate(st.volumes):
                 self._new_images.append(ImageWriter(self.new_image_path(i), vol.size))
         else:
-            self._staging = StagingWriter(self.staging_path, p.staged_bytes)
+            self._staging = StagingWriter(self.staging_file(p), p.staged_bytes)
         self._received = p.chunks
         return p.chunks
 
@@ -201,25 +263,52 @@ class Mirror:
                 f"{vols[member].name!r} of {vols[member].size} bytes"
             )
 
+    def check_scatter(self, member: int, first_offset: int, raw) -> int:
+        """Validate a verified SCATTER payload for ``member``; return its data bytes."""
+        vols = self.state.volumes
+        if not 0 <= member < len(vols):
+            raise ProtocolError(f"mirror {self.state.mirror!r}: member {member} does not exist")
+        vol = vols[member]
+        first, _count, data = frames.scatter_check(raw, vol.size, vol.block_size)
+        if first != first_offset:
+            raise ProtocolError(
+                f"mirror {self.state.mirror!r}: a SCATTER frame's header names offset "
+                f"{first_offset} but its first extent is at {first}")
+        if self.state.pending is not None and self.state.pending.full:
+            raise ProtocolError(f"mirror {self.state.mirror!r}: SCATTER frames belong to delta "
+                                "cycles, not to a full one")
+        return data
+
     def receive(self, kind: int, member: int, offset: int, length: int,
                 data: bytes | None = None, checksum: int | None = None) -> None:
-        """Take one verified chunk (REC_DATA with data, or REC_ZERO / REC_TRIM).
+        """Take one verified chunk (REC_DATA or REC_SCATTER with data, or REC_ZERO / REC_TRIM).
 
         ``checksum``: the verified xxh3-64 of ``data`` if the caller has it
         (the staging log records it instead of hashing the data again).
         """
-        if self.state.pending is None:
+        self.receive_batch([(kind, member, offset, length, data, checksum)])
+
+    def receive_batch(self, chunks: list) -> None:
+        """Take verified chunks (kind, member, offset, length, data, checksum) in order."""
+        p = self.state.pending
+        if p is None:
             raise ProtocolError(f"mirror {self.state.mirror!r}: data before 'begin'")
-        self.check_extent(member, offset, length)
-        if self.state.pending.full:
-            image = self._new_images[member]
-            if kind == REC_DATA:
-                image.write(data, offset)
-            else:
-                image.punch(offset, length)
+        for kind, member, offset, length, _data, _ck in chunks:
+            if kind != REC_SCATTER:
+                self.check_extent(member, offset, length)
+        if p.full:
+            for kind, member, offset, length, data, _ck in chunks:
+                image = self._new_images[member]
+                if kind == REC_DATA:
+                    image.write(data, offset)
+                elif kind == REC_SCATTER:
+                    raise ProtocolError(f"mirror {self.state.mirror!r}: SCATTER frames belong "
+                                        "to delta cycles, not to a full one")
+                else:
+                    image.punch(offset, length)
         else:
-            self._staging.append(kind, member, offset, length, data, checksum)
-        self._received += 1
+            self._staging.append_batch(chunks)
+        self._received += len(chunks)
 
     def checkpoint(self) -> int:
         """Make everything received durable and acknowledgeable; return the chunk count."""
@@ -233,13 +322,20 @@ class Mirror:
                 image.sync()
         else:
             self._staging.sync()
-            p.staged_bytes = self._staging.size
-        p.chunks = self._received
-        self.state.save(self.state_path)
+        with self._state_lock:
+            if not p.full:
+                p.staged_bytes = self._staging.size
+            p.chunks = self._received
+            self._save()
         return p.chunks
 
-    def finish(self, cycle: int, chunks: int) -> tuple[int, float]:
-        """All chunks sent: commit and apply; return (applied cycle, freeze time)."""
+    def commit(self, cycle: int, chunks: int) -> contextlib.ExitStack:
+        """All chunks sent: make the cycle committed (recovery will finish its apply).
+
+        Waits for the apply of the cycle before it first.  Returns the hold that
+        marks the mirror as being applied for readers (``IMAGE_PINS.applying``):
+        pass it to ``apply_committed`` or ``start_apply``, which release it.
+        """
         p = self.state.pending
         if p is None or p.cycle != cycle:
             raise ProtocolError(f"mirror {self.state.mirror!r}: 'end' of cycle {cycle}, "
@@ -251,13 +347,59 @@ class Mirror:
             )
         self.checkpoint()
         self._close_inflight()
+        self.wait_applied()
+        self.raise_apply_error()
+        hold = contextlib.ExitStack()
         # Readers opening the image from now on know an apply is under way (not a crash).
-        with IMAGE_PINS.applying(self.state_path):
-            # The commit point: from here recovery completes the apply.
-            self.state.committed, self.state.pending = p, None
-            self.state.save(self.state_path)
-            self._redo(p)
+        hold.enter_context(IMAGE_PINS.applying(self.state_path))
+        try:
+            with self._state_lock:
+                # The commit point: from here recovery completes the apply.
+                self.state.committed, self.state.pending = p, None
+                self._save()
+        except BaseException:
+            hold.close()
+            raise
+        return hold
+
+    def apply_committed(self, hold: contextlib.ExitStack) -> tuple[int, float]:
+        """Apply the committed cycle here and now; return (applied cycle, freeze time)."""
+        with hold:
+            self._redo(self.state.committed)
         return self.state.applied_cycle, self.state.freeze_time
+
+    def finish(self, cycle: int, chunks: int) -> tuple[int, float]:
+        """Commit and apply in this thread (protocol 1, tests)."""
+        return self.apply_committed(self.commit(cycle, chunks))
+
+    def start_apply(self, hold: contextlib.ExitStack, on_done) -> None:
+        """Apply the committed cycle in a thread of its own; then call
+        ``on_done(error)`` (None, or the exception that stopped the apply, which
+        ``raise_apply_error`` also raises in the session from then on)."""
+        def run() -> None:
+            error = None
+            try:
+                self.apply_committed(hold)
+            except BaseException as exc:  # noqa: BLE001 - handed to the session
+                error = self.apply_error = exc
+                log.error("mirror %s: applying cycle %s failed: %s: %s", self.state.mirror,
+                          getattr(self.state.committed, "cycle", "?"), type(exc).__name__, exc)
+            on_done(error)
+
+        self._apply_thread = threading.Thread(target=run, daemon=True,
+                                              name=f"apply-{self.state.mirror}")
+        self._apply_thread.start()
+
+    def wait_applied(self) -> None:
+        """Wait for a background apply to end (its failure stays in ``apply_error``)."""
+        t = self._apply_thread
+        if t is not None:
+            t.join()
+            self._apply_thread = None
+
+    def raise_apply_error(self) -> None:
+        if self.apply_error is not None:
+            raise self.apply_error
 
     def _redo(self, c: InFlight) -> None:
         """Apply committed cycle ``c``; idempotent, so recovery may run it again."""
@@ -289,8 +431,17 @@ class Mirror:
             fds = [os.open(path, os.O_RDWR) for path in paths]
             try:
                 for kind, member, offset, length, data in read_records(
-                    self.staging_path, c.staged_bytes, self.max_chunk
+                    self.staging_file(c), c.staged_bytes, self.max_chunk
                 ):
+                    if kind == REC_SCATTER:
+                        vol = st.volumes[member] if 0 <= member < len(st.volumes) else None
+                        if vol is None:
+                            self.check_extent(member, 0, 0)  # raises: no such member
+                        frames.scatter_write(fds[member], data, vol.size, vol.block_size)
+                        if _APPLY_SLEEP:  # a SCATTER record holds many extents: up to 10x
+                            time.sleep(_APPLY_SLEEP * min(10, frames.scatter_check(
+                                data, vol.size, vol.block_size)[1]))
+                        continue
                     self.check_extent(member, offset, length)
                     if kind == REC_DATA:
                         fileops.pwrite_all(fds[member], data, offset)
@@ -307,12 +458,18 @@ class Mirror:
                 for i, path in enumerate(paths):
                     os.replace(path, self.image_path(i))
                 fileops.fsync_dir(self.directory)
-        st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
-        st.save(self.state_path)
-        _unlink(self.staging_path)
+        with self._state_lock:
+            st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
+            self._save()
+        if not c.full:
+            p = st.pending
+            path = self.staging_file(c)
+            if p is None or p.full or self.staging_file(p) != path:
+                _unlink(path)
 
     def close(self) -> None:
         self._close_inflight()
+        self.wait_applied()
 
     def status(self) -> dict:
         st = self.state

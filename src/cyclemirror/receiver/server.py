@@ -61,7 +61,8 @@ class MirrorRegistry:
 
 class TargetServer:
     def __init__(self, store, key: bytes | None, listen=("127.0.0.1", 0),
-                 tls: TlsConfig | None = None, insecure: bool = False, on_applied=None):
+                 tls: TlsConfig | None = None, insecure: bool = False, on_applied=None,
+                 on_committed=None):
         if key is None and not insecure:
             raise UsageError("a target without a key refuses to run; give it a key file "
                              "(cyclemirror keygen) or pass --insecure explicitly")
@@ -71,9 +72,13 @@ class TargetServer:
         self.listen = tuple(listen)
         self.tls_context = tls.server_context() if tls else None
         self.registry = MirrorRegistry()
-        # on_applied(mirror): called in the session thread right after a cycle is
-        # applied, before the source hears of it (the daemon's metrics, tests' snapshots).
+        # on_applied(mirror): called right after a cycle is applied (in the mirror's apply
+        # thread, or the session's for a protocol-1 source), before the source hears of
+        # it (the daemon's metrics, tests' snapshots).
         self.on_applied = on_applied
+        # on_committed(mirror): called in the session thread at a cycle's commit point,
+        # before the source hears of it (from then on the cycle survives any crash).
+        self.on_committed = on_committed
         self.address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -136,10 +141,10 @@ class TargetServer:
             sock = conn
             if self.tls_context is not None:
                 sock = self.tls_context.wrap_socket(conn, server_side=True)
-            handshake.server_handshake(sock, self.key)
+            version = handshake.server_handshake(sock, self.key)
             sock.settimeout(None)  # idle between cycles is normal; keepalive finds the dead
             link = FrameLink(sock)
-            Session(self, link).run()
+            Session(self, link, version).run()
         except Exception as exc:  # noqa: BLE001 - isolate every session's failure
             self._note_error(f"session with {_peer(conn)}: {type(exc).__name__}: {exc}")
             if link is not None:

@@ -11,6 +11,11 @@ says what was wrong; whatever was staged stays unapplied (and resumable).
 Acknowledgements: after each ``ACK_BYTES`` of payload or ``ACK_SECONDS``,
 the mirror is checkpointed (fdatasync + state) and an ``ack`` goes back, so
 the source can resume an interrupted cycle after the last acked chunk.
+
+Pipelining (protocol 2): at ``end`` the cycle is committed and ``committed``
+goes back at once; the apply runs in the mirror's apply thread, which sends
+``applied`` when it is durable, while this loop already receives the next
+cycle.  A protocol-1 source gets the old order: apply, then ``applied``.
 """
 
 from __future__ import annotations
@@ -31,16 +36,18 @@ from cyclemirror.errors import (
     ProtocolError,
 )
 from cyclemirror.receiver.mirror import Mirror
-from cyclemirror.receiver.staging import REC_DATA, REC_TRIM, REC_ZERO
+from cyclemirror.receiver.staging import REC_DATA, REC_SCATTER, REC_TRIM, REC_ZERO
 from cyclemirror.receiver.state import VolumeSpec
 from cyclemirror.wire import link as wirelink
 from cyclemirror.wire import messages
+from cyclemirror.wire.handshake import PIPELINED_VERSION
 
 log = logging.getLogger(__name__)
 
 ACK_BYTES = 256 << 20
 ACK_SECONDS = 2.0
-_KIND = {frames.FT_DATA: REC_DATA, frames.FT_ZERO: REC_ZERO, frames.FT_TRIM: REC_TRIM}
+_KIND = {frames.FT_DATA: REC_DATA, frames.FT_ZERO: REC_ZERO, frames.FT_TRIM: REC_TRIM,
+         frames.FT_SCATTER: REC_SCATTER}
 
 
 def block_digests(path: str, start_block: int, count: int, block_size: int) -> bytes:
@@ -83,8 +90,7 @@ class WriteBehind:
                 if item is None:
                     return
                 if self.error is None:
-                    for chunk in item:
-                        self.mirror.receive(*chunk)
+                    self.mirror.receive_batch(item)
             except BaseException as exc:  # noqa: BLE001 - re-raised by put/drain
                 self.error = exc
             finally:
@@ -118,9 +124,10 @@ class WriteBehind:
 class Session:
     """Owns one connection after the handshake; run() returns when it ends."""
 
-    def __init__(self, server, link: wirelink.FrameLink):
+    def __init__(self, server, link: wirelink.FrameLink, version: int = PIPELINED_VERSION):
         self.server = server
         self.link = link
+        self.version = version
         self.mirror: Mirror | None = None
         self.key = None  # registry key of the mirror we hold
 
@@ -130,19 +137,11 @@ class Session:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self.mirror is None:
                 raise
-            # Worth retrying once an operator frees space: the source backs off and
-            # resumes after the last acknowledged chunk, which stays on disk.
-            st = self.mirror.state
-            raise NoSpaceError(
-                f"mirror {st.mirror!r} of source {st.source_name or st.source_node}: the "
-                f"target's disk is full ({exc.strerror}) under {self.mirror.directory}; "
-                "free space there (a first cycle needs the volume's size, a delta its "
-                "changed bytes again): the source retries and resumes after its last ack"
-            ) from exc
+            raise _no_space(self.mirror, exc) from exc
         finally:
             if self.mirror is not None:
-                self.mirror.close()
-            if self.key is not None:
+                self.mirror.close()  # waits for an apply still running: it must not overlap
+            if self.key is not None:  # the recovery of a next session's open
                 self.server.registry.release(self.key, self)
 
     def _serve(self) -> None:
@@ -208,11 +207,15 @@ class Session:
                 if msg["cycle"] != cycle:
                     raise ProtocolError(f"'end' names cycle {msg['cycle']}, in flight is {cycle}")
                 writer.drain()
-                applied, freeze_time = mirror.finish(cycle, msg["chunks"])
-                if self.server.on_applied is not None:
-                    self.server.on_applied(mirror)
-                self.link.send_message("applied", cycle=applied, freeze_time=freeze_time)
-                log.info("mirror %s applied cycle %d", mirror.state.mirror, applied)
+                hold = mirror.commit(cycle, msg["chunks"])
+                if self.server.on_committed is not None:
+                    self.server.on_committed(mirror)
+                if self.version >= PIPELINED_VERSION:
+                    self.link.send_message("committed", cycle=cycle)
+                    mirror.start_apply(hold, self._applied_in_background)
+                else:
+                    mirror.apply_committed(hold)
+                    self._tell_applied(mirror)
                 return
             if header.cycle != cycle:
                 raise ProtocolError(
@@ -220,19 +223,48 @@ class Session:
                     "flight; nothing of it is applied"
                 )
             kind = _KIND[header.type]
-            mirror.check_extent(member, header.offset, header.raw_length)
+            if kind == REC_SCATTER:
+                if self.version < PIPELINED_VERSION:
+                    raise ProtocolError("a SCATTER frame on a protocol-1 connection")
+                mirror.check_scatter(member, header.offset, payload)
+            else:
+                mirror.check_extent(member, header.offset, header.raw_length)
             # The frame checksum was just verified against these bytes: staging reuses it.
             writer.put((kind, member, header.offset, header.raw_length,
-                        payload if kind == REC_DATA else None, header.checksum))
-            unacked_bytes += header.raw_length if kind == REC_DATA else 0
+                        payload if kind in (REC_DATA, REC_SCATTER) else None, header.checksum))
+            unacked_bytes += header.raw_length if kind in (REC_DATA, REC_SCATTER) else 0
             now = time.monotonic()
             if unacked_bytes >= ACK_BYTES or now - last_ack >= ACK_SECONDS:
                 writer.drain()
                 self.link.send_message("ack", cycle=cycle, chunks=mirror.checkpoint())
                 unacked_bytes, last_ack = 0, now
 
+    def _tell_applied(self, mirror: Mirror) -> None:
+        st = mirror.state
+        if self.server.on_applied is not None:
+            self.server.on_applied(mirror)
+        self.link.send_message("applied", cycle=st.applied_cycle, freeze_time=st.freeze_time)
+        log.info("mirror %s applied cycle %d", st.mirror, st.applied_cycle)
+
+    def _applied_in_background(self, error: BaseException | None) -> None:
+        """The mirror's apply thread is done: tell the source (its loop reads acks
+        from any thread; a link closed meanwhile is the next session's business)."""
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            error = _no_space(self.mirror, error)
+        try:
+            if error is None:
+                self._tell_applied(self.mirror)
+            else:
+                self.link.send_error(error, error_code(error))
+                self.link.close()  # the session's loop ends; the next open redoes it
+        except CycleMirrorError as exc:
+            log.info("mirror %s: could not tell %s about the apply: %s",
+                     self.mirror.state.mirror, self.link.peer, exc)
+
     def _answer_hashes(self, msg: dict) -> None:
         mirror = self.mirror
+        mirror.wait_applied()  # hashes of an image half way through an apply mean nothing
+        mirror.raise_apply_error()
         index, start, count = msg["index"], msg["start_block"], msg["count"]
         if index >= len(mirror.state.volumes):
             raise ProtocolError(f"hash_request: member {index} out of range")
@@ -248,6 +280,17 @@ class Session:
         digests = block_digests(mirror.image_path(index), start, count, vol.block_size)
         self.link.send_message("hashes", index=index, start_block=start, count=count,
                                digests=digests.hex())
+
+
+def _no_space(mirror: Mirror, exc: OSError) -> NoSpaceError:
+    # Worth retrying once an operator frees space: the source backs off and
+    # resumes after the last acknowledged chunk, which stays on disk.
+    st = mirror.state
+    return NoSpaceError(
+        f"mirror {st.mirror!r} of source {st.source_name or st.source_node}: the "
+        f"target's disk is full ({exc.strerror}) under {mirror.directory}; "
+        "free space there (a first cycle needs the volume's size, a delta its "
+        "changed bytes again): the source retries and resumes after its last ack")
 
 
 def error_code(exc: BaseException) -> str:

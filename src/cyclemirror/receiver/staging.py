@@ -1,13 +1,16 @@
 """The staging log: a received delta, verified, made durable, not yet applied.
 
-One file per mirror (``<mirror>.staging``), a sequence of records:
+One file per delta in flight (``<mirror>.staging.<cycle>``; state files
+written before pipelining name ``<mirror>.staging``), a sequence of records:
 
     magic "CMSR" | kind u8 | reserved u8 | member u16 | offset u64 | length u64
-    | xxh3-64 of the data u64 | data (length bytes, only for kind DATA)
+    | xxh3-64 of the data u64 | data (length bytes, only for kinds DATA, SCATTER)
 
-all big-endian, 32-byte header.  Kinds: 1 DATA, 2 ZERO, 3 TRIM.  Data is
-stored uncompressed: the receiver already decompressed it to verify the frame
-checksum, and apply then needs no codec.  The log is only ever appended; the
+all big-endian, 32-byte header.  Kinds: 1 DATA, 2 ZERO, 3 TRIM, 4 SCATTER (a
+SCATTER frame's raw payload as it arrived: its extent table, then the data of
+each extent; ``offset`` is its first extent's).  Data is stored uncompressed:
+the receiver already decompressed it to verify the frame checksum, and apply
+then needs no codec.  Records are appended in batches, one ``pwritev`` each.  The log is only ever appended; the
 state file records how many bytes of it are acknowledged, and a restart
 truncates any unacknowledged tail.  Replaying records is idempotent (each is
 "these bytes at this offset"), which makes apply a redo journal.
@@ -23,7 +26,9 @@ import xxhash
 
 from cyclemirror.errors import IntegrityError
 
-REC_DATA, REC_ZERO, REC_TRIM = 1, 2, 3
+REC_DATA, REC_ZERO, REC_TRIM, REC_SCATTER = 1, 2, 3, 4
+_WITH_DATA = (REC_DATA, REC_SCATTER)
+IOV_MAX = 1024
 _MAGIC = b"CMSR"
 _HEADER = struct.Struct(">4sBBHQQQ")
 HEADER_SIZE = _HEADER.size
@@ -54,18 +59,32 @@ class StagingWriter:
         The session passes the frame checksum it has just verified against
         these very bytes (the same hash), which saves hashing every byte twice.
         """
-        if kind != REC_DATA:
-            checksum = 0
-        elif checksum is None:
-            checksum = data_checksum(data)
-        header = _HEADER.pack(_MAGIC, kind, 0, member, offset, length, checksum)
-        if kind == REC_DATA:
-            if data is None or len(data) != length:
-                raise ValueError("a DATA record needs exactly `length` bytes")
-            os.pwritev(self._fd, [header, data], self.size)
-        else:
-            os.pwrite(self._fd, header, self.size)
-        self.size += HEADER_SIZE + (length if kind == REC_DATA else 0)
+        self.append_batch([(kind, member, offset, length, data, checksum)])
+
+    def append_batch(self, records) -> None:
+        """Append records (kind, member, offset, length, data, checksum) with one pwritev
+        per IOV_MAX buffers: a delta of scattered blocks is thousands of records."""
+        parts: list = []
+        size = self.size
+        pos = size
+        for kind, member, offset, length, data, checksum in records:
+            if kind in _WITH_DATA:
+                if data is None or len(data) != length:
+                    raise ValueError("a DATA or SCATTER record needs exactly `length` bytes")
+                if checksum is None:
+                    checksum = data_checksum(data)
+                parts.append(_HEADER.pack(_MAGIC, kind, 0, member, offset, length, checksum))
+                parts.append(data)
+                size += HEADER_SIZE + length
+            else:
+                parts.append(_HEADER.pack(_MAGIC, kind, 0, member, offset, length, 0))
+                size += HEADER_SIZE
+            if len(parts) >= IOV_MAX - 1:
+                pos += _pwritev_all(self._fd, parts, pos)
+                parts = []
+        if parts:
+            pos += _pwritev_all(self._fd, parts, pos)
+        self.size = size
 
     @property
     def fd(self) -> int:
@@ -78,6 +97,20 @@ class StagingWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _pwritev_all(fd: int, parts: list, pos: int) -> int:
+    """Write every buffer at ``pos`` (retrying short writes); return the bytes written."""
+    total = sum(len(p) for p in parts)
+    done = os.pwritev(fd, parts, pos)
+    if done < total:
+        # Rare on regular files (a signal, a full disk reports ENOSPC on the retry).
+        rest = b"".join(bytes(p) for p in parts)[done:]
+        while rest:
+            n = os.pwrite(fd, rest, pos + done)
+            done += n
+            rest = rest[n:]
+    return total
 
 
 def read_records(path: str, total: int, max_length: int) -> Iterator[tuple]:
@@ -95,11 +128,11 @@ def read_records(path: str, total: int, max_length: int) -> Iterator[tuple]:
             if len(raw) != HEADER_SIZE:
                 raise IntegrityError(f"staging {path}: truncated record header at byte {pos}")
             magic, kind, _r, member, offset, length, checksum = _HEADER.unpack(raw)
-            if magic != _MAGIC or kind not in (REC_DATA, REC_ZERO, REC_TRIM):
+            if magic != _MAGIC or kind not in (REC_DATA, REC_ZERO, REC_TRIM, REC_SCATTER):
                 raise IntegrityError(f"staging {path}: bad record header at byte {pos}")
             pos += HEADER_SIZE
             data = None
-            if kind == REC_DATA:
+            if kind in _WITH_DATA:
                 if length > max_length or pos + length > total:
                     raise IntegrityError(f"staging {path}: record length {length} at byte "
                                          f"{pos - HEADER_SIZE} exceeds the cap or the log")

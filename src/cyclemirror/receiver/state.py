@@ -7,10 +7,12 @@ the old or the new version and a damaged one is detected, never trusted.
     applied_cycle, freeze_time   the image equals the source at that freeze
     pending                      a delta being received: cycle, full, chunks
                                  acknowledged, staged bytes (resumable)
-    committed                    a delta completely received and verified:
+    committed                    a cycle completely received and verified:
                                  recovery must finish applying it (redo)
 
-At most one of pending/committed is set.  Single-volume mirrors keep
+Both may be set: the next cycle is received while the committed one is
+applied (protocol 2).  Each delta names its own staging log (``staging``;
+absent in files written before pipelining, which used ``<mirror>.staging``).  Single-volume mirrors keep
 ``<volume>.state.json`` beside ``<volume>.img``; a consistency group keeps
 ``<group>.group.json`` beside its members' images.
 """
@@ -43,6 +45,7 @@ class InFlight:
     full: bool
     chunks: int = 0
     staged_bytes: int = 0
+    staging: str | None = None  # the delta's staging log (a file name in the mirror's dir)
 
 
 @dataclass
@@ -80,6 +83,12 @@ class MirrorState:
             for key in ("pending", "committed"):
                 if body[key] is not None:
                     body[key] = InFlight(**body[key])
+                    name = body[key].staging
+                    if name is not None and (not isinstance(name, str) or "/" in name
+                                             or name in ("", ".", "..")):
+                        raise IntegrityError(
+                            f"mirror state {where}: staging log name {name!r} is not a "
+                            "file name; the state file was damaged or forged")
             return cls(**body)
         except IntegrityError:
             raise

@@ -1,8 +1,11 @@
 """One source-to-target connection: connect, authenticate, open, ship, await apply.
 
 ``TargetLink.connect()`` dials (TLS if configured), runs the handshake and the
-``open`` exchange, and starts a reader thread that turns ``ack``, ``applied``,
-``hashes`` and ``error`` messages into state the shipping thread waits on.
+``open`` exchange, and starts a reader thread that turns ``ack``, ``committed``,
+``applied``, ``hashes`` and ``error`` messages into state the shipping thread
+waits on.  ``applied`` arrives whenever the target's apply ends (with protocol
+2, while the next cycle is already shipping): the reader thread hands it to
+``on_applied``.
 The shipping thread only writes, so the target's acks never wait behind our
 sends (no deadlock when both socket buffers fill).
 
@@ -25,7 +28,8 @@ CONNECT_TIMEOUT = 10.0
 
 class TargetLink:
     def __init__(self, address: tuple[str, int], key: bytes | None, *,
-                 tls: handshake.TlsConfig | None = None, insecure: bool = False):
+                 tls: handshake.TlsConfig | None = None, insecure: bool = False,
+                 on_applied=None):
         self.address = (address[0], int(address[1]))
         self.key = key
         self.tls = tls
@@ -34,7 +38,11 @@ class TargetLink:
         self.opened: dict | None = None
         self._cond = threading.Condition()
         self.acked = (0, 0)  # (cycle, chunks) of the newest ack
+        self.committed = 0  # newest cycle the target committed (protocol 2)
         self.applied = (0, 0.0)  # (cycle, freeze_time) of the newest apply
+        self.version = 0  # the protocol version the handshake agreed on
+        # on_applied(cycle, freeze_time): called by the reader thread for each 'applied'.
+        self.on_applied = on_applied
         self.hashes: dict[tuple[int, int], bytes] = {}
         self.failure: BaseException | None = None
         self._reader: threading.Thread | None = None
@@ -57,7 +65,7 @@ class TargetLink:
                 ctx = self.tls.client_context()
                 sock = ctx.wrap_socket(raw, server_hostname=self.tls.server_hostname
                                        or self.address[0])
-            handshake.client_handshake(sock, self.key, insecure=self.insecure)
+            self.version = handshake.client_handshake(sock, self.key, insecure=self.insecure)
             link = FrameLink(sock)
             link.send_message("open", **open_msg)
             opened = link.recv_message({"opened"})
@@ -72,6 +80,7 @@ class TargetLink:
         with self._cond:
             self.acked = (opened["pending_cycle"], opened["pending_chunks"])
             self.applied = (opened["applied_cycle"], opened["freeze_time"])
+            self.committed = opened["applied_cycle"]
             self.failure = None
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"mirror-acks-{self.label}")
@@ -81,18 +90,24 @@ class TargetLink:
     def _read_loop(self) -> None:
         try:
             while True:
-                msg = self.link.recv_message({"ack", "applied", "hashes"})
+                msg = self.link.recv_message({"ack", "committed", "applied", "hashes"})
                 with self._cond:
                     if msg["type"] == "ack":
                         self.acked = (msg["cycle"], msg["chunks"])
+                    elif msg["type"] == "committed":
+                        self.committed = max(self.committed, msg["cycle"])
                     elif msg["type"] == "applied":
                         self.applied = (msg["cycle"], msg["freeze_time"])
+                        self.committed = max(self.committed, msg["cycle"])
                     else:
                         if len(msg["digests"]) != msg["count"] * 16:
                             raise ProtocolError("hashes: digest count does not match 'count'")
                         self.hashes[(msg["index"], msg["start_block"])] = bytes.fromhex(
                             msg["digests"])
                     self._cond.notify_all()
+                # After self.applied is set: the driver relies on that order.
+                if msg["type"] == "applied" and self.on_applied is not None:
+                    self.on_applied(msg["cycle"], msg["freeze_time"])
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             with self._cond:
                 self.failure = exc
@@ -116,9 +131,22 @@ class TargetLink:
                     raise DeadlineError(f"target {self.label}: timed out waiting for {what}")
                 self._cond.wait(min(left, 1.0))
 
+    @property
+    def pipelined(self) -> bool:
+        """The target commits, says so, and applies while the next cycle arrives."""
+        return self.version >= handshake.PIPELINED_VERSION
+
     def wait_applied(self, cycle: int, timeout: float) -> float:
         return self.wait_for(lambda: self.applied[0] >= cycle and self.applied[1] + 1,
                              timeout, f"cycle {cycle} to be applied")
+
+    def wait_committed(self, cycle: int, timeout: float) -> None:
+        """Wait until the target holds ``cycle`` durably: committed (protocol 2; it
+        applies it meanwhile, and recovery would finish that), or applied (protocol 1)."""
+        if not self.pipelined:
+            self.wait_applied(cycle, timeout)
+            return
+        self.wait_for(lambda: self.committed >= cycle, timeout, f"cycle {cycle} to be committed")
 
     def fetch_hashes(self, index: int, start: int, count: int, timeout: float) -> bytes:
         self.link.send_message("hash_request", index=index, start_block=start, count=count)

@@ -4,10 +4,14 @@ What is mirrored is a *subject* (``sender.group``): one volume, or a group of
 volumes frozen at one instant and applied all-or-none; everything below is
 written once for both, with owed sets over the subject's blocks.
 
-One thread per driver runs:  wait -> freeze -> ship -> await apply -> merge.
+One thread per driver runs:  wait -> freeze -> ship -> await commit, and
+a second one merges and frees what the first is done with.
 
 * Wait: the next freeze is at ``max(previous freeze + interval, copy done)``;
-  ``sync()`` freezes at once.
+  ``sync()`` freezes at once.  The copy is done when every target holds the
+  cycle durably: *committed* (protocol 2), after which the target applies it
+  while the next cycle already ships, or applied (protocol 1).  ``applied``
+  messages arrive on the link's reader thread whenever the apply ends.
 * Owed blocks: per target, an ExtentBitmap of the blocks changed since the
   freeze that target last applied (None = it needs a full copy).  At each
   freeze the frozen cycle's dirty set is folded into every target's owed set
@@ -17,8 +21,13 @@ One thread per driver runs:  wait -> freeze -> ship -> await apply -> merge.
   frozen image -- never a full copy.  That is also why the overlay of cycle
   *c* is merged after cycle *c* even if a target lagged: what it needs is in
   its owed set, not in the overlay.
-* Merge: overlay *c-1* is merged by a merger thread once a target applied
-  cycle *c*, so the merge is off the next cycle's path.
+* Merge: overlay *c-1* is merged by a merger thread once a target holds
+  cycle *c*, so the merge is off the next cycle's path.  The same thread
+  closes each cycle's frozen reader: that close may free a merged overlay's
+  file, which took seconds for a big scattered overlay on ext4, and must not
+  hold up the next freeze.
+* Phases: each cycle's time per phase (wait, freeze, pack, send, commit,
+  apply, merge) is in the target's ``phases`` figures and the debug log.
 * Ship: targets whose owed sets are equal share one producer that reads,
   compresses and checksums each chunk once (``shipping.cycle_frames``) and
   feeds a bounded queue per target; each target has its own sender thread and
@@ -61,11 +70,12 @@ from cyclemirror.errors import (
     StoreError,
     UsageError,
 )
-from cyclemirror.sender import shipping
+from cyclemirror.sender import plan, rpo, shipping
 from cyclemirror.sender.connection import TargetLink, is_temporary
 from cyclemirror.sender.group import SingleVolume
 from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
+from cyclemirror.wire import messages
 from cyclemirror.wire.handshake import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +97,8 @@ class TargetSpec:
 
 @dataclass
 class MirrorOptions:
-    interval: float = 0.0  # seconds between freezes; 0 = back-to-back
+    interval: float = 0.0  # seconds between freezes; 0 = back-to-back (with rpo: a cap, 0 none)
+    rpo: float | None = None  # the RPO objective in seconds; None: no objective
     codec: str = "lz4"  # none | lz4 | zstd
     level: int = 0
     chunk_size: int = 1 << 20
@@ -147,7 +158,12 @@ class CycleProgress:
 
 
 class OutgoingTarget:
-    """One target of the driver: its link, owed set and figures."""
+    """One target of the driver: its link, owed set and figures.
+
+    held_cycle: the newest cycle the target holds durably (committed or applied);
+    the owed set counts from its freeze.  applied_cycle / freeze_time: the newest
+    cycle it applied (its image shows it), which the RPO age counts from.
+    """
 
     def __init__(self, spec: TargetSpec):
         self.spec = spec
@@ -157,13 +173,18 @@ class OutgoingTarget:
         self.phase = "idle"
         self.broken: BaseException | None = None
         self.last_error: str | None = None
+        self.held_cycle = 0
         self.applied_cycle = 0
         self.freeze_time = 0.0
-        self.stats: dict = {}
+        self.stats: dict = {}  # figures of the newest cycle it holds
+        self.cycle_stats: dict[int, dict] = {}  # figures of cycles shipped, until applied
+        self.committed_at: dict[int, float] = {}  # monotonic time each cycle was committed
         self.progress: CycleProgress | None = None  # the running cycle, while it ships
         self.backoff = 0.0
         self.resume_from = 0
         self.ok = False
+        self.latency = rpo.LatencyModel()  # freeze -> applied, learnt per target
+        self.rpo_state = rpo.OK  # the last assessment against the objective (hysteresis)
 
     def drop_link(self) -> None:
         if self.link is not None:
@@ -197,10 +218,13 @@ class MirrorDriver:
         self.options = options or MirrorOptions()
         if self.options.codec not in shipping.CODECS:
             raise UsageError(f"codec {self.options.codec!r}: use none, lz4 or zstd")
+        if self.options.rpo is not None and not 0 < self.options.rpo < 86400 * 365:
+            raise UsageError(f"mirror of {volume.name!r}: an RPO objective must be a positive "
+                             f"number of seconds, got {self.options.rpo!r}")
         self.packer = frames.FramePacker(shipping.CODECS[self.options.codec],
                                          self.options.level, self.options.chunk_size)
         self.rate = RateLimiter(self.options.bwlimit, self.options.shared_rate)
-        self.runs = [OutgoingTarget(s) for s in specs]
+        self.targets = [OutgoingTarget(s) for s in specs]
         self.state = DriverState(os.path.join(store.path, "outgoing",
                                               self.subject.state_dir_name),
                                  self.subject.nblocks)
@@ -211,11 +235,14 @@ class MirrorDriver:
         self._break_now = False
         self._sync_want = 0  # freeze as soon as open_overlay < this
         self._merge_want = 0  # the merger folds overlays <= this into base
+        self._to_close: list = []  # frozen readers the merger thread closes
         self.phase = "idle"
         self.cycle = 0
         self.last_freeze_time = 0.0
         self.last_error: str | None = None
         self._copy_done = 0.0
+        self._times: dict[str, float] = {}  # phase durations of the cycle being shipped
+        self.last_merge_seconds: float | None = None
 
     # -- control ----------------------------------------------------------
     def start(self) -> None:
@@ -235,8 +262,8 @@ class MirrorDriver:
         deadline = time.monotonic() + timeout
         with self._cond:
             want = self.request_freeze()
-            while not all(r.applied_cycle >= want for r in self.runs):
-                broken = [r for r in self.runs if r.broken is not None]
+            while not all(r.applied_cycle >= want for r in self.targets):
+                broken = [r for r in self.targets if r.broken is not None]
                 if broken:
                     raise broken[0].broken
                 left = deadline - time.monotonic()
@@ -254,7 +281,7 @@ class MirrorDriver:
         """
         with self._cond:
             if self._break:
-                failed = [r.broken for r in self.runs if r.broken is not None]
+                failed = [r.broken for r in self.targets if r.broken is not None]
                 if failed:
                     raise failed[0]  # the cause (a bad key, a size mismatch), not a symptom
                 why = f" ({self.last_error})" if self.last_error else ""
@@ -274,7 +301,7 @@ class MirrorDriver:
             self._break_now = now
             self._cond.notify_all()
         if now:
-            for r in self.runs:
+            for r in self.targets:
                 r.drop_link()
 
     def resume(self) -> None:
@@ -282,7 +309,7 @@ class MirrorDriver:
         their last applied freeze without waiting out the interval."""
         with self._cond:
             self._break = self._break_now = False
-            for r in self.runs:
+            for r in self.targets:
                 r.broken = None
                 r.backoff = 0.0
             self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
@@ -302,24 +329,66 @@ class MirrorDriver:
     def status(self) -> dict:
         now = time.time()
         with self._cond:
+            checks = {r.label: self._assess(r, now) for r in self.targets}
             return {
                 "volume": self.volume.name, "cycle": self.cycle, "phase": self.phase,
                 "last_error": self.last_error, "group": self.subject.group,
                 "members": [v.name for v in self.subject.volumes],
+                "rpo_objective": self.options.rpo,
+                "interval": self._interval(now),
                 "targets": {
                     r.label: {
                         "phase": "broken" if r.broken else r.phase,
                         "applied_cycle": r.applied_cycle,
+                        "committed_cycle": r.held_cycle,
                         "rpo_age": (now - r.freeze_time) if r.applied_cycle else None,
+                        "rpo": None if checks[r.label] is None else {
+                            "objective": self.options.rpo, "state": checks[r.label].state,
+                            "predicted": checks[r.label].predicted,
+                            "reason": checks[r.label].reason},
                         "last_error": r.last_error,
                         **r.stats,
                         "progress": _progress_snapshot(r.progress),
-                    } for r in self.runs
+                    } for r in self.targets
                 },
             }
 
+    # -- the RPO objective (sender/rpo.py decides; these feed it) --------
+    def _owed_bytes(self, r: OutgoingTarget) -> int:
+        """What the target's next apply has to carry: its owed blocks while a cycle is
+        on its way, else what the open overlay holds so far (the next freeze's delta)."""
+        if r.owed is None:
+            return sum(v.size for v in self.subject.volumes)
+        if r.held_cycle < self.cycle:
+            return _cycle_bytes(self.subject, r.owed)
+        return sum(v.pending_blocks() * v.block_size for v in self.subject.volumes)
+
+    def _assess(self, r: OutgoingTarget, now: float) -> rpo.Assessment | None:
+        """With _cond held: the target against the objective; remembers the state."""
+        if self.options.rpo is None:
+            return None
+        if r.broken is not None:
+            a = rpo.Assessment(rpo.VIOLATED, float("inf"),
+                               f"mirror to {r.label} is broken: {r.last_error}")
+        else:
+            age = (now - r.freeze_time) if r.applied_cycle else None
+            a = rpo.assess(self.options.rpo, age, self._owed_bytes(r), r.latency, r.rpo_state)
+        r.rpo_state = a.state
+        return a
+
+    def _interval(self, now: float) -> float:
+        """With _cond held: seconds from the last freeze to the next one."""
+        if self.options.rpo is None:
+            return self.options.interval
+        live = [r for r in self.targets if r.broken is None] or self.targets
+        states = [self._assess(r, now).state for r in live]
+        slowest = max(live, key=lambda r: r.latency.latency(self._owed_bytes(r)))
+        cap = self.options.interval if self.options.interval > 0 else None
+        return rpo.auto_interval(self.options.rpo, slowest.latency, self._owed_bytes(slowest),
+                                 states, cap)
+
     def _targets_brief(self) -> str:
-        return ", ".join(f"{r.label} applied {r.applied_cycle}" for r in self.runs)
+        return ", ".join(f"{r.label} applied {r.applied_cycle}" for r in self.targets)
 
     def _set_phase(self, phase: str) -> None:
         with self._cond:
@@ -344,23 +413,27 @@ class MirrorDriver:
                     continue
             try:
                 if first is None:
+                    t0 = time.monotonic()
                     if not self._wait_for_freeze_time():
                         continue
+                    t1 = time.monotonic()
                     self._set_phase("freezing")
                     frozen = self.subject.freeze()
+                    self._times = {"wait": t1 - t0, "freeze": time.monotonic() - t1}
                     self._account_freeze(frozen)
                 else:
                     frozen, first = first, None
+                    self._times = {}
                 self._ship_cycle(frozen)
             except BaseException as exc:  # noqa: BLE001 - a store or hook failure
                 self._crashed(exc)
                 continue
             with self._cond:
-                if all(r.broken is not None for r in self.runs):
+                if all(r.broken is not None for r in self.targets):
                     # Nothing left to ship to: stop until resume() (after a fix).
                     self._break = True
                     self.last_error = "; ".join(f"{r.label}: {r.last_error}"
-                                                for r in self.runs)
+                                                for r in self.targets)
 
     def _crashed(self, exc: BaseException) -> None:
         """A failure outside any one target (the store, a hook): stop until resume()."""
@@ -372,32 +445,38 @@ class MirrorDriver:
             self._cond.notify_all()
 
     def _wait_for_freeze_time(self) -> bool:
-        """Sleep until the next freeze is due (or a sync asks now); False to re-check flags."""
+        """Sleep until the next freeze is due (or a sync asks now); False to re-check flags.
+
+        With an RPO objective the interval is worked out again at every wake-up: a
+        target that falls behind meanwhile brings the freeze forward."""
+        step = 1.0 if self.options.rpo is None else 0.1
         with self._cond:
-            due = max(self.last_freeze_time + self.options.interval, self._copy_done)
             while not (self._sync_want > self.volume.open_overlay or self._stop
                        or self._break):
-                left = due - time.time()
+                now = time.time()
+                due = max(self.last_freeze_time + self._interval(now), self._copy_done)
+                left = due - now
                 if left <= 0:
                     break
-                self._cond.wait(min(left, 1.0))
+                self._cond.wait(min(left, step))
             return not (self._stop or self._break)
 
     # -- recovery and bookkeeping ----------------------------------------
     def _recover(self):
         """Reconcile persisted state with the store; return a frozen cycle to ship first."""
         st = self.state
-        for r in self.runs:
+        for r in self.targets:
             e = st.entry(r.label)
-            r.applied_cycle, r.freeze_time = e["applied_cycle"], e["freeze_time"]
+            r.held_cycle, r.freeze_time = e.held_cycle, e.freeze_time
+            r.applied_cycle = e.held_cycle  # committed cycles are applied by the target's recovery
             r.owed = st.load_owed(r.label)
             if not st.trusted:
-                e["untrusted"] = True
+                e.untrusted = True
         if self.subject.align():
             # Members of a group stood at different overlays (one was mirrored on its
             # own): their extra freezes have no group cycle, so compare hashes.
-            for r in self.runs:
-                st.entry(r.label)["untrusted"] = True
+            for r in self.targets:
+                st.entry(r.label).untrusted = True
             st.last_freeze = self.subject.open_overlay
             st.save()
             self.cycle = st.last_freeze
@@ -408,18 +487,18 @@ class MirrorDriver:
                 frozen = self.subject.frozen(k)
             except NotFoundError:
                 # That freeze's dirty set is gone: fall back to comparing hashes.
-                for r in self.runs:
-                    st.entry(r.label)["untrusted"] = True
+                for r in self.targets:
+                    st.entry(r.label).untrusted = True
                 continue
             self._fold(frozen.dirty)
         if top > st.last_freeze:
-            for r in self.runs:
+            for r in self.targets:
                 st.save_owed(r.label, r.owed)
             st.last_freeze = top
             st.save()
         self.cycle = top
         if top >= 1 and top in self.subject.frozen_cycles() and any(
-            r.applied_cycle < top for r in self.runs
+            r.held_cycle < top for r in self.targets
         ):
             frozen = self.subject.frozen(top)
             self.last_freeze_time = frozen.freeze_time
@@ -427,7 +506,7 @@ class MirrorDriver:
         return None
 
     def _fold(self, dirty: ExtentBitmap | None) -> None:
-        for r in self.runs:
+        for r in self.targets:
             if dirty is None:
                 r.owed = None
             elif r.owed is not None:
@@ -435,7 +514,7 @@ class MirrorDriver:
 
     def _account_freeze(self, frozen) -> None:
         self._fold(frozen.dirty)
-        for r in self.runs:
+        for r in self.targets:
             self.state.save_owed(r.label, r.owed)
         self.state.last_freeze = frozen.number
         self.state.save()
@@ -446,19 +525,21 @@ class MirrorDriver:
     # -- one cycle --------------------------------------------------------
     def _ship_cycle(self, frozen) -> None:
         c = frozen.number
-        with frozen.reader() as reader:
+        reader = frozen.reader()
+        reader.__enter__()
+        try:
             if self.options.on_frozen is not None:
                 self.options.on_frozen(frozen, reader)
             self._set_phase("copying")
             while True:
-                todo = [r for r in self.runs if r.broken is None and r.applied_cycle < c]
+                todo = [r for r in self.targets if r.broken is None and r.held_cycle < c]
                 for r in todo:
                     r.ok = False
                 if not todo:
                     break
                 self._attempt(frozen, reader, todo)
                 failed = [r for r in todo if not r.ok and r.broken is None]
-                any_ok = any(r.ok or r.applied_cycle >= c for r in self.runs)
+                any_ok = any(r.ok or r.held_cycle >= c for r in self.targets)
                 with self._cond:
                     if self._break_now or self._stop or not failed or any_ok:
                         break
@@ -467,8 +548,13 @@ class MirrorDriver:
                     self._cond.wait(delay)
                     if self._break_now or self._stop:
                         break
+        finally:
+            # The merger thread closes it: the close may free a merged overlay (slow).
+            with self._cond:
+                self._to_close.append(reader)
+                self._cond.notify_all()
         self._copy_done = time.time()
-        if c >= 2 and any(r.applied_cycle >= c for r in self.runs):
+        if c >= 2 and any(r.held_cycle >= c for r in self.targets):
             # Lagging targets catch up from their owed sets, not from this overlay.
             # The merge runs in the merger thread, off the next cycle's path: it
             # changes only images of cycles <= c-1, which nobody reads any more.
@@ -478,18 +564,32 @@ class MirrorDriver:
         self._set_phase("idle")
 
     def _merge_loop(self) -> None:
-        """Fold shipped overlays into base, oldest first, as cycles get applied."""
+        """Close finished readers, then fold shipped overlays into base, oldest first."""
         done = 0
         while True:
             with self._cond:
-                while self._merge_want <= done and not self._stop:
+                while self._merge_want <= done and not self._to_close and not self._stop:
                     self._cond.wait(1.0)
-                if self._merge_want <= done:
-                    return  # stopping, and nothing left to merge
+                closing, self._to_close = self._to_close, []
+                stopping = self._stop
                 want = self._merge_want
+            for reader in closing:
+                try:
+                    reader.close()
+                except BaseException as exc:  # noqa: BLE001 - the store's failure, reported
+                    self._crashed(exc)
+            if want <= done:
+                if stopping:
+                    return  # stopping, and nothing left to merge
+                continue
             try:
+                t0 = time.monotonic()
                 self.subject.merge_through(want)
                 done = want
+                with self._cond:
+                    self.last_merge_seconds = time.monotonic() - t0
+                log.debug("mirror %s: merged through overlay %d in %.3fs", self.volume.name,
+                          want, self.last_merge_seconds)
             except BaseException as exc:  # noqa: BLE001 - the store's failure, reported
                 self._crashed(exc)
                 with self._cond:
@@ -498,12 +598,12 @@ class MirrorDriver:
                     if self._stop:
                         return
 
-    def _attempt(self, frozen, reader, runs: list[OutgoingTarget]) -> None:
+    def _attempt(self, frozen, reader, targets: list[OutgoingTarget]) -> None:
         c = frozen.number
         ready = []
         if self._break_now:
             return
-        for r in runs:
+        for r in targets:
             try:
                 # A live link goes straight on; _prepare says "connecting" only
                 # when it has to open a new one.
@@ -517,7 +617,7 @@ class MirrorDriver:
         groups: list[list[OutgoingTarget]] = []
         for r in ready:
             for g in groups:
-                if _same_owed(g[0].owed, r.owed):
+                if _same_owed(g[0].owed, r.owed) and _scatter(g[0]) == _scatter(r):
                     g.append(r)
                     break
             else:
@@ -535,61 +635,58 @@ class MirrorDriver:
             try:
                 r.phase = "applying"
                 self._set_phase("applying")
-                link.wait_applied(c, self.options.apply_timeout)
-                self._applied(r, frozen)
+                t0 = time.monotonic()
+                link.wait_committed(c, self.options.apply_timeout)
+                self._committed(r, frozen, time.monotonic() - t0)
             except BaseException as exc:  # noqa: BLE001
                 self._failed(r, exc)
 
     def _prepare(self, r: OutgoingTarget, frozen, reader) -> bool:
-        """Connect and reconcile; return False if the target already applied this cycle."""
+        """Connect and reconcile; return False if the target already holds this cycle."""
         c = frozen.number
         e = self.state.entry(r.label)
-        if r.link is not None and r.link.failure is None and not e.get("untrusted"):
-            # A live link: the target's state is what we have tracked on it.
-            return self._begin(r, frozen, resume=False)
+        if r.link is not None and r.link.failure is None and not e.untrusted:
+            return self._begin(r, frozen, plan.decide(e, r.held_cycle, r.owed is not None, c,
+                                                      None))
         r.phase = "connecting"
         r.drop_link()
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
-                          insecure=r.spec.insecure)
+                          insecure=r.spec.insecure,
+                          on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft))
         link.connect({
             "node_id": self.store.node_id, "node_name": self.store.node_name,
             "mirror": self.subject.remote_name, "group": self.subject.group,
             "volumes": self.subject.volume_specs(),
         })
         r.link = link
-        opened = r.link.opened
-        t_applied = max(opened["applied_cycle"], r.link.applied[0])
-        compare = bool(e.get("untrusted"))
-        if e["target_node"] not in (None, opened["node_id"]):
-            compare = True  # another store answers at that address
-        if t_applied < r.applied_cycle or (r.applied_cycle == 0 and r.owed is None
-                                           and e["target_node"] is None):
-            compare = True  # it went back in time, or we never knew it
-        if not opened["has_image"]:
-            r.owed, compare = None, False
-        elif t_applied >= c:
+        opened = link.opened
+        held = max(opened["applied_cycle"], link.applied[0])
+        view = plan.TargetView(opened["node_id"], held, opened["has_image"],
+                               opened["pending_cycle"])
+        decision = plan.decide(e, r.held_cycle, r.owed is not None, c, view)
+        e.target_node = opened["node_id"]
+        if decision.action == plan.SKIP:
             # It already holds this cycle or a newer one: nothing to send now.
-            e["target_node"] = opened["node_id"]
-            if compare:
-                e["untrusted"] = True  # the next cycle compares hashes
+            if decision.distrust:
+                e.untrusted = True  # the next cycle compares hashes
                 self.state.save()
             else:
                 r.owed = ExtentBitmap(self.volume.nblocks)
-                self._record_applied(r, t_applied, opened["freeze_time"])
+                self._record_held(r, held, opened["freeze_time"])
             return False
-        e["target_node"] = opened["node_id"]
-        if compare:
+        if decision.action == plan.FULL:
+            r.owed = None
+        elif decision.action == plan.COMPARE:
             r.phase = "comparing"
             r.owed = self.subject.differences(
                 reader, lambda i, s, n: r.link.fetch_hashes(i, s, n, self.options.apply_timeout))
-            e.pop("untrusted", None)
-            e["in_flight"] = 0
+            e.untrusted = False
+            e.in_flight = 0
             log.info("mirror %s -> %s: hash comparison found %d differing blocks",
                      self.volume.name, r.label, r.owed.count())
-        resume = opened["pending_cycle"] == c and e["in_flight"] == c
-        return self._begin(r, frozen, resume)
+        return self._begin(r, frozen, decision)
 
-    def _begin(self, r: OutgoingTarget, frozen, resume: bool) -> bool:
+    def _begin(self, r: OutgoingTarget, frozen, decision: plan.Decision) -> bool:
         c = frozen.number
         e = self.state.entry(r.label)
         link = r.link  # a break or a stall may drop r.link while we wait
@@ -597,10 +694,11 @@ class MirrorDriver:
             raise ConnectionLostError(f"target {r.label}: the link was dropped before cycle {c}")
         full = r.owed is None
         pend_cycle, pend_chunks = link.acked
-        resume = resume and e["in_flight_full"] == full and pend_cycle == c
+        resume = decision.resume and pend_cycle == c
         r.resume_from = pend_chunks if resume else 0
         self.state.save_owed(r.label, r.owed)
-        e["in_flight"], e["in_flight_full"] = c, full
+        # The freeze fsynced the frozen overlay before shipping began: resumable.
+        e.in_flight, e.in_flight_full, e.in_flight_synced = c, full, True
         self.state.save()
         link.link.send_message("begin", cycle=c, freeze_time=frozen.freeze_time, full=full,
                                resume_from=r.resume_from)
@@ -621,6 +719,7 @@ class MirrorDriver:
         def sender(r: OutgoingTarget) -> None:
             q = queues[r.label]
             sent_raw = 0
+            send_seconds = 0.0
             prog = CycleProgress(c, r.owed is None, _cycle_bytes(self.subject, r.owed),
                                  r.resume_from)
             r.progress = prog
@@ -643,11 +742,8 @@ class MirrorDriver:
                         if items is None:
                             done[r.label] = True
                             break
-                        for index, frame, raw in items:
+                        for index, frame, raw, extent in items:
                             if index is not None:
-                                # raw_length (u32 LE at byte 28): a chunk's bytes, or a
-                                # zero run's length (docs/protocol.md).
-                                extent = int.from_bytes(frame[28:32], "little")
                                 covered += extent
                                 if index < r.resume_from:
                                     skipped += extent
@@ -663,9 +759,11 @@ class MirrorDriver:
                         except queue.Empty:
                             break
                     if batch:
+                        ts = time.monotonic()
                         self.rate.consume(nbytes)
                         tlink.check()
                         tlink.link.send_frames(batch, f"chunks up to {index} of cycle {c}")
+                        send_seconds += time.monotonic() - ts
                     # Published after the send: the figures never run ahead of the link.
                     prog.bytes_raw = sent_raw
                     prog.skipped_bytes = skipped
@@ -673,20 +771,28 @@ class MirrorDriver:
                     prog.bytes_wire = tlink.link.bytes_sent - wire0
                     prog.chunks_sent = total[0] if done.get(r.label) else (
                         index + 1 if index is not None else prog.chunks_sent)
-                tlink.link.send_message("end", cycle=c, chunks=total[0])
                 dt = time.monotonic() - t0
                 wire = tlink.link.bytes_sent - wire0
-                prog.bytes_wire = wire
                 if covered != prog.total_bytes and r.link is tlink:
                     # Only the progress figure is off (the target verifies the data
                     # itself), but it means the stream and the owed set disagree.
                     log.warning("cycle %d of %s to %s: the frames covered %d bytes of the "
                                 "%d owed; the progress figures are off, please report this",
                                 c, self.volume.name, r.label, covered, prog.total_bytes)
-                r.stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw,
-                           "bytes_wire": wire, "chunks": total[0], "resumed_from": r.resume_from,
-                           "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
-                           "compression_ratio": sent_raw / wire if wire else None}
+                end = frames.encode_control(c, messages.encode_message(
+                    "end", cycle=c, chunks=total[0]))
+                wire += len(end)  # the figures count the 'end' frame too
+                phases = dict(self._times, pack=pack_seconds[0], send=send_seconds)
+                stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw,
+                         "bytes_wire": wire, "chunks": total[0], "resumed_from": r.resume_from,
+                         "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
+                         "compression_ratio": sent_raw / wire if wire else None,
+                         "phases": phases}
+                with self._cond:
+                    # Before 'end': the target may commit (and apply) at once.
+                    r.cycle_stats[c] = stats
+                tlink.link.send_frame(end, f"the 'end' of cycle {c}")
+                prog.bytes_wire = tlink.link.bytes_sent - wire0
             except BaseException as exc:  # noqa: BLE001
                 alive.pop(r.label, None)
                 self._failed(r, exc)
@@ -695,10 +801,12 @@ class MirrorDriver:
                     pass
 
         total = [0]
+        pack_seconds = [0.0]
         done: dict[str, bool] = {}
         threads = [threading.Thread(target=sender, args=(r,), daemon=True) for r in group]
         for t in threads:
             t.start()
+
         def publish(items: list) -> None:
             for r in group:
                 if r.label not in alive:
@@ -716,12 +824,18 @@ class MirrorDriver:
             # Frames travel to the senders in lists of about SEND_BATCH_BYTES: one queue
             # handoff per list, not per frame (a delta is thousands of 4 KiB frames).
             items, nbytes = [], 0
-            for index, frame, raw in self.subject.cycle_frames(reader, group[0].owed, c,
-                                                               self.packer):
-                items.append((index, frame, raw))
-                nbytes += len(frame)
-                if index is not None:
-                    total[0] = index + 1
+            stream = iter(self.subject.cycle_frames(reader, group[0].owed, c, self.packer,
+                                                    scatter=_scatter(group[0])))
+            while True:
+                tp = time.monotonic()
+                item = next(stream, None)
+                pack_seconds[0] += time.monotonic() - tp
+                if item is None:
+                    break
+                items.append(item)
+                nbytes += len(item[1])
+                if item[0] is not None:
+                    total[0] = item[0] + 1
                 if nbytes >= SEND_BATCH_BYTES:
                     publish(items)
                     items, nbytes = [], 0
@@ -740,23 +854,60 @@ class MirrorDriver:
             for t in threads:
                 t.join()
 
-    def _applied(self, r: OutgoingTarget, frozen) -> None:
+    def _committed(self, r: OutgoingTarget, frozen, commit_seconds: float) -> None:
+        """The target holds cycle ``frozen`` durably: nothing is owed from before it."""
         r.owed = ExtentBitmap(self.volume.nblocks)
         r.ok, r.backoff, r.last_error, r.phase = True, 0.0, None, "idle"
-        self._record_applied(r, frozen.number, frozen.freeze_time)
-        if self.options.on_applied is not None:
-            self.options.on_applied(frozen.number, r.label, dict(r.stats))
+        with self._cond:
+            stats = r.cycle_stats.get(frozen.number)
+            if stats is not None:
+                stats["phases"]["commit"] = commit_seconds
+                if self.last_merge_seconds is not None:
+                    stats["phases"]["merge"] = self.last_merge_seconds
+                r.stats = stats
+            r.committed_at[frozen.number] = time.monotonic()
+        self._record_held(r, frozen.number, frozen.freeze_time)
+        if stats is not None:
+            log.debug("mirror %s -> %s: cycle %d phases %s", self.volume.name, r.label,
+                      frozen.number, " ".join(f"{k}={v:.3f}s" for k, v in stats["phases"].items()))
 
-    def _record_applied(self, r: OutgoingTarget, cycle: int, freeze_time: float) -> None:
+    def _record_held(self, r: OutgoingTarget, cycle: int, freeze_time: float) -> None:
         # Order: the owed set is emptied on disk before we claim the cycle.
         self.state.save_owed(r.label, r.owed)
         e = self.state.entry(r.label)
-        e["applied_cycle"], e["freeze_time"], e["in_flight"] = cycle, freeze_time, 0
+        e.held_cycle, e.freeze_time, e.in_flight = cycle, freeze_time, 0
         self.state.save()
         with self._cond:
             # One step for status(): the cycle's figures are in r.stats already.
-            r.applied_cycle, r.freeze_time, r.progress = cycle, freeze_time, None
+            r.held_cycle, r.progress = cycle, None
             self._cond.notify_all()
+        # A target found holding the cycle (or one that applied it before we saw the
+        # commit: protocol 1) has applied it too.
+        link = r.link
+        if link is not None and link.applied[0] >= cycle:
+            self._on_applied(r, *link.applied)
+
+    def _on_applied(self, r: OutgoingTarget, cycle: int, freeze_time: float) -> None:
+        """The target applied ``cycle`` (called by its link's reader thread, or above)."""
+        with self._cond:
+            if cycle <= r.applied_cycle or cycle > r.held_cycle:
+                # Older news, or news of a cycle whose commit we have not recorded yet:
+                # _record_held picks it up from link.applied once it has.
+                return
+            r.applied_cycle, r.freeze_time = cycle, freeze_time
+            stats = r.cycle_stats.pop(cycle, None)
+            for old in [k for k in r.cycle_stats if k < cycle]:
+                del r.cycle_stats[old]
+            committed = r.committed_at.pop(cycle, None)
+            for old in [k for k in r.committed_at if k < cycle]:
+                del r.committed_at[old]
+            if stats is not None and committed is not None:
+                stats["phases"]["apply"] = time.monotonic() - committed
+            if stats is not None:
+                r.latency.observe(stats["bytes_raw"], time.time() - freeze_time)
+            self._cond.notify_all()
+        if stats is not None and self.options.on_applied is not None:
+            self.options.on_applied(cycle, r.label, dict(stats))
 
     def _failed(self, r: OutgoingTarget, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"
@@ -792,6 +943,11 @@ def _same_owed(a: ExtentBitmap | None, b: ExtentBitmap | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return a == b
+
+
+def _scatter(r: OutgoingTarget) -> bool:
+    """The target takes SCATTER frames (protocol 2)."""
+    return r.link is not None and r.link.pipelined
 
 
 __all__ = ["CycleProgress", "MirrorDriver", "MirrorOptions", "TargetSpec", "CycleMirrorError"]

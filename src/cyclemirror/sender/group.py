@@ -89,15 +89,21 @@ class SingleVolume:
         return [{"name": n, "size": v.size, "block_size": v.block_size}
                 for n, v in zip(self.remote_names, self.volumes, strict=True)]
 
-    def cycle_frames(self, reader, owed, cycle: int, packer) -> Iterator[tuple]:
-        """(chunk index or None for a member switch, frame, raw DATA bytes)."""
+    def cycle_frames(self, reader, owed, cycle: int, packer, scatter: bool = False
+                     ) -> Iterator[tuple]:
+        """(chunk index or None for a member switch, frame, data bytes, covered bytes).
+
+        ``scatter``: small extents of a delta travel in SCATTER frames (protocol 2).
+        """
         index = 0
         for i, (vol, rd, part) in enumerate(zip(self.volumes, self.member_readers(reader),
                                                 self.split(owed), strict=True)):
             if self.group:
-                yield None, _member_frame(i), 0
-            for frame, raw in shipping.cycle_frames(rd, part, cycle, packer, vol.block_size):
-                yield index, frame, raw
+                yield None, _member_frame(i), 0, 0
+            for frame, raw, covered in shipping.cycle_frames(
+                    rd, part, cycle, packer, vol.block_size,
+                    scatter=scatter and part is not None):
+                yield index, frame, raw, covered
                 index += 1
 
     def differences(self, reader, fetch) -> ExtentBitmap:
@@ -252,6 +258,9 @@ class GroupReader:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self._stack is not None:
             self._stack.close()
             self._stack = None

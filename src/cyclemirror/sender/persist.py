@@ -1,12 +1,22 @@
 """The driver's durable state in the source store: ``STORE/outgoing/<volume>/``.
 
-``state.json`` (atomically replaced) records, per target label: the cycle it
-last applied (and its freeze time), the target's node id, the cycle in
-flight to it; and the newest freeze the driver has accounted for.  Beside it,
-``owed-<n>.bitmap`` holds, per target, the blocks changed since that target's
-applied freeze (ExtentBitmap.save, atomic): what a lagging target needs for
-catch-up.  No bitmap file and ``full: true`` means the target needs a full
-copy (it has never applied a cycle).
+``state.json`` (atomically replaced) records, per target label, a
+``TargetRecord``: the newest cycle the target holds durably (committed or
+applied) and its freeze time, the target's node id, the cycle in flight to it
+(and whether it is a full copy, and whether its frozen overlay was on disk
+before the first chunk left: only such a cycle may resume after a restart),
+and whether change tracking with it can be trusted; and the newest freeze the
+driver has accounted for.  Beside it, ``owed-<n>.bitmap`` holds, per target,
+the blocks changed since that target's held freeze (ExtentBitmap.save,
+atomic): what a lagging target needs for catch-up.  No bitmap file and
+``full`` means the target needs a full copy (it never held a cycle).
+
+Format 2 is ``{"format": 2, "body": {...}, "xxh64": <of the canonical body>}``
+like the target's journal: a torn or edited file is detected, never trusted.
+Format 1 (a bare body, written before) is still read.  Anything unreadable
+(bad JSON, a wrong type, a checksum mismatch) is moved aside to
+``state.json.damaged`` and every target is then compared by block hashes:
+never a crash of the daemon, never a silent full copy.
 
 Write order: at a freeze, the owed bitmaps are saved before ``last_freeze``
 advances, so a crash in between only makes the next start fold that freeze's
@@ -17,15 +27,107 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+from dataclasses import asdict, dataclass, fields
+
+import xxhash
 
 from cyclemirror._cext.bitmap import ExtentBitmap
-from cyclemirror.errors import CycleMirrorError
-from cyclemirror.receiver.fileops import atomic_write
+from cyclemirror.errors import CycleMirrorError, IntegrityError
+from cyclemirror.store.fileops import atomic_write
 
+FORMAT = 2
+MAX_INT = 2**63 - 1
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_NODE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetRecord:
+    """What the source knows durably about one target."""
+
+    held_cycle: int = 0  # newest cycle the target committed or applied
+    freeze_time: float = 0.0  # that cycle's freeze time
+    target_node: str | None = None  # the store that answered at the address
+    in_flight: int = 0  # cycle being shipped to it (0: none)
+    in_flight_full: bool = False
+    in_flight_synced: bool = False  # its frozen overlay was durable before shipping began
+    full: bool = True  # no owed bitmap: the target needs a full copy
+    untrusted: bool = False  # our tracking of it is lost: compare block hashes next time
+
+    @classmethod
+    def from_json(cls, value: object, where: str) -> TargetRecord:
+        if not isinstance(value, dict):
+            raise IntegrityError(f"{where}: a target entry is {type(value).__name__}, not an object")
+        if "applied_cycle" in value and "held_cycle" not in value:  # format 1 names
+            value = dict(value, held_cycle=value["applied_cycle"])
+            value.pop("applied_cycle")
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(value) - set(known)
+        if unknown:
+            raise IntegrityError(f"{where}: unknown target fields {sorted(unknown)}")
+        rec = cls(**{k: v for k, v in value.items()})
+        for name in ("held_cycle", "in_flight"):
+            v = getattr(rec, name)
+            if type(v) is not int or not 0 <= v <= MAX_INT:
+                raise IntegrityError(f"{where}: {name} is {v!r}, not an integer in 0..2**63-1")
+        if (isinstance(rec.freeze_time, bool) or not isinstance(rec.freeze_time, int | float)
+                or not math.isfinite(rec.freeze_time) or rec.freeze_time < 0):
+            raise IntegrityError(f"{where}: freeze_time is {rec.freeze_time!r}")
+        for name in ("in_flight_full", "in_flight_synced", "full", "untrusted"):
+            if type(getattr(rec, name)) is not bool:
+                raise IntegrityError(f"{where}: {name} is {getattr(rec, name)!r}, not a bool")
+        if rec.target_node is not None and (
+                not isinstance(rec.target_node, str) or not _NODE.fullmatch(rec.target_node)):
+            raise IntegrityError(f"{where}: target_node {rec.target_node!r} is not a node id")
+        return rec
+
+
+def encode_state(last_freeze: int, targets: dict[str, TargetRecord]) -> bytes:
+    """The bytes of state.json (format 2); pinned by a golden test."""
+    body = {"last_freeze": last_freeze,
+            "targets": {label: asdict(rec) for label, rec in sorted(targets.items())}}
+    digest = xxhash.xxh64_hexdigest(_canonical(body))
+    return (json.dumps({"format": FORMAT, "body": body, "xxh64": digest}, indent=1,
+                       sort_keys=True) + "\n").encode()
+
+
+def decode_state(data: bytes, where: str) -> tuple[int, dict[str, TargetRecord]]:
+    """(last_freeze, records) from state.json bytes of format 1 or 2; IntegrityError if bad."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{where}: not a JSON object")
+    if "format" in doc:
+        if doc.get("format") != FORMAT or set(doc) != {"format", "body", "xxh64"}:
+            raise IntegrityError(f"{where}: format {doc.get('format')!r}; this version reads "
+                                 f"1 and {FORMAT}")
+        body = doc["body"]
+        if not isinstance(body, dict) or not isinstance(doc["xxh64"], str):
+            raise IntegrityError(f"{where}: body or checksum of the wrong type")
+        if xxhash.xxh64_hexdigest(_canonical(body)) != doc["xxh64"]:
+            raise IntegrityError(f"{where}: checksum mismatch (a torn or edited file)")
+    else:
+        body = doc  # format 1: the body alone, no checksum
+    last = body.get("last_freeze")
+    targets = body.get("targets")
+    if set(body) != {"last_freeze", "targets"} or type(last) is not int or not (
+            0 <= last <= MAX_INT) or not isinstance(targets, dict):
+        raise IntegrityError(f"{where}: needs last_freeze (an integer) and targets (an object)")
+    return last, {str(label): TargetRecord.from_json(value, f"{where} target {label!r}")
+                  for label, value in targets.items()}
+
+
+def _canonical(body: dict) -> bytes:
+    try:
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise IntegrityError(f"state body cannot be encoded ({exc})") from None
 
 
 class DriverState:
@@ -33,7 +135,7 @@ class DriverState:
         self.directory = directory
         self.nblocks = nblocks
         self.last_freeze = 0
-        self.targets: dict[str, dict] = {}
+        self.targets: dict[str, TargetRecord] = {}
         os.makedirs(directory, exist_ok=True)
         self.trusted = True
         self.load_error: str | None = None
@@ -51,45 +153,46 @@ class DriverState:
             return
         try:
             with open(self.path, "rb") as f:
-                data = json.load(f)
-            self.last_freeze = int(data["last_freeze"])
-            self.targets = dict(data["targets"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                self.last_freeze, self.targets = decode_state(f.read(), self.path)
+        except (OSError, IntegrityError) as exc:
             # Change tracking is lost: keep the damaged file for a person to look
             # at, and give every target a hash comparison instead of trusting it.
             self.trusted = False
             self.targets, self.last_freeze = {}, 0
             aside = self.path + ".damaged"
-            os.replace(self.path, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError:
+                aside = "(could not be moved aside)"
             self.load_error = f"mirror state {self.path} unreadable ({exc}); moved to {aside}"
             log.warning("%s; every target will be compared by block hashes", self.load_error)
 
     def save(self) -> None:
-        body = {"last_freeze": self.last_freeze, "targets": self.targets}
-        atomic_write(self.path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(self.path, encode_state(self.last_freeze, self.targets))
 
-    def entry(self, label: str) -> dict:
-        return self.targets.setdefault(label, {
-            "applied_cycle": 0, "freeze_time": 0.0, "target_node": None,
-            "in_flight": 0, "in_flight_full": False, "full": True,
-        })
+    def entry(self, label: str) -> TargetRecord:
+        return self.targets.setdefault(label, TargetRecord())
 
     def load_owed(self, label: str) -> ExtentBitmap | None:
         """The blocks owed to ``label``; None means it needs everything."""
         e = self.entry(label)
-        if e["full"]:
+        if e.full:
             return None
         try:
-            return ExtentBitmap.load(self._bitmap_path(label))
+            owed = ExtentBitmap.load(self._bitmap_path(label))
+            if owed.nbits != self.nblocks:
+                raise IntegrityError(f"owed bitmap of {label} has {owed.nbits} bits, "
+                                     f"the volume {self.nblocks} blocks")
+            return owed
         except (CycleMirrorError, OSError):
             # A lost bitmap must not become "nothing owed": fall back to compare.
-            e["untrusted"] = True
+            e.untrusted = True
             return ExtentBitmap(self.nblocks)
 
     def save_owed(self, label: str, owed: ExtentBitmap | None) -> None:
         e = self.entry(label)
         if owed is None:
-            e["full"] = True
+            e.full = True
             return
         owed.save(self._bitmap_path(label))
-        e["full"] = False
+        e.full = False

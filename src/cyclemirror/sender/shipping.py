@@ -3,7 +3,10 @@
 ``cycle_frames`` yields whole frames (bytes) for the blocks in ``owed`` (None:
 the whole volume) of frozen cycle ``cycle``: DATA frames packed (read, chunked,
 compressed, checksummed) by ``FramePacker`` in bounded batches, ZERO records
-for zero runs.  For one frozen image and one bitmap the stream is always the
+for zero runs, and (``scatter``, for targets that speak protocol 2) SCATTER
+frames that carry up to a chunk of small extents each: a delta of scattered
+4 KiB blocks then costs each side one frame per chunk instead of one per
+block.  For one frozen image and one bitmap the stream is always the
 same, which is what lets an interrupted cycle resume at chunk N: we simply
 regenerate it and skip the first N frames.  Batches are packed by several
 threads at once (``PACK_THREADS``) and put back in order; the workers only
@@ -32,11 +35,19 @@ MAX_ZERO_RECORD = 1 << 31  # a ZERO frame's length field is 32 bits
 # about 600 MiB/s of text per core), so a first cycle uses every core.
 PACK_THREADS = max(1, min(4, os.cpu_count() or 1))
 POOL_MIN_EXTENT = 64 << 10  # batches of smaller extents (on average) are packed inline
+# Data extents shorter than this travel in SCATTER frames (when the target takes them).
+SCATTER_MAX_EXTENT = 256 << 10
 
 
 def cycle_frames(reader, owed: ExtentBitmap | None, cycle: int, packer: frames.FramePacker,
-                 block_size: int, threads: int | None = None) -> Iterator[tuple[bytes, int]]:
-    """Yield (frame, raw DATA bytes it carries; 0 for a ZERO record), deterministically.
+                 block_size: int, threads: int | None = None,
+                 scatter: bool = False) -> Iterator[tuple[bytes, int, int]]:
+    """Yield (frame, data bytes it carries, volume bytes it covers), deterministically.
+
+    A DATA or SCATTER frame carries and covers its data bytes; a ZERO record
+    carries none and covers its run.  With ``scatter`` (delta cycles to targets
+    that speak protocol 2) runs shorter than SCATTER_MAX_EXTENT go in SCATTER
+    frames.
 
     Consecutive data extents of one file are packed in one ``pack_extents``
     call (up to BATCH_BYTES): a delta of scattered 4 KiB blocks would
@@ -55,24 +66,25 @@ def cycle_frames(reader, owed: ExtentBitmap | None, cycle: int, packer: frames.F
 
     def submit():
         nonlocal batch
-        if pool is None or batch_bytes < POOL_MIN_EXTENT * len(batch):
+        if scatter:
+            ahead.append(pool.submit(_pack_mixed, packer, batch_fd, batch, cycle) if pool
+                         else _pack_mixed(packer, batch_fd, batch, cycle))
+        elif pool is None or batch_bytes < POOL_MIN_EXTENT * len(batch):
             # Small extents (a delta's scattered blocks) are Python work per extent
             # under the GIL: workers would only fight over it (measured: 10,376
             # 4 KiB blocks took 0.08 s inline, 0.12 s on two workers).
-            ahead.append(packer.pack_extents(batch_fd, batch, cycle))
+            ahead.append(_data_frames(packer.pack_extents(batch_fd, batch, cycle)))
         else:
-            ahead.append(pool.submit(packer.pack_extents, batch_fd, batch, cycle))
+            ahead.append(pool.submit(_pack_data, packer, batch_fd, batch, cycle))
         batch = []
 
     def ready(limit):
         while len(ahead) > limit:
             item = ahead.popleft()
-            if isinstance(item, bytes):
-                yield item, 0
+            if isinstance(item, tuple):
+                yield item
                 continue
-            for frame in item if isinstance(item, list) else item.result():
-                # raw_length: u32 little-endian at byte 28 of the header (docs/protocol.md)
-                yield frame, int.from_bytes(frame[28:32], "little")
+            yield from item if isinstance(item, list) else item.result()
 
     try:
         for offset, length, kind, fd in reader.extents(owed, max_run_blocks):
@@ -86,7 +98,7 @@ def cycle_frames(reader, owed: ExtentBitmap | None, cycle: int, packer: frames.F
                 end = offset + length
                 while offset < end:
                     n = min(MAX_ZERO_RECORD, end - offset)
-                    ahead.append(frames.encode_zero(frames.FT_ZERO, cycle, offset, n))
+                    ahead.append((frames.encode_zero(frames.FT_ZERO, cycle, offset, n), 0, n))
                     offset += n
             yield from ready(2 * threads)
         if batch:
@@ -97,9 +109,38 @@ def cycle_frames(reader, owed: ExtentBitmap | None, cycle: int, packer: frames.F
             # Abandoned early (a break, a lost link): packs not started never run, and
             # the reader's files stay open until the running ones are done with them.
             for item in ahead:
-                if not isinstance(item, bytes | list):
+                if not isinstance(item, tuple | list):
                     item.cancel()
             pool.shutdown(wait=True)
+
+
+def _data_frames(frame_list: list[bytes]) -> list[tuple[bytes, int, int]]:
+    out = []
+    for frame in frame_list:
+        n = frames.frame_raw_length(frame)
+        out.append((frame, n, n))
+    return out
+
+
+def _pack_data(packer, fd: int, extents: list, cycle: int) -> list[tuple[bytes, int, int]]:
+    return _data_frames(packer.pack_extents(fd, extents, cycle))
+
+
+def _pack_mixed(packer, fd: int, extents: list, cycle: int) -> list[tuple[bytes, int, int]]:
+    """Runs of small extents as SCATTER frames, longer extents as DATA frames, in order."""
+    out: list[tuple[bytes, int, int]] = []
+    small: list[tuple[int, int]] = []
+    for ext in extents:
+        if ext[1] < SCATTER_MAX_EXTENT:
+            small.append(ext)
+            continue
+        if small:
+            out.extend((f, n, n) for f, n in packer.pack_scatter(fd, small, cycle))
+            small = []
+        out.extend(_data_frames(packer.pack_extents(fd, [ext], cycle)))
+    if small:
+        out.extend((f, n, n) for f, n in packer.pack_scatter(fd, small, cycle))
+    return out
 
 
 HASH_SPAN_BLOCKS = 16384  # one hash_request: what fits one hashes message

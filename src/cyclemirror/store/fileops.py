@@ -169,11 +169,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: str, obj: dict) -> None:
-    """Replace ``path`` with ``obj`` so that a crash leaves the old or the new file, never a mix."""
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a mix."""
+    path = os.fspath(path)
     tmp = path + ".tmp"
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         pwrite_all(fd, data, 0)
         os.fsync(fd)
@@ -181,6 +181,11 @@ def atomic_write_json(path: str, obj: dict) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def atomic_write_json(path: str, obj: dict) -> None:
+    """Replace ``path`` with ``obj`` as JSON (see atomic_write)."""
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), 0o644)
 
 
 def read_json(path: str, what: str) -> dict:

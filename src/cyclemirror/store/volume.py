@@ -480,6 +480,12 @@ class Volume:
 
     # -- freeze -----------------------------------------------------------------------
 
+    def pending_blocks(self) -> int:
+        """Blocks the open overlay holds so far: what the next freeze will owe targets."""
+        with self._lock:
+            top = self._top()
+        return top.dirty.count()
+
     @property
     def open_overlay(self) -> int:
         """Number of the overlay taking writes now (= number of the last freeze)."""

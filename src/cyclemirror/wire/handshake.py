@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from cyclemirror.errors import AuthenticationError, ProtocolError, UsageError
 from cyclemirror.wire.sockio import peer_name, recv_exact, send_all
 
-PROTOCOL_VERSION = 1
+# 2: SCATTER frames, and 'committed' before 'applied' so the next cycle's copy
+# overlaps the apply (docs/protocol.md, "Cycle").  A target speaks 1 and 2.
+PROTOCOL_VERSION = 2
+PIPELINED_VERSION = 2
 MIN_PROTOCOL_VERSION = 1
 HANDSHAKE_TIMEOUT = 15.0
 

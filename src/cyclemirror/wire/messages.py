@@ -39,6 +39,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "opened": {"node_id": "node", "applied_cycle": "int", "freeze_time": "float",
                "has_image": "bool", "pending_cycle": "int", "pending_chunks": "int"},
     "ack": {"cycle": "int", "chunks": "int"},
+    "committed": {"cycle": "int"},  # protocol 2: durably received, will be applied
     "applied": {"cycle": "int", "freeze_time": "float"},
     "hashes": {"index": "int", "start_block": "int", "count": "int", "digests": "hex"},
     # both ways

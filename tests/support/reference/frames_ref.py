@@ -20,7 +20,8 @@ HEADER = struct.Struct("<4sBBBBQQIIQQ")
 HEADER_SIZE = HEADER.size
 MAGIC = b"CMFR"
 VERSION = 1
-FT_DATA, FT_ZERO, FT_TRIM, FT_CONTROL = 1, 2, 3, 4
+FT_DATA, FT_ZERO, FT_TRIM, FT_CONTROL, FT_SCATTER = 1, 2, 3, 4, 5
+MAX_SCATTER_EXTENTS = 1024
 CODEC_NONE, CODEC_LZ4, CODEC_ZSTD = 0, 1, 2
 FLAGS_RESERVED = 0xFE
 MAX_CYCLE = 2**63 - 1
@@ -45,7 +46,7 @@ def check_header(buf: bytes, max_payload, max_raw, max_control, volume_size, ali
         return ("FrameError", "header")
     (magic, version, ftype, flags, codec, cycle, offset, length, raw_length, checksum,
      header_checksum) = HEADER.unpack(buf[:HEADER_SIZE])
-    extent = ftype in (FT_DATA, FT_ZERO, FT_TRIM)
+    extent = ftype in (FT_DATA, FT_ZERO, FT_TRIM, FT_SCATTER)
     payloadless = ftype in (FT_ZERO, FT_TRIM)
 
     def aligned(value):
@@ -54,14 +55,21 @@ def check_header(buf: bytes, max_payload, max_raw, max_control, volume_size, ali
     checks = [
         ("magic", magic == MAGIC),
         ("version", version == VERSION),
-        ("type", ftype in (FT_DATA, FT_ZERO, FT_TRIM, FT_CONTROL)),
+        ("type", ftype in (FT_DATA, FT_ZERO, FT_TRIM, FT_CONTROL, FT_SCATTER)),
         ("flags", flags & FLAGS_RESERVED == 0),
         ("codec", codec in (CODEC_NONE, CODEC_LZ4, CODEC_ZSTD)),
         ("cycle", cycle <= MAX_CYCLE),
         ("codec", not payloadless or codec == CODEC_NONE),
         ("offset", offset == 0 if not extent else offset <= volume_size and aligned(offset)),
     ]
-    if extent:
+    if ftype == FT_SCATTER:
+        # The payload is a table and scattered extents: only its size is checked here.
+        checks += [
+            ("raw_length", raw_length > 0),
+            ("raw_length", raw_length <= max_raw),
+            ("raw_length", raw_length >= 8 + 16 + 1),
+        ]
+    elif extent:
         checks += [
             ("raw_length", raw_length > 0),
             ("raw_length", ftype != FT_DATA or raw_length <= max_raw),
@@ -119,3 +127,57 @@ def pack_extents(fd, extents, cycle, codec, chunk_size, level=0) -> list[bytes]:
                                    xxhash.xxh3_64_intdigest(raw))
             frames.append(header + packed)
     return frames
+
+
+def scatter_payload(extents, data: bytes) -> bytes:
+    """The raw SCATTER payload: count u32, reserved u32, (offset u64, length u32, 0 u32)
+    per extent, then the extents' bytes in order (little-endian, docs/protocol.md)."""
+    table = struct.pack("<II", len(extents), 0) + b"".join(
+        struct.pack("<QII", off, ln, 0) for off, ln in extents)
+    return table + data
+
+
+def scatter_extents(raw: bytes, volume_size: int, alignment: int = 1):
+    """The extents of a SCATTER payload, or ("FrameError", "payload") if a rule is broken."""
+    bad = ("FrameError", "payload")
+    if len(raw) < 8:
+        return bad
+    count, reserved = struct.unpack_from("<II", raw)
+    if not 0 < count <= MAX_SCATTER_EXTENTS or reserved or 8 + 16 * count > len(raw):
+        return bad
+    out, end, total = [], 0, 0
+    for i in range(count):
+        off, ln, res = struct.unpack_from("<QII", raw, 8 + 16 * i)
+        if ln == 0 or res or (i and off < end) or off + ln > volume_size:
+            return bad
+        if off % alignment or (ln % alignment and off + ln != volume_size):
+            return bad
+        out.append((off, ln))
+        end = off + ln
+        total += ln
+    if total != len(raw) - 8 - 16 * count:
+        return bad
+    return out
+
+
+def pack_scatter(fd, extents, cycle, codec, chunk_size, level=0) -> list[tuple[bytes, int]]:
+    """SCATTER frames and their data bytes: extents in order, a frame closed when the next
+    extent would take its data past chunk_size or it holds MAX_SCATTER_EXTENTS."""
+    out, i = [], 0
+    while i < len(extents):
+        group = [extents[i]]
+        data = extents[i][1]
+        while (i + len(group) < len(extents) and len(group) < MAX_SCATTER_EXTENTS
+               and data + extents[i + len(group)][1] <= chunk_size):
+            data += extents[i + len(group)][1]
+            group.append(extents[i + len(group)])
+        raw = scatter_payload(group, b"".join(os.pread(fd, ln, off) for off, ln in group))
+        packed = compress(codec, raw, level)
+        used = codec
+        if codec == CODEC_NONE or len(packed) >= len(raw):
+            packed, used = raw, CODEC_NONE
+        header = encode_header(FT_SCATTER, 0, used, cycle, group[0][0], len(packed), len(raw),
+                               xxhash.xxh3_64_intdigest(raw))
+        out.append((header + packed, data))
+        i += len(group)
+    return out

@@ -1,0 +1,120 @@
+"""The RPO objective: is a target keeping up, and when should the next freeze come?
+
+Pure functions of measured figures, so every case is a row of a table test
+(tests/test_sender_rpo.py); the driver only feeds them and acts on the answer.
+
+Words.  The *RPO age* of a target is now minus the freeze time of the newest
+cycle it applied.  It grows by one second per second until the next cycle is
+applied, then drops to that cycle's *latency* (its apply time minus its
+freeze time).  So the worst age before the next apply is about
+``age + latency(owed bytes)``, and with freezes every ``interval`` seconds
+the age peaks at about ``interval + latency``.
+
+* ``LatencyModel`` learns ``latency(bytes) = base + bytes / rate`` from the
+  cycles applied so far (exponentially weighted: recent cycles count most).
+* ``assess`` says ``ok``, ``at_risk`` (the predicted worst age passes the
+  objective) or ``violated`` (the age already did), with hysteresis: a state
+  is left only when the figure is back below ``HYSTERESIS`` of the objective,
+  so a target hovering at the line does not flap.
+* ``auto_interval`` picks the wait between freezes: none while a target is at
+  risk or violated (back to back), otherwise the longest wait that keeps the
+  predicted peak age at ``HEADROOM`` of the objective: a quiet volume is frozen
+  (and merged) rarely, a busy one as often as its cycles allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OK, AT_RISK, VIOLATED = "ok", "at_risk", "violated"
+STATES = (OK, AT_RISK, VIOLATED)
+HYSTERESIS = 0.8  # leave at_risk / violated only below this share of the objective
+HEADROOM = 0.6  # auto_interval aims the peak age at this share of the objective
+WEIGHT = 0.3  # of the newest cycle in the moving averages
+MIN_RATE_BYTES = 1 << 20  # cycles smaller than this teach the base latency, not the rate
+DEFAULT_BASE = 0.2  # seconds, before any cycle was measured
+
+
+@dataclass
+class LatencyModel:
+    """latency(bytes) = base + bytes / rate, learnt from applied cycles."""
+
+    base: float = DEFAULT_BASE
+    rate: float | None = None  # bytes per second of a cycle's work; None: not measured yet
+
+    def observe(self, nbytes: int, latency: float) -> None:
+        """Learn from one applied cycle: ``nbytes`` shipped, applied ``latency`` s after its freeze."""
+        if latency <= 0:
+            return
+        if nbytes < MIN_RATE_BYTES:
+            self.base += WEIGHT * (latency - self.base)
+            return
+        work = max(latency - self.base, latency * 0.1)
+        rate = nbytes / work
+        self.rate = rate if self.rate is None else self.rate + WEIGHT * (rate - self.rate)
+
+    def latency(self, nbytes: int) -> float:
+        if self.rate is None or nbytes <= 0:
+            return self.base
+        return self.base + nbytes / self.rate
+
+
+@dataclass(frozen=True)
+class Assessment:
+    state: str  # OK, AT_RISK or VIOLATED
+    predicted: float  # worst RPO age expected before the next apply, seconds
+    reason: str  # one line for people and monitoring systems
+
+
+def assess(objective: float, age: float | None, owed_bytes: int, model: LatencyModel,
+           previous: str = OK) -> Assessment:
+    """The state of one target against ``objective`` seconds.
+
+    ``age``: its RPO age now (None: it never applied a cycle; that is at risk
+    until the first cycle lands).  ``owed_bytes``: what it still has to receive.
+    """
+    if age is None:
+        predicted = model.latency(owed_bytes)
+        return Assessment(AT_RISK, predicted,
+                          f"no cycle applied yet; the first is expected in {predicted:.1f}s")
+    predicted = age + model.latency(owed_bytes)
+    calm = HYSTERESIS * objective
+    if age > objective or (previous == VIOLATED and age > calm):
+        return Assessment(VIOLATED, predicted,
+                          f"RPO age {age:.1f}s is over the objective {objective:g}s")
+    if predicted > objective or (previous in (AT_RISK, VIOLATED) and predicted > calm):
+        why = f"{_size(owed_bytes)} owed" + (
+            f" at {_size(model.rate)}/s" if model.rate else "")
+        return Assessment(AT_RISK, predicted,
+                          f"predicted RPO age {predicted:.1f}s is over the objective "
+                          f"{objective:g}s ({why})")
+    return Assessment(OK, predicted,
+                      f"RPO age {age:.1f}s, predicted {predicted:.1f}s, objective {objective:g}s")
+
+
+def auto_interval(objective: float, model: LatencyModel, owed_bytes: int, states: list[str],
+                  cap: float | None = None) -> float:
+    """Seconds from one freeze to the next for an RPO ``objective`` (see the module text).
+
+    ``states``: every target's current state; ``cap``: a user's ``--interval``,
+    which the wait never exceeds.
+    """
+    if any(s != OK for s in states):
+        return 0.0
+    wait = HEADROOM * objective - model.latency(owed_bytes)
+    if cap is not None:
+        wait = min(wait, cap)
+    return max(0.0, wait)
+
+
+def worst(states: list[str]) -> str:
+    """The worst of several states (ok < at_risk < violated); OK for none."""
+    return max(states, key=STATES.index, default=OK)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
