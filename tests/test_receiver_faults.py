@@ -7,10 +7,13 @@ the bad stream applied, and the ``good`` mirror keeps applying cycles.
 
 Faults: a wrong key; a payload byte and a header offset byte flipped in
 flight by a frame-aware proxy (the source then retries and the image ends
-equal to the freeze); a truncated frame; oversized length fields; a data
-frame outside the volume; garbage instead of a handshake.
+equal to the freeze), in either direction (a damaged acknowledgement is
+retried like a damaged data frame, never a reason to stop the target); a
+truncated frame; oversized length fields; a data frame outside the volume;
+garbage instead of a handshake.
 """
 
+import logging
 import os
 import socket
 import struct
@@ -277,6 +280,97 @@ def test_bit_flipped_in_flight_is_detected_never_applied_then_retried(world, tmp
     image = os.path.join(mirror_dir(world, store.node_id), "flip.img")
     assert same_file(image, exported[cycle])
     good_mirror_keeps_going(world)
+    d.stop()
+    proxy.close()
+    store.close()
+
+
+class AckFlipProxy:
+    """Forwards a source's stream as is, and flips one byte of the target's first ``ack``, once."""
+
+    def __init__(self, target, where):
+        self.target, self.where = target, where
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.flipped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.target)
+            threading.Thread(target=FlipProxy._pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pump_down, args=(u, c), daemon=True).start()
+
+    def _pump_down(self, u, c):
+        def exact(n):
+            buf = b""
+            while len(buf) < n:
+                got = u.recv(n - len(buf))
+                if not got:
+                    raise OSError("eof")
+                buf += got
+            return buf
+
+        try:
+            c.sendall(exact(80))  # CHALLENGE
+            verdict = exact(3)  # VERDICT: status, message length, message
+            c.sendall(verdict + exact(int.from_bytes(verdict[1:3], "big")))
+            while True:
+                header = bytearray(exact(frames.HEADER_SIZE))
+                payload = bytearray(exact(int.from_bytes(header[24:28], "little")))
+                if (header[5] == frames.FT_CONTROL and b'"type":"ack"' in payload
+                        and not self.flipped):
+                    self.flipped += 1
+                    if self.where == "payload":
+                        payload[payload.index(b"cycle") + 2] ^= 0x01  # still JSON-shaped
+                    else:
+                        header[18] ^= 0x10  # a CONTROL frame's offset must be 0
+                c.sendall(bytes(header) + bytes(payload))
+        except OSError:
+            pass
+        finally:
+            for s in (c, u):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("where", ["payload", "header offset"])
+def test_damaged_ack_is_retried_and_the_cycle_completes_without_a_resume(world, tmp_path, where,
+                                                                         caplog):
+    store = Store.create(str(tmp_path / "acksrc"))
+    vol = store.create_volume("ackflip", 2 * MiB)
+    vol.write(0, os.urandom(2 * MiB))
+    proxy = AckFlipProxy(world["server"].address, where)
+    exported = {}
+
+    def on_frozen(frozen, reader):
+        p = str(tmp_path / f"ackflip-{frozen.number}.img")
+        reader.export_to(p)
+        exported[frozen.number] = p
+
+    d = MirrorDriver(vol, proxy.address, world["key"],
+                     MirrorOptions(on_frozen=on_frozen, retry_initial=0.05), store=store)
+    caplog.set_level(logging.WARNING, logger="cyclemirror.sender.driver")
+    d.start()
+    cycle = d.sync(60)  # raises the error if the target were marked broken
+    assert proxy.flipped == 1
+    # The source read the damage itself (not the target's word for it) and retried.
+    word = "ChecksumError" if where == "payload" else "FrameError"
+    seen = [r.getMessage() for r in caplog.records if "ackflip" in r.getMessage()]
+    assert any(word in m for m in seen), seen
+    (t,) = d.status()["targets"].values()
+    assert t["phase"] != "broken", t
+    image = os.path.join(mirror_dir(world, store.node_id), "ackflip.img")
+    assert same_file(image, exported[cycle])
     d.stop()
     proxy.close()
     store.close()

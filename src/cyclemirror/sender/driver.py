@@ -60,9 +60,10 @@ from cyclemirror.errors import (
     NotFoundError,
     StoreError,
     UsageError,
+    is_temporary,
 )
 from cyclemirror.sender import shipping
-from cyclemirror.sender.connection import TargetLink, is_temporary
+from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.group import SingleVolume
 from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
