@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import xxhash
 
 from cyclemirror.errors import IntegrityError
-from cyclemirror.receiver.fileops import atomic_write
+from cyclemirror.fileio import atomic_write
 
 STATE_VERSION = 1
 

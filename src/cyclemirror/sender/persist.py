@@ -22,7 +22,7 @@ import re
 
 from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import CycleMirrorError
-from cyclemirror.receiver.fileops import atomic_write
+from cyclemirror.fileio import atomic_write
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 log = logging.getLogger(__name__)

@@ -71,8 +71,7 @@ def cycle_frames(reader, owed: ExtentBitmap | None, cycle: int, packer: frames.F
                 yield item, 0
                 continue
             for frame in item if isinstance(item, list) else item.result():
-                # raw_length: u32 little-endian at byte 28 of the header (docs/protocol.md)
-                yield frame, int.from_bytes(frame[28:32], "little")
+                yield frame, frames.frame_raw_length(frame)
 
     try:
         for offset, length, kind, fd in reader.extents(owed, max_run_blocks):
