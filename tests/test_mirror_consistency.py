@@ -27,7 +27,8 @@ from tests.support.mirror import Rig, same_file, wait_for
 from tests.support.tools import SLOW
 
 TRIALS = 40 if SLOW else 3
-APPLY_SLEEP = "0.003"  # failpoint: slow apply down so kills can land inside it
+# Slow apply down so kills can land inside it (cyclemirror/failpoints.py).
+SLOW_APPLY = {"receiver.apply_record": 0.003}
 
 
 def state_file(rig):
@@ -64,8 +65,7 @@ def rig(tmp_path):
 
 def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    env = {"CYCLEMIRROR_FAILPOINT_APPLY_SLEEP": APPLY_SLEEP}
-    rig.start_target(**env)
+    rig.start_target(failpoints=SLOW_APPLY)
     rig.start_source()
     wait_for(lambda: len(rig.events()) >= 2, 60, "the first cycles")
     kills_in_apply = 0
@@ -80,7 +80,7 @@ def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
                 if committed_now(rig):
                     kills_in_apply += 1
                     break
-                rig.start_target(**env)
+                rig.start_target(failpoints=SLOW_APPLY)
         else:
             import time
 
@@ -91,7 +91,7 @@ def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
             if which in ("source", "both"):
                 rig.kill("source")
         if rig.target.poll() is not None:
-            rig.start_target(**env)
+            rig.start_target(failpoints=SLOW_APPLY)
         if rig.source.poll() is not None:
             rig.start_source()
         # Mirroring resumes: new cycles are applied after the restart.

@@ -38,6 +38,7 @@ import logging
 import os
 import time
 
+from cyclemirror import failpoints
 from cyclemirror.errors import ProtocolError, StoreError
 from cyclemirror.receiver import fileops
 from cyclemirror.receiver.imagewriter import ImageWriter
@@ -52,10 +53,6 @@ from cyclemirror.receiver.staging import (
 from cyclemirror.receiver.state import InFlight, MirrorState, VolumeSpec
 
 log = logging.getLogger(__name__)
-
-# Test-only failpoint: sleep this long per applied record, so a test's kill -9
-# can land inside apply.  Unset in production.
-_APPLY_SLEEP = float(os.environ.get("CYCLEMIRROR_FAILPOINT_APPLY_SLEEP", "0") or 0)
 
 
 class Mirror:
@@ -296,8 +293,7 @@ class Mirror:
                         fileops.pwrite_all(fds[member], data, offset)
                     elif kind in (REC_ZERO, REC_TRIM):
                         fileops.punch_zeroes(fds[member], offset, length)
-                    if _APPLY_SLEEP:
-                        time.sleep(_APPLY_SLEEP)
+                    failpoints.hit("receiver.apply_record")
                 for fd in fds:
                     os.fsync(fd)
             finally:
