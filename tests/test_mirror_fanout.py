@@ -220,8 +220,8 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
 def test_a_cycle_over_tls_with_a_real_certificate(tmp_path, key):
     import subprocess
 
-    from tests.support.tools import require_tool
     from cyclemirror.wire.handshake import TlsConfig
+    from tests.support.tools import require_tool
 
     openssl = require_tool("openssl")
     cert, pkey = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
