@@ -187,10 +187,17 @@ def test_garbage_instead_of_a_handshake_is_dropped(world):
 
 
 class FlipProxy:
-    """Forwards a source's stream, flipping one byte of its first DATA frame, once."""
+    """Forwards a mirror connection, flipping one byte of one frame in flight, once.
 
-    def __init__(self, target, where):
-        self.target, self.where = target, where
+    ``direction`` "up" damages the source's first DATA frame, "down" the
+    target's first ``ack``; ``where`` is "payload" (a checksum no longer
+    matches) or "header offset" (the offset field becomes 1 MiB: still
+    aligned, so a DATA frame fails only its header checksum, while a CONTROL
+    frame, whose offset must be 0, fails that field's check).
+    """
+
+    def __init__(self, target, where, direction="up"):
+        self.target, self.where, self.direction = target, where, direction
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
         self.flipped = 0
@@ -203,54 +210,68 @@ class FlipProxy:
             except OSError:
                 return
             u = socket.create_connection(self.target)
-            threading.Thread(target=self._pump_up, args=(c, u), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+            up, down = (self._flip, self._pump) if self.direction == "up" else (
+                self._pump, self._flip)
+            threading.Thread(target=up, args=(c, u), daemon=True).start()
+            threading.Thread(target=down, args=(u, c), daemon=True).start()
 
     @staticmethod
-    def _pump(a, b):
+    def _close(*socks):
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @classmethod
+    def _pump(cls, a, b):
         try:
             while data := a.recv(65536):
                 b.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            cls._close(a, b)
 
-    def _pump_up(self, c, u):
+    def _wanted(self, header, payload):
+        if self.flipped:
+            return False
+        if self.direction == "up":
+            return header[5] == frames.FT_DATA
+        return header[5] == frames.FT_CONTROL and b'"type":"ack"' in payload
+
+    def _flip(self, a, b):
         def exact(n):
             buf = b""
             while len(buf) < n:
-                got = c.recv(n - len(buf))
+                got = a.recv(n - len(buf))
                 if not got:
                     raise OSError("eof")
                 buf += got
             return buf
 
         try:
-            u.sendall(exact(48))  # HELLO
-            u.sendall(exact(32))  # PROOF (sent after the target's challenge)
+            if self.direction == "up":
+                b.sendall(exact(48))  # HELLO
+                b.sendall(exact(32))  # PROOF (sent after the target's challenge)
+            else:
+                b.sendall(exact(80))  # CHALLENGE
+                verdict = exact(3)  # VERDICT: status, message length, message
+                b.sendall(verdict + exact(int.from_bytes(verdict[1:3], "big")))
             while True:
                 header = bytearray(exact(frames.HEADER_SIZE))
                 payload = bytearray(exact(int.from_bytes(header[24:28], "little")))
-                if header[5] == frames.FT_DATA and not self.flipped:
+                if self._wanted(header, payload):
                     self.flipped += 1
                     if self.where == "payload":
                         payload[len(payload) // 2] ^= 0x10
                     else:
-                        header[18] ^= 0x10  # offset + 1 MiB: still aligned and in range
-                u.sendall(bytes(header) + bytes(payload))
+                        header[18] ^= 0x10
+                b.sendall(bytes(header) + bytes(payload))
         except OSError:
             pass
         finally:
-            for s in (c, u):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._close(a, b)
 
     def close(self):
         self.listener.close()
@@ -285,71 +306,13 @@ def test_bit_flipped_in_flight_is_detected_never_applied_then_retried(world, tmp
     store.close()
 
 
-class AckFlipProxy:
-    """Forwards a source's stream as is, and flips one byte of the target's first ``ack``, once."""
-
-    def __init__(self, target, where):
-        self.target, self.where = target, where
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        self.flipped = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            u = socket.create_connection(self.target)
-            threading.Thread(target=FlipProxy._pump, args=(c, u), daemon=True).start()
-            threading.Thread(target=self._pump_down, args=(u, c), daemon=True).start()
-
-    def _pump_down(self, u, c):
-        def exact(n):
-            buf = b""
-            while len(buf) < n:
-                got = u.recv(n - len(buf))
-                if not got:
-                    raise OSError("eof")
-                buf += got
-            return buf
-
-        try:
-            c.sendall(exact(80))  # CHALLENGE
-            verdict = exact(3)  # VERDICT: status, message length, message
-            c.sendall(verdict + exact(int.from_bytes(verdict[1:3], "big")))
-            while True:
-                header = bytearray(exact(frames.HEADER_SIZE))
-                payload = bytearray(exact(int.from_bytes(header[24:28], "little")))
-                if (header[5] == frames.FT_CONTROL and b'"type":"ack"' in payload
-                        and not self.flipped):
-                    self.flipped += 1
-                    if self.where == "payload":
-                        payload[payload.index(b"cycle") + 2] ^= 0x01  # still JSON-shaped
-                    else:
-                        header[18] ^= 0x10  # a CONTROL frame's offset must be 0
-                c.sendall(bytes(header) + bytes(payload))
-        except OSError:
-            pass
-        finally:
-            for s in (c, u):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.listener.close()
-
-
 @pytest.mark.parametrize("where", ["payload", "header offset"])
 def test_damaged_ack_is_retried_and_the_cycle_completes_without_a_resume(world, tmp_path, where,
                                                                          caplog):
     store = Store.create(str(tmp_path / "acksrc"))
     vol = store.create_volume("ackflip", 2 * MiB)
     vol.write(0, os.urandom(2 * MiB))
-    proxy = AckFlipProxy(world["server"].address, where)
+    proxy = FlipProxy(world["server"].address, where, direction="down")
     exported = {}
 
     def on_frozen(frozen, reader):
