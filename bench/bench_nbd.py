@@ -33,7 +33,7 @@ shows both parts: the steady rate (after the ramp: the figure the targets are
 about) and the rate of the first RAMP seconds, right after the previous trial's
 workload. The store pays for a change of workload there (after 4 KiB random
 writes its page cache is made of 4 KiB folios, which the 1 MiB writes' folios
-cannot reuse: docs/nbd.md), and nbdkit does not, so the two are shown apart
+cannot reuse: bench/RESULTS.md), and nbdkit does not, so the two are shown apart
 instead of one number that is mostly the switch.
 """
 
@@ -119,7 +119,7 @@ def split_at_ramp(rows: list[list[int]], ramp_ms: int) -> tuple[float, float]:
 class Freezer(threading.Thread):
     """Freeze the volume every second and merge the overlay the freeze closed off.
 
-    The schedule is DESIGN.md's: the next freeze comes at max(previous freeze +
+    The schedule is the design's (docs/design.md): the next freeze comes at max(previous freeze +
     1 s, merge done), i.e. one second from freeze to freeze (not one second of
     rest after each merge, which let slow merges thin out the freezes).
     """

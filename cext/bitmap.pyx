@@ -30,7 +30,6 @@ an xxh3-64 of everything before it).
 """
 
 import os
-import secrets
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -51,6 +50,7 @@ import numpy as np
 cimport numpy as cnp
 
 from cyclemirror.errors import BitmapFormatError, BitmapRangeError
+from cyclemirror.fileio import atomic_write
 
 cnp.import_array()
 
@@ -1007,32 +1007,8 @@ cdef class ExtentBitmap:
         return _decode(memoryview(data).cast("B"), "<bytes>")
 
     def save(self, path):
-        """Write atomically: temp file beside path, fsync, rename over path, fsync the directory."""
-        data = self.to_bytes()
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        """Write atomically (cyclemirror.fileio.atomic_write): the old file or the new, never a mix."""
+        atomic_write(path, self.to_bytes(), mode=0o644)
 
     @staticmethod
     def load(path):

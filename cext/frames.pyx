@@ -263,6 +263,22 @@ def encode_header(ftype, flags, codec, cycle, offset, length, raw_length, checks
     return out
 
 
+def frame_raw_length(frame):
+    """The ``raw_length`` field of a whole frame this process built (bytes-like, header first).
+
+    A DATA frame's raw (uncompressed) bytes, a ZERO or TRIM frame's extent
+    length, a SCATTER frame's payload (table and data), a CONTROL frame's
+    message length: what the sender counts as covered.  Only this module knows the header layout, so code outside it
+    asks here instead of slicing bytes.  The frame is not re-verified (it is
+    our own); one shorter than a header or without the magic is a UsageError.
+    """
+    cdef const unsigned char[::1] view = memoryview(frame).cast("B")
+    if view.shape[0] < C_HEADER_SIZE or memcmp_magic(&view[0]) != 0:
+        raise errors.UsageError(
+            f"frames: frame_raw_length needs a whole frame ({view.shape[0]} bytes given)")
+    return _get_u32(&view[0] + 28)
+
+
 cdef inline bint _is_aligned(uint64_t value, uint64_t alignment) noexcept nogil:
     return alignment <= 1 or value % alignment == 0
 
@@ -566,18 +582,6 @@ def scatter_write(fd, raw, volume_size, alignment=1):
     if err:
         raise OSError(err, strerror(err).decode())
     return n - table
-
-
-def frame_raw_length(frame):
-    """The raw_length field of a whole frame made by this module (bytes at least HEADER_SIZE).
-
-    Senders use it to count what a frame covers without decoding the header:
-    a DATA chunk's bytes, a ZERO/TRIM run's length, a SCATTER payload's bytes.
-    """
-    cdef const unsigned char[::1] view = memoryview(frame).cast("B")
-    if view.shape[0] < C_HEADER_SIZE:
-        raise errors.UsageError(f"frames: {view.shape[0]} bytes are not a whole frame")
-    return _get_u32(&view[0] + 28)
 
 
 def new_payload_buffer(n):

@@ -78,6 +78,7 @@ from cyclemirror.errors import (
     ProtocolError,
     UsageError,
 )
+from cyclemirror.extents import HOLE, ZERO, merge_adjacent
 
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -108,12 +109,6 @@ cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)
     uint32_t htobe32(uint32_t x)
     uint64_t htobe64(uint64_t x)
-
-cdef extern from "<fcntl.h>" nogil:
-    int fallocate(int fd, int mode, long offset, long length)
-    int FALLOC_FL_KEEP_SIZE
-    int FALLOC_FL_PUNCH_HOLE
-    int FALLOC_FL_ZERO_RANGE
 
 log = logging.getLogger("cyclemirror.nbd")
 
@@ -228,28 +223,6 @@ def wire_error_for(exc):
     if isinstance(exc, (UsageError, BitmapRangeError)):
         return E_INVAL
     return E_IO
-
-
-cdef int _fallocate(int fd, int mode, long offset, long length, str what) except -1:
-    cdef int rc
-    cdef int err = 0
-    with nogil:
-        rc = fallocate(fd, mode, offset, length)
-        if rc != 0:
-            err = errno  # read before anything else can change it
-    if rc != 0:
-        raise OSError(err, f"fallocate({what}) at {offset}+{length} failed")
-    return 0
-
-
-def punch_hole(int fd, long offset, long length):
-    """Deallocate [offset, offset+length) of a file, keeping its size; reads back as zeroes."""
-    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, "PUNCH_HOLE")
-
-
-def zero_range(int fd, long offset, long length):
-    """Zero [offset, offset+length) of a file in place, keeping it allocated and its size."""
-    _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, "ZERO_RANGE")
 
 
 cdef class TransmissionSession:
@@ -930,10 +903,6 @@ cdef class TransmissionSession:
 
     cdef int _do_status(self, uint16_t flags, uint64_t handle, uint64_t offset, uint32_t length) except -1:
         cdef uint32_t qlen
-        cdef uint64_t total = 0
-        cdef uint64_t elen
-        cdef uint32_t eflags, cur_flags = 0
-        cdef uint64_t cur_len = 0
         cdef Py_ssize_t n = 0
         cdef bytearray out
         cdef unsigned char *p
@@ -948,30 +917,14 @@ cdef class TransmissionSession:
         qlen = length if length <= MAX_STATUS_LENGTH else MAX_STATUS_LENGTH
         try:
             extents = self.status_fn(offset, qlen)
-            # Validate what the backend said: positive lengths that never pass the query.
+            # Adjacent runs of one kind go out as one descriptor (extents.merge_adjacent,
+            # lazy: a capped reply stops reading the backend's answer there).
             out = bytearray()
-            for item in extents:
-                elen, eflags = item
-                if elen == 0 or elen > qlen - total:
-                    raise ProtocolError(
-                        f"backend block status gave an extent of {elen} bytes at {offset + total} "
-                        f"for a query of {qlen} bytes at {offset}")
-                eflags &= 3
-                total += elen
-                if cur_len and eflags == cur_flags:
-                    cur_len += elen
-                    continue
-                if cur_len:
-                    out += _descriptor(cur_len, cur_flags)
-                    n += 1
-                    if (flags & FLAG_REQ_ONE) or n >= MAX_DESCRIPTORS:
-                        cur_len = 0
-                        break
-                cur_len = elen
-                cur_flags = eflags
-            if cur_len:
-                out += _descriptor(cur_len, cur_flags)
+            for _pos, elen, eflags in merge_adjacent(_checked_extents(extents, offset, qlen)):
+                out += _descriptor(elen, eflags)
                 n += 1
+                if (flags & FLAG_REQ_ONE) or n >= MAX_DESCRIPTORS:
+                    break
             if n == 0:
                 raise ProtocolError(f"backend block status described nothing at {offset}+{qlen}")
         except Exception as exc:
@@ -987,6 +940,23 @@ cdef class TransmissionSession:
         _put32(p + 20, self.context_id)
         self._queue_object(body, <const unsigned char *> PyBytes_AS_STRING(body), len(body))
         return 0
+
+
+def _checked_extents(extents, uint64_t offset, uint32_t qlen):
+    """Yield (position in the query, length, flags) of a backend's block-status answer,
+    checking each: a positive length that never passes the query, flags of 32 bits
+    (only the HOLE and ZERO bits are kept)."""
+    cdef uint64_t total = 0
+    cdef uint64_t elen
+    cdef uint32_t eflags
+    for item in extents:
+        elen, eflags = item
+        if elen == 0 or elen > qlen - total:
+            raise ProtocolError(
+                f"backend block status gave an extent of {elen} bytes at {offset + total} "
+                f"for a query of {qlen} bytes at {offset}")
+        yield total, elen, eflags & (HOLE | ZERO)
+        total += elen
 
 
 cdef bytes _reply_bytes(bint structured, uint64_t handle, uint32_t error, str message):

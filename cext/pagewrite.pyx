@@ -1,4 +1,9 @@
-"""Buffered file writes cut at fixed aligned boundaries, one pwrite per piece, without the GIL.
+"""File writes without the GIL: pwrites cut at fixed aligned boundaries, and fallocate.
+
+``punch_hole`` and ``zero_range`` are the package's only fallocate calls
+(the store's ``fileops.punch_hole`` and the NBD raw-file backend both use
+them): they release the GIL and raise OSError with the real errno, so a
+caller can tell "not supported here" (EOPNOTSUPP) from a real failure.
 
 Why pieces: the kernel sizes a new page-cache folio by the write that creates it.
 A 1 MiB pwrite into an uncached range of a file on ext4 makes one 1 MiB folio,
@@ -22,6 +27,13 @@ Nothing here keeps state between calls, so it is thread-safe.
 from libc.errno cimport EINTR, EIO, errno
 from posix.types cimport off_t
 from posix.unistd cimport pwrite
+
+
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t length)
+    int FALLOC_FL_KEEP_SIZE
+    int FALLOC_FL_PUNCH_HOLE
+    int FALLOC_FL_ZERO_RANGE
 
 import os
 
@@ -58,3 +70,25 @@ def pwrite_pieces(int fd, const unsigned char[::1] data, off_t offset, Py_ssize_
     if err:
         raise OSError(err, f"{os.strerror(err)} (pwrite of {n} bytes at offset {offset}, "
                       f"stopped after {pos})")
+
+
+cdef int _fallocate(int fd, int mode, off_t offset, off_t length, str what) except -1:
+    cdef int rc
+    cdef int err = 0
+    with nogil:
+        rc = fallocate(fd, mode, offset, length)
+        if rc != 0:
+            err = errno  # read before anything else can change it
+    if rc != 0:
+        raise OSError(err, f"{os.strerror(err)} (fallocate {what} at {offset}+{length})")
+    return 0
+
+
+def punch_hole(int fd, off_t offset, off_t length):
+    """Deallocate [offset, offset+length) of a file, keeping its size; reads back as zeroes."""
+    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, "PUNCH_HOLE")
+
+
+def zero_range(int fd, off_t offset, off_t length):
+    """Zero [offset, offset+length) of a file in place, keeping it allocated and its size."""
+    _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, "ZERO_RANGE")

@@ -6,7 +6,9 @@ same first bad field; every field made invalid on its own is rejected naming
 that field, and every single flipped bit of a header is rejected; payloads
 decompress only to exactly raw_length bytes and must match their checksum;
 pack_extents yields the same frames as the model (byte for byte uncompressed,
-the same offsets, checksums and content when compressed), across internal read pieces and chunk edges.
+the same offsets, checksums and content when compressed), across internal read pieces and chunk edges;
+frame_raw_length (the one reader of a built frame's header outside the module)
+agrees with the model.
 """
 
 import os
@@ -225,6 +227,29 @@ def test_encode_header_round_trips_through_the_model(fields):
     big = dict(max_payload=2**32 - 1, max_raw=2**32 - 1, max_control=2**32 - 1,
                volume_size=2**63 - 1, alignment=1)
     assert outcome(header, **big) == ref.check_header(header, **big)
+
+
+@given(fields=field_values, tail=st.binary(max_size=64), kind=st.sampled_from(
+    [bytes, bytearray, memoryview]))
+@settings(max_examples=examples(500), deadline=None)
+def test_frame_raw_length_agrees_with_the_model(fields, tail, kind):
+    frame = kind(ref.encode_header(**fields) + tail)
+    assert frames.frame_raw_length(frame) == ref.frame_raw_length(bytes(frame))
+
+
+def test_frame_raw_length_of_packed_zero_and_control_frames(tmp_path):
+    fd = write_file(tmp_path / "img", os.urandom(10000))
+    try:
+        packed = frames.FramePacker(frames.CODEC_LZ4, chunk_size=4096).pack_extents(
+            fd, [(0, 10000)], 3)
+    finally:
+        os.close(fd)
+    assert [frames.frame_raw_length(f) for f in packed] == [4096, 4096, 1808]
+    assert frames.frame_raw_length(frames.encode_zero(frames.FT_ZERO, 3, 0, 1 << 31)) == 1 << 31
+    assert frames.frame_raw_length(frames.encode_control(3, b"{}")) == 2
+    for bad in (b"", b"CMFR" + bytes(40), b"XXXX" + bytes(60)):
+        with pytest.raises(errors.UsageError):
+            frames.frame_raw_length(bad)
 
 
 @pytest.mark.parametrize("args", [

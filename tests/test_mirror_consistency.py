@@ -27,9 +27,10 @@ from tests.support.mirror import Rig, same_file, wait_for
 from tests.support.tools import SLOW
 
 TRIALS = 40 if SLOW else 3
-# failpoint: slow apply down (per staged record; a SCATTER record carries many blocks)
-# so kills land inside apply, and the next cycle arrives while the previous applies.
-APPLY_SLEEP = "0.05"
+# Slow apply down (cyclemirror/failpoints.py: per staged record, and per extent of a
+# SCATTER record up to 10) so kills land inside apply, and the next cycle arrives
+# while the previous one still applies.
+SLOW_APPLY = {"receiver.apply_record": 0.05}
 
 
 def state_file(rig):
@@ -75,8 +76,7 @@ def rig(tmp_path):
 
 def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    env = {"CYCLEMIRROR_FAILPOINT_APPLY_SLEEP": APPLY_SLEEP}
-    rig.start_target(**env)
+    rig.start_target(failpoints=SLOW_APPLY)
     rig.start_source()
     wait_for(lambda: len(rig.events()) >= 2, 60, "the first cycles")
     kills_in_apply = 0
@@ -97,7 +97,7 @@ def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
                 if who == "source" or overlapping_now(rig):
                     overlaps += 1
                     break
-                rig.start_target(**env)
+                rig.start_target(failpoints=SLOW_APPLY)
         elif which == "target-in-apply":
             for _attempt in range(20):  # the apply may finish between seeing it and the kill
                 wait_for(lambda: committed_now(rig), 30, "a committed delta on the target")
@@ -105,7 +105,7 @@ def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
                 if committed_now(rig):
                     kills_in_apply += 1
                     break
-                rig.start_target(**env)
+                rig.start_target(failpoints=SLOW_APPLY)
         else:
             import time
 
@@ -116,7 +116,7 @@ def test_kill_9_at_random_moments_keeps_the_image_at_a_freeze_instant(rig):
             if which in ("source", "both"):
                 rig.kill("source")
         if rig.target.poll() is not None:
-            rig.start_target(**env)
+            rig.start_target(failpoints=SLOW_APPLY)
         if rig.source.poll() is not None:
             rig.start_source()
         # Mirroring resumes: new cycles are applied after the restart.

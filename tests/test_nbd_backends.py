@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cyclemirror._cext import nbdio
+from cyclemirror._cext import pagewrite
 from cyclemirror.errors import StoreError, UsageError
 from cyclemirror.nbd import RawFileBackend, VolumeBackend
 from cyclemirror.nbd.backends import as_backend
@@ -81,10 +81,10 @@ def test_fallocate_helpers_report_the_real_errno(image):
     fd = os.open(image, os.O_RDONLY)
     try:
         with pytest.raises(OSError) as info:
-            nbdio.punch_hole(fd, 0, 4096)
+            pagewrite.punch_hole(fd, 0, 4096)
         assert info.value.errno == errno.EBADF  # not open for writing
         with pytest.raises(OSError) as info:
-            nbdio.zero_range(fd, 0, 4096)
+            pagewrite.zero_range(fd, 0, 4096)
         assert info.value.errno == errno.EBADF
     finally:
         os.close(fd)

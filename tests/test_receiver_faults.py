@@ -7,10 +7,13 @@ the bad stream applied, and the ``good`` mirror keeps applying cycles.
 
 Faults: a wrong key; a payload byte and a header offset byte flipped in
 flight by a frame-aware proxy (the source then retries and the image ends
-equal to the freeze); a truncated frame; oversized length fields; a data
-frame outside the volume; garbage instead of a handshake.
+equal to the freeze), in either direction (a damaged acknowledgement is
+retried like a damaged data frame, never a reason to stop the target); a
+truncated frame; oversized length fields; a data frame outside the volume;
+garbage instead of a handshake.
 """
 
+import logging
 import os
 import socket
 import struct
@@ -184,10 +187,17 @@ def test_garbage_instead_of_a_handshake_is_dropped(world):
 
 
 class FlipProxy:
-    """Forwards a source's stream, flipping one byte of its first DATA frame, once."""
+    """Forwards a mirror connection, flipping one byte of one frame in flight, once.
 
-    def __init__(self, target, where):
-        self.target, self.where = target, where
+    ``direction`` "up" damages the source's first DATA frame, "down" the
+    target's first ``ack``; ``where`` is "payload" (a checksum no longer
+    matches) or "header offset" (the offset field becomes 1 MiB: still
+    aligned, so a DATA frame fails only its header checksum, while a CONTROL
+    frame, whose offset must be 0, fails that field's check).
+    """
+
+    def __init__(self, target, where, direction="up"):
+        self.target, self.where, self.direction = target, where, direction
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
         self.flipped = 0
@@ -200,54 +210,68 @@ class FlipProxy:
             except OSError:
                 return
             u = socket.create_connection(self.target)
-            threading.Thread(target=self._pump_up, args=(c, u), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+            up, down = (self._flip, self._pump) if self.direction == "up" else (
+                self._pump, self._flip)
+            threading.Thread(target=up, args=(c, u), daemon=True).start()
+            threading.Thread(target=down, args=(u, c), daemon=True).start()
 
     @staticmethod
-    def _pump(a, b):
+    def _close(*socks):
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @classmethod
+    def _pump(cls, a, b):
         try:
             while data := a.recv(65536):
                 b.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            cls._close(a, b)
 
-    def _pump_up(self, c, u):
+    def _wanted(self, header, payload):
+        if self.flipped:
+            return False
+        if self.direction == "up":
+            return header[5] == frames.FT_DATA
+        return header[5] == frames.FT_CONTROL and b'"type":"ack"' in payload
+
+    def _flip(self, a, b):
         def exact(n):
             buf = b""
             while len(buf) < n:
-                got = c.recv(n - len(buf))
+                got = a.recv(n - len(buf))
                 if not got:
                     raise OSError("eof")
                 buf += got
             return buf
 
         try:
-            u.sendall(exact(48))  # HELLO
-            u.sendall(exact(32))  # PROOF (sent after the target's challenge)
+            if self.direction == "up":
+                b.sendall(exact(48))  # HELLO
+                b.sendall(exact(32))  # PROOF (sent after the target's challenge)
+            else:
+                b.sendall(exact(80))  # CHALLENGE
+                verdict = exact(3)  # VERDICT: status, message length, message
+                b.sendall(verdict + exact(int.from_bytes(verdict[1:3], "big")))
             while True:
                 header = bytearray(exact(frames.HEADER_SIZE))
                 payload = bytearray(exact(int.from_bytes(header[24:28], "little")))
-                if header[5] == frames.FT_DATA and not self.flipped:
+                if self._wanted(header, payload):
                     self.flipped += 1
                     if self.where == "payload":
                         payload[len(payload) // 2] ^= 0x10
                     else:
-                        header[18] ^= 0x10  # offset + 1 MiB: still aligned and in range
-                u.sendall(bytes(header) + bytes(payload))
+                        header[18] ^= 0x10
+                b.sendall(bytes(header) + bytes(payload))
         except OSError:
             pass
         finally:
-            for s in (c, u):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._close(a, b)
 
     def close(self):
         self.listener.close()
@@ -277,6 +301,39 @@ def test_bit_flipped_in_flight_is_detected_never_applied_then_retried(world, tmp
     image = os.path.join(mirror_dir(world, store.node_id), "flip.img")
     assert same_file(image, exported[cycle])
     good_mirror_keeps_going(world)
+    d.stop()
+    proxy.close()
+    store.close()
+
+
+@pytest.mark.parametrize("where", ["payload", "header offset"])
+def test_damaged_ack_is_retried_and_the_cycle_completes_without_a_resume(world, tmp_path, where,
+                                                                         caplog):
+    store = Store.create(str(tmp_path / "acksrc"))
+    vol = store.create_volume("ackflip", 2 * MiB)
+    vol.write(0, os.urandom(2 * MiB))
+    proxy = FlipProxy(world["server"].address, where, direction="down")
+    exported = {}
+
+    def on_frozen(frozen, reader):
+        p = str(tmp_path / f"ackflip-{frozen.number}.img")
+        reader.export_to(p)
+        exported[frozen.number] = p
+
+    d = MirrorDriver(vol, proxy.address, world["key"],
+                     MirrorOptions(on_frozen=on_frozen, retry_initial=0.05), store=store)
+    caplog.set_level(logging.WARNING, logger="cyclemirror.sender.driver")
+    d.start()
+    cycle = d.sync(60)  # raises the error if the target were marked broken
+    assert proxy.flipped == 1
+    # The source read the damage itself (not the target's word for it) and retried.
+    word = "ChecksumError" if where == "payload" else "FrameError"
+    seen = [r.getMessage() for r in caplog.records if "ackflip" in r.getMessage()]
+    assert any(word in m for m in seen), seen
+    (t,) = d.status()["targets"].values()
+    assert t["phase"] != "broken", t
+    image = os.path.join(mirror_dir(world, store.node_id), "ackflip.img")
+    assert same_file(image, exported[cycle])
     d.stop()
     proxy.close()
     store.close()

@@ -53,6 +53,7 @@ def _print_json(value) -> None:
 # -- serve, keygen, demo ---------------------------------------------------------------------
 
 def cmd_serve(args) -> int:
+    from cyclemirror import failpoints
     from cyclemirror.daemon.config import (
         DaemonConfig,
         load_config,
@@ -62,6 +63,8 @@ def cmd_serve(args) -> int:
     from cyclemirror.daemon.service import run_daemon
     from cyclemirror.units import parse_rate
 
+    for spec in args.failpoint or ():  # tests only: see cyclemirror/failpoints.py
+        failpoints.enable(*failpoints.parse_spec(spec))
     config = load_config(args.config) if args.config else DaemonConfig()
     store = args.store or os.environ.get(STORE_ENV) or config.store
     if not store:
@@ -307,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bwlimit", metavar="RATE",
                        help="daemon-wide cap on outgoing mirror traffic, shared fairly (e.g. 100M)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    # Tests only (kill -9 inside a slowed-down step); hidden from --help.
+    serve.add_argument("--failpoint", action="append", metavar="NAME=SECONDS",
+                       help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     keygen = verbs.add_parser("keygen", help="make a new pre-shared mirror key",

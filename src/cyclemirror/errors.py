@@ -4,15 +4,27 @@ This module imports nothing from the package, so every layer (even the compiled
 modules in ``cyclemirror._cext``) can raise these.  The CLI turns any
 ``CycleMirrorError`` into one line on stderr and ``exit_code``; nothing else
 decides exit codes.
+
+``is_temporary(exc)`` is the one answer to "retry, or stop and report?" for
+any exception, wherever it was raised: the source's driver asks it before it
+backs off or marks a target broken, and a peer's ``error`` message carries
+its answer across the wire.  Each class states its own answer in the class
+attribute ``temporary``; only ``is_temporary`` reads it.
 """
 
 from __future__ import annotations
 
+import ssl
+
 
 class CycleMirrorError(Exception):
-    """Base of all cyclemirror errors. ``exit_code`` is what the CLI exits with."""
+    """Base of all cyclemirror errors. ``exit_code`` is what the CLI exits with.
+
+    ``temporary``: whether retrying later may help; read it through ``is_temporary``.
+    """
 
     exit_code = 1
+    temporary = False
 
 
 class UsageError(CycleMirrorError, ValueError):
@@ -42,12 +54,10 @@ class DaemonUnavailableError(CycleMirrorError):
 class PeerError(CycleMirrorError):
     """A remote peer broke the protocol, failed authentication, or refused us.
 
-    ``temporary`` says whether retrying later may help (a lost connection) or
-    not (a bad key, a size mismatch).
+    Permanent (a bad key, a size mismatch) unless a subclass says otherwise.
     """
 
     exit_code = 6
-    temporary = False
 
 
 class ConnectionLostError(PeerError):
@@ -85,7 +95,14 @@ class BitmapFormatError(BitmapError, IntegrityError):
 
 
 class FrameError(ProtocolError):
-    """A frame header or payload failed validation; ``field`` names the first bad one."""
+    """A frame header or payload failed validation; ``field`` names the first bad one.
+
+    Temporary in both directions: a frame damaged in transit (a flipped bit
+    fails a checksum, or makes a field invalid) is worth a retry, which resumes
+    after the last acknowledged chunk.  Only the frame codec raises it.
+    """
+
+    temporary = True
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
@@ -112,3 +129,19 @@ class DeadlineError(CycleMirrorError):
     """An operation with a deadline (sync, connect) ran out of time."""
 
     exit_code = 8
+    temporary = True
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """True if retrying later may help (reconnect and resume), False to stop and report.
+
+    Our errors answer through their class (or, for a peer's ``error`` message,
+    the peer's answer); a certificate the peer does not trust stays untrusted;
+    any other OS-level failure (a refused or reset connection, a timeout) is
+    temporary; anything else (a bug, a bad value) is permanent.
+    """
+    if isinstance(exc, CycleMirrorError):
+        return bool(exc.temporary)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False
+    return isinstance(exc, OSError)

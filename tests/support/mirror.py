@@ -32,17 +32,19 @@ class Rig:
         self.target = self.source = None
         self.logs = []
 
-    def _spawn(self, args, name, env):
+    def _spawn(self, args, name, env, failpoints=None):
         log = open(os.path.join(self.tmp, f"{name}.log"), "a")
         self.logs.append(log)
-        return subprocess.Popen([sys.executable, PROC, *args], stdout=log,
+        fp = [a for n, s in (failpoints or {}).items() for a in ("--failpoint", f"{n}={s}")]
+        return subprocess.Popen([sys.executable, PROC, *fp, *args], stdout=log,
                                 stderr=subprocess.STDOUT, env=child_env(**env))
 
-    def start_target(self, **env):
+    def start_target(self, failpoints=None, **env):
+        """Start the target process; ``failpoints``: {name: seconds} enabled in it."""
         if os.path.exists(self.portfile + ".ready"):
             os.unlink(self.portfile + ".ready")
         self.target = self._spawn(["target", os.path.join(self.tmp, "dst"), self.keyfile,
-                                   self.portfile, self.snapdir], "target", env)
+                                   self.portfile, self.snapdir], "target", env, failpoints)
         wait_for(lambda: os.path.exists(self.portfile), 30, "the target's port file")
 
     def start_source(self, **env):

@@ -1,7 +1,10 @@
 """Run a mirror target or a mirror source (with a writer) in a child process, for tests.
 
-    python tests/support/mirror_proc.py target STORE KEYFILE PORTFILE SNAPDIR
+    python tests/support/mirror_proc.py [--failpoint NAME=SECONDS]... target STORE KEYFILE PORTFILE SNAPDIR
     python tests/support/mirror_proc.py source STORE KEYFILE PORTFILE WORKDIR SIZE SEED [INTERVAL]
+
+``--failpoint`` enables a failpoint (cyclemirror/failpoints.py) in this process
+before anything starts.
 
 Target: opens (or creates) the store, serves on 127.0.0.1 (the port in
 PORTFILE if it exists, so a restart keeps the address; else a free one,
@@ -26,7 +29,7 @@ import sys
 import threading
 import time
 
-from cyclemirror import keys
+from cyclemirror import failpoints, keys
 from cyclemirror.errors import NotFoundError
 from cyclemirror.receiver import TargetServer
 from cyclemirror.sender import MirrorDriver, MirrorOptions
@@ -128,7 +131,11 @@ def run_source(store_path, keyfile, portfile, workdir, size, seed, interval=0.1)
 
 
 if __name__ == "__main__":
-    role, *args = sys.argv[1:]
+    argv = sys.argv[1:]
+    while argv and argv[0] == "--failpoint":
+        failpoints.enable(*failpoints.parse_spec(argv[1]))
+        argv = argv[2:]
+    role, *args = argv
     if role == "target":
         run_target(*args)
     else:

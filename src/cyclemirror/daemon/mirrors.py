@@ -49,6 +49,7 @@ from cyclemirror.errors import (
     StoreError,
     UsageError,
 )
+from cyclemirror.store.fileops import atomic_write_json
 
 BOOK_FILE = "mirrors.json"
 BOOK_FORMAT = 1
@@ -56,21 +57,6 @@ BREAK_WAIT = 20.0  # seconds 'mirror break' waits for the running cycle to end
 PHASES = ("freezing", "copying", "applying", "idle", "broken", "reconnecting")
 
 log = logging.getLogger("cyclemirror.mirror")
-
-
-def _atomic_write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class MirrorBook:
@@ -106,7 +92,7 @@ class MirrorBook:
                 "mirrors": [{"spec": e["spec"].to_json(), "broken": e["broken"]}
                             for e in self.entries.values()]}
         try:
-            _atomic_write_json(self.path, data)
+            atomic_write_json(self.path, data)
         except OSError as exc:
             raise StoreError(f"saving mirror definitions to {self.path} failed: "
                              f"{exc.strerror or exc}") from None

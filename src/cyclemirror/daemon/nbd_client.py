@@ -18,6 +18,7 @@ import socket
 import struct
 
 from cyclemirror.errors import ConnectionLostError, ProtocolError, StoreError, UsageError
+from cyclemirror.extents import check_range
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -148,9 +149,7 @@ class NbdClient:
         return b""
 
     def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise UsageError(f"range {offset}+{length} is outside export {self.export!r} "
-                             f"of {self.size} bytes")
+        check_range(offset, length, self.size, f"NBD request on export {self.export!r}")
 
     # -- commands ---------------------------------------------------------------------------
 

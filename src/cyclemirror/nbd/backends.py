@@ -49,22 +49,18 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from cyclemirror._cext import nbdio
+from cyclemirror._cext import pagewrite
 from cyclemirror.errors import NotFoundError, StoreError, UsageError
+from cyclemirror.extents import HOLE, ZERO, check_range
+from cyclemirror.store import fileops
 
 log = logging.getLogger("cyclemirror.nbd")
 
-STATE_HOLE = 1
-STATE_ZERO = 2
-_ZERO_CHUNK = 1 << 20
-_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+_UNSUPPORTED = fileops.FALLOCATE_UNSUPPORTED
 
 
 def _check_range(what: str, name: str, size: int, offset: int, length: int) -> None:
-    if not isinstance(offset, int) or not isinstance(length, int):
-        raise UsageError(f"{what} on {name}: offset and length must be integers")
-    if offset < 0 or length < 0 or offset + length > size:
-        raise UsageError(f"{what} on {name}: {offset}+{length} is outside the image of {size} bytes")
+    check_range(offset, length, size, f"{what} on {name}")
 
 
 class RawFileBackend:
@@ -144,7 +140,8 @@ class RawFileBackend:
         self._writable("write zeroes")
         _check_range("write zeroes", self.path, self.size, offset, length)
         if length:
-            ways = ((nbdio.zero_range,) if no_hole else (nbdio.punch_hole, nbdio.zero_range))
+            ways = ((pagewrite.zero_range,) if no_hole
+                    else (pagewrite.punch_hole, pagewrite.zero_range))
             for way in ways:
                 try:
                     way(self._fd, offset, length)
@@ -155,7 +152,7 @@ class RawFileBackend:
             else:
                 if fast_only:
                     return False
-                self._write_zero_bytes(offset, length)
+                fileops.write_zero_bytes(self._fd, offset, length)
         if fua:
             os.fdatasync(self._fd)
         return True
@@ -164,21 +161,8 @@ class RawFileBackend:
         """Deallocate a range; it reads back as zeroes afterwards."""
         self._writable("trim")
         _check_range("trim", self.path, self.size, offset, length)
-        if not length:
-            return
-        try:
-            nbdio.punch_hole(self._fd, offset, length)
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            self._write_zero_bytes(offset, length)  # a trim must still read back as zeroes
-
-    def _write_zero_bytes(self, offset: int, length: int) -> None:
-        zeros = bytes(min(length, _ZERO_CHUNK))
-        end = offset + length
-        while offset < end:
-            n = os.pwrite(self._fd, memoryview(zeros)[: min(len(zeros), end - offset)], offset)
-            offset += n
+        # Where holes cannot be punched, zero bytes: a trim must still read back as zeroes.
+        fileops.punch_hole(self._fd, offset, length)
 
     def flush(self) -> None:
         if not self.readonly:
@@ -203,7 +187,7 @@ class RawFileBackend:
                     raise
             if data_at > pos:
                 stop = min(data_at, end)
-                out.append((stop - pos, STATE_HOLE | STATE_ZERO))
+                out.append((stop - pos, HOLE | ZERO))
                 pos = stop
                 continue
             try:

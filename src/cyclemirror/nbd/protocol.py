@@ -8,6 +8,8 @@ what a peer can make us allocate or read before we refuse it.
 
 from __future__ import annotations
 
+from cyclemirror import extents
+
 # Handshake magics.
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -107,8 +109,8 @@ ESHUTDOWN = 108
 
 # Metadata contexts.
 CONTEXT_BASE_ALLOCATION = "base:allocation"
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
+STATE_HOLE = extents.HOLE  # one home for these bits: cyclemirror.extents
+STATE_ZERO = extents.ZERO
 
 # Our limits.
 MAX_STRING = 4096  # protocol's own cap on names and messages

@@ -1,25 +1,22 @@
-"""Small durable-file helpers of the target: atomic replace and sparse copies.
+"""File helpers of the target: sparse copies, and the shared ones it uses by name.
 
-Why here: every state change on the target is "write a temp file, fsync it,
-rename it over the old one, fsync the directory", and zero runs become holes
-so a mirror image stays sparse where the source volume is zero.
+Zero runs become holes (``punch_zeroes``) so a mirror image stays sparse
+where the source volume is zero.  The helpers themselves live in
+``cyclemirror.fileio`` (``fsync_dir``; state files go through its
+``atomic_write``) and ``cyclemirror.store.fileops``; this module only adds
+``copy_sparse``.
 """
 
 from __future__ import annotations
 
 import os
 
-# The store already has these; the target shares them rather than keeping twins.
-from cyclemirror.store.fileops import (  # noqa: F401 - re-exported for the receiver
-    KernelCopier,
-    atomic_write,
-    data_runs,
-    fsync_dir,
-    pwrite_all,
-)
+# One home each (fileio, store.fileops); the target uses them rather than keeping twins.
+from cyclemirror.fileio import fsync_dir
+from cyclemirror.store.fileops import KernelCopier, data_runs, pwrite_all
 from cyclemirror.store.fileops import punch_hole as punch_zeroes
 
-__all__ = ["atomic_write", "copy_sparse", "fsync_dir", "punch_zeroes", "pwrite_all"]
+__all__ = ["copy_sparse", "fsync_dir", "punch_zeroes", "pwrite_all"]
 
 
 def copy_sparse(src: str, dst: str) -> None:

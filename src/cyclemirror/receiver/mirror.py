@@ -52,6 +52,7 @@ import os
 import threading
 import time
 
+from cyclemirror import failpoints
 from cyclemirror._cext import frames
 from cyclemirror.errors import ProtocolError, StoreError
 from cyclemirror.receiver import fileops
@@ -68,10 +69,6 @@ from cyclemirror.receiver.staging import (
 from cyclemirror.receiver.state import InFlight, MirrorState, VolumeSpec
 
 log = logging.getLogger(__name__)
-
-# Test-only failpoint: sleep this long per applied record, so a test's kill -9
-# can land inside apply.  Unset in production.
-_APPLY_SLEEP = float(os.environ.get("CYCLEMIRROR_FAILPOINT_APPLY_SLEEP", "0") or 0)
 
 
 class Mirror:
@@ -438,17 +435,18 @@ class Mirror:
                         if vol is None:
                             self.check_extent(member, 0, 0)  # raises: no such member
                         frames.scatter_write(fds[member], data, vol.size, vol.block_size)
-                        if _APPLY_SLEEP:  # a SCATTER record holds many extents: up to 10x
-                            time.sleep(_APPLY_SLEEP * min(10, frames.scatter_check(
-                                data, vol.size, vol.block_size)[1]))
+                        if failpoints.is_on("receiver.apply_record"):
+                            # A SCATTER record holds many extents: one hit each, up to 10.
+                            count = frames.scatter_check(data, vol.size, vol.block_size)[1]
+                            for _ in range(min(10, count)):
+                                failpoints.hit("receiver.apply_record")
                         continue
                     self.check_extent(member, offset, length)
                     if kind == REC_DATA:
                         fileops.pwrite_all(fds[member], data, offset)
                     elif kind in (REC_ZERO, REC_TRIM):
                         fileops.punch_zeroes(fds[member], offset, length)
-                    if _APPLY_SLEEP:
-                        time.sleep(_APPLY_SLEEP)
+                    failpoints.hit("receiver.apply_record")
                 for fd in fds:
                     os.fsync(fd)
             finally:

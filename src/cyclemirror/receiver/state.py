@@ -26,9 +26,11 @@ from dataclasses import asdict, dataclass, field
 import xxhash
 
 from cyclemirror.errors import IntegrityError
-from cyclemirror.receiver.fileops import atomic_write
+from cyclemirror.fileio import atomic_write
 
-STATE_VERSION = 1
+# 2: each in-flight delta names its staging log (pipelined cycles); 1 is still read.
+STATE_VERSION = 2
+READS_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class MirrorState:
             text = json.dumps(body, sort_keys=True, separators=(",", ":"))
             if xxhash.xxh64_hexdigest(text.encode()) != outer["xxh64"]:
                 raise IntegrityError(f"mirror state {where}: checksum mismatch (damaged file)")
-            if body.pop("version") != STATE_VERSION:
+            if body.pop("version") not in READS_VERSIONS:
                 raise IntegrityError(f"mirror state {where}: unknown version")
             body["volumes"] = [VolumeSpec(**v) for v in body["volumes"]]
             for key in ("pending", "committed"):

@@ -15,11 +15,10 @@ Locking: ``_cond`` guards ``acked``, ``applied``, ``hashes``, ``failure``.
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 import time
 
-from cyclemirror.errors import ConnectionLostError, DeadlineError, PeerError, ProtocolError
+from cyclemirror.errors import ConnectionLostError, DeadlineError, ProtocolError
 from cyclemirror.wire import handshake
 from cyclemirror.wire.link import FrameLink, volume_limits
 
@@ -160,11 +159,3 @@ class TargetLink:
             self._reader.join(5)
         # self.link stays: a sender still holding it gets ConnectionLostError.
 
-
-def is_temporary(exc: BaseException) -> bool:
-    """Temporary faults are retried with backoff; permanent ones stop the driver."""
-    if isinstance(exc, PeerError):
-        return bool(exc.temporary)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return False  # retrying will not make the certificate trusted
-    return isinstance(exc, OSError | DeadlineError)

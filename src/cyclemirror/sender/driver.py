@@ -69,9 +69,10 @@ from cyclemirror.errors import (
     NotFoundError,
     StoreError,
     UsageError,
+    is_temporary,
 )
 from cyclemirror.sender import plan, rpo, shipping
-from cyclemirror.sender.connection import TargetLink, is_temporary
+from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.group import SingleVolume
 from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
@@ -236,6 +237,7 @@ class MirrorDriver:
         self._sync_want = 0  # freeze as soon as open_overlay < this
         self._merge_want = 0  # the merger folds overlays <= this into base
         self._to_close: list = []  # frozen readers the merger thread closes
+        self._main_done = False
         self.phase = "idle"
         self.cycle = 0
         self.last_freeze_time = 0.0
@@ -397,6 +399,14 @@ class MirrorDriver:
 
     # -- the loop ---------------------------------------------------------
     def _main(self) -> None:
+        try:
+            self._cycles()
+        finally:
+            with self._cond:
+                self._main_done = True  # no reader will be queued for closing any more
+                self._cond.notify_all()
+
+    def _cycles(self) -> None:
         first = None
         try:
             first = self._recover()
@@ -568,10 +578,12 @@ class MirrorDriver:
         done = 0
         while True:
             with self._cond:
-                while self._merge_want <= done and not self._to_close and not self._stop:
+                while self._merge_want <= done and not self._to_close and not (
+                        self._stop and self._main_done):
                     self._cond.wait(1.0)
                 closing, self._to_close = self._to_close, []
-                stopping = self._stop
+                # Stop only once the cycle thread is gone: it may still queue a reader.
+                stopping = self._stop and self._main_done
                 want = self._merge_want
             for reader in closing:
                 try:

@@ -36,7 +36,7 @@ import xxhash
 
 from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import CycleMirrorError, IntegrityError
-from cyclemirror.store.fileops import atomic_write
+from cyclemirror.fileio import atomic_write
 
 FORMAT = 2
 MAX_INT = 2**63 - 1

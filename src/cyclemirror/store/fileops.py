@@ -3,15 +3,14 @@
 Everything here works on raw file descriptors: positional I/O that loops over
 short transfers (writes cut into page-cache-folio-sized pieces, in
 cext/pagewrite.pyx), hole punching (fallocate PUNCH_HOLE, which Python's os module
-does not expose, so it goes through ctypes), the allocation map through
-SEEK_DATA/SEEK_HOLE, kernel copies (FICLONERANGE reflink first, then
-copy_file_range) and atomic small-file replacement (temp, fsync, rename,
-fsync dir). No store logic lives here.
+does not expose, so it is compiled in cext/pagewrite.pyx too), the allocation map
+through SEEK_DATA/SEEK_HOLE, kernel copies (FICLONERANGE reflink first, then
+copy_file_range) and JSON state files replaced atomically (``cyclemirror.fileio``).
+No store logic lives here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -19,11 +18,17 @@ import os
 import struct
 from collections.abc import Iterator
 
+from cyclemirror._cext import pagewrite
 from cyclemirror._cext.pagewrite import pwrite_pieces
 from cyclemirror.errors import StoreError
+from cyclemirror.fileio import atomic_write, fsync_dir
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
+__all__ = ["KernelCopier", "atomic_write", "atomic_write_json", "data_runs", "drop_cache",
+           "fsync_dir", "pread_exact", "preadv_into", "punch_hole", "pwrite_all", "read_json",
+           "store_error", "write_zero_bytes"]
+
+# fallocate's answers for "this file system (or device) cannot do that here"
+FALLOCATE_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 # _IOW(0x94, 13, struct file_clone_range): the reflink-a-range ioctl.
 _FICLONERANGE = 0x4020940D
 _NO_CLONE_ERRNOS = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
@@ -36,11 +41,6 @@ _NO_CLONE_ERRNOS = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, e
 # ones, and without that memory each new page costs a host page fault on a VM whose
 # free memory goes back to the host (docs/store.md, "Merge and the page cache").
 WRITE_PIECE = 64 << 10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 def store_error(what: str, exc: OSError) -> StoreError:
@@ -83,15 +83,20 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range (reads back as zeroes); falls back to writing zeroes."""
+    """Deallocate a range (reads back as zeroes); falls back to writing zeroes where the
+    file system cannot punch holes (e.g. a block device base)."""
     if length <= 0:
         return
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return
-    err = ctypes.get_errno()
-    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-        raise OSError(err, os.strerror(err))
-    # No hole punching here (e.g. a block device base): write zeroes, 1 MiB at a time.
+    try:
+        pagewrite.punch_hole(fd, offset, length)
+    except OSError as exc:
+        if exc.errno not in FALLOCATE_UNSUPPORTED:
+            raise
+        write_zero_bytes(fd, offset, length)
+
+
+def write_zero_bytes(fd: int, offset: int, length: int) -> None:
+    """Write ``length`` zero bytes at ``offset``, 1 MiB at a time (the range stays allocated)."""
     chunk = bytes(min(length, 1 << 20))
     end = offset + length
     while offset < end:
@@ -161,31 +166,9 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
         pass
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a mix."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        pwrite_all(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
-
-
 def atomic_write_json(path: str, obj: dict) -> None:
-    """Replace ``path`` with ``obj`` as JSON (see atomic_write)."""
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+    """Replace ``path`` with ``obj`` so that a crash leaves the old or the new file, never a mix."""
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
 
 
 def read_json(path: str, what: str) -> dict:

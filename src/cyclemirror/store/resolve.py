@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from cyclemirror.extents import merge_adjacent
 from cyclemirror.store import fileops
 from cyclemirror.store.layer import Layer
 
@@ -79,18 +80,14 @@ def classify(
 
     ``fd`` is -1 for zero runs. ``max_run`` > 0 caps the length of every run.
     """
-    cur = None
-    for layer, s, c in resolve(overlays, b0, b1):
-        parts = _base_kinds(base, s, c, bs) if layer is None else _overlay_kinds(layer, s, c)
-        for ps, pc, kind, fd in parts:
-            if cur is not None and cur[2] == kind and cur[3] == fd and cur[0] + cur[1] == ps:
-                cur = (cur[0], cur[1] + pc, kind, fd)
-                continue
-            if cur is not None:
-                yield from _capped(cur, max_run)
-            cur = (ps, pc, kind, fd)
-    if cur is not None:
-        yield from _capped(cur, max_run)
+    def parts() -> Iterator[tuple[int, int, tuple[str, int]]]:
+        for layer, s, c in resolve(overlays, b0, b1):
+            kinds = _base_kinds(base, s, c, bs) if layer is None else _overlay_kinds(layer, s, c)
+            for ps, pc, kind, fd in kinds:
+                yield ps, pc, (kind, fd)
+
+    for s, c, (kind, fd) in merge_adjacent(parts()):
+        yield from _capped((s, c, kind, fd), max_run)
 
 
 def _capped(run: tuple[int, int, str, int], max_run: int) -> Iterator[tuple[int, int, str, int]]:

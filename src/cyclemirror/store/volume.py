@@ -41,6 +41,7 @@ import re
 import threading
 import time
 
+from cyclemirror import extents
 from cyclemirror.errors import DeadlineError, NotFoundError, StoreError, UsageError
 from cyclemirror.store import fileops
 from cyclemirror.store.exporter import write_image
@@ -63,8 +64,6 @@ MERGE_CHUNK = 16 << 20
 FEED_MIN = 256 << 10
 _OVERLAY_FILE_RE = re.compile(r"overlay-(\d+)\.(img|zlog)")
 
-FLAG_HOLE = 1
-FLAG_ZERO = 2
 
 
 def check_geometry(size: object, block_size: object) -> None:
@@ -254,13 +253,7 @@ class Volume:
     # -- argument checks ----------------------------------------------------------
 
     def _check_range(self, offset: int, length: int, op: str) -> None:
-        if type(offset) is not int or type(length) is not int:
-            raise UsageError(f"{op} on volume {self.name!r}: offset and length must be integers")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise UsageError(
-                f"{op} on volume {self.name!r}: range [{offset}, {offset + length}) is outside "
-                f"the volume's {self.size} bytes"
-            )
+        extents.check_range(offset, length, self.size, f"{op} on volume {self.name!r}")
 
     def _top(self) -> Layer:
         if self._closed:
@@ -465,18 +458,15 @@ class Volume:
             return []
         bs = self.block_size
         end = offset + length
-        out: list[list[int]] = []
         with self._lock:
             self._top()
             runs = list(classify(self._overlays, self._base, offset // bs, -(-end // bs), bs))
+        clipped = []
         for s, c, kind, _fd in runs:
             lo, hi = max(s * bs, offset), min((s + c) * bs, end)
-            flags = FLAG_HOLE | FLAG_ZERO if kind == ZERO else 0
-            if out and out[-1][1] == flags:
-                out[-1][0] += hi - lo
-            else:
-                out.append([hi - lo, flags])
-        return [(n, f) for n, f in out]
+            clipped.append((lo, hi - lo, extents.HOLE | extents.ZERO if kind == ZERO else 0))
+        # Data of two layers side by side is one extent to a client.
+        return [(n, flags) for _lo, n, flags in extents.merge_adjacent(clipped)]
 
     # -- freeze -----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import socket
 import threading
 
 from cyclemirror._cext import frames
-from cyclemirror.errors import FrameError, PeerError, ProtocolError
+from cyclemirror.errors import PeerError, ProtocolError, is_temporary
 from cyclemirror.wire import messages
 from cyclemirror.wire.sockio import BufferedReceiver, peer_name, send_all, send_all_parts
 
@@ -44,7 +44,8 @@ def volume_limits(volume_size: int, alignment: int) -> frames.FrameLimits:
 
 
 class RemoteError(PeerError):
-    """The peer sent an error message; ``temporary`` and ``code`` are the peer's."""
+    """The peer sent an error message; ``temporary`` (its ``is_temporary`` answer) and
+    ``code`` are the peer's."""
 
     def __init__(self, message: str, code: str, temporary: bool):
         super().__init__(message)
@@ -85,14 +86,14 @@ class FrameLink:
                         f"a {mtype!r} message")
 
     def send_error(self, exc: BaseException, code: str = "error") -> None:
-        """Best effort: tell the peer why we are closing (it may be gone already)."""
-        # A frame damaged in transit (a bad checksum, or a field a flipped bit made
-        # invalid) is worth a retry: it resumes after the last ack.  Anything else
-        # keeps its class's own classification.
-        temporary = bool(getattr(exc, "temporary", False)) or isinstance(exc, FrameError)
+        """Best effort: tell the peer why we are closing (it may be gone already).
+
+        The message carries our ``is_temporary`` answer, so the peer retries
+        exactly what we would retry (a damaged frame: yes; a bad key: no).
+        """
         try:
             self.send_message("error", code=code, message=str(exc)[: messages.MAX_TEXT],
-                              temporary=temporary)
+                              temporary=is_temporary(exc))
         except Exception:  # noqa: BLE001 - the connection is being dropped anyway
             pass
 

@@ -34,6 +34,13 @@ def encode_header(ftype, flags, codec, cycle, offset, length, raw_length, checks
     return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
 
 
+def frame_raw_length(frame: bytes) -> int:
+    """The raw_length field (u32 little-endian at byte 28) of a whole frame."""
+    if len(frame) < HEADER_SIZE or frame[:4] != MAGIC:
+        raise ValueError("not a whole frame")
+    return HEADER.unpack_from(frame)[8]
+
+
 def reseal(header: bytes) -> bytes:
     """Recompute the header checksum of a (possibly edited) header."""
     body = bytes(header[:40])

@@ -1,0 +1,110 @@
+"""Failpoints: named places in production code where a test can slow a step down.
+
+A test that kills a process must be able to land the kill inside a short
+step (applying a delta takes milliseconds).  Production code marks such a
+place with ``failpoints.hit(NAME)``; it does nothing unless that failpoint
+was enabled, and then sleeps the enabled number of seconds.
+
+Enabling is always explicit, never read from the environment:
+
+* in the process under test: ``failpoints.enable(NAME, seconds)`` (or the
+  context manager ``failpoints.enabled``), ``disable``, ``clear``;
+* in a daemon a test starts: ``cyclemirror serve --failpoint NAME=SECONDS``
+  (a hidden option, repeatable), parsed by ``parse_spec`` once at start.
+
+Only the names in ``KNOWN`` exist, so a misspelt one is an error instead of a
+test that silently tests nothing.  ``hit`` costs one dict lookup when its
+failpoint is off; ``hits(NAME)`` counts the passes while it is on, so a
+test can check that its failpoint was really reached.  Thread-safe: the registry is replaced whole on each
+change, and ``hit`` reads it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from cyclemirror.errors import UsageError
+
+KNOWN: dict[str, str] = {
+    "receiver.apply_record": "sleep after each staged record applied to a mirror image "
+                             "(receiver/mirror.py), so a kill -9 lands inside apply",
+}
+MAX_SECONDS = 60.0
+
+_active: dict[str, float] = {}
+_hits: dict[str, int] = {}  # per enabled failpoint, how often it was passed (for tests)
+
+
+def hit(name: str) -> None:
+    """The marked place: sleep if ``name`` is enabled, else return at once."""
+    seconds = _active.get(name)
+    if seconds is not None:
+        _hits[name] = _hits.get(name, 0) + 1
+        if seconds:
+            time.sleep(seconds)
+
+
+def is_on(name: str) -> bool:
+    """Whether ``name`` is enabled (for a place that would compute how often to hit it)."""
+    return name in _active
+
+
+def hits(name: str) -> int:
+    """How often ``hit(name)`` was passed while enabled, since it was last enabled."""
+    return _hits.get(name, 0)
+
+
+def enable(name: str, seconds: float) -> None:
+    """Turn failpoint ``name`` on: each ``hit(name)`` then sleeps ``seconds``."""
+    global _active
+    if name not in KNOWN:
+        raise UsageError(f"unknown failpoint {name!r}; known: {', '.join(sorted(KNOWN))}")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+            0 <= seconds <= MAX_SECONDS):
+        raise UsageError(f"failpoint {name}: seconds must be a number in [0, {MAX_SECONDS:g}], "
+                         f"got {seconds!r}")
+    _hits[name] = 0
+    _active = {**_active, name: float(seconds)}
+
+
+def disable(name: str) -> None:
+    global _active
+    _active = {k: v for k, v in _active.items() if k != name}
+
+
+def clear() -> None:
+    global _active
+    _active = {}
+
+
+def active() -> dict[str, float]:
+    """The enabled failpoints and their seconds (a copy)."""
+    return dict(_active)
+
+
+@contextlib.contextmanager
+def enabled(name: str, seconds: float):
+    """``with failpoints.enabled(NAME, s):`` -- on inside the block, off after it."""
+    enable(name, seconds)
+    try:
+        yield
+    finally:
+        disable(name)
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """``"NAME=SECONDS"`` (a command-line value) -> (name, seconds), checked like ``enable``."""
+    name, sep, value = spec.partition("=")
+    if not sep:
+        raise UsageError(f"--failpoint {spec!r}: expected NAME=SECONDS")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(f"--failpoint {spec!r}: {value!r} is not a number of seconds") from None
+    if name not in KNOWN:
+        raise UsageError(f"--failpoint {spec!r}: unknown failpoint {name!r}; known: "
+                         f"{', '.join(sorted(KNOWN))}")
+    if not 0 <= seconds <= MAX_SECONDS:  # also refuses nan
+        raise UsageError(f"--failpoint {spec!r}: seconds must be in [0, {MAX_SECONDS:g}]")
+    return name, seconds
