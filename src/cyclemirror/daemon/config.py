@@ -25,7 +25,7 @@ DEFAULT_INTERVAL = 10.0
 CODECS = ("none", "lz4", "zstd")
 ZSTD_LEVELS = range(1, 23)
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" lets "a\n" through
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class DaemonConfig:
 
 
 def check_name(name, what: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UsageError(
             f"{what} {name!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

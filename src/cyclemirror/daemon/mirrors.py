@@ -49,6 +49,7 @@ from cyclemirror.errors import (
     StoreError,
     UsageError,
 )
+from cyclemirror.jsontext import loads_strict
 
 BOOK_FILE = "mirrors.json"
 BOOK_FORMAT = 1
@@ -79,32 +80,58 @@ class MirrorBook:
     def __init__(self, directory: str):
         self.path = os.path.join(directory, BOOK_FILE)
         self.entries: dict[tuple[str, str], dict] = {}
-        self._load()
+        # A damaged entry never stops the daemon: it is left out (and logged, and shown
+        # in status as a problem), and kept as it was in the file on every save.
+        self.problems: list[str] = []
+        self._kept: list = []
+        # A file that cannot be read at all: no outgoing mirror runs, the daemon serves
+        # the rest, and save() refuses (it would overwrite what a person must look at).
+        self.load_error: str | None = None
+        try:
+            self._load()
+        except StoreError as exc:
+            self.entries, self._kept = {}, []
+            self.load_error = str(exc)
+            self.problems.append(self.load_error)
+            log.error("%s; no outgoing mirror runs until it is fixed", exc)
 
     def _load(self) -> None:
         try:
-            with open(self.path) as fh:
-                data = json.load(fh)
+            with open(self.path, "rb") as fh:
+                raw = fh.read()
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise StoreError(f"mirror definitions {self.path} are unreadable ({exc}); "
                              "restore it from a backup or move it away and start the "
                              "mirrors again") from None
+        data = loads_strict(raw, f"mirror definitions {self.path} (restore it from a backup "
+                            "or move it away and start the mirrors again)", StoreError)
         if not isinstance(data, dict) or data.get("format") != BOOK_FORMAT or not isinstance(
                 data.get("mirrors"), list):
-            raise StoreError(f"mirror definitions {self.path} are not of format {BOOK_FORMAT}")
+            raise StoreError(f"mirror definitions {self.path} are not of format {BOOK_FORMAT}; "
+                             "restore it from a backup or move it away and start the "
+                             "mirrors again")
         for index, item in enumerate(data["mirrors"]):
             where = f"{self.path} entry {index + 1}"
-            if not isinstance(item, dict) or not isinstance(item.get("broken"), bool):
-                raise StoreError(f"{where}: malformed")
-            spec = mirror_spec_from_mapping(item.get("spec"), where)
+            try:
+                if not isinstance(item, dict) or not isinstance(item.get("broken"), bool):
+                    raise StoreError(f"{where}: malformed (expected spec and broken)")
+                spec = mirror_spec_from_mapping(item.get("spec"), where)
+            except CycleMirrorError as exc:
+                self.problems.append(f"{exc}; this mirror does not run until the entry is "
+                                     "fixed (the other mirrors do)")
+                self._kept.append(item)
+                log.error("%s", self.problems[-1])
+                continue
             self.entries[(spec.volume, str(spec.to))] = {"spec": spec, "broken": item["broken"]}
 
     def save(self) -> None:
+        if self.load_error is not None:
+            raise StoreError(f"{self.load_error}; mirror definitions cannot change until then")
         data = {"format": BOOK_FORMAT,
                 "mirrors": [{"spec": e["spec"].to_json(), "broken": e["broken"]}
-                            for e in self.entries.values()]}
+                            for e in self.entries.values()] + self._kept}
         try:
             _atomic_write_json(self.path, data)
         except OSError as exc:
@@ -166,6 +193,8 @@ class OutgoingMirrors:
     def restore(self, configured: tuple[MirrorSpec, ...]) -> None:
         """Rebuild every recorded mirror (broken ones stay broken), then config-only ones."""
         with self._lock:
+            if self.book.load_error is not None:
+                return  # logged by the book; status shows it; everything else is served
             for spec in configured:
                 key = (spec.volume, str(spec.to))
                 if key not in self.book.entries:

@@ -374,6 +374,8 @@ class Daemon:
             "incoming": self._incoming_status(now),
             # The target's most recent session failures (bad key, protocol, disk), newest last.
             "incoming_errors": list(getattr(self.target, "errors", []) or [])[-10:],
+            # Damaged mirror definitions (the file, or single entries) the daemon left out.
+            "mirror_errors": list(self.outgoing.book.problems) if self.outgoing else [],
         }
 
     def _incoming_status(self, now: float) -> list[dict]:

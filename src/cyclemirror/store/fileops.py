@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from cyclemirror._cext.pagewrite import pwrite_pieces
 from cyclemirror.errors import StoreError
+from cyclemirror.jsontext import loads_strict
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -186,11 +187,13 @@ def atomic_write_json(path: str, obj: dict) -> None:
 def read_json(path: str, what: str) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = json.loads(f.read())
+            raw = f.read()
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise StoreError(f"cannot read {what} at {path}: {exc}; the file is damaged") from exc
+    # loads_strict: deep nesting, NaN and 1e999 are damage too, not a RecursionError.
+    obj = loads_strict(raw, f"{what} at {path} (the file is damaged)", StoreError)
     if not isinstance(obj, dict):
         raise StoreError(f"{what} at {path} is not a JSON object; the file is damaged")
     return obj
