@@ -41,7 +41,7 @@ import os
 import threading
 import time
 
-from cyclemirror.daemon.config import MirrorSpec, mirror_spec_from_mapping
+from cyclemirror.daemon.config import MirrorSpec, check_mirror_tls, mirror_spec_from_mapping
 from cyclemirror.errors import (
     AlreadyExistsError,
     CycleMirrorError,
@@ -173,11 +173,16 @@ class OutgoingMirrors:
     """
 
     def __init__(self, store, daemon_dir: str, *, default_key_file: str | None,
-                 daemon_bwlimit: int):
+                 daemon_bwlimit: int, client_cert: tuple[str | None, str | None] = (None, None),
+                 insecure: bool = False):
         from cyclemirror.sender.ratelimit import SharedRate
 
         self.store = store
         self.default_key_file = default_key_file
+        # The daemon's certificate, shown to targets that ask for one (serve --tls-cert),
+        # and serve --insecure: plaintext allowed to every non-loopback target.
+        self.client_cert = client_cert
+        self.insecure = insecure
         self._lock = threading.RLock()
         self.book = MirrorBook(daemon_dir)
         self._drivers: dict[str, object] = {}  # unit -> MirrorDriver
@@ -220,6 +225,16 @@ class OutgoingMirrors:
                 f"mirror {spec.volume} -> {spec.to}: no key; pass --key-file to 'mirror start' "
                 "or start the daemon with --key-file")
         return read_key_file(path)
+
+    def _tls_of(self, spec: MirrorSpec):
+        """The TLS settings of a mirror's connection, or None for plaintext."""
+        from cyclemirror.wire.handshake import TlsConfig
+
+        if spec.tls_ca is None:
+            return None
+        cert, key = self.client_cert
+        return TlsConfig(certfile=cert, keyfile=key, cafile=spec.tls_ca,
+                         server_hostname=spec.tls_server_name)
 
     def _entries_of(self, volume: str) -> list[tuple[str, dict]]:
         return sorted((t, e) for (v, t), e in self.book.entries.items() if v == volume)
@@ -269,7 +284,10 @@ class OutgoingMirrors:
         per_target: dict[str, MirrorSpec] = {}
         for (_v, t), e in entries:
             per_target.setdefault(t, e["spec"])
-        targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec))
+        for spec in per_target.values():
+            check_mirror_tls(spec, self.insecure)
+        targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec),
+                              tls=self._tls_of(spec))
                    for _t, spec in sorted(per_target.items())]
         options = MirrorOptions(
             interval=first.interval, codec=first.compress.codec, level=first.compress.level,
@@ -395,7 +413,11 @@ class OutgoingMirrors:
                     f"use 'cyclemirror mirror resume {spec.volume}'")
             self.store.open_volume(spec.volume)  # NotFoundError names the volume
             self._check_compatible(spec)
+            check_mirror_tls(spec, self.insecure)  # says what to add for a remote target
             self._read_key(spec)  # a bad key file fails here, not later in the driver
+            tls = self._tls_of(spec)
+            if tls is not None:
+                tls.client_context()  # an unreadable CA file fails here, named
             unit = unit_of_spec(spec)
             fellows = self._unit_entries(unit)
             self.book.entries[key] = {"spec": spec, "broken": bool(fellows) and any(
@@ -534,6 +556,21 @@ class OutgoingMirrors:
             state.targets.pop(t, None)
         state.save()
 
+    def _key_ids(self, key_files) -> dict:
+        """key_file (None: the daemon's) -> id of the key the mirror proves, or None."""
+        from cyclemirror.keys import read_key_file
+        from cyclemirror.wire.handshake import key_id
+
+        out = {}
+        for path in key_files:
+            out[path] = None
+            if path or self.default_key_file:
+                try:
+                    out[path] = key_id(read_key_file(path or self.default_key_file))
+                except CycleMirrorError:
+                    pass
+        return out
+
     def close(self) -> None:
         with self._lock:
             drivers = list(self._drivers.values())
@@ -556,6 +593,7 @@ class OutgoingMirrors:
         with self._figures_lock:
             totals = {k: dict(v) for k, v in self._totals.items()}
         rows = []
+        key_ids = self._key_ids({e["spec"].key_file for _, e in entries})
         with self._lock:
             mirror_names = {}
             for unit in {unit_of_spec(e["spec"]) for _, e in entries}:
@@ -591,6 +629,7 @@ class OutgoingMirrors:
                 "group": spec.group, "target_mirror": mirror_names[unit],
                 "interval": spec.interval,
                 "compress": str(spec.compress), "bwlimit": spec.bwlimit,
+                "tls": spec.tls_ca is not None, "key_id": key_ids.get(spec.key_file),
                 "cycle": st.get("cycle", 0), "phase": phase,
                 "applied_cycle": applied,
                 "applied_freeze_time": (now - rpo_age) if rpo_age is not None else None,
