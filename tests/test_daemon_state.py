@@ -88,13 +88,30 @@ TestMirrorBook = BookMachine.TestCase
 TestMirrorBook.settings = settings(max_examples=30, stateful_step_count=15, deadline=None)
 
 
-@pytest.mark.parametrize("content", ["{", "[]", '{"format": 2, "mirrors": []}',
-                                     '{"format": 1, "mirrors": [{"spec": {}, "broken": 1}]}'])
-def test_a_damaged_book_is_refused_with_its_path(tmp_path, content):
+@pytest.mark.parametrize("content", ["{", "[]", '{"format": 2, "mirrors": []}', "[" * 100000])
+def test_an_unreadable_book_runs_no_mirror_and_refuses_to_overwrite_it(tmp_path, content):
     (tmp_path / "mirrors.json").write_text(content)
+    book = MirrorBook(str(tmp_path))
+    assert not book.entries
+    assert str(tmp_path / "mirrors.json") in book.load_error
+    assert book.problems == [book.load_error]
     with pytest.raises(StoreError) as info:
-        MirrorBook(str(tmp_path))
+        book.save()
     assert str(tmp_path / "mirrors.json") in str(info.value)
+    assert (tmp_path / "mirrors.json").read_text() == content  # left for a person to look at
+
+
+@pytest.mark.parametrize("bad", [{"spec": {}, "broken": 1}, {"spec": {"volume": "a\n",
+                                                                      "to": "h:1"},
+                                                             "broken": False}, 7])
+def test_a_damaged_entry_is_left_out_and_kept_while_the_others_load(tmp_path, bad):
+    good = {"spec": {"volume": "db", "to": "10.0.0.2:7000"}, "broken": False}
+    (tmp_path / "mirrors.json").write_text(json.dumps({"format": 1, "mirrors": [bad, good]}))
+    book = MirrorBook(str(tmp_path))
+    assert list(book.entries) == [("db", "10.0.0.2:7000")]
+    assert len(book.problems) == 1 and "entry 1" in book.problems[0]
+    book.save()  # the damaged entry stays in the file for a person to repair
+    assert bad in json.loads((tmp_path / "mirrors.json").read_text())["mirrors"]
 
 
 json_values = st.recursive(

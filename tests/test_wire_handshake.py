@@ -68,12 +68,36 @@ def test_wrong_key_fails_on_both_sides_with_authentication_error():
         lambda s: hs.client_handshake(s, keys.generate_key()),
         lambda s: hs.server_handshake(s, keys.generate_key()),
     )
+    # The source's nonce names its key: the target refuses before proving anything,
+    # naming both sides' key ids.
+    assert isinstance(r["client_exc"], AuthenticationError)
+    assert "is not one of this target's keys" in str(r["client_exc"])
+    assert r["client_exc"].temporary is False
+    assert isinstance(r["server_exc"], AuthenticationError)
+
+
+def test_a_target_holding_old_and_new_keys_accepts_sources_of_either_and_names_the_key():
+    old, new = keys.generate_key(), keys.generate_key()
+    for key in (old, new):
+        r = run_pair(lambda s, k=key: hs.client_handshake(s, k),
+                     lambda s: hs.server_handshake_keys(s, [old, new]))
+        assert r.get("client") == hs.PROTOCOL_VERSION, r
+        assert r["server"] == (hs.PROTOCOL_VERSION, hs.key_id(key))
+    assert len(hs.key_id(old)) == 8 and hs.key_id(old) != hs.key_id(new)
+
+
+def test_a_source_without_a_key_id_gets_the_targets_first_key(monkeypatch):
+    key, other = keys.generate_key(), keys.generate_key()
+    # An older source: no FLAG_KEY_ID, a nonce of pure randomness.
+    monkeypatch.setattr(hs, "FLAG_KEY_ID", 0)
+    monkeypatch.setattr(hs, "key_id", lambda k: "00000000")
+    r = run_pair(lambda s: hs.client_handshake(s, key),
+                 lambda s: hs.server_handshake_keys(s, [other, key]))
     assert isinstance(r["client_exc"], AuthenticationError)
     assert "does not hold our key" in str(r["client_exc"])
-    assert r["client_exc"].temporary is False
-    # The source stopped before sending its proof: the target saw the stream end.
-    assert isinstance(r["server_exc"], ConnectionLostError)
-    assert "handshake proof" in str(r["server_exc"])
+    r = run_pair(lambda s: hs.client_handshake(s, key),
+                 lambda s: hs.server_handshake_keys(s, [key, other]))
+    assert r.get("client") == hs.PROTOCOL_VERSION
 
 
 def test_impostor_source_that_replays_a_proof_is_rejected_by_the_target():

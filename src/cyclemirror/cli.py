@@ -75,7 +75,13 @@ def cmd_serve(args) -> int:
         node_name=args.node_name,
         nbd=tuple(parse_nbd_endpoint(e) for e in args.nbd) if args.nbd else None,
         listen=parse_hostport(args.listen, "--listen", listening=True) if args.listen else None,
-        key_file=os.path.abspath(args.key_file) if args.key_file else None,
+        key_file=os.path.abspath(args.key_file[0]) if args.key_file else None,
+        extra_key_files=(tuple(os.path.abspath(k) for k in args.key_file[1:])
+                         if args.key_file else None),
+        tls_cert=os.path.abspath(args.tls_cert) if args.tls_cert else None,
+        tls_key=os.path.abspath(args.tls_key) if args.tls_key else None,
+        tls_ca=os.path.abspath(args.tls_ca) if args.tls_ca else None,
+        insecure=True if args.insecure else None,
         metrics=parse_hostport(args.metrics, "--metrics", listening=True) if args.metrics else None,
         bwlimit=parse_rate(args.bwlimit, "--bwlimit") if args.bwlimit is not None else None,
         log_level=args.log_level,
@@ -169,6 +175,12 @@ def cmd_mirror_start(args) -> int:
         request["as"] = args.remote_name
     if args.key_file:
         request["key_file"] = os.path.abspath(args.key_file)
+    if args.tls_ca:
+        request["tls_ca"] = os.path.abspath(args.tls_ca)
+    if args.tls_server_name:
+        request["tls_server_name"] = args.tls_server_name
+    if args.insecure:
+        request["insecure"] = True
     info = _call(args, "mirror.start", reply_timeout=60,
                  **{k: v for k, v in request.items() if v is not None})
     group = info.get("group")
@@ -300,8 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT",
                        help="serve the volumes over NBD here (repeatable)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="accept incoming mirrors here")
-    serve.add_argument("--key-file", metavar="FILE",
-                       help="pre-shared key for incoming mirrors and the default for outgoing")
+    serve.add_argument("--key-file", metavar="FILE", action="append",
+                       help="pre-shared key(s) for incoming mirrors; the first key of the "
+                            "first file is the default for outgoing ones. Repeat it (or put "
+                            "several lines in a file) to accept old and new keys while "
+                            "rotating; files are re-read on every incoming connection")
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="TLS certificate (PEM) for incoming mirrors; also our client "
+                            "certificate for outgoing mirrors that use TLS")
+    serve.add_argument("--tls-key", metavar="FILE",
+                       help="private key of --tls-cert (if not in the same file)")
+    serve.add_argument("--tls-ca", metavar="FILE",
+                       help="require incoming mirrors to present a client certificate "
+                            "signed by this CA (in addition to the key)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow plaintext mirrors on non-loopback addresses (--listen and "
+                            "every outgoing mirror); without it they need TLS")
     serve.add_argument("--metrics", metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     serve.add_argument("--config", metavar="FILE", help="TOML settings; flags override it")
@@ -365,7 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="chunk compression (default lz4)")
     start.add_argument("--bwlimit", metavar="RATE", help="cap this mirror's rate, e.g. 20M")
     start.add_argument("--key-file", metavar="FILE",
-                       help="pre-shared key of the target (default: the daemon's --key-file)")
+                       help="pre-shared key of the target (default: the daemon's --key-file); "
+                            "its first key is used")
+    start.add_argument("--tls-ca", metavar="FILE",
+                       help="use TLS to the target, trusting certificates signed by this CA "
+                            "(needed for a non-loopback target unless --insecure)")
+    start.add_argument("--tls-server-name", metavar="NAME",
+                       help="name the target's certificate must carry (default: the host of "
+                            "--to)")
+    start.add_argument("--insecure", action="store_true",
+                       help="send plaintext to a non-loopback target (anyone on the path can "
+                            "read and change the data)")
     start.add_argument("--group", metavar="NAME",
                        help="consistency group: all members freeze at one instant each "
                             "cycle and the target applies them all or none; members share "

@@ -8,6 +8,12 @@ with HMAC-SHA256 (see ``docs/protocol.md``).
 
 Reading refuses anything short, non-hex, or readable by group/other, with a
 message that names the file and says how to fix it.
+
+Key rotation: a file may hold several keys, one per line (blank lines and
+``#`` comments are skipped).  A target accepts every key of every key file
+it was given; a source uses the first key of its file.  So a rotation is:
+add the new key as a line to the target's file (it re-reads its files on
+every connection), give the sources the new key, then drop the old line.
 """
 
 from __future__ import annotations
@@ -71,8 +77,28 @@ def write_key_file(path: str | os.PathLike, key: bytes) -> None:
         os.fsync(f.fileno())
 
 
+MAX_KEYS = 16  # per file: a rotation needs two
+
+
+def parse_keys(text: str, where: str = "key") -> list[bytes]:
+    """Every key of key-file text (one per line; blank lines and # comments skipped)."""
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise UsageError(f"{where}: holds no key; make one with 'cyclemirror keygen > FILE'")
+    if len(lines) > MAX_KEYS:
+        raise UsageError(f"{where}: {len(lines)} keys, more than {MAX_KEYS}")
+    return [parse_key(line, f"{where} line {n}" if len(lines) > 1 else where)
+            for n, line in lines]
+
+
 def read_key_file(path: str | os.PathLike, *, check_mode: bool = True) -> bytes:
-    """Read and check a key file; with ``check_mode`` refuse group/other access."""
+    """The first key of a key file (what a source proves); see ``read_keys``."""
+    return read_keys(path, check_mode=check_mode)[0]
+
+
+def read_keys(path: str | os.PathLike, *, check_mode: bool = True) -> list[bytes]:
+    """Read and check every key of a key file; with ``check_mode`` refuse group/other access."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -83,11 +109,11 @@ def read_key_file(path: str | os.PathLike, *, check_mode: bool = True) -> bytes:
                     f"key file {path}: readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
                     f"run 'chmod 600 {path}'"
                 )
-            raw = f.read(MAX_KEY_BYTES * 2 + 16)
+            raw = f.read((MAX_KEY_BYTES * 2 + 80) * MAX_KEYS)
     except OSError as exc:
         raise UsageError(f"key file {path}: cannot read it ({exc.strerror})") from None
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise UsageError(f"key file {path}: not text; expected one line of hex digits") from None
-    return parse_key(text, f"key file {path}")
+    return parse_keys(text, f"key file {path}")

@@ -25,7 +25,7 @@ DEFAULT_INTERVAL = 10.0
 CODECS = ("none", "lz4", "zstd")
 ZSTD_LEVELS = range(1, 23)
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" lets "a\n" through
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,24 @@ class MirrorSpec:
     key_file: str | None = None
     group: str | None = None
     rpo: float | None = None  # the RPO objective, seconds; the interval then adapts to it
+    tls_ca: str | None = None  # TLS to the target, trusting this CA (None: plaintext)
+    tls_server_name: str | None = None  # the name in the target's certificate (default: host)
+    insecure: bool = False  # plaintext to a non-loopback target, asked for explicitly
 
     def to_json(self) -> dict:
-        return {"volume": self.volume, "to": str(self.to), "as": self.remote_name,
-                "interval": self.interval, "compress": str(self.compress),
-                "bwlimit": self.bwlimit, "key_file": self.key_file, "group": self.group,
-                "rpo": self.rpo}
+        out = {"volume": self.volume, "to": str(self.to), "as": self.remote_name,
+               "interval": self.interval, "compress": str(self.compress),
+               "bwlimit": self.bwlimit, "key_file": self.key_file, "group": self.group}
+        # Written only when set, so definitions of mirrors without them read as before.
+        if self.rpo is not None:
+            out["rpo"] = self.rpo
+        if self.tls_ca is not None:
+            out["tls_ca"] = self.tls_ca
+        if self.tls_server_name is not None:
+            out["tls_server_name"] = self.tls_server_name
+        if self.insecure:
+            out["insecure"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> MirrorSpec:
@@ -92,6 +104,11 @@ class DaemonConfig:
     bwlimit: int = 0  # daemon-wide cap shared by all outgoing mirrors, 0 = none
     log_level: str = "info"
     mirrors: tuple[MirrorSpec, ...] = field(default_factory=tuple)
+    extra_key_files: tuple[str, ...] = ()  # more keys incoming mirrors may use (rotation)
+    tls_cert: str | None = None  # TLS for incoming mirrors (and our client certificate)
+    tls_key: str | None = None
+    tls_ca: str | None = None  # incoming: require client certificates signed by this CA
+    insecure: bool = False  # plaintext mirrors on non-loopback addresses, asked for explicitly
 
     def merged_with(self, **overrides) -> DaemonConfig:
         """Flags win over the file: only overrides that are not None replace a value."""
@@ -99,12 +116,59 @@ class DaemonConfig:
 
 
 def check_name(name, what: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UsageError(
             f"{what} {name!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` (an address or a name) reaches only this machine.
+
+    A name counts as loopback only if every address it resolves to is one, so
+    an unresolvable name (or a wildcard such as 0.0.0.0) asks for TLS.
+    """
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def check_mirror_tls(spec: MirrorSpec, daemon_insecure: bool = False) -> None:
+    """A mirror to a non-loopback target needs TLS or an explicit --insecure."""
+    if spec.tls_ca is None and not (spec.insecure or daemon_insecure) and not is_loopback(
+            spec.to.host):
+        raise UsageError(
+            f"mirror {spec.volume} -> {spec.to}: {spec.to.host} is not a loopback address, "
+            "and without TLS anyone on the path can read and change the data: add "
+            "--tls-ca FILE (the CA that signed the target's certificate; the target runs "
+            "with --tls-cert and --tls-key), or --insecure to send plaintext anyway")
+
+
+def check_listen_tls(config: DaemonConfig) -> None:
+    """Listening for mirrors on a non-loopback address needs TLS or an explicit --insecure."""
+    if config.listen is None or config.tls_cert or config.insecure:
+        return
+    if not is_loopback(config.listen.host):
+        raise UsageError(
+            f"--listen {config.listen}: not a loopback address, and without TLS anyone on "
+            "the path can read and change incoming mirrors: add --tls-cert FILE --tls-key "
+            "FILE (sources then use --tls-ca), or --insecure to accept plaintext anyway")
+
+
+def tls_settings(cert, key, ca, where: str) -> None:
+    """A certificate needs its key file unless the certificate file holds the key too."""
+    if (key or ca) and not cert:
+        raise UsageError(f"{where}: --tls-key and --tls-ca need --tls-cert")
 
 
 def parse_hostport(text, what: str, *, listening: bool = False) -> HostPort:
@@ -162,7 +226,7 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
     if not isinstance(data, dict):
         raise UsageError(f"{where}: a mirror must be a table of settings")
     allowed = {"volume", "to", "as", "interval", "compress", "bwlimit", "key_file", "group",
-               "rpo"}
+               "rpo", "tls_ca", "tls_server_name", "insecure"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{where}: unknown mirror setting(s) {', '.join(unknown)}; "
@@ -187,6 +251,20 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
     # With an objective the interval adapts; a given interval is then the longest wait.
     default_interval = 0.0 if objective is not None else DEFAULT_INTERVAL
     interval = data.get("interval")
+    tls_ca = data.get("tls_ca")
+    if tls_ca is not None:
+        if not isinstance(tls_ca, str) or not tls_ca:
+            raise UsageError(f"{where}: tls_ca must be a path")
+        tls_ca = os.path.abspath(tls_ca)
+    server_name = data.get("tls_server_name")
+    if server_name is not None and (not isinstance(server_name, str) or not _SERVER_NAME.fullmatch(
+            server_name)):
+        raise UsageError(f"{where}: tls_server_name {server_name!r:.80} is not a host name")
+    if server_name is not None and tls_ca is None:
+        raise UsageError(f"{where}: tls_server_name needs tls_ca (TLS to the target)")
+    insecure = data.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise UsageError(f"{where}: insecure must be true or false")
     return MirrorSpec(
         volume=volume,
         to=parse_hostport(data["to"], f"{where}: to"),
@@ -198,11 +276,15 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
         key_file=key_file,
         group=group,
         rpo=objective,
+        tls_ca=tls_ca,
+        tls_server_name=server_name,
+        insecure=insecure,
     )
 
 
 _TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwlimit",
-             "log_level", "mirror"}
+             "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure"}
+_SERVER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
 def load_config(path: str) -> DaemonConfig:
@@ -234,6 +316,17 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
             raise UsageError(f"{path}: {key} must be a path string")
         return os.path.normpath(os.path.join(base, value))
 
+    key_files = data.get("key_file")
+    if isinstance(key_files, list):  # several key files: every key is accepted (rotation)
+        if not key_files or not all(isinstance(k, str) and k for k in key_files):
+            raise UsageError(f"{path}: key_file must be a path or a list of paths")
+        data = dict(data, key_file=key_files[0])
+        extra_keys = tuple(os.path.normpath(os.path.join(base, k)) for k in key_files[1:])
+    else:
+        extra_keys = ()
+    insecure = data.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise UsageError(f"{path}: insecure must be true or false")
     nbd = data.get("nbd", [])
     if isinstance(nbd, str):
         nbd = [nbd]
@@ -255,8 +348,9 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         raise UsageError(f"{path}: mirrors are written as [[mirror]] tables")
     mirrors = []
     for index, table in enumerate(mirrors_raw):
-        if isinstance(table, dict) and isinstance(table.get("key_file"), str):
-            table = dict(table, key_file=os.path.join(base, table["key_file"]))
+        for key in ("key_file", "tls_ca"):
+            if isinstance(table, dict) and isinstance(table.get(key), str):
+                table = dict(table, **{key: os.path.join(base, table[key])})
         mirrors.append(mirror_spec_from_mapping(table, f"{path}: mirror #{index + 1}"))
     return DaemonConfig(
         store=path_setting("store"),
@@ -270,4 +364,9 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         bwlimit=parse_rate(data.get("bwlimit", 0), f"{path}: bwlimit"),
         log_level=log_level,
         mirrors=tuple(mirrors),
+        extra_key_files=extra_keys,
+        tls_cert=path_setting("tls_cert"),
+        tls_key=path_setting("tls_key"),
+        tls_ca=path_setting("tls_ca"),
+        insecure=insecure,
     )

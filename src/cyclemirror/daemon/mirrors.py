@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
 
-from cyclemirror.daemon.config import MirrorSpec, mirror_spec_from_mapping
+from cyclemirror.daemon.config import MirrorSpec, check_mirror_tls, mirror_spec_from_mapping
 from cyclemirror.errors import (
     AlreadyExistsError,
     CycleMirrorError,
@@ -49,6 +48,7 @@ from cyclemirror.errors import (
     StoreError,
     UsageError,
 )
+from cyclemirror.jsontext import loads_strict
 from cyclemirror.store.fileops import atomic_write_json
 
 BOOK_FILE = "mirrors.json"
@@ -65,32 +65,58 @@ class MirrorBook:
     def __init__(self, directory: str):
         self.path = os.path.join(directory, BOOK_FILE)
         self.entries: dict[tuple[str, str], dict] = {}
-        self._load()
+        # A damaged entry never stops the daemon: it is left out (and logged, and shown
+        # in status as a problem), and kept as it was in the file on every save.
+        self.problems: list[str] = []
+        self._kept: list = []
+        # A file that cannot be read at all: no outgoing mirror runs, the daemon serves
+        # the rest, and save() refuses (it would overwrite what a person must look at).
+        self.load_error: str | None = None
+        try:
+            self._load()
+        except StoreError as exc:
+            self.entries, self._kept = {}, []
+            self.load_error = str(exc)
+            self.problems.append(self.load_error)
+            log.error("%s; no outgoing mirror runs until it is fixed", exc)
 
     def _load(self) -> None:
         try:
-            with open(self.path) as fh:
-                data = json.load(fh)
+            with open(self.path, "rb") as fh:
+                raw = fh.read()
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise StoreError(f"mirror definitions {self.path} are unreadable ({exc}); "
                              "restore it from a backup or move it away and start the "
                              "mirrors again") from None
+        data = loads_strict(raw, f"mirror definitions {self.path} (restore it from a backup "
+                            "or move it away and start the mirrors again)", StoreError)
         if not isinstance(data, dict) or data.get("format") != BOOK_FORMAT or not isinstance(
                 data.get("mirrors"), list):
-            raise StoreError(f"mirror definitions {self.path} are not of format {BOOK_FORMAT}")
+            raise StoreError(f"mirror definitions {self.path} are not of format {BOOK_FORMAT}; "
+                             "restore it from a backup or move it away and start the "
+                             "mirrors again")
         for index, item in enumerate(data["mirrors"]):
             where = f"{self.path} entry {index + 1}"
-            if not isinstance(item, dict) or not isinstance(item.get("broken"), bool):
-                raise StoreError(f"{where}: malformed")
-            spec = mirror_spec_from_mapping(item.get("spec"), where)
+            try:
+                if not isinstance(item, dict) or not isinstance(item.get("broken"), bool):
+                    raise StoreError(f"{where}: malformed (expected spec and broken)")
+                spec = mirror_spec_from_mapping(item.get("spec"), where)
+            except CycleMirrorError as exc:
+                self.problems.append(f"{exc}; this mirror does not run until the entry is "
+                                     "fixed (the other mirrors do)")
+                self._kept.append(item)
+                log.error("%s", self.problems[-1])
+                continue
             self.entries[(spec.volume, str(spec.to))] = {"spec": spec, "broken": item["broken"]}
 
     def save(self) -> None:
+        if self.load_error is not None:
+            raise StoreError(f"{self.load_error}; mirror definitions cannot change until then")
         data = {"format": BOOK_FORMAT,
                 "mirrors": [{"spec": e["spec"].to_json(), "broken": e["broken"]}
-                            for e in self.entries.values()]}
+                            for e in self.entries.values()] + self._kept}
         try:
             atomic_write_json(self.path, data)
         except OSError as exc:
@@ -132,11 +158,16 @@ class OutgoingMirrors:
     """
 
     def __init__(self, store, daemon_dir: str, *, default_key_file: str | None,
-                 daemon_bwlimit: int):
+                 daemon_bwlimit: int, client_cert: tuple[str | None, str | None] = (None, None),
+                 insecure: bool = False):
         from cyclemirror.sender.ratelimit import SharedRate
 
         self.store = store
         self.default_key_file = default_key_file
+        # The daemon's certificate, shown to targets that ask for one (serve --tls-cert),
+        # and serve --insecure: plaintext allowed to every non-loopback target.
+        self.client_cert = client_cert
+        self.insecure = insecure
         self._lock = threading.RLock()
         self.book = MirrorBook(daemon_dir)
         self._drivers: dict[str, object] = {}  # unit -> MirrorDriver
@@ -152,6 +183,8 @@ class OutgoingMirrors:
     def restore(self, configured: tuple[MirrorSpec, ...]) -> None:
         """Rebuild every recorded mirror (broken ones stay broken), then config-only ones."""
         with self._lock:
+            if self.book.load_error is not None:
+                return  # logged by the book; status shows it; everything else is served
             for spec in configured:
                 key = (spec.volume, str(spec.to))
                 if key not in self.book.entries:
@@ -177,6 +210,16 @@ class OutgoingMirrors:
                 f"mirror {spec.volume} -> {spec.to}: no key; pass --key-file to 'mirror start' "
                 "or start the daemon with --key-file")
         return read_key_file(path)
+
+    def _tls_of(self, spec: MirrorSpec):
+        """The TLS settings of a mirror's connection, or None for plaintext."""
+        from cyclemirror.wire.handshake import TlsConfig
+
+        if spec.tls_ca is None:
+            return None
+        cert, key = self.client_cert
+        return TlsConfig(certfile=cert, keyfile=key, cafile=spec.tls_ca,
+                         server_hostname=spec.tls_server_name)
 
     def _entries_of(self, volume: str) -> list[tuple[str, dict]]:
         return sorted((t, e) for (v, t), e in self.book.entries.items() if v == volume)
@@ -226,7 +269,10 @@ class OutgoingMirrors:
         per_target: dict[str, MirrorSpec] = {}
         for (_v, t), e in entries:
             per_target.setdefault(t, e["spec"])
-        targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec))
+        for spec in per_target.values():
+            check_mirror_tls(spec, self.insecure)
+        targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec),
+                              tls=self._tls_of(spec))
                    for _t, spec in sorted(per_target.items())]
         options = MirrorOptions(
             interval=first.interval, rpo=first.rpo, codec=first.compress.codec,
@@ -338,13 +384,15 @@ class OutgoingMirrors:
             if existing:
                 inherited = existing[0][1]["spec"].to_json()
                 for name in ("interval", "rpo", "compress", "bwlimit", "group", "as"):
-                    request.setdefault(name, inherited[name])
+                    if name in inherited:
+                        request.setdefault(name, inherited[name])
             elif isinstance(request.get("group"), str):
                 fellows = self._unit_entries(GROUP_UNIT + request["group"])
                 if fellows:  # a new member takes the group's cycle settings
                     inherited = fellows[0][1]["spec"].to_json()
                     for name in ("interval", "rpo", "compress", "bwlimit"):
-                        request.setdefault(name, inherited[name])
+                        if name in inherited:
+                            request.setdefault(name, inherited[name])
             spec = mirror_spec_from_mapping(request, "mirror start")
             key = (spec.volume, str(spec.to))
             if key in self.book.entries:
@@ -353,7 +401,11 @@ class OutgoingMirrors:
                     f"use 'cyclemirror mirror resume {spec.volume}'")
             self.store.open_volume(spec.volume)  # NotFoundError names the volume
             self._check_compatible(spec)
+            check_mirror_tls(spec, self.insecure)  # says what to add for a remote target
             self._read_key(spec)  # a bad key file fails here, not later in the driver
+            tls = self._tls_of(spec)
+            if tls is not None:
+                tls.client_context()  # an unreadable CA file fails here, named
             unit = unit_of_spec(spec)
             fellows = self._unit_entries(unit)
             self.book.entries[key] = {"spec": spec, "broken": bool(fellows) and any(
@@ -494,6 +546,21 @@ class OutgoingMirrors:
             state.targets.pop(t, None)
         state.save()
 
+    def _key_ids(self, key_files) -> dict:
+        """key_file (None: the daemon's) -> id of the key the mirror proves, or None."""
+        from cyclemirror.keys import read_key_file
+        from cyclemirror.wire.handshake import key_id
+
+        out = {}
+        for path in key_files:
+            out[path] = None
+            if path or self.default_key_file:
+                try:
+                    out[path] = key_id(read_key_file(path or self.default_key_file))
+                except CycleMirrorError:
+                    pass
+        return out
+
     def close(self) -> None:
         with self._lock:
             drivers = list(self._drivers.values())
@@ -516,6 +583,7 @@ class OutgoingMirrors:
         with self._figures_lock:
             totals = {k: dict(v) for k, v in self._totals.items()}
         rows = []
+        key_ids = self._key_ids({e["spec"].key_file for _, e in entries})
         with self._lock:
             mirror_names = {}
             for unit in {unit_of_spec(e["spec"]) for _, e in entries}:
@@ -551,6 +619,7 @@ class OutgoingMirrors:
                 "group": spec.group, "target_mirror": mirror_names[unit],
                 "interval": spec.interval, "interval_now": st.get("interval"),
                 "compress": str(spec.compress), "bwlimit": spec.bwlimit,
+                "tls": spec.tls_ca is not None, "key_id": key_ids.get(spec.key_file),
                 "cycle": st.get("cycle", 0), "phase": phase,
                 "applied_cycle": applied, "committed_cycle": t.get("committed_cycle", applied),
                 "rpo": t.get("rpo") if spec.rpo else None,

@@ -34,7 +34,7 @@ import time
 
 from cyclemirror import __version__
 from cyclemirror.daemon import memtune
-from cyclemirror.daemon.config import DaemonConfig, check_name
+from cyclemirror.daemon.config import DaemonConfig, check_listen_tls, check_name, tls_settings
 from cyclemirror.daemon.control import ControlServer, control_socket_path
 from cyclemirror.daemon.mirrors import OutgoingMirrors
 from cyclemirror.errors import CycleMirrorError, NotFoundError, UsageError
@@ -71,6 +71,7 @@ class Daemon:
         self.started_at = time.time()
         self._admin_lock = threading.Lock()
         self._stopped = threading.Event()
+        self._keys: list[bytes] | None = None  # the incoming keys last read
         self.nbd_addresses: list[str] = []
         self.listen_address: str | None = None
         self.metrics_address: str | None = None
@@ -87,13 +88,17 @@ class Daemon:
                             self.store.node_name)
             daemon_dir = os.path.join(self.store.path, "daemon")
             os.makedirs(daemon_dir, exist_ok=True)
-            key = self._read_key(cfg.key_file) if cfg.key_file else None
+            tls_settings(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, "serve")
+            check_listen_tls(cfg)
+            keys = self._incoming_keys() if cfg.key_file else None  # bad files fail here
             for endpoint in cfg.nbd:
                 self._start_nbd(endpoint)
             if cfg.listen is not None:
-                self._start_target(key)
+                self._start_target(keys)
             self.outgoing = OutgoingMirrors(self.store, daemon_dir, default_key_file=cfg.key_file,
-                                            daemon_bwlimit=cfg.bwlimit)
+                                            daemon_bwlimit=cfg.bwlimit,
+                                            client_cert=(cfg.tls_cert, cfg.tls_key),
+                                            insecure=cfg.insecure)
             self.outgoing.restore(cfg.mirrors)
             if cfg.metrics is not None:
                 from cyclemirror.daemon.metrics import MetricsServer
@@ -114,11 +119,23 @@ class Daemon:
                  f", metrics http://{self.metrics_address}/metrics"
                  if self.metrics_address else "")
 
-    @staticmethod
-    def _read_key(path: str) -> bytes:
-        from cyclemirror.keys import read_key_file
+    def _incoming_keys(self) -> list[bytes]:
+        """Every key of every --key-file: incoming sources may prove any (rotation)."""
+        from cyclemirror.keys import read_keys
 
-        return read_key_file(path)
+        out: list[bytes] = []
+        for path in (self.config.key_file, *self.config.extra_key_files):
+            out += [k for k in read_keys(path) if k not in out]
+        return out
+
+    def _current_keys(self) -> list[bytes]:
+        """The keys for one incoming connection: the files as they are now, so a rotation
+        needs no restart; if they cannot be read, the last keys read (and a log line)."""
+        try:
+            self._keys = self._incoming_keys()
+        except CycleMirrorError as exc:
+            log.error("key files unreadable, keeping the keys read before: %s", exc)
+        return self._keys
 
     def _start_nbd(self, endpoint) -> None:
         from cyclemirror.nbd import NbdServer
@@ -178,11 +195,17 @@ class Daemon:
             pin.release()
             raise
 
-    def _start_target(self, key: bytes | None) -> None:
+    def _start_target(self, keys: list[bytes] | None) -> None:
         from cyclemirror.receiver import TargetServer
+        from cyclemirror.wire.handshake import TlsConfig
 
-        addr = self.config.listen
-        self.target = TargetServer(self.store, key, listen=(addr.host, addr.port))
+        cfg = self.config
+        addr = cfg.listen
+        tls = (TlsConfig(certfile=cfg.tls_cert, keyfile=cfg.tls_key, cafile=cfg.tls_ca)
+               if cfg.tls_cert else None)
+        self._keys = keys
+        self.target = TargetServer(self.store, self._current_keys, listen=(addr.host, addr.port),
+                                   tls=tls)
         self.target.start()
         host, port = self.target.address
         self.listen_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -368,18 +391,36 @@ class Daemon:
                      "store": self.store.path, "pid": os.getpid(), "version": __version__,
                      "started": self.started_at, "listen": self.listen_address,
                      "nbd": list(self.nbd_addresses), "metrics": self.metrics_address,
-                     "bwlimit": self.config.bwlimit},
+                     "bwlimit": self.config.bwlimit,
+                     "tls": bool(self.config.tls_cert and self.target is not None),
+                     "key_ids": self._key_ids()},
             "volumes": self._op_volume_list({}),
             "mirrors": self.outgoing.status(now) if self.outgoing else [],
             "incoming": self._incoming_status(now),
             # The target's most recent session failures (bad key, protocol, disk), newest last.
             "incoming_errors": list(getattr(self.target, "errors", []) or [])[-10:],
+            # Damaged mirror definitions (the file, or single entries) the daemon left out.
+            "mirror_errors": list(self.outgoing.book.problems) if self.outgoing else [],
         }
+
+    def _key_ids(self) -> list[str]:
+        from cyclemirror.wire.handshake import key_id
+
+        return [key_id(k) for k in (getattr(self, "_keys", None) or [])]
 
     def _incoming_status(self, now: float) -> list[dict]:
         from cyclemirror.daemon.incoming import incoming_status
 
-        return incoming_status(self.store.path, now)
+        rows = incoming_status(self.store.path, now)
+        use = dict(self.target.key_use) if self.target is not None else {}
+        for row in rows:
+            # Which key (and whether TLS) the source's latest session used; unknown (null)
+            # until it connects after a daemon start.
+            seen = use.get((row["source_node"], row["group"] or row["volume"]), {})
+            row["key_id"] = seen.get("key_id")
+            row["tls"] = seen.get("tls")
+            row["peer"] = seen.get("peer")
+        return rows
 
 
 # -- the foreground process -------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """TargetServer: the listening side a daemon hosts, one thread per connection.
 
 ``TargetServer(store, key, listen=(host, port), tls=None, insecure=False)``;
+``key`` is one key, a list of keys (all accepted: rotation), or a callable
+returning such a list, called for every connection (so a key file edited on
+disk takes effect without a restart);
 ``start()`` binds (port 0 picks a free port, see ``address``) and accepts in a
 thread; ``stop()`` closes the listener and every session.  ``store`` is a
 ``cyclemirror.store.Store`` (only ``.path`` and ``.node_id`` are used), so
@@ -8,6 +11,10 @@ mirror images land in ``STORE/mirrors/<source node id>/``.
 
 Isolation: a session that fails (bad key, protocol error, corrupted frame,
 disk error) is logged, told why, and closed; other sessions never notice.
+
+Keys in use: ``key_use`` maps (source node, mirror) to the id of the key
+(``handshake.key_id``) its latest session proved, with the peer and the time,
+for status.
 
 Locking: ``registry`` maps (source node, mirror, group) to the session that
 holds that mirror, under one lock.  A new session for a held mirror takes it
@@ -20,9 +27,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
+import time
 
-from cyclemirror.errors import CycleMirrorError, DeadlineError, UsageError
+from cyclemirror.errors import (
+    ConnectionLostError,
+    CycleMirrorError,
+    DeadlineError,
+    PeerError,
+    ProtocolError,
+    UsageError,
+)
 from cyclemirror.receiver.session import Session, error_code
 from cyclemirror.wire import handshake
 from cyclemirror.wire.handshake import TlsConfig
@@ -38,6 +54,7 @@ class MirrorRegistry:
     def __init__(self):
         self._cond = threading.Condition()
         self._held: dict[tuple, Session] = {}
+        self.key_use: dict[tuple[str, str], dict] = {}  # (node, mirror) -> key id, peer, time
 
     def acquire(self, key: tuple, session: Session) -> None:
         with self._cond:
@@ -51,6 +68,10 @@ class MirrorRegistry:
             if not self._cond.wait_for(lambda: key not in self._held, TAKEOVER_TIMEOUT):
                 raise DeadlineError(f"mirror {key[1]!r} is still held by another session")
             self._held[key] = session
+            used = getattr(session.link, "key_id", None)
+            self.key_use[(key[0], key[1])] = {"key_id": used, "peer": session.link.peer,
+                                              "tls": getattr(session.link, "tls", False),
+                                              "time": time.time()}
 
     def release(self, key: tuple, session: Session) -> None:
         with self._cond:
@@ -63,7 +84,7 @@ class TargetServer:
     def __init__(self, store, key: bytes | None, listen=("127.0.0.1", 0),
                  tls: TlsConfig | None = None, insecure: bool = False, on_applied=None,
                  on_committed=None):
-        if key is None and not insecure:
+        if (key is None or (isinstance(key, list) and not key)) and not insecure:
             raise UsageError("a target without a key refuses to run; give it a key file "
                              "(cyclemirror keygen) or pass --insecure explicitly")
         self.root = os.fspath(store.path)
@@ -140,10 +161,12 @@ class TargetServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = conn
             if self.tls_context is not None:
-                sock = self.tls_context.wrap_socket(conn, server_side=True)
-            version = handshake.server_handshake(sock, self.key)
+                sock = self._tls_accept(conn)
+            keys = self.key() if callable(self.key) else self.key
+            version, used = handshake.server_handshake_keys(sock, keys)
             sock.settimeout(None)  # idle between cycles is normal; keepalive finds the dead
             link = FrameLink(sock)
+            link.key_id, link.tls = used, sock is not conn
             Session(self, link, version).run()
         except Exception as exc:  # noqa: BLE001 - isolate every session's failure
             self._note_error(f"session with {_peer(conn)}: {type(exc).__name__}: {exc}")
@@ -156,6 +179,26 @@ class TargetServer:
                 conn.close()
             except OSError:
                 pass
+
+    def _tls_accept(self, conn: socket.socket):
+        """The TLS handshake of a session, its failures named for a person."""
+        first = handshake._peek(conn, 8)
+        if first == handshake.MAGIC_SOURCE:
+            # A cyclemirror source without TLS: tell it, in plaintext, what to add.
+            handshake.refuse_plaintext_source(conn)  # raises, naming the fix
+        if first and not handshake.looks_like_tls(first):
+            raise ProtocolError(f"{_peer(conn)} sent plaintext to this TLS target; refused")
+        try:
+            return self.tls_context.wrap_socket(conn, server_side=True)
+        except ssl.SSLError as exc:
+            raise PeerError(f"TLS handshake with {_peer(conn)} failed: "
+                            f"{exc.reason or exc}") from None
+        except OSError as exc:
+            raise ConnectionLostError(f"TLS handshake with {_peer(conn)} failed: {exc}") from None
+
+    @property
+    def key_use(self) -> dict:
+        return self.registry.key_use
 
     def status(self) -> list[dict]:
         from cyclemirror.receiver.state import MirrorState

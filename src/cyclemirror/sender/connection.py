@@ -15,10 +15,16 @@ Locking: ``_cond`` guards ``acked``, ``applied``, ``hashes``, ``failure``.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
-from cyclemirror.errors import ConnectionLostError, DeadlineError, ProtocolError
+from cyclemirror.errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    DeadlineError,
+    ProtocolError,
+)
 from cyclemirror.wire import handshake
 from cyclemirror.wire.link import FrameLink, volume_limits
 
@@ -61,9 +67,7 @@ class TargetLink:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock = raw
             if self.tls is not None:
-                ctx = self.tls.client_context()
-                sock = ctx.wrap_socket(raw, server_hostname=self.tls.server_hostname
-                                       or self.address[0])
+                sock = self._tls_connect(raw)
             self.version = handshake.client_handshake(sock, self.key, insecure=self.insecure)
             link = FrameLink(sock)
             link.send_message("open", **open_msg)
@@ -85,6 +89,23 @@ class TargetLink:
                                         name=f"mirror-acks-{self.label}")
         self._reader.start()
         return opened
+
+    def _tls_connect(self, raw: socket.socket) -> ssl.SSLSocket:
+        """The TLS handshake; an untrusted certificate is permanent, anything else a retry."""
+        ctx = self.tls.client_context()
+        name = self.tls.server_hostname or self.address[0]
+        try:
+            return ctx.wrap_socket(raw, server_hostname=name)
+        except ssl.SSLCertVerificationError as exc:
+            raise AuthenticationError(
+                f"TLS: the certificate of target {self.label} is not trusted "
+                f"({exc.verify_message or exc.reason}; [{exc.reason}]): check --tls-ca "
+                f"(the CA that signed it) and --tls-server-name (checked: {name})") from None
+        except ssl.SSLError as exc:
+            raise ConnectionLostError(
+                f"TLS handshake with target {self.label} failed ({exc.reason or exc}); does "
+                "the target run with --tls-cert? (a plaintext target closes the "
+                "connection)") from None
 
     def _read_loop(self) -> None:
         try:

@@ -62,13 +62,15 @@ class TargetRecord:
     def from_json(cls, value: object, where: str) -> TargetRecord:
         if not isinstance(value, dict):
             raise IntegrityError(f"{where}: a target entry is {type(value).__name__}, not an object")
-        if "applied_cycle" in value and "held_cycle" not in value:  # format 1 names
+        known = {f.name for f in fields(cls)}
+        if "applied_cycle" in value and "held_cycle" not in value:  # format 1
             value = dict(value, held_cycle=value["applied_cycle"])
             value.pop("applied_cycle")
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(value) - set(known)
-        if unknown:
-            raise IntegrityError(f"{where}: unknown target fields {sorted(unknown)}")
+            value.setdefault("untrusted", False)  # written only when set
+            value.setdefault("in_flight_synced", False)  # unknown then: no resume
+        if set(value) != known:
+            raise IntegrityError(f"{where}: target fields {sorted(value)} are not "
+                                 f"{sorted(known)}")
         rec = cls(**{k: v for k, v in value.items()})
         for name in ("held_cycle", "in_flight"):
             v = getattr(rec, name)

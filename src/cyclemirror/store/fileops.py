@@ -22,6 +22,7 @@ from cyclemirror._cext import pagewrite
 from cyclemirror._cext.pagewrite import pwrite_pieces
 from cyclemirror.errors import StoreError
 from cyclemirror.fileio import atomic_write, fsync_dir
+from cyclemirror.jsontext import loads_strict
 
 __all__ = ["KernelCopier", "atomic_write", "atomic_write_json", "data_runs", "drop_cache",
            "fsync_dir", "pread_exact", "preadv_into", "punch_hole", "pwrite_all", "read_json",
@@ -174,11 +175,13 @@ def atomic_write_json(path: str, obj: dict) -> None:
 def read_json(path: str, what: str) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = json.loads(f.read())
+            raw = f.read()
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise StoreError(f"cannot read {what} at {path}: {exc}; the file is damaged") from exc
+    # loads_strict: deep nesting, NaN and 1e999 are damage too, not a RecursionError.
+    obj = loads_strict(raw, f"{what} at {path} (the file is damaged)", StoreError)
     if not isinstance(obj, dict):
         raise StoreError(f"{what} at {path} is not a JSON object; the file is damaged")
     return obj

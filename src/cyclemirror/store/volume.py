@@ -36,6 +36,7 @@ On-disk protocol (argued in docs/store.md):
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -111,21 +112,32 @@ def _validate_state(state: dict, where: str) -> None:
         check_geometry(state.get("size"), state.get("block_size"))
     except UsageError as exc:
         raise bad(str(exc)) from exc
-    merged = state.get("merged_through")
-    overlays = state.get("overlays")
-    merging = state.get("merging")
+    # Every key the constructor indexes must be here: .get() alone let a file without
+    # "merging" or "closed_at" pass, and the constructor's KeyError escaped the daemon's start.
+    for key in ("merged_through", "merging", "overlays"):
+        if key not in state:
+            raise bad(f"the key {key!r} is missing")
+    merged = state["merged_through"]
+    overlays = state["overlays"]
+    merging = state["merging"]
+    created = state.get("created", 0.0)
+    if type(created) not in (int, float) or not math.isfinite(created):
+        raise bad(f"created is {created!r:.40}")
     if type(merged) is not int or merged < -1:
-        raise bad(f"merged_through is {merged!r}")
+        raise bad(f"merged_through is {merged!r:.40}")
     if not isinstance(overlays, list) or not overlays:
         raise bad("no overlay list")
     for i, entry in enumerate(overlays):
         if not isinstance(entry, dict) or entry.get("number") != merged + 1 + i:
-            raise bad(f"overlay entry {i} is {entry!r}, expected number {merged + 1 + i}")
-        closed = entry.get("closed_at")
+            raise bad(f"overlay entry {i} is {entry!r:.80}, expected number {merged + 1 + i}")
+        if "closed_at" not in entry:
+            raise bad(f"overlay {entry['number']} has no closed_at")
+        closed = entry["closed_at"]
         is_last = i == len(overlays) - 1
-        if is_last != (closed is None) or not (closed is None or isinstance(closed, (int, float))):
-            raise bad(f"overlay {entry['number']} has closed_at {closed!r}")
-    if merging is not None and merging != merged + 1:
+        if is_last != (closed is None) or not (
+                closed is None or (type(closed) in (int, float) and math.isfinite(closed))):
+            raise bad(f"overlay {entry['number']} has closed_at {closed!r:.40}")
+    if merging is not None and (type(merging) is not int or merging != merged + 1):
         raise bad(f"merging is {merging!r} but merged_through is {merged}")
     if merging is not None and len(overlays) < 2:
         raise bad(f"merging overlay {merging}, which is the open one")

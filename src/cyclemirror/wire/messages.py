@@ -15,13 +15,15 @@ import math
 import re
 
 from cyclemirror.errors import ProtocolError
+from cyclemirror.jsontext import loads_strict
 
 MAX_INT = 2**63 - 1
 MAX_TEXT = 1024
 MAX_MEMBERS = 64
 MAX_HASH_BLOCKS = 16384  # per hashes message: 128 KiB of digests, hex-encoded
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
-NODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Matched with fullmatch: "$" would also accept a name that ends in a newline.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+NODE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
 MAX_VOLUME_SIZE = 1 << 56
@@ -58,6 +60,9 @@ def _check_value(mtype: str, field: str, kind: str, value):
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _bad(mtype, field, "must be a number")
+        if isinstance(value, int) and not 0 <= value <= MAX_INT:
+            # math.isfinite of a 310-digit integer raises OverflowError: check ints apart.
+            raise _bad(mtype, field, f"must be finite and >= 0, got {value!r:.40}")
         if not math.isfinite(value) or value < 0:
             raise _bad(mtype, field, f"must be finite and >= 0, got {value!r}")
     elif kind == "bool":
@@ -65,7 +70,7 @@ def _check_value(mtype: str, field: str, kind: str, value):
             raise _bad(mtype, field, "must be true or false")
     elif kind in ("name", "node"):
         pattern = NAME_RE if kind == "name" else NODE_RE
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             raise _bad(mtype, field, f"is not a valid {kind} ({pattern.pattern})")
     elif kind in ("text", "opt_text"):
         if value is None and kind == "opt_text":
@@ -115,7 +120,7 @@ def validate_message(msg, expected: set[str]) -> dict:
     if not isinstance(msg, dict):
         raise ProtocolError("control message is not a JSON object")
     mtype = msg.get("type")
-    if mtype not in SCHEMAS:
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"unknown control message type {mtype!r:.40}")
     if mtype not in expected and mtype != "error":
         raise ProtocolError(
@@ -136,8 +141,5 @@ def validate_message(msg, expected: set[str]) -> dict:
 
 def parse_message(payload: bytes, expected: set[str]) -> dict:
     """Decode and validate one control payload; ``error`` messages always pass."""
-    try:
-        msg = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError("control message is not valid UTF-8 JSON") from None
+    msg = loads_strict(bytes(payload), "control message", ProtocolError)
     return validate_message(msg, expected)
