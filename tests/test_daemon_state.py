@@ -122,7 +122,9 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# too_slow: on a loaded machine input generation alone can pass Hypothesis's limit.
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                  HealthCheck.too_slow])
 @given(st.dictionaries(st.text(max_size=10).filter(lambda k: k != "reply_timeout"),
                        json_values, max_size=5))
 def test_any_json_arguments_round_trip_through_the_control_socket(tmp_path, args):
