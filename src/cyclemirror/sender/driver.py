@@ -428,9 +428,12 @@ class MirrorDriver:
                         continue
                     t1 = time.monotonic()
                     self._set_phase("freezing")
-                    frozen = self.subject.freeze()
+                    # The frozen overlay's fsync runs beside the copy; every sender waits
+                    # for it before its 'end', so no target commits data not yet durable.
+                    frozen = self.subject.freeze(sync=False)
                     self._times = {"wait": t1 - t0, "freeze": time.monotonic() - t1}
                     self._account_freeze(frozen)
+                    self._start_sync(frozen)
                 else:
                     frozen, first = first, None
                     self._times = {}
@@ -444,6 +447,19 @@ class MirrorDriver:
                     self._break = True
                     self.last_error = "; ".join(f"{r.label}: {r.last_error}"
                                                 for r in self.targets)
+
+    def _start_sync(self, frozen) -> None:
+        """fsync the frozen overlay in the background (frozen.sync() waits for it)."""
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                frozen.sync()
+            except BaseException:  # noqa: BLE001 - a sender's own sync() call raises it
+                return
+            self._times["sync"] = time.monotonic() - t0
+
+        threading.Thread(target=run, daemon=True,
+                         name=f"mirror-sync-{self.volume.name}").start()
 
     def _crashed(self, exc: BaseException) -> None:
         """A failure outside any one target (the store, a hook): stop until resume()."""
@@ -657,6 +673,10 @@ class MirrorDriver:
         """Connect and reconcile; return False if the target already holds this cycle."""
         c = frozen.number
         e = self.state.entry(r.label)
+        if e.in_flight == c and frozen.synced:
+            # This process shipped the chunks the target holds from the page cache, and
+            # that content is now durable: the very bytes, so a resume is safe.
+            e.in_flight_synced = True
         if r.link is not None and r.link.failure is None and not e.untrusted:
             return self._begin(r, frozen, plan.decide(e, r.held_cycle, r.owed is not None, c,
                                                       None))
@@ -709,8 +729,11 @@ class MirrorDriver:
         resume = decision.resume and pend_cycle == c
         r.resume_from = pend_chunks if resume else 0
         self.state.save_owed(r.label, r.owed)
-        # The freeze fsynced the frozen overlay before shipping began: resumable.
-        e.in_flight, e.in_flight_full, e.in_flight_synced = c, full, True
+        if full:
+            frozen.sync()  # a long full copy should survive a restart of ours: resumable
+        # Chunks sent before the frozen overlay is durable could hold writes a crash of
+        # this process would take back: only a cycle synced before it began may resume.
+        e.in_flight, e.in_flight_full, e.in_flight_synced = c, full, frozen.synced
         self.state.save()
         link.link.send_message("begin", cycle=c, freeze_time=frozen.freeze_time, full=full,
                                resume_from=r.resume_from)
@@ -791,6 +814,7 @@ class MirrorDriver:
                     log.warning("cycle %d of %s to %s: the frames covered %d bytes of the "
                                 "%d owed; the progress figures are off, please report this",
                                 c, self.volume.name, r.label, covered, prog.total_bytes)
+                frozen.sync()  # waits for the background fsync: the target commits at 'end'
                 end = frames.encode_control(c, messages.encode_message(
                     "end", cycle=c, chunks=total[0]))
                 wire += len(end)  # the figures count the 'end' frame too

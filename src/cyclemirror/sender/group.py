@@ -63,8 +63,8 @@ class SingleVolume:
     def open_overlay(self) -> int:
         return self.volume.open_overlay
 
-    def freeze(self):
-        return self.volume.freeze()
+    def freeze(self, sync: bool = True):
+        return self.volume.freeze(sync)
 
     def frozen(self, k: int):
         return self.volume.frozen(k)
@@ -167,8 +167,8 @@ class VolumeGroup(SingleVolume):
                 moved = True
         return moved
 
-    def freeze(self) -> GroupCycle:
-        cycles = self.store.freeze_group([v.name for v in self.volumes])
+    def freeze(self, sync: bool = True) -> GroupCycle:
+        cycles = self.store.freeze_group([v.name for v in self.volumes], sync)
         return GroupCycle(self, [cycles[v.name] for v in self.volumes])
 
     def frozen(self, k: int) -> GroupCycle:
@@ -231,6 +231,14 @@ class GroupCycle:
         self.dirty = None if any(p is None for p in parts) else group.join(parts)
         zparts = [m.zeroed for m in members]
         self.zeroed = None if any(p is None for p in zparts) else group.join(zparts)
+
+    @property
+    def synced(self) -> bool:
+        return all(m.synced for m in self.members)
+
+    def sync(self) -> None:
+        for m in self.members:
+            m.sync()
 
     def reader(self) -> GroupReader:
         return GroupReader(self)

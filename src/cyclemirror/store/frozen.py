@@ -11,6 +11,7 @@ keeps reading them through its descriptors.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,10 @@ class FrozenCycle:
     """Cycle ``number``: freeze time, what overlay ``number - 1`` changed, and a reader.
 
     ``dirty`` and ``zeroed`` are private copies (None for cycle 1, which ships
-    everything); callers may modify them freely.
+    everything); callers may modify them freely.  A cycle frozen with
+    ``Volume.freeze(sync=False)`` is readable at once; ``sync()`` makes the
+    frozen overlay durable (a mirror overlaps it with shipping and calls it
+    again, waiting, before the target may commit).
     """
 
     def __init__(
@@ -45,6 +49,19 @@ class FrozenCycle:
         self.freeze_time = freeze_time
         self.dirty = dirty
         self.zeroed = zeroed
+        self._unsynced = None  # the frozen overlay while its fsync is still owed
+        self._sync_lock = threading.Lock()
+
+    @property
+    def synced(self) -> bool:
+        return self._unsynced is None
+
+    def sync(self) -> None:
+        """Make the frozen overlay durable (once; others wait for the first caller)."""
+        with self._sync_lock:
+            if self._unsynced is not None:
+                self.volume._sync_frozen(self._unsynced, release=True)
+                self._unsynced = None
 
     def reader(self) -> FrozenReader:
         return FrozenReader(self)

@@ -58,8 +58,10 @@ def check_member_names(names) -> list[str]:
     return sorted(names)
 
 
-def freeze_group(store, names) -> dict:
-    """Freeze every named volume of ``store`` at one instant; return {name: FrozenCycle}."""
+def freeze_group(store, names, sync: bool = True) -> dict:
+    """Freeze every named volume of ``store`` at one instant; return {name: FrozenCycle}.
+
+    ``sync=False``: each frozen overlay's fsync is left to its cycle's ``sync()``."""
     order = check_member_names(names)
     vols = [store.open_volume(n) for n in order]
     gdir = os.path.join(store.path, GROUPS_DIR)
@@ -92,7 +94,7 @@ def freeze_group(store, names) -> dict:
                 vol._lock.release()
         cycles = {}
         for vol, new, old in zip(vols, prepared, committed, strict=True):
-            cycles[vol.name] = vol._freeze_finish(new.number, old)
+            cycles[vol.name] = vol._freeze_finish(new.number, old, sync)
         _remove_intent(intent, gdir)
         return cycles
     except BaseException:

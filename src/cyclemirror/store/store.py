@@ -164,10 +164,10 @@ class Store:
                 raise
             return self._open_locked(name)
 
-    def freeze_group(self, names) -> dict:
+    def freeze_group(self, names, sync: bool = True) -> dict:
         """Freeze several volumes at one instant, crash-safely: {name: FrozenCycle} (store.group)."""
         self._check_open()
-        return group.freeze_group(self, names)
+        return group.freeze_group(self, names, sync)
 
     def open_volume(self, name: str) -> Volume:
         self._check_open()

@@ -225,7 +225,9 @@ class Volume:
             self._overlays.insert(0, layer)
             layer.closed_at = entry["closed_at"]
             torn = recover_overlay(layer, below, self._base, self.size, self.block_size, self.nblocks)
-            if torn:
+            if torn or entry["closed_at"] is not None:
+                # A frozen overlay's fsync may have been deferred (freeze(sync=False)) and
+                # cut by a kill: what a mirror ships from it must be on disk first.
                 os.fsync(layer.fd)
             self.torn_blocks_repaired += torn
             below.insert(0, layer)
@@ -493,12 +495,14 @@ class Volume:
         """Number of the overlay taking writes now (= number of the last freeze)."""
         return self._overlays[0].number
 
-    def freeze(self) -> FrozenCycle:
+    def freeze(self, sync: bool = True) -> FrozenCycle:
+        """Freeze now; with ``sync=False`` the frozen overlay's fsync is left to the
+        returned cycle's ``sync()`` (see FrozenCycle)."""
         with self._freeze_lock:
             new = self._freeze_prepare()
             with self._lock:
                 old = self._freeze_commit_locked(new, time.time())
-            return self._freeze_finish(new.number, old)
+            return self._freeze_finish(new.number, old, sync)
 
     # The three steps of a freeze, also used by store.group to freeze several
     # volumes at one instant: the caller holds _freeze_lock around all three and
@@ -522,18 +526,30 @@ class Volume:
             raise
         return old
 
-    def _freeze_finish(self, k: int, old: Layer) -> FrozenCycle:
-        self._hand_over_base_under(old)
-        try:
-            os.fsync(old.fd)
-            old.zlog.sync()
-        except OSError as exc:
-            raise fileops.store_error(f"syncing frozen overlay {old.number}", exc) from exc
-        old.synced = True
+    def _freeze_finish(self, k: int, old: Layer, sync: bool = True) -> FrozenCycle:
         cycle = self._make_cycle(k, old)
+        if sync:
+            self._sync_frozen(old)
+        else:
+            old.acquire()  # released by _sync_frozen: a merge must not close it first
+            cycle._unsynced = old
         with self._lock:
             self._cycles[k] = cycle
         return cycle
+
+    def _sync_frozen(self, old: Layer, release: bool = False) -> None:
+        """fsync a frozen overlay; ``release``: drop the hold a deferred sync took."""
+        try:
+            self._hand_over_base_under(old)
+            try:
+                os.fsync(old.fd)
+                old.zlog.sync()
+            except OSError as exc:
+                raise fileops.store_error(f"syncing frozen overlay {old.number}", exc) from exc
+            old.synced = True
+        finally:
+            if release:
+                old.release()
 
     def _hand_over_base_under(self, frozen: Layer) -> None:
         # Base's cached pages under the frozen overlay's data are dead for the view: the
