@@ -764,6 +764,18 @@ cdef int _finish_chunks(Chunk *chunks, int count, int codec, int level, uint64_t
     return 0
 
 
+cdef tuple _extent_arg(str caller, Py_ssize_t index, object extent, object max_length):
+    """(offset, length) of one extent argument, checked: a UsageError names what is wrong."""
+    try:
+        ext_offset, ext_length = extent
+    except (TypeError, ValueError):
+        raise errors.UsageError(
+            f"{caller}: extent #{index} is {extent!r}, not (offset, length)") from None
+    off = _check_int(ext_offset, f"extent #{index} offset", 0, MAX_OFFSET)
+    ln = _check_int(ext_length, f"extent #{index} length", 1, min(max_length, MAX_OFFSET - off))
+    return off, ln
+
+
 cdef class FramePacker:
     """Packs extents of a file into DATA frames: FramePacker(codec, level=0, chunk_size=1 MiB).
 
@@ -825,14 +837,7 @@ cdef class FramePacker:
                 if cctx == NULL:
                     raise MemoryError()
             for index, extent in enumerate(extents):
-                try:
-                    ext_offset, ext_length = extent
-                except (TypeError, ValueError):
-                    raise errors.UsageError(
-                        f"pack_extents: extent #{index} is {extent!r}, not (offset, length)"
-                    ) from None
-                off = _check_int(ext_offset, f"extent #{index} offset", 0, MAX_OFFSET)
-                ln = _check_int(ext_length, f"extent #{index} length", 1, MAX_OFFSET - off)
+                off, ln = _extent_arg("pack_extents", index, extent, MAX_OFFSET)
                 while ln > 0:
                     piece = min(ln, piece_max)
                     self._pack_piece(cfd, off, piece, c, frames, chunks, iov, scratch,
@@ -863,14 +868,7 @@ cdef class FramePacker:
         cdef list lens = []
         cdef uint64_t prev_end = 0
         for index, extent in enumerate(extents):
-            try:
-                ext_offset, ext_length = extent
-            except (TypeError, ValueError):
-                raise errors.UsageError(
-                    f"pack_scatter: extent #{index} is {extent!r}, not (offset, length)"
-                ) from None
-            off = _check_int(ext_offset, f"extent #{index} offset", 0, MAX_OFFSET)
-            ln = _check_int(ext_length, f"extent #{index} length", 1, min(U32_MAX, MAX_OFFSET - off))
+            off, ln = _extent_arg("pack_scatter", index, extent, U32_MAX)
             if index and off < prev_end:
                 raise errors.UsageError(
                     f"pack_scatter: extent #{index} at {off} overlaps or precedes the one before")
