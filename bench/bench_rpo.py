@@ -42,11 +42,11 @@ Each sample keeps the time and, for each target, ``rpo_age``, ``phase``,
    alternating, ``os.sync()`` before each trial and the mirror caught up
    (``mirror sync``, untimed) before each; medians and ratios against nbdkit.
 
-Between runs the mirror catches up: ``mirror sync`` again and again until one
-returns within 3 s (the first ships what the writer left; the source may then
-still owe the merge of that big cycle, which delays the next freeze), so each
-run starts from a mirror that owes nothing, and the catch-up column says how
-long that took and how many syncs.  Each part prints its table, draws the RPO age
+Between runs the mirror catches up: ``mirror sync`` again and again until two
+in a row return within 3 s each (the first ships what the writer left; the
+source merges that big cycle's overlay only after the next cycle, and a freeze
+waits for that merge), so each run starts from a mirror that owes nothing, and
+the catch-up column says how long that took and how many syncs.  Each part prints its table, draws the RPO age
 over time of each of its runs into a PNG (one subplot per run, a line at the
 2 s objective, the write rate in the title) and keeps every sample as JSON,
 all in CYCLEMIRROR_BENCH_OUT (default: a new directory under bench/out/, which
@@ -92,7 +92,7 @@ BOUNDED_SLOPE = 0.05  # s/s: RPO age growing slower than this over the second ha
 INTERVAL = 0.5
 CATCH_UP_TIMEOUT = 900
 SETTLED_SYNC = 3.0  # seconds: a 'mirror sync' this quick means the mirror owes nothing
-MAX_SYNCS = 10
+MAX_SYNCS = 12
 
 FOUR_K = ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--norandommap"]
 ONE_M = ["--rw=write", "--bs=1M", "--iodepth=4"]
@@ -146,23 +146,23 @@ class Bench:
         return f"nbd+unix:///{volume}?socket={self.source.nbd_sock}"
 
     def catch_up(self, volume: str) -> tuple[float, int]:
-        """Seconds and number of ``mirror sync`` until one is prompt (SETTLED_SYNC or less).
+        """Seconds and number of ``mirror sync`` until two in a row are prompt.
 
-        One sync ships what the writer left, but the source may still owe the
-        merge of that big cycle's overlay, which delays the next freeze: a run
-        started then would pay for its predecessor.  So sync again until a sync
-        returns promptly (a freeze without waiting, a small cycle), at most
+        One sync ships what the writer left; the source merges that big
+        cycle's overlay only once the next cycle is applied, and a freeze
+        during that merge waits for it: a run started then would pay for its
+        predecessor.  So sync until two syncs in a row each return within
+        SETTLED_SYNC (the second one's freeze came after that merge), at most
         MAX_SYNCS times.
         """
         t0 = time.monotonic()
-        syncs = 0
-        while syncs < MAX_SYNCS:
+        syncs = prompt = 0
+        while syncs < MAX_SYNCS and prompt < 2:
             t = time.monotonic()
             self.source.cli("mirror", "sync", volume, "--timeout", str(CATCH_UP_TIMEOUT),
                             timeout=CATCH_UP_TIMEOUT + 60)
             syncs += 1
-            if time.monotonic() - t <= SETTLED_SYNC:
-                break
+            prompt = prompt + 1 if time.monotonic() - t <= SETTLED_SYNC else 0
         return time.monotonic() - t0, syncs
 
     def close(self):
