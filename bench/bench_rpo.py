@@ -42,15 +42,18 @@ Each sample keeps the time and, for each target, ``rpo_age``, ``phase``,
    alternating, ``os.sync()`` before each trial and the mirror caught up
    (``mirror sync``, untimed) before each; medians and ratios against nbdkit.
 
-Between runs the mirror catches up: ``mirror sync`` again and again until two
-in a row return within 3 s each (the first ships what the writer left; the
-source merges that big cycle's overlay only after the next cycle, and a freeze
-waits for that merge), so each run starts from a mirror that owes nothing, and
-the catch-up column says how long that took and how many syncs.  Each part prints its table, draws the RPO age
-over time of each of its runs into a PNG (one subplot per run, a line at the
-2 s objective, the write rate in the title) and keeps every sample as JSON,
-all in CYCLEMIRROR_BENCH_OUT (default: a new directory under bench/out/, which
-git ignores); the paths are printed.  Nothing asserts a speed.
+Before and after each run the mirror catches up: ``mirror sync`` again and
+again until two in a row return within 3 s each (the first ships what the
+writer left; the source merges that big cycle's overlay only after the next
+cycle, and the next freeze was seen to wait that long: status 'idle'), so each
+run starts from a mirror that owes nothing (a neighbour's writeback, e.g. the
+nbdkit trial before, can stall a freeze too), and the catch-up column says how
+long it took after the run, in how many syncs. Each part prints its table,
+draws the RPO age over time of each of its runs into a PNG (one subplot per
+run, a line at the 2 s objective, the write rate in the title) and keeps every
+sample as JSON, all in CYCLEMIRROR_BENCH_OUT (default: a new directory under
+bench/out/, which git ignores); the paths are printed. Nothing asserts a
+speed.
 
 Choosing what runs: CYCLEMIRROR_BENCH_RUNS=4k-25,4k-50,4k-100,1m-200 (any
 subset), CYCLEMIRROR_BENCH_VARIANTS=interval,rpo, CYCLEMIRROR_BENCH_STEP_RATES
@@ -149,9 +152,9 @@ class Bench:
         """Seconds and number of ``mirror sync`` until two in a row are prompt.
 
         One sync ships what the writer left; the source merges that big
-        cycle's overlay only once the next cycle is applied, and a freeze
-        during that merge waits for it: a run started then would pay for its
-        predecessor.  So sync until two syncs in a row each return within
+        cycle's overlay only once the next cycle is applied, and the freeze
+        after that was seen to wait for many seconds: a run started then would
+        pay for its predecessor.  So sync until two syncs in a row each return within
         SETTLED_SYNC (the second one's freeze came after that merge), at most
         MAX_SYNCS times.
         """
@@ -347,7 +350,13 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 def measure(bench: Bench, volume: str, run: Run, args: list[str]) -> Run:
-    """fio at run.rate through the volume's export, then catch up; sampling throughout."""
+    """fio at run.rate through the volume's export, then catch up; sampling throughout.
+
+    The mirror is settled first (untimed): a neighbour's writeback (the nbdkit
+    trial before, os.sync()) can stall a freeze for many seconds, and a run
+    must not start with an RPO it did not cause.
+    """
+    bench.catch_up(volume)
     sampler = Sampler(bench.source.store, volume)
     sampler.start()
     try:
