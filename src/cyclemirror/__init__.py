@@ -1,9 +1,11 @@
 """cyclemirror: asynchronous, cycle-based, always-consistent remote mirroring of volumes.
 
-Importing the package loads every compiled module (``cyclemirror._cext``); a
-missing one is an ImportError here, never a silent slow fallback.
+Importing the package loads nothing else: the command line's thin-client
+verbs (``status``, ``volume list``, ``mirror start``, ...) only talk JSON to
+the daemon and must start fast, so they never pay for numpy or the compiled
+modules.  The first import of any compiled module (``cyclemirror._cext.*``,
+which every daemon-side module does) loads and checks all of them: a missing
+one is an ImportError there, never a silent slow fallback.
 """
-
-from cyclemirror import _cext  # noqa: F401  (fails loudly if the build is incomplete)
 
 __version__ = "0.1.0"

@@ -1,7 +1,11 @@
 """The compiled hot paths (built from ``cext/*.pyx`` by setup.py).
 
-Every module listed in ``REQUIRED`` must import; otherwise the package refuses
-to load with a message that says how to rebuild.
+Importing any of them runs this first, and this imports every module listed
+in ``REQUIRED``: a missing or broken one refuses the import with a message that
+says how to rebuild, so a partial build never runs half of the hot paths.
+``import cyclemirror`` alone does not come here (the CLI's thin-client verbs
+need no compiled code and start faster without numpy); every daemon-side
+module does.
 """
 
 import importlib
