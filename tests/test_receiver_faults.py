@@ -131,7 +131,9 @@ def test_wrong_key_breaks_that_mirror_permanently_and_others_go_on(world, tmp_pa
     wait_for(lambda: d.status()["phase"] == "broken", 30, "the driver to give up")
     (t,) = d.status()["targets"].values()
     assert t["phase"] == "broken" and "AuthenticationError" in t["last_error"]
-    assert "same key file" in t["last_error"]
+    # It says which keys do not match and what to do (key ids, never the keys).
+    assert "is not one of this target's keys" in t["last_error"]
+    assert "key file" in t["last_error"]
     with pytest.raises(AuthenticationError):
         d.sync(5)
     good_mirror_keeps_going(world)

@@ -245,6 +245,7 @@ class MirrorDriver:
         self._copy_done = 0.0
         self._times: dict[str, float] = {}  # phase durations of the cycle being shipped
         self.last_merge_seconds: float | None = None
+        self._merge_seconds_unreported: float | None = None  # merges since the last cycle
 
     # -- control ----------------------------------------------------------
     def start(self) -> None:
@@ -616,6 +617,8 @@ class MirrorDriver:
                 done = want
                 with self._cond:
                     self.last_merge_seconds = time.monotonic() - t0
+                    self._merge_seconds_unreported = (self._merge_seconds_unreported or 0.0
+                                                      ) + self.last_merge_seconds
                 log.debug("mirror %s: merged through overlay %d in %.3fs", self.volume.name,
                           want, self.last_merge_seconds)
             except BaseException as exc:  # noqa: BLE001 - the store's failure, reported
@@ -898,8 +901,10 @@ class MirrorDriver:
             stats = r.cycle_stats.get(frozen.number)
             if stats is not None:
                 stats["phases"]["commit"] = commit_seconds
-                if self.last_merge_seconds is not None:
-                    stats["phases"]["merge"] = self.last_merge_seconds
+                if self._merge_seconds_unreported is not None:
+                    # A merge finished since the previous cycle: counted once, with this one.
+                    stats["phases"]["merge"] = self._merge_seconds_unreported
+                    self._merge_seconds_unreported = None
                 r.stats = stats
             r.committed_at[frozen.number] = time.monotonic()
         self._record_held(r, frozen.number, frozen.freeze_time)
