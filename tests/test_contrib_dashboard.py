@@ -76,7 +76,8 @@ def mirrored(tmp_path_factory):
             nbd.write(0, os.urandom(6 * MiB))
             nbd.flush()
         # 6 MiB of random data at 2 MiB/s: the first copy runs for about 3 s
-        a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "0.5",
+        # an RPO objective, so the objective's metrics are served too
+        a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "0.5", "--rpo", "60",
               "--bwlimit", "2M", "--compress", "none")
         scrapes = []
 
