@@ -47,12 +47,8 @@ from libc.string cimport memcmp, memcpy, memset
 
 import numpy as np
 
-cimport numpy as cnp
-
 from cyclemirror.errors import BitmapFormatError, BitmapRangeError
 from cyclemirror.fileio import atomic_write
-
-cnp.import_array()
 
 cdef extern from *:
     """
@@ -887,9 +883,12 @@ cdef class ExtentBitmap:
         if oom:
             free(buf)
             raise MemoryError("ExtentBitmap.runs(): out of memory; use iter_runs()")
-        cdef cnp.ndarray out = np.empty((n, 2), dtype=np.int64)
+        # filled through a typed memoryview, not numpy's C API: the C then
+        # needs no numpy headers and builds against any numpy (docs/packaging.md)
+        out = np.empty((n, 2), dtype=np.int64)
+        cdef int64_t[:, ::1] view = out
         if n:
-            memcpy(cnp.PyArray_DATA(out), buf, n * 2 * sizeof(int64_t))
+            memcpy(&view[0, 0], buf, n * 2 * sizeof(int64_t))
         free(buf)
         return out
 

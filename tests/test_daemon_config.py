@@ -17,6 +17,8 @@ from cyclemirror.daemon.config import (
 from cyclemirror.errors import UsageError
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "cyclemirror.toml")
+# installed by the Debian package as /etc/cyclemirror/cyclemirror.toml
+PACKAGED = os.path.join(os.path.dirname(__file__), "..", "contrib", "cyclemirror.toml")
 
 
 def write(tmp_path, text):
@@ -63,6 +65,17 @@ key_file = "keys/b.key"
 def test_the_shipped_example_config_is_valid():
     cfg = load_config(EXAMPLE)
     assert cfg.store and cfg.listen and cfg.mirrors
+
+
+def test_the_packaged_default_config_is_valid_and_starts_nothing_remote():
+    # Installed and started by the .deb as is: a local store, NBD on a Unix
+    # socket, metrics on localhost; no listener and no mirror until a person
+    # uncomments them.
+    cfg = load_config(PACKAGED)
+    assert cfg.store == "/var/lib/cyclemirror"
+    assert [str(e) for e in cfg.nbd] == ["unix:/run/cyclemirror/nbd.sock"]
+    assert cfg.metrics == HostPort("127.0.0.1", 9310)
+    assert cfg.listen is None and cfg.key_file is None and not cfg.mirrors
 
 
 @pytest.mark.parametrize(

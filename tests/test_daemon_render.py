@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cyclemirror.daemon.metrics import MetricsServer, render_metrics
+from cyclemirror.daemon.metrics import CycleHistograms, MetricsServer, render_metrics
 from cyclemirror.daemon.render import progress_bar, render_status
 
 DOC = {
@@ -54,9 +54,20 @@ def parse_exposition(text):
         else:
             match = SAMPLE.match(line)
             assert match, f"malformed sample line: {line!r}"
-            assert match.group(1) in types, f"sample before its TYPE: {line!r}"
+            assert family_of(match.group(1), types), f"sample before its TYPE: {line!r}"
             samples.append((match.group(1), match.group(2) or "", float(match.group(3))))
     return types, samples
+
+
+def family_of(name, types):
+    """The TYPE'd family a sample name belongs to: itself, or a histogram's _bucket/_sum/_count."""
+    if name in types:
+        return name
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name[: -len(suffix)]
+        if name.endswith(suffix) and types.get(base) == "histogram":
+            return base
+    return None
 
 
 def value(samples, name, **labels):
@@ -119,13 +130,38 @@ def test_progress_bar_is_fixed_width_and_monotone(done, total):
 
 
 def test_metrics_server_serves_metrics_and_404s_elsewhere():
-    server = MetricsServer("127.0.0.1", 0, lambda: DOC)
+    histograms = CycleHistograms()
+    histograms.observe(["db"], "b:7300", duration=0.3, wire_bytes=5000, rpo_age_before=31.0)
+    histograms.observe(["db"], "b:7300", duration=12.0, wire_bytes=3 << 30, rpo_age_before=None)
+    server = MetricsServer("127.0.0.1", 0, lambda: DOC, histograms)
     server.start()
     try:
         host, port = server.address
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
             assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            parse_exposition(resp.read().decode())
+            types, samples = parse_exposition(resp.read().decode())
+        lb = {"volume": "db", "target": "b:7300"}
+        # the status figures, as render_metrics gives them
+        assert value(samples, "cyclemirror_mirror_cycle", **lb) == 7
+        # the histograms: counts, sums and cumulative buckets
+        assert types["cyclemirror_mirror_cycle_duration_seconds"] == "histogram"
+        assert value(samples, "cyclemirror_mirror_cycle_duration_seconds_count", **lb) == 2
+        assert value(samples, "cyclemirror_mirror_cycle_duration_seconds_sum", **lb) == 12.3
+        assert value(samples, "cyclemirror_mirror_cycle_duration_seconds_bucket",
+                     le="0.5", **lb) == 1
+        assert value(samples, "cyclemirror_mirror_cycle_shipped_bytes_sum", **lb) == 5000 + (3 << 30)
+        assert value(samples, "cyclemirror_mirror_cycle_shipped_bytes_bucket",
+                     le="+Inf", **lb) == 2
+        assert value(samples, "cyclemirror_mirror_rpo_age_before_apply_seconds_count", **lb) == 1
+        assert value(samples, "cyclemirror_mirror_rpo_age_before_apply_seconds_bucket",
+                     le="30.0", **lb) == 0
+        assert value(samples, "cyclemirror_mirror_rpo_age_before_apply_seconds_bucket",
+                     le="45.0", **lb) == 1
+        # what prometheus-client brings: this process's CPU, memory and files
+        assert value(samples, "process_cpu_seconds_total") > 0
+        assert value(samples, "process_resident_memory_bytes") > 1 << 20
+        assert value(samples, "process_open_fds") >= 3
+        assert types["process_cpu_seconds_total"] == "counter"
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(f"http://{host}:{port}/other", timeout=10)
         assert info.value.code == 404

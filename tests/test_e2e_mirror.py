@@ -144,6 +144,18 @@ def test_status_and_metrics_report_what_was_shipped(daemons, key):
     assert value(samples, "cyclemirror_mirror_shipped_bytes_total", **lb) == row[
         "shipped_bytes_total"] >= last["bytes"]
     assert value(samples, "cyclemirror_mirror_phase", phase="idle", **lb) == 1
+    # the histograms saw every applied cycle (the RPO age from the second on: the
+    # first one's predecessor is unknown to a fresh daemon)
+    assert value(samples, "cyclemirror_mirror_cycle_duration_seconds_count", **lb) == before + 1
+    assert value(samples, "cyclemirror_mirror_cycle_shipped_bytes_count", **lb) == before + 1
+    assert value(samples, "cyclemirror_mirror_cycle_shipped_bytes_sum", **lb) == row[
+        "shipped_bytes_total"]
+    assert value(samples, "cyclemirror_mirror_cycle_shipped_bytes_bucket", le="+Inf",
+                 **lb) == before + 1
+    assert value(samples, "cyclemirror_mirror_rpo_age_before_apply_seconds_count", **lb) == before
+    # and the daemon process itself
+    assert value(samples, "process_resident_memory_bytes") > 1 << 20
+    assert value(samples, "process_open_fds") > 0
     _, target_samples = parse_exposition(b.scrape())
     assert value(target_samples, "cyclemirror_incoming_applied_cycle", volume="v") == before + 1
     text = a.cli("status").stdout

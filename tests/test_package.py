@@ -11,6 +11,8 @@ import importlib
 import importlib.machinery
 import json
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -133,3 +135,31 @@ def test_a_partial_build_is_refused_at_the_first_use_of_a_compiled_module(tmp_pa
         assert proc.returncode != 0, f"{code!r} ran on a partial build"
         assert "cyclemirror._cext.pagewrite is missing or broken" in proc.stderr, proc.stderr
         assert "pip install ." in proc.stderr
+
+
+def _documented_sonames() -> set[str]:
+    # The table "Shared libraries the compiled modules link" of docs/packaging.md.
+    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "packaging.md"
+    if not doc.is_file():
+        pytest.skip("docs/packaging.md is not beside the tests (installed package only)")
+    section = doc.read_text().split("## Shared libraries the compiled modules link", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(lib[\w+-]+\.so\.\d+)` \|", section, re.M))
+
+
+def test_compiled_modules_link_exactly_the_documented_libraries():
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf is missing (apt-get install binutils)")
+    documented = _documented_sonames()
+    assert {"libxxhash.so.0", "liblz4.so.1", "libzstd.so.1"} <= documented
+    needed: dict[str, set[str]] = {}
+    for name in _cext.REQUIRED:
+        path = importlib.import_module(f"cyclemirror._cext.{name}").__file__
+        out = subprocess.run([readelf, "-d", path], capture_output=True, text=True,
+                             check=True).stdout
+        needed[name] = set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out))
+    linked = set().union(*needed.values())
+    assert linked == documented, (
+        f"the modules link {sorted(linked)} ({needed}); docs/packaging.md lists "
+        f"{sorted(documented)}: update the table and debian/control together")

@@ -1,66 +1,81 @@
-"""Prometheus text exposition of the status document, and the HTTP endpoint serving it.
+"""Prometheus metrics of the daemon (prometheus-client), and the HTTP endpoint serving them.
 
-The metrics are the same figures ``cyclemirror status --json`` shows, one
-gauge or counter per field, labelled by volume and target (outgoing) or by
-source node and volume (incoming); the names are listed in
-docs/operations.md.  ``render_metrics`` is pure; ``MetricsServer`` is a
-threading HTTP server (one thread per scrape) that calls a status provider on
-every GET of ``/metrics`` and answers 404 for any other path.
+Three sources, one registry per ``MetricsServer`` (never the library's global
+one, so two daemons in one test process stay apart):
+
+- ``StatusCollector``: the figures ``cyclemirror status --json`` shows, one
+  gauge or counter per field, built from a fresh status document at every
+  scrape and labelled by volume and target (outgoing) or by source node and
+  volume (incoming).  A figure not known yet is absent, never a fake 0.
+- ``CycleHistograms``: histograms of each applied cycle's duration, wire
+  bytes, and the RPO age it ended; the daemon observes them from the sender
+  driver's ``on_applied`` hook (``daemon.mirrors``).
+- prometheus-client's process, platform and garbage-collector collectors:
+  CPU seconds, resident and virtual memory, open and maximum file
+  descriptors, start time, the Python version.
+
+Every name is listed in docs/operations.md and stays stable.
+``render_metrics`` is pure (a status document in, exposition text out);
+``MetricsServer`` is a threading HTTP server (one thread per scrape) that
+answers ``GET /metrics`` and 404 for any other path.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cyclemirror.errors import UsageError
 
 PHASES = ("freezing", "copying", "applying", "idle", "broken", "reconnecting")
 RPO_STATES = ("ok", "at_risk", "violated")
+# The text format prometheus-client writes (names here need none of 1.0.0's escaping).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Bucket bounds: a cycle lasts from milliseconds (a small delta on a LAN) to
+# hours (a first copy of a big volume); a cycle ships from a few KiB to TiB;
+# the RPO age is about the interval (default 30 s) when all is well and grows
+# while a target is away.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600,
+                    14400, float("inf"))
+BYTES_BUCKETS = tuple(float(1 << s) for s in range(12, 42, 3)) + (float("inf"),)  # 4 KiB..2 TiB
+RPO_BUCKETS = (1, 2, 5, 10, 15, 30, 45, 60, 120, 300, 600, 1800, 3600, 14400, 86400,
+               float("inf"))
 
 log = logging.getLogger("cyclemirror.daemon.metrics")
 
 
-def _escape(value) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Families:
+    """Metric families by name, in the order first added; None values are left out."""
 
-
-def _labels(**labels) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
-
-
-class _Exposition:
     def __init__(self):
-        self.families: dict[str, tuple[str, str, list[str]]] = {}
+        self.families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
 
     def add(self, name: str, kind: str, help_text: str, labels: dict, value) -> None:
         if value is None:
             return  # unknown yet (no applied cycle): absent, never a fake 0
-        family = self.families.setdefault(name, (kind, help_text, []))
-        family[2].append(f"{name}{_labels(**labels) if labels else ''} {_number(value)}")
-
-    def text(self) -> str:
-        out = []
-        for name, (kind, help_text, samples) in self.families.items():
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(samples)
-        return "\n".join(out) + "\n"
+        family = self.families.get(name)
+        if family is None:
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = self.families[name] = cls(name, help_text, labels=list(labels))
+        family.add_metric([str(v) for v in labels.values()], float(value))
 
 
-def render_metrics(doc: dict) -> str:
-    e = _Exposition()
+def status_families(doc: dict) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    """The metric families of one status document (docs/operations.md, "Metrics")."""
+    e = _Families()
     node = doc.get("node", {})
     e.add("cyclemirror_info", "gauge", "Constant 1, labelled with this daemon's node.",
           {"node_id": node.get("id", ""), "node_name": node.get("name") or "",
@@ -89,17 +104,18 @@ def render_metrics(doc: dict) -> str:
               "Uncompressed bytes of the last completed cycle's delta.", lb,
               last.get("raw_bytes"))
         e.add("cyclemirror_mirror_last_cycle_duration_seconds", "gauge",
-              "Duration of the last completed cycle, freeze to applied.", lb,
-              last.get("duration"))
+              "Duration of the last completed cycle: its copy, from the first to the last frame sent.",
+              lb, last.get("duration"))
         e.add("cyclemirror_mirror_throughput_bytes_per_second", "gauge",
-              "Wire bytes per second of the last completed cycle.", lb, last.get("throughput"))
+              "Uncompressed bytes per second of the last completed cycle.", lb,
+              last.get("throughput"))
         e.add("cyclemirror_mirror_compression_ratio", "gauge",
               "Raw bytes over wire bytes of the last completed cycle.", lb,
               last.get("compression_ratio"))
-        e.add("cyclemirror_mirror_shipped_bytes_total", "counter",
+        e.add("cyclemirror_mirror_shipped_bytes", "counter",
               "Bytes sent on the wire to this target since the daemon started.", lb,
               m.get("shipped_bytes_total", 0))
-        e.add("cyclemirror_mirror_cycles_total", "counter",
+        e.add("cyclemirror_mirror_cycles", "counter",
               "Cycles applied on this target since the daemon started.", lb,
               m.get("cycles_total", 0))
         e.add("cyclemirror_mirror_error", "gauge", "1 if the mirror's last attempt failed.",
@@ -143,14 +159,87 @@ def render_metrics(doc: dict) -> str:
         e.add("cyclemirror_incoming_freeze_time_seconds", "gauge",
               "Unix time of the freeze of the newest applied cycle.", lb,
               m.get("freeze_time"))
-    return e.text()
+    return e.families.values()
+
+
+class StatusCollector:
+    """Collects ``status_families(status())`` at every scrape (a prometheus-client collector)."""
+
+    def __init__(self, status: Callable[[], dict]):
+        self._status = status
+
+    def describe(self):
+        return []  # names vary with the store; never call status() at registration
+
+    def collect(self):
+        return status_families(self._status())
+
+
+class CycleHistograms:
+    """Histograms of applied cycles, labelled ``volume`` and ``target`` like the status rows.
+
+    ``observe`` is called from the driver's thread once per applied cycle and
+    target (for a consistency group, once per member volume: their rows show
+    the same cycle).  Thread-safe (prometheus-client's own locking).
+    """
+
+    def __init__(self):
+        labels = ("volume", "target")
+        self.duration = Histogram(
+            "cyclemirror_mirror_cycle_duration_seconds",
+            "Duration of each applied cycle: its copy, from the first to the last frame sent.",
+            labels, registry=None, buckets=DURATION_BUCKETS)
+        self.shipped = Histogram(
+            "cyclemirror_mirror_cycle_shipped_bytes",
+            "Bytes sent on the wire by each applied cycle.",
+            labels, registry=None, buckets=BYTES_BUCKETS)
+        self.rpo_age = Histogram(
+            "cyclemirror_mirror_rpo_age_before_apply_seconds",
+            "RPO age reached just before each applied cycle replaced it: now minus the "
+            "freeze time of the cycle applied before (the peaks of the RPO age).",
+            labels, registry=None, buckets=RPO_BUCKETS)
+
+    def collectors(self) -> tuple[Histogram, ...]:
+        return (self.duration, self.shipped, self.rpo_age)
+
+    def observe(self, volumes: Iterable[str], target: str, duration: float | None,
+                wire_bytes: int | None, rpo_age_before: float | None) -> None:
+        for volume in volumes:
+            if duration is not None:
+                self.duration.labels(volume, target).observe(max(0.0, duration))
+            if wire_bytes is not None:
+                self.shipped.labels(volume, target).observe(max(0, wire_bytes))
+            if rpo_age_before is not None:
+                self.rpo_age.labels(volume, target).observe(max(0.0, rpo_age_before))
+
+
+def new_registry(status: Callable[[], dict], histograms: CycleHistograms | None = None,
+                 process: bool = True) -> CollectorRegistry:
+    """A registry with the status figures, the histograms and (``process``) the
+    process, platform and garbage-collector collectors."""
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(status))
+    if histograms is not None:
+        for collector in histograms.collectors():
+            registry.register(collector)
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+def render_metrics(doc: dict) -> str:
+    """The exposition text of one status document's figures alone (no process metrics)."""
+    return generate_latest(new_registry(lambda: doc, process=False)).decode()
 
 
 class MetricsServer:
-    """Serves ``render_metrics(status())`` at ``http://HOST:PORT/metrics``."""
+    """Serves the registry at ``http://HOST:PORT/metrics``; 404 elsewhere."""
 
-    def __init__(self, host: str, port: int, status: Callable[[], dict]):
-        provider = status
+    def __init__(self, host: str, port: int, status: Callable[[], dict],
+                 histograms: CycleHistograms | None = None):
+        registry = new_registry(status, histograms)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (the name http.server calls)
@@ -158,7 +247,7 @@ class MetricsServer:
                     self.send_error(404, "only /metrics is served here")
                     return
                 try:
-                    body = render_metrics(provider()).encode()
+                    body = generate_latest(registry)
                 except Exception:
                     log.exception("building metrics failed")
                     self.send_error(500, "building metrics failed; see the daemon log")

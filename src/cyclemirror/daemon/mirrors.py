@@ -10,8 +10,9 @@ driver's, kept in the store by ``cyclemirror.sender``.
 ``OutgoingMirrors`` maps the book onto ``cyclemirror.sender.MirrorDriver``
 objects and turns their ``status()`` into
 the stable rows of ``status --json`` (docs/cli.md).  The driver's
-``on_applied`` hook gives one info log line per applied cycle per target and
-the running totals.  The progress of a running cycle is the driver's own
+``on_applied`` hook gives one info log line per applied cycle per target,
+the running totals and, with metrics on, the observations of the cycle
+histograms (``daemon.metrics.CycleHistograms``).  The progress of a running cycle is the driver's own
 per-target ``progress`` figures (exact counts, no estimate), turned into a
 rate and time left here.  The driver itself logs every failure with volume and target.
 
@@ -159,7 +160,7 @@ class OutgoingMirrors:
 
     def __init__(self, store, daemon_dir: str, *, default_key_file: str | None,
                  daemon_bwlimit: int, client_cert: tuple[str | None, str | None] = (None, None),
-                 insecure: bool = False):
+                 insecure: bool = False, histograms=None):
         from cyclemirror.sender.ratelimit import SharedRate
 
         self.store = store
@@ -176,6 +177,10 @@ class OutgoingMirrors:
         # _lock: _rebuild holds _lock while it joins a driver thread that may be in a hook.
         self._figures_lock = threading.Lock()
         self._totals: dict[tuple[str, str], dict] = {}  # (unit, target), since this daemon started
+        # With metrics on: CycleHistograms, and the freeze time of the cycle each
+        # (unit, target) applied last, for the RPO age the next apply ends.
+        self._histograms = histograms
+        self._applied_freeze: dict[tuple[str, str], float] = {}
         self._shared_rate = SharedRate(daemon_bwlimit) if daemon_bwlimit else None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -266,6 +271,7 @@ class OutgoingMirrors:
         from cyclemirror.sender.group import VolumeGroup
 
         first = entries[0][1]["spec"]
+        made: dict[str, object] = {}  # the driver, for the hook (set before it starts)
         per_target: dict[str, MirrorSpec] = {}
         for (_v, t), e in entries:
             per_target.setdefault(t, e["spec"])
@@ -279,7 +285,7 @@ class OutgoingMirrors:
             level=first.compress.level,
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
-                u, cycle, label, stats))
+                u, cycle, label, stats, made.get("driver")))
         if first.group:
             remote = {v: e["spec"].remote_name for (v, _t), e in entries}
             members = sorted(remote)
@@ -291,6 +297,7 @@ class OutgoingMirrors:
         else:
             driver = MirrorDriver(self.store.open_volume(unit), targets, options=options,
                                   store=self.store, remote_name=first.remote_name)
+        made["driver"] = driver
         if any(e["broken"] for _, e in entries):
             driver.break_cycles()  # before start: it recovers its state and waits for resume
         driver.start()
@@ -298,8 +305,9 @@ class OutgoingMirrors:
 
     # -- driver hooks (called from the driver's thread) -----------------------------------
 
-    def _on_applied(self, unit: str, cycle: int, label: str, stats: dict) -> None:
-        """Count and log an applied cycle (the driver's thread; must not raise)."""
+    def _on_applied(self, unit: str, cycle: int, label: str, stats: dict,
+                    driver=None) -> None:
+        """Count, log and observe an applied cycle (the driver's thread; must not raise)."""
         # A volume logs under its name, a group as "group NAME".
         volume = unit if not unit.startswith(GROUP_UNIT) else "group " + unit[len(GROUP_UNIT):]
         with self._figures_lock:
@@ -314,6 +322,28 @@ class OutgoingMirrors:
                  else f"{stats['compression_ratio']:.2f}",
                  ", full copy" if stats.get("full") else "",
                  f", resumed after chunk {resumed}" if resumed else "")
+        if self._histograms is not None and driver is not None:
+            try:
+                self._observe(unit, label, stats, driver)
+            except Exception:  # a metric must never stop a mirror
+                log.exception("mirror %s -> %s: observing cycle %d for metrics failed",
+                              volume, label, cycle)
+
+    def _observe(self, unit: str, label: str, stats: dict, driver) -> None:
+        """Feed the cycle histograms: one observation per member volume of the unit."""
+        now = time.time()
+        st = driver.status()  # after the apply: its rpo_age dates the cycle just applied
+        rpo_age = st["targets"].get(label, {}).get("rpo_age")
+        with self._figures_lock:
+            before = self._applied_freeze.get((unit, label))
+            if rpo_age is not None:
+                self._applied_freeze[(unit, label)] = now - rpo_age
+        # The RPO age this apply ended: now minus the freeze time of the cycle applied
+        # before it.  Unknown for the first cycle this daemon applies to a target.
+        self._histograms.observe(
+            st.get("members") or [unit], label, duration=stats.get("duration"),
+            wire_bytes=stats.get("bytes_wire"),
+            rpo_age_before=(now - before) if before is not None else None)
 
     # -- requests -------------------------------------------------------------------------
 

@@ -95,15 +95,21 @@ class Daemon:
                 self._start_nbd(endpoint)
             if cfg.listen is not None:
                 self._start_target(keys)
+            histograms = None
+            if cfg.metrics is not None:
+                from cyclemirror.daemon.metrics import CycleHistograms
+
+                histograms = CycleHistograms()  # observed from the first applied cycle on
             self.outgoing = OutgoingMirrors(self.store, daemon_dir, default_key_file=cfg.key_file,
                                             daemon_bwlimit=cfg.bwlimit,
                                             client_cert=(cfg.tls_cert, cfg.tls_key),
-                                            insecure=cfg.insecure)
+                                            insecure=cfg.insecure, histograms=histograms)
             self.outgoing.restore(cfg.mirrors)
             if cfg.metrics is not None:
                 from cyclemirror.daemon.metrics import MetricsServer
 
-                self.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.status)
+                self.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.status,
+                                             histograms)
                 self.metrics.start()
                 host, port = self.metrics.address
                 self.metrics_address = f"{host}:{port}"
