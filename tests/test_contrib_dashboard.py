@@ -22,8 +22,8 @@ import urllib.request
 import pytest
 
 from cyclemirror.daemon.nbd_client import NbdClient
-from test_daemon_render import family_of, parse_exposition
 from tests.support.daemons import DaemonPool, make_key, wait_for
+from tests.support.metrics import family_of, parse_exposition
 
 DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "contrib", "grafana-dashboard.json")
 MiB = 1 << 20

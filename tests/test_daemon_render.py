@@ -4,7 +4,6 @@ The metrics text is parsed back with a small strict parser of the exposition
 format, so a malformed line (bad escaping, a missing TYPE) fails the test.
 """
 
-import re
 import urllib.error
 import urllib.request
 
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 
 from cyclemirror.daemon.metrics import CycleHistograms, MetricsServer, render_metrics
 from cyclemirror.daemon.render import progress_bar, render_status
+from tests.support.metrics import parse_exposition, value
 
 DOC = {
     "schema": 1,
@@ -37,45 +37,6 @@ DOC = {
          "freeze_time": 1_700_000_000.25, "group": None},
     ],
 }
-
-SAMPLE = re.compile(r'^([a-z_]+)(\{(?:[a-z_]+="(?:[^"\\\n]|\\.)*",?)*\})? (-?[0-9.e+-]+|NaN)$',
-                    re.DOTALL)
-
-
-def parse_exposition(text):
-    types, samples = {}, []
-    assert text.endswith("\n")
-    for line in text[:-1].split("\n"):  # the format separates lines by \n only
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            types[name] = kind
-        elif line.startswith("# HELP "):
-            continue
-        else:
-            match = SAMPLE.match(line)
-            assert match, f"malformed sample line: {line!r}"
-            assert family_of(match.group(1), types), f"sample before its TYPE: {line!r}"
-            samples.append((match.group(1), match.group(2) or "", float(match.group(3))))
-    return types, samples
-
-
-def family_of(name, types):
-    """The TYPE'd family a sample name belongs to: itself, or a histogram's _bucket/_sum/_count."""
-    if name in types:
-        return name
-    for suffix in ("_bucket", "_sum", "_count"):
-        base = name[: -len(suffix)]
-        if name.endswith(suffix) and types.get(base) == "histogram":
-            return base
-    return None
-
-
-def value(samples, name, **labels):
-    found = [v for n, lb, v in samples if n == name and all(
-        f'{k}="{val}"' in lb for k, val in labels.items())]
-    assert len(found) == 1, (name, labels, found)
-    return found[0]
-
 
 def test_metrics_carry_the_status_figures():
     types, samples = parse_exposition(render_metrics(DOC))

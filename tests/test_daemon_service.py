@@ -10,8 +10,8 @@ import pytest
 
 from cyclemirror import errors
 from cyclemirror.daemon.nbd_client import NbdClient
-from test_daemon_render import parse_exposition, value
 from tests.support.daemons import Daemon, DaemonPool, cli_env, run_cli
+from tests.support.metrics import parse_exposition, value
 
 MiB = 1 << 20
 

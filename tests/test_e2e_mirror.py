@@ -17,8 +17,8 @@ import pytest
 
 from cyclemirror import errors
 from cyclemirror.daemon.nbd_client import NbdClient
-from test_daemon_render import parse_exposition, value
 from tests.support.daemons import DaemonPool, make_key, wait_for
+from tests.support.metrics import parse_exposition, value
 
 MiB = 1 << 20
 # Cycles only when a test asks (sync), unless a test wants them repeating.
