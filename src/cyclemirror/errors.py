@@ -14,7 +14,8 @@ attribute ``temporary``; only ``is_temporary`` reads it.
 
 from __future__ import annotations
 
-import ssl
+import sys
+
 
 
 class CycleMirrorError(Exception):
@@ -142,6 +143,9 @@ def is_temporary(exc: BaseException) -> bool:
     """
     if isinstance(exc, CycleMirrorError):
         return bool(exc.temporary)
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if not isinstance(exc, OSError):
         return False
-    return isinstance(exc, OSError)
+    # Only a TLS error can be this one, and ssl is then loaded already; importing it
+    # here keeps `import cyclemirror.errors` (every CLI run) free of ssl's 10-20 ms.
+    ssl = sys.modules.get("ssl")
+    return not (ssl is not None and isinstance(exc, ssl.SSLCertVerificationError))
