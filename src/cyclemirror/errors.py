@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 
 
-
 class CycleMirrorError(Exception):
     """Base of all cyclemirror errors. ``exit_code`` is what the CLI exits with.
 
