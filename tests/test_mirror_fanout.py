@@ -76,8 +76,9 @@ def test_two_targets_one_down_the_other_goes_on_then_catch_up_is_a_delta(tmp_pat
     b_store, b = make_target(tmp_path, "b", key)
     d = MirrorDriver(vol, [TargetSpec(*a.address, key), TargetSpec(*b.address, key)], key,
                      rec.options(), store=src)
+    want = d.request_freeze()
     d.start()
-    c1 = d.sync(30)
+    c1 = d.wait_applied(want, 30)
     for st in (a_store, b_store):
         assert same_file(image(st, src, "v"), rec.exports[c1])
     full = [s for c, _, s in rec.events if c == c1]
@@ -122,8 +123,9 @@ def test_lost_driver_state_leads_to_a_hash_comparison_not_a_full_copy(tmp_path, 
     vol.write(0, os.urandom(8 * MiB))
     t_store, t = make_target(tmp_path, "t", key)
     d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    want = d.request_freeze()
     d.start()
-    d.sync(30)
+    d.wait_applied(want, 30)
     d.stop()
     if damage == "lost":
         shutil.rmtree(os.path.join(src.path, "outgoing"))  # change tracking is gone
@@ -133,8 +135,9 @@ def test_lost_driver_state_leads_to_a_hash_comparison_not_a_full_copy(tmp_path, 
     scribble(vol, [10, 11, 700], 5)
     rec.events.clear()
     d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    want = d.request_freeze()
     d.start()
-    c = d.sync(30)
+    c = d.wait_applied(want, 30)
     assert same_file(image(t_store, src, "v"), rec.exports[c])
     shipped = [s for cc, _, s in rec.events if cc == c][0]
     assert not shipped["full"] and shipped["bytes_raw"] == 3 * BS
@@ -148,8 +151,9 @@ def test_break_then_resume_ships_only_what_changed_meanwhile(tmp_path, key):
     vol = src.create_volume("v", 4 * MiB)
     t_store, t = make_target(tmp_path, "t", key)
     d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    want = d.request_freeze()
     d.start()
-    c1 = d.sync(30)
+    c1 = d.wait_applied(want, 30)
     d.break_cycles()
     wait_for(lambda: d.status()["phase"] == "broken", 10, "the break")
     scribble(vol, [1, 2, 3, 4], 9)
@@ -191,8 +195,9 @@ def test_break_now_abandons_the_running_cycle_and_the_target_keeps_the_previous(
     vol = src.create_volume("v", 8 * MiB)
     t_store, t = make_target(tmp_path, "t", key)
     d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    want = d.request_freeze()
     d.start()
-    c1 = d.sync(30)
+    c1 = d.wait_applied(want, 30)
     vol.write(0, os.urandom(4 * MiB))
     d.rate.rate = 1 * MiB  # slow enough to catch the cycle in the middle
     d.request_freeze()
@@ -238,8 +243,9 @@ def test_a_cycle_over_tls_with_a_real_certificate(tmp_path, key):
     spec = TargetSpec("127.0.0.1", t.address[1], key,
                       tls=TlsConfig(cafile=cert, server_hostname="localhost"))
     d = MirrorDriver(vol, [spec], key, rec.options(), store=src)
+    want = d.request_freeze()
     d.start()
-    c = d.sync(30)
+    c = d.wait_applied(want, 30)
     assert same_file(image(t_store, src, "v"), rec.exports[c])
     d.stop()
     # A source that does not trust the certificate stops (permanent), sends nothing.
@@ -260,8 +266,9 @@ def test_size_mismatch_is_a_permanent_error_that_names_the_fix(tmp_path, key):
     vol = src.create_volume("v", 1 * MiB)
     t_store, t = make_target(tmp_path, "t", key)
     d = MirrorDriver(vol, t.address, key, rec.options(), store=src)
+    want = d.request_freeze()
     d.start()
-    c = d.sync(30)
+    c = d.wait_applied(want, 30)
     d.stop()
     src.delete_volume("v")
     shutil.rmtree(os.path.join(src.path, "outgoing"))

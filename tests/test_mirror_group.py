@@ -123,13 +123,15 @@ def test_a_restarted_group_driver_goes_on_with_deltas_and_lost_state_compares_ha
     b = w["src"].create_volume("b", 2 * MiB)
     a.write(0, os.urandom(MiB))
     d = group_driver(w, rec, [a, b])
+    want = d.request_freeze()
     d.start()
-    d.sync(30)
+    d.wait_applied(want, 30)
     d.stop()
     b.write(7 * BS, b"x" * BS)
     d = group_driver(w, rec, [a, b])  # a restart: state from the store
+    want = d.request_freeze()
     d.start()
-    c = d.sync(30)
+    c = d.wait_applied(want, 30)
     d.stop()
     stats = rec.events[-1][1]
     assert not stats["full"] and stats["bytes_raw"] == BS
@@ -138,8 +140,9 @@ def test_a_restarted_group_driver_goes_on_with_deltas_and_lost_state_compares_ha
     shutil.rmtree(os.path.join(w["src"].path, "outgoing", ".group-app"))
     a.write(9 * BS, b"y" * 2 * BS)
     d = group_driver(w, rec, [a, b])
+    want = d.request_freeze()
     d.start()
-    c = d.sync(30)
+    c = d.wait_applied(want, 30)
     d.stop()
     stats = rec.events[-1][1]
     assert not stats["full"] and stats["bytes_raw"] == 2 * BS

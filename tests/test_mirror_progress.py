@@ -133,8 +133,8 @@ def test_a_rate_capped_full_cycle_reports_growing_progress_ending_at_its_raw_fig
     vol.write(6 * MiB, b"\x07" * MiB)  # compresses well: raw and wire differ
     d = make(vol, 1 * MiB)
     label = d.targets[0].label
+    d.request_freeze()  # before start: cycle 1 is the one asked for (see wait_applied)
     d.start()
-    d.request_freeze()
     seen = watch_cycle(d, target, label, 1)
     check_snapshots(seen, 1, True, 8 * MiB)
     assert len(seen) >= 10, "a rate-capped cycle of seconds must be seen while it ships"
@@ -152,8 +152,9 @@ def test_a_delta_cycle_counts_owed_blocks_including_zeroed_ones(setup):
     d = make(vol, 256 << 10)
     label = d.targets[0].label
     target.release.set()
+    want = d.request_freeze()
     d.start()
-    d.sync(30)
+    d.wait_applied(want, 30)
     target.reached.clear()
     target.release.clear()
     blocks = list(range(0, 1024, 3))  # 342 scattered blocks of data
@@ -179,8 +180,9 @@ def test_a_group_totals_each_members_owed_blocks_at_its_own_block_size(setup):
     d = make(VolumeGroup(src, "app", [db, lg]), 512 << 10)
     label = d.targets[0].label
     target.release.set()
+    want = d.request_freeze()
     d.start()
-    d.sync(30)
+    d.wait_applied(want, 30)
     full = [s for c, s in applied if c == 1][0]
     assert full["bytes_raw"] == 0  # both empty: zero runs only
     target.reached.clear()
@@ -203,8 +205,8 @@ def test_a_resumed_cycle_counts_skipped_chunks_as_done_but_not_as_sent(setup):
     vol.write(0, os.urandom(8 * MiB))
     d = make(vol, 1 * MiB)
     label = d.targets[0].label
+    d.request_freeze()  # before start: cycle 1 is the one asked for (see wait_applied)
     d.start()
-    d.request_freeze()
     deadline = time.monotonic() + 30
     while True:  # let part of it arrive and be acknowledged, then cut the link
         p = d.status()["targets"][label]["progress"]

@@ -262,9 +262,16 @@ class MirrorDriver:
 
     def sync(self, timeout: float = 600.0) -> int:
         """Freeze now; return the cycle once every target has applied it."""
+        return self.wait_applied(self.request_freeze(), timeout)
+
+    def wait_applied(self, want: int, timeout: float = 600.0) -> int:
+        """Return ``want`` once every target has applied that cycle (or a newer one).
+
+        With ``request_freeze()`` before ``start()``, the first cycle of a new driver
+        is exactly the one asked for (a freeze asked for after start may come after
+        one the driver made on its own, and then it is the second)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            want = self.request_freeze()
             while not all(r.applied_cycle >= want for r in self.targets):
                 broken = [r for r in self.targets if r.broken is not None]
                 if broken:
