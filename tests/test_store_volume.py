@@ -13,6 +13,8 @@ import subprocess
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import (
@@ -618,3 +620,43 @@ def test_a_lost_zero_log_is_damage_not_an_empty_log(store):
             again.open_volume("v")
     finally:
         again.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "zero", "freeze", "merge"]),
+                              st.integers(0, 63), st.integers(1, 6)), max_size=30),
+       owed_runs=st.lists(st.tuples(st.integers(0, 63), st.integers(1, 8)), max_size=6),
+       max_run=st.sampled_from([1, 3, 64]))
+def test_extents_of_a_frozen_cycle_match_the_layer_walk(tmp_path_factory, ops, owed_runs,
+                                                        max_run):
+    """The fast path for runs inside the newest frozen overlay yields what resolving every
+    run through the stack yields (the frame stream, and so resume, depends on it)."""
+    from cyclemirror.store.resolve import classify
+
+    st_ = Store.create(str(tmp_path_factory.mktemp("ext") / "s"))
+    try:
+        vol = st_.create_volume("v", 64 * 4096)
+        for op, b, n in ops:
+            n = min(n, 64 - b)
+            if op == "write":
+                vol.write(b * 4096, bytes([b + 1]) * (n * 4096))
+            elif op == "zero":
+                vol.write_zeroes(b * 4096, n * 4096)
+            elif op == "freeze":
+                vol.freeze()
+            elif vol.open_overlay >= 2:
+                vol.merge_through(vol.open_overlay - 2)
+        frozen = vol.freeze()
+        owed = frozen.dirty.copy() if frozen.dirty is not None else ExtentBitmap(64)
+        for s, n in owed_runs:
+            owed.set_range(s, min(n, 64 - s))
+        with frozen.reader() as reader:
+            got = list(reader.extents(owed, max_run))
+            overlays, base = reader._layers()
+            expected = [(s * 4096, c * 4096, kind, fd)
+                        for start, count in owed.iter_runs()
+                        for s, c, kind, fd in classify(overlays, base, start, start + count,
+                                                       4096, max_run)]
+        assert got == expected
+    finally:
+        st_.close()
