@@ -74,6 +74,14 @@ class AuthenticationError(PeerError):
     """The pre-shared key of the peer does not match ours."""
 
 
+
+class CycleGoneError(PeerError):
+    """A verify cannot compare like with like now: the target's applied cycle is one the
+    source has already merged away (the target lags).  Retrying after it caught up helps."""
+
+    temporary = True
+
+
 class IntegrityError(CycleMirrorError):
     """Stored or received data failed its checksum or format check."""
 

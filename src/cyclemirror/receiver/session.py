@@ -145,7 +145,12 @@ class Session:
                 self.server.registry.release(self.key, self)
 
     def _serve(self) -> None:
-        self._open()
+        first = self.link.recv_message({"open", "verify_open"})
+        if first["type"] == "verify_open":  # verify hook: a connection of its own (verify.py)
+            from cyclemirror.receiver.verify import serve_verify
+
+            return serve_verify(self.server, self.link, first)
+        self._open(first)
         while True:
             try:
                 header, payload = self.link.recv_frame()
@@ -161,8 +166,7 @@ class Session:
             else:
                 self._answer_hashes(msg)
 
-    def _open(self) -> None:
-        msg = self.link.recv_message({"open"})
+    def _open(self, msg: dict) -> None:
         vols = [VolumeSpec(v["name"], v["size"], v["block_size"]) for v in msg["volumes"]]
         if not msg["group"] and (len(vols) != 1 or vols[0].name != msg["mirror"]):
             raise ProtocolError("open: a single-volume mirror must be named after its volume")

@@ -56,8 +56,12 @@ class TargetLink:
     def label(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
 
-    def connect(self, open_msg: dict) -> dict:
-        """Dial, authenticate, open the mirror; return the target's ``opened`` reply."""
+    def dial(self) -> FrameLink:
+        """Connect (TLS if configured) and run the handshake; the link, not yet opened.
+
+        A verify (sender/verify.py) opens its own connection this way.  The socket
+        keeps the connect timeout until the caller sets another.
+        """
         try:
             raw = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT)
         except OSError as exc:
@@ -69,7 +73,16 @@ class TargetLink:
             if self.tls is not None:
                 sock = self._tls_connect(raw)
             self.version = handshake.client_handshake(sock, self.key, insecure=self.insecure)
-            link = FrameLink(sock)
+            return FrameLink(sock)
+        except BaseException:
+            raw.close()
+            raise
+
+    def connect(self, open_msg: dict) -> dict:
+        """Dial, authenticate, open the mirror; return the target's ``opened`` reply."""
+        link = self.dial()
+        sock = link.sock
+        try:
             link.send_message("open", **open_msg)
             opened = link.recv_message({"opened"})
             vols = open_msg["volumes"]
@@ -77,7 +90,7 @@ class TargetLink:
                                         min(v["block_size"] for v in vols))
             sock.settimeout(None)
         except BaseException:
-            raw.close()
+            sock.close()
             raise
         self.link, self.opened = link, opened
         with self._cond:

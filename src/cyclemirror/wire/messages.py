@@ -46,6 +46,15 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "hashes": {"index": "int", "start_block": "int", "count": "int", "digests": "hex"},
     # both ways
     "error": {"code": "name", "message": "text", "temporary": "bool"},
+    # verify (docs/verify.md): a connection of its own, opened with verify_open
+    "verify_open": {"node_id": "node", "node_name": "opt_text", "mirror": "name",
+                    "group": "bool", "volumes": "volumes", "read_rate": "int"},
+    "verify_opened": {"node_id": "node", "applied_cycle": "int", "freeze_time": "float"},
+    "verify_request": {"index": "int", "offset": "int", "length": "int", "unit": "int"},
+    "verify_hashes": {"index": "int", "offset": "int", "unit": "int", "count": "int",
+                      "cycle": "int", "digests": "hex"},
+    "verify_result": {"index": "int", "offset": "int", "length": "int", "cycle": "int",
+                      "mismatched_blocks": "int"},
 }
 
 
