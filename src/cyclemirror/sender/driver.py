@@ -246,6 +246,7 @@ class MirrorDriver:
         self._times: dict[str, float] = {}  # phase durations of the cycle being shipped
         self.last_merge_seconds: float | None = None
         self._merge_seconds_unreported: float | None = None  # merges since the last cycle
+        self._repairs: dict[str, ExtentBitmap] = {}  # verify hook: label -> blocks to repair
 
     # -- control ----------------------------------------------------------
     def start(self) -> None:
@@ -506,6 +507,7 @@ class MirrorDriver:
             r.owed = st.load_owed(r.label)
             if not st.trusted:
                 e.untrusted = True
+            self._load_repairs(r.label)  # verify hook
         if self.subject.align():
             # Members of a group stood at different overlays (one was mirrored on its
             # own): their extra freezes have no group cycle, so compare hashes.
@@ -546,12 +548,76 @@ class MirrorDriver:
             elif r.owed is not None:
                 r.owed.union_update(dirty)
 
+    # -- repairs (verify hook, docs/verify.md) ---------------------------------------------
+    # A verify's differing blocks wait in a repair set per target (persisted) until the
+    # next freeze folds them into that target's owed set, which is saved before anything
+    # ships.  They never go into the owed set directly: a cycle in flight empties the
+    # owed set once applied, and would drop blocks added while it shipped.
+    def owe_blocks(self, label: str, blocks: ExtentBitmap) -> int | None:
+        """Ship ``blocks`` (over the subject's blocks) to target ``label`` in the next cycle.
+
+        Returns the cycle that will carry them, or None while the mirror is broken
+        (they are kept, and ship in the first cycle after a resume).
+        """
+        if not isinstance(blocks, ExtentBitmap) or blocks.nbits != self.subject.nblocks:
+            raise UsageError(f"owe_blocks: a bitmap of {self.subject.nblocks} blocks is needed")
+        if label not in {r.label for r in self.targets}:
+            raise NotFoundError(f"mirror of {self.volume.name!r} has no target {label}")
+        with self._cond:
+            pending = self._repairs.get(label)
+            if pending is None:
+                pending = blocks.copy()
+            else:
+                pending.union_update(blocks)
+            self.state.save_repair(label, pending)
+            self._repairs[label] = pending
+            if self._break:
+                return None
+        return self.request_freeze()
+
+    def repair_pending(self, label: str) -> int:
+        """Blocks waiting for a freeze to be folded into ``label``'s owed set."""
+        with self._cond:
+            pending = self._repairs.get(label)
+            return 0 if pending is None else pending.count()
+
+    def _load_repairs(self, label: str) -> None:
+        pending = self.state.load_repair(label)
+        if pending is not None and pending.nbits == self.subject.nblocks:
+            with self._cond:
+                self._repairs[label] = pending
+                self._sync_want = max(self._sync_want, self.subject.open_overlay + 1)
+
+    def _fold_repairs(self) -> dict[str, ExtentBitmap]:
+        with self._cond:
+            taken = {label: bm.copy() for label, bm in self._repairs.items()}
+        for r in self.targets:
+            if r.label in taken and r.owed is not None:
+                r.owed.union_update(taken[r.label])
+        return taken
+
+    def _repairs_folded(self, taken: dict[str, ExtentBitmap]) -> None:
+        """The owed sets holding ``taken`` are saved: drop those blocks from the repair sets."""
+        with self._cond:
+            for label, done in taken.items():
+                pending = self._repairs.get(label)
+                if pending is None:
+                    continue
+                pending.difference_update(done)
+                if pending.is_empty():
+                    del self._repairs[label]
+                    self.state.save_repair(label, None)
+                else:
+                    self.state.save_repair(label, pending)
+
     def _account_freeze(self, frozen) -> None:
         self._fold(frozen.dirty)
+        repairs = self._fold_repairs()  # verify hook
         for r in self.targets:
             self.state.save_owed(r.label, r.owed)
         self.state.last_freeze = frozen.number
         self.state.save()
+        self._repairs_folded(repairs)  # verify hook
         with self._cond:
             self.cycle = frozen.number
             self.last_freeze_time = frozen.freeze_time

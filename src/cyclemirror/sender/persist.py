@@ -10,6 +10,8 @@ driver has accounted for.  Beside it, ``owed-<n>.bitmap`` holds, per target,
 the blocks changed since that target's held freeze (ExtentBitmap.save,
 atomic): what a lagging target needs for catch-up.  No bitmap file and
 ``full`` means the target needs a full copy (it never held a cycle).
+``repair-<n>.bitmap``: blocks a verify found differing on that target, until a
+freeze folds them into its owed set (docs/verify.md).
 
 Format 2 is ``{"format": 2, "body": {...}, "xxh64": <of the canonical body>}``
 like the target's journal: a torn or edited file is detected, never trusted.
@@ -190,6 +192,35 @@ class DriverState:
             # A lost bitmap must not become "nothing owed": fall back to compare.
             e.untrusted = True
             return ExtentBitmap(self.nblocks)
+
+    # Repairs (docs/verify.md): blocks a verify found differing on a target, waiting
+    # for the next freeze to fold them into its owed set.  A file per target; none
+    # when nothing waits.
+    def _repair_path(self, label: str) -> str:
+        return os.path.join(self.directory, "repair-" + _SAFE.sub("_", label) + ".bitmap")
+
+    def load_repair(self, label: str) -> ExtentBitmap | None:
+        path = self._repair_path(label)
+        if not os.path.exists(path):
+            return None
+        try:
+            return ExtentBitmap.load(path)
+        except (CycleMirrorError, OSError) as exc:
+            # Lost blocks to repair must not pass silently: compare hashes instead.
+            log.warning("repair set %s unreadable (%s); the target will be compared by "
+                        "block hashes", path, exc)
+            self.entry(label).untrusted = True
+            return None
+
+    def save_repair(self, label: str, blocks: ExtentBitmap | None) -> None:
+        path = self._repair_path(label)
+        if blocks is None or blocks.is_empty():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+        blocks.save(path)
 
     def save_owed(self, label: str, owed: ExtentBitmap | None) -> None:
         e = self.entry(label)
