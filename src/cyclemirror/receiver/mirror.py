@@ -55,7 +55,7 @@ import time
 from cyclemirror import failpoints
 from cyclemirror._cext import frames
 from cyclemirror.errors import ProtocolError, StoreError
-from cyclemirror.receiver import fileops
+from cyclemirror.receiver import fileops, scrub
 from cyclemirror.receiver.imagewriter import ImageWriter
 from cyclemirror.receiver.readers import IMAGE_PINS
 from cyclemirror.receiver.staging import (
@@ -456,6 +456,7 @@ class Mirror:
                 for i, path in enumerate(paths):
                     os.replace(path, self.image_path(i))
                 fileops.fsync_dir(self.directory)
+        scrub.record_apply(self, c)  # verify hook: the scrub record follows the image
         with self._state_lock:
             st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
             self._save()
