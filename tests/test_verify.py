@@ -398,3 +398,20 @@ def test_repair_ships_exactly_the_differing_blocks_and_survives_a_restart(tmp_pa
         assert w.driver.status()["targets"][w.spec.label]["bytes_raw"] == BS
     finally:
         w.close()
+
+
+def test_the_check_schedule_settings_are_read_and_checked(tmp_path):
+    from cyclemirror.daemon.config import config_from_mapping
+    from cyclemirror.errors import UsageError
+
+    cfg = config_from_mapping({"verify_every": "24h", "verify_repair": True,
+                               "verify_bwlimit": "100M", "scrub_every": 90,
+                               "scrub_bwlimit": "1G"}, "x.toml")
+    assert (cfg.verify_every, cfg.verify_repair, cfg.verify_bwlimit) == (86400.0, True,
+                                                                          100 * MiB)
+    assert (cfg.scrub_every, cfg.scrub_bwlimit) == (90.0, 1 << 30)
+    assert config_from_mapping({}, "x.toml").verify_every == 0
+    for bad in ({"verify_every": "often"}, {"verify_repair": "yes"},
+                {"scrub_every": -1}, {"verify_bwlimit": "fast"}):
+        with pytest.raises(UsageError, match="x.toml"):
+            config_from_mapping(bad, "x.toml")

@@ -22,6 +22,8 @@ import time
 from cyclemirror.errors import AlreadyExistsError, CycleMirrorError, UsageError
 
 EXIT_INTERRUPTED = 130
+EXIT_MISMATCH = 7  # verify or scrub found blocks that differ (IntegrityError's code)
+EXIT_REPAIR_PENDING = 8  # the repair cycle was not held by the target in time (DeadlineError)
 STORE_ENV = "CYCLEMIRROR_STORE"
 DEFAULT_SYNC_TIMEOUT = 300.0
 
@@ -244,6 +246,53 @@ def cmd_mirror_rm(args) -> int:
     return 0
 
 
+def _check_request(args, request: dict) -> dict:
+    from cyclemirror.units import parse_rate, parse_size
+
+    if args.offset is not None:
+        request["offset"] = parse_size(args.offset, "--offset")
+    if args.length is not None:
+        request["length"] = parse_size(args.length, "--length")
+    if args.bwlimit is not None:
+        request["bwlimit"] = parse_rate(args.bwlimit, "--bwlimit")
+    if args.restart:
+        request["restart"] = True
+    return request
+
+
+def cmd_mirror_verify(args) -> int:
+    from cyclemirror.daemon.render import render_verify
+
+    request = _check_request(args, {"volume": args.volume, "repair": args.repair})
+    if args.to:
+        request["to"] = args.to
+    # A verify reads the whole volume on both sides: wait as long as it takes.
+    results = _call(args, "mirror.verify", reply_timeout=None, **request)
+    if args.json:
+        _print_json(results)
+    else:
+        for r in results:
+            sys.stdout.write(render_verify(r))
+    states = {r["state"] for r in results}
+    if "mismatch" in states:
+        return EXIT_MISMATCH
+    if "repairing" in states:
+        return EXIT_REPAIR_PENDING
+    return 0
+
+
+def cmd_mirror_scrub(args) -> int:
+    from cyclemirror.daemon.render import render_scrub
+
+    result = _call(args, "mirror.scrub", reply_timeout=None,
+                   **_check_request(args, {"image": args.image}))
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(render_scrub(result))
+    return EXIT_MISMATCH if result["state"] == "rot" else 0
+
+
 # -- status --------------------------------------------------------------------------------
 
 EXIT_CHECK_UNKNOWN = 3  # status --check: the daemon could not be asked (Nagios "UNKNOWN")
@@ -371,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.set_defaults(func=cmd_volume_rm)
 
-    mirror = verbs.add_parser("mirror", help="start, sync, break, resume mirrors")
+    mirror = verbs.add_parser("mirror", help="start, sync, break, resume, verify, scrub mirrors")
     mverbs = mirror.add_subparsers(dest="mirror_verb", metavar="ACTION", required=True)
     start = mverbs.add_parser("start", help="start mirroring a volume to a target daemon")
     start.add_argument("volume")
@@ -429,6 +478,43 @@ def build_parser() -> argparse.ArgumentParser:
     mrm.add_argument("volume")
     mrm.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
     mrm.set_defaults(func=cmd_mirror_rm)
+
+    verify = mverbs.add_parser(
+        "verify", help="prove that a target's image equals the source (hashes only on the "
+                       "wire); --repair ships exactly the blocks that differ",
+        description="Both sides hash the same applied cycle in parallel and compare digests "
+                    "per 64 MiB, then per 1 MiB, then per block where they differ. Mirroring "
+                    "goes on meanwhile. Exits 7 when blocks differ and were not repaired, 8 "
+                    "when the target did not hold the repair cycle within 10 minutes. A verify cut "
+                    "short (a restart, a lost link) resumes where it stopped when run again.")
+    verify.add_argument("volume")
+    verify.add_argument("--to", metavar="HOST:PORT", help="only this target (default: each)")
+    verify.add_argument("--repair", action="store_true",
+                        help="ship the differing blocks in the next cycle and wait for it")
+    verify.add_argument("--offset", metavar="SIZE", help="start here (whole blocks)")
+    verify.add_argument("--length", metavar="SIZE", help="verify this much (default: to the end)")
+    verify.add_argument("--bwlimit", metavar="RATE",
+                        help="cap the reads on each side, e.g. 100M (default: none)")
+    verify.add_argument("--restart", action="store_true",
+                        help="start over instead of resuming an unfinished verify")
+    verify.add_argument("--json", action="store_true", help="print the documented JSON")
+    verify.set_defaults(func=cmd_mirror_verify)
+    scrub = mverbs.add_parser(
+        "scrub", help="on a target: re-read an incoming image against the digests recorded "
+                      "when its cycles were applied (no source needed)",
+        description="Finds rot the source cannot know about. Exits 7 when blocks differ from "
+                    "their recorded digests (confirm and heal with 'mirror verify --repair' "
+                    "on the source). An image without a record gets one (nothing to compare "
+                    "the first time).")
+    scrub.add_argument("image", metavar="SOURCE/VOLUME",
+                       help="the source's node name (or id) and the volume, as 'status' lists")
+    scrub.add_argument("--offset", metavar="SIZE", help="start here")
+    scrub.add_argument("--length", metavar="SIZE", help="scrub this much (default: to the end)")
+    scrub.add_argument("--bwlimit", metavar="RATE", help="cap the reads, e.g. 100M")
+    scrub.add_argument("--restart", action="store_true",
+                       help="start over instead of resuming an unfinished scrub")
+    scrub.add_argument("--json", action="store_true", help="print the documented JSON")
+    scrub.set_defaults(func=cmd_mirror_scrub)
 
     status = verbs.add_parser("status", help="show volumes, mirrors and incoming mirrors")
     status.add_argument("--json", action="store_true", help="print the documented JSON")

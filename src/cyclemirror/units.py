@@ -73,6 +73,23 @@ def parse_seconds(text: str | int | float, what: str = "seconds", *, allow_zero=
     return value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float, what: str = "duration") -> float:
+    """Seconds for ``text``: a number of seconds, or one with s, m, h or d (``"24h"``)."""
+    if isinstance(text, bool):
+        raise UsageError(f"{what}: expected a duration, got a boolean")
+    if isinstance(text, int | float):
+        return parse_seconds(text, what)
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise UsageError(f"{what}: cannot read {text!r} as a duration; write seconds or a "
+                         "number with s, m, h or d, e.g. 90s, 30m, 24h, 7d")
+    return parse_seconds(float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()], what)
+
+
 def format_size(nbytes: int | float) -> str:
     """``1536`` -> ``"1.5 KiB"``; whole bytes below 1 KiB."""
     value = float(nbytes)

@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 
 from cyclemirror.errors import UsageError
-from cyclemirror.units import parse_rate, parse_seconds
+from cyclemirror.units import parse_duration, parse_rate, parse_seconds
 
 DEFAULT_INTERVAL = 10.0
 CODECS = ("none", "lz4", "zstd")
@@ -103,6 +103,12 @@ class DaemonConfig:
     metrics: HostPort | None = None
     bwlimit: int = 0  # daemon-wide cap shared by all outgoing mirrors, 0 = none
     log_level: str = "info"
+    # Checks (docs/verify.md): seconds between scheduled runs (0 = none), read caps.
+    verify_every: float = 0.0
+    verify_repair: bool = False
+    verify_bwlimit: int = 0
+    scrub_every: float = 0.0
+    scrub_bwlimit: int = 0
     mirrors: tuple[MirrorSpec, ...] = field(default_factory=tuple)
     extra_key_files: tuple[str, ...] = ()  # more keys incoming mirrors may use (rotation)
     tls_cert: str | None = None  # TLS for incoming mirrors (and our client certificate)
@@ -283,7 +289,9 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
 
 
 _TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwlimit",
-             "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure"}
+             "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure",
+             "verify_every", "verify_repair", "verify_bwlimit", "scrub_every",
+             "scrub_bwlimit"}
 _SERVER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
@@ -369,4 +377,15 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         tls_key=path_setting("tls_key"),
         tls_ca=path_setting("tls_ca"),
         insecure=insecure,
+        verify_every=parse_duration(data.get("verify_every", 0), f"{path}: verify_every"),
+        verify_repair=_bool(data.get("verify_repair", False), f"{path}: verify_repair"),
+        verify_bwlimit=parse_rate(data.get("verify_bwlimit", 0), f"{path}: verify_bwlimit"),
+        scrub_every=parse_duration(data.get("scrub_every", 0), f"{path}: scrub_every"),
+        scrub_bwlimit=parse_rate(data.get("scrub_bwlimit", 0), f"{path}: scrub_bwlimit"),
     )
+
+
+def _bool(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{what} must be true or false, got {value!r}")
+    return value

@@ -41,6 +41,7 @@ from cyclemirror.errors import UsageError
 
 PHASES = ("freezing", "copying", "applying", "idle", "broken", "reconnecting")
 RPO_STATES = ("ok", "at_risk", "violated")
+VERIFY_STATES = ("never", "running", "clean", "mismatch", "repairing", "repaired", "failed")
 # The text format prometheus-client writes (names here need none of 1.0.0's escaping).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -141,6 +142,18 @@ def status_families(doc: dict) -> Iterable[GaugeMetricFamily | CounterMetricFami
             e.add("cyclemirror_mirror_last_cycle_phase_seconds", "gauge",
                   "Seconds the last completed cycle spent in each phase (wait, freeze, pack, "
                   "send, commit, apply, merge).", dict(lb, phase=phase), seconds)
+        verify = m.get("verify") or {}  # docs/verify.md
+        for state in VERIFY_STATES:
+            e.add("cyclemirror_mirror_verify_state", "gauge",
+                  "1 for the state of the mirror's last verify.", dict(lb, state=state),
+                  int(verify.get("state", "never") == state))
+        e.add("cyclemirror_mirror_verify_age_seconds", "gauge",
+              "Seconds since the last verify of this target finished.", lb, verify.get("age"))
+        e.add("cyclemirror_mirror_verify_mismatched_blocks", "gauge",
+              "Blocks the last verify found differing.", lb, verify.get("mismatched_blocks"))
+        e.add("cyclemirror_mirror_verify_unrepaired", "gauge",
+              "1 while blocks a verify found differing are not repaired on the target.", lb,
+              int(verify.get("state") in ("mismatch", "repairing")))
         progress = m.get("progress")
         if progress:
             e.add("cyclemirror_mirror_progress_done_bytes", "gauge",
@@ -159,6 +172,15 @@ def status_families(doc: dict) -> Iterable[GaugeMetricFamily | CounterMetricFami
         e.add("cyclemirror_incoming_freeze_time_seconds", "gauge",
               "Unix time of the freeze of the newest applied cycle.", lb,
               m.get("freeze_time"))
+        scrub = m.get("scrub") or {}  # docs/verify.md
+        e.add("cyclemirror_incoming_scrub_age_seconds", "gauge",
+              "Seconds since the last scrub of this image finished.", lb, scrub.get("age"))
+        e.add("cyclemirror_incoming_scrub_bad_blocks", "gauge",
+              "Blocks the last scrub found differing from their recorded digests.", lb,
+              scrub.get("bad_blocks"))
+        e.add("cyclemirror_incoming_scrub_rot", "gauge",
+              "1 when the last scrub of this image found rot.", lb,
+              int(scrub.get("state") == "rot"))
     return e.families.values()
 
 

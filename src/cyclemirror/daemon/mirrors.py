@@ -41,7 +41,12 @@ import os
 import threading
 import time
 
-from cyclemirror.daemon.config import MirrorSpec, check_mirror_tls, mirror_spec_from_mapping
+from cyclemirror.daemon.config import (
+    MirrorSpec,
+    check_mirror_tls,
+    mirror_spec_from_mapping,
+    parse_hostport,
+)
 from cyclemirror.errors import (
     AlreadyExistsError,
     CycleMirrorError,
@@ -346,6 +351,37 @@ class OutgoingMirrors:
             rpo_age_before=(now - before) if before is not None else None)
 
     # -- requests -------------------------------------------------------------------------
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (volume, target) mirrored out, sorted."""
+        with self._lock:
+            return sorted(self.book.entries)
+
+    def check_subject(self, volume: str, target: str | None):
+        """For a verify (daemon/checks.py): (driver, member index, [(target, run)]).
+
+        ``target`` None means every target of the volume.  The driver may be broken: a
+        verify needs only the store and the target, a repair waits for a resume.
+        """
+        with self._lock:
+            keys = _select(self.book.entries, volume, target)
+            unit = self._unit_of(volume)
+            driver = self._drivers.get(unit)
+            why = self._build_errors.get(unit)
+        if driver is None:
+            raise NotFoundError(f"the mirror of {_unit_text(unit)} is not running"
+                                + (f" ({why})" if why else "") + "; see the daemon log")
+        index = [v.name for v in driver.subject.volumes].index(volume)
+        runs = []
+        for _volume, label in keys:
+            addr = parse_hostport(label, "target")
+            run = next((r for r in driver.targets
+                        if (r.spec.host, r.spec.port) == (addr.host, addr.port)), None)
+            if run is None:
+                raise NotFoundError(f"the mirror of {_unit_text(unit)} has no running target "
+                                    f"{label}")
+            runs.append((label, run))
+        return driver, index, runs
 
     def mirrors_of(self, volume: str) -> list[str]:
         with self._lock:

@@ -39,12 +39,111 @@ def _freeze_clock(ts) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
+def _check_cell(check: dict | None) -> str:
+    """A verify's or scrub's state and age for a table cell: ``clean 3m05s ago``."""
+    if not check or check.get("state") in (None, "never"):
+        return "never"
+    state = check["state"]
+    if state == "running" and check.get("running"):
+        run = check["running"]
+        pct = 100.0 * run["done"] / run["total"] if run.get("total") else 0.0
+        return f"running {pct:.0f}%"
+    age = check.get("age")
+    return state.upper() if state in ("mismatch", "rot") else (
+        f"{state} {format_duration(age)} ago" if age is not None else state)
+
+
 def render_progress(progress: dict) -> str:
     done, total = progress.get("done", 0), progress.get("total", 0)
     percent = 100.0 * done / total if total else 0.0
     return (f"{progress_bar(done, total)} {percent:5.1f}%  {format_size(done)} of "
             f"{format_size(total)}  {format_rate(progress.get('rate'))}  "
             f"ETA {format_duration(progress.get('eta'))}")
+
+
+def _extent_lines(result: dict, what: str) -> list[str]:
+    lines = [f"    offset {e['offset']}  length {e['length']}" for e in result.get("extents", [])]
+    if result.get("extents_truncated"):
+        lines.append(f"    ... (the first {len(result['extents'])} extents of the {what} "
+                     "are listed; --json has the same list)")
+    return lines
+
+
+def render_verify(r: dict) -> str:
+    """One target's ``mirror verify`` result as text."""
+    head = f"{r['volume']} -> {r['target']}"
+    cycles = r.get("cycles") or []
+    at = (f"cycle {cycles[0]}" if len(set(cycles)) == 1 else
+          f"cycles {cycles[0]}..{cycles[1]}") if cycles else "no cycle"
+    span = (f"{format_size(r['length'])} from offset {r['offset']}"
+            if r["offset"] or r.get("resumed_from") else format_size(r["length"]))
+    resumed = (f", resumed after {format_size(r['resumed_from'])}"
+               if r.get("resumed_from") else "")
+    figures = (f"{span} compared at {at} in {format_duration(r.get('duration'))}{resumed}, "
+               f"{format_size(r.get('wire_bytes', 0))} on the wire")
+    if not r["mismatched_blocks"]:
+        return f"{head}: clean: {figures}\n"
+    lines = [f"{head}: {r['mismatched_blocks']} blocks differ "
+             f"({format_size(r['mismatched_bytes'])}): {figures}"]
+    lines += _extent_lines(r, "differences")
+    rep = r.get("repair")
+    if r["state"] == "repaired" and rep:
+        lines.append(f"  repaired: {rep['blocks']} blocks shipped in cycle "
+                     f"{rep.get('applied_cycle') or rep.get('cycle')} "
+                     f"({rep.get('raw_bytes')} raw bytes, {rep.get('wire_bytes')} bytes on the "
+                     "wire for that cycle), held by the target")
+    elif rep:
+        when = (f"cycle {rep['cycle']}" if rep.get("cycle") is not None
+                else "the first cycle after 'cyclemirror mirror resume'")
+        lines.append(f"  repair pending: {rep['blocks']} blocks are owed to the target and "
+                     f"ship in {when}; 'status' shows when it is done")
+    else:
+        lines.append(f"  NOT repaired: run 'cyclemirror mirror verify {r['volume']} --to "
+                     f"{r['target']} --repair'")
+    return "\n".join(lines) + "\n"
+
+
+def render_scrub(r: dict) -> str:
+    """A ``mirror scrub`` result as text."""
+    head = f"{r.get('source_name') or r['source_node']}/{r['volume']}"
+    cycles = r.get("cycles") or []
+    at = (f"cycle {cycles[0]}" if len(set(cycles)) == 1 else
+          f"cycles {cycles[0]}..{cycles[1]}") if cycles else "no cycle"
+    figures = (f"{r['checked_blocks']} blocks checked at {at} in "
+               f"{format_duration(r.get('duration'))}")
+    if r.get("unchecked_blocks"):
+        figures += (f"; {r['unchecked_blocks']} had no recorded digest yet (recorded now, "
+                    "checked from the next scrub on)")
+    if r.get("damaged_pages"):
+        figures += f"; {r['damaged_pages']} damaged record pages rewritten"
+    if not r["bad_blocks"]:
+        return f"{head}: clean: {figures}\n"
+    lines = [f"{head}: ROT: {r['bad_blocks']} blocks differ from the digests recorded when "
+             f"they were applied ({figures})"]
+    lines += _extent_lines(r, "rot")
+    lines.append("  the target cannot repair them itself: on the source run 'cyclemirror "
+                 f"mirror verify {r['volume']} --repair'")
+    return "\n".join(lines) + "\n"
+
+
+def _alarms(doc: dict) -> list[str]:
+    """Loud lines for a mismatch found and not repaired, and for rot found by a scrub."""
+    out = []
+    for m in doc.get("mirrors", []):
+        v = m.get("verify") or {}
+        if v.get("state") in ("mismatch", "repairing"):
+            verb = ("NOT REPAIRED: run 'cyclemirror mirror verify "
+                    f"{m['volume']} --to {m['target']} --repair'"
+                    if v["state"] == "mismatch" else "repair pending")
+            out.append(f"!! {m['volume']} -> {m['target']}: the last verify found "
+                       f"{v.get('mismatched_blocks')} differing blocks; {verb}")
+    for m in doc.get("incoming", []):
+        s = m.get("scrub") or {}
+        if s.get("state") == "rot":
+            out.append(f"!! {m.get('source_name') or m.get('source_node')}/{m['volume']}: the "
+                       f"last scrub found {s.get('bad_blocks')} rotten blocks; verify with "
+                       "--repair from the source")
+    return out
 
 
 def render_status(doc: dict) -> str:
@@ -71,7 +170,7 @@ def render_status(doc: dict) -> str:
     if mirrors:
         lines.append("")
         rows = [["VOLUME", "TARGET", "GROUP", "CYCLE", "PHASE", "RPO AGE", "LAST BYTES",
-                 "LAST TIME", "RATE", "RATIO", "LAST ERROR"]]
+                 "LAST TIME", "RATE", "RATIO", "VERIFIED", "LAST ERROR"]]
         progress_after = {}
         for m in mirrors:
             last = m.get("last_cycle") or {}
@@ -84,6 +183,7 @@ def render_status(doc: dict) -> str:
                 format_duration(last.get("duration")),
                 format_rate(last.get("throughput")),
                 _ratio(last.get("compression_ratio")),
+                _check_cell(m.get("verify")),
                 (m.get("last_error") or "-")[:80],
             ])
             if m.get("progress"):
@@ -96,7 +196,7 @@ def render_status(doc: dict) -> str:
     if incoming:
         lines.append("")
         rows = [["FROM NODE", "VOLUME", "GROUP", "APPLIED", "FREEZE TIME (UTC)", "RPO AGE",
-                 "RECEIVING", "IMAGE"]]
+                 "RECEIVING", "SCRUBBED", "IMAGE"]]
         for m in incoming:
             source = m.get("source_name") or m.get("source_node", "?")
             receiving = m.get("receiving")
@@ -104,9 +204,13 @@ def render_status(doc: dict) -> str:
                          str(m.get("applied_cycle", 0)), _freeze_clock(m.get("freeze_time")),
                          format_duration(m.get("rpo_age")),
                          f"cycle {receiving['cycle']}, {receiving['chunks']} chunks"
-                         if receiving else "-",
+                         if receiving else "-", _check_cell(m.get("scrub")),
                          m.get("image") or f"unreadable: {m.get('error')}"])
         lines += _table(rows)
+    alarms = _alarms(doc)
+    if alarms:
+        lines.append("")
+        lines += alarms
     recent = doc.get("incoming_errors") or []
     if recent:
         lines.append("")

@@ -68,6 +68,7 @@ class Daemon:
         self.target = None
         self.metrics = None
         self.outgoing: OutgoingMirrors | None = None
+        self.checks = None  # daemon.checks.Checks: verify and scrub
         self.started_at = time.time()
         self._admin_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -105,6 +106,10 @@ class Daemon:
                                             client_cert=(cfg.tls_cert, cfg.tls_key),
                                             insecure=cfg.insecure, histograms=histograms)
             self.outgoing.restore(cfg.mirrors)
+            from cyclemirror.daemon.checks import Checks
+
+            self.checks = Checks(self.store, self.outgoing, cfg)
+            self.checks.start()
             if cfg.metrics is not None:
                 from cyclemirror.daemon.metrics import MetricsServer
 
@@ -223,6 +228,7 @@ class Daemon:
         self._stopped.set()
         steps = [("control socket", self.control and self.control.close),
                  ("metrics", self.metrics and self.metrics.close),
+                 ("checks", self.checks and self.checks.close),
                  ("outgoing mirrors", self.outgoing and self.outgoing.close),
                  ("target server", self.target and self._stop_target)]
         steps += [("nbd server", s.stop) for s in self.nbd_servers]
@@ -368,6 +374,22 @@ class Daemon:
         with self._admin_lock:
             return self.outgoing.remove(volume, target)
 
+    def _span(self, args) -> dict:
+        offset = parse_size(self._arg(args, "offset", int, "--offset", 0), "--offset")
+        length = parse_size(self._arg(args, "length", int, "--length", 0), "--length")
+        bwlimit = parse_size(self._arg(args, "bwlimit", int, "--bwlimit", 0), "--bwlimit")
+        restart = self._arg(args, "restart", bool, "--restart", False)
+        return {"offset": offset, "length": length, "bwlimit": bwlimit, "restart": restart}
+
+    def _op_mirror_verify(self, args):
+        volume, target = self._select(args)
+        repair = self._arg(args, "repair", bool, "--repair", False)
+        return self.checks.verify(volume, target, repair=repair, **self._span(args))
+
+    def _op_mirror_scrub(self, args):
+        name = self._arg(args, "image", str, "SOURCE/VOLUME")
+        return self.checks.scrub(name, **self._span(args))
+
     def _op_status(self, args):
         return self.status()
 
@@ -383,6 +405,8 @@ class Daemon:
         "mirror.break": _op_mirror_break,
         "mirror.resume": _op_mirror_resume,
         "mirror.rm": _op_mirror_rm,
+        "mirror.verify": _op_mirror_verify,
+        "mirror.scrub": _op_mirror_scrub,
         "status": _op_status,
     }
 
@@ -390,7 +414,7 @@ class Daemon:
 
     def status(self) -> dict:
         now = time.time()
-        return {
+        doc = {
             "schema": STATUS_SCHEMA,
             "time": now,
             "node": {"id": self.store.node_id, "name": self.store.node_name,
@@ -408,6 +432,9 @@ class Daemon:
             # Damaged mirror definitions (the file, or single entries) the daemon left out.
             "mirror_errors": list(self.outgoing.book.problems) if self.outgoing else [],
         }
+        if self.checks is not None:
+            self.checks.annotate(doc)  # each mirror's verify, each image's scrub
+        return doc
 
     def _key_ids(self) -> list[str]:
         from cyclemirror.wire.handshake import key_id

@@ -19,11 +19,11 @@ span with its own frozen image of the cycle the span names.
 
 **Serving requests.**  ``verify_request`` asks for the digests of a span at
 a unit (docs/verify.md): top-level requests (64 MiB pieces) are answered one
-piece at a time, as hashed; a finer request (a piece that differed) is
-answered before the next top-level piece, from the block digests of recently
+piece at a time, as hashed, by one worker thread; finer requests (a piece
+that differed) by a second one meanwhile, from the block digests of recently
 hashed spans (``CACHE_SPANS``) when it lies inside one, else by hashing it
-again -- at whatever cycle the image is then, which the answer says.  A
-worker thread hashes and answers; the session thread reads requests.  Every
+again -- at whatever cycle the image is then, which the answer says.  The
+session thread reads requests.  Every
 request is checked (member, unit, alignment, bounds, count, queue depth)
 before it is queued.
 """
@@ -46,6 +46,7 @@ from cyclemirror.errors import (
     NotFoundError,
     ProtocolError,
 )
+from cyclemirror.fileio import atomic_write
 from cyclemirror.receiver.readers import IMAGE_PINS
 from cyclemirror.receiver.state import MirrorState
 from cyclemirror.sender.ratelimit import RateLimiter
@@ -200,8 +201,10 @@ class VerifyTarget:
         key = self.images[0].stable_key()
         self.link.send_message("verify_opened", node_id=self.server.node_id,
                                applied_cycle=key[0], freeze_time=key[1])
-        worker = threading.Thread(target=self._work, daemon=True, name="verify-target")
-        worker.start()
+        workers = [threading.Thread(target=self._work, args=(detail,), daemon=True,
+                                    name="verify-target") for detail in (False, True)]
+        for worker in workers:
+            worker.start()
         try:
             while True:
                 try:
@@ -220,7 +223,8 @@ class VerifyTarget:
             self._stop.set()
             with self._cond:
                 self._cond.notify_all()
-            worker.join(30)
+            for worker in workers:
+                worker.join(30)
 
     def _queue(self, msg: dict) -> None:
         index, offset, length, unit = msg["index"], msg["offset"], msg["length"], msg["unit"]
@@ -251,15 +255,17 @@ class VerifyTarget:
                 self._detail.append((index, offset, length, unit))
             self._cond.notify_all()
 
-    def _next(self):
+    def _next(self, detail: bool):
+        """The next piece of work for the detail or the top-level worker (None: stop)."""
         with self._cond:
-            while not (self._detail or self._top or self._stop.is_set()):
+            queue_ = self._detail if detail else self._top
+            while not (queue_ or self._stop.is_set()):
                 self._cond.wait()
             if self._stop.is_set():
                 return None
-            if self._detail:
+            if detail:
                 self._queued -= 1
-                return ("detail", *self._detail.popleft())
+                return self._detail.popleft()
             req = self._top[0]
             index, pos, end, unit = req
             stop = min(end, (pos // unit + 1) * unit)
@@ -267,15 +273,17 @@ class VerifyTarget:
             if stop >= end:
                 self._top.popleft()
                 self._queued -= 1
-            return ("top", index, pos, stop - pos, unit)
+            return index, pos, stop - pos, unit
 
-    def _work(self) -> None:
+    def _work(self, detail: bool) -> None:
+        """One worker: top-level pieces, or finer requests (answered meanwhile, mostly from
+        the cache, so a differing piece is narrowed down while the next one is hashed)."""
         try:
             while True:
-                item = self._next()
+                item = self._next(detail)
                 if item is None:
                     return
-                _kind, index, offset, length, unit = item
+                index, offset, length, unit = item
                 cycle, digests = self._digests(index, offset, length)
                 bs = self.volumes[index].block_size
                 out = rangehash.piece_digests(digests, offset, length, unit, bs)
@@ -285,6 +293,7 @@ class VerifyTarget:
         except BaseException as exc:  # noqa: BLE001 - told to the source, then the link closes
             if self._stop.is_set():
                 return
+            self._stop.set()
             self.error = exc
             log.warning("verify of mirror %s: %s: %s", self.mirror, type(exc).__name__, exc)
             self.link.send_error(exc, type(exc).__name__ if isinstance(exc, CycleMirrorError)
@@ -298,12 +307,15 @@ class VerifyTarget:
     def _digests(self, index: int, offset: int, length: int):
         """(cycle, block digests) of the span: from a cached span that holds it, else read."""
         bs = self.volumes[index].block_size
-        for c_index, c_off, c_len, cycle, digests in self._cache:
+        with self._cond:
+            cached = list(self._cache)
+        for c_index, c_off, c_len, cycle, digests in cached:
             if c_index == index and c_off <= offset and offset + length <= c_off + c_len:
                 first = (offset - c_off) // bs
                 return cycle, digests[first:first + length // bs]
         cycle, _ft, digests = self.images[index].hash_span(offset, length)
-        self._cache.append((index, offset, length, cycle, digests))
+        with self._cond:
+            self._cache.append((index, offset, length, cycle, digests))
         return cycle, digests
 
     def _record_result(self, msg: dict) -> None:
@@ -315,12 +327,8 @@ class VerifyTarget:
                 "length": msg["length"], "mismatched_blocks": msg["mismatched_blocks"],
                 "bytes_read": image.bytes_read}
         path = verify_record_path(image.image_path)
-        # Several verifies of one image may end at once: a temp name of our own each.
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "w") as fh:
-                fh.write(json.dumps(body, sort_keys=True) + "\n")
-            os.replace(tmp, path)
+        try:  # several verifies of one image may end at once: each has its own temp name
+            atomic_write(path, (json.dumps(body, sort_keys=True) + "\n").encode(), 0o644)
         except OSError as exc:  # only status reads it: never fail the verify for it
             log.warning("mirror %s: cannot record the verify result in %s: %s", self.mirror,
                         path, exc)

@@ -70,7 +70,6 @@ log = logging.getLogger(__name__)
 WINDOW = 8  # top-level pieces hashed ahead of the comparisons (bounds memory)
 MAX_IN_FLIGHT = 64  # finer requests outstanding at once
 OPEN_TIMEOUT = 330.0  # the target may wait out an apply (receiver.verify.APPLY_WAIT) first
-PROGRESS_EVERY = 1.0  # seconds between on_progress calls
 
 
 class MergeHold:
@@ -327,7 +326,6 @@ class VerifyRun:
         self.requests: list[_Request] = []
         self.backlog: list[_Request] = []
         self._topped: set[int] = set()  # pieces whose top digests were compared
-        last_progress = time.monotonic()
         if n == 0:
             self._progress()
             return
@@ -353,10 +351,8 @@ class VerifyRun:
                     self._try_top(piece)
                 else:
                     self._answer(rest[0])
-                self._advance()
-                if time.monotonic() - last_progress >= PROGRESS_EVERY:
-                    self._progress()
-                    last_progress = time.monotonic()
+                if self._advance():
+                    self._progress()  # once per 64 MiB piece at most: what a resume needs
             self._progress()
         finally:
             self._stop.set()  # stops the hasher; the listener ends when the link closes
@@ -470,7 +466,7 @@ class VerifyRun:
             if self.waiting[piece] == 0:
                 self.resolved[piece] = True
 
-    def _advance(self) -> None:
+    def _advance(self) -> bool:
         moved = False
         while self._first_open < len(self.pieces) and self.resolved[self._first_open]:
             piece = self._first_open
@@ -478,11 +474,13 @@ class VerifyRun:
             self.theirs.pop(piece, None)
             for key in [k for k in self._patched if k[0] == piece]:
                 del self._patched[key]
+            self._topped.discard(piece)
             self._first_open += 1
             moved = True
         if moved:
             with self._cond:
                 self._cond.notify_all()
+        return moved
 
     def _progress(self) -> None:
         if self.on_progress is None:
