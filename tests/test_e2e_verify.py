@@ -15,7 +15,9 @@ its daemon's back (the last block of a volume whose size is no multiple of
   consistent, the verify run again resumes where it stopped, no full copy;
   kill -9 of either side during a repair: the repair completes after the
   restart, no full copy;
-* verify and scrub run on the schedule of the config file.
+* verify and scrub run on the schedule of the config file;
+* a member of a consistency group is verified, repaired (its blocks land in
+  the right member) and scrubbed on its own.
 """
 
 import json
@@ -325,3 +327,30 @@ def test_verify_and_scrub_run_on_the_configured_schedule(daemons, key, tmp_path)
     assert "scheduled verify of" not in a.log()  # no scheduled run failed
     assert "scheduled scrub of" not in b.log()
     assert row_of(a, b)["verify"]["age"] is not None
+
+
+def test_a_group_member_is_verified_repaired_and_scrubbed_on_its_own(daemons, key):
+    b = daemons("b", key_file=key, listen=True, nbd=False)
+    a = daemons("a", key_file=key)
+    for name, size in (("m1", 4 * MiB), ("m2", 6 * MiB + BS)):
+        a.cli("volume", "create", name, "--size", str(size))
+        fill(a, name, size, seed=len(name) + size)
+        a.cli("mirror", "start", name, "--to", b.listen, "--interval", MANUAL, "--group", "g",
+              "--compress", "none")
+    a.cli("mirror", "sync", "m1")
+    rows = [m for m in b.status()["incoming"] if m["source_node"] == a.node_id]
+    image = next(m["image"] for m in rows if m["volume"] == "m2")
+    flip(image, [6 * MiB])  # the last block of the second member
+    proc = a.cli("mirror", "verify", "m1", "--json", check=False)
+    assert proc.returncode == 0 and json.loads(proc.stdout)[0]["state"] == "clean"
+    proc = a.cli("mirror", "verify", "m2", "--repair", "--json", check=False)
+    assert proc.returncode == 0, proc.stderr
+    (healed,) = json.loads(proc.stdout)
+    assert healed["extents"] == [{"offset": 6 * MiB, "length": BS}]
+    assert healed["state"] == "repaired"
+    m2_row = next(m for m in a.status()["mirrors"] if m["volume"] == "m2")
+    assert m2_row["last_cycle"]["raw_bytes"] == BS  # the one block, into the right member
+    proc = b.cli("mirror", "scrub", f"{a.node_id}/m2", "--json", check=False)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["state"] == "clean"
+    proc = a.cli("mirror", "verify", "m2", "--json", check=False)
+    assert proc.returncode == 0, proc.stdout
