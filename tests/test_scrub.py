@@ -229,3 +229,20 @@ def committed_now(rig) -> bool:
         return MirrorState.load(os.path.join(mdir, node, "v1.state.json")).committed is not None
     except Exception:  # noqa: BLE001 - not there yet, or damaged mid-kill
         return False
+
+
+def test_a_scrub_resumed_from_a_point_keeps_what_was_found_and_reads_only_the_rest(target):
+    size = 12 * MiB
+    t = target(size)
+    t.vol.write(0, os.urandom(size))
+    t.driver.start()
+    t.driver.sync(60)
+    flip(t.image, [MiB, 9 * MiB])
+    full = t.scrub()
+    halfway = 8 * MiB  # a whole number of record pages, as progress reports them
+    earlier = full.bad.copy()
+    earlier.clear_range(halfway // BS, (size - halfway) // BS)
+    resumed = t.scrub(resume_from=halfway, found=earlier)
+    assert blocks_of(resumed.bad) == [MiB // BS, 9 * MiB // BS]
+    assert resumed.resumed_from == halfway
+    assert resumed.bytes_read == size - halfway
