@@ -118,7 +118,7 @@ class World:
 
     def verify(self, **kw):
         return VerifyRun(self.driver.subject, 0, self.src, self.spec,
-                         expect_node=self.dst.node_id, **kw).run()
+                         expect_node=self.dst.node_id, merges=self.driver, **kw).run()
 
     def close(self):
         self.driver.stop()
@@ -153,7 +153,7 @@ def test_verify_finds_exactly_the_flipped_blocks_and_nothing_on_a_clean_image(tm
         w.driver.sync(60)
         clean = w.verify()
         assert clean.mismatched.count() == 0
-        assert clean.cycles == [1, 1]
+        assert clean.cycles[0] == clean.cycles[1]  # nothing was written: one cycle
         # a clean image costs a few hundred bytes per 64 MiB piece, either way
         assert clean.wire_sent + clean.wire_received < 4096
         flip(w.image, [5 * MiB + 100, 65 * MiB + BS, 100 * MiB, size - 1])
@@ -415,3 +415,36 @@ def test_the_check_schedule_settings_are_read_and_checked(tmp_path):
                 {"scrub_every": -1}, {"verify_bwlimit": "fast"}):
         with pytest.raises(UsageError, match="x.toml"):
             config_from_mapping(bad, "x.toml")
+
+
+def test_merges_wait_for_a_verify_and_every_cycle_it_may_name_stays_readable(tmp_path, key):
+    w = World(tmp_path, key, 70 * MiB)
+    try:
+        w.vol.write(0, os.urandom(70 * MiB))
+        w.driver.start()
+        w.driver.sync(60)
+        result = {}
+
+        def run():
+            result["out"] = w.verify(read_rate=16 * MiB)  # ~4.5 s per side
+
+        t = threading.Thread(target=run)
+        t.start()
+        wait_for(lambda: w.driver._merge_holds == 1, 10, "the verify to hold merges")
+        first = w.vol.open_overlay
+        for i in range(3):
+            w.vol.write(i * BS, os.urandom(BS))
+            w.driver.sync(60)  # each applied cycle asks for a merge
+            # no merge is even asked for: so no cycle the target may name is refused
+            assert w.vol._merging is None
+        held = w.vol.frozen_cycles()
+        t.join(120)
+        assert result["out"].mismatched.count() == 0
+        assert held[0] <= first  # the overlays piled up while the verify ran ...
+        w.vol.write(0, os.urandom(BS))
+        w.driver.sync(60)
+        # ... and merge once it is done
+        wait_for(lambda: (w.vol.frozen_cycles() or [w.vol.open_overlay + 1])[0] > first, 30,
+                 "the merges after it")
+    finally:
+        w.close()

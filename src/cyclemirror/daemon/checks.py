@@ -192,7 +192,7 @@ class Checks:
                     read_rate=bwlimit, resume_from=resume_from, found=found,
                     expect_node=getattr(driver.state.targets.get(run.label), "target_node",
                                         None),
-                    on_progress=progress, cancel=self._stop)
+                    on_progress=progress, cancel=self._stop, merges=driver)
                 try:
                     outcome = verifier.run()
                     break

@@ -247,6 +247,7 @@ class MirrorDriver:
         self.last_merge_seconds: float | None = None
         self._merge_seconds_unreported: float | None = None  # merges since the last cycle
         self._repairs: dict[str, ExtentBitmap] = {}  # verify hook: label -> blocks to repair
+        self._merge_holds = 0  # verify hook: verifies running; the merger waits for them
 
     # -- control ----------------------------------------------------------
     def start(self) -> None:
@@ -575,6 +576,22 @@ class MirrorDriver:
                 return None
         return self.request_freeze()
 
+    def hold_merges(self) -> None:
+        """A verify starts: no merge starts until ``release_merges`` (one per hold).
+
+        A verify reads frozen cycles from the oldest one it holds open up to the newest;
+        the store refuses new readers of cycles <= j as soon as a merge of overlay j is
+        asked for (even while that merge waits for the verify's readers), so the merger
+        must not ask while a verify runs.  Overlays pile up meanwhile, not cycles.
+        """
+        with self._cond:
+            self._merge_holds += 1
+
+    def release_merges(self) -> None:
+        with self._cond:
+            self._merge_holds = max(0, self._merge_holds - 1)
+            self._cond.notify_all()
+
     def repair_pending(self, label: str) -> int:
         """Blocks waiting for a freeze to be folded into ``label``'s owed set."""
         with self._cond:
@@ -668,13 +685,14 @@ class MirrorDriver:
         done = 0
         while True:
             with self._cond:
-                while self._merge_want <= done and not self._to_close and not (
-                        self._stop and self._main_done):
+                while ((self._merge_want <= done or self._merge_holds)  # verify hook
+                       and not self._to_close and not (self._stop and self._main_done)):
                     self._cond.wait(1.0)
                 closing, self._to_close = self._to_close, []
                 # Stop only once the cycle thread is gone: it may still queue a reader.
                 stopping = self._stop and self._main_done
-                want = self._merge_want
+                # verify hook: while a verify holds merges, only readers are closed
+                want = done if self._merge_holds else self._merge_want
             for reader in closing:
                 try:
                     reader.close()

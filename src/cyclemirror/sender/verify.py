@@ -12,11 +12,16 @@ parallel; a clean volume costs a few hundred bytes per 64 MiB on the wire.
 cycle it was taken at (the target may apply cycles while the verify runs).
 Here that cycle's frozen image is the reference:
 
-* Before asking the target anything we hold the oldest readable cycle *m* of
+* Before asking the target anything we tell the mirror's driver to start no
+  merge (``merges.hold_merges()``) and hold the oldest readable cycle *m* of
   the volume open (``MergeHold``): a merge of overlay *j* waits for readers of
   cycles <= *j*, so from then on every cycle from *m* to the newest freeze
-  stays readable until the verify ends (overlays pile up meanwhile; the
-  mirror's merger thread waits, its cycles do not).
+  stays as it is until the verify ends (overlays pile up meanwhile; the
+  mirror's merger thread waits, its cycles do not).  The driver's pause is
+  what keeps them *readable*: the store refuses new readers of cycles <= *j*
+  as soon as a merge of *j* is asked for, even while it waits for us.  Without
+  a driver (``merges=None``) such a refusal fails the verify (a NotFoundError,
+  never a comparison).
 * The target's cycle at open must be >= *m* (else the source merged it away:
   ``CycleGoneError``, retried by the caller once the target caught up) and
   every later digest names a cycle >= that one (an applied cycle only grows).
@@ -136,7 +141,8 @@ class VerifyRun:
     def __init__(self, subject, index: int, store, spec, *, offset: int = 0,
                  length: int | None = None, read_rate: int = 0, resume_from: int | None = None,
                  found: ExtentBitmap | None = None, expect_node: str | None = None,
-                 on_progress: Callable | None = None, cancel: threading.Event | None = None):
+                 on_progress: Callable | None = None, cancel: threading.Event | None = None,
+                 merges=None):
         self.subject = subject
         self.index = index
         self.volume = subject.volumes[index]
@@ -157,6 +163,7 @@ class VerifyRun:
         self.read_rate = read_rate
         self.throttle = RateLimiter(read_rate).consume if read_rate else None
         self.expect_node = expect_node
+        self.merges = merges  # the mirror's driver: hold_merges() / release_merges()
         self.on_progress = on_progress
         self.cancel = cancel or threading.Event()
         self._stop = threading.Event()  # ends our threads when the run ends
@@ -168,15 +175,21 @@ class VerifyRun:
     # -- the run ------------------------------------------------------------------------
     def run(self) -> VerifyOutcome:
         t0 = time.monotonic()
-        with MergeHold(self.volume) as hold:
-            self.hold = hold
-            self._readers: dict[int, object] = {}
-            self._changed: dict[int, ExtentBitmap] = {}
-            try:
-                self._run()
-            finally:
-                for reader in self._readers.values():
-                    reader.close()
+        if self.merges is not None:
+            self.merges.hold_merges()
+        try:
+            with MergeHold(self.volume) as hold:
+                self.hold = hold
+                self._readers: dict[int, object] = {}
+                self._changed: dict[int, ExtentBitmap] = {}
+                try:
+                    self._run()
+                finally:
+                    for reader in self._readers.values():
+                        reader.close()
+        finally:
+            if self.merges is not None:
+                self.merges.release_merges()
         self.outcome.duration = time.monotonic() - t0
         return self.outcome
 
