@@ -177,13 +177,13 @@ class Checks:
             saved_count = [-1]
 
             def progress(done: int, found_now: ExtentBitmap, outcome) -> None:
-                job["done"] = done - offset
                 n = found_now.count()
                 if n != saved_count[0]:
                     found_now.save(bitmap_path)  # before the offset that relies on it
                     saved_count[0] = n
                 record["run"].update(next_offset=done, updated=time.time())
                 _write_json(json_path, record)
+                job["done"] = done - offset  # status shows what a restart would resume from
 
             deadline = time.monotonic() + CYCLE_GONE_WAIT
             while True:
@@ -369,11 +369,11 @@ class Checks:
             _write_json(json_path, record)
 
             def progress(done: int, out) -> None:
-                job["done"] = done - out.offset
                 record["run"].update(next_offset=done, updated=time.time(),
                                      bad_runs=[list(r) for r in out.bad.iter_runs()]
                                      [:MAX_RUNS_KEPT])
                 _write_json(json_path, record)
+                job["done"] = done - out.offset  # what a restart would resume from
 
             vol = SimpleNamespace(size=image.size, block_size=image.block_size)
             out = scrub_image(image.state_path, image.image_path, vol, offset=offset,
