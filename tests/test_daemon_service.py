@@ -10,7 +10,7 @@ import pytest
 
 from cyclemirror import errors
 from cyclemirror.daemon.nbd_client import NbdClient
-from tests.support.daemons import Daemon, DaemonPool, cli_env, run_cli
+from tests.support.daemons import Daemon, DaemonPool, cli_env, make_key, run_cli
 from tests.support.metrics import parse_exposition, value
 
 MiB = 1 << 20
@@ -108,6 +108,25 @@ def second_cmd(daemon):
 
     return [sys.executable, "-m", "cyclemirror.cli", "--store", daemon.store, "serve",
             *daemon.args]
+
+
+def test_a_port_in_use_is_a_clear_error_not_an_internal_one(tmp_path):
+    """The system's refusals at start-up (port taken, disk full, no permission) name the
+    store, the cause and what to do, and leave no half-started daemon behind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        key = make_key(tmp_path / "key")
+        d = Daemon(tmp_path, "src", metrics=False, nbd=False,
+                   extra=("--listen", f"127.0.0.1:{port}", "--key-file", key))
+        proc = subprocess.run(second_cmd(d), capture_output=True, text=True, timeout=30,
+                              env=cli_env())
+    assert proc.returncode == errors.UsageError.exit_code, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert "Address already in use" in proc.stderr and "another port" in proc.stderr
+    assert str(tmp_path / "src") in proc.stderr
+    assert not os.path.exists(os.path.join(d.store, "control.sock"))
 
 
 def test_flushed_writes_and_volumes_survive_kill_9_and_restart(daemons, tmp_path):

@@ -24,6 +24,7 @@ the parts themselves (Store, Volume, NBD, target, drivers) are thread-safe.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -37,7 +38,13 @@ from cyclemirror.daemon import memtune
 from cyclemirror.daemon.config import DaemonConfig, check_listen_tls, check_name, tls_settings
 from cyclemirror.daemon.control import ControlServer, control_socket_path
 from cyclemirror.daemon.mirrors import OutgoingMirrors
-from cyclemirror.errors import CycleMirrorError, NotFoundError, UsageError
+from cyclemirror.errors import (
+    CycleMirrorError,
+    NoSpaceError,
+    NotFoundError,
+    StoreError,
+    UsageError,
+)
 from cyclemirror.units import parse_seconds, parse_size
 
 STATUS_SCHEMA = 1
@@ -120,6 +127,9 @@ class Daemon:
                 self.metrics_address = f"{host}:{port}"
             self.control = ControlServer(control_socket_path(self.store.path), self.handle)
             self.control.start()
+        except OSError as exc:
+            self.stop()
+            raise start_error(cfg.store, exc) from exc
         except BaseException:
             self.stop()
             raise
@@ -465,6 +475,25 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def start_error(store: str, exc: OSError) -> CycleMirrorError:
+    """What a user sees when the daemon cannot start for a reason the system gave."""
+    what = f"starting the daemon of store {store} failed: {exc.strerror or exc}"
+    if exc.filename:
+        what += f" ({exc.filename})"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{what}; free space on the store's filesystem and start it again")
+    if exc.errno == errno.EADDRINUSE:
+        return UsageError(f"{what}; another process listens on that address: stop it, or "
+                          "choose another port (--listen, --nbd, --metrics)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return UsageError(f"{what}; no interface of this host has that address: "
+                          "check --listen, --nbd and --metrics")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoreError(f"{what}; check the permissions of the store and the "
+                          "addresses (ports under 1024 need root)")
+    return StoreError(what)
 
 
 def run_daemon(config: DaemonConfig) -> int:
