@@ -34,6 +34,7 @@ import pytest
 
 from cyclemirror.daemon.nbd_client import NbdClient
 from cyclemirror.receiver.state import MirrorState
+from tests.support.corrupt import flip
 from tests.support.daemons import DaemonPool, cli_env, make_key, wait_for
 
 MiB = 1 << 20
@@ -67,16 +68,6 @@ def incoming(target, source_node):
     return row
 
 
-def flip(path, offsets):
-    """Silent corruption: one byte flipped in each block, behind the daemon's back."""
-    with open(path, "r+b") as f:
-        for off in offsets:
-            f.seek(off)
-            b = f.read(1)
-            f.seek(off)
-            f.write(bytes([b[0] ^ 0x3C]))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def extents(blocks):

@@ -25,6 +25,7 @@ from cyclemirror.receiver.scrub import PAGE, ScrubRecord, record_path, scrub_ima
 from cyclemirror.receiver.state import MirrorState
 from cyclemirror.sender import MirrorDriver, MirrorOptions
 from cyclemirror.store import Store
+from tests.support.corrupt import flip
 from tests.support.mirror import Rig
 from tests.support.mirror import wait_for as wait_until
 
@@ -70,13 +71,6 @@ def target(tmp_path):
         t.close()
 
 
-def flip(path, offsets):
-    with open(path, "r+b") as f:
-        for off in offsets:
-            f.seek(off)
-            b = f.read(1)
-            f.seek(off)
-            f.write(bytes([b[0] ^ 0xA5]))
 
 
 def blocks_of(bitmap):

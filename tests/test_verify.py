@@ -35,6 +35,7 @@ from cyclemirror.sender.verify import VerifyRun
 from cyclemirror.store import Store, rangehash
 from cyclemirror.wire import handshake
 from cyclemirror.wire.link import FrameLink, RemoteError
+from tests.support.corrupt import flip
 from tests.support.mirror import wait_for
 
 MiB = 1 << 20
@@ -127,16 +128,6 @@ class World:
         self.dst.close()
 
 
-def flip(path, offsets):
-    """Silent corruption: flip one byte at each offset, behind the daemon's back."""
-    with open(path, "r+b") as f:
-        for off in offsets:
-            f.seek(off)
-            b = f.read(1)
-            f.seek(off)
-            f.write(bytes([b[0] ^ 0x5A]))
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def runs(bitmap):

@@ -122,20 +122,28 @@ def hash_file_span(fd: int, offset: int, length: int, block_size: int,
     read = 0
     runs = _block_runs(data_runs(fd, offset, end), offset, end, block_size)
     for start, stop in runs:
-        pos = start
-        while pos < stop:
-            n = min(READ_STEP, stop - pos)
-            if check is not None:
-                check()
-            if throttle is not None:
-                throttle(n)
-            _prefetch(fd, pos + n, min(READ_STEP, stop - pos - n))
-            hashes, _zero = blockhash.hash_file(fd, pos, n, block_size)
-            first = (pos - offset) // block_size
-            out[first:first + len(hashes)] = hashes
-            read += n
-            pos += n
+        read += _hash_run(fd, start, stop, offset, block_size, out, throttle, check)
     return out, read
+
+
+def _hash_run(fd: int, start: int, stop: int, offset: int, block_size: int, out: np.ndarray,
+              throttle: Callable[[int], None] | None,
+              check: Callable[[], None] | None) -> int:
+    """Hash the data run ``[start, stop)`` of ``fd`` into ``out`` (block 0 at ``offset``)
+    one read step at a time, prefetching the next; returns the bytes read."""
+    pos = start
+    while pos < stop:
+        n = min(READ_STEP, stop - pos)
+        if check is not None:
+            check()
+        if throttle is not None:
+            throttle(n)
+        _prefetch(fd, pos + n, min(READ_STEP, stop - pos - n))
+        hashes, _zero = blockhash.hash_file(fd, pos, n, block_size)
+        first = (pos - offset) // block_size
+        out[first:first + len(hashes)] = hashes
+        pos += n
+    return stop - start
 
 
 def _prefetch(fd: int, offset: int, length: int) -> None:
@@ -175,19 +183,7 @@ def hash_extents(extents, offset: int, length: int, block_size: int,
         if ext_off < offset or ext_off + ext_len > offset + length:
             raise UsageError(f"hash_extents: extent {ext_off}+{ext_len} outside the span "
                              f"{offset}+{length}")
-        if kind != "data":
-            continue
-        pos, stop = ext_off, ext_off + ext_len
-        while pos < stop:
-            n = min(READ_STEP, stop - pos)
-            if check is not None:
-                check()
-            if throttle is not None:
-                throttle(n)
-            _prefetch(fd, pos + n, min(READ_STEP, stop - pos - n))
-            hashes, _zero = blockhash.hash_file(fd, pos, n, block_size)
-            first = (pos - offset) // block_size
-            out[first:first + len(hashes)] = hashes
-            read += n
-            pos += n
+        if kind == "data":
+            read += _hash_run(fd, ext_off, ext_off + ext_len, offset, block_size, out,
+                              throttle, check)
     return out, read
