@@ -6,7 +6,7 @@ import string
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cyclemirror.daemon.config import Compression, HostPort, MirrorSpec, mirror_spec_from_mapping
@@ -127,6 +127,7 @@ json_values = st.recursive(
                                                   HealthCheck.too_slow])
 @given(st.dictionaries(st.text(max_size=10).filter(lambda k: k != "reply_timeout"),
                        json_values, max_size=5))
+@example({"op": "an argument named like the request's own op"})
 def test_any_json_arguments_round_trip_through_the_control_socket(tmp_path, args):
     server = ControlServer(control_socket_path(tmp_path), lambda op, a: a)
     server.start()

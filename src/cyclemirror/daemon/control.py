@@ -265,8 +265,10 @@ class ControlClient:
         self._sock = sock
         self._reader = sock.makefile("rb")
 
-    def call(self, op: str, reply_timeout: float | None = None, **args) -> Any:
-        """Send one request; ``reply_timeout`` overrides the socket timeout for slow ops."""
+    def call(self, op: str, /, reply_timeout: float | None = None, **args) -> Any:
+        """Send one request; ``reply_timeout`` overrides the socket timeout for slow ops.
+
+        ``op`` is positional-only, so an argument may itself be named ``op``."""
         message = json.dumps({"v": PROTOCOL_VERSION, "op": op, "args": args}).encode() + b"\n"
         if len(message) > MAX_REQUEST_BYTES:
             raise UsageError(f"{op}: request too large for the control socket")

@@ -244,6 +244,8 @@ class MirrorDriver:
         self.last_error: str | None = None
         self._copy_done = 0.0
         self._times: dict[str, float] = {}  # phase durations of the cycle being shipped
+        # The background fsync adds "sync" to its cycle's _times while senders copy it.
+        self._times_lock = threading.Lock()
         self.last_merge_seconds: float | None = None
         self._merge_seconds_unreported: float | None = None  # merges since the last cycle
         self._repairs: dict[str, ExtentBitmap] = {}  # verify hook: label -> blocks to repair
@@ -460,13 +462,16 @@ class MirrorDriver:
 
     def _start_sync(self, frozen) -> None:
         """fsync the frozen overlay in the background (frozen.sync() waits for it)."""
+        times = self._times  # this cycle's: the next freeze binds a new dict
+
         def run() -> None:
             t0 = time.monotonic()
             try:
                 frozen.sync()
             except BaseException:  # noqa: BLE001 - a sender's own sync() call raises it
                 return
-            self._times["sync"] = time.monotonic() - t0
+            with self._times_lock:
+                times["sync"] = time.monotonic() - t0
 
         threading.Thread(target=run, daemon=True,
                          name=f"mirror-sync-{self.volume.name}").start()
@@ -912,7 +917,8 @@ class MirrorDriver:
                 end = frames.encode_control(c, messages.encode_message(
                     "end", cycle=c, chunks=total[0]))
                 wire += len(end)  # the figures count the 'end' frame too
-                phases = dict(self._times, pack=pack_seconds[0], send=send_seconds)
+                with self._times_lock:
+                    phases = dict(self._times, pack=pack_seconds[0], send=send_seconds)
                 stats = {"last_cycle": c, "full": r.owed is None, "bytes_raw": sent_raw,
                          "bytes_wire": wire, "chunks": total[0], "resumed_from": r.resume_from,
                          "duration": dt, "throughput": sent_raw / dt if dt > 0 else None,
