@@ -4,7 +4,7 @@ Reads the target's state files under ``STORE/mirrors/<source node>/`` (the
 apply journal, see ``cyclemirror.receiver.state``) without locking: each is
 replaced atomically, so a read sees an old or a new version, never a mix.
 A member of a group gets one row per volume, all with the group's cycle and
-freeze time.  An unreadable state file becomes a row with its error rather
+freeze time.  ``remove_incoming`` is ``mirror rm SOURCE/NAME`` on a target.  An unreadable state file becomes a row with its error rather
 than disappearing, so a damaged mirror is visible.
 """
 
@@ -15,6 +15,7 @@ import os
 from cyclemirror.errors import CycleMirrorError
 
 STATE_SUFFIXES = (".state.json", ".group.json")
+_LOCAL = None  # the registry of a daemon that runs no target server (remove_incoming)
 
 
 def incoming_status(store_path: str, now: float) -> list[dict]:
@@ -56,6 +57,34 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "receiving": None if inflight is None else {
                         "cycle": inflight.cycle, "full": inflight.full,
                         "chunks": inflight.chunks, "staged_bytes": inflight.staged_bytes},
-                    "error": None,
+                    "error": None
                 })
     return rows
+
+
+def remove_incoming(store_path: str, target, name: object, force: bool) -> dict:
+    """Delete the incoming mirror ``SOURCE/NAME`` (``receiver.removal``): refused while its
+    source is connected unless ``force``; ``target`` is the TargetServer (None without
+    --listen: no source can be connected)."""
+    import logging
+
+    from cyclemirror.receiver.removal import find_incoming, remove_files
+    from cyclemirror.receiver.server import MirrorRegistry
+
+    global _LOCAL
+
+    m = find_incoming(store_path, name)
+    key = (m.node_id, m.mirror, m.group)
+    if target is None and _LOCAL is None:
+        _LOCAL = MirrorRegistry()  # no sources without --listen; two removals still exclude
+    registry = target.registry if target is not None else _LOCAL
+    holder = registry.hold(key, force=force)
+    try:
+        removed = remove_files(m)
+    finally:
+        registry.release(key, holder)
+    logging.getLogger("cyclemirror.daemon").info(
+        "incoming mirror %s/%s (source %s) removed%s: %d files", m.source_name or m.node_id,
+        m.mirror, m.node_id, " with --force" if force else "", len(removed))
+    return {"source_node": m.node_id, "source_name": m.source_name, "mirror": m.mirror,
+            "group": m.group, "volumes": m.volumes, "removed": removed}

@@ -270,9 +270,20 @@ class OutgoingMirrors:
             self._build_errors[unit] = f"{type(exc).__name__}: {exc}"
             raise
 
+    def _target_spec(self, spec: MirrorSpec):
+        from cyclemirror.sender.driver import TargetSpec
+
+        return TargetSpec(spec.to.host, spec.to.port, self._read_key(spec),
+                          tls=self._tls_of(spec))
+
+    def _running_driver(self, unit: str):
+        """The unit's driver if its cycle loop runs (lock held), else None."""
+        driver = self._drivers.get(unit)
+        thread = getattr(driver, "_thread", None)
+        return driver if thread is not None and thread.is_alive() else None
+
     def _new_driver(self, unit: str, entries: list[tuple[tuple[str, str], dict]]):
         from cyclemirror.sender import MirrorDriver, MirrorOptions
-        from cyclemirror.sender.driver import TargetSpec
         from cyclemirror.sender.group import VolumeGroup
 
         first = entries[0][1]["spec"]
@@ -282,9 +293,7 @@ class OutgoingMirrors:
             per_target.setdefault(t, e["spec"])
         for spec in per_target.values():
             check_mirror_tls(spec, self.insecure)
-        targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec),
-                              tls=self._tls_of(spec))
-                   for _t, spec in sorted(per_target.items())]
+        targets = [self._target_spec(spec) for _t, spec in sorted(per_target.items())]
         options = MirrorOptions(
             interval=first.interval, rpo=first.rpo, codec=first.compress.codec,
             level=first.compress.level,
@@ -303,8 +312,10 @@ class OutgoingMirrors:
             driver = MirrorDriver(self.store.open_volume(unit), targets, options=options,
                                   store=self.store, remote_name=first.remote_name)
         made["driver"] = driver
-        if any(e["broken"] for _, e in entries):
-            driver.break_cycles()  # before start: it recovers its state and waits for resume
+        # Before start: it recovers its state; a broken target waits for its resume (all
+        # of them broken: the whole mirror waits), the others cycle.
+        for t in sorted({t for (_v, t), e in entries if e["broken"]}):
+            driver.break_target(_label(t))
         driver.start()
         return driver
 
@@ -437,7 +448,11 @@ class OutgoingMirrors:
                 if (volume, target) in self.book.entries:
                     continue
                 spec = dataclasses.replace(tspec, volume=volume, remote_name=mspec.remote_name)
-                broken = any(e["broken"] for _, e in entries)
+                # As the group stands to that target (a new target: broken only when
+                # the whole group is).
+                same = [e["broken"] for (_v, t), e in entries if t == target]
+                broken = any(same) if same else bool(entries) and all(
+                    e["broken"] for _, e in entries)
                 self.book.entries[(volume, target)] = {"spec": spec, "broken": broken}
                 added.append((volume, target))
         return added
@@ -474,13 +489,26 @@ class OutgoingMirrors:
                 tls.client_context()  # an unreadable CA file fails here, named
             unit = unit_of_spec(spec)
             fellows = self._unit_entries(unit)
-            self.book.entries[key] = {"spec": spec, "broken": bool(fellows) and any(
+            # A new target of a mirror broken as a whole waits for its resume too; one
+            # of a mirror that still cycles to some target starts at once.
+            self.book.entries[key] = {"spec": spec, "broken": bool(fellows) and all(
                 e["broken"] for _, e in fellows)}
             added = [key]
             if spec.group:
                 added += self._complete_group(spec.group)
+            known_members = {v for (v, _t), _ in fellows}
+            known_targets = {t for (_v, t), _ in fellows}
+            driver = self._running_driver(unit)
             try:
-                self._rebuild(unit)
+                if (driver is not None and all(v in known_members for v, _t in added)
+                        and all(t not in known_targets for _v, t in added)):
+                    # Only a target is new: it joins the running cycle loop, whose other
+                    # targets go on with their deltas (no restart, no full copy to them).
+                    driver.add_target(self._target_spec(spec))
+                    if self.book.entries[key]["broken"]:
+                        driver.break_target(_label(str(spec.to)))
+                else:
+                    self._rebuild(unit)
             except BaseException:
                 for k in added:
                     del self.book.entries[k]
@@ -501,16 +529,12 @@ class OutgoingMirrors:
                 "bwlimit": spec.bwlimit, "group": spec.group,
                 "target_mirror": self._target_mirror(unit, self._unit_entries(unit))}
 
-    def _whole_unit(self, volume: str, target: str | None, verb: str):
-        """(unit, keys) a verb acts on: every member and target of the volume's unit."""
+    def _unit_keys(self, volume: str, target: str | None):
+        """(unit, keys) a verb acts on: every member of the volume's unit, to ``target``
+        only when one is named (a group's members share their targets)."""
         _select(self.book.entries, volume, target)  # NotFoundError names what exists
         unit = self._unit_of(volume)
-        keys = [k for k, _ in self._unit_entries(unit)]
-        every = sorted({t for _, t in keys})
-        if target is not None and len(every) > 1:
-            raise UsageError(
-                f"'mirror {verb}' acts on the whole mirror of {_unit_text(unit)}, which runs "
-                f"one cycle for all its targets ({', '.join(every)}); omit --to")
+        keys = [k for k, _ in self._unit_entries(unit) if target is None or k[1] == target]
         return unit, keys
 
     def _rows(self, keys) -> list[dict]:
@@ -518,58 +542,91 @@ class OutgoingMirrors:
         return [r for r in self.status() if (r["volume"], r["target"]) in want]
 
     def sync(self, volume: str, target: str | None, timeout: float) -> list[dict]:
+        """Freeze now and wait for ``target``, or for every target that is not broken
+        or down; each row says whether it was waited for (``synced``) and if not,
+        why (``skipped``)."""
         with self._lock:
-            unit, keys = self._whole_unit(volume, target, "sync")
+            unit, keys = self._unit_keys(volume, target)
             driver = self._drivers.get(unit)
+            why = self._build_errors.get(unit)
         if driver is None:
-            raise NotFoundError(f"the mirror of {_unit_text(unit)} is not running (see the "
-                                "daemon log)")
+            raise NotFoundError(f"the mirror of {_unit_text(unit)} is not running"
+                                + (f" ({why})" if why else "") + "; see the daemon log")
+        labels = sorted({_label(t) for _v, t in keys}) if target is not None else None
         try:
-            driver.sync(timeout)
+            _cycle, skipped = driver.sync_targets(labels, timeout)
         except CycleMirrorError:
             raise
         except Exception as exc:  # the driver re-raises what broke a target, whatever it was
             raise CycleMirrorError(
                 f"the mirror of {volume!r} stopped on {type(exc).__name__}: {exc}; see the "
                 f"daemon log, fix the cause, then 'cyclemirror mirror resume {volume}'") from exc
-        return self._rows(keys)
+        rows = self._rows(keys)
+        for row in rows:
+            row["skipped"] = skipped.get(_label(row["target"]))
+            row["synced"] = row["skipped"] is None
+        if skipped:
+            log.info("mirror %s: sync did not wait for %s", _unit_text(unit),
+                     "; ".join(f"{t}: {w}" for t, w in sorted(skipped.items())))
+        return rows
 
     def break_cycles(self, volume: str, target: str | None, now: bool) -> list[dict]:
         with self._lock:
-            unit, keys = self._whole_unit(volume, target, "break")
+            unit, keys = self._unit_keys(volume, target)
             for k in keys:
                 self.book.entries[k]["broken"] = True
             self.book.save()
             driver = self._drivers.get(unit)
+            whole = all(e["broken"] for _, e in self._unit_entries(unit))
+        targets = sorted({t for _, t in keys})
         if driver is not None:
-            driver.break_cycles(now=now)
+            if target is None:
+                driver.break_cycles(now=now)
+            else:
+                driver.break_target(_label(target), now=now)
             # Without --now the running cycle finishes first. Wait a while for that, but
             # not for ever: a cycle to an unreachable target only ends with --now. The
             # break is recorded either way; the rows say which phase the mirror is in.
             deadline = time.monotonic() + BREAK_WAIT
-            while driver.status()["phase"] != "broken" and time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self._all_broken(driver, targets, whole):
                 time.sleep(0.05)
-        log.info("mirror %s -> %s: broken%s", _unit_text(unit),
-                 ", ".join(sorted({t for _, t in keys})),
+        log.info("mirror %s -> %s: broken%s", _unit_text(unit), ", ".join(targets),
                  " now (running cycle abandoned)" if now else "")
         return self._rows(keys)
 
+    @staticmethod
+    def _all_broken(driver, targets: list[str], whole: bool) -> bool:
+        st = driver.status()
+        if whole:
+            return st["phase"] == "broken"
+        return all(st["targets"].get(_label(t), {}).get("phase") == "broken" for t in targets)
+
     def resume(self, volume: str, target: str | None) -> list[dict]:
         with self._lock:
-            unit, keys = self._whole_unit(volume, target, "resume")
+            unit, keys = self._unit_keys(volume, target)
             for k in keys:
                 self.book.entries[k]["broken"] = False
             self.book.save()
-            # A fresh driver, not driver.resume(): it also recovers a driver whose thread
-            # ended on an unexpected error. Its state is in the store, so nothing is re-sent.
-            self._rebuild(unit)
+            driver = self._running_driver(unit)
+            if target is not None and driver is not None:
+                # One target: the others go on as they are (broken ones stay broken).
+                for t in sorted({t for (_v, t), e in self._unit_entries(unit)
+                                 if e["broken"]}):
+                    driver.break_target(_label(t))
+                driver.resume_target(_label(target))
+            else:
+                # A fresh driver, not driver.resume(): it also recovers a driver whose
+                # thread ended on an unexpected error. Its state is in the store, so
+                # nothing is re-sent.
+                self._rebuild(unit)
         log.info("mirror %s -> %s: resumed", _unit_text(unit),
                  ", ".join(sorted({t for _, t in keys})))
         return self._rows(keys)
 
     def remove(self, volume: str, target: str | None) -> list[dict]:
         """Remove a volume's mirror (to one target, or all).  For a group member: without
-        --to the member leaves the group; with --to that target leaves the whole group."""
+        --to the member leaves the group; with --to that target leaves the whole group.
+        A target removed while others remain leaves the running cycle loop, which goes on."""
         with self._lock:
             keys = _select(self.book.entries, volume, target)
             unit = self._unit_of(volume)
@@ -577,13 +634,23 @@ class OutgoingMirrors:
                 keys = [k for k, _ in self._unit_entries(unit) if k[1] == target]
             running = [f"{v} -> {t}" for v, t in keys if not self.book.entries[(v, t)]["broken"]]
             if running:
+                to = f" --to {target}" if target is not None else ""
                 raise UsageError(f"the mirror {', '.join(running)} is running; "
-                                 f"break it first ('cyclemirror mirror break {volume}')")
-            self._forget_targets(unit, sorted({t for _, t in keys}))
-            for key in keys:
-                del self.book.entries[key]
-            self.book.save()
-            self._rebuild(unit)
+                                 f"break it first ('cyclemirror mirror break {volume}{to}')")
+            others = {t for (_v, t), _ in self._unit_entries(unit)} - {t for _v, t in keys}
+            driver = self._running_driver(unit)
+            if target is not None and others and driver is not None:
+                # One target leaves the running cycle loop; the others go on.
+                driver.remove_target(_label(target), timeout=BREAK_WAIT * 3)
+                for key in keys:
+                    del self.book.entries[key]
+                self.book.save()
+            else:
+                self._forget_targets(unit, sorted({t for _, t in keys}))
+                for key in keys:
+                    del self.book.entries[key]
+                self.book.save()
+                self._rebuild(unit)
         log.info("mirror %s: removed %s", _unit_text(unit),
                  ", ".join(f"{v} -> {t}" for v, t in keys))
         return [{"volume": v, "target": t} for v, t in keys]
@@ -697,6 +764,12 @@ class OutgoingMirrors:
                                or (st.get("last_error") if phase == "broken" else None)),
             })
         return rows
+
+
+def _label(target: str) -> str:
+    """A book target ("host:port", "[v6]:port") as the driver labels it ("host:port")."""
+    addr = parse_hostport(target, "target")
+    return f"{addr.host}:{addr.port}"
 
 
 def _unit_text(unit: str) -> str:
