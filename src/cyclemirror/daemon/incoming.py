@@ -57,7 +57,10 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "receiving": None if inflight is None else {
                         "cycle": inflight.cycle, "full": inflight.full,
                         "chunks": inflight.chunks, "staged_bytes": inflight.staged_bytes},
-                    "error": None
+                    "error": None,
+                    # a member new to the group: its image is zeros until the next
+                    # applied cycle, which carries all of it
+                    "joining": vol.name in st.extra.get("joining", []),
                 })
     return rows
 

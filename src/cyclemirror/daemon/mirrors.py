@@ -22,10 +22,11 @@ the group's targets).  A group's members share targets, interval,
 compression and rate cap: ``mirror start`` of a new member adds it to every
 target of the group, and a new target to every member.  Sync, break, resume
 and rm of a member act on its whole group.  On the target a group is one
-mirror named ``NAME-<digest of its member names>`` (``group_mirror_name``):
-the target applies a group with a fixed member list, so a group whose
-members change is a new mirror there (its first cycle is a full copy)
-instead of one the target would refuse.
+mirror named ``NAME-<digest of its first member names>`` (``group_mirror_name``),
+recorded in the book (``groups``) when the group first runs and kept while
+members come and go: the target keeps the other members' images and the
+driver relays its owed sets out (``sender.group``), so a member change costs
+no full copy.
 
 Locking: ``_lock`` (re-entrant) guards the book and the driver table;
 ``_figures_lock`` the totals the driver hook writes.  Driver
@@ -38,6 +39,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 
@@ -71,6 +73,9 @@ class MirrorBook:
     def __init__(self, directory: str):
         self.path = os.path.join(directory, BOOK_FILE)
         self.entries: dict[tuple[str, str], dict] = {}
+        # group -> its mirror name on the targets, fixed when the group first runs, so
+        # members may come and go while the targets keep the group's images.
+        self.groups: dict[str, str] = {}
         # A damaged entry never stops the daemon: it is left out (and logged, and shown
         # in status as a problem), and kept as it was in the file on every save.
         self.problems: list[str] = []
@@ -103,6 +108,13 @@ class MirrorBook:
             raise StoreError(f"mirror definitions {self.path} are not of format {BOOK_FORMAT}; "
                              "restore it from a backup or move it away and start the "
                              "mirrors again")
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and _MIRROR_NAME.fullmatch(v)
+                for k, v in groups.items()):
+            raise StoreError(f"mirror definitions {self.path}: 'groups' is malformed; restore "
+                             "it from a backup or move it away and start the mirrors again")
+        self.groups = dict(groups)
         for index, item in enumerate(data["mirrors"]):
             where = f"{self.path} entry {index + 1}"
             try:
@@ -122,7 +134,8 @@ class MirrorBook:
             raise StoreError(f"{self.load_error}; mirror definitions cannot change until then")
         data = {"format": BOOK_FORMAT,
                 "mirrors": [{"spec": e["spec"].to_json(), "broken": e["broken"]}
-                            for e in self.entries.values()] + self._kept}
+                            for e in self.entries.values()] + self._kept,
+                "groups": dict(sorted(self.groups.items()))}
         try:
             atomic_write_json(self.path, data)
         except OSError as exc:
@@ -131,6 +144,7 @@ class MirrorBook:
 
 
 GROUP_UNIT = "group:"  # a unit key no volume name can have (names have no ':')
+_MIRROR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def unit_of_spec(spec: MirrorSpec) -> str:
@@ -202,6 +216,8 @@ class OutgoingMirrors:
                     self.book.entries[key] = {"spec": spec, "broken": False}
                     if spec.group:
                         self._complete_group(spec.group)
+            for unit in sorted({unit_of_spec(e["spec"]) for e in self.book.entries.values()}):
+                self._fix_group_name(unit)
             self.book.save()
             for unit in sorted({unit_of_spec(e["spec"]) for e in self.book.entries.values()}):
                 try:
@@ -248,11 +264,22 @@ class OutgoingMirrors:
                       if k[0] == unit and e["spec"].group is None)
 
     def _target_mirror(self, unit: str, entries) -> str:
-        """The unit's mirror name on its targets."""
+        """The unit's mirror name on its targets (a group's: as recorded when it first
+        ran, else made from its members now)."""
         if unit.startswith(GROUP_UNIT):
+            group = unit[len(GROUP_UNIT):]
+            if group in self.book.groups:
+                return self.book.groups[group]
             names = sorted({e["spec"].remote_name for _, e in entries})
-            return group_mirror_name(unit[len(GROUP_UNIT):], names)
+            return group_mirror_name(group, names)
         return entries[0][1]["spec"].remote_name
+
+    def _fix_group_name(self, unit: str) -> None:
+        """Record a group's mirror name before its members change (lock held)."""
+        entries = self._unit_entries(unit)
+        if unit.startswith(GROUP_UNIT) and entries:
+            self.book.groups.setdefault(unit[len(GROUP_UNIT):],
+                                        self._target_mirror(unit, entries))
 
     def _rebuild(self, unit: str) -> None:
         """Replace the unit's driver by one for its recorded members and targets (lock held)."""
@@ -488,6 +515,7 @@ class OutgoingMirrors:
             if tls is not None:
                 tls.client_context()  # an unreadable CA file fails here, named
             unit = unit_of_spec(spec)
+            self._fix_group_name(unit)  # before a new member changes the digest
             fellows = self._unit_entries(unit)
             # A new target of a mirror broken as a whole waits for its resume too; one
             # of a mirror that still cycles to some target starts at once.
@@ -646,9 +674,22 @@ class OutgoingMirrors:
                     del self.book.entries[key]
                 self.book.save()
             else:
-                self._forget_targets(unit, sorted({t for _, t in keys}))
+                members_left = {v for (v, _t), _ in self._unit_entries(unit)} - {
+                    v for v, _t in keys}
+                if target is None and unit.startswith(GROUP_UNIT) and members_left:
+                    # A member leaves its group: the targets keep the other members'
+                    # images and the driver its owed sets (sender/group.py relays them
+                    # out), so nothing already mirrored is copied again.
+                    self._fix_group_name(unit)
+                    old = self._drivers.pop(unit, None)
+                    if old is not None:
+                        old.stop()
+                else:
+                    self._forget_targets(unit, sorted({t for _, t in keys}))
                 for key in keys:
                     del self.book.entries[key]
+                if unit.startswith(GROUP_UNIT) and not self._unit_entries(unit):
+                    self.book.groups.pop(unit[len(GROUP_UNIT):], None)
                 self.book.save()
                 self._rebuild(unit)
         log.info("mirror %s: removed %s", _unit_text(unit),

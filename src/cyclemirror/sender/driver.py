@@ -233,6 +233,8 @@ class MirrorDriver:
         self.state = DriverState(os.path.join(store.path, "outgoing",
                                               self.subject.state_dir_name),
                                  self.subject.nblocks)
+        # A group whose members changed: owed sets laid out anew (sender/group.py).
+        self._joining = self.subject.adopt_layout(self.state)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -723,11 +725,16 @@ class MirrorDriver:
         st = self.state
         for r in self.targets:
             self._load_target(r)
-        if self.subject.align():
+        before = self.subject.open_overlay
+        moved = self.subject.align()
+        if moved:
             # Members of a group stood at different overlays (one was mirrored on its
-            # own): their extra freezes have no group cycle, so compare hashes.
-            for r in self.targets:
-                st.entry(r.label).untrusted = True
+            # own): their extra freezes have no group cycle, so compare hashes.  Not
+            # needed when only members that just joined moved, while the others stand
+            # where the state accounted for them: a newcomer owes all its blocks anyway.
+            if not (set(moved) <= set(self._joining) and st.last_freeze == before):
+                for r in self.targets:
+                    st.entry(r.label).untrusted = True
             st.last_freeze = self.subject.open_overlay
             st.save()
             self.cycle = st.last_freeze
