@@ -300,6 +300,10 @@ def test_group_members_join_and_leave_without_a_full_copy_of_the_others(
     assert set(members) == {"db", "idx"}
     for name in ("db", "idx"):
         assert image(b, a, name) == export(a, name, tmp_path / f"{name}-2")
+    # On the target, a member alone cannot be removed: the group's images go together.
+    member = b.cli("mirror", "rm", f"{a.node_id}/db", check=False)
+    assert member.returncode == errors.UsageError.exit_code
+    assert f"{a.node_id}/{group_mirror}" in member.stderr
     fulls = re.findall(rf"mirror group app -> {re.escape(b.listen)}: cycle \d+ applied.*"
                        r"full copy", a.log())
     assert len(fulls) == 1, a.log()  # the group's very first cycle only

@@ -410,3 +410,39 @@ def test_one_target_is_synced_broken_resumed_removed_and_added_while_the_loop_ru
     d.stop()
     for s in (a, b, c):
         s.stop()
+
+
+def test_a_target_that_never_answers_does_not_hold_the_others(tmp_path, key, monkeypatch):
+    """A host that accepts the connection and then says nothing (or a dead one that
+    drops SYNs) ties up only its own dial: the other target's cycles go on meanwhile."""
+    import socket
+
+    from cyclemirror.sender import connection
+
+    monkeypatch.setattr(connection, "CONNECT_TIMEOUT", 120.0)  # it hangs until we end it
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    rec = Recorder(str(tmp_path))
+    src = Store.create(str(tmp_path / "src"))
+    vol = src.create_volume("v", 2 * MiB)
+    vol.write(0, os.urandom(MiB))
+    a_store, a = make_target(tmp_path, "a", key)
+    d = MirrorDriver(vol, [TargetSpec(*a.address, key), TargetSpec(*silent.getsockname(), key)],
+                     key, rec.options(dial_grace=0.5), store=src)
+    la = f"{a.address[0]}:{a.address[1]}"
+    hung = next(r for r in d.targets if r.label != la)
+    d.start()
+    try:
+        for k in range(3):
+            scribble(vol, [k], k)
+            c, _ = d.sync_targets([la], 60)
+            assert same_file(image(a_store, src, "v"), rec.exports[c])
+            # ... all while the silent target's first dial is still under way
+            assert hung.dial_thread is not None and hung.applied_cycle == 0
+        silent.close()  # its dial now fails: a plain sync says it did not wait for it
+        wait_for(lambda: hung.dial_thread is None, 30, "the silent target's dial to fail")
+        _c, skipped = d.sync_targets(None, 60)
+        assert list(skipped) == [hung.label] and skipped[hung.label].startswith("down")
+    finally:
+        silent.close()
+        d.stop()
+        a.stop()

@@ -41,6 +41,14 @@ a second one merges and frees what the first is done with.
   applied cycle moved back, another target answers), block hashes are
   compared and only differing blocks ship.
 
+* One target at a time: ``break_target``/``resume_target`` stop and restart
+  shipping to one target (its owed set keeps growing meanwhile),
+  ``add_target``/``remove_target`` change the targets between two cycles of
+  the running loop, and ``sync_targets`` waits for named targets or for every
+  one not broken, leaving out one that is down.  Targets that need a new
+  connection are dialled in threads of their own; a cycle waits at most
+  ``dial_grace`` for them, so a host that never answers holds up only itself.
+
 * Progress: while a cycle ships, each target's ``CycleProgress`` holds
   counters that only its sender thread writes (plain int attributes, no
   lock); ``status()`` reads them as they are, so a poll never waits on a
@@ -109,6 +117,7 @@ class MirrorOptions:
     retry_max: float = 30.0
     apply_timeout: float = 3600.0
     stall_timeout: float = 60.0
+    dial_grace: float = 3.0  # how long a cycle waits for targets being dialled
     queue_frames: int = 32  # lists of frames (each ~SEND_BATCH_BYTES, or one big frame) per target
     on_frozen: object = None  # callable(frozen, reader): the daemon's/tests' hook
     on_applied: object = None  # callable(cycle, label, stats)
@@ -190,6 +199,10 @@ class OutgoingTarget:
         # set keeps growing, and resume_target() sends it one delta.
         self.paused = False
         self.failed_cycle = 0  # the cycle being shipped when its last attempt failed
+        self.dialled = False  # link is new (dialled this attempt): _prepare reads 'opened'
+        self.dial_thread: threading.Thread | None = None  # a dial under way
+        self.late = False  # left out of a cycle while dialling: ask for one when connected
+        self.gone = False  # removed from the driver (a late dial closes its link)
 
     def drop_link(self) -> None:
         if self.link is not None:
@@ -496,6 +509,7 @@ class MirrorDriver:
 
     def _drop_target(self, r: OutgoingTarget) -> None:
         """With _cond held, the cycle loop between cycles (or not started)."""
+        r.gone = True
         r.drop_link()
         self.targets = [t for t in self.targets if t is not r]
         self._adding = [t for t in self._adding if t is not r]
@@ -887,6 +901,14 @@ class MirrorDriver:
                     self._cond.wait(delay)
                     if self._break_now or self._stop:
                         break
+            with self._cond:
+                for r in self.targets:
+                    if r.broken is not None or r.paused or r.held_cycle >= c:
+                        continue
+                    if r.dial_thread is not None:
+                        r.late = True  # the cycle went on without it: it asks for one
+                    elif r.dialled:  # connected just too late for this cycle
+                        self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
         finally:
             # The merger thread closes it: the close may free a merged overlay (slow).
             with self._cond:
@@ -948,10 +970,20 @@ class MirrorDriver:
         if self._break_now:
             return
         for r in targets:
+            r.phase = "copying"  # a live link goes straight on
+        # Targets that need a new connection are dialled in threads of their own: one
+        # that does not answer (a dead host waits out the connect timeout) must not
+        # hold the others.  Those not connected within dial_grace join a later cycle.
+        dialling = [r for r in targets if self._needs_dial(r)]
+        for r in dialling:
+            self._start_dial(r)
+        self._wait_dials(dialling, self.options.dial_grace)
+        for r in targets:
+            if r in dialling and not r.dialled:
+                # Still dialling (see _ship_cycle), or its dial failed and said why
+                # (_failed): not part of this attempt.
+                continue
             try:
-                # A live link goes straight on; _prepare says "connecting" only
-                # when it has to open a new one.
-                r.phase = "copying"
                 if self._prepare(r, frozen, reader):
                     ready.append(r)
                 else:
@@ -985,19 +1017,13 @@ class MirrorDriver:
             except BaseException as exc:  # noqa: BLE001
                 self._failed(r, exc)
 
-    def _prepare(self, r: OutgoingTarget, frozen, reader) -> bool:
-        """Connect and reconcile; return False if the target already holds this cycle."""
-        c = frozen.number
-        e = self.state.entry(r.label)
-        if e.in_flight == c and frozen.synced:
-            # This process shipped the chunks the target holds from the page cache, and
-            # that content is now durable: the very bytes, so a resume is safe.
-            e.in_flight_synced = True
-        if r.link is not None and r.link.failure is None and not e.untrusted:
-            return self._begin(r, frozen, plan.decide(e, r.held_cycle, r.owed is not None, c,
-                                                      None))
+    def _needs_dial(self, r: OutgoingTarget) -> bool:
+        return not (r.link is not None and r.link.failure is None
+                    and not self.state.entry(r.label).untrusted)
+
+    def _dial(self, r: OutgoingTarget) -> TargetLink:
+        """A new, opened link to ``r`` (network only: no state is read or written here)."""
         r.phase = "connecting"
-        r.drop_link()
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                           insecure=r.spec.insecure,
                           on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft))
@@ -1006,7 +1032,70 @@ class MirrorDriver:
             "mirror": self.subject.remote_name, "group": self.subject.group,
             "volumes": self.subject.volume_specs(),
         })
-        r.link = link
+        return link
+
+    def _start_dial(self, r: OutgoingTarget) -> None:
+        """Dial ``r`` in a thread of its own, unless a dial of it is under way."""
+        with self._cond:
+            if r.dial_thread is not None:
+                return
+            r.drop_link()
+            r.dialled = r.late = False
+            r.dial_thread = threading.Thread(target=self._dial_in_background, args=(r,),
+                                             daemon=True, name=f"mirror-dial-{r.label}")
+            r.dial_thread.start()
+
+    def _dial_in_background(self, r: OutgoingTarget) -> None:
+        try:
+            link = self._dial(r)
+        except BaseException as exc:  # noqa: BLE001 - reported as the target's failure
+            self._failed(r, exc)  # first: whoever sees the dial over sees why too
+            with self._cond:
+                r.dial_thread = None
+                self._cond.notify_all()
+            return
+        with self._cond:
+            r.dial_thread = None
+            keep = not (self._stop or self._break_now or r.gone or r.paused)
+            if keep:
+                r.link, r.dialled = link, True
+                if r.late:
+                    # Connected after its cycle went on without it: a cycle now brings
+                    # it up to date (one delta of its owed set).
+                    r.late = False
+                    self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
+            self._cond.notify_all()
+        if not keep:
+            link.close()
+
+    def _wait_dials(self, targets: list[OutgoingTarget], grace: float) -> None:
+        deadline = time.monotonic() + grace
+        with self._cond:
+            while any(r.dial_thread is not None for r in targets) and not (
+                    self._break_now or self._stop):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def _prepare(self, r: OutgoingTarget, frozen, reader) -> bool:
+        """Connect and reconcile; return False if the target already holds this cycle."""
+        c = frozen.number
+        e = self.state.entry(r.label)
+        if e.in_flight == c and frozen.synced:
+            # This process shipped the chunks the target holds from the page cache, and
+            # that content is now durable: the very bytes, so a resume is safe.
+            e.in_flight_synced = True
+        if not r.dialled and r.link is not None and r.link.failure is None and not e.untrusted:
+            return self._begin(r, frozen, plan.decide(e, r.held_cycle, r.owed is not None, c,
+                                                      None))
+        if not r.dialled:  # (the attempt dials first; a safety net)
+            r.drop_link()
+            r.link = self._dial(r)
+        r.dialled = False
+        link = r.link  # a break --now may drop it meanwhile
+        if link is None:
+            raise ConnectionLostError(f"target {r.label}: the link was dropped before cycle {c}")
         opened = link.opened
         held = max(opened["applied_cycle"], link.applied[0])
         view = plan.TargetView(opened["node_id"], held, opened["has_image"],
