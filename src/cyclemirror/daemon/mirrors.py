@@ -669,7 +669,10 @@ class OutgoingMirrors:
             driver = self._running_driver(unit)
             if target is not None and others and driver is not None:
                 # One target leaves the running cycle loop; the others go on.
-                driver.remove_target(_label(target), timeout=BREAK_WAIT * 3)
+                try:
+                    driver.remove_target(_label(target), timeout=BREAK_WAIT * 3)
+                except NotFoundError:
+                    pass  # let go of already (an earlier rm that ran out of time)
                 for key in keys:
                     del self.book.entries[key]
                 self.book.save()

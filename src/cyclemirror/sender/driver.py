@@ -504,7 +504,9 @@ class MirrorDriver:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DeadlineError(f"mirror of {self.volume.name!r}: the cycle loop did "
-                                        f"not let go of {label} within {timeout}s")
+                                        f"not let go of {label} within {timeout}s (a long "
+                                        "cycle to the others); it does so when that cycle "
+                                        "ends: run the command again then")
                 self._cond.wait(min(left, 0.5))
 
     def _drop_target(self, r: OutgoingTarget) -> None:

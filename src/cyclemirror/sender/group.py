@@ -240,8 +240,8 @@ class VolumeGroup(SingleVolume):
             if name.endswith(RELAYOUT_SUFFIX):
                 os.replace(os.path.join(state.directory, name),
                            os.path.join(state.directory, name[: -len(RELAYOUT_SUFFIX)]))
-        log.info("group %s: members now %s; kept the owed sets of %s, %s owe all their "
-                 "blocks", self.name, ", ".join(n for n, _ in new),
+        log.info("group %s: members now %s; owed sets kept for %s; owing all their "
+                 "blocks (new): %s", self.name, ", ".join(n for n, _ in new),
                  ", ".join(kept) or "none", ", ".join(joining) or "none")
         return joining
 
