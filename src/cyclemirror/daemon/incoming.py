@@ -50,6 +50,9 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "group": st.mirror if st.group else None,
                     "size": vol.size,
                     "block_size": vol.block_size,
+                    # a member new to the group: its image is zeros until the next
+                    # applied cycle, which carries all of it
+                    "joining": vol.name in st.extra.get("joining", []),
                     "image": os.path.join(ndir, vol.name + ".img"),
                     "applied_cycle": st.applied_cycle,
                     "freeze_time": st.freeze_time if applied else None,
@@ -57,10 +60,7 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "receiving": None if inflight is None else {
                         "cycle": inflight.cycle, "full": inflight.full,
                         "chunks": inflight.chunks, "staged_bytes": inflight.staged_bytes},
-                    "error": None,
-                    # a member new to the group: its image is zeros until the next
-                    # applied cycle, which carries all of it
-                    "joining": vol.name in st.extra.get("joining", []),
+                    "error": None
                 })
     return rows
 

@@ -82,9 +82,11 @@ class MirrorRegistry:
                                               "tls": getattr(session.link, "tls", False),
                                               "time": time.time()}
 
-    def held(self, key: tuple) -> Session | None:
+    def release(self, key: tuple, session: Session) -> None:
         with self._cond:
-            return self._held.get(key)
+            if self._held.get(key) is session:
+                del self._held[key]
+                self._cond.notify_all()
 
     def hold(self, key: tuple, *, force: bool, timeout: float = TAKEOVER_TIMEOUT) -> object:
         """Keep sources out of mirror ``key`` while it is removed; returns the holder to
@@ -112,12 +114,6 @@ class MirrorRegistry:
                                     f"{timeout}s; try again")
             self._held[key] = holder
         return holder
-
-    def release(self, key: tuple, session: Session) -> None:
-        with self._cond:
-            if self._held.get(key) is session:
-                del self._held[key]
-                self._cond.notify_all()
 
 
 class TargetServer:
