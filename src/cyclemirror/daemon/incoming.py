@@ -60,7 +60,7 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "receiving": None if inflight is None else {
                         "cycle": inflight.cycle, "full": inflight.full,
                         "chunks": inflight.chunks, "staged_bytes": inflight.staged_bytes},
-                    "error": None
+                    "error": None,
                 })
     return rows
 
