@@ -4,8 +4,10 @@ Reads the target's state files under ``STORE/mirrors/<source node>/`` (the
 apply journal, see ``cyclemirror.receiver.state``) without locking: each is
 replaced atomically, so a read sees an old or a new version, never a mix.
 A member of a group gets one row per volume, all with the group's cycle and
-freeze time.  ``remove_incoming`` is ``mirror rm SOURCE/NAME`` on a target.  An unreadable state file becomes a row with its error rather
+freeze time.  An unreadable state file becomes a row with its error rather
 than disappearing, so a damaged mirror is visible.
+
+``remove_incoming`` is ``mirror rm SOURCE/NAME`` on a target.
 """
 
 from __future__ import annotations
