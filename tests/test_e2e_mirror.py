@@ -194,7 +194,10 @@ def test_fan_out_survives_a_target_killed_and_restarted_with_a_delta(daemons, ke
     source = export(a, "v", tmp_path / "src")
     assert image_of(b, a.node_id, "v")[1] == source
     assert image_of(c, a.node_id, "v")[1] == source
-    assert "--to" in a.cli("mirror", "resume", "v", "--to", b.listen, check=False).stderr
+    # One target at a time: resuming b leaves c broken.
+    out = a.cli("mirror", "resume", "v", "--to", b.listen).stdout
+    assert b.listen in out and c.listen not in out
+    assert mirror_row(a, "v", c)["phase"] == "broken"
 
 
 def test_fan_in_two_stores_on_one_host_send_same_named_volumes_to_one_target(

@@ -339,3 +339,110 @@ def test_a_failure_outside_the_targets_breaks_the_mirror_until_resume(tmp_path, 
     assert same_file(image(t_store, src, "v"), rec.exports[c])
     d.stop()
     t.stop()
+
+
+def test_one_target_is_synced_broken_resumed_removed_and_added_while_the_loop_runs(
+        tmp_path, key):
+    rec = Recorder(str(tmp_path))
+    src = Store.create(str(tmp_path / "src"))
+    vol = src.create_volume("v", 4 * MiB)
+    vol.write(0, os.urandom(2 * MiB))
+    a_store, a = make_target(tmp_path, "a", key)
+    b_store, b = make_target(tmp_path, "b", key)
+    d = MirrorDriver(vol, [TargetSpec(*a.address, key), TargetSpec(*b.address, key)], key,
+                     rec.options(), store=src)
+    la, lb = (f"{h}:{p}" for h, p in (a.address, b.address))
+    d.start()
+    loop = d._thread
+    c1, skipped = d.sync_targets(None, 30)
+    assert skipped == {}
+
+    # b down: a named sync goes through; a plain one says it did not wait for b.
+    b_port = b.address[1]
+    b.stop()
+    scribble(vol, [1, 2], 1)
+    c2, skipped = d.sync_targets([la], 30)
+    assert skipped == {} and same_file(image(a_store, src, "v"), rec.exports[c2])
+    scribble(vol, [3], 2)
+    c3, skipped = d.sync_targets(None, 30)
+    assert list(skipped) == [lb] and skipped[lb].startswith("down, retrying")
+    assert same_file(image(a_store, src, "v"), rec.exports[c3])
+    b_store.close()
+    b_store, b = make_target(tmp_path, "b", key, port=b_port)
+
+    # b broken alone: not shipped to, not waited for; a named sync of it is refused.
+    d.break_target(lb)
+    scribble(vol, [4], 3)
+    c4, skipped = d.sync_targets(None, 30)
+    assert skipped == {lb: "broken (mirror break)"}
+    with pytest.raises(UsageError, match="resume"):
+        d.sync_targets([lb], 5)
+    d.resume_target(lb)
+    c5, skipped = d.sync_targets([lb], 30)
+    assert same_file(image(b_store, src, "v"), rec.exports[c5])
+    catch_up = [s for c, label, s in rec.events if label == lb and c > c4]
+    assert not any(s["full"] for s in catch_up)
+    assert sum(s["bytes_raw"] for s in catch_up) == 4 * BS  # blocks 1..4, missed meanwhile
+
+    # b removed, c added: c gets a full copy while a gets its delta; same loop thread.
+    d.break_target(lb)
+    d.remove_target(lb)
+    assert [r.label for r in d.targets] == [la]
+    assert lb not in d.state.targets
+    c_store, c = make_target(tmp_path, "c", key)
+    lc = f"{c.address[0]}:{c.address[1]}"
+    scribble(vol, [9], 4)
+    d.add_target(TargetSpec(*c.address, key))
+    c6, skipped = d.sync_targets(None, 30)
+    assert skipped == {} and d._thread is loop
+    for st in (a_store, c_store):
+        assert same_file(image(st, src, "v"), rec.exports[c6])
+    # (add_target asks for a cycle itself: the sync's cycle may be that one or the next;
+    # the hook that records it runs just after the apply is known)
+    wait_for(lambda: any(cc == c6 for cc, label, _ in rec.events if label == lc), 10,
+             "the hook of c's cycle")
+    to_c = [s for cc, label, s in rec.events if label == lc]
+    to_a = [s for cc, label, s in rec.events if label == la and cc > c5]
+    assert to_c[0]["full"] and not any(s["full"] for s in to_c[1:])
+    assert not any(s["full"] for s in to_a) and sum(s["bytes_raw"] for s in to_a) == BS
+    with pytest.raises(UsageError, match="running"):
+        d.remove_target(la)
+    d.stop()
+    for s in (a, b, c):
+        s.stop()
+
+
+def test_a_target_that_never_answers_does_not_hold_the_others(tmp_path, key, monkeypatch):
+    """A host that accepts the connection and then says nothing (or a dead one that
+    drops SYNs) ties up only its own dial: the other target's cycles go on meanwhile."""
+    import socket
+
+    from cyclemirror.sender import connection
+
+    monkeypatch.setattr(connection, "CONNECT_TIMEOUT", 120.0)  # it hangs until we end it
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    rec = Recorder(str(tmp_path))
+    src = Store.create(str(tmp_path / "src"))
+    vol = src.create_volume("v", 2 * MiB)
+    vol.write(0, os.urandom(MiB))
+    a_store, a = make_target(tmp_path, "a", key)
+    d = MirrorDriver(vol, [TargetSpec(*a.address, key), TargetSpec(*silent.getsockname(), key)],
+                     key, rec.options(dial_grace=0.5), store=src)
+    la = f"{a.address[0]}:{a.address[1]}"
+    hung = next(r for r in d.targets if r.label != la)
+    d.start()
+    try:
+        for k in range(3):
+            scribble(vol, [k], k)
+            c, _ = d.sync_targets([la], 60)
+            assert same_file(image(a_store, src, "v"), rec.exports[c])
+            # ... all while the silent target's first dial is still under way
+            assert hung.dial_thread is not None and hung.applied_cycle == 0
+        silent.close()  # its dial now fails: a plain sync says it did not wait for it
+        wait_for(lambda: hung.dial_thread is None, 30, "the silent target's dial to fail")
+        _c, skipped = d.sync_targets(None, 60)
+        assert list(skipped) == [hung.label] and skipped[hung.label].startswith("down")
+    finally:
+        silent.close()
+        d.stop()
+        a.stop()

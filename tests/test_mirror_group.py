@@ -71,8 +71,8 @@ class Recorder:
                              retry_initial=0.05, retry_max=0.2, interval=3600, **kw)
 
 
-def group_driver(w, rec, vols, name="app", **kw):
-    group = VolumeGroup(w["src"], name, vols)
+def group_driver(w, rec, vols, name="app", remote_name=None, **kw):
+    group = VolumeGroup(w["src"], name, vols, remote_name=remote_name)
     return MirrorDriver(group, w["server"].address, w["key"], rec.options(**kw),
                         store=w["src"])
 
@@ -247,3 +247,81 @@ def test_split_and_join_match_a_plain_reference(sizes, runs):
         start += n
     assert group.join(parts) == joined
     assert group.split(None) == [None] * len(sizes)
+
+
+def test_members_join_and_leave_without_a_full_copy_of_the_others(world):
+    """A group's target keeps the members it had: a newcomer arrives whole inside an
+    ordinary delta of the others, a leaver's image goes, nothing else is re-sent."""
+    w, rec = world, Recorder(str(world["tmp"]))
+    db = w["src"].create_volume("db", 4 * MiB)
+    lg = w["src"].create_volume("log", 2 * MiB)
+    db.write(0, os.urandom(2 * MiB))
+    lg.write(0, os.urandom(MiB))
+    d = group_driver(w, rec, [db, lg], remote_name="app-fixed")
+    d.start()
+    d.sync(30)
+    d.stop()
+    state_path = os.path.join(target_dir(w), "app-fixed.group.json")
+
+    # A third member joins (a fresh volume, behind the others' overlays).
+    ix = w["src"].create_volume("idx", 1 * MiB)
+    ix.write(0, os.urandom(256 * 1024))
+    db.write(7 * BS, b"d" * BS)
+    rec.events.clear()
+    d = group_driver(w, rec, [db, lg, ix], remote_name="app-fixed")
+    d.start()
+    try:
+        c = d.sync(30)
+        (stats,) = [s for cc, s in rec.events if cc == c]
+        assert not stats["full"]
+        # the changed block of db plus all of idx (256 KiB of data; its zero blocks
+        # travel as zero runs, no data bytes)
+        assert stats["bytes_raw"] == BS + 256 * 1024, stats
+        state = MirrorState.load(state_path)
+        assert [v.name for v in state.volumes] == ["db", "idx", "log"]
+        assert "joining" not in state.extra
+        for name in ("db", "idx", "log"):
+            assert same_file(os.path.join(target_dir(w), f"{name}.img"),
+                             rec.exports[(name, c)])
+    finally:
+        d.stop()
+
+    # log leaves: its image goes, the others' stay and get a delta.
+    lg_image = os.path.join(target_dir(w), "log.img")
+    assert os.path.exists(lg_image)
+    ix.write(BS, b"i" * BS)
+    rec.events.clear()
+    d = group_driver(w, rec, [db, ix], remote_name="app-fixed")
+    d.start()
+    try:
+        c = d.sync(30)
+        (stats,) = [s for cc, s in rec.events if cc == c]
+        assert not stats["full"] and stats["bytes_raw"] == BS
+        assert [v.name for v in MirrorState.load(state_path).volumes] == ["db", "idx"]
+        assert not os.path.exists(lg_image)
+        for name in ("db", "idx"):
+            assert same_file(os.path.join(target_dir(w), f"{name}.img"),
+                             rec.exports[(name, c)])
+    finally:
+        d.stop()
+
+
+def test_a_changed_member_size_is_still_refused_by_the_target(world):
+    w, rec = world, Recorder(str(world["tmp"]))
+    a = w["src"].create_volume("a", 1 * MiB)
+    b = w["src"].create_volume("b", 1 * MiB)
+    d = group_driver(w, rec, [a, b], remote_name="g-fixed")
+    d.start()
+    d.sync(30)
+    d.stop()
+    w["src"].delete_volume("b")
+    shutil.rmtree(os.path.join(w["src"].path, "outgoing"))
+    b = w["src"].create_volume("b", 2 * MiB)
+    d = group_driver(w, rec, [a, b], remote_name="g-fixed")
+    d.start()
+    try:
+        wait_for(lambda: d.status()["phase"] == "broken", 30, "the driver to stop")
+        (t,) = d.status()["targets"].values()
+        assert "size or block-size change" in t["last_error"]
+    finally:
+        d.stop()

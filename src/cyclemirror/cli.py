@@ -207,8 +207,12 @@ def cmd_mirror_sync(args) -> int:
         _print_json(results)
         return 0
     for r in results:
-        print(f"{r['volume']} -> {r['target']}: cycle {r['applied_cycle']} applied "
-              f"(freeze at {r['applied_freeze_time']:.3f})")
+        if r.get("skipped"):
+            print(f"{r['volume']} -> {r['target']}: not waited for: {r['skipped']} "
+                  f"(applied cycle {r['applied_cycle']})")
+        else:
+            print(f"{r['volume']} -> {r['target']}: cycle {r['applied_cycle']} applied "
+                  f"(freeze at {r['applied_freeze_time']:.3f})")
     return 0
 
 
@@ -237,9 +241,20 @@ def cmd_mirror_resume(args) -> int:
 
 
 def cmd_mirror_rm(args) -> int:
+    if "/" in args.volume:  # on a target: an incoming mirror
+        if args.to:
+            raise UsageError(f"--to is for an outgoing mirror; {args.volume!r} names an "
+                             "incoming one (SOURCE/NAME), which has no targets")
+        info = _call(args, "mirror.rm", image=args.volume, force=args.force)
+        print(f"removed incoming mirror {info['source_name'] or info['source_node']}/"
+              f"{info['mirror']} ({', '.join(v + '.img' for v in info['volumes'])} and its "
+              f"state, {len(info['removed'])} files)")
+        return 0
     request = {"volume": args.volume}
     if args.to:
         request["to"] = args.to
+    if args.force:
+        request["force"] = True
     results = _call(args, "mirror.rm", **request)
     for r in results:
         print(f"{r['volume']} -> {r['target']}: mirror removed")
@@ -457,9 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "targets, interval, compression and bwlimit, and sync, break, "
                             "resume and rm of a member act on the whole group")
     start.set_defaults(func=cmd_mirror_start)
-    sync = mverbs.add_parser("sync", help="run a cycle now and wait until it is applied")
+    sync = mverbs.add_parser(
+        "sync", help="run a cycle now and wait until it is applied",
+        description="Freezes now and waits until the cycle is applied on --to, or on every "
+                    "target that is not broken; a target that is down (retrying) is not "
+                    "waited for once another applied the cycle. The output names each "
+                    "target not waited for and why.")
     sync.add_argument("volume")
-    sync.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
+    sync.add_argument("--to", metavar="HOST:PORT",
+                      help="wait for this target only; the others keep cycling")
     sync.add_argument("--timeout", default=DEFAULT_SYNC_TIMEOUT, metavar="SECONDS",
                       help=f"give up after this long (default {DEFAULT_SYNC_TIMEOUT:g})")
     sync.add_argument("--json", action="store_true", help="print the documented JSON")
@@ -474,9 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("volume")
     resume.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
     resume.set_defaults(func=cmd_mirror_resume)
-    mrm = mverbs.add_parser("rm", help="forget a broken mirror (the target keeps its image)")
-    mrm.add_argument("volume")
+    mrm = mverbs.add_parser(
+        "rm", help="forget a broken mirror (the target keeps its image); on a target, "
+                   "SOURCE/NAME deletes an incoming mirror's image and state",
+        description="On a source: forget a broken mirror of VOLUME (to --to only, or to "
+                    "every target); the targets keep their images. On a target: delete "
+                    "the incoming mirror SOURCE/NAME (the source's node name or id, as "
+                    "'status' lists it, and the mirror's name), its images and its state; "
+                    "refused while the source is connected, unless --force.")
+    mrm.add_argument("volume", metavar="VOLUME|SOURCE/NAME")
     mrm.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
+    mrm.add_argument("--force", action="store_true",
+                     help="SOURCE/NAME only: remove it even while the source is connected "
+                          "(its connection is closed; a source still mirroring sends a full "
+                          "copy next time)")
     mrm.set_defaults(func=cmd_mirror_rm)
 
     verify = mverbs.add_parser(

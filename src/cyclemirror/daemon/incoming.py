@@ -6,6 +6,8 @@ replaced atomically, so a read sees an old or a new version, never a mix.
 A member of a group gets one row per volume, all with the group's cycle and
 freeze time.  An unreadable state file becomes a row with its error rather
 than disappearing, so a damaged mirror is visible.
+
+``remove_incoming`` is ``mirror rm SOURCE/NAME`` on a target.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from cyclemirror.errors import CycleMirrorError
 
 STATE_SUFFIXES = (".state.json", ".group.json")
+_LOCAL = None  # the registry of a daemon that runs no target server (remove_incoming)
 
 
 def incoming_status(store_path: str, now: float) -> list[dict]:
@@ -49,6 +52,9 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "group": st.mirror if st.group else None,
                     "size": vol.size,
                     "block_size": vol.block_size,
+                    # a member new to the group: its image is zeros until the next
+                    # applied cycle, which carries all of it
+                    "joining": vol.name in st.extra.get("joining", []),
                     "image": os.path.join(ndir, vol.name + ".img"),
                     "applied_cycle": st.applied_cycle,
                     "freeze_time": st.freeze_time if applied else None,
@@ -59,3 +65,31 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "error": None,
                 })
     return rows
+
+
+def remove_incoming(store_path: str, target, name: object, force: bool) -> dict:
+    """Delete the incoming mirror ``SOURCE/NAME`` (``receiver.removal``): refused while its
+    source is connected unless ``force``; ``target`` is the TargetServer (None without
+    --listen: no source can be connected)."""
+    import logging
+
+    from cyclemirror.receiver.removal import find_incoming, remove_files
+    from cyclemirror.receiver.server import MirrorRegistry
+
+    global _LOCAL
+
+    m = find_incoming(store_path, name)
+    key = (m.node_id, m.mirror, m.group)
+    if target is None and _LOCAL is None:
+        _LOCAL = MirrorRegistry()  # no sources without --listen; two removals still exclude
+    registry = target.registry if target is not None else _LOCAL
+    holder = registry.hold(key, force=force)
+    try:
+        removed = remove_files(m)
+    finally:
+        registry.release(key, holder)
+    logging.getLogger("cyclemirror.daemon").info(
+        "incoming mirror %s/%s (source %s) removed%s: %d files", m.source_name or m.node_id,
+        m.mirror, m.node_id, " with --force" if force else "", len(removed))
+    return {"source_node": m.node_id, "source_name": m.source_name, "mirror": m.mirror,
+            "group": m.group, "volumes": m.volumes, "removed": removed}

@@ -22,10 +22,11 @@ the group's targets).  A group's members share targets, interval,
 compression and rate cap: ``mirror start`` of a new member adds it to every
 target of the group, and a new target to every member.  Sync, break, resume
 and rm of a member act on its whole group.  On the target a group is one
-mirror named ``NAME-<digest of its member names>`` (``group_mirror_name``):
-the target applies a group with a fixed member list, so a group whose
-members change is a new mirror there (its first cycle is a full copy)
-instead of one the target would refuse.
+mirror named ``NAME-<digest of its first member names>`` (``group_mirror_name``),
+recorded in the book (``groups``) when the group first runs and kept while
+members come and go: the target keeps the other members' images and the
+driver relays its owed sets out (``sender.group``), so a member change costs
+no full copy.
 
 Locking: ``_lock`` (re-entrant) guards the book and the driver table;
 ``_figures_lock`` the totals the driver hook writes.  Driver
@@ -38,6 +39,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 
@@ -71,6 +73,9 @@ class MirrorBook:
     def __init__(self, directory: str):
         self.path = os.path.join(directory, BOOK_FILE)
         self.entries: dict[tuple[str, str], dict] = {}
+        # group -> its mirror name on the targets, fixed when the group first runs, so
+        # members may come and go while the targets keep the group's images.
+        self.groups: dict[str, str] = {}
         # A damaged entry never stops the daemon: it is left out (and logged, and shown
         # in status as a problem), and kept as it was in the file on every save.
         self.problems: list[str] = []
@@ -103,6 +108,13 @@ class MirrorBook:
             raise StoreError(f"mirror definitions {self.path} are not of format {BOOK_FORMAT}; "
                              "restore it from a backup or move it away and start the "
                              "mirrors again")
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and _MIRROR_NAME.fullmatch(v)
+                for k, v in groups.items()):
+            raise StoreError(f"mirror definitions {self.path}: 'groups' is malformed; restore "
+                             "it from a backup or move it away and start the mirrors again")
+        self.groups = dict(groups)
         for index, item in enumerate(data["mirrors"]):
             where = f"{self.path} entry {index + 1}"
             try:
@@ -122,7 +134,8 @@ class MirrorBook:
             raise StoreError(f"{self.load_error}; mirror definitions cannot change until then")
         data = {"format": BOOK_FORMAT,
                 "mirrors": [{"spec": e["spec"].to_json(), "broken": e["broken"]}
-                            for e in self.entries.values()] + self._kept}
+                            for e in self.entries.values()] + self._kept,
+                "groups": dict(sorted(self.groups.items()))}
         try:
             atomic_write_json(self.path, data)
         except OSError as exc:
@@ -131,6 +144,7 @@ class MirrorBook:
 
 
 GROUP_UNIT = "group:"  # a unit key no volume name can have (names have no ':')
+_MIRROR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def unit_of_spec(spec: MirrorSpec) -> str:
@@ -202,6 +216,8 @@ class OutgoingMirrors:
                     self.book.entries[key] = {"spec": spec, "broken": False}
                     if spec.group:
                         self._complete_group(spec.group)
+            for unit in sorted({unit_of_spec(e["spec"]) for e in self.book.entries.values()}):
+                self._fix_group_name(unit)
             self.book.save()
             for unit in sorted({unit_of_spec(e["spec"]) for e in self.book.entries.values()}):
                 try:
@@ -248,11 +264,22 @@ class OutgoingMirrors:
                       if k[0] == unit and e["spec"].group is None)
 
     def _target_mirror(self, unit: str, entries) -> str:
-        """The unit's mirror name on its targets."""
+        """The unit's mirror name on its targets (a group's: as recorded when it first
+        ran, else made from its members now)."""
         if unit.startswith(GROUP_UNIT):
+            group = unit[len(GROUP_UNIT):]
+            if group in self.book.groups:
+                return self.book.groups[group]
             names = sorted({e["spec"].remote_name for _, e in entries})
-            return group_mirror_name(unit[len(GROUP_UNIT):], names)
+            return group_mirror_name(group, names)
         return entries[0][1]["spec"].remote_name
+
+    def _fix_group_name(self, unit: str) -> None:
+        """Record a group's mirror name before its members change (lock held)."""
+        entries = self._unit_entries(unit)
+        if unit.startswith(GROUP_UNIT) and entries:
+            self.book.groups.setdefault(unit[len(GROUP_UNIT):],
+                                        self._target_mirror(unit, entries))
 
     def _rebuild(self, unit: str) -> None:
         """Replace the unit's driver by one for its recorded members and targets (lock held)."""
@@ -270,9 +297,20 @@ class OutgoingMirrors:
             self._build_errors[unit] = f"{type(exc).__name__}: {exc}"
             raise
 
+    def _target_spec(self, spec: MirrorSpec):
+        from cyclemirror.sender.driver import TargetSpec
+
+        return TargetSpec(spec.to.host, spec.to.port, self._read_key(spec),
+                          tls=self._tls_of(spec))
+
+    def _running_driver(self, unit: str):
+        """The unit's driver if its cycle loop runs (lock held), else None."""
+        driver = self._drivers.get(unit)
+        thread = getattr(driver, "_thread", None)
+        return driver if thread is not None and thread.is_alive() else None
+
     def _new_driver(self, unit: str, entries: list[tuple[tuple[str, str], dict]]):
         from cyclemirror.sender import MirrorDriver, MirrorOptions
-        from cyclemirror.sender.driver import TargetSpec
         from cyclemirror.sender.group import VolumeGroup
 
         first = entries[0][1]["spec"]
@@ -282,9 +320,7 @@ class OutgoingMirrors:
             per_target.setdefault(t, e["spec"])
         for spec in per_target.values():
             check_mirror_tls(spec, self.insecure)
-        targets = [TargetSpec(spec.to.host, spec.to.port, self._read_key(spec),
-                              tls=self._tls_of(spec))
-                   for _t, spec in sorted(per_target.items())]
+        targets = [self._target_spec(spec) for _t, spec in sorted(per_target.items())]
         options = MirrorOptions(
             interval=first.interval, rpo=first.rpo, codec=first.compress.codec,
             level=first.compress.level,
@@ -303,8 +339,10 @@ class OutgoingMirrors:
             driver = MirrorDriver(self.store.open_volume(unit), targets, options=options,
                                   store=self.store, remote_name=first.remote_name)
         made["driver"] = driver
-        if any(e["broken"] for _, e in entries):
-            driver.break_cycles()  # before start: it recovers its state and waits for resume
+        # Before start: it recovers its state; a broken target waits for its resume (all
+        # of them broken: the whole mirror waits), the others cycle.
+        for t in sorted({t for (_v, t), e in entries if e["broken"]}):
+            driver.break_target(_label(t))
         driver.start()
         return driver
 
@@ -437,7 +475,11 @@ class OutgoingMirrors:
                 if (volume, target) in self.book.entries:
                     continue
                 spec = dataclasses.replace(tspec, volume=volume, remote_name=mspec.remote_name)
-                broken = any(e["broken"] for _, e in entries)
+                # As the group stands to that target (a new target: broken only when
+                # the whole group is).
+                same = [e["broken"] for (_v, t), e in entries if t == target]
+                broken = any(same) if same else bool(entries) and all(
+                    e["broken"] for _, e in entries)
                 self.book.entries[(volume, target)] = {"spec": spec, "broken": broken}
                 added.append((volume, target))
         return added
@@ -473,14 +515,28 @@ class OutgoingMirrors:
             if tls is not None:
                 tls.client_context()  # an unreadable CA file fails here, named
             unit = unit_of_spec(spec)
+            self._fix_group_name(unit)  # before a new member changes the digest
             fellows = self._unit_entries(unit)
-            self.book.entries[key] = {"spec": spec, "broken": bool(fellows) and any(
+            # A new target of a mirror broken as a whole waits for its resume too; one
+            # of a mirror that still cycles to some target starts at once.
+            self.book.entries[key] = {"spec": spec, "broken": bool(fellows) and all(
                 e["broken"] for _, e in fellows)}
             added = [key]
             if spec.group:
                 added += self._complete_group(spec.group)
+            known_members = {v for (v, _t), _ in fellows}
+            known_targets = {t for (_v, t), _ in fellows}
+            driver = self._running_driver(unit)
             try:
-                self._rebuild(unit)
+                if (driver is not None and all(v in known_members for v, _t in added)
+                        and all(t not in known_targets for _v, t in added)):
+                    # Only a target is new: it joins the running cycle loop, whose other
+                    # targets go on with their deltas (no restart, no full copy to them).
+                    driver.add_target(self._target_spec(spec))
+                    if self.book.entries[key]["broken"]:
+                        driver.break_target(_label(str(spec.to)))
+                else:
+                    self._rebuild(unit)
             except BaseException:
                 for k in added:
                     del self.book.entries[k]
@@ -501,16 +557,12 @@ class OutgoingMirrors:
                 "bwlimit": spec.bwlimit, "group": spec.group,
                 "target_mirror": self._target_mirror(unit, self._unit_entries(unit))}
 
-    def _whole_unit(self, volume: str, target: str | None, verb: str):
-        """(unit, keys) a verb acts on: every member and target of the volume's unit."""
+    def _unit_keys(self, volume: str, target: str | None):
+        """(unit, keys) a verb acts on: every member of the volume's unit, to ``target``
+        only when one is named (a group's members share their targets)."""
         _select(self.book.entries, volume, target)  # NotFoundError names what exists
         unit = self._unit_of(volume)
-        keys = [k for k, _ in self._unit_entries(unit)]
-        every = sorted({t for _, t in keys})
-        if target is not None and len(every) > 1:
-            raise UsageError(
-                f"'mirror {verb}' acts on the whole mirror of {_unit_text(unit)}, which runs "
-                f"one cycle for all its targets ({', '.join(every)}); omit --to")
+        keys = [k for k, _ in self._unit_entries(unit) if target is None or k[1] == target]
         return unit, keys
 
     def _rows(self, keys) -> list[dict]:
@@ -518,58 +570,91 @@ class OutgoingMirrors:
         return [r for r in self.status() if (r["volume"], r["target"]) in want]
 
     def sync(self, volume: str, target: str | None, timeout: float) -> list[dict]:
+        """Freeze now and wait for ``target``, or for every target that is not broken
+        or down; each row says whether it was waited for (``synced``) and if not,
+        why (``skipped``)."""
         with self._lock:
-            unit, keys = self._whole_unit(volume, target, "sync")
+            unit, keys = self._unit_keys(volume, target)
             driver = self._drivers.get(unit)
+            why = self._build_errors.get(unit)
         if driver is None:
-            raise NotFoundError(f"the mirror of {_unit_text(unit)} is not running (see the "
-                                "daemon log)")
+            raise NotFoundError(f"the mirror of {_unit_text(unit)} is not running"
+                                + (f" ({why})" if why else "") + "; see the daemon log")
+        labels = sorted({_label(t) for _v, t in keys}) if target is not None else None
         try:
-            driver.sync(timeout)
+            _cycle, skipped = driver.sync_targets(labels, timeout)
         except CycleMirrorError:
             raise
         except Exception as exc:  # the driver re-raises what broke a target, whatever it was
             raise CycleMirrorError(
                 f"the mirror of {volume!r} stopped on {type(exc).__name__}: {exc}; see the "
                 f"daemon log, fix the cause, then 'cyclemirror mirror resume {volume}'") from exc
-        return self._rows(keys)
+        rows = self._rows(keys)
+        for row in rows:
+            row["skipped"] = skipped.get(_label(row["target"]))
+            row["synced"] = row["skipped"] is None
+        if skipped:
+            log.info("mirror %s: sync did not wait for %s", _unit_text(unit),
+                     "; ".join(f"{t}: {w}" for t, w in sorted(skipped.items())))
+        return rows
 
     def break_cycles(self, volume: str, target: str | None, now: bool) -> list[dict]:
         with self._lock:
-            unit, keys = self._whole_unit(volume, target, "break")
+            unit, keys = self._unit_keys(volume, target)
             for k in keys:
                 self.book.entries[k]["broken"] = True
             self.book.save()
             driver = self._drivers.get(unit)
+            whole = all(e["broken"] for _, e in self._unit_entries(unit))
+        targets = sorted({t for _, t in keys})
         if driver is not None:
-            driver.break_cycles(now=now)
+            if target is None:
+                driver.break_cycles(now=now)
+            else:
+                driver.break_target(_label(target), now=now)
             # Without --now the running cycle finishes first. Wait a while for that, but
             # not for ever: a cycle to an unreachable target only ends with --now. The
             # break is recorded either way; the rows say which phase the mirror is in.
             deadline = time.monotonic() + BREAK_WAIT
-            while driver.status()["phase"] != "broken" and time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self._all_broken(driver, targets, whole):
                 time.sleep(0.05)
-        log.info("mirror %s -> %s: broken%s", _unit_text(unit),
-                 ", ".join(sorted({t for _, t in keys})),
+        log.info("mirror %s -> %s: broken%s", _unit_text(unit), ", ".join(targets),
                  " now (running cycle abandoned)" if now else "")
         return self._rows(keys)
 
+    @staticmethod
+    def _all_broken(driver, targets: list[str], whole: bool) -> bool:
+        st = driver.status()
+        if whole:
+            return st["phase"] == "broken"
+        return all(st["targets"].get(_label(t), {}).get("phase") == "broken" for t in targets)
+
     def resume(self, volume: str, target: str | None) -> list[dict]:
         with self._lock:
-            unit, keys = self._whole_unit(volume, target, "resume")
+            unit, keys = self._unit_keys(volume, target)
             for k in keys:
                 self.book.entries[k]["broken"] = False
             self.book.save()
-            # A fresh driver, not driver.resume(): it also recovers a driver whose thread
-            # ended on an unexpected error. Its state is in the store, so nothing is re-sent.
-            self._rebuild(unit)
+            driver = self._running_driver(unit)
+            if target is not None and driver is not None:
+                # One target: the others go on as they are (broken ones stay broken).
+                for t in sorted({t for (_v, t), e in self._unit_entries(unit)
+                                 if e["broken"]}):
+                    driver.break_target(_label(t))
+                driver.resume_target(_label(target))
+            else:
+                # A fresh driver, not driver.resume(): it also recovers a driver whose
+                # thread ended on an unexpected error. Its state is in the store, so
+                # nothing is re-sent.
+                self._rebuild(unit)
         log.info("mirror %s -> %s: resumed", _unit_text(unit),
                  ", ".join(sorted({t for _, t in keys})))
         return self._rows(keys)
 
     def remove(self, volume: str, target: str | None) -> list[dict]:
         """Remove a volume's mirror (to one target, or all).  For a group member: without
-        --to the member leaves the group; with --to that target leaves the whole group."""
+        --to the member leaves the group; with --to that target leaves the whole group.
+        A target removed while others remain leaves the running cycle loop, which goes on."""
         with self._lock:
             keys = _select(self.book.entries, volume, target)
             unit = self._unit_of(volume)
@@ -577,13 +662,39 @@ class OutgoingMirrors:
                 keys = [k for k, _ in self._unit_entries(unit) if k[1] == target]
             running = [f"{v} -> {t}" for v, t in keys if not self.book.entries[(v, t)]["broken"]]
             if running:
+                to = f" --to {target}" if target is not None else ""
                 raise UsageError(f"the mirror {', '.join(running)} is running; "
-                                 f"break it first ('cyclemirror mirror break {volume}')")
-            self._forget_targets(unit, sorted({t for _, t in keys}))
-            for key in keys:
-                del self.book.entries[key]
-            self.book.save()
-            self._rebuild(unit)
+                                 f"break it first ('cyclemirror mirror break {volume}{to}')")
+            others = {t for (_v, t), _ in self._unit_entries(unit)} - {t for _v, t in keys}
+            driver = self._running_driver(unit)
+            if target is not None and others and driver is not None:
+                # One target leaves the running cycle loop; the others go on.
+                try:
+                    driver.remove_target(_label(target), timeout=BREAK_WAIT * 3)
+                except NotFoundError:
+                    pass  # let go of already (an earlier rm that ran out of time)
+                for key in keys:
+                    del self.book.entries[key]
+                self.book.save()
+            else:
+                members_left = {v for (v, _t), _ in self._unit_entries(unit)} - {
+                    v for v, _t in keys}
+                if target is None and unit.startswith(GROUP_UNIT) and members_left:
+                    # A member leaves its group: the targets keep the other members'
+                    # images and the driver its owed sets (sender/group.py relays them
+                    # out), so nothing already mirrored is copied again.
+                    self._fix_group_name(unit)
+                    old = self._drivers.pop(unit, None)
+                    if old is not None:
+                        old.stop()
+                else:
+                    self._forget_targets(unit, sorted({t for _, t in keys}))
+                for key in keys:
+                    del self.book.entries[key]
+                if unit.startswith(GROUP_UNIT) and not self._unit_entries(unit):
+                    self.book.groups.pop(unit[len(GROUP_UNIT):], None)
+                self.book.save()
+                self._rebuild(unit)
         log.info("mirror %s: removed %s", _unit_text(unit),
                  ", ".join(f"{v} -> {t}" for v, t in keys))
         return [{"volume": v, "target": t} for v, t in keys]
@@ -697,6 +808,12 @@ class OutgoingMirrors:
                                or (st.get("last_error") if phase == "broken" else None)),
             })
         return rows
+
+
+def _label(target: str) -> str:
+    """A book target ("host:port", "[v6]:port") as the driver labels it ("host:port")."""
+    addr = parse_hostport(target, "target")
+    return f"{addr.host}:{addr.port}"
 
 
 def _unit_text(unit: str) -> str:

@@ -380,9 +380,31 @@ class Daemon:
         return self.outgoing.resume(volume, target)
 
     def _op_mirror_rm(self, args):
+        if args.get("image") is not None:  # on a target: an incoming mirror, SOURCE/NAME
+            from cyclemirror.daemon.incoming import remove_incoming
+
+            image = self._arg(args, "image", str, "SOURCE/NAME")
+            force = self._arg(args, "force", bool, "--force", False)
+            with self._admin_lock:
+                return remove_incoming(self.store.path, self.target, image, force)
         volume, target = self._select(args)
+        if self._arg(args, "force", bool, "--force", False):
+            raise UsageError("--force is for removing an incoming mirror on a target "
+                             "('mirror rm SOURCE/NAME --force'); an outgoing mirror is "
+                             f"broken first ('cyclemirror mirror break {volume}')")
         with self._admin_lock:
-            return self.outgoing.remove(volume, target)
+            try:
+                return self.outgoing.remove(volume, target)
+            except NotFoundError as exc:
+                from cyclemirror.receiver.removal import incoming_mirrors
+
+                here = [f"{m.source_name or m.node_id}/{m.mirror}"
+                        for m in incoming_mirrors(self.store.path) if m.mirror == volume]
+                if not here:
+                    raise
+                raise NotFoundError(f"{exc}; this store holds the incoming mirror "
+                                    f"{', '.join(here)}: on a target, name it SOURCE/NAME "
+                                    f"('cyclemirror mirror rm {here[0]}')") from None
 
     def _span(self, args) -> dict:
         offset = parse_size(self._arg(args, "offset", int, "--offset", 0), "--offset")

@@ -130,6 +130,14 @@ class Mirror:
             state = MirrorState.load(path)
             old = [(v.name, v.size, v.block_size) for v in state.volumes]
             new = [(v.name, v.size, v.block_size) for v in volumes]
+            common = {v[0] for v in old} & {v[0] for v in new}
+            if old != new and group and {v for v in old if v[0] in common} == {
+                    v for v in new if v[0] in common}:
+                # Members joined or left a group: the others keep their images.
+                state.source_name = source_name
+                mirror = cls(directory, state, path, max_chunk)
+                mirror.change_members(list(volumes))
+                return mirror
             if old != new:
                 raise ProtocolError(
                     f"mirror {mirror!r} of source {source_node}: the source now sends "
@@ -141,6 +149,51 @@ class Mirror:
             state = MirrorState(mirror, group, source_node, source_name, list(volumes))
             state.save(path)
         return cls(directory, state, path, max_chunk)
+
+    def change_members(self, volumes: list[VolumeSpec]) -> None:
+        """A group's member list changed (names and geometry of the kept ones equal).
+
+        A cycle in flight is discarded (its member numbers are the old ones).  A new
+        member gets an all-zero image at once, listed as ``joining`` in the state
+        until the next applied cycle, which the source makes carry all of its
+        blocks; until then readers are not offered it.  A member that left loses its
+        image.  Order: new images, the state (the commit point), then old images.
+        """
+        st = self.state
+        if st.pending is not None:
+            self._discard_pending()
+        old = {v.name for v in st.volumes}
+        new = {v.name for v in volumes}
+        joining = set(st.extra.get("joining", [])) & new
+        if st.applied_cycle > 0:
+            for vol in volumes:
+                if vol.name in old:
+                    continue
+                fd = os.open(os.path.join(self.directory, vol.name + ".img"),
+                             os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    os.ftruncate(fd, 0)  # a leftover of a crashed change: zeros again
+                    os.ftruncate(fd, vol.size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                joining.add(vol.name)
+            fileops.fsync_dir(self.directory)
+        with self._state_lock:
+            st.volumes = list(volumes)
+            if joining:
+                st.extra["joining"] = sorted(joining)
+            else:
+                st.extra.pop("joining", None)
+            self._save()
+        from cyclemirror.receiver.removal import remove_member_files
+
+        for name in sorted(old - new):
+            remove_member_files(self.directory, name)
+        fileops.fsync_dir(self.directory)
+        log.info("mirror %s of %s: members now %s (joined: %s; left: %s)", st.mirror,
+                 st.source_node, ", ".join(v.name for v in volumes),
+                 ", ".join(sorted(new - old)) or "none", ", ".join(sorted(old - new)) or "none")
 
     @property
     def has_image(self) -> bool:
@@ -459,6 +512,7 @@ class Mirror:
         scrub.record_apply(self, c)  # verify hook: the scrub record follows the image
         with self._state_lock:
             st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
+            st.extra.pop("joining", None)  # their blocks came whole in this cycle
             self._save()
         if not c.full:
             p = st.pending

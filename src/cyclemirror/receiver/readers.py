@@ -158,7 +158,10 @@ def mirror_images(root: str) -> list[MirrorImage]:
                 continue  # a damaged state is reported by the target's status, not here
             if st.applied_cycle <= 0:
                 continue
+            joining = st.extra.get("joining", [])  # all zeros until their first cycle
             for vol in st.volumes:
+                if vol.name in joining:
+                    continue
                 out.append(MirrorImage(node, st.source_name, vol.name, path,
                                        os.path.join(ndir, vol.name + ".img"), vol.size,
                                        vol.block_size, st.applied_cycle))

@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 TAKEOVER_TIMEOUT = 30.0
 
 
+class Removal:
+    """Holds a mirror in the registry while ``mirror rm SOURCE/NAME`` deletes it."""
+
+    link = None
+
+
 class MirrorRegistry:
     """Which session holds which mirror; guarded by one condition variable."""
 
@@ -59,6 +65,9 @@ class MirrorRegistry:
     def acquire(self, key: tuple, session: Session) -> None:
         with self._cond:
             old = self._held.get(key)
+            if isinstance(old, Removal):
+                raise ConnectionLostError(f"mirror {key[1]!r} is being removed on this "
+                                          "target ('mirror rm' there); retrying later")
             if old is not None:
                 log.info("mirror %s: new connection takes over from %s", key, old.link.peer)
                 try:
@@ -78,6 +87,33 @@ class MirrorRegistry:
             if self._held.get(key) is session:
                 del self._held[key]
                 self._cond.notify_all()
+
+    def hold(self, key: tuple, *, force: bool, timeout: float = TAKEOVER_TIMEOUT) -> object:
+        """Keep sources out of mirror ``key`` while it is removed; returns the holder to
+        give to ``release``.  A connected source refuses it unless ``force``, which
+        closes that source's connection (the source retries, and is refused meanwhile)."""
+        holder = Removal()
+        with self._cond:
+            old = self._held.get(key)
+            if old is not None and not force:
+                raise UsageError(
+                    f"mirror {key[1]!r} of source {key[0]}: the source at {old.link.peer} is "
+                    "connected and sending to it; break that mirror on the source first "
+                    "('cyclemirror mirror break VOLUME --to HOST:PORT' there) or pass --force")
+            if isinstance(old, Removal):
+                raise UsageError(f"mirror {key[1]!r} of source {key[0]} is being removed")
+            if old is not None:
+                log.info("mirror %s: closing the connection of %s to remove it", key,
+                         old.link.peer)
+                try:
+                    old.link.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if not self._cond.wait_for(lambda: key not in self._held, timeout):
+                raise DeadlineError(f"mirror {key[1]!r}: its session did not end within "
+                                    f"{timeout}s; try again")
+            self._held[key] = holder
+        return holder
 
 
 class TargetServer:

@@ -41,6 +41,14 @@ a second one merges and frees what the first is done with.
   applied cycle moved back, another target answers), block hashes are
   compared and only differing blocks ship.
 
+* One target at a time: ``break_target``/``resume_target`` stop and restart
+  shipping to one target (its owed set keeps growing meanwhile),
+  ``add_target``/``remove_target`` change the targets between two cycles of
+  the running loop, and ``sync_targets`` waits for named targets or for every
+  one not broken, leaving out one that is down.  Targets that need a new
+  connection are dialled in threads of their own; a cycle waits at most
+  ``dial_grace`` for them, so a host that never answers holds up only itself.
+
 * Progress: while a cycle ships, each target's ``CycleProgress`` holds
   counters that only its sender thread writes (plain int attributes, no
   lock); ``status()`` reads them as they are, so a poll never waits on a
@@ -109,6 +117,7 @@ class MirrorOptions:
     retry_max: float = 30.0
     apply_timeout: float = 3600.0
     stall_timeout: float = 60.0
+    dial_grace: float = 3.0  # how long a cycle waits for targets being dialled
     queue_frames: int = 32  # lists of frames (each ~SEND_BATCH_BYTES, or one big frame) per target
     on_frozen: object = None  # callable(frozen, reader): the daemon's/tests' hook
     on_applied: object = None  # callable(cycle, label, stats)
@@ -186,6 +195,14 @@ class OutgoingTarget:
         self.ok = False
         self.latency = rpo.LatencyModel()  # freeze -> applied, learnt per target
         self.rpo_state = rpo.OK  # the last assessment against the objective (hysteresis)
+        # Broken by the user (break of this target alone): it ships nothing, its owed
+        # set keeps growing, and resume_target() sends it one delta.
+        self.paused = False
+        self.failed_cycle = 0  # the cycle being shipped when its last attempt failed
+        self.dialled = False  # link is new (dialled this attempt): _prepare reads 'opened'
+        self.dial_thread: threading.Thread | None = None  # a dial under way
+        self.late = False  # left out of a cycle while dialling: ask for one when connected
+        self.gone = False  # removed from the driver (a late dial closes its link)
 
     def drop_link(self) -> None:
         if self.link is not None:
@@ -229,6 +246,8 @@ class MirrorDriver:
         self.state = DriverState(os.path.join(store.path, "outgoing",
                                               self.subject.state_dir_name),
                                  self.subject.nblocks)
+        # A group whose members changed: owed sets laid out anew (sender/group.py).
+        self._joining = self.subject.adopt_layout(self.state)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -250,6 +269,8 @@ class MirrorDriver:
         self._merge_seconds_unreported: float | None = None  # merges since the last cycle
         self._repairs: dict[str, ExtentBitmap] = {}  # verify hook: label -> blocks to repair
         self._merge_holds = 0  # verify hook: verifies running; the merger waits for them
+        self._adding: list[OutgoingTarget] = []  # add_target(): joins between cycles
+        self._removing: set[str] = set()  # remove_target(): leaves between cycles
 
     # -- control ----------------------------------------------------------
     def start(self) -> None:
@@ -264,29 +285,113 @@ class MirrorDriver:
         self._thread.start()
         self._merger.start()
 
-    def sync(self, timeout: float = 600.0) -> int:
-        """Freeze now; return the cycle once every target has applied it."""
-        return self.wait_applied(self.request_freeze(), timeout)
+    def sync(self, timeout: float = 600.0, labels=None) -> int:
+        """Freeze now; return the cycle once the targets waited for have applied it
+        (``labels``: those targets; default every target that is not broken, see
+        ``wait_targets``)."""
+        return self.wait_applied(self.request_freeze(), timeout, labels)
 
-    def wait_applied(self, want: int, timeout: float = 600.0) -> int:
-        """Return ``want`` once every target has applied that cycle (or a newer one).
+    def sync_targets(self, labels=None, timeout: float = 600.0) -> tuple[int, dict[str, str]]:
+        """Freeze now and wait; return (cycle, {target not waited for: why})."""
+        with self._cond:
+            self._waitable(labels)  # a named target that cannot apply fails before the freeze
+        want = self.request_freeze()
+        return want, self.wait_targets(want, timeout, labels)
+
+    def wait_applied(self, want: int, timeout: float = 600.0, labels=None) -> int:
+        """Return ``want`` once the targets waited for have applied that cycle (or a newer one).
 
         With ``request_freeze()`` before ``start()``, the first cycle of a new driver
         is exactly the one asked for (a freeze asked for after start may come after
         one the driver made on its own, and then it is the second)."""
+        self.wait_targets(want, timeout, labels)
+        return want
+
+    def _waitable(self, labels) -> tuple[list[OutgoingTarget], dict[str, str]]:
+        """With _cond held: (targets to wait for, {target not waited for: why}).
+
+        Named targets are all waited for, and one that is broken fails the call.
+        Without names: every target that is not broken (by a break, or a permanent
+        error); when every one is broken, the cause fails the call."""
+        skipped: dict[str, str] = {}
+        every = self.targets + self._adding  # a target being added is waited for too
+        if labels is not None:
+            known = {r.label: r for r in every}
+            missing = [label for label in labels if label not in known]
+            if missing:
+                raise NotFoundError(
+                    f"mirror of {self.volume.name!r} has no target {', '.join(missing)} "
+                    f"(its targets: {', '.join(sorted(known))})")
+            chosen = [known[label] for label in labels]
+            for r in chosen:
+                if r.broken is not None:
+                    raise r.broken
+                if r.paused:
+                    raise UsageError(f"the mirror of {self.volume.name!r} to {r.label} is "
+                                     "broken; resume it first")
+            return chosen, skipped
+        chosen = []
+        for r in every:
+            if r.paused:
+                skipped[r.label] = "broken (mirror break)"
+            elif r.broken is not None:
+                skipped[r.label] = f"broken: {r.last_error}"
+            else:
+                chosen.append(r)
+        if not chosen:
+            failed = [r.broken for r in self.targets if r.broken is not None]
+            if failed:
+                raise failed[0]  # the cause (a bad key, a size mismatch), not a symptom
+            raise UsageError(f"every target of the mirror of {self.volume.name!r} is broken; "
+                             "resume one first")
+        return chosen, skipped
+
+    def wait_targets(self, want: int, timeout: float = 600.0, labels=None) -> dict[str, str]:
+        """Wait until the targets waited for have applied cycle ``want``; return the
+        ones not waited for, each with why.
+
+        Named targets (``labels``) are waited for until the deadline, whatever
+        happens to the others.  Without names a target that is down (its attempt
+        at this cycle or a later one failed and it is retrying) or that breaks
+        meanwhile is not waited for once another target applied the cycle; while
+        none has, the wait goes on (retries may bring one back)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not all(r.applied_cycle >= want for r in self.targets):
-                broken = [r for r in self.targets if r.broken is not None]
-                if broken:
-                    raise broken[0].broken
+            waited, skipped = self._waitable(labels)
+            while True:
+                pending, down = [], {}
+                for r in waited:
+                    if r.applied_cycle >= want:
+                        continue
+                    if r.broken is not None:
+                        if labels is not None:
+                            raise r.broken
+                        skipped[r.label] = f"broken: {r.last_error}"
+                    elif r.paused and labels is None:
+                        skipped[r.label] = "broken (mirror break)"
+                    elif (labels is None and r.backoff > 0 and r.failed_cycle >= want
+                          and r.held_cycle < want):
+                        down[r.label] = f"down, retrying ({r.last_error})"
+                    else:
+                        pending.append(r)
+                waited = [r for r in waited if r.label not in skipped]
+                applied = [r for r in waited if r.applied_cycle >= want]
+                if not waited:
+                    failed = [r.broken for r in self.targets if r.broken is not None]
+                    if failed:
+                        raise failed[0]
+                    raise UsageError(f"every target of the mirror of {self.volume.name!r} "
+                                     "broke during the sync; resume one first")
+                if not pending and (applied or not down):
+                    skipped.update(down)
+                    return skipped
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DeadlineError(
-                        f"sync of {self.volume.name!r}: cycle {want} not applied on every "
-                        f"target within {timeout}s ({self._targets_brief()})")
+                        f"sync of {self.volume.name!r}: cycle {want} not applied on "
+                        + (", ".join(labels) if labels is not None else "every target")
+                        + f" within {timeout}s ({self._targets_brief()})")
                 self._cond.wait(min(left, 0.5))
-        return want
 
     def request_freeze(self) -> int:
         """Ask for a freeze now, without waiting; return the cycle that will follow it.
@@ -325,9 +430,127 @@ class MirrorDriver:
             self._break = self._break_now = False
             for r in self.targets:
                 r.broken = None
+                r.paused = False
                 r.backoff = 0.0
             self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
             self._cond.notify_all()
+
+    # -- one target at a time (the others keep cycling) --------------------
+    def _target(self, label: str) -> OutgoingTarget:
+        for r in self.targets + self._adding:
+            if r.label == label:
+                return r
+        raise NotFoundError(f"mirror of {self.volume.name!r} has no target {label} (its "
+                            f"targets: {', '.join(r.label for r in self.targets)})")
+
+    def break_target(self, label: str, now: bool = False) -> None:
+        """Stop shipping to one target: after the running cycle (that target keeps it),
+        or at once with ``now`` (it keeps the previous one).  Its owed set keeps
+        growing, so ``resume_target`` sends it one delta.  Breaking the last target
+        that was not broken is a break of the whole mirror."""
+        with self._cond:
+            r = self._target(label)
+            r.paused = True
+            if all(t.paused for t in self.targets):
+                self._break = True
+                self._break_now = self._break_now or now
+            self._cond.notify_all()
+        if now:
+            r.drop_link()
+
+    def resume_target(self, label: str) -> None:
+        """Ship to a target broken alone again, starting with a cycle now (a delta of
+        everything changed since its applied cycle); the others are left as they are."""
+        with self._cond:
+            r = self._target(label)
+            r.paused, r.broken, r.backoff = False, None, 0.0
+            self._break = self._break_now = False
+            self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
+            self._cond.notify_all()
+
+    def add_target(self, spec: TargetSpec) -> None:
+        """Add a target while the others keep cycling: it joins at the next cycle,
+        which is asked for now (its first one is a full copy, or a hash comparison
+        if it holds an image already); the others get their usual delta."""
+        with self._cond:
+            if any(r.label == spec.label for r in self.targets + self._adding):
+                raise UsageError(f"mirror of {self.volume.name!r}: target {spec.label} is "
+                                 "already a target")
+            r = OutgoingTarget(spec)
+            if self._thread is None:
+                self.targets = self.targets + [r]  # _recover() reads its state
+                return
+            self._adding.append(r)
+            self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
+            self._cond.notify_all()
+
+    def remove_target(self, label: str, timeout: float = 30.0) -> None:
+        """Drop a target (broken first) and forget what we tracked about it; returns once
+        the cycle loop has let go of it.  Added again later, it counts as never known
+        (compared by block hashes if it has an image)."""
+        with self._cond:
+            r = self._target(label)
+            if not (r.paused or r.broken is not None):
+                raise UsageError(f"the mirror of {self.volume.name!r} to {label} is running; "
+                                 "break it first")
+            if len(self.targets) == 1 and r in self.targets:
+                raise UsageError(f"{label} is the only target of the mirror of "
+                                 f"{self.volume.name!r}; stop the driver instead")
+            if self._thread is None:
+                self._drop_target(r)
+                return
+            self._removing.add(label)
+            self._cond.notify_all()
+            deadline = time.monotonic() + timeout
+            while label in self._removing and not self._main_done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineError(f"mirror of {self.volume.name!r}: the cycle loop did "
+                                        f"not let go of {label} within {timeout}s (a long "
+                                        "cycle to the others); it does so when that cycle "
+                                        "ends: run the command again then")
+                self._cond.wait(min(left, 0.5))
+
+    def _drop_target(self, r: OutgoingTarget) -> None:
+        """With _cond held, the cycle loop between cycles (or not started)."""
+        r.gone = True
+        r.drop_link()
+        self.targets = [t for t in self.targets if t is not r]
+        self._adding = [t for t in self._adding if t is not r]
+        self._repairs.pop(r.label, None)
+        self.state.targets.pop(r.label, None)
+        self.state.save_repair(r.label, None)
+        self.state.save()
+
+    def _take_target_changes(self) -> None:
+        """The cycle loop, between cycles: targets added or removed meanwhile."""
+        with self._cond:
+            removing = [r for r in self.targets + self._adding if r.label in self._removing]
+            for r in removing:
+                self._drop_target(r)
+            self._removing.clear()
+            adding, self._adding = self._adding, []
+            for r in adding:
+                self._load_target(r)
+            if adding:
+                self.state.save()
+                self.targets = self.targets + adding
+            if removing or adding:
+                self._cond.notify_all()
+        for r in adding:
+            log.info("mirror %s: target %s added (%s)", self.volume.name, r.label,
+                     "a full copy first" if r.owed is None else "a delta or hash comparison")
+
+    def _load_target(self, r: OutgoingTarget) -> None:
+        """What the state records about ``r`` (at recovery, or when it is added)."""
+        st = self.state
+        e = st.entry(r.label)
+        r.held_cycle, r.freeze_time = e.held_cycle, e.freeze_time
+        r.applied_cycle = e.held_cycle  # committed cycles are applied by the target's recovery
+        r.owed = st.load_owed(r.label)
+        if not st.trusted:
+            e.untrusted = True
+        self._load_repairs(r.label)  # verify hook
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -352,7 +575,9 @@ class MirrorDriver:
                 "interval": self._interval(now),
                 "targets": {
                     r.label: {
-                        "phase": "broken" if r.broken else r.phase,
+                        "phase": "broken" if r.broken or (
+                            r.paused and (r.link is None or r.phase == "idle")) else r.phase,
+                        "paused": r.paused,
                         "applied_cycle": r.applied_cycle,
                         "committed_cycle": r.held_cycle,
                         "rpo_age": (now - r.freeze_time) if r.applied_cycle else None,
@@ -402,7 +627,10 @@ class MirrorDriver:
                                  states, cap)
 
     def _targets_brief(self) -> str:
-        return ", ".join(f"{r.label} applied {r.applied_cycle}" for r in self.targets)
+        return ", ".join(f"{r.label} applied {r.applied_cycle}"
+                         + (" (broken)" if r.paused or r.broken is not None
+                            else f" (last error: {r.last_error})" if r.backoff > 0 else "")
+                         for r in self.targets)
 
     def _set_phase(self, phase: str) -> None:
         with self._cond:
@@ -425,9 +653,17 @@ class MirrorDriver:
         except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
             self._crashed(exc)
         while True:
+            self._take_target_changes()
             with self._cond:
                 if self._stop:
                     return
+                # A broken target's link is closed between cycles: its target may then
+                # remove the mirror ('mirror rm SOURCE/VOLUME' there) without --force.
+                idle = [r for r in self.targets if r.link is not None
+                        and (r.paused or self._break)]
+            for r in idle:
+                r.drop_link()
+            with self._cond:
                 if self._break:
                     self.phase = "broken"
                     self._cond.notify_all()
@@ -454,11 +690,12 @@ class MirrorDriver:
                 self._crashed(exc)
                 continue
             with self._cond:
-                if all(r.broken is not None for r in self.targets):
+                if all(r.broken is not None or r.paused for r in self.targets):
                     # Nothing left to ship to: stop until resume() (after a fix).
                     self._break = True
                     self.last_error = "; ".join(f"{r.label}: {r.last_error}"
-                                                for r in self.targets)
+                                                for r in self.targets if r.broken is not None
+                                                ) or self.last_error
 
     def _start_sync(self, frozen) -> None:
         """fsync the frozen overlay in the background (frozen.sync() waits for it)."""
@@ -493,32 +730,32 @@ class MirrorDriver:
         step = 1.0 if self.options.rpo is None else 0.1
         with self._cond:
             while not (self._sync_want > self.volume.open_overlay or self._stop
-                       or self._break):
+                       or self._break or self._adding or self._removing):
                 now = time.time()
                 due = max(self.last_freeze_time + self._interval(now), self._copy_done)
                 left = due - now
                 if left <= 0:
                     break
                 self._cond.wait(min(left, step))
-            return not (self._stop or self._break)
+            # Targets to add or remove are taken first (the loop comes back here).
+            return not (self._stop or self._break or self._adding or self._removing)
 
     # -- recovery and bookkeeping ----------------------------------------
     def _recover(self):
         """Reconcile persisted state with the store; return a frozen cycle to ship first."""
         st = self.state
         for r in self.targets:
-            e = st.entry(r.label)
-            r.held_cycle, r.freeze_time = e.held_cycle, e.freeze_time
-            r.applied_cycle = e.held_cycle  # committed cycles are applied by the target's recovery
-            r.owed = st.load_owed(r.label)
-            if not st.trusted:
-                e.untrusted = True
-            self._load_repairs(r.label)  # verify hook
-        if self.subject.align():
+            self._load_target(r)
+        before = self.subject.open_overlay
+        moved = self.subject.align()
+        if moved:
             # Members of a group stood at different overlays (one was mirrored on its
-            # own): their extra freezes have no group cycle, so compare hashes.
-            for r in self.targets:
-                st.entry(r.label).untrusted = True
+            # own): their extra freezes have no group cycle, so compare hashes.  Not
+            # needed when only members that just joined moved, while the others stand
+            # where the state accounted for them: a newcomer owes all its blocks anyway.
+            if not (set(moved) <= set(self._joining) and st.last_freeze == before):
+                for r in self.targets:
+                    st.entry(r.label).untrusted = True
             st.last_freeze = self.subject.open_overlay
             st.save()
             self.cycle = st.last_freeze
@@ -654,7 +891,8 @@ class MirrorDriver:
                 self.options.on_frozen(frozen, reader)
             self._set_phase("copying")
             while True:
-                todo = [r for r in self.targets if r.broken is None and r.held_cycle < c]
+                todo = [r for r in self.targets
+                        if r.broken is None and not r.paused and r.held_cycle < c]
                 for r in todo:
                     r.ok = False
                 if not todo:
@@ -670,6 +908,14 @@ class MirrorDriver:
                     self._cond.wait(delay)
                     if self._break_now or self._stop:
                         break
+            with self._cond:
+                for r in self.targets:
+                    if r.broken is not None or r.paused or r.held_cycle >= c:
+                        continue
+                    if r.dial_thread is not None:
+                        r.late = True  # the cycle went on without it: it asks for one
+                    elif r.dialled:  # connected just too late for this cycle
+                        self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
         finally:
             # The merger thread closes it: the close may free a merged overlay (slow).
             with self._cond:
@@ -731,10 +977,20 @@ class MirrorDriver:
         if self._break_now:
             return
         for r in targets:
+            r.phase = "copying"  # a live link goes straight on
+        # Targets that need a new connection are dialled in threads of their own: one
+        # that does not answer (a dead host waits out the connect timeout) must not
+        # hold the others.  Those not connected within dial_grace join a later cycle.
+        dialling = [r for r in targets if self._needs_dial(r)]
+        for r in dialling:
+            self._start_dial(r)
+        self._wait_dials(dialling, self.options.dial_grace)
+        for r in targets:
+            if r in dialling and not r.dialled:
+                # Still dialling (see _ship_cycle), or its dial failed and said why
+                # (_failed): not part of this attempt.
+                continue
             try:
-                # A live link goes straight on; _prepare says "connecting" only
-                # when it has to open a new one.
-                r.phase = "copying"
                 if self._prepare(r, frozen, reader):
                     ready.append(r)
                 else:
@@ -768,19 +1024,13 @@ class MirrorDriver:
             except BaseException as exc:  # noqa: BLE001
                 self._failed(r, exc)
 
-    def _prepare(self, r: OutgoingTarget, frozen, reader) -> bool:
-        """Connect and reconcile; return False if the target already holds this cycle."""
-        c = frozen.number
-        e = self.state.entry(r.label)
-        if e.in_flight == c and frozen.synced:
-            # This process shipped the chunks the target holds from the page cache, and
-            # that content is now durable: the very bytes, so a resume is safe.
-            e.in_flight_synced = True
-        if r.link is not None and r.link.failure is None and not e.untrusted:
-            return self._begin(r, frozen, plan.decide(e, r.held_cycle, r.owed is not None, c,
-                                                      None))
+    def _needs_dial(self, r: OutgoingTarget) -> bool:
+        return not (r.link is not None and r.link.failure is None
+                    and not self.state.entry(r.label).untrusted)
+
+    def _dial(self, r: OutgoingTarget) -> TargetLink:
+        """A new, opened link to ``r`` (network only: no state is read or written here)."""
         r.phase = "connecting"
-        r.drop_link()
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                           insecure=r.spec.insecure,
                           on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft))
@@ -789,7 +1039,70 @@ class MirrorDriver:
             "mirror": self.subject.remote_name, "group": self.subject.group,
             "volumes": self.subject.volume_specs(),
         })
-        r.link = link
+        return link
+
+    def _start_dial(self, r: OutgoingTarget) -> None:
+        """Dial ``r`` in a thread of its own, unless a dial of it is under way."""
+        with self._cond:
+            if r.dial_thread is not None:
+                return
+            r.drop_link()
+            r.dialled = r.late = False
+            r.dial_thread = threading.Thread(target=self._dial_in_background, args=(r,),
+                                             daemon=True, name=f"mirror-dial-{r.label}")
+            r.dial_thread.start()
+
+    def _dial_in_background(self, r: OutgoingTarget) -> None:
+        try:
+            link = self._dial(r)
+        except BaseException as exc:  # noqa: BLE001 - reported as the target's failure
+            self._failed(r, exc)  # first: whoever sees the dial over sees why too
+            with self._cond:
+                r.dial_thread = None
+                self._cond.notify_all()
+            return
+        with self._cond:
+            r.dial_thread = None
+            keep = not (self._stop or self._break_now or r.gone or r.paused)
+            if keep:
+                r.link, r.dialled = link, True
+                if r.late:
+                    # Connected after its cycle went on without it: a cycle now brings
+                    # it up to date (one delta of its owed set).
+                    r.late = False
+                    self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
+            self._cond.notify_all()
+        if not keep:
+            link.close()
+
+    def _wait_dials(self, targets: list[OutgoingTarget], grace: float) -> None:
+        deadline = time.monotonic() + grace
+        with self._cond:
+            while any(r.dial_thread is not None for r in targets) and not (
+                    self._break_now or self._stop):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def _prepare(self, r: OutgoingTarget, frozen, reader) -> bool:
+        """Connect and reconcile; return False if the target already holds this cycle."""
+        c = frozen.number
+        e = self.state.entry(r.label)
+        if e.in_flight == c and frozen.synced:
+            # This process shipped the chunks the target holds from the page cache, and
+            # that content is now durable: the very bytes, so a resume is safe.
+            e.in_flight_synced = True
+        if not r.dialled and r.link is not None and r.link.failure is None and not e.untrusted:
+            return self._begin(r, frozen, plan.decide(e, r.held_cycle, r.owed is not None, c,
+                                                      None))
+        if not r.dialled:  # (the attempt dials first; a safety net)
+            r.drop_link()
+            r.link = self._dial(r)
+        r.dialled = False
+        link = r.link  # a break --now may drop it meanwhile
+        if link is None:
+            raise ConnectionLostError(f"target {r.label}: the link was dropped before cycle {c}")
         opened = link.opened
         held = max(opened["applied_cycle"], link.applied[0])
         view = plan.TargetView(opened["node_id"], held, opened["has_image"],
@@ -1053,6 +1366,7 @@ class MirrorDriver:
         r.drop_link()
         with self._cond:
             r.last_error = text
+            r.failed_cycle = self.cycle
             if is_temporary(exc) or self._break_now:
                 r.phase = "reconnecting"
                 r.backoff = min(self.options.retry_max,

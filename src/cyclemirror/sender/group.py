@@ -25,21 +25,38 @@ the target (docs/protocol.md, "Apply").
 Every member of a group must stand at the same overlay number, because one
 cycle number names the group's freeze; ``align`` brings members that differ
 (a volume that was mirrored on its own before) level with extra freezes.
+
+Members come and go (``adopt_layout``): the driver's state directory records
+the member layout it was written for (``members.json``: names and block
+counts, in order).  When the group's members differ, each target's owed set
+is laid out again: a member that stays keeps its bits, a new member owes all
+of its blocks (its first cycle carries it whole, inside an ordinary delta of
+the others), a member that left drops out.  Written as ``.relayout`` files,
+committed by the new ``members.json``, then renamed in, so a crash in
+between either redoes the relayout or finishes it.  A cycle in flight under
+the old layout is never resumed (its chunk stream belongs to the old members).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 from collections.abc import Iterator
 
 from cyclemirror._cext import frames
 from cyclemirror._cext.bitmap import ExtentBitmap
-from cyclemirror.errors import UsageError
+from cyclemirror.errors import CycleMirrorError, UsageError
+from cyclemirror.fileio import atomic_write
 from cyclemirror.sender import shipping
 from cyclemirror.store.names import validate_volume_name
 from cyclemirror.wire import messages
 
 GROUP_STATE_PREFIX = ".group-"  # outgoing/.group-NAME: never a volume name (those start alnum)
+LAYOUT_FILE = "members.json"  # the member layout the owed sets of a group state are laid out for
+RELAYOUT_SUFFIX = ".relayout"
+log = logging.getLogger(__name__)
 
 
 def _member_frame(index: int) -> bytes:
@@ -75,8 +92,11 @@ class SingleVolume:
     def merge_through(self, k: int) -> None:
         self.volume.merge_through(k)
 
-    def align(self) -> bool:
-        return False
+    def align(self) -> list[str]:
+        return []
+
+    def adopt_layout(self, state) -> list[str]:
+        return []
 
     @staticmethod
     def member_readers(reader) -> list:
@@ -157,15 +177,73 @@ class VolumeGroup(SingleVolume):
     def open_overlay(self) -> int:
         return max(v.open_overlay for v in self.volumes)
 
-    def align(self) -> bool:
-        """Freeze members behind the others until all stand at one overlay; True if any did."""
+    def align(self) -> list[str]:
+        """Freeze members behind the others until all stand at one overlay; return the
+        names of those that were frozen (none: they stood level)."""
         top = self.open_overlay
-        moved = False
+        moved = []
         for v in self.volumes:
             while v.open_overlay < top:
                 v.freeze()
-                moved = True
+                if v.name not in moved:
+                    moved.append(v.name)
         return moved
+
+    def layout(self) -> list[list]:
+        return [[v.name, v.nblocks] for v in self.volumes]
+
+    def adopt_layout(self, state) -> list[str]:
+        """Lay the state's owed and repair sets out for the members as they are now;
+        return the names of members new to it (each owes all its blocks)."""
+        path = os.path.join(state.directory, LAYOUT_FILE)
+        new = self.layout()
+        old = _read_layout(path)
+        if old is None or old == new:
+            if old is None:
+                atomic_write(path, json.dumps(new).encode())
+            for name in os.listdir(state.directory):  # a relayout committed, not renamed
+                if name.endswith(RELAYOUT_SUFFIX):
+                    os.replace(os.path.join(state.directory, name),
+                               os.path.join(state.directory, name[: -len(RELAYOUT_SUFFIX)]))
+            return []
+        kept = {name: off for name, off in _offsets(old).items()
+                if [name, dict(old)[name]] in new}
+        joining = [name for name, _n in new if name not in kept]
+        old_bits = sum(n for _name, n in old)
+        for label, rec in state.targets.items():
+            rec.in_flight = 0  # its chunks belong to the old members: never resumed
+            for kind, fill in (("owed", True), ("repair", False)):
+                src = (state._bitmap_path(label) if kind == "owed"
+                       else state._repair_path(label))
+                if (kind == "owed" and rec.full) or not os.path.exists(src):
+                    continue
+                try:
+                    bm = ExtentBitmap.load(src)
+                    if bm.nbits != old_bits:
+                        raise UsageError(f"{src} has {bm.nbits} bits, not {old_bits}")
+                except (CycleMirrorError, OSError) as exc:
+                    log.warning("group %s: %s unreadable (%s); target %s will be compared "
+                                "by block hashes", self.name, src, exc, label)
+                    rec.untrusted = True
+                    continue
+                out = ExtentBitmap(self.nblocks)
+                for off, (name, n) in zip(self.offsets, new, strict=True):
+                    if name in kept:
+                        for s, k in bm.iter_runs(kept[name], kept[name] + n):
+                            out.set_range(off + s - kept[name], k)
+                    elif fill:
+                        out.set_range(off, n)
+                out.save(src + RELAYOUT_SUFFIX)
+        state.save()
+        atomic_write(path, json.dumps(new).encode())  # the commit point
+        for name in os.listdir(state.directory):
+            if name.endswith(RELAYOUT_SUFFIX):
+                os.replace(os.path.join(state.directory, name),
+                           os.path.join(state.directory, name[: -len(RELAYOUT_SUFFIX)]))
+        log.info("group %s: members now %s; owed sets kept for %s; owing all their "
+                 "blocks (new): %s", self.name, ", ".join(n for n, _ in new),
+                 ", ".join(kept) or "none", ", ".join(joining) or "none")
+        return joining
 
     def freeze(self, sync: bool = True) -> GroupCycle:
         cycles = self.store.freeze_group([v.name for v in self.volumes], sync)
@@ -198,6 +276,31 @@ class VolumeGroup(SingleVolume):
                 part.set_range(s - off, n)
             parts.append(part)
         return parts
+
+
+def _read_layout(path: str) -> list | None:
+    try:
+        with open(path, "rb") as fh:
+            value = json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("group layout %s unreadable (%s); written anew", path, exc)
+        return None
+    if not isinstance(value, list) or not all(
+            isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+            and type(x[1]) is int and x[1] > 0 for x in value):
+        log.warning("group layout %s malformed; written anew", path)
+        return None
+    return value
+
+
+def _offsets(layout: list) -> dict[str, int]:
+    out, total = {}, 0
+    for name, n in layout:
+        out[name] = total
+        total += n
+    return out
 
 
 class _GroupFace:
