@@ -313,3 +313,30 @@ def test_switchover_refusals_change_nothing(pair):
     assert role_row(a, "v")["role"] == "primary"
     qemu_io(a, "v", "write -P 8 0 4k")          # still writable
     a.cli("mirror", "sync", "v")
+
+
+def test_a_clone_is_writable_while_mirroring_into_the_image_goes_on(pair):
+    require_tool("nbdcopy")
+    _pool, a, b = pair
+    mirrored_pair(a, b)
+    out = json.loads(b.cli("mirror", "clone", "hosta/v", "drill", "--json").stdout)
+    assert out["volume"] == "drill" and out["cycle"] >= 1
+    # The clone is writable; its writes never reach the mirror image.
+    qemu_io(b, "drill", f"write -P 9 0 {MiB}")
+    assert read_ok(b, "drill", 9, 0, MiB)
+    # Mirroring goes on meanwhile: a writes, cycles apply into the image.
+    qemu_io(a, "v", f"write -P 6 {4 * MiB} 64k")
+    before = b.status()["incoming"][0]["applied_cycle"]
+    a.cli("mirror", "sync", "v")
+    assert b.status()["incoming"][0]["applied_cycle"] > before
+    assert image_digest(b, "mirror/hosta/v") == image_digest(a, "v")
+    assert read_ok(b, "mirror/hosta/v", 1, 0, MiB)
+    assert read_ok(b, "drill", 0, 4 * MiB, 64 * 1024)  # a's later write is not in the clone
+    # Bad input changes nothing; volume rm removes the clone.
+    for args, code in [(("hosta/nope", "x"), 3), (("hosta/v", "drill"), 4),
+                       (("hosta/v", "../x"), 2), (("hostav", "x"), 2)]:
+        proc = b.cli("mirror", "clone", *args, check=False)
+        assert proc.returncode == code, (args, proc.stderr)
+    b.cli("volume", "rm", "drill")
+    assert [v["name"] for v in b.status()["volumes"]] == []
+    assert image_digest(b, "mirror/hosta/v") == image_digest(a, "v")

@@ -1,4 +1,5 @@
-"""The failover verbs of the command line (docs/failover.md): promote, switchover, resolve.
+"""The failover verbs of the command line (docs/failover.md): promote, switchover,
+resolve, clone.
 
 Kept apart from ``cli.py`` so the verbs of disaster recovery grow in one place;
 ``cli.build_parser`` calls ``add_verbs`` with the ``mirror`` sub-parsers.
@@ -65,6 +66,21 @@ def cmd_mirror_switchover(args) -> int:
     return 0
 
 
+def cmd_mirror_clone(args) -> int:
+    from cyclemirror.cli import _call, _print_json
+
+    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image, name=args.name)
+    if args.json:
+        _print_json(result)
+        return 0
+    sys.stdout.write(f"cloned {result['source_name'] or result['source_node']}/"
+                     f"{result['mirror']} at cycle {result['cycle']} to volume "
+                     f"{result['volume']} ({result['seconds']:.2f}s): writable, mirroring into "
+                     f"the image goes on; remove it with 'cyclemirror volume rm "
+                     f"{result['volume']}'\n")
+    return 0
+
+
 def add_verbs(mverbs) -> None:
     promote = mverbs.add_parser(
         "promote", help="on a target: make an incoming mirror image a writable volume "
@@ -97,6 +113,18 @@ def add_verbs(mverbs) -> None:
                         help="for the final cycle (default 300)")
     switch.add_argument("--json", action="store_true", help="print the documented JSON")
     switch.set_defaults(func=cmd_mirror_switchover)
+    clone = mverbs.add_parser(
+        "clone", help="on a target: a writable volume from an incoming image, for a test "
+                      "failover, while mirroring goes on",
+        description="Volume NAME starts as the image's latest applied cycle (a reflink where "
+                    "the file system has one, else a sparse copy of its data); its writes "
+                    "never reach the image, whose cycles keep applying. 'volume rm NAME' "
+                    "removes it.")
+    clone.add_argument("image", metavar="SOURCE/VOLUME",
+                       help="the source's node name (or id) and the volume, as 'status' lists")
+    clone.add_argument("name", metavar="NAME", help="the new volume's name")
+    clone.add_argument("--json", action="store_true", help="print the documented JSON")
+    clone.set_defaults(func=cmd_mirror_clone)
     resolve = mverbs.add_parser(
         "resolve", help="on a promoted volume: settle a split brain by naming the side whose "
                         "changes lose",

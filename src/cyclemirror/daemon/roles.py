@@ -172,6 +172,22 @@ def release_volume(service, volume: str) -> None:
         service._backends.pop(volume, None)
 
 
+def op_clone(service, args: dict) -> dict:
+    from cyclemirror.receiver.clone import clone
+
+    image = service._arg(args, "image", str, "SOURCE/VOLUME")
+    source, sep, mirror = image.partition("/")
+    if not sep or not source or not mirror or "/" in mirror:
+        raise UsageError(f"clone: {image!r} is not SOURCE/VOLUME (the source's node name or "
+                         "id, a slash, the volume)")
+    name = service._arg(args, "name", str, "NAME")
+    with service._admin_lock:
+        result = clone(service.store, source, mirror, name)
+    with service._backend_lock:
+        service._backends.pop(result["volume"], None)
+    return result
+
+
 def after_switchover(service, result: dict, back_to: str) -> None:
     """The target's switchover hook: serve the new volume, and mirror it back."""
     volume = result["volume"]
@@ -196,7 +212,7 @@ def op_switchover(service, args: dict) -> dict:
 
 
 OPS = {"mirror.promote": op_promote, "mirror.resolve": op_resolve,
-       "mirror.switchover": op_switchover}
+       "mirror.switchover": op_switchover, "mirror.clone": op_clone}
 
 
 # -- status -------------------------------------------------------------------------------
