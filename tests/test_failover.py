@@ -209,6 +209,17 @@ def test_failback_ships_only_the_blocks_written_since_the_promotion(pair):
     qemu_io(b, "v", f"write -P 5 {7 * MiB} 4k")
     b.cli("mirror", "sync", "v")
     assert image_digest(a, "mirror/hostb/v") == image_digest(b, "v")
+    # Then a planned switchover back to a: every acknowledged write is there, and b gets
+    # only the difference back (nothing: it was level).
+    b.cli("mirror", "switchover", "v", "--to", a.listen)
+    assert role_row(a, "v")["role"] == "primary"
+    for pattern, offset, length in ((2, MiB, 64 * 1024), (4, 5 * MiB, 128 * 1024),
+                                    (5, 7 * MiB, 4096), (1, 0, MiB)):
+        assert read_ok(a, "v", pattern, offset, length)
+    wait_for(lambda: a.status()["mirrors"], 60, "a's mirror back to b")
+    rows = json.loads(a.cli("mirror", "sync", "v", "--json").stdout)
+    assert rows[0]["shipped_bytes_total"] < 64 * 1024, rows
+    assert image_digest(b, "mirror/hosta/v") == image_digest(a, "v")
 
 
 def test_split_brain_is_refused_until_the_loser_is_named_and_its_data_is_kept(pair):
@@ -340,3 +351,22 @@ def test_a_clone_is_writable_while_mirroring_into_the_image_goes_on(pair):
     b.cli("volume", "rm", "drill")
     assert [v["name"] for v in b.status()["volumes"]] == []
     assert image_digest(b, "mirror/hosta/v") == image_digest(a, "v")
+
+
+def test_a_source_lying_about_its_generation_is_refused_over_the_wire(pair):
+    from cyclemirror.store import roles
+
+    _pool, a, b = pair
+    mirrored_pair(a, b)
+    before = b.status()["incoming"][0]
+    a.stop()
+    rec = roles.load_role(a.store, "v")
+    rec.epoch = "0123456789abcdef"  # a lineage b never saw
+    roles.save_role(a.store, rec)
+    a.start()
+    wait_for(lambda: a.status()["mirrors"][0]["phase"] == "broken", 60, "the refusal")
+    error = a.status()["mirrors"][0]["last_error"]
+    assert "share no cycle" in error and before["generation"] in error, error
+    after = b.status()["incoming"][0]
+    assert (after["applied_cycle"], after["generation"]) == (before["applied_cycle"],
+                                                            before["generation"])

@@ -74,6 +74,20 @@ def mark_demoted(store, volume: str, label: str, message: str) -> None:
         log.exception("volume %s: recording its demotion failed", volume)
 
 
+def forget(store, volume: str) -> None:
+    """``volume rm``: the volume's role record goes with it (a new volume of that name
+    starts a new lineage); kept files stay in STORE/kept/ until the user removes them."""
+    try:
+        rec = roles.load_role(store.path, volume)
+    except CycleMirrorError:
+        return  # a damaged record stays for a person to look at
+    if rec is not None:
+        for kept in rec.kept:
+            log.warning("volume %s removed; its kept divergent data stays in %s", volume,
+                        kept["path"])
+        roles.remove_role(store.path, volume)
+
+
 def attach(options, store, volumes: list[str], group: bool,
            targets: list[str] = ()) -> None:
     """Give a driver's options the lineage hooks of its volume (not for groups yet); for a

@@ -349,6 +349,7 @@ class Daemon:
                     f"first ('cyclemirror mirror break {name}' then 'cyclemirror mirror rm "
                     f"{name}')")
             self.store.delete_volume(name)
+            dr_roles.forget(self.store, name)  # its role and generations go with it
             with self._backend_lock:
                 self._backends.pop(name, None)
         log.info("volume %s removed", name)
