@@ -358,8 +358,8 @@ def test_a_source_lying_about_its_generation_is_refused_over_the_wire(pair):
 
     _pool, a, b = pair
     mirrored_pair(a, b)
-    before = b.status()["incoming"][0]
     a.stop()
+    before = b.status()["incoming"][0]  # after the stop: no cycle applies any more
     rec = roles.load_role(a.store, "v")
     rec.epoch = "0123456789abcdef"  # a lineage b never saw
     roles.save_role(a.store, rec)

@@ -78,6 +78,7 @@ def op_switchover(service, args: dict) -> dict:
     t0 = time.monotonic()
     vol.hold_writes(f"switchover of {volume} to {to}")
     promoted = None
+    asked = []  # set once the target was asked: from then on it may have promoted
     try:
         cycle = driver.sync(timeout)
         held = time.monotonic() - t0
@@ -87,8 +88,18 @@ def op_switchover(service, args: dict) -> dict:
         _set_role(store, rec, roles.DEMOTED, {
             "by": spec.label, "time": time.time(),
             "message": f"planned switchover to {spec.label} after cycle {cycle}"})
-        promoted = _ask_target(store, driver, spec, cycle, back_to, lineage)
-    except BaseException:
+        promoted = _ask_target(store, driver, spec, cycle, back_to, lineage, asked)
+    except BaseException as exc:
+        if asked:
+            # The answer was lost after the question: the target may be primary now.  Two
+            # primaries are worse than a held volume: stay demoted, say what to check.
+            raise RoleError(
+                f"switchover of {volume!r}: {spec.label} was asked to promote its image but "
+                f"did not answer ({type(exc).__name__}: {exc}); this node stays demoted with "
+                f"its writes held. Check 'cyclemirror status' on {spec.label}: if it shows "
+                f"volume {volume!r} as primary, its mirror back resyncs this node; if not, "
+                "there is no verb yet to make this volume primary again (docs/failover.md, "
+                "'Not built yet')") from exc
         if promoted is None:
             _set_role(store, rec, roles.PRIMARY, None)
             vol.release_writes()
@@ -116,7 +127,8 @@ def _set_role(store, rec, role: str, demoted: dict | None) -> None:
     roles.save_role(store.path, rec)
 
 
-def _ask_target(store, driver, spec, cycle: int, back_to: str, lineage: dict) -> dict:
+def _ask_target(store, driver, spec, cycle: int, back_to: str, lineage: dict,
+                asked: list) -> dict:
     """A connection of its own: open the mirror, check cycle, ask the target to promote."""
     from cyclemirror.sender.connection import TargetLink
     from cyclemirror.wire.handshake import LINEAGE_VERSION
@@ -139,6 +151,7 @@ def _ask_target(store, driver, spec, cycle: int, back_to: str, lineage: dict) ->
             raise ProtocolError(f"switchover: target {spec.label} holds cycle {final}, older "
                                 f"than the final cycle {cycle}")
         frame_link.sock.settimeout(SWITCH_TIMEOUT)
+        asked.append(final)
         frame_link.send_message("switchover", cycle=final, back_to=back_to)
         return {**frame_link.recv_message({"switched"}), "cycle": final}
     finally:
