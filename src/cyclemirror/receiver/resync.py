@@ -91,10 +91,13 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
             f"the side whose changes lose: on {who} run 'cyclemirror mirror resolve {name} "
             f"--discard-changes-on {me}' and resume the mirror ({me}'s changes are then kept "
             f"in a file under {os.path.join(root, KEPT_DIR)})")
+    t0 = time.monotonic()
+    steps = {}
     if server.on_failback is not None:
         server.on_failback(name)  # the daemon lets go: outgoing mirrors, NBD
-    t0 = time.monotonic()
+    steps["release"] = time.monotonic()
     vol.merge_through(k - 1)  # base becomes the image of cycle k
+    steps["merge"] = time.monotonic()
     freeze_time = msg["parent_freeze_time"]  # overlay k-1, which knew it, is merged
     kept = None
     if mine:
@@ -102,6 +105,7 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
         rec.kept = [*rec.kept, kept][-roles.MAX_KEPT:]
         rec.changed = time.time()
         roles.save_role(root, rec)
+    steps["keep"] = time.monotonic()
     ndir = os.path.join(root, "mirrors", source)
     os.makedirs(ndir, exist_ok=True)
     store.release_base(name, os.path.join(ndir, name + ".img"))
@@ -117,9 +121,14 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
     rec.role = roles.SECONDARY
     rec.changed = time.time()
     roles.save_role(root, rec)
+    steps["rename"] = time.monotonic()
+    last, parts = t0, []
+    for step, at in steps.items():
+        parts.append(f"{step} {at - last:.3f}s")
+        last = at
     log.warning("failback of %s from %s: this volume is now its mirror image as of cycle %d "
-                "(generation %s), no copy (%.3fs)%s", name, who, k, msg["parent"],
-                time.monotonic() - t0,
+                "(generation %s), no copy (%s)%s", name, who, k, msg["parent"],
+                ", ".join(parts),
                 f"; this node's {mine} divergent bytes are kept in {kept['path']}" if kept
                 else "")
     return {"cycle": k, "kept": kept}
