@@ -125,6 +125,9 @@ def _run(tmp):
         back_wire = back_rows[0]["shipped_bytes_total"]
         differing = len(set(old_blocks) | set(new_blocks)) * BLOCK
         written_new = len(set(new_blocks)) * BLOCK
+        steps = [line for line in a.log().splitlines() if "failback of v" in line]
+        cycles = [line for line in b.log().splitlines()
+                  if f"mirror v -> {a.listen}: cycle" in line]
         same = digest(a, "mirror/hostb/v") == digest(b, "v")
         kept = role(a, "v").get("kept") or []
 
@@ -139,6 +142,8 @@ def _run(tmp):
               "old one)")
         print(f"  promote of the {SIZE_MB} MiB image: {promoted['seconds'] * 1000:.1f} ms "
               f"(CLI wall {promote_wall * 1000:.0f} ms); images equal after failback: {same}")
+        print("  old primary: " + (steps[-1].split("no copy ")[-1] if steps else "?"))
+        print("  new primary: " + "; ".join(c.split(": ", 1)[-1] for c in cycles))
         assert same
 
         # Promote time of a big (sparse) image, median of ROUNDS runs.
