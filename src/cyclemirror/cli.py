@@ -547,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over instead of resuming an unfinished scrub")
     scrub.add_argument("--json", action="store_true", help="print the documented JSON")
     scrub.set_defaults(func=cmd_mirror_scrub)
+    from cyclemirror import cli_failover
+
+    cli_failover.add_verbs(mverbs)  # promote ... (docs/failover.md)
 
     status = verbs.add_parser("status", help="show volumes, mirrors and incoming mirrors")
     status.add_argument("--json", action="store_true", help="print the documented JSON")

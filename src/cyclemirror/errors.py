@@ -140,6 +140,22 @@ class DeadlineError(CycleMirrorError):
     temporary = True
 
 
+class RoleError(CycleMirrorError):
+    """The volume's role forbids it: a promote while the source is connected, mirroring
+    from a demoted volume, split brain until the user names the side that loses
+    (docs/failover.md)."""
+
+    exit_code = 10
+
+
+class DemotedError(RoleError):
+    """This host's volume was demoted: a peer promoted its mirror image and is primary now."""
+
+
+class SplitBrainError(RoleError):
+    """Both sides wrote since their last common cycle; a person must name the loser."""
+
+
 def is_temporary(exc: BaseException) -> bool:
     """True if retrying later may help (reconnect and resume), False to stop and report.
 

@@ -21,6 +21,7 @@ _LOCAL = None  # the registry of a daemon that runs no target server (remove_inc
 
 
 def incoming_status(store_path: str, now: float) -> list[dict]:
+    from cyclemirror.receiver.lineage import recorded
     from cyclemirror.receiver.state import MirrorState
 
     base = os.path.join(store_path, "mirrors")
@@ -44,6 +45,12 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                 continue
             applied = st.applied_cycle > 0
             inflight = st.committed or st.pending
+            try:
+                lineage = recorded(st)
+            except CycleMirrorError as exc:
+                lineage, lineage_error = None, str(exc)
+            else:
+                lineage_error = None
             for vol in st.volumes:
                 rows.append({
                     "source_node": st.source_node,
@@ -62,7 +69,14 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     "receiving": None if inflight is None else {
                         "cycle": inflight.cycle, "full": inflight.full,
                         "chunks": inflight.chunks, "staged_bytes": inflight.staged_bytes},
-                    "error": None,
+                    "error": lineage_error,
+                    # roles and generations (docs/failover.md): an image is a secondary;
+                    # its generation is its epoch and applied cycle (null: not recorded)
+                    "role": "secondary",
+                    "generation": (f"{lineage['epoch']}:{st.applied_cycle}"
+                                   if lineage and applied else None),
+                    "epoch": lineage["epoch"] if lineage else None,
+                    "parent": lineage["parent"] if lineage else None,
                 })
     return rows
 

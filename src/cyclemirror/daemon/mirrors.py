@@ -310,6 +310,7 @@ class OutgoingMirrors:
         return driver if thread is not None and thread.is_alive() else None
 
     def _new_driver(self, unit: str, entries: list[tuple[tuple[str, str], dict]]):
+        from cyclemirror.daemon import roles as dr_roles
         from cyclemirror.sender import MirrorDriver, MirrorOptions
         from cyclemirror.sender.group import VolumeGroup
 
@@ -327,6 +328,8 @@ class OutgoingMirrors:
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
                 u, cycle, label, stats, made.get("driver")))
+        dr_roles.attach(options, self.store, sorted({v for (v, _t), _e in entries}),
+                        bool(first.group), sorted({t for (_v, t), _e in entries}))
         if first.group:
             remote = {v: e["spec"].remote_name for (v, _t), e in entries}
             members = sorted(remote)

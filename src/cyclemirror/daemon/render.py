@@ -207,6 +207,10 @@ def render_status(doc: dict) -> str:
                          if receiving else "-", _check_cell(m.get("scrub")),
                          m.get("image") or f"unreadable: {m.get('error')}"])
         lines += _table(rows)
+    roles_lines = render_roles(doc)  # roles and generations (docs/failover.md)
+    if roles_lines:
+        lines.append("")
+        lines += roles_lines
     alarms = _alarms(doc)
     if alarms:
         lines.append("")
@@ -217,6 +221,36 @@ def render_status(doc: dict) -> str:
         lines.append("recent errors of incoming sessions (newest last):")
         lines += [f"  {text[:160]}" for text in recent[-5:]]
     return "\n".join(lines) + "\n"
+
+
+def render_roles(doc: dict) -> list[str]:
+    """The ROLES table: each volume's role and generation, the last common cycle per peer."""
+    rows = [["VOLUME", "ROLE", "GENERATION", "PEER", "COMMON GENERATION", "NOTE"]]
+    for r in doc.get("roles") or []:
+        if r.get("error"):
+            rows.append(["?", "?", "-", "-", "-", f"unreadable: {r['error']}"[:120]])
+            continue
+        note = "-"
+        if r.get("demoted"):
+            note = f"demoted by {r['demoted']['by']}: {r['demoted']['message']}"[:120]
+        elif r.get("promoted_from"):
+            p = r["promoted_from"]
+            note = ("promoted" + (" (forced)" if p["forced"] else "") + f" from cycle "
+                    f"{p['cycle']} of {p['source_name'] or p['source_node']}")
+        peers = r.get("peers") or [{}]
+        for i, peer in enumerate(peers):
+            rows.append([r["volume"] if i == 0 else "", r["role"] if i == 0 else "",
+                         (r.get("generation") or "-") if i == 0 else "",
+                         peer.get("peer") or "-", peer.get("common_generation") or "-",
+                         note if i == 0 else ""])
+        for kept in r.get("kept") or []:
+            rows.append(["", "", "", "", "", f"kept: {kept['path']} ({kept['bytes']} bytes)"])
+    for m in doc.get("incoming") or []:
+        if m.get("generation"):
+            rows.append([m["volume"], "secondary", m["generation"],
+                         m.get("source_name") or m.get("source_node", "?"), m["generation"],
+                         "-"])
+    return _table(rows) if len(rows) > 1 else []
 
 
 def _rpo_cell(m: dict) -> str:

@@ -35,6 +35,7 @@ import time
 
 from cyclemirror import __version__
 from cyclemirror.daemon import memtune
+from cyclemirror.daemon import roles as dr_roles
 from cyclemirror.daemon.config import DaemonConfig, check_listen_tls, check_name, tls_settings
 from cyclemirror.daemon.control import ControlServer, control_socket_path
 from cyclemirror.daemon.mirrors import OutgoingMirrors
@@ -194,6 +195,8 @@ class Daemon:
             volume = self.store.open_volume(name)
         except (NotFoundError, UsageError):
             return None
+        if dr_roles.is_demoted(self.store, name):  # a former primary: reads only
+            return VolumeBackend(volume, readonly=True)
         with self._backend_lock:
             backend = self._backends.get(name)
             if backend is None or getattr(backend, "volume", volume) is not volume:
@@ -227,6 +230,8 @@ class Daemon:
         self._keys = keys
         self.target = TargetServer(self.store, self._current_keys, listen=(addr.host, addr.port),
                                    tls=tls)
+        self.target.on_failback = lambda volume: dr_roles.release_volume(self, volume)
+        self.target.on_switchover = lambda res, back: dr_roles.after_switchover(self, res, back)
         self.target.start()
         host, port = self.target.address
         self.listen_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -344,6 +349,7 @@ class Daemon:
                     f"first ('cyclemirror mirror break {name}' then 'cyclemirror mirror rm "
                     f"{name}')")
             self.store.delete_volume(name)
+            dr_roles.forget(self.store, name)  # its role and generations go with it
             with self._backend_lock:
                 self._backends.pop(name, None)
         log.info("volume %s removed", name)
@@ -441,6 +447,7 @@ class Daemon:
         "mirror.scrub": _op_mirror_scrub,
         "status": _op_status,
     }
+    _OPS.update(dr_roles.OPS)  # promote (daemon/roles.py)
 
     # -- status -------------------------------------------------------------------------------
 
@@ -466,6 +473,7 @@ class Daemon:
         }
         if self.checks is not None:
             self.checks.annotate(doc)  # each mirror's verify, each image's scrub
+        dr_roles.annotate(self.store, doc)  # roles and generations (docs/failover.md)
         return doc
 
     def _key_ids(self) -> list[str]:

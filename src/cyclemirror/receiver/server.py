@@ -82,6 +82,11 @@ class MirrorRegistry:
                                               "tls": getattr(session.link, "tls", False),
                                               "time": time.time()}
 
+    def holder(self, key: tuple):
+        """The session holding mirror ``key`` now (a connected source), or None."""
+        with self._cond:
+            return self._held.get(key)
+
     def release(self, key: tuple, session: Session) -> None:
         with self._cond:
             if self._held.get(key) is session:
@@ -124,7 +129,14 @@ class TargetServer:
             raise UsageError("a target without a key refuses to run; give it a key file "
                              "(cyclemirror keygen) or pass --insecure explicitly")
         self.root = os.fspath(store.path)
+        self.store = store  # failback turns a local volume into an image (receiver/resync.py)
+        # on_failback(volume): the daemon lets go of a volume a failback turns into an image.
+        self.on_failback = None
+        # on_switchover(promote result, back_to): a planned switchover promoted an image
+        # here; the daemon mirrors the new volume back to back_to (HOST:PORT, or "").
+        self.on_switchover = None
         self.node_id = store.node_id
+        self.node_name = getattr(store, "node_name", None)
         self.key = key
         self.listen = tuple(listen)
         self.tls_context = tls.server_context() if tls else None

@@ -35,6 +35,7 @@ from cyclemirror.errors import (
     NoSpaceError,
     ProtocolError,
 )
+from cyclemirror.receiver import lineage, resync
 from cyclemirror.receiver.mirror import Mirror
 from cyclemirror.receiver.staging import REC_DATA, REC_SCATTER, REC_TRIM, REC_ZERO
 from cyclemirror.receiver.state import VolumeSpec
@@ -145,7 +146,11 @@ class Session:
                 self.server.registry.release(self.key, self)
 
     def _serve(self) -> None:
-        first = self.link.recv_message({"open", "verify_open"})
+        first = self.link.recv_message({"open", "verify_open", "lineage"})
+        self.lineage = None
+        if first["type"] == "lineage":  # protocol 3: the source's generation, then 'open'
+            self.lineage = lineage.check_lineage_message(first)
+            first = self.link.recv_message({"open"})
         if first["type"] == "verify_open":  # verify hook: a connection of its own (verify.py)
             from cyclemirror.receiver.verify import serve_verify
 
@@ -160,9 +165,14 @@ class Session:
                              self.mirror.state.mirror, self.link.peer)
                     return
                 raise
-            msg = self.link.message_from(header, payload, {"begin", "hash_request"})
+            msg = self.link.message_from(header, payload,
+                                         {"begin", "hash_request", "switchover"})
             if msg["type"] == "begin":
                 self._receive_cycle(msg)
+            elif msg["type"] == "switchover":  # a planned role swap (daemon/switchover.py)
+                from cyclemirror.receiver.promote import serve_switchover
+
+                return serve_switchover(self, msg)
             else:
                 self._answer_hashes(msg)
 
@@ -171,9 +181,17 @@ class Session:
         if not msg["group"] and (len(vols) != 1 or vols[0].name != msg["mirror"]):
             raise ProtocolError("open: a single-volume mirror must be named after its volume")
         self.key = (msg["node_id"], msg["mirror"], msg["group"])
+        refuse = (self.server.root, self.server.node_id, getattr(self.server, "node_name", None),
+                  msg["node_id"], msg["node_name"], msg["mirror"], self.lineage)
+        lineage.refuse_if_promoted(*refuse)  # a demoted source: refused, nothing touched
         self.server.registry.acquire(self.key, self)
+        lineage.refuse_if_promoted(*refuse)  # promoted while we waited for the mirror
+        if self.lineage is not None:
+            resync.prepare(self.server, msg, self.lineage)  # a failback: no full copy
         self.mirror = Mirror.open(self.server.root, msg["node_id"], msg["node_name"],
                                   msg["mirror"], msg["group"], vols, wirelink.MAX_CHUNK)
+        if self.lineage is not None:
+            lineage.adopt(self.mirror, self.lineage, msg["node_name"] or msg["node_id"])
         st = self.mirror.state
         align = min(v.block_size for v in vols)
         self.link.limits = wirelink.volume_limits(max(v.size for v in vols), align)

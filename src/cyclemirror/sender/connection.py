@@ -78,11 +78,16 @@ class TargetLink:
             raw.close()
             raise
 
-    def connect(self, open_msg: dict) -> dict:
-        """Dial, authenticate, open the mirror; return the target's ``opened`` reply."""
+    def connect(self, open_msg: dict, lineage: dict | None = None) -> dict:
+        """Dial, authenticate, open the mirror; return the target's ``opened`` reply.
+
+        ``lineage``: the fields of the ``lineage`` message (the volume's generation,
+        docs/failover.md), sent before ``open`` to a target of protocol 3 or newer."""
         link = self.dial()
         sock = link.sock
         try:
+            if lineage is not None and self.version >= handshake.LINEAGE_VERSION:
+                link.send_message("lineage", **lineage)
             link.send_message("open", **open_msg)
             opened = link.recv_message({"opened"})
             vols = open_msg["volumes"]

@@ -121,6 +121,11 @@ class MirrorOptions:
     queue_frames: int = 32  # lists of frames (each ~SEND_BATCH_BYTES, or one big frame) per target
     on_frozen: object = None  # callable(frozen, reader): the daemon's/tests' hook
     on_applied: object = None  # callable(cycle, label, stats)
+    # Roles (docs/failover.md): lineage() -> the 'lineage' message fields (or None),
+    # asked at each connect (it may raise, e.g. DemotedError: the volume must not
+    # mirror); on_demoted(label, message): a target said this volume was demoted.
+    lineage: object = None
+    on_demoted: object = None
     extra: dict = field(default_factory=dict)
 
 
@@ -1038,7 +1043,7 @@ class MirrorDriver:
             "node_id": self.store.node_id, "node_name": self.store.node_name,
             "mirror": self.subject.remote_name, "group": self.subject.group,
             "volumes": self.subject.volume_specs(),
-        })
+        }, lineage=self.options.lineage() if self.options.lineage is not None else None)
         return link
 
     def _start_dial(self, r: OutgoingTarget) -> None:
@@ -1362,6 +1367,8 @@ class MirrorDriver:
 
     def _failed(self, r: OutgoingTarget, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"
+        if getattr(exc, "code", None) == "DemotedError" and self.options.on_demoted is not None:
+            self.options.on_demoted(r.label, str(exc))  # recorded before anyone reads status
         r.progress = None  # a retry starts a new attempt with its own figures
         r.drop_link()
         with self._cond:

@@ -164,6 +164,45 @@ class Store:
                 raise
             return self._open_locked(name)
 
+    def adopt_image(self, name: str, image_path: str, block_size: int, first_overlay: int,
+                    work_dir: str) -> Volume:
+        """Make the raw file ``image_path`` volume ``name`` without copying it (promote).
+
+        The file is renamed into ``work_dir`` (a directory on this file system outside
+        ``volumes/``, which the caller owns) as the base; the volume's open overlay is
+        number ``first_overlay`` and everything below it counts as merged, so the
+        volume's next freeze is cycle ``first_overlay + 1``.  The directory appears
+        under ``volumes/`` by one rename, the commit point.  Run again after a crash,
+        it finishes the job (the image may already be in ``work_dir``)."""
+        self._check_open()
+        final = self._dir_of(name)
+        with self._lock:
+            if os.path.exists(final):
+                raise AlreadyExistsError(f"volume {name!r} already exists in store {self.path}")
+            base = os.path.join(work_dir, BASE_FILE)
+            try:
+                os.makedirs(work_dir, exist_ok=True)
+                if os.path.exists(image_path):
+                    os.replace(image_path, base)
+                    fileops.fsync_dir(work_dir)
+                    fileops.fsync_dir(os.path.dirname(image_path))
+                size = os.stat(base).st_size
+                check_geometry(size, block_size)
+                for entry in os.listdir(work_dir):
+                    if entry != BASE_FILE:
+                        os.unlink(os.path.join(work_dir, entry))
+                Layer.create_overlay(work_dir, first_overlay, size, size // block_size).retire()
+                state = initial_state(size, block_size)
+                state["merged_through"] = first_overlay - 1
+                state["overlays"] = [{"number": first_overlay, "closed_at": None}]
+                fileops.atomic_write_json(os.path.join(work_dir, STATE_FILE), state)
+                os.rename(work_dir, final)
+                fileops.fsync_dir(self._volumes_dir)
+            except OSError as exc:
+                raise fileops.store_error(f"making image {image_path} volume {name!r}",
+                                          exc) from exc
+            return self._open_locked(name)
+
     def freeze_group(self, names, sync: bool = True) -> dict:
         """Freeze several volumes at one instant, crash-safely: {name: FrozenCycle} (store.group)."""
         self._check_open()
@@ -203,6 +242,32 @@ class Store:
             os.rename(vol_dir, trash)
             fileops.fsync_dir(self._volumes_dir)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def release_base(self, name: str, dest: str) -> None:
+        """Close volume ``name``, move its base image to ``dest`` (a rename, no copy) and
+        delete the rest of the volume (failback: the base becomes a mirror image)."""
+        self._check_open()
+        vol_dir = self._dir_of(name)
+        with self._lock:
+            vol = self._volumes.pop(name, None)
+        if vol is not None:
+            vol.close()
+        with self._lock:
+            if not os.path.isdir(vol_dir):
+                raise NotFoundError(f"no volume {name!r} in store {self.path}")
+            try:
+                os.replace(os.path.join(vol_dir, BASE_FILE), dest)
+                fileops.fsync_dir(os.path.dirname(dest))
+                trash = os.path.join(self._volumes_dir, f".trash-{name}-{uuid.uuid4().hex[:8]}")
+                os.rename(vol_dir, trash)
+                fileops.fsync_dir(self._volumes_dir)
+            except OSError as exc:
+                raise fileops.store_error(f"moving the base of volume {name!r} to {dest}",
+                                          exc) from exc
+        # Freeing big scattered overlays takes seconds on ext4: not on the caller's path
+        # (a crash leaves a .trash- directory, which the next open removes).
+        threading.Thread(target=shutil.rmtree, args=(trash, True), daemon=True,
+                         name=f"trash-{name}").start()
 
     def close(self) -> None:
         with self._lock:

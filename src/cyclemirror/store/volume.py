@@ -36,6 +36,7 @@ On-disk protocol (argued in docs/store.md):
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -168,6 +169,7 @@ class Volume:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._writing = 0  # whole-block writes copying data outside _lock right now
+        self._writes_held: str | None = None  # hold_writes(): why writes are refused (EPERM)
         self._draining = 0  # holders of _lock waiting for them (new writes wait meanwhile)
         self._freeze_lock = threading.Lock()
         self._merge_lock = threading.Lock()
@@ -309,6 +311,7 @@ class Volume:
                 # Drain first: the wait releases _lock, so a freeze may switch overlays
                 # meanwhile, and a top picked before it would be a frozen overlay.
                 self._drain_writes_locked()
+                self._check_writable()
                 top = self._top()
                 try:
                     self._write_unaligned(top, offset, data)
@@ -323,7 +326,8 @@ class Volume:
         with self._lock:
             while self._draining:
                 self._cond.wait()
-            if self._closed:
+            if self._closed or self._writes_held:
+                self._check_writable()  # first: a demoted volume says so even once closed
                 self._top()  # raises the "closed" error
             top = self._overlays[0]
             nb = n >> self._shift
@@ -427,6 +431,7 @@ class Volume:
         a1 = end & ~self._mask
         with self._lock:
             self._drain_writes_locked()  # first: its wait releases _lock (see write)
+            self._check_writable()
             top = self._top()
             try:
                 if a0 >= a1:
@@ -489,6 +494,37 @@ class Volume:
         with self._lock:
             top = self._top()
         return top.dirty.count()
+
+    def _check_writable(self) -> None:
+        if self._writes_held:
+            raise PermissionError(errno.EPERM, f"volume {self.name!r} takes no writes: "
+                                  f"{self._writes_held}")
+
+    def hold_writes(self, why: str) -> None:
+        """Refuse every write from now on (PermissionError EPERM, naming ``why``); returns
+        once the writes in flight have landed, so each acknowledged write is in the view."""
+        with self._lock:
+            self._drain_writes_locked()
+            self._writes_held = why or "writes are held"
+
+    def release_writes(self) -> None:
+        with self._lock:
+            self._writes_held = None
+
+    def dirty_since(self, number: int):
+        """The blocks written to overlays ``number`` and newer (an ExtentBitmap), i.e.
+        since freeze ``number``; None when one of those overlays was merged already."""
+        from cyclemirror._cext.bitmap import ExtentBitmap
+
+        with self._lock:
+            self._top()
+            if number <= self._merged_through:
+                return None
+            out = ExtentBitmap(self.nblocks)
+            for layer in self._overlays:
+                if layer.number >= number:
+                    out.union_update(layer.dirty)
+            return out
 
     @property
     def open_overlay(self) -> int:

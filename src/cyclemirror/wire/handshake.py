@@ -47,9 +47,11 @@ from cyclemirror.errors import AuthenticationError, ProtocolError, UsageError
 from cyclemirror.wire.sockio import peer_name, recv_exact, send_all
 
 # 2: SCATTER frames, and 'committed' before 'applied' so the next cycle's copy
-# overlaps the apply (docs/protocol.md, "Cycle").  A target speaks 1 and 2.
-PROTOCOL_VERSION = 2
+# overlaps the apply (docs/protocol.md, "Cycle").  3: 'lineage' before 'open'
+# (roles and generations, docs/failover.md).  A target speaks 1 to 3.
+PROTOCOL_VERSION = 3
 PIPELINED_VERSION = 2
+LINEAGE_VERSION = 3  # the source sends 'lineage' before 'open' (docs/failover.md)
 MIN_PROTOCOL_VERSION = 1
 HANDSHAKE_TIMEOUT = 15.0
 

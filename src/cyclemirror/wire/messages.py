@@ -31,6 +31,14 @@ MAX_VOLUME_SIZE = 1 << 56
 # kinds: int, float, bool, name, node, text, hex, volumes, opt_text
 SCHEMAS: dict[str, dict[str, str]] = {
     # source -> target
+    # protocol 3: sent before 'open', the generation of the source's volume
+    # (docs/failover.md); the target checks it against its image and its roles
+    "lineage": {"epoch": "text", "parent": "text", "parent_freeze_time": "float",
+                "written_blocks": "int", "discard_on": "text"},
+    # protocol 3, between cycles: the source asks the target to promote its image after
+    # the final cycle (a planned switchover), the target answers with its generation
+    "switchover": {"cycle": "int", "back_to": "text"},
+    "switched": {"volume": "name", "generation": "text", "epoch": "text"},
     "open": {"node_id": "node", "node_name": "opt_text", "mirror": "name", "group": "bool",
              "volumes": "volumes"},
     "begin": {"cycle": "int", "freeze_time": "float", "full": "bool", "resume_from": "int"},

@@ -1,0 +1,166 @@
+"""Failback after a forced failover against a full copy of the volume, and promote time.
+
+Run on demand:  PYTHONPATH=src python -m pytest bench/bench_failback.py -s
+
+Two ``cyclemirror serve`` daemons (hosta, hostb) on loopback, driven through
+the CLI as an administrator would, data written through NBD (qemu-io):
+
+1. A volume of CYCLEMIRROR_BENCH_FAILBACK_MB (default 1024) MiB of mixed data
+   (bench_mirror.make_mixed_file) on hosta, mirrored to hostb without
+   compression (the written blocks are patterns lz4 would shrink to nothing,
+   so wire bytes would say little): the first cycle
+   is the **full copy** measured against (its wall time from ``mirror start``
+   to ``mirror sync`` returning, and its wire bytes).
+2. hosta writes 0.1 % of its 4 KiB blocks (random, flushed) and is killed;
+   hostb is promoted (``--force``; the promote's own time is printed) and
+   writes 1 % of the blocks.
+3. hosta restarts and learns it was demoted; split brain is resolved by
+   naming hosta (its 0.1 % are kept in a file there); hostb mirrors back:
+   the **failback**, timed from ``mirror start`` to ``mirror sync`` returning,
+   with its wire bytes against the bytes that differ between the two volumes
+   (the union of both sides' written blocks).  The images are compared after.
+4. **Promote of a 4 GiB image** (CYCLEMIRROR_BENCH_PROMOTE_MB, default 4096;
+   sparse: the copy is zero runs) measured as the promote reports it and as
+   the CLI's wall time, median of CYCLEMIRROR_BENCH_ROUNDS (default 3) runs.
+
+Nothing asserts a time; the ratios are printed.  The machine is shared:
+quote medians and say what else ran.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_mirror import make_mixed_file  # noqa: E402 - the same data as the other benches
+from tests.support.daemons import DaemonPool, make_key, wait_for  # noqa: E402
+
+SIZE_MB = int(os.environ.get("CYCLEMIRROR_BENCH_FAILBACK_MB", "1024"))
+PROMOTE_MB = int(os.environ.get("CYCLEMIRROR_BENCH_PROMOTE_MB", "4096"))
+ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
+MiB = 1 << 20
+BLOCK = 4096
+
+
+def _uri(d, name):
+    return f"nbd+unix:///{name}?socket={d.nbd_sock}"
+
+
+def write_blocks(d, name, blocks, pattern):
+    """Write each block (4 KiB of ``pattern``) through NBD, then flush: one qemu-io."""
+    script = "".join(f"write -P {pattern} {b * BLOCK} {BLOCK}\n" for b in blocks) + "flush\n"
+    subprocess.run(["qemu-io", "-f", "raw", _uri(d, name)], input=script.encode(),
+                   check=True, capture_output=True, timeout=3600)
+
+
+def digest(d, export):
+    out = subprocess.run(["nbdcopy", _uri(d, export), "-"], check=True, capture_output=True,
+                         timeout=3600).stdout
+    return hashlib.sha256(out).hexdigest()
+
+
+def role(d, volume):
+    return next((r for r in d.status().get("roles", []) if r.get("volume") == volume), {})
+
+
+def sync_rows(d, volume):
+    return json.loads(d.cli("mirror", "sync", volume, "--json", "--timeout", "3600",
+                            timeout=3700).stdout)
+
+
+def test_failback_against_a_full_copy_and_promote_time():
+    tmp = tempfile.mkdtemp(prefix="cm-bench-failback-", dir=os.environ.get("TMPDIR"))
+    try:
+        _run(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(tmp):
+    key = make_key(os.path.join(tmp, "key"))
+    size = SIZE_MB * MiB
+    nblocks = size // BLOCK
+    with DaemonPool(tmp) as pool:
+        a = pool.start("a", key_file=key, listen=True, metrics=False,
+                       extra=("--node-name", "hosta"))
+        b = pool.start("b", key_file=key, listen=True, metrics=False,
+                       extra=("--node-name", "hostb"))
+        src = os.path.join(tmp, "mixed.img")
+        make_mixed_file(src, size)
+        a.cli("volume", "import", "v", "--from", src, timeout=3600)
+        os.unlink(src)
+        t0 = time.perf_counter()
+        a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "3600",
+              "--compress", "none")
+        full_rows = sync_rows(a, "v")
+        full_seconds = time.perf_counter() - t0
+        full_wire = full_rows[0]["shipped_bytes_total"]
+
+        rng = random.Random(14)
+        old_blocks = rng.sample(range(nblocks), max(1, nblocks // 1000))
+        new_blocks = rng.sample(range(nblocks), max(1, nblocks // 100))
+        write_blocks(a, "v", old_blocks, 3)
+        a.kill()
+        t0 = time.perf_counter()
+        promoted = json.loads(b.cli("mirror", "promote", "hosta/v", "--force", "--json").stdout)
+        promote_wall = time.perf_counter() - t0
+        write_blocks(b, "v", new_blocks, 4)
+        a.start()
+        wait_for(lambda: role(a, "v").get("role") == "demoted", 120, "hosta demoted")
+        b.cli("mirror", "resolve", "v", "--discard-changes-on", "hosta")
+        t0 = time.perf_counter()
+        b.cli("mirror", "start", "v", "--to", a.listen, "--interval", "3600",
+              "--compress", "none")
+        back_rows = sync_rows(b, "v")
+        failback_seconds = time.perf_counter() - t0
+        back_wire = back_rows[0]["shipped_bytes_total"]
+        differing = len(set(old_blocks) | set(new_blocks)) * BLOCK
+        written_new = len(set(new_blocks)) * BLOCK
+        steps = [line for line in a.log().splitlines() if "failback of v" in line]
+        cycles = [line for line in b.log().splitlines()
+                  if f"mirror v -> {a.listen}: cycle" in line]
+        same = digest(a, "mirror/hostb/v") == digest(b, "v")
+        kept = role(a, "v").get("kept") or []
+
+        print(f"\nfailback bench, {SIZE_MB} MiB volume, no compression, loopback, one host:")
+        print(f"  full copy (first cycle):  {full_seconds:8.2f} s  {full_wire / MiB:10.1f} MiB "
+              "on the wire")
+        print(f"  failback (1% new, 0.1% old): {failback_seconds:8.2f} s  "
+              f"{back_wire / MiB:10.2f} MiB on the wire")
+        print(f"  speed-up {full_seconds / failback_seconds:.1f}x; wire bytes / differing "
+              f"bytes {back_wire / differing:.3f} ({differing} differing, {written_new} "
+              f"written on the new primary, {kept[0]['bytes'] if kept else 0} kept on the "
+              "old one)")
+        print(f"  promote of the {SIZE_MB} MiB image: {promoted['seconds'] * 1000:.1f} ms "
+              f"(CLI wall {promote_wall * 1000:.0f} ms); images equal after failback: {same}")
+        print("  old primary: " + (steps[-1].split("no copy ")[-1] if steps else "?"))
+        print("  new primary: " + "; ".join(c.split(": ", 1)[-1] for c in cycles))
+        assert same
+
+        # Promote time of a big (sparse) image, median of ROUNDS runs.
+        times, walls = [], []
+        for i in range(ROUNDS):
+            name = f"p{i}"
+            a.cli("volume", "create", name, "--size", f"{PROMOTE_MB}M")
+            a.cli("mirror", "start", name, "--to", b.listen, "--interval", "3600")
+            sync_rows(a, name)
+            a.cli("mirror", "break", name)
+            a.cli("mirror", "rm", name)
+            t0 = time.perf_counter()
+            out = None
+            while out is None or out.returncode == 10:  # the source's session is ending
+                out = b.cli("mirror", "promote", f"hosta/{name}", "--json", check=False)
+            out.check_returncode()
+            walls.append(time.perf_counter() - t0)
+            times.append(json.loads(out.stdout)["seconds"])
+        print(f"  promote of a {PROMOTE_MB} MiB image: median {statistics.median(times) * 1000:.1f}"
+              f" ms (runs {', '.join(f'{t * 1000:.1f}' for t in times)} ms; CLI wall median "
+              f"{statistics.median(walls) * 1000:.0f} ms)")

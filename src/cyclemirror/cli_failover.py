@@ -1,0 +1,139 @@
+"""The failover verbs of the command line (docs/failover.md): promote, switchover,
+resolve, clone.
+
+Kept apart from ``cli.py`` so the verbs of disaster recovery grow in one place;
+``cli.build_parser`` calls ``add_verbs`` with the ``mirror`` sub-parsers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def cmd_mirror_promote(args) -> int:
+    from cyclemirror.cli import _call, _print_json
+
+    request = {"image": args.image, "force": bool(args.force)}
+    if args.as_name:
+        request["as"] = args.as_name
+    result = _call(args, "mirror.promote", reply_timeout=None, **request)
+    if args.json:
+        _print_json(result)
+        return 0
+    forced = " (forced)" if result["forced"] else ""
+    sys.stdout.write(
+        f"promoted {result['source_name'] or result['source_node']}/{result['mirror']} to "
+        f"volume {result['volume']}{forced}: writable now, as of cycle {result['cycle']}; "
+        f"generation {result['generation']} (branched from {result['parent']}) in "
+        f"{result['seconds']:.3f}s\n"
+        f"the source is demoted: it is refused if it tries to mirror here again\n")
+    return 0
+
+
+def cmd_mirror_resolve(args) -> int:
+    from cyclemirror.cli import _call, _print_json
+
+    result = _call(args, "mirror.resolve", volume=args.volume,
+                   discard_changes_on=args.discard_changes_on)
+    if args.json:
+        _print_json(result)
+        return 0
+    loser = result["discard_changes_on_name"] or result["discard_changes_on"]
+    sys.stdout.write(f"split brain on {result['volume']}: {loser}'s changes lose; they are "
+                     f"kept in a file on {loser} when the failback starts ('cyclemirror "
+                     f"mirror resume {result['volume']}' if the mirror is broken)\n")
+    return 0
+
+
+def cmd_mirror_switchover(args) -> int:
+    from cyclemirror.cli import _call, _print_json
+    from cyclemirror.units import parse_seconds
+
+    request = {"volume": args.volume, "to": args.to,
+               "timeout": parse_seconds(args.timeout, "--timeout", allow_zero=False)}
+    if args.back_to:
+        request["back_to"] = args.back_to
+    result = _call(args, "mirror.switchover", reply_timeout=None, **request)
+    if args.json:
+        _print_json(result)
+        return 0
+    back = result["mirroring_back_to"]
+    sys.stdout.write(
+        f"switched {result['volume']} over to {result['to']} after cycle {result['cycle']} "
+        f"(writes held {result['writes_held_seconds']:.2f}s): it is primary now, generation "
+        f"{result['generation']}; this node is demoted"
+        + (f" and {result['to']} mirrors back to {back}\n" if back else "\n"))
+    return 0
+
+
+def cmd_mirror_clone(args) -> int:
+    from cyclemirror.cli import _call, _print_json
+
+    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image, name=args.name)
+    if args.json:
+        _print_json(result)
+        return 0
+    sys.stdout.write(f"cloned {result['source_name'] or result['source_node']}/"
+                     f"{result['mirror']} at cycle {result['cycle']} to volume "
+                     f"{result['volume']} ({result['seconds']:.2f}s): writable, mirroring into "
+                     f"the image goes on; remove it with 'cyclemirror volume rm "
+                     f"{result['volume']}'\n")
+    return 0
+
+
+def add_verbs(mverbs) -> None:
+    promote = mverbs.add_parser(
+        "promote", help="on a target: make an incoming mirror image a writable volume "
+                        "(failover), without copying it",
+        description="The image as of its last applied cycle becomes volume VOLUME (or "
+                    "--as NAME) of this store, served over NBD; a half-received cycle is "
+                    "discarded. Refused (exit 10) while the source is connected, unless "
+                    "--force. The source is recorded as demoted: when it comes back it is "
+                    "refused and reports it (docs/failover.md).")
+    promote.add_argument("image", metavar="SOURCE/VOLUME",
+                         help="the source's node name (or id) and the volume, as 'status' lists")
+    promote.add_argument("--as", dest="as_name", metavar="NAME",
+                         help="the new volume's name (default: the volume's)")
+    promote.add_argument("--force", action="store_true",
+                         help="promote even though the source is connected (it is cut off)")
+    promote.add_argument("--json", action="store_true", help="print the documented JSON")
+    promote.set_defaults(func=cmd_mirror_promote)
+    switch = mverbs.add_parser(
+        "switchover", help="on the source: planned role swap with the target, zero loss",
+        description="Holds new writes (NBD writes fail with EPERM, reads go on), ships a final "
+                    "cycle, has the target promote its image, demotes this volume and has the "
+                    "target mirror back to this node. Every write acknowledged before it is on "
+                    "the new primary (docs/failover.md).")
+    switch.add_argument("volume", metavar="VOLUME")
+    switch.add_argument("--to", required=True, metavar="HOST:PORT",
+                        help="the target that becomes primary (one of the volume's targets)")
+    switch.add_argument("--back-to", metavar="HOST:PORT",
+                        help="where the new primary reaches this node (default: its --listen)")
+    switch.add_argument("--timeout", default="300", metavar="SECONDS",
+                        help="for the final cycle (default 300)")
+    switch.add_argument("--json", action="store_true", help="print the documented JSON")
+    switch.set_defaults(func=cmd_mirror_switchover)
+    clone = mverbs.add_parser(
+        "clone", help="on a target: a writable volume from an incoming image, for a test "
+                      "failover, while mirroring goes on",
+        description="Volume NAME starts as the image's latest applied cycle (a reflink where "
+                    "the file system has one, else a sparse copy of its data); its writes "
+                    "never reach the image, whose cycles keep applying. 'volume rm NAME' "
+                    "removes it.")
+    clone.add_argument("image", metavar="SOURCE/VOLUME",
+                       help="the source's node name (or id) and the volume, as 'status' lists")
+    clone.add_argument("name", metavar="NAME", help="the new volume's name")
+    clone.add_argument("--json", action="store_true", help="print the documented JSON")
+    clone.set_defaults(func=cmd_mirror_clone)
+    resolve = mverbs.add_parser(
+        "resolve", help="on a promoted volume: settle a split brain by naming the side whose "
+                        "changes lose",
+        description="Both sides wrote since their last common cycle: the failback mirror is "
+                    "refused (exit 6, SplitBrainError) until a person names the loser. Its "
+                    "divergent blocks are kept in a file on that node (status lists it) and "
+                    "the mirror goes on as a delta. Only the old primary can lose for now.")
+    resolve.add_argument("volume", metavar="VOLUME")
+    resolve.add_argument("--discard-changes-on", required=True, metavar="NODE",
+                         help="the node (name or id) whose changes since the common cycle lose")
+    resolve.add_argument("--json", action="store_true", help="print the documented JSON")
+    resolve.set_defaults(func=cmd_mirror_resolve)

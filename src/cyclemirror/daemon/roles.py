@@ -1,0 +1,276 @@
+"""Roles in the daemon: the promote verb, roles in status, the lineage of outgoing mirrors.
+
+The record format and its rules live in ``store.roles``; the target's side in
+``receiver.lineage`` and ``receiver.promote``.  Here the daemon:
+
+* gives every outgoing (single-volume) mirror's driver a ``lineage`` hook: at
+  each connect it reads the volume's role record (making it, role primary with
+  a new epoch, the first time), refuses to connect from a demoted volume
+  (``DemotedError``), and otherwise hands the driver the ``lineage`` message;
+* records a target's "you were demoted" answer in the role record
+  (``on_demoted``), after which new NBD connections get the volume read-only;
+* answers ``mirror.promote``;
+* adds ``roles`` to ``status`` and each outgoing row's role and generations.
+
+Consistency groups get no lineage yet (docs/failover.md, "Not built yet").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cyclemirror.errors import CycleMirrorError, DemotedError, UsageError
+from cyclemirror.store import roles
+
+log = logging.getLogger(__name__)
+UNKNOWN_BLOCKS = 2**63 - 1  # "written since the branch" when the overlays were merged away
+
+
+def ensure_role(store, volume: str) -> roles.RoleRecord:
+    rec = roles.load_role(store.path, volume)
+    if rec is None:
+        rec = roles.RoleRecord(volume=volume, role=roles.PRIMARY, epoch=roles.new_epoch(),
+                               changed=time.time())
+        roles.save_role(store.path, rec)
+        log.info("volume %s: primary, epoch %s", volume, rec.epoch)
+    return rec
+
+
+def written_since_branch(store, rec: roles.RoleRecord) -> int | None:
+    """Blocks this volume wrote since its epoch branched (a promoted volume), or None."""
+    if rec.promoted_from is None:
+        return None
+    dirty = store.open_volume(rec.volume).dirty_since(rec.promoted_from["cycle"])
+    return UNKNOWN_BLOCKS if dirty is None else dirty.count()
+
+
+def lineage_for(store, volume: str) -> dict:
+    rec = ensure_role(store, volume)
+    if rec.role == roles.DEMOTED:
+        d = rec.demoted or {}
+        raise DemotedError(
+            f"volume {volume!r} on this node is demoted ({d.get('by', '?')} said: "
+            f"{d.get('message', '?')}); it must not mirror over the new primary. Fail back by "
+            "mirroring from the new primary to this node (docs/failover.md)")
+    written = written_since_branch(store, rec)
+    return {"epoch": rec.epoch, "parent": rec.parent or "",
+            "parent_freeze_time": rec.promoted_from["freeze_time"] if rec.promoted_from else 0.0,
+            "written_blocks": written or 0, "discard_on": rec.discard_on or ""}
+
+
+def mark_demoted(store, volume: str, label: str, message: str) -> None:
+    """A target said ``volume`` was promoted there: record this node's volume as demoted."""
+    try:
+        rec = ensure_role(store, volume)
+        if rec.role == roles.DEMOTED:
+            return
+        rec.role = roles.DEMOTED
+        rec.demoted = {"by": label[:4096], "message": message[:4096], "time": time.time()}
+        rec.changed = time.time()
+        roles.save_role(store.path, rec)
+        log.error("volume %s is DEMOTED: %s says: %s", volume, label, message)
+    except Exception:  # noqa: BLE001 - a hook of the driver's thread must not raise
+        log.exception("volume %s: recording its demotion failed", volume)
+
+
+def forget(store, volume: str) -> None:
+    """``volume rm``: the volume's role record goes with it (a new volume of that name
+    starts a new lineage); kept files stay in STORE/kept/ until the user removes them."""
+    try:
+        rec = roles.load_role(store.path, volume)
+    except CycleMirrorError:
+        return  # a damaged record stays for a person to look at
+    if rec is not None:
+        for kept in rec.kept:
+            log.warning("volume %s removed; its kept divergent data stays in %s", volume,
+                        kept["path"])
+        roles.remove_role(store.path, volume)
+
+
+def attach(options, store, volumes: list[str], group: bool,
+           targets: list[str] = ()) -> None:
+    """Give a driver's options the lineage hooks of its volume (not for groups yet); for a
+    promoted volume, seed a failback to each target it has no record of (before the
+    driver reads its state)."""
+    if group or len(volumes) != 1:
+        return
+    volume = volumes[0]
+    rec = ensure_role(store, volume)
+    if rec.promoted_from is not None and rec.role == roles.PRIMARY:
+        from cyclemirror.sender.failback import seed
+
+        for label in targets:
+            seed(store, volume, label, rec.promoted_from)
+    options.lineage = lambda: lineage_for(store, volume)
+    options.on_demoted = lambda label, message: mark_demoted(store, volume, label, message)
+
+
+def is_demoted(store, volume: str) -> bool:
+    try:
+        rec = roles.load_role(store.path, volume)
+    except CycleMirrorError:
+        return True  # a damaged record: safer read-only until it is looked at
+    return rec is not None and rec.role == roles.DEMOTED
+
+
+# -- control ops --------------------------------------------------------------------------
+
+def op_promote(service, args: dict) -> dict:
+    from cyclemirror.receiver.promote import promote
+
+    image = service._arg(args, "image", str, "SOURCE/VOLUME")
+    source, sep, mirror = image.partition("/")
+    if not sep or not source or not mirror or "/" in mirror:
+        raise UsageError(f"promote: {image!r} is not SOURCE/VOLUME (the source's node name or "
+                         "id, a slash, the volume)")
+    as_name = service._arg(args, "as", str, "--as", None)
+    force = service._arg(args, "force", bool, "--force", False)
+    registry = service.target.registry if service.target is not None else None
+    with service._admin_lock:
+        result = promote(service.store, registry, source, mirror, as_name, force)
+    with service._backend_lock:
+        service._backends.pop(result["volume"], None)
+    return result
+
+
+def op_resolve(service, args: dict) -> dict:
+    """``mirror resolve VOLUME --discard-changes-on NODE`` on the new primary: the user's
+    word on a split brain (the loser's changes are kept in a file there)."""
+    from cyclemirror.store.names import validate_volume_name
+
+    volume = validate_volume_name(service._arg(args, "volume", str, "volume"))
+    node = service._arg(args, "discard_changes_on", str, "--discard-changes-on")
+    store = service.store
+    rec = roles.load_role(store.path, volume)
+    if rec is None or rec.promoted_from is None or rec.role != roles.PRIMARY:
+        from cyclemirror.errors import RoleError
+
+        raise RoleError(f"volume {volume!r} is not a promoted primary on this node (role "
+                        f"{rec.role if rec else 'none'}); resolve a split brain on the node "
+                        "that was promoted")
+    p = rec.promoted_from
+    if node in (store.node_id, store.node_name):
+        from cyclemirror.errors import RoleError
+
+        raise RoleError(
+            f"keeping {p['source_name'] or p['source_node']}'s changes over this node's is not "
+            "built yet: to keep them, export its kept data, or promote it back by hand "
+            "(docs/failover.md, 'Not built yet')")
+    if node not in (p["source_node"], p["source_name"]):
+        raise UsageError(f"--discard-changes-on {node!r}: the two sides of {volume} are "
+                         f"{store.node_name or store.node_id} (this node) and "
+                         f"{p['source_name'] or p['source_node']}")
+    rec.discard_on = p["source_node"]
+    rec.changed = time.time()
+    roles.save_role(store.path, rec)
+    log.warning("volume %s: split brain resolved by the user: %s's changes lose (kept there)",
+                volume, p["source_name"] or p["source_node"])
+    return {"volume": volume, "discard_changes_on": p["source_node"],
+            "discard_changes_on_name": p["source_name"]}
+
+
+def release_volume(service, volume: str) -> None:
+    """The target's failback hook: stop mirroring ``volume`` out, forget it in NBD."""
+    out = service.outgoing
+    if out is not None:
+        try:
+            out.break_cycles(volume, None, True)
+        except CycleMirrorError:
+            pass  # not mirrored (any more)
+        try:
+            out.remove(volume, None)
+        except CycleMirrorError as exc:
+            log.warning("failback of %s: its outgoing mirror stays defined: %s", volume, exc)
+    with service._backend_lock:
+        service._backends.pop(volume, None)
+
+
+def op_clone(service, args: dict) -> dict:
+    from cyclemirror.receiver.clone import clone
+
+    image = service._arg(args, "image", str, "SOURCE/VOLUME")
+    source, sep, mirror = image.partition("/")
+    if not sep or not source or not mirror or "/" in mirror:
+        raise UsageError(f"clone: {image!r} is not SOURCE/VOLUME (the source's node name or "
+                         "id, a slash, the volume)")
+    name = service._arg(args, "name", str, "NAME")
+    with service._admin_lock:
+        result = clone(service.store, source, mirror, name)
+    with service._backend_lock:
+        service._backends.pop(result["volume"], None)
+    return result
+
+
+def after_switchover(service, result: dict, back_to: str) -> None:
+    """The target's switchover hook: serve the new volume, and mirror it back."""
+    volume = result["volume"]
+    with service._backend_lock:
+        service._backends.pop(volume, None)
+    if not back_to:
+        log.warning("switchover of %s: the old source gave no address to mirror back to; "
+                    "start it with 'cyclemirror mirror start %s --to HOST:PORT'", volume, volume)
+        return
+    try:
+        with service._admin_lock:
+            service.outgoing.start({"volume": volume, "to": back_to})
+    except CycleMirrorError as exc:
+        log.error("switchover of %s: mirroring back to %s did not start: %s", volume,
+                  back_to, exc)
+
+
+def op_switchover(service, args: dict) -> dict:
+    from cyclemirror.daemon.switchover import op_switchover as run
+
+    return run(service, args)
+
+
+OPS = {"mirror.promote": op_promote, "mirror.resolve": op_resolve,
+       "mirror.switchover": op_switchover, "mirror.clone": op_clone}
+
+
+# -- status -------------------------------------------------------------------------------
+
+def annotate(store, doc: dict) -> None:
+    """Add ``roles`` (one row per role record) and each outgoing row's role/generations."""
+    records, problems = roles.all_roles(store.path)
+    by_volume = {rec.volume: rec for rec in records}
+    for row in doc.get("mirrors", []):
+        rec = by_volume.get(row.get("volume"))
+        row["role"] = rec.role if rec else None
+        row["generation"] = (roles.generation(rec.epoch, row.get("cycle") or 0)
+                             if rec else None)
+        applied = row.get("applied_cycle") or 0
+        row["common_generation"] = (roles.generation(rec.epoch, applied)
+                                    if rec and applied else None)
+    rows = []
+    for rec in records:
+        try:
+            vol = store.open_volume(rec.volume)
+            cycle = vol.open_overlay
+        except CycleMirrorError:
+            vol, cycle = None, None
+        written = None
+        if vol is not None and rec.promoted_from is not None:
+            try:
+                written = written_since_branch(store, rec)
+            except CycleMirrorError:
+                written = None
+        peers = [{"peer": row["target"], "common_cycle": row.get("applied_cycle") or 0,
+                  "common_generation": row.get("common_generation")}
+                 for row in doc.get("mirrors", []) if row.get("volume") == rec.volume]
+        if rec.promoted_from is not None:
+            p = rec.promoted_from
+            peers.append({"peer": p["source_name"] or p["source_node"],
+                          "common_cycle": p["cycle"], "common_generation": p["generation"]})
+        rows.append({
+            "volume": rec.volume, "role": rec.role, "epoch": rec.epoch,
+            "generation": roles.generation(rec.epoch, cycle) if cycle is not None else None,
+            "parent": rec.parent, "promoted_from": rec.promoted_from, "demoted": rec.demoted,
+            "written_since_branch_bytes": (None if written in (None, UNKNOWN_BLOCKS) or vol is None
+                                           else written * vol.block_size),
+            "peers": peers, "kept": list(rec.kept), "error": None,
+        })
+    for text in problems:
+        rows.append({"volume": None, "role": None, "error": text})
+    doc["roles"] = rows

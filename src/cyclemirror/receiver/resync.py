@@ -1,0 +1,160 @@
+"""Failback on the old primary: its demoted volume becomes the new primary's mirror image.
+
+When a new primary (a promoted volume, ``lineage.parent`` = ``E:k``) opens a
+mirror here and this store has no such mirror yet but holds the volume of epoch
+``E`` (demoted, or primary and not yet told), no full copy is needed: the
+volume as of its freeze *k* is exactly the image the new primary branched from.
+
+``prepare(server, open_msg, lineage_msg)``:
+
+1. The daemon lets go of the volume (``server.on_failback``: its outgoing
+   mirrors are removed, NBD connections closed).
+2. Overlays older than *k* are merged, so base is the image of cycle *k*.
+3. The blocks this host wrote after freeze *k* (overlays *k* and newer) are
+   its divergent writes.  If the new primary wrote too (``written_blocks``)
+   that is split brain: refused (``SplitBrainError``, naming both sides and
+   their divergent bytes) unless the user named this node to lose
+   (``discard_on``).  Divergent writes are never dropped silently: they are
+   first copied to ``STORE/kept/<volume>-<epoch>-<k>.img`` (a sparse file of
+   the volume's size holding only those blocks; the role record and status
+   list it) and stay there until the user removes the file.
+4. base.img is renamed to the mirror image ``mirrors/<new primary>/<v>.img``,
+   the mirror state written with applied cycle *k* and the new epoch, the
+   volume's directory, its outgoing state and overlays dropped.  The role
+   record becomes ``secondary`` (keeping its history and the kept files).
+
+The new primary then ships, as a delta, only the blocks it wrote since the
+promotion (``sender.failback`` seeds its owed set).  The image stays the
+image of cycle *k* until that delta applies atomically: consistent throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+from cyclemirror.errors import ProtocolError, SplitBrainError
+from cyclemirror.receiver import fileops
+from cyclemirror.receiver.lineage import LINEAGE_KEY
+from cyclemirror.receiver.state import MirrorState, VolumeSpec
+from cyclemirror.store import roles
+
+log = logging.getLogger(__name__)
+KEPT_DIR = "kept"
+COPY_STEP = 8 << 20
+
+
+def prepare(server, open_msg: dict, msg: dict) -> dict | None:
+    """Turn the local volume into the new primary's image if this is a failback; None if
+    it is not one (the usual open then follows)."""
+    store = getattr(server, "store", None)
+    if store is None or open_msg["group"] or not msg["parent"]:
+        return None
+    root = os.fspath(store.path)
+    source = open_msg["node_id"]
+    name = open_msg["mirror"]
+    if os.path.exists(os.path.join(root, "mirrors", source, name + ".state.json")):
+        return None
+    rec = roles.load_role(root, name)
+    if rec is None or rec.role == roles.SECONDARY:
+        return None
+    epoch, k = roles.parse_generation(msg["parent"], "lineage parent")
+    if epoch != rec.epoch or name not in store.list_volumes():
+        return None
+    who = open_msg["node_name"] or source
+    me = server.node_name or server.node_id
+    vol = store.open_volume(name)
+    spec = open_msg["volumes"][0]
+    if (spec["size"], spec["block_size"]) != (vol.size, vol.block_size):
+        raise ProtocolError(f"failback of {name} from {who}: it sends {spec['size']} bytes in "
+                            f"blocks of {spec['block_size']}, the volume here has {vol.size} "
+                            f"in blocks of {vol.block_size}")
+    if not 1 <= k <= vol.open_overlay:
+        raise ProtocolError(f"failback of {name} from {who}: it says it branched from cycle "
+                            f"{k} of epoch {epoch}, but this volume froze only "
+                            f"{vol.open_overlay} cycles: they share no cycle")
+    divergent = vol.dirty_since(k)
+    if divergent is None:
+        raise ProtocolError(
+            f"failback of {name} from {who}: cycle {k} was merged here already (another "
+            f"target of {me} applied a newer cycle), so this volume cannot be turned back "
+            "into the image of that cycle; remove the volume here to take a full copy")
+    mine = divergent.count() * vol.block_size
+    theirs = msg["written_blocks"] * vol.block_size
+    if mine and theirs and msg["discard_on"] != server.node_id:
+        raise SplitBrainError(
+            f"split brain on volume {name}: {me} (this node, the old primary) wrote "
+            f"{mine} bytes after their last common cycle {msg['parent']}, and {who} (the new "
+            f"primary) wrote {theirs} bytes since its promotion; nothing was changed. Name "
+            f"the side whose changes lose: on {who} run 'cyclemirror mirror resolve {name} "
+            f"--discard-changes-on {me}' and resume the mirror ({me}'s changes are then kept "
+            f"in a file under {os.path.join(root, KEPT_DIR)})")
+    t0 = time.monotonic()
+    steps = {}
+    if server.on_failback is not None:
+        server.on_failback(name)  # the daemon lets go: outgoing mirrors, NBD
+    steps["release"] = time.monotonic()
+    vol.merge_through(k - 1)  # base becomes the image of cycle k
+    steps["merge"] = time.monotonic()
+    freeze_time = msg["parent_freeze_time"]  # overlay k-1, which knew it, is merged
+    kept = None
+    if mine:
+        kept = _keep(root, vol, divergent, rec.epoch, k)
+        rec.kept = [*rec.kept, kept][-roles.MAX_KEPT:]
+        rec.changed = time.time()
+        roles.save_role(root, rec)
+    steps["keep"] = time.monotonic()
+    ndir = os.path.join(root, "mirrors", source)
+    os.makedirs(ndir, exist_ok=True)
+    store.release_base(name, os.path.join(ndir, name + ".img"))
+    state = MirrorState(mirror=name, group=False, source_node=source,
+                        source_name=open_msg["node_name"],
+                        volumes=[VolumeSpec(name, spec["size"], spec["block_size"])],
+                        applied_cycle=k, freeze_time=freeze_time,
+                        extra={LINEAGE_KEY: {"epoch": msg["epoch"], "parent": msg["parent"],
+                                             "since": time.time()}})
+    state.save(os.path.join(ndir, name + ".state.json"))
+    fileops.fsync_dir(ndir)
+    shutil.rmtree(os.path.join(root, "outgoing", name), ignore_errors=True)
+    rec.role = roles.SECONDARY
+    rec.changed = time.time()
+    roles.save_role(root, rec)
+    steps["rename"] = time.monotonic()
+    last, parts = t0, []
+    for step, at in steps.items():
+        parts.append(f"{step} {at - last:.3f}s")
+        last = at
+    log.warning("failback of %s from %s: this volume is now its mirror image as of cycle %d "
+                "(generation %s), no copy (%s)%s", name, who, k, msg["parent"],
+                ", ".join(parts),
+                f"; this node's {mine} divergent bytes are kept in {kept['path']}" if kept
+                else "")
+    return {"cycle": k, "kept": kept}
+
+
+def _keep(root: str, vol, divergent, epoch: str, k: int) -> dict:
+    """Copy the divergent blocks (as the view reads them now) into a sparse kept file."""
+    directory = os.path.join(root, KEPT_DIR)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{vol.name}-{epoch}-{k}.img")
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, vol.size)
+        bs = vol.block_size
+        for start, count in divergent.iter_runs():
+            offset, end = start * bs, (start + count) * bs
+            while offset < end:
+                n = min(COPY_STEP, end - offset)
+                fileops.pwrite_all(fd, vol.read(offset, n), offset)
+                offset += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fileops.fsync_dir(directory)
+    blocks = divergent.count()
+    return {"path": path, "blocks": blocks, "bytes": blocks * vol.block_size,
+            "generation": roles.generation(epoch, k), "time": time.time()}
