@@ -5,7 +5,8 @@ catches a cycle running, then small cycles); their scrapes must contain every
 metric name the dashboard's PromQL names.  Where Debian's ``prometheus`` is
 installed (scripts/install-deps), a real Prometheus scrapes both daemons and
 evaluates every expression of the dashboard, which must parse and return data.
-Grafana itself is not in Debian, so the panels are not rendered here.
+Grafana itself is not in Debian: contrib/render-dashboard.py draws the panels
+from that Prometheus instead.
 """
 
 import json
@@ -14,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +28,7 @@ from tests.support.daemons import DaemonPool, make_key, wait_for
 from tests.support.metrics import family_of, parse_exposition
 
 DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "contrib", "grafana-dashboard.json")
+RENDER = os.path.join(os.path.dirname(__file__), "..", "contrib", "render-dashboard.py")
 MiB = 1 << 20
 METRIC = re.compile(r"\b((?:cyclemirror|process|python)_[a-z_]+)\b")
 # Grafana's variables, as "All" and a rate window of several scrapes
@@ -136,6 +139,15 @@ def prom_query(base: str, expr: str) -> dict:
             return {"status": f"HTTP {exc.code}: {body[:200]!r}"}
 
 
+def render_the_panels(base: str, png) -> None:
+    """contrib/render-dashboard.py draws every panel from the same Prometheus
+    (matplotlib: the test extra has it) and none of its range queries fails."""
+    proc = subprocess.run([sys.executable, RENDER, "--prometheus", base, "--minutes", "2",
+                           "--out", str(png)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert png.stat().st_size > 10_000, "the PNG is nearly empty"
+
+
 def test_prometheus_scrapes_the_daemons_and_runs_every_dashboard_query(mirrored, tmp_path):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
@@ -178,6 +190,7 @@ def test_prometheus_scrapes_the_daemons_and_runs_every_dashboard_query(mirrored,
                 empty.append(expr)
         # the only query allowed to be empty: progress, which exists during a cycle only
         assert all("progress" in e for e in empty), empty
+        render_the_panels(base, tmp_path / "dashboard.png")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
