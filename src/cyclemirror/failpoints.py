@@ -29,6 +29,9 @@ from cyclemirror.errors import UsageError
 KNOWN: dict[str, str] = {
     "receiver.apply_record": "sleep after each staged record applied to a mirror image "
                              "(receiver/mirror.py), so a kill -9 lands inside apply",
+    "receiver.apply_visible": "sleep between telling the source that a delta applied in "
+                              "place is applied and the image's fsync (receiver/mirror.py), so "
+                              "a kill -9 lands between them",
 }
 MAX_SECONDS = 60.0
 

@@ -412,24 +412,27 @@ class Mirror:
             raise
         return hold
 
-    def apply_committed(self, hold: contextlib.ExitStack) -> tuple[int, float]:
-        """Apply the committed cycle here and now; return (applied cycle, freeze time)."""
+    def apply_committed(self, hold: contextlib.ExitStack, on_visible=None) -> tuple[int, float]:
+        """Apply the committed cycle here and now; return (applied cycle, freeze time).
+        ``on_visible(cycle, freeze_time)``, if given, is called as soon as the image shows
+        the cycle (see ``_redo``)."""
         with hold:
-            self._redo(self.state.committed)
+            self._redo(self.state.committed, on_visible)
         return self.state.applied_cycle, self.state.freeze_time
 
     def finish(self, cycle: int, chunks: int) -> tuple[int, float]:
         """Commit and apply in this thread (protocol 1, tests)."""
         return self.apply_committed(self.commit(cycle, chunks))
 
-    def start_apply(self, hold: contextlib.ExitStack, on_done) -> None:
+    def start_apply(self, hold: contextlib.ExitStack, on_done, on_visible=None) -> None:
         """Apply the committed cycle in a thread of its own; then call
         ``on_done(error)`` (None, or the exception that stopped the apply, which
-        ``raise_apply_error`` also raises in the session from then on)."""
+        ``raise_apply_error`` also raises in the session from then on).
+        ``on_visible`` as for ``apply_committed``."""
         def run() -> None:
             error = None
             try:
-                self.apply_committed(hold)
+                self.apply_committed(hold, on_visible)
             except BaseException as exc:  # noqa: BLE001 - handed to the session
                 error = self.apply_error = exc
                 log.error("mirror %s: applying cycle %s failed: %s: %s", self.state.mirror,
@@ -451,9 +454,20 @@ class Mirror:
         if self.apply_error is not None:
             raise self.apply_error
 
-    def _redo(self, c: InFlight) -> None:
-        """Apply committed cycle ``c``; idempotent, so recovery may run it again."""
+    def _redo(self, c: InFlight, on_visible=None) -> None:
+        """Apply committed cycle ``c``; idempotent, so recovery may run it again.
+
+        An in-place apply calls ``on_visible(cycle, freeze_time)`` once its writes are in
+        the image, before the image's fsync (with scattered blocks the larger part of an
+        apply: every block a random write on disk), and shows the cycle as applied in
+        memory from then on.  The cycle is safe at that point: it is committed, its
+        staging log stays until the state file says applied, and recovery redoes a
+        committed cycle whatever the state's applied cycle says (redo is idempotent).
+        Readers that arrive meanwhile still wait for the whole apply (the pin); the state
+        file says applied at once too (with the cycle still committed), so it never lags
+        what the source was told."""
         st = self.state
+        previous = st.applied_cycle
         if c.full:
             for i in range(len(st.volumes)):
                 if os.path.exists(self.new_image_path(i)):
@@ -500,6 +514,13 @@ class Mirror:
                     elif kind in (REC_ZERO, REC_TRIM):
                         fileops.punch_zeroes(fds[member], offset, length)
                     failpoints.hit("receiver.apply_record")
+                if in_place and on_visible is not None:
+                    with self._state_lock:
+                        st.applied_cycle, st.freeze_time = c.cycle, c.freeze_time
+                        st.extra.pop("joining", None)  # as below
+                        self._save()
+                    on_visible(c.cycle, c.freeze_time)
+                    failpoints.hit("receiver.apply_visible")
                 for fd in fds:
                     os.fsync(fd)
             finally:
@@ -509,7 +530,7 @@ class Mirror:
                 for i, path in enumerate(paths):
                     os.replace(path, self.image_path(i))
                 fileops.fsync_dir(self.directory)
-        scrub.record_apply(self, c)  # verify hook: the scrub record follows the image
+        scrub.record_apply(self, c, previous)  # verify hook: the scrub record follows the image
         with self._state_lock:
             st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
             st.extra.pop("joining", None)  # their blocks came whole in this cycle

@@ -23,14 +23,15 @@ read 1 MiB to recompute its digest, and a delta of scattered blocks would
 read most of the image at every apply.
 
 **Keeping it current** (``record_apply``, called by ``Mirror._redo`` after the
-image writes are durable and before the state records the cycle as applied):
+image writes are durable and before the state lets go of the committed cycle):
 a full cycle hashes the whole new image into a new record (renamed in); a
 delta re-reads just the blocks its staging log touched (they are in the page
 cache, just written), writes their digests into the valid pages, fdatasyncs
 the pages, then the header with the new cycle.  The hook runs again if a
 crash makes recovery redo the cycle (idempotent), so after any crash the
-record's cycle is the applied cycle's or the one being applied.  A record
-whose cycle is neither (or any error in the hook) is deleted: the next scrub
+record's cycle is the applied cycle's or the one being applied (or, if the
+state already said applied when the crash came, the cycle before).  A record
+whose cycle is none of these (or any error in the hook) is deleted: the next scrub
 starts a new baseline rather than trust it.  The hook never fails an apply.
 
 **Scrub** (``scrub_image``): for each span of 32 pages, hash the span at one
@@ -345,8 +346,9 @@ def touched_blocks(staging_path: str, total: int, volumes) -> list[ExtentBitmap]
     return out
 
 
-def record_apply(mirror, c) -> None:
-    """Bring each member's record to cycle ``c`` (``InFlight``); never raises."""
+def record_apply(mirror, c, previous: int) -> None:
+    """Bring each member's record from cycle ``previous`` (the image's before this apply)
+    to cycle ``c`` (``InFlight``); never raises."""
     st = mirror.state
     paths = [record_path(mirror.image_path(i)) for i in range(len(st.volumes))]
     try:
@@ -357,7 +359,7 @@ def record_apply(mirror, c) -> None:
                 if c.full:
                     _rebuild(paths[i], mirror.image_path(i), vol, c.cycle)
                 else:
-                    _update(paths[i], mirror.image_path(i), vol, st.applied_cycle, c.cycle,
+                    _update(paths[i], mirror.image_path(i), vol, previous, c.cycle,
                             touched[i])
     except Exception as exc:  # noqa: BLE001 - a record must never fail an apply
         for path in paths:
@@ -396,7 +398,11 @@ def _update(path: str, image: str, vol, applied: int, cycle: int,
         _drop(path, str(exc))
         return
     with rec:
-        if rec.cycle not in (applied, cycle) or rec.block_size != vol.block_size or \
+        # A redo after a crash may find the state already at ``cycle`` (an in-place apply
+        # says applied before its fsync, Mirror._redo): the record is then at the cycle
+        # before, the only older one it can be at, since every apply updates or drops it.
+        at_start = rec.cycle in (applied, cycle) or (applied == cycle and rec.cycle < cycle)
+        if not at_start or rec.block_size != vol.block_size or \
                 rec.nblocks != vol.size // vol.block_size:
             _drop(path, f"it describes cycle {rec.cycle}, the image was at {applied}")
             return

@@ -14,8 +14,9 @@ the source can resume an interrupted cycle after the last acked chunk.
 
 Pipelining (protocol 2): at ``end`` the cycle is committed and ``committed``
 goes back at once; the apply runs in the mirror's apply thread, which sends
-``applied`` when it is durable, while this loop already receives the next
-cycle.  A protocol-1 source gets the old order: apply, then ``applied``.
+``applied`` as soon as the image shows the cycle (before the image's fsync:
+the committed staging log keeps it safe until then), while this loop already
+receives the next cycle.  A protocol-1 source gets the old order: apply, then ``applied``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class Session:
         self.version = version
         self.mirror: Mirror | None = None
         self.key = None  # registry key of the mirror we hold
+        self._told_applied = 0  # the newest cycle 'applied' was sent for
 
     def run(self) -> None:
         try:
@@ -234,7 +236,8 @@ class Session:
                     self.server.on_committed(mirror)
                 if self.version >= PIPELINED_VERSION:
                     self.link.send_message("committed", cycle=cycle)
-                    mirror.start_apply(hold, self._applied_in_background)
+                    mirror.start_apply(hold, self._applied_in_background,
+                                       on_visible=self._visible)
                 else:
                     mirror.apply_committed(hold)
                     self._tell_applied(mirror)
@@ -265,8 +268,20 @@ class Session:
         st = mirror.state
         if self.server.on_applied is not None:
             self.server.on_applied(mirror)
-        self.link.send_message("applied", cycle=st.applied_cycle, freeze_time=st.freeze_time)
+        if self._told_applied != st.applied_cycle:
+            self.link.send_message("applied", cycle=st.applied_cycle, freeze_time=st.freeze_time)
+            self._told_applied = st.applied_cycle
         log.info("mirror %s applied cycle %d", st.mirror, st.applied_cycle)
+
+    def _visible(self, cycle: int, freeze_time: float) -> None:
+        """The apply thread's writes are in the image (its fsync follows): the source may
+        count the cycle as applied now (``Mirror._redo`` says why that is safe)."""
+        try:
+            self.link.send_message("applied", cycle=cycle, freeze_time=freeze_time)
+            self._told_applied = cycle
+        except CycleMirrorError as exc:
+            log.info("mirror %s: could not tell %s about the apply: %s",
+                     self.mirror.state.mirror, self.link.peer, exc)
 
     def _applied_in_background(self, error: BaseException | None) -> None:
         """The mirror's apply thread is done: tell the source (its loop reads acks
