@@ -292,3 +292,37 @@ def test_psktool_key_files_read_back_as_bytes(tmp_path):
     table = read_psk_file(keys)
     assert sorted(table) == ["alice", "bob"]
     assert all(len(k) == 32 for k in table.values())  # psktool's default: 256-bit keys
+
+
+def test_a_certificate_serves_clients_that_verify_it_beside_psk_clients(tmp_path, keys):
+    from tests.support.certs import Certs
+
+    require_tool("nbdinfo")
+    certs = Certs(tmp_path / "certs")
+    cert, key = certs.server("nbd-server")
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "ca-cert.pem").write_bytes(open(certs.ca_cert, "rb").read())  # libnbd's name
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ca-cert.pem").write_bytes(open(certs.other_ca(), "rb").read())
+    tls = NbdTls(psk_file=keys, certfile=cert, keyfile=key)
+    with raw_server(tmp_path, {"vol": (MiB, False)}, tcp=True, tls=tls) as (srv, _paths):
+        host, port = srv.tcp_address
+        info = json.loads(run("nbdinfo", "--json",
+                              f"nbds://{host}:{port}/vol?tls-certificates={trust}").stdout)
+        assert info["TLS"] is True and info["exports"][0]["export-size"] == MiB
+        _refused(["nbdinfo", f"nbds://{host}:{port}/vol?tls-certificates={other}"])
+        run("nbdinfo", uri(srv, "alice", keys, "vol"))  # PSK clients still welcome
+
+
+def test_a_key_that_does_not_match_the_certificate_is_refused_at_start(tmp_path):
+    from tests.support.certs import Certs
+
+    certs = Certs(tmp_path / "certs")
+    cert, _key = certs.server("a")
+    _cert_b, key_b = certs.server("b")
+    with pytest.raises(UsageError, match="b.key: cannot be used: .*mismatch"):
+        NbdTls(certfile=cert, keyfile=key_b)
+    with pytest.raises(UsageError, match="cannot be used"):
+        NbdTls(certfile=tmp_path / "missing.pem")
