@@ -43,6 +43,14 @@ def test_nbd_on_a_non_loopback_address_needs_tls_or_insecure(tmp_path):
     assert refused.returncode == 2 and "nbd_tls_psk" in refused.stderr
 
 
+def test_insecure_serves_plaintext_on_a_non_loopback_address(daemons):
+    require_tool("nbdinfo")
+    d = daemons("d", nbd=False, metrics=False, extra=("--nbd", "tcp:0.0.0.0:0", "--insecure"))
+    d.cli("volume", "create", "v", "--size", "1M")
+    info = json.loads(run("nbdinfo", "--json", f"nbd://127.0.0.1:{_tcp_port(d)}/v").stdout)
+    assert info["TLS"] is False and info["exports"][0]["export-size"] == MiB
+
+
 def test_serve_with_a_psk_file_and_a_client_table_from_the_config(daemons, tmp_path):
     for tool in ("psktool", "nbdinfo", "nbdcopy", "qemu-img"):
         require_tool(tool)
