@@ -141,3 +141,29 @@ def test_bwlimit_holds_below_the_link_rate(pair, tmp_path):
     # the cycle cannot take less than (bytes - burst) / rate
     assert took >= (shipped - 2 * MiB) / (2 * MiB) * 0.9, (took, shipped)
     assert _image(t, s, "v")[1] == _export(s, "v", tmp_path / "after")
+
+
+def _text(n: int) -> bytes:
+    import random
+
+    rng = random.Random(7)
+    words = [bytes(rng.choice(b"etaoinshrdlu") for _ in range(rng.randint(2, 9)))
+             for _ in range(300)]
+    return b" ".join(rng.choice(words) for _ in range(n // 4))[:n]
+
+
+def test_compress_auto_picks_zstd_on_a_100_mbit_link(pair, tmp_path):
+    s, t = pair
+    s.cli("volume", "create", "v", "--size", "24M")
+    _write(s, "v", 0, _text(12 * MiB))
+    s.cli("mirror", "start", "v", "--to", t.listen, "--interval", MANUAL, "--compress", "auto")
+    s.cli("mirror", "sync", "v", "--timeout", "120")  # the full cycle measures the link
+    row = _mirror(s, "v")
+    assert row["compress"] == "auto" and row["compress_auto"]["link_rate"] is not None
+    _write(s, "v", 12 * MiB, _text(12 * MiB)[::-1])
+    s.cli("mirror", "sync", "v", "--timeout", "120")
+    auto = _mirror(s, "v")["compress_auto"]
+    # text on a 12.5 MB/s link: shipping fewer bytes beats lz4's speed
+    assert auto["codec"].startswith("zstd"), auto
+    assert auto["link_rate"] < 50e6, auto  # the tbf link, not loopback
+    assert _image(t, s, "v")[1] == _export(s, "v", tmp_path / "after")

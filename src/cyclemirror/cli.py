@@ -463,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RPO objective: the interval adapts (back to back while a target "
                             "lags, longer while the volume is quiet) and status says ok, "
                             "at_risk or violated")
-    start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|none",
-                       help="chunk compression (default lz4)")
+    start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|auto|none",
+                       help="chunk compression (default lz4; auto: the codec that ships "
+                            "fastest over the measured link)")
     start.add_argument("--bwlimit", metavar="RATE", help="cap this mirror's rate, e.g. 20M")
     start.add_argument("--key-file", metavar="FILE",
                        help="pre-shared key of the target (default: the daemon's --key-file); "

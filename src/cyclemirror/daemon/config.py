@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # imported where used: the thin CLI verbs must not load cycle
     from cyclemirror.nbd.access import ClientAccess
 
 DEFAULT_INTERVAL = 10.0
-CODECS = ("none", "lz4", "zstd")
+CODECS = ("none", "lz4", "zstd", "auto")
 ZSTD_LEVELS = range(1, 23)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" lets "a\n" through
@@ -243,12 +243,12 @@ def parse_nbd_endpoint(text, what: str = "--nbd") -> NbdEndpoint:
 
 
 def parse_compress(text, what: str = "--compress") -> Compression:
-    """``lz4``, ``none``, ``zstd`` or ``zstd:LEVEL`` (1-22)."""
+    """``lz4``, ``none``, ``zstd``, ``zstd:LEVEL`` (1-22) or ``auto`` (sender/autocodec.py)."""
     if not isinstance(text, str):
-        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL] or none, got {text!r}")
+        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL], auto or none, got {text!r}")
     codec, sep, level = text.strip().lower().partition(":")
     if codec not in CODECS or (sep and codec != "zstd"):
-        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL] or none, got {text!r}")
+        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL], auto or none, got {text!r}")
     if not sep:
         return Compression(codec, 0)
     if not level.isdigit() or int(level) not in ZSTD_LEVELS:
