@@ -375,6 +375,8 @@ cdef class TlsSession:
             free(up)
             free(down)
         reasons = _openssl_errors()
+        if why == 3 and "unexpected eof" in reasons:  # OpenSSL 3's word for a bare TCP close
+            why = 4
         self.end_reason = {
             1: "the client closed TLS",
             2: "the session ended",
@@ -399,6 +401,7 @@ cdef int _wait_or_end(SSL *ssl, int rc, int p, int *wants) noexcept nogil:
         return 0
     shutdown(p, SHUT_WR)
     if err == SSL_ERROR_ZERO_RETURN:
+        SSL_shutdown(ssl)  # our close_notify in answer, best effort (the socket is non-blocking)
         return 1
     return 4 if err == SSL_ERROR_SYSCALL else 3
 
