@@ -20,9 +20,12 @@ bytes the peer acknowledged (sent minus the socket's unsent queue,
 empty.  Timing the sends themselves would measure the kernel's socket
 buffer (megabytes), not the link, and an interval that starts with an empty
 queue measures the packer, not the link.  Every ``EXPLORE_EVERY``-th batch
-goes to another candidate in turn, so estimates of the ones not chosen stay
-current when the data or the link changes.  Until the link has been
-measured it uses lz4 (the cheapest on CPU, the default of fixed mirrors).
+goes to a neighbour of the choice (the level above, then the one below), so
+the estimates near the choice stay current when the data or the link
+changes.  The first batches go one to each candidate, lz4 first: a first
+cycle packs a few batches ahead before the first byte is sent, so by the
+time the link has been measured every candidate has been too.  Without a
+link rate the choice is by CPU alone (lz4).
 
 Determinism.  Resuming a cycle regenerates its frames and skips the first
 N; that stays correct because chunk boundaries depend only on raw lengths
@@ -112,6 +115,7 @@ class AdaptivePacker:
         self._ratio: list[float | None] = [None] * len(self.candidates)
         self._links: dict[str, float] = {}
         self._batches = 0
+        self._started = [False] * len(self.candidates)
         self.chosen = 0
         self.uses = [0] * len(self.candidates)
 
@@ -137,14 +141,16 @@ class AdaptivePacker:
             self._batches += 1
             link = min(self._links.values()) if self._links else None
             self.chosen = choose(link, self._cpu, self._ratio, self.threads)
-            if link is None:
-                return 0  # lz4 until the link is known
-            unmeasured = [i for i, r in enumerate(self._ratio) if r is None]
-            if unmeasured:
-                return unmeasured[0]
-            if self._batches % EXPLORE_EVERY == 0:
-                return (self.chosen + 1 + self._batches // EXPLORE_EVERY
-                        % (len(self.candidates) - 1)) % len(self.candidates)
+            for i, started in enumerate(self._started):
+                if not started:  # the first batches: one to each candidate, lz4 first
+                    self._started[i] = True
+                    return i
+            if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
+                # a neighbour of the choice (the level above, then below): it is
+                # where a change of data or link shows first, and cheap to try
+                step = 1 if (self._batches // EXPLORE_EVERY) % 2 else -1
+                j = self.chosen + step
+                return j if 0 <= j < len(self.candidates) else self.chosen - step
             return self.chosen
 
     def _learn(self, i: int, raw: int, wire: int, seconds: float) -> None:
