@@ -64,12 +64,16 @@ def _cython3():
     return Cython.__version__, cythonize
 
 
+# Libraries each module links with; the others link with the compression and hash ones.
+LIBRARIES = {"tlsrelay": ["ssl", "crypto"]}  # OpenSSL: TLS-PSK for the NBD export (libssl-dev)
+
+
 def _extension(stem: str, source: Path) -> Extension:
     return Extension(
         f"cyclemirror._cext.{stem}",
         [str(source.relative_to(HERE))],
         include_dirs=["cext"],  # no numpy headers: the modules use only memoryviews
-        libraries=["xxhash", "lz4", "zstd"],
+        libraries=LIBRARIES.get(stem, ["xxhash", "lz4", "zstd"]),
         extra_compile_args=compile_args,
         define_macros=macros,
     )

@@ -84,6 +84,9 @@ def cmd_serve(args) -> int:
         tls_key=os.path.abspath(args.tls_key) if args.tls_key else None,
         tls_ca=os.path.abspath(args.tls_ca) if args.tls_ca else None,
         insecure=True if args.insecure else None,
+        nbd_tls_psk=os.path.abspath(args.nbd_tls_psk) if args.nbd_tls_psk else None,
+        nbd_tls_cert=os.path.abspath(args.nbd_tls_cert) if args.nbd_tls_cert else None,
+        nbd_tls_key=os.path.abspath(args.nbd_tls_key) if args.nbd_tls_key else None,
         metrics=parse_hostport(args.metrics, "--metrics", listening=True) if args.metrics else None,
         bwlimit=parse_rate(args.bwlimit, "--bwlimit") if args.bwlimit is not None else None,
         log_level=args.log_level,
@@ -389,9 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-ca", metavar="FILE",
                        help="require incoming mirrors to present a client certificate "
                             "signed by this CA (in addition to the key)")
+    serve.add_argument("--nbd-tls-psk", metavar="FILE",
+                       help="require TLS with pre-shared keys on --nbd tcp: endpoints; FILE "
+                            "holds 'username:hexkey' lines (psktool -u USER -p FILE), re-read "
+                            "on every connection")
+    serve.add_argument("--nbd-tls-cert", metavar="FILE",
+                       help="require TLS on --nbd tcp: endpoints with this certificate (PEM); "
+                            "with --nbd-tls-psk, clients may use either")
+    serve.add_argument("--nbd-tls-key", metavar="FILE",
+                       help="private key of --nbd-tls-cert (if not in the same file)")
     serve.add_argument("--insecure", action="store_true",
-                       help="allow plaintext mirrors on non-loopback addresses (--listen and "
-                            "every outgoing mirror); without it they need TLS")
+                       help="allow plaintext on non-loopback addresses: mirrors (--listen and "
+                            "every outgoing mirror) and --nbd tcp:; without it they need TLS")
     serve.add_argument("--metrics", metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     serve.add_argument("--config", metavar="FILE", help="TOML settings; flags override it")
@@ -451,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RPO objective: the interval adapts (back to back while a target "
                             "lags, longer while the volume is quiet) and status says ok, "
                             "at_risk or violated")
-    start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|none",
-                       help="chunk compression (default lz4)")
+    start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|auto|none",
+                       help="chunk compression (default lz4; auto: the codec that ships "
+                            "fastest over the measured link)")
     start.add_argument("--bwlimit", metavar="RATE", help="cap this mirror's rate, e.g. 20M")
     start.add_argument("--key-file", metavar="FILE",
                        help="pre-shared key of the target (default: the daemon's --key-file); "

@@ -47,7 +47,8 @@ class Daemon:
     """One ``cyclemirror serve`` subprocess on a store under ``root``."""
 
     def __init__(self, root, name: str, *, key_file: str | None = None, listen: bool = False,
-                 nbd: bool = True, metrics: bool = True, extra: tuple = (), env: dict | None = None):
+                 nbd: bool = True, metrics: bool = True, extra: tuple = (), env: dict | None = None,
+                 prefix: tuple = ()):
         self.root = str(root)
         self.name = name
         self.store = os.path.join(self.root, name)
@@ -65,6 +66,7 @@ class Daemon:
             self.args += ["--metrics", "127.0.0.1:0"]
         self.args += list(extra)
         self.env = env
+        self.prefix = tuple(prefix)  # e.g. ('ip', 'netns', 'exec', NS): run the daemon in there
         self.proc: subprocess.Popen | None = None
         self.listen: str | None = None
         self.metrics: str | None = None
@@ -72,7 +74,8 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> Daemon:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cyclemirror.cli", "--store", self.store, "serve",
+                [*self.prefix, sys.executable, "-m", "cyclemirror.cli", "--store", self.store,
+                 "serve",
                  *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env or cli_env())
         deadline = time.monotonic() + timeout
         while True:

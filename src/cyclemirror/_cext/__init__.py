@@ -10,7 +10,7 @@ module does.
 
 import importlib
 
-REQUIRED: tuple[str, ...] = ("bitmap", "blockhash", "frames", "nbdio", "pagewrite")
+REQUIRED: tuple[str, ...] = ("bitmap", "blockhash", "frames", "nbdio", "pagewrite", "tlsrelay")
 
 for _name in REQUIRED:
     try:
@@ -19,5 +19,5 @@ for _name in REQUIRED:
         raise ImportError(
             f"cyclemirror: compiled module cyclemirror._cext.{_name} is missing or broken "
             f"({exc}); rebuild with 'pip install .' (needs gcc, Python headers, "
-            "liblz4-dev, libzstd-dev, libxxhash-dev)"
+            "liblz4-dev, libzstd-dev, libxxhash-dev, libssl-dev)"
         ) from exc

@@ -17,12 +17,16 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from cyclemirror.errors import UsageError
 from cyclemirror.units import parse_duration, parse_rate, parse_seconds
 
+if TYPE_CHECKING:  # imported where used: the thin CLI verbs must not load cyclemirror.nbd
+    from cyclemirror.nbd.access import ClientAccess
+
 DEFAULT_INTERVAL = 10.0
-CODECS = ("none", "lz4", "zstd")
+CODECS = ("none", "lz4", "zstd", "auto")
 ZSTD_LEVELS = range(1, 23)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" lets "a\n" through
@@ -115,6 +119,11 @@ class DaemonConfig:
     tls_key: str | None = None
     tls_ca: str | None = None  # incoming: require client certificates signed by this CA
     insecure: bool = False  # plaintext mirrors on non-loopback addresses, asked for explicitly
+    # NBD over TCP: TLS (PSK key file and/or certificate) and who may use which export.
+    nbd_tls_psk: str | None = None
+    nbd_tls_cert: str | None = None
+    nbd_tls_key: str | None = None
+    nbd_clients: ClientAccess | None = None  # None: every TLS client gets every export
 
     def merged_with(self, **overrides) -> DaemonConfig:
         """Flags win over the file: only overrides that are not None replace a value."""
@@ -171,6 +180,26 @@ def check_listen_tls(config: DaemonConfig) -> None:
             "FILE (sources then use --tls-ca), or --insecure to accept plaintext anyway")
 
 
+def check_nbd_tls(config: DaemonConfig) -> None:
+    """NBD over TCP on a non-loopback address needs TLS or an explicit --insecure."""
+    if config.nbd_tls_key and not config.nbd_tls_cert:
+        raise UsageError("serve: --nbd-tls-key needs --nbd-tls-cert")
+    tls = bool(config.nbd_tls_psk or config.nbd_tls_cert)
+    if config.nbd_clients is not None and not tls:
+        raise UsageError("serve: [nbd_clients] limits TLS clients by their PSK user name; "
+                         "add nbd_tls_psk (--nbd-tls-psk FILE) or remove [nbd_clients]")
+    if tls or config.insecure:
+        return
+    for endpoint in config.nbd:
+        if endpoint.kind == "tcp" and not is_loopback(endpoint.address.host):
+            raise UsageError(
+                f"--nbd {endpoint}: {endpoint.address.host} is not a loopback address, and "
+                "without TLS anyone who can reach the port can read and write every volume: "
+                "add --nbd-tls-psk FILE (make it with 'psktool -u USER -p FILE'; clients use "
+                "nbds://USER@HOST:PORT/VOLUME?tls-psk-file=FILE), or --insecure to serve "
+                "plaintext anyway")
+
+
 def tls_settings(cert, key, ca, where: str) -> None:
     """A certificate needs its key file unless the certificate file holds the key too."""
     if (key or ca) and not cert:
@@ -214,12 +243,12 @@ def parse_nbd_endpoint(text, what: str = "--nbd") -> NbdEndpoint:
 
 
 def parse_compress(text, what: str = "--compress") -> Compression:
-    """``lz4``, ``none``, ``zstd`` or ``zstd:LEVEL`` (1-22)."""
+    """``lz4``, ``none``, ``zstd``, ``zstd:LEVEL`` (1-22) or ``auto`` (sender/autocodec.py)."""
     if not isinstance(text, str):
-        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL] or none, got {text!r}")
+        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL], auto or none, got {text!r}")
     codec, sep, level = text.strip().lower().partition(":")
     if codec not in CODECS or (sep and codec != "zstd"):
-        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL] or none, got {text!r}")
+        raise UsageError(f"{what}: expected lz4, zstd[:LEVEL], auto or none, got {text!r}")
     if not sep:
         return Compression(codec, 0)
     if not level.isdigit() or int(level) not in ZSTD_LEVELS:
@@ -291,7 +320,7 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
 _TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwlimit",
              "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure",
              "verify_every", "verify_repair", "verify_bwlimit", "scrub_every",
-             "scrub_bwlimit"}
+             "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_clients"}
 _SERVER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
@@ -377,12 +406,24 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         tls_key=path_setting("tls_key"),
         tls_ca=path_setting("tls_ca"),
         insecure=insecure,
+        nbd_tls_psk=path_setting("nbd_tls_psk"),
+        nbd_tls_cert=path_setting("nbd_tls_cert"),
+        nbd_tls_key=path_setting("nbd_tls_key"),
+        nbd_clients=_nbd_clients(data, path),
         verify_every=parse_duration(data.get("verify_every", 0), f"{path}: verify_every"),
         verify_repair=_bool(data.get("verify_repair", False), f"{path}: verify_repair"),
         verify_bwlimit=parse_rate(data.get("verify_bwlimit", 0), f"{path}: verify_bwlimit"),
         scrub_every=parse_duration(data.get("scrub_every", 0), f"{path}: scrub_every"),
         scrub_bwlimit=parse_rate(data.get("scrub_bwlimit", 0), f"{path}: scrub_bwlimit"),
     )
+
+
+def _nbd_clients(data: dict, path: str) -> ClientAccess | None:
+    if "nbd_clients" not in data:
+        return None
+    from cyclemirror.nbd.access import parse_client_rules
+
+    return parse_client_rules(data["nbd_clients"], path)
 
 
 def _bool(value, what: str) -> bool:

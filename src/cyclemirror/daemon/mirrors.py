@@ -799,6 +799,7 @@ class OutgoingMirrors:
                 "group": spec.group, "target_mirror": mirror_names[unit],
                 "interval": spec.interval, "interval_now": st.get("interval"),
                 "compress": str(spec.compress), "bwlimit": spec.bwlimit,
+                "compress_auto": st.get("compress_auto"),
                 "tls": spec.tls_ca is not None, "key_id": key_ids.get(spec.key_file),
                 "cycle": st.get("cycle", 0), "phase": phase,
                 "applied_cycle": applied, "committed_cycle": t.get("committed_cycle", applied),

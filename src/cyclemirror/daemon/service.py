@@ -36,7 +36,13 @@ import time
 from cyclemirror import __version__
 from cyclemirror.daemon import memtune
 from cyclemirror.daemon import roles as dr_roles
-from cyclemirror.daemon.config import DaemonConfig, check_listen_tls, check_name, tls_settings
+from cyclemirror.daemon.config import (
+    DaemonConfig,
+    check_listen_tls,
+    check_name,
+    check_nbd_tls,
+    tls_settings,
+)
 from cyclemirror.daemon.control import ControlServer, control_socket_path
 from cyclemirror.daemon.mirrors import OutgoingMirrors
 from cyclemirror.errors import (
@@ -82,6 +88,7 @@ class Daemon:
         self._stopped = threading.Event()
         self._keys: list[bytes] | None = None  # the incoming keys last read
         self.nbd_addresses: list[str] = []
+        self._nbd_tls_settings = None
         self.listen_address: str | None = None
         self.metrics_address: str | None = None
 
@@ -99,6 +106,7 @@ class Daemon:
             os.makedirs(daemon_dir, exist_ok=True)
             tls_settings(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, "serve")
             check_listen_tls(cfg)
+            check_nbd_tls(cfg)
             keys = self._incoming_keys() if cfg.key_file else None  # bad files fail here
             for endpoint in cfg.nbd:
                 self._start_nbd(endpoint)
@@ -159,15 +167,28 @@ class Daemon:
             log.error("key files unreadable, keeping the keys read before: %s", exc)
         return self._keys
 
+    def _nbd_tls(self):
+        """The NBD TLS settings (made once, shared by the TCP endpoints), or None."""
+        cfg = self.config
+        if not (cfg.nbd_tls_psk or cfg.nbd_tls_cert):
+            return None
+        if self._nbd_tls_settings is None:
+            from cyclemirror.nbd.tls import NbdTls
+
+            self._nbd_tls_settings = NbdTls(psk_file=cfg.nbd_tls_psk, certfile=cfg.nbd_tls_cert,
+                                            keyfile=cfg.nbd_tls_key)
+        return self._nbd_tls_settings
+
     def _start_nbd(self, endpoint) -> None:
         from cyclemirror.nbd import NbdServer
 
-        if endpoint.kind == "unix":
+        if endpoint.kind == "unix":  # the socket file's permissions are its access control
             server = NbdServer(self._nbd_lookup, list_names=self._nbd_names,
                                unix_path=endpoint.path)
         else:
             server = NbdServer(self._nbd_lookup, list_names=self._nbd_names,
-                               tcp=(endpoint.address.host, endpoint.address.port))
+                               tcp=(endpoint.address.host, endpoint.address.port),
+                               tls=self._nbd_tls(), access=self.config.nbd_clients)
         server.start()
         self.nbd_servers.append(server)
         if endpoint.kind == "tcp" and endpoint.address.port == 0:

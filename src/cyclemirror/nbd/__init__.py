@@ -2,8 +2,10 @@
 
 Modules: ``protocol`` (the protocol's numbers), ``negotiation`` (fixed newstyle
 option haggling), ``server`` (listeners and connection threads), ``backends``
-(raw image files and store volumes as exports).  The per-request loop is the
-compiled ``cyclemirror._cext.nbdio``.  Details and guarantees: docs/nbd.md.
+(raw image files and store volumes as exports), ``tls`` (STARTTLS with
+pre-shared keys or a certificate) and ``access`` (which exports each TLS
+client may use).  The per-request loop is the compiled
+``cyclemirror._cext.nbdio``, the TLS handshake and relay ``cyclemirror._cext.tlsrelay``.  Details and guarantees: docs/nbd.md.
 """
 
 from cyclemirror.nbd.backends import RawFileBackend, VolumeBackend

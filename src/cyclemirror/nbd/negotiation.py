@@ -9,6 +9,17 @@ denial of service); a malformed payload of a known option gets
 unknown export gets ``NBD_REP_ERR_UNKNOWN`` (or, for ``NBD_OPT_EXPORT_NAME``,
 which cannot answer with an error, a closed connection).
 
+TLS.  With a ``tls`` setting (``tls.py``), TLS is required: before
+``NBD_OPT_STARTTLS`` every option but ``NBD_OPT_ABORT`` gets
+``NBD_REP_ERR_TLS_REQD`` (``NBD_OPT_EXPORT_NAME``, which cannot answer with an
+error, closes the connection), as the protocol prescribes for a server that
+requires TLS.  STARTTLS is acknowledged, the handshake runs, and the rest of
+the haggling (and the transmission) uses the channel's plain socket, handed to
+the server through ``on_tls`` so it can stop and clean up the channel.  The
+identity the client proved decides, through ``access`` (``access.py``), which
+exports it may see, probe and use, and whether read-only: a refused export
+gets ``NBD_REP_ERR_POLICY`` and is left out of ``NBD_OPT_LIST``.
+
 The result, ``Negotiated``, says which backend to serve and with which
 transmission flags; the flags advertise exactly what the transmission loop
 will honour for that backend (see ``transmission_flags``).
@@ -31,6 +42,7 @@ from typing import Any
 
 from cyclemirror.errors import ConnectionLostError, ProtocolError
 from cyclemirror.nbd import protocol as P
+from cyclemirror.nbd.access import Access, ClientAccess
 from cyclemirror.nbd.backends import as_backend, release_backend
 
 log = logging.getLogger("cyclemirror.nbd")
@@ -51,7 +63,7 @@ class Negotiated:
     context_id: int  # 0: no metadata context selected
 
 
-def transmission_flags(backend: Any, structured: bool) -> int:
+def transmission_flags(backend: Any, structured: bool, readonly: bool = False) -> int:
     """The transmission flags for a backend: only what the request loop implements for it.
 
     Writable exports get FLUSH, FUA, TRIM and WRITE_ZEROES; FAST_ZERO only when
@@ -59,7 +71,7 @@ def transmission_flags(backend: Any, structured: bool) -> int:
     when the backend says every connection sees one shared, coherent image.
     """
     flags = P.TFLAG_HAS_FLAGS
-    if getattr(backend, "readonly", False):
+    if readonly or getattr(backend, "readonly", False):
         flags |= P.TFLAG_READ_ONLY
     else:
         flags |= P.TFLAG_SEND_FLUSH | P.TFLAG_SEND_FUA | P.TFLAG_SEND_TRIM
@@ -95,8 +107,16 @@ class _Options:
     """Option haggling on one connection (used by one thread only)."""
 
     def __init__(self, sock: socket.socket, lookup: Callable[[str], Any],
-                 list_names: Callable[[], Iterable[str]] | None, stopping: threading.Event):
+                 list_names: Callable[[], Iterable[str]] | None, stopping: threading.Event,
+                 tls: Any = None, on_tls: Callable[[Any], None] | None = None,
+                 access: ClientAccess | None = None):
         self.sock = sock
+        self.tls = tls
+        self.on_tls = on_tls
+        self.tls_started = False
+        self.identity: str | None = None
+        self.access = access if access is not None else ClientAccess(None)
+        self.readonly_names: set[str] = set()  # exports this client may only read
         self.lookup = lookup
         self.list_names = list_names
         self.stopping = stopping
@@ -146,11 +166,19 @@ class _Options:
             return None, f"export {name!r} has an invalid size"
         return wrapped, ""
 
+    def allowed(self, name: str) -> bool:
+        """May this client use export NAME?  Records read-only access for ``negotiated``."""
+        decision = self.access.decide(self.identity, name)
+        if decision is Access.READ_ONLY:
+            self.readonly_names.add(name)
+        return decision is not Access.NONE
+
     def negotiated(self, name: str, backend: Any) -> Negotiated:
         context_id = self.context_id if self.meta_export == name else 0
+        readonly = name in self.readonly_names
         return Negotiated(name, backend, backend.size,
-                          transmission_flags(backend, self.structured), self.structured,
-                          context_id)
+                          transmission_flags(backend, self.structured, readonly),
+                          self.structured, context_id)
 
     # --- the loop
 
@@ -172,6 +200,15 @@ class _Options:
             data = recv_exact(self.sock, length)
             if self.stopping.is_set() and option not in (P.OPT_ABORT, P.OPT_EXPORT_NAME):
                 self.error(option, P.REP_ERR_SHUTDOWN, "server is shutting down")
+                continue
+            if self.tls is not None and not self.tls_started and option not in (
+                    P.OPT_STARTTLS, P.OPT_ABORT):
+                if option == P.OPT_EXPORT_NAME:  # cannot answer with an error
+                    log.info("nbd: EXPORT_NAME before STARTTLS on a TLS-only server; closing")
+                    return None
+                self.error(option, P.REP_ERR_TLS_REQD,
+                           "this server requires TLS: negotiate NBD_OPT_STARTTLS first "
+                           "(e.g. nbds:// URIs with tls-psk-file, or qemu's tls-creds)")
                 continue
             done = self.handle(option, data)
             if done is not None:
@@ -201,16 +238,40 @@ class _Options:
         elif option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
             self.meta_context(option, data)
         elif option == P.OPT_STARTTLS:
-            self.error(option, P.REP_ERR_POLICY, "this server does not offer TLS")
+            self.starttls(option, data)
         else:
             self.error(option, P.REP_ERR_UNSUP, f"option {option} is not supported")
         return None
+
+    def starttls(self, option: int, data: bytes) -> None:
+        if self.tls is None:
+            self.error(option, P.REP_ERR_POLICY, "this server does not offer TLS")
+            return
+        if data:
+            self.error(option, P.REP_ERR_INVALID, "STARTTLS takes no data")
+            return
+        if self.tls_started:
+            self.error(option, P.REP_ERR_INVALID, "TLS is already on")
+            return
+        self.reply(option, P.REP_ACK)
+        timeout = self.sock.gettimeout()
+        channel = self.tls.start(self.sock)  # TlsError ends the connection
+        self.tls_started = True
+        if self.on_tls is not None:
+            self.on_tls(channel)  # the server owns the channel from here on
+        self.sock = channel.plain
+        self.sock.settimeout(timeout)
+        self.identity = channel.identity
+        log.info("nbd: TLS on (%s)", channel.describe())
 
     def export_name(self, data: bytes) -> Negotiated | bool:
         try:
             name = self.decode_name(data)
         except ValueError as exc:
             log.info("nbd: EXPORT_NAME with a bad name (%s); closing", exc)
+            return False
+        if not self.allowed(name):
+            log.info("nbd: EXPORT_NAME: %s; closing", self.access.why_not(self.identity, name))
             return False
         backend, why = self.find(name)
         if backend is None:
@@ -239,6 +300,8 @@ class _Options:
             self.error(option, P.REP_ERR_POLICY, f"listing exports failed: {exc}")
             return
         for name in names:
+            if self.access.decide(self.identity, name) is Access.NONE:
+                continue
             raw = name.encode("utf-8")
             if len(raw) <= P.MAX_STRING:
                 self.reply(option, P.REP_SERVER, struct.pack(">I", len(raw)) + raw)
@@ -259,6 +322,9 @@ class _Options:
             requests = struct.unpack_from(f">{nreq}H", data, 6 + nlen)
         except (ValueError, struct.error) as exc:
             self.error(option, P.REP_ERR_INVALID, f"malformed INFO/GO option: {exc}")
+            return None
+        if not self.allowed(name):
+            self.error(option, P.REP_ERR_POLICY, self.access.why_not(self.identity, name))
             return None
         backend, why = self.find(name)
         if backend is None:
@@ -322,6 +388,9 @@ class _Options:
         except (ValueError, struct.error) as exc:
             self.error(option, P.REP_ERR_INVALID, f"malformed meta context option: {exc}")
             return
+        if not self.allowed(name):
+            self.error(option, P.REP_ERR_POLICY, self.access.why_not(self.identity, name))
+            return
         backend, why = self.find(name)
         if backend is None:
             self.error(option, P.REP_ERR_UNKNOWN, why)
@@ -343,9 +412,15 @@ class _Options:
 
 def negotiate(sock: socket.socket, lookup: Callable[[str], Any],
               list_names: Callable[[], Iterable[str]] | None,
-              stopping: threading.Event) -> Negotiated | None:
-    """Run option haggling on a connected socket; None when the client left or aborted."""
+              stopping: threading.Event, *, tls: Any = None,
+              on_tls: Callable[[Any], None] | None = None,
+              access: ClientAccess | None = None) -> Negotiated | None:
+    """Run option haggling on a connected socket; None when the client left or aborted.
+
+    With ``tls`` (an ``NbdTls``) the client must start TLS first; ``on_tls(channel)``
+    receives the channel, whose ``plain`` socket carries the session from then on.
+    """
     try:
-        return _Options(sock, lookup, list_names, stopping).run()
+        return _Options(sock, lookup, list_names, stopping, tls, on_tls, access).run()
     except OSError as exc:
         raise ConnectionLostError(f"nbd negotiation: {exc}") from exc

@@ -18,6 +18,16 @@ Backend lifecycle.  ``lookup`` may return a backend made for one connection
 releases those it only probed, and the connection thread releases the one it
 served when the session ends, whatever way it ends (``backends.release_backend``).
 
+TLS.  With ``tls`` (an ``nbd.tls.NbdTls``) every TCP connection must start
+TLS before anything else (``negotiation.py``); the Unix socket stays plain,
+its file permissions being its access control.  Once TLS is on, the
+connection's registered socket becomes the channel's plain end (under
+``_lock``, so ``stop()`` shuts down the socket the session reads), and the
+connection thread ends the channel (``TlsChannel.finish``) before it closes
+the TCP socket, so the relay thread never touches a closed descriptor.
+``access`` (``nbd.access.ClientAccess``) limits TLS clients, by the PSK user
+name they proved, to some exports, read-only or read-write.
+
 Shutdown.  ``stop()`` closes the listeners, then shuts down the read side of
 every connection: a blocked ``recv`` returns end-of-stream, the session sends
 the replies to the requests it already handled and ends.  Connections still
@@ -62,7 +72,8 @@ class NbdServer:
                  tcp: tuple[str, int] | None = None,
                  max_connections: int = 256,
                  max_payload: int = P.MAX_PAYLOAD,
-                 negotiation_timeout: float = NEGOTIATION_TIMEOUT):
+                 negotiation_timeout: float = NEGOTIATION_TIMEOUT,
+                 tls: Any = None, access: Any = None):
         if not callable(lookup):
             raise UsageError("NbdServer: lookup must be callable (name -> backend or None)")
         if unix_path is None and tcp is None:
@@ -83,6 +94,8 @@ class NbdServer:
         self._max_connections = max_connections
         self._max_payload = max_payload
         self._negotiation_timeout = float(negotiation_timeout)
+        self._tls = tls
+        self._access = access
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._listeners: list[socket.socket] = []
@@ -98,7 +111,11 @@ class NbdServer:
         return self._unix_path
 
     def uri(self, name: str) -> str:
-        """An NBD URI for an export (Unix socket preferred), for clients such as nbdinfo."""
+        """An NBD URI for an export (Unix socket preferred), for clients such as nbdinfo.
+
+        Over TCP with TLS it is an ``nbds://`` URI; a PSK client adds its user name
+        and ``?tls-psk-file=FILE``.
+        """
         if self._unix_path is not None:
             return f"nbd+unix:///{name}?socket={self._unix_path}"
         if self.tcp_address is None:
@@ -106,7 +123,8 @@ class NbdServer:
         host, port = self.tcp_address
         if ":" in host:
             host = f"[{host}]"  # IPv6 literal
-        return f"nbd://{host}:{port}/{name}"
+        scheme = "nbds" if self._tls is not None else "nbd"
+        return f"{scheme}://{host}:{port}/{name}"
 
     def connection_count(self) -> int:
         with self._lock:
@@ -236,17 +254,29 @@ class NbdServer:
         me = threading.current_thread()
         name = "?"
         result = None
+        channels = []  # the TLS channel, once the client started TLS
+
+        def on_tls(channel) -> None:
+            channels.append(channel)
+            with self._lock:
+                self._connections[me] = channel.plain
+
         try:
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
+            tcp = conn.family in (socket.AF_INET, socket.AF_INET6)
+            if tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self._negotiation_timeout)
-            result = negotiate(conn, self._lookup, self._list_names, self._stopping)
+            tls = self._tls if tcp else None
+            result = negotiate(conn, self._lookup, self._list_names, self._stopping,
+                               tls=tls, on_tls=on_tls,
+                               access=self._access if tls is not None else None)
             if result is None:
                 return
             name = result.name
-            conn.settimeout(None)  # transmission may idle as long as the client likes
+            sock = channels[0].plain if channels else conn
+            sock.settimeout(None)  # transmission may idle as long as the client likes
             session = TransmissionSession(
-                conn.fileno(), result.name, result.backend, result.size,
+                sock.fileno(), result.name, result.backend, result.size,
                 result.transmission_flags, result.structured, result.context_id,
                 self._max_payload)
             reason = session.run()
@@ -259,6 +289,11 @@ class NbdServer:
         finally:
             if result is not None:
                 release_backend(result.backend)
+            if channels:
+                with self._lock:  # stop() must not reach the plain end while it closes
+                    self._connections[me] = conn
+            for channel in channels:
+                channel.finish()
             with self._lock:
                 self._connections.pop(me, None)
                 conn.close()

@@ -80,6 +80,7 @@ from cyclemirror.errors import (
     is_temporary,
 )
 from cyclemirror.sender import plan, rpo, shipping
+from cyclemirror.sender.autocodec import AdaptivePacker, LinkMeter
 from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.group import SingleVolume
 from cyclemirror.sender.persist import DriverState
@@ -108,7 +109,7 @@ class TargetSpec:
 class MirrorOptions:
     interval: float = 0.0  # seconds between freezes; 0 = back-to-back (with rpo: a cap, 0 none)
     rpo: float | None = None  # the RPO objective in seconds; None: no objective
-    codec: str = "lz4"  # none | lz4 | zstd
+    codec: str = "lz4"  # none | lz4 | zstd | auto (sender/autocodec.py)
     level: int = 0
     chunk_size: int = 1 << 20
     bwlimit: int = 0  # bytes/s for this mirror, 0 = unlimited
@@ -239,13 +240,16 @@ class MirrorDriver:
         self.volume = volume
         self.store = store
         self.options = options or MirrorOptions()
-        if self.options.codec not in shipping.CODECS:
-            raise UsageError(f"codec {self.options.codec!r}: use none, lz4 or zstd")
+        if self.options.codec not in shipping.CODECS and self.options.codec != "auto":
+            raise UsageError(f"codec {self.options.codec!r}: use none, lz4, zstd or auto")
         if self.options.rpo is not None and not 0 < self.options.rpo < 86400 * 365:
             raise UsageError(f"mirror of {volume.name!r}: an RPO objective must be a positive "
                              f"number of seconds, got {self.options.rpo!r}")
-        self.packer = frames.FramePacker(shipping.CODECS[self.options.codec],
-                                         self.options.level, self.options.chunk_size)
+        if self.options.codec == "auto":
+            self.packer = AdaptivePacker(self.options.chunk_size, shipping.PACK_THREADS)
+        else:
+            self.packer = frames.FramePacker(shipping.CODECS[self.options.codec],
+                                             self.options.level, self.options.chunk_size)
         self.rate = RateLimiter(self.options.bwlimit, self.options.shared_rate)
         self.targets = [OutgoingTarget(s) for s in specs]
         self.state = DriverState(os.path.join(store.path, "outgoing",
@@ -578,6 +582,8 @@ class MirrorDriver:
                 "members": [v.name for v in self.subject.volumes],
                 "rpo_objective": self.options.rpo,
                 "interval": self._interval(now),
+                "compress_auto": (self.packer.status()
+                                  if isinstance(self.packer, AdaptivePacker) else None),
                 "targets": {
                     r.label: {
                         "phase": "broken" if r.broken or (
@@ -1168,8 +1174,11 @@ class MirrorDriver:
         alive = {r.label: r for r in group}
         t0 = time.monotonic()
 
+        observe_link = getattr(self.packer, "observe_link", None)
+
         def sender(r: OutgoingTarget) -> None:
             q = queues[r.label]
+            meter = None
             sent_raw = 0
             send_seconds = 0.0
             prog = CycleProgress(c, r.owed is None, _cycle_bytes(self.subject, r.owed),
@@ -1216,6 +1225,12 @@ class MirrorDriver:
                         tlink.check()
                         tlink.link.send_frames(batch, f"chunks up to {index} of cycle {c}")
                         send_seconds += time.monotonic() - ts
+                        if observe_link is not None:  # --compress auto learns the link
+                            if meter is None or meter.sock is not tlink.link.sock:
+                                meter = LinkMeter(tlink.link.sock)
+                            delivered = meter.sample(tlink.link.bytes_sent)
+                            if delivered is not None:
+                                observe_link(r.label, *delivered)
                     # Published after the send: the figures never run ahead of the link.
                     prog.bytes_raw = sent_raw
                     prog.skipped_bytes = skipped

@@ -1,0 +1,193 @@
+"""``--compress auto``: per batch, the codec and level that ship a cycle fastest.
+
+Design.  A cycle's frames are packed (read, compressed) by a pool of threads
+while each target's sender thread puts earlier ones on the wire, so a
+batch's cost is that of the slower of the two stages.  For ``raw`` bytes
+packed with candidate *c* that is ``max(raw / cpu_c, raw * ratio_c / link)``
+with ``cpu_c`` the raw bytes per second one packing thread achieves with *c*
+(times the pool's threads), ``ratio_c`` the wire bytes per raw byte it
+produces, and ``link`` the bytes per second the slowest target's link
+(including ``--bwlimit``) takes.  ``choose`` picks the candidate with the
+least cost; it is pure and does no I/O, so it is tested alone.
+
+``AdaptivePacker`` is a ``FramePacker`` to the shipping code: it holds one
+packer per candidate, packs each batch with the current choice, and learns
+from what it sees: the time and the output size of every batch (an
+exponentially weighted mean per candidate), and ``observe_link(label,
+bytes, seconds)`` from the sender threads, measured by a ``LinkMeter``: the
+bytes the peer acknowledged (sent minus the socket's unsent queue,
+``SIOCOUTQ``) per second, over intervals in which the queue never ran
+empty.  Timing the sends themselves would measure the kernel's socket
+buffer (megabytes), not the link, and an interval that starts with an empty
+queue measures the packer, not the link.  Every ``EXPLORE_EVERY``-th batch
+goes to a neighbour of the choice (the level above, then the one below), so
+the estimates near the choice stay current when the data or the link
+changes.  The first batches go one to each candidate, lz4 first: a first
+cycle packs a few batches ahead before the first byte is sent, so by the
+time the link has been measured every candidate has been too.  Without a
+link rate the choice is by CPU alone (lz4).
+
+Determinism.  Resuming a cycle regenerates its frames and skips the first
+N; that stays correct because chunk boundaries depend only on raw lengths
+(``chunk_size``), never on the codec, and every frame names its own codec:
+a resumed cycle may compress a chunk differently, never cover different
+bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import struct
+import termios
+import threading
+import time
+from collections.abc import Sequence
+
+from cyclemirror._cext import frames
+
+# (codec, level): lz4 when the CPU is the limit, zstd at higher levels the slower the link.
+CANDIDATES: tuple[tuple[str, int], ...] = (("lz4", 0), ("zstd", 1), ("zstd", 3), ("zstd", 9))
+EXPLORE_EVERY = 16  # one batch in this many tries another candidate
+WEIGHT = 0.3  # of a new observation in the running means
+_CODE = {"none": frames.CODEC_NONE, "lz4": frames.CODEC_LZ4, "zstd": frames.CODEC_ZSTD}
+
+
+class LinkMeter:
+    """The delivery rate of one connection: acknowledged bytes per second while busy."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._last: tuple[float, int, int] | None = None  # (time, delivered, unsent)
+
+    def unsent(self) -> int:
+        raw = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
+        return struct.unpack("i", raw)[0]
+
+    def sample(self, bytes_sent: int) -> tuple[int, float] | None:
+        """(bytes delivered, seconds) since the previous sample, if the link was busy."""
+        try:
+            unsent = self.unsent()
+        except OSError:
+            return None
+        now = time.monotonic()
+        delivered = bytes_sent - unsent
+        prev, self._last = self._last, (now, delivered, unsent)
+        if prev is None or prev[2] == 0 or now <= prev[0]:
+            return None  # the queue was empty: the link may have idled
+        return delivered - prev[1], now - prev[0]
+
+
+def label(candidate: tuple[str, int]) -> str:
+    codec, level = candidate
+    return f"{codec}:{level}" if level else codec
+
+
+def choose(link_rate: float | None, cpu_rates: Sequence[float | None],
+           ratios: Sequence[float | None], threads: int = 1) -> int:
+    """The index of the candidate with the least cost per raw byte (see the docstring).
+
+    A candidate never measured (None) is not chosen, unless none is measured
+    (then 0).  Without a link rate the cheapest on CPU wins.
+    """
+    best, best_cost = 0, None
+    for i, (cpu, ratio) in enumerate(zip(cpu_rates, ratios, strict=True)):
+        if cpu is None or ratio is None or cpu <= 0:
+            continue
+        cost = 1.0 / (cpu * max(1, threads))
+        if link_rate is not None and link_rate > 0:
+            cost = max(cost, ratio / link_rate)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = i, cost
+    return best
+
+
+class AdaptivePacker:
+    """Packs like ``FramePacker``, choosing codec and level per batch (``--compress auto``)."""
+
+    def __init__(self, chunk_size: int = 1 << 20, threads: int = 1,
+                 candidates: Sequence[tuple[str, int]] = CANDIDATES):
+        self.candidates = tuple(candidates)
+        self.packers = [frames.FramePacker(_CODE[c], lvl, chunk_size) for c, lvl in candidates]
+        self.chunk_size = chunk_size
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._cpu: list[float | None] = [None] * len(self.candidates)
+        self._ratio: list[float | None] = [None] * len(self.candidates)
+        self._links: dict[str, float] = {}
+        self._batches = 0
+        self._started = [False] * len(self.candidates)
+        self.chosen = 0
+        self.uses = [0] * len(self.candidates)
+
+    # -- what the sender threads tell us
+
+    def observe_link(self, who: str, nbytes: int, seconds: float) -> None:
+        if nbytes < 65536 or seconds <= 0:
+            return  # too small to say anything about the link
+        rate = nbytes / seconds
+        with self._lock:
+            old = self._links.get(who)
+            self._links[who] = rate if old is None else old + WEIGHT * (rate - old)
+            self.chosen = choose(min(self._links.values()), self._cpu, self._ratio, self.threads)
+
+    def forget_link(self, who: str) -> None:
+        with self._lock:
+            self._links.pop(who, None)
+
+    # -- packing
+
+    def _pick(self) -> int:
+        with self._lock:
+            self._batches += 1
+            link = min(self._links.values()) if self._links else None
+            self.chosen = choose(link, self._cpu, self._ratio, self.threads)
+            for i, started in enumerate(self._started):
+                if not started:  # the first batches: one to each candidate, lz4 first
+                    self._started[i] = True
+                    return i
+            if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
+                # a neighbour of the choice (the level above, then below): it is
+                # where a change of data or link shows first, and cheap to try
+                step = 1 if (self._batches // EXPLORE_EVERY) % 2 else -1
+                j = self.chosen + step
+                return j if 0 <= j < len(self.candidates) else self.chosen - step
+            return self.chosen
+
+    def _learn(self, i: int, raw: int, wire: int, seconds: float) -> None:
+        if raw < 65536 or seconds <= 0:
+            return
+        with self._lock:
+            self.uses[i] += 1
+            cpu, ratio = raw / seconds, wire / raw
+            old_cpu, old_ratio = self._cpu[i], self._ratio[i]
+            self._cpu[i] = cpu if old_cpu is None else old_cpu + WEIGHT * (cpu - old_cpu)
+            self._ratio[i] = (ratio if old_ratio is None
+                              else old_ratio + WEIGHT * (ratio - old_ratio))
+            link = min(self._links.values()) if self._links else None
+            self.chosen = choose(link, self._cpu, self._ratio, self.threads)
+
+    def pack_extents(self, fd, extents, cycle):
+        i = self._pick()
+        t0 = time.thread_time()
+        out = self.packers[i].pack_extents(fd, extents, cycle)
+        self._learn(i, sum(length for _o, length in extents), sum(len(f) for f in out),
+                    time.thread_time() - t0)
+        return out
+
+    def pack_scatter(self, fd, extents, cycle):
+        i = self._pick()
+        t0 = time.thread_time()
+        out = self.packers[i].pack_scatter(fd, extents, cycle)
+        self._learn(i, sum(n for _f, n in out), sum(len(f) for f, _n in out),
+                    time.thread_time() - t0)
+        return out
+
+    def status(self) -> dict:
+        """What ``status`` shows: the current pick and what it is based on."""
+        with self._lock:
+            link = min(self._links.values()) if self._links else None
+            return {"codec": label(self.candidates[self.chosen]),
+                    "link_rate": link,
+                    "candidates": [{"codec": label(c), "cpu_rate": self._cpu[i],
+                                    "ratio": self._ratio[i], "batches": self.uses[i]}
+                                   for i, c in enumerate(self.candidates)]}
