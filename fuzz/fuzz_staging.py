@@ -37,7 +37,10 @@ def seeds() -> list[bytes]:
     return [b"\x00" + _log([(staging.REC_DATA, 0, 0, 16, b"0123456789abcdef"),
                             (staging.REC_ZERO, 1, 4096, 8192, None),
                             (staging.REC_TRIM, 0, 0, 4096, None)]),
-            b"\x01" + _log([(staging.REC_DATA, 2, 1 << 40, 4096, bytes(4096))])]
+            b"\x01" + _log([(staging.REC_DATA, 2, 1 << 40, 4096, bytes(4096))]),
+            # a SCATTER record (protocol 2): its payload is the frame's table and data,
+            # parsed at apply time (frames.scatter_check), not by the log reader
+            b"\x00" + _log([(staging.REC_SCATTER, 0, 0, 64, bytes(range(64)))])]
 
 
 def _read_all(total: int) -> list:
@@ -57,5 +60,6 @@ def test_one_input(data: bytes) -> None:
     result = clean(_read_all, total)
     if isinstance(result, list):
         for kind, _member, _offset, length, got in result:
-            assert kind in (staging.REC_DATA, staging.REC_ZERO, staging.REC_TRIM)
+            assert kind in (staging.REC_DATA, staging.REC_ZERO, staging.REC_TRIM,
+                            staging.REC_SCATTER)
             assert got is None or got == length <= CAP
