@@ -40,7 +40,7 @@ from cyclemirror.errors import (
     UsageError,
 )
 from cyclemirror.receiver.session import Session, error_code
-from cyclemirror.wire import handshake
+from cyclemirror.wire import handshake, sockio
 from cyclemirror.wire.handshake import TlsConfig
 from cyclemirror.wire.link import MAX_CHUNK, FrameLink
 
@@ -205,8 +205,7 @@ class TargetServer:
         link = None
         try:
             conn.settimeout(handshake.HANDSHAKE_TIMEOUT)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sockio.tune_link(conn)
             sock = conn
             if self.tls_context is not None:
                 sock = self._tls_accept(conn)

@@ -25,7 +25,7 @@ from cyclemirror.errors import (
     DeadlineError,
     ProtocolError,
 )
-from cyclemirror.wire import handshake
+from cyclemirror.wire import handshake, sockio
 from cyclemirror.wire.link import FrameLink, volume_limits
 
 CONNECT_TIMEOUT = 10.0
@@ -67,8 +67,7 @@ class TargetLink:
         except OSError as exc:
             raise ConnectionLostError(f"cannot connect to target {self.label}: {exc}") from None
         try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sockio.tune_link(raw)
             sock = raw
             if self.tls is not None:
                 sock = self._tls_connect(raw)

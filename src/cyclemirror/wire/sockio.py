@@ -3,6 +3,10 @@
 Every reader in the protocol says what it was reading (``what``), so a
 truncated stream produces a message such as "connection closed after 7 of 48
 bytes of the frame header from 10.0.0.2:7000" instead of a bare struct error.
+
+``tune_link`` sets the TCP options both ends of a mirror connection use, so
+that a link that dies is noticed in about a minute rather than the kernel's
+retransmission limit (``tcp_retries2``: 15 minutes and more).
 """
 
 from __future__ import annotations
@@ -11,6 +15,23 @@ import socket
 import ssl
 
 from cyclemirror.errors import ConnectionLostError
+
+# A link is dead when sent data stays unacknowledged this long (TCP_USER_TIMEOUT), or
+# when an idle one answers no keepalive probe: first after KEEPIDLE s, then every
+# KEEPINTVL s, KEEPCNT of them.  A slow link still acknowledges continuously.
+LINK_DEAD_AFTER_MS = 60_000
+KEEPIDLE, KEEPINTVL, KEEPCNT = 20, 5, 6
+
+
+def tune_link(sock: socket.socket) -> None:
+    """No Nagle delay, keepalive probes, and a bound on unacknowledged data (Linux)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL),
+                        ("TCP_KEEPCNT", KEEPCNT), ("TCP_USER_TIMEOUT", LINK_DEAD_AFTER_MS)):
+        option = getattr(socket, name, None)
+        if option is not None:  # all of them exist on Linux
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def peer_name(sock: socket.socket) -> str:
