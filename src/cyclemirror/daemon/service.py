@@ -355,6 +355,42 @@ class Daemon:
         log.info("volume %s removed", name)
         return {"name": name}
 
+    # -- file objects (docs/files.md) -----------------------------------------------------
+
+    def _op_file_add(self, args):
+        name = check_name(self._arg(args, "name", str, "file object name"), "file object name")
+        path = self._absolute(self._arg(args, "path", str, "PATH"), "PATH")
+        block_size = parse_size(self._arg(args, "block_size", int, "--block-size", 4096),
+                                "--block-size")
+        with self._admin_lock:
+            obj = self.store.add_file(name, path, block_size)
+        log.info("file object %s added: %s (%s, %d bytes)", name, path, obj.fs, obj.size)
+        return obj.info()
+
+    def _op_file_list(self, args):
+        out = []
+        for name in self.store.list_files():
+            try:
+                out.append(self.store.open_file(name).info())
+            except CycleMirrorError as exc:  # one damaged record must not hide the others
+                log.error("file object %s cannot be opened: %s", name, exc)
+                out.append({"name": name, "kind": "file", "error": str(exc)})
+        return out
+
+    def _op_file_rm(self, args):
+        name = check_name(self._arg(args, "name", str, "file object name"), "file object name")
+        with self._admin_lock:
+            users = self.outgoing.mirrors_of(name)
+            if users:
+                raise UsageError(
+                    f"file object {name!r} is mirrored to {', '.join(users)}; remove those "
+                    f"mirrors first ('cyclemirror mirror break {name}' then 'cyclemirror "
+                    f"mirror rm {name}')")
+            self.store.remove_file(name)
+            dr_roles.forget(self.store, name)
+        log.info("file object %s removed (its snapshots deleted, the file kept)", name)
+        return {"name": name}
+
     @staticmethod
     def _absolute(path: str, what: str) -> str:
         if not os.path.isabs(path):
@@ -438,6 +474,9 @@ class Daemon:
         "volume.export": _op_volume_export,
         "volume.list": _op_volume_list,
         "volume.rm": _op_volume_rm,
+        "file.add": _op_file_add,
+        "file.list": _op_file_list,
+        "file.rm": _op_file_rm,
         "mirror.start": _op_mirror_start,
         "mirror.sync": _op_mirror_sync,
         "mirror.break": _op_mirror_break,
@@ -464,6 +503,7 @@ class Daemon:
                      "tls": bool(self.config.tls_cert and self.target is not None),
                      "key_ids": self._key_ids()},
             "volumes": self._op_volume_list({}),
+            "files": self._op_file_list({}),
             "mirrors": self.outgoing.status(now) if self.outgoing else [],
             "incoming": self._incoming_status(now),
             # The target's most recent session failures (bad key, protocol, disk), newest last.
