@@ -287,6 +287,7 @@ def test_qemu_io_writes_while_mirrored_and_a_kill_9_mid_cycle(xfs, tmp_path):
         with open(path, "rb") as fh:
             at_last_freeze = fh.read()
         assert image_of(b, a) == at_last_freeze
+        assert "clean" in a.cli("mirror", "verify", "vm").stdout  # verify reads snapshots
 
         # kill -9 of the source daemon while a cycle of 24 MiB of new data ships
         rnd = random.Random(9)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -37,7 +38,16 @@ class LoopFs:
             raise
 
     def close(self) -> None:
-        subprocess.run(["umount", self.mount], check=False, capture_output=True)
+        # A process that still holds a file there (a daemon stopping) makes it busy for a
+        # moment; in the end a lazy unmount, so no mount outlives the tests.
+        for _ in range(20):
+            if subprocess.run(["umount", self.mount], check=False,
+                              capture_output=True).returncode == 0 or not os.path.ismount(
+                                  self.mount):
+                break
+            time.sleep(0.25)
+        else:
+            subprocess.run(["umount", "-l", self.mount], check=False, capture_output=True)
         try:
             os.rmdir(self.mount)
         except OSError:

@@ -301,6 +301,13 @@ class FileObject:
             dirty = self._dirty[k]
         return FileCycle(self, k, freeze_time, None if dirty is None else dirty.copy())
 
+    def frozen_reader(self, k: int) -> FileReader:
+        """A reader of snapshot ``k`` whatever its dirty set (a verify's reference image);
+        NotFoundError on entry once it is merged."""
+        if type(k) is not int or not 1 <= k <= self._rec["top"]:
+            raise NotFoundError(f"file object {self.name!r} has no snapshot {k!r}")
+        return FileCycle(self, k, 0.0, None).reader()
+
     def frozen_cycles(self) -> list[int]:
         with self._lock:
             return list(range(max(1, self._rec["merged"] + 2), self._rec["top"] + 1))
