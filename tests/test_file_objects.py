@@ -25,31 +25,21 @@ import pytest
 from cyclemirror.errors import AlreadyExistsError, StoreError, UsageError
 from cyclemirror.store import Store, cowfs, fileobject
 from tests.support.daemons import DaemonPool, cli_env, make_key, wait_for
-from tests.support.loopfs import loopfs_or_skip
 from tests.support.tools import require_tool
 
 K = 4096
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="session")
-def xfs(tmp_path_factory):
-    fs = loopfs_or_skip("xfs", str(tmp_path_factory.mktemp("xfs")))
-    yield fs.mount
-    fs.close()
-
-
-@pytest.fixture(scope="session")
-def btrfs(tmp_path_factory):
-    fs = loopfs_or_skip("btrfs", str(tmp_path_factory.mktemp("btrfs")), 384 << 20)
-    yield fs.mount
-    fs.close()
+@pytest.fixture
+def xfs(xfs_mount):
+    return xfs_mount
 
 
 @pytest.fixture(params=["xfs", "btrfs"])
 def cowdir(request, tmp_path):
     """A fresh directory on XFS or btrfs, emptied afterwards."""
-    mount = request.getfixturevalue(request.param)
+    mount = request.getfixturevalue(f"{request.param}_mount")
     d = os.path.join(mount, tmp_path.name)
     os.makedirs(d)
     yield d
@@ -264,6 +254,13 @@ def test_qemu_io_writes_while_mirrored_and_a_kill_9_mid_cycle(xfs, tmp_path):
         a = pool.start("a", key_file=key)
         b = pool.start("b", key_file=key, listen=True)
         a.cli("file", "add", "vm", path)
+        elsewhere = str(tmp_path / "on-the-temp-fs.img")
+        make_file(elsewhere, MiB)
+        r = a.cli("file", "add", "other", elsewhere, check=False)
+        if cowfs.filesystem_of(elsewhere) not in cowfs.COW_FILESYSTEMS:
+            assert r.returncode == 2 and "copy-on-write" in r.stderr, r.stderr
+        r = a.cli("mirror", "start", "vm", "--to", b.listen, "--group", "g", check=False)
+        assert r.returncode == 2 and "per-file" in r.stderr, r.stderr
         # Cycles only when asked; a slow link, so a cycle of incompressible data lasts.
         a.cli("mirror", "start", "vm", "--to", b.listen, "--interval", "3600",
               "--bwlimit", "8M")
