@@ -4,7 +4,8 @@
 unchanged only where both maps hold it at the same physical place, or both
 have a hole; anything the map cannot vouch for counts as changed), and a
 hypothesis test checks it against a byte-by-byte twin on random maps.
-The same for ``data_ranges`` (what may hold data, the rest reads as zeroes).
+The same for ``data_ranges`` (what may hold data, the rest reads as zeroes),
+and the vectorised comparison against its plain twin on larger maps.
 """
 
 from hypothesis import given, settings
@@ -19,6 +20,7 @@ from cyclemirror.store.cowfs import (
     changed_ranges,
     data_ranges,
 )
+from tests.support.reference.cowfs_ref import changed_ranges_ref
 
 K = 4096
 
@@ -101,7 +103,7 @@ def _runs(xs):
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(extent_maps(), extent_maps(), st.integers(1, 64))
 def test_changed_ranges_matches_a_byte_by_byte_twin(old, new, size):
     want = []
@@ -112,10 +114,33 @@ def test_changed_ranges_matches_a_byte_by_byte_twin(old, new, size):
     assert changed_ranges(old, new, size) == _runs(want)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(extent_maps(), st.integers(1, 64))
 def test_data_ranges_matches_a_byte_by_byte_twin(m, size):
     want = [x for x in range(size) if any(
         lo <= x < lo + n and (not f & FIEMAP_EXTENT_UNWRITTEN or f & cowfs.UNTRUSTED_FLAGS)
         for lo, _p, n, f in m)]
     assert data_ranges(m, size) == _runs(want)
+
+
+def random_map(rnd) -> list:
+    """Up to 60 extents; physical places drawn from few bases, so stretches shared between
+    two maps are common, as between two snapshots."""
+    out, pos = [], rnd.randrange(4) * K
+    for _ in range(rnd.randrange(61)):
+        pos += rnd.choice([0, 0, K, 5 * K])
+        length = rnd.randint(1, 16) * K
+        out.append((pos, rnd.choice([10, 20, 30]) * K * 1000 + pos, length,
+                    rnd.choice([0, 0, 0, FIEMAP_EXTENT_UNWRITTEN, FIEMAP_EXTENT_ENCODED,
+                                FIEMAP_EXTENT_DELALLOC])))
+        pos += length
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(1, 1200))
+def test_the_vectorised_comparison_equals_its_plain_twin(rnd, blocks):
+    old, new = random_map(rnd), random_map(rnd)
+    if rnd.random() < 0.5:  # the new map: the old one with a few extents moved
+        new = [(lo, p + (K << 20) if rnd.random() < 0.2 else p, n, f) for lo, p, n, f in old]
+    assert changed_ranges(old, new, blocks * K) == changed_ranges_ref(old, new, blocks * K)

@@ -22,7 +22,8 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterator
+
+import numpy as np
 
 from cyclemirror.errors import StoreError, UsageError
 
@@ -100,13 +101,19 @@ def clone_file(src_fd: int, dst_fd: int, what: str) -> None:
         raise StoreError(f"reflink snapshot of {what} failed: {exc.strerror}{hint}") from None
 
 
-def extent_map(fd: int, sync: bool = False) -> list[tuple[int, int, int, int]]:
-    """Every mapped extent of the file: (logical, physical, length, flags), ascending.
+_FIEMAP_EXTENT_DTYPE = np.dtype([("logical", "<u8"), ("physical", "<u8"), ("length", "<u8"),
+                                 ("reserved64", "<u8", 2), ("flags", "<u4"),
+                                 ("reserved", "<u4", 3)])
+
+
+def extent_map(fd: int, sync: bool = False) -> np.ndarray:
+    """Every mapped extent of the file: an int64 array of rows (logical, physical, length,
+    flags), ascending.
 
     ``sync`` writes delayed allocations back first (otherwise they show as DELALLOC,
     which ``changed_ranges`` takes as changed)."""
-    out: list[tuple[int, int, int, int]] = []
-    start = 0
+    parts: list[np.ndarray] = []
+    start, end = 0, -1
     flags = FIEMAP_FLAG_SYNC if sync else 0
     size = _FIEMAP_HEADER.size + FIEMAP_BATCH * _FIEMAP_EXTENT.size
     while True:
@@ -117,71 +124,89 @@ def extent_map(fd: int, sync: bool = False) -> list[tuple[int, int, int, int]]:
         mapped = _FIEMAP_HEADER.unpack_from(buf, 0)[3]
         if not 0 <= mapped <= FIEMAP_BATCH:
             raise StoreError(f"FIEMAP answered {mapped} extents for a batch of {FIEMAP_BATCH}")
-        last = False
-        for i in range(mapped):
-            logical, physical, length, _r1, _r2, eflags, *_ = _FIEMAP_EXTENT.unpack_from(
-                buf, _FIEMAP_HEADER.size + i * _FIEMAP_EXTENT.size)
-            if out and logical < out[-1][0] + out[-1][2]:
-                raise StoreError("FIEMAP answered overlapping or unordered extents")
-            out.append((logical, physical, length, eflags))
-            last = bool(eflags & FIEMAP_EXTENT_LAST)
-        if mapped == 0 or last:
-            return out
-        start = out[-1][0] + out[-1][2]
+        if mapped == 0:
+            break
+        raw = np.frombuffer(buf, _FIEMAP_EXTENT_DTYPE, mapped, _FIEMAP_HEADER.size)
+        rows = np.empty((mapped, 4), dtype=np.int64)
+        for i, name in enumerate(("logical", "physical", "length", "flags")):
+            col = raw[name]
+            if name != "flags" and (col >> np.uint64(62)).any():
+                raise StoreError("FIEMAP answered an offset past 2**62")
+            rows[:, i] = col.astype(np.int64)
+        ends = rows[:, 0] + rows[:, 2]
+        if rows[0, 0] < end or (rows[1:, 0] < ends[:-1]).any():
+            raise StoreError("FIEMAP answered overlapping or unordered extents")
+        parts.append(rows)
+        end = int(ends[-1])
+        if rows[-1, 3] & FIEMAP_EXTENT_LAST:
+            break
+        start = end
+    return np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
 
 
-def _keys(extents, bounds: list[int]) -> Iterator[object]:
-    """For each piece [bounds[i], bounds[i+1]): what the map says is there (None = hole)."""
-    i, n = 0, len(extents)
-    for a in bounds[:-1]:
-        while i < n and extents[i][0] + extents[i][2] <= a:
-            i += 1
-        if i == n or extents[i][0] > a:
-            yield None
-            continue
-        logical, physical, length, flags = extents[i]
-        if flags & UNTRUSTED_FLAGS:
-            yield object()  # equal to nothing
-        elif flags & FIEMAP_EXTENT_ENCODED:
-            # Compressed: the location is the encoded extent's, not the byte's own.
-            yield ("encoded", logical, physical, length)
-        else:
-            yield ("raw", physical + (a - logical), bool(flags & FIEMAP_EXTENT_UNWRITTEN))
+def _as_extents(extents) -> np.ndarray:
+    return np.asarray(extents, dtype=np.int64).reshape(-1, 4)
+
+
+def _piece_keys(ext: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For pieces starting at ``a``: (kind, k1, k2, k3) of what the map holds there.
+
+    kind 0 = hole, 1 = untrusted (equal to nothing), 2 = encoded (the whole extent
+    (logical, physical, length) is the key: its location is the encoded extent's, not
+    the byte's own), 3 = plain (the byte's physical address and the unwritten bit)."""
+    zero = np.zeros(len(a), dtype=np.int64)
+    if len(ext) == 0:
+        return zero, zero, zero, zero
+    starts = ext[:, 0]
+    idx = np.searchsorted(starts, a, side="right") - 1
+    inside = idx >= 0
+    idx = np.where(inside, idx, 0)
+    logical, physical, length, flags = (ext[idx, i] for i in range(4))
+    covered = inside & (a < logical + length)
+    kind = np.where(~covered, 0, np.where(flags & UNTRUSTED_FLAGS, 1,
+                                          np.where(flags & FIEMAP_EXTENT_ENCODED, 2, 3)))
+    k1 = np.where(kind == 3, physical + (a - logical), np.where(kind == 2, logical, 0))
+    k2 = np.where(kind == 3, (flags & FIEMAP_EXTENT_UNWRITTEN) != 0,
+                  np.where(kind == 2, physical, 0))
+    k3 = np.where(kind == 2, length, 0)
+    return kind, k1, k2, k3
 
 
 def changed_ranges(old, new, size: int) -> list[tuple[int, int]]:
     """Byte ranges [start, end) of [0, size) whose mapping differs between two extent
-    maps (``extent_map`` results): what the file changed between the two snapshots."""
-    bounds = {0, size}
-    for ext in (*old, *new):
-        for b in (ext[0], ext[0] + ext[2]):
-            if 0 < b < size:
-                bounds.add(b)
-    edges = sorted(bounds)
-    out: list[tuple[int, int]] = []
-    for a, b, ko, kn in zip(edges[:-1], edges[1:], _keys(old, edges), _keys(new, edges),
-                            strict=True):
-        if ko is None and kn is None or ko == kn:
-            continue
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
+    maps (``extent_map`` results, ascending, not overlapping): what the file changed
+    between the two snapshots.  Vectorised: a 4 GiB file with 20,000 extents takes
+    milliseconds (tests/support/reference/cowfs_ref.py is the plain twin)."""
+    o, n = _as_extents(old), _as_extents(new)
+    edges = np.concatenate([o[:, 0], o[:, 0] + o[:, 2], n[:, 0], n[:, 0] + n[:, 2]])
+    edges = np.unique(np.concatenate([[0, size], edges[(edges > 0) & (edges < size)]]))
+    a, b = edges[:-1], edges[1:]
+    ko, kn = _piece_keys(o, a), _piece_keys(n, a)
+    same = ((ko[0] == 0) & (kn[0] == 0)) | (
+        (ko[0] == kn[0]) & (ko[0] >= 2) & (ko[1] == kn[1]) & (ko[2] == kn[2])
+        & (ko[3] == kn[3]))
+    changed = ~same
+    if not changed.any():
+        return []
+    padded = np.concatenate([[False], changed, [False]])
+    firsts = np.flatnonzero(padded[1:-1] & ~padded[:-2])
+    lasts = np.flatnonzero(padded[1:-1] & ~padded[2:])
+    return list(zip(a[firsts].tolist(), b[lasts].tolist(), strict=True))
 
 
 def data_ranges(extents, size: int) -> list[tuple[int, int]]:
     """Byte ranges of [0, size) that may hold data (mapped and not unwritten); the rest
     reads as zeroes."""
-    out: list[tuple[int, int]] = []
-    for logical, _physical, length, flags in extents:
-        if flags & FIEMAP_EXTENT_UNWRITTEN and not flags & UNTRUSTED_FLAGS:
-            continue
-        a, b = max(0, logical), min(size, logical + length)
-        if a >= b:
-            continue
-        if out and out[-1][1] >= a:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
+    ext = _as_extents(extents)
+    keep = ~((ext[:, 3] & FIEMAP_EXTENT_UNWRITTEN != 0) & (ext[:, 3] & UNTRUSTED_FLAGS == 0))
+    a = np.maximum(ext[keep, 0], 0)
+    b = np.minimum(ext[keep, 0] + ext[keep, 2], size)
+    nonempty = a < b
+    a, b = a[nonempty], b[nonempty]
+    if len(a) == 0:
+        return []
+    # ascending and not overlapping: a run ends where the next one starts later
+    breaks = np.flatnonzero(a[1:] > b[:-1])
+    firsts = np.concatenate([[0], breaks + 1])
+    lasts = np.concatenate([breaks, [len(a) - 1]])
+    return list(zip(a[firsts].tolist(), b[lasts].tolist(), strict=True))
