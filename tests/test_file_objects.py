@@ -5,7 +5,7 @@ a reflink snapshot whose delta (FIEMAP) holds every rewritten block and not
 much more, agreeing with the block-hash fallback; old snapshots go at merge
 and what a crash left goes at the next open; a file that changed size fails
 the freeze, naming both sizes.  End to end with real daemons: qemu-io writes
-at random offsets into a sparse file on XFS while cycles repeat, and every
+at random offsets into a sparse file on XFS and on btrfs while cycles repeat, and every
 applied cycle on the target is a prefix of the writes (one freeze instant,
 never torn); a kill -9 of the source daemon in the middle of a cycle leaves
 the target at its last freeze, and after the restart the next cycle is a
@@ -244,9 +244,9 @@ def full_copies(source) -> int:
     return len(re.findall(r"mirror vm -> \S+: cycle \d+ applied.*full copy", source.log()))
 
 
-def test_qemu_io_writes_while_mirrored_and_a_kill_9_mid_cycle(xfs, tmp_path):
+def test_qemu_io_writes_while_mirrored_and_a_kill_9_mid_cycle(cowdir, tmp_path):
     qemu_io = require_tool("qemu-io")
-    path = os.path.join(xfs, f"vm-{tmp_path.name}.img")
+    path = os.path.join(cowdir, "vm.img")
     make_file(path, FILE_SIZE)
     plan = writes_plan(300, seed=7)
     with DaemonPool(tmp_path) as pool:
@@ -302,9 +302,9 @@ def test_qemu_io_writes_while_mirrored_and_a_kill_9_mid_cycle(xfs, tmp_path):
         a.kill()
         bg.wait(60)
         assert image_of(b, a) == at_last_freeze  # still the last freeze, nothing torn
-        snaps = [d for d in os.listdir(xfs) if d.startswith(".cyclemirror-")]
+        snaps = [d for d in os.listdir(cowdir) if d.startswith(".cyclemirror-")]
         assert len(snaps) == 1
-        snapdir = os.path.join(xfs, snaps[0])
+        snapdir = os.path.join(cowdir, snaps[0])
 
         a.start()  # the mirror comes back by itself; its next cycle is a delta
         a.cli("mirror", "sync", "vm")
