@@ -118,6 +118,17 @@ def test_a_file_object_name_is_not_also_a_volume_and_bad_paths_are_refused(store
             store.remove_file("f")
 
 
+def test_a_symlink_planted_as_the_snapshot_directory_is_refused(store, cowdir):
+    path = os.path.join(cowdir, "s.img")
+    make_file(path, MiB)
+    elsewhere = os.path.join(cowdir, "elsewhere")
+    os.mkdir(elsewhere)
+    os.symlink(elsewhere, fileobject.snapshot_dir_for(path, store.node_id, "s"))
+    with pytest.raises(StoreError, match="not a directory owned by"):
+        store.add_file("s", path)
+    assert os.listdir(elsewhere) == [] and store.list_files() == []
+
+
 # -- the freeze and the delta -----------------------------------------------------------------
 
 def test_the_delta_holds_every_rewritten_block_and_agrees_with_block_hashes(store, cowdir):

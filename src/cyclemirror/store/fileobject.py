@@ -107,7 +107,7 @@ def add_file(store_path: str, node_id: str, name: str, path: str,
             f"the block size {block_size}; file objects keep their size, so extend it first "
             f"(truncate -s SIZE {path}) or give a smaller --block-size")
     snaps = snapshot_dir_for(path, node_id, name)
-    os.makedirs(snaps, mode=0o700, exist_ok=True)
+    _own_directory(snaps, f"file object {name!r}")
     probe = os.path.join(snaps, TMP_PREFIX + "probe")
     try:
         _clone_to(path, probe, f"file {path}")
@@ -169,7 +169,8 @@ def _unlink_quiet(path: str) -> None:
 
 
 def _clone_to(src: str, dst: str, what: str) -> int:
-    """Reflink ``src`` to the new file ``dst`` (fsynced); return the size it had."""
+    """Reflink ``src`` to the new file ``dst`` (fsynced); return the size it had.  On any
+    failure ``dst`` is gone again."""
     sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         _unlink_quiet(dst)
@@ -178,10 +179,26 @@ def _clone_to(src: str, dst: str, what: str) -> int:
             cowfs.clone_file(sfd, dfd, what)
             os.fsync(dfd)
             return os.fstat(dfd).st_size
+        except BaseException:
+            _unlink_quiet(dst)
+            raise
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
+
+
+def _own_directory(path: str, what: str) -> None:
+    """Make ``path`` (mode 0700) if missing; refuse one that is not a directory of ours
+    (a symlink planted there would point our unlinks elsewhere)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise StoreError(f"{what}: {path} is not a directory owned by this daemon's user "
+                         "(a symlink or someone else's?); move it away and try again")
 
 
 class FileObject:
@@ -204,6 +221,10 @@ class FileObject:
         self._lock = threading.Lock()
         self._freeze_lock = threading.Lock()
         self._dirty: dict[int, ExtentBitmap | None] = {}
+        # Extent maps of snapshots (immutable files, so a map read once stays true): the
+        # newest one serves the next freeze's comparison and the readers of its cycle.
+        self._maps: dict[int, object] = {}
+        self._maps_lock = threading.Lock()
         self._pending: tuple[float, int] | None = None
         self.last_diff_method = ""  # "fiemap" or "hash": how the newest dirty set was found
         self._recover()
@@ -215,7 +236,7 @@ class FileObject:
     def _recover(self) -> None:
         """Delete what a crash left: temp snapshots, uncommitted ones, merged ones."""
         try:
-            os.makedirs(self.snapshots, mode=0o700, exist_ok=True)
+            _own_directory(self.snapshots, f"file object {self.name!r}")
             entries = os.listdir(self.snapshots)
         except OSError as exc:
             raise fileops.store_error(f"file object {self.name!r}: snapshot directory "
@@ -272,6 +293,8 @@ class FileObject:
                     f"{self.size} when the object was added; file objects keep their size: "
                     "give it its size back, or remove the mirror and the object and add "
                     "them again")
+            with self._maps_lock:
+                self._maps.pop(k, None)  # a snap-k of a freeze that failed to commit
             os.rename(tmp, self._snap(k))
             fileops.fsync_dir(self.snapshots)
             with self._lock:
@@ -380,7 +403,7 @@ class FileObject:
                                 "hashes with its targets instead") from None
         try:
             try:
-                maps = [cowfs.extent_map(fd) for fd in fds]
+                maps = [self._map_of(j, fd) for j, fd in zip((k - 1, k), fds, strict=True)]
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
                     raise fileops.store_error(f"mapping file object {self.name!r}",
@@ -392,6 +415,20 @@ class FileObject:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _map_of(self, k: int, fd: int):
+        """The extent map of snapshot ``k`` (open as ``fd``), read once and kept for the
+        two newest snapshots."""
+        with self._maps_lock:
+            cached = self._maps.get(k)
+        if cached is not None:
+            return cached
+        m = cowfs.extent_map(fd)
+        with self._maps_lock:
+            self._maps[k] = m
+            for j in sorted(self._maps)[:-2]:
+                del self._maps[j]
+        return m
 
     def close(self) -> None:
         pass
@@ -454,7 +491,7 @@ class FileReader:
                                 f"{self.cycle.number} is gone (merged)") from None
         try:
             try:
-                ranges = cowfs.data_ranges(cowfs.extent_map(self.fd), obj.size)
+                ranges = cowfs.data_ranges(obj._map_of(self.cycle.number, self.fd), obj.size)
             except OSError:
                 ranges = list(fileops.data_runs(self.fd, 0, obj.size))
             self._allocated = obj._bitmap(ranges)
