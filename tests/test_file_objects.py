@@ -14,6 +14,7 @@ delta, no stray snapshot is left, and removing the object removes them all.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -327,8 +328,13 @@ def test_qemu_io_writes_while_mirrored_and_a_kill_9_mid_cycle(cowdir, tmp_path):
         files = a.status()["files"]
         assert [f["name"] for f in files] == ["vm"] and files[0]["consistency"] == "per-file"
 
+        r = a.cli("file", "rm", "vm", check=False)
+        assert r.returncode == 2 and "is mirrored to" in r.stderr, r.stderr
+        listed = json.loads(a.cli("file", "list", "--json").stdout)
+        assert [(f["name"], f["path"]) for f in listed] == [("vm", path)]
         a.cli("mirror", "break", "vm")
         a.cli("mirror", "rm", "vm")
         a.cli("file", "rm", "vm")
+        assert json.loads(a.cli("file", "list", "--json").stdout) == []
         assert not os.path.exists(snapdir) and os.path.getsize(path) == FILE_SIZE
     os.unlink(path)

@@ -339,15 +339,18 @@ class Daemon:
                 out.append({"name": name, "size": 0, "block_size": 0, "error": str(exc)})
         return out
 
+    def _refuse_if_mirrored(self, what: str, name: str) -> None:
+        users = self.outgoing.mirrors_of(name)
+        if users:
+            raise UsageError(
+                f"{what} {name!r} is mirrored to {', '.join(users)}; remove those mirrors "
+                f"first ('cyclemirror mirror break {name}' then 'cyclemirror mirror rm "
+                f"{name}')")
+
     def _op_volume_rm(self, args):
         name = check_name(self._arg(args, "name", str, "volume name"), "volume name")
         with self._admin_lock:
-            users = self.outgoing.mirrors_of(name)
-            if users:
-                raise UsageError(
-                    f"volume {name!r} is mirrored to {', '.join(users)}; remove those mirrors "
-                    f"first ('cyclemirror mirror break {name}' then 'cyclemirror mirror rm "
-                    f"{name}')")
+            self._refuse_if_mirrored("volume", name)
             self.store.delete_volume(name)
             dr_roles.forget(self.store, name)  # its role and generations go with it
             with self._backend_lock:
@@ -380,12 +383,7 @@ class Daemon:
     def _op_file_rm(self, args):
         name = check_name(self._arg(args, "name", str, "file object name"), "file object name")
         with self._admin_lock:
-            users = self.outgoing.mirrors_of(name)
-            if users:
-                raise UsageError(
-                    f"file object {name!r} is mirrored to {', '.join(users)}; remove those "
-                    f"mirrors first ('cyclemirror mirror break {name}' then 'cyclemirror "
-                    f"mirror rm {name}')")
+            self._refuse_if_mirrored("file object", name)
             self.store.remove_file(name)
             dr_roles.forget(self.store, name)
         log.info("file object %s removed (its snapshots deleted, the file kept)", name)
