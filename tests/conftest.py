@@ -32,3 +32,14 @@ def btrfs_mount(tmp_path_factory):
     fs = loopfs_or_skip("btrfs", str(tmp_path_factory.mktemp("btrfs")), 384 << 20)
     yield fs.mount
     fs.close()
+
+
+@pytest.fixture(scope="session")
+def btrfs_zstd_mount(tmp_path_factory):
+    """A btrfs file system mounted with compress=zstd (its extents are encoded)."""
+    from tests.support.loopfs import loopfs_or_skip
+
+    fs = loopfs_or_skip("btrfs", str(tmp_path_factory.mktemp("btrfs-zstd")), 384 << 20,
+                        "compress=zstd")
+    yield fs.mount
+    fs.close()

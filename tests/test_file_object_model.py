@@ -35,8 +35,9 @@ NBLOCKS = 64
 _count = itertools.count()
 
 
-@pytest.fixture(params=["xfs", "btrfs"])
+@pytest.fixture(params=["xfs", "btrfs", "btrfs_zstd"])
 def cowfs_mount(request):
+    """XFS, btrfs, and btrfs compressing (extents the map cannot vouch for: hashed)."""
     return request.getfixturevalue(f"{request.param}_mount")
 
 

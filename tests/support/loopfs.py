@@ -2,7 +2,7 @@
 
 ``LoopFs(kind, root)`` makes a sparse image under ``root``, formats it
 (``mkfs.xfs -m reflink=1`` or ``mkfs.btrfs``), mounts it with ``mount -o
-loop`` and ``close()`` unmounts it (the loop device goes with it) and deletes
+loop`` (and ``options``, e.g. ``compress=zstd``) and ``close()`` unmounts it (the loop device goes with it) and deletes
 the image.  ``loopfs_or_skip`` skips, saying what is missing, where the tool,
 root or loop devices are not there.
 """
@@ -22,17 +22,18 @@ PACKAGE = {"xfs": "xfsprogs", "btrfs": "btrfs-progs"}
 
 
 class LoopFs:
-    def __init__(self, kind: str, root: str, size: int = 512 << 20):
+    def __init__(self, kind: str, root: str, size: int = 512 << 20, options: str = ""):
         self.kind = kind
-        self.image = os.path.join(root, f"{kind}.img")
-        self.mount = os.path.join(root, f"{kind}-mnt")
+        tag = kind + ("-" + options.replace("=", "-").replace(",", "-") if options else "")
+        self.image = os.path.join(root, f"{tag}.img")
+        self.mount = os.path.join(root, f"{tag}-mnt")
         os.makedirs(self.mount, exist_ok=True)
         with open(self.image, "wb") as fh:
             fh.truncate(size)
         try:
             subprocess.run([*MKFS[kind], self.image], check=True, capture_output=True)
-            subprocess.run(["mount", "-o", "loop", self.image, self.mount], check=True,
-                           capture_output=True)
+            subprocess.run(["mount", "-o", ",".join(["loop", *filter(None, [options])]),
+                            self.image, self.mount], check=True, capture_output=True)
         except BaseException:
             self.close()
             raise
@@ -56,7 +57,7 @@ class LoopFs:
             os.unlink(self.image)
 
 
-def loopfs_or_skip(kind: str, root: str, size: int = 512 << 20) -> LoopFs:
+def loopfs_or_skip(kind: str, root: str, size: int = 512 << 20, options: str = "") -> LoopFs:
     if shutil.which(MKFS[kind][0]) is None:
         pytest.skip(f"{MKFS[kind][0]} is not installed (scripts/install-deps installs "
                     f"{PACKAGE[kind]})")
@@ -65,7 +66,7 @@ def loopfs_or_skip(kind: str, root: str, size: int = 512 << 20) -> LoopFs:
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("no loop devices here (/dev/loop-control is missing)")
     try:
-        return LoopFs(kind, root, size)
+        return LoopFs(kind, root, size, options)
     except subprocess.CalledProcessError as exc:
         pytest.skip(f"cannot make and mount a {kind} image on a loop device: "
                     f"{(exc.stderr or b'').decode(errors='replace').strip() or exc}")

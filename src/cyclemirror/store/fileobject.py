@@ -410,8 +410,16 @@ class FileObject:
                                               exc) from exc
                 self.last_diff_method = "hash"
                 return hash_diff(fds[0], fds[1], self.size, self.block_size)
+            changed, unproven = cowfs.compare_maps(maps[0], maps[1], self.size)
+            out = self._bitmap(changed)
             self.last_diff_method = "fiemap"
-            return self._bitmap(cowfs.changed_ranges(maps[0], maps[1], self.size))
+            if unproven:  # compressed extents: the map cannot tell, the bytes can
+                self.last_diff_method = "fiemap+hash"
+                spans = self._bitmap(unproven)
+                spans.difference_update(out)
+                out.union_update(hash_diff(fds[0], fds[1], self.size, self.block_size,
+                                           spans.iter_runs()))
+            return out
         finally:
             for fd in fds:
                 os.close(fd)
@@ -434,18 +442,22 @@ class FileObject:
         pass
 
 
-def hash_diff(old_fd: int, new_fd: int, size: int, block_size: int) -> ExtentBitmap:
-    """Blocks whose xxh3 hashes differ between two files of ``size`` bytes (the fallback
-    where the extent map cannot be read)."""
+def hash_diff(old_fd: int, new_fd: int, size: int, block_size: int,
+              block_runs=None) -> ExtentBitmap:
+    """Blocks whose xxh3 hashes differ between two files of ``size`` bytes, over
+    ``block_runs`` ((first block, count) pairs; None: all of them).  The fallback where
+    the extent map cannot be read, or cannot vouch for what it maps."""
     nblocks = size // block_size
     out = ExtentBitmap(nblocks)
-    for off in range(0, size, HASH_SPAN):
-        n = min(HASH_SPAN, size - off)
-        a, _ = blockhash.hash_file(old_fd, off, n, block_size)
-        b, _ = blockhash.hash_file(new_fd, off, n, block_size)
-        out.union_update(blockhash.diff_hashes(np.asarray(a, dtype=np.uint64),
-                                               np.asarray(b, dtype=np.uint64), nblocks,
-                                               off // block_size))
+    step = max(1, HASH_SPAN // block_size)
+    for first, count in [(0, nblocks)] if block_runs is None else block_runs:
+        for start in range(first, first + count, step):
+            n = min(step, first + count - start) * block_size
+            a, _ = blockhash.hash_file(old_fd, start * block_size, n, block_size)
+            b, _ = blockhash.hash_file(new_fd, start * block_size, n, block_size)
+            out.union_update(blockhash.diff_hashes(np.asarray(a, dtype=np.uint64),
+                                                   np.asarray(b, dtype=np.uint64), nblocks,
+                                                   start))
     return out
 
 

@@ -28,7 +28,7 @@ def _keys(extents, bounds: list[int]) -> Iterator[object]:
             yield object()  # equal to nothing
         elif flags & FIEMAP_EXTENT_ENCODED:
             # Compressed: the location is the encoded extent's, not the byte's own.
-            yield ("encoded", logical, physical, length)
+            yield ("encoded", physical)
         else:
             yield ("raw", physical + (a - logical), bool(flags & FIEMAP_EXTENT_UNWRITTEN))
 
@@ -54,3 +54,23 @@ def changed_ranges_ref(old, new, size: int) -> list[tuple[int, int]]:
     return out
 
 
+
+
+def unproven_ranges_ref(old, new, size: int) -> list[tuple[int, int]]:
+    """Where both maps report the same encoded extent tuple: equal maps, bytes unproven."""
+    bounds = {0, size}
+    for ext in (*old, *new):
+        for b in (ext[0], ext[0] + ext[2]):
+            if 0 < b < size:
+                bounds.add(b)
+    edges = sorted(bounds)
+    out: list[tuple[int, int]] = []
+    for a, b, ko, kn in zip(edges[:-1], edges[1:], _keys(old, edges), _keys(new, edges),
+                            strict=True):
+        if not (isinstance(ko, tuple) and ko[0] == "encoded" and ko == kn):
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
