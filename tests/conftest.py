@@ -12,3 +12,34 @@ from tests.support.tools import SLOW
 @pytest.fixture
 def slow_mode() -> bool:
     return SLOW
+
+
+@pytest.fixture(scope="session")
+def xfs_mount(tmp_path_factory):
+    """An XFS file system made with reflink on a loop device, for the whole session."""
+    from tests.support.loopfs import loopfs_or_skip
+
+    fs = loopfs_or_skip("xfs", str(tmp_path_factory.mktemp("xfs")))
+    yield fs.mount
+    fs.close()
+
+
+@pytest.fixture(scope="session")
+def btrfs_mount(tmp_path_factory):
+    """A btrfs file system on a loop device, for the whole session."""
+    from tests.support.loopfs import loopfs_or_skip
+
+    fs = loopfs_or_skip("btrfs", str(tmp_path_factory.mktemp("btrfs")), 384 << 20)
+    yield fs.mount
+    fs.close()
+
+
+@pytest.fixture(scope="session")
+def btrfs_zstd_mount(tmp_path_factory):
+    """A btrfs file system mounted with compress=zstd (its extents are encoded)."""
+    from tests.support.loopfs import loopfs_or_skip
+
+    fs = loopfs_or_skip("btrfs", str(tmp_path_factory.mktemp("btrfs-zstd")), 384 << 20,
+                        "compress=zstd")
+    yield fs.mount
+    fs.close()

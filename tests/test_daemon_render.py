@@ -152,3 +152,16 @@ def test_status_text_and_metrics_render_any_schema_conforming_document(mirror_ro
     text = render_status(doc)
     assert text.endswith("\n")
     parse_exposition(render_metrics(doc))
+
+
+def test_status_table_lists_file_objects_with_their_consistency():
+    doc = dict(DOC, files=[
+        {"name": "vm", "kind": "file", "path": "/srv/images/vm.img", "size": 4 << 30,
+         "block_size": 4096, "fs": "xfs", "consistency": "per-file", "snapshots": "/x",
+         "frozen_cycle": 7},
+        {"name": "bad", "kind": "file", "error": "its record is damaged"}])
+    text = render_status(doc)
+    row = next(line for line in text.splitlines() if line.startswith("vm "))
+    for fragment in ["/srv/images/vm.img", "xfs", "4.0 GiB", "per-file", "7"]:
+        assert fragment in row, fragment
+    assert "error: its record is damaged" in text

@@ -170,6 +170,42 @@ def cmd_volume_rm(args) -> int:
     return 0
 
 
+# -- file objects (docs/files.md) ----------------------------------------------------------
+
+def cmd_file_add(args) -> int:
+    from cyclemirror.units import parse_size
+
+    info = _call(args, "file.add", name=args.name, path=os.path.abspath(args.path),
+                 block_size=parse_size(args.block_size, "--block-size"))
+    print(f"added file object {info['name']}: {info['path']} ({info['fs']}, {info['size']} "
+          f"bytes, block size {info['block_size']}, consistency {info['consistency']})")
+    return 0
+
+
+def cmd_file_list(args) -> int:
+    from cyclemirror.units import format_size
+
+    files = _call(args, "file.list")
+    if args.json:
+        _print_json(files)
+        return 0
+    if not files:
+        print("no file objects")
+    for f in files:
+        if "error" in f:
+            print(f"{f['name']}\terror: {f['error']}")
+            continue
+        print(f"{f['name']}\t{f['path']}\t{f['fs']}\t{format_size(f['size'])}\t"
+              f"{f['consistency']}\tfrozen cycle {f['frozen_cycle']}")
+    return 0
+
+
+def cmd_file_rm(args) -> int:
+    _call(args, "file.rm", name=args.name)
+    print(f"removed file object {args.name} (the file itself is untouched)")
+    return 0
+
+
 # -- mirrors -------------------------------------------------------------------------------
 
 def cmd_mirror_start(args) -> int:
@@ -446,6 +482,24 @@ def build_parser() -> argparse.ArgumentParser:
     rm = vverbs.add_parser("rm", help="delete a volume that has no running mirror")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_volume_rm)
+
+    fobj = verbs.add_parser("file", help="add, list, remove file objects (files on XFS/btrfs "
+                                         "mirrored like volumes)")
+    fverbs = fobj.add_subparsers(dest="file_verb", metavar="ACTION", required=True)
+    fadd = fverbs.add_parser("add", help="make a live file (on XFS with reflink, or btrfs) "
+                                         "an object that 'mirror start NAME' mirrors")
+    fadd.add_argument("name")
+    fadd.add_argument("path", metavar="PATH")
+    fadd.add_argument("--block-size", default="4K", metavar="SIZE",
+                      help="change-tracking granularity (default 4K)")
+    fadd.set_defaults(func=cmd_file_add)
+    flst = fverbs.add_parser("list", help="list the store's file objects")
+    flst.add_argument("--json", action="store_true", help="print the documented JSON")
+    flst.set_defaults(func=cmd_file_list)
+    frm = fverbs.add_parser("rm", help="forget a file object that has no mirror (deletes "
+                                       "its snapshots, keeps the file)")
+    frm.add_argument("name")
+    frm.set_defaults(func=cmd_file_rm)
 
     mirror = verbs.add_parser("mirror", help="start, sync, break, resume, verify, scrub mirrors")
     mverbs = mirror.add_subparsers(dest="mirror_verb", metavar="ACTION", required=True)

@@ -339,7 +339,7 @@ class OutgoingMirrors:
                                   remote_name=self._target_mirror(unit, entries))
             driver = MirrorDriver(subject, targets, options=options, store=self.store)
         else:
-            driver = MirrorDriver(self.store.open_volume(unit), targets, options=options,
+            driver = MirrorDriver(self.store.open_subject(unit), targets, options=options,
                                   store=self.store, remote_name=first.remote_name)
         made["driver"] = driver
         # Before start: it recovers its state; a broken target waits for its resume (all
@@ -510,7 +510,13 @@ class OutgoingMirrors:
                 raise AlreadyExistsError(
                     f"volume {spec.volume!r} is already mirrored to {spec.to}; after a break "
                     f"use 'cyclemirror mirror resume {spec.volume}'")
-            self.store.open_volume(spec.volume)  # NotFoundError names the volume
+            subject = self.store.open_subject(spec.volume)  # NotFoundError names it
+            if spec.group and getattr(subject, "is_file", False):
+                raise UsageError(
+                    f"file object {spec.volume!r} cannot join group {spec.group!r}: a file "
+                    "is frozen by a reflink of its own, so its freeze is one instant only "
+                    "for itself, never together with other objects (status says "
+                    "'consistency: per-file'); mirror it on its own")
             self._check_compatible(spec)
             check_mirror_tls(spec, self.insecure)  # says what to add for a remote target
             self._read_key(spec)  # a bad key file fails here, not later in the driver
@@ -720,7 +726,7 @@ class OutgoingMirrors:
             name = GROUP_STATE_PREFIX + self._target_mirror(unit, entries)
         else:
             name = unit
-        nblocks = sum(self.store.open_volume(v).nblocks for v in {v for (v, _), _ in entries})
+        nblocks = sum(self.store.open_subject(v).nblocks for v in {v for (v, _), _ in entries})
         state = DriverState(os.path.join(self.store.path, "outgoing", name), nblocks)
         for t in targets:
             state.targets.pop(t, None)

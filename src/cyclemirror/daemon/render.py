@@ -166,6 +166,14 @@ def render_status(doc: dict) -> str:
         lines += _table(rows)
     else:
         lines.append("no volumes")
+    files = doc.get("files") or []
+    if files:  # file objects (docs/files.md)
+        lines.append("")
+        rows = [["FILE", "PATH", "FS", "SIZE", "CONSISTENCY", "FROZEN CYCLE"]]
+        rows += [[f["name"], f"error: {f['error']}", "", "", "", ""] if "error" in f else
+                 [f["name"], f["path"], f["fs"], format_size(f["size"]), f["consistency"],
+                  str(f["frozen_cycle"])] for f in files]
+        lines += _table(rows)
     mirrors = doc.get("mirrors", [])
     if mirrors:
         lines.append("")

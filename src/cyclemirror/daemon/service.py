@@ -360,20 +360,54 @@ class Daemon:
                 out.append({"name": name, "size": 0, "block_size": 0, "error": str(exc)})
         return out
 
+    def _refuse_if_mirrored(self, what: str, name: str) -> None:
+        users = self.outgoing.mirrors_of(name)
+        if users:
+            raise UsageError(
+                f"{what} {name!r} is mirrored to {', '.join(users)}; remove those mirrors "
+                f"first ('cyclemirror mirror break {name}' then 'cyclemirror mirror rm "
+                f"{name}')")
+
     def _op_volume_rm(self, args):
         name = check_name(self._arg(args, "name", str, "volume name"), "volume name")
         with self._admin_lock:
-            users = self.outgoing.mirrors_of(name)
-            if users:
-                raise UsageError(
-                    f"volume {name!r} is mirrored to {', '.join(users)}; remove those mirrors "
-                    f"first ('cyclemirror mirror break {name}' then 'cyclemirror mirror rm "
-                    f"{name}')")
+            self._refuse_if_mirrored("volume", name)
             self.store.delete_volume(name)
             dr_roles.forget(self.store, name)  # its role and generations go with it
             with self._backend_lock:
                 self._backends.pop(name, None)
         log.info("volume %s removed", name)
+        return {"name": name}
+
+    # -- file objects (docs/files.md) -----------------------------------------------------
+
+    def _op_file_add(self, args):
+        name = check_name(self._arg(args, "name", str, "file object name"), "file object name")
+        path = self._absolute(self._arg(args, "path", str, "PATH"), "PATH")
+        block_size = parse_size(self._arg(args, "block_size", int, "--block-size", 4096),
+                                "--block-size")
+        with self._admin_lock:
+            obj = self.store.add_file(name, path, block_size)
+        log.info("file object %s added: %s (%s, %d bytes)", name, path, obj.fs, obj.size)
+        return obj.info()
+
+    def _op_file_list(self, args):
+        out = []
+        for name in self.store.list_files():
+            try:
+                out.append(self.store.open_file(name).info())
+            except CycleMirrorError as exc:  # one damaged record must not hide the others
+                log.error("file object %s cannot be opened: %s", name, exc)
+                out.append({"name": name, "kind": "file", "error": str(exc)})
+        return out
+
+    def _op_file_rm(self, args):
+        name = check_name(self._arg(args, "name", str, "file object name"), "file object name")
+        with self._admin_lock:
+            self._refuse_if_mirrored("file object", name)
+            self.store.remove_file(name)
+            dr_roles.forget(self.store, name)
+        log.info("file object %s removed (its snapshots deleted, the file kept)", name)
         return {"name": name}
 
     @staticmethod
@@ -459,6 +493,9 @@ class Daemon:
         "volume.export": _op_volume_export,
         "volume.list": _op_volume_list,
         "volume.rm": _op_volume_rm,
+        "file.add": _op_file_add,
+        "file.list": _op_file_list,
+        "file.rm": _op_file_rm,
         "mirror.start": _op_mirror_start,
         "mirror.sync": _op_mirror_sync,
         "mirror.break": _op_mirror_break,
@@ -485,6 +522,7 @@ class Daemon:
                      "tls": bool(self.config.tls_cert and self.target is not None),
                      "key_ids": self._key_ids()},
             "volumes": self._op_volume_list({}),
+            "files": self._op_file_list({}),
             "mirrors": self.outgoing.status(now) if self.outgoing else [],
             "incoming": self._incoming_status(now),
             # The target's most recent session failures (bad key, protocol, disk), newest last.

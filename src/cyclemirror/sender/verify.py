@@ -77,6 +77,13 @@ MAX_IN_FLIGHT = 64  # finer requests outstanding at once
 OPEN_TIMEOUT = 330.0  # the target may wait out an apply (receiver.verify.APPLY_WAIT) first
 
 
+def _reader_of(volume, k: int):
+    """A reader of image ``k`` of a volume, or of a file object (its snapshot ``k``)."""
+    if getattr(volume, "is_file", False):
+        return volume.frozen_reader(k)
+    return FrozenCycle(volume, k, 0.0, None, None).reader()
+
+
 class MergeHold:
     """Holds the oldest readable cycle of a volume open, so no merge changes a newer one."""
 
@@ -89,7 +96,7 @@ class MergeHold:
         cycles = self.volume.frozen_cycles()
         low = cycles[0] - 1 if cycles else self.volume.open_overlay
         for k in range(max(1, low), self.volume.open_overlay + 1):
-            reader = FrozenCycle(self.volume, k, 0.0, None, None).reader()
+            reader = _reader_of(self.volume, k)
             try:
                 reader.__enter__()
             except NotFoundError:
@@ -246,7 +253,7 @@ class VerifyRun:
     def _reader(self, k: int):
         reader = self._readers.get(k)
         if reader is None:
-            reader = FrozenCycle(self.volume, k, 0.0, None, None).reader()
+            reader = _reader_of(self.volume, k)
             reader.__enter__()
             self._readers[k] = reader
         return reader
@@ -305,7 +312,7 @@ class VerifyRun:
 
     def _hasher(self) -> None:
         try:
-            reader = FrozenCycle(self.volume, self.first_cycle, 0.0, None, None).reader()
+            reader = _reader_of(self.volume, self.first_cycle)
             with reader:
                 for piece, (off, ln) in enumerate(self.pieces):
                     with self._cond:

@@ -8,6 +8,9 @@ Layout::
     STORE/volumes/.new-NAME-*    a volume being created or imported (removed on open)
     STORE/volumes/.trash-NAME-*  a volume being deleted (removed on open)
     STORE/groups/freeze-*.json   a group freeze in progress (completed on open, see group.py)
+    STORE/files/NAME.json        a file object: a live file elsewhere (fileobject.py)
+
+Volumes and file objects share one namespace: a name is one or the other.
 
 A volume appears under its name only when complete: it is built in a dot
 directory and renamed into place, and deleted by the reverse rename first.
@@ -25,7 +28,7 @@ import threading
 import uuid
 
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, UsageError
-from cyclemirror.store import fileops, group
+from cyclemirror.store import fileobject, fileops, group
 from cyclemirror.store.layer import Layer
 from cyclemirror.store.names import validate_volume_name
 from cyclemirror.store.volume import BASE_FILE, STATE_FILE, Volume, check_geometry, initial_state
@@ -45,6 +48,7 @@ class Store:
         self._lock_fd = lock_fd
         self._lock = threading.Lock()
         self._volumes: dict[str, Volume] = {}
+        self._files: dict[str, fileobject.FileObject] = {}
         self._closed = False
         self._volumes_dir = os.path.join(path, "volumes")
 
@@ -141,6 +145,9 @@ class Store:
         with self._lock:
             if os.path.exists(final):
                 raise AlreadyExistsError(f"volume {name!r} already exists in store {self.path}")
+            if os.path.exists(fileobject.record_path(self.path, name)):
+                raise AlreadyExistsError(f"{name!r} is a file object of store {self.path}; "
+                                         "give the volume another name")
             tmp = os.path.join(self._volumes_dir, f".new-{name}-{uuid.uuid4().hex[:8]}")
             try:
                 os.mkdir(tmp)
@@ -202,6 +209,47 @@ class Store:
                 raise fileops.store_error(f"making image {image_path} volume {name!r}",
                                           exc) from exc
             return self._open_locked(name)
+
+    # -- file objects (fileobject.py) ---------------------------------------------------
+
+    def list_files(self) -> list[str]:
+        self._check_open()
+        return fileobject.list_files(self.path)
+
+    def add_file(self, name: str, path: str, block_size: int = 4096) -> fileobject.FileObject:
+        """Make the live file ``path`` (on XFS with reflink, or btrfs) object ``name``."""
+        self._check_open()
+        with self._lock:
+            if os.path.isdir(self._dir_of(name)):
+                raise AlreadyExistsError(f"{name!r} is a volume of store {self.path}; give "
+                                         "the file object another name")
+            fileobject.add_file(self.path, self.node_id, name, path, block_size)
+        return self.open_file(name)
+
+    def open_file(self, name: str) -> fileobject.FileObject:
+        self._check_open()
+        with self._lock:
+            obj = self._files.get(name)
+            if obj is None:
+                obj = self._files[name] = fileobject.FileObject(self.path, name)
+            return obj
+
+    def remove_file(self, name: str) -> None:
+        """Forget file object ``name`` and delete its snapshots; the file stays."""
+        self._check_open()
+        with self._lock:
+            self._files.pop(name, None)
+            fileobject.remove_file(self.path, name)
+
+    def open_subject(self, name: str):
+        """What ``mirror start NAME`` mirrors: the volume NAME, else the file object NAME."""
+        try:
+            return self.open_volume(name)
+        except NotFoundError:
+            if name not in self.list_files():
+                raise NotFoundError(f"no volume or file object {name!r} in store "
+                                    f"{self.path}") from None
+        return self.open_file(name)
 
     def freeze_group(self, names, sync: bool = True) -> dict:
         """Freeze several volumes at one instant, crash-safely: {name: FrozenCycle} (store.group)."""
