@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from cyclemirror.receiver.staging import REC_DATA, REC_SCATTER, REC_ZERO
 from cyclemirror.receiver.state import VolumeSpec
+from tests.support.ceph import rbd_config
 from tests.support.reference.frames_ref import scatter_payload
 
 BS = 4096
@@ -35,10 +36,8 @@ def rbd(ceph_cluster):
         pytest.skip("cyclemirror._cext.rbd is not built (install librbd-dev and librados-dev, "
                     "then rebuild: python3 setup.py build_ext --inplace)")
     from cyclemirror.receiver import rbdbackend
-    from cyclemirror.receiver.backend import RbdConfig
 
-    cfg = RbdConfig(pool=ceph_cluster.pool, conf=ceph_cluster.conf, client=ceph_cluster.client,
-                    keyring=ceph_cluster.keyring)
+    cfg = rbd_config(ceph_cluster)
     return cfg, rbdbackend.connection(cfg)
 
 
@@ -125,7 +124,7 @@ def send(m, cycle, recs, full):
 
 # Each example costs cluster round trips (snapshots): a few random ones, and one that
 # meets every kind of record and interruption.
-@settings(max_examples=4, deadline=None,
+@settings(max_examples=3, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=st.lists(extent, min_size=1, max_size=5), cycles=st.lists(cycle_plan, max_size=3))
 @example(first=[(0, 4, "data", 1), (10, 3, "zero", 0)],

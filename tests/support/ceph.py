@@ -38,6 +38,14 @@ def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None]
 
 
+def rbd_config(cluster: CephCluster):
+    """The ``RbdConfig`` of a target that keeps its images in ``cluster``'s test pool."""
+    from cyclemirror.receiver.backend import RbdConfig
+
+    return RbdConfig(pool=cluster.pool, conf=cluster.conf, client=cluster.client,
+                     keyring=cluster.keyring)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
