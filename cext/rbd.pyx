@@ -9,11 +9,11 @@ for Debian's own interpreter only, hence a binding of our own.
 opens a pool; ``IoCtx`` creates, removes, renames and opens images;
 ``Image`` reads, writes, discards, flushes and handles snapshots.
 
-Writes are asynchronous (``rbd_aio_write``) with up to ``MAX_INFLIGHT`` in
-flight: ``write`` borrows the caller's buffer (no copy) and holds it until
-librbd is done with it.  A write that overlaps one in flight, and every
-discard, first waits for those in flight, so the image sees the writes in
-the caller's order.  ``flush`` waits for all of them and flushes librbd's
+Writes and write-zeroes are asynchronous (``rbd_aio_write``,
+``rbd_aio_write_zeroes``) with up to ``MAX_INFLIGHT`` in flight: ``write``
+borrows the caller's buffer (no copy) and holds it until librbd is done with
+it.  An operation that overlaps one in flight, and every discard, first waits
+for those in flight, so the image sees them in the caller's order.  ``flush`` waits for all of them and flushes librbd's
 cache: only after it returns are the writes durable.  Every call that waits
 on the cluster runs without the GIL.  Failures raise ``OSError`` with the
 errno librbd returned and a message naming the call and the image.
@@ -56,8 +56,6 @@ cdef extern from "rbd/librbd.h" nogil:
     int rbd_get_size(rbd_image_t image, uint64_t *size)
     ssize_t rbd_read(rbd_image_t image, uint64_t ofs, size_t len, char *buf)
     int rbd_discard(rbd_image_t image, uint64_t ofs, uint64_t len)
-    ssize_t rbd_write_zeroes(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags,
-                             int op_flags)
     int rbd_flush(rbd_image_t image)
     int rbd_snap_create(rbd_image_t image, const char *snapname)
     int rbd_snap_remove(rbd_image_t image, const char *snapname)
@@ -68,6 +66,8 @@ cdef extern from "rbd/librbd.h" nogil:
                                   rbd_completion_t *c)
     int rbd_aio_write(rbd_image_t image, uint64_t off, size_t len, const char *buf,
                       rbd_completion_t c)
+    int rbd_aio_write_zeroes(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c,
+                             int zero_flags, int op_flags)
     int rbd_aio_wait_for_complete(rbd_completion_t c)
     ssize_t rbd_aio_get_return_value(rbd_completion_t c)
     void rbd_aio_release(rbd_completion_t c)
@@ -242,12 +242,16 @@ cdef class Image:
     cdef Py_buffer bufs[_MAX_INFLIGHT]
     cdef uint64_t starts[_MAX_INFLIGHT]
     cdef uint64_t ends[_MAX_INFLIGHT]
+    cdef bint has_buf[_MAX_INFLIGHT]
     cdef int head, count
     cdef long first_error
 
     def __cinit__(self):
         self.image = NULL
         self.head = self.count = 0
+        cdef int i
+        for i in range(_MAX_INFLIGHT):
+            self.has_buf[i] = False
         self.first_error = 0
 
     def __init__(self, IoCtx ioctx not None, name, snapshot=None, bint read_only=False):
@@ -306,7 +310,9 @@ cdef class Image:
             rbd_aio_wait_for_complete(c)
             r = rbd_aio_get_return_value(c)
             rbd_aio_release(c)
-        PyBuffer_Release(&self.bufs[self.head])
+        if self.has_buf[self.head]:
+            PyBuffer_Release(&self.bufs[self.head])
+            self.has_buf[self.head] = False
         self.head = (self.head + 1) % _MAX_INFLIGHT
         self.count -= 1
         if r < 0 and self.first_error == 0:
@@ -325,7 +331,7 @@ cdef class Image:
     def write(self, data, uint64_t offset):
         """Queue an asynchronous write of ``data`` (bytes-like, borrowed) at ``offset``."""
         self._check()
-        cdef int slot, i, k
+        cdef int slot
         cdef Py_buffer view
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         cdef uint64_t end = offset + <uint64_t>view.len
@@ -333,15 +339,7 @@ cdef class Image:
             PyBuffer_Release(&view)
             return
         try:
-            for k in range(self.count):  # keep overlapping writes in order
-                i = (self.head + k) % _MAX_INFLIGHT
-                if self.starts[i] < end and offset < self.ends[i]:
-                    self.drain()
-                    break
-            if self.count == _MAX_INFLIGHT:
-                self._reap_one()
-            if self.first_error:
-                self.drain()  # raises
+            self._make_room(offset, end)
         except BaseException:
             PyBuffer_Release(&view)
             raise
@@ -359,9 +357,25 @@ cdef class Image:
             raise _error(ret, f"writing RBD image {self.name} at {offset}")
         self.comps[slot] = c
         self.bufs[slot] = view
+        self.has_buf[slot] = True
         self.starts[slot] = offset
         self.ends[slot] = end
         self.count += 1
+
+    cdef int _make_room(self, uint64_t offset, uint64_t end) except -1:
+        """Wait for what overlaps [offset, end) (order) and for a free slot; raise a
+        failure of an earlier operation."""
+        cdef int k, i
+        for k in range(self.count):
+            i = (self.head + k) % _MAX_INFLIGHT
+            if self.starts[i] < end and offset < self.ends[i]:
+                self.drain()
+                break
+        if self.count == _MAX_INFLIGHT:
+            self._reap_one()
+        if self.first_error:
+            self.drain()  # raises
+        return 0
 
     def discard(self, uint64_t offset, uint64_t length):
         """Make the range read as zeroes, deallocating what librbd can."""
@@ -374,13 +388,26 @@ cdef class Image:
             raise _error(ret, f"discarding {offset}+{length} of RBD image {self.name}")
 
     def write_zeroes(self, uint64_t offset, uint64_t length):
+        """Queue an asynchronous write-zeroes (whole objects are deallocated), in order."""
         self._check()
-        self.drain()
-        cdef ssize_t ret
-        with nogil:
-            ret = rbd_write_zeroes(self.image, offset, length, 0, 0)
+        if length == 0:
+            return
+        self._make_room(offset, offset + length)
+        cdef int slot = (self.head + self.count) % _MAX_INFLIGHT
+        cdef rbd_completion_t c = NULL
+        cdef int ret = rbd_aio_create_completion(NULL, NULL, &c)
         if ret < 0:
+            raise _error(ret, f"rbd_aio_create_completion for {self.name}")
+        with nogil:
+            ret = rbd_aio_write_zeroes(self.image, offset, <size_t>length, c, 0, 0)
+        if ret < 0:
+            rbd_aio_release(c)
             raise _error(ret, f"zeroing {offset}+{length} of RBD image {self.name}")
+        self.comps[slot] = c
+        self.has_buf[slot] = False
+        self.starts[slot] = offset
+        self.ends[slot] = offset + length
+        self.count += 1
 
     def flush(self):
         """Every write so far is durable in the cluster when this returns."""
@@ -454,7 +481,9 @@ cdef class Image:
             i = self.head
             rbd_aio_wait_for_complete(self.comps[i])
             rbd_aio_release(self.comps[i])
-            PyBuffer_Release(&self.bufs[i])
+            if self.has_buf[i]:
+                PyBuffer_Release(&self.bufs[i])
+                self.has_buf[i] = False
             self.head = (self.head + 1) % _MAX_INFLIGHT
             self.count -= 1
         if self.image != NULL:

@@ -142,9 +142,10 @@ def test_kill_9_of_the_target_during_apply_keeps_the_last_snapshot_at_a_freeze(r
     later = rig.events()[1:]
     assert later and all(not e["full"] for e in later), later
     # The writer changes ~100 blocks/s; the cycle after the restart carries what it
-    # wrote while the target reconnected to the cluster and recovered: far less
-    # than the volume, which by now is nearly all data (a full copy ships all of it).
-    assert max(e["bytes_raw"] for e in later) < rig.size // 2, later
+    # wrote while the target reconnected and recovered (the killed target's watch on
+    # the image holds snapshot operations up to osd_client_watch_timeout, 5 s in the
+    # test cluster): a fraction of the volume; a full copy would ship all its data.
+    assert max(e["bytes_raw"] for e in later) < rig.size // 4, later
     assert same_file(_rbd_export(rig, final["cycle"], tmp_path / "final.img"),
                      rig.export(final["cycle"]))
 

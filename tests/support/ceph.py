@@ -126,6 +126,9 @@ mon data avail crit = 0
 mon osd full ratio = 0.99
 mon osd backfillfull ratio = 0.99
 mon osd nearfull ratio = 0.99
+# A client killed with -9 keeps its watch on an image until this expires, and
+# every snapshot operation waits for that watcher meanwhile (30 s by default).
+osd client watch timeout = 5
 mgr initial modules =
 [mon.a]
 mon data = {d}/mon
@@ -147,6 +150,7 @@ osd op num shards = 1
 osd op num threads per shard = 2
 [client.admin]
 keyring = {self.keyring}
+admin socket = {d}/run/$name.$pid.asok
 """
         with open(self.conf, "w") as f:
             f.write(text)
@@ -224,6 +228,8 @@ keyring = {self.keyring}
 
 
 if __name__ == "__main__":
+    # SIGTERM (and SIGINT, which a shell's background job ignores) end it cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     cluster = CephCluster(sys.argv[1])
     t0 = time.monotonic()
     cluster.start()
