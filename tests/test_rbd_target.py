@@ -7,7 +7,7 @@ cycle's freeze instant; only the last cycle's snapshot is kept; ``status``
 names pool, image and snapshot; kill -9 of the target during an apply leaves
 the last snapshot at a freeze instant (read with Ceph's own ``rbd export``
 while the target is down), recovery rolls back and redoes, and the next
-cycle is no full copy.  Without the librbd binding, asking for an RBD target
+cycle is no full copy; nor is the one after a kill -9 of the source.  Without the librbd binding, asking for an RBD target
 says what to install.
 """
 
@@ -109,8 +109,8 @@ def test_full_cycle_and_deltas_into_rbd_equal_the_source_at_each_freeze(rbd_rig,
     assert row["applied_cycle"] == final["cycle"]
 
 
-def test_kill_9_of_the_target_during_apply_keeps_the_last_snapshot_at_a_freeze(rbd_rig,
-                                                                                tmp_path):
+def test_kill_9_of_target_in_apply_then_source_keeps_the_last_snapshot_at_a_freeze(rbd_rig,
+                                                                                  tmp_path):
     rig = rbd_rig
     _start_target(rig, SLOW_APPLY)
     rig.start_source()
@@ -132,6 +132,11 @@ def test_kill_9_of_the_target_during_apply_keeps_the_last_snapshot_at_a_freeze(r
     before = len(rig.events())
     _start_target(rig)  # recovery at full speed: the writer goes on meanwhile
     wait_for(lambda: len(rig.events()) >= before + 2, 90, "cycles after the restart")
+    # Then the source: it resumes against the RBD image without a full copy.
+    rig.kill("source")
+    before = len(rig.events())
+    rig.start_source()
+    wait_for(lambda: len(rig.events()) >= before + 2, 90, "cycles after the source's restart")
     final = rig.finish()
     recovered = [n for n in os.listdir(rig.snapdir) if n.startswith("recovered-")]
     assert recovered
