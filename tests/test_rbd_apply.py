@@ -124,7 +124,7 @@ def send(m, cycle, recs, full):
 
 # Each example costs cluster round trips (snapshots): a few random ones, and one that
 # meets every kind of record and interruption.
-@settings(max_examples=3, deadline=None,
+@settings(max_examples=2, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=st.lists(extent, min_size=1, max_size=5), cycles=st.lists(cycle_plan, max_size=3))
 @example(first=[(0, 4, "data", 1), (10, 3, "zero", 0)],
