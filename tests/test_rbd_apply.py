@@ -214,3 +214,32 @@ def test_a_group_is_applied_and_snapshotted_at_one_cycle(rbd, tmp_path):
         m.close()
     finally:
         remove_images(io, node, ["a", "b"])
+
+
+def test_block_digests_of_an_rbd_image_equal_those_of_the_same_bytes_in_a_file(rbd, tmp_path):
+    # A source's hash_request (compare block hashes instead of a full copy) is answered
+    # from the applied cycle's snapshot; a file of the same bytes is the reference.
+    from cyclemirror.receiver.session import block_digests
+
+    cfg, io = rbd
+    node = "n" + uuid.uuid4().hex[:12]
+    vols = [VolumeSpec("v", SIZE, BS)]
+    model = bytearray(random.Random(9).randbytes(SIZE))
+    model[BS * 5:BS * 9] = bytes(BS * 4)
+    try:
+        m = open_mirror(str(tmp_path), node, cfg, vols)
+        m.begin(1, 1.0, True, 0)
+        m.receive(REC_DATA, 0, 0, SIZE, bytes(model))
+        m.finish(1, 1)
+        m.begin(2, 2.0, False, 0)
+        m.receive(REC_DATA, 0, BS * 3, BS, b"z" * BS)
+        m.finish(2, 1)
+        model[BS * 3:BS * 4] = b"z" * BS
+        ref = tmp_path / "ref.img"
+        ref.write_bytes(bytes(model))
+        for start, count in ((0, NBLOCKS), (3, 7), (NBLOCKS - 1, 1)):
+            assert m.backend.block_digests(0, start, count, BS) == block_digests(
+                str(ref), start, count, BS), (start, count)
+        m.close()
+    finally:
+        remove_images(io, node, ["v"])
