@@ -72,6 +72,8 @@ cdef extern from "rbd/librbd.h" nogil:
     ssize_t rbd_aio_get_return_value(rbd_completion_t c)
     void rbd_aio_release(rbd_completion_t c)
 
+ctypedef int (*snap_fn)(rbd_image_t image, const char *snapname) noexcept nogil
+
 cdef enum:
     _MAX_INFLIGHT = 16
     _MAX_SNAPS = 1024
@@ -419,36 +421,28 @@ cdef class Image:
         if ret < 0:
             raise _error(ret, f"flushing RBD image {self.name}")
 
-    def snap_create(self, name):
+    cdef int _snap_op(self, snap_fn fn, name, str what) except -1:
+        """One snapshot call by name (create, remove, rollback), without the GIL."""
         self._check()
         cdef bytes b = _c(name, "snapshot name")
         cdef const char *cb = b
         cdef int ret
         with nogil:
-            ret = rbd_snap_create(self.image, cb)
+            ret = fn(self.image, cb)
         if ret < 0:
-            raise _error(ret, f"creating snapshot {self.name}@{name}")
+            raise _error(ret, f"{what} snapshot {self.name}@{name}")
+        return 0
+
+    def snap_create(self, name):
+        self._snap_op(rbd_snap_create, name, "creating")
 
     def snap_remove(self, name):
-        self._check()
-        cdef bytes b = _c(name, "snapshot name")
-        cdef const char *cb = b
-        cdef int ret
-        with nogil:
-            ret = rbd_snap_remove(self.image, cb)
-        if ret < 0:
-            raise _error(ret, f"removing snapshot {self.name}@{name}")
+        self._snap_op(rbd_snap_remove, name, "removing")
 
     def snap_rollback(self, name):
-        self._check()
+        """Make the head equal snapshot ``name`` (waits for writes in flight first)."""
         self.drain()
-        cdef bytes b = _c(name, "snapshot name")
-        cdef const char *cb = b
-        cdef int ret
-        with nogil:
-            ret = rbd_snap_rollback(self.image, cb)
-        if ret < 0:
-            raise _error(ret, f"rolling {self.name} back to snapshot {name}")
+        self._snap_op(rbd_snap_rollback, name, "rolling back to")
 
     def snap_list(self):
         """The image's snapshots: [(name, size), ...] in creation order."""
