@@ -243,3 +243,15 @@ def test_block_digests_of_an_rbd_image_equal_those_of_the_same_bytes_in_a_file(r
         m.close()
     finally:
         remove_images(io, node, ["v"])
+
+
+def test_a_pool_the_cluster_lacks_is_a_temporary_error_naming_the_pool(rbd):
+    from dataclasses import replace
+
+    from cyclemirror.errors import ClusterUnavailableError, is_temporary
+    from cyclemirror.receiver import rbdbackend
+
+    cfg, _io = rbd
+    with pytest.raises(ClusterUnavailableError, match="'no-such-pool'") as info:
+        rbdbackend.connection(replace(cfg, pool="no-such-pool"))
+    assert is_temporary(info.value)  # the source retries, and resumes once it exists

@@ -34,7 +34,7 @@ import errno
 import logging
 import threading
 
-from cyclemirror.errors import StoreError, UsageError
+from cyclemirror.errors import ClusterUnavailableError, StoreError, UsageError
 from cyclemirror.receiver.backend import RbdConfig
 from cyclemirror.receiver.readers import IMAGE_PINS
 
@@ -77,10 +77,11 @@ def connection(cfg: RbdConfig):
             cluster.connect()
             io = cluster.ioctx(cfg.pool, cfg.namespace)
         except OSError as exc:
-            raise StoreError(
+            raise ClusterUnavailableError(
                 f"RBD target: cannot reach pool {cfg.pool!r} of the Ceph cluster "
                 f"({cfg.conf or 'default config'}, as {cfg.client}): {exc}; check the cluster "
-                "config, the client's keyring and that the pool exists") from exc
+                "config, the client's keyring and that the pool exists (sources retry)"
+            ) from exc
         _connections[key] = io
         return io
 
