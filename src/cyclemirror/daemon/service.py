@@ -221,7 +221,7 @@ class Daemon:
                     raise UsageError(f"mirror image {name} lives in RBD; start the daemon "
                                      "with --rbd-pool to export it")
                 return RbdSnapshotReader(rbd, image.node_id, image.volume,
-                                         image.applied_cycle, image.block_size,
+                                         pin.applied_cycle, image.block_size,
                                          on_release=pin.release)
             return RawFileBackend(pin.path, readonly=True, block_size=image.block_size,
                                   per_connection=True, on_release=pin.release)

@@ -216,6 +216,9 @@ class PinnedImage:
             if st.applied_cycle <= 0 or (image.backend == "file"
                                          and not os.path.exists(image.image_path)):
                 raise NotFoundError(f"mirror image {image.image_path} has no applied cycle")
+            # The cycle as of the pin (an RBD reader opens its snapshot, which the pin
+            # keeps; the listing may be a cycle older).
+            self.applied_cycle = st.applied_cycle
         except BaseException:
             self.release()
             raise
