@@ -4,6 +4,11 @@ Every ``cext/NAME.pyx`` becomes ``cyclemirror._cext.NAME``.
 Environment switches:
   CYCLEMIRROR_DEBUG=1   bounds checks, wraparound checks and line tracing on, -O0 -g
   CYCLEMIRROR_ONLY=a,b  build only these modules (for fast iteration on one module)
+  CYCLEMIRROR_NO_RBD=1  leave out the optional RBD binding even where librbd is installed
+
+``cext/rbd.pyx`` (the RBD target's binding of librbd) is optional: it is built
+only where librbd's and librados' headers are installed (Debian: librbd-dev,
+librados-dev), and left out, with a note, elsewhere.
 
 The modules need Cython 3.  With Cython 3 at hand (a checkout, pip's isolated
 build) the C is generated from ``cext/*.pyx`` as usual.  Without it (Debian
@@ -45,7 +50,32 @@ directives = {
     "embedsignature": True,
 }
 
-SOURCES = sorted(p for p in CEXT.glob("*.pyx") if not ONLY or p.stem in ONLY)
+OPTIONAL_LIBS = {"rbd": ["rbd", "rados"]}  # modules built only where their libraries are
+OPTIONAL_HEADERS = {"rbd": ["rbd/librbd.h", "rados/librados.h"]}
+
+
+def _headers_present(names: list[str]) -> bool:
+    dirs = [Path("/usr/include"), Path("/usr/local/include")]
+    dirs += [Path(d) for d in os.environ.get("CPATH", "").split(":") if d]
+    return all(any((d / n).is_file() for d in dirs) for n in names)
+
+
+def _wanted(stem: str) -> bool:
+    if ONLY and stem not in ONLY:
+        return False
+    if stem == "rbd" and os.environ.get("CYCLEMIRROR_NO_RBD") == "1":
+        return False
+    if stem in OPTIONAL_HEADERS and "sdist" not in sys.argv[1:] \
+            and not _headers_present(OPTIONAL_HEADERS[stem]):
+        print(f"setup.py: leaving out cyclemirror._cext.{stem}: its headers "
+              f"({', '.join(OPTIONAL_HEADERS[stem])}) are not installed; RBD targets need "
+              "it (Debian: apt-get install librbd-dev librados-dev, then rebuild)",
+              file=sys.stderr)
+        return False
+    return True
+
+
+SOURCES = sorted(p for p in CEXT.glob("*.pyx") if _wanted(p.stem))
 
 
 def _sha256(path: Path) -> str:
@@ -73,7 +103,7 @@ def _extension(stem: str, source: Path) -> Extension:
         f"cyclemirror._cext.{stem}",
         [str(source.relative_to(HERE))],
         include_dirs=["cext"],  # no numpy headers: the modules use only memoryviews
-        libraries=LIBRARIES.get(stem, ["xxhash", "lz4", "zstd"]),
+        libraries=LIBRARIES.get(stem, ["xxhash", "lz4", "zstd"]) + OPTIONAL_LIBS.get(stem, []),
         extra_compile_args=compile_args,
         define_macros=macros,
     )

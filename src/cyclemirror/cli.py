@@ -58,6 +58,8 @@ def cmd_serve(args) -> int:
     from cyclemirror import failpoints
     from cyclemirror.daemon.config import (
         DaemonConfig,
+        check_ceph_client,
+        check_ceph_name,
         load_config,
         parse_hostport,
         parse_nbd_endpoint,
@@ -90,7 +92,15 @@ def cmd_serve(args) -> int:
         metrics=parse_hostport(args.metrics, "--metrics", listening=True) if args.metrics else None,
         bwlimit=parse_rate(args.bwlimit, "--bwlimit") if args.bwlimit is not None else None,
         log_level=args.log_level,
+        rbd_pool=check_ceph_name(args.rbd_pool, "--rbd-pool") if args.rbd_pool else None,
+        rbd_namespace=(check_ceph_name(args.rbd_namespace, "--rbd-namespace")
+                       if args.rbd_namespace else None),
+        ceph_conf=os.path.abspath(args.ceph_conf) if args.ceph_conf else None,
+        ceph_client=check_ceph_client(args.ceph_client, "--ceph-client")
+        if args.ceph_client else None,
+        ceph_keyring=os.path.abspath(args.ceph_keyring) if args.ceph_keyring else None,
     )
+    config.rbd_config()  # refuses Ceph settings without a pool
     if config.listen is not None and config.key_file is None:
         raise UsageError("--listen needs --key-file (the pre-shared key peers must prove); "
                          "make one with 'cyclemirror keygen --out FILE'")
@@ -449,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="daemon-wide cap on outgoing mirror traffic, shared fairly (e.g. 100M)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     # Tests only (kill -9 inside a slowed-down step); hidden from --help.
+    serve.add_argument("--rbd-pool", metavar="POOL",
+                       help="keep incoming mirrors' images as RBD images in this Ceph pool, "
+                       "a snapshot per applied cycle (docs/ceph.md)")
+    serve.add_argument("--rbd-namespace", metavar="NS", help="RBD namespace in --rbd-pool")
+    serve.add_argument("--ceph-conf", metavar="FILE",
+                       help="the Ceph cluster's config (default: Ceph's own search path)")
+    serve.add_argument("--ceph-client", metavar="client.NAME",
+                       help="the Ceph client to connect as (default client.admin)")
+    serve.add_argument("--ceph-keyring", metavar="FILE",
+                       help="that client's keyring (default: what the Ceph config names)")
     serve.add_argument("--failpoint", action="append", metavar="NAME=SECONDS",
                        help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)

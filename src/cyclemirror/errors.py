@@ -133,6 +133,13 @@ class NoSpaceError(StoreError):
     temporary = True
 
 
+class ClusterUnavailableError(StoreError):
+    """A storage cluster that holds mirror images (Ceph) cannot be reached now; retrying
+    later may help (the source resumes after its last acknowledged chunk)."""
+
+    temporary = True
+
+
 class DeadlineError(CycleMirrorError):
     """An operation with a deadline (sync, connect) ran out of time."""
 

@@ -11,6 +11,8 @@ PORTFILE if it exists, so a restart keeps the address; else a free one,
 written there), copies every image to SNAPDIR/<cycle>.img right after each
 apply, and at start copies the recovered image to SNAPDIR/recovered-<n>.img
 (the state's applied cycle is in the name) so a test can check recovery.
+With MIRROR_TEST_RBD set (JSON: pool, conf, client, keyring) the images live
+in that Ceph pool, and the copies are read from the applied cycle's snapshot.
 
 Source: opens (or creates) the store and volume ``v1`` of SIZE bytes; a
 writer thread makes random block writes (seeded) all the time; the driver
@@ -42,31 +44,65 @@ def open_store(path):
     return Store.create(path)
 
 
+def rbd_config():
+    """The RbdConfig MIRROR_TEST_RBD names, or None (a file target)."""
+    spec = os.environ.get("MIRROR_TEST_RBD")
+    if not spec:
+        return None
+    from cyclemirror.receiver.backend import RbdConfig
+
+    return RbdConfig(**json.loads(spec))
+
+
+def copy_rbd_snapshot(rbd, node, cycle, dst):
+    """Read v1's snapshot of ``cycle`` into the file ``dst`` (through our binding)."""
+    from cyclemirror.receiver import rbdbackend
+
+    img = rbdbackend.connection(rbd).open(rbdbackend.image_name(node, "v1"),
+                                          rbdbackend.snap_name(cycle), True)
+    try:
+        size = img.size()
+        with open(dst, "wb") as f:
+            for off in range(0, size, 4 << 20):
+                f.write(img.read(off, min(4 << 20, size - off)))
+    finally:
+        img.close()
+
+
 def run_target(store_path, keyfile, portfile, snapdir):
     store = open_store(store_path)
     port = int(open(portfile).read()) if os.path.exists(portfile) else 0
     os.makedirs(snapdir, exist_ok=True)
+    rbd = rbd_config()
 
     def snapshot(mirror):
         st = mirror.state
         tmp = os.path.join(snapdir, f".{st.applied_cycle}.tmp")
-        shutil.copyfile(mirror.image_path(0), tmp)
+        if rbd is None:
+            shutil.copyfile(mirror.image_path(0), tmp)
+        else:
+            copy_rbd_snapshot(rbd, st.source_node, st.applied_cycle, tmp)
         os.replace(tmp, os.path.join(snapdir, f"{st.applied_cycle}.img"))
 
     server = TargetServer(store, keys.read_key_file(keyfile), ("127.0.0.1", port),
-                          on_applied=snapshot)
+                          on_applied=snapshot, rbd=rbd)
     server.start()  # recovers every mirror first
     mdir = os.path.join(store_path, "mirrors")
     for node in os.listdir(mdir):
         img = os.path.join(mdir, node, "v1.img")
         state = os.path.join(mdir, node, "v1.state.json")
-        if os.path.exists(img) and os.path.exists(state):
+        if os.path.exists(state) and (rbd is not None or os.path.exists(img)):
             applied = json.load(open(state))["body"]["applied_cycle"]
+            if rbd is not None and not applied:
+                continue  # nothing in the pool yet
             n = len([f for f in os.listdir(snapdir) if f.startswith("recovered-")])
             # Copied under a temp name: the test may kill this process mid-copy (a restart
             # finds the old port file and does not wait), and a cut copy is not an image.
             tmp = os.path.join(snapdir, f".recovered-{n}.tmp")
-            shutil.copyfile(img, tmp)
+            if rbd is None:
+                shutil.copyfile(img, tmp)
+            else:
+                copy_rbd_snapshot(rbd, node, applied, tmp)
             os.replace(tmp, os.path.join(snapdir, f"recovered-{n}-{applied}.img"))
     tmp = portfile + ".tmp"
     with open(tmp, "w") as f:

@@ -3,6 +3,7 @@
 Importing any of them runs this first, and this imports every module listed
 in ``REQUIRED``: a missing or broken one refuses the import with a message that
 says how to rebuild, so a partial build never runs half of the hot paths.
+``OPTIONAL`` ones are not imported here.
 ``import cyclemirror`` alone does not come here (the CLI's thin-client verbs
 need no compiled code and start faster without numpy); every daemon-side
 module does.
@@ -11,6 +12,10 @@ module does.
 import importlib
 
 REQUIRED: tuple[str, ...] = ("bitmap", "blockhash", "frames", "nbdio", "pagewrite", "tlsrelay")
+# Built only where their libraries' headers are (setup.py), imported only by what
+# needs them, which says what to install when one is missing: rbd (librbd) for
+# RBD targets (receiver/rbdbackend.py).
+OPTIONAL: tuple[str, ...] = ("rbd",)
 
 for _name in REQUIRED:
     try:

@@ -318,6 +318,9 @@ class Checks:
 
         images = mirror_images(self.store.path)
         image = export_names(images).get(MIRROR_EXPORT_PREFIX + name)
+        if image is not None and image.backend != "file":
+            raise UsageError(f"mirror image {name!r} is an RBD image; scrub reads image files "
+                             "and does not handle RBD images yet")
         if image is None:
             known = [n[len(MIRROR_EXPORT_PREFIX):] for n in listed_export_names(images)]
             raise NotFoundError(f"no incoming mirror image {name!r} in this store (images: "
@@ -560,6 +563,8 @@ class Checks:
             for image in mirror_images(self.store.path):
                 if self._stop.is_set():
                     return
+                if image.backend != "file":
+                    continue  # scrub reads image files; RBD images are not scrubbed yet
                 record = _read_json(self._scrub_path(image.image_path))
                 if not self._due(record, cfg.scrub_every, now):
                     continue

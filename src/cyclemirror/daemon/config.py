@@ -125,9 +125,50 @@ class DaemonConfig:
     nbd_tls_key: str | None = None
     nbd_clients: ClientAccess | None = None  # None: every TLS client gets every export
 
+    # Incoming mirrors' images in a Ceph pool (docs/ceph.md); None: raw files in the store.
+    rbd_pool: str | None = None
+    rbd_namespace: str | None = None
+    ceph_conf: str | None = None
+    ceph_client: str | None = None
+    ceph_keyring: str | None = None
+
+    def rbd_config(self):
+        """The RBD target settings (``receiver.backend.RbdConfig``), or None for files."""
+        from cyclemirror.receiver.backend import RbdConfig
+
+        if self.rbd_pool is None:
+            extra = [k for k in ("rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring")
+                     if getattr(self, k) is not None]
+            if extra:
+                raise UsageError(f"{', '.join(extra)} given without rbd_pool (--rbd-pool): "
+                                 "name the Ceph pool that holds the mirror images")
+            return None
+        return RbdConfig(pool=self.rbd_pool, namespace=self.rbd_namespace or None,
+                         conf=self.ceph_conf, client=self.ceph_client or "client.admin",
+                         keyring=self.ceph_keyring)
+
     def merged_with(self, **overrides) -> DaemonConfig:
         """Flags win over the file: only overrides that are not None replace a value."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_CEPH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CEPH_CLIENT = re.compile(r"client\.[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_ceph_name(name, what: str) -> str:
+    """A pool or namespace name: letters, digits, '.', '_', '-' (no '/', '@' or spaces)."""
+    if not isinstance(name, str) or not _CEPH_NAME.fullmatch(name):
+        raise UsageError(f"{what} {name!r} is not a valid Ceph pool or namespace name: use "
+                         "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def check_ceph_client(name, what: str) -> str:
+    if not isinstance(name, str) or not _CEPH_CLIENT.fullmatch(name):
+        raise UsageError(f"{what} {name!r} is not a Ceph client name; write it as "
+                         "client.NAME (e.g. client.admin, client.cyclemirror)")
+    return name
 
 
 def check_name(name, what: str) -> str:
@@ -320,7 +361,8 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
 _TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwlimit",
              "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure",
              "verify_every", "verify_repair", "verify_bwlimit", "scrub_every",
-             "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_clients"}
+             "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_clients",
+             "rbd_pool", "rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring"}
 _SERVER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
@@ -415,6 +457,14 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         verify_bwlimit=parse_rate(data.get("verify_bwlimit", 0), f"{path}: verify_bwlimit"),
         scrub_every=parse_duration(data.get("scrub_every", 0), f"{path}: scrub_every"),
         scrub_bwlimit=parse_rate(data.get("scrub_bwlimit", 0), f"{path}: scrub_bwlimit"),
+        rbd_pool=(check_ceph_name(data["rbd_pool"], f"{path}: rbd_pool")
+                  if "rbd_pool" in data else None),
+        rbd_namespace=(check_ceph_name(data["rbd_namespace"], f"{path}: rbd_namespace")
+                       if "rbd_namespace" in data else None),
+        ceph_conf=path_setting("ceph_conf"),
+        ceph_client=(check_ceph_client(data["ceph_client"], f"{path}: ceph_client")
+                     if "ceph_client" in data else None),
+        ceph_keyring=path_setting("ceph_keyring"),
     )
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 
-from cyclemirror.errors import CycleMirrorError
+from cyclemirror.errors import CycleMirrorError, UsageError
 
 STATE_SUFFIXES = (".state.json", ".group.json")
 _LOCAL = None  # the registry of a daemon that runs no target server (remove_incoming)
 
 
 def incoming_status(store_path: str, now: float) -> list[dict]:
+    from cyclemirror.receiver.backend import backend_record, rbd_status
     from cyclemirror.receiver.lineage import recorded
     from cyclemirror.receiver.state import MirrorState
 
@@ -51,7 +52,18 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                 lineage, lineage_error = None, str(exc)
             else:
                 lineage_error = None
+            try:
+                rbd = backend_record(st)
+            except CycleMirrorError as exc:
+                rbd, lineage_error = None, str(exc)
             for vol in st.volumes:
+                image = os.path.join(ndir, vol.name + ".img")
+                if rbd is not None:  # pool/image@snapshot of the applied cycle
+                    where = rbd_status(st, rbd)
+                    image = f"rbd:{where['pool']}/" + (
+                        f"{where['namespace']}/" if where["namespace"] else "") + \
+                        f"{st.source_node}~{vol.name}" + (
+                        f"@{where['snapshot']}" if where["snapshot"] else "")
                 rows.append({
                     "source_node": st.source_node,
                     "source_name": st.source_name,
@@ -62,7 +74,7 @@ def incoming_status(store_path: str, now: float) -> list[dict]:
                     # a member new to the group: its image is zeros until the next
                     # applied cycle, which carries all of it
                     "joining": vol.name in st.extra.get("joining", []),
-                    "image": os.path.join(ndir, vol.name + ".img"),
+                    "image": image,
                     "applied_cycle": st.applied_cycle,
                     "freeze_time": st.freeze_time if applied else None,
                     "rpo_age": now - st.freeze_time if applied else None,
@@ -87,19 +99,30 @@ def remove_incoming(store_path: str, target, name: object, force: bool) -> dict:
     --listen: no source can be connected)."""
     import logging
 
+    from cyclemirror.receiver.backend import backend_record
     from cyclemirror.receiver.removal import find_incoming, remove_files
     from cyclemirror.receiver.server import MirrorRegistry
 
     global _LOCAL
 
     m = find_incoming(store_path, name)
+    rbd_record = backend_record(m.state) if m.state is not None else None
+    rbd = getattr(target, "rbd", None)
+    if rbd_record is not None and rbd is None:
+        raise UsageError(f"incoming mirror {name}: its images are in RBD pool "
+                         f"{rbd_record.get('pool')!r}; run this on a daemon started with "
+                         "--rbd-pool (and its Ceph settings) so they are removed too")
     key = (m.node_id, m.mirror, m.group)
     if target is None and _LOCAL is None:
         _LOCAL = MirrorRegistry()  # no sources without --listen; two removals still exclude
     registry = target.registry if target is not None else _LOCAL
     holder = registry.hold(key, force=force)
     try:
-        removed = remove_files(m)
+        removed = remove_files(m)  # the state first: from here nothing names the images
+        if rbd_record is not None:
+            from cyclemirror.receiver.rbdbackend import remove_mirror_images
+
+            removed += remove_mirror_images(rbd, m.node_id, m.volumes)
     finally:
         registry.release(key, holder)
     logging.getLogger("cyclemirror.daemon").info(

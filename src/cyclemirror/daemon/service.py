@@ -234,6 +234,16 @@ class Daemon:
             return None
         pin = PinnedImage(image)  # errors (crash not recovered, timeout) reach the client
         try:
+            if image.backend == "rbd":  # the snapshot of the applied cycle, never the head
+                from cyclemirror.receiver.rbdbackend import RbdSnapshotReader
+
+                rbd = self.config.rbd_config()
+                if rbd is None:
+                    raise UsageError(f"mirror image {name} lives in RBD; start the daemon "
+                                     "with --rbd-pool to export it")
+                return RbdSnapshotReader(rbd, image.node_id, image.volume,
+                                         pin.applied_cycle, image.block_size,
+                                         on_release=pin.release)
             return RawFileBackend(pin.path, readonly=True, block_size=image.block_size,
                                   per_connection=True, on_release=pin.release)
         except BaseException:
@@ -249,8 +259,17 @@ class Daemon:
         tls = (TlsConfig(certfile=cfg.tls_cert, keyfile=cfg.tls_key, cafile=cfg.tls_ca)
                if cfg.tls_cert else None)
         self._keys = keys
+        rbd = cfg.rbd_config()
+        if rbd is not None:
+            from cyclemirror.receiver import rbdbackend
+
+            rbdbackend.load_binding()  # without librbd: say what to install, now
+            try:
+                rbdbackend.connection(rbd)
+            except StoreError as exc:  # a cluster that is down: sessions retry later
+                log.warning("%s", exc)
         self.target = TargetServer(self.store, self._current_keys, listen=(addr.host, addr.port),
-                                   tls=tls)
+                                   tls=tls, rbd=rbd)
         self.target.on_failback = lambda volume: dr_roles.release_volume(self, volume)
         self.target.on_switchover = lambda res, back: dr_roles.after_switchover(self, res, back)
         self.target.start()

@@ -40,6 +40,10 @@ def clone(store, source: str, mirror: str, name: str) -> dict:
         raise UsageError(f"{source}/{mirror}: the name {source} belongs to several source "
                          "nodes; name the source by its node id")
     image = images[0]
+    if image.backend != "file":
+        raise UsageError(f"{source}/{mirror} is an RBD image; clone makes a volume from an "
+                         "image file and does not handle RBD images yet (rbd clone its last "
+                         "cyclemirror-N snapshot with Ceph's tools)")
     if name in store.list_volumes():
         raise AlreadyExistsError(f"volume {name!r} already exists in this store; pick another "
                                  "name for the clone")

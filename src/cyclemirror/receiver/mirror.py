@@ -1,8 +1,10 @@
 """One mirror on the target: receive a delta durably, then apply it all-or-none.
 
 A mirror is a single volume or a consistency group of one source node; it
-lives in ``STORE/mirrors/<source node id>/`` as raw images ``<volume>.img``
-and one state file (see ``state``).  The life of a cycle:
+lives in ``STORE/mirrors/<source node id>/`` as one state file (see ``state``)
+and its staging logs, with its images in a backend (``backend``): raw images
+``<volume>.img`` there (``filebackend``), or RBD images in a Ceph pool
+(``rbdbackend``).  The life of a cycle, as the file backend lives it:
 
   begin      -> state.pending = {cycle, chunks 0}; a full cycle creates
                 ``<volume>.img.new`` (sparse) and writes into it directly
@@ -54,9 +56,9 @@ import time
 
 from cyclemirror import failpoints
 from cyclemirror._cext import frames
-from cyclemirror.errors import ProtocolError, StoreError
-from cyclemirror.receiver import fileops, scrub
-from cyclemirror.receiver.imagewriter import ImageWriter
+from cyclemirror.errors import ProtocolError, UsageError
+from cyclemirror.receiver import scrub
+from cyclemirror.receiver.backend import open_backend
 from cyclemirror.receiver.readers import IMAGE_PINS
 from cyclemirror.receiver.staging import (
     REC_DATA,
@@ -72,13 +74,15 @@ log = logging.getLogger(__name__)
 
 
 class Mirror:
-    def __init__(self, directory: str, state: MirrorState, state_path: str, max_chunk: int):
+    def __init__(self, directory: str, state: MirrorState, state_path: str, max_chunk: int,
+                 rbd=None):
         self.directory = directory
         self.state = state
         self.state_path = state_path
         self.max_chunk = max_chunk
+        self.backend = open_backend(directory, state, rbd)
         self._staging: StagingWriter | None = None
-        self._new_images: list[ImageWriter] = []
+        self._new_images: list = []  # the backend's writers of a full cycle's images
         self._received = 0  # chunks received in the in-flight cycle (acked or not)
         self._state_lock = threading.Lock()  # every change and save of self.state
         self._apply_thread: threading.Thread | None = None
@@ -86,14 +90,21 @@ class Mirror:
         self.recover()
 
     # -- paths -----------------------------------------------------------
+    def _files(self):
+        if not getattr(self.backend, "keeps_files", False):
+            raise UsageError(f"mirror {self.state.mirror!r}: its images are in "
+                             f"{self.backend.kind}, not in files; this operation needs a "
+                             "file-backed mirror")
+        return self.backend
+
     def image_path(self, index: int) -> str:
-        return os.path.join(self.directory, self.state.volumes[index].name + ".img")
+        return self._files().image_path(index)
 
     def new_image_path(self, index: int) -> str:
-        return self.image_path(index) + ".new"
+        return self._files().new_image_path(index)
 
     def clone_path(self, index: int) -> str:
-        return self.image_path(index) + ".apply"
+        return self._files().clone_path(index)
 
     def staging_file(self, c: InFlight) -> str:
         """The staging log of cycle ``c`` (a name recorded in the state, or the older
@@ -121,7 +132,7 @@ class Mirror:
 
     @classmethod
     def open(cls, root: str, source_node: str, source_name: str | None, mirror: str,
-             group: bool, volumes: list[VolumeSpec], max_chunk: int) -> Mirror:
+             group: bool, volumes: list[VolumeSpec], max_chunk: int, rbd=None) -> Mirror:
         """Open (recovering) or create the mirror; refuse a geometry change."""
         directory = os.path.join(root, "mirrors", source_node)
         os.makedirs(directory, exist_ok=True)
@@ -135,7 +146,7 @@ class Mirror:
                     v for v in new if v[0] in common}:
                 # Members joined or left a group: the others keep their images.
                 state.source_name = source_name
-                mirror = cls(directory, state, path, max_chunk)
+                mirror = cls(directory, state, path, max_chunk, rbd)
                 mirror.change_members(list(volumes))
                 return mirror
             if old != new:
@@ -148,7 +159,7 @@ class Mirror:
         else:
             state = MirrorState(mirror, group, source_node, source_name, list(volumes))
             state.save(path)
-        return cls(directory, state, path, max_chunk)
+        return cls(directory, state, path, max_chunk, rbd)
 
     def change_members(self, volumes: list[VolumeSpec]) -> None:
         """A group's member list changed (names and geometry of the kept ones equal).
@@ -169,16 +180,9 @@ class Mirror:
             for vol in volumes:
                 if vol.name in old:
                     continue
-                fd = os.open(os.path.join(self.directory, vol.name + ".img"),
-                             os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    os.ftruncate(fd, 0)  # a leftover of a crashed change: zeros again
-                    os.ftruncate(fd, vol.size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                self.backend.new_member(vol.name, vol.size)
                 joining.add(vol.name)
-            fileops.fsync_dir(self.directory)
+            self.backend.members_changed()
         with self._state_lock:
             st.volumes = list(volumes)
             if joining:
@@ -186,20 +190,16 @@ class Mirror:
             else:
                 st.extra.pop("joining", None)
             self._save()
-        from cyclemirror.receiver.removal import remove_member_files
-
         for name in sorted(old - new):
-            remove_member_files(self.directory, name)
-        fileops.fsync_dir(self.directory)
+            self.backend.remove_member(name)
+        self.backend.members_changed()
         log.info("mirror %s of %s: members now %s (joined: %s; left: %s)", st.mirror,
                  st.source_node, ", ".join(v.name for v in volumes),
                  ", ".join(sorted(new - old)) or "none", ", ".join(sorted(old - new)) or "none")
 
     @property
     def has_image(self) -> bool:
-        return self.state.applied_cycle > 0 and all(
-            os.path.exists(self.image_path(i)) for i in range(len(self.state.volumes))
-        )
+        return self.state.applied_cycle > 0 and self.backend.images_present()
 
     def _save(self) -> None:
         self.state.save(self.state_path)
@@ -209,26 +209,21 @@ class Mirror:
         st = self.state
         if st.committed is not None:
             with IMAGE_PINS.applying(self.state_path, recovering=True):
-                self._redo(st.committed)
+                self._redo(st.committed, recovering=True)
         else:
-            for i in range(len(st.volumes)):
-                _unlink(self.clone_path(i))  # a clone left by a crash before its commit
+            self.backend.discard_partial_apply()
         if st.pending is not None:
             ok = True
             if st.pending.full:
-                ok = all(os.path.exists(self.new_image_path(i)) for i in range(len(st.volumes)))
+                ok = self.backend.full_present()
             else:
                 path = self.staging_file(st.pending)
                 ok = os.path.exists(path) and os.path.getsize(path) >= st.pending.staged_bytes
             if not ok:
                 self._discard_pending()
         self._remove_stray_staging()
-        for i in range(len(st.volumes)):
-            if st.applied_cycle > 0:
-                size = os.path.getsize(self.image_path(i))
-                if size != st.volumes[i].size:
-                    raise StoreError(f"mirror image {self.image_path(i)} is {size} bytes, "
-                                     f"expected {st.volumes[i].size}; re-seed it")
+        if st.applied_cycle > 0:
+            self.backend.check_sizes()
 
     def _remove_stray_staging(self) -> None:
         """Staging logs no state entry names: left by a crash between a cycle's
@@ -246,8 +241,7 @@ class Mirror:
     def _discard_pending(self) -> None:
         self._close_inflight()
         p = self.state.pending
-        for i in range(len(self.state.volumes)):
-            _unlink(self.new_image_path(i))
+        self.backend.discard_full()
         if p is not None and not p.full:
             path = self.staging_file(p)
             committed = self.state.committed
@@ -297,7 +291,7 @@ class Mirror:
                 self._save()
         if full:
             for i, vol in enumerate(st.volumes):
-                self._new_images.append(ImageWriter(self.new_image_path(i), vol.size))
+                self._new_images.append(self.backend.full_writer(i, vol.size))
         else:
             self._staging = StagingWriter(self.staging_file(p), p.staged_bytes)
         self._received = p.chunks
@@ -417,7 +411,7 @@ class Mirror:
         ``on_visible(cycle, freeze_time)``, if given, is called as soon as the image shows
         the cycle (see ``_redo``)."""
         with hold:
-            self._redo(self.state.committed, on_visible)
+            self._redo(self.state.committed, on_visible=on_visible)
         return self.state.applied_cycle, self.state.freeze_time
 
     def finish(self, cycle: int, chunks: int) -> tuple[int, float]:
@@ -454,45 +448,25 @@ class Mirror:
         if self.apply_error is not None:
             raise self.apply_error
 
-    def _redo(self, c: InFlight, on_visible=None) -> None:
+    def _redo(self, c: InFlight, recovering: bool = False, on_visible=None) -> None:
         """Apply committed cycle ``c``; idempotent, so recovery may run it again.
 
-        An in-place apply calls ``on_visible(cycle, freeze_time)`` once its writes are in
-        the image, before the image's fsync (with scattered blocks the larger part of an
-        apply: every block a random write on disk), and shows the cycle as applied in
-        memory from then on.  The cycle is safe at that point: it is committed, its
-        staging log stays until the state file says applied, and recovery redoes a
-        committed cycle whatever the state's applied cycle says (redo is idempotent).
-        Readers that arrive meanwhile still wait for the whole apply (the pin); the state
-        file says applied at once too (with the cycle still committed), so it never lags
-        what the source was told."""
+        A delta whose writes readers see as they land (``visible_before_finish``: the
+        file backend applying in place) calls ``on_visible(cycle, freeze_time)`` once
+        its writes are in the images, before ``finish`` (the images' fsync: with
+        scattered blocks the larger part of an apply, every block a random write on
+        disk), and shows the cycle as applied from then on.  The cycle is safe at that
+        point: it is committed, its staging log stays until the state file lets go of
+        it, and recovery redoes a committed cycle whatever the state's applied cycle
+        says (redo is idempotent).  Readers that arrive meanwhile still wait for the
+        whole apply (the pin); the state file says applied at once too (with the cycle
+        still committed), so it never lags what the source was told."""
         st = self.state
         previous = st.applied_cycle
         if c.full:
-            for i in range(len(st.volumes)):
-                if os.path.exists(self.new_image_path(i)):
-                    fd = os.open(self.new_image_path(i), os.O_RDWR)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.replace(self.new_image_path(i), self.image_path(i))
-            fileops.fsync_dir(self.directory)
+            self.backend.install_full(c.cycle)
         else:
-            in_place = IMAGE_PINS.start_in_place(self.state_path)
-            if in_place:
-                paths = [self.image_path(i) for i in range(len(st.volumes))]
-                for i in range(len(st.volumes)):
-                    _unlink(self.clone_path(i))  # left by a crash inside a cloned apply
-            else:
-                paths = [self.clone_path(i) for i in range(len(st.volumes))]
-                t0 = time.monotonic()
-                for i in range(len(st.volumes)):
-                    fileops.copy_sparse(self.image_path(i), paths[i])
-                # Worth a line: the copy costs time and room an operator may wonder about.
-                log.info("mirror %s: readers hold the image; cycle %d is applied into a copy "
-                         "(made in %.2fs)", st.mirror, c.cycle, time.monotonic() - t0)
-            fds = [os.open(path, os.O_RDWR) for path in paths]
+            delta = self.backend.open_delta(c.cycle, self.state_path, recovering)
             try:
                 for kind, member, offset, length, data in read_records(
                     self.staging_file(c), c.staged_bytes, self.max_chunk
@@ -501,7 +475,7 @@ class Mirror:
                         vol = st.volumes[member] if 0 <= member < len(st.volumes) else None
                         if vol is None:
                             self.check_extent(member, 0, 0)  # raises: no such member
-                        frames.scatter_write(fds[member], data, vol.size, vol.block_size)
+                        delta.scatter(member, data, vol.size, vol.block_size)
                         if failpoints.is_on("receiver.apply_record"):
                             # A SCATTER record holds many extents: one hit each, up to 10.
                             count = frames.scatter_check(data, vol.size, vol.block_size)[1]
@@ -510,31 +484,29 @@ class Mirror:
                         continue
                     self.check_extent(member, offset, length)
                     if kind == REC_DATA:
-                        fileops.pwrite_all(fds[member], data, offset)
+                        delta.write(member, data, offset)
                     elif kind in (REC_ZERO, REC_TRIM):
-                        fileops.punch_zeroes(fds[member], offset, length)
+                        delta.zero(member, offset, length)
                     failpoints.hit("receiver.apply_record")
-                if in_place and on_visible is not None:
+                if on_visible is not None and getattr(delta, "visible_before_finish", False):
                     with self._state_lock:
                         st.applied_cycle, st.freeze_time = c.cycle, c.freeze_time
                         st.extra.pop("joining", None)  # as below
                         self._save()
                     on_visible(c.cycle, c.freeze_time)
                     failpoints.hit("receiver.apply_visible")
-                for fd in fds:
-                    os.fsync(fd)
+                delta.finish()
             finally:
-                for fd in fds:
-                    os.close(fd)
-            if not in_place:
-                for i, path in enumerate(paths):
-                    os.replace(path, self.image_path(i))
-                fileops.fsync_dir(self.directory)
-        scrub.record_apply(self, c, previous)  # verify hook: the scrub record follows the image
+                delta.close()
+        self.backend.applied(c.cycle)
+        if getattr(self.backend, "keeps_files", False):
+            # verify hook: the scrub record follows the image
+            scrub.record_apply(self, c, previous)
         with self._state_lock:
             st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
             st.extra.pop("joining", None)  # their blocks came whole in this cycle
             self._save()
+        self.backend.after_state_saved(c.cycle)
         if not c.full:
             p = st.pending
             path = self.staging_file(c)
@@ -544,6 +516,7 @@ class Mirror:
     def close(self) -> None:
         self._close_inflight()
         self.wait_applied()
+        self.backend.close()
 
     def status(self) -> dict:
         st = self.state

@@ -110,7 +110,12 @@ def promote(store, registry, source: str, mirror: str, as_name: str | None = Non
     if registry is not None:
         registry.acquire(key, hold)  # cuts a connected source (forced) and keeps it out
     try:
-        m = Mirror(os.path.dirname(path), MirrorState.load(path), path, MAX_CHUNK)
+        state = MirrorState.load(path)
+        if state.extra.get("backend"):
+            raise UsageError(f"incoming mirror {source}/{mirror} is kept in RBD; promote of an "
+                             "RBD mirror is not supported yet: clone its last snapshot "
+                             "(rbd clone POOL/IMAGE@cyclemirror-N ...) with Ceph's tools")
+        m = Mirror(os.path.dirname(path), state, path, MAX_CHUNK)
         try:
             if m.state.pending is not None:
                 log.info("promote %s/%s: discarding half-received cycle %d", source, mirror,

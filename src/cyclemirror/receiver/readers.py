@@ -140,6 +140,7 @@ class MirrorImage:
     size: int
     block_size: int
     applied_cycle: int
+    backend: str = "file"  # or "rbd": the image is an RBD snapshot, image_path unused
 
 
 def mirror_images(root: str) -> list[MirrorImage]:
@@ -159,12 +160,13 @@ def mirror_images(root: str) -> list[MirrorImage]:
             if st.applied_cycle <= 0:
                 continue
             joining = st.extra.get("joining", [])  # all zeros until their first cycle
+            kind = "rbd" if st.extra.get("backend") else "file"
             for vol in st.volumes:
                 if vol.name in joining:
                     continue
                 out.append(MirrorImage(node, st.source_name, vol.name, path,
                                        os.path.join(ndir, vol.name + ".img"), vol.size,
-                                       vol.block_size, st.applied_cycle))
+                                       vol.block_size, st.applied_cycle, kind))
     return out
 
 
@@ -211,8 +213,12 @@ class PinnedImage:
                     f"mirror image {image.image_path}: cycle {st.committed.cycle} was cut by a "
                     "crash and is not redone yet; it is exported once the target has recovered "
                     "(start the daemon with --listen)")
-            if st.applied_cycle <= 0 or not os.path.exists(image.image_path):
+            if st.applied_cycle <= 0 or (image.backend == "file"
+                                         and not os.path.exists(image.image_path)):
                 raise NotFoundError(f"mirror image {image.image_path} has no applied cycle")
+            # The cycle as of the pin (an RBD reader opens its snapshot, which the pin
+            # keeps; the listing may be a cycle older).
+            self.applied_cycle = st.applied_cycle
         except BaseException:
             self.release()
             raise

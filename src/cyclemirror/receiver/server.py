@@ -39,6 +39,7 @@ from cyclemirror.errors import (
     ProtocolError,
     UsageError,
 )
+from cyclemirror.receiver.backend import backend_record, rbd_status
 from cyclemirror.receiver.session import Session, error_code
 from cyclemirror.wire import handshake, sockio
 from cyclemirror.wire.handshake import TlsConfig
@@ -124,11 +125,13 @@ class MirrorRegistry:
 class TargetServer:
     def __init__(self, store, key: bytes | None, listen=("127.0.0.1", 0),
                  tls: TlsConfig | None = None, insecure: bool = False, on_applied=None,
-                 on_committed=None):
+                 on_committed=None, rbd=None):
         if (key is None or (isinstance(key, list) and not key)) and not insecure:
             raise UsageError("a target without a key refuses to run; give it a key file "
                              "(cyclemirror keygen) or pass --insecure explicitly")
         self.root = os.fspath(store.path)
+        # rbd: a receiver.backend.RbdConfig puts new mirrors' images into that Ceph pool.
+        self.rbd = rbd
         self.store = store  # failback turns a local volume into an image (receiver/resync.py)
         # on_failback(volume): the daemon lets go of a volume a failback turns into an image.
         self.on_failback = None
@@ -180,7 +183,8 @@ class TargetServer:
                 if name.endswith((".state.json", ".group.json")):
                     try:
                         st = MirrorState.load(os.path.join(ndir, name))
-                        Mirror(ndir, st, os.path.join(ndir, name), MAX_CHUNK).close()
+                        Mirror(ndir, st, os.path.join(ndir, name), MAX_CHUNK,
+                               rbd=self.rbd).close()
                     except (CycleMirrorError, OSError) as exc:
                         self._note_error(f"recovery of {ndir}/{name}: {exc}")
 
@@ -260,9 +264,12 @@ class TargetServer:
                         st = MirrorState.load(os.path.join(ndir, name))
                     except (CycleMirrorError, OSError):
                         continue
-                    out.append({"source_node": node, "mirror": st.mirror,
-                                "applied_cycle": st.applied_cycle,
-                                "freeze_time": st.freeze_time})
+                    row = {"source_node": node, "mirror": st.mirror,
+                           "applied_cycle": st.applied_cycle, "freeze_time": st.freeze_time}
+                    rec = backend_record(st)
+                    if rec is not None:  # where the images are, for RBD mirrors
+                        row.update(rbd_status(st, rec))
+                    out.append(row)
         return out
 
     def stop(self) -> None:

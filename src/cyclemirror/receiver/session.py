@@ -191,7 +191,8 @@ class Session:
         if self.lineage is not None:
             resync.prepare(self.server, msg, self.lineage)  # a failback: no full copy
         self.mirror = Mirror.open(self.server.root, msg["node_id"], msg["node_name"],
-                                  msg["mirror"], msg["group"], vols, wirelink.MAX_CHUNK)
+                                  msg["mirror"], msg["group"], vols, wirelink.MAX_CHUNK,
+                                  rbd=getattr(self.server, "rbd", None))
         if self.lineage is not None:
             lineage.adopt(self.mirror, self.lineage, msg["node_name"] or msg["node_id"])
         st = self.mirror.state
@@ -314,7 +315,10 @@ class Session:
                 f"hash_request: blocks {start}+{count} outside 0..{nblocks} or over the cap "
                 f"{messages.MAX_HASH_BLOCKS}"
             )
-        digests = block_digests(mirror.image_path(index), start, count, vol.block_size)
+        if mirror.backend.keeps_files:
+            digests = block_digests(mirror.image_path(index), start, count, vol.block_size)
+        else:
+            digests = mirror.backend.block_digests(index, start, count, vol.block_size)
         self.link.send_message("hashes", index=index, start_block=start, count=count,
                                digests=digests.hex())
 

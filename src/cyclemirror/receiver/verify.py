@@ -45,6 +45,7 @@ from cyclemirror.errors import (
     DeadlineError,
     NotFoundError,
     ProtocolError,
+    UsageError,
 )
 from cyclemirror.fileio import atomic_write
 from cyclemirror.receiver.readers import IMAGE_PINS
@@ -177,6 +178,10 @@ class VerifyTarget:
         if st.applied_cycle <= 0:
             raise NotFoundError(f"verify: mirror {msg['mirror']!r} of source {who} has no "
                                 "applied cycle yet")
+        if st.extra.get("backend"):
+            raise UsageError(f"verify: mirror {msg['mirror']!r} of source {who} is kept in "
+                             "RBD; verify reads image files and does not handle RBD images "
+                             "yet (docs/ceph.md)")
         self.mirror = msg["mirror"]
         self.volumes = st.volumes
         directory = os.path.dirname(self.state_path)

@@ -1,0 +1,485 @@
+"""A small binding of librados' and librbd's C API: what an RBD mirror target needs.
+
+Built only where librbd's and librados' headers are installed (Debian's
+librbd-dev, librados-dev); setup.py skips it elsewhere, and nothing else
+imports it unless an RBD target is asked for.  Debian's python3-rbd is built
+for Debian's own interpreter only, hence a binding of our own.
+
+``Cluster(conf, client, keyring)`` connects; ``Cluster.ioctx(pool, namespace)``
+opens a pool; ``IoCtx`` creates, removes, renames and opens images;
+``Image`` reads, writes, discards, flushes and handles snapshots.
+
+Writes and write-zeroes are asynchronous (``rbd_aio_write``,
+``rbd_aio_write_zeroes``) with up to ``MAX_INFLIGHT`` in flight: ``write``
+borrows the caller's buffer (no copy) and holds it until librbd is done with
+it.  An operation that overlaps one in flight, and every discard, first waits
+for those in flight, so the image sees them in the caller's order.  ``flush`` waits for all of them and flushes librbd's
+cache: only after it returns are the writes durable.  Every call that waits
+on the cluster runs without the GIL.  Failures raise ``OSError`` with the
+errno librbd returned and a message naming the call and the image.
+"""
+
+from libc.stdint cimport uint64_t, int64_t
+from libc.string cimport strerror
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+
+cdef extern from "rados/librados.h" nogil:
+    ctypedef void *rados_t
+    ctypedef void *rados_ioctx_t
+    int rados_create2(rados_t *pcluster, const char *clustername, const char *name,
+                      uint64_t flags)
+    int rados_conf_read_file(rados_t cluster, const char *path)
+    int rados_conf_set(rados_t cluster, const char *option, const char *value)
+    int rados_connect(rados_t cluster)
+    void rados_shutdown(rados_t cluster)
+    int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx)
+    void rados_ioctx_destroy(rados_ioctx_t io)
+    void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace)
+
+cdef extern from "rbd/librbd.h" nogil:
+    ctypedef void *rbd_image_t
+    ctypedef void *rbd_completion_t
+    ctypedef void (*rbd_callback_t)(rbd_completion_t cb, void *arg)
+    ctypedef struct rbd_snap_info_t:
+        uint64_t id
+        uint64_t size
+        const char *name
+    int rbd_create2(rados_ioctx_t io, const char *name, uint64_t size, uint64_t features,
+                    int *order)
+    int rbd_remove(rados_ioctx_t io, const char *name)
+    int rbd_rename(rados_ioctx_t src_io_ctx, const char *srcname, const char *destname)
+    int rbd_open(rados_ioctx_t io, const char *name, rbd_image_t *image, const char *snap_name)
+    int rbd_open_read_only(rados_ioctx_t io, const char *name, rbd_image_t *image,
+                           const char *snap_name)
+    int rbd_close(rbd_image_t image)
+    int rbd_get_size(rbd_image_t image, uint64_t *size)
+    ssize_t rbd_read(rbd_image_t image, uint64_t ofs, size_t len, char *buf)
+    int rbd_discard(rbd_image_t image, uint64_t ofs, uint64_t len)
+    int rbd_flush(rbd_image_t image)
+    int rbd_snap_create(rbd_image_t image, const char *snapname)
+    int rbd_snap_remove(rbd_image_t image, const char *snapname)
+    int rbd_snap_rollback(rbd_image_t image, const char *snapname)
+    int rbd_snap_list(rbd_image_t image, rbd_snap_info_t *snaps, int *max_snaps)
+    void rbd_snap_list_end(rbd_snap_info_t *snaps)
+    int rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb,
+                                  rbd_completion_t *c)
+    int rbd_aio_write(rbd_image_t image, uint64_t off, size_t len, const char *buf,
+                      rbd_completion_t c)
+    int rbd_aio_write_zeroes(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c,
+                             int zero_flags, int op_flags)
+    int rbd_aio_wait_for_complete(rbd_completion_t c)
+    ssize_t rbd_aio_get_return_value(rbd_completion_t c)
+    void rbd_aio_release(rbd_completion_t c)
+
+ctypedef int (*snap_fn)(rbd_image_t image, const char *snapname) noexcept nogil
+
+cdef enum:
+    _MAX_INFLIGHT = 16
+    _MAX_SNAPS = 1024
+    _FEATURE_LAYERING = 1  # the only feature our images need
+
+MAX_INFLIGHT = _MAX_INFLIGHT
+
+
+cdef object _error(long ret, str what):
+    cdef int err = <int>(-ret)
+    return OSError(err, f"{what}: {strerror(err).decode()}")
+
+
+cdef bytes _c(object s, str what):
+    if s is None:
+        return None
+    b = s.encode() if isinstance(s, str) else bytes(s)
+    if b"\0" in b:
+        raise ValueError(f"{what} must not contain NUL bytes")
+    return b
+
+
+cdef class Cluster:
+    """A connection to one cluster as one client (``client.NAME``)."""
+
+    cdef rados_t cluster
+    cdef bint connected
+    cdef readonly object client
+
+    def __cinit__(self):
+        self.cluster = NULL
+        self.connected = False
+
+    def __init__(self, conf=None, client="client.admin", keyring=None, options=None):
+        """``options``: further config settings, e.g. timeouts, as {name: value}."""
+        cdef bytes bname = _c(client, "client")
+        cdef int ret = rados_create2(&self.cluster, b"ceph", bname, 0)
+        if ret < 0:
+            self.cluster = NULL
+            raise _error(ret, f"rados_create2 as {client}")
+        self.client = client
+        cdef bytes bconf = _c(conf, "conf")
+        cdef const char *cconf = NULL
+        if bconf is not None:
+            cconf = bconf
+        ret = rados_conf_read_file(self.cluster, cconf)
+        if ret < 0:
+            raise _error(ret, f"reading the Ceph config {conf or '(default paths)'}")
+        settings = dict(options or {})
+        if keyring is not None:
+            settings["keyring"] = keyring
+        for name, value in settings.items():
+            bn, bv = _c(name, "option"), _c(str(value), "value")
+            ret = rados_conf_set(self.cluster, bn, bv)
+            if ret < 0:
+                raise _error(ret, f"setting Ceph option {name}={value}")
+
+    def connect(self):
+        cdef int ret
+        with nogil:
+            ret = rados_connect(self.cluster)
+        if ret < 0:
+            raise _error(ret, f"connecting to the Ceph cluster as {self.client}")
+        self.connected = True
+
+    def ioctx(self, pool, namespace=None):
+        """An I/O context on ``pool`` (and ``namespace``, if given)."""
+        if not self.connected:
+            raise ValueError("Cluster.ioctx before connect()")
+        return IoCtx(self, pool, namespace)
+
+    def shutdown(self):
+        if self.cluster != NULL:
+            with nogil:
+                rados_shutdown(self.cluster)
+            self.cluster = NULL
+            self.connected = False
+
+    def __dealloc__(self):
+        if self.cluster != NULL:
+            rados_shutdown(self.cluster)
+            self.cluster = NULL
+
+
+cdef class IoCtx:
+    cdef rados_ioctx_t io
+    cdef readonly Cluster cluster
+    cdef readonly object pool
+    cdef readonly object namespace
+
+    def __cinit__(self):
+        self.io = NULL
+
+    def __init__(self, Cluster cluster not None, pool, namespace=None):
+        cdef bytes bpool = _c(pool, "pool")
+        cdef const char *cpool = bpool
+        cdef int ret
+        with nogil:
+            ret = rados_ioctx_create(cluster.cluster, cpool, &self.io)
+        if ret < 0:
+            self.io = NULL
+            raise _error(ret, f"opening Ceph pool {pool!r}")
+        self.cluster, self.pool, self.namespace = cluster, pool, namespace
+        cdef bytes bns
+        if namespace:
+            bns = _c(namespace, "namespace")
+            rados_ioctx_set_namespace(self.io, bns)
+
+    cdef void _check(self) except *:
+        if self.io == NULL:
+            raise ValueError("the I/O context is closed")
+
+    def create(self, name, uint64_t size):
+        """Create image ``name`` of ``size`` bytes (layering only, 4 MiB objects)."""
+        self._check()
+        cdef bytes bname = _c(name, "image name")
+        cdef const char *cname = bname
+        cdef int order = 22
+        cdef int ret
+        with nogil:
+            ret = rbd_create2(self.io, cname, size, _FEATURE_LAYERING, &order)
+        if ret < 0:
+            raise _error(ret, f"creating RBD image {self.pool}/{name}")
+
+    def remove(self, name):
+        self._check()
+        cdef bytes bname = _c(name, "image name")
+        cdef const char *cname = bname
+        cdef int ret
+        with nogil:
+            ret = rbd_remove(self.io, cname)
+        if ret < 0:
+            raise _error(ret, f"removing RBD image {self.pool}/{name}")
+
+    def rename(self, old, new):
+        self._check()
+        cdef bytes bold = _c(old, "image name"), bnew = _c(new, "image name")
+        cdef const char *cold = bold
+        cdef const char *cnew = bnew
+        cdef int ret
+        with nogil:
+            ret = rbd_rename(self.io, cold, cnew)
+        if ret < 0:
+            raise _error(ret, f"renaming RBD image {self.pool}/{old} to {new}")
+
+    def open(self, name, snapshot=None, bint read_only=False):
+        """Open image ``name`` (at ``snapshot``, read-only, if given)."""
+        self._check()
+        return Image(self, name, snapshot, read_only)
+
+    def close(self):
+        if self.io != NULL:
+            rados_ioctx_destroy(self.io)
+            self.io = NULL
+
+    def __dealloc__(self):
+        if self.io != NULL:
+            rados_ioctx_destroy(self.io)
+            self.io = NULL
+
+
+cdef class Image:
+    cdef rbd_image_t image
+    cdef readonly IoCtx ioctx
+    cdef readonly object name
+    cdef readonly object snapshot
+    cdef rbd_completion_t comps[_MAX_INFLIGHT]
+    cdef Py_buffer bufs[_MAX_INFLIGHT]
+    cdef uint64_t starts[_MAX_INFLIGHT]
+    cdef uint64_t ends[_MAX_INFLIGHT]
+    cdef bint has_buf[_MAX_INFLIGHT]
+    cdef int head, count
+    cdef long first_error
+
+    def __cinit__(self):
+        self.image = NULL
+        self.head = self.count = 0
+        cdef int i
+        for i in range(_MAX_INFLIGHT):
+            self.has_buf[i] = False
+        self.first_error = 0
+
+    def __init__(self, IoCtx ioctx not None, name, snapshot=None, bint read_only=False):
+        cdef bytes bname = _c(name, "image name")
+        cdef bytes bsnap = _c(snapshot, "snapshot name")
+        cdef const char *csnap = NULL
+        if bsnap is not None:
+            csnap = bsnap
+        cdef const char *cname = bname
+        cdef int ret
+        with nogil:
+            if read_only:
+                ret = rbd_open_read_only(ioctx.io, cname, &self.image, csnap)
+            else:
+                ret = rbd_open(ioctx.io, cname, &self.image, csnap)
+        if ret < 0:
+            self.image = NULL
+            at = f"@{snapshot}" if snapshot else ""
+            raise _error(ret, f"opening RBD image {ioctx.pool}/{name}{at}")
+        self.ioctx, self.name, self.snapshot = ioctx, name, snapshot
+
+    cdef void _check(self) except *:
+        if self.image == NULL:
+            raise ValueError(f"RBD image {self.name} is closed")
+
+    def size(self):
+        self._check()
+        cdef uint64_t size = 0
+        cdef int ret = rbd_get_size(self.image, &size)
+        if ret < 0:
+            raise _error(ret, f"size of RBD image {self.name}")
+        return size
+
+    def read(self, uint64_t offset, size_t length):
+        self._check()
+        out = PyBytes_FromStringAndSize(NULL, length)
+        cdef char *p = PyBytes_AS_STRING(out)
+        cdef size_t done = 0
+        cdef ssize_t got = 0
+        with nogil:
+            while done < length:
+                got = rbd_read(self.image, offset + done, length - done, p + done)
+                if got <= 0:
+                    break
+                done += <size_t>got
+        if got < 0:
+            raise _error(got, f"reading RBD image {self.name} at {offset + done}")
+        if done < length:
+            raise OSError(5, f"reading RBD image {self.name}: short read at {offset + done}")
+        return out
+
+    cdef int _reap_one(self) except -1:
+        cdef rbd_completion_t c = self.comps[self.head]
+        cdef ssize_t r
+        with nogil:
+            rbd_aio_wait_for_complete(c)
+            r = rbd_aio_get_return_value(c)
+            rbd_aio_release(c)
+        if self.has_buf[self.head]:
+            PyBuffer_Release(&self.bufs[self.head])
+            self.has_buf[self.head] = False
+        self.head = (self.head + 1) % _MAX_INFLIGHT
+        self.count -= 1
+        if r < 0 and self.first_error == 0:
+            self.first_error = r
+        return 0
+
+    def drain(self):
+        """Wait for every write in flight; raise the first one's failure."""
+        while self.count:
+            self._reap_one()
+        cdef long err = self.first_error
+        if err:
+            self.first_error = 0
+            raise _error(err, f"writing RBD image {self.name}")
+
+    def write(self, data, uint64_t offset):
+        """Queue an asynchronous write of ``data`` (bytes-like, borrowed) at ``offset``."""
+        self._check()
+        cdef int slot
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        cdef uint64_t end = offset + <uint64_t>view.len
+        if view.len == 0:
+            PyBuffer_Release(&view)
+            return
+        try:
+            self._make_room(offset, end)
+        except BaseException:
+            PyBuffer_Release(&view)
+            raise
+        slot = (self.head + self.count) % _MAX_INFLIGHT
+        cdef rbd_completion_t c = NULL
+        cdef int ret = rbd_aio_create_completion(NULL, NULL, &c)
+        if ret < 0:
+            PyBuffer_Release(&view)
+            raise _error(ret, f"rbd_aio_create_completion for {self.name}")
+        with nogil:
+            ret = rbd_aio_write(self.image, offset, <size_t>view.len, <const char *>view.buf, c)
+        if ret < 0:
+            rbd_aio_release(c)
+            PyBuffer_Release(&view)
+            raise _error(ret, f"writing RBD image {self.name} at {offset}")
+        self.comps[slot] = c
+        self.bufs[slot] = view
+        self.has_buf[slot] = True
+        self.starts[slot] = offset
+        self.ends[slot] = end
+        self.count += 1
+
+    cdef int _make_room(self, uint64_t offset, uint64_t end) except -1:
+        """Wait for what overlaps [offset, end) (order) and for a free slot; raise a
+        failure of an earlier operation."""
+        cdef int k, i
+        for k in range(self.count):
+            i = (self.head + k) % _MAX_INFLIGHT
+            if self.starts[i] < end and offset < self.ends[i]:
+                self.drain()
+                break
+        if self.count == _MAX_INFLIGHT:
+            self._reap_one()
+        if self.first_error:
+            self.drain()  # raises
+        return 0
+
+    def discard(self, uint64_t offset, uint64_t length):
+        """Make the range read as zeroes, deallocating what librbd can."""
+        self._check()
+        self.drain()
+        cdef int ret
+        with nogil:
+            ret = rbd_discard(self.image, offset, length)
+        if ret < 0:
+            raise _error(ret, f"discarding {offset}+{length} of RBD image {self.name}")
+
+    def write_zeroes(self, uint64_t offset, uint64_t length):
+        """Queue an asynchronous write-zeroes (whole objects are deallocated), in order."""
+        self._check()
+        if length == 0:
+            return
+        self._make_room(offset, offset + length)
+        cdef int slot = (self.head + self.count) % _MAX_INFLIGHT
+        cdef rbd_completion_t c = NULL
+        cdef int ret = rbd_aio_create_completion(NULL, NULL, &c)
+        if ret < 0:
+            raise _error(ret, f"rbd_aio_create_completion for {self.name}")
+        with nogil:
+            ret = rbd_aio_write_zeroes(self.image, offset, <size_t>length, c, 0, 0)
+        if ret < 0:
+            rbd_aio_release(c)
+            raise _error(ret, f"zeroing {offset}+{length} of RBD image {self.name}")
+        self.comps[slot] = c
+        self.has_buf[slot] = False
+        self.starts[slot] = offset
+        self.ends[slot] = offset + length
+        self.count += 1
+
+    def flush(self):
+        """Every write so far is durable in the cluster when this returns."""
+        self._check()
+        self.drain()
+        cdef int ret
+        with nogil:
+            ret = rbd_flush(self.image)
+        if ret < 0:
+            raise _error(ret, f"flushing RBD image {self.name}")
+
+    cdef int _snap_op(self, snap_fn fn, name, str what) except -1:
+        """One snapshot call by name (create, remove, rollback), without the GIL."""
+        self._check()
+        cdef bytes b = _c(name, "snapshot name")
+        cdef const char *cb = b
+        cdef int ret
+        with nogil:
+            ret = fn(self.image, cb)
+        if ret < 0:
+            raise _error(ret, f"{what} snapshot {self.name}@{name}")
+        return 0
+
+    def snap_create(self, name):
+        self._snap_op(rbd_snap_create, name, "creating")
+
+    def snap_remove(self, name):
+        self._snap_op(rbd_snap_remove, name, "removing")
+
+    def snap_rollback(self, name):
+        """Make the head equal snapshot ``name`` (waits for writes in flight first)."""
+        self.drain()
+        self._snap_op(rbd_snap_rollback, name, "rolling back to")
+
+    def snap_list(self):
+        """The image's snapshots: [(name, size), ...] in creation order."""
+        self._check()
+        cdef int maxn = _MAX_SNAPS
+        cdef rbd_snap_info_t snaps[_MAX_SNAPS]
+        cdef int ret
+        with nogil:
+            ret = rbd_snap_list(self.image, snaps, &maxn)
+        if ret < 0:
+            raise _error(ret, f"listing the snapshots of {self.name}")
+        out = [(snaps[i].name.decode(), snaps[i].size) for i in range(ret)]
+        rbd_snap_list_end(snaps)
+        return out
+
+    def close(self):
+        """Wait for writes in flight (their failure is raised), then close."""
+        if self.image == NULL:
+            return
+        try:
+            self.drain()
+        finally:
+            with nogil:
+                rbd_close(self.image)
+            self.image = NULL
+
+    def __dealloc__(self):
+        cdef int i
+        while self.count:
+            i = self.head
+            rbd_aio_wait_for_complete(self.comps[i])
+            rbd_aio_release(self.comps[i])
+            if self.has_buf[i]:
+                PyBuffer_Release(&self.bufs[i])
+                self.has_buf[i] = False
+            self.head = (self.head + 1) % _MAX_INFLIGHT
+            self.count -= 1
+        if self.image != NULL:
+            rbd_close(self.image)
+            self.image = NULL

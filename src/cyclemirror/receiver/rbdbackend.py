@@ -1,0 +1,433 @@
+"""The RBD backend: each member's mirror image is an RBD image in a Ceph pool.
+
+Names: member ``VOLUME`` of a mirror from source node ``NODE`` is the image
+``NODE~VOLUME`` in the configured pool (and namespace); ``~`` appears in
+neither a node id nor a volume name, so fan-in of two sources with the same
+volume name gets two images.  The consistent copy is the snapshot
+``cyclemirror-<cycle>`` of the last applied cycle; the image's head is
+scratch that only an apply writes.
+
+* Full cycle: built in a new image ``NODE~VOLUME~new`` (so the head and its
+  snapshots stay as they are while the next cycle is received and the one
+  before is applied), written with librbd's asynchronous writes, zero runs as
+  write-zeroes (which deallocates whole objects).  Install (the apply): the old image is renamed to ``~old``, the
+  new one takes the name, the old one is removed with its snapshots.  Each
+  step is idempotent, so recovery may run them again.
+* Delta: rollback of the head to the last cycle's snapshot when recovery
+  redoes a cycle a crash cut (the head may hold part of it), then the records
+  are replayed into the head; ``flush`` makes them durable.
+* ``applied(cycle)``: snapshot ``cyclemirror-<cycle>`` of every member (an
+  existing one, left by a crash after it, is made again).  Once the state
+  names the cycle as applied, older ``cyclemirror-*`` snapshots are removed
+  (while no reader of this daemon holds one; else at a later cycle).
+
+Readers (the NBD export) open the snapshot of the applied cycle read-only, so
+they never see a half-applied head.  The cluster connection is shared by all
+mirrors of a daemon (``connection``); a cluster that is down or unreachable
+raises ``OSError`` (ETIMEDOUT after the configured timeouts), which the
+source treats as temporary and resumes after its last acknowledged chunk.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+
+from cyclemirror.errors import ClusterUnavailableError, StoreError, UsageError
+from cyclemirror.receiver.backend import RbdConfig
+from cyclemirror.receiver.readers import IMAGE_PINS
+
+log = logging.getLogger(__name__)
+
+SNAP_PREFIX = "cyclemirror-"
+NEW_SUFFIX = "~new"
+OLD_SUFFIX = "~old"
+# A cluster that does not answer is an error after these (seconds), not a hang.
+TIMEOUTS = {"client_mount_timeout": 30, "rados_mon_op_timeout": 30,
+            "rados_osd_op_timeout": 60}
+
+_connections: dict[tuple, object] = {}
+_conn_lock = threading.Lock()
+
+
+def load_binding():
+    """The compiled librbd binding, or a UsageError that says what to install."""
+    try:
+        from cyclemirror._cext import rbd
+    except ImportError as exc:
+        raise UsageError(
+            "an RBD target needs cyclemirror's librbd binding (cyclemirror._cext.rbd), which "
+            f"this build lacks ({exc}); install librbd-dev and librados-dev (Debian: "
+            "apt-get install librbd-dev librados-dev) and rebuild cyclemirror "
+            "(pip install . or python3 setup.py build_ext --inplace)") from None
+    return rbd
+
+
+def connection(cfg: RbdConfig):
+    """The shared I/O context for ``cfg``'s cluster, client, pool and namespace."""
+    key = (cfg.conf, cfg.client, cfg.keyring, cfg.pool, cfg.namespace)
+    with _conn_lock:
+        io = _connections.get(key)
+        if io is not None:
+            return io
+        rbd = load_binding()
+        try:
+            cluster = rbd.Cluster(cfg.conf, cfg.client, cfg.keyring, TIMEOUTS)
+            cluster.connect()
+            io = cluster.ioctx(cfg.pool, cfg.namespace)
+        except OSError as exc:
+            raise ClusterUnavailableError(
+                f"RBD target: cannot reach pool {cfg.pool!r} of the Ceph cluster "
+                f"({cfg.conf or 'default config'}, as {cfg.client}): {exc}; check the cluster "
+                "config, the client's keyring and that the pool exists (sources retry)"
+            ) from exc
+        _connections[key] = io
+        return io
+
+
+def remove_image(io, name: str) -> bool:
+    """Remove image ``name`` and its snapshots; False if there was none."""
+    try:
+        img = io.open(name)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    try:
+        for snap, _size in img.snap_list():
+            img.snap_remove(snap)
+    finally:
+        img.close()
+    io.remove(name)
+    return True
+
+
+def remove_mirror_images(cfg: RbdConfig, node: str, volumes: list[str]) -> list[str]:
+    """``mirror rm`` of an RBD mirror: every image of its members; returns pool/image names."""
+    io = connection(cfg)
+    removed = []
+    for vol in volumes:
+        base = image_name(node, vol)
+        for name in (base, base + NEW_SUFFIX, base + OLD_SUFFIX):
+            if remove_image(io, name):
+                removed.append(f"{cfg.pool}/{name}")
+    return removed
+
+
+def image_name(node: str, volume: str) -> str:
+    return f"{node}~{volume}"
+
+
+def snap_name(cycle: int) -> str:
+    return f"{SNAP_PREFIX}{cycle}"
+
+
+class RbdBackend:
+    kind = "rbd"
+    keeps_files = False
+
+    def __init__(self, directory: str, state, cfg: RbdConfig, record: dict):
+        self.directory = directory
+        self.state = state
+        self.cfg = cfg
+        if record.get("pool") != cfg.pool or (record.get("namespace") or None) != (
+                cfg.namespace or None):
+            raise UsageError(
+                f"mirror {state.mirror!r}: its images are in pool {record.get('pool')!r} "
+                f"namespace {record.get('namespace')!r}, but this daemon is configured for "
+                f"pool {cfg.pool!r} namespace {cfg.namespace!r}; configure that pool")
+        self.io = connection(cfg)
+
+    # -- names ---------------------------------------------------------------
+    def image_name(self, index: int) -> str:
+        return image_name(self.state.source_node, self.state.volumes[index].name)
+
+    def _members(self) -> range:
+        return range(len(self.state.volumes))
+
+    def _open(self, name: str, snapshot: str | None = None, read_only: bool = False):
+        return self.io.open(name, snapshot, read_only)
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self._open(name, read_only=True).close()
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def _remove(self, name: str) -> None:
+        remove_image(self.io, name)
+
+    def images_present(self) -> bool:
+        return all(self._exists(self.image_name(i)) for i in self._members())
+
+    def check_sizes(self) -> None:
+        snap = snap_name(self.state.applied_cycle)
+        for i in self._members():
+            name = self.image_name(i)
+            try:
+                img = self._open(name, snap, read_only=True)
+            except OSError as exc:
+                raise StoreError(f"mirror {self.state.mirror!r}: RBD image "
+                                 f"{self.cfg.pool}/{name}@{snap} cannot be opened ({exc}); "
+                                 "re-seed the mirror") from exc
+            try:
+                size = img.size()
+            finally:
+                img.close()
+            if size != self.state.volumes[i].size:
+                raise StoreError(f"RBD image {self.cfg.pool}/{name}@{snap} is {size} bytes, "
+                                 f"expected {self.state.volumes[i].size}; re-seed it")
+
+    # -- full cycles ---------------------------------------------------------
+    def full_writer(self, index: int, size: int) -> RbdWriter:
+        name = self.image_name(index) + NEW_SUFFIX
+        fresh = not self._exists(name)
+        if fresh:
+            self.io.create(name, size)
+        return RbdWriter(self._open(name), fresh)
+
+    def full_present(self) -> bool:
+        return all(self._exists(self.image_name(i) + NEW_SUFFIX) for i in self._members())
+
+    def discard_full(self) -> None:
+        for i in self._members():
+            self._remove(self.image_name(i) + NEW_SUFFIX)
+
+    def install_full(self, cycle: int) -> None:
+        """``~new`` takes the image's name; the old image goes (idempotent: recovery
+        may run it again from any point)."""
+        for i in self._members():
+            name = self.image_name(i)
+            new, old = name + NEW_SUFFIX, name + OLD_SUFFIX
+            if self._exists(new):
+                self._remove(old)  # a leftover of a crash before (usually none)
+                try:
+                    self.io.rename(name, old)
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:  # no image yet: a first cycle
+                        raise
+                self.io.rename(new, name)
+            try:
+                self._remove(old)
+            except OSError as exc:  # a reader still has it open: a later cycle retries
+                log.info("RBD image %s/%s: not removed yet (%s)", self.cfg.pool, old, exc)
+
+    # -- deltas ----------------------------------------------------------------
+    def discard_partial_apply(self) -> None:
+        pass  # the head is only written by the redo of a committed cycle
+
+    def open_delta(self, cycle: int, state_path: str, recovering: bool) -> RbdDeltaApply:
+        images = []
+        try:
+            for i in self._members():
+                img = self._open(self.image_name(i))
+                images.append(img)
+                if recovering and self.state.applied_cycle > 0:
+                    # The head may hold part of this cycle: start from the last one.
+                    img.snap_rollback(snap_name(self.state.applied_cycle))
+        except BaseException:
+            for img in images:
+                img.close()
+            raise
+        return RbdDeltaApply(images)
+
+    def applied(self, cycle: int) -> None:
+        snap = snap_name(cycle)
+        for i in self._members():
+            img = self._open(self.image_name(i))
+            try:
+                img.flush()
+                if any(s == snap for s, _ in img.snap_list()):
+                    img.snap_remove(snap)  # made before a crash: the head is that cycle anew
+                img.snap_create(snap)
+            finally:
+                img.close()
+
+    def after_state_saved(self, cycle: int) -> None:
+        """Remove the snapshots of older cycles, unless a reader here holds one."""
+        from cyclemirror.receiver.mirror import Mirror
+
+        state_path = Mirror.state_file(self.directory, self.state.mirror, self.state.group)
+        if IMAGE_PINS.pinned(state_path):
+            return
+        keep = snap_name(cycle)
+        for i in self._members():
+            try:
+                img = self._open(self.image_name(i))
+                try:
+                    for snap, _size in img.snap_list():
+                        if snap.startswith(SNAP_PREFIX) and snap != keep:
+                            img.snap_remove(snap)
+                finally:
+                    img.close()
+            except OSError as exc:  # not worth failing an applied cycle: next time
+                log.warning("RBD image %s/%s: old snapshots not removed: %s", self.cfg.pool,
+                            self.image_name(i), exc)
+
+    # -- group membership ----------------------------------------------------
+    def new_member(self, name: str, size: int) -> None:
+        full = image_name(self.state.source_node, name)
+        self._remove(full)  # a leftover of a crashed change: zeros again
+        self.io.create(full, size)
+        if self.state.applied_cycle > 0:
+            img = self._open(full)
+            try:
+                img.snap_create(snap_name(self.state.applied_cycle))
+            finally:
+                img.close()
+
+    def members_changed(self) -> None:
+        pass
+
+    def remove_member(self, name: str) -> None:
+        remove_mirror_images(self.cfg, self.state.source_node, [name])
+
+    def describe(self) -> dict:
+        from cyclemirror.receiver.backend import backend_record, rbd_status
+
+        return rbd_status(self.state, backend_record(self.state))
+
+    def block_digests(self, index: int, start: int, count: int, block_size: int) -> bytes:
+        """xxh3-64 of each block (big-endian), read from the applied cycle's snapshot."""
+        import numpy as np
+
+        from cyclemirror._cext import blockhash
+
+        img = self._open(self.image_name(index), snap_name(self.state.applied_cycle),
+                         read_only=True)
+        out = []
+        try:
+            step = max(1, (8 << 20) // block_size)
+            for b0 in range(start, start + count, step):
+                n = min(step, start + count - b0)
+                data = img.read(b0 * block_size, n * block_size)
+                hashes, _zero = blockhash.hash_buffer(data, block_size)
+                out.append(np.asarray(hashes, dtype=">u8").tobytes())
+        finally:
+            img.close()
+        return b"".join(out)
+
+    def close(self) -> None:
+        pass  # the connection is shared; images are closed after each use
+
+
+class RbdWriter:
+    """A full cycle's writer into one RBD image (the ``ImageWriter`` interface).
+
+    ``fresh``: the image was created for this cycle, so it reads as zeroes
+    beyond the end of everything written to it so far: a zero run there (a
+    full cycle's extents come in offset order) needs no I/O, which saves a
+    cluster round trip per zero run.  Anywhere else, and on a resumed
+    cycle's image, the run is written as zeroes.
+    """
+
+    def __init__(self, image, fresh: bool = False):
+        self.image = image
+        self.fresh = fresh
+        self.written_end = 0  # the end of the furthest write into this image
+
+    def write(self, data, offset: int) -> None:
+        self.image.write(data, offset)
+        self.written_end = max(self.written_end, offset + len(data))
+
+    def punch(self, offset: int, length: int) -> None:
+        if self.fresh and offset >= self.written_end:
+            return
+        self.image.write_zeroes(offset, length)
+        self.written_end = max(self.written_end, offset + length)
+
+    def sync(self) -> None:
+        self.image.flush()
+
+    def close(self) -> None:
+        self.image.close()
+
+
+class RbdDeltaApply:
+    """Replays one delta into the members' heads."""
+
+    def __init__(self, images: list):
+        self.images = images
+
+    def write(self, member: int, data, offset: int) -> None:
+        self.images[member].write(data, offset)
+
+    def zero(self, member: int, offset: int, length: int) -> None:
+        # Not discard: librbd skips partial-object discards (rbd_skip_partial_discard).
+        self.images[member].write_zeroes(offset, length)
+
+    def scatter(self, member: int, raw, volume_size: int, block_size: int) -> None:
+        from cyclemirror._cext import frames
+
+        extents = frames.scatter_extents(raw, volume_size, block_size)
+        view = memoryview(raw)
+        pos = len(view) - sum(length for _off, length in extents)
+        image = self.images[member]
+        for offset, length in extents:
+            image.write(view[pos:pos + length], offset)
+            pos += length
+
+    def finish(self) -> None:
+        for img in self.images:
+            img.flush()
+
+    def close(self) -> None:
+        images, self.images = self.images, []
+        for img in images:
+            img.close()
+
+
+class RbdSnapshotReader:
+    """A read-only NBD backend of one RBD mirror image at one cycle's snapshot.
+
+    The snapshot never changes, so a reader sees one applied cycle throughout;
+    the daemon's pin keeps the snapshot from being removed while it reads.
+    """
+
+    readonly = True
+    can_multi_conn = False  # another connection may read another cycle's snapshot
+    per_connection = True
+    fast_zero = False
+
+    def __init__(self, cfg: RbdConfig, node: str, volume: str, cycle: int, block_size: int,
+                 on_release=None):
+        self.name = f"{cfg.pool}/{image_name(node, volume)}@{snap_name(cycle)}"
+        self.block_size = block_size
+        self._on_release = on_release
+        self._lock = threading.Lock()  # one librbd image handle, several NBD worker threads
+        try:
+            self._image = connection(cfg).open(image_name(node, volume), snap_name(cycle), True)
+        except OSError as exc:
+            raise StoreError(f"cannot open RBD image {self.name}: {exc}") from exc
+        self.size = self._image.size()
+
+    def __repr__(self) -> str:
+        return f"RbdSnapshotReader({self.name!r})"
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"read {offset}+{length} outside {self.name}")
+        return self._image.read(offset, length)
+
+    def flush(self) -> None:
+        pass
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 0)]  # all data: cheap and always true
+
+    def _refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EPERM, f"{self.name} is exported read-only")
+
+    write = trim = write_zeroes = _refuse
+
+    def release(self) -> None:
+        image, self._image = self._image, None
+        if image is not None:
+            image.close()
+        callback, self._on_release = self._on_release, None
+        if callback is not None:
+            callback()
