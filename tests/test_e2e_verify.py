@@ -252,8 +252,11 @@ def test_kill_9_of_either_side_during_a_verify_then_it_resumes(daemons, key):
     assert again["extents"] == want
     # the image stayed consistent and nothing was copied again
     assert full_copies(a) == 1
+    with NbdClient("v", unix_path=a.nbd_sock) as nbd:
+        nbd.write(0, b"n" * BS)
+        nbd.flush()
     a.cli("mirror", "sync", "v")
-    assert row_of(a, b)["last_cycle"]["raw_bytes"] == 0
+    assert row_of(a, b)["last_cycle"]["raw_bytes"] == BS
 
 
 def committed(target, source_node) -> bool:

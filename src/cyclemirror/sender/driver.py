@@ -298,13 +298,13 @@ class MirrorDriver:
         """Freeze now; return the cycle once the targets waited for have applied it
         (``labels``: those targets; default every target that is not broken, see
         ``wait_targets``)."""
-        return self.wait_applied(self.request_freeze(), timeout, labels)
+        return self.wait_applied(self.request_freeze(quiet_ok=True), timeout, labels)
 
     def sync_targets(self, labels=None, timeout: float = 600.0) -> tuple[int, dict[str, str]]:
         """Freeze now and wait; return (cycle, {target not waited for: why})."""
         with self._cond:
             self._waitable(labels)  # a named target that cannot apply fails before the freeze
-        want = self.request_freeze()
+        want = self.request_freeze(quiet_ok=True)
         return want, self.wait_targets(want, timeout, labels)
 
     def wait_applied(self, want: int, timeout: float = 600.0, labels=None) -> int:
@@ -402,10 +402,15 @@ class MirrorDriver:
                         + f" within {timeout}s ({self._targets_brief()})")
                 self._cond.wait(min(left, 0.5))
 
-    def request_freeze(self) -> int:
+    def request_freeze(self, quiet_ok: bool = False) -> int:
         """Ask for a freeze now, without waiting; return the cycle that will follow it.
 
         Every write completed before this call lands in that cycle or an older one.
+        ``quiet_ok`` (a sync): if nothing was written since the last freeze, that
+        freeze's cycle already holds every completed write; it is returned and no
+        freeze is asked for (a sync right after a mirror start, or on a volume at rest,
+        then waits for the cycle under way instead of an extra empty one).  Not for
+        repairs, which need a new cycle to carry them.
         """
         with self._cond:
             if self._break:
@@ -418,6 +423,10 @@ class MirrorDriver:
             # A number, not a flag: a freeze the loop already decided on but has not
             # made yet also satisfies the request, so no extra cycle follows.
             want = self.volume.open_overlay + 1
+            if quiet_ok and want > 1 and \
+                    all(v.open_overlay == want - 1 and not v.pending_blocks()
+                        for v in self.subject.volumes):
+                return want - 1
             self._sync_want = max(self._sync_want, want)
             self._cond.notify_all()
             return want
