@@ -10,12 +10,10 @@ import os
 
 import pytest
 
-from cyclemirror import failpoints, keys
+from cyclemirror import failpoints
 from cyclemirror.errors import UsageError
-from cyclemirror.receiver import TargetServer
-from cyclemirror.sender import MirrorDriver, MirrorOptions
-from cyclemirror.store import Store
 from tests.support.daemons import run_cli
+from tests.support.mirror import local_mirror
 
 
 @pytest.mark.parametrize("name, seconds", [("no.such.point", 0.1), ("receiver.apply_record", -1),
@@ -48,14 +46,7 @@ def test_serve_refuses_a_bad_failpoint_before_starting(tmp_path):
 
 
 def test_the_apply_failpoint_is_reached_once_per_record_and_only_while_enabled(tmp_path):
-    key = keys.generate_key()
-    dst = Store.create(str(tmp_path / "dst"))
-    src = Store.create(str(tmp_path / "src"))
-    server = TargetServer(dst, key)
-    server.start()
-    vol = src.create_volume("v", 1 << 20)
-    d = MirrorDriver(vol, server.address, key, MirrorOptions(), store=src)
-    try:
+    with local_mirror(tmp_path, 1 << 20) as (vol, d):
         d.start()
         d.sync(60)  # cycle 1, a full copy: built as a new image, no records replayed
         failpoints.hit("receiver.apply_record")
@@ -66,8 +57,3 @@ def test_the_apply_failpoint_is_reached_once_per_record_and_only_while_enabled(t
             d.sync(60)
             assert failpoints.hits("receiver.apply_record") == 3
         assert failpoints.active() == {}
-    finally:
-        d.stop()
-        server.stop()
-        src.close()
-        dst.close()

@@ -11,23 +11,14 @@ Real store, real target server, real driver.
 
 import os
 
-from cyclemirror import keys
 from cyclemirror._cext.bitmap import ExtentBitmap
-from cyclemirror.receiver import TargetServer
-from cyclemirror.sender import MirrorDriver, MirrorOptions
-from cyclemirror.store import Store
+from cyclemirror.sender import MirrorOptions
+from tests.support.mirror import local_mirror
 
 
 def test_a_quiet_volume_is_synced_without_an_extra_cycle(tmp_path):
-    key = keys.generate_key()
-    dst = Store.create(str(tmp_path / "dst"))
-    src = Store.create(str(tmp_path / "src"))
-    server = TargetServer(dst, key)
-    server.start()
-    vol = src.create_volume("v", 1 << 20)
-    vol.write(0, os.urandom(8192))
-    d = MirrorDriver(vol, server.address, key, MirrorOptions(interval=3600), store=src)
-    try:
+    with local_mirror(tmp_path, 1 << 20, MirrorOptions(interval=3600)) as (vol, d):
+        vol.write(0, os.urandom(8192))
         first = d.request_freeze()
         d.start()
         assert d.wait_applied(first, 60) == first
@@ -46,8 +37,3 @@ def test_a_quiet_volume_is_synced_without_an_extra_cycle(tmp_path):
         third = d.owe_blocks(label, blocks)
         assert third == second + 1
         assert d.wait_applied(third, 60) == third
-    finally:
-        d.stop()
-        server.stop()
-        src.close()
-        dst.close()

@@ -1,5 +1,6 @@
 """Helpers for the mirror tests: child processes, waiting, comparing images."""
 
+import contextlib
 import filecmp
 import json
 import os
@@ -111,3 +112,28 @@ def wait_for(pred, timeout, what):
 
 def same_file(a, b):
     return filecmp.cmp(a, b, shallow=False)
+
+
+@contextlib.contextmanager
+def local_mirror(tmp_path, size: int, options=None):
+    """A volume of ``size`` bytes in a source store and a MirrorDriver (not started) to a
+    TargetServer in this process, both stores under ``tmp_path``; yields (volume, driver)
+    and stops and closes everything on the way out."""
+    from cyclemirror.receiver import TargetServer
+    from cyclemirror.sender import MirrorDriver, MirrorOptions
+    from cyclemirror.store import Store
+
+    key = keys.generate_key()
+    dst = Store.create(str(tmp_path / "dst"))
+    src = Store.create(str(tmp_path / "src"))
+    server = TargetServer(dst, key)
+    server.start()
+    vol = src.create_volume("v", size)
+    d = MirrorDriver(vol, server.address, key, options or MirrorOptions(), store=src)
+    try:
+        yield vol, d
+    finally:
+        d.stop()
+        server.stop()
+        src.close()
+        dst.close()
