@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-from fractions import Fraction
 
 from cyclemirror.errors import UsageError
 
@@ -42,7 +41,10 @@ def parse_size(text: str | int, what: str = "size") -> int:
             "a K, M, G or T suffix (powers of 1024), e.g. 64M or 4G"
         )
     number, suffix = match.groups()
-    # Fraction keeps "1.5K" exact; a float would round large values silently.
+    # Fraction keeps "1.5K" exact; a float would round large values silently.  Imported
+    # here: fractions (with decimal and numbers) costs every CLI start ~7 ms otherwise.
+    from fractions import Fraction
+
     value = Fraction(number) * (1024 ** SUFFIXES[suffix.upper()])
     if value.denominator != 1:
         raise UsageError(f"{what}: {text!r} is not a whole number of bytes")
