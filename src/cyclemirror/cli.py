@@ -561,8 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.set_defaults(func=cmd_mirror_start)
     sync = mverbs.add_parser(
         "sync", help="run a cycle now and wait until it is applied",
-        description="Freezes now (or, if nothing was written since the last freeze, takes "
-                    "that freeze's cycle) and waits until the cycle is applied on --to, or "
+        description="Freezes now (or, if nothing was written since a freeze whose cycle "
+                    "is still on its way, takes that cycle) and waits until the cycle is "
+                    "applied on --to, or "
                     "on every target that is not broken; a target that is down (retrying) "
                     "is not "
                     "waited for once another applied the cycle. The output names each "

@@ -406,11 +406,11 @@ class MirrorDriver:
         """Ask for a freeze now, without waiting; return the cycle that will follow it.
 
         Every write completed before this call lands in that cycle or an older one.
-        ``quiet_ok`` (a sync): if nothing was written since the last freeze, that
-        freeze's cycle already holds every completed write; it is returned and no
-        freeze is asked for (a sync right after a mirror start, or on a volume at rest,
-        then waits for the cycle under way instead of an extra empty one).  Not for
-        repairs, which need a new cycle to carry them.
+        ``quiet_ok`` (a sync): if nothing was written since the last freeze and that
+        freeze's cycle is still on its way, it already holds every completed write; it
+        is returned and no freeze is asked for (a sync right after a mirror start then
+        waits for the first cycle instead of an extra empty one).  Not for repairs,
+        which need a new cycle to carry them.
         """
         with self._cond:
             if self._break:
@@ -423,7 +423,14 @@ class MirrorDriver:
             # A number, not a flag: a freeze the loop already decided on but has not
             # made yet also satisfies the request, so no extra cycle follows.
             want = self.volume.open_overlay + 1
+            # Only while that cycle is still on its way to a target (a sync that found
+            # every target holding it freezes anew: an empty cycle that proves the
+            # targets are there), and never for a target whose last attempt failed: the
+            # driver ships to it only in a new cycle.
+            live = [r for r in self.targets if r.broken is None and not r.paused]
             if quiet_ok and want > 1 and \
+                    any(r.applied_cycle < want - 1 for r in live) and \
+                    all(r.last_error is None for r in live) and \
                     all(v.open_overlay == want - 1 and not v.pending_blocks()
                         for v in self.subject.volumes):
                 return want - 1
