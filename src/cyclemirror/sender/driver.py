@@ -426,9 +426,10 @@ class MirrorDriver:
             # Only while that cycle is still on its way to a target (a sync that found
             # every target holding it freezes anew: an empty cycle that proves the
             # targets are there), and never for a target whose last attempt failed: the
-            # driver ships to it only in a new cycle.
+            # driver ships to it only in a new cycle (nor after a failure of the driver
+            # itself: the cycle it recovers is shipped without the freeze hooks).
             live = [r for r in self.targets if r.broken is None and not r.paused]
-            if quiet_ok and want > 1 and \
+            if quiet_ok and want > 1 and self.last_error is None and \
                     any(r.applied_cycle < want - 1 for r in live) and \
                     all(r.last_error is None for r in live) and \
                     all(v.open_overlay == want - 1 and not v.pending_blocks()
