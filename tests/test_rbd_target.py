@@ -150,7 +150,8 @@ def test_kill_9_of_target_in_apply_then_source_keeps_the_last_snapshot_at_a_free
     # wrote while the target reconnected and recovered (the killed target's watch on
     # the image holds snapshot operations up to osd_client_watch_timeout, 5 s in the
     # test cluster): a fraction of the volume; a full copy would ship all its data.
-    assert max(e["bytes_raw"] for e in later) < rig.size // 4, later
+    # (A quarter was too tight: a fresh Debian run under load shipped 2.02 MiB of 8.)
+    assert max(e["bytes_raw"] for e in later) < rig.size // 2, later
     assert same_file(_rbd_export(rig, final["cycle"], tmp_path / "final.img"),
                      rig.export(final["cycle"]))
 

@@ -95,3 +95,37 @@ def test_kill_9_between_the_applied_report_and_the_fsync(tmp_path):
         assert not last["full"] and last["raw_bytes"] == BS, json.dumps(last)
         with open(image, "rb") as fh:
             assert fh.read() == volume_bytes(a)
+
+
+def test_a_stop_right_after_the_report_lets_the_apply_finish(tmp_path):
+    """SIGTERM while an apply holds between its report and its fsync: the daemon lets
+    it finish, so the state names no cycle to redo and a daemon started without
+    --listen (no recovery there) exports the image."""
+    rng = random.Random(8)
+    with DaemonPool(tmp_path) as pool:
+        key = make_key(tmp_path / "mirror.key")
+        b = pool.start("b", key_file=key, listen=True)
+        b.args[b.args.index("127.0.0.1:0")] = b.listen
+        a = pool.start("a", key_file=key)
+        a.cli("volume", "create", "v", "--size", str(SIZE))
+        scatter(a, rng, 100)
+        a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "3600")
+        a.cli("mirror", "sync", "v")
+        image = incoming(b, a.node_id)["image"]
+        state_path = os.path.join(os.path.dirname(image), "v.state.json")
+        b.stop()
+        b.args += ["--failpoint", "receiver.apply_visible=3"]
+        b.start()
+        scatter(a, rng, 100)
+        want = volume_bytes(a)
+        a.cli("mirror", "sync", "v", "--timeout", "120")
+        assert MirrorState.load(state_path).committed is not None  # inside the hold
+        assert b.stop() == 0
+        st = MirrorState.load(state_path)
+        assert st.committed is None and st.applied_cycle == outgoing(a)["applied_cycle"], st
+        # started without --listen: no recovery runs, and none is needed
+        b.args = [x for x in b.args if x not in ("--listen", b.listen, "--failpoint",
+                                                 "receiver.apply_visible=3")]
+        b.start()
+        with NbdClient(f"mirror/{a.status()['node']['name']}/v", unix_path=b.nbd_sock) as nbd:
+            assert nbd.read(0, SIZE) == want

@@ -47,6 +47,7 @@ from cyclemirror.wire.link import MAX_CHUNK, FrameLink
 
 log = logging.getLogger(__name__)
 TAKEOVER_TIMEOUT = 30.0
+STOP_WAIT = 60.0  # how long stop() lets running sessions (and their applies) finish
 
 
 class Removal:
@@ -155,7 +156,8 @@ class TargetServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()  # guards _conns
+        self._sessions: set[threading.Thread] = set()
+        self._lock = threading.Lock()  # guards _conns and _sessions
         self._stopping = threading.Event()
         self.errors: list[str] = []  # recent session errors, newest last (capped)
 
@@ -200,8 +202,11 @@ class TargetServer:
                 if self._stopping.is_set():
                     return
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="target-session",
-                             daemon=True).start()
+            t = threading.Thread(target=self._serve, args=(conn,), name="target-session",
+                                 daemon=True)
+            with self._lock:
+                self._sessions.add(t)
+            t.start()
 
     def _serve(self, conn: socket.socket) -> None:
         with self._lock:
@@ -226,6 +231,7 @@ class TargetServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._sessions.discard(threading.current_thread())
             try:
                 conn.close()
             except OSError:
@@ -289,6 +295,15 @@ class TargetServer:
                 pass
         if self._thread is not None:
             self._thread.join(5)
+        # A session ends by waiting for its mirror's apply (an apply reports 'applied'
+        # before its fsync, Mirror._redo): a stop lets it finish, so a daemon stopped
+        # right after a sync leaves no committed cycle for the next start to redo (a
+        # daemon started without --listen exports no image with a cycle to redo).
+        deadline = time.monotonic() + STOP_WAIT
+        with self._lock:
+            sessions = list(self._sessions)
+        for t in sessions:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _peer(conn: socket.socket) -> str:
