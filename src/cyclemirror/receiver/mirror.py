@@ -489,10 +489,7 @@ class Mirror:
                         delta.zero(member, offset, length)
                     failpoints.hit("receiver.apply_record")
                 if on_visible is not None and getattr(delta, "visible_before_finish", False):
-                    with self._state_lock:
-                        st.applied_cycle, st.freeze_time = c.cycle, c.freeze_time
-                        st.extra.pop("joining", None)  # as below
-                        self._save()
+                    self._record_applied(c, still_committed=True)
                     on_visible(c.cycle, c.freeze_time)
                     failpoints.hit("receiver.apply_visible")
                 delta.finish()
@@ -502,16 +499,24 @@ class Mirror:
         if getattr(self.backend, "keeps_files", False):
             # verify hook: the scrub record follows the image
             scrub.record_apply(self, c, previous)
-        with self._state_lock:
-            st.applied_cycle, st.freeze_time, st.committed = c.cycle, c.freeze_time, None
-            st.extra.pop("joining", None)  # their blocks came whole in this cycle
-            self._save()
+        self._record_applied(c, still_committed=False)
         self.backend.after_state_saved(c.cycle)
         if not c.full:
             p = st.pending
             path = self.staging_file(c)
             if p is None or p.full or self.staging_file(p) != path:
                 _unlink(path)
+
+    def _record_applied(self, c: InFlight, still_committed: bool) -> None:
+        """The state names ``c`` as applied (and, once its images are durable, no longer
+        committed: from then on recovery has nothing to redo)."""
+        st = self.state
+        with self._state_lock:
+            st.applied_cycle, st.freeze_time = c.cycle, c.freeze_time
+            if not still_committed:
+                st.committed = None
+            st.extra.pop("joining", None)  # their blocks came whole in this cycle
+            self._save()
 
     def close(self) -> None:
         self._close_inflight()
