@@ -262,12 +262,15 @@ def render_roles(doc: dict) -> list[str]:
 
 
 def _rpo_cell(m: dict) -> str:
-    """The RPO age, and against an objective its state: "1.2s (ok, objective 2s)"."""
+    """The RPO age, and against an objective its state: "1.2s (ok, objective 2s)", with
+    "writers paced to 80.0 MiB/s" while --pace holds the volume's writers."""
     age = format_duration(m.get("rpo_age"))
     rpo = m.get("rpo")
     if not rpo:
         return age
-    return f"{age} ({rpo['state'].replace('_', ' ')}, objective {rpo['objective']:g}s)"
+    limit = (m.get("pacing") or {}).get("limit")
+    paced = f", writers paced to {format_rate(limit)}" if limit else ""
+    return f"{age} ({rpo['state'].replace('_', ' ')}, objective {rpo['objective']:g}s{paced})"
 
 
 CHECK_CODES = {"ok": 0, "at_risk": 1, "violated": 2}
