@@ -66,7 +66,7 @@ def test_a_cycle_on_its_way_lends_its_rate_until_one_was_learnt():
     learnt = model(rate=50.0)
     assert rpo.provisional(learnt, 100 * MiB, 1.0) is learnt  # a learnt rate stays
     fresh = model(rate=None)
-    assert rpo.provisional(fresh, 100 * MiB, 0.5) is fresh  # too short to tell
+    assert rpo.provisional(fresh, 100 * MiB, 0.1) is fresh  # too short to tell
     assert rpo.provisional(fresh, 4096, 10.0) is fresh  # too little to tell
     got = rpo.provisional(fresh, 40 * MiB, 10.0)
     assert got.rate == 4 * MiB and got.base == fresh.base and fresh.rate is None

@@ -41,6 +41,7 @@ MIN_RATE_BYTES = 1 << 20  # cycles smaller than this teach the base latency, not
 DEFAULT_BASE = 0.2  # seconds, before any cycle was measured
 PACE_FROM = 0.6  # pacing starts when the predicted age passes this share of the objective
 PACE_FLOOR = 1 << 20  # bytes/s: pacing slows writers, it never stops them
+PROVISIONAL_AFTER = 0.3  # seconds of a cycle on its way before its rate stands in for the model's
 
 
 @dataclass
@@ -138,7 +139,7 @@ def provisional(model: LatencyModel, done_bytes: int, seconds: float) -> Latency
     Pacing needs a rate the moment a first big delta shows the mirror cannot keep
     up, not once that delta is applied.
     """
-    if model.rate is not None or seconds < 1.0 or done_bytes < MIN_RATE_BYTES:
+    if model.rate is not None or seconds < PROVISIONAL_AFTER or done_bytes < MIN_RATE_BYTES:
         return model
     return LatencyModel(base=model.base, rate=done_bytes / seconds)
 
