@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cyclemirror.daemon.render import check_status
 from cyclemirror.sender import pacing, rpo
 from cyclemirror.sender.pacing import WritePacer
 from cyclemirror.sender.rpo import LatencyModel
@@ -155,3 +156,16 @@ def test_the_limit_is_asked_at_most_every_refresh_seconds():
         t.now += 0.001  # one second of writes, 1000 of them
     assert 9 <= len(calls) <= 11
     assert all(b - a >= pacing.REFRESH - 1e-9 for a, b in zip(calls, calls[1:], strict=False))
+
+
+def test_status_check_says_when_writers_are_paced():
+    def row(volume, state, limit):
+        return {"volume": volume, "target": "t:1", "phase": "copying", "last_error": None,
+                "rpo": {"state": state, "objective": 2.0, "reason": f"{volume} reason"},
+                "pacing": {"limit": limit}}
+    code, line = check_status({"mirrors": [row("v", "ok", 80 * MiB), row("w", "ok", None)]})
+    assert code == 0 and line.endswith("all within it; writers of 1 volume(s) paced"), line
+    code, line = check_status({"mirrors": [row("v", "at_risk", 80 * MiB)]})
+    assert code == 1 and line.startswith("AT RISK: v -> t:1: v reason; writers paced to 80"), line
+    code, line = check_status({"mirrors": [row("v", "ok", None)]})
+    assert code == 0 and "paced" not in line

@@ -293,6 +293,9 @@ def check_status(doc: dict) -> tuple[int, str]:
             state, why = rpo["state"], rpo.get("reason", "")
         else:
             state, why = "ok", ""
+        limit = (m.get("pacing") or {}).get("limit")
+        if limit:  # the application pays for the objective: say so
+            why += f"; writers paced to {format_rate(limit)}"
         judged.append((CHECK_CODES[state], state, f"{m['volume']} -> {m['target']}", why))
     if not judged:
         return 0, "OK: no outgoing mirrors"
@@ -301,6 +304,7 @@ def check_status(doc: dict) -> tuple[int, str]:
     more = f" (and {others} more)" if others else ""
     if code == 0:
         with_objective = sum(1 for m in rows if m.get("rpo"))
+        paced = len({m["volume"] for m in rows if (m.get("pacing") or {}).get("limit")})
         return 0, (f"OK: {len(rows)} mirror(s), {with_objective} with an RPO objective, "
-                   "all within it")
+                   "all within it" + (f"; writers of {paced} volume(s) paced" if paced else ""))
     return code, f"{state.upper().replace('_', ' ')}: {what}: {why}{more}"
