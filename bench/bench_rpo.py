@@ -25,7 +25,8 @@ Each sample keeps the time and, for each target, ``rpo_age``, ``phase``,
    32) at 25, 50 and 100 MiB/s and 1 MiB sequential writes (queue depth 4) at
    200 MiB/s, CYCLEMIRROR_BENCH_SECONDS each (default 60).  Per run: fio's
    achieved write rate and p99 completion latency, RPO age p50/p99/max, the
-   least-squares slope of RPO age against time over the second half of the run
+   p99 over the second half alone (the steady state, without a start's
+   transient), the least-squares slope of RPO age against time over the second half of the run
    ("bounded" when below 0.05 s/s), cycles applied, how long the catch-up
    took once the writer stopped (below), the time share of each phase the
    status showed, and the mean of the last cycle's figures (size, duration, and
@@ -298,10 +299,12 @@ class Run:
         pts = self.series()
         ages = sorted(a for _, a in pts)
         fig = {"n": len(pts), "p50": None, "p99": None, "max": None, "slope": None,
-               "bounded": None, "cycles": 0}
+               "bounded": None, "cycles": 0, "p99_late": None}
         if ages:
             fig.update(p50=quantile(ages, 0.5), p99=quantile(ages, 0.99), max=ages[-1])
         second = [(t, a) for t, a in pts if t >= self.writer_end / 2]
+        if second:  # the steady state, without the start's transient
+            fig["p99_late"] = quantile(sorted(a for _, a in second), 0.99)
         if len(second) >= 3:
             fig["slope"] = slope(second)
             fig["bounded"] = fig["slope"] < BOUNDED_SLOPE
@@ -383,15 +386,17 @@ def print_runs(title: str, runs: list[Run]) -> None:
     print(f"\n== {title} ==  (load average {fmt(os.getloadavg()[0], '.1f')} "
           f"{fmt(os.getloadavg()[1], '.1f')} {fmt(os.getloadavg()[2], '.1f')})")
     print(f"{'run':22} {'variant':8} {'asked':>6} {'fio':>7} {'clat99':>7} {'rpo p50':>8} "
-          f"{'p99':>7} {'max':>7} {'slope':>7} {'bounded':>8} {'cycles':>6} {'catch-up':>11}")
+          f"{'p99':>7} {'max':>7} {'p99 2nd':>7} {'slope':>7} {'bounded':>8} {'cycles':>6} "
+          f"{'catch-up':>11}")
     print(f"{'':22} {'':8} {'MiB/s':>6} {'MiB/s':>7} {'ms':>7} {'s':>8} {'s':>7} {'s':>7} "
-          f"{'s/s':>7} {'':>8} {'':>6} {'s (syncs)':>11}")
+          f"{'half s':>7} {'s/s':>7} {'':>8} {'':>6} {'s (syncs)':>11}")
     for r in runs:
         f = r.figures()
         bounded = "-" if f["bounded"] is None else ("yes" if f["bounded"] else "NO")
         print(f"{r.label:22} {r.variant:8} {fmt(r.rate, '.0f', 'max'):>6} {r.achieved:7.1f} "
               f"{fmt(clat_p99_ms(r.write), '.1f'):>7} {fmt(f['p50']):>8} {fmt(f['p99']):>7} "
-              f"{fmt(f['max']):>7} {fmt(f['slope'], '.3f'):>7} {bounded:>8} {f['cycles']:6d} "
+              f"{fmt(f['max']):>7} {fmt(f['p99_late']):>7} {fmt(f['slope'], '.3f'):>7} "
+              f"{bounded:>8} {f['cycles']:6d} "
               f"{fmt(r.catch_up, '.1f') + f' ({r.syncs})':>11}")
     print(f"per run, while fio wrote and then during the catch-up: seconds in each phase the "
           f"status showed (sampled every {SAMPLE_EVERY:g} s; 'idle' includes any wait before "
