@@ -32,8 +32,9 @@ def model(base=0.2, rate=100.0):
 # (objective, age, owed MiB, base, rate MiB/s) -> limit in MiB/s (None: writers not held)
 LIMITS = [
     (2.0, 0.5, 0, 0.2, 100, None),                        # predicted 0.7 s: far from it
-    (2.0, 1.0, 0, 0.2, 100, 2 * SUSTAINABLE),             # predicted 1.2 = PACE_FROM: 2x
-    (2.0, 1.0, 20, 0.2, 100, 1.75 * SUSTAINABLE),         # predicted 1.4: on the way down
+    (2.0, 1.0, 0, 0.2, 100, None),                        # predicted 1.2: auto_interval's aim
+    (2.0, 1.2, 0, 0.2, 100, 2 * SUSTAINABLE),             # predicted 1.4 = PACE_FROM: 2x
+    (2.0, 1.2, 20, 0.2, 100, (2 - 0.1 / 0.3) * SUSTAINABLE),  # predicted 1.6: on the way down
     (2.0, 1.6, 20, 0.2, 100, SUSTAINABLE),                # predicted 2.0: at the objective
     (2.0, 2.3, 20, 0.2, 100, 0.65 * SUSTAINABLE),         # past it: below the sustainable
     (2.0, 5.0, 0, 0.2, 100, 0.25 * SUSTAINABLE),          # far past: a quarter, no lower

@@ -695,6 +695,8 @@ class MirrorDriver:
         """With _cond held: seconds from the last freeze to the next one."""
         if self.options.rpo is None:
             return self.options.interval
+        if self.pacer is not None and self.pacer.limit is not None:
+            return 0.0  # writers are held for the mirror: it must not wait as well
         live = [r for r in self.targets if r.broken is None] or self.targets
         states = [self._assess(r, now).state for r in live]
         slowest = max(live, key=lambda r: r.latency.latency(self._owed_bytes(r)))

@@ -22,7 +22,7 @@ the age peaks at about ``interval + latency``.
   (and merged) rarely, a busy one as often as its cycles allow.
 * ``pace_limit`` (``mirror start --pace``) is the write rate the volume's
   writers are held to when back-to-back cycles are not enough: none while the
-  predicted age is under ``PACE_FROM`` of the objective, then a limit that
+  predicted age is under ``PACE_FROM`` of the objective (above ``HEADROOM``), then a limit that
   falls from twice the *sustainable* rate (what the measured copy rate can
   ship with the peak age at ``HEADROOM`` of the objective) to a quarter of it
   as the prediction passes the objective, never below ``PACE_FLOOR``.
@@ -39,7 +39,9 @@ HEADROOM = 0.6  # auto_interval aims the peak age at this share of the objective
 WEIGHT = 0.3  # of the newest cycle in the moving averages
 MIN_RATE_BYTES = 1 << 20  # cycles smaller than this teach the base latency, not the rate
 DEFAULT_BASE = 0.2  # seconds, before any cycle was measured
-PACE_FROM = 0.6  # pacing starts when the predicted age passes this share of the objective
+# Pacing starts when the predicted age passes this share of the objective: above HEADROOM,
+# where auto_interval aims the peaks, so a mirror that merely waits between freezes is not paced.
+PACE_FROM = 0.7
 PACE_FLOOR = 1 << 20  # bytes/s: pacing slows writers, it never stops them
 PROVISIONAL_AFTER = 0.3  # seconds of a cycle on its way before its rate stands in for the model's
 
