@@ -9,12 +9,18 @@ Exit codes come from one place, ``main``: a ``CycleMirrorError`` (raised here
 or rebuilt from the daemon's reply) exits with its ``exit_code`` after one
 line on stderr; argparse usage errors exit 2; Ctrl-C exits 130.  The table of
 codes is in docs/cli.md.
+
+Start-up: monitoring scripts run ``status --json`` every few seconds, so a
+verb loads only what it uses.  Modules beyond argparse are imported inside the
+verbs; the thin-client verbs reach the daemon through
+``cyclemirror.daemon.control_client``, which imports nothing heavy; and each
+verb's parser gets its arguments when that verb is parsed (``_Parser``).
+tests/test_cli_startup.py checks what they import.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +32,7 @@ EXIT_MISMATCH = 7  # verify or scrub found blocks that differ (IntegrityError's 
 EXIT_REPAIR_PENDING = 8  # the repair cycle was not held by the target in time (DeadlineError)
 STORE_ENV = "CYCLEMIRROR_STORE"
 DEFAULT_SYNC_TIMEOUT = 300.0
+DEFAULT_STATUS_EVERY = 1.0  # seconds between refreshes of 'status --watch'
 
 
 def _store_dir(args) -> str:
@@ -37,7 +44,7 @@ def _store_dir(args) -> str:
 
 
 def _client(args, timeout: float | None = 30.0):
-    from cyclemirror.daemon.control import ControlClient
+    from cyclemirror.daemon.control_client import ControlClient
 
     return ControlClient(_store_dir(args), timeout=timeout)
 
@@ -49,6 +56,8 @@ def _call(args, op: str, *, reply_timeout: float | None = 60.0, **request):
 
 
 def _print_json(value) -> None:
+    import json
+
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
@@ -161,12 +170,12 @@ def cmd_volume_export(args) -> int:
 
 
 def cmd_volume_list(args) -> int:
-    from cyclemirror.units import format_size
-
     volumes = _call(args, "volume.list")
     if args.json:
         _print_json(volumes)
         return 0
+    from cyclemirror.units import format_size
+
     if not volumes:
         print("no volumes")
     for v in volumes:
@@ -193,12 +202,12 @@ def cmd_file_add(args) -> int:
 
 
 def cmd_file_list(args) -> int:
-    from cyclemirror.units import format_size
-
     files = _call(args, "file.list")
     if args.json:
         _print_json(files)
         return 0
+    from cyclemirror.units import format_size
+
     if not files:
         print("no file objects")
     for f in files:
@@ -364,10 +373,11 @@ EXIT_CHECK_UNKNOWN = 3  # status --check: the daemon could not be asked (Nagios 
 
 
 def cmd_status(args) -> int:
-    from cyclemirror.daemon.render import CLEAR_SCREEN, check_status, render_status
-    from cyclemirror.units import parse_seconds
-
+    # 'status --json' is what monitoring scripts run: it imports neither the
+    # renderer nor the unit parser unless asked for text, --check or --every.
     if args.check:
+        from cyclemirror.daemon.render import check_status
+
         # For monitoring systems: one line, exit 0 ok / 1 at risk / 2 violated.
         try:
             doc = _call(args, "status")
@@ -377,16 +387,27 @@ def cmd_status(args) -> int:
         code, line = check_status(doc)
         print(line)
         return code
-    every = parse_seconds(args.every, "--every", allow_zero=False)
+    if args.every is None:
+        every = DEFAULT_STATUS_EVERY
+    else:
+        from cyclemirror.units import parse_seconds
+
+        every = parse_seconds(args.every, "--every", allow_zero=False)
     with _client(args) as client:
         if not args.watch:
             doc = client.call("status")
             if args.json:
                 _print_json(doc)
             else:
+                from cyclemirror.daemon.render import render_status
+
                 sys.stdout.write(render_status(doc))
             return 0
         # --watch: redraw in place on a terminal; JSON lines when --json.
+        if args.json:
+            import json
+        else:
+            from cyclemirror.daemon.render import CLEAR_SCREEN, render_status
         count = 0
         while args.count == 0 or count < args.count:
             doc = client.call("status")
@@ -405,9 +426,73 @@ def cmd_status(args) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------
+#
+# Monitoring scripts run 'cyclemirror status --json' every few seconds, so the
+# parser costs only what the verb given needs: each verb's parser gets its
+# arguments on its first use (_Parser), and help text is laid out without
+# importing shutil (_HelpFormatter).  tests/test_cli_startup.py checks what a
+# thin-client verb imports; bench/bench_cli_startup.py measures it.
+
+
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil (zlib, bz2, lzma...)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter; finds the width as argparse does, but without shutil.
+
+    argparse makes a formatter for every argument it is given (to check its
+    metavar), and its formatter imports shutil for the terminal's width."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose arguments ``build(parser)`` adds when it is first used.
+
+    ``add_parser(..., build=FUNC)`` on its sub-parsers makes more of them, so a
+    verb's arguments (and its actions') are only made when that verb is
+    parsed or its help is shown; the top level's help needs only each verb's
+    ``help=``, given to ``add_parser`` itself."""
+
+    def __init__(self, *args, build=None, formatter_class=_HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        self._build = build
+
+    def _built(self) -> None:
+        build, self._build = self._build, None
+        if build is not None:
+            build(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._built()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self):
+        self._built()
+        return super().format_usage()
+
+    def format_help(self):
+        self._built()
+        return super().format_help()
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The whole command line; each verb adds its own arguments when it is parsed (_Parser)."""
+    parser = _Parser(
         prog="cyclemirror",
         description="Asynchronous, cycle-based, always-consistent mirroring of block volumes. "
                     "Run one 'cyclemirror serve' per host; every other command talks to it.",
@@ -419,10 +504,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", metavar="DIR",
                         help=f"the store directory (default: ${STORE_ENV})")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    verbs.add_parser("serve", help="run the daemon of the store in the foreground",
+                     description="Run the daemon: serves volumes over NBD, accepts "
+                                 "incoming mirrors, runs outgoing ones, answers the CLI.",
+                     build=_serve_arguments)
+    verbs.add_parser("keygen", help="make a new pre-shared mirror key",
+                     description="Print a new random key (hex), or write it to a new "
+                                 "file with mode 0600.", build=_keygen_arguments)
+    verbs.add_parser("volume", help="create, import, export, list, remove volumes",
+                     build=_volume_actions)
+    verbs.add_parser("file", help="add, list, remove file objects (files on XFS/btrfs "
+                                  "mirrored like volumes)", build=_file_actions)
+    verbs.add_parser("mirror", help="start, sync, break, resume, verify, scrub mirrors",
+                     build=_mirror_actions)
+    verbs.add_parser("status", help="show volumes, mirrors and incoming mirrors",
+                     build=_status_arguments)
+    verbs.add_parser("demo", help="run a source and a target on loopback and show a "
+                                  "mirror at work (needs nothing else)", build=_demo_arguments)
+    return parser
 
-    serve = verbs.add_parser("serve", help="run the daemon of the store in the foreground",
-                             description="Run the daemon: serves volumes over NBD, accepts "
-                                         "incoming mirrors, runs outgoing ones, answers the CLI.")
+
+def _serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """The daemon's settings."""
     serve.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT",
                        help="serve the volumes over NBD here (repeatable)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="accept incoming mirrors here")
@@ -474,13 +577,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
-    keygen = verbs.add_parser("keygen", help="make a new pre-shared mirror key",
-                              description="Print a new random key (hex), or write it to a new "
-                                          "file with mode 0600.")
+
+def _keygen_arguments(keygen: argparse.ArgumentParser) -> None:
+    """keygen's one option."""
     keygen.add_argument("-o", "--out", metavar="FILE", help="write to FILE (must not exist)")
     keygen.set_defaults(func=cmd_keygen)
 
-    volume = verbs.add_parser("volume", help="create, import, export, list, remove volumes")
+
+def _volume_actions(volume: argparse.ArgumentParser) -> None:
+    """The volume actions (small: built together)."""
     vverbs = volume.add_subparsers(dest="volume_verb", metavar="ACTION", required=True)
     create = vverbs.add_parser("create", help="create an empty (all-zero) volume")
     create.add_argument("name")
@@ -504,8 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.set_defaults(func=cmd_volume_rm)
 
-    fobj = verbs.add_parser("file", help="add, list, remove file objects (files on XFS/btrfs "
-                                         "mirrored like volumes)")
+
+def _file_actions(fobj: argparse.ArgumentParser) -> None:
+    """The file-object actions (small: built together)."""
     fverbs = fobj.add_subparsers(dest="file_verb", metavar="ACTION", required=True)
     fadd = fverbs.add_parser("add", help="make a live file (on XFS with reflink, or btrfs) "
                                          "an object that 'mirror start NAME' mirrors")
@@ -522,9 +628,57 @@ def build_parser() -> argparse.ArgumentParser:
     frm.add_argument("name")
     frm.set_defaults(func=cmd_file_rm)
 
-    mirror = verbs.add_parser("mirror", help="start, sync, break, resume, verify, scrub mirrors")
+
+def _mirror_actions(mirror: argparse.ArgumentParser) -> None:
+    """The mirror actions, each built when it is parsed."""
     mverbs = mirror.add_subparsers(dest="mirror_verb", metavar="ACTION", required=True)
-    start = mverbs.add_parser("start", help="start mirroring a volume to a target daemon")
+    mverbs.add_parser("start", help="start mirroring a volume to a target daemon",
+                      build=_mirror_start_arguments)
+    mverbs.add_parser(
+        "sync", help="run a cycle now and wait until it is applied",
+        description="Freezes now (or, if nothing was written since a freeze whose cycle "
+                    "is still on its way, takes that cycle) and waits until the cycle is "
+                    "applied on --to, or "
+                    "on every target that is not broken; a target that is down (retrying) "
+                    "is not "
+                    "waited for once another applied the cycle. The output names each "
+                    "target not waited for and why.", build=_mirror_sync_arguments)
+    mverbs.add_parser("break", help="stop the repetition after the running cycle",
+                      build=_mirror_break_arguments)
+    mverbs.add_parser("resume", help="restart a broken mirror with a delta",
+                      build=_mirror_resume_arguments)
+    mverbs.add_parser(
+        "rm", help="forget a broken mirror (the target keeps its image); on a target, "
+                   "SOURCE/NAME deletes an incoming mirror's image and state",
+        description="On a source: forget a broken mirror of VOLUME (to --to only, or to "
+                    "every target); the targets keep their images. On a target: delete "
+                    "the incoming mirror SOURCE/NAME (the source's node name or id, as "
+                    "'status' lists it, and the mirror's name), its images and its state; "
+                    "refused while the source is connected, unless --force.",
+        build=_mirror_rm_arguments)
+    mverbs.add_parser(
+        "verify", help="prove that a target's image equals the source (hashes only on the "
+                       "wire); --repair ships exactly the blocks that differ",
+        description="Both sides hash the same applied cycle in parallel and compare digests "
+                    "per 64 MiB, then per 1 MiB, then per block where they differ. Mirroring "
+                    "goes on meanwhile. Exits 7 when blocks differ and were not repaired, 8 "
+                    "when the target did not hold the repair cycle within 10 minutes. A verify cut "
+                    "short (a restart, a lost link) resumes where it stopped when run again.",
+        build=_mirror_verify_arguments)
+    mverbs.add_parser(
+        "scrub", help="on a target: re-read an incoming image against the digests recorded "
+                      "when its cycles were applied (no source needed)",
+        description="Finds rot the source cannot know about. Exits 7 when blocks differ from "
+                    "their recorded digests (confirm and heal with 'mirror verify --repair' "
+                    "on the source). An image without a record gets one (nothing to compare "
+                    "the first time).", build=_mirror_scrub_arguments)
+    from cyclemirror import cli_failover
+
+    cli_failover.add_verbs(mverbs)  # promote ... (docs/failover.md)
+
+
+def _mirror_start_arguments(start: argparse.ArgumentParser) -> None:
+    """mirror start's arguments."""
     start.add_argument("volume")
     start.add_argument("--to", required=True, metavar="HOST:PORT",
                        help="the target daemon's --listen address")
@@ -564,15 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "targets, interval, compression and bwlimit, and sync, break, "
                             "resume and rm of a member act on the whole group")
     start.set_defaults(func=cmd_mirror_start)
-    sync = mverbs.add_parser(
-        "sync", help="run a cycle now and wait until it is applied",
-        description="Freezes now (or, if nothing was written since a freeze whose cycle "
-                    "is still on its way, takes that cycle) and waits until the cycle is "
-                    "applied on --to, or "
-                    "on every target that is not broken; a target that is down (retrying) "
-                    "is not "
-                    "waited for once another applied the cycle. The output names each "
-                    "target not waited for and why.")
+
+
+def _mirror_sync_arguments(sync: argparse.ArgumentParser) -> None:
+    """mirror sync's arguments."""
     sync.add_argument("volume")
     sync.add_argument("--to", metavar="HOST:PORT",
                       help="wait for this target only; the others keep cycling")
@@ -580,24 +729,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"give up after this long (default {DEFAULT_SYNC_TIMEOUT:g})")
     sync.add_argument("--json", action="store_true", help="print the documented JSON")
     sync.set_defaults(func=cmd_mirror_sync)
-    brk = mverbs.add_parser("break", help="stop the repetition after the running cycle")
+
+
+def _mirror_break_arguments(brk: argparse.ArgumentParser) -> None:
+    """mirror break's arguments."""
     brk.add_argument("volume")
     brk.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
     brk.add_argument("--now", action="store_true",
                      help="abandon the running cycle; the target keeps the previous image")
     brk.set_defaults(func=cmd_mirror_break)
-    resume = mverbs.add_parser("resume", help="restart a broken mirror with a delta")
+
+
+def _mirror_resume_arguments(resume: argparse.ArgumentParser) -> None:
+    """mirror resume's arguments."""
     resume.add_argument("volume")
     resume.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
     resume.set_defaults(func=cmd_mirror_resume)
-    mrm = mverbs.add_parser(
-        "rm", help="forget a broken mirror (the target keeps its image); on a target, "
-                   "SOURCE/NAME deletes an incoming mirror's image and state",
-        description="On a source: forget a broken mirror of VOLUME (to --to only, or to "
-                    "every target); the targets keep their images. On a target: delete "
-                    "the incoming mirror SOURCE/NAME (the source's node name or id, as "
-                    "'status' lists it, and the mirror's name), its images and its state; "
-                    "refused while the source is connected, unless --force.")
+
+
+def _mirror_rm_arguments(mrm: argparse.ArgumentParser) -> None:
+    """mirror rm's arguments."""
     mrm.add_argument("volume", metavar="VOLUME|SOURCE/NAME")
     mrm.add_argument("--to", metavar="HOST:PORT", help="only this target (default: all)")
     mrm.add_argument("--force", action="store_true",
@@ -606,14 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "copy next time)")
     mrm.set_defaults(func=cmd_mirror_rm)
 
-    verify = mverbs.add_parser(
-        "verify", help="prove that a target's image equals the source (hashes only on the "
-                       "wire); --repair ships exactly the blocks that differ",
-        description="Both sides hash the same applied cycle in parallel and compare digests "
-                    "per 64 MiB, then per 1 MiB, then per block where they differ. Mirroring "
-                    "goes on meanwhile. Exits 7 when blocks differ and were not repaired, 8 "
-                    "when the target did not hold the repair cycle within 10 minutes. A verify cut "
-                    "short (a restart, a lost link) resumes where it stopped when run again.")
+
+def _mirror_verify_arguments(verify: argparse.ArgumentParser) -> None:
+    """mirror verify's arguments."""
     verify.add_argument("volume")
     verify.add_argument("--to", metavar="HOST:PORT", help="only this target (default: each)")
     verify.add_argument("--repair", action="store_true",
@@ -626,13 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start over instead of resuming an unfinished verify")
     verify.add_argument("--json", action="store_true", help="print the documented JSON")
     verify.set_defaults(func=cmd_mirror_verify)
-    scrub = mverbs.add_parser(
-        "scrub", help="on a target: re-read an incoming image against the digests recorded "
-                      "when its cycles were applied (no source needed)",
-        description="Finds rot the source cannot know about. Exits 7 when blocks differ from "
-                    "their recorded digests (confirm and heal with 'mirror verify --repair' "
-                    "on the source). An image without a record gets one (nothing to compare "
-                    "the first time).")
+
+
+def _mirror_scrub_arguments(scrub: argparse.ArgumentParser) -> None:
+    """mirror scrub's arguments."""
     scrub.add_argument("image", metavar="SOURCE/VOLUME",
                        help="the source's node name (or id) and the volume, as 'status' lists")
     scrub.add_argument("--offset", metavar="SIZE", help="start here")
@@ -642,16 +785,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over instead of resuming an unfinished scrub")
     scrub.add_argument("--json", action="store_true", help="print the documented JSON")
     scrub.set_defaults(func=cmd_mirror_scrub)
-    from cyclemirror import cli_failover
 
-    cli_failover.add_verbs(mverbs)  # promote ... (docs/failover.md)
 
-    status = verbs.add_parser("status", help="show volumes, mirrors and incoming mirrors")
+def _status_arguments(status: argparse.ArgumentParser) -> None:
+    """status's options."""
     status.add_argument("--json", action="store_true", help="print the documented JSON")
     status.add_argument("--watch", action="store_true",
                         help="refresh in place until Ctrl-C (JSON lines with --json)")
-    status.add_argument("--every", default="1", metavar="SECONDS",
-                        help="refresh period of --watch (default 1)")
+    status.add_argument("--every", metavar="SECONDS",
+                        help=f"refresh period of --watch (default {DEFAULT_STATUS_EVERY:g})")
     status.add_argument("--count", type=int, default=0, metavar="N",
                         help="with --watch, stop after N refreshes (default: never)")
     status.add_argument("--check", action="store_true",
@@ -660,13 +802,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "not reachable)")
     status.set_defaults(func=cmd_status)
 
-    demo = verbs.add_parser("demo", help="run a source and a target on loopback and show a "
-                                         "mirror at work (needs nothing else)")
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
+    """demo's options."""
     demo.add_argument("--seconds", type=float, default=6.0,
                       help="how long the write workload runs (default 6)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
