@@ -454,10 +454,10 @@ class _HelpFormatter(argparse.HelpFormatter):
     argparse makes a formatter for every argument it is given (to check its
     metavar), and its formatter imports shutil for the terminal's width."""
 
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None, **kwargs):
         if width is None:
             width = _terminal_columns() - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
+        super().__init__(prog, indent_increment, max_help_position, width, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
