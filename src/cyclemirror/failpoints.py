@@ -29,6 +29,8 @@ from cyclemirror.errors import UsageError
 KNOWN: dict[str, str] = {
     "receiver.apply_record": "sleep after each staged record applied to a mirror image "
                              "(receiver/mirror.py), so a kill -9 lands inside apply",
+    "promote.prepared": "sleep in a promotion after the image was recovered and checked, before "
+                        "its commit point (receiver/promote.py)",
     "promote.recorded": "sleep after each role record a promotion writes (receiver/promote.py), "
                         "so a kill -9 lands between the commit point and the images' move",
     "promote.adopted": "sleep after each member image a promotion made a volume "

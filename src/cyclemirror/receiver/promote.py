@@ -29,7 +29,8 @@ the still-present mirror state gives: by running the same promote again, and
 at the daemon's start (``finish_cut``), so after a restart the mirror is
 either still the untouched mirror image or promoted whole.  Promote of a
 mirror already promoted answers with that promotion (``resumed``).  The
-failpoints ``promote.recorded`` (after each role record) and
+failpoints ``promote.prepared`` (before the commit point), ``promote.recorded``
+(after each role record) and
 ``promote.adopted`` (after each member made a volume) let tests kill -9 the
 daemon inside a promotion.
 """
@@ -181,6 +182,9 @@ def promote(store, registry, source: str, mirror: str, as_name: str | None = Non
             if size != spec.size:  # recover checked it; a file changed meanwhile is damage
                 raise IntegrityError(f"promote {what}: image {image} is {size} bytes, the "
                                      f"state says {spec.size}; nothing was changed")
+        log.info("promote %s: every image is cycle %d; recording the promotion", what,
+                 st.applied_cycle)
+        failpoints.hit("promote.prepared")
         rec_lineage = lineage.recorded(st)
         old_epoch = rec_lineage["epoch"] if rec_lineage else roles.new_epoch()
         parent = roles.generation(old_epoch, st.applied_cycle)
@@ -377,7 +381,7 @@ def _resume_without_state(store, directory: str, recs, mirror: str) -> dict:
 
 def finish_cut(store) -> list[dict]:
     """At the daemon's start: finish every promotion a crash cut short (role records of
-    promoted volumes that do not exist yet), before a source or an NBD client can see a
+    promoted volumes that do not exist yet, or whose mirror state is still there), before a source or an NBD client can see a
     half-promoted group.  Errors are logged (and the promote verb repeats them)."""
     root = os.fspath(store.path)
     try:
@@ -386,9 +390,17 @@ def finish_cut(store) -> list[dict]:
         log.error("checking for cut promotions: %s", exc)
         return []
     existing = set(store.list_volumes())
+
+    def cut(rec) -> bool:  # a volume not made yet, or the mirror's state not dropped yet
+        p = rec.promoted_from
+        directory = os.path.join(root, "mirrors", p["source_node"])
+        return rec.volume not in existing or any(
+            os.path.exists(os.path.join(directory, p["mirror"] + suffix))
+            for suffix in (".state.json", ".group.json"))
+
     todo = sorted({(rec.promoted_from["source_node"], rec.promoted_from["mirror"])
                    for rec in records if rec.role == roles.PRIMARY
-                   and rec.promoted_from is not None and rec.volume not in existing})
+                   and rec.promoted_from is not None and cut(rec)})
     done = []
     for node, mirror in todo:
         try:
