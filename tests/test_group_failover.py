@@ -224,10 +224,14 @@ def test_a_group_is_promoted_at_one_instant_after_kill_9_of_its_source(pair):
     # Promoting again answers the promotion (nothing changes).
     again = json.loads(b.cli("mirror", "promote", f"hosta/{group_mirror}", "--json").stdout)
     assert again["resumed"] and again["generation"] == out["generation"]
-    # The old source comes back: its group mirror is refused as demoted.
+    # The old source comes back: its group mirror is refused, every member demoted.
     a.start()
-    wait_for(lambda: any("demoted" in (r.get("last_error") or "").lower()
-                         or "promoted" in (r.get("last_error") or "")
-                         for r in a.status()["mirrors"]), 60,
-             "the old source to be told it was demoted")
+    wait_for(lambda: {(role_row(a, n) or {}).get("role") for n in MEMBERS} == {"demoted"},
+             60, "the old source's members to be demoted")
+    assert "hostb promoted its image" in role_row(a, "log")["demoted"]["message"]
+    proc = run("qemu-io", "-f", "raw", "-c", "write -P 9 0 4k", uri(a, "db"), check=False)
+    assert proc.returncode != 0 or b"failed" in proc.stdout + proc.stderr
     assert b.status()["incoming"] == []
+    for name in MEMBERS:  # nothing of a's reached b's volumes
+        assert counter_of(image_bytes(b, name)[:SLOTS * BS] + bytes(SIZE - SLOTS * BS),
+                          name) == counters[name]

@@ -91,10 +91,17 @@ def forget(store, volume: str) -> None:
 
 def attach(options, store, volumes: list[str], group: bool,
            targets: list[str] = ()) -> None:
-    """Give a driver's options the lineage hooks of its volume (not for groups yet); for a
-    promoted volume, seed a failback to each target it has no record of (before the
+    """Give a driver's options the lineage hooks of its volume (a group gets only the
+    demotion hook: no lineage yet); for a promoted volume, seed a failback to each target it has no record of (before the
     driver reads its state)."""
-    if group or len(volumes) != 1:
+    if group:
+        # No lineage for a group yet, but a target that promoted the group's mirror says
+        # so: every member is demoted (new NBD connections get it read-only).
+        members = list(volumes)
+        options.on_demoted = lambda label, message: [
+            mark_demoted(store, v, label, message) for v in members]
+        return
+    if len(volumes) != 1:
         return
     volume = volumes[0]
     rec = ensure_role(store, volume)
