@@ -235,3 +235,93 @@ def test_a_group_is_promoted_at_one_instant_after_kill_9_of_its_source(pair):
     for name in MEMBERS:  # nothing of a's reached b's volumes
         assert counter_of(image_bytes(b, name)[:SLOTS * BS] + bytes(SIZE - SLOTS * BS),
                           name) == counters[name]
+
+
+# -- refusals, in one process (a real target server and driver over sockets) --------------
+
+def _synced_group(tmp_path):
+    """A group db+log mirrored once into a target store; returns (src, dst, node, mirror)."""
+    from cyclemirror import keys
+    from cyclemirror.receiver import TargetServer
+    from cyclemirror.sender import MirrorDriver, MirrorOptions
+    from cyclemirror.sender.group import VolumeGroup
+    from cyclemirror.store import Store
+
+    key = keys.generate_key()
+    src = Store.create(str(tmp_path / "src"))
+    dst = Store.create(str(tmp_path / "dst"))
+    server = TargetServer(dst, key, ("127.0.0.1", 0))
+    server.start()
+    try:
+        vols = [src.create_volume(name, 2 * MiB) for name in MEMBERS]
+        for i, vol in enumerate(vols):
+            vol.write(0, bytes([i + 1]) * 65536)
+        driver = MirrorDriver(VolumeGroup(src, "app", vols), server.address, key,
+                              MirrorOptions(interval=3600, retry_initial=0.05, retry_max=0.2),
+                              store=src)
+        driver.start()
+        try:
+            driver.sync(30)
+        finally:
+            driver.stop()
+    finally:
+        server.stop()
+    return src, dst, src.node_id, "app"
+
+
+def _unchanged(dst, node: str, mirror: str) -> None:
+    import os
+
+    from cyclemirror.store import roles
+
+    assert os.path.exists(os.path.join(dst.path, "mirrors", node, mirror + ".group.json"))
+    assert roles.all_roles(dst.path) == ([], [])
+    assert dst.list_volumes() == []
+
+
+def test_promote_refuses_a_group_with_a_member_that_holds_no_cycle_yet(tmp_path):
+    from cyclemirror.errors import RoleError
+    from cyclemirror.receiver.mirror import Mirror
+    from cyclemirror.receiver.promote import promote
+    from cyclemirror.receiver.state import VolumeSpec
+    from cyclemirror.wire.link import MAX_CHUNK
+
+    src, dst, node, mirror = _synced_group(tmp_path)
+    try:
+        # The source added a member: the target knows it (zeros) until the next cycle.
+        specs = [VolumeSpec(n, 2 * MiB, BS) for n in (*MEMBERS, "new")]
+        Mirror.open(dst.path, node, None, mirror, True, specs, MAX_CHUNK).close()
+        with pytest.raises(RoleError, match="new joined the group .* mix instants"):
+            promote(dst, None, node, mirror, force=True)
+        _unchanged(dst, node, mirror)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_promote_refuses_records_that_name_different_cycles(tmp_path):
+    import time
+
+    from cyclemirror.errors import IntegrityError, UsageError
+    from cyclemirror.receiver.promote import promote
+    from cyclemirror.store import roles
+
+    src, dst, node, mirror = _synced_group(tmp_path)
+    try:
+        with pytest.raises(UsageError, match="--as"):
+            promote(dst, None, node, mirror, as_name="x", force=True)
+        _unchanged(dst, node, mirror)
+        # A cut promotion whose records disagree (a hand-edited store): never a mix.
+        for name, cycle in (("db", 1), ("log", 2)):
+            p = {"source_node": node, "source_name": None, "mirror": mirror,
+                 "generation": f"{'0' * 16}:{cycle}", "cycle": cycle, "freeze_time": 1.0,
+                 "forced": True, "time": time.time()}
+            roles.save_role(dst.path, roles.RoleRecord(
+                volume=name, role=roles.PRIMARY, epoch="1" * 16, parent=p["generation"],
+                promoted_from=p, changed=time.time()))
+        with pytest.raises(IntegrityError, match="would mix instants"):
+            promote(dst, None, node, mirror, force=True)
+        assert dst.list_volumes() == []
+    finally:
+        src.close()
+        dst.close()

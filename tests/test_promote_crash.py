@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -200,3 +201,71 @@ def test_kill_9_at_random_instants_of_a_group_promote(world):
         if "promoted" in seen:
             break
     promote_again_and_check(b, mirror, members, expected, cycle)
+
+
+# -- a group apply cut by kill -9, then promote ----------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_file(b, a_node: str, name: str) -> str:
+    return os.path.join(b.store, "mirrors", a_node, name + ".img")
+
+
+def test_a_group_apply_cut_by_kill_9_is_promoted_at_one_cycle(world):
+    """The target is killed inside the apply of a group cycle, after the first member's
+    image took its record and before the second's: the members' images differ in cycle
+    on disk.  Promote must give both the same cycle (the committed one, redone)."""
+    pool, key = world
+    members = ["db", "log"]
+    port = free_port()  # b keeps its address across the restart below
+    b = pool.start("b", key_file=key, metrics=False,
+                   extra=("--node-name", "hostb", "--listen", f"127.0.0.1:{port}"))
+    a = pool.start("a", key_file=key, listen=True, metrics=False,
+                   extra=("--node-name", "hosta"))
+    for name in members:
+        a.cli("volume", "create", name, "--size", str(SIZE))
+        write(a, name, 1, 0, 2 * MiB)
+        a.cli("mirror", "start", name, "--to", b.listen, "--interval", "3600", "--group", "app")
+    a.cli("mirror", "sync", "db")
+    incoming = b.status()["incoming"]
+    assert sorted(r["volume"] for r in incoming) == members and not any(
+        r["joining"] for r in incoming), incoming
+    # From now on each record a delta applies sleeps.
+    b.stop()
+    b.args += ["--failpoint", f"receiver.apply_record={FAILPOINT_SECONDS}"]
+    b.start()
+    for name in members:
+        write(a, name, 7, 3 * MiB, 64 * 1024)
+    new = {name: digest(a, name) for name in members}
+    sync = subprocess.Popen([sys.executable, "-m", "cyclemirror.cli", "--store", a.store,
+                             "mirror", "sync", "db"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env())
+    try:
+        db_image = image_file(b, a.node_id, "db")
+
+        def db_took_its_record() -> bool:
+            with open(db_image, "rb") as f:
+                f.seek(3 * MiB)
+                return f.read(4096) == bytes([7]) * 4096
+
+        wait_for(db_took_its_record, FAILPOINT_SECONDS / 2,
+                 "the apply to write db's record (and sleep)")
+        with open(image_file(b, a.node_id, "log"), "rb") as f:
+            f.seek(3 * MiB)
+            assert f.read(4096) == bytes(4096)  # log's image is still the old cycle
+        b.kill()
+        a.kill()  # the source is lost as well
+    finally:
+        sync.kill()
+        sync.wait()
+    restart_without_failpoints(b)
+    (mirror,) = {r["group"] for r in b.status()["incoming"]}
+    out = json.loads(b.cli("mirror", "promote", f"hosta/{mirror}", "--force", "--json").stdout)
+    got = {name: digest(b, name) for name in members}
+    # The cycle was committed before its apply began: it is redone into every member.
+    assert got == new, ("not the committed cycle in every member", out)
+    assert out["cycle"] == max(r["applied_cycle"] for r in incoming) + 1
