@@ -95,9 +95,12 @@ def add_verbs(mverbs) -> None:
                         "(failover), without copying it",
         description="The image as of its last applied cycle becomes volume VOLUME (or "
                     "--as NAME) of this store, served over NBD; a half-received cycle is "
-                    "discarded. Refused (exit 10) while the source is connected, unless "
+                    "discarded. A consistency group's mirror is promoted whole: every "
+                    "member becomes a volume under its name, all as of one group cycle. "
+                    "Refused (exit 10) while the source is connected, unless "
                     "--force. The source is recorded as demoted: when it comes back it is "
-                    "refused and reports it (docs/failover.md).")
+                    "refused and reports it. Safe to run again after a crash "
+                    "(docs/failover.md).")
     promote.add_argument("image", metavar="SOURCE/VOLUME",
                          help="the source's node name (or id) and the volume, as 'status' "
                               "lists; for a consistency group its mirror "
@@ -114,7 +117,8 @@ def add_verbs(mverbs) -> None:
         description="Holds new writes (NBD writes fail with EPERM, reads go on), ships a final "
                     "cycle, has the target promote its image, demotes this volume and has the "
                     "target mirror back to this node. Every write acknowledged before it is on "
-                    "the new primary (docs/failover.md).")
+                    "the new primary. A group member switches its whole group "
+                    "(docs/failover.md).")
     switch.add_argument("volume", metavar="VOLUME",
                         help="the volume; a member of a consistency group switches the whole "
                              "group")
