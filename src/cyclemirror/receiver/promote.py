@@ -123,6 +123,12 @@ def promote(store, registry, source: str, mirror: str, as_name: str | None = Non
         return resumed
     node, path, st = find_mirror(root, source, mirror)
     what = f"{'group ' if st.group else ''}{source}/{mirror}"
+    cut = [rec.volume for rec in _records_of(root, source, mirror)
+           if rec.volume not in store.list_volumes()]
+    if cut:  # (only a different --as gets here: _resume finishes the rest)
+        raise UsageError(f"a promotion of {what} to volume {cut[0]} was cut short; finish it "
+                         f"with 'cyclemirror mirror promote {source}/{mirror} --as {cut[0]}' "
+                         "(nothing was changed)")
     names = _volume_names(st, as_name)
     taken = [n for n in names if n in store.list_volumes()]
     if taken:
