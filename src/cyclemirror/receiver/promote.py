@@ -135,7 +135,8 @@ def promote(store, registry, source: str, mirror: str, as_name: str | None = Non
         raise AlreadyExistsError(
             f"volume{'s' if len(taken) > 1 else ''} {', '.join(map(repr, taken))} already "
             f"exist{'' if len(taken) > 1 else 's'} in this store; "
-            + ("remove them (or rename: not built) before promoting the group "
+            + ("remove them first ('cyclemirror volume rm NAME': for instance the demoted "
+               "members a switchover of this group left here) "
                if st.group else f"promote {what} under another name with --as NAME")
             + " (nothing was changed)")
     key = (node, mirror, st.group)
