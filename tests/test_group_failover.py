@@ -325,3 +325,16 @@ def test_promote_refuses_records_that_name_different_cycles(tmp_path):
     finally:
         src.close()
         dst.close()
+
+
+def test_a_group_switchover_that_cannot_finish_its_final_cycle_changes_nothing(pair):
+    _pool, a, b = pair
+    mirrored_group(a, b)
+    b.kill()  # the target is gone: the final cycle cannot apply
+    proc = a.cli("mirror", "switchover", "db", "--to", b.listen, "--timeout", "2", check=False)
+    assert proc.returncode == 8 and "error" in proc.stderr, proc  # DeadlineError
+    # Both members are primary and writable again, and still mirrored as the group.
+    assert {role_row(a, name)["role"] for name in MEMBERS} == {"primary"}
+    for name in MEMBERS:
+        run("qemu-io", "-f", "raw", "-c", "write -P 4 0 4k", "-c", "flush", uri(a, name))
+    assert {r["volume"] for r in a.status()["mirrors"] if r["group"] == "app"} == set(MEMBERS)
