@@ -21,11 +21,17 @@ def cmd_mirror_promote(args) -> int:
         _print_json(result)
         return 0
     forced = " (forced)" if result["forced"] else ""
+    source = result["source_name"] or result["source_node"]
+    if result["group"]:
+        made = f"group {source}/{result['mirror']} to volumes {', '.join(result['volumes'])}"
+    else:
+        made = f"{source}/{result['mirror']} to volume {result['volume']}"
+    done = ("(finished a promotion cut short before)" if result["resumed"]
+            else f"in {result['seconds']:.3f}s")
     sys.stdout.write(
-        f"promoted {result['source_name'] or result['source_node']}/{result['mirror']} to "
-        f"volume {result['volume']}{forced}: writable now, as of cycle {result['cycle']}; "
-        f"generation {result['generation']} (branched from {result['parent']}) in "
-        f"{result['seconds']:.3f}s\n"
+        f"promoted {made}{forced}: writable now, as of cycle {result['cycle']}"
+        f"{' (every member)' if result['group'] else ''}; generation {result['generation']} "
+        f"(branched from {result['parent']}) {done}\n"
         f"the source is demoted: it is refused if it tries to mirror here again\n")
     return 0
 
@@ -58,8 +64,10 @@ def cmd_mirror_switchover(args) -> int:
         _print_json(result)
         return 0
     back = result["mirroring_back_to"]
+    what = (f"group {result['group']} ({', '.join(result['volumes'])})" if result.get("group")
+            else result["volume"])
     sys.stdout.write(
-        f"switched {result['volume']} over to {result['to']} after cycle {result['cycle']} "
+        f"switched {what} over to {result['to']} after cycle {result['cycle']} "
         f"(writes held {result['writes_held_seconds']:.2f}s): it is primary now, generation "
         f"{result['generation']}; this node is demoted"
         + (f" and {result['to']} mirrors back to {back}\n" if back else "\n"))
@@ -87,13 +95,19 @@ def add_verbs(mverbs) -> None:
                         "(failover), without copying it",
         description="The image as of its last applied cycle becomes volume VOLUME (or "
                     "--as NAME) of this store, served over NBD; a half-received cycle is "
-                    "discarded. Refused (exit 10) while the source is connected, unless "
+                    "discarded. A consistency group's mirror is promoted whole: every "
+                    "member becomes a volume under its name, all as of one group cycle. "
+                    "Refused (exit 10) while the source is connected, unless "
                     "--force. The source is recorded as demoted: when it comes back it is "
-                    "refused and reports it (docs/failover.md).")
+                    "refused and reports it. Safe to run again after a crash "
+                    "(docs/failover.md).")
     promote.add_argument("image", metavar="SOURCE/VOLUME",
-                         help="the source's node name (or id) and the volume, as 'status' lists")
+                         help="the source's node name (or id) and the volume, as 'status' "
+                              "lists; for a consistency group its mirror "
+                              "(SOURCE/GROUP-xxxxxxxx): every member is promoted, all as of "
+                              "the same group cycle")
     promote.add_argument("--as", dest="as_name", metavar="NAME",
-                         help="the new volume's name (default: the volume's)")
+                         help="the new volume's name (default: the volume's; not for a group)")
     promote.add_argument("--force", action="store_true",
                          help="promote even though the source is connected (it is cut off)")
     promote.add_argument("--json", action="store_true", help="print the documented JSON")
@@ -103,8 +117,11 @@ def add_verbs(mverbs) -> None:
         description="Holds new writes (NBD writes fail with EPERM, reads go on), ships a final "
                     "cycle, has the target promote its image, demotes this volume and has the "
                     "target mirror back to this node. Every write acknowledged before it is on "
-                    "the new primary (docs/failover.md).")
-    switch.add_argument("volume", metavar="VOLUME")
+                    "the new primary. A group member switches its whole group "
+                    "(docs/failover.md).")
+    switch.add_argument("volume", metavar="VOLUME",
+                        help="the volume; a member of a consistency group switches the whole "
+                             "group")
     switch.add_argument("--to", required=True, metavar="HOST:PORT",
                         help="the target that becomes primary (one of the volume's targets)")
     switch.add_argument("--back-to", metavar="HOST:PORT",

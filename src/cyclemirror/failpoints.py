@@ -29,6 +29,14 @@ from cyclemirror.errors import UsageError
 KNOWN: dict[str, str] = {
     "receiver.apply_record": "sleep after each staged record applied to a mirror image "
                              "(receiver/mirror.py), so a kill -9 lands inside apply",
+    "promote.prepared": "sleep in a promotion after the image was recovered and checked, before "
+                        "its commit point (receiver/promote.py)",
+    "promote.recorded": "sleep after each role record a promotion writes (receiver/promote.py), "
+                        "so a kill -9 lands between the commit point and the images' move",
+    "promote.adopted": "sleep after each member image a promotion made a volume "
+                       "(receiver/promote.py), so a kill -9 lands between a group's members",
+    "store.adopt_image": "sleep in Store.adopt_image between moving the image in as base and "
+                         "the volume's directory appearing (store/store.py)",
     "receiver.apply_visible": "sleep between telling the source that a delta applied in "
                               "place is applied and the image's fsync (receiver/mirror.py), so "
                               "a kill -9 lands between them",

@@ -12,7 +12,8 @@ The record format and its rules live in ``store.roles``; the target's side in
 * answers ``mirror.promote``;
 * adds ``roles`` to ``status`` and each outgoing row's role and generations.
 
-Consistency groups get no lineage yet (docs/failover.md, "Not built yet").
+Consistency groups get no lineage yet (docs/failover.md, "Not built yet"), but
+are promoted and switched over whole (``receiver.promote``, ``daemon.switchover``).
 """
 
 from __future__ import annotations
@@ -90,10 +91,17 @@ def forget(store, volume: str) -> None:
 
 def attach(options, store, volumes: list[str], group: bool,
            targets: list[str] = ()) -> None:
-    """Give a driver's options the lineage hooks of its volume (not for groups yet); for a
-    promoted volume, seed a failback to each target it has no record of (before the
+    """Give a driver's options the lineage hooks of its volume (a group gets only the
+    demotion hook: no lineage yet); for a promoted volume, seed a failback to each target it has no record of (before the
     driver reads its state)."""
-    if group or len(volumes) != 1:
+    if group:
+        # No lineage for a group yet, but a target that promoted the group's mirror says
+        # so: every member is demoted (new NBD connections get it read-only).
+        members = list(volumes)
+        options.on_demoted = lambda label, message: [
+            mark_demoted(store, v, label, message) for v in members]
+        return
+    if len(volumes) != 1:
         return
     volume = volumes[0]
     rec = ensure_role(store, volume)
@@ -130,8 +138,21 @@ def op_promote(service, args: dict) -> dict:
     with service._admin_lock:
         result = promote(service.store, registry, source, mirror, as_name, force)
     with service._backend_lock:
-        service._backends.pop(result["volume"], None)
+        for volume in result["volumes"]:
+            service._backends.pop(volume, None)
     return result
+
+
+def finish_promotions(service) -> None:
+    """At start, before the target and NBD serve anything: finish the promotions a crash
+    cut short (``receiver.promote.finish_cut``), so no half-promoted group is seen."""
+    from cyclemirror.receiver.promote import finish_cut
+
+    for result in finish_cut(service.store):
+        log.warning("finished the promotion of %s/%s cut short by a crash: volume%s %s, "
+                    "generation %s", result["source_name"] or result["source_node"],
+                    result["mirror"], "s" if result["group"] else "",
+                    ", ".join(result["volumes"]), result["generation"])
 
 
 def op_resolve(service, args: dict) -> dict:
@@ -203,20 +224,39 @@ def op_clone(service, args: dict) -> dict:
 
 
 def after_switchover(service, result: dict, back_to: str) -> None:
-    """The target's switchover hook: serve the new volume, and mirror it back."""
-    volume = result["volume"]
+    """The target's switchover hook: serve the new volumes, and mirror them back (a
+    group's members as one group again, named after the group's mirror without its
+    digest, so the old source receives one group mirror)."""
+    volumes = result["volumes"]
     with service._backend_lock:
-        service._backends.pop(volume, None)
+        for volume in volumes:
+            service._backends.pop(volume, None)
+    group = group_name_of(result["mirror"]) if result["group"] else None
+    what = f"group {group}" if group else volumes[0]
     if not back_to:
         log.warning("switchover of %s: the old source gave no address to mirror back to; "
-                    "start it with 'cyclemirror mirror start %s --to HOST:PORT'", volume, volume)
+                    "start it with 'cyclemirror mirror start VOLUME --to HOST:PORT%s' for "
+                    "%s", what, f" --group {group}" if group else "", ", ".join(volumes))
         return
-    try:
-        with service._admin_lock:
-            service.outgoing.start({"volume": volume, "to": back_to})
-    except CycleMirrorError as exc:
-        log.error("switchover of %s: mirroring back to %s did not start: %s", volume,
-                  back_to, exc)
+    for volume in volumes:
+        request = {"volume": volume, "to": back_to}
+        if group:
+            request["group"] = group
+        try:
+            with service._admin_lock:
+                service.outgoing.start(request)
+        except CycleMirrorError as exc:
+            log.error("switchover of %s: mirroring %s back to %s did not start: %s", what,
+                      volume, back_to, exc)
+
+
+def group_name_of(mirror: str) -> str:
+    """A group's name from its mirror name on a target (``NAME-<8 hex digits>``,
+    ``daemon.mirrors.group_mirror_name``); a name of another shape is kept whole."""
+    head, sep, digest = mirror.rpartition("-")
+    if sep and head and len(digest) == 8 and all(c in "0123456789abcdef" for c in digest):
+        return head
+    return mirror
 
 
 def op_switchover(service, args: dict) -> dict:

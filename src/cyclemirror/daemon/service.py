@@ -104,6 +104,7 @@ class Daemon:
                             self.store.node_name)
             daemon_dir = os.path.join(self.store.path, "daemon")
             os.makedirs(daemon_dir, exist_ok=True)
+            dr_roles.finish_promotions(self)  # a promotion a crash cut short: whole first
             tls_settings(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, "serve")
             check_listen_tls(cfg)
             check_nbd_tls(cfg)

@@ -20,7 +20,14 @@
    nothing was written after freeze *k*.
 
 If anything fails before the target promoted, writes are allowed again and
-the mirror resumed: the source stays primary.  Groups are not switched yet.
+the mirror resumed: the source stays primary.
+
+A consistency group switches over whole (``VOLUME`` names any member): writes
+are held on every member, the final cycle freezes them all at one instant,
+every member is demoted, and the target promotes the group's mirror (every
+member as of that cycle) and mirrors the members back as one group.  Groups
+carry no lineage yet, so that mirror back is a full copy into a new group
+mirror here, and the demoted members stay (read-only) until removed.
 """
 
 from __future__ import annotations
@@ -63,46 +70,61 @@ def op_switchover(service, args: dict) -> dict:
         if to not in [t for t, _e in entries]:
             raise NotFoundError(f"volume {volume!r} is not mirrored to {to} (its targets: "
                                 f"{', '.join(t for t, _e in entries)})")
-        if any(e["spec"].group for _t, e in entries):
-            raise UsageError(f"volume {volume!r} is in a consistency group; switching a group "
-                             "over is not built yet (docs/failover.md)")
-        driver = out._drivers.get(out._unit_of(volume))
-    rec = dr_roles.ensure_role(store, volume)
-    if rec.role != roles.PRIMARY:
-        raise RoleError(f"volume {volume!r} is {rec.role} on this node, not primary: there is "
-                        "nothing to switch over from here")
+        group = entries[0][1]["spec"].group
+        unit = out._unit_of(volume)
+        # A group switches over whole: every member, at the one freeze of its final cycle.
+        members = (sorted({v for (v, _t), _e in out._unit_entries(unit)}) if group
+                   else [volume])
+        driver = out._drivers.get(unit)
+    what = f"group {group!r} ({', '.join(members)})" if group else f"volume {volume!r}"
+    recs = {}
+    for member in members:
+        rec = recs[member] = dr_roles.ensure_role(store, member)
+        if rec.role != roles.PRIMARY:
+            raise RoleError(f"volume {member!r} is {rec.role} on this node, not primary: "
+                            f"there is nothing to switch over from here ({what})")
     if driver is None:
-        raise NotFoundError(f"the mirror of {volume!r} is not running (see the daemon log)")
+        raise NotFoundError(f"the mirror of {what} is not running (see the daemon log)")
     spec = next(r.spec for r in driver.targets if r.label == to)
-    vol = store.open_volume(volume)
+    vols = [store.open_volume(m) for m in members]
     t0 = time.monotonic()
-    vol.hold_writes(f"switchover of {volume} to {to}")
+    held_vols = []
     promoted = None
     asked = []  # set once the target was asked: from then on it may have promoted
     try:
-        cycle = driver.sync(timeout)
+        for vol in vols:  # each returns once its writes in flight landed
+            vol.hold_writes(f"switchover of {what} to {to}")
+            held_vols.append(vol)
+        cycle = driver.sync(timeout)  # one freeze: every member's final image, one instant
         held = time.monotonic() - t0
         out.break_cycles(volume, None, False)
-        lineage = dr_roles.lineage_for(store, volume)  # while still primary
+        # A group has no lineage yet: its mirror back is a new mirror (docs/failover.md).
+        lineage = None if group else dr_roles.lineage_for(store, volume)  # still primary
         # Demoted before the target is asked: its mirror back may arrive at once.
-        _set_role(store, rec, roles.DEMOTED, {
-            "by": spec.label, "time": time.time(),
-            "message": f"planned switchover to {spec.label} after cycle {cycle}"})
-        promoted = _ask_target(store, driver, spec, cycle, back_to, lineage, asked)
+        for member in members:
+            _set_role(store, recs[member], roles.DEMOTED, {
+                "by": spec.label, "time": time.time(),
+                "message": f"planned switchover of {what} to {spec.label} after cycle "
+                           f"{cycle}"})
+        promoted = _ask_target(store, driver, spec, cycle, back_to, lineage, asked,
+                               group=bool(group))
     except BaseException as exc:
         if asked:
             # The answer was lost after the question: the target may be primary now.  Two
             # primaries are worse than a held volume: stay demoted, say what to check.
             raise RoleError(
-                f"switchover of {volume!r}: {spec.label} was asked to promote its image but "
+                f"switchover of {what}: {spec.label} was asked to promote its image but "
                 f"did not answer ({type(exc).__name__}: {exc}); this node stays demoted with "
                 f"its writes held. Check 'cyclemirror status' on {spec.label}: if it shows "
-                f"volume {volume!r} as primary, its mirror back resyncs this node; if not, "
+                f"{what} as primary, its mirror back resyncs this node; if not, "
                 "there is no verb yet to make this volume primary again (docs/failover.md, "
                 "'Not built yet')") from exc
         if promoted is None:
-            _set_role(store, rec, roles.PRIMARY, None)
-            vol.release_writes()
+            for member in members:
+                if recs[member].role != roles.PRIMARY:
+                    _set_role(store, recs[member], roles.PRIMARY, None)
+            for vol in held_vols:
+                vol.release_writes()
             try:
                 out.resume(volume, None)
             except CycleMirrorError:
@@ -110,16 +132,18 @@ def op_switchover(service, args: dict) -> dict:
         raise
     message = (f"planned switchover: {promoted['volume']} on {spec.label} is primary now "
                f"(generation {promoted['generation']}, from cycle {cycle})")
-    now = roles.load_role(store.path, volume)
-    if now is not None and now.role == roles.DEMOTED:  # (not yet resynced by the mirror back)
-        _set_role(store, now, roles.DEMOTED, {"by": spec.label, "message": message,
-                                               "time": time.time()})
-    dr_roles.release_volume(service, volume)
-    log.warning("volume %s: %s; this node is demoted and takes no writes", volume, message)
-    return {"volume": volume, "to": spec.label, "cycle": promoted["cycle"],
-            "generation": promoted["generation"], "epoch": promoted["epoch"],
-            "mirroring_back_to": back_to or None, "writes_held_seconds": held,
-            "seconds": time.monotonic() - t0}
+    for member in members:
+        now = roles.load_role(store.path, member)
+        if now is not None and now.role == roles.DEMOTED:  # (not yet resynced by the mirror
+            _set_role(store, now, roles.DEMOTED, {"by": spec.label, "message": message,
+                                                   "time": time.time()})  # back)
+    for member in members:
+        dr_roles.release_volume(service, member)
+    log.warning("%s: %s; this node is demoted and takes no writes", what, message)
+    return {"volume": volume, "group": group, "volumes": members, "to": spec.label,
+            "cycle": promoted["cycle"], "generation": promoted["generation"],
+            "epoch": promoted["epoch"], "mirroring_back_to": back_to or None,
+            "writes_held_seconds": held, "seconds": time.monotonic() - t0}
 
 
 def _set_role(store, rec, role: str, demoted: dict | None) -> None:
@@ -127,8 +151,8 @@ def _set_role(store, rec, role: str, demoted: dict | None) -> None:
     roles.save_role(store.path, rec)
 
 
-def _ask_target(store, driver, spec, cycle: int, back_to: str, lineage: dict,
-                asked: list) -> dict:
+def _ask_target(store, driver, spec, cycle: int, back_to: str, lineage: dict | None,
+                asked: list, group: bool = False) -> dict:
     """A connection of its own: open the mirror, check cycle, ask the target to promote."""
     from cyclemirror.sender.connection import TargetLink
     from cyclemirror.wire.handshake import LINEAGE_VERSION
@@ -139,9 +163,10 @@ def _ask_target(store, driver, spec, cycle: int, back_to: str, lineage: dict,
         if link.version < LINEAGE_VERSION:
             raise ProtocolError(f"target {spec.label} speaks protocol {link.version}; a "
                                 "switchover needs 3: upgrade it")
-        frame_link.send_message("lineage", **lineage)
+        if lineage is not None:
+            frame_link.send_message("lineage", **lineage)
         frame_link.send_message("open", node_id=store.node_id, node_name=store.node_name,
-                                mirror=driver.subject.remote_name, group=False,
+                                mirror=driver.subject.remote_name, group=group,
                                 volumes=driver.subject.volume_specs())
         opened = frame_link.recv_message({"opened"})
         # Cycles after the final one (the driver may have frozen again before the break)

@@ -27,6 +27,7 @@ import stat
 import threading
 import uuid
 
+from cyclemirror import failpoints
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, UsageError
 from cyclemirror.store import fileobject, fileops, group
 from cyclemirror.store.layer import Layer
@@ -203,6 +204,7 @@ class Store:
                 state["merged_through"] = first_overlay - 1
                 state["overlays"] = [{"number": first_overlay, "closed_at": None}]
                 fileops.atomic_write_json(os.path.join(work_dir, STATE_FILE), state)
+                failpoints.hit("store.adopt_image")
                 os.rename(work_dir, final)
                 fileops.fsync_dir(self._volumes_dir)
             except OSError as exc:
