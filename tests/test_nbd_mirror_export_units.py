@@ -192,6 +192,10 @@ def test_an_image_with_a_committed_but_unapplied_cycle_is_refused(mirrored):
     vol.write(0, b"x" * 4096)
     driver.sync(60)
     (image,) = mirror_images(dst.path)
+    # 'applied' comes before the image's fsync; the apply then saves the state once
+    # more (committed cleared). Edit the state only after that, or it is overwritten.
+    wait_for(lambda: MirrorState.load(image.state_path).committed is None, 30,
+             "the target to finish the apply")
     st = MirrorState.load(image.state_path)
     st.committed = InFlight(st.applied_cycle + 1, st.freeze_time, False)
     st.save(image.state_path)  # what a crash inside apply leaves behind
