@@ -19,7 +19,10 @@ scratch that only an apply writes.
 * ``applied(cycle)``: snapshot ``cyclemirror-<cycle>`` of every member (an
   existing one, left by a crash after it, is made again).  Once the state
   names the cycle as applied, older ``cyclemirror-*`` snapshots are removed
-  (while no reader of this daemon holds one; else at a later cycle).
+  but for the last ``keep_cycles`` (``serve --keep-cycles N``, default 1) of
+  them, which stay as remote history (while a reader of this daemon holds a
+  snapshot, nothing is removed; a later cycle does it).  A full cycle installs a
+  new image, so the history starts again with it.
 
 Readers (the NBD export) open the snapshot of the applied cycle read-only, so
 they never see a half-applied head.  The cluster connection is shared by all
@@ -121,6 +124,30 @@ def image_name(node: str, volume: str) -> str:
 
 def snap_name(cycle: int) -> str:
     return f"{SNAP_PREFIX}{cycle}"
+
+
+def snap_cycle(name: str) -> int | None:
+    """The cycle of a snapshot ``cyclemirror-<cycle>``; None for any other name."""
+    if not name.startswith(SNAP_PREFIX):
+        return None
+    digits = name[len(SNAP_PREFIX):]
+    if not digits.isascii() or not digits.isdigit() or digits != str(int(digits)):
+        return None
+    return int(digits)
+
+
+def stale_snapshots(names: list[str], applied: int, keep: int) -> list[str]:
+    """The cycle snapshots among ``names`` to remove once ``applied`` is the applied cycle.
+
+    Kept: ``cyclemirror-<applied>`` and the ``keep - 1`` newest cycle snapshots
+    before it (remote history).  Removed: older ones, and any of a cycle after
+    ``applied`` (a crash's leftover; the redo of that cycle makes it anew).
+    Snapshots of other names (an administrator's) are never touched.
+    """
+    cycles = sorted((c for c in map(snap_cycle, names) if c is not None and c <= applied),
+                    reverse=True)
+    kept = set(cycles[:max(1, keep)]) | {applied}
+    return [n for n in names if (c := snap_cycle(n)) is not None and c not in kept]
 
 
 class RbdBackend:
@@ -248,20 +275,20 @@ class RbdBackend:
                 img.close()
 
     def after_state_saved(self, cycle: int) -> None:
-        """Remove the snapshots of older cycles, unless a reader here holds one."""
+        """Remove the snapshots of cycles older than the last ``keep_cycles``, unless a
+        reader here holds one."""
         from cyclemirror.receiver.mirror import Mirror
 
         state_path = Mirror.state_file(self.directory, self.state.mirror, self.state.group)
         if IMAGE_PINS.pinned(state_path):
             return
-        keep = snap_name(cycle)
         for i in self._members():
             try:
                 img = self._open(self.image_name(i))
                 try:
-                    for snap, _size in img.snap_list():
-                        if snap.startswith(SNAP_PREFIX) and snap != keep:
-                            img.snap_remove(snap)
+                    names = [snap for snap, _size in img.snap_list()]
+                    for snap in stale_snapshots(names, cycle, self.cfg.keep_cycles):
+                        img.snap_remove(snap)
                 finally:
                     img.close()
             except OSError as exc:  # not worth failing an applied cycle: next time
