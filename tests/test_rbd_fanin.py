@@ -23,7 +23,7 @@ import pytest
 from cyclemirror import keys
 from cyclemirror.sender import MirrorDriver, MirrorOptions
 from cyclemirror.store import Store
-from tests.support.daemons import Daemon, make_key
+from tests.support.daemons import Daemon, make_key, wait_for
 
 SIZE = 4 << 20
 BLOCK = 4096
@@ -111,9 +111,15 @@ def test_two_sources_with_the_same_volume_name_get_two_images(tmp_path, ceph_clu
         assert a.image in listed and b.image in listed
         for src in (a, b):
             cycle = last[src.image]
-            snaps = json.loads(cluster.run("rbd", "snap", "ls", "--format", "json",
-                                           f"{cluster.pool}/{src.image}"))
-            assert [s["name"] for s in snaps] == [f"cyclemirror-{cycle}"], snaps
+            expect = [f"cyclemirror-{cycle}"]  # older ones go in the background: wait
+
+            def snaps(image=src.image):
+                out = cluster.run("rbd", "snap", "ls", "--format", "json",
+                                  f"{cluster.pool}/{image}")
+                return [s["name"] for s in json.loads(out)]
+
+            wait_for(lambda expect=expect, snaps=snaps: snaps() == expect, 60,
+                     f"only {expect} on {src.image}", interval=0.5)
             assert _digest(cluster, src.image, f"cyclemirror-{cycle}") == src.digests[cycle]
         rows = {r["source_name"]: r for r in target.status()["incoming"]}
         assert set(rows) == {"site-a", "site-b"}

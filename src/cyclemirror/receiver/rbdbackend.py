@@ -19,7 +19,7 @@ scratch that only an apply writes.
 * ``applied(cycle)``: snapshot ``cyclemirror-<cycle>`` of every member (an
   existing one, left by a crash after it, is made again).  Once the state
   names the cycle as applied, older ``cyclemirror-*`` snapshots are removed
-  but for the last ``keep_cycles`` (``serve --keep-cycles N``, default 1) of
+  (in a thread, while the source hears of the apply) but for the last ``keep_cycles`` (``serve --keep-cycles N``, default 1) of
   them, which stay as remote history (while a reader of this daemon holds a
   snapshot, nothing is removed; a later cycle does it).  A full cycle installs a
   new image, so the history starts again with it.
@@ -165,6 +165,7 @@ class RbdBackend:
                 f"namespace {record.get('namespace')!r}, but this daemon is configured for "
                 f"pool {cfg.pool!r} namespace {cfg.namespace!r}; configure that pool")
         self.io = connection(cfg)
+        self._pruner: threading.Thread | None = None  # after_state_saved's removals
 
     # -- names ---------------------------------------------------------------
     def image_name(self, index: int) -> str:
@@ -211,6 +212,7 @@ class RbdBackend:
 
     # -- full cycles ---------------------------------------------------------
     def full_writer(self, index: int, size: int) -> RbdWriter:
+        self.wait_pruned()
         name = self.image_name(index) + NEW_SUFFIX
         fresh = not self._exists(name)
         if fresh:
@@ -221,12 +223,14 @@ class RbdBackend:
         return all(self._exists(self.image_name(i) + NEW_SUFFIX) for i in self._members())
 
     def discard_full(self) -> None:
+        self.wait_pruned()
         for i in self._members():
             self._remove(self.image_name(i) + NEW_SUFFIX)
 
     def install_full(self, cycle: int) -> None:
         """``~new`` takes the image's name; the old image goes (idempotent: recovery
         may run it again from any point)."""
+        self.wait_pruned()
         for i in self._members():
             name = self.image_name(i)
             new, old = name + NEW_SUFFIX, name + OLD_SUFFIX
@@ -248,6 +252,7 @@ class RbdBackend:
         pass  # the head is only written by the redo of a committed cycle
 
     def open_delta(self, cycle: int, state_path: str, recovering: bool) -> RbdDeltaApply:
+        self.wait_pruned()
         images = []
         try:
             for i in self._members():
@@ -263,6 +268,7 @@ class RbdBackend:
         return RbdDeltaApply(images)
 
     def applied(self, cycle: int) -> None:
+        self.wait_pruned()
         snap = snap_name(cycle)
         for i in self._members():
             img = self._open(self.image_name(i))
@@ -276,12 +282,25 @@ class RbdBackend:
 
     def after_state_saved(self, cycle: int) -> None:
         """Remove the snapshots of cycles older than the last ``keep_cycles``, unless a
-        reader here holds one."""
+        reader here holds one.
+
+        In a thread of its own: each removal is a monitor round trip (about a second
+        on a small cluster) that the source need not wait for, since the state names
+        the cycle as applied already.  Whatever touches the images next waits for it
+        (``wait_pruned``); a crash meanwhile leaves snapshots the next cycle removes.
+        """
         from cyclemirror.receiver.mirror import Mirror
 
+        self.wait_pruned()
         state_path = Mirror.state_file(self.directory, self.state.mirror, self.state.group)
         if IMAGE_PINS.pinned(state_path):
             return
+        thread = threading.Thread(target=self._prune, args=(cycle,), daemon=True,
+                                  name=f"rbd-prune-{self.state.mirror}")
+        self._pruner = thread
+        thread.start()
+
+    def _prune(self, cycle: int) -> None:
         for i in self._members():
             try:
                 img = self._open(self.image_name(i))
@@ -295,8 +314,15 @@ class RbdBackend:
                 log.warning("RBD image %s/%s: old snapshots not removed: %s", self.cfg.pool,
                             self.image_name(i), exc)
 
+    def wait_pruned(self) -> None:
+        """Wait for the removal of old snapshots ``after_state_saved`` started, if any."""
+        thread = self._pruner  # not cleared: callers in two threads both wait for it
+        if thread is not None:
+            thread.join()
+
     # -- group membership ----------------------------------------------------
     def new_member(self, name: str, size: int) -> None:
+        self.wait_pruned()
         full = image_name(self.state.source_node, name)
         self._remove(full)  # a leftover of a crashed change: zeros again
         self.io.create(full, size)
@@ -311,6 +337,7 @@ class RbdBackend:
         pass
 
     def remove_member(self, name: str) -> None:
+        self.wait_pruned()
         remove_mirror_images(self.cfg, self.state.source_node, [name])
 
     def describe(self) -> dict:
@@ -339,7 +366,7 @@ class RbdBackend:
         return b"".join(out)
 
     def close(self) -> None:
-        pass  # the connection is shared; images are closed after each use
+        self.wait_pruned()  # the connection is shared; images are closed after each use
 
 
 class RbdWriter:
