@@ -59,6 +59,11 @@ def load_binding():
     try:
         from cyclemirror._cext import rbd
     except ImportError as exc:
+        if "cannot open shared object" in str(exc):  # built, but librbd is not installed
+            raise UsageError(
+                f"an RBD target needs librbd and librados, which cyclemirror's binding "
+                f"cannot load ({exc}); install them (Debian: apt-get install librbd1 "
+                "librados2; the cyclemirror package recommends them)") from None
         raise UsageError(
             "an RBD target needs cyclemirror's librbd binding (cyclemirror._cext.rbd), which "
             f"this build lacks ({exc}); install librbd-dev and librados-dev (Debian: "
