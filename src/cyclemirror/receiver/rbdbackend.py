@@ -15,7 +15,8 @@ scratch that only an apply writes.
   step is idempotent, so recovery may run them again.
 * Delta: rollback of the head to the last cycle's snapshot when recovery
   redoes a cycle a crash cut (the head may hold part of it), then the records
-  are replayed into the head; ``flush`` makes them durable.
+  are replayed into the head (librbd's cache in writeback mode: a flush at
+  open ends its write-through start); ``flush`` makes them durable.
 * ``applied(cycle)``: snapshot ``cyclemirror-<cycle>`` of every member (an
   existing one, left by a crash after it, is made again).  Once the state
   names the cycle as applied, older ``cyclemirror-*`` snapshots are removed
@@ -266,6 +267,11 @@ class RbdBackend:
                 if recovering and self.state.applied_cycle > 0:
                     # The head may hold part of this cycle: start from the last one.
                     img.snap_rollback(snap_name(self.state.applied_cycle))
+                # librbd's cache writes through until the image's first flush
+                # (rbd_cache_writethrough_until_flush, for guests that never flush): one
+                # now lets the delta's small scattered writes be cached and sent in the
+                # background; finish() flushes them all before the cycle is applied.
+                img.flush()
         except BaseException:
             for img in images:
                 img.close()
