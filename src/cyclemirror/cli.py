@@ -69,6 +69,7 @@ def cmd_serve(args) -> int:
         DaemonConfig,
         check_ceph_client,
         check_ceph_name,
+        check_keep_cycles,
         load_config,
         parse_hostport,
         parse_nbd_endpoint,
@@ -108,6 +109,8 @@ def cmd_serve(args) -> int:
         ceph_client=check_ceph_client(args.ceph_client, "--ceph-client")
         if args.ceph_client else None,
         ceph_keyring=os.path.abspath(args.ceph_keyring) if args.ceph_keyring else None,
+        rbd_keep_cycles=(check_keep_cycles(args.keep_cycles, "--keep-cycles")
+                         if args.keep_cycles is not None else None),
     )
     config.rbd_config()  # refuses Ceph settings without a pool
     if config.listen is not None and config.key_file is None:
@@ -573,6 +576,9 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="the Ceph client to connect as (default client.admin)")
     serve.add_argument("--ceph-keyring", metavar="FILE",
                        help="that client's keyring (default: what the Ceph config names)")
+    serve.add_argument("--keep-cycles", metavar="N",
+                       help="keep the snapshots of the last N applied cycles of each RBD image "
+                       "as remote history (default 1: only the last)")
     serve.add_argument("--failpoint", action="append", metavar="NAME=SECONDS",
                        help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)

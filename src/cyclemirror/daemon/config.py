@@ -134,25 +134,37 @@ class DaemonConfig:
     ceph_conf: str | None = None
     ceph_client: str | None = None
     ceph_keyring: str | None = None
+    rbd_keep_cycles: int | None = None  # cycle snapshots kept per image (None: 1)
 
     def rbd_config(self):
         """The RBD target settings (``receiver.backend.RbdConfig``), or None for files."""
         from cyclemirror.receiver.backend import RbdConfig
 
         if self.rbd_pool is None:
-            extra = [k for k in ("rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring")
-                     if getattr(self, k) is not None]
+            extra = [k for k in ("rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring",
+                                 "rbd_keep_cycles") if getattr(self, k) is not None]
             if extra:
                 raise UsageError(f"{', '.join(extra)} given without rbd_pool (--rbd-pool): "
                                  "name the Ceph pool that holds the mirror images")
             return None
         return RbdConfig(pool=self.rbd_pool, namespace=self.rbd_namespace or None,
                          conf=self.ceph_conf, client=self.ceph_client or "client.admin",
-                         keyring=self.ceph_keyring)
+                         keyring=self.ceph_keyring, keep_cycles=self.rbd_keep_cycles or 1)
 
     def merged_with(self, **overrides) -> DaemonConfig:
         """Flags win over the file: only overrides that are not None replace a value."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_keep_cycles(value, what: str) -> int:
+    """``--keep-cycles`` / ``rbd_keep_cycles``: how many cycle snapshots an RBD image keeps."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
+        raise UsageError(f"{what} must be a whole number from 1 to 10000 (the cycle "
+                         f"snapshots each RBD image keeps: the last cycle's and N-1 older "
+                         f"ones as history), not {value!r}")
+    return value
 
 
 _CEPH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -372,7 +384,8 @@ _TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwli
              "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure",
              "verify_every", "verify_repair", "verify_bwlimit", "scrub_every",
              "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_clients",
-             "rbd_pool", "rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring"}
+             "rbd_pool", "rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring",
+             "rbd_keep_cycles"}
 _SERVER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
@@ -475,6 +488,8 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         ceph_client=(check_ceph_client(data["ceph_client"], f"{path}: ceph_client")
                      if "ceph_client" in data else None),
         ceph_keyring=path_setting("ceph_keyring"),
+        rbd_keep_cycles=(check_keep_cycles(data["rbd_keep_cycles"], f"{path}: rbd_keep_cycles")
+                         if "rbd_keep_cycles" in data else None),
     )
 
 

@@ -565,7 +565,10 @@ class Daemon:
 
         rows = incoming_status(self.store.path, now)
         use = dict(self.target.key_use) if self.target is not None else {}
+        rbd = self.config.rbd_config()
         for row in rows:
+            if rbd is not None and str(row.get("image") or "").startswith("rbd:"):
+                row["keep_cycles"] = rbd.keep_cycles  # cycle snapshots kept (--keep-cycles)
             # Which key (and whether TLS) the source's latest session used; unknown (null)
             # until it connects after a daemon start.
             seen = use.get((row["source_node"], row["group"] or row["volume"]), {})

@@ -30,7 +30,8 @@ A backend answers the questions apply and recovery ask, and nothing else:
 ``applied(cycle)``          the cycle is in the images; make it the
                             consistent copy readers see (RBD: the snapshot)
 ``after_state_saved(cycle)`` the state names ``cycle`` as applied: drop what
-                            older cycles needed (RBD: older snapshots)
+                            older cycles needed (RBD: snapshots beyond the
+                            last ``keep_cycles``)
 ``new_member(name, size)``, ``remove_member(name)``, ``members_changed()``
                             a group's members change
 ``describe()``              what ``status`` shows of where the images are
@@ -59,6 +60,14 @@ class RbdConfig:
     conf: str | None = None  # the cluster's config file (None: Ceph's default paths)
     client: str = "client.admin"
     keyring: str | None = None  # None: what the config names
+    keep_cycles: int = 1  # cycle snapshots kept per image: the last one, plus history
+
+    def __post_init__(self):
+        if isinstance(self.keep_cycles, bool) or not isinstance(self.keep_cycles, int) \
+                or self.keep_cycles < 1:
+            raise UsageError(f"keep_cycles must be a whole number >= 1 (the cycle snapshots "
+                             f"kept per RBD image, the last one included), not "
+                             f"{self.keep_cycles!r}")
 
     def describe(self) -> str:
         where = f"{self.pool}/{self.namespace}" if self.namespace else self.pool

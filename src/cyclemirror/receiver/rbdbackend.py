@@ -15,11 +15,15 @@ scratch that only an apply writes.
   step is idempotent, so recovery may run them again.
 * Delta: rollback of the head to the last cycle's snapshot when recovery
   redoes a cycle a crash cut (the head may hold part of it), then the records
-  are replayed into the head; ``flush`` makes them durable.
+  are replayed into the head (librbd's cache in writeback mode: a flush at
+  open ends its write-through start); ``flush`` makes them durable.
 * ``applied(cycle)``: snapshot ``cyclemirror-<cycle>`` of every member (an
   existing one, left by a crash after it, is made again).  Once the state
   names the cycle as applied, older ``cyclemirror-*`` snapshots are removed
-  (while no reader of this daemon holds one; else at a later cycle).
+  (in a thread, while the source hears of the apply) but for the last ``keep_cycles`` (``serve --keep-cycles N``, default 1) of
+  them, which stay as remote history (while a reader of this daemon holds a
+  snapshot, nothing is removed; a later cycle does it).  A full cycle installs a
+  new image, so the history starts again with it.
 
 Readers (the NBD export) open the snapshot of the applied cycle read-only, so
 they never see a half-applied head.  The cluster connection is shared by all
@@ -56,6 +60,11 @@ def load_binding():
     try:
         from cyclemirror._cext import rbd
     except ImportError as exc:
+        if "cannot open shared object" in str(exc):  # built, but librbd is not installed
+            raise UsageError(
+                f"an RBD target needs librbd and librados, which cyclemirror's binding "
+                f"cannot load ({exc}); install them (Debian: apt-get install librbd1 "
+                "librados2; the cyclemirror package recommends them)") from None
         raise UsageError(
             "an RBD target needs cyclemirror's librbd binding (cyclemirror._cext.rbd), which "
             f"this build lacks ({exc}); install librbd-dev and librados-dev (Debian: "
@@ -123,6 +132,30 @@ def snap_name(cycle: int) -> str:
     return f"{SNAP_PREFIX}{cycle}"
 
 
+def snap_cycle(name: str) -> int | None:
+    """The cycle of a snapshot ``cyclemirror-<cycle>``; None for any other name."""
+    if not name.startswith(SNAP_PREFIX):
+        return None
+    digits = name[len(SNAP_PREFIX):]
+    if not digits.isascii() or not digits.isdigit() or digits != str(int(digits)):
+        return None
+    return int(digits)
+
+
+def stale_snapshots(names: list[str], applied: int, keep: int) -> list[str]:
+    """The cycle snapshots among ``names`` to remove once ``applied`` is the applied cycle.
+
+    Kept: ``cyclemirror-<applied>`` and the ``keep - 1`` newest cycle snapshots
+    before it (remote history).  Removed: older ones, and any of a cycle after
+    ``applied`` (a crash's leftover; the redo of that cycle makes it anew).
+    Snapshots of other names (an administrator's) are never touched.
+    """
+    cycles = sorted((c for c in map(snap_cycle, names) if c is not None and c <= applied),
+                    reverse=True)
+    kept = set(cycles[:max(1, keep)]) | {applied}
+    return [n for n in names if (c := snap_cycle(n)) is not None and c not in kept]
+
+
 class RbdBackend:
     kind = "rbd"
     keeps_files = False
@@ -138,6 +171,7 @@ class RbdBackend:
                 f"namespace {record.get('namespace')!r}, but this daemon is configured for "
                 f"pool {cfg.pool!r} namespace {cfg.namespace!r}; configure that pool")
         self.io = connection(cfg)
+        self._pruner: threading.Thread | None = None  # after_state_saved's removals
 
     # -- names ---------------------------------------------------------------
     def image_name(self, index: int) -> str:
@@ -184,6 +218,7 @@ class RbdBackend:
 
     # -- full cycles ---------------------------------------------------------
     def full_writer(self, index: int, size: int) -> RbdWriter:
+        self.wait_pruned()
         name = self.image_name(index) + NEW_SUFFIX
         fresh = not self._exists(name)
         if fresh:
@@ -194,12 +229,14 @@ class RbdBackend:
         return all(self._exists(self.image_name(i) + NEW_SUFFIX) for i in self._members())
 
     def discard_full(self) -> None:
+        self.wait_pruned()
         for i in self._members():
             self._remove(self.image_name(i) + NEW_SUFFIX)
 
     def install_full(self, cycle: int) -> None:
         """``~new`` takes the image's name; the old image goes (idempotent: recovery
         may run it again from any point)."""
+        self.wait_pruned()
         for i in self._members():
             name = self.image_name(i)
             new, old = name + NEW_SUFFIX, name + OLD_SUFFIX
@@ -221,6 +258,7 @@ class RbdBackend:
         pass  # the head is only written by the redo of a committed cycle
 
     def open_delta(self, cycle: int, state_path: str, recovering: bool) -> RbdDeltaApply:
+        self.wait_pruned()
         images = []
         try:
             for i in self._members():
@@ -229,6 +267,11 @@ class RbdBackend:
                 if recovering and self.state.applied_cycle > 0:
                     # The head may hold part of this cycle: start from the last one.
                     img.snap_rollback(snap_name(self.state.applied_cycle))
+                # librbd's cache writes through until the image's first flush
+                # (rbd_cache_writethrough_until_flush, for guests that never flush): one
+                # now lets the delta's small scattered writes be cached and sent in the
+                # background; finish() flushes them all before the cycle is applied.
+                img.flush()
         except BaseException:
             for img in images:
                 img.close()
@@ -236,6 +279,7 @@ class RbdBackend:
         return RbdDeltaApply(images)
 
     def applied(self, cycle: int) -> None:
+        self.wait_pruned()
         snap = snap_name(cycle)
         for i in self._members():
             img = self._open(self.image_name(i))
@@ -248,28 +292,48 @@ class RbdBackend:
                 img.close()
 
     def after_state_saved(self, cycle: int) -> None:
-        """Remove the snapshots of older cycles, unless a reader here holds one."""
+        """Remove the snapshots of cycles older than the last ``keep_cycles``, unless a
+        reader here holds one.
+
+        In a thread of its own: each removal is a monitor round trip (about a second
+        on a small cluster) that the source need not wait for, since the state names
+        the cycle as applied already.  Whatever touches the images next waits for it
+        (``wait_pruned``); a crash meanwhile leaves snapshots the next cycle removes.
+        """
         from cyclemirror.receiver.mirror import Mirror
 
+        self.wait_pruned()
         state_path = Mirror.state_file(self.directory, self.state.mirror, self.state.group)
         if IMAGE_PINS.pinned(state_path):
             return
-        keep = snap_name(cycle)
+        thread = threading.Thread(target=self._prune, args=(cycle,), daemon=True,
+                                  name=f"rbd-prune-{self.state.mirror}")
+        self._pruner = thread
+        thread.start()
+
+    def _prune(self, cycle: int) -> None:
         for i in self._members():
             try:
                 img = self._open(self.image_name(i))
                 try:
-                    for snap, _size in img.snap_list():
-                        if snap.startswith(SNAP_PREFIX) and snap != keep:
-                            img.snap_remove(snap)
+                    names = [snap for snap, _size in img.snap_list()]
+                    for snap in stale_snapshots(names, cycle, self.cfg.keep_cycles):
+                        img.snap_remove(snap)
                 finally:
                     img.close()
             except OSError as exc:  # not worth failing an applied cycle: next time
                 log.warning("RBD image %s/%s: old snapshots not removed: %s", self.cfg.pool,
                             self.image_name(i), exc)
 
+    def wait_pruned(self) -> None:
+        """Wait for the removal of old snapshots ``after_state_saved`` started, if any."""
+        thread = self._pruner  # not cleared: callers in two threads both wait for it
+        if thread is not None:
+            thread.join()
+
     # -- group membership ----------------------------------------------------
     def new_member(self, name: str, size: int) -> None:
+        self.wait_pruned()
         full = image_name(self.state.source_node, name)
         self._remove(full)  # a leftover of a crashed change: zeros again
         self.io.create(full, size)
@@ -284,6 +348,7 @@ class RbdBackend:
         pass
 
     def remove_member(self, name: str) -> None:
+        self.wait_pruned()
         remove_mirror_images(self.cfg, self.state.source_node, [name])
 
     def describe(self) -> dict:
@@ -312,7 +377,7 @@ class RbdBackend:
         return b"".join(out)
 
     def close(self) -> None:
-        pass  # the connection is shared; images are closed after each use
+        self.wait_pruned()  # the connection is shared; images are closed after each use
 
 
 class RbdWriter:
