@@ -12,7 +12,6 @@ decodes to exactly what was encoded.
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 
@@ -20,26 +19,11 @@ from cyclemirror._cext import frames
 from cyclemirror.errors import ProtocolError
 from cyclemirror.wire import treeframes
 from cyclemirror.wire.messages import check_relpath
-
-
-def control(cycle: int, msg: dict) -> bytes:
-    return frames.encode_control(cycle, json.dumps(msg).encode())
-
-
-def begin(cycle=2, full=False) -> bytes:
-    return control(cycle, {"type": "begin", "cycle": cycle, "freeze_time": 1.0, "full": full,
-                           "resume_from": 0})
+from tests.support.trees import begin, control, end, tree_op
 
 
 def op(cycle=2, **kw) -> bytes:
-    msg = {"type": "tree_op", "op": "file", "path": "a", "ref": "", "mode": 0o644, "uid": 0,
-           "gid": 0, "mtime_ns": 0, "size": 0}
-    msg.update(kw)
-    return control(cycle, msg)
-
-
-def end(cycle=2, chunks=1) -> bytes:
-    return control(cycle, {"type": "end", "cycle": cycle, "chunks": chunks})
+    return tree_op(cycle, **kw)
 
 
 def data(cycle, offset, payload: bytes) -> bytes:

@@ -106,3 +106,30 @@ def assert_same_tree(source: str, target: str) -> None:
     if a["links"] != b["links"]:
         diffs.append(f"hard links: source {a['links']} target {b['links']}")
     raise AssertionError("trees differ:\n" + "\n".join(diffs))
+
+
+# -- hand-made frames, for what a hostile or broken peer could send -------------------------
+
+def control(cycle: int, msg: dict) -> bytes:
+    """A CONTROL frame of any JSON (not checked against the schemas: a peer's)."""
+    import json
+
+    from cyclemirror._cext import frames
+
+    return frames.encode_control(cycle, json.dumps(msg).encode())
+
+
+def begin(cycle: int = 2, full: bool = False) -> bytes:
+    return control(cycle, {"type": "begin", "cycle": cycle, "freeze_time": 1.0, "full": full,
+                           "resume_from": 0})
+
+
+def tree_op(cycle: int = 2, **kw) -> bytes:
+    msg = {"type": "tree_op", "op": "file", "path": "a", "ref": "", "mode": 0o644, "uid": 0,
+           "gid": 0, "mtime_ns": 0, "size": 0}
+    msg.update(kw)
+    return control(cycle, msg)
+
+
+def end(cycle: int = 2, chunks: int = 1) -> bytes:
+    return control(cycle, {"type": "end", "cycle": cycle, "chunks": chunks})

@@ -469,7 +469,9 @@ class TreeMirror:
                 self.state["freeze_time"] = p["freeze_time"]
             self.state["pending"] = None
             self._save()
-        for entry in os.listdir(self.work_fd):
+        # By name, not through work_fd: btrfs lists to a long-open directory descriptor
+        # only the entries that existed when it first read it.
+        for entry in os.listdir(self.work):
             if entry.startswith((STAGE_PREFIX, TMP_PREFIX)):
                 _rm_at(self.work_fd, entry)
         fsync_dir(self.work)
@@ -530,6 +532,9 @@ class TreeMirror:
             stage_fd = base_fd = None
             if self.state.get("pending") is None:
                 _rm_at(self.work_fd, stage)
+            for entry in os.listdir(self.work):
+                if entry.startswith(f"{TMP_PREFIX}{cycle}-"):
+                    _rm_at(self.work_fd, entry)
             raise
         finally:
             for fd in (stage_fd, base_fd):
