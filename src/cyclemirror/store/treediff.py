@@ -325,7 +325,8 @@ def changed_content(old_path: str, new_path: str, size: int):
 
 def _hash_changed(fo: int, fn: int, ranges, old_size: int, new_size: int):
     """(start, end) block ranges within ``ranges`` whose xxh3 block hashes differ between
-    the two files; blocks past either file's end count as changed."""
+    the two files (a short last block shared by both: its bytes); blocks past either
+    file's end count as changed."""
     bs = HASH_BLOCK
     common = min(old_size, new_size)
     out = []
@@ -343,6 +344,10 @@ def _hash_changed(fo: int, fn: int, ranges, old_size: int, new_size: int):
                 diff = np.flatnonzero(np.asarray(h1) != np.asarray(h2))
                 out.extend((pos + int(i) * bs, pos + (int(i) + 1) * bs) for i in diff)
             if hn < n:
-                out.append((pos + hn, pos + n))
+                tail_a, tail_b = pos + hn, pos + n
+                n_tail = tail_b - tail_a
+                if not (tail_b <= common and n_tail < bs and os.pread(
+                        fo, n_tail, tail_a) == os.pread(fn, n_tail, tail_a)):
+                    out.append((tail_a, tail_b))  # a short last block: its bytes decide
             pos += n
     return out
