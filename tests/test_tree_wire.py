@@ -11,9 +11,14 @@ decodes to exactly what was encoded.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import tempfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cyclemirror._cext import frames
 from cyclemirror.errors import ProtocolError
@@ -27,22 +32,12 @@ def op(cycle=2, **kw) -> bytes:
 
 
 def data(cycle, offset, payload: bytes) -> bytes:
-    return b"".join(frames.FramePacker(frames.CODEC_NONE).pack_extents(
-        _fd_of(payload, offset), [(offset, len(payload))], cycle))
-
-
-_files = []
-
-
-def _fd_of(payload: bytes, offset: int) -> int:
-    import os
-    import tempfile
-
-    fh = tempfile.TemporaryFile()
-    fh.write(b"\0" * offset + payload)
-    fh.flush()
-    _files.append(fh)
-    return os.dup(fh.fileno())
+    """The DATA frames FramePacker makes of ``payload`` at ``offset`` of a file."""
+    with tempfile.TemporaryFile() as fh:
+        fh.write(b"\0" * offset + payload)
+        fh.flush()
+        return b"".join(frames.FramePacker(frames.CODEC_NONE).pack_extents(
+            fh.fileno(), [(offset, len(payload))], cycle))
 
 
 def decode(stream: bytes) -> list:
@@ -115,3 +110,27 @@ def test_a_good_stream_decodes_to_what_was_encoded():
     assert ev[1][1]["mtime_ns"] == -5
     assert ev[3][1:] == (3, b"abc") and ev[4][1:] == (6, 4)
     assert ev[5][1]["ref"] == "../../anywhere/at/all"
+
+
+_pieces = st.lists(st.sampled_from(["..", ".", "", "a", "b", "é", "/", "\0", "x" * 255,
+                                    "x" * 256]), max_size=8)
+
+
+@given(st.one_of(st.text(max_size=60), _pieces.map("/".join), _pieces.map("".join)))
+def test_a_path_the_check_accepts_never_leaves_the_tree(path):
+    try:
+        check_relpath(path, "path")
+    except ProtocolError:
+        return
+    joined = os.path.normpath(os.path.join("/root", path))
+    assert joined == "/root" or joined.startswith("/root/")
+    assert ".." not in path.split("/") and "\0" not in path and not path.startswith("/")
+    assert os.path.join("/root", path) == joined or path == "."  # nothing to normalise
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=400), st.integers(0, 6))
+def test_arbitrary_bytes_after_a_good_start_are_a_protocol_error(junk, cut):
+    good = begin() + op(path="d/f", size=10) + data(2, 0, b"0123456789") + end(chunks=2)
+    with contextlib.suppress(ProtocolError):
+        decode(good[: len(good) - cut * 7] + junk)
