@@ -158,6 +158,9 @@ def test_tree_verbs_through_a_real_daemon(btrfs_dir, tmp_path):
         listed = json.loads(a.cli("tree", "list", "--json").stdout)
         assert [(t["name"], t["path"], t["kind"], t["frozen_cycle"]) for t in listed] == [
             ("t", src, "tree", 0)]
+        status = json.loads(a.cli("status", "--json").stdout)
+        assert [t["name"] for t in status["trees"]] == ["t"]
+        assert "TREE" in a.cli("status").stdout and src in a.cli("status").stdout
         r = a.cli("mirror", "start", "t", "--to", "127.0.0.1:9", check=False)
         assert r.returncode == 2 and "does not mirror trees yet" in r.stderr, r.stderr
         a.cli("tree", "rm", "t")

@@ -572,6 +572,7 @@ class Daemon:
                      "key_ids": self._key_ids()},
             "volumes": self._op_volume_list({}),
             "files": self._op_file_list({}),
+            "trees": self._op_tree_list({}),
             "mirrors": self.outgoing.status(now) if self.outgoing else [],
             "incoming": self._incoming_status(now),
             # The target's most recent session failures (bad key, protocol, disk), newest last.
