@@ -23,6 +23,7 @@ import sys
 import pytest
 
 from cyclemirror.receiver.treeops import TreeMirror
+from cyclemirror.receiver.treeops import dir_identity as identity
 from cyclemirror.store import tree
 from tests.support.daemons import wait_for
 from tests.support.procenv import child_env
@@ -80,9 +81,11 @@ def history(btrfs_mount, tmp_path_factory):
     delete_subvolumes(area)
 
 
-def fresh_target(history, label: str) -> str:
+def fresh_target(history, label: str, where: str = "btrfs") -> str:
+    """A target holding cycle 1: on btrfs (stages are subvolumes) or in the temporary
+    directory (stages are copies, file by file)."""
     obj, files, area = history
-    root = os.path.join(area, f"target-{label}")
+    root = os.path.join(area if where == "btrfs" else str(files[1]) + ".d", f"target-{label}")
     os.makedirs(root)
     m = TreeMirror(root, "t")
     with open(files[1], "rb") as fh:
@@ -126,20 +129,36 @@ def settle_and_check(history, root: str, expect: int | None) -> int:
         m.close()
 
 
-def work_has_temp(root: str) -> bool:
-    return any(e.startswith(".tmp-2-") for e in os.listdir(os.path.join(root,
-                                                                     ".cyclemirror-tree-t")))
+def applying_ops(root: str) -> bool:
+    """Whether the child is applying operations: its temp directory is in the stage."""
+    stage = os.path.join(root, ".cyclemirror-tree-t", "stage-2")
+    try:
+        return any(e.startswith(".cyclemirror-tmp-2-") for e in os.listdir(stage))
+    except FileNotFoundError:
+        return False
+
+
+def exchanged(root: str) -> bool:
+    """Whether the pending switch is recorded and ROOT/t is the stage it names."""
+    p = pending(root)
+    if p is None:
+        return False
+    fd = os.open(os.path.join(root, "t"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return identity(fd) == p["stage_id"]
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("point, failpoint, reached, expect", [
-    ("mid-ops", "receiver.tree_op=0.05", work_has_temp, 1),
+    ("mid-ops", "receiver.tree_op=0.05", applying_ops, 1),
     ("before-exchange", "receiver.tree_switch=60", lambda r: pending(r) is not None, 1),
-    ("after-exchange", "receiver.tree_switched=60",
-     lambda r: (p := pending(r)) is not None and os.lstat(os.path.join(r, "t")).st_ino
-     == p["stage_ino"], 2),
+    ("after-exchange", "receiver.tree_switched=60", exchanged, 2),
 ])
-def test_a_kill_at_each_step_leaves_one_instant(history, point, failpoint, reached, expect):
-    root = fresh_target(history, point)
+@pytest.mark.parametrize("where", ["btrfs", "tmp"])
+def test_a_kill_at_each_step_leaves_one_instant(history, point, failpoint, reached, expect,
+                                                where):
+    root = fresh_target(history, point, where)
     proc = start_child(root, history[1][2], failpoint)
     try:
         wait_for(lambda: reached(root) or proc.poll() is not None, 120, f"the apply {point}",
@@ -166,7 +185,7 @@ def wait_progress(proc: subprocess.Popen, root: str, polls: int) -> None:
         nonlocal seen
         if proc.poll() is not None:
             return True
-        seen += work_has_temp(root)
+        seen += applying_ops(root)
         return seen >= polls
     wait_for(progressed, 120, "the apply to progress", interval=0.001)
 

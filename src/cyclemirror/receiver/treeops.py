@@ -49,17 +49,23 @@ from cyclemirror import failpoints
 from cyclemirror.errors import NotFoundError, ProtocolError, StoreError, UsageError
 from cyclemirror.fileio import fsync_dir
 from cyclemirror.receiver.fileops import punch_zeroes, pwrite_all
+from cyclemirror.store import cowfs
 from cyclemirror.store.fileops import KernelCopier, atomic_write_json, data_runs, read_json
 from cyclemirror.store.names import validate_volume_name
+from cyclemirror.store.tree import BTRFS_SUBVOL_INO, btrfs
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
 STAGE_PREFIX = "stage-"
 TMP_PREFIX = ".tmp-"
+STAGE_TMP_PREFIX = ".cyclemirror-tmp-"
 FICLONE = 0x40049409
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
+# _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args): with treeid 0 and objectid 256 it
+# answers the id of the subvolume the descriptor is in (allowed to any user).
+BTRFS_IOC_INO_LOOKUP = 0xD0009412
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -74,6 +80,25 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), "syncfs")
+
+
+def subvolume_id(fd: int) -> int:
+    """The btrfs subvolume id of directory ``fd`` if it is a subvolume's root, else 0."""
+    if os.fstat(fd).st_ino != BTRFS_SUBVOL_INO:
+        return 0
+    args = bytearray(4096)
+    args[8:16] = BTRFS_SUBVOL_INO.to_bytes(8, "little")
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, args)
+    except OSError:
+        return 0  # not btrfs (an inode 256 elsewhere is a plain directory)
+    return int.from_bytes(args[0:8], "little")
+
+
+def dir_identity(fd: int) -> list[int]:
+    """What tells one directory from another across a crash: its inode and, for a btrfs
+    subvolume (whose root is always inode 256), the subvolume id."""
+    return [os.fstat(fd).st_ino, subvolume_id(fd)]
 
 
 def _open_dir(root_fd: int, rel: str) -> int:
@@ -224,11 +249,18 @@ class _Apply:
         self.stage = stage_fd
         self.base = base_fd
         self.cycle = cycle
-        self.work = mirror.work_fd
         self.tmp_seq = 0
         self.touched: dict[str, tuple[int, int]] = {}  # dir -> its (atime, mtime) before
         self.dir_meta: dict[str, dict] = {}
         self.open_file: tuple[int, str, dict] | None = None  # (fd, tmp name, op)
+        # Files are built in a directory of ours inside the stage: a rename or a link
+        # cannot cross btrfs subvolumes, and the stage may be one.  Removed before the
+        # switch; the name is refused in the delta's paths.
+        st = os.fstat(stage_fd)
+        self.touched["."] = (st.st_atime_ns, st.st_mtime_ns)
+        self.tmp_dir = f"{STAGE_TMP_PREFIX}{cycle}-{os.urandom(4).hex()}"
+        os.mkdir(self.tmp_dir, 0o700, dir_fd=stage_fd)
+        self.work = os.open(self.tmp_dir, _DIR_FLAGS, dir_fd=stage_fd)
 
     def where(self, msg: dict) -> str:
         return f"tree mirror {self.m.name!r}, cycle {self.cycle}, {msg['op']} {msg['path']!r}"
@@ -238,6 +270,9 @@ class _Apply:
         return f"{TMP_PREFIX}{self.cycle}-{self.tmp_seq}"
 
     def _parent(self, path: str, msg: dict) -> tuple[int, str]:
+        if path.split("/", 1)[0].startswith(STAGE_TMP_PREFIX):
+            raise ProtocolError(f"{self.where(msg)}: names starting {STAGE_TMP_PREFIX!r} at "
+                                "the tree's top are the target's own")
         parent, leaf = _split(path)
         try:
             fd = _open_dir(self.stage, parent)
@@ -387,6 +422,9 @@ class _Apply:
 
     def finish(self) -> None:
         self.finish_file()
+        os.close(self.work)
+        self.work = -1
+        os.rmdir(self.tmp_dir, dir_fd=self.stage)  # empty: every temp entry was placed
         depth = lambda p: 0 if p == "." else p.count("/") + 1  # noqa: E731
         for path in sorted(set(self.touched) | set(self.dir_meta), key=depth, reverse=True):
             fd = _open_dir(self.stage, path)
@@ -403,6 +441,9 @@ class _Apply:
         if self.open_file is not None:
             os.close(self.open_file[0])
             self.open_file = None
+        if self.work >= 0:
+            os.close(self.work)
+            self.work = -1
 
 
 class TreeMirror:
@@ -422,6 +463,9 @@ class TreeMirror:
                              "user (a symlink?); move it away")
         self._state_path = os.path.join(self.work, STATE_FILE)
         self.work_fd = os.open(self.work, _DIR_FLAGS)
+        # Stages as btrfs subvolumes where that can work: snapshots need root here.
+        self.subvolumes = (cowfs.filesystem_of(self.work) == "btrfs" and os.geteuid() == 0
+                           and shutil.which("btrfs") is not None)
         self.state = self._read_state()
         self.recover()
 
@@ -445,7 +489,9 @@ class TreeMirror:
               and type(st.get("applied_cycle")) is int and st["applied_cycle"] >= 0
               and isinstance(st.get("freeze_time"), int | float)
               and (p is None or (isinstance(p, dict) and type(p.get("cycle")) is int
-                                 and type(p.get("stage_ino")) is int
+                                 and isinstance(p.get("stage_id"), list)
+                                 and len(p["stage_id"]) == 2
+                                 and all(type(x) is int for x in p["stage_id"])
                                  and isinstance(p.get("freeze_time"), int | float))))
         if not ok:
             raise StoreError(f"tree mirror {self.name!r}: its state {self._state_path} is "
@@ -460,10 +506,14 @@ class TreeMirror:
         p = self.state.get("pending")
         if p is not None:
             try:
-                st = os.lstat(self.path)
-                exchanged = stat.S_ISDIR(st.st_mode) and st.st_ino == p["stage_ino"]
-            except FileNotFoundError:
+                fd = os.open(self.path, _DIR_FLAGS)
+            except OSError:  # missing, or not a directory (a symlink someone put there)
                 exchanged = False
+            else:
+                try:
+                    exchanged = dir_identity(fd) == p["stage_id"]
+                finally:
+                    os.close(fd)
             if exchanged:
                 self.state["applied_cycle"] = p["cycle"]
                 self.state["freeze_time"] = p["freeze_time"]
@@ -473,7 +523,7 @@ class TreeMirror:
         # only the entries that existed when it first read it.
         for entry in os.listdir(self.work):
             if entry.startswith((STAGE_PREFIX, TMP_PREFIX)):
-                _rm_at(self.work_fd, entry)
+                self._remove(entry)
         fsync_dir(self.work)
 
     def apply(self, events) -> int:
@@ -496,15 +546,13 @@ class TreeMirror:
                 f"applied here; cycle {self.applied_cycle} is"
                 + ("" if has_tree else f" and {self.path} is missing"))
         stage = f"{STAGE_PREFIX}{cycle}"
-        _rm_at(self.work_fd, stage)
-        os.mkdir(stage, 0o700, dir_fd=self.work_fd)
-        stage_fd = os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
-        base_fd = None
+        self._remove(stage)
+        base_fd = stage_fd = None
         job = None
         try:
             if not full:
                 base_fd = os.open(self.path, _DIR_FLAGS)
-                copy_tree(base_fd, stage_fd)
+            stage_fd = self._make_stage(stage, base_fd)
             job = _Apply(self, stage_fd, base_fd, cycle)
             for ev in it:
                 if ev[0] == "op":
@@ -531,10 +579,10 @@ class TreeMirror:
                     os.close(fd)
             stage_fd = base_fd = None
             if self.state.get("pending") is None:
-                _rm_at(self.work_fd, stage)
+                self._remove(stage)
             for entry in os.listdir(self.work):
                 if entry.startswith(f"{TMP_PREFIX}{cycle}-"):
-                    _rm_at(self.work_fd, entry)
+                    self._remove(entry)
             raise
         finally:
             for fd in (stage_fd, base_fd):
@@ -542,10 +590,52 @@ class TreeMirror:
                     os.close(fd)
         return cycle
 
+    def _make_stage(self, stage: str, base_fd: int | None) -> int:
+        """Make ``stage`` in our directory: empty (``base_fd`` None) or a copy of the tree
+        open as ``base_fd``; return it open.  On btrfs (as root) the stage is a subvolume,
+        and the copy a writable snapshot of the current tree when that is a subvolume too:
+        constant time, however many files."""
+        path = os.path.join(self.work, stage)
+        what = f"tree mirror {self.name!r}"
+        if self.subvolumes and base_fd is not None and subvolume_id(base_fd):
+            btrfs(["subvolume", "snapshot", self.path, path], f"{what}: staging copy")
+            return os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
+        if self.subvolumes:
+            btrfs(["subvolume", "create", path], f"{what}: staging subvolume")
+        else:
+            os.mkdir(stage, 0o700, dir_fd=self.work_fd)
+        fd = os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
+        try:
+            if base_fd is not None:
+                copy_tree(base_fd, fd)
+            else:
+                os.fchmod(fd, 0o700)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _remove(self, entry: str) -> None:
+        """Delete ``entry`` of our directory: a subvolume by btrfs, the rest by unlinks."""
+        st = _lstat_at(self.work_fd, entry)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_SUBVOL_INO:
+            fd = os.open(entry, _DIR_FLAGS, dir_fd=self.work_fd)
+            try:
+                is_subvolume = subvolume_id(fd) != 0
+            finally:
+                os.close(fd)
+            if is_subvolume:
+                btrfs(["subvolume", "delete", os.path.join(self.work, entry)],
+                      f"tree mirror {self.name!r}: deleting {entry}")
+                return
+        _rm_at(self.work_fd, entry)
+
     def _switch(self, stage: str, stage_fd: int, cycle: int, freeze_time: float,
                 has_tree: bool) -> None:
         self.state["pending"] = {"cycle": cycle, "freeze_time": freeze_time,
-                                 "stage_ino": os.fstat(stage_fd).st_ino}
+                                 "stage_id": dir_identity(stage_fd)}
         self._save()
         failpoints.hit("receiver.tree_switch")
         root_fd = os.open(self.root, _DIR_FLAGS)
@@ -559,7 +649,7 @@ class TreeMirror:
         failpoints.hit("receiver.tree_switched")
         self.state.update(applied_cycle=cycle, freeze_time=freeze_time, pending=None)
         self._save()
-        _rm_at(self.work_fd, stage)  # the previous version
+        self._remove(stage)  # the previous version
 
 
 def remove_tree_mirror(root: str, name: str) -> None:
