@@ -130,12 +130,14 @@ def settle_and_check(history, root: str, expect: int | None) -> int:
 
 
 def applying_ops(root: str) -> bool:
-    """Whether the child is applying operations: its temp directory is in the stage."""
-    stage = os.path.join(root, ".cyclemirror-tree-t", "stage-2")
-    try:
-        return any(e.startswith(".cyclemirror-tmp-2-") for e in os.listdir(stage))
-    except FileNotFoundError:
-        return False
+    """Whether the child is applying operations: one of the first files of the delta
+    (d0's renamed file, cycle 2's ops go directory by directory) is in the stage."""
+    return os.path.exists(os.path.join(root, ".cyclemirror-tree-t", "stage-2", "d0", "sub",
+                                       "moved"))
+
+
+def staging(root: str) -> bool:
+    return os.path.exists(os.path.join(root, ".cyclemirror-tree-t", "stage-2"))
 
 
 def exchanged(root: str) -> bool:
@@ -185,7 +187,7 @@ def wait_progress(proc: subprocess.Popen, root: str, polls: int) -> None:
         nonlocal seen
         if proc.poll() is not None:
             return True
-        seen += applying_ops(root)
+        seen += staging(root)
         return seen >= polls
     wait_for(progressed, 120, "the apply to progress", interval=0.001)
 

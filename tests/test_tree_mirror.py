@@ -20,7 +20,7 @@ import random
 import pytest
 
 from cyclemirror.receiver.treeops import TreeMirror
-from cyclemirror.store import cowfs, tree
+from cyclemirror.store import cowfs, tree, treediff
 from tests.support.trees import assert_same_tree, delete_subvolumes, ship, subvolume
 
 NODE = "0123456789abcdef"
@@ -61,6 +61,9 @@ def cycle(obj, mirror):
     k = obj.freeze()
     delta = ship(obj, k, mirror)
     assert_same_tree(obj.snapshot_path(k), mirror.path)
+    if k > 1:  # the walk kept from the previous delta changes nothing
+        fresh = treediff.tree_delta(obj.snapshot_path(k - 1), obj.snapshot_path(k))
+        assert fresh.ops == delta.ops
     if k > 1:
         obj.merge_through(k - 1)  # the mirror's snapshots go after each cycle
     assert len(obj.snapshot_names()) == 1

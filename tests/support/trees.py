@@ -17,7 +17,7 @@ import stat
 import subprocess
 
 from cyclemirror.receiver.treeops import TreeMirror
-from cyclemirror.store import treediff
+from cyclemirror.store import treediff  # noqa: F401 (TreeDelta in annotations)
 from cyclemirror.store.tree import TreeObject
 from cyclemirror.wire import treeframes
 
@@ -44,9 +44,8 @@ def delete_subvolumes(d: str) -> None:
 
 
 def encode_cycle(obj: TreeObject, k: int) -> tuple[bytes, treediff.TreeDelta]:
-    old = obj.snapshot_path(k - 1) if k > 1 else None
     new = obj.snapshot_path(k)
-    delta = treediff.tree_delta(old, new)
+    delta = obj.delta(k)
 
     def open_new(rel: str) -> int:
         return os.open(os.path.join(new, rel), os.O_RDONLY | os.O_NOFOLLOW)

@@ -3,30 +3,33 @@
 Layout, in a directory ``ROOT`` of the target's choosing::
 
     ROOT/NAME/                       the mirror: a plain tree any tool reads
-    ROOT/.cyclemirror-tree-NAME/     ours: state.json, stage-K/ (the next version
-                                     being built), .tmp-* (files being written)
+    ROOT/.cyclemirror-tree-NAME/     ours: state.json, stage-K/ (the next version)
 
 A cycle is applied without ever touching ``ROOT/NAME``:
 
 1. ``stage-K`` is made: empty for a full cycle, else a copy of the current
-   tree (each file a reflink clone where the file system has them, else a
-   copy; hard links, symlinks, modes, owners and mtimes kept).
-2. The ops of the delta (``wire.treeframes``) are applied inside it: every
-   file written is built as a temp file in our directory (a clone of the
-   previous version's ``ref`` for a ``patch``), then renamed into place;
-   directory metadata is set last, deepest first, and directories whose own
-   metadata did not change get their mtime back.
+   tree.  On btrfs (as root) it is a subvolume, and the copy a writable
+   snapshot of ``ROOT/NAME`` (constant time); elsewhere a walk copies it
+   (each file a reflink clone where the file system has them, else a copy;
+   hard links, symlinks, modes, owners and mtimes kept).
+2. The ops of the delta (``wire.treeframes``) are applied inside it, which
+   nobody else sees: an entry is replaced by removing the old one and making
+   the new one in place (for a ``patch``, a clone of the previous version's
+   ``ref``, then the ranges written); directory metadata is set last, deepest
+   first, and directories whose own metadata did not change get their mtime
+   back.
 3. Everything is made durable (``syncfs``), the record ``pending`` =
-   {cycle, inode of ``stage-K``} is written, and ``renameat2(RENAME_EXCHANGE)``
-   swaps ``stage-K`` and ``ROOT/NAME`` in one step (the first cycle: a rename
-   with ``RENAME_NOREPLACE``).  Then the record says the cycle is applied and
-   the previous version (now at ``stage-K``) is deleted.
+   {cycle, identity of ``stage-K``: inode and subvolume id} is written, and
+   ``renameat2(RENAME_EXCHANGE)`` swaps ``stage-K`` and ``ROOT/NAME`` in one
+   step (the first cycle: a rename with ``RENAME_NOREPLACE``).  Then the
+   record says the cycle is applied and the previous version (now at
+   ``stage-K``) is deleted.
 
 After a crash at any moment, ``recover`` (run by every open) looks at
-``pending``: if ``ROOT/NAME`` is the directory whose inode it names, the
+``pending``: if ``ROOT/NAME`` is the directory whose identity it names, the
 exchange happened and cycle K is the one applied; otherwise it did not and
-the previous cycle is.  Either way everything in our directory but the
-record is deleted.  So ``ROOT/NAME`` is always exactly one freeze instant.
+the previous cycle is.  Either way every stage in our directory is deleted.
+So ``ROOT/NAME`` is always exactly one freeze instant.
 
 Paths come from the wire (checked by ``messages.check_relpath``: no ``..``,
 no absolute path) and are opened one component at a time from a directory
@@ -42,30 +45,24 @@ import ctypes.util
 import errno
 import fcntl
 import os
-import shutil
 import stat
 
 from cyclemirror import failpoints
-from cyclemirror.errors import NotFoundError, ProtocolError, StoreError, UsageError
+from cyclemirror.errors import ProtocolError, StoreError, UsageError
 from cyclemirror.fileio import fsync_dir
 from cyclemirror.receiver.fileops import punch_zeroes, pwrite_all
-from cyclemirror.store import cowfs
+from cyclemirror.store import btrfsioctl, cowfs
+from cyclemirror.store.btrfsioctl import BTRFS_SUBVOL_INO, subvolume_id
 from cyclemirror.store.fileops import KernelCopier, atomic_write_json, data_runs, read_json
 from cyclemirror.store.names import validate_volume_name
-from cyclemirror.store.tree import BTRFS_SUBVOL_INO, btrfs
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
 STAGE_PREFIX = "stage-"
-TMP_PREFIX = ".tmp-"
-STAGE_TMP_PREFIX = ".cyclemirror-tmp-"
 FICLONE = 0x40049409
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
-# _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args): with treeid 0 and objectid 256 it
-# answers the id of the subvolume the descriptor is in (allowed to any user).
-BTRFS_IOC_INO_LOOKUP = 0xD0009412
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -80,19 +77,6 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), "syncfs")
-
-
-def subvolume_id(fd: int) -> int:
-    """The btrfs subvolume id of directory ``fd`` if it is a subvolume's root, else 0."""
-    if os.fstat(fd).st_ino != BTRFS_SUBVOL_INO:
-        return 0
-    args = bytearray(4096)
-    args[8:16] = BTRFS_SUBVOL_INO.to_bytes(8, "little")
-    try:
-        fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, args)
-    except OSError:
-        return 0  # not btrfs (an inode 256 elsewhere is a plain directory)
-    return int.from_bytes(args[0:8], "little")
 
 
 def dir_identity(fd: int) -> list[int]:
@@ -242,37 +226,25 @@ def copy_tree(src_fd: int, dst_fd: int) -> None:
 
 
 class _Apply:
-    """One cycle's ops applied inside ``stage_fd``, reading refs from ``base_fd``."""
+    """One cycle's ops applied inside ``stage_fd``, reading refs from ``base_fd``.
+
+    The stage is private until the switch, so an entry is replaced by removing the
+    old one and making the new one where it belongs (no temp names, no renames): a
+    crash in between leaves a stage that recovery deletes anyway."""
 
     def __init__(self, mirror: TreeMirror, stage_fd: int, base_fd: int | None, cycle: int):
         self.m = mirror
         self.stage = stage_fd
         self.base = base_fd
         self.cycle = cycle
-        self.tmp_seq = 0
         self.touched: dict[str, tuple[int, int]] = {}  # dir -> its (atime, mtime) before
         self.dir_meta: dict[str, dict] = {}
-        self.open_file: tuple[int, str, dict] | None = None  # (fd, tmp name, op)
-        # Files are built in a directory of ours inside the stage: a rename or a link
-        # cannot cross btrfs subvolumes, and the stage may be one.  Removed before the
-        # switch; the name is refused in the delta's paths.
-        st = os.fstat(stage_fd)
-        self.touched["."] = (st.st_atime_ns, st.st_mtime_ns)
-        self.tmp_dir = f"{STAGE_TMP_PREFIX}{cycle}-{os.urandom(4).hex()}"
-        os.mkdir(self.tmp_dir, 0o700, dir_fd=stage_fd)
-        self.work = os.open(self.tmp_dir, _DIR_FLAGS, dir_fd=stage_fd)
+        self.open_file: tuple[int, dict] | None = None  # (fd, op)
 
     def where(self, msg: dict) -> str:
         return f"tree mirror {self.m.name!r}, cycle {self.cycle}, {msg['op']} {msg['path']!r}"
 
-    def _tmp(self) -> str:
-        self.tmp_seq += 1
-        return f"{TMP_PREFIX}{self.cycle}-{self.tmp_seq}"
-
     def _parent(self, path: str, msg: dict) -> tuple[int, str]:
-        if path.split("/", 1)[0].startswith(STAGE_TMP_PREFIX):
-            raise ProtocolError(f"{self.where(msg)}: names starting {STAGE_TMP_PREFIX!r} at "
-                                "the tree's top are the target's own")
         parent, leaf = _split(path)
         try:
             fd = _open_dir(self.stage, parent)
@@ -285,32 +257,21 @@ class _Apply:
             self.touched[parent] = (st.st_atime_ns, st.st_mtime_ns)
         return fd, leaf
 
-    def _place(self, tmp: str, path: str, msg: dict) -> None:
-        """Rename our temp entry over ``path`` (not a directory)."""
-        pfd, leaf = self._parent(path, msg)
-        try:
-            old = _lstat_at(pfd, leaf)
-            if old is not None and stat.S_ISDIR(old.st_mode):
-                raise ProtocolError(f"{self.where(msg)}: a directory is in the way (the "
-                                    "delta should have removed it)")
-            new = os.stat(tmp, dir_fd=self.work, follow_symlinks=False)
-            if old is not None and (old.st_dev, old.st_ino) == (new.st_dev, new.st_ino):
-                os.unlink(tmp, dir_fd=self.work)  # already that link: rename would no-op
-            else:
-                os.rename(tmp, leaf, src_dir_fd=self.work, dst_dir_fd=pfd)
-        finally:
-            os.close(pfd)
+    def _clear(self, pfd: int, leaf: str, msg: dict) -> None:
+        """Make room for a new entry ``leaf``: remove a file or symlink there; a directory
+        there is an error (the delta removes it first)."""
+        st = _lstat_at(pfd, leaf)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise ProtocolError(f"{self.where(msg)}: a directory is in the way (the delta "
+                                "should have removed it)")
+        os.unlink(leaf, dir_fd=pfd)
 
     def op(self, msg: dict) -> None:
         self.finish_file()
         kind, path = msg["op"], msg["path"]
-        if kind == "rm":
-            pfd, leaf = self._parent(path, msg)
-            try:
-                _rm_at(pfd, leaf)
-            finally:
-                os.close(pfd)
-        elif kind == "dir":
+        if kind == "dir":
             if path != ".":
                 pfd, leaf = self._parent(path, msg)
                 try:
@@ -323,39 +284,33 @@ class _Apply:
                 finally:
                     os.close(pfd)
             self.dir_meta[path] = msg
-        elif kind in ("file", "patch"):
-            tmp = self._tmp()
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=self.work)
-            try:
-                if kind == "patch":
-                    self._clone_ref(msg, fd)
-                os.ftruncate(fd, msg["size"])
-            except BaseException:
-                os.close(fd)
-                raise
-            self.open_file = (fd, tmp, msg)
-        elif kind == "symlink":
-            tmp = self._tmp()
-            os.symlink(msg["ref"], tmp, dir_fd=self.work)
-            _set_meta(tmp, None, msg["uid"], msg["gid"], msg["mtime_ns"], dir_fd=self.work)
-            self._place(tmp, path, msg)
-        elif kind == "link":
-            sfd, sleaf = self._parent(msg["ref"], msg)
-            try:
-                st = _lstat_at(sfd, sleaf)
-                if st is None or not stat.S_ISREG(st.st_mode):
-                    raise ProtocolError(f"{self.where(msg)}: the link's target {msg['ref']!r}"
-                                        " is not a regular file of the new version")
-                tmp = self._tmp()
-                os.link(sleaf, tmp, src_dir_fd=sfd, dst_dir_fd=self.work,
-                        follow_symlinks=False)
-            finally:
-                os.close(sfd)
-            self._place(tmp, path, msg)
-        elif kind == "meta":
-            pfd, leaf = self._parent(path, msg)
-            try:
+            failpoints.hit("receiver.tree_op")
+            return
+        if kind == "link":
+            self._link(msg)
+            failpoints.hit("receiver.tree_op")
+            return
+        pfd, leaf = self._parent(path, msg)
+        try:
+            if kind == "rm":
+                _rm_at(pfd, leaf)
+            elif kind in ("file", "patch"):
+                self._clear(pfd, leaf, msg)
+                fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                try:
+                    if kind == "patch":
+                        self._clone_ref(msg, fd)
+                    os.ftruncate(fd, msg["size"])
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self.open_file = (fd, msg)
+            elif kind == "symlink":
+                self._clear(pfd, leaf, msg)
+                os.symlink(msg["ref"], leaf, dir_fd=pfd)
+                _set_meta(leaf, None, msg["uid"], msg["gid"], msg["mtime_ns"], dir_fd=pfd)
+            elif kind == "meta":
                 st = _lstat_at(pfd, leaf)
                 if st is None:
                     raise ProtocolError(f"{self.where(msg)}: no such file in the tree")
@@ -370,9 +325,28 @@ class _Apply:
                 else:
                     raise ProtocolError(f"{self.where(msg)}: 'meta' is for files and "
                                         "symlinks, directories take 'dir'")
+        finally:
+            os.close(pfd)
+        failpoints.hit("receiver.tree_op")
+
+    def _link(self, msg: dict) -> None:
+        sfd, sleaf = self._parent(msg["ref"], msg)
+        try:
+            src = _lstat_at(sfd, sleaf)
+            if src is None or not stat.S_ISREG(src.st_mode):
+                raise ProtocolError(f"{self.where(msg)}: the link's target {msg['ref']!r} "
+                                    "is not a regular file of the new version")
+            pfd, leaf = self._parent(msg["path"], msg)
+            try:
+                old = _lstat_at(pfd, leaf)
+                if old is not None and (old.st_dev, old.st_ino) == (src.st_dev, src.st_ino):
+                    return  # already that link
+                self._clear(pfd, leaf, msg)
+                os.link(sleaf, leaf, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
             finally:
                 os.close(pfd)
-        failpoints.hit("receiver.tree_op")
+        finally:
+            os.close(sfd)
 
     def _clone_ref(self, msg: dict, fd: int) -> None:
         if self.base is None:
@@ -412,19 +386,15 @@ class _Apply:
     def finish_file(self) -> None:
         if self.open_file is None:
             return
-        fd, tmp, msg = self.open_file
+        fd, msg = self.open_file
         self.open_file = None
         try:
             _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
         finally:
             os.close(fd)
-        self._place(tmp, msg["path"], msg)
 
     def finish(self) -> None:
         self.finish_file()
-        os.close(self.work)
-        self.work = -1
-        os.rmdir(self.tmp_dir, dir_fd=self.stage)  # empty: every temp entry was placed
         depth = lambda p: 0 if p == "." else p.count("/") + 1  # noqa: E731
         for path in sorted(set(self.touched) | set(self.dir_meta), key=depth, reverse=True):
             fd = _open_dir(self.stage, path)
@@ -441,9 +411,6 @@ class _Apply:
         if self.open_file is not None:
             os.close(self.open_file[0])
             self.open_file = None
-        if self.work >= 0:
-            os.close(self.work)
-            self.work = -1
 
 
 class TreeMirror:
@@ -464,8 +431,7 @@ class TreeMirror:
         self._state_path = os.path.join(self.work, STATE_FILE)
         self.work_fd = os.open(self.work, _DIR_FLAGS)
         # Stages as btrfs subvolumes where that can work: snapshots need root here.
-        self.subvolumes = (cowfs.filesystem_of(self.work) == "btrfs" and os.geteuid() == 0
-                           and shutil.which("btrfs") is not None)
+        self.subvolumes = cowfs.filesystem_of(self.work) == "btrfs" and os.geteuid() == 0
         self.state = self._read_state()
         self.recover()
 
@@ -522,7 +488,7 @@ class TreeMirror:
         # By name, not through work_fd: btrfs lists to a long-open directory descriptor
         # only the entries that existed when it first read it.
         for entry in os.listdir(self.work):
-            if entry.startswith((STAGE_PREFIX, TMP_PREFIX)):
+            if entry.startswith(STAGE_PREFIX):
                 self._remove(entry)
         fsync_dir(self.work)
 
@@ -580,9 +546,6 @@ class TreeMirror:
             stage_fd = base_fd = None
             if self.state.get("pending") is None:
                 self._remove(stage)
-            for entry in os.listdir(self.work):
-                if entry.startswith(f"{TMP_PREFIX}{cycle}-"):
-                    self._remove(entry)
             raise
         finally:
             for fd in (stage_fd, base_fd):
@@ -596,12 +559,11 @@ class TreeMirror:
         and the copy a writable snapshot of the current tree when that is a subvolume too:
         constant time, however many files."""
         path = os.path.join(self.work, stage)
-        what = f"tree mirror {self.name!r}"
         if self.subvolumes and base_fd is not None and subvolume_id(base_fd):
-            btrfs(["subvolume", "snapshot", self.path, path], f"{what}: staging copy")
+            btrfsioctl.snapshot(self.path, path, readonly=False)
             return os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
         if self.subvolumes:
-            btrfs(["subvolume", "create", path], f"{what}: staging subvolume")
+            btrfsioctl.create_subvolume(path)
         else:
             os.mkdir(stage, 0o700, dir_fd=self.work_fd)
         fd = os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
@@ -627,8 +589,7 @@ class TreeMirror:
             finally:
                 os.close(fd)
             if is_subvolume:
-                btrfs(["subvolume", "delete", os.path.join(self.work, entry)],
-                      f"tree mirror {self.name!r}: deleting {entry}")
+                btrfsioctl.delete_subvolume(os.path.join(self.work, entry))
                 return
         _rm_at(self.work_fd, entry)
 
@@ -650,14 +611,3 @@ class TreeMirror:
         self.state.update(applied_cycle=cycle, freeze_time=freeze_time, pending=None)
         self._save()
         self._remove(stage)  # the previous version
-
-
-def remove_tree_mirror(root: str, name: str) -> None:
-    """Delete a tree mirror: the tree and our directory."""
-    validate_volume_name(name)
-    path = os.path.join(root, name)
-    if not os.path.lexists(path) and not os.path.exists(
-            os.path.join(root, f".cyclemirror-tree-{name}")):
-        raise NotFoundError(f"no tree mirror {name!r} in {root}")
-    shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(os.path.join(root, f".cyclemirror-tree-{name}"), ignore_errors=True)

@@ -26,29 +26,26 @@ mode 0700, on the same file system, as a snapshot cannot cross one):
 
 The delta between two snapshots is ``store.treediff``; what ships it is
 ``wire.treeframes``; the target's side is ``receiver.treeops``.  Snapshots
-are made and deleted with the btrfs-progs command (``btrfs``), whose
-absence is refused with the package to install.
+are made and deleted with the kernel's ioctls (``store.btrfsioctl``), which
+need root.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import subprocess
 import threading
 import time
 
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, UsageError
-from cyclemirror.store import cowfs, fileops
+from cyclemirror.store import btrfsioctl, cowfs, fileops, treediff
+from cyclemirror.store.btrfsioctl import BTRFS_SUBVOL_INO
 from cyclemirror.store.names import validate_volume_name
 
 TREES_DIR = "trees"
 RECORD_FORMAT = 1
 SNAP_PREFIX = "snap-"
 TMP_PREFIX = ".tmp-"
-BTRFS_SUBVOL_INO = 256  # the root directory of every btrfs subvolume has this inode
-BTRFS_TIMEOUT = 300.0
 
 
 def snapshot_dir_for(path: str, node_id: str, name: str) -> str:
@@ -66,23 +63,6 @@ def list_trees(store_path: str) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(e[:-5] for e in entries if e.endswith(".json") and not e.startswith("."))
-
-
-def btrfs(args: list[str], what: str) -> str:
-    """Run ``btrfs ARGS``; a failure is a StoreError naming ``what`` and btrfs's words."""
-    exe = shutil.which("btrfs")
-    if exe is None:
-        raise StoreError(f"{what}: the 'btrfs' command is not installed; install btrfs-progs")
-    try:
-        done = subprocess.run([exe, *args], capture_output=True, text=True,
-                              timeout=BTRFS_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        raise StoreError(f"{what}: 'btrfs {' '.join(args)}' did not finish in "
-                         f"{BTRFS_TIMEOUT:g} s") from None
-    if done.returncode != 0:
-        raise StoreError(f"{what}: 'btrfs {' '.join(args)}' failed: "
-                         f"{(done.stderr or done.stdout).strip()[:500]}")
-    return done.stdout
 
 
 def is_subvolume(path: str) -> bool:
@@ -132,7 +112,7 @@ def add_tree(store_path: str, node_id: str, name: str, path: str) -> dict:
     _own_directory(snaps, f"tree object {name!r}")
     probe = os.path.join(snaps, TMP_PREFIX + "probe")
     _delete_snapshot(probe, f"tree object {name!r}")
-    btrfs(["subvolume", "snapshot", "-r", path, probe], f"tree object {name!r}: probe snapshot")
+    btrfsioctl.snapshot(path, probe, readonly=True)
     _delete_snapshot(probe, f"tree object {name!r}")
     rec = {"format": RECORD_FORMAT, "name": name, "path": path, "fs": "btrfs",
            "snapshots": snaps, "top": 0, "merged": -1, "freeze_times": {},
@@ -178,7 +158,10 @@ def _delete_snapshot(path: str, what: str) -> None:
     if not stat.S_ISDIR(st.st_mode) or st.st_ino != BTRFS_SUBVOL_INO:
         raise StoreError(f"{what}: {path} is not a snapshot of ours (not a subvolume); "
                          "move it away")
-    btrfs(["subvolume", "delete", path], f"{what}: deleting snapshot")
+    try:
+        btrfsioctl.delete_subvolume(path)
+    except StoreError as exc:
+        raise StoreError(f"{what}: {exc}") from None
 
 
 def _read_record(path: str, name: str) -> dict:
@@ -224,6 +207,7 @@ class TreeObject:
         self._rec = rec
         self._lock = threading.Lock()
         self._freeze_lock = threading.Lock()
+        self._walk: tuple[int, dict] | None = None  # the newest delta's walk of its snapshot
         self._recover()
 
     def snapshot_path(self, k: int) -> str:
@@ -289,7 +273,10 @@ class TreeObject:
                 raise NotFoundError(f"{what}: the subvolume is gone; put it back, or remove "
                                     "the object")
             now = time.time()
-            btrfs(["subvolume", "snapshot", "-r", self.path, tmp], f"freezing {what}")
+            try:
+                btrfsioctl.snapshot(self.path, tmp, readonly=True)
+            except StoreError as exc:
+                raise StoreError(f"freezing {what}: {exc}") from None
             final = os.path.join(self.snapshots, f"{SNAP_PREFIX}{k}")
             _delete_snapshot(final, what)  # a snap-k of a freeze that failed to commit
             os.rename(tmp, final)
@@ -301,6 +288,18 @@ class TreeObject:
                                              if int(n) > self._rec["merged"]}
                 self._save()  # the commit point
             return k
+
+    def delta(self, k: int) -> treediff.TreeDelta:
+        """The delta of cycle ``k``: from snapshot k-1 (none for cycle 1) to snapshot k.
+        The walk of snapshot k is kept for the delta of k+1 (a snapshot never changes)."""
+        old = self.snapshot_path(k - 1) if k > 1 else None
+        new = self.snapshot_path(k)
+        with self._lock:
+            cached = self._walk[1] if self._walk and self._walk[0] == k - 1 else None
+        d = treediff.tree_delta(old, new, cached)
+        with self._lock:
+            self._walk = (k, d.new_walk)
+        return d
 
     def merge_through(self, k: int) -> None:
         """Delete the snapshots <= k (the targets hold cycle k + 1 or later)."""

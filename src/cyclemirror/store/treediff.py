@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +88,7 @@ class TreeDelta:
     skipped: list[str]  # sockets, FIFOs, device nodes: not mirrored
     data_bytes: int = 0
     methods: dict[str, int] = field(default_factory=dict)  # how changed files were compared
+    new_walk: dict[str, Entry] = field(default_factory=dict, repr=False)  # for the next one
 
 
 def _utf8(rel: str, root: str) -> str:
@@ -140,11 +142,23 @@ def _op(op: str, path: str, e: Entry, ref: str = "") -> TreeOp:
                   e.size if op in ("file", "patch") else 0)
 
 
-def tree_delta(old_root: str | None, new_root: str) -> TreeDelta:
-    """The ops that turn snapshot ``old_root`` (None: an empty tree) into ``new_root``."""
-    old = walk(old_root) if old_root is not None else {}
-    new = walk(new_root)
-    delta = TreeDelta([], sorted(p for p, e in new.items() if e.kind == "other"))
+def tree_delta(old_root: str | None, new_root: str,
+               old_walk: dict[str, Entry] | None = None) -> TreeDelta:
+    """The ops that turn snapshot ``old_root`` (None: an empty tree) into ``new_root``.
+
+    ``old_walk`` is ``walk(old_root)`` if the caller kept it (the previous delta's
+    ``new_walk``: a snapshot never changes), else both are walked, side by side."""
+    if old_root is None:
+        old, new = {}, walk(new_root)
+    elif old_walk is not None:
+        old, new = old_walk, walk(new_root)
+    else:
+        with ThreadPoolExecutor(2) as pool:  # lstat lets go of the GIL
+            old_f = pool.submit(walk, old_root)
+            new = walk(new_root)
+            old = old_f.result()
+    delta = TreeDelta([], sorted(p for p, e in new.items() if e.kind == "other"),
+                      new_walk=new)
     ops = delta.ops
     # 1. deletes: gone, or the kind changed (a directory must go before a file takes its
     # name, and the reverse); only the topmost of each deleted subtree.
