@@ -42,6 +42,7 @@ import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,8 +54,7 @@ HASH_BLOCK = 4096
 HASH_SPAN = 64 << 20  # bytes hashed per call
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """What a walk saw at one path (lstat, never following a symlink)."""
 
     kind: str  # "dir", "file", "symlink" or "other"
@@ -92,6 +92,8 @@ class TreeDelta:
 
 
 def _utf8(rel: str, root: str) -> str:
+    if rel.isascii():
+        return rel
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
@@ -125,8 +127,10 @@ def _entry(st: os.stat_result, target: str) -> Entry:
                  st.st_size if kind == "file" else 0, st.st_ino, st.st_ctime_ns, target)
 
 
-def _key(path: str) -> tuple[str, ...]:
-    return () if path == "." else tuple(path.split("/"))
+def _key(path: str) -> str:
+    """Sorts paths as their tuples of components would (parents first, a directory's
+    subtree together): NUL is below every character a name can hold."""
+    return "" if path == "." else path.replace("/", "\0")
 
 
 def _parent(path: str) -> str:
@@ -163,7 +167,8 @@ def tree_delta(old_root: str | None, new_root: str,
     # 1. deletes: gone, or the kind changed (a directory must go before a file takes its
     # name, and the reverse); only the topmost of each deleted subtree.
     gone = set()
-    for p in sorted(old, key=_key):
+    old_order = sorted(old, key=_key)
+    for p in old_order:
         o, n = old[p], new.get(p)
         if p != "." and (n is None or n.kind != o.kind) and o.kind != "other":
             if _parent(p) not in gone:
@@ -179,7 +184,7 @@ def tree_delta(old_root: str | None, new_root: str,
                 ops.append(_op("dir", p, n))
     # 3. regular files: one content op per inode, at its first name
     old_names: dict[int, list[str]] = {}
-    for p in sorted(old, key=_key):
+    for p in old_order:
         if old[p].kind == "file":
             old_names.setdefault(old[p].ino, []).append(p)
     new_names: dict[int, list[str]] = {}
