@@ -546,6 +546,8 @@ class TreeMirror:
             stage_fd = base_fd = None
             if self.state.get("pending") is None:
                 self._remove(stage)
+            else:  # failed around the switch: settle it as a restart would
+                self.recover()
             raise
         finally:
             for fd in (stage_fd, base_fd):
