@@ -12,6 +12,8 @@ listens on loopback).  Each variant mirrors its own 1 GiB volume:
   * ``interval``  ``mirror start VOL --to TARGET --interval 0.5``
   * ``rpo``       ``mirror start VOL --to TARGET --rpo 2``; skipped (and said so)
                   while ``mirror start --help`` offers no ``--rpo``
+  * ``pace``      ``mirror start VOL --to TARGET --rpo 2 --pace`` (write pacing);
+                  skipped while ``mirror start --help`` offers no ``--pace``
 
 fio (``--ioengine=nbd``, one connection) writes through the source's export, and
 a thread samples the source daemon's ``status`` every 0.1 s over the control
@@ -23,7 +25,8 @@ Each sample keeps the time and, for each target, ``rpo_age``, ``phase``,
    32) at 25, 50 and 100 MiB/s and 1 MiB sequential writes (queue depth 4) at
    200 MiB/s, CYCLEMIRROR_BENCH_SECONDS each (default 60).  Per run: fio's
    achieved write rate and p99 completion latency, RPO age p50/p99/max, the
-   least-squares slope of RPO age against time over the second half of the run
+   p99 over the second half alone (the steady state, without a start's
+   transient), the least-squares slope of RPO age against time over the second half of the run
    ("bounded" when below 0.05 s/s), cycles applied, how long the catch-up
    took once the writer stopped (below), the time share of each phase the
    status showed, and the mean of the last cycle's figures (size, duration, and
@@ -36,7 +39,8 @@ Each sample keeps the time and, for each target, ``rpo_age``, ``phase``,
 3. Throughput (``test_write_throughput_with_mirror_against_nbdkit``): fio 1 MiB
    sequential writes (queue depth 4) and 4 KiB random writes (queue depth 32),
    unthrottled, CYCLEMIRROR_BENCH_TPUT_SECONDS each (default 10), through our
-   export of the ``interval`` volume while it mirrors, against ``nbdkit file``
+   export of the ``interval`` volume (and of the ``pace`` volume) while it mirrors,
+   against ``nbdkit file``
    on a raw file of the same size; both filled beforehand (untimed),
    CYCLEMIRROR_BENCH_ROUNDS interleaved rounds (default 3) with the order
    alternating, ``os.sync()`` before each trial and the mirror caught up
@@ -56,7 +60,7 @@ bench/out/, which git ignores); the paths are printed. Nothing asserts a
 speed.
 
 Choosing what runs: CYCLEMIRROR_BENCH_RUNS=4k-25,4k-50,4k-100,1m-200 (any
-subset), CYCLEMIRROR_BENCH_VARIANTS=interval,rpo, CYCLEMIRROR_BENCH_STEP_RATES
+subset), CYCLEMIRROR_BENCH_VARIANTS=interval,rpo,pace, CYCLEMIRROR_BENCH_STEP_RATES
 =10,25,... (MiB/s), or pytest's -k to pick parts.  This machine is shared: the
 load average at the start of each part is printed beside its table.
 """
@@ -109,7 +113,9 @@ if os.environ.get("CYCLEMIRROR_BENCH_RUNS"):
     RUNS = {r: RUNS[r] for r in os.environ["CYCLEMIRROR_BENCH_RUNS"].split(",")}
 STEP_RATES = [int(r) for r in
               os.environ.get("CYCLEMIRROR_BENCH_STEP_RATES", "10,25,50,75,100,150").split(",")]
-VARIANTS = os.environ.get("CYCLEMIRROR_BENCH_VARIANTS", "interval,rpo").split(",")
+VARIANTS = os.environ.get("CYCLEMIRROR_BENCH_VARIANTS", "interval,rpo,pace").split(",")
+HOW = {"interval": ["--interval", str(INTERVAL)], "rpo": ["--rpo", str(OBJECTIVE)],
+       "pace": ["--rpo", str(OBJECTIVE), "--pace"]}
 THROUGHPUT = {"1m-seqwrite-qd4": ONE_M, "4k-randwrite-qd32": FOUR_K}
 # A part runs for many minutes (runs, then catch-ups); fio and mirror sync have their own bounds.
 pytestmark = pytest.mark.timeout(0)
@@ -130,7 +136,8 @@ class Bench:
         self.target = Daemon(root, "target", key_file=self.key, listen=True, nbd=False,
                              metrics=False).start()
         self.source = Daemon(root, "source", key_file=self.key, metrics=False).start()
-        self.has_rpo = "--rpo" in run_cli("mirror", "start", "--help").stdout
+        helptext = run_cli("mirror", "start", "--help").stdout
+        self.has = {"interval": True, "rpo": "--rpo" in helptext, "pace": "--pace" in helptext}
         self.volumes: dict[str, str] = {}
 
     def volume(self, variant: str) -> str:
@@ -138,9 +145,7 @@ class Bench:
         if variant not in self.volumes:
             name = f"vol-{variant}"
             self.source.cli("volume", "create", name, "--size", str(VOLUME_SIZE))
-            how = ["--interval", str(INTERVAL)] if variant == "interval" else ["--rpo",
-                                                                              str(OBJECTIVE)]
-            self.source.cli("mirror", "start", name, "--to", self.target.listen, *how)
+            self.source.cli("mirror", "start", name, "--to", self.target.listen, *HOW[variant])
             self.catch_up(name)
             self.volumes[variant] = name
         return self.volumes[variant]
@@ -194,9 +199,9 @@ def bench():
 def variant_or_skip(bench: Bench, variant: str) -> str:
     if variant not in VARIANTS:
         pytest.skip(f"variant {variant} not in CYCLEMIRROR_BENCH_VARIANTS")
-    if variant == "rpo" and not bench.has_rpo:
-        pytest.skip("'cyclemirror mirror start --help' offers no --rpo yet: the rpo variant "
-                    "runs once the option exists")
+    if not bench.has[variant]:
+        pytest.skip(f"'cyclemirror mirror start --help' offers no {HOW[variant][-1]} yet: the "
+                    f"{variant} variant runs once the option exists")
     return bench.volume(variant)
 
 
@@ -294,10 +299,12 @@ class Run:
         pts = self.series()
         ages = sorted(a for _, a in pts)
         fig = {"n": len(pts), "p50": None, "p99": None, "max": None, "slope": None,
-               "bounded": None, "cycles": 0}
+               "bounded": None, "cycles": 0, "p99_late": None}
         if ages:
             fig.update(p50=quantile(ages, 0.5), p99=quantile(ages, 0.99), max=ages[-1])
         second = [(t, a) for t, a in pts if t >= self.writer_end / 2]
+        if second:  # the steady state, without the start's transient
+            fig["p99_late"] = quantile(sorted(a for _, a in second), 0.99)
         if len(second) >= 3:
             fig["slope"] = slope(second)
             fig["bounded"] = fig["slope"] < BOUNDED_SLOPE
@@ -379,15 +386,17 @@ def print_runs(title: str, runs: list[Run]) -> None:
     print(f"\n== {title} ==  (load average {fmt(os.getloadavg()[0], '.1f')} "
           f"{fmt(os.getloadavg()[1], '.1f')} {fmt(os.getloadavg()[2], '.1f')})")
     print(f"{'run':22} {'variant':8} {'asked':>6} {'fio':>7} {'clat99':>7} {'rpo p50':>8} "
-          f"{'p99':>7} {'max':>7} {'slope':>7} {'bounded':>8} {'cycles':>6} {'catch-up':>11}")
+          f"{'p99':>7} {'max':>7} {'p99 2nd':>7} {'slope':>7} {'bounded':>8} {'cycles':>6} "
+          f"{'catch-up':>11}")
     print(f"{'':22} {'':8} {'MiB/s':>6} {'MiB/s':>7} {'ms':>7} {'s':>8} {'s':>7} {'s':>7} "
-          f"{'s/s':>7} {'':>8} {'':>6} {'s (syncs)':>11}")
+          f"{'half s':>7} {'s/s':>7} {'':>8} {'':>6} {'s (syncs)':>11}")
     for r in runs:
         f = r.figures()
         bounded = "-" if f["bounded"] is None else ("yes" if f["bounded"] else "NO")
         print(f"{r.label:22} {r.variant:8} {fmt(r.rate, '.0f', 'max'):>6} {r.achieved:7.1f} "
               f"{fmt(clat_p99_ms(r.write), '.1f'):>7} {fmt(f['p50']):>8} {fmt(f['p99']):>7} "
-              f"{fmt(f['max']):>7} {fmt(f['slope'], '.3f'):>7} {bounded:>8} {f['cycles']:6d} "
+              f"{fmt(f['max']):>7} {fmt(f['p99_late']):>7} {fmt(f['slope'], '.3f'):>7} "
+              f"{bounded:>8} {f['cycles']:6d} "
               f"{fmt(r.catch_up, '.1f') + f' ({r.syncs})':>11}")
     print(f"per run, while fio wrote and then during the catch-up: seconds in each phase the "
           f"status showed (sampled every {SAMPLE_EVERY:g} s; 'idle' includes any wait before "
@@ -483,20 +492,20 @@ def save(bench: Bench, name: str, title: str, runs: list[Run]) -> None:
 
 # -- the three parts ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["interval", "rpo"])
+@pytest.mark.parametrize("variant", list(HOW))
 def test_rpo_at_fixed_rates(bench, variant):
     volume = variant_or_skip(bench, variant)
     runs = []
     for name, (what, rate, args) in RUNS.items():
         runs.append(measure(bench, volume, Run(f"{name} {what}", variant, rate, SECONDS), args))
-    how = f"--interval {INTERVAL:g}" if variant == "interval" else f"--rpo {OBJECTIVE:g}"
+    how = " ".join(HOW[variant])
     title = (f"RPO age at fixed write rates, {SECONDS:g} s each, 1 GiB volume, mirror {how} "
              "to a target on this host")
     print_runs(title, runs)
     save(bench, f"fixed-rates-{variant}", title, runs)
 
 
-@pytest.mark.parametrize("variant", ["interval", "rpo"])
+@pytest.mark.parametrize("variant", list(HOW))
 def test_highest_random_write_rate_within_objective(bench, variant):
     volume = variant_or_skip(bench, variant)
     runs, best = [], None
@@ -516,7 +525,9 @@ def test_highest_random_write_rate_within_objective(bench, variant):
 
 
 def test_write_throughput_with_mirror_against_nbdkit(bench):
-    volume = bench.volume("interval")
+    ours = {"cyclemirror": bench.volume("interval")}
+    if "pace" in VARIANTS and bench.has["pace"]:
+        ours["cyclemirror+pace"] = bench.volume("pace")
     raw = os.path.join(bench.root, "nbdkit.raw")
     with open(raw, "wb") as fh:
         fh.truncate(VOLUME_SIZE)
@@ -528,23 +539,25 @@ def test_write_throughput_with_mirror_against_nbdkit(bench):
         while not os.path.exists(sock):
             assert time.monotonic() < deadline, "nbdkit did not start"
             time.sleep(0.05)
-        uris = {"nbdkit": f"nbd+unix:///?socket={sock}", "cyclemirror": bench.uri(volume)}
+        uris = {"nbdkit": f"nbd+unix:///?socket={sock}",
+                **{server: bench.uri(vol) for server, vol in ours.items()}}
         # Fill both (untimed) so neither trial pays for first allocation the other does not.
         fill = ["--rw=write", "--bs=1M", "--iodepth=4"]
         for uri in uris.values():
             subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}",
                             f"--size={VOLUME_SIZE}", "--output-format=json", *fill],
                            capture_output=True, check=True, timeout=600)
-        bench.catch_up(volume)
+        for vol in ours.values():
+            bench.catch_up(vol)
         results: dict[tuple[str, str], list[Run]] = {}
-        order = ["cyclemirror", "nbdkit"]
+        order = [*ours, "nbdkit"]
         for rnd in range(ROUNDS):
             for workload, args in THROUGHPUT.items():
                 for server in order if rnd % 2 == 0 else order[::-1]:
                     os.sync()
                     run = Run(f"{workload} r{rnd + 1}", server, None, TPUT_SECONDS)
-                    if server == "cyclemirror":
-                        measure(bench, volume, run, args)
+                    if server in ours:
+                        measure(bench, ours[server], run, args)
                     else:
                         run.write = fio(uris[server], args, TPUT_SECONDS)
                     results.setdefault((workload, server), []).append(run)
@@ -552,27 +565,29 @@ def test_write_throughput_with_mirror_against_nbdkit(bench):
         nbdkit.terminate()
         nbdkit.wait(10)
     print(f"\n== write throughput, unthrottled, {TPUT_SECONDS:g} s per trial, {ROUNDS} "
-          f"interleaved rounds, median: our export with the mirror running (--interval "
-          f"{INTERVAL:g}, target on this host) against nbdkit file ==  (load average "
+          f"interleaved rounds, median: our export with the mirror running ("
+          + "; ".join(f"{server}: {' '.join(HOW['pace' if 'pace' in server else 'interval'])}"
+                      for server in ours)
+          + f"; target on this host) against nbdkit file ==  (load average "
           f"{os.getloadavg()[0]:.1f})")
-    print(f"{'workload':20} {'server':12} {'MiB/s':>8} {'IOPS':>8} {'x nbdkit':>9}   "
+    print(f"{'workload':20} {'server':16} {'MiB/s':>8} {'IOPS':>8} {'x nbdkit':>9}   "
           "all rounds MiB/s   [ours: RPO p99 / max s, slope s/s, catch-up s (syncs), per round]")
     for workload in THROUGHPUT:
         base = statistics.median(r.achieved for r in results[(workload, "nbdkit")])
-        for server in ("cyclemirror", "nbdkit"):
+        for server in (*ours, "nbdkit"):
             runs = results[(workload, server)]
             mibs = statistics.median(r.achieved for r in runs)
             iops = statistics.median(r.write["iops"] for r in runs)
             extra = ""
-            if server == "cyclemirror":
+            if server in ours:
                 extra = "   [" + "; ".join(
                     f"{fmt(f['p99'], '.1f')}/{fmt(f['max'], '.1f')}, {fmt(f['slope'], '.2f')}, "
                     f"{fmt(r.catch_up, '.1f')} ({r.syncs})" for r in runs for f in [r.figures()]) + "]"
-            print(f"{workload:20} {server:12} {mibs:8.1f} {iops:8.0f} {mibs / base:9.2f}   "
+            print(f"{workload:20} {server:16} {mibs:8.1f} {iops:8.0f} {mibs / base:9.2f}   "
                   + " ".join(f"{r.achieved:.1f}" for r in runs) + extra)
-    ours = [r for (w, s), rs in results.items() if s == "cyclemirror" for r in rs]
-    print_runs("the same trials through our export: RPO and phases", ours)
-    save(bench, "throughput", "RPO age during unthrottled fio trials through our export", ours)
+    trials = [r for (w, s), rs in results.items() if s in ours for r in rs]
+    print_runs("the same trials through our export: RPO and phases", trials)
+    save(bench, "throughput", "RPO age during unthrottled fio trials through our export", trials)
 
 
 if __name__ == "__main__":

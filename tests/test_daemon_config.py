@@ -65,6 +65,18 @@ key_file = "keys/b.key"
 def test_the_shipped_example_config_is_valid():
     cfg = load_config(EXAMPLE)
     assert cfg.store and cfg.listen and cfg.mirrors
+    paced = [m for m in cfg.mirrors if m.pace]
+    assert paced and all(m.rpo for m in paced)
+    assert all(mirror_spec_from_mapping(m.to_json(), "saved") == m for m in cfg.mirrors)
+
+
+def test_pace_needs_an_objective_and_a_boolean():
+    base = {"volume": "v", "to": "h:1"}
+    with pytest.raises(UsageError, match="pace needs rpo"):
+        mirror_spec_from_mapping({**base, "pace": True}, "x")
+    with pytest.raises(UsageError, match="pace must be true or false"):
+        mirror_spec_from_mapping({**base, "rpo": 2, "pace": "yes"}, "x")
+    assert not mirror_spec_from_mapping({**base, "rpo": 2}, "x").pace
 
 
 def test_the_packaged_default_config_is_valid_and_starts_nothing_remote():

@@ -252,7 +252,7 @@ def cmd_tree_rm(args) -> int:
 def cmd_mirror_start(args) -> int:
     request = {"volume": args.volume, "to": args.to, "interval": args.interval,
                "compress": args.compress, "bwlimit": args.bwlimit, "group": args.group,
-               "rpo": args.rpo}
+               "rpo": args.rpo, "pace": args.pace or None}
     if args.remote_name:
         request["as"] = args.remote_name
     if args.key_file:
@@ -268,6 +268,7 @@ def cmd_mirror_start(args) -> int:
     group = info.get("group")
     cadence = (f"with an RPO objective of {info['rpo']:g}s"
                + (f" (at most {info['interval']:g}s between freezes)" if info["interval"] else "")
+               + (", pacing writers to keep it" if info.get("pace") else "")
                if info.get("rpo") else f"every {info['interval']}s")
     print(f"mirroring {info['volume']} to {info['target']} as {info['remote_name']} {cadence}"
           + (f" in group {group} (on the target: {info.get('target_mirror')})" if group else ""))
@@ -584,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RPO objective: the interval adapts (back to back while a target "
                             "lags, longer while the volume is quiet) and status says ok, "
                             "at_risk or violated")
+    start.add_argument("--pace", action="store_true",
+                       help="with --rpo: when cycles back to back cannot keep the objective, "
+                            "slow the volume's writers to the rate the mirror ships "
+                            "(never below 1 MiB/s; not while the target is unreachable)")
     start.add_argument("--compress", metavar="lz4|zstd[:LEVEL]|auto|none",
                        help="chunk compression (default lz4; auto: the codec that ships "
                             "fastest over the measured link)")

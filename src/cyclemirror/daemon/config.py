@@ -73,6 +73,7 @@ class MirrorSpec:
     key_file: str | None = None
     group: str | None = None
     rpo: float | None = None  # the RPO objective, seconds; the interval then adapts to it
+    pace: bool = False  # hold the volume's writers to what keeps the objective (needs rpo)
     tls_ca: str | None = None  # TLS to the target, trusting this CA (None: plaintext)
     tls_server_name: str | None = None  # the name in the target's certificate (default: host)
     insecure: bool = False  # plaintext to a non-loopback target, asked for explicitly
@@ -84,6 +85,8 @@ class MirrorSpec:
         # Written only when set, so definitions of mirrors without them read as before.
         if self.rpo is not None:
             out["rpo"] = self.rpo
+        if self.pace:
+            out["pace"] = True
         if self.tls_ca is not None:
             out["tls_ca"] = self.tls_ca
         if self.tls_server_name is not None:
@@ -302,7 +305,7 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
     if not isinstance(data, dict):
         raise UsageError(f"{where}: a mirror must be a table of settings")
     allowed = {"volume", "to", "as", "interval", "compress", "bwlimit", "key_file", "group",
-               "rpo", "tls_ca", "tls_server_name", "insecure"}
+               "rpo", "pace", "tls_ca", "tls_server_name", "insecure"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{where}: unknown mirror setting(s) {', '.join(unknown)}; "
@@ -324,6 +327,12 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
         objective = parse_seconds(objective, f"{where}: rpo")
         if objective <= 0:
             raise UsageError(f"{where}: rpo must be more than 0 seconds (the RPO objective)")
+    pace = data.get("pace", False)
+    if not isinstance(pace, bool):
+        raise UsageError(f"{where}: pace must be true or false")
+    if pace and objective is None:
+        raise UsageError(f"{where}: pace needs rpo: pacing holds the volume's writers to the "
+                         "rate that keeps the RPO objective; give rpo = SECONDS too")
     # With an objective the interval adapts; a given interval is then the longest wait.
     default_interval = 0.0 if objective is not None else DEFAULT_INTERVAL
     interval = data.get("interval")
@@ -352,6 +361,7 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
         key_file=key_file,
         group=group,
         rpo=objective,
+        pace=pace,
         tls_ca=tls_ca,
         tls_server_name=server_name,
         insecure=insecure,

@@ -138,6 +138,14 @@ def status_families(doc: dict) -> Iterable[GaugeMetricFamily | CounterMetricFami
                 e.add("cyclemirror_mirror_rpo_state", "gauge",
                       "1 for the mirror's state against its RPO objective.",
                       dict(lb, state=state), int(rpo["state"] == state))
+        pacing = m.get("pacing")
+        if pacing:  # mirror start --pace
+            e.add("cyclemirror_mirror_write_pace_limit_bytes_per_second", "gauge",
+                  "Rate the volume's writers are held to now (--pace); 0: not held.", lb,
+                  pacing["limit"] or 0)
+            e.add("cyclemirror_mirror_write_pace_wait_seconds_total", "counter",
+                  "Seconds the volume's writers waited for the mirror (--pace).", lb,
+                  pacing["waited_seconds"])
         for phase, seconds in ((last.get("phases") or {}).items()):
             e.add("cyclemirror_mirror_last_cycle_phase_seconds", "gauge",
                   "Seconds the last completed cycle spent in each phase (wait, freeze, pack, "

@@ -63,6 +63,8 @@ BOOK_FILE = "mirrors.json"
 BOOK_FORMAT = 1
 BREAK_WAIT = 20.0  # seconds 'mirror break' waits for the running cycle to end
 PHASES = ("freezing", "copying", "applying", "idle", "broken", "reconnecting")
+# The settings of the one cycle all targets of a volume (and all members of a group) share.
+CYCLE_SETTINGS = ("interval", "rpo", "pace", "compress", "bwlimit")
 
 log = logging.getLogger("cyclemirror.mirror")
 
@@ -323,7 +325,7 @@ class OutgoingMirrors:
             check_mirror_tls(spec, self.insecure)
         targets = [self._target_spec(spec) for _t, spec in sorted(per_target.items())]
         options = MirrorOptions(
-            interval=first.interval, rpo=first.rpo, codec=first.compress.codec,
+            interval=first.interval, rpo=first.rpo, pace=first.pace, codec=first.compress.codec,
             level=first.compress.level,
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
@@ -431,7 +433,7 @@ class OutgoingMirrors:
     def _check_compatible(self, spec: MirrorSpec) -> None:
         for target, entry in self._entries_of(spec.volume):
             other = entry["spec"]
-            for field_name in ("interval", "rpo", "compress", "bwlimit", "group", "remote_name"):
+            for field_name in (*CYCLE_SETTINGS, "group", "remote_name"):
                 if getattr(other, field_name) != getattr(spec, field_name):
                     shown = {"remote_name": "--as name"}.get(field_name, field_name)
                     raise UsageError(
@@ -452,7 +454,7 @@ class OutgoingMirrors:
             other = entry["spec"]
             if volume == spec.volume:
                 continue
-            for field_name in ("interval", "rpo", "compress", "bwlimit"):
+            for field_name in CYCLE_SETTINGS:
                 if getattr(other, field_name) != getattr(spec, field_name):
                     raise UsageError(
                         f"group {spec.group!r}: member {volume!r} (to {target}) has "
@@ -494,14 +496,14 @@ class OutgoingMirrors:
             existing = self._entries_of(volume) if isinstance(volume, str) else []
             if existing:
                 inherited = existing[0][1]["spec"].to_json()
-                for name in ("interval", "rpo", "compress", "bwlimit", "group", "as"):
+                for name in (*CYCLE_SETTINGS, "group", "as"):
                     if name in inherited:
                         request.setdefault(name, inherited[name])
             elif isinstance(request.get("group"), str):
                 fellows = self._unit_entries(GROUP_UNIT + request["group"])
                 if fellows:  # a new member takes the group's cycle settings
                     inherited = fellows[0][1]["spec"].to_json()
-                    for name in ("interval", "rpo", "compress", "bwlimit"):
+                    for name in CYCLE_SETTINGS:
                         if name in inherited:
                             request.setdefault(name, inherited[name])
             spec = mirror_spec_from_mapping(request, "mirror start")
@@ -562,7 +564,8 @@ class OutgoingMirrors:
                  f", bwlimit {spec.bwlimit} B/s" if spec.bwlimit else "",
                  f", group {spec.group}" if spec.group else "")
         return {"volume": spec.volume, "target": str(spec.to), "remote_name": spec.remote_name,
-                "interval": spec.interval, "rpo": spec.rpo, "compress": str(spec.compress),
+                "interval": spec.interval, "rpo": spec.rpo, "pace": spec.pace,
+                "compress": str(spec.compress),
                 "bwlimit": spec.bwlimit, "group": spec.group,
                 "target_mirror": self._target_mirror(unit, self._unit_entries(unit))}
 
@@ -806,6 +809,7 @@ class OutgoingMirrors:
                 "interval": spec.interval, "interval_now": st.get("interval"),
                 "compress": str(spec.compress), "bwlimit": spec.bwlimit,
                 "compress_auto": st.get("compress_auto"),
+                "pacing": st.get("pacing"),
                 "tls": spec.tls_ca is not None, "key_id": key_ids.get(spec.key_file),
                 "cycle": st.get("cycle", 0), "phase": phase,
                 "applied_cycle": applied, "committed_cycle": t.get("committed_cycle", applied),

@@ -270,12 +270,15 @@ def render_roles(doc: dict) -> list[str]:
 
 
 def _rpo_cell(m: dict) -> str:
-    """The RPO age, and against an objective its state: "1.2s (ok, objective 2s)"."""
+    """The RPO age, and against an objective its state: "1.2s (ok, objective 2s)", with
+    "writers paced to 80.0 MiB/s" while --pace holds the volume's writers."""
     age = format_duration(m.get("rpo_age"))
     rpo = m.get("rpo")
     if not rpo:
         return age
-    return f"{age} ({rpo['state'].replace('_', ' ')}, objective {rpo['objective']:g}s)"
+    limit = (m.get("pacing") or {}).get("limit")
+    paced = f", writers paced to {format_rate(limit)}" if limit else ""
+    return f"{age} ({rpo['state'].replace('_', ' ')}, objective {rpo['objective']:g}s{paced})"
 
 
 CHECK_CODES = {"ok": 0, "at_risk": 1, "violated": 2}
@@ -298,6 +301,9 @@ def check_status(doc: dict) -> tuple[int, str]:
             state, why = rpo["state"], rpo.get("reason", "")
         else:
             state, why = "ok", ""
+        limit = (m.get("pacing") or {}).get("limit")
+        if limit:  # the application pays for the objective: say so
+            why += f"; writers paced to {format_rate(limit)}"
         judged.append((CHECK_CODES[state], state, f"{m['volume']} -> {m['target']}", why))
     if not judged:
         return 0, "OK: no outgoing mirrors"
@@ -306,6 +312,7 @@ def check_status(doc: dict) -> tuple[int, str]:
     more = f" (and {others} more)" if others else ""
     if code == 0:
         with_objective = sum(1 for m in rows if m.get("rpo"))
+        paced = len({m["volume"] for m in rows if (m.get("pacing") or {}).get("limit")})
         return 0, (f"OK: {len(rows)} mirror(s), {with_objective} with an RPO objective, "
-                   "all within it")
+                   "all within it" + (f"; writers of {paced} volume(s) paced" if paced else ""))
     return code, f"{state.upper().replace('_', ' ')}: {what}: {why}{more}"

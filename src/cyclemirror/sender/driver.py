@@ -83,6 +83,7 @@ from cyclemirror.sender import plan, rpo, shipping
 from cyclemirror.sender.autocodec import AdaptivePacker, LinkMeter
 from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.group import SingleVolume
+from cyclemirror.sender.pacing import WritePacer
 from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
 from cyclemirror.wire import messages
@@ -109,6 +110,7 @@ class TargetSpec:
 class MirrorOptions:
     interval: float = 0.0  # seconds between freezes; 0 = back-to-back (with rpo: a cap, 0 none)
     rpo: float | None = None  # the RPO objective in seconds; None: no objective
+    pace: bool = False  # hold writers to what the mirror can ship (needs rpo; sender/pacing.py)
     codec: str = "lz4"  # none | lz4 | zstd | auto (sender/autocodec.py)
     level: int = 0
     chunk_size: int = 1 << 20
@@ -245,6 +247,10 @@ class MirrorDriver:
         if self.options.rpo is not None and not 0 < self.options.rpo < 86400 * 365:
             raise UsageError(f"mirror of {volume.name!r}: an RPO objective must be a positive "
                              f"number of seconds, got {self.options.rpo!r}")
+        if self.options.pace and self.options.rpo is None:
+            raise UsageError(f"mirror of {volume.name!r}: --pace needs --rpo (pacing holds "
+                             "writers to the rate that keeps the RPO objective)")
+        self.pacer = WritePacer(self._pace_limit) if self.options.pace else None
         if self.options.codec == "auto":
             self.packer = AdaptivePacker(self.options.chunk_size, shipping.PACK_THREADS)
         else:
@@ -293,6 +299,9 @@ class MirrorDriver:
                                         name=f"mirror-merge-{self.volume.name}")
         self._thread.start()
         self._merger.start()
+        if self.pacer is not None:
+            for v in self.subject.volumes:
+                v.write_pacer = self.pacer
 
     def sync(self, timeout: float = 600.0, labels=None) -> int:
         """Freeze now; return the cycle once the targets waited for have applied it
@@ -582,6 +591,10 @@ class MirrorDriver:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        if self.pacer is not None:
+            for v in self.subject.volumes:
+                if v.write_pacer is self.pacer:
+                    v.write_pacer = None
         self.break_cycles(now=True)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -590,6 +603,8 @@ class MirrorDriver:
             self.options.shared_rate.leave()
 
     def status(self) -> dict:
+        if self.pacer is not None:
+            self.pacer.refresh()  # the limit now, also when nobody has written since
         now = time.time()
         with self._cond:
             checks = {r.label: self._assess(r, now) for r in self.targets}
@@ -599,6 +614,7 @@ class MirrorDriver:
                 "members": [v.name for v in self.subject.volumes],
                 "rpo_objective": self.options.rpo,
                 "interval": self._interval(now),
+                "pacing": self.pacer.status() if self.pacer is not None else None,
                 "compress_auto": (self.packer.status()
                                   if isinstance(self.packer, AdaptivePacker) else None),
                 "targets": {
@@ -643,10 +659,44 @@ class MirrorDriver:
         r.rpo_state = a.state
         return a
 
+    def _pace_limit(self) -> float | None:
+        """The write rate to hold writers to (sender/pacing.py asks): the lowest
+        ``rpo.pace_limit`` of the targets that are connected and cycling.  A target that
+        is broken, paused or unreachable is not waited for: slowing the application
+        cannot bring it back, and its objective is reported violated anyway."""
+        now = time.time()
+        with self._cond:
+            if self._stop:
+                return None
+            limits = []
+            for r in self.targets:
+                if r.broken is not None or r.paused or r.link is None:
+                    continue
+                age = (now - r.freeze_time) if r.applied_cycle else None
+                try:
+                    owed = self._owed_bytes(r)
+                    if r.owed is not None and r.held_cycle < self.cycle:
+                        # A write now lands in the open overlay: it is applied only
+                        # after the cycle on its way, so the age peaks after both.
+                        owed += sum(v.pending_blocks() * v.block_size
+                                    for v in self.subject.volumes)
+                except CycleMirrorError:  # the volume is closing: nothing left to pace
+                    return None
+                model, prog = r.latency, r.progress
+                if prog is not None:
+                    model = rpo.provisional(model, prog.done_bytes - prog.skipped_bytes,
+                                            now - prog.started)
+                limit = rpo.pace_limit(self.options.rpo, age, owed, model)
+                if limit is not None:
+                    limits.append(limit)
+            return min(limits, default=None)
+
     def _interval(self, now: float) -> float:
         """With _cond held: seconds from the last freeze to the next one."""
         if self.options.rpo is None:
             return self.options.interval
+        if self.pacer is not None and self.pacer.limit is not None:
+            return 0.0  # writers are held for the mirror: it must not wait as well
         live = [r for r in self.targets if r.broken is None] or self.targets
         states = [self._assess(r, now).state for r in live]
         slowest = max(live, key=lambda r: r.latency.latency(self._owed_bytes(r)))

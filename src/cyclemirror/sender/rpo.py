@@ -20,6 +20,12 @@ the age peaks at about ``interval + latency``.
   risk or violated (back to back), otherwise the longest wait that keeps the
   predicted peak age at ``HEADROOM`` of the objective: a quiet volume is frozen
   (and merged) rarely, a busy one as often as its cycles allow.
+* ``pace_limit`` (``mirror start --pace``) is the write rate the volume's
+  writers are held to when back-to-back cycles are not enough: none while the
+  predicted age is under ``PACE_FROM`` of the objective (above ``HEADROOM``), then a limit that
+  falls from twice the *sustainable* rate (what the measured copy rate can
+  ship with the peak age at ``HEADROOM`` of the objective) to a quarter of it
+  as the prediction passes the objective, never below ``PACE_FLOOR``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ HEADROOM = 0.6  # auto_interval aims the peak age at this share of the objective
 WEIGHT = 0.3  # of the newest cycle in the moving averages
 MIN_RATE_BYTES = 1 << 20  # cycles smaller than this teach the base latency, not the rate
 DEFAULT_BASE = 0.2  # seconds, before any cycle was measured
+# Pacing starts when the predicted age passes this share of the objective: above HEADROOM,
+# where auto_interval aims the peaks, so a mirror that merely waits between freezes is not paced.
+PACE_FROM = 0.7
+PACE_FLOOR = 1 << 20  # bytes/s: pacing slows writers, it never stops them
+PROVISIONAL_AFTER = 0.3  # seconds of a cycle on its way before its rate stands in for the model's
 
 
 @dataclass
@@ -105,6 +116,55 @@ def auto_interval(objective: float, model: LatencyModel, owed_bytes: int, states
     if cap is not None:
         wait = min(wait, cap)
     return max(0.0, wait)
+
+
+def sustainable_rate(objective: float, model: LatencyModel) -> float | None:
+    """The write rate (bytes/s) that back-to-back cycles ship with the peak RPO age at
+    ``HEADROOM`` of the objective; None until a cycle's rate was measured.
+
+    Back to back, a cycle carries what was written while the previous one ran:
+    its time T = base + W * T / rate, so T = base / (1 - W / rate), and the age
+    peaks at 2T just before an apply.  2T <= HEADROOM * objective gives
+    W <= rate * (1 - 2 * base / (HEADROOM * objective)), kept at least a tenth
+    of the rate for objectives too short for the base latency.
+    """
+    if model.rate is None:
+        return None
+    share = 1.0 - 2.0 * model.base / (HEADROOM * objective)
+    return model.rate * max(0.1, share)
+
+
+def provisional(model: LatencyModel, done_bytes: int, seconds: float) -> LatencyModel:
+    """The model, or while it has no rate yet (no big cycle applied so far) one that takes
+    the rate of the cycle on its way: ``done_bytes`` shipped in ``seconds``.
+
+    Pacing needs a rate the moment a first big delta shows the mirror cannot keep
+    up, not once that delta is applied.
+    """
+    if model.rate is not None or seconds < PROVISIONAL_AFTER or done_bytes < MIN_RATE_BYTES:
+        return model
+    return LatencyModel(base=model.base, rate=done_bytes / seconds)
+
+
+def pace_limit(objective: float, age: float | None, owed_bytes: int,
+               model: LatencyModel) -> float | None:
+    """The rate (bytes/s) to hold the volume's writers to for one target, or None (no limit).
+
+    ``age`` None (no cycle applied yet: the first full copy) never paces: an
+    objective means nothing before the first cycle lands, and holding writers
+    for a whole first copy is not what anybody asked for.
+    """
+    sustainable = sustainable_rate(objective, model)
+    if age is None or sustainable is None:
+        return None
+    p = (age + model.latency(owed_bytes)) / objective
+    if p < PACE_FROM:
+        return None
+    if p < 1.0:  # from 2x at PACE_FROM down to 1x at the objective
+        factor = 2.0 - (p - PACE_FROM) / (1.0 - PACE_FROM)
+    else:  # past it: down to a quarter, so the mirror catches up
+        factor = max(0.25, 1.0 - (p - 1.0))
+    return max(float(PACE_FLOOR), sustainable * factor)
 
 
 def worst(states: list[str]) -> str:

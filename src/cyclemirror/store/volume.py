@@ -178,6 +178,9 @@ class Volume:
         self._on_close = on_close
         self._closed = False
         self.torn_blocks_repaired = 0
+        # Set by a mirror started with --pace (sender/pacing.py): admit(nbytes) before
+        # each data write, waiting while writers are ahead of what the mirror can ship.
+        self.write_pacer = None
         # Bytes merges moved into base by reflink and by copy_file_range (for metrics and tests).
         self.merged_bytes_reflinked = 0
         self.merged_bytes_copied = 0
@@ -305,6 +308,9 @@ class Volume:
             self._check_range(offset, n, "write")
         if n == 0:
             return
+        pacer = self.write_pacer
+        if pacer is not None:  # before any lock: a paced writer never delays a freeze
+            pacer.admit(n)
         if (offset | n) & self._mask:
             # Read-modify-write of edge blocks: alone against every other write.
             with self._lock:
