@@ -19,6 +19,7 @@ VERBS = [
     ["volume", "list"], ["volume", "rm"],
     ["mirror"], ["mirror", "start"], ["mirror", "sync"], ["mirror", "break"],
     ["mirror", "resume"], ["mirror", "rm"],
+    ["tree"], ["tree", "add"], ["tree", "list"], ["tree", "rm"],
 ]
 
 

@@ -228,6 +228,37 @@ def cmd_file_rm(args) -> int:
     return 0
 
 
+# -- tree objects (docs/trees.md) ----------------------------------------------------------
+
+def cmd_tree_add(args) -> int:
+    info = _call(args, "tree.add", name=args.name, path=os.path.abspath(args.path))
+    print(f"added tree object {info['name']}: {info['path']} ({info['fs']} subvolume, "
+          f"consistency {info['consistency']})")
+    return 0
+
+
+def cmd_tree_list(args) -> int:
+    trees = _call(args, "tree.list")
+    if args.json:
+        _print_json(trees)
+        return 0
+    if not trees:
+        print("no tree objects")
+    for t in trees:
+        if "error" in t:
+            print(f"{t['name']}\terror: {t['error']}")
+            continue
+        print(f"{t['name']}\t{t['path']}\t{t['fs']}\t{t['consistency']}\t"
+              f"frozen cycle {t['frozen_cycle']}")
+    return 0
+
+
+def cmd_tree_rm(args) -> int:
+    _call(args, "tree.rm", name=args.name)
+    print(f"removed tree object {args.name} (the tree itself is untouched)")
+    return 0
+
+
 # -- mirrors -------------------------------------------------------------------------------
 
 def cmd_mirror_start(args) -> int:
@@ -518,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                      build=_volume_actions)
     verbs.add_parser("file", help="add, list, remove file objects (files on XFS/btrfs "
                                   "mirrored like volumes)", build=_file_actions)
+    verbs.add_parser("tree", help="add, list, remove tree objects (directory trees in a btrfs "
+                                  "subvolume)", build=_tree_actions)
     verbs.add_parser("mirror", help="start, sync, break, resume, verify, scrub mirrors",
                      build=_mirror_actions)
     verbs.add_parser("status", help="show volumes, mirrors and incoming mirrors",
@@ -633,6 +666,23 @@ def _file_actions(fobj: argparse.ArgumentParser) -> None:
                                        "its snapshots, keeps the file)")
     frm.add_argument("name")
     frm.set_defaults(func=cmd_file_rm)
+
+
+def _tree_actions(tobj: argparse.ArgumentParser) -> None:
+    """The tree object actions (small: built together)."""
+    tverbs = tobj.add_subparsers(dest="tree_verb", metavar="ACTION", required=True)
+    tadd = tverbs.add_parser("add", help="make a btrfs subvolume a tree object, frozen whole "
+                                         "by a read-only snapshot")
+    tadd.add_argument("name")
+    tadd.add_argument("path", metavar="PATH")
+    tadd.set_defaults(func=cmd_tree_add)
+    tlst = tverbs.add_parser("list", help="list the store's tree objects")
+    tlst.add_argument("--json", action="store_true", help="print the documented JSON")
+    tlst.set_defaults(func=cmd_tree_list)
+    trm = tverbs.add_parser("rm", help="forget a tree object (deletes its snapshots, keeps "
+                                       "the tree)")
+    trm.add_argument("name")
+    trm.set_defaults(func=cmd_tree_rm)
 
 
 def _mirror_actions(mirror: argparse.ArgumentParser) -> None:

@@ -40,6 +40,12 @@ KNOWN: dict[str, str] = {
     "receiver.apply_visible": "sleep between telling the source that a delta applied in "
                               "place is applied and the image's fsync (receiver/mirror.py), so "
                               "a kill -9 lands between them",
+    "receiver.tree_op": "sleep after each operation of a tree delta applied in the staging "
+                        "copy (receiver/treeops.py), so a kill -9 lands mid-apply",
+    "receiver.tree_switch": "sleep between a tree mirror's pending record and its exchange "
+                            "of directories (receiver/treeops.py)",
+    "receiver.tree_switched": "sleep between a tree mirror's exchange of directories and "
+                              "the record saying it applied (receiver/treeops.py)",
 }
 MAX_SECONDS = 60.0
 

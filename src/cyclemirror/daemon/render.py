@@ -174,6 +174,14 @@ def render_status(doc: dict) -> str:
                  [f["name"], f["path"], f["fs"], format_size(f["size"]), f["consistency"],
                   str(f["frozen_cycle"])] for f in files]
         lines += _table(rows)
+    trees = doc.get("trees") or []
+    if trees:  # tree objects (docs/trees.md)
+        lines.append("")
+        rows = [["TREE", "PATH", "FS", "CONSISTENCY", "FROZEN CYCLE"]]
+        rows += [[t["name"], f"error: {t['error']}", "", "", ""] if "error" in t else
+                 [t["name"], t["path"], t["fs"], t["consistency"], str(t["frozen_cycle"])]
+                 for t in trees]
+        lines += _table(rows)
     mirrors = doc.get("mirrors", [])
     if mirrors:
         lines.append("")

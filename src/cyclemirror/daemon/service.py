@@ -430,6 +430,33 @@ class Daemon:
         log.info("file object %s removed (its snapshots deleted, the file kept)", name)
         return {"name": name}
 
+    # -- tree objects (docs/trees.md) -----------------------------------------------------
+
+    def _op_tree_add(self, args):
+        name = check_name(self._arg(args, "name", str, "tree object name"), "tree object name")
+        path = self._absolute(self._arg(args, "path", str, "PATH"), "PATH")
+        with self._admin_lock:
+            obj = self.store.add_tree(name, path)
+        log.info("tree object %s added: %s", name, path)
+        return obj.info()
+
+    def _op_tree_list(self, args):
+        out = []
+        for name in self.store.list_trees():
+            try:
+                out.append(self.store.open_tree(name).info())
+            except CycleMirrorError as exc:  # one damaged record must not hide the others
+                log.error("tree object %s cannot be opened: %s", name, exc)
+                out.append({"name": name, "kind": "tree", "error": str(exc)})
+        return out
+
+    def _op_tree_rm(self, args):
+        name = check_name(self._arg(args, "name", str, "tree object name"), "tree object name")
+        with self._admin_lock:
+            self.store.remove_tree(name)
+        log.info("tree object %s removed (its snapshots deleted, the tree kept)", name)
+        return {"name": name}
+
     @staticmethod
     def _absolute(path: str, what: str) -> str:
         if not os.path.isabs(path):
@@ -516,6 +543,9 @@ class Daemon:
         "file.add": _op_file_add,
         "file.list": _op_file_list,
         "file.rm": _op_file_rm,
+        "tree.add": _op_tree_add,
+        "tree.list": _op_tree_list,
+        "tree.rm": _op_tree_rm,
         "mirror.start": _op_mirror_start,
         "mirror.sync": _op_mirror_sync,
         "mirror.break": _op_mirror_break,
@@ -543,6 +573,7 @@ class Daemon:
                      "key_ids": self._key_ids()},
             "volumes": self._op_volume_list({}),
             "files": self._op_file_list({}),
+            "trees": self._op_tree_list({}),
             "mirrors": self.outgoing.status(now) if self.outgoing else [],
             "incoming": self._incoming_status(now),
             # The target's most recent session failures (bad key, protocol, disk), newest last.

@@ -9,8 +9,9 @@ Layout::
     STORE/volumes/.trash-NAME-*  a volume being deleted (removed on open)
     STORE/groups/freeze-*.json   a group freeze in progress (completed on open, see group.py)
     STORE/files/NAME.json        a file object: a live file elsewhere (fileobject.py)
+    STORE/trees/NAME.json        a tree object: a btrfs subvolume elsewhere (tree.py)
 
-Volumes and file objects share one namespace: a name is one or the other.
+Volumes, file objects and tree objects share one namespace: a name is one of them.
 
 A volume appears under its name only when complete: it is built in a dot
 directory and renamed into place, and deleted by the reverse rename first.
@@ -29,7 +30,7 @@ import uuid
 
 from cyclemirror import failpoints
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, UsageError
-from cyclemirror.store import fileobject, fileops, group
+from cyclemirror.store import fileobject, fileops, group, tree
 from cyclemirror.store.layer import Layer
 from cyclemirror.store.names import validate_volume_name
 from cyclemirror.store.volume import BASE_FILE, STATE_FILE, Volume, check_geometry, initial_state
@@ -50,6 +51,7 @@ class Store:
         self._lock = threading.Lock()
         self._volumes: dict[str, Volume] = {}
         self._files: dict[str, fileobject.FileObject] = {}
+        self._trees: dict[str, tree.TreeObject] = {}
         self._closed = False
         self._volumes_dir = os.path.join(path, "volumes")
 
@@ -149,6 +151,9 @@ class Store:
             if os.path.exists(fileobject.record_path(self.path, name)):
                 raise AlreadyExistsError(f"{name!r} is a file object of store {self.path}; "
                                          "give the volume another name")
+            if os.path.exists(tree.record_path(self.path, name)):
+                raise AlreadyExistsError(f"{name!r} is a tree object of store {self.path}; "
+                                         "give the volume another name")
             tmp = os.path.join(self._volumes_dir, f".new-{name}-{uuid.uuid4().hex[:8]}")
             try:
                 os.mkdir(tmp)
@@ -225,6 +230,9 @@ class Store:
             if os.path.isdir(self._dir_of(name)):
                 raise AlreadyExistsError(f"{name!r} is a volume of store {self.path}; give "
                                          "the file object another name")
+            if os.path.exists(tree.record_path(self.path, name)):
+                raise AlreadyExistsError(f"{name!r} is a tree object of store {self.path}; "
+                                         "give the file object another name")
             fileobject.add_file(self.path, self.node_id, name, path, block_size)
         return self.open_file(name)
 
@@ -243,11 +251,50 @@ class Store:
             self._files.pop(name, None)
             fileobject.remove_file(self.path, name)
 
+    # -- tree objects (tree.py) ----------------------------------------------------------
+
+    def list_trees(self) -> list[str]:
+        self._check_open()
+        return tree.list_trees(self.path)
+
+    def add_tree(self, name: str, path: str) -> tree.TreeObject:
+        """Make the btrfs subvolume ``path`` tree object ``name``."""
+        self._check_open()
+        with self._lock:
+            for taken, kind in ((os.path.isdir(self._dir_of(name)), "a volume"),
+                                (os.path.exists(fileobject.record_path(self.path, name)),
+                                 "a file object")):
+                if taken:
+                    raise AlreadyExistsError(f"{name!r} is {kind} of store {self.path}; "
+                                             "give the tree object another name")
+            tree.add_tree(self.path, self.node_id, name, path)
+        return self.open_tree(name)
+
+    def open_tree(self, name: str) -> tree.TreeObject:
+        self._check_open()
+        with self._lock:
+            obj = self._trees.get(name)
+            if obj is None:
+                obj = self._trees[name] = tree.TreeObject(self.path, name)
+            return obj
+
+    def remove_tree(self, name: str) -> None:
+        """Forget tree object ``name`` and delete its snapshots; the tree stays."""
+        self._check_open()
+        with self._lock:
+            self._trees.pop(name, None)
+            tree.remove_tree(self.path, name)
+
     def open_subject(self, name: str):
         """What ``mirror start NAME`` mirrors: the volume NAME, else the file object NAME."""
         try:
             return self.open_volume(name)
         except NotFoundError:
+            if name in self.list_trees():
+                raise UsageError(
+                    f"{name!r} is a tree object: a daemon does not mirror trees yet (the "
+                    "tree's delta, wire form and target apply exist, the daemon's cycle "
+                    "driver for them does not; docs/trees.md)") from None
             if name not in self.list_files():
                 raise NotFoundError(f"no volume or file object {name!r} in store "
                                     f"{self.path}") from None

@@ -27,8 +27,12 @@ NODE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
 MAX_VOLUME_SIZE = 1 << 56
+MAX_PATH_BYTES = 4096  # a tree path or symlink target, in UTF-8 bytes (PATH_MAX)
+MAX_NAME_BYTES = 255  # one component of a tree path (NAME_MAX)
+TREE_OPS = frozenset({"rm", "dir", "file", "patch", "symlink", "link", "meta"})
 
-# kinds: int, float, bool, name, node, text, hex, volumes, opt_text
+# kinds: int, sint, float, bool, name, node, text, hex, volumes, opt_text, relpath,
+# linktext, tree_op
 SCHEMAS: dict[str, dict[str, str]] = {
     # source -> target
     # protocol 3: sent before 'open', the generation of the source's volume
@@ -63,6 +67,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
                       "cycle": "int", "digests": "hex"},
     "verify_result": {"index": "int", "offset": "int", "length": "int", "cycle": "int",
                       "mismatched_blocks": "int"},
+    # a tree object's delta (docs/trees.md, wire/treeframes.py): one per operation, DATA
+    # and ZERO frames of a 'file' or 'patch' op follow it; 'ref' is checked per op there
+    "tree_op": {"op": "tree_op", "path": "relpath", "ref": "linktext", "mode": "int",
+                "uid": "int", "gid": "int", "mtime_ns": "sint", "size": "int"},
 }
 
 
@@ -74,6 +82,20 @@ def _check_value(mtype: str, field: str, kind: str, value):
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
             raise _bad(mtype, field, f"must be an integer in 0..2**63-1, got {value!r:.40}")
+    elif kind == "sint":
+        if isinstance(value, bool) or not isinstance(value, int) or not (
+                -MAX_INT - 1 <= value <= MAX_INT):
+            raise _bad(mtype, field, f"must be an integer in -2**63..2**63-1, got {value!r:.40}")
+    elif kind == "relpath":
+        check_relpath(value, f"control message {mtype!r}: field {field!r}")
+    elif kind == "linktext":
+        if not isinstance(value, str) or "\0" in value or len(value) > MAX_PATH_BYTES or len(
+                value.encode("utf-8", "surrogatepass")) >= MAX_PATH_BYTES:
+            raise _bad(mtype, field, f"must be a string of under {MAX_PATH_BYTES} UTF-8 bytes "
+                                     "without NUL")
+    elif kind == "tree_op":
+        if not isinstance(value, str) or value not in TREE_OPS:
+            raise _bad(mtype, field, f"must be one of {sorted(TREE_OPS)}, got {value!r:.40}")
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _bad(mtype, field, "must be a number")
@@ -124,6 +146,31 @@ def _check_value(mtype: str, field: str, kind: str, value):
             seen.add(vol["name"])
     else:  # pragma: no cover - a schema typo
         raise AssertionError(kind)
+
+
+def check_relpath(value, what: str) -> str:
+    """A path inside a tree: "." (the root) or "/"-separated components, none empty,
+    "." or "..", none over 255 UTF-8 bytes, no NUL, under 4096 bytes in all; so it can
+    never name anything outside the tree (symlinks aside, which the target never
+    follows)."""
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{what} must be a non-empty path string")
+    if value == ".":
+        return value
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{what} is not valid UTF-8") from None
+    if len(raw) >= MAX_PATH_BYTES or "\0" in value:
+        raise ProtocolError(f"{what} is over {MAX_PATH_BYTES} bytes or holds a NUL")
+    if value.startswith("/"):
+        raise ProtocolError(f"{what} {value[:80]!r} is absolute; tree paths are relative")
+    for comp in value.split("/"):
+        if comp in ("", ".", ".."):
+            raise ProtocolError(f"{what} {value[:80]!r} has an empty, '.' or '..' component")
+        if len(comp.encode("utf-8")) > MAX_NAME_BYTES:
+            raise ProtocolError(f"{what} has a component over {MAX_NAME_BYTES} bytes")
+    return value
 
 
 def encode_message(mtype: str, **fields) -> bytes:

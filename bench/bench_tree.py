@@ -1,0 +1,153 @@
+"""A tree object's delta cycle, in one process, against rsync of the same change.
+
+Run on demand (root: it makes a btrfs image on a loop device):
+    PYTHONPATH=src:. python -m pytest bench/bench_tree.py -s
+
+A btrfs file system on a loop device holds a subvolume of
+CYCLEMIRROR_BENCH_TREE_FILES (default 20000) files of 1 to 64 KiB in
+directories of 100, made a tree object.  Cycle 1 is shipped to a target
+directory on the same btrfs, and ``rsync -a`` makes its own copy.
+
+Each round rewrites 4 KiB at a random place in CYCLEMIRROR_BENCH_CHANGE
+(default 0.01) of the files, then measures
+
+* **ours**: freeze (a read-only snapshot), the delta between the two
+  snapshots (walk, ctime shortcut, FIEMAP of the changed files), its frames,
+  and the target's apply from those bytes (a writable snapshot as the stage,
+  the ops, syncfs, the exchange): wall time of each phase, and the frame bytes;
+* **rsync**: ``rsync -a --delete --no-whole-file --stats`` of the source into
+  its copy: wall time, and the bytes its sender and receiver exchanged;
+
+and checks both copies equal the source at that instant.  What is *not* in
+ours: the daemon, the socket, TLS and compression (this is the tree code
+alone; the daemon does not run tree cycles yet), and rsync reads the live
+tree, not a frozen one.  CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds; the
+table prints medians, the ratio rsync / ours and the load average.  Nothing
+asserts a time.
+"""
+
+import io
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cyclemirror.receiver.treeops import TreeMirror  # noqa: E402
+from cyclemirror.store import tree  # noqa: E402
+from cyclemirror.wire import treeframes  # noqa: E402
+from tests.support.loopfs import loopfs_or_skip  # noqa: E402
+from tests.support.trees import assert_same_tree, subvolume  # noqa: E402
+
+FILES = int(os.environ.get("CYCLEMIRROR_BENCH_TREE_FILES", "20000"))
+CHANGE = float(os.environ.get("CYCLEMIRROR_BENCH_CHANGE", "0.01"))
+ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
+
+
+def make_tree(src: str, rnd: random.Random) -> list[str]:
+    paths = []
+    for d in range(-(-FILES // 100)):
+        os.mkdir(os.path.join(src, f"d{d:04}"))
+        for f in range(min(100, FILES - d * 100)):
+            p = os.path.join(src, f"d{d:04}", f"f{f:03}")
+            with open(p, "wb") as fh:
+                fh.write(rnd.randbytes(rnd.choice([1, 4, 8, 16, 64]) << 10))
+            paths.append(p)
+    return paths
+
+
+def one_cycle(obj, mirror) -> dict:
+    t0 = time.monotonic()
+    k = obj.freeze()
+    t1 = time.monotonic()
+    new = obj.snapshot_path(k)
+    delta = obj.delta(k)
+    t2 = time.monotonic()
+
+    def open_new(rel):
+        return os.open(os.path.join(new, rel), os.O_RDONLY | os.O_NOFOLLOW)
+
+    data = b"".join(treeframes.encode_tree_delta(delta.ops, open_new, k, obj.freeze_time(k),
+                                                 k == 1))
+    t3 = time.monotonic()
+    reader = treeframes.TreeFrameReader(treeframes.read_exact_from(io.BytesIO(data)))
+    mirror.apply(reader.events())
+    t4 = time.monotonic()
+    if k > 1:
+        obj.merge_through(k - 1)
+    return {"freeze": t1 - t0, "delta": t2 - t1, "frames": t3 - t2, "apply": t4 - t3,
+            "total": t4 - t0, "bytes": len(data), "ops": len(delta.ops), "cycle": k}
+
+
+def rsync(src: str, dst: str) -> tuple[float, int]:
+    t = time.monotonic()
+    out = subprocess.run(["rsync", "-a", "--delete", "--no-whole-file", "--stats",
+                          src + "/", dst + "/"], check=True, capture_output=True,
+                         text=True).stdout
+    took = time.monotonic() - t
+    sent = int(re.search(r"Total bytes sent: ([\d,]+)", out).group(1).replace(",", ""))
+    recv = int(re.search(r"Total bytes received: ([\d,]+)", out).group(1).replace(",", ""))
+    return took, sent + recv
+
+
+def test_tree_cycle_against_rsync():
+    if subprocess.run(["which", "rsync"], capture_output=True).returncode:
+        pytest.skip("rsync is not installed")
+    work = tempfile.mkdtemp(prefix="bench-tree-")
+    fs = loopfs_or_skip("btrfs", work, max(1 << 30, FILES * 40_000 * 3))
+    try:
+        rnd = random.Random(1)
+        src = subvolume(fs.mount, "src")
+        paths = make_tree(src, rnd)
+        store = os.path.join(work, "store")
+        tree.add_tree(store, "benchnode", "t", src)
+        obj = tree.TreeObject(store, "t")
+        root = os.path.join(fs.mount, "target")
+        os.mkdir(root)
+        mirror = TreeMirror(root, "t")
+        first = one_cycle(obj, mirror)
+        rcopy = os.path.join(fs.mount, "rsync-copy")
+        rsync(src, rcopy)
+        ours, theirs = [], []
+        for _ in range(ROUNDS):
+            changed = rnd.sample(paths, max(1, int(len(paths) * CHANGE)))
+            for p in changed:
+                fd = os.open(p, os.O_WRONLY)
+                try:
+                    size = os.fstat(fd).st_size
+                    os.pwrite(fd, rnd.randbytes(4096), rnd.randrange(0, max(1, size - 4096)))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            ours.append(one_cycle(obj, mirror))
+            theirs.append(rsync(src, rcopy))
+            assert_same_tree(obj.snapshot_path(ours[-1]["cycle"]), mirror.path)
+            assert subprocess.run(["diff", "-r", "-q", src, rcopy]).returncode == 0
+        med = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
+        r_time = statistics.median(t for t, _ in theirs)
+        r_bytes = statistics.median(b for _, b in theirs)
+        print(f"\ntree of {FILES} files, {CHANGE:.1%} changed per round (4 KiB each), "
+              f"{ROUNDS} rounds; load average {os.getloadavg()[0]:.2f}")
+        print(f"cycle 1 (full): {first['total']:.2f} s, {first['bytes']} frame bytes")
+        print("ours (median): " + ", ".join(f"{k} {med[k]:.3f} s" for k in
+                                            ("freeze", "delta", "frames", "apply", "total"))
+              + f", {int(med['ops'])} ops, {int(med['bytes'])} frame bytes")
+        print(f"rsync (median): {r_time:.3f} s, {int(r_bytes)} bytes exchanged")
+        print(f"ratio rsync/ours: time {r_time / med['total']:.2f}x, "
+              f"bytes {r_bytes / med['bytes']:.2f}x")
+        mirror.close()
+    finally:
+        from tests.support.trees import delete_subvolumes
+
+        for d in ("src", "target", "rsync-copy"):
+            delete_subvolumes(os.path.join(fs.mount, d))
+        store_snaps = os.path.join(fs.mount, ".cyclemirror-benchnode-t")
+        delete_subvolumes(store_snaps)
+        fs.close()
+        subprocess.run(["rm", "-rf", work], check=False)

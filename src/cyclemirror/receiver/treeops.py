@@ -1,0 +1,615 @@
+"""The target's side of a tree object: a plain directory tree, switched whole per cycle.
+
+Layout, in a directory ``ROOT`` of the target's choosing::
+
+    ROOT/NAME/                       the mirror: a plain tree any tool reads
+    ROOT/.cyclemirror-tree-NAME/     ours: state.json, stage-K/ (the next version)
+
+A cycle is applied without ever touching ``ROOT/NAME``:
+
+1. ``stage-K`` is made: empty for a full cycle, else a copy of the current
+   tree.  On btrfs (as root) it is a subvolume, and the copy a writable
+   snapshot of ``ROOT/NAME`` (constant time); elsewhere a walk copies it
+   (each file a reflink clone where the file system has them, else a copy;
+   hard links, symlinks, modes, owners and mtimes kept).
+2. The ops of the delta (``wire.treeframes``) are applied inside it, which
+   nobody else sees: an entry is replaced by removing the old one and making
+   the new one in place (for a ``patch``, a clone of the previous version's
+   ``ref``, then the ranges written); directory metadata is set last, deepest
+   first, and directories whose own metadata did not change get their mtime
+   back.
+3. Everything is made durable (``syncfs``), the record ``pending`` =
+   {cycle, identity of ``stage-K``: inode and subvolume id} is written, and
+   ``renameat2(RENAME_EXCHANGE)`` swaps ``stage-K`` and ``ROOT/NAME`` in one
+   step (the first cycle: a rename with ``RENAME_NOREPLACE``).  Then the
+   record says the cycle is applied and the previous version (now at
+   ``stage-K``) is deleted.
+
+After a crash at any moment, ``recover`` (run by every open) looks at
+``pending``: if ``ROOT/NAME`` is the directory whose identity it names, the
+exchange happened and cycle K is the one applied; otherwise it did not and
+the previous cycle is.  Either way every stage in our directory is deleted.
+So ``ROOT/NAME`` is always exactly one freeze instant.
+
+Paths come from the wire (checked by ``messages.check_relpath``: no ``..``,
+no absolute path) and are opened one component at a time from a directory
+descriptor with ``O_NOFOLLOW | O_DIRECTORY``, and leaves are touched with
+``*at`` calls that do not follow symlinks: a symlink in the tree, whatever
+it points at, is never followed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+
+from cyclemirror import failpoints
+from cyclemirror.errors import ProtocolError, StoreError, UsageError
+from cyclemirror.fileio import fsync_dir
+from cyclemirror.receiver.fileops import punch_zeroes, pwrite_all
+from cyclemirror.store import btrfsioctl, cowfs
+from cyclemirror.store.btrfsioctl import BTRFS_SUBVOL_INO, subvolume_id
+from cyclemirror.store.fileops import KernelCopier, atomic_write_json, data_runs, read_json
+from cyclemirror.store.names import validate_volume_name
+
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+STAGE_PREFIX = "stage-"
+FICLONE = 0x40049409
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int) -> None:
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), flags):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), f"{src} -> {dst}")
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "syncfs")
+
+
+def dir_identity(fd: int) -> list[int]:
+    """What tells one directory from another across a crash: its inode and, for a btrfs
+    subvolume (whose root is always inode 256), the subvolume id."""
+    return [os.fstat(fd).st_ino, subvolume_id(fd)]
+
+
+def _open_dir(root_fd: int, rel: str) -> int:
+    """A descriptor of directory ``rel`` under ``root_fd``, no symlink followed."""
+    fd = os.dup(root_fd)
+    if rel == ".":
+        return fd
+    try:
+        for comp in rel.split("/"):
+            nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _split(rel: str) -> tuple[str, str]:
+    parent, _, leaf = rel.rpartition("/")
+    return parent or ".", leaf
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _rm_at(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd`` (a directory with everything in it), no symlink
+    followed."""
+    st = _lstat_at(dir_fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        for entry in os.listdir(fd):
+            _rm_at(fd, entry)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV):
+            raise
+    size = os.fstat(src_fd).st_size
+    os.ftruncate(dst_fd, size)
+    copier = KernelCopier(try_reflink=False)
+    for begin, end in data_runs(src_fd, 0, size):
+        copier.copy(src_fd, dst_fd, begin, end - begin)
+
+
+def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,
+              dir_fd: int | None = None) -> None:
+    """Owner, then mode (chown clears set-id bits), then mtime (atime = mtime)."""
+    if dir_fd is None:
+        st = os.fstat(fd_or_name)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd_or_name, uid, gid)
+        if mode is not None:
+            os.fchmod(fd_or_name, mode)
+        os.utime(fd_or_name, ns=(mtime_ns, mtime_ns))
+    else:  # a symlink: no mode on Linux
+        st = os.stat(fd_or_name, dir_fd=dir_fd, follow_symlinks=False)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(fd_or_name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        os.utime(fd_or_name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def copy_tree(src_fd: int, dst_fd: int) -> None:
+    """Copy the tree open as ``src_fd`` into the empty directory ``dst_fd``: clones of the
+    files (hard links kept as links), symlinks, directories, owners, modes, mtimes.
+    Anything else (a FIFO, a device someone made here) is not copied."""
+    links: dict[tuple[int, int], str] = {}  # inode -> its first name copied (relative)
+    dirs: list[tuple[str, os.stat_result]] = []
+
+    def walk(sfd: int, dfd: int, rel: str) -> None:
+        for name in os.listdir(sfd):
+            st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+            m = st.st_mode
+            child = f"{rel}/{name}" if rel != "." else name
+            if stat.S_ISDIR(m):
+                os.mkdir(name, 0o700, dir_fd=dfd)
+                cs = os.open(name, _DIR_FLAGS, dir_fd=sfd)
+                try:
+                    cd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                    try:
+                        walk(cs, cd, child)
+                    finally:
+                        os.close(cd)
+                finally:
+                    os.close(cs)
+                dirs.append((child, st))
+            elif stat.S_ISREG(m):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in links:
+                    first_dir, first_name = _split(links[key])
+                    ffd = _open_dir(dst_fd, first_dir)
+                    try:
+                        os.link(first_name, name, src_dir_fd=ffd, dst_dir_fd=dfd,
+                                follow_symlinks=False)
+                    finally:
+                        os.close(ffd)
+                    continue
+                s = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+                try:
+                    d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                    try:
+                        _clone_or_copy(s, d)
+                        _set_meta(d, stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_mtime_ns)
+                    finally:
+                        os.close(d)
+                finally:
+                    os.close(s)
+                if st.st_nlink > 1:
+                    links[key] = child
+            elif stat.S_ISLNK(m):
+                os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+                _set_meta(name, None, st.st_uid, st.st_gid, st.st_mtime_ns, dir_fd=dfd)
+
+    walk(src_fd, dst_fd, ".")
+    for rel, st in dirs:  # children before parents (post-order): their times stay put
+        fd = _open_dir(dst_fd, rel)
+        try:
+            _set_meta(fd, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+        finally:
+            os.close(fd)
+    st = os.fstat(src_fd)
+    _set_meta(dst_fd, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+
+
+class _Apply:
+    """One cycle's ops applied inside ``stage_fd``, reading refs from ``base_fd``.
+
+    The stage is private until the switch, so an entry is replaced by removing the
+    old one and making the new one where it belongs (no temp names, no renames): a
+    crash in between leaves a stage that recovery deletes anyway."""
+
+    def __init__(self, mirror: TreeMirror, stage_fd: int, base_fd: int | None, cycle: int):
+        self.m = mirror
+        self.stage = stage_fd
+        self.base = base_fd
+        self.cycle = cycle
+        self.touched: dict[str, tuple[int, int]] = {}  # dir -> its (atime, mtime) before
+        self.dir_meta: dict[str, dict] = {}
+        self.open_file: tuple[int, dict] | None = None  # (fd, op)
+
+    def where(self, msg: dict) -> str:
+        return f"tree mirror {self.m.name!r}, cycle {self.cycle}, {msg['op']} {msg['path']!r}"
+
+    def _parent(self, path: str, msg: dict) -> tuple[int, str]:
+        parent, leaf = _split(path)
+        try:
+            fd = _open_dir(self.stage, parent)
+        except OSError as exc:
+            raise ProtocolError(f"{self.where(msg)}: its directory {parent!r} is not a "
+                                f"directory of the tree ({exc.strerror}); a symlink is never "
+                                "followed") from None
+        if parent not in self.touched:
+            st = os.fstat(fd)
+            self.touched[parent] = (st.st_atime_ns, st.st_mtime_ns)
+        return fd, leaf
+
+    def _clear(self, pfd: int, leaf: str, msg: dict) -> None:
+        """Make room for a new entry ``leaf``: remove a file or symlink there; a directory
+        there is an error (the delta removes it first)."""
+        st = _lstat_at(pfd, leaf)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise ProtocolError(f"{self.where(msg)}: a directory is in the way (the delta "
+                                "should have removed it)")
+        os.unlink(leaf, dir_fd=pfd)
+
+    def op(self, msg: dict) -> None:
+        self.finish_file()
+        kind, path = msg["op"], msg["path"]
+        if kind == "dir":
+            if path != ".":
+                pfd, leaf = self._parent(path, msg)
+                try:
+                    st = _lstat_at(pfd, leaf)
+                    if st is None:
+                        os.mkdir(leaf, 0o700, dir_fd=pfd)
+                    elif not stat.S_ISDIR(st.st_mode):
+                        raise ProtocolError(f"{self.where(msg)}: something else than a "
+                                            "directory is in the way")
+                finally:
+                    os.close(pfd)
+            self.dir_meta[path] = msg
+            failpoints.hit("receiver.tree_op")
+            return
+        if kind == "link":
+            self._link(msg)
+            failpoints.hit("receiver.tree_op")
+            return
+        pfd, leaf = self._parent(path, msg)
+        try:
+            if kind == "rm":
+                _rm_at(pfd, leaf)
+            elif kind in ("file", "patch"):
+                self._clear(pfd, leaf, msg)
+                fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                try:
+                    if kind == "patch":
+                        self._clone_ref(msg, fd)
+                    os.ftruncate(fd, msg["size"])
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self.open_file = (fd, msg)
+            elif kind == "symlink":
+                self._clear(pfd, leaf, msg)
+                os.symlink(msg["ref"], leaf, dir_fd=pfd)
+                _set_meta(leaf, None, msg["uid"], msg["gid"], msg["mtime_ns"], dir_fd=pfd)
+            elif kind == "meta":
+                st = _lstat_at(pfd, leaf)
+                if st is None:
+                    raise ProtocolError(f"{self.where(msg)}: no such file in the tree")
+                if stat.S_ISLNK(st.st_mode):
+                    _set_meta(leaf, None, msg["uid"], msg["gid"], msg["mtime_ns"], dir_fd=pfd)
+                elif stat.S_ISREG(st.st_mode):
+                    fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                    try:
+                        _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
+                    finally:
+                        os.close(fd)
+                else:
+                    raise ProtocolError(f"{self.where(msg)}: 'meta' is for files and "
+                                        "symlinks, directories take 'dir'")
+        finally:
+            os.close(pfd)
+        failpoints.hit("receiver.tree_op")
+
+    def _link(self, msg: dict) -> None:
+        sfd, sleaf = self._parent(msg["ref"], msg)
+        try:
+            src = _lstat_at(sfd, sleaf)
+            if src is None or not stat.S_ISREG(src.st_mode):
+                raise ProtocolError(f"{self.where(msg)}: the link's target {msg['ref']!r} "
+                                    "is not a regular file of the new version")
+            pfd, leaf = self._parent(msg["path"], msg)
+            try:
+                old = _lstat_at(pfd, leaf)
+                if old is not None and (old.st_dev, old.st_ino) == (src.st_dev, src.st_ino):
+                    return  # already that link
+                self._clear(pfd, leaf, msg)
+                os.link(sleaf, leaf, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+            finally:
+                os.close(pfd)
+        finally:
+            os.close(sfd)
+
+    def _clone_ref(self, msg: dict, fd: int) -> None:
+        if self.base is None:
+            raise ProtocolError(f"{self.where(msg)}: a full cycle has no previous version "
+                                "to patch")
+        parent, leaf = _split(msg["ref"])
+        try:
+            pfd = _open_dir(self.base, parent)
+            try:
+                src = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            finally:
+                os.close(pfd)
+        except OSError as exc:
+            raise ProtocolError(f"{self.where(msg)}: {msg['ref']!r} is not a file of the "
+                                f"previous version ({exc.strerror}); a symlink is never "
+                                "followed") from None
+        try:
+            if not stat.S_ISREG(os.fstat(src).st_mode):
+                raise ProtocolError(f"{self.where(msg)}: {msg['ref']!r} is not a regular "
+                                    "file of the previous version")
+            _clone_or_copy(src, fd)
+        finally:
+            os.close(src)
+
+    def data(self, offset: int, raw) -> None:
+        if self.open_file is None:
+            raise ProtocolError(f"tree mirror {self.m.name!r}, cycle {self.cycle}: data "
+                                "where no file is open")
+        pwrite_all(self.open_file[0], raw, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        if self.open_file is None:
+            raise ProtocolError(f"tree mirror {self.m.name!r}, cycle {self.cycle}: a zero "
+                                "run where no file is open")
+        punch_zeroes(self.open_file[0], offset, length)
+
+    def finish_file(self) -> None:
+        if self.open_file is None:
+            return
+        fd, msg = self.open_file
+        self.open_file = None
+        try:
+            _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        self.finish_file()
+        depth = lambda p: 0 if p == "." else p.count("/") + 1  # noqa: E731
+        for path in sorted(set(self.touched) | set(self.dir_meta), key=depth, reverse=True):
+            fd = _open_dir(self.stage, path)
+            try:
+                msg = self.dir_meta.get(path)
+                if msg is not None:
+                    _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
+                else:
+                    os.utime(fd, ns=self.touched[path])
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        if self.open_file is not None:
+            os.close(self.open_file[0])
+            self.open_file = None
+
+
+class TreeMirror:
+    """The mirror of one tree object on a target: ``ROOT/NAME`` and our directory."""
+
+    def __init__(self, root: str, name: str):
+        self.name = validate_volume_name(name)
+        if not os.path.isabs(root):
+            raise UsageError(f"tree mirror {name!r}: the root must be absolute, got {root!r}")
+        self.root = root
+        self.path = os.path.join(root, name)
+        self.work = os.path.join(root, f".cyclemirror-tree-{name}")
+        os.makedirs(self.work, mode=0o700, exist_ok=True)
+        st = os.lstat(self.work)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise StoreError(f"tree mirror {name!r}: {self.work} is not a directory of this "
+                             "user (a symlink?); move it away")
+        self._state_path = os.path.join(self.work, STATE_FILE)
+        self.work_fd = os.open(self.work, _DIR_FLAGS)
+        # Stages as btrfs subvolumes where that can work: snapshots need root here.
+        self.subvolumes = cowfs.filesystem_of(self.work) == "btrfs" and os.geteuid() == 0
+        self.state = self._read_state()
+        self.recover()
+
+    def close(self) -> None:
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
+            self.work_fd = -1
+
+    @property
+    def applied_cycle(self) -> int:
+        return self.state["applied_cycle"]
+
+    def _read_state(self) -> dict:
+        try:
+            st = read_json(self._state_path, f"tree mirror {self.name!r} state")
+        except FileNotFoundError:
+            return {"format": STATE_FORMAT, "name": self.name, "applied_cycle": 0,
+                    "freeze_time": 0.0, "pending": None}
+        p = st.get("pending")
+        ok = (st.get("format") == STATE_FORMAT and st.get("name") == self.name
+              and type(st.get("applied_cycle")) is int and st["applied_cycle"] >= 0
+              and isinstance(st.get("freeze_time"), int | float)
+              and (p is None or (isinstance(p, dict) and type(p.get("cycle")) is int
+                                 and isinstance(p.get("stage_id"), list)
+                                 and len(p["stage_id"]) == 2
+                                 and all(type(x) is int for x in p["stage_id"])
+                                 and isinstance(p.get("freeze_time"), int | float))))
+        if not ok:
+            raise StoreError(f"tree mirror {self.name!r}: its state {self._state_path} is "
+                             "damaged; move the mirror away and mirror the tree again")
+        return st
+
+    def _save(self) -> None:
+        atomic_write_json(self._state_path, self.state)
+
+    def recover(self) -> None:
+        """Settle a crashed apply (see the module's docstring) and delete our leftovers."""
+        p = self.state.get("pending")
+        if p is not None:
+            try:
+                fd = os.open(self.path, _DIR_FLAGS)
+            except OSError:  # missing, or not a directory (a symlink someone put there)
+                exchanged = False
+            else:
+                try:
+                    exchanged = dir_identity(fd) == p["stage_id"]
+                finally:
+                    os.close(fd)
+            if exchanged:
+                self.state["applied_cycle"] = p["cycle"]
+                self.state["freeze_time"] = p["freeze_time"]
+            self.state["pending"] = None
+            self._save()
+        # By name, not through work_fd: btrfs lists to a long-open directory descriptor
+        # only the entries that existed when it first read it.
+        for entry in os.listdir(self.work):
+            if entry.startswith(STAGE_PREFIX):
+                self._remove(entry)
+        fsync_dir(self.work)
+
+    def apply(self, events) -> int:
+        """Apply one cycle from ``TreeFrameReader.events()``; return its number.  On any
+        error nothing of it is visible and the staging copy is deleted."""
+        it = iter(events)
+        first = next(it, None)
+        if first is None or first[0] != "begin":
+            raise ProtocolError(f"tree mirror {self.name!r}: a cycle starts with 'begin'")
+        begin = first[1]
+        cycle, full = begin["cycle"], begin["full"]
+        has_tree = os.path.lexists(self.path)
+        if full:
+            if cycle <= self.applied_cycle:
+                raise ProtocolError(f"tree mirror {self.name!r}: full cycle {cycle} is not "
+                                    f"newer than the applied cycle {self.applied_cycle}")
+        elif cycle != self.applied_cycle + 1 or not has_tree:
+            raise ProtocolError(
+                f"tree mirror {self.name!r}: delta cycle {cycle} needs cycle {cycle - 1} "
+                f"applied here; cycle {self.applied_cycle} is"
+                + ("" if has_tree else f" and {self.path} is missing"))
+        stage = f"{STAGE_PREFIX}{cycle}"
+        self._remove(stage)
+        base_fd = stage_fd = None
+        job = None
+        try:
+            if not full:
+                base_fd = os.open(self.path, _DIR_FLAGS)
+            stage_fd = self._make_stage(stage, base_fd)
+            job = _Apply(self, stage_fd, base_fd, cycle)
+            for ev in it:
+                if ev[0] == "op":
+                    job.op(ev[1])
+                elif ev[0] == "data":
+                    job.data(ev[1], ev[2])
+                elif ev[0] == "zero":
+                    job.zero(ev[1], ev[2])
+                elif ev[0] == "end":
+                    break
+                else:
+                    raise ProtocolError(f"tree mirror {self.name!r}: unexpected {ev[0]!r}")
+            else:
+                raise ProtocolError(f"tree mirror {self.name!r}: cycle {cycle} ended "
+                                    "without 'end'")
+            job.finish()
+            syncfs(stage_fd)
+            self._switch(stage, stage_fd, cycle, float(begin["freeze_time"]), has_tree)
+        except BaseException:
+            if job is not None:
+                job.close()
+            for fd in (stage_fd, base_fd):
+                if fd is not None:
+                    os.close(fd)
+            stage_fd = base_fd = None
+            if self.state.get("pending") is None:
+                self._remove(stage)
+            else:  # failed around the switch: settle it as a restart would
+                self.recover()
+            raise
+        finally:
+            for fd in (stage_fd, base_fd):
+                if fd is not None:
+                    os.close(fd)
+        return cycle
+
+    def _make_stage(self, stage: str, base_fd: int | None) -> int:
+        """Make ``stage`` in our directory: empty (``base_fd`` None) or a copy of the tree
+        open as ``base_fd``; return it open.  On btrfs (as root) the stage is a subvolume,
+        and the copy a writable snapshot of the current tree when that is a subvolume too:
+        constant time, however many files."""
+        path = os.path.join(self.work, stage)
+        if self.subvolumes and base_fd is not None and subvolume_id(base_fd):
+            btrfsioctl.snapshot(self.path, path, readonly=False)
+            return os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
+        if self.subvolumes:
+            btrfsioctl.create_subvolume(path)
+        else:
+            os.mkdir(stage, 0o700, dir_fd=self.work_fd)
+        fd = os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
+        try:
+            if base_fd is not None:
+                copy_tree(base_fd, fd)
+            else:
+                os.fchmod(fd, 0o700)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _remove(self, entry: str) -> None:
+        """Delete ``entry`` of our directory: a subvolume by btrfs, the rest by unlinks."""
+        st = _lstat_at(self.work_fd, entry)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_SUBVOL_INO:
+            fd = os.open(entry, _DIR_FLAGS, dir_fd=self.work_fd)
+            try:
+                is_subvolume = subvolume_id(fd) != 0
+            finally:
+                os.close(fd)
+            if is_subvolume:
+                btrfsioctl.delete_subvolume(os.path.join(self.work, entry))
+                return
+        _rm_at(self.work_fd, entry)
+
+    def _switch(self, stage: str, stage_fd: int, cycle: int, freeze_time: float,
+                has_tree: bool) -> None:
+        self.state["pending"] = {"cycle": cycle, "freeze_time": freeze_time,
+                                 "stage_id": dir_identity(stage_fd)}
+        self._save()
+        failpoints.hit("receiver.tree_switch")
+        root_fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            renameat2(self.work_fd, stage, root_fd, self.name,
+                      RENAME_EXCHANGE if has_tree else RENAME_NOREPLACE)
+            os.fsync(root_fd)
+            os.fsync(self.work_fd)
+        finally:
+            os.close(root_fd)
+        failpoints.hit("receiver.tree_switched")
+        self.state.update(applied_cycle=cycle, freeze_time=freeze_time, pending=None)
+        self._save()
+        self._remove(stage)  # the previous version

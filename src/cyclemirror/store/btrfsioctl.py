@@ -1,0 +1,116 @@
+"""btrfs subvolumes and snapshots through the kernel's ioctls (no btrfs-progs process).
+
+* ``snapshot(src, dst, readonly)``: ``BTRFS_IOC_SNAP_CREATE_V2`` on the
+  destination's parent directory; the kernel makes the snapshot in a
+  transaction it commits before answering, so every file of ``src`` is in it
+  as of one instant, durably.
+* ``create_subvolume(path)``: ``BTRFS_IOC_SUBVOL_CREATE_V2``.
+* ``delete_subvolume(path)``: ``BTRFS_IOC_SNAP_DESTROY`` (a read-only
+  snapshot too; the space is freed in the background).
+* ``subvolume_id(fd)``: the id of the subvolume whose root ``fd`` is, else 0.
+
+A failure is a StoreError naming what was being done, the path and the
+kernel's reason (EPERM: these need root, or for deletion the
+``user_subvol_rm_allowed`` mount option).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+
+from cyclemirror.errors import StoreError
+
+BTRFS_SUBVOL_INO = 256  # the root directory of every btrfs subvolume has this inode
+BTRFS_SUBVOL_RDONLY = 1 << 1
+_VOL_ARGS_SIZE = 4096
+_NAME_OFFSET_V2 = 56  # fd, transid, flags, then a 32-byte union, then the name
+_NAME_MAX = 4039
+# _IOW(0x94, nr, 4096-byte args): 0x40000000 | 4096 << 16 | 0x94 << 8 | nr
+BTRFS_IOC_SNAP_DESTROY = 0x5000940F
+BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417
+BTRFS_IOC_SUBVOL_CREATE_V2 = 0x50009418
+BTRFS_IOC_INO_LOOKUP = 0xD0009412  # _IOWR(0x94, 18, 4096)
+
+
+def _parent_fd(path: str) -> tuple[int, str]:
+    parent, name = os.path.split(os.path.normpath(path))
+    raw = os.fsencode(name)
+    if not raw or len(raw) > _NAME_MAX or name in (".", ".."):
+        raise StoreError(f"btrfs: {path!r} does not end in a usable name")
+    return os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
+
+
+def _args_v2(name: str, fd: int = 0, flags: int = 0) -> bytearray:
+    args = bytearray(_VOL_ARGS_SIZE)
+    args[0:8] = fd.to_bytes(8, "little", signed=True)
+    args[16:24] = flags.to_bytes(8, "little")
+    raw = os.fsencode(name)
+    args[_NAME_OFFSET_V2:_NAME_OFFSET_V2 + len(raw)] = raw
+    return args
+
+
+def _fail(what: str, path: str, exc: OSError) -> StoreError:
+    hint = ""
+    if exc.errno == 1:  # EPERM
+        hint = " (needs root, or user_subvol_rm_allowed to delete)"
+    elif exc.errno in (25, 95):  # ENOTTY, EOPNOTSUPP
+        hint = " (not a btrfs file system?)"
+    return StoreError(f"btrfs: {what} {path} failed: {exc.strerror}{hint}")
+
+
+def snapshot(src: str, dst: str, readonly: bool) -> None:
+    """Snapshot the subvolume ``src`` as the new ``dst`` (read-only or writable)."""
+    sfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        pfd, name = _parent_fd(dst)
+        try:
+            fcntl.ioctl(pfd, BTRFS_IOC_SNAP_CREATE_V2,
+                        _args_v2(name, sfd, BTRFS_SUBVOL_RDONLY if readonly else 0))
+        except OSError as exc:
+            raise _fail(f"snapshot of {src} as", dst, exc) from None
+        finally:
+            os.close(pfd)
+    finally:
+        os.close(sfd)
+
+
+def create_subvolume(path: str) -> None:
+    pfd, name = _parent_fd(path)
+    try:
+        fcntl.ioctl(pfd, BTRFS_IOC_SUBVOL_CREATE_V2, _args_v2(name))
+    except OSError as exc:
+        raise _fail("creating subvolume", path, exc) from None
+    finally:
+        os.close(pfd)
+
+
+def delete_subvolume(path: str) -> None:
+    """Delete the subvolume (or snapshot) ``path``; refuse anything that is not one."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_ino != BTRFS_SUBVOL_INO:
+        raise StoreError(f"btrfs: {path} is not a subvolume; not deleting it")
+    pfd, name = _parent_fd(path)
+    args = bytearray(_VOL_ARGS_SIZE)
+    raw = os.fsencode(name)
+    args[8:8 + len(raw)] = raw
+    try:
+        fcntl.ioctl(pfd, BTRFS_IOC_SNAP_DESTROY, args)
+    except OSError as exc:
+        raise _fail("deleting subvolume", path, exc) from None
+    finally:
+        os.close(pfd)
+
+
+def subvolume_id(fd: int) -> int:
+    """The btrfs subvolume id of directory ``fd`` if it is a subvolume's root, else 0."""
+    if os.fstat(fd).st_ino != BTRFS_SUBVOL_INO:
+        return 0
+    args = bytearray(_VOL_ARGS_SIZE)
+    args[8:16] = BTRFS_SUBVOL_INO.to_bytes(8, "little")
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, args)
+    except OSError:
+        return 0  # not btrfs (an inode 256 elsewhere is a plain directory)
+    return int.from_bytes(args[0:8], "little")

@@ -1,0 +1,136 @@
+"""The wire form of a tree delta: what a hostile or broken peer sends is refused.
+
+The decoder (``wire.treeframes.TreeFrameReader``) is fed hand-made frames:
+paths that climb out of the tree, absolute paths, empty and '.' components,
+NUL bytes, over-long names, refs where none belongs or missing where one
+must be, modes past the permission bits, data outside any file or past a
+file's end, frames of another cycle, a wrong 'end' count, a cut stream.
+Each is a ProtocolError before anything is applied; a well-formed stream
+decodes to exactly what was encoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cyclemirror._cext import frames
+from cyclemirror.errors import ProtocolError
+from cyclemirror.wire import treeframes
+from cyclemirror.wire.messages import check_relpath
+from tests.support.trees import begin, control, end, tree_op
+
+
+def op(cycle=2, **kw) -> bytes:
+    return tree_op(cycle, **kw)
+
+
+def data(cycle, offset, payload: bytes) -> bytes:
+    """The DATA frames FramePacker makes of ``payload`` at ``offset`` of a file."""
+    with tempfile.TemporaryFile() as fh:
+        fh.write(b"\0" * offset + payload)
+        fh.flush()
+        return b"".join(frames.FramePacker(frames.CODEC_NONE).pack_extents(
+            fh.fileno(), [(offset, len(payload))], cycle))
+
+
+def decode(stream: bytes) -> list:
+    reader = treeframes.TreeFrameReader(treeframes.read_exact_from(io.BytesIO(stream)))
+    return list(reader.events())
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a//b", "", "a/./b",
+                                  "a/", "..", "a\0b", "x" * 256, "a/" * 2100 + "b"])
+def test_a_path_that_could_leave_the_tree_is_refused(path):
+    with pytest.raises(ProtocolError):
+        decode(begin() + op(path=path) + end())
+    with pytest.raises(ProtocolError):
+        check_relpath(path, "path")
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({"op": "patch", "ref": "../outside"}, "component"),
+    ({"op": "patch", "ref": "/etc/shadow"}, "absolute"),
+    ({"op": "link", "ref": ""}, "path"),
+    ({"op": "link", "ref": "."}, "root"),
+    ({"op": "symlink", "ref": ""}, "needs a target"),
+    ({"op": "symlink", "ref": "a\0b"}, "NUL"),
+    ({"op": "rm", "ref": "x"}, "takes no ref"),
+    ({"op": "file", "mode": 0o100644}, "permission bits"),
+    ({"op": "meta", "size": 5}, "only 'file' and 'patch'"),
+    ({"op": "rm", "path": "."}, "root"),
+    ({"op": "chmod"}, "must be one of"),
+    ({"op": "dir", "uid": 1 << 40}, "uid"),
+    ({"op": "dir", "mtime_ns": 1.5}, "integer"),
+    ({"op": "dir", "extra": 1}, "unknown fields"),
+])
+def test_a_malformed_op_is_refused_naming_why(fields, why):
+    with pytest.raises(ProtocolError, match=why):
+        decode(begin() + op(**fields) + end())
+
+
+def test_data_outside_a_file_or_past_its_end_is_refused():
+    with pytest.raises(ProtocolError):  # no file open
+        decode(begin() + op(op="dir", path="d") + data(2, 0, b"x") + end(chunks=2))
+    with pytest.raises(ProtocolError):  # past the file's 4 bytes
+        decode(begin() + op(size=4) + data(2, 2, b"xyz") + end(chunks=2))
+    zero = frames.encode_zero(frames.FT_ZERO, 2, 0, 4096)
+    with pytest.raises(ProtocolError):
+        decode(begin() + op(size=100) + zero + end(chunks=2))
+
+
+def test_other_cycles_wrong_counts_and_cut_streams_are_refused():
+    with pytest.raises(ProtocolError, match="cycle 3 inside cycle 2"):
+        decode(begin() + op(cycle=3) + end())
+    with pytest.raises(ProtocolError, match="frames of cycle 2 came"):
+        decode(begin() + op() + end(chunks=5))
+    with pytest.raises(ProtocolError, match="ends inside"):
+        decode((begin() + op() + end())[:-3])
+    with pytest.raises(ProtocolError, match="begin"):
+        decode(op() + end())
+    with pytest.raises(ProtocolError, match="resume"):
+        decode(control(2, {"type": "begin", "cycle": 2, "freeze_time": 1.0, "full": False,
+                           "resume_from": 4}))
+
+
+def test_a_good_stream_decodes_to_what_was_encoded():
+    stream = (begin() + op(op="dir", path=".", mode=0o755, mtime_ns=-5)
+              + op(path="d/f", size=10, mtime_ns=7) + data(2, 3, b"abc")
+              + frames.encode_zero(frames.FT_ZERO, 2, 6, 4)
+              + op(op="symlink", path="d/s", ref="../../anywhere/at/all")
+              + op(op="link", path="d/g", ref="d/f") + end(chunks=6))
+    ev = decode(stream)
+    assert [e[0] for e in ev] == ["begin", "op", "op", "data", "zero", "op", "op", "end"]
+    assert ev[1][1]["mtime_ns"] == -5
+    assert ev[3][1:] == (3, b"abc") and ev[4][1:] == (6, 4)
+    assert ev[5][1]["ref"] == "../../anywhere/at/all"
+
+
+_pieces = st.lists(st.sampled_from(["..", ".", "", "a", "b", "é", "/", "\0", "x" * 255,
+                                    "x" * 256]), max_size=8)
+
+
+@given(st.one_of(st.text(max_size=60), _pieces.map("/".join), _pieces.map("".join)))
+def test_a_path_the_check_accepts_never_leaves_the_tree(path):
+    try:
+        check_relpath(path, "path")
+    except ProtocolError:
+        return
+    joined = os.path.normpath(os.path.join("/root", path))
+    assert joined == "/root" or joined.startswith("/root/")
+    assert ".." not in path.split("/") and "\0" not in path and not path.startswith("/")
+    assert os.path.join("/root", path) == joined or path == "."  # nothing to normalise
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=400), st.integers(0, 6))
+def test_arbitrary_bytes_after_a_good_start_are_a_protocol_error(junk, cut):
+    good = begin() + op(path="d/f", size=10) + data(2, 0, b"0123456789") + end(chunks=2)
+    with contextlib.suppress(ProtocolError):
+        decode(good[: len(good) - cut * 7] + junk)
