@@ -1,10 +1,14 @@
 """``--compress auto``: the pure choice, and the packer that learns and switches.
 
 Proves: ``choose`` picks the candidate of least cost (hypothesis, against
-the cost written out here), lz4 when the link is fast or unknown, the best
-ratio when the link is slow; ``AdaptivePacker`` learns from real packing
-(real FramePackers, a real file) and from the link rates it is told, moves
-to zstd on a slow link and back to lz4 on a fast one, and every frame it
+the cost written out here), never ``none`` without a link rate, ``none``
+when the link takes raw bytes faster than the threads compress (a table of
+links from 40 Mbit/s to loopback), lz4 when the CPU is the limit, the best
+ratio when the link is slow; ``LinkMeter`` on a real TCP connection tells a
+busy link (its rate) from one that idled (a lower bound); ``AdaptivePacker``
+learns from real packing (real FramePackers, a real file) and from the link
+rates it is told, moves to zstd on a slow link and to ``none`` on a fast
+one, lower bounds only ever raise its link estimate, and every frame it
 makes, whatever the codec, decodes to exactly the bytes of its chunk at the
 same chunk boundaries as a fixed packer's.
 """
@@ -13,12 +17,21 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cyclemirror._cext import frames
-from cyclemirror.sender.autocodec import CANDIDATES, EXPLORE_EVERY, AdaptivePacker, choose
+from cyclemirror.sender.autocodec import (
+    CANDIDATES,
+    EXPLORE_EVERY,
+    AdaptivePacker,
+    LinkMeter,
+    choose,
+)
 
 MiB = 1 << 20
 
@@ -32,16 +45,18 @@ rates = st.floats(min_value=1e3, max_value=1e10, allow_nan=False)
 ratios = st.floats(min_value=0.01, max_value=1.2, allow_nan=False)
 
 
-@given(link=st.one_of(st.none(), rates), cpus=st.lists(st.one_of(st.none(), rates), min_size=4,
-                                                        max_size=4),
-       rs=st.lists(ratios, min_size=4, max_size=4), threads=st.integers(1, 4))
-def test_choose_picks_a_measured_candidate_of_least_cost(link, cpus, rs, threads):
-    i = choose(link, cpus, rs, threads)
-    measured = [j for j, c in enumerate(cpus) if c is not None]
+@given(link=st.one_of(st.none(), rates), cpus=st.lists(st.one_of(st.none(), rates), min_size=5,
+                                                        max_size=5),
+       rs=st.lists(ratios, min_size=5, max_size=5), threads=st.integers(1, 4),
+       stored=st.one_of(st.none(), st.integers(0, 4)))
+def test_choose_picks_a_measured_candidate_of_least_cost(link, cpus, rs, threads, stored):
+    i = choose(link, cpus, rs, threads, stored=stored, first=1)
+    measured = [j for j, c in enumerate(cpus)
+                if c is not None and (j != stored or link is not None)]
     if not measured:
-        assert i == 0
+        assert i == 1  # first
         return
-    assert i in measured
+    assert i in measured  # the stored candidate only against a measured link
     best = min(cost(link, cpus[j], rs[j], threads) for j in measured)
     assert cost(link, cpus[i], rs[i], threads) <= best * (1 + 1e-12)
 
@@ -55,6 +70,103 @@ def test_choose_lz4_on_a_fast_link_and_the_best_ratio_on_a_slow_one():
     assert choose(12.5e6, cpu, ratio) == 2  # 100 Mbit/s: zstd 9's CPU is now the limit
     assert choose(60e6, cpu, ratio) == 1  # 480 Mbit/s: zstd 1
     assert choose(60e6, cpu, ratio, threads=4) == 2  # four threads pack: zstd 3 keeps up
+
+
+# none, lz4, zstd 1, 3, 9: raw bytes per second of one thread, wire bytes per raw byte
+CPU5 = [3000e6, 600e6, 300e6, 150e6, 30e6]
+RATIO5 = [1.0, 0.50, 0.35, 0.32, 0.28]
+NAMES5 = ["none", "lz4", "zstd:1", "zstd:3", "zstd:9"]
+
+
+@pytest.mark.parametrize("link, threads, want", [
+    (None, 1, "lz4"),  # not measured: CPU alone, and none needs a link rate
+    (None, 4, "lz4"),
+    (10e9, 1, "none"),  # loopback: the link takes raw bytes faster than lz4 makes them
+    (1.25e9, 1, "none"),  # 10 GbE
+    (1.25e9, 2, "none"),  # two threads make 1.2 GB/s of lz4: still slower than raw
+    (1e9, 4, "lz4"),  # four threads: lz4 keeps up and halves the bytes
+    (700e6, 1, "none"),  # just above one thread of lz4 (600 MB/s raw)
+    (500e6, 1, "lz4"),  # just below it
+    (125e6, 1, "zstd:1"),  # 1 GbE
+    (125e6, 2, "zstd:1"),
+    (12.5e6, 1, "zstd:3"),  # 100 Mbit/s: zstd 9's CPU is the limit
+    (12.5e6, 4, "zstd:9"),  # ...unless four threads pack
+    (5e6, 1, "zstd:9"),  # 40 Mbit/s
+])
+def test_choose_table_from_a_slow_wan_to_loopback(link, threads, want):
+    got = choose(link, CPU5, RATIO5, threads, stored=0, first=1)
+    assert NAMES5[got] == want
+
+
+@pytest.mark.parametrize("cpus, link, want", [
+    ([None] * 5, None, "lz4"),  # nothing measured: the first candidate
+    ([None] * 5, 10e9, "lz4"),
+    ([3000e6, None, None, None, None], None, "lz4"),  # only none measured, no link
+    ([3000e6, None, None, None, None], 10e9, "none"),  # ...with a link: it is all we know
+    ([None, 600e6, 300e6, 150e6, 30e6], 10e9, "lz4"),  # none not measured yet
+])
+def test_choose_with_candidates_not_yet_measured(cpus, link, want):
+    assert NAMES5[choose(link, cpus, RATIO5, 1, stored=0, first=1)] == want
+
+
+def _tcp_pair():
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
+def _wait(predicate, what):
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_link_meter_tells_a_busy_link_from_an_idle_one():
+    a, b = _tcp_pair()
+    try:
+        meter = LinkMeter(a)
+        sent = 0
+        assert meter.sample(sent) is None  # the first sample starts the clock
+        a.sendall(b"x" * 65536)
+        sent += 65536
+        _wait(lambda: meter.unsent() == 0, "the peer to acknowledge 64 KiB")
+        delivered, seconds, busy = meter.sample(sent)
+        assert (delivered, busy) == (65536, False) and seconds > 0  # the queue began empty
+        a.setblocking(False)
+        try:  # the peer reads nothing: fill its window and our buffer
+            while True:
+                sent += a.send(b"y" * 65536)
+        except BlockingIOError:
+            pass
+        _wait(lambda: meter.unsent() > 0, "data to stay unacknowledged")
+        meter.sample(sent)
+        delivered, seconds, busy = meter.sample(sent)
+        assert busy and delivered >= 0  # the queue was not empty: the link's own rate
+        got = 0
+        b.settimeout(30)
+        while got < sent - 65536:  # the peer reads it all: the queue drains
+            got += len(b.recv(1 << 20))
+        _wait(lambda: meter.unsent() == 0, "the queue to drain")
+        delivered, seconds, busy = meter.sample(sent)
+        assert busy and delivered > 0  # it was busy at the previous sample
+        assert meter.sample(sent)[2] is False  # and idle since
+    finally:
+        a.close()
+        b.close()
+
+
+def test_lower_bounds_only_raise_the_link_estimate():
+    packer = AdaptivePacker(MiB)
+    packer.observe_link("t", 10 * MiB, 1.0)  # busy: 10 MiB/s
+    packer.observe_link("t", MiB, 1.0, busy=False)  # the link idled: it says nothing
+    assert packer.status()["link_rate"] == 10 * MiB
+    packer.observe_link("t", 100 * MiB, 1.0, busy=False)  # at least 100 MiB/s
+    raised = packer.status()["link_rate"]
+    assert 10 * MiB < raised < 100 * MiB  # a step towards it (a running mean)
+    packer.observe_link("t", 5 * MiB, 1.0)  # busy samples still lower it
+    assert packer.status()["link_rate"] < raised
 
 
 def _text(n: int, seed: int = 1) -> bytes:
@@ -75,7 +187,8 @@ def _decoded(frame_list) -> list[tuple[int, bytes, int]]:
     return out
 
 
-def test_the_packer_moves_to_zstd_on_a_slow_link_and_back_and_frames_stay_exact(tmp_path):
+def test_the_packer_moves_to_zstd_on_a_slow_link_to_none_on_a_fast_one_frames_stay_exact(
+        tmp_path):
     data = _text(2 * MiB) + os.urandom(MiB // 4)
     path = tmp_path / "img"
     path.write_bytes(data)
@@ -103,10 +216,10 @@ def test_the_packer_moves_to_zstd_on_a_slow_link_and_back_and_frames_stay_exact(
             packer.observe_link("t", 2 * MiB, 2.0)
             batches(1)
         assert packer.status()["codec"] == picked != "lz4"
-        for _ in range(30):  # now the link is loopback-fast: the CPU is the limit
+        for _ in range(30):  # now the link is far faster than any codec: none
             packer.observe_link("t", 1 << 30, 0.01)
         batches(1)
-        assert packer.status()["codec"] == "lz4"
+        assert packer.status()["codec"] == "none"
         assert packer.status()["link_rate"] > 1e9
     finally:
         os.close(fd)

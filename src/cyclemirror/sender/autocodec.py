@@ -10,22 +10,33 @@ produces, and ``link`` the bytes per second the slowest target's link
 (including ``--bwlimit``) takes.  ``choose`` picks the candidate with the
 least cost; it is pure and does no I/O, so it is tested alone.
 
+The candidates run from ``none`` (bytes as they are: the cheapest on CPU, the
+most on the wire) through lz4 to zstd 9.  ``none`` wins when the link takes
+raw bytes faster than the threads can compress them (loopback, 10 GbE).  It
+needs a measured link rate to be chosen: by CPU alone it would always win.
+
 ``AdaptivePacker`` is a ``FramePacker`` to the shipping code: it holds one
 packer per candidate, packs each batch with the current choice, and learns
 from what it sees: the time and the output size of every batch (an
 exponentially weighted mean per candidate), and ``observe_link(label,
-bytes, seconds)`` from the sender threads, measured by a ``LinkMeter``: the
-bytes the peer acknowledged (sent minus the socket's unsent queue,
-``SIOCOUTQ``) per second, over intervals in which the queue never ran
-empty.  Timing the sends themselves would measure the kernel's socket
-buffer (megabytes), not the link, and an interval that starts with an empty
-queue measures the packer, not the link.  Every ``EXPLORE_EVERY``-th batch
-goes to a neighbour of the choice (the level above, then the one below), so
-the estimates near the choice stay current when the data or the link
-changes.  The first batches go one to each candidate, lz4 first: a first
-cycle packs a few batches ahead before the first byte is sent, so by the
-time the link has been measured every candidate has been too.  Without a
-link rate the choice is by CPU alone (lz4).
+bytes, seconds, busy)`` from the sender threads, measured by a ``LinkMeter``:
+the bytes the peer acknowledged (sent minus the socket's unsent queue,
+``SIOCOUTQ``) per second.  Timing the sends themselves would measure the
+kernel's socket buffer (megabytes), not the link.  Over an interval in which
+the queue never ran empty (``busy``) that is the link's rate and goes into
+the running mean.  An interval that began with an empty queue had the link
+idle part of the time: its rate is only a lower bound (the link took at
+least that much), and it raises the estimate when it is above it, never
+lowers it.  Without these lower bounds a link faster than the packer (whose
+queue is always empty) would never be measured, and ``none`` never chosen.
+Every ``EXPLORE_EVERY``-th batch goes to a neighbour of the choice (the
+level above, then the one below), so the estimates near the choice stay
+current when the data or the link changes: from lz4 that is zstd 1 and
+``none``, whose fast batches are what shows a fast link its lower bound.
+The first batches go one to each candidate, lz4 first: a first cycle packs
+a few batches ahead before the first byte is sent, so by the time the link
+has been measured every candidate has been too.  Without a link rate the
+choice is by CPU alone among the codecs that compress (lz4).
 
 Determinism.  Resuming a cycle regenerates its frames and skips the first
 N; that stays correct because chunk boundaries depend only on raw lengths
@@ -45,8 +56,11 @@ from collections.abc import Sequence
 
 from cyclemirror._cext import frames
 
-# (codec, level): lz4 when the CPU is the limit, zstd at higher levels the slower the link.
-CANDIDATES: tuple[tuple[str, int], ...] = (("lz4", 0), ("zstd", 1), ("zstd", 3), ("zstd", 9))
+# (codec, level), from the least CPU to the fewest bytes: none when the link outruns the
+# compressors, lz4 when the CPU is the limit, zstd at higher levels the slower the link.
+CANDIDATES: tuple[tuple[str, int], ...] = (("none", 0), ("lz4", 0), ("zstd", 1), ("zstd", 3),
+                                           ("zstd", 9))
+FIRST = ("lz4", 0)  # the candidate of the first batch, and the choice while nothing is measured
 EXPLORE_EVERY = 16  # one batch in this many tries another candidate
 WEIGHT = 0.3  # of a new observation in the running means
 _CODE = {"none": frames.CODEC_NONE, "lz4": frames.CODEC_LZ4, "zstd": frames.CODEC_ZSTD}
@@ -63,8 +77,13 @@ class LinkMeter:
         raw = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
         return struct.unpack("i", raw)[0]
 
-    def sample(self, bytes_sent: int) -> tuple[int, float] | None:
-        """(bytes delivered, seconds) since the previous sample, if the link was busy."""
+    def sample(self, bytes_sent: int) -> tuple[int, float, bool] | None:
+        """(bytes delivered, seconds, busy) since the previous sample.
+
+        ``busy``: the unsent queue was not empty at the previous sample, so the
+        link had data to carry all along and the figures are its rate; else
+        they are a lower bound of it (the link may have idled).
+        """
         try:
             unsent = self.unsent()
         except OSError:
@@ -72,9 +91,9 @@ class LinkMeter:
         now = time.monotonic()
         delivered = bytes_sent - unsent
         prev, self._last = self._last, (now, delivered, unsent)
-        if prev is None or prev[2] == 0 or now <= prev[0]:
-            return None  # the queue was empty: the link may have idled
-        return delivered - prev[1], now - prev[0]
+        if prev is None or now <= prev[0]:
+            return None
+        return delivered - prev[1], now - prev[0], prev[2] > 0
 
 
 def label(candidate: tuple[str, int]) -> str:
@@ -83,18 +102,22 @@ def label(candidate: tuple[str, int]) -> str:
 
 
 def choose(link_rate: float | None, cpu_rates: Sequence[float | None],
-           ratios: Sequence[float | None], threads: int = 1) -> int:
+           ratios: Sequence[float | None], threads: int = 1, *,
+           stored: int | None = None, first: int = 0) -> int:
     """The index of the candidate with the least cost per raw byte (see the docstring).
 
     A candidate never measured (None) is not chosen, unless none is measured
-    (then 0).  Without a link rate the cheapest on CPU wins.
+    (then ``first``).  Without a link rate the cheapest on CPU wins, except
+    ``stored`` (the index of the candidate that does not compress, if any),
+    which is chosen only against a measured link: by CPU alone it always wins.
     """
-    best, best_cost = 0, None
+    best, best_cost = first, None
+    has_link = link_rate is not None and link_rate > 0
     for i, (cpu, ratio) in enumerate(zip(cpu_rates, ratios, strict=True)):
-        if cpu is None or ratio is None or cpu <= 0:
+        if cpu is None or ratio is None or cpu <= 0 or (i == stored and not has_link):
             continue
         cost = 1.0 / (cpu * max(1, threads))
-        if link_rate is not None and link_rate > 0:
+        if has_link:
             cost = max(cost, ratio / link_rate)
         if best_cost is None or cost < best_cost:
             best, best_cost = i, cost
@@ -116,19 +139,35 @@ class AdaptivePacker:
         self._links: dict[str, float] = {}
         self._batches = 0
         self._started = [False] * len(self.candidates)
-        self.chosen = 0
+        self._stored = next((i for i, (c, _l) in enumerate(self.candidates) if c == "none"), None)
+        self._first = self.candidates.index(FIRST) if FIRST in self.candidates else 0
+        self.chosen = self._first
         self.uses = [0] * len(self.candidates)
+
+    def _choose(self) -> int:
+        """``choose`` on what is known now (the caller holds the lock)."""
+        link = min(self._links.values()) if self._links else None
+        return choose(link, self._cpu, self._ratio, self.threads, stored=self._stored,
+                      first=self._first)
 
     # -- what the sender threads tell us
 
-    def observe_link(self, who: str, nbytes: int, seconds: float) -> None:
+    def observe_link(self, who: str, nbytes: int, seconds: float, busy: bool = True) -> None:
+        """A target's link carried ``nbytes`` in ``seconds``; ``busy``: all along.
+
+        A busy interval is the link's rate (into the running mean); another is a
+        lower bound of it, which only ever raises the estimate.
+        """
         if nbytes < 65536 or seconds <= 0:
             return  # too small to say anything about the link
         rate = nbytes / seconds
         with self._lock:
             old = self._links.get(who)
-            self._links[who] = rate if old is None else old + WEIGHT * (rate - old)
-            self.chosen = choose(min(self._links.values()), self._cpu, self._ratio, self.threads)
+            if old is None:
+                self._links[who] = rate
+            elif busy or rate > old:
+                self._links[who] = old + WEIGHT * (rate - old)
+            self.chosen = self._choose()
 
     def forget_link(self, who: str) -> None:
         with self._lock:
@@ -139,10 +178,10 @@ class AdaptivePacker:
     def _pick(self) -> int:
         with self._lock:
             self._batches += 1
-            link = min(self._links.values()) if self._links else None
-            self.chosen = choose(link, self._cpu, self._ratio, self.threads)
-            for i, started in enumerate(self._started):
-                if not started:  # the first batches: one to each candidate, lz4 first
+            self.chosen = self._choose()
+            order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
+            for i in order:
+                if not self._started[i]:  # the first batches: one to each candidate, lz4 first
                     self._started[i] = True
                     return i
             if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
@@ -163,8 +202,7 @@ class AdaptivePacker:
             self._cpu[i] = cpu if old_cpu is None else old_cpu + WEIGHT * (cpu - old_cpu)
             self._ratio[i] = (ratio if old_ratio is None
                               else old_ratio + WEIGHT * (ratio - old_ratio))
-            link = min(self._links.values()) if self._links else None
-            self.chosen = choose(link, self._cpu, self._ratio, self.threads)
+            self.chosen = self._choose()
 
     def pack_extents(self, fd, extents, cycle):
         i = self._pick()
