@@ -4,8 +4,9 @@ Two ``cyclemirror serve`` processes, the source's volume written through its
 NBD socket, the mirror started and synced through the real CLI.  What must
 hold: ``status --json`` names the pick (one of the candidates, ``none``
 included) and the figures it was made from, and the pick is exactly what
-``autocodec.choose`` makes of those figures; every candidate was tried; the
-link was measured; the image equals the source.
+``autocodec.choose`` makes of those figures; the text ``status`` shows the
+same pick in the mirror's CODEC column ("lz4 (auto)"); every candidate was
+tried; the link was measured; the image equals the source.
 
 Nothing here asserts which codec wins on this machine: on loopback that
 depends on the CPU the two daemons share (``tests/test_sender_autocodec.py``
@@ -74,6 +75,12 @@ def test_auto_shows_its_pick_and_the_figures_it_was_made_from(pair, tmp_path):
                   [c["ratio"] for c in auto["candidates"]], PACK_THREADS,
                   stored=names.index("none"), first=CANDIDATES.index(FIRST))
     assert auto["codec"] == names[want], auto
+    # the text status: the mirror's row, the pick under CODEC (the cycle is over: it stays)
+    lines = s.cli("status").stdout.splitlines()
+    (head,) = [line for line in lines if line.startswith("VOLUME") and "CODEC" in line]
+    line = lines[lines.index(head) + 1]  # the one mirror's row
+    assert line.startswith("v "), lines
+    assert line[head.index("CODEC"):head.index("RATIO")].strip() == f"{auto['codec']} (auto)"
     (incoming,) = [m for m in t.status()["incoming"] if m["volume"] == "v"]
     with open(incoming["image"], "rb") as fh:
         assert fh.read(len(data)) == data

@@ -165,3 +165,34 @@ def test_status_table_lists_file_objects_with_their_consistency():
     for fragment in ["/srv/images/vm.img", "xfs", "4.0 GiB", "per-file", "7"]:
         assert fragment in row, fragment
     assert "error: its record is damaged" in text
+
+
+def _mirror_row(**kw) -> dict:
+    row = {"volume": "db", "target": "b:7300", "phase": "idle", "cycle": 1}
+    row.update(kw)
+    return row
+
+
+def _codec_cell(row: dict) -> str:
+    """The CODEC cell of the one mirror row, found under its header."""
+    lines = render_status({"node": {}, "volumes": [], "mirrors": [row]}).splitlines()
+    (head,) = [line for line in lines if line.startswith("VOLUME  TARGET")]
+    body = lines[lines.index(head) + 1]
+    start, end = head.index("CODEC"), head.index("RATIO")
+    return body[start:end].strip()
+
+
+@pytest.mark.parametrize("row, cell", [
+    (_mirror_row(compress="auto", compress_auto={"codec": "lz4", "link_rate": 1e9,
+                                                 "candidates": []}), "lz4 (auto)"),
+    (_mirror_row(compress="auto", compress_auto={"codec": "zstd:3", "link_rate": None,
+                                                 "candidates": []}), "zstd:3 (auto)"),
+    (_mirror_row(compress="auto", compress_auto={"codec": "none", "link_rate": 9e9,
+                                                 "candidates": []}), "none (auto)"),
+    (_mirror_row(compress="auto", compress_auto=None), "auto"),  # nothing packed yet
+    (_mirror_row(compress="zstd:3", compress_auto=None), "zstd:3"),
+    (_mirror_row(compress="none"), "none"),
+    (_mirror_row(), "-"),  # an old daemon's document without the field
+])
+def test_the_codec_column_shows_auto_s_current_pick(row, cell):
+    assert _codec_cell(row) == cell

@@ -33,6 +33,14 @@ def _ratio(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _codec_cell(m: dict) -> str:
+    """The mirror's codec; with ``--compress auto`` its current pick: "lz4 (auto)"."""
+    auto = m.get("compress_auto")
+    if m.get("compress") == "auto" or auto:
+        return f"{auto['codec']} (auto)" if auto and auto.get("codec") else "auto"
+    return m.get("compress") or "-"
+
+
 def _freeze_clock(ts) -> str:
     if ts is None:
         return "-"
@@ -186,7 +194,7 @@ def render_status(doc: dict) -> str:
     if mirrors:
         lines.append("")
         rows = [["VOLUME", "TARGET", "GROUP", "CYCLE", "PHASE", "RPO AGE", "LAST BYTES",
-                 "LAST TIME", "RATE", "RATIO", "VERIFIED", "LAST ERROR"]]
+                 "LAST TIME", "RATE", "CODEC", "RATIO", "VERIFIED", "LAST ERROR"]]
         progress_after = {}
         for m in mirrors:
             last = m.get("last_cycle") or {}
@@ -198,6 +206,7 @@ def render_status(doc: dict) -> str:
                 format_size(last["bytes"]) if "bytes" in last else "-",
                 format_duration(last.get("duration")),
                 format_rate(last.get("throughput")),
+                _codec_cell(m),
                 _ratio(last.get("compression_ratio")),
                 _check_cell(m.get("verify")),
                 (m.get("last_error") or "-")[:80],
