@@ -27,6 +27,15 @@ non-blocking, one ``poll`` for both; it ends when either side closes or fails
 and says which.  Before it polls it drains what OpenSSL already decrypted, so
 bytes never wait in OpenSSL's buffer for a socket event that will not come.
 
+Client certificates.  With ``client_ca`` the context asks every client that
+authenticates by certificate for one of its own, signed by that CA, and
+refuses the handshake without one (``SSL_VERIFY_PEER |
+SSL_VERIFY_FAIL_IF_NO_PEER_CERT``).  A PSK handshake never carries
+certificates (OpenSSL sends no certificate request in a PSK handshake,
+TLS 1.2 or 1.3), so PSK clients are not affected.  The common name of a
+verified client certificate is the session's ``identity``, as a PSK user
+name is.
+
 Errors are ``TlsError`` (a ``ProtocolError``: the peer did something wrong or
 went away), with OpenSSL's reason text, or ``UsageError`` for a bad file.
 """
@@ -66,6 +75,22 @@ cdef extern from "<time.h>" nogil:
     enum:
         CLOCK_MONOTONIC
 
+cdef extern from "<openssl/x509.h>" nogil:
+    ctypedef struct X509
+    ctypedef struct X509_NAME
+    ctypedef struct X509_STORE_CTX
+    cdef struct stack_st_X509_NAME
+    X509_NAME *X509_get_subject_name(const X509 *x)
+    int X509_NAME_get_text_by_NID(X509_NAME *name, int nid, char *buf, int len)
+    void X509_free(X509 *x)
+    const char *X509_verify_cert_error_string(long n)
+    enum:
+        X509_V_OK
+
+cdef extern from "<openssl/objects.h>" nogil:
+    enum:
+        NID_commonName
+
 cdef extern from "<openssl/ssl.h>" nogil:
     ctypedef struct SSL_CTX
     ctypedef struct SSL
@@ -86,6 +111,15 @@ cdef extern from "<openssl/ssl.h>" nogil:
     ctypedef unsigned int (*psk_server_cb)(SSL *ssl, const char *identity,
                                            unsigned char *psk, unsigned int max_psk_len)
     void SSL_CTX_set_psk_server_callback(SSL_CTX *ctx, psk_server_cb cb)
+    ctypedef int (*verify_cb)(int preverify_ok, X509_STORE_CTX *x509_ctx)
+    void SSL_CTX_set_verify(SSL_CTX *ctx, int mode, verify_cb callback)
+    int SSL_CTX_load_verify_locations(SSL_CTX *ctx, const char *CAfile, const char *CApath)
+    stack_st_X509_NAME *SSL_load_client_CA_file(const char *file)
+    void SSL_CTX_set_client_CA_list(SSL_CTX *ctx, stack_st_X509_NAME *name_list)
+    int SSL_CTX_set_session_id_context(SSL_CTX *ctx, const unsigned char *sid_ctx,
+                                       unsigned int sid_ctx_len)
+    X509 *SSL_get1_peer_certificate(const SSL *s)
+    long SSL_get_verify_result(const SSL *ssl)
     SSL *SSL_new(SSL_CTX *ctx)
     void SSL_free(SSL *ssl)
     int SSL_set_fd(SSL *ssl, int fd)
@@ -102,6 +136,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
     const char *SSL_CIPHER_get_name(const SSL_CIPHER *c)
     enum:
         TLS1_2_VERSION
+        SSL_VERIFY_PEER
+        SSL_VERIFY_FAIL_IF_NO_PEER_CERT
         SSL_FILETYPE_PEM
         SSL_MODE_ENABLE_PARTIAL_WRITE
         SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
@@ -185,18 +221,27 @@ cdef double _now() noexcept nogil:
 
 
 cdef class ServerContext:
-    """The server's TLS settings: PSK (``psk=True``) and/or a certificate and key."""
+    """The server's TLS settings: PSK (``psk=True``) and/or a certificate and key.
+
+    ``client_ca`` (with a certificate): clients that authenticate by
+    certificate must present one signed by this CA (a PEM file of CA
+    certificates).
+    """
 
     cdef SSL_CTX *ctx
     cdef readonly bint psk
     cdef readonly bint certificate
+    cdef readonly bint client_certificates
 
     def __cinit__(self):
         self.ctx = NULL
 
-    def __init__(self, *, bint psk=False, certfile=None, keyfile=None):
+    def __init__(self, *, bint psk=False, certfile=None, keyfile=None, client_ca=None):
         if not psk and certfile is None:
             raise UsageError("TLS server context: give psk=True and/or a certificate file")
+        if client_ca is not None and certfile is None:
+            raise UsageError("TLS server context: client certificates (a client CA) need a "
+                             "server certificate")
         ERR_clear_error()
         self.ctx = SSL_CTX_new(TLS_server_method())
         if self.ctx == NULL:
@@ -230,6 +275,24 @@ cdef class ServerContext:
                 raise UsageError(f"TLS key {keyfile or certfile} does not belong to the "
                                  f"certificate {certfile}: {_openssl_errors()}")
             self.certificate = True
+        cdef stack_st_X509_NAME *names
+        if client_ca is not None:
+            ca = str(client_ca).encode()
+            if SSL_CTX_load_verify_locations(self.ctx, ca, NULL) != 1:
+                raise UsageError(f"TLS client CA {client_ca}: cannot be used: "
+                                 f"{_openssl_errors()}; give a PEM file of CA certificates")
+            names = SSL_load_client_CA_file(ca)  # what the certificate request names
+            if names == NULL:
+                raise UsageError(f"TLS client CA {client_ca}: no certificate in it: "
+                                 f"{_openssl_errors()}")
+            SSL_CTX_set_client_CA_list(self.ctx, names)  # the context owns it now
+            # OpenSSL treats a TLS 1.3 PSK handshake as a resumed session, and with
+            # peer verification on it refuses one without a session id context
+            if SSL_CTX_set_session_id_context(self.ctx, <const unsigned char *>b"cyclemirror-nbd",
+                                              15) != 1:
+                raise UsageError(f"TLS server context: OpenSSL failed: {_openssl_errors()}")
+            SSL_CTX_set_verify(self.ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL)
+            self.client_certificates = True
 
     def __dealloc__(self):
         if self.ctx != NULL:
@@ -242,7 +305,8 @@ cdef class TlsSession:
     cdef SSL *ssl
     cdef PskTable table
     cdef readonly object context
-    cdef readonly str identity  # the PSK user name the client proved, or None
+    cdef readonly str identity  # the PSK user name or certificate common name proved, or None
+    cdef readonly bint client_certificate  # the client proved a certificate of the client CA
     cdef readonly str version
     cdef readonly str cipher
     cdef readonly str end_reason
@@ -336,6 +400,15 @@ cdef class TlsSession:
                     break
         if rc != 1:
             reasons = _openssl_errors()
+            verify = SSL_get_verify_result(self.ssl)
+            if context.client_certificates and verify != X509_V_OK:
+                raise TlsError("TLS handshake: the client's certificate was refused: "
+                               f"{X509_verify_cert_error_string(verify).decode()} "
+                               "(the server asks for one signed by its client CA)")
+            if context.client_certificates and "did not return a certificate" in reasons:
+                raise TlsError("TLS handshake: the client presented no certificate (the "
+                               "server requires one signed by its client CA"
+                               + (", or a pre-shared key)" if context.psk else ")"))
             if err == -2:
                 raise TlsError(f"TLS handshake: the client stalled past {timeout:g} s")
             if err == SSL_ERROR_SYSCALL or err == SSL_ERROR_ZERO_RETURN or err == -3:
@@ -350,9 +423,30 @@ cdef class TlsSession:
             if name == NULL and self.table.matched >= 0:
                 name = self.table.identities[self.table.matched]
         self.identity = name.decode("utf-8", "replace") if name != NULL else None
+        if self.identity is None and context.client_certificates:
+            self._take_certificate()
         self.version = SSL_get_version(self.ssl).decode()
         self.cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(self.ssl)).decode()
         return self
+
+    cdef int _take_certificate(self) except -1:
+        """The verified client certificate's common name becomes the identity."""
+        cdef X509 *cert = SSL_get1_peer_certificate(self.ssl)
+        cdef char buf[256]
+        cdef int n
+        if cert == NULL:
+            return 0  # a PSK handshake
+        try:
+            if SSL_get_verify_result(self.ssl) != X509_V_OK:
+                raise TlsError("TLS handshake: the client's certificate did not verify")
+            self.client_certificate = True
+            n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, buf,
+                                          sizeof(buf))
+            if n > 0:
+                self.identity = buf[:n].decode("utf-8", "replace")
+        finally:
+            X509_free(cert)
+        return 0
 
     def relay(self, int tls_fd, int plain_fd):
         """Move bytes between the TLS socket and the plain socket until one side ends.

@@ -99,6 +99,7 @@ def cmd_serve(args) -> int:
         nbd_tls_psk=os.path.abspath(args.nbd_tls_psk) if args.nbd_tls_psk else None,
         nbd_tls_cert=os.path.abspath(args.nbd_tls_cert) if args.nbd_tls_cert else None,
         nbd_tls_key=os.path.abspath(args.nbd_tls_key) if args.nbd_tls_key else None,
+        nbd_tls_ca=os.path.abspath(args.nbd_tls_ca) if args.nbd_tls_ca else None,
         metrics=parse_hostport(args.metrics, "--metrics", listening=True) if args.metrics else None,
         bwlimit=parse_rate(args.bwlimit, "--bwlimit") if args.bwlimit is not None else None,
         log_level=args.log_level,
@@ -587,6 +588,10 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                             "with --nbd-tls-psk, clients may use either")
     serve.add_argument("--nbd-tls-key", metavar="FILE",
                        help="private key of --nbd-tls-cert (if not in the same file)")
+    serve.add_argument("--nbd-tls-ca", metavar="FILE",
+                       help="with --nbd-tls-cert: clients using certificates must present one "
+                            "signed by this CA (its common name is the client's name in "
+                            "[nbd_clients])")
     serve.add_argument("--insecure", action="store_true",
                        help="allow plaintext on non-loopback addresses: mirrors (--listen and "
                             "every outgoing mirror) and --nbd tcp:; without it they need TLS")

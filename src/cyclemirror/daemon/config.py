@@ -126,6 +126,7 @@ class DaemonConfig:
     nbd_tls_psk: str | None = None
     nbd_tls_cert: str | None = None
     nbd_tls_key: str | None = None
+    nbd_tls_ca: str | None = None  # certificate clients must present one signed by this CA
     nbd_clients: ClientAccess | None = None  # None: every TLS client gets every export
 
     # Incoming mirrors' images in a Ceph pool (docs/ceph.md); None: raw files in the store.
@@ -240,6 +241,9 @@ def check_nbd_tls(config: DaemonConfig) -> None:
     """NBD over TCP on a non-loopback address needs TLS or an explicit --insecure."""
     if config.nbd_tls_key and not config.nbd_tls_cert:
         raise UsageError("serve: --nbd-tls-key needs --nbd-tls-cert")
+    if config.nbd_tls_ca and not config.nbd_tls_cert:
+        raise UsageError("serve: --nbd-tls-ca (client certificates) needs a server "
+                         "certificate: add --nbd-tls-cert FILE")
     tls = bool(config.nbd_tls_psk or config.nbd_tls_cert)
     if config.nbd_clients is not None and not tls:
         raise UsageError("serve: [nbd_clients] limits TLS clients by their PSK user name; "
@@ -383,7 +387,7 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
 _TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwlimit",
              "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure",
              "verify_every", "verify_repair", "verify_bwlimit", "scrub_every",
-             "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_clients",
+             "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca", "nbd_clients",
              "rbd_pool", "rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring",
              "rbd_keep_cycles"}
 _SERVER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
@@ -474,6 +478,7 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         nbd_tls_psk=path_setting("nbd_tls_psk"),
         nbd_tls_cert=path_setting("nbd_tls_cert"),
         nbd_tls_key=path_setting("nbd_tls_key"),
+        nbd_tls_ca=path_setting("nbd_tls_ca"),
         nbd_clients=_nbd_clients(data, path),
         verify_every=parse_duration(data.get("verify_every", 0), f"{path}: verify_every"),
         verify_repair=_bool(data.get("verify_repair", False), f"{path}: verify_repair"),

@@ -177,7 +177,7 @@ class Daemon:
             from cyclemirror.nbd.tls import NbdTls
 
             self._nbd_tls_settings = NbdTls(psk_file=cfg.nbd_tls_psk, certfile=cfg.nbd_tls_cert,
-                                            keyfile=cfg.nbd_tls_key)
+                                            keyfile=cfg.nbd_tls_key, client_ca=cfg.nbd_tls_ca)
         return self._nbd_tls_settings
 
     def _start_nbd(self, endpoint) -> None:

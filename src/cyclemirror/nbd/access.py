@@ -1,4 +1,4 @@
-"""Which exports each NBD client may use, by the identity it proved (its PSK user name).
+"""Which exports each NBD client may use, by the identity it proved (PSK user or cert CN).
 
 Design.  ``ClientAccess`` is a pure table: client name -> (export patterns,
 read-only).  The negotiation asks ``decide(identity, export)`` before it looks
@@ -14,7 +14,9 @@ go by; both keep serving every export.  Over TLS:
 - with a table, a client that is not in it gets what the ``"*"`` entry gives
   (nothing if there is none), and one that is gets the exports its patterns
   match, read-only if it says so.  A client that authenticated with a
-  certificate has no PSK user name; only ``"*"`` applies to it.
+  client certificate (``--nbd-tls-ca``) goes by its certificate's common
+  name; one that only verified the server's certificate has no identity,
+  and only ``"*"`` applies to it.
 """
 
 from __future__ import annotations

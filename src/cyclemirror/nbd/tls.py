@@ -16,6 +16,12 @@ anew for every connection, so adding a user or changing a key needs no
 restart; if it cannot be read then, the keys read last are used and the
 failure is logged.  The user name a client proved is its identity, which
 ``access.py`` maps to the exports it may use.
+
+Client certificates.  With a certificate and ``client_ca``, a client that
+authenticates by certificate must present one of its own signed by that CA
+(else the handshake fails: no certificate, another CA, expired); the
+certificate's common name is then its identity, as a PSK user name is, so
+``[nbd_clients]`` applies to it by that name.  PSK clients are unaffected.
 """
 
 from __future__ import annotations
@@ -75,11 +81,15 @@ def read_psk_file(path: str | os.PathLike[str]) -> dict[str, bytes]:
 
 
 class NbdTls:
-    """The server's NBD TLS settings: a PSK key file and/or a certificate and key."""
+    """The server's NBD TLS settings: a PSK key file and/or a certificate and key.
+
+    ``client_ca``: clients that use certificates must present one signed by it.
+    """
 
     def __init__(self, *, psk_file: str | os.PathLike[str] | None = None,
                  certfile: str | os.PathLike[str] | None = None,
                  keyfile: str | os.PathLike[str] | None = None,
+                 client_ca: str | os.PathLike[str] | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT):
         from cyclemirror._cext.tlsrelay import ServerContext
 
@@ -88,10 +98,14 @@ class NbdTls:
                              "certificate (--nbd-tls-cert)")
         if keyfile is not None and certfile is None:
             raise UsageError("NBD TLS: --nbd-tls-key needs --nbd-tls-cert")
+        if client_ca is not None and certfile is None:
+            raise UsageError("NBD TLS: --nbd-tls-ca (client certificates) needs a server "
+                             "certificate: add --nbd-tls-cert FILE")
         self.psk_file = os.fspath(psk_file) if psk_file is not None else None
         self._keys = read_psk_file(self.psk_file) if self.psk_file is not None else {}
+        self.client_ca = os.fspath(client_ca) if client_ca is not None else None
         self._context = ServerContext(psk=self.psk_file is not None, certfile=certfile,
-                                      keyfile=keyfile)
+                                      keyfile=keyfile, client_ca=self.client_ca)
         self.handshake_timeout = float(handshake_timeout)
 
     def current_keys(self) -> dict[str, bytes]:
@@ -127,7 +141,10 @@ class TlsChannel:
         self._thread.start()
 
     def describe(self) -> str:
-        who = f"user {self.identity!r}" if self.identity else "certificate"
+        if self.session.client_certificate:
+            who = f"client certificate {self.identity!r}"
+        else:
+            who = f"user {self.identity!r}" if self.identity else "server certificate only"
         return f"{who}, {self.session.version} {self.session.cipher}"
 
     def _relay(self) -> None:
