@@ -107,6 +107,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_CTX_check_private_key(const SSL_CTX *ctx)
     int SSL_CTX_set_num_tickets(SSL_CTX *ctx, size_t num_tickets)
     long SSL_CTX_set_mode(SSL_CTX *ctx, long mode)
+    long SSL_CTX_set_dh_auto(SSL_CTX *ctx, int onoff)
     unsigned long SSL_CTX_set_options(SSL_CTX *ctx, unsigned long op)
     ctypedef unsigned int (*psk_server_cb)(SSL *ssl, const char *identity,
                                            unsigned char *psk, unsigned int max_psk_len)
@@ -170,7 +171,12 @@ RELAY_BUFFER = _RELAY_BUFFER
 
 # TLS 1.2 suites: the PSK ones (GnuTLS clients offer (EC)DHE-PSK and PSK) and,
 # for certificates, OpenSSL's strong defaults.  TLS 1.3 suites are OpenSSL's.
-_CIPHERS_PSK = b"ECDHE-PSK:DHE-PSK:PSK:!NULL:!3DES:!RC4:!MD5"
+# PSK in our order of preference (the server's): forward secrecy first, ECDHE
+# before DHE (cheaper), AEAD before CBC within each, plain PSK last.  OpenSSL's
+# own order for "ECDHE-PSK:DHE-PSK:PSK" sorts by strength and would put plain
+# PSK-AES256-GCM before ECDHE-PSK's CBC suites.
+_CIPHERS_PSK = (b"kECDHEPSK+CHACHA20:kECDHEPSK:kDHEPSK+AESGCM:kDHEPSK+CHACHA20:kDHEPSK:"
+                b"kPSK+AESGCM:kPSK+CHACHA20:kPSK:!NULL:!3DES:!RC4:!MD5:!ARIA:!CAMELLIA")
 _CIPHERS_CERT = b"HIGH:!aNULL:!eNULL:!3DES:!RC4:!MD5"
 _SUITES_TLS13 = b"TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
 
@@ -254,6 +260,9 @@ cdef class ServerContext:
         cdef bytes suites = _SUITES_TLS13
         SSL_CTX_set_ciphersuites(self.ctx, suites)
         SSL_CTX_set_num_tickets(self.ctx, 0)  # no resumption: every connection authenticates
+        # DH parameters sized to the suite, so that DHE-PSK is offered (without them
+        # a TLS 1.2 client without ECDHE-PSK would fall back to plain PSK, no PFS)
+        SSL_CTX_set_dh_auto(self.ctx, 1)
         SSL_CTX_set_mode(self.ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
         ciphers = _CIPHERS_PSK + b":" + _CIPHERS_CERT if psk else _CIPHERS_CERT
         if SSL_CTX_set_cipher_list(self.ctx, ciphers) != 1:
