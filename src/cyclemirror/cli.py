@@ -72,6 +72,7 @@ def cmd_serve(args) -> int:
         check_keep_cycles,
         load_config,
         parse_hostport,
+        parse_link_timeout,
         parse_nbd_endpoint,
     )
     from cyclemirror.daemon.service import run_daemon
@@ -100,6 +101,8 @@ def cmd_serve(args) -> int:
         nbd_tls_cert=os.path.abspath(args.nbd_tls_cert) if args.nbd_tls_cert else None,
         nbd_tls_key=os.path.abspath(args.nbd_tls_key) if args.nbd_tls_key else None,
         nbd_tls_ca=os.path.abspath(args.nbd_tls_ca) if args.nbd_tls_ca else None,
+        link_timeout=(parse_link_timeout(args.link_timeout)
+                      if args.link_timeout is not None else None),
         metrics=parse_hostport(args.metrics, "--metrics", listening=True) if args.metrics else None,
         bwlimit=parse_rate(args.bwlimit, "--bwlimit") if args.bwlimit is not None else None,
         log_level=args.log_level,
@@ -592,6 +595,9 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="with --nbd-tls-cert: clients using certificates must present one "
                             "signed by this CA (its common name is the client's name in "
                             "[nbd_clients])")
+    serve.add_argument("--link-timeout", metavar="SECONDS",
+                       help="a mirror link that leaves data unacknowledged this long (or "
+                            "answers no keepalive) is dropped and redialled; default 60s")
     serve.add_argument("--insecure", action="store_true",
                        help="allow plaintext on non-loopback addresses: mirrors (--listen and "
                             "every outgoing mirror) and --nbd tcp:; without it they need TLS")

@@ -127,6 +127,7 @@ class DaemonConfig:
     nbd_tls_cert: str | None = None
     nbd_tls_key: str | None = None
     nbd_tls_ca: str | None = None  # certificate clients must present one signed by this CA
+    link_timeout: float | None = None  # seconds a mirror link may stall (wire/sockio.py)
     nbd_clients: ClientAccess | None = None  # None: every TLS client gets every export
 
     # Incoming mirrors' images in a Ceph pool (docs/ceph.md); None: raw files in the store.
@@ -235,6 +236,19 @@ def check_listen_tls(config: DaemonConfig) -> None:
             f"--listen {config.listen}: not a loopback address, and without TLS anyone on "
             "the path can read and change incoming mirrors: add --tls-cert FILE --tls-key "
             "FILE (sources then use --tls-ca), or --insecure to accept plaintext anyway")
+
+
+def parse_link_timeout(text, what: str = "--link-timeout") -> float:
+    """Seconds a mirror link may leave data unacknowledged before it counts as dead."""
+    from cyclemirror.wire.sockio import LINK_TIMEOUT_RANGE
+
+    seconds = parse_duration(text, what)
+    low, high = LINK_TIMEOUT_RANGE
+    if not low <= seconds <= high:
+        raise UsageError(f"{what}: {seconds:g} s is outside {low:g}-{high:g} s; the default "
+                         "is 60 s (a link that stalls longer is dropped and redialled, and "
+                         "the cycle resumes)")
+    return seconds
 
 
 def check_nbd_tls(config: DaemonConfig) -> None:
@@ -387,7 +401,7 @@ def mirror_spec_from_mapping(data: dict, where: str) -> MirrorSpec:
 _TOP_KEYS = {"store", "node_name", "nbd", "listen", "key_file", "metrics", "bwlimit",
              "log_level", "mirror", "tls_cert", "tls_key", "tls_ca", "insecure",
              "verify_every", "verify_repair", "verify_bwlimit", "scrub_every",
-             "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca", "nbd_clients",
+             "scrub_bwlimit", "nbd_tls_psk", "nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca", "nbd_clients", "link_timeout",
              "rbd_pool", "rbd_namespace", "ceph_conf", "ceph_client", "ceph_keyring",
              "rbd_keep_cycles"}
 _SERVER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
@@ -479,6 +493,8 @@ def config_from_mapping(data: dict, path: str) -> DaemonConfig:
         nbd_tls_cert=path_setting("nbd_tls_cert"),
         nbd_tls_key=path_setting("nbd_tls_key"),
         nbd_tls_ca=path_setting("nbd_tls_ca"),
+        link_timeout=(parse_link_timeout(data["link_timeout"], f"{path}: link_timeout")
+                      if "link_timeout" in data else None),
         nbd_clients=_nbd_clients(data, path),
         verify_every=parse_duration(data.get("verify_every", 0), f"{path}: verify_every"),
         verify_repair=_bool(data.get("verify_repair", False), f"{path}: verify_repair"),

@@ -108,6 +108,10 @@ class Daemon:
             tls_settings(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, "serve")
             check_listen_tls(cfg)
             check_nbd_tls(cfg)
+            if cfg.link_timeout is not None:  # before any mirror link is made
+                from cyclemirror.wire import sockio
+
+                sockio.set_link_timeout(cfg.link_timeout)
             keys = self._incoming_keys() if cfg.key_file else None  # bad files fail here
             for endpoint in cfg.nbd:
                 self._start_nbd(endpoint)

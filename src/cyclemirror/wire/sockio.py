@@ -6,7 +6,11 @@ bytes of the frame header from 10.0.0.2:7000" instead of a bare struct error.
 
 ``tune_link`` sets the TCP options both ends of a mirror connection use, so
 that a link that dies is noticed in about a minute rather than the kernel's
-retransmission limit (``tcp_retries2``: 15 minutes and more).
+retransmission limit (``tcp_retries2``: 15 minutes and more).  The minute is
+the daemon's ``link_timeout`` (``serve --link-timeout``), set once at start
+with ``set_link_timeout``: the keepalive timings scale with it (a third of
+it idle, then six probes a twelfth of it apart), so the default 60 s gives
+20 s, 5 s and 6 probes.
 """
 
 from __future__ import annotations
@@ -21,14 +25,32 @@ from cyclemirror.errors import ConnectionLostError
 # KEEPINTVL s, KEEPCNT of them.  A slow link still acknowledges continuously.
 LINK_DEAD_AFTER_MS = 60_000
 KEEPIDLE, KEEPINTVL, KEEPCNT = 20, 5, 6
+LINK_TIMEOUT_RANGE = (1.0, 3600.0)  # seconds ``set_link_timeout`` accepts
+_timings = {"TCP_KEEPIDLE": KEEPIDLE, "TCP_KEEPINTVL": KEEPINTVL, "TCP_KEEPCNT": KEEPCNT,
+            "TCP_USER_TIMEOUT": LINK_DEAD_AFTER_MS}
+
+
+def link_timings(seconds: float) -> dict[str, int]:
+    """The socket options for a link declared dead after ``seconds`` (pure)."""
+    low, high = LINK_TIMEOUT_RANGE
+    if not low <= seconds <= high:
+        raise ValueError(f"link timeout {seconds} s is outside {low:g}-{high:g} s")
+    return {"TCP_KEEPIDLE": max(1, round(seconds / 3)),
+            "TCP_KEEPINTVL": max(1, round(seconds / 12)), "TCP_KEEPCNT": KEEPCNT,
+            "TCP_USER_TIMEOUT": round(seconds * 1000)}
+
+
+def set_link_timeout(seconds: float) -> None:
+    """How long a link may leave data unacknowledged (or probes unanswered): every
+    connection tuned from now on uses it (the daemon sets it once, at start)."""
+    _timings.update(link_timings(seconds))
 
 
 def tune_link(sock: socket.socket) -> None:
     """No Nagle delay, keepalive probes, and a bound on unacknowledged data (Linux)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL),
-                        ("TCP_KEEPCNT", KEEPCNT), ("TCP_USER_TIMEOUT", LINK_DEAD_AFTER_MS)):
+    for name, value in tuple(_timings.items()):
         option = getattr(socket, name, None)
         if option is not None:  # all of them exist on Linux
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
