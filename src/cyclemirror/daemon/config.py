@@ -260,8 +260,9 @@ def check_nbd_tls(config: DaemonConfig) -> None:
                          "certificate: add --nbd-tls-cert FILE")
     tls = bool(config.nbd_tls_psk or config.nbd_tls_cert)
     if config.nbd_clients is not None and not tls:
-        raise UsageError("serve: [nbd_clients] limits TLS clients by their PSK user name; "
-                         "add nbd_tls_psk (--nbd-tls-psk FILE) or remove [nbd_clients]")
+        raise UsageError("serve: [nbd_clients] limits TLS clients by their PSK user name "
+                         "(or client certificate); add nbd_tls_psk (--nbd-tls-psk FILE) "
+                         "or remove [nbd_clients]")
     if tls or config.insecure:
         return
     for endpoint in config.nbd:
