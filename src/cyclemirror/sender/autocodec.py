@@ -5,7 +5,9 @@ while each target's sender thread puts earlier ones on the wire, so a
 batch's cost is that of the slower of the two stages.  For ``raw`` bytes
 packed with candidate *c* that is ``max(raw / cpu_c, raw * ratio_c / link)``
 with ``cpu_c`` the raw bytes per second one packing thread achieves with *c*
-(times the pool's threads), ``ratio_c`` the wire bytes per raw byte it
+(times the pool's threads), timed by the wall clock while it packs: a CPU
+shared with other work (the target on the same host, other daemons) makes
+a codec slower, which CPU time would not show; ``ratio_c`` the wire bytes per raw byte it
 produces, and ``link`` the bytes per second the slowest target's link
 (including ``--bwlimit``) takes.  ``choose`` picks the candidate with the
 least cost; it is pure and does no I/O, so it is tested alone.
@@ -21,13 +23,14 @@ from what it sees: the time and the output size of every batch (an
 exponentially weighted mean per candidate), and ``observe_link(label,
 bytes, seconds, busy)`` from the sender threads, measured by a ``LinkMeter``:
 the bytes the peer acknowledged (sent minus the socket's unsent queue,
-``SIOCOUTQ``) per second.  Timing the sends themselves would measure the
-kernel's socket buffer (megabytes), not the link.  Over an interval in which
-the queue never ran empty (``busy``) that is the link's rate and goes into
-the running mean.  An interval that began with an empty queue had the link
-idle part of the time: its rate is only a lower bound (the link took at
-least that much), and it raises the estimate when it is above it, never
-lowers it.  Without these lower bounds a link faster than the packer (whose
+``SIOCOUTQ``) per second, sampled just before each send.  Timing the sends
+themselves would measure the kernel's socket buffer (megabytes), not the
+link.  Over an interval in which the queue never ran empty (``busy``: it is
+not empty at the end, and it only drains between two sends) that is the
+link's rate and goes into the running mean.  An interval at whose end the
+queue is empty had the link idle part of the time (the sender waited for
+the packer): its rate is only a lower bound (the link took at least that
+much), and it raises the estimate when it is above it, never lowers it.  Without these lower bounds a link faster than the packer (whose
 queue is always empty) would never be measured, and ``none`` never chosen.
 Every ``EXPLORE_EVERY``-th batch goes to a neighbour of the choice (the
 level above, then the one below), so the estimates near the choice stay
@@ -80,9 +83,12 @@ class LinkMeter:
     def sample(self, bytes_sent: int) -> tuple[int, float, bool] | None:
         """(bytes delivered, seconds, busy) since the previous sample.
 
-        ``busy``: the unsent queue was not empty at the previous sample, so the
-        link had data to carry all along and the figures are its rate; else
-        they are a lower bound of it (the link may have idled).
+        Call it just before each send, with the bytes sent so far.  ``busy``:
+        the unsent queue is not empty now.  Since the previous sample the
+        queue only grew once (the previous send) and drained otherwise, so
+        it never ran empty in between: the link had data to carry all along
+        and the figures are its rate.  Else they are a lower bound of it (the
+        link idled while the sender waited for the packer or ``--bwlimit``).
         """
         try:
             unsent = self.unsent()
@@ -93,7 +99,7 @@ class LinkMeter:
         prev, self._last = self._last, (now, delivered, unsent)
         if prev is None or now <= prev[0]:
             return None
-        return delivered - prev[1], now - prev[0], prev[2] > 0
+        return delivered - prev[1], now - prev[0], unsent > 0
 
 
 def label(candidate: tuple[str, int]) -> str:
@@ -206,18 +212,18 @@ class AdaptivePacker:
 
     def pack_extents(self, fd, extents, cycle):
         i = self._pick()
-        t0 = time.thread_time()
+        t0 = time.perf_counter()
         out = self.packers[i].pack_extents(fd, extents, cycle)
         self._learn(i, sum(length for _o, length in extents), sum(len(f) for f in out),
-                    time.thread_time() - t0)
+                    time.perf_counter() - t0)
         return out
 
     def pack_scatter(self, fd, extents, cycle):
         i = self._pick()
-        t0 = time.thread_time()
+        t0 = time.perf_counter()
         out = self.packers[i].pack_scatter(fd, extents, cycle)
         self._learn(i, sum(n for _f, n in out), sum(len(f) for f, _n in out),
-                    time.thread_time() - t0)
+                    time.perf_counter() - t0)
         return out
 
     def status(self) -> dict:

@@ -1290,14 +1290,15 @@ class MirrorDriver:
                         ts = time.monotonic()
                         self.rate.consume(nbytes)
                         tlink.check()
-                        tlink.link.send_frames(batch, f"chunks up to {index} of cycle {c}")
-                        send_seconds += time.monotonic() - ts
                         if observe_link is not None:  # --compress auto learns the link
                             if meter is None or meter.sock is not tlink.link.sock:
                                 meter = LinkMeter(tlink.link.sock)
+                            # before the send: was the link busy all since the last one?
                             delivered = meter.sample(tlink.link.bytes_sent)
                             if delivered is not None:
                                 observe_link(r.label, *delivered)
+                        tlink.link.send_frames(batch, f"chunks up to {index} of cycle {c}")
+                        send_seconds += time.monotonic() - ts
                     # Published after the send: the figures never run ahead of the link.
                     prog.bytes_raw = sent_raw
                     prog.skipped_bytes = skipped
