@@ -31,6 +31,7 @@ from cyclemirror.sender.autocodec import (
     AdaptivePacker,
     LinkMeter,
     choose,
+    worth_trying,
 )
 
 MiB = 1 << 20
@@ -107,6 +108,29 @@ def test_choose_table_from_a_slow_wan_to_loopback(link, threads, want):
 ])
 def test_choose_with_candidates_not_yet_measured(cpus, link, want):
     assert NAMES5[choose(link, cpus, RATIO5, 1, stored=0, first=1)] == want
+
+
+ALL5 = [3000e6, 600e6, 300e6, 150e6, 30e6]
+NOT_ABOVE_ZSTD1 = [3000e6, 600e6, 300e6, None, None]  # zstd 3 and 9 not tried yet
+CHEAP = (0, 1, 2)  # none, lz4, zstd 1
+
+
+@pytest.mark.parametrize("i, link, cpus, chosen, want", [
+    (0, None, [None] * 5, 1, True),  # none, lz4 and zstd 1 are always worth a batch
+    (1, None, [None] * 5, 1, True),
+    (2, 10e9, ALL5, 0, True),
+    (3, None, NOT_ABOVE_ZSTD1, 1, False),  # no link rate yet: nothing says zstd 3 could win
+    (3, 10e9, NOT_ABOVE_ZSTD1, 0, False),  # loopback: zstd 1's CPU cost alone loses to none
+    (4, 10e9, NOT_ABOVE_ZSTD1, 0, False),
+    (3, 125e6, NOT_ABOVE_ZSTD1, 2, False),  # 1 GbE: zstd 1 is CPU-bound, a higher level too
+    (3, 12.5e6, NOT_ABOVE_ZSTD1, 2, True),  # 100 Mbit/s: the link is the limit, try zstd 3
+    (4, 12.5e6, [3000e6, 600e6, 300e6, 150e6, None], 3, True),  # ...then zstd 9
+    (4, 60e6, [3000e6, 600e6, 300e6, 150e6, None], 2, False),  # 480 Mbit/s: zstd 3 too slow
+    (3, 12.5e6, [3000e6, 600e6, None, None, None], 1, True),  # only lz4 below: a weaker bound
+])
+def test_worth_trying_a_level_only_when_its_cpu_cost_could_beat_the_choice(
+        i, link, cpus, chosen, want):
+    assert worth_trying(i, link, cpus, RATIO5, 1, chosen, CHEAP) is want
 
 
 def _tcp_pair():

@@ -30,15 +30,20 @@ not empty at the end, and it only drains between two sends) that is the
 link's rate and goes into the running mean.  An interval at whose end the
 queue is empty had the link idle part of the time (the sender waited for
 the packer): its rate is only a lower bound (the link took at least that
-much), and it raises the estimate when it is above it, never lowers it.  Without these lower bounds a link faster than the packer (whose
-queue is always empty) would never be measured, and ``none`` never chosen.
+much), and it raises the estimate when it is above it, never lowers it.
+Without these lower bounds a link faster than the packer (whose queue is
+always empty) would never be measured, and ``none`` never chosen.
 Every ``EXPLORE_EVERY``-th batch goes to a neighbour of the choice (the
 level above, then the one below), so the estimates near the choice stay
 current when the data or the link changes: from lz4 that is zstd 1 and
 ``none``, whose fast batches are what shows a fast link its lower bound.
-The first batches go one to each candidate, lz4 first: a first cycle packs
-a few batches ahead before the first byte is sent, so by the time the link
-has been measured every candidate has been too.  Without a link rate the
+The first batches go one to each of lz4, ``none`` and zstd 1 (cheap to
+try), lz4 first: a first cycle packs a few batches ahead before the first
+byte is sent, so by the time the link has been measured they have been
+too.  zstd 3 and 9 get their first batch only once the link is measured
+and the CPU cost of the level below (a lower bound of theirs) is under the
+choice's cost (``worth_trying``): a batch of zstd 9 costs a second or more,
+which on a fast link is a good part of the cycle.  Without a link rate the
 choice is by CPU alone among the codecs that compress (lz4).
 
 Determinism.  Resuming a cycle regenerates its frames and skips the first
@@ -64,6 +69,7 @@ from cyclemirror._cext import frames
 CANDIDATES: tuple[tuple[str, int], ...] = (("none", 0), ("lz4", 0), ("zstd", 1), ("zstd", 3),
                                            ("zstd", 9))
 FIRST = ("lz4", 0)  # the candidate of the first batch, and the choice while nothing is measured
+CHEAP = (("none", 0), ("lz4", 0), ("zstd", 1))  # a first batch of each costs little: always tried
 EXPLORE_EVERY = 16  # one batch in this many tries another candidate
 WEIGHT = 0.3  # of a new observation in the running means
 _CODE = {"none": frames.CODEC_NONE, "lz4": frames.CODEC_LZ4, "zstd": frames.CODEC_ZSTD}
@@ -122,12 +128,43 @@ def choose(link_rate: float | None, cpu_rates: Sequence[float | None],
     for i, (cpu, ratio) in enumerate(zip(cpu_rates, ratios, strict=True)):
         if cpu is None or ratio is None or cpu <= 0 or (i == stored and not has_link):
             continue
-        cost = 1.0 / (cpu * max(1, threads))
-        if has_link:
-            cost = max(cost, ratio / link_rate)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = i, cost
+        c = cost(link_rate, cpu, ratio, threads)
+        if best_cost is None or c < best_cost:
+            best, best_cost = i, c
     return best
+
+
+def cost(link_rate: float | None, cpu_rate: float, ratio: float, threads: int = 1) -> float:
+    """Seconds per raw byte: the slower of packing (``threads`` at ``cpu_rate``) and the link."""
+    c = 1.0 / (cpu_rate * max(1, threads))
+    if link_rate is not None and link_rate > 0:
+        c = max(c, ratio / link_rate)
+    return c
+
+
+def worth_trying(i: int, link_rate: float | None, cpu_rates: Sequence[float | None],
+                 ratios: Sequence[float | None], threads: int, chosen: int,
+                 cheap: Sequence[int]) -> bool:
+    """Whether the untried candidate ``i`` could beat the choice (pure, like ``choose``).
+
+    The candidates ``cheap`` always are (lz4, none, zstd 1: a batch of each
+    costs little).  The others are levels above them, never faster on CPU
+    than the measured level below: that one's CPU cost is a lower bound of
+    theirs.  Without a link rate nothing says they could win yet; with one,
+    they are tried when that bound is below the choice's cost.  So a fast
+    link never pays for a first batch of zstd 9, and a slow one still
+    measures every level before its first cycle is far along.
+    """
+    if i in cheap:
+        return True
+    if link_rate is None or link_rate <= 0:
+        return False
+    below = [j for j in range(i) if cpu_rates[j] is not None and cpu_rates[j] > 0]
+    chosen_cpu, chosen_ratio = cpu_rates[chosen], ratios[chosen]
+    if not below or chosen_cpu is None or chosen_ratio is None or chosen_cpu <= 0:
+        return True
+    bound = 1.0 / (cpu_rates[below[-1]] * max(1, threads))
+    return bound < cost(link_rate, chosen_cpu, chosen_ratio, threads)
 
 
 class AdaptivePacker:
@@ -147,6 +184,7 @@ class AdaptivePacker:
         self._started = [False] * len(self.candidates)
         self._stored = next((i for i, (c, _l) in enumerate(self.candidates) if c == "none"), None)
         self._first = self.candidates.index(FIRST) if FIRST in self.candidates else 0
+        self._cheap = tuple(i for i, c in enumerate(self.candidates) if c in CHEAP)
         self.chosen = self._first
         self.uses = [0] * len(self.candidates)
 
@@ -186,8 +224,10 @@ class AdaptivePacker:
             self._batches += 1
             self.chosen = self._choose()
             order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
-            for i in order:
-                if not self._started[i]:  # the first batches: one to each candidate, lz4 first
+            link = min(self._links.values()) if self._links else None
+            for i in order:  # the first batches: one to each candidate worth it, lz4 first
+                if not self._started[i] and worth_trying(
+                        i, link, self._cpu, self._ratio, self.threads, self.chosen, self._cheap):
                     self._started[i] = True
                     return i
             if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
