@@ -208,22 +208,31 @@ def cmd_file_add(args) -> int:
     return 0
 
 
-def cmd_file_list(args) -> int:
-    files = _call(args, "file.list")
+def _print_objects(args, op: str, kind: str, columns) -> int:
+    """``file list`` / ``tree list``: the JSON, or a line per object (``columns(obj)``, the
+    cells between its path and its consistency) and one per object that cannot be read."""
+    objs = _call(args, op)
     if args.json:
-        _print_json(files)
+        _print_json(objs)
         return 0
-    from cyclemirror.units import format_size
-
-    if not files:
-        print("no file objects")
-    for f in files:
-        if "error" in f:
-            print(f"{f['name']}\terror: {f['error']}")
+    if not objs:
+        print(f"no {kind} objects")
+    for o in objs:
+        if "error" in o:
+            print(f"{o['name']}\terror: {o['error']}")
             continue
-        print(f"{f['name']}\t{f['path']}\t{f['fs']}\t{format_size(f['size'])}\t"
-              f"{f['consistency']}\tfrozen cycle {f['frozen_cycle']}")
+        print("\t".join([o["name"], o["path"], *columns(o), o["consistency"],
+                         f"frozen cycle {o['frozen_cycle']}"]))
     return 0
+
+
+def cmd_file_list(args) -> int:
+    def columns(f):
+        from cyclemirror.units import format_size  # the text only: --json does without
+
+        return [f["fs"], format_size(f["size"])]
+
+    return _print_objects(args, "file.list", "file", columns)
 
 
 def cmd_file_rm(args) -> int:
@@ -242,19 +251,7 @@ def cmd_tree_add(args) -> int:
 
 
 def cmd_tree_list(args) -> int:
-    trees = _call(args, "tree.list")
-    if args.json:
-        _print_json(trees)
-        return 0
-    if not trees:
-        print("no tree objects")
-    for t in trees:
-        if "error" in t:
-            print(f"{t['name']}\terror: {t['error']}")
-            continue
-        print(f"{t['name']}\t{t['path']}\t{t['fs']}\t{t['consistency']}\t"
-              f"frozen cycle {t['frozen_cycle']}")
-    return 0
+    return _print_objects(args, "tree.list", "tree", lambda t: [t["fs"]])
 
 
 def cmd_tree_rm(args) -> int:

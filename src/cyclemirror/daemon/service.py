@@ -416,14 +416,7 @@ class Daemon:
         return obj.info()
 
     def _op_file_list(self, args):
-        out = []
-        for name in self.store.list_files():
-            try:
-                out.append(self.store.open_file(name).info())
-            except CycleMirrorError as exc:  # one damaged record must not hide the others
-                log.error("file object %s cannot be opened: %s", name, exc)
-                out.append({"name": name, "kind": "file", "error": str(exc)})
-        return out
+        return _object_infos("file", self.store.list_files(), self.store.open_file)
 
     def _op_file_rm(self, args):
         name = check_name(self._arg(args, "name", str, "file object name"), "file object name")
@@ -445,14 +438,7 @@ class Daemon:
         return obj.info()
 
     def _op_tree_list(self, args):
-        out = []
-        for name in self.store.list_trees():
-            try:
-                out.append(self.store.open_tree(name).info())
-            except CycleMirrorError as exc:  # one damaged record must not hide the others
-                log.error("tree object %s cannot be opened: %s", name, exc)
-                out.append({"name": name, "kind": "tree", "error": str(exc)})
-        return out
+        return _object_infos("tree", self.store.list_trees(), self.store.open_tree)
 
     def _op_tree_rm(self, args):
         name = check_name(self._arg(args, "name", str, "tree object name"), "tree object name")
@@ -663,3 +649,16 @@ def run_daemon(config: DaemonConfig) -> int:
     daemon.stop()
     log.info("daemon of store %s stopped", config.store)
     return 0
+
+
+def _object_infos(kind: str, names, open_object) -> list[dict]:
+    """``file.list`` / ``tree.list``: each object's info, or its name and why it cannot
+    be opened (one damaged record must not hide the others)."""
+    out = []
+    for name in names:
+        try:
+            out.append(open_object(name).info())
+        except CycleMirrorError as exc:
+            log.error("%s object %s cannot be opened: %s", kind, name, exc)
+            out.append({"name": name, "kind": kind, "error": str(exc)})
+    return out
