@@ -1,6 +1,7 @@
 """The demo's NBD client against a real NBD server (nbdkit), checked with nbdcopy."""
 
 import os
+import socket
 import subprocess
 import time
 
@@ -13,13 +14,26 @@ from tests.support.tools import require_tool
 SIZE = 1 << 20
 
 
+def _accepts(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 @pytest.fixture
 def nbdkit_memory(tmp_path):
     nbdkit = require_tool("nbdkit")
     sock = str(tmp_path / "nbd.sock")
     proc = subprocess.Popen([nbdkit, "-f", "-U", sock, "memory", str(SIZE)])
     deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
+    # The socket file appears at bind(), before listen(): wait until a connect succeeds
+    # (a full run saw "Connection refused" right after the file appeared).
+    while not _accepts(sock):
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
             pytest.fail("nbdkit did not start")
