@@ -132,3 +132,48 @@ def tree_op(cycle: int = 2, **kw) -> bytes:
 
 def end(cycle: int = 2, chunks: int = 1) -> bytes:
     return control(cycle, {"type": "end", "cycle": cycle, "chunks": chunks})
+
+
+def ship_through_socket(obj: TreeObject, k: int, mirror: TreeMirror) -> int:
+    """Cycle ``k`` of ``obj`` through a socket: a thread encodes its frames into one end of
+    a socketpair while the target's ``apply`` decodes them from the other, as a daemon pair
+    would.  Returns the number of bytes that crossed."""
+    import socket
+    import threading
+
+    new = obj.snapshot_path(k)
+    delta = obj.delta(k)
+    here, there = socket.socketpair()
+    sent = [0]
+    failure: list[BaseException] = []
+
+    def open_new(rel: str) -> int:
+        return os.open(os.path.join(new, rel), os.O_RDONLY | os.O_NOFOLLOW)
+
+    def send() -> None:
+        try:
+            for frame in treeframes.encode_tree_delta(delta.ops, open_new, k,
+                                                      obj.freeze_time(k), k == 1):
+                here.sendall(frame)
+                sent[0] += len(frame)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            failure.append(exc)
+        finally:
+            here.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send, name=f"tree-sender-{k}", daemon=True)
+    sender.start()
+    try:
+        with there.makefile("rb") as stream:
+            reader = treeframes.TreeFrameReader(treeframes.read_exact_from(stream),
+                                                f"tree {obj.name!r} cycle {k}")
+            applied = mirror.apply(reader.events())
+    finally:
+        there.close()  # a sender still writing gets an error, not a hang
+        sender.join(timeout=60)
+        here.close()
+    if failure:
+        raise failure[0]
+    if applied != k:
+        raise AssertionError(f"the target applied cycle {applied}, cycle {k} was sent")
+    return sent[0]
