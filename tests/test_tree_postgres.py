@@ -49,7 +49,13 @@ from cyclemirror.store import tree
 from tests.support import pgcluster as pg
 from tests.support.daemons import wait_for
 from tests.support.procenv import child_env
-from tests.support.trees import delete_subvolumes, encode_cycle, ship_through_socket, subvolume
+from tests.support.trees import (
+    Freeze,
+    delete_subvolumes,
+    encode_cycle,
+    library_cycle,
+    subvolume,
+)
 
 NODE = "0123456789abcdef"
 NAME = "pg"
@@ -58,35 +64,15 @@ INTERVAL = 1.0  # seconds between the starts of two cycles
 SOURCE_PORT = 5433
 
 
-@dataclass(frozen=True)
-class Freeze:
-    cycle: int
-    before: float   # time.time() just before the freeze call
-    after: float    # just after it returned
-    wire_bytes: int
-
-
 def mirror_cycle(obj: tree.TreeObject, target_root: str) -> Freeze:
-    """One cycle of the tree mirror, through the real library path: freeze, delta, frames
-    through a socket into the target's apply, merge.  Cycles frozen but not applied (a
-    source that died mid-cycle) are shipped first, as a restarted source would.
+    """One cycle of the tree mirror through the real library path (``library_cycle``:
+    freeze, delta, frames through a socket into the target's apply, merge; cycles a dead
+    source froze but did not ship go first).
 
     This is the one place to swap for ``cyclemirror mirror start`` between real daemons
     once they run tree cycles: the checks need only which cycle the target holds and its
     freeze time, and read both from the target's own record."""
-    mirror = TreeMirror(target_root, NAME)
-    try:
-        for j in range(mirror.applied_cycle + 1, obj.frozen_cycle + 1):
-            ship_through_socket(obj, j, mirror)
-        before = time.time()
-        k = obj.freeze()
-        after = time.time()
-        sent = ship_through_socket(obj, k, mirror)
-    finally:
-        mirror.close()
-    if k > 1:
-        obj.merge_through(k - 1)
-    return Freeze(k, before, after, sent)
+    return library_cycle(obj, target_root, NAME)
 
 
 def target_state(target_root: str) -> dict:
