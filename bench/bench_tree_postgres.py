@@ -14,7 +14,8 @@ Then CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds, each two pgbench runs of
 CYCLEMIRROR_BENCH_PG_SECONDS (default 20) with CYCLEMIRROR_BENCH_PG_CLIENTS
 (default 2) clients, in alternating order, after a CHECKPOINT each:
 
-* **mirrored**: a thread runs a cycle every second (the next starts one
+* **mirrored**: after a cycle that ships what changed since the last mirrored
+  run, a thread runs a cycle every second (the next starts one
   second after the previous started, or when it ends if it took longer):
   freeze (a read-only snapshot), the delta, its frames through a socketpair
   into the target's apply, the merge (``tests.support.trees.library_cycle``,
@@ -34,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -57,7 +57,7 @@ class Cycler:
 
     def __init__(self, obj, target_root: str):
         self.obj, self.root = obj, target_root
-        self.cycles: list[tuple[float, int]] = []
+        self.cycles: list[tuple[float, int, float]] = []  # duration, bytes, freeze
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cycler", daemon=True)
@@ -67,7 +67,8 @@ class Cycler:
             while not self._stop.is_set():
                 start = time.monotonic()
                 f = library_cycle(self.obj, self.root, NAME)
-                self.cycles.append((time.monotonic() - start, f.wire_bytes))
+                self.cycles.append((time.monotonic() - start, f.wire_bytes,
+                                    f.after - f.before))
                 self._stop.wait(max(0.0, start + 1.0 - time.monotonic()))
         except BaseException as exc:  # noqa: BLE001 - raised in the main thread
             self.error = exc
@@ -90,8 +91,7 @@ def pgbench_run(server) -> float:
 
 def test_pgbench_tps_with_a_tree_cycle_every_second():
     pg.skip_unless_postgres()
-    top = tempfile.mkdtemp(prefix="bench-tree-pg-")
-    os.chmod(top, 0o755)
+    top = pg.workdir("bench-tree-pg-")
     filesystems = []
     try:
         for side in ("source", "target"):
@@ -119,6 +119,9 @@ def test_pgbench_tps_with_a_tree_cycle_every_second():
                 if kind == "plain":
                     plain.append(pgbench_run(server))
                 else:
+                    # catch up first: the changes of the plain run are not this run's
+                    server.psql("CHECKPOINT")
+                    library_cycle(obj, target_root, NAME)
                     cycler = Cycler(obj, target_root).start()
                     try:
                         mirrored.append(pgbench_run(server))
@@ -143,8 +146,10 @@ def test_pgbench_tps_with_a_tree_cycle_every_second():
         print("plain tps:    " + ", ".join(f"{x:.1f}" for x in plain) + f"; median {p_tps:.1f}")
         print(f"cycles while mirrored: {len(cycles)}, median "
               f"{statistics.median(c[0] for c in cycles):.3f} s and "
-              f"{int(statistics.median(c[1] for c in cycles))} bytes, max "
-              f"{max(c[0] for c in cycles):.3f} s")
+              f"{int(statistics.median(c[1] for c in cycles))} bytes (freeze "
+              f"{statistics.median(c[2] for c in cycles):.3f} s); max "
+              f"{max(c[0] for c in cycles):.3f} s, {max(c[1] for c in cycles)} bytes, "
+              f"freeze {max(c[2] for c in cycles):.3f} s")
         print(f"ratio mirrored/plain (median tps): {m_tps / p_tps:.2f}x (target >= 0.8x)")
         print(f"a clone of the target after the last round: recovered by itself "
               f"{check.recovered}, pg_amcheck clean")

@@ -188,10 +188,8 @@ def rig():
     pg.skip_unless_postgres()
     from tests.support.loopfs import loopfs_or_skip
 
-    # Not under pytest's tmp_path: its root is mode 0700 and the postgres user must reach
-    # the data directory.
-    top = tempfile.mkdtemp(prefix="cyclemirror-pgtree-")
-    os.chmod(top, 0o755)
+    # Not under pytest's tmp_path (mode 0700): the postgres user must reach the data
+    top = pg.workdir("cyclemirror-pgtree-")
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, top, True)
         mounts = []

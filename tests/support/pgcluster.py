@@ -26,12 +26,15 @@ the caller's (``listen_addresses=''``).  Clients (``psql``, ``pgbench``,
   reconnects after the server was killed.  ``committed_before(t)`` is the
   largest value whose commit was acknowledged before ``t``, a lower bound on
   what a copy frozen at ``t`` must hold; ``sent_by(t)`` the largest value
-  sent by ``t``, an upper bound on what a copy frozen by ``t`` can hold.
+  sent by ``t`` plus one (a transaction in flight when the server died is
+  not in the log but may have committed), an upper bound on what a copy
+  frozen by ``t`` can hold.
 * ``pgbench_init``, ``pgbench_start`` (a background load), ``pgbench_tps``.
 * ``check_copy``: start a second PostgreSQL on a copy of a data directory
   (another socket directory and port), let it recover by itself, run
-  ``pg_amcheck --heapallindexed`` (the test database, with the shared catalogs, or
-  every database), read the counter, stop it.
+  ``pg_amcheck --heapallindexed`` (the test database, with the shared
+  catalogs, or every database), read the counter, stop it.
+* ``workdir``: a directory the postgres user can reach (pytest's are 0700).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -96,6 +100,22 @@ def tool(name: str) -> str:
     if d is None:
         raise FileNotFoundError(missing())
     return os.path.join(d, name)
+
+
+def workdir(prefix: str) -> str:
+    """A new directory (mode 0755) that the postgres user can reach: under the temporary
+    directory when every directory above it lets others through, else under /tmp
+    (pytest's own temporary directories are mode 0700)."""
+    base = tempfile.gettempdir()
+    p = os.path.abspath(base)
+    while p != "/":
+        if not os.stat(p).st_mode & 0o001:
+            base = "/tmp"
+            break
+        p = os.path.dirname(p)
+    d = tempfile.mkdtemp(prefix=prefix, dir=base)
+    os.chmod(d, 0o755)
+    return d
 
 
 def give_to_postgres(path: str) -> None:
