@@ -25,6 +25,7 @@ before the exchange, after it and at a random moment (opening the mirror
 settles it, and the clone of whatever it holds recovers); the process
 running the source's half of cycles (freeze, delta, frames) killed with
 SIGKILL at a random moment, after which the next cycles catch up.
+CYCLEMIRROR_SLOW=1 runs more cycles and more source kills.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from cyclemirror.store import tree
 from tests.support import pgcluster as pg
 from tests.support.daemons import wait_for
 from tests.support.procenv import child_env
+from tests.support.tools import SLOW
 from tests.support.trees import (
     Freeze,
     delete_subvolumes,
@@ -209,9 +211,10 @@ def rig():
 def test_clones_of_the_target_recover_with_every_committed_transaction(rig):
     rnd = random.Random(16)
     checked = []
-    for i in range(6):
+    cycles = 15 if SLOW else 5
+    for i in range(cycles):
         rig.paced_cycle()
-        if i in (0, 5) or rnd.random() < 0.3:
+        if i in (0, cycles - 1) or rnd.random() < 0.25:
             time.sleep(rnd.uniform(0, INTERVAL / 2))
             checked.append(rig.check_target())
     assert checked[0].cycle == 1
@@ -235,7 +238,6 @@ def test_kill_9_of_postgres_between_and_during_cycles(rig):
     assert pg.read_counter(rig.server) >= acked
     rig.restart_load()
     rig.client.wait_commits(5)
-    rig.paced_cycle()
     rig.paced_cycle()
     after = rig.check_target()
     assert after.lower > acked
@@ -273,7 +275,6 @@ def test_kill_9_of_the_target_mid_apply(rig, failpoint, reached, expect):
     """A child applies a cycle and is killed: the target holds one freeze instant (the
     previous cycle's before the exchange), a clone of it recovers, and the cycles go on."""
     rnd = random.Random(failpoint)
-    rig.paced_cycle()
     before = time.time()
     k = rig.obj.freeze()
     rig.freezes[k] = Freeze(k, before, time.time(), 0)
@@ -316,8 +317,7 @@ def test_kill_9_of_the_source_mid_cycle(rig):
     """The source's half of cycles (freeze, delta, frames) killed at a random moment: the
     object's recovery drops what was not committed and the next cycles catch up."""
     rnd = random.Random(23)
-    for _ in range(2):
-        rig.paced_cycle()
+    for _ in range(4 if SLOW else 1):
         out = tempfile.mkdtemp(dir=rig.top)
         proc = subprocess.Popen([sys.executable, "-m", "tests.support.tree_source_child",
                                  rig.store, NAME, out, "5"], stdout=subprocess.PIPE,
