@@ -369,3 +369,60 @@ def test_a_source_lying_about_its_generation_is_refused_over_the_wire(pair):
     after = b.status()["incoming"][0]
     assert (after["applied_cycle"], after["generation"]) == (before["applied_cycle"],
                                                             before["generation"])
+
+
+def test_reinstate_after_a_lost_switchover_answer_only_when_the_target_did_not_promote(
+        pair):
+    import subprocess
+    import sys
+
+    from tests.support.daemons import cli_env
+
+    _pool, a, b = pair
+    mirrored_pair(a, b)
+    # Bad words first: nothing to reinstate on a primary, no such volume.
+    assert a.cli("mirror", "reinstate", "v", check=False).returncode == 10
+    assert a.cli("mirror", "reinstate", "nope", check=False).returncode == 3
+    # The target sleeps inside its promotion, before the commit point, and dies there:
+    # the source asked, got no answer, and stays demoted with its writes held.
+    b.stop()
+    b.args[b.args.index("--listen") + 1] = b.listen  # the source knows it at this address
+    b.args += ["--failpoint", "promote.prepared=60"]
+    b.start()
+    switch = subprocess.Popen(
+        [sys.executable, "-m", "cyclemirror.cli", "--store", a.store, "mirror", "switchover",
+         "v", "--to", b.listen], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env())
+    try:
+        wait_for(lambda: "recording the promotion" in b.log(), 60, "b inside its promotion")
+        b.kill()
+        _out, err = switch.communicate(timeout=60)
+    finally:
+        if switch.poll() is None:
+            switch.kill()
+    assert switch.returncode == 10 and "mirror reinstate v" in err, err
+    assert role_row(a, "v")["role"] == "demoted"
+    assert qemu_io(a, "v", "write -P 9 0 4k", check=False).returncode != 0
+    # The target cannot be asked: refused (it might have promoted), nothing changed.
+    proc = a.cli("mirror", "reinstate", "v", check=False)
+    assert proc.returncode == 10 and "--force" in proc.stderr and b.listen in proc.stderr
+    assert role_row(a, "v")["role"] == "demoted"
+    # The target is back, it did not promote (its image is still a mirror): reinstated.
+    b.args = b.args[:-2]
+    b.start()
+    assert [r["volume"] for r in b.status()["incoming"]] == ["v"]
+    out = json.loads(a.cli("mirror", "reinstate", "v", "--json").stdout)
+    assert out["volumes"] == ["v"] and not out["forced"] and out["mirror_resumed"], out
+    assert [x["answer"] for x in out["asked"]] == ["holds the image"], out
+    assert role_row(a, "v")["role"] == "primary"
+    qemu_io(a, "v", f"write -P 9 {4 * MiB} 4k")
+    rows = json.loads(a.cli("mirror", "sync", "v", "--json").stdout)
+    assert rows[0]["phase"] != "broken", rows
+    assert image_digest(b, "mirror/hosta/v") == image_digest(a, "v")
+    # Now the target does promote (forced): a is told it is demoted, and a reinstate is
+    # refused because the target answers that it is primary.
+    b.cli("mirror", "promote", "hosta/v", "--force")  # cuts a's session: a reconnects
+    wait_for(lambda: role_row(a, "v")["role"] == "demoted", 60, "a to learn it was demoted")
+    proc = a.cli("mirror", "reinstate", "v", "--force", check=False)
+    assert proc.returncode == 10 and "promoted its copy" in proc.stderr, proc.stderr
+    assert role_row(a, "v")["role"] == "demoted"

@@ -1,5 +1,5 @@
 """The failover verbs of the command line (docs/failover.md): promote, switchover,
-resolve, clone.
+reinstate, resolve, clone.
 
 Kept apart from ``cli.py`` so the verbs of disaster recovery grow in one place;
 ``cli.build_parser`` calls ``add_verbs`` with the ``mirror`` sub-parsers.
@@ -74,6 +74,26 @@ def cmd_mirror_switchover(args) -> int:
     return 0
 
 
+def cmd_mirror_reinstate(args) -> int:
+    from cyclemirror.cli import _call, _print_json
+
+    result = _call(args, "mirror.reinstate", reply_timeout=None, volume=args.volume,
+                   force=bool(args.force))
+    if args.json:
+        _print_json(result)
+        return 0
+    what = (f"group {result['group']} ({', '.join(result['volumes'])})" if result["group"]
+            else result["volume"])
+    asked = "; ".join(f"{a['target']} {a['answer']}"
+                      + (f" (cycle {a['applied_cycle']})" if a.get("applied_cycle") else "")
+                      for a in result["asked"]) or "no target to ask"
+    sys.stdout.write(f"reinstated {what} as primary: writable again ({asked})"
+                     + ("; its mirror resumed\n" if result["mirror_resumed"] else "\n"))
+    if result["risk"]:
+        sys.stderr.write(f"warning: forced: {result['risk']}\n")
+    return 0
+
+
 def cmd_mirror_clone(args) -> int:
     from cyclemirror.cli import _call, _print_json
 
@@ -130,6 +150,22 @@ def add_verbs(mverbs) -> None:
                         help="for the final cycle (default 300)")
     switch.add_argument("--json", action="store_true", help="print the documented JSON")
     switch.set_defaults(func=cmd_mirror_switchover)
+    reinstate = mverbs.add_parser(
+        "reinstate", help="on a demoted former primary: make it primary again when no "
+                          "target promoted its copy",
+        description="Asks every target of the volume's mirror whether it promoted its copy "
+                    "(for instance after a switchover whose answer was lost). If none did, "
+                    "the volume is primary and writable again and its mirror resumes; a "
+                    "target that promoted refuses it (exit 10: fail back from it instead). "
+                    "A member of a consistency group reinstates the whole group "
+                    "(docs/failover.md).")
+    reinstate.add_argument("volume", metavar="VOLUME",
+                           help="the demoted volume; a group member reinstates its group")
+    reinstate.add_argument("--force", action="store_true",
+                           help="go on when a target cannot be reached (if it did promote, "
+                                "both sides are primary until a failback settles it)")
+    reinstate.add_argument("--json", action="store_true", help="print the documented JSON")
+    reinstate.set_defaults(func=cmd_mirror_reinstate)
     clone = mverbs.add_parser(
         "clone", help="on a target: a writable volume from an incoming image, for a test "
                       "failover, while mirroring goes on",

@@ -324,8 +324,16 @@ def op_switchover(service, args: dict) -> dict:
     return run(service, args)
 
 
+def op_reinstate(service, args: dict) -> dict:
+    from cyclemirror.daemon.reinstate import op_reinstate as run
+
+    with service._admin_lock:
+        return run(service, args)
+
+
 OPS = {"mirror.promote": op_promote, "mirror.resolve": op_resolve,
-       "mirror.switchover": op_switchover, "mirror.clone": op_clone}
+       "mirror.switchover": op_switchover, "mirror.clone": op_clone,
+       "mirror.reinstate": op_reinstate}
 
 
 # -- status -------------------------------------------------------------------------------

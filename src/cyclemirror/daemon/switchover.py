@@ -121,8 +121,8 @@ def op_switchover(service, args: dict) -> dict:
                 f"did not answer ({type(exc).__name__}: {exc}); this node stays demoted with "
                 f"its writes held. Check 'cyclemirror status' on {spec.label}: if it shows "
                 f"{what} as primary, its mirror back resyncs this node; if not, "
-                "there is no verb yet to make this volume primary again (docs/failover.md, "
-                "'Not built yet')") from exc
+                f"'cyclemirror mirror reinstate {volume}' makes this node primary again "
+                "once the target says it did not promote (docs/failover.md)") from exc
         if promoted is None:
             for member in members:
                 if recs[member].role != roles.PRIMARY:
