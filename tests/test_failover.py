@@ -55,11 +55,11 @@ def role_row(d, volume: str) -> dict | None:
     return None
 
 
-def mirrored_pair(a, b):
-    """Volume v on a, written and mirrored to b; returns the applied cycle."""
+def mirrored_pair(a, b, *options: str):
+    """Volume v on a, written and mirrored to b (with ``options``); the applied cycle."""
     a.cli("volume", "create", "v", "--size", str(SIZE))
     qemu_io(a, "v", f"write -P 1 0 {2 * MiB}")
-    a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "0.2")
+    a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "0.2", *options)
     synced = json.loads(a.cli("mirror", "sync", "v", "--json").stdout)
     return synced[0]["applied_cycle"]
 
@@ -167,10 +167,10 @@ def image_digest(d, export: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def failed_over(a, b, *, a_writes: bool):
+def failed_over(a, b, *, a_writes: bool, options: tuple = ()):
     """a -> b mirrored, a killed (optionally after a write b never got), b promoted and
     written (64 KiB at 1 MiB, 128 KiB at 5 MiB), a restarted and demoted."""
-    mirrored_pair(a, b)
+    mirrored_pair(a, b, *options)
     if a_writes:
         qemu_io(a, "v", f"write -P 3 {3 * MiB} 64k")
     a.kill()
@@ -239,8 +239,7 @@ def test_split_brain_is_refused_until_the_loser_is_named_and_its_data_is_kept(pa
                  check=False).returncode == 10
     assert b.cli("mirror", "resolve", "v", "--discard-changes-on", "hostc",
                  check=False).returncode == 2
-    assert b.cli("mirror", "resolve", "v", "--discard-changes-on", "hostb",
-                 check=False).returncode == 10
+    # (Naming hostb itself is the other choice: the test below.)
     # The user names the loser; the mirror goes on as a delta, a's writes kept aside.
     b.cli("mirror", "resolve", "v", "--discard-changes-on", "hosta")
     b.cli("mirror", "resume", "v")
@@ -426,3 +425,48 @@ def test_reinstate_after_a_lost_switchover_answer_only_when_the_target_did_not_p
     proc = a.cli("mirror", "reinstate", "v", "--force", check=False)
     assert proc.returncode == 10 and "promoted its copy" in proc.stderr, proc.stderr
     assert role_row(a, "v")["role"] == "demoted"
+
+
+def test_split_brain_won_by_the_old_primary_resyncs_the_new_one_by_the_differing_blocks(
+        pair):
+    require_tool("nbdcopy")
+    _pool, a, b = pair
+    # a: 64 KiB at 3 MiB; b: 64 KiB at 1 MiB and 128 KiB at 5 MiB (a mirrors uncompressed,
+    # so its wire bytes count the blocks it ships).
+    failed_over(a, b, a_writes=True, options=("--compress", "none"))
+    k = role_row(b, "v")["promoted_from"]["cycle"]
+    b.cli("mirror", "start", "v", "--to", a.listen, "--interval", "60", "--compress", "none")
+    wait_for(lambda: b.status()["mirrors"][0]["phase"] == "broken", 60, "the refusal")
+    assert "split brain" in b.status()["mirrors"][0]["last_error"]
+    # No side named: refused by the command line, nothing changed.
+    proc = b.cli("mirror", "resolve", "v", check=False)
+    assert proc.returncode == 2 and "--discard-changes-on" in proc.stderr, proc.stderr
+    assert role_row(b, "v")["role"] == "primary"
+    # The user names the new primary (this node) as the loser: its writes since the
+    # promotion are kept in a file here, and its volume is a's mirror image again.
+    out = json.loads(b.cli("mirror", "resolve", "v", "--discard-changes-on", "hostb",
+                           "--json").stdout)
+    assert out["discarded_here"] and out["cycle"] == k and out["volumes"] == ["v"], out
+    assert "mirror reinstate" in out["next"], out
+    assert [kp["bytes"] for kp in out["kept"]] == [196608], out
+    with open(out["kept"][0]["path"], "rb") as f:
+        f.seek(MiB)
+        assert f.read(65536) == b"\x02" * 65536
+    assert "v" not in [v["name"] for v in b.status()["volumes"]]
+    assert b.status()["mirrors"] == []
+    incoming = b.status()["incoming"]
+    assert [(r["source_name"], r["volume"], r["applied_cycle"]) for r in incoming] == [
+        ("hosta", "v", k)], incoming
+    assert role_row(b, "v")["role"] == "secondary" and role_row(b, "v")["kept"] == out["kept"]
+    assert read_ok(b, "mirror/hosta/v", 1, MiB, 65536)  # back to cycle k's content
+    # The old primary takes its demotion back (b says it holds the image, not promoted)
+    # and ships only what it wrote since cycle k.
+    rein = json.loads(a.cli("mirror", "reinstate", "v", "--json").stdout)
+    assert [x["answer"] for x in rein["asked"]] == ["holds the image"], rein
+    assert role_row(a, "v")["role"] == "primary"
+    rows = json.loads(a.cli("mirror", "sync", "v", "--json").stdout)
+    assert rows[0]["phase"] != "broken", rows
+    assert 65536 <= rows[0]["shipped_bytes_total"] <= 1.1 * 65536, rows
+    assert image_digest(b, "mirror/hosta/v") == image_digest(a, "v")
+    assert read_ok(b, "mirror/hosta/v", 3, 3 * MiB, 65536)
+    qemu_io(a, "v", f"write -P 6 {6 * MiB} 4k")  # a is primary and writable again

@@ -45,6 +45,13 @@ def cmd_mirror_resolve(args) -> int:
         _print_json(result)
         return 0
     loser = result["discard_changes_on_name"] or result["discard_changes_on"]
+    if result.get("discarded_here"):
+        kept = ", ".join(k["path"] for k in result["kept"]) or "none were written"
+        sys.stdout.write(f"split brain on {', '.join(result['volumes'])}: this node's changes "
+                         f"since cycle {result['cycle']} lose (kept in: {kept}); "
+                         f"{'they are' if len(result['volumes']) > 1 else 'it is'} the mirror "
+                         f"image {result['image']} again. Next, {result['next']}\n")
+        return 0
     sys.stdout.write(f"split brain on {result['volume']}: {loser}'s changes lose; they are "
                      f"kept in a file on {loser} when the failback starts ('cyclemirror "
                      f"mirror resume {result['volume']}' if the mirror is broken)\n")
@@ -184,7 +191,12 @@ def add_verbs(mverbs) -> None:
         description="Both sides wrote since their last common cycle: the failback mirror is "
                     "refused (exit 6, SplitBrainError) until a person names the loser. Its "
                     "divergent blocks are kept in a file on that node (status lists it) and "
-                    "the mirror goes on as a delta. Only the old primary can lose for now.")
+                    "the mirror goes on as a delta. Naming the old primary: resume the "
+                    "mirror here. Naming this node (the new primary): its writes since the "
+                    "promotion are kept in a file here, its volume becomes the old primary's "
+                    "mirror image again at once, and the old primary takes over with "
+                    "'mirror reinstate' and ships only its own changes. A member of a "
+                    "promoted group speaks for the whole group.")
     resolve.add_argument("volume", metavar="VOLUME")
     resolve.add_argument("--discard-changes-on", required=True, metavar="NODE",
                          help="the node (name or id) whose changes since the common cycle lose")

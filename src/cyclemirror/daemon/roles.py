@@ -233,12 +233,7 @@ def op_resolve(service, args: dict) -> dict:
                         "that was promoted")
     p = rec.promoted_from
     if node in (store.node_id, store.node_name):
-        from cyclemirror.errors import RoleError
-
-        raise RoleError(
-            f"keeping {p['source_name'] or p['source_node']}'s changes over this node's is not "
-            "built yet: to keep them, export its kept data, or promote it back by hand "
-            "(docs/failover.md, 'Not built yet')")
+        return _discard_here(service, rec)
     if node not in (p["source_node"], p["source_name"]):
         raise UsageError(f"--discard-changes-on {node!r}: the two sides of {volume} are "
                          f"{store.node_name or store.node_id} (this node) and "
@@ -254,6 +249,29 @@ def op_resolve(service, args: dict) -> dict:
                 p["source_name"] or p["source_node"])
     return {"volume": volume, "volumes": volumes, "discard_changes_on": p["source_node"],
             "discard_changes_on_name": p["source_name"]}
+
+
+def _discard_here(service, rec: roles.RoleRecord) -> dict:
+    """The user named this node (the new primary) to lose: its writes since the promotion
+    are kept aside and its volume(s) turned back into the old primary's image
+    (``receiver.discard``); the old primary then reinstates itself and mirrors on."""
+    from cyclemirror.receiver.discard import discard_here
+
+    store = service.store
+    p = rec.promoted_from
+    together = roles.promoted_together(store.path, rec)
+    with service._admin_lock:
+        done = discard_here(store, together,
+                            lambda volume: release_volume(service, volume))
+    who = p["source_name"] or p["source_node"]
+    return {"volume": rec.volume, "volumes": done["volumes"],
+            "discard_changes_on": store.node_id, "discard_changes_on_name": store.node_name,
+            "discarded_here": True, "kept": done["kept"], "cycle": done["cycle"],
+            "image": f"{who}/{done['mirror']}",
+            "next": f"on {who}: 'cyclemirror mirror reinstate {p['mirror'] if not done['group'] else done['volumes'][0]}'"
+                    " (it asks this node, which no longer holds a promoted copy), and its "
+                    "mirror resumes with only the blocks it wrote since cycle "
+                    f"{done['cycle']}"}
 
 
 def release_volume(service, volume: str) -> None:

@@ -101,7 +101,9 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
             f"primary) wrote {theirs} bytes since its promotion; nothing was changed. Name "
             f"the side whose changes lose: on {who} run 'cyclemirror mirror resolve {name} "
             f"--discard-changes-on {me}' and resume the mirror ({me}'s changes are then kept "
-            f"in a file under {os.path.join(root, KEPT_DIR)})")
+            f"in a file under {os.path.join(root, KEPT_DIR)}), or keep {me}'s changes: on "
+            f"{who} run 'cyclemirror mirror resolve {name} --discard-changes-on {who}', then "
+            f"'cyclemirror mirror reinstate {name}' here")
     t0 = time.monotonic()
     steps = {}
     if server.on_failback is not None:
@@ -235,7 +237,9 @@ def prepare_group(server, open_msg: dict, msg: dict) -> dict | None:
             f"was changed. Name the side whose changes lose: on {who} run 'cyclemirror "
             f"mirror resolve {specs[0]['name']} --discard-changes-on {me}' (it names the "
             f"whole group) and resume the mirror ({me}'s changes are then kept in files "
-            f"under {os.path.join(root, KEPT_DIR)})")
+            f"under {os.path.join(root, KEPT_DIR)}), or keep {me}'s changes: '... "
+            f"--discard-changes-on {who}' there, then 'cyclemirror mirror reinstate "
+            f"{specs[0]['name']}' here")
     t0 = time.monotonic()
     if server.on_failback is not None:
         for spec in specs:
