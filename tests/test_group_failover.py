@@ -434,6 +434,8 @@ def test_a_forced_group_failback_ships_only_the_differing_blocks_at_one_instant(
     # messages on top), not the members' PREFILL data nor a's own divergent blocks.
     shipped = rows[0]["shipped_bytes_total"]
     assert written <= shipped <= 1.1 * written, (shipped, written)
+    # ... known from the seeded owed set, not found by reading both sides' blocks.
+    assert "a failback to hosta" in b.log() and "hash comparison" not in b.log()
     incoming = a.status()["incoming"]
     assert {(r["group"], r["source_name"], r["volume"]) for r in incoming} == {
         (group_mirror, "hostb", name) for name in MEMBERS}

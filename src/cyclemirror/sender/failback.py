@@ -71,6 +71,18 @@ def seed_group(store, members: list[str], remote_name: str, label: str,
                               and e.target_node is None):
         return False  # it knows that target: its own records decide
     k = promoted_from["cycle"]
+    # A driver made for an incomplete member set may have frozen some members alone:
+    # level them now (every overlay since k is in the owed set below), so the driver
+    # finds them level and has no reason to distrust the seed.
+    top = max(v.open_overlay for v in vols)
+    if any(v.open_overlay < top for v in vols):
+        for vol in vols:
+            while vol.open_overlay < top:
+                vol.freeze()
+        # Those freezes were not one instant: one group freeze on top, so the cycle the
+        # driver ships first is the group at one instant.
+        store.freeze_group([v.name for v in vols])
+        top += 1
     owed = ExtentBitmap(nblocks)
     offset = 0
     for vol in vols:
@@ -85,8 +97,9 @@ def seed_group(store, members: list[str], remote_name: str, label: str,
     e = state.entry(label)
     e.held_cycle, e.freeze_time = k, promoted_from["freeze_time"]
     e.target_node = promoted_from["source_node"]
+    e.untrusted = False  # (set by an incomplete driver's freezes: the seed knows better)
     state.save_owed(label, owed)
-    state.last_freeze = max(state.last_freeze, *(v.open_overlay for v in vols))
+    state.last_freeze = max(state.last_freeze, top)
     state.save()
     log.info("group mirror %s -> %s: a failback to %s: it holds group cycle %d, owes %d "
              "blocks the members (%s) wrote since the promotion", remote_name, label,
