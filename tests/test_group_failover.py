@@ -540,3 +540,69 @@ def test_group_failback_refusals_change_nothing_and_the_loser_is_kept(tmp_path):
             assert f.read(BS) == b"\x09" * BS
     finally:
         store.close()
+
+
+def test_a_promoted_group_that_loses_a_split_brain_turns_back_into_the_images(tmp_path):
+    """discard-my-data on a promoted group: every member back to the group cycle's image,
+    its writes kept, and the old primary's next cycle applies to the images as a delta."""
+    import os
+
+    from cyclemirror import keys
+    from cyclemirror.receiver import TargetServer
+    from cyclemirror.receiver.discard import discard_here
+    from cyclemirror.receiver.promote import promote
+    from cyclemirror.receiver.state import MirrorState
+    from cyclemirror.sender import MirrorDriver, MirrorOptions
+    from cyclemirror.sender.group import VolumeGroup
+    from cyclemirror.store import Store, roles
+
+    key = keys.generate_key()
+    src = Store.create(str(tmp_path / "src"))
+    dst = Store.create(str(tmp_path / "dst"))
+    server = TargetServer(dst, key, ("127.0.0.1", 0))
+    server.start()
+    try:
+        vols = [src.create_volume(name, 2 * MiB) for name in MEMBERS]
+        for i, vol in enumerate(vols):
+            vol.write(0, bytes([i + 1]) * 65536)
+
+        def run_driver():
+            driver = MirrorDriver(VolumeGroup(src, "app", vols), server.address, key,
+                                  MirrorOptions(interval=3600, retry_initial=0.05,
+                                                retry_max=0.2), store=src)
+            driver.start()
+            try:
+                return driver.sync(30), next(iter(driver.status()["targets"].values()))
+            finally:
+                driver.stop()
+
+        k, _row = run_driver()
+        server.stop()
+        out = promote(dst, None, src.node_id, "app", force=True)
+        assert out["volumes"] == list(MEMBERS) and out["cycle"] == k
+        dst.open_volume("db").write(65536, b"\x07" * 8192)  # the new primary's writes
+        recs = roles.promoted_together(dst.path, roles.load_role(dst.path, "db"))
+        released = []
+        done = discard_here(dst, recs, released.append)
+        assert released == list(MEMBERS) and done["group"] and done["cycle"] == k, done
+        assert [kp["bytes"] for kp in done["kept"]] == [8192], done
+        assert dst.list_volumes() == []
+        ndir = os.path.join(dst.path, "mirrors", src.node_id)
+        st = MirrorState.load(os.path.join(ndir, "app.group.json"))
+        assert (st.applied_cycle, [v.name for v in st.volumes]) == (k, list(MEMBERS))
+        assert st.extra["lineage"]["epoch"] == out["parent"].split(":")[0]
+        assert {roles.load_role(dst.path, n).role for n in MEMBERS} == {"secondary"}
+        # The old primary writes on and mirrors again: a delta into the same images.
+        vols[1].write(4096 * 100, b"\x05" * 4096)
+        server = TargetServer(dst, key, server.address)  # where the source knows it
+        server.start()
+        cycle, row = run_driver()
+        assert cycle > k and row["full"] is False, row  # a delta: 4 KiB, not the group
+        assert row["bytes_raw"] == 4096, row
+        for vol in vols:
+            with open(os.path.join(ndir, vol.name + ".img"), "rb") as f:
+                assert f.read() == vol.read(0, vol.size), vol.name
+    finally:
+        server.stop()
+        src.close()
+        dst.close()
