@@ -606,3 +606,44 @@ def test_a_promoted_group_that_loses_a_split_brain_turns_back_into_the_images(tm
         server.stop()
         src.close()
         dst.close()
+
+
+def test_a_group_demoted_by_a_lost_switchover_answer_is_reinstated_whole(pair):
+    import subprocess
+    import sys
+
+    from tests.support.daemons import cli_env
+
+    _pool, a, b = pair
+    mirrored_group(a, b)
+    b.stop()  # b dies inside its promotion, before the commit point: it never promotes
+    b.args[b.args.index("--listen") + 1] = b.listen
+    b.args += ["--failpoint", "promote.prepared=60"]
+    b.start()
+    switch = subprocess.Popen(
+        [sys.executable, "-m", "cyclemirror.cli", "--store", a.store, "mirror", "switchover",
+         "log", "--to", b.listen], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env())
+    try:
+        wait_for(lambda: "recording the promotion" in b.log(), 60, "b inside its promotion")
+        b.kill()
+        _out, err = switch.communicate(timeout=60)
+    finally:
+        if switch.poll() is None:
+            switch.kill()
+    assert switch.returncode == 10 and "mirror reinstate log" in err, err
+    assert {role_row(a, n)["role"] for n in MEMBERS} == {"demoted"}
+    b.args = b.args[:-2]
+    b.start()
+    # One member's name reinstates the group; b is asked (it holds the group's images).
+    out = json.loads(a.cli("mirror", "reinstate", "db", "--json").stdout)
+    assert (out["group"], out["volumes"], out["forced"]) == ("app", list(MEMBERS), False), out
+    assert [x["answer"] for x in out["asked"]] == ["holds the image"] and out["mirror_resumed"]
+    assert {role_row(a, n)["role"] for n in MEMBERS} == {"primary"}
+    for name in MEMBERS:  # writable again, and mirrored on as the group
+        run("qemu-io", "-f", "raw", "-c", f"write -P 6 {2 * MiB} 4k", "-c", "flush",
+            uri(a, name))
+    rows = json.loads(a.cli("mirror", "sync", "log", "--json").stdout)
+    assert {r["phase"] for r in rows} != {"broken"}, rows
+    for name in MEMBERS:
+        assert image_bytes(b, f"mirror/hosta/{name}") == image_bytes(a, name), name
