@@ -331,7 +331,8 @@ class OutgoingMirrors:
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
                 u, cycle, label, stats, made.get("driver")))
         dr_roles.attach(options, self.store, sorted({v for (v, _t), _e in entries}),
-                        bool(first.group), sorted({t for (_v, t), _e in entries}))
+                        first.group, sorted({t for (_v, t), _e in entries}),
+                        remote_name=self._target_mirror(unit, entries) if first.group else None)
         if first.group:
             remote = {v: e["spec"].remote_name for (v, _t), e in entries}
             members = sorted(remote)
