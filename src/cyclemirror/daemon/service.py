@@ -443,6 +443,7 @@ class Daemon:
     def _op_tree_rm(self, args):
         name = check_name(self._arg(args, "name", str, "tree object name"), "tree object name")
         with self._admin_lock:
+            self._refuse_if_mirrored("tree object", name)
             self.store.remove_tree(name)
         log.info("tree object %s removed (its snapshots deleted, the tree kept)", name)
         return {"name": name}

@@ -1,0 +1,164 @@
+"""A tree mirror's connection on the target: ``tree_open``, then whole tree cycles.
+
+A source opens a tree mirror with ``tree_open`` {node_id, node_name, mirror}
+(instead of a volume's ``open``; docs/protocol.md, "Tree mirrors").  The
+mirror lives under the store, one directory per source node::
+
+    STORE/mirrors/<source node id>/trees/NAME/                  the plain tree
+    STORE/mirrors/<source node id>/trees/.cyclemirror-tree-NAME/ ours (receiver.treeops)
+
+and is held in the server's registry under (node, NAME, "tree"), apart from
+volume mirrors of the same name.  The answer ``tree_opened`` says which cycle
+is applied here and its freeze time.  Then, per cycle: ``tree_base`` {cycle,
+base, base_freeze_time} says what the delta starts from (base 0: a full
+cycle, else the cycle applied here, with its freeze time as this target
+recorded it: a delta from anything else is refused before a byte is
+applied), then the cycle's frames (``wire.treeframes``) go straight into
+``TreeMirror.apply``, which builds the new version aside and switches it in
+whole; ``applied`` goes back once it is switched (and durable).  Any error
+ends the connection after an ``error`` message; the tree stays the previous
+cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cyclemirror.errors import ConnectionLostError, ProtocolError
+from cyclemirror.receiver.treeops import TreeMirror
+from cyclemirror.wire import treeframes
+
+log = logging.getLogger(__name__)
+TREES_DIR = "trees"
+KIND = "tree"  # the third part of a tree mirror's registry key
+
+
+def trees_root(store_root: str, node_id: str) -> str:
+    return os.path.join(store_root, "mirrors", node_id, TREES_DIR)
+
+
+def recover_all(store_root: str, note_error) -> None:
+    """Settle every tree mirror's crashed apply before anyone connects."""
+    base = os.path.join(store_root, "mirrors")
+    for node in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        root = trees_root(store_root, node)
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            if name.startswith(".cyclemirror-tree-"):
+                try:
+                    TreeMirror(root, name[len(".cyclemirror-tree-"):]).close()
+                except (ProtocolError, OSError, Exception) as exc:  # noqa: BLE001
+                    note_error(f"recovery of tree mirror {root}/{name}: {exc}")
+
+
+def tree_status(store_root: str, now: float) -> list[dict]:
+    """One row per tree mirror held here (the ``trees_in`` of ``status --json``)."""
+    from cyclemirror.store.fileops import read_json
+
+    rows = []
+    base = os.path.join(store_root, "mirrors")
+    for node in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        root = trees_root(store_root, node)
+        for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            if not entry.startswith(".cyclemirror-tree-"):
+                continue
+            name = entry[len(".cyclemirror-tree-"):]
+            row = {"source_node": node, "tree": name, "path": os.path.join(root, name),
+                   "applied_cycle": 0, "freeze_time": None, "rpo_age": None, "error": None}
+            try:
+                st = read_json(os.path.join(root, entry, "state.json"), "tree mirror state")
+            except FileNotFoundError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - shown, never hidden
+                row["error"] = str(exc)
+            else:
+                applied = st.get("applied_cycle") if type(st.get("applied_cycle")) is int else 0
+                row["applied_cycle"] = applied
+                if applied and isinstance(st.get("freeze_time"), int | float):
+                    row["freeze_time"] = st["freeze_time"]
+                    row["rpo_age"] = now - st["freeze_time"]
+            rows.append(row)
+    return rows
+
+
+class TreeSession:
+    """The rest of one connection after ``tree_open``; ``run()`` returns when it ends."""
+
+    def __init__(self, server, link, msg: dict):
+        self.server = server
+        self.link = link
+        self.open_msg = msg
+        self.mirror: TreeMirror | None = None
+        self.key = None
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self.mirror is not None:
+                self.mirror.close()
+            if self.key is not None:
+                self.server.registry.release(self.key, self)
+
+    def _serve(self) -> None:
+        msg = self.open_msg
+        name = msg["mirror"]
+        if msg["node_id"] == self.server.node_id:
+            raise ProtocolError(f"tree mirror {name!r}: the source is this very node "
+                                f"({msg['node_id']}); mirror to another daemon's store")
+        self.key = (msg["node_id"], name, KIND)
+        self.server.registry.acquire(self.key, self)
+        root = trees_root(self.server.root, msg["node_id"])
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.mirror = m = TreeMirror(root, name)  # settles a crashed apply
+        self.link.send_message("tree_opened", node_id=self.server.node_id,
+                               applied_cycle=m.applied_cycle,
+                               freeze_time=float(m.state["freeze_time"]))
+        log.info("tree mirror %s from %s opened by %s (applied cycle %d)", name,
+                 msg["node_name"] or msg["node_id"], self.link.peer, m.applied_cycle)
+        where = f"tree mirror {name!r} from {self.link.peer}"
+        while True:
+            try:
+                base = self.link.recv_message({"tree_base"})
+            except ConnectionLostError as exc:
+                if getattr(exc, "clean", False):
+                    return  # the source closed between cycles
+                raise
+            self._check_base(base, where)
+            reader = treeframes.TreeFrameReader(self._read_exact, where)
+            events = reader.events()
+            first = next(events)
+            if first[1]["cycle"] != base["cycle"] or first[1]["full"] != (base["base"] == 0):
+                raise ProtocolError(
+                    f"{where}: 'begin' (cycle {first[1]['cycle']}, full {first[1]['full']}) "
+                    f"does not match 'tree_base' (cycle {base['cycle']}, base {base['base']})")
+            cycle = m.apply(_chain(first, events),
+                            base=base["base"] if base["base"] else None)
+            self.link.send_message("applied", cycle=cycle, freeze_time=m.state["freeze_time"])
+            log.info("tree mirror %s applied cycle %d", name, cycle)
+            if self.server.on_applied is not None:
+                self.server.on_applied(m)
+
+    def _check_base(self, msg: dict, where: str) -> None:
+        m = self.mirror
+        cycle, base = msg["cycle"], msg["base"]
+        if cycle <= m.applied_cycle and base:
+            raise ProtocolError(f"{where}: cycle {cycle} is not newer than the applied "
+                                f"cycle {m.applied_cycle}")
+        if base and (base != m.applied_cycle
+                     or msg["base_freeze_time"] != m.state["freeze_time"]):
+            raise ProtocolError(
+                f"{where}: a delta from cycle {base} (frozen at {msg['base_freeze_time']}) "
+                f"is refused: this target holds cycle {m.applied_cycle} (frozen at "
+                f"{m.state['freeze_time']}); the source ships a full cycle when it reconnects")
+
+    def _read_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.link._rx.read_into(buf, "a tree cycle's frame")
+        self.link.bytes_received += n
+        return bytes(buf)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
