@@ -212,9 +212,35 @@ def test_fan_out_to_a_second_target_and_catch_up_after_a_break(env):
     assert [r["target"] for r in rows(env)] == [b.listen]
 
 
+def test_status_shows_tree_mirrors_on_both_sides_and_the_verbs_act_on_them(env):
+    a, b = env.a, env.b
+    k = sync(env)
+    (row,) = rows(env, b)
+    assert (row["kind"], row["phase"], row["applied_cycle"], row["cycle"]) == (
+        "tree", "idle", k, k)
+    assert row["rpo_age"] is not None and row["rpo_age"] >= 0 and row["last_error"] is None
+    line = next(x for x in a.cli("status").stdout.splitlines() if x.startswith("app (tree)"))
+    assert b.listen in line and "idle" in line, line
+    (held,) = [t for t in b.status()["incoming_trees"] if t["source_node"] == a.node_id]
+    assert (held["tree"], held["applied_cycle"], held["path"]) == ("app", k,
+                                                                   target_tree(env, b))
+    assert held["rpo_age"] >= 0 and held["error"] is None
+    text = b.cli("status").stdout
+    assert "TREE" in text and target_tree(env, b) in text
+    r = a.cli("mirror", "verify", "app", check=False)
+    assert r.returncode == 2 and "tree object" in r.stderr, r.stderr
+    a.cli("mirror", "break", "app")
+    assert {r["phase"] for r in rows(env)} == {"broken"}
+    write(j(env, "written-while-broken"), b"x" * 10000)
+    a.cli("mirror", "resume", "app")
+    k2 = sync(env)
+    check(env, k2, b)
+    assert rows(env, b)[0]["phase"] == "idle"
+
+
 def _ship_slowly(env, nbytes: int) -> subprocess.Popen:
     """A cycle of ``nbytes`` of new data under a 2 MiB/s cap, its sync in the background;
-    returns once the source reports it half way or so."""
+    returns once the source reports part of it sent."""
     write(j(env, "db", f"big-{random.randrange(1 << 30)}"), os.urandom(nbytes))
     bg = subprocess.Popen([sys.executable, "-m", "cyclemirror.cli", "--store", env.a.store,
                            "mirror", "sync", "app"], stdout=subprocess.DEVNULL,
@@ -222,7 +248,7 @@ def _ship_slowly(env, nbytes: int) -> subprocess.Popen:
 
     def shipping():
         prog = rows(env, env.b)[0].get("progress")
-        return prog is not None and prog["wire_bytes"] > MiB
+        return prog is not None and prog["wire_bytes"] > MiB // 2
 
     wait_for(shipping, 60, "the cycle to be shipping")
     return bg
@@ -238,7 +264,7 @@ def test_kill_9_of_the_target_while_it_applies_then_of_the_source_while_it_ships
     k = sync(env)  # a delta: the target said at its open which cycle it holds
     check(env, k, b)
 
-    bg = _ship_slowly(env, 6 * MiB)
+    bg = _ship_slowly(env, 4 * MiB)
     b.kill()  # mid-apply: the target's stage is half built
     check(env, k, b)  # still exactly cycle k, nothing of the next one
     b.start()
@@ -251,7 +277,7 @@ def test_kill_9_of_the_target_while_it_applies_then_of_the_source_while_it_ships
                 if e.startswith(".cyclemirror-tree-") and os.listdir(
                     os.path.join(os.path.dirname(target_tree(env, b)), e)) != ["state.json"]]
 
-    bg = _ship_slowly(env, 6 * MiB)
+    bg = _ship_slowly(env, 4 * MiB)
     a.kill()  # mid-cycle on the source
     bg.wait(60)
     check(env, k2, b)
