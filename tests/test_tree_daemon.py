@@ -27,6 +27,7 @@ import sys
 
 import pytest
 
+from tests.support.certs import Certs
 from tests.support.daemons import Daemon, cli_env, make_key, wait_for
 from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume
 
@@ -46,8 +47,8 @@ class Env:
         self.daemons: list[Daemon] = []
         self.src = subvolume(root, "app")
 
-    def daemon(self, name: str, listen: bool) -> Daemon:
-        extra = ("--listen", f"127.0.0.1:{free_port()}") if listen else ()
+    def daemon(self, name: str, listen: bool, extra: tuple = ()) -> Daemon:
+        extra = (("--listen", f"127.0.0.1:{free_port()}") if listen else ()) + extra
         d = Daemon(self.root, name, key_file=self.key, nbd=False, metrics=False, extra=extra)
         self.daemons.append(d)
         return d.start()
@@ -63,7 +64,9 @@ def env(btrfs_mount):
     try:
         e.a = e.daemon("a", listen=False)
         e.b = e.daemon("b", listen=True)
-        e.c = e.daemon("c", listen=True)
+        e.certs = Certs(os.path.join(root, "certs"))
+        cert, key = e.certs.server("c")
+        e.c = e.daemon("c", listen=True, extra=("--tls-cert", cert, "--tls-key", key))
         e.a.cli("tree", "add", "app", e.src)
         yield e
     finally:
@@ -192,10 +195,22 @@ def test_a_tree_mirrors_cycle_by_cycle_exactly(env):
 
 def test_fan_out_to_a_second_target_and_catch_up_after_a_break(env):
     a, b, c = env.a, env.b, env.c
-    a.cli("mirror", "start", "app", "--to", c.listen)  # joins the running mirror
+    a.cli("mirror", "start", "app", "--to", c.listen)  # c takes TLS only: refused there
+
+    def refused():
+        (row,) = rows(env, c)
+        return row["phase"] == "broken" and "--tls-ca" in (row["last_error"] or "")
+
+    wait_for(refused, 60, "the plaintext mirror to be refused by the TLS target")
+    assert not os.path.exists(target_tree(env, c))
+    a.cli("mirror", "break", "app", "--to", c.listen)
+    a.cli("mirror", "rm", "app", "--to", c.listen)
+    # joins the running mirror, over TLS
+    a.cli("mirror", "start", "app", "--to", c.listen, "--tls-ca", env.certs.ca_cert)
     k = sync(env)
     check(env, k, b, c)
     assert full_copies(env, c) == 1
+    assert [r["tls"] for r in rows(env, c)] == [True]
     a.cli("mirror", "break", "app", "--to", c.listen)
     for n in range(2):
         write(j(env, "new", f"while-c-is-broken-{n}"), os.urandom(5000))
@@ -210,6 +225,31 @@ def test_fan_out_to_a_second_target_and_catch_up_after_a_break(env):
     a.cli("mirror", "break", "app", "--to", c.listen)
     a.cli("mirror", "rm", "app", "--to", c.listen)
     assert [r["target"] for r in rows(env)] == [b.listen]
+
+
+def test_fan_in_two_sources_trees_of_one_name_side_by_side_with_an_rpo_objective(env):
+    c = env.c
+    d = env.daemon("d", listen=False)
+    other = subvolume(env.root, "other-app")
+    write(os.path.join(other, "mine"), b"from d" * 1000)
+    d.cli("tree", "add", "app", other)  # the same name as a's tree, on another node
+    d.cli("mirror", "start", "app", "--to", c.listen, "--tls-ca", env.certs.ca_cert,
+          "--rpo", "30")
+    d.cli("mirror", "sync", "app")
+    write(os.path.join(other, "mine"), b"changed", 3)
+    d.cli("mirror", "sync", "app")
+    (row,) = d.status()["mirrors"]
+    assert row["kind"] == "tree" and row["rpo"]["state"] == "ok", row
+    assert 0 <= row["interval_now"] <= 30
+    info = json.loads(d.cli("tree", "list", "--json").stdout)[0]
+    mine = os.path.join(c.store, "mirrors", d.node_id, "trees", "app")
+    assert_same_tree(os.path.join(info["snapshots"], f"snap-{row['applied_cycle']}"), mine)
+    held = {t["source_node"]: t for t in c.status()["incoming_trees"]}
+    assert set(held) >= {env.a.node_id, d.node_id}
+    assert held[d.node_id]["applied_cycle"] == row["applied_cycle"]
+    check(env, sync(env), env.b, c)  # a's tree of that name went on beside it
+    d.cli("mirror", "break", "app")
+    d.stop()
 
 
 def test_status_shows_tree_mirrors_on_both_sides_and_the_verbs_act_on_them(env):

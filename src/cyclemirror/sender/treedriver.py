@@ -700,6 +700,8 @@ class TreeDriver:
             elif not (self._break_now or self._stop):
                 r.broken = exc
                 r.phase = "broken"
+            else:  # cut off by 'mirror break --now' or a stop: not the target's fault
+                r.phase = "idle"
             self._cond.notify_all()
         log.warning("mirror of tree %s -> %s: %s%s", self.tree.name, r.label, text,
                     f" (retry in {r.backoff:.1f}s)" if r.broken is None else " (broken until "
