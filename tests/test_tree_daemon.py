@@ -29,7 +29,13 @@ import pytest
 
 from tests.support.certs import Certs
 from tests.support.daemons import Daemon, cli_env, make_key, wait_for
-from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume
+from tests.support.trees import (
+    assert_same_tree,
+    begin,
+    delete_subvolumes,
+    subvolume,
+    tree_op,
+)
 
 MiB = 1 << 20
 
@@ -330,6 +336,49 @@ def test_kill_9_of_the_target_while_it_applies_then_of_the_source_while_it_ships
     assert snaps == [f"snap-{k3}"], snaps
 
 
+def test_kill_9_of_the_target_between_its_switch_and_its_record(env):
+    """The exchange of directories happened, the record does not say so yet: the
+    restarted target finds the new version in place and says so at the source's next
+    connect, which then ships nothing again for that cycle."""
+    from cyclemirror.receiver.treeops import dir_identity
+
+    a, b = env.a, env.b
+    k = sync(env)
+    before = full_copies(env, b)
+    b.stop()
+    b.args += ["--failpoint", "receiver.tree_switched=60"]
+    b.start()
+    write(j(env, "db", "switched"), os.urandom(20000))
+    bg = subprocess.Popen([sys.executable, "-m", "cyclemirror.cli", "--store", a.store,
+                           "mirror", "sync", "app"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=cli_env())
+    state = os.path.join(os.path.dirname(target_tree(env, b)), ".cyclemirror-tree-app",
+                         "state.json")
+
+    def switched_not_recorded():
+        with open(state) as fh:
+            pending = json.load(fh)["pending"]
+        if pending is None:
+            return False
+        fd = os.open(target_tree(env, b), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return dir_identity(fd) == pending["stage_id"]
+        finally:
+            os.close(fd)
+
+    wait_for(switched_not_recorded, 60, "the target to sit between its switch and record")
+    b.kill()
+    b.args = b.args[:-2]
+    b.start()
+    bg.wait(60)
+    assert bg.returncode == 0
+    (row,) = rows(env, b)
+    assert row["applied_cycle"] == k + 1, row
+    check(env, k + 1, b)
+    assert row["last_cycle"]["cycle"] == k, row  # cycle k+1 was not shipped a second time
+    assert full_copies(env, b) == before
+
+
 def test_a_hostile_or_mismatched_open_is_refused_clearly(env):
     from cyclemirror.errors import AuthenticationError
     from cyclemirror.keys import read_key_file
@@ -355,6 +404,20 @@ def test_a_hostile_or_mismatched_open_is_refused_clearly(env):
             link.recv_message({"applied"})
     finally:
         link.close()
+    link = dial()
+    try:  # a path that would leave the tree: refused, and nothing of the cycle stays
+        link.send_message("tree_open", node_id="feedbeef", node_name=None, mirror="evil")
+        link.recv_message({"tree_opened"})
+        link.send_message("tree_base", cycle=1, base=0, base_freeze_time=0.0)
+        link.sock.sendall(begin(1, full=True) + tree_op(1, op="dir", path=".", mode=0o755)
+                          + tree_op(1, op="file", path="../escaped", size=3))
+        with pytest.raises(RemoteError, match="'..' component"):
+            link.recv_message({"applied"})
+    finally:
+        link.close()
+    evil = os.path.join(env.b.store, "mirrors", "feedbeef", "trees")
+    assert sorted(os.listdir(evil)) == [".cyclemirror-tree-app", ".cyclemirror-tree-evil"]
+    assert os.listdir(os.path.join(evil, ".cyclemirror-tree-evil")) == []
     link = dial()
     try:  # a mirror name that would leave the store: the schema refuses it
         link.sock.sendall(_control({"type": "tree_open", "node_id": "feedbeef",
