@@ -34,6 +34,7 @@ from tests.support.trees import (
     begin,
     delete_subvolumes,
     subvolume,
+    tree_image,
     tree_op,
 )
 
@@ -235,6 +236,7 @@ def test_fan_out_to_a_second_target_and_catch_up_after_a_break(env):
 
 def test_fan_in_two_sources_trees_of_one_name_side_by_side_with_an_rpo_objective(env):
     c = env.c
+    left_by_a = tree_image(target_tree(env, c))  # a's mirror to c was removed before
     d = env.daemon("d", listen=False)
     other = subvolume(env.root, "other-app")
     write(os.path.join(other, "mine"), b"from d" * 1000)
@@ -253,8 +255,15 @@ def test_fan_in_two_sources_trees_of_one_name_side_by_side_with_an_rpo_objective
     held = {t["source_node"]: t for t in c.status()["incoming_trees"]}
     assert set(held) >= {env.a.node_id, d.node_id}
     assert held[d.node_id]["applied_cycle"] == row["applied_cycle"]
-    check(env, sync(env), env.b, c)  # a's tree of that name went on beside it
+    assert tree_image(target_tree(env, c)) == left_by_a  # a's tree of that name, untouched
+    # on the target: 'mirror rm NODE/NAME' removes a tree mirror, not while it is connected
+    r = c.cli("mirror", "rm", f"{d.node_id}/app", check=False)
+    assert r.returncode == 2 and "break that mirror on the source" in r.stderr, r.stderr
     d.cli("mirror", "break", "app")
+    assert "removed incoming tree mirror" in c.cli("mirror", "rm", f"{d.node_id}/app").stdout
+    c.cli("mirror", "rm", f"{env.a.node_id}/app")
+    assert c.status()["incoming_trees"] == []
+    assert not os.path.exists(mine) and os.listdir(os.path.dirname(mine)) == []
     d.stop()
 
 

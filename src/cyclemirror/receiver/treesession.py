@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 
 from cyclemirror.errors import ConnectionLostError, ProtocolError
 from cyclemirror.receiver.treeops import TreeMirror
@@ -162,3 +163,60 @@ class TreeSession:
 def _chain(first, rest):
     yield first
     yield from rest
+
+
+def remove_tree_mirror(store_root: str, registry, name: str, force: bool) -> dict | None:
+    """``mirror rm SOURCE/NAME`` on a target for a tree mirror (SOURCE: the source's node
+    id, as ``status`` lists it under the trees held here): the record first (from then
+    on nothing names the tree), then the tree and our directory.  None when there is no
+    such tree mirror; refused while the source is connected unless ``force``."""
+    from cyclemirror.receiver import treeops
+    from cyclemirror.store import btrfsioctl
+
+    if not isinstance(name, str) or name.count("/") != 1:
+        return None
+    node, mirror = name.split("/")
+    root = trees_root(store_root, node)
+    work = os.path.join(root, f".cyclemirror-tree-{mirror}")
+    if not node or not mirror or "." in (node[:1], mirror[:1]) or not os.path.isdir(work):
+        return None
+    key = (node, mirror, KIND)
+    holder = registry.hold(key, force=force)
+    removed = []
+    try:
+        for parent, entry in ((work, "state.json"), (root, mirror)):
+            path = os.path.join(parent, entry)
+            if not os.path.lexists(path):
+                continue
+            if _is_subvolume(path):
+                btrfsioctl.delete_subvolume(path)
+            else:
+                fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    treeops._rm_at(fd, entry)
+                finally:
+                    os.close(fd)
+            removed.append(path)
+        m = treeops.TreeMirror(root, mirror)  # deletes the stages left, as a recovery
+        m.close()
+        os.rmdir(work)
+        treeops.fsync_dir(root)
+    finally:
+        registry.release(key, holder)
+    log.info("incoming tree mirror %s/%s removed%s", node, mirror,
+             " with --force" if force else "")
+    return {"source_node": node, "source_name": None, "mirror": mirror, "group": False,
+            "volumes": [], "kind": "tree", "removed": removed}
+
+
+def _is_subvolume(path: str) -> bool:
+    from cyclemirror.store.btrfsioctl import BTRFS_SUBVOL_INO, subvolume_id
+
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_ino != BTRFS_SUBVOL_INO:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        return subvolume_id(fd) != 0
+    finally:
+        os.close(fd)
