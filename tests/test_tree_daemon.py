@@ -29,6 +29,7 @@ import pytest
 
 from tests.support.certs import Certs
 from tests.support.daemons import Daemon, cli_env, make_key, wait_for
+from tests.support.metrics import parse_exposition, value
 from tests.support.trees import (
     assert_same_tree,
     begin,
@@ -54,9 +55,11 @@ class Env:
         self.daemons: list[Daemon] = []
         self.src = subvolume(root, "app")
 
-    def daemon(self, name: str, listen: bool, extra: tuple = ()) -> Daemon:
+    def daemon(self, name: str, listen: bool, extra: tuple = (),
+               metrics: bool = False) -> Daemon:
         extra = (("--listen", f"127.0.0.1:{free_port()}") if listen else ()) + extra
-        d = Daemon(self.root, name, key_file=self.key, nbd=False, metrics=False, extra=extra)
+        d = Daemon(self.root, name, key_file=self.key, nbd=False, metrics=metrics,
+                   extra=extra)
         self.daemons.append(d)
         return d.start()
 
@@ -69,7 +72,7 @@ def env(btrfs_mount):
     os.makedirs(root)
     e = Env(root)
     try:
-        e.a = e.daemon("a", listen=False)
+        e.a = e.daemon("a", listen=False, metrics=True)
         e.b = e.daemon("b", listen=True)
         e.certs = Certs(os.path.join(root, "certs"))
         cert, key = e.certs.server("c")
@@ -275,6 +278,9 @@ def test_status_shows_tree_mirrors_on_both_sides_and_the_verbs_act_on_them(env):
         "tree", "idle", k, k)
     assert row["rpo_age"] is not None and row["rpo_age"] >= 0 and row["last_error"] is None
     line = next(x for x in a.cli("status").stdout.splitlines() if x.startswith("app (tree)"))
+    _types, samples = parse_exposition(a.scrape())
+    assert value(samples, "cyclemirror_mirror_applied_cycle", volume="app",
+                 target=b.listen) == k
     assert b.listen in line and "idle" in line, line
     (held,) = [t for t in b.status()["incoming_trees"] if t["source_node"] == a.node_id]
     assert (held["tree"], held["applied_cycle"], held["path"]) == ("app", k,
@@ -294,18 +300,21 @@ def test_status_shows_tree_mirrors_on_both_sides_and_the_verbs_act_on_them(env):
 
 
 def _ship_slowly(env, nbytes: int) -> subprocess.Popen:
-    """A cycle of ``nbytes`` of new data under a 2 MiB/s cap, its sync in the background;
-    returns once the source reports part of it sent."""
-    write(j(env, "db", f"big-{random.randrange(1 << 30)}"), os.urandom(nbytes))
+    """A cycle of ``nbytes`` of new data under a 1 MiB/s cap, its sync in the background;
+    returns once the target is writing the new file in the cycle's stage (seconds before
+    the cycle can end)."""
+    big = f"big-{random.randrange(1 << 30)}"
+    write(j(env, "db", big), os.urandom(nbytes))
     bg = subprocess.Popen([sys.executable, "-m", "cyclemirror.cli", "--store", env.a.store,
                            "mirror", "sync", "app"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, env=cli_env())
+    work = os.path.join(os.path.dirname(target_tree(env, env.b)), ".cyclemirror-tree-app")
 
-    def shipping():
-        prog = rows(env, env.b)[0].get("progress")
-        return prog is not None and prog["wire_bytes"] > MiB // 2
+    def applying():  # the new file is made in the stage, its data on the way
+        return any(e.startswith("stage-") and os.path.exists(os.path.join(work, e, "db", big))
+                   for e in os.listdir(work))
 
-    wait_for(shipping, 60, "the cycle to be shipping")
+    wait_for(applying, 60, "the target to be applying the cycle", interval=0.02)
     return bg
 
 
@@ -315,11 +324,11 @@ def test_kill_9_of_the_target_while_it_applies_then_of_the_source_while_it_ships
     before = full_copies(env, b)
     a.cli("mirror", "break", "app")
     a.cli("mirror", "rm", "app")  # restarted with a rate cap, so a cycle lasts
-    a.cli("mirror", "start", "app", "--to", b.listen, "--interval", "3600", "--bwlimit", "2M")
+    a.cli("mirror", "start", "app", "--to", b.listen, "--interval", "3600", "--bwlimit", "1M")
     k = sync(env)  # a delta: the target said at its open which cycle it holds
     check(env, k, b)
 
-    bg = _ship_slowly(env, 4 * MiB)
+    bg = _ship_slowly(env, 3 * MiB)
     b.kill()  # mid-apply: the target's stage is half built
     check(env, k, b)  # still exactly cycle k, nothing of the next one
     b.start()
@@ -332,7 +341,7 @@ def test_kill_9_of_the_target_while_it_applies_then_of_the_source_while_it_ships
                 if e.startswith(".cyclemirror-tree-") and os.listdir(
                     os.path.join(os.path.dirname(target_tree(env, b)), e)) != ["state.json"]]
 
-    bg = _ship_slowly(env, 4 * MiB)
+    bg = _ship_slowly(env, 3 * MiB)
     a.kill()  # mid-cycle on the source
     bg.wait(60)
     check(env, k2, b)
