@@ -505,14 +505,18 @@ class TreeDriver:
                 top = self.tree.frozen_cycle
                 now = time.time()
                 due = self.last_freeze_time + self._interval(now) - now
-                if self._sync_want > top or due <= 0 or top == 0:
+                # Every target that could take a cycle lacks the newest one (all down, or
+                # retrying): another snapshot would only be kept for nobody.
+                live = self._live()
+                backlog = bool(live) and all(r.held < top for r in live)
+                if self._sync_want > top or top == 0 or (due <= 0 and not backlog):
                     self._freezing = top + 1
                     break
                 mono = time.monotonic()
                 retry = [r for r in self._live() if r.held < top]
                 if any(r.next_try <= mono for r in retry):
                     return top
-                wake = min([due] + [r.next_try - mono for r in retry])
+                wake = min([due if not backlog else 1.0] + [r.next_try - mono for r in retry])
                 self._cond.wait(max(0.01, min(wake, 1.0)))
             self.phase = "freezing"
         k = self.tree.freeze()
