@@ -35,7 +35,8 @@ target the cycle it holds and its freeze time, so merges and ``status`` are
 right after a restart before the targets reconnect; a target's own answer at
 connect always wins over it.
 
-Locking: ``_cond`` guards the control flags and the status fields.
+Locking: ``_cond`` guards the control flags and the status fields;
+``_state_lock`` (taken before ``_cond``) orders the writes of the state file.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class TreeDriver:
         self.targets = [TreeTarget(s) for s in specs]
         self.state_path = os.path.join(store.path, "outgoing", obj.name, STATE_FILE)
         self._cond = threading.Condition()
+        self._state_lock = threading.Lock()  # orders the writes of the state file
         self._thread: threading.Thread | None = None
         self._stop = False
         self._break = False
@@ -160,11 +162,14 @@ class TreeDriver:
                 and isinstance(v.get("freeze_time"), int | float)}
 
     def _save_state(self) -> None:
-        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
-        with self._cond:
-            targets = {r.label: {"held": r.held, "freeze_time": r.held_freeze}
-                       for r in self.targets + self._adding if not r.gone}
-        atomic_write_json(self.state_path, {"format": STATE_FORMAT, "targets": targets})
+        # One writer at a time (senders of several targets save at once): a file written
+        # from an older look at the targets must never replace a newer one.
+        with self._state_lock:
+            os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+            with self._cond:
+                targets = {r.label: {"held": r.held, "freeze_time": r.held_freeze}
+                           for r in self.targets + self._adding if not r.gone}
+            atomic_write_json(self.state_path, {"format": STATE_FORMAT, "targets": targets})
 
     def _load_target(self, r: TreeTarget, saved: dict) -> None:
         e = saved.get(r.label)
