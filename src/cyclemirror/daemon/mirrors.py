@@ -856,7 +856,6 @@ class OutgoingMirrors:
             })
         return rows
 
-
     def _kinds(self) -> dict[str, str]:
         """Object name -> "file" or "tree" for the store's file and tree objects."""
         try:
