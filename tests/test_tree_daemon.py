@@ -258,6 +258,7 @@ def test_fan_in_two_sources_trees_of_one_name_side_by_side_with_an_rpo_objective
     held = {t["source_node"]: t for t in c.status()["incoming_trees"]}
     assert set(held) >= {env.a.node_id, d.node_id}
     assert held[d.node_id]["applied_cycle"] == row["applied_cycle"]
+    assert held[d.node_id]["source_name"] == d.status()["node"]["name"]
     assert tree_image(target_tree(env, c)) == left_by_a  # a's tree of that name, untouched
     # on the target: 'mirror rm NODE/NAME' removes a tree mirror, not while it is connected
     r = c.cli("mirror", "rm", f"{d.node_id}/app", check=False)

@@ -341,7 +341,8 @@ def cmd_mirror_rm(args) -> int:
                              "incoming one (SOURCE/NAME), which has no targets")
         info = _call(args, "mirror.rm", image=args.volume, force=args.force)
         if info.get("kind") == "tree":  # docs/trees.md
-            print(f"removed incoming tree mirror {info['source_node']}/{info['mirror']} "
+            print(f"removed incoming tree mirror "
+                  f"{info['source_name'] or info['source_node']}/{info['mirror']} "
                   "(the tree and its state)")
             return 0
         print(f"removed incoming mirror {info['source_name'] or info['source_node']}/"

@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 
-from cyclemirror.errors import ConnectionLostError, ProtocolError
+from cyclemirror.errors import ConnectionLostError, ProtocolError, UsageError
 from cyclemirror.receiver.treeops import TreeMirror
 from cyclemirror.wire import treeframes
 
@@ -37,6 +37,30 @@ KIND = "tree"  # the third part of a tree mirror's registry key
 
 def trees_root(store_root: str, node_id: str) -> str:
     return os.path.join(store_root, "mirrors", node_id, TREES_DIR)
+
+
+SOURCE_FILE = ".source.json"  # in a node's trees/: the source's node name, for status
+
+
+def source_name(store_root: str, node_id: str) -> str | None:
+    """The node name the source gave at its latest tree_open (None: unknown)."""
+    from cyclemirror.store.fileops import read_json
+
+    try:
+        rec = read_json(os.path.join(trees_root(store_root, node_id), SOURCE_FILE),
+                        "tree source record")
+    except Exception:  # noqa: BLE001 - missing or damaged: the node id stands in
+        return None
+    name = rec.get("node_name")
+    return name if isinstance(name, str) and name else None
+
+
+def _note_source(store_root: str, node_id: str, node_name: str | None) -> None:
+    from cyclemirror.store.fileops import atomic_write_json
+
+    if node_name and source_name(store_root, node_id) != node_name:
+        atomic_write_json(os.path.join(trees_root(store_root, node_id), SOURCE_FILE),
+                          {"node_name": node_name})
 
 
 def recover_all(store_root: str, note_error) -> None:
@@ -78,6 +102,7 @@ def tree_status(store_root: str, now: float) -> list[dict]:
                 if applied and isinstance(st.get("freeze_time"), int | float):
                     row["freeze_time"] = st["freeze_time"]
                     row["rpo_age"] = now - st["freeze_time"]
+            row["source_name"] = source_name(store_root, node)
             rows.append(row)
     return rows
 
@@ -111,6 +136,7 @@ class TreeSession:
         self.server.registry.acquire(self.key, self)
         root = trees_root(self.server.root, msg["node_id"])
         os.makedirs(root, mode=0o700, exist_ok=True)
+        _note_source(self.server.root, msg["node_id"], msg["node_name"])
         self.mirror = m = TreeMirror(root, name)  # settles a crashed apply
         self.link.send_message("tree_opened", node_id=self.server.node_id,
                                applied_cycle=m.applied_cycle,
@@ -176,6 +202,13 @@ def remove_tree_mirror(store_root: str, registry, name: str, force: bool) -> dic
     if not isinstance(name, str) or name.count("/") != 1:
         return None
     node, mirror = name.split("/")
+    base = os.path.join(store_root, "mirrors")
+    if not os.path.isdir(trees_root(store_root, node)) and os.path.isdir(base):
+        named = [n for n in sorted(os.listdir(base)) if source_name(store_root, n) == node]
+        if len(named) > 1:
+            raise UsageError(f"source name {node!r} belongs to several source nodes "
+                             f"({', '.join(named)}); name the source by its node id")
+        node = named[0] if named else node
     root = trees_root(store_root, node)
     work = os.path.join(root, f".cyclemirror-tree-{mirror}")
     if not node or not mirror or "." in (node[:1], mirror[:1]) or not os.path.isdir(work):
@@ -200,12 +233,15 @@ def remove_tree_mirror(store_root: str, registry, name: str, force: bool) -> dic
         m = treeops.TreeMirror(root, mirror)  # deletes the stages left, as a recovery
         m.close()
         os.rmdir(work)
+        gone_name = source_name(store_root, node)
+        if os.listdir(root) == [SOURCE_FILE]:  # the node's last tree: its record goes too
+            os.unlink(os.path.join(root, SOURCE_FILE))
         treeops.fsync_dir(root)
     finally:
         registry.release(key, holder)
     log.info("incoming tree mirror %s/%s removed%s", node, mirror,
              " with --force" if force else "")
-    return {"source_node": node, "source_name": None, "mirror": mirror, "group": False,
+    return {"source_node": node, "source_name": gone_name, "mirror": mirror, "group": False,
             "volumes": [], "kind": "tree", "removed": removed}
 
 

@@ -573,8 +573,13 @@ class TreeDriver:
                               node_name=getattr(self.store, "node_name", None),
                               mirror=self.remote_name)
             opened = link.recv_message({"tree_opened"})
-        except BaseException:
+        except BaseException as exc:
             link.close()
+            if "unknown control message type 'tree_open'" in str(exc):
+                raise ProtocolError(
+                    f"target {r.label} runs a cyclemirror that does not know tree mirrors "
+                    f"({exc}); upgrade it, then 'cyclemirror mirror resume "
+                    f"{self.tree.name} --to {r.label}'") from None
             raise
         applied, ft = opened["applied_cycle"], float(opened["freeze_time"])
         if applied and not self._ours(applied, ft):
