@@ -6,6 +6,7 @@ mirror lives under the store, one directory per source node::
 
     STORE/mirrors/<source node id>/trees/NAME/                  the plain tree
     STORE/mirrors/<source node id>/trees/.cyclemirror-tree-NAME/ ours (receiver.treeops)
+    STORE/mirrors/<source node id>/trees/.source.json            the source's node name
 
 and is held in the server's registry under (node, NAME, "tree"), apart from
 volume mirrors of the same name.  The answer ``tree_opened`` says which cycle
@@ -18,6 +19,9 @@ applied), then the cycle's frames (``wire.treeframes``) go straight into
 whole; ``applied`` goes back once it is switched (and durable).  Any error
 ends the connection after an ``error`` message; the tree stays the previous
 cycle.
+
+``tree_status`` is the ``incoming_trees`` of ``status --json``;
+``remove_tree_mirror`` is ``mirror rm SOURCE/NAME`` for a tree mirror.
 """
 
 from __future__ import annotations
@@ -72,12 +76,12 @@ def recover_all(store_root: str, note_error) -> None:
             if name.startswith(".cyclemirror-tree-"):
                 try:
                     TreeMirror(root, name[len(".cyclemirror-tree-"):]).close()
-                except (ProtocolError, OSError, Exception) as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - one mirror must not stop the rest
                     note_error(f"recovery of tree mirror {root}/{name}: {exc}")
 
 
 def tree_status(store_root: str, now: float) -> list[dict]:
-    """One row per tree mirror held here (the ``trees_in`` of ``status --json``)."""
+    """One row per tree mirror held here (the ``incoming_trees`` of ``status --json``)."""
     from cyclemirror.store.fileops import read_json
 
     rows = []
