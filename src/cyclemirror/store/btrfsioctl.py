@@ -9,8 +9,9 @@
   snapshot too; the space is freed in the background).
 * ``subvolume_id(fd)``: the id of the subvolume whose root ``fd`` is, else 0.
 * ``subvolume_info(fd)``: ``BTRFS_IOC_GET_SUBVOL_INFO`` of the subvolume ``fd``
-  is in: its uuid, its parent's (the source of a snapshot), flags (read-only)
-  and ``otransid``, the transaction that made it.
+  is in: its uuid, its parent's (the source of a snapshot), flags (read-only),
+  ``ctransid`` (the transaction that last changed it) and ``otransid`` (the
+  one that made it).
 * ``changed_inodes(fd, since)``: ``BTRFS_IOC_TREE_SEARCH_V2`` over the tree of
   the subvolume ``fd`` is in, for the leaves written at or after transaction
   ``since`` (the kernel skips older ones): the inodes whose inode item, or
@@ -141,6 +142,7 @@ class SubvolumeInfo(NamedTuple):
     uuid: bytes
     parent_uuid: bytes  # the subvolume a snapshot was taken of (zeros for none)
     readonly: bool
+    ctransid: int  # the transaction that last changed it
     otransid: int  # the transaction that created it (a snapshot: its instant)
 
 
@@ -152,6 +154,7 @@ def subvolume_info(fd: int) -> SubvolumeInfo:
     flags = int.from_bytes(args[288:296], "little")
     return SubvolumeInfo(treeid, bytes(args[296:312]), bytes(args[312:328]),
                          bool(flags & BTRFS_ROOT_SUBVOL_RDONLY),
+                         int.from_bytes(args[344:352], "little"),
                          int.from_bytes(args[352:360], "little"))
 
 

@@ -105,9 +105,10 @@ def _utf8(rel: str, root: str) -> str:
 class Walk(dict):
     """``walk``'s result: path -> Entry, with what the next delta needs to find its way
     without walking again: ``by_ino`` (inode -> its path, or a tuple of its paths),
-    ``others`` (the paths of kind "other"), ``snapshot`` (the uuid of the read-only
-    btrfs snapshot walked, b"" if it is not one) and ``how`` it was made ("walk", or
-    "search" when only what btrfs said changed was looked at)."""
+    ``others`` (the paths of kind "other"), ``snapshot`` (the uuid and last-change
+    transid of the read-only btrfs snapshot walked, b"" if it is not one) and ``how``
+    it was made ("walk", or "search" when only what btrfs said changed was looked
+    at)."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -178,8 +179,14 @@ def _walk_into(out: Walk, root: str, rel_top: str, abs_top: str,
                     stack.append((rel, de.path))
 
 
+def _snapshot_id(info: btrfsioctl.SubvolumeInfo) -> bytes:
+    """What names one state of a snapshot: its uuid and the transaction that last
+    changed it (which moves if someone made it writable and wrote to it)."""
+    return info.uuid + info.ctransid.to_bytes(8, "little")
+
+
 def _snapshot_uuid(root: str) -> bytes:
-    """The uuid of the read-only btrfs snapshot whose root ``root`` is, else b""."""
+    """``_snapshot_id`` of the read-only btrfs snapshot whose root ``root`` is, else b""."""
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -192,7 +199,7 @@ def _snapshot_uuid(root: str) -> bytes:
         return b""  # not btrfs
     finally:
         os.close(fd)
-    return info.uuid if info.readonly else b""
+    return _snapshot_id(info) if info.readonly else b""
 
 
 def _entry(st: os.stat_result, target: str) -> Entry:
@@ -420,7 +427,7 @@ def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str
             raise _Unsure(f"not btrfs ({exc.strerror})") from None
         if not (oi.readonly and ni.readonly):
             raise _Unsure("not read-only snapshots")
-        if not old.snapshot or old.snapshot != oi.uuid:
+        if not old.snapshot or old.snapshot != _snapshot_id(oi):
             raise _Unsure("the walk kept is not of the previous snapshot")
         if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
                 or ni.otransid <= oi.otransid:
@@ -432,7 +439,7 @@ def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str
         except ValueError as exc:
             raise _Unsure(str(exc)) from None
         new = old.copy()
-        new.snapshot, new.how = ni.uuid, "search"
+        new.snapshot, new.how = _snapshot_id(ni), "search"
         cand: set[str] = set()
         _apply_changes(old_root, new_root, old, new, changed, cand)
         return new, cand
@@ -513,10 +520,12 @@ def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: 
         if e != new[p]:
             new.put(p, e)
         cand.add(p)
+        if e.kind != o.kind:  # an inode number used again for another kind
+            take_out(p)
+            bring_in(p)
+            continue
         if o.kind != "dir":
             continue
-        if e.kind != "dir":
-            raise _Unsure(f"{p} was a directory and is not, as the same inode")
         was, now = entries(old_root, p), entries(new_root, p)
         prefix = "" if p == "." else p + "/"
         for name, ino in was.items():
