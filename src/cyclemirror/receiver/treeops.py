@@ -15,7 +15,9 @@ A cycle is applied without ever touching ``ROOT/NAME``:
 2. The ops of the delta (``wire.treeframes``) are applied inside it, which
    nobody else sees: an entry is replaced by removing the old one and making
    the new one in place (for a ``patch``, a clone of the previous version's
-   ``ref``, then the ranges written); directory metadata is set last, deepest
+   ``ref``, then the ranges written; a ``patch`` of a path from itself whose
+   stage file has no other name is written where it is, as that file is a
+   copy of ``ref``); directory metadata is set last, deepest
    first, and directories whose own metadata did not change get their mtime
    back.
 3. Everything is made durable (``syncfs``), the record ``pending`` =
@@ -295,11 +297,14 @@ class _Apply:
             if kind == "rm":
                 _rm_at(pfd, leaf)
             elif kind in ("file", "patch"):
-                self._clear(pfd, leaf, msg)
-                fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                fd = self._in_place(pfd, leaf, msg) if kind == "patch" else None
+                cloned = fd is not None
+                if fd is None:
+                    self._clear(pfd, leaf, msg)
+                    fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=pfd)
                 try:
-                    if kind == "patch":
+                    if kind == "patch" and not cloned:
                         self._clone_ref(msg, fd)
                     os.ftruncate(fd, msg["size"])
                 except BaseException:
@@ -328,6 +333,25 @@ class _Apply:
         finally:
             os.close(pfd)
         failpoints.hit("receiver.tree_op")
+
+    def _in_place(self, pfd: int, leaf: str, msg: dict) -> int | None:
+        """For a ``patch`` of a path from itself: the stage's own file there, opened to
+        be patched where it is, if it is the previous version's file (the stage starts
+        as a copy of it, and a path gets one content op a cycle) with no other name;
+        else None (removed and made anew from a clone of the ref, as any patch).  Saves
+        an unlink, a create, the ref's lookup and a clone per changed file."""
+        if self.base is None or msg["ref"] != msg["path"]:
+            return None
+        try:
+            fd = os.open(leaf, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=pfd)
+        except OSError:
+            return None  # gone, a symlink, a directory: the usual way says what is wrong
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+        return None
 
     def _link(self, msg: dict) -> None:
         sfd, sleaf = self._parent(msg["ref"], msg)
