@@ -298,15 +298,16 @@ class _Apply:
                 _rm_at(pfd, leaf)
             elif kind in ("file", "patch"):
                 fd = self._in_place(pfd, leaf, msg) if kind == "patch" else None
-                cloned = fd is not None
+                in_place = fd is not None
                 if fd is None:
                     self._clear(pfd, leaf, msg)
                     fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                  | os.O_CLOEXEC, 0o600, dir_fd=pfd)
                 try:
-                    if kind == "patch" and not cloned:
+                    if kind == "patch" and not in_place:
                         self._clone_ref(msg, fd)
-                    os.ftruncate(fd, msg["size"])
+                    if not in_place or os.fstat(fd).st_size != msg["size"]:
+                        os.ftruncate(fd, msg["size"])  # a transaction, even to the same size
                 except BaseException:
                     os.close(fd)
                     raise
