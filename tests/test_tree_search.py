@@ -201,3 +201,40 @@ def test_a_kept_walk_of_another_snapshot_is_not_trusted(btrfs_mount, tmp_path):
         assert live.new_walk.how == "walk (not read-only snapshots)"
     finally:
         delete_subvolumes(area)
+
+
+def test_a_patch_from_itself_is_written_in_place_unless_hard_linked(btrfs_mount, tmp_path):
+    """The target patches a file from its own path in the stage's copy of it (the same
+    inode as the previous version's, a snapshot keeps inode numbers), but makes a file
+    with another name anew (writing in place would change the other name too)."""
+    area = os.path.join(btrfs_mount, "p-" + tmp_path.name)
+    os.makedirs(area)
+    try:
+        src = subvolume(area)
+        store = str(tmp_path / "store")
+        tree.add_tree(store, NODE, "t", src)
+        obj = tree.TreeObject(store, "t")
+        root = os.path.join(area, "target")
+        os.makedirs(root)
+        mirror = TreeMirror(root, "t")
+        write(os.path.join(src, "alone"), b"a" * 20_000)
+        write(os.path.join(src, "linked"), b"b" * 20_000)
+        os.link(os.path.join(src, "linked"), os.path.join(src, "other-name"))
+        write(os.path.join(src, "same"), b"c" * 20_000)
+        check_cycle(obj, mirror)
+        before = {n: os.lstat(os.path.join(mirror.path, n)).st_ino
+                  for n in ("alone", "linked", "same")}
+        write(os.path.join(src, "alone"), b"A" * 100, 5000)
+        write(os.path.join(src, "linked"), b"B" * 100, 5000)
+        os.truncate(os.path.join(src, "same"), 30_000)
+        d = check_cycle(obj, mirror)
+        assert {(op.op, op.path, op.ref) for op in d.ops} >= {
+            ("patch", "alone", "alone"), ("patch", "linked", "linked"), ("patch", "same", "same")}
+        after = {n: os.lstat(os.path.join(mirror.path, n)).st_ino
+                 for n in ("alone", "linked", "same")}
+        assert after["alone"] == before["alone"] and after["same"] == before["same"]
+        assert after["linked"] != before["linked"]
+        assert os.lstat(os.path.join(mirror.path, "other-name")).st_ino == after["linked"]
+        mirror.close()
+    finally:
+        delete_subvolumes(area)
