@@ -149,12 +149,14 @@ def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
 
 def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,
               dir_fd: int | None = None) -> None:
-    """Owner, then mode (chown clears set-id bits), then mtime (atime = mtime)."""
+    """Owner, then mode (chown clears set-id bits), then mtime (atime = mtime); what is
+    already so is not set again (each is a transaction's inode update)."""
     if dir_fd is None:
         st = os.fstat(fd_or_name)
-        if (st.st_uid, st.st_gid) != (uid, gid):
+        chowned = (st.st_uid, st.st_gid) != (uid, gid)
+        if chowned:
             os.fchown(fd_or_name, uid, gid)
-        if mode is not None:
+        if mode is not None and (chowned or stat.S_IMODE(st.st_mode) != mode):
             os.fchmod(fd_or_name, mode)
         os.utime(fd_or_name, ns=(mtime_ns, mtime_ns))
     else:  # a symlink: no mode on Linux
@@ -162,6 +164,10 @@ def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.chown(fd_or_name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         os.utime(fd_or_name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _times(st: os.stat_result) -> tuple[int, int]:
+    return st.st_atime_ns, st.st_mtime_ns
 
 
 def copy_tree(src_fd: int, dst_fd: int) -> None:
@@ -255,8 +261,7 @@ class _Apply:
                                 f"directory of the tree ({exc.strerror}); a symlink is never "
                                 "followed") from None
         if parent not in self.touched:
-            st = os.fstat(fd)
-            self.touched[parent] = (st.st_atime_ns, st.st_mtime_ns)
+            self.touched[parent] = _times(os.fstat(fd))
         return fd, leaf
 
     def _clear(self, pfd: int, leaf: str, msg: dict) -> None:
@@ -427,8 +432,8 @@ class _Apply:
                 msg = self.dir_meta.get(path)
                 if msg is not None:
                     _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
-                else:
-                    os.utime(fd, ns=self.touched[path])
+                elif _times(os.fstat(fd)) != self.touched[path]:  # (files patched in
+                    os.utime(fd, ns=self.touched[path])  # place leave it as it was)
             finally:
                 os.close(fd)
 
