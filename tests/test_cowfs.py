@@ -151,7 +151,7 @@ def test_the_vectorised_comparison_equals_its_plain_twin(rnd, blocks):
         changed_ranges_ref(old, new, blocks * K), unproven_ranges_ref(old, new, blocks * K))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.randoms(use_true_random=False), st.integers(1, 200))
 def test_small_maps_compared_in_plain_python_equal_the_vectorised_way(rnd, blocks):
     """Maps of up to SMALL_MAPS extents in all are compared by a plain loop (cheaper than
