@@ -95,7 +95,8 @@ def _cython3():
 
 
 # Libraries each module links with; the others link with the compression and hash ones.
-LIBRARIES = {"tlsrelay": ["ssl", "crypto"]}  # OpenSSL: TLS-PSK for the NBD export (libssl-dev)
+LIBRARIES = {"tlsrelay": ["ssl", "crypto"],  # OpenSSL: TLS-PSK for the NBD export (libssl-dev)
+             "btrfsitems": []}  # parsing only: libc
 
 
 def _extension(stem: str, source: Path) -> Extension:

@@ -149,3 +149,24 @@ def test_the_vectorised_comparison_equals_its_plain_twin(rnd, blocks):
         new = [(lo, p + (K << 20) if rnd.random() < 0.2 else p, n, f) for lo, p, n, f in old]
     assert cowfs.compare_maps(old, new, blocks * K) == (
         changed_ranges_ref(old, new, blocks * K), unproven_ranges_ref(old, new, blocks * K))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(1, 200))
+def test_small_maps_compared_in_plain_python_equal_the_vectorised_way(rnd, blocks):
+    """Maps of up to SMALL_MAPS extents in all are compared by a plain loop (cheaper than
+    numpy's set-up for the small files of a tree): the same answers as numpy's and
+    the twin's."""
+    old = random_map(rnd)[:rnd.randrange(9)]
+    new = random_map(rnd)[:rnd.randrange(9)]
+    if rnd.random() < 0.5:
+        new = [(lo, p + (K << 20) if rnd.random() < 0.2 else p, n, f) for lo, p, n, f in old]
+    want = (changed_ranges_ref(old, new, blocks * K), unproven_ranges_ref(old, new, blocks * K))
+    assert len(old) + len(new) <= cowfs.SMALL_MAPS
+    assert cowfs.compare_maps(old, new, blocks * K) == want
+    small = cowfs.SMALL_MAPS
+    cowfs.SMALL_MAPS = -1  # the numpy way for the same maps
+    try:
+        assert cowfs.compare_maps(old, new, blocks * K) == want
+    finally:
+        cowfs.SMALL_MAPS = small

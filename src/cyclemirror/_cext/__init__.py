@@ -11,7 +11,8 @@ module does.
 
 import importlib
 
-REQUIRED: tuple[str, ...] = ("bitmap", "blockhash", "frames", "nbdio", "pagewrite", "tlsrelay")
+REQUIRED: tuple[str, ...] = ("bitmap", "blockhash", "btrfsitems", "frames", "nbdio",
+                             "pagewrite", "tlsrelay")
 # Built only where their libraries' headers are (setup.py), imported only by what
 # needs them, which says what to install when one is missing: rbd (librbd) for
 # RBD targets (receiver/rbdbackend.py).

@@ -15,7 +15,9 @@ A cycle is applied without ever touching ``ROOT/NAME``:
 2. The ops of the delta (``wire.treeframes``) are applied inside it, which
    nobody else sees: an entry is replaced by removing the old one and making
    the new one in place (for a ``patch``, a clone of the previous version's
-   ``ref``, then the ranges written); directory metadata is set last, deepest
+   ``ref``, then the ranges written; a ``patch`` of a path from itself whose
+   stage file has no other name is written where it is, as that file is a
+   copy of ``ref``); directory metadata is set last, deepest
    first, and directories whose own metadata did not change get their mtime
    back.
 3. Everything is made durable (``syncfs``), the record ``pending`` =
@@ -147,12 +149,14 @@ def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
 
 def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,
               dir_fd: int | None = None) -> None:
-    """Owner, then mode (chown clears set-id bits), then mtime (atime = mtime)."""
+    """Owner, then mode (chown clears set-id bits), then mtime (atime = mtime); what is
+    already so is not set again (each is a transaction's inode update)."""
     if dir_fd is None:
         st = os.fstat(fd_or_name)
-        if (st.st_uid, st.st_gid) != (uid, gid):
+        chowned = (st.st_uid, st.st_gid) != (uid, gid)
+        if chowned:
             os.fchown(fd_or_name, uid, gid)
-        if mode is not None:
+        if mode is not None and (chowned or stat.S_IMODE(st.st_mode) != mode):
             os.fchmod(fd_or_name, mode)
         os.utime(fd_or_name, ns=(mtime_ns, mtime_ns))
     else:  # a symlink: no mode on Linux
@@ -160,6 +164,10 @@ def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.chown(fd_or_name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         os.utime(fd_or_name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _times(st: os.stat_result) -> tuple[int, int]:
+    return st.st_atime_ns, st.st_mtime_ns
 
 
 def copy_tree(src_fd: int, dst_fd: int) -> None:
@@ -253,8 +261,7 @@ class _Apply:
                                 f"directory of the tree ({exc.strerror}); a symlink is never "
                                 "followed") from None
         if parent not in self.touched:
-            st = os.fstat(fd)
-            self.touched[parent] = (st.st_atime_ns, st.st_mtime_ns)
+            self.touched[parent] = _times(os.fstat(fd))
         return fd, leaf
 
     def _clear(self, pfd: int, leaf: str, msg: dict) -> None:
@@ -295,13 +302,17 @@ class _Apply:
             if kind == "rm":
                 _rm_at(pfd, leaf)
             elif kind in ("file", "patch"):
-                self._clear(pfd, leaf, msg)
-                fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                fd = self._in_place(pfd, leaf, msg) if kind == "patch" else None
+                in_place = fd is not None
+                if fd is None:
+                    self._clear(pfd, leaf, msg)
+                    fd = os.open(leaf, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=pfd)
                 try:
-                    if kind == "patch":
+                    if kind == "patch" and not in_place:
                         self._clone_ref(msg, fd)
-                    os.ftruncate(fd, msg["size"])
+                    if not in_place or os.fstat(fd).st_size != msg["size"]:
+                        os.ftruncate(fd, msg["size"])  # a transaction, even to the same size
                 except BaseException:
                     os.close(fd)
                     raise
@@ -328,6 +339,25 @@ class _Apply:
         finally:
             os.close(pfd)
         failpoints.hit("receiver.tree_op")
+
+    def _in_place(self, pfd: int, leaf: str, msg: dict) -> int | None:
+        """For a ``patch`` of a path from itself: the stage's own file there, opened to
+        be patched where it is, if it is the previous version's file (the stage starts
+        as a copy of it, and a path gets one content op a cycle) with no other name;
+        else None (removed and made anew from a clone of the ref, as any patch).  Saves
+        an unlink, a create, the ref's lookup and a clone per changed file."""
+        if self.base is None or msg["ref"] != msg["path"]:
+            return None
+        try:
+            fd = os.open(leaf, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=pfd)
+        except OSError:
+            return None  # gone, a symlink, a directory: the usual way says what is wrong
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+        return None
 
     def _link(self, msg: dict) -> None:
         sfd, sleaf = self._parent(msg["ref"], msg)
@@ -402,8 +432,8 @@ class _Apply:
                 msg = self.dir_meta.get(path)
                 if msg is not None:
                     _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
-                else:
-                    os.utime(fd, ns=self.touched[path])
+                elif _times(os.fstat(fd)) != self.touched[path]:  # (files patched in
+                    os.utime(fd, ns=self.touched[path])  # place leave it as it was)
             finally:
                 os.close(fd)
 

@@ -8,6 +8,16 @@
 * ``delete_subvolume(path)``: ``BTRFS_IOC_SNAP_DESTROY`` (a read-only
   snapshot too; the space is freed in the background).
 * ``subvolume_id(fd)``: the id of the subvolume whose root ``fd`` is, else 0.
+* ``subvolume_info(fd)``: ``BTRFS_IOC_GET_SUBVOL_INFO`` of the subvolume ``fd``
+  is in: its uuid, its parent's (the source of a snapshot), flags (read-only),
+  ``ctransid`` (the transaction that last changed it) and ``otransid`` (the
+  one that made it).
+* ``changed_inodes(fd, since)``: ``BTRFS_IOC_TREE_SEARCH_V2`` over the tree of
+  the subvolume ``fd`` is in, for the leaves written at or after transaction
+  ``since`` (the kernel skips older ones): the inodes whose inode item, or
+  whose directory entries, were written then (``_cext.btrfsitems`` reads the
+  items).  What ``btrfs subvolume find-new`` reads, for inodes instead of
+  extents.  Needs CAP_SYS_ADMIN.
 
 A failure is a StoreError naming what was being done, the path and the
 kernel's reason (EPERM: these need root, or for deletion the
@@ -19,11 +29,14 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import struct
+from typing import NamedTuple
 
 from cyclemirror.errors import StoreError
 
 BTRFS_SUBVOL_INO = 256  # the root directory of every btrfs subvolume has this inode
-BTRFS_SUBVOL_RDONLY = 1 << 1
+BTRFS_SUBVOL_RDONLY = 1 << 1  # in the ioctls' flags
+BTRFS_ROOT_SUBVOL_RDONLY = 1 << 0  # in a root item's flags (GET_SUBVOL_INFO)
 _VOL_ARGS_SIZE = 4096
 _NAME_OFFSET_V2 = 56  # fd, transid, flags, then a 32-byte union, then the name
 _NAME_MAX = 4039
@@ -32,6 +45,14 @@ BTRFS_IOC_SNAP_DESTROY = 0x5000940F
 BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417
 BTRFS_IOC_SUBVOL_CREATE_V2 = 0x50009418
 BTRFS_IOC_INO_LOOKUP = 0xD0009412  # _IOWR(0x94, 18, 4096)
+BTRFS_IOC_TREE_SEARCH_V2 = 0xC0709411  # _IOWR(0x94, 17, 112-byte search_args_v2)
+BTRFS_IOC_GET_SUBVOL_INFO = 0x81F8943C  # _IOR(0x94, 60, 504-byte get_subvol_info_args)
+_SUBVOL_INFO_SIZE = 504
+# btrfs_ioctl_search_key: tree_id, min/max objectid, min/max offset, min/max transid,
+# min/max type, nr_items, unused, 4 unused u64; then (v2) buf_size, then the buffer.
+_SEARCH_KEY = struct.Struct("<7Q4I4Q")
+_SEARCH_BUF = 1 << 20
+_U64_MAX = (1 << 64) - 1
 
 
 def _parent_fd(path: str) -> tuple[int, str]:
@@ -114,3 +135,60 @@ def subvolume_id(fd: int) -> int:
     except OSError:
         return 0  # not btrfs (an inode 256 elsewhere is a plain directory)
     return int.from_bytes(args[0:8], "little")
+
+
+class SubvolumeInfo(NamedTuple):
+    treeid: int
+    uuid: bytes
+    parent_uuid: bytes  # the subvolume a snapshot was taken of (zeros for none)
+    readonly: bool
+    ctransid: int  # the transaction that last changed it
+    otransid: int  # the transaction that created it (a snapshot: its instant)
+
+
+def subvolume_info(fd: int) -> SubvolumeInfo:
+    """What btrfs says of the subvolume directory ``fd`` is in (OSError if not btrfs)."""
+    args = bytearray(_SUBVOL_INFO_SIZE)
+    fcntl.ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, args)
+    treeid = int.from_bytes(args[0:8], "little")
+    flags = int.from_bytes(args[288:296], "little")
+    return SubvolumeInfo(treeid, bytes(args[296:312]), bytes(args[312:328]),
+                         bool(flags & BTRFS_ROOT_SUBVOL_RDONLY),
+                         int.from_bytes(args[344:352], "little"),
+                         int.from_bytes(args[352:360], "little"))
+
+
+def changed_inodes(fd: int, since: int) -> set[int]:
+    """The inode numbers of the subvolume ``fd`` is in whose inode item or directory
+    entries were written in transaction ``since`` or later (a superset of the inodes
+    whose lstat or entries differ from a snapshot made by transaction ``since``).
+    OSError from the kernel (EPERM without CAP_SYS_ADMIN); ValueError for a buffer
+    the parser cannot vouch for."""
+    from cyclemirror._cext import btrfsitems
+
+    args = bytearray(_SEARCH_KEY.size + 8 + _SEARCH_BUF)
+    view = memoryview(args)
+    body = view[_SEARCH_KEY.size + 8:]
+    changed: set[int] = set()
+    key = (0, 0, 0)  # (objectid, type, offset) to start from
+    while True:
+        objectid, typ, offset = key
+        # tree_id 0: the subvolume of fd.  The kernel compares whole keys: from
+        # (objectid, typ, offset) to the end, every item type.
+        _SEARCH_KEY.pack_into(args, 0, 0, objectid, _U64_MAX, offset, _U64_MAX, since,
+                              _U64_MAX, typ, 255, 0xFFFFFFFF, 0, 0, 0, 0, 0)
+        args[_SEARCH_KEY.size:_SEARCH_KEY.size + 8] = _SEARCH_BUF.to_bytes(8, "little")
+        fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, args)
+        nr = int.from_bytes(args[64:68], "little")  # nr_items: how many came back
+        if nr == 0:
+            return changed
+        _, last = btrfsitems.scan_items(body, nr, since, changed)
+        objectid, typ, offset = last
+        if offset < _U64_MAX:
+            key = (objectid, typ, offset + 1)
+        elif typ < 255:
+            key = (objectid, typ + 1, 0)
+        elif objectid < _U64_MAX:
+            key = (objectid + 1, 0, 0)
+        else:
+            return changed

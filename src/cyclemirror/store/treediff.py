@@ -48,7 +48,7 @@ import numpy as np
 
 from cyclemirror._cext import blockhash
 from cyclemirror.errors import StoreError
-from cyclemirror.store import cowfs
+from cyclemirror.store import btrfsioctl, cowfs
 
 HASH_BLOCK = 4096
 HASH_SPAN = 64 << 20  # bytes hashed per call
@@ -102,10 +102,68 @@ def _utf8(rel: str, root: str) -> str:
     return rel
 
 
-def walk(root: str) -> dict[str, Entry]:
+class Walk(dict):
+    """``walk``'s result: path -> Entry, with what the next delta needs to find its way
+    without walking again: ``by_ino`` (inode -> its path, or a tuple of its paths),
+    ``others`` (the paths of kind "other"), ``snapshot`` (the uuid and last-change
+    transid of the read-only btrfs snapshot walked, b"" if it is not one) and ``how``
+    it was made ("walk", or "search" when only what btrfs said changed was looked
+    at)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.by_ino: dict[int, str | tuple[str, ...]] = {}
+        self.others: set[str] = set()
+        self.snapshot = b""
+        self.how = "walk"
+
+    def copy(self) -> Walk:
+        w = Walk(self)
+        w.by_ino = dict(self.by_ino)  # values are immutable: shared until replaced
+        w.others = set(self.others)
+        w.snapshot, w.how = self.snapshot, self.how
+        return w
+
+    def put(self, rel: str, e: Entry) -> None:
+        old = self.get(rel)
+        if old is not None:
+            self.drop(rel)
+        self[rel] = e
+        names = self.by_ino.get(e.ino)
+        self.by_ino[e.ino] = rel if names is None else (
+            (names, rel) if type(names) is str else (*names, rel))
+        if e.kind == "other":
+            self.others.add(rel)
+
+    def drop(self, rel: str) -> None:
+        e = self.pop(rel)
+        names = self.by_ino.get(e.ino)
+        if names == rel:
+            del self.by_ino[e.ino]
+        elif type(names) is tuple:
+            rest = tuple(n for n in names if n != rel)
+            self.by_ino[e.ino] = rest[0] if len(rest) == 1 else rest
+        self.others.discard(rel)
+
+    def paths_of(self, ino: int) -> tuple[str, ...]:
+        names = self.by_ino.get(ino)
+        return () if names is None else (names,) if type(names) is str else names
+
+
+def walk(root: str) -> Walk:
     """Every path under ``root`` (relative, "/"-separated; "." for the root) -> Entry."""
-    out: dict[str, Entry] = {".": _entry(os.lstat(root), "")}
-    stack = [("", root)]
+    out = Walk()
+    out.snapshot = _snapshot_uuid(root)
+    out.put(".", _entry(os.lstat(root), ""))
+    _walk_into(out, root, "", root)
+    return out
+
+
+def _walk_into(out: Walk, root: str, rel_top: str, abs_top: str,
+               added: set[str] | None = None) -> None:
+    """Add every path under directory ``rel_top`` ("" for the root) to ``out`` (and
+    to ``added``, if given)."""
+    stack = [(rel_top, abs_top)]
     while stack:
         rel_dir, abs_dir = stack.pop()
         with os.scandir(abs_dir) as it:
@@ -113,10 +171,35 @@ def walk(root: str) -> dict[str, Entry]:
                 rel = _utf8(f"{rel_dir}/{de.name}" if rel_dir else de.name, root)
                 st = de.stat(follow_symlinks=False)
                 target = os.readlink(de.path) if stat.S_ISLNK(st.st_mode) else ""
-                e = out[rel] = _entry(st, _utf8(target, root))
+                e = _entry(st, _utf8(target, root))
+                out.put(rel, e)
+                if added is not None:
+                    added.add(rel)
                 if e.kind == "dir":
                     stack.append((rel, de.path))
-    return out
+
+
+def _snapshot_id(info: btrfsioctl.SubvolumeInfo) -> bytes:
+    """What names one state of a snapshot: its uuid and the transaction that last
+    changed it (which moves if someone made it writable and wrote to it)."""
+    return info.uuid + info.ctransid.to_bytes(8, "little")
+
+
+def _snapshot_uuid(root: str) -> bytes:
+    """``_snapshot_id`` of the read-only btrfs snapshot whose root ``root`` is, else b""."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        if os.fstat(fd).st_ino != btrfsioctl.BTRFS_SUBVOL_INO:
+            return b""
+        info = btrfsioctl.subvolume_info(fd)
+    except OSError:
+        return b""  # not btrfs
+    finally:
+        os.close(fd)
+    return _snapshot_id(info) if info.readonly else b""
 
 
 def _entry(st: os.stat_result, target: str) -> Entry:
@@ -147,42 +230,54 @@ def _op(op: str, path: str, e: Entry, ref: str = "") -> TreeOp:
 
 
 def tree_delta(old_root: str | None, new_root: str,
-               old_walk: dict[str, Entry] | None = None) -> TreeDelta:
+               old_walk: dict[str, Entry] | None = None, *, search: bool = True) -> TreeDelta:
     """The ops that turn snapshot ``old_root`` (None: an empty tree) into ``new_root``.
 
     ``old_walk`` is ``walk(old_root)`` if the caller kept it (the previous delta's
-    ``new_walk``: a snapshot never changes), else both are walked, side by side."""
+    ``new_walk``: a snapshot never changes), else both are walked.  With ``search``
+    (the default), where both are read-only btrfs snapshots of one subvolume, only
+    what btrfs says changed since ``old_root`` is looked at in ``new_root``
+    (``_search_walk``); anything it cannot vouch for walks ``new_root`` whole, and
+    the ops are the same either way.  ``delta.new_walk.how`` says which it was."""
+    cand = None  # paths that may differ; None: every path
     if old_root is None:
-        old, new = {}, walk(new_root)
-    elif old_walk is not None:
-        old, new = old_walk, walk(new_root)
+        old, new = Walk(), walk(new_root)
     else:
-        with ThreadPoolExecutor(2) as pool:  # lstat lets go of the GIL
-            old_f = pool.submit(walk, old_root)
-            new = walk(new_root)
-            old = old_f.result()
-    delta = TreeDelta([], sorted(p for p, e in new.items() if e.kind == "other"),
-                      new_walk=new)
-    ops = delta.ops
-    # 1. deletes: gone, or the kind changed (a directory must go before a file takes its
-    # name, and the reverse); only the topmost of each deleted subtree.
-    gone = set()
+        if isinstance(old_walk, Walk):
+            old = old_walk
+        elif old_walk is not None:
+            old = Walk()
+            for p, e in old_walk.items():
+                old.put(p, e)
+        elif search:
+            old = walk(old_root)
+        else:
+            with ThreadPoolExecutor(2) as pool:  # lstat lets go of the GIL
+                old_f = pool.submit(walk, old_root)
+                new = walk(new_root)
+                old = old_f.result()
+        if old_walk is not None or search:
+            new = None
+            if search:
+                try:
+                    new, cand = _search_walk(old_root, new_root, old)
+                except _Unsure as exc:
+                    why = f" ({exc})"
+            if new is None:
+                new = walk(new_root)
+                new.how = "walk" + (why if search else "")
+    delta = TreeDelta([], sorted(new.others), new_walk=new)
+    if cand is None:
+        _ops_all(old, new, old_root, new_root, delta)
+    else:
+        _ops_of(old, new, cand, old_root, new_root, delta)
+    return delta
+
+
+def _ops_all(old: Walk, new: Walk, old_root, new_root, delta: TreeDelta) -> None:
+    """The ops, every path considered (after a walk)."""
     old_order = sorted(old, key=_key)
-    for p in old_order:
-        o, n = old[p], new.get(p)
-        if p != "." and (n is None or n.kind != o.kind) and o.kind != "other":
-            if _parent(p) not in gone:
-                ops.append(TreeOp("rm", p))
-            gone.add(p)
     order = sorted(new, key=_key)
-    # 2. directories, parents first
-    for p in order:
-        n = new[p]
-        if n.kind == "dir":
-            o = old.get(p)
-            if o is None or o.kind != "dir" or _meta(o) != _meta(n):
-                ops.append(_op("dir", p, n))
-    # 3. regular files: one content op per inode, at its first name
     old_names: dict[int, list[str]] = {}
     for p in old_order:
         if old[p].kind == "file":
@@ -191,6 +286,53 @@ def tree_delta(old_root: str | None, new_root: str,
     for p in order:
         if new[p].kind == "file":
             new_names.setdefault(new[p].ino, []).append(p)
+    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, delta)
+
+
+def _ops_of(old: Walk, new: Walk, cand: set[str], old_root, new_root,
+            delta: TreeDelta) -> None:
+    """The ops, only the paths of ``cand`` considered: every path whose entry differs
+    between ``old`` and ``new`` is in it, and a path whose entry does not makes no op
+    (so the ops equal ``_ops_all``'s).  An inode with a name in ``cand`` is looked at
+    with all its names, in ``by_ino`` order of the paths (``_key``)."""
+    old_order = sorted((p for p in cand if p in old), key=_key)
+    order = sorted((p for p in cand if p in new), key=_key)
+    inos = {e.ino for w in (old, new) for p in cand if (e := w.get(p)) and e.kind == "file"}
+
+    def names(w: Walk, ino: int) -> list[str]:
+        return sorted((p for p in w.paths_of(ino) if w[p].kind == "file"), key=_key)
+
+    old_names = {ino: ns for ino in inos if (ns := names(old, ino))}
+    firsts = sorted(((ns[0], ino, ns) for ino in inos if (ns := names(new, ino))),
+                    key=lambda t: _key(t[0]))
+    new_names = {ino: ns for _, ino, ns in firsts}
+    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, delta)
+
+
+def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
+         delta: TreeDelta) -> None:
+    """Append the ops of the paths ``old_order`` (of ``old``) and ``order`` (of
+    ``new``), both sorted by ``_key``, and of the inodes of ``new_names`` (inode ->
+    its file names in ``new``, sorted, the inodes in the order of their first names;
+    ``old_names`` the same of ``old``)."""
+    ops = delta.ops
+    # 1. deletes: gone, or the kind changed (a directory must go before a file takes its
+    # name, and the reverse); only the topmost of each deleted subtree.
+    gone = set()
+    for p in old_order:
+        o, n = old[p], new.get(p)
+        if p != "." and (n is None or n.kind != o.kind) and o.kind != "other":
+            if _parent(p) not in gone:
+                ops.append(TreeOp("rm", p))
+            gone.add(p)
+    # 2. directories, parents first
+    for p in order:
+        n = new[p]
+        if n.kind == "dir":
+            o = old.get(p)
+            if o is None or o.kind != "dir" or _meta(o) != _meta(n):
+                ops.append(_op("dir", p, n))
+    # 3. regular files: one content op per inode, at its first name
     links: list[TreeOp] = []
     metas: list[TreeOp] = []
     for ino, names in new_names.items():
@@ -244,7 +386,154 @@ def tree_delta(old_root: str | None, new_root: str,
     # 5. further names of inodes, 6. metadata only
     ops.extend(links)
     ops.extend(metas)
-    return delta
+
+
+class _Unsure(Exception):
+    """The search cannot vouch for the new snapshot: walk it instead (says why)."""
+
+
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str]]:
+    """``walk(new_root)`` from ``old`` (``walk(old_root)``) and what btrfs says changed,
+    and the paths whose entries may differ.  Raises _Unsure where it cannot vouch.
+
+    Both must be read-only snapshots of one subvolume, ``old`` the walk of
+    ``old_root``.  Every inode whose inode item or entries were written in the
+    transaction that made ``old_root`` or later (``btrfsioctl.changed_inodes``)
+    is looked at again at each of its old paths, top down: a directory's
+    entries are read in both snapshots (names and inode numbers, no stat) and
+    a name that is gone or now another inode takes its old subtree out, a name
+    that is new or another inode is walked whole (a moved directory: its
+    subtree); a file, symlink or other is lstat'ed again.  Everything else is
+    as it was, because btrfs writes an inode's item whenever anything lstat
+    shows of it changes, and a directory's whenever its entries do.  A path
+    under a subtree already taken out is skipped (its new place was walked)."""
+    try:
+        ofd = _open_dir(old_root)
+    except OSError as exc:
+        raise _Unsure(f"opening {old_root}: {exc.strerror}") from None
+    try:
+        nfd = _open_dir(new_root)
+    except OSError as exc:
+        os.close(ofd)
+        raise _Unsure(f"opening {new_root}: {exc.strerror}") from None
+    try:
+        try:
+            oi, ni = btrfsioctl.subvolume_info(ofd), btrfsioctl.subvolume_info(nfd)
+        except OSError as exc:
+            raise _Unsure(f"not btrfs ({exc.strerror})") from None
+        if not (oi.readonly and ni.readonly):
+            raise _Unsure("not read-only snapshots")
+        if not old.snapshot or old.snapshot != _snapshot_id(oi):
+            raise _Unsure("the walk kept is not of the previous snapshot")
+        if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
+                or ni.otransid <= oi.otransid:
+            raise _Unsure("not two snapshots of one subvolume, in order")
+        try:
+            changed = btrfsioctl.changed_inodes(nfd, oi.otransid)
+        except OSError as exc:
+            raise _Unsure(f"tree search: {exc.strerror}") from None
+        except ValueError as exc:
+            raise _Unsure(str(exc)) from None
+        new = old.copy()
+        new.snapshot, new.how = _snapshot_id(ni), "search"
+        cand: set[str] = set()
+        _apply_changes(old_root, new_root, old, new, changed, cand)
+        return new, cand
+    finally:
+        os.close(ofd)
+        os.close(nfd)
+
+
+def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: set[int],
+                   cand: set[str]) -> None:
+    work = sorted({p for ino in changed for p in old.paths_of(ino)}, key=_key)
+    dropped: set[str] = set()  # old paths taken out with their subtrees
+
+    def under_dropped(p: str) -> bool:
+        while p != ".":
+            if p in dropped:
+                return True
+            p = _parent(p)
+        return False
+
+    def restat(p: str, ino: int) -> Entry:
+        full = os.path.join(new_root, p)
+        try:
+            st = os.lstat(full)
+            target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else ""
+        except OSError as exc:
+            raise _Unsure(f"{p} is gone from where its directory says it is "
+                          f"({exc.strerror})") from None
+        if st.st_ino != ino:
+            raise _Unsure(f"{p} is another inode than its directory says")
+        return _entry(st, _utf8(target, new_root))
+
+    def entries(root: str, p: str) -> dict[str, int]:
+        with os.scandir(os.path.join(root, p)) as it:
+            return {de.name: de.inode() for de in it}
+
+    def take_out(q: str) -> None:
+        """Take old path q and, for a directory, everything under it out of new."""
+        dropped.add(q)
+        gone = [q]
+        if old[q].kind == "dir":
+            stack = [q]
+            while stack:
+                d = stack.pop()
+                with os.scandir(os.path.join(old_root, d)) as it:
+                    for de in it:
+                        r = f"{d}/{de.name}"
+                        gone.append(r)
+                        if de.is_dir(follow_symlinks=False):
+                            stack.append(r)
+        for r in gone:
+            if r not in old or r not in new:
+                raise _Unsure(f"{r} of the previous snapshot is not in the walk kept")
+            new.drop(r)
+            cand.add(r)
+
+    def bring_in(q: str) -> None:
+        """Walk new path q (a directory: all under it) into new."""
+        full = os.path.join(new_root, q)
+        st = os.lstat(full)
+        target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else ""
+        new.put(q, _entry(st, _utf8(target, new_root)))
+        cand.add(q)
+        if stat.S_ISDIR(st.st_mode):
+            _walk_into(new, new_root, q, full, cand)
+
+    # The root is lstat'ed always: renaming a snapshot moves its root's ctime in memory
+    # without writing its inode item (and the freeze renames each one into place).
+    e = restat(".", old["."].ino)
+    if e != new["."]:
+        new.put(".", e)
+    cand.add(".")
+    for p in work:
+        if under_dropped(p):
+            continue
+        o = old[p]
+        e = restat(p, o.ino) if p != "." else new["."]
+        if e != new[p]:
+            new.put(p, e)
+        cand.add(p)
+        if e.kind != o.kind:  # an inode number used again for another kind
+            take_out(p)
+            bring_in(p)
+            continue
+        if o.kind != "dir":
+            continue
+        was, now = entries(old_root, p), entries(new_root, p)
+        prefix = "" if p == "." else p + "/"
+        for name, ino in was.items():
+            if now.get(name) != ino:
+                take_out(prefix + name)
+        for name, ino in now.items():
+            if was.get(name) != ino:
+                bring_in(_utf8(prefix + name, new_root))
 
 
 def _open(path: str) -> int:
