@@ -204,9 +204,11 @@ class Daemon:
 
     def _nbd_names(self) -> list[str]:
         """NBD_OPT_LIST: the volumes, then the mirror images (``mirror/<node>/<volume>``)."""
+        from cyclemirror.receiver import rbdvolumes
         from cyclemirror.receiver.readers import listed_export_names, mirror_images
 
-        return list(self.store.list_volumes()) + listed_export_names(
+        return list(self.store.list_volumes()) + rbdvolumes.names(self.store.path) + \
+            listed_export_names(
             mirror_images(self.store.path))
 
     def _nbd_lookup(self, name: str):
@@ -220,7 +222,9 @@ class Daemon:
         try:
             volume = self.store.open_volume(name)
         except (NotFoundError, UsageError):
-            return None
+            from cyclemirror.receiver import rbdvolumes  # a volume kept in RBD (promote, clone)
+
+            return rbdvolumes.nbd_backend(self.store, self.config.rbd_config(), name)
         if dr_roles.is_demoted(self.store, name):  # a former primary: reads only
             return VolumeBackend(volume, readonly=True)
         with self._backend_lock:
@@ -382,6 +386,13 @@ class Daemon:
             except CycleMirrorError as exc:  # one damaged volume must not hide the others
                 log.error("volume %s cannot be opened: %s", name, exc)
                 out.append({"name": name, "size": 0, "block_size": 0, "error": str(exc)})
+        from cyclemirror.receiver import rbdvolumes
+
+        for name in rbdvolumes.names(self.store.path):  # kept in RBD (promote, clone)
+            try:
+                out.append(rbdvolumes.load(self.store.path, name).info())
+            except CycleMirrorError as exc:
+                out.append({"name": name, "size": 0, "block_size": 0, "error": str(exc)})
         return out
 
     def _refuse_if_mirrored(self, what: str, name: str) -> None:
@@ -396,7 +407,12 @@ class Daemon:
         name = check_name(self._arg(args, "name", str, "volume name"), "volume name")
         with self._admin_lock:
             self._refuse_if_mirrored("volume", name)
-            self.store.delete_volume(name)
+            from cyclemirror.receiver import rbdvolumes
+
+            if name in rbdvolumes.names(self.store.path):  # kept in RBD (promote, clone)
+                rbdvolumes.remove(self.store, self.config.rbd_config(), name)
+            else:
+                self.store.delete_volume(name)
             dr_roles.forget(self.store, name)  # its role and generations go with it
             with self._backend_lock:
                 self._backends.pop(name, None)
