@@ -189,6 +189,8 @@ def test_promote_rolls_the_head_back_and_serves_a_read_write_volume(rig):
     assert p1 in images and f"{rig.node}~v1" not in images
     assert rig.target.status()["incoming"] == []
     assert _sha(rig.read(p1)) == _sha(rig.frozen[last])  # the snapshot, not the garbage
+    taken = rig.target.cli("volume", "create", p1, "--size", "1M", check=False)
+    assert taken.returncode != 0 and "RBD volume" in taken.stderr, taken
     rig.qemu_io(p1, "write -P 0x7e 8192 4096", "flush")
     want = rig.frozen[last][:8192] + b"\x7e" * 4096 + rig.frozen[last][12288:]
     assert _sha(rig.read(p1)) == _sha(want)

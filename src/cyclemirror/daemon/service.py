@@ -46,6 +46,7 @@ from cyclemirror.daemon.config import (
 from cyclemirror.daemon.control import ControlServer, control_socket_path
 from cyclemirror.daemon.mirrors import OutgoingMirrors
 from cyclemirror.errors import (
+    AlreadyExistsError,
     CycleMirrorError,
     NoSpaceError,
     NotFoundError,
@@ -354,6 +355,11 @@ class Daemon:
         block_size = parse_size(self._arg(args, "block_size", int, "--block-size", 4096),
                                 "--block-size")
         with self._admin_lock:
+            from cyclemirror.receiver import rbdvolumes
+
+            if name in rbdvolumes.names(self.store.path):
+                raise AlreadyExistsError(f"volume {name!r} already exists in this store (an RBD "
+                                         "volume, docs/ceph.md); pick another name")
             vol = self.store.create_volume(name, size, block_size)
         log.info("volume %s created: %d bytes, block size %d", name, size, block_size)
         return self._volume_info(vol)

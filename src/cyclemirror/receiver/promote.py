@@ -459,6 +459,11 @@ def serve_switchover(session, msg: dict) -> None:
     the group's mirror."""
     mirror = session.mirror
     st = mirror.state
+    if st.extra.get("backend"):
+        raise UsageError(f"switchover of {st.mirror!r}: this target keeps the mirror in RBD, "
+                         "and a switchover to an RBD target is not built (its promoted volume "
+                         "cannot be mirrored back); stop the writers and run 'cyclemirror "
+                         "mirror promote' on the target instead (docs/ceph.md)")
     mirror.wait_applied()
     mirror.raise_apply_error()
     if st.applied_cycle != msg["cycle"] or st.committed is not None:
