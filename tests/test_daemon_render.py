@@ -197,3 +197,16 @@ def _codec_cell(row: dict) -> str:
 ])
 def test_the_codec_column_shows_auto_s_current_pick(row, cell):
     assert _codec_cell(row) == cell
+
+
+def test_an_rbd_image_row_says_how_many_cycle_snapshots_it_keeps():
+    row = {"source_node": "n1", "volume": "v", "applied_cycle": 7,
+           "image": "rbd:pool/n1~v@cyclemirror-7", "keep_cycles": 3}
+    text = render_status({"node": {}, "volumes": [], "incoming": [row]})
+    assert "rbd:pool/n1~v@cyclemirror-7 (keeps 3 cycles)" in text
+    row["keep_cycles"] = 1
+    text = render_status({"node": {}, "volumes": [], "incoming": [row]})
+    assert "@cyclemirror-7 (keeps 1 cycle)" in text
+    del row["keep_cycles"]  # a file image: no such figure
+    text = render_status({"node": {}, "volumes": [], "incoming": [row]})
+    assert "rbd:pool/n1~v@cyclemirror-7" in text and "keeps" not in text
