@@ -21,7 +21,8 @@ member becomes a volume under its own name, all as of the same group cycle):
 4. Each image is renamed into a work directory beside it as ``base.img`` and
    adopted by the store (``Store.adopt_image``: open overlay *k*, so the
    volume's next freeze is cycle *k+1*).  Nothing is copied: the time does
-   not depend on the size.
+   not depend on the size.  A mirror kept in RBD is rolled back to its last
+   cycle snapshot and renamed in its pool instead (``receiver.rbdvolumes``).
 5. Last, the mirror's state and leftovers are dropped.
 
 A crash anywhere after step 3 is finished from the records, with the geometry
