@@ -9,7 +9,9 @@ never shows) and renames the image into a read-write NBD volume that keeps
 its data over a restart, ``volume rm`` removes it; a target killed -9 between
 a promotion's commit point and its end finishes it at restart; verify from
 the source finds exactly a block changed in the snapshot behind its back, and
-scrub finds it against the digests recorded as cycles applied.  The source
+scrub finds it against the digests recorded as cycles applied; an RBD
+volume's record in the store that is not in the written format is an
+IntegrityError naming it.  The source
 is an in-process store and driver, so the test knows each cycle's frozen
 image.
 """
@@ -271,3 +273,31 @@ def test_verify_and_scrub_find_a_block_changed_in_the_snapshot(rig):
     assert found["extents"] == [{"offset": 0, "length": BS}]
     v = rig.verify()
     assert [tuple(r) for r in v.mismatched.iter_runs()] == [(0, 1)]
+
+
+def test_rbd_volume_records_are_checked_when_read(tmp_path):
+    """The record of an RBD volume is a file in the store: anything but the format this
+    module writes is an IntegrityError naming the file, never a volume."""
+    from cyclemirror.errors import IntegrityError
+    from cyclemirror.receiver import rbdvolumes
+
+    vol = rbdvolumes.RbdVolume(name="p1", size=SIZE, block_size=BS, pool="pool",
+                               namespace=None, kind="clone", source_node="n" * 32,
+                               source_name="src", mirror="v1", member="v1", cycle=3,
+                               parent="n~v1@cyclemirror-3", time=1.5)
+    rbdvolumes.save(tmp_path, vol)
+    assert rbdvolumes.names(tmp_path) == ["p1"]
+    assert rbdvolumes.load(tmp_path, "p1") == vol
+    assert rbdvolumes.load(tmp_path, "p2") is None
+    path = rbdvolumes.record_path(tmp_path, "p1")
+    good = open(path).read()
+    for bad in ("{", "[]", good.replace('"kind": "clone"', '"kind": "copy"'),
+                good.replace('"size": 4194304', '"size": -1'),
+                good.replace('"name": "p1"', '"name": "p9"'),
+                good.replace('"time": 1.5', '"time": 1.5, "extra": 1')):
+        with open(path, "w") as f:
+            f.write(bad)
+        with pytest.raises(IntegrityError, match="p1.json"):
+            rbdvolumes.load(tmp_path, "p1")
+    with pytest.raises(Exception, match="volume name"):
+        rbdvolumes.record_path(tmp_path, "../x")
