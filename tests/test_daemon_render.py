@@ -210,3 +210,18 @@ def test_an_rbd_image_row_says_how_many_cycle_snapshots_it_keeps():
     del row["keep_cycles"]  # a file image: no such figure
     text = render_status({"node": {}, "volumes": [], "incoming": [row]})
     assert "rbd:pool/n1~v@cyclemirror-7" in text and "keeps" not in text
+
+
+def test_tree_mirrors_show_their_kind_and_applied_cycle_on_both_sides():
+    doc = {"node": {}, "volumes": [],
+           "mirrors": [_mirror_row(volume="app", kind="tree", cycle=5, applied_cycle=4,
+                                   phase="copying")],
+           "incoming_trees": [{"source_node": "n1", "tree": "app", "applied_cycle": 4,
+                               "freeze_time": 1795689198.1, "rpo_age": 2.5,
+                               "path": "/s/mirrors/n1/trees/app", "error": None}]}
+    lines = render_status(doc).splitlines()
+    row = next(line for line in lines if line.startswith("app (tree)"))
+    assert "5, applied 4" in row and "copying" in row
+    (head,) = [line for line in lines if line.startswith("FROM NODE") and "TREE" in line]
+    body = lines[lines.index(head) + 1]
+    assert body.split()[:3] == ["n1", "app", "4"] and "/s/mirrors/n1/trees/app" in body

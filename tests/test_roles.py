@@ -7,6 +7,8 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cyclemirror.errors import DemotedError, IntegrityError, ProtocolError
 from cyclemirror.receiver import lineage
@@ -121,3 +123,44 @@ def test_a_promoted_mirror_refuses_its_old_source(tmp_path):
         lineage.refuse_if_promoted(str(tmp_path), "me", "hostb", "srcnode", "hosta", "v")
     lineage.refuse_if_promoted(str(tmp_path), "me", "hostb", "othernode", "hostc", "v")
     assert not os.path.exists(os.path.join(tmp_path, "mirrors", "srcnode", "v.state.json"))
+
+
+# -- a consistency group's members share one history ---------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([None, E1, E2, E3]), min_size=1, max_size=5))
+def test_group_members_end_up_in_one_epoch_that_most_of_them_held(tmp_path_factory, held):
+    store = str(tmp_path_factory.mktemp("g"))
+    names = [f"m{i}" for i in range(len(held))]
+    for name, epoch in zip(names, held, strict=True):
+        if epoch is not None:
+            roles.save_role(store, _record(volume=name, epoch=epoch,
+                                           kept=[] if epoch != E3 else [{
+                                               "path": "/k", "blocks": 1, "bytes": 4096,
+                                               "generation": f"{E3}:1", "time": 1.0}]))
+    recs = roles.group_records(store, names, 2.0)
+    epochs = {r.epoch for r in recs}
+    assert len(epochs) == 1 and [r.volume for r in recs] == names
+    counts = {e: held.count(e) for e in held if e is not None}
+    if counts:  # the most held epoch (ties: the first member's in name order) is kept
+        best = max(counts.values())
+        assert epochs == {next(e for e in held if counts.get(e) == best)}
+    for rec in recs:
+        assert roles.load_role(store, rec.volume) == rec  # what it says is what is stored
+        assert rec.role == roles.PRIMARY and rec.parent is None
+        assert bool(rec.kept) == (held[names.index(rec.volume)] == E3)  # history kept
+    assert roles.group_records(store, names, 3.0) == recs  # stable: nothing changes again
+
+
+def test_group_members_promoted_from_different_branches_are_refused(tmp_path):
+    store = str(tmp_path)
+    roles.save_role(store, _record(volume="a", epoch=E1, parent=f"{E3}:4"))
+    roles.save_role(store, _record(volume="b", epoch=E2, parent=f"{E3}:5"))
+    roles.save_role(store, _record(volume="c", epoch=E3))
+    with pytest.raises(IntegrityError, match="different branches"):
+        roles.group_records(store, ["a", "b", "c"], 2.0)
+    assert roles.load_role(store, "c").epoch == E3  # nothing changed
+    # One promoted branch: the others (an original primary that joined) take it.
+    roles.save_role(store, _record(volume="b", epoch=E1, parent=f"{E3}:4"))
+    recs = roles.group_records(store, ["a", "b", "c"], 2.0)
+    assert {(r.epoch, r.parent) for r in recs} == {(E1, f"{E3}:4")}

@@ -263,3 +263,43 @@ def test_a_random_history_on_compressed_btrfs_arrives_exactly(btrfs_zstd_mount, 
         mirror.close()
     finally:
         delete_subvolumes(area)
+
+
+def test_a_target_that_missed_cycles_takes_one_delta_from_the_cycle_it_holds(area, tmp_path):
+    """What the daemon ships a lagging target: one delta from its cycle to the newest,
+    applied with ``base``; a delta from any other cycle is refused, the tree untouched."""
+    import io
+
+    from cyclemirror.errors import ProtocolError
+    from cyclemirror.wire import treeframes
+
+    src, obj, root = setup_tree(area, tmp_path, True)
+    write(os.path.join(src, "a"), b"one" * 2000)
+    write(os.path.join(src, "b"), b"two" * 2000)
+    mirror = TreeMirror(root, "t")
+    ship(obj, obj.freeze(), mirror)
+    os.rename(os.path.join(src, "a"), os.path.join(src, "a2"))
+    obj.freeze()
+    write(os.path.join(src, "b"), b"TWO", 100)
+    os.symlink("a2", os.path.join(src, "s"))
+    k = obj.freeze()
+    old, new = obj.snapshot_path(1), obj.snapshot_path(k)
+    delta = treediff.tree_delta(old, new)
+
+    def frames_of() -> bytes:
+        return b"".join(treeframes.encode_tree_delta(
+            delta.ops, lambda rel: os.open(os.path.join(new, rel), os.O_RDONLY | os.O_NOFOLLOW),
+            k, obj.freeze_time(k), False))
+
+    def apply(base):
+        reader = treeframes.TreeFrameReader(treeframes.read_exact_from(io.BytesIO(frames_of())))
+        return mirror.apply(reader.events(), base=base)
+
+    with pytest.raises(ProtocolError, match="needs cycle 2 applied here; cycle 1 is"):
+        apply(2)
+    with pytest.raises(ProtocolError, match="needs cycle 2 applied here"):
+        apply(None)  # the default: the cycle before it
+    assert_same_tree(old, mirror.path)
+    assert apply(1) == k and mirror.applied_cycle == k
+    assert_same_tree(new, mirror.path)
+    assert [e for e in os.listdir(mirror.work) if e.startswith("stage-")] == []

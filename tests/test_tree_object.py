@@ -161,8 +161,8 @@ def test_tree_verbs_through_a_real_daemon(btrfs_dir, tmp_path):
         status = json.loads(a.cli("status", "--json").stdout)
         assert [t["name"] for t in status["trees"]] == ["t"]
         assert "TREE" in a.cli("status").stdout and src in a.cli("status").stdout
-        r = a.cli("mirror", "start", "t", "--to", "127.0.0.1:9", check=False)
-        assert r.returncode == 2 and "does not mirror trees yet" in r.stderr, r.stderr
+        r = a.cli("mirror", "start", "t", "--to", "127.0.0.1:9", "--group", "g", check=False)
+        assert r.returncode == 2 and "cannot join group" in r.stderr, r.stderr
         a.cli("tree", "rm", "t")
         assert "no tree objects" in a.cli("tree", "list").stdout
     assert os.listdir(src) == ["a"]

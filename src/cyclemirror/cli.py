@@ -340,6 +340,11 @@ def cmd_mirror_rm(args) -> int:
             raise UsageError(f"--to is for an outgoing mirror; {args.volume!r} names an "
                              "incoming one (SOURCE/NAME), which has no targets")
         info = _call(args, "mirror.rm", image=args.volume, force=args.force)
+        if info.get("kind") == "tree":  # docs/trees.md
+            print(f"removed incoming tree mirror "
+                  f"{info['source_name'] or info['source_node']}/{info['mirror']} "
+                  "(the tree and its state)")
+            return 0
         print(f"removed incoming mirror {info['source_name'] or info['source_node']}/"
               f"{info['mirror']} ({', '.join(v + '.img' for v in info['volumes'])} and its "
               f"state, {len(info['removed'])} files)")

@@ -1,5 +1,5 @@
 """The failover verbs of the command line (docs/failover.md): promote, switchover,
-resolve, clone.
+reinstate, resolve, clone.
 
 Kept apart from ``cli.py`` so the verbs of disaster recovery grow in one place;
 ``cli.build_parser`` calls ``add_verbs`` with the ``mirror`` sub-parsers.
@@ -45,6 +45,13 @@ def cmd_mirror_resolve(args) -> int:
         _print_json(result)
         return 0
     loser = result["discard_changes_on_name"] or result["discard_changes_on"]
+    if result.get("discarded_here"):
+        kept = ", ".join(k["path"] for k in result["kept"]) or "none were written"
+        sys.stdout.write(f"split brain on {', '.join(result['volumes'])}: this node's changes "
+                         f"since cycle {result['cycle']} lose (kept in: {kept}); "
+                         f"{'they are' if len(result['volumes']) > 1 else 'it is'} the mirror "
+                         f"image {result['image']} again. Next, {result['next']}\n")
+        return 0
     sys.stdout.write(f"split brain on {result['volume']}: {loser}'s changes lose; they are "
                      f"kept in a file on {loser} when the failback starts ('cyclemirror "
                      f"mirror resume {result['volume']}' if the mirror is broken)\n")
@@ -71,6 +78,26 @@ def cmd_mirror_switchover(args) -> int:
         f"(writes held {result['writes_held_seconds']:.2f}s): it is primary now, generation "
         f"{result['generation']}; this node is demoted"
         + (f" and {result['to']} mirrors back to {back}\n" if back else "\n"))
+    return 0
+
+
+def cmd_mirror_reinstate(args) -> int:
+    from cyclemirror.cli import _call, _print_json
+
+    result = _call(args, "mirror.reinstate", reply_timeout=None, volume=args.volume,
+                   force=bool(args.force))
+    if args.json:
+        _print_json(result)
+        return 0
+    what = (f"group {result['group']} ({', '.join(result['volumes'])})" if result["group"]
+            else result["volume"])
+    asked = "; ".join(f"{a['target']} {a['answer']}"
+                      + (f" (cycle {a['applied_cycle']})" if a.get("applied_cycle") else "")
+                      for a in result["asked"]) or "no target to ask"
+    sys.stdout.write(f"reinstated {what} as primary: writable again ({asked})"
+                     + ("; its mirror resumed\n" if result["mirror_resumed"] else "\n"))
+    if result["risk"]:
+        sys.stderr.write(f"warning: forced: {result['risk']}\n")
     return 0
 
 
@@ -130,6 +157,22 @@ def add_verbs(mverbs) -> None:
                         help="for the final cycle (default 300)")
     switch.add_argument("--json", action="store_true", help="print the documented JSON")
     switch.set_defaults(func=cmd_mirror_switchover)
+    reinstate = mverbs.add_parser(
+        "reinstate", help="on a demoted former primary: make it primary again when no "
+                          "target promoted its copy",
+        description="Asks every target of the volume's mirror whether it promoted its copy "
+                    "(for instance after a switchover whose answer was lost). If none did, "
+                    "the volume is primary and writable again and its mirror resumes; a "
+                    "target that promoted refuses it (exit 10: fail back from it instead). "
+                    "A member of a consistency group reinstates the whole group "
+                    "(docs/failover.md).")
+    reinstate.add_argument("volume", metavar="VOLUME",
+                           help="the demoted volume; a group member reinstates its group")
+    reinstate.add_argument("--force", action="store_true",
+                           help="go on when a target cannot be reached (if it did promote, "
+                                "both sides are primary until a failback settles it)")
+    reinstate.add_argument("--json", action="store_true", help="print the documented JSON")
+    reinstate.set_defaults(func=cmd_mirror_reinstate)
     clone = mverbs.add_parser(
         "clone", help="on a target: a writable volume from an incoming image, for a test "
                       "failover, while mirroring goes on",
@@ -148,7 +191,12 @@ def add_verbs(mverbs) -> None:
         description="Both sides wrote since their last common cycle: the failback mirror is "
                     "refused (exit 6, SplitBrainError) until a person names the loser. Its "
                     "divergent blocks are kept in a file on that node (status lists it) and "
-                    "the mirror goes on as a delta. Only the old primary can lose for now.")
+                    "the mirror goes on as a delta. Naming the old primary: resume the "
+                    "mirror here. Naming this node (the new primary): its writes since the "
+                    "promotion are kept in a file here, its volume becomes the old primary's "
+                    "mirror image again at once, and the old primary takes over with "
+                    "'mirror reinstate' and ships only its own changes. A member of a "
+                    "promoted group speaks for the whole group.")
     resolve.add_argument("volume", metavar="VOLUME")
     resolve.add_argument("--discard-changes-on", required=True, metavar="NODE",
                          help="the node (name or id) whose changes since the common cycle lose")

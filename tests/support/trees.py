@@ -3,9 +3,13 @@
 ``ship(obj, k, mirror)`` is one cycle without a daemon: the delta between the
 snapshots of freeze k-1 and k (``store.treediff``), encoded to frames
 (``wire.treeframes``), decoded again from the bytes and applied by the target
-(``receiver.treeops``).  ``tree_image`` is everything the tests compare of a
-tree: per path its kind, mode, owner, mtime, size, bytes or symlink target,
-and which paths are hard links of one another.
+(``receiver.treeops``); ``ship_through_socket`` the same through a socketpair
+(a sender thread encoding, the target decoding as it applies), and
+``library_cycle`` a whole cycle that way (freeze, ship, merge), what the
+PostgreSQL test and benchmark run every second.  ``tree_image`` is
+everything the tests compare of a tree: per path its kind, mode, owner,
+mtime, size, bytes or symlink target, and which paths are hard links of one
+another.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 import os
 import stat
 import subprocess
+from dataclasses import dataclass
 
 from cyclemirror.receiver.treeops import TreeMirror
 from cyclemirror.store import treediff  # noqa: F401 (TreeDelta in annotations)
@@ -132,3 +137,78 @@ def tree_op(cycle: int = 2, **kw) -> bytes:
 
 def end(cycle: int = 2, chunks: int = 1) -> bytes:
     return control(cycle, {"type": "end", "cycle": cycle, "chunks": chunks})
+
+
+def ship_through_socket(obj: TreeObject, k: int, mirror: TreeMirror) -> int:
+    """Cycle ``k`` of ``obj`` through a socket: a thread encodes its frames into one end of
+    a socketpair while the target's ``apply`` decodes them from the other, as a daemon pair
+    would.  Returns the number of bytes that crossed."""
+    import socket
+    import threading
+
+    new = obj.snapshot_path(k)
+    delta = obj.delta(k)
+    here, there = socket.socketpair()
+    sent = [0]
+    failure: list[BaseException] = []
+
+    def open_new(rel: str) -> int:
+        return os.open(os.path.join(new, rel), os.O_RDONLY | os.O_NOFOLLOW)
+
+    def send() -> None:
+        try:
+            for frame in treeframes.encode_tree_delta(delta.ops, open_new, k,
+                                                      obj.freeze_time(k), k == 1):
+                here.sendall(frame)
+                sent[0] += len(frame)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            failure.append(exc)
+        finally:
+            here.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send, name=f"tree-sender-{k}", daemon=True)
+    sender.start()
+    try:
+        with there.makefile("rb") as stream:
+            reader = treeframes.TreeFrameReader(treeframes.read_exact_from(stream),
+                                                f"tree {obj.name!r} cycle {k}")
+            applied = mirror.apply(reader.events())
+    finally:
+        there.close()  # a sender still writing gets an error, not a hang
+        sender.join(timeout=60)
+        here.close()
+    if failure:
+        raise failure[0]
+    if applied != k:
+        raise AssertionError(f"the target applied cycle {applied}, cycle {k} was sent")
+    return sent[0]
+
+
+@dataclass(frozen=True)
+class Freeze:
+    cycle: int
+    before: float   # time.time() just before the freeze call
+    after: float    # just after it returned
+    wire_bytes: int
+
+
+def library_cycle(obj: TreeObject, target_root: str, name: str) -> Freeze:
+    """One cycle of a tree mirror without daemons: freeze, the delta, its frames through a
+    socket into ``TreeMirror(target_root, name).apply``, then the merge of the older
+    snapshot.  Cycles frozen but never applied (a source that died mid-cycle) are shipped
+    first, as a restarted source would."""
+    import time
+
+    mirror = TreeMirror(target_root, name)
+    try:
+        for j in range(mirror.applied_cycle + 1, obj.frozen_cycle + 1):
+            ship_through_socket(obj, j, mirror)
+        before = time.time()
+        k = obj.freeze()
+        after = time.time()
+        sent = ship_through_socket(obj, k, mirror)
+    finally:
+        mirror.close()
+    if k > 1:
+        obj.merge_through(k - 1)
+    return Freeze(k, before, after, sent)

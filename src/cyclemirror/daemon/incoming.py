@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from cyclemirror.errors import CycleMirrorError, UsageError
+from cyclemirror.errors import CycleMirrorError, NotFoundError, UsageError
 
 STATE_SUFFIXES = (".state.json", ".group.json")
 _LOCAL = None  # the registry of a daemon that runs no target server (remove_incoming)
@@ -105,7 +105,18 @@ def remove_incoming(store_path: str, target, name: object, force: bool) -> dict:
 
     global _LOCAL
 
-    m = find_incoming(store_path, name)
+    try:
+        m = find_incoming(store_path, name)
+    except NotFoundError:  # a tree mirror, SOURCE being its node id (docs/trees.md)?
+        from cyclemirror.receiver.treesession import remove_tree_mirror
+
+        if target is None and _LOCAL is None:
+            _LOCAL = MirrorRegistry()
+        done = remove_tree_mirror(store_path, target.registry if target is not None
+                                  else _LOCAL, name, force)
+        if done is None:
+            raise
+        return done
     rbd_record = backend_record(m.state) if m.state is not None else None
     rbd = getattr(target, "rbd", None)
     if rbd_record is not None and rbd is None:

@@ -330,8 +330,20 @@ class OutgoingMirrors:
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
                 u, cycle, label, stats, made.get("driver")))
+        subject = None if first.group else self.store.open_subject(unit)
+        if getattr(subject, "is_tree", False):  # a tree object (sender/treedriver.py)
+            from cyclemirror.sender.treedriver import TreeDriver
+
+            driver = TreeDriver(subject, targets, options, store=self.store,
+                                remote_name=first.remote_name)
+            made["driver"] = driver
+            for t in sorted({t for (_v, t), e in entries if e["broken"]}):
+                driver.break_target(_label(t))
+            driver.start()
+            return driver
         dr_roles.attach(options, self.store, sorted({v for (v, _t), _e in entries}),
-                        bool(first.group), sorted({t for (_v, t), _e in entries}))
+                        first.group, sorted({t for (_v, t), _e in entries}),
+                        remote_name=self._target_mirror(unit, entries) if first.group else None)
         if first.group:
             remote = {v: e["spec"].remote_name for (v, _t), e in entries}
             members = sorted(remote)
@@ -341,7 +353,7 @@ class OutgoingMirrors:
                                   remote_name=self._target_mirror(unit, entries))
             driver = MirrorDriver(subject, targets, options=options, store=self.store)
         else:
-            driver = MirrorDriver(self.store.open_subject(unit), targets, options=options,
+            driver = MirrorDriver(subject, targets, options=options,
                                   store=self.store, remote_name=first.remote_name)
         made["driver"] = driver
         # Before start: it recovers its state; a broken target waits for its resume (all
@@ -414,6 +426,10 @@ class OutgoingMirrors:
         if driver is None:
             raise NotFoundError(f"the mirror of {_unit_text(unit)} is not running"
                                 + (f" ({why})" if why else "") + "; see the daemon log")
+        if not hasattr(driver, "subject"):  # a tree's driver (sender/treedriver.py)
+            raise UsageError(f"{volume!r} is a tree object: verify compares the blocks of "
+                             "volumes and file objects; a tree's target equals a snapshot "
+                             "by construction (docs/trees.md)")
         index = [v.name for v in driver.subject.volumes].index(volume)
         runs = []
         for _volume, label in keys:
@@ -519,6 +535,17 @@ class OutgoingMirrors:
                     "is frozen by a reflink of its own, so its freeze is one instant only "
                     "for itself, never together with other objects (status says "
                     "'consistency: per-file'); mirror it on its own")
+            if getattr(subject, "is_tree", False):
+                if spec.group:
+                    raise UsageError(
+                        f"tree object {spec.volume!r} cannot join group {spec.group!r}: a "
+                        "tree is frozen by a btrfs snapshot of its own subvolume, one "
+                        "instant for that tree only; snapshots of several subvolumes are "
+                        "several instants (docs/trees.md); mirror it on its own")
+                if spec.pace:
+                    raise UsageError(
+                        f"tree object {spec.volume!r}: --pace holds a volume's writers; a "
+                        "tree's writers write its files directly and cannot be paced")
             self._check_compatible(spec)
             check_mirror_tls(spec, self.insecure)  # says what to add for a remote target
             self._read_key(spec)  # a bad key file fails here, not later in the driver
@@ -725,6 +752,11 @@ class OutgoingMirrors:
         if driver is not None:
             driver.stop()
         entries = self._unit_entries(unit)
+        if not unit.startswith(GROUP_UNIT) and unit in self.store.list_trees():
+            from cyclemirror.sender.treedriver import forget_targets
+
+            forget_targets(self.store, unit, [_label(t) for t in targets])
+            return
         if unit.startswith(GROUP_UNIT):
             name = GROUP_STATE_PREFIX + self._target_mirror(unit, entries)
         else:
@@ -773,6 +805,7 @@ class OutgoingMirrors:
             totals = {k: dict(v) for k, v in self._totals.items()}
         rows = []
         key_ids = self._key_ids({e["spec"].key_file for _, e in entries})
+        kinds = self._kinds()
         with self._lock:
             mirror_names = {}
             for unit in {unit_of_spec(e["spec"]) for _, e in entries}:
@@ -804,7 +837,8 @@ class OutgoingMirrors:
                 row_progress = _progress(running, now)
             tot = totals.get((unit, target), {"bytes": 0, "cycles": 0})
             rows.append({
-                "volume": volume, "target": target, "remote_name": spec.remote_name,
+                "volume": volume, "kind": kinds.get(volume, "volume"), "target": target,
+                "remote_name": spec.remote_name,
                 "group": spec.group, "target_mirror": mirror_names[unit],
                 "interval": spec.interval, "interval_now": st.get("interval"),
                 "compress": str(spec.compress), "bwlimit": spec.bwlimit,
@@ -822,6 +856,14 @@ class OutgoingMirrors:
                                or (st.get("last_error") if phase == "broken" else None)),
             })
         return rows
+
+    def _kinds(self) -> dict[str, str]:
+        """Object name -> "file" or "tree" for the store's file and tree objects."""
+        try:
+            return {**{n: "file" for n in self.store.list_files()},
+                    **{n: "tree" for n in self.store.list_trees()}}
+        except (CycleMirrorError, OSError):
+            return {}
 
 
 def _label(target: str) -> str:

@@ -208,10 +208,15 @@ def render_status(doc: dict) -> str:
         progress_after = {}
         for m in mirrors:
             last = m.get("last_cycle") or {}
+            name = (m["volume"] if m.get("remote_name") in (None, m["volume"])
+                    else f"{m['volume']} as {m['remote_name']}")
+            if m.get("kind") in ("file", "tree"):  # a file or tree object (docs/trees.md)
+                name += f" ({m['kind']})"
+            cycle = str(m.get("cycle", 0))
+            if m.get("applied_cycle") is not None and m["applied_cycle"] != m.get("cycle", 0):
+                cycle += f", applied {m['applied_cycle']}"
             rows.append([
-                m["volume"] if m.get("remote_name") in (None, m["volume"])
-                else f"{m['volume']} as {m['remote_name']}",
-                m["target"], m.get("group") or "-", str(m.get("cycle", 0)), m.get("phase", "?"),
+                name, m["target"], m.get("group") or "-", cycle, m.get("phase", "?"),
                 _rpo_cell(m),
                 format_size(last["bytes"]) if "bytes" in last else "-",
                 format_duration(last.get("duration")),
@@ -241,6 +246,16 @@ def render_status(doc: dict) -> str:
                          f"cycle {receiving['cycle']}, {receiving['chunks']} chunks"
                          if receiving else "-", _check_cell(m.get("scrub")),
                          _image_cell(m)])
+        lines += _table(rows)
+    trees_in = doc.get("incoming_trees") or []
+    if trees_in:  # tree mirrors held here (docs/trees.md)
+        lines.append("")
+        rows = [["FROM NODE", "TREE", "APPLIED", "FREEZE TIME (UTC)", "RPO AGE", "PATH"]]
+        rows += [[m.get("source_name") or m.get("source_node", "?"), m["tree"],
+                  str(m.get("applied_cycle", 0)), _freeze_clock(m.get("freeze_time")),
+                  format_duration(m.get("rpo_age")),
+                  m["path"] if not m.get("error") else f"unreadable: {m['error']}"]
+                 for m in trees_in]
         lines += _table(rows)
     roles_lines = render_roles(doc)  # roles and generations (docs/failover.md)
     if roles_lines:

@@ -12,8 +12,12 @@ The record format and its rules live in ``store.roles``; the target's side in
 * answers ``mirror.promote``;
 * adds ``roles`` to ``status`` and each outgoing row's role and generations.
 
-Consistency groups get no lineage yet (docs/failover.md, "Not built yet"), but
-are promoted and switched over whole (``receiver.promote``, ``daemon.switchover``).
+A consistency group's driver gets the same hooks for the group as a whole: its
+members share one epoch (``store.roles.group_records``), the lineage message
+sums their blocks written since the branch, a demoted member keeps the group
+from connecting, and a promoted group's failback is seeded for every member at
+once (``sender.failback.seed_group``).  Groups are promoted and switched over
+whole (``receiver.promote``, ``daemon.switchover``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cyclemirror.errors import CycleMirrorError, DemotedError, UsageError
+from cyclemirror.errors import CycleMirrorError, DemotedError, RoleError, UsageError
 from cyclemirror.store import roles
 
 log = logging.getLogger(__name__)
@@ -89,15 +93,72 @@ def forget(store, volume: str) -> None:
         roles.remove_role(store.path, volume)
 
 
-def attach(options, store, volumes: list[str], group: bool,
-           targets: list[str] = ()) -> None:
-    """Give a driver's options the lineage hooks of its volume (a group gets only the
-    demotion hook: no lineage yet); for a promoted volume, seed a failback to each target it has no record of (before the
-    driver reads its state)."""
+class MembersMissingError(RoleError):
+    """A promoted group mirrored back without all the members promoted with it: the
+    failback would not be one instant.  Temporary: a ``mirror start`` of the other
+    members (the daemon starts them one by one after a switchover) lets it go on."""
+
+    temporary = True
+
+
+def group_lineage_for(store, group: str, members: list[str]) -> dict:
+    """The ``lineage`` message of a consistency group: its members' one epoch (and
+    parent, once promoted), the blocks all of them wrote since the branch."""
+    recs = roles.group_records(store.path, members, time.time())
+    for rec in recs:
+        if rec.role == roles.DEMOTED:
+            d = rec.demoted or {}
+            raise DemotedError(
+                f"group {group!r}: member {rec.volume!r} on this node is demoted "
+                f"({d.get('by', '?')} said: {d.get('message', '?')}); the group must not "
+                "mirror over the new primary. Fail back by mirroring the group from the new "
+                "primary to this node (docs/failover.md)")
+    first = recs[0]
+    missing = sorted({r.volume for r in roles.promoted_together(store.path, first)
+                      if r.role == roles.PRIMARY} - set(members))
+    missing = [v for v in missing if v in store.list_volumes()]
+    if missing:
+        raise MembersMissingError(
+            f"group {group!r}: {', '.join(missing)} {'were' if len(missing) > 1 else 'was'} "
+            f"promoted with {', '.join(members)} (generation {first.parent}) but "
+            f"{'are' if len(missing) > 1 else 'is'} not in this mirror: the group fails back "
+            f"as a whole, at one instant. Add {'them' if len(missing) > 1 else 'it'} "
+            f"('cyclemirror mirror start NAME --to HOST:PORT --group {group}'); the mirror "
+            "waits meanwhile")
+    written = 0
+    for rec in recs:
+        n = written_since_branch(store, rec)
+        if first.parent is not None and n is None:
+            n = UNKNOWN_BLOCKS  # joined after the promotion: no branch of its own
+        written = min(UNKNOWN_BLOCKS, written + (n or 0))
+    discard = {rec.discard_on for rec in recs}
+    return {"epoch": first.epoch, "parent": first.parent or "",
+            "parent_freeze_time": (first.promoted_from["freeze_time"]
+                                   if first.promoted_from else 0.0),
+            "written_blocks": written,
+            "discard_on": (discard.pop() or "") if len(discard) == 1 else ""}
+
+
+def attach(options, store, volumes: list[str], group: str | bool | None,
+           targets: list[str] = (), remote_name: str | None = None) -> None:
+    """Give a driver's options the lineage hooks of its volume or group; for a promoted
+    volume or group, seed a failback to each target it has no record of (before the
+    driver reads its state).  ``group``: the group's name (a group's driver);
+    ``remote_name``: its mirror name on the targets (its driver state's name)."""
     if group:
-        # No lineage for a group yet, but a target that promoted the group's mirror says
-        # so: every member is demoted (new NBD connections get it read-only).
-        members = list(volumes)
+        members = sorted(volumes)
+        name = group if isinstance(group, str) else (remote_name or members[0])
+        recs = roles.group_records(store.path, members, time.time())
+        if (recs[0].promoted_from is not None and recs[0].role == roles.PRIMARY
+                and remote_name is not None
+                and all(r.promoted_from is not None for r in recs)):
+            from cyclemirror.sender.failback import seed_group
+
+            promoted = {r.volume for r in roles.promoted_together(store.path, recs[0])}
+            if promoted <= set(members):
+                for label in targets:
+                    seed_group(store, members, remote_name, label, recs[0].promoted_from)
+        options.lineage = lambda: group_lineage_for(store, name, members)
         options.on_demoted = lambda label, message: [
             mark_demoted(store, v, label, message) for v in members]
         return
@@ -173,23 +234,45 @@ def op_resolve(service, args: dict) -> dict:
                         "that was promoted")
     p = rec.promoted_from
     if node in (store.node_id, store.node_name):
-        from cyclemirror.errors import RoleError
-
-        raise RoleError(
-            f"keeping {p['source_name'] or p['source_node']}'s changes over this node's is not "
-            "built yet: to keep them, export its kept data, or promote it back by hand "
-            "(docs/failover.md, 'Not built yet')")
+        return _discard_here(service, rec)
     if node not in (p["source_node"], p["source_name"]):
         raise UsageError(f"--discard-changes-on {node!r}: the two sides of {volume} are "
                          f"{store.node_name or store.node_id} (this node) and "
                          f"{p['source_name'] or p['source_node']}")
-    rec.discard_on = p["source_node"]
-    rec.changed = time.time()
-    roles.save_role(store.path, rec)
-    log.warning("volume %s: split brain resolved by the user: %s's changes lose (kept there)",
-                volume, p["source_name"] or p["source_node"])
-    return {"volume": volume, "discard_changes_on": p["source_node"],
+    together = roles.promoted_together(store.path, rec)  # a group: every member
+    for member in together:
+        member.discard_on = p["source_node"]
+        member.changed = time.time()
+        roles.save_role(store.path, member)
+    volumes = sorted(r.volume for r in together)
+    log.warning("volume%s %s: split brain resolved by the user: %s's changes lose (kept "
+                "there)", "s" if len(volumes) > 1 else "", ", ".join(volumes),
+                p["source_name"] or p["source_node"])
+    return {"volume": volume, "volumes": volumes, "discard_changes_on": p["source_node"],
             "discard_changes_on_name": p["source_name"]}
+
+
+def _discard_here(service, rec: roles.RoleRecord) -> dict:
+    """The user named this node (the new primary) to lose: its writes since the promotion
+    are kept aside and its volume(s) turned back into the old primary's image
+    (``receiver.discard``); the old primary then reinstates itself and mirrors on."""
+    from cyclemirror.receiver.discard import discard_here
+
+    store = service.store
+    p = rec.promoted_from
+    together = roles.promoted_together(store.path, rec)
+    with service._admin_lock:
+        done = discard_here(store, together,
+                            lambda volume: release_volume(service, volume))
+    who = p["source_name"] or p["source_node"]
+    return {"volume": rec.volume, "volumes": done["volumes"],
+            "discard_changes_on": store.node_id, "discard_changes_on_name": store.node_name,
+            "discarded_here": True, "kept": done["kept"], "cycle": done["cycle"],
+            "image": f"{who}/{done['mirror']}",
+            "next": f"on {who}: 'cyclemirror mirror reinstate {p['mirror'] if not done['group'] else done['volumes'][0]}'"
+                    " (it asks this node, which no longer holds a promoted copy), and its "
+                    "mirror resumes with only the blocks it wrote since cycle "
+                    f"{done['cycle']}"}
 
 
 def release_volume(service, volume: str) -> None:
@@ -251,13 +334,7 @@ def after_switchover(service, result: dict, back_to: str) -> None:
                       volume, back_to, exc)
 
 
-def group_name_of(mirror: str) -> str:
-    """A group's name from its mirror name on a target (``NAME-<8 hex digits>``,
-    ``daemon.mirrors.group_mirror_name``); a name of another shape is kept whole."""
-    head, sep, digest = mirror.rpartition("-")
-    if sep and head and len(digest) == 8 and all(c in "0123456789abcdef" for c in digest):
-        return head
-    return mirror
+group_name_of = roles.group_name_of  # (kept here for the callers of the daemon)
 
 
 def op_switchover(service, args: dict) -> dict:
@@ -266,8 +343,16 @@ def op_switchover(service, args: dict) -> dict:
     return run(service, args)
 
 
+def op_reinstate(service, args: dict) -> dict:
+    from cyclemirror.daemon.reinstate import op_reinstate as run
+
+    with service._admin_lock:
+        return run(service, args)
+
+
 OPS = {"mirror.promote": op_promote, "mirror.resolve": op_resolve,
-       "mirror.switchover": op_switchover, "mirror.clone": op_clone}
+       "mirror.switchover": op_switchover, "mirror.clone": op_clone,
+       "mirror.reinstate": op_reinstate}
 
 
 # -- status -------------------------------------------------------------------------------

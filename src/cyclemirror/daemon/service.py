@@ -465,6 +465,7 @@ class Daemon:
     def _op_tree_rm(self, args):
         name = check_name(self._arg(args, "name", str, "tree object name"), "tree object name")
         with self._admin_lock:
+            self._refuse_if_mirrored("tree object", name)
             self.store.remove_tree(name)
         log.info("tree object %s removed (its snapshots deleted, the tree kept)", name)
         return {"name": name}
@@ -588,6 +589,7 @@ class Daemon:
             "trees": self._op_tree_list({}),
             "mirrors": self.outgoing.status(now) if self.outgoing else [],
             "incoming": self._incoming_status(now),
+            "incoming_trees": _incoming_trees(self.store.path, now),  # docs/trees.md
             # The target's most recent session failures (bad key, protocol, disk), newest last.
             "incoming_errors": list(getattr(self.target, "errors", []) or [])[-10:],
             # Damaged mirror definitions (the file, or single entries) the daemon left out.
@@ -671,6 +673,12 @@ def run_daemon(config: DaemonConfig) -> int:
     daemon.stop()
     log.info("daemon of store %s stopped", config.store)
     return 0
+
+
+def _incoming_trees(store_path: str, now: float) -> list[dict]:
+    from cyclemirror.receiver.treesession import tree_status
+
+    return tree_status(store_path, now)
 
 
 def _object_infos(kind: str, names, open_object) -> list[dict]:

@@ -25,9 +25,10 @@ the mirror resumed: the source stays primary.
 A consistency group switches over whole (``VOLUME`` names any member): writes
 are held on every member, the final cycle freezes them all at one instant,
 every member is demoted, and the target promotes the group's mirror (every
-member as of that cycle) and mirrors the members back as one group.  Groups
-carry no lineage yet, so that mirror back is a full copy into a new group
-mirror here, and the demoted members stay (read-only) until removed.
+member as of that cycle) and mirrors the members back as one group.  The
+members share one generation history (``store.roles.group_records``), so that
+mirror back is a failback of the whole group: the demoted members turn into
+the images of the group's mirror (``receiver.resync``), no copy.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def op_switchover(service, args: dict) -> dict:
                    else [volume])
         driver = out._drivers.get(unit)
     what = f"group {group!r} ({', '.join(members)})" if group else f"volume {volume!r}"
-    recs = {}
-    for member in members:
-        rec = recs[member] = dr_roles.ensure_role(store, member)
+    # A group's members share one epoch (made so here, before anything is changed).
+    recs = (dict(zip(members, roles.group_records(store.path, members, time.time()),
+                     strict=True)) if group
+            else {volume: dr_roles.ensure_role(store, volume)})
+    for member, rec in recs.items():
         if rec.role != roles.PRIMARY:
             raise RoleError(f"volume {member!r} is {rec.role} on this node, not primary: "
                             f"there is nothing to switch over from here ({what})")
@@ -98,8 +101,9 @@ def op_switchover(service, args: dict) -> dict:
         cycle = driver.sync(timeout)  # one freeze: every member's final image, one instant
         held = time.monotonic() - t0
         out.break_cycles(volume, None, False)
-        # A group has no lineage yet: its mirror back is a new mirror (docs/failover.md).
-        lineage = None if group else dr_roles.lineage_for(store, volume)  # still primary
+        # Still primary: the target records this generation, the parent of its promotion.
+        lineage = (dr_roles.group_lineage_for(store, group, members) if group
+                   else dr_roles.lineage_for(store, volume))
         # Demoted before the target is asked: its mirror back may arrive at once.
         for member in members:
             _set_role(store, recs[member], roles.DEMOTED, {
@@ -117,8 +121,8 @@ def op_switchover(service, args: dict) -> dict:
                 f"did not answer ({type(exc).__name__}: {exc}); this node stays demoted with "
                 f"its writes held. Check 'cyclemirror status' on {spec.label}: if it shows "
                 f"{what} as primary, its mirror back resyncs this node; if not, "
-                "there is no verb yet to make this volume primary again (docs/failover.md, "
-                "'Not built yet')") from exc
+                f"'cyclemirror mirror reinstate {volume}' makes this node primary again "
+                "once the target says it did not promote (docs/failover.md)") from exc
         if promoted is None:
             for member in members:
                 if recs[member].role != roles.PRIMARY:

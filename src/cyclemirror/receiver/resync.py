@@ -26,6 +26,15 @@ volume as of its freeze *k* is exactly the image the new primary branched from.
 The new primary then ships, as a delta, only the blocks it wrote since the
 promotion (``sender.failback`` seeds its owed set).  The image stays the
 image of cycle *k* until that delta applies atomically: consistent throughout.
+
+A consistency group (``prepare_group``) fails back whole: the group's mirror
+names its members, each of which must be a volume here of the parent epoch
+(the members of a group share one, ``store.roles.group_records``), each is
+checked as above before anything changes, the split-brain question is asked
+of the group (its divergent bytes summed), and then every member in turn is
+merged to cycle *k*, its divergent blocks kept, and renamed into the group's
+mirror; the group's mirror state, written last, records them all at the one
+group cycle *k*.
 """
 
 from __future__ import annotations
@@ -50,8 +59,10 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
     """Turn the local volume into the new primary's image if this is a failback; None if
     it is not one (the usual open then follows)."""
     store = getattr(server, "store", None)
-    if store is None or open_msg["group"] or not msg["parent"]:
+    if store is None or not msg["parent"]:
         return None
+    if open_msg["group"]:
+        return prepare_group(server, open_msg, msg)
     root = os.fspath(store.path)
     source = open_msg["node_id"]
     name = open_msg["mirror"]
@@ -90,7 +101,9 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
             f"primary) wrote {theirs} bytes since its promotion; nothing was changed. Name "
             f"the side whose changes lose: on {who} run 'cyclemirror mirror resolve {name} "
             f"--discard-changes-on {me}' and resume the mirror ({me}'s changes are then kept "
-            f"in a file under {os.path.join(root, KEPT_DIR)})")
+            f"in a file under {os.path.join(root, KEPT_DIR)}), or keep {me}'s changes: on "
+            f"{who} run 'cyclemirror mirror resolve {name} --discard-changes-on {who}', then "
+            f"'cyclemirror mirror reinstate {name}' here")
     t0 = time.monotonic()
     steps = {}
     if server.on_failback is not None:
@@ -158,3 +171,113 @@ def _keep(root: str, vol, divergent, epoch: str, k: int) -> dict:
     blocks = divergent.count()
     return {"path": path, "blocks": blocks, "bytes": blocks * vol.block_size,
             "generation": roles.generation(epoch, k), "time": time.time()}
+
+
+def _member_checked(store, root, name, rec, k, who, me, spec):
+    """A member's volume, checked for a failback to cycle ``k``; its divergent blocks."""
+    vol = store.open_volume(name)
+    if (spec["size"], spec["block_size"]) != (vol.size, vol.block_size):
+        raise ProtocolError(f"failback of {name} from {who}: it sends {spec['size']} bytes in "
+                            f"blocks of {spec['block_size']}, the volume here has {vol.size} "
+                            f"in blocks of {vol.block_size}")
+    if not 1 <= k <= vol.open_overlay:
+        raise ProtocolError(f"failback of {name} from {who}: it says it branched from cycle "
+                            f"{k} of epoch {rec.epoch}, but this volume froze only "
+                            f"{vol.open_overlay} cycles: they share no cycle")
+    divergent = vol.dirty_since(k)
+    if divergent is None:
+        raise ProtocolError(
+            f"failback of {name} from {who}: cycle {k} was merged here already (another "
+            f"target of {me} applied a newer cycle), so this volume cannot be turned back "
+            "into the image of that cycle; remove the volume here to take a full copy")
+    return vol, divergent
+
+
+def prepare_group(server, open_msg: dict, msg: dict) -> dict | None:
+    """``prepare`` for a consistency group's mirror: every member or none (module doc)."""
+    store = server.store
+    root = os.fspath(store.path)
+    source = open_msg["node_id"]
+    name = open_msg["mirror"]
+    if os.path.exists(os.path.join(root, "mirrors", source, name + ".group.json")):
+        return None
+    epoch, k = roles.parse_generation(msg["parent"], "lineage parent")
+    specs = open_msg["volumes"]
+    existing = set(store.list_volumes())
+    recs = {}
+    for spec in specs:
+        rec = roles.load_role(root, spec["name"]) if spec["name"] in existing else None
+        if rec is not None and rec.role != roles.SECONDARY and rec.epoch == epoch:
+            recs[spec["name"]] = rec
+    if not recs:
+        return None  # none of ours: a new group mirror (a full copy)
+    who = open_msg["node_name"] or source
+    me = server.node_name or server.node_id
+    if len(recs) != len(specs):
+        lacking = [s["name"] for s in specs if s["name"] not in recs]
+        raise ProtocolError(
+            f"failback of group mirror {name} from {who}: it branched from generation "
+            f"{msg['parent']} of this node's group ({', '.join(sorted(recs))}), but "
+            f"{', '.join(lacking)} {'are' if len(lacking) > 1 else 'is'} not a volume of that "
+            "generation here: the group cannot be turned back into one instant; nothing "
+            f"was changed. Mirror the group from {who} without those members, or remove "
+            "the group's volumes here to take a full copy")
+    checked = [(spec, recs[spec["name"]],
+                *_member_checked(store, root, spec["name"], recs[spec["name"]], k, who, me,
+                                  spec)) for spec in specs]
+    bs = checked[0][2].block_size
+    mine = sum(div.count() * vol.block_size for _s, _r, vol, div in checked)
+    theirs = msg["written_blocks"] * bs
+    members = ", ".join(spec["name"] for spec in specs)
+    if mine and theirs and msg["discard_on"] != server.node_id:
+        raise SplitBrainError(
+            f"split brain on group {group_label(name)} ({members}): {me} (this node, the old "
+            f"primary) wrote {mine} bytes after their last common cycle {msg['parent']}, "
+            f"and {who} (the new primary) wrote {theirs} bytes since its promotion; nothing "
+            f"was changed. Name the side whose changes lose: on {who} run 'cyclemirror "
+            f"mirror resolve {specs[0]['name']} --discard-changes-on {me}' (it names the "
+            f"whole group) and resume the mirror ({me}'s changes are then kept in files "
+            f"under {os.path.join(root, KEPT_DIR)}), or keep {me}'s changes: '... "
+            f"--discard-changes-on {who}' there, then 'cyclemirror mirror reinstate "
+            f"{specs[0]['name']}' here")
+    t0 = time.monotonic()
+    if server.on_failback is not None:
+        for spec in specs:
+            server.on_failback(spec["name"])  # the daemon lets go: outgoing mirrors, NBD
+    ndir = os.path.join(root, "mirrors", source)
+    os.makedirs(ndir, exist_ok=True)
+    kept_all = []
+    for _spec, rec, vol, divergent in checked:
+        vol.merge_through(k - 1)  # base becomes the member's image of cycle k
+        if divergent.count():
+            kept = _keep(root, vol, divergent, rec.epoch, k)
+            kept_all.append(kept)
+            rec.kept = [*rec.kept, kept][-roles.MAX_KEPT:]
+            rec.changed = time.time()
+            roles.save_role(root, rec)
+    for spec, _rec, _vol, _div in checked:
+        store.release_base(spec["name"], os.path.join(ndir, spec["name"] + ".img"))
+    state = MirrorState(mirror=name, group=True, source_node=source,
+                        source_name=open_msg["node_name"],
+                        volumes=[VolumeSpec(s["name"], s["size"], s["block_size"])
+                                 for s in specs],
+                        applied_cycle=k, freeze_time=msg["parent_freeze_time"],
+                        extra={LINEAGE_KEY: {"epoch": msg["epoch"], "parent": msg["parent"],
+                                             "since": time.time()}})
+    state.save(os.path.join(ndir, name + ".group.json"))  # the commit point
+    fileops.fsync_dir(ndir)
+    for spec, rec, _vol, _div in checked:
+        shutil.rmtree(os.path.join(root, "outgoing", spec["name"]), ignore_errors=True)
+        rec.role = roles.SECONDARY
+        rec.changed = time.time()
+        roles.save_role(root, rec)
+    log.warning("failback of group mirror %s from %s: members %s are now its images as of "
+                "group cycle %d (generation %s), no copy (%.3fs)%s", name, who, members, k,
+                msg["parent"], time.monotonic() - t0,
+                f"; this node's {mine} divergent bytes are kept in "
+                f"{', '.join(kp['path'] for kp in kept_all)}" if kept_all else "")
+    return {"cycle": k, "kept": kept_all}
+
+
+def group_label(mirror: str) -> str:
+    return roles.group_name_of(mirror)

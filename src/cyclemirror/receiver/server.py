@@ -189,6 +189,9 @@ class TargetServer:
                                rbd=self.rbd).close()
                     except (CycleMirrorError, OSError) as exc:
                         self._note_error(f"recovery of {ndir}/{name}: {exc}")
+        from cyclemirror.receiver.treesession import recover_all
+
+        recover_all(self.root, self._note_error)  # tree mirrors (receiver/treesession.py)
 
     def _note_error(self, text: str) -> None:
         log.warning("%s", text)

@@ -148,8 +148,12 @@ class Session:
                 self.server.registry.release(self.key, self)
 
     def _serve(self) -> None:
-        first = self.link.recv_message({"open", "verify_open", "lineage"})
+        first = self.link.recv_message({"open", "verify_open", "lineage", "tree_open"})
         self.lineage = None
+        if first["type"] == "tree_open":  # a tree object's mirror (receiver/treesession.py)
+            from cyclemirror.receiver.treesession import TreeSession
+
+            return TreeSession(self.server, self.link, first).run()
         if first["type"] == "lineage":  # protocol 3: the source's generation, then 'open'
             self.lineage = lineage.check_lineage_message(first)
             first = self.link.recv_message({"open"})

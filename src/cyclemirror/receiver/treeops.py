@@ -492,9 +492,13 @@ class TreeMirror:
                 self._remove(entry)
         fsync_dir(self.work)
 
-    def apply(self, events) -> int:
+    def apply(self, events, base: int | None = None) -> int:
         """Apply one cycle from ``TreeFrameReader.events()``; return its number.  On any
-        error nothing of it is visible and the staging copy is deleted."""
+        error nothing of it is visible and the staging copy is deleted.
+
+        ``base``: the cycle a delta was made from (a source ships a target that lags
+        several cycles one delta from the cycle it holds); None means the cycle before
+        it.  It must be the cycle applied here."""
         it = iter(events)
         first = next(it, None)
         if first is None or first[0] != "begin":
@@ -506,9 +510,11 @@ class TreeMirror:
             if cycle <= self.applied_cycle:
                 raise ProtocolError(f"tree mirror {self.name!r}: full cycle {cycle} is not "
                                     f"newer than the applied cycle {self.applied_cycle}")
-        elif cycle != self.applied_cycle + 1 or not has_tree:
+        elif (base if base is not None else cycle - 1) != self.applied_cycle or \
+                cycle <= self.applied_cycle or not has_tree:
+            need = base if base is not None else cycle - 1
             raise ProtocolError(
-                f"tree mirror {self.name!r}: delta cycle {cycle} needs cycle {cycle - 1} "
+                f"tree mirror {self.name!r}: delta cycle {cycle} needs cycle {need} "
                 f"applied here; cycle {self.applied_cycle} is"
                 + ("" if has_tree else f" and {self.path} is missing"))
         stage = f"{STAGE_PREFIX}{cycle}"

@@ -246,3 +246,74 @@ def promoted_from(store_path: str, source_node: str, mirror: str) -> RoleRecord 
         if p is not None and p["source_node"] == source_node and p["mirror"] == mirror:
             return rec
     return None
+
+
+# -- consistency groups ---------------------------------------------------------------------
+#
+# A group freezes its members at one instant, so its cycles are one history: the members
+# of a group share one epoch (and, once promoted, one parent), and the generation of the
+# group's cycle k is <epoch>:k for every member.  ``group_records`` makes that so.
+
+def group_name_of(mirror: str) -> str:
+    """A group's name from its mirror name on a target (``NAME-<8 hex digits>``,
+    ``daemon.mirrors.group_mirror_name``); a name of another shape is kept whole."""
+    head, sep, digest = mirror.rpartition("-")
+    if sep and head and len(digest) == 8 and all(c in "0123456789abcdef" for c in digest):
+        return head
+    return mirror
+
+
+def group_records(store_path: str, members, now: float) -> list[RoleRecord]:
+    """The role records of a group's ``members`` (in the order given), all of one epoch.
+
+    Members without a record get the group's epoch.  Members whose epochs differ (a
+    volume with a history of its own joined the group) take the group's: that of the
+    promoted members (records with a parent) if they share one, else the epoch most
+    members hold (ties: the member first in name order); such a member's record is
+    re-labelled (epoch and parent), keeping its role, kept files and promotion record.
+    Members promoted from different branches cannot be one group's history:
+    IntegrityError, naming them (nothing is changed)."""
+    recs = {name: load_role(store_path, name) for name in members}
+    held = [r for r in recs.values() if r is not None]
+    parented = {(r.epoch, r.parent) for r in held if r.parent is not None}
+    if len(parented) > 1:
+        raise IntegrityError(
+            "group members " + ", ".join(f"{r.volume} ({r.epoch}, from {r.parent})"
+                                         for r in held if r.parent is not None)
+            + " were promoted from different branches: they are not one history; mirror "
+            "them as separate groups, or remove and re-create the group's members")
+    if parented:
+        epoch, parent = next(iter(parented))
+    elif held:
+        counts: dict[str, int] = {}
+        for r in sorted(held, key=lambda r: r.volume):
+            counts[r.epoch] = counts.get(r.epoch, 0) + 1
+        epoch = max(counts, key=lambda e: counts[e])  # first of the most held (dict order)
+        parent = None
+    else:
+        epoch, parent = new_epoch(), None
+    out = []
+    for name in members:
+        rec = recs[name]
+        if rec is None:
+            rec = RoleRecord(volume=name, role=PRIMARY, epoch=epoch, parent=parent,
+                             changed=now)
+            save_role(store_path, rec)
+        elif rec.epoch != epoch or rec.parent != parent:
+            rec.epoch, rec.parent, rec.changed = epoch, parent, now
+            save_role(store_path, rec)
+        out.append(rec)
+    return out
+
+
+def promoted_together(store_path: str, rec: RoleRecord) -> list[RoleRecord]:
+    """The primary records promoted in one promotion with ``rec`` (itself included): the
+    members of a group's promotion share its epoch and ``promoted_from``."""
+    if rec.promoted_from is None:
+        return [rec]
+    p = rec.promoted_from
+    records, _problems = all_roles(store_path)
+    return [r for r in records if r.epoch == rec.epoch and r.promoted_from is not None
+            and r.role == rec.role
+            and (r.promoted_from["source_node"], r.promoted_from["mirror"],
+                 r.promoted_from["cycle"]) == (p["source_node"], p["mirror"], p["cycle"])]

@@ -286,18 +286,15 @@ class Store:
             tree.remove_tree(self.path, name)
 
     def open_subject(self, name: str):
-        """What ``mirror start NAME`` mirrors: the volume NAME, else the file object NAME."""
+        """What ``mirror start NAME`` mirrors: the volume, file object or tree object NAME."""
         try:
             return self.open_volume(name)
         except NotFoundError:
             if name in self.list_trees():
-                raise UsageError(
-                    f"{name!r} is a tree object: a daemon does not mirror trees yet (the "
-                    "tree's delta, wire form and target apply exist, the daemon's cycle "
-                    "driver for them does not; docs/trees.md)") from None
+                return self.open_tree(name)
             if name not in self.list_files():
-                raise NotFoundError(f"no volume or file object {name!r} in store "
-                                    f"{self.path}") from None
+                raise NotFoundError(f"no volume, file object or tree object {name!r} in "
+                                    f"store {self.path}") from None
         return self.open_file(name)
 
     def freeze_group(self, names, sync: bool = True) -> dict:

@@ -71,6 +71,12 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # and ZERO frames of a 'file' or 'patch' op follow it; 'ref' is checked per op there
     "tree_op": {"op": "tree_op", "path": "relpath", "ref": "linktext", "mode": "int",
                 "uid": "int", "gid": "int", "mtime_ns": "sint", "size": "int"},
+    # a tree mirror's connection (docs/protocol.md, "Tree mirrors"): 'tree_open' instead
+    # of 'open', answered by 'tree_opened'; before each cycle's 'begin', 'tree_base' says
+    # which applied cycle the delta starts from (0: a full cycle)
+    "tree_open": {"node_id": "node", "node_name": "opt_text", "mirror": "name"},
+    "tree_opened": {"node_id": "node", "applied_cycle": "int", "freeze_time": "float"},
+    "tree_base": {"cycle": "int", "base": "int", "base_freeze_time": "float"},
 }
 
 
