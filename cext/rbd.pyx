@@ -71,6 +71,16 @@ cdef extern from "rbd/librbd.h" nogil:
     int rbd_aio_wait_for_complete(rbd_completion_t c)
     ssize_t rbd_aio_get_return_value(rbd_completion_t c)
     void rbd_aio_release(rbd_completion_t c)
+    ctypedef void *rbd_image_options_t
+    void rbd_image_options_create(rbd_image_options_t *opts)
+    void rbd_image_options_destroy(rbd_image_options_t opts)
+    int rbd_image_options_set_uint64(rbd_image_options_t opts, int optname, uint64_t optval)
+    int rbd_clone3(rados_ioctx_t p_ioctx, const char *p_name, const char *p_snapname,
+                   rados_ioctx_t c_ioctx, const char *c_name, rbd_image_options_t c_opts)
+    int rbd_flatten(rbd_image_t image)
+    int rbd_snap_protect(rbd_image_t image, const char *snap_name)
+    int rbd_snap_unprotect(rbd_image_t image, const char *snap_name)
+    int rbd_snap_is_protected(rbd_image_t image, const char *snap_name, int *is_protected)
 
 ctypedef int (*snap_fn)(rbd_image_t image, const char *snapname) noexcept nogil
 
@@ -78,6 +88,9 @@ cdef enum:
     _MAX_INFLIGHT = 16
     _MAX_SNAPS = 1024
     _FEATURE_LAYERING = 1  # the only feature our images need
+    _OPT_FEATURES = 1  # RBD_IMAGE_OPTION_FEATURES
+    _OPT_ORDER = 2  # RBD_IMAGE_OPTION_ORDER
+    _OPT_CLONE_FORMAT = 12  # RBD_IMAGE_OPTION_CLONE_FORMAT
 
 MAX_INFLIGHT = _MAX_INFLIGHT
 
@@ -218,6 +231,32 @@ cdef class IoCtx:
             ret = rbd_rename(self.io, cold, cnew)
         if ret < 0:
             raise _error(ret, f"renaming RBD image {self.pool}/{old} to {new}")
+
+    def clone(self, parent, snapshot, child, int clone_format=2):
+        """Create image ``child`` as a copy-on-write clone of ``parent@snapshot``.
+
+        ``clone_format`` 2 needs no protected snapshot (the cluster must require
+        clients of mimic or later); 1 needs ``snapshot`` protected first.
+        """
+        self._check()
+        cdef bytes bp = _c(parent, "image name"), bs = _c(snapshot, "snapshot name")
+        cdef bytes bc = _c(child, "image name")
+        cdef const char *cp = bp
+        cdef const char *cs = bs
+        cdef const char *cc = bc
+        cdef rbd_image_options_t opts
+        cdef int ret
+        rbd_image_options_create(&opts)
+        try:
+            rbd_image_options_set_uint64(opts, _OPT_FEATURES, _FEATURE_LAYERING)
+            rbd_image_options_set_uint64(opts, _OPT_ORDER, 22)
+            rbd_image_options_set_uint64(opts, _OPT_CLONE_FORMAT, clone_format)
+            with nogil:
+                ret = rbd_clone3(self.io, cp, cs, self.io, cc, opts)
+        finally:
+            rbd_image_options_destroy(opts)
+        if ret < 0:
+            raise _error(ret, f"cloning RBD image {self.pool}/{parent}@{snapshot} to {child}")
 
     def open(self, name, snapshot=None, bint read_only=False):
         """Open image ``name`` (at ``snapshot``, read-only, if given)."""
@@ -438,6 +477,34 @@ cdef class Image:
 
     def snap_remove(self, name):
         self._snap_op(rbd_snap_remove, name, "removing")
+
+    def snap_protect(self, name):
+        self._snap_op(rbd_snap_protect, name, "protecting")
+
+    def snap_unprotect(self, name):
+        self._snap_op(rbd_snap_unprotect, name, "unprotecting")
+
+    def snap_is_protected(self, name):
+        self._check()
+        cdef bytes b = _c(name, "snapshot name")
+        cdef const char *cb = b
+        cdef int prot = 0
+        cdef int ret
+        with nogil:
+            ret = rbd_snap_is_protected(self.image, cb, &prot)
+        if ret < 0:
+            raise _error(ret, f"checking the protection of snapshot {self.name}@{name}")
+        return bool(prot)
+
+    def flatten(self):
+        """Copy what this clone still reads from its parent into it (the parent may go)."""
+        self._check()
+        self.drain()
+        cdef int ret
+        with nogil:
+            ret = rbd_flatten(self.image)
+        if ret < 0:
+            raise _error(ret, f"flattening RBD image {self.name}")
 
     def snap_rollback(self, name):
         """Make the head equal snapshot ``name`` (waits for writes in flight first)."""

@@ -199,6 +199,19 @@ def test_the_codec_column_shows_auto_s_current_pick(row, cell):
     assert _codec_cell(row) == cell
 
 
+def test_an_rbd_image_row_says_how_many_cycle_snapshots_it_keeps():
+    row = {"source_node": "n1", "volume": "v", "applied_cycle": 7,
+           "image": "rbd:pool/n1~v@cyclemirror-7", "keep_cycles": 3}
+    text = render_status({"node": {}, "volumes": [], "incoming": [row]})
+    assert "rbd:pool/n1~v@cyclemirror-7 (keeps 3 cycles)" in text
+    row["keep_cycles"] = 1
+    text = render_status({"node": {}, "volumes": [], "incoming": [row]})
+    assert "@cyclemirror-7 (keeps 1 cycle)" in text
+    del row["keep_cycles"]  # a file image: no such figure
+    text = render_status({"node": {}, "volumes": [], "incoming": [row]})
+    assert "rbd:pool/n1~v@cyclemirror-7" in text and "keeps" not in text
+
+
 def test_tree_mirrors_show_their_kind_and_applied_cycle_on_both_sides():
     doc = {"node": {}, "volumes": [],
            "mirrors": [_mirror_row(volume="app", kind="tree", cycle=5, applied_cycle=4,

@@ -318,15 +318,26 @@ class Checks:
 
         images = mirror_images(self.store.path)
         image = export_names(images).get(MIRROR_EXPORT_PREFIX + name)
-        if image is not None and image.backend != "file":
-            raise UsageError(f"mirror image {name!r} is an RBD image; scrub reads image files "
-                             "and does not handle RBD images yet")
         if image is None:
             known = [n[len(MIRROR_EXPORT_PREFIX):] for n in listed_export_names(images)]
             raise NotFoundError(f"no incoming mirror image {name!r} in this store (images: "
                                 f"{', '.join(known) or 'none'}); name it SOURCE/VOLUME with "
                                 "the source's node name or id")
         return image
+
+    def _rbd_spans(self, image):
+        """An RBD image's span reader for scrub (None for an image file)."""
+        if image.backend != "rbd":
+            return None
+        rbd = self.config.rbd_config()
+        if rbd is None:
+            raise UsageError(f"mirror image {image.node_id}/{image.volume} lives in RBD; "
+                             "scrub it on a daemon started with --rbd-pool")
+        from cyclemirror.receiver.rbdbackend import RbdImageSpans
+
+        return lambda throttle, check: RbdImageSpans(
+            rbd, image.state_path, image.node_id, image.volume, image.block_size, throttle,
+            check)
 
     @staticmethod
     def _scrub_path(image_path: str) -> str:
@@ -381,7 +392,8 @@ class Checks:
             vol = SimpleNamespace(size=image.size, block_size=image.block_size)
             out = scrub_image(image.state_path, image.image_path, vol, offset=offset,
                               length=length, rate=bwlimit, resume_from=resume_from,
-                              found=found, on_progress=progress, cancel=self._stop)
+                              found=found, on_progress=progress, cancel=self._stop,
+                              make_spans=self._rbd_spans(image))
         except BaseException as exc:
             if record is not None and record.get("run"):
                 record["run"].update(status="failed", updated=time.time(),
@@ -563,8 +575,6 @@ class Checks:
             for image in mirror_images(self.store.path):
                 if self._stop.is_set():
                     return
-                if image.backend != "file":
-                    continue  # scrub reads image files; RBD images are not scrubbed yet
                 record = _read_json(self._scrub_path(image.image_path))
                 if not self._due(record, cfg.scrub_every, now):
                     continue

@@ -47,6 +47,16 @@ def _freeze_clock(ts) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
+def _image_cell(m: dict) -> str:
+    """Where an incoming image is; an RBD image also says how many cycle snapshots it
+    keeps (``--keep-cycles``, docs/ceph.md)."""
+    image = m.get("image") or f"unreadable: {m.get('error')}"
+    keep = m.get("keep_cycles")
+    if isinstance(keep, int) and not isinstance(keep, bool) and m.get("image"):
+        image += f" (keeps {keep} cycle{'s' if keep != 1 else ''})"
+    return image
+
+
 def _check_cell(check: dict | None) -> str:
     """A verify's or scrub's state and age for a table cell: ``clean 3m05s ago``."""
     if not check or check.get("state") in (None, "never"):
@@ -235,7 +245,7 @@ def render_status(doc: dict) -> str:
                          format_duration(m.get("rpo_age")),
                          f"cycle {receiving['cycle']}, {receiving['chunks']} chunks"
                          if receiving else "-", _check_cell(m.get("scrub")),
-                         m.get("image") or f"unreadable: {m.get('error')}"])
+                         _image_cell(m)])
         lines += _table(rows)
     trees_in = doc.get("incoming_trees") or []
     if trees_in:  # tree mirrors held here (docs/trees.md)

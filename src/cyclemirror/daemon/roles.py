@@ -197,7 +197,8 @@ def op_promote(service, args: dict) -> dict:
     force = service._arg(args, "force", bool, "--force", False)
     registry = service.target.registry if service.target is not None else None
     with service._admin_lock:
-        result = promote(service.store, registry, source, mirror, as_name, force)
+        result = promote(service.store, registry, source, mirror, as_name, force,
+                         rbd=service.config.rbd_config())
     with service._backend_lock:
         for volume in result["volumes"]:
             service._backends.pop(volume, None)
@@ -209,7 +210,7 @@ def finish_promotions(service) -> None:
     cut short (``receiver.promote.finish_cut``), so no half-promoted group is seen."""
     from cyclemirror.receiver.promote import finish_cut
 
-    for result in finish_cut(service.store):
+    for result in finish_cut(service.store, service.config.rbd_config()):
         log.warning("finished the promotion of %s/%s cut short by a crash: volume%s %s, "
                     "generation %s", result["source_name"] or result["source_node"],
                     result["mirror"], "s" if result["group"] else "",
@@ -300,7 +301,7 @@ def op_clone(service, args: dict) -> dict:
                          "id, a slash, the volume)")
     name = service._arg(args, "name", str, "NAME")
     with service._admin_lock:
-        result = clone(service.store, source, mirror, name)
+        result = clone(service.store, source, mirror, name, rbd=service.config.rbd_config())
     with service._backend_lock:
         service._backends.pop(result["volume"], None)
     return result

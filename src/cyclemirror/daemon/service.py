@@ -46,6 +46,7 @@ from cyclemirror.daemon.config import (
 from cyclemirror.daemon.control import ControlServer, control_socket_path
 from cyclemirror.daemon.mirrors import OutgoingMirrors
 from cyclemirror.errors import (
+    AlreadyExistsError,
     CycleMirrorError,
     NoSpaceError,
     NotFoundError,
@@ -204,9 +205,11 @@ class Daemon:
 
     def _nbd_names(self) -> list[str]:
         """NBD_OPT_LIST: the volumes, then the mirror images (``mirror/<node>/<volume>``)."""
+        from cyclemirror.receiver import rbdvolumes
         from cyclemirror.receiver.readers import listed_export_names, mirror_images
 
-        return list(self.store.list_volumes()) + listed_export_names(
+        return list(self.store.list_volumes()) + rbdvolumes.names(self.store.path) + \
+            listed_export_names(
             mirror_images(self.store.path))
 
     def _nbd_lookup(self, name: str):
@@ -220,7 +223,9 @@ class Daemon:
         try:
             volume = self.store.open_volume(name)
         except (NotFoundError, UsageError):
-            return None
+            from cyclemirror.receiver import rbdvolumes  # a volume kept in RBD (promote, clone)
+
+            return rbdvolumes.nbd_backend(self.store, self.config.rbd_config(), name)
         if dr_roles.is_demoted(self.store, name):  # a former primary: reads only
             return VolumeBackend(volume, readonly=True)
         with self._backend_lock:
@@ -350,6 +355,11 @@ class Daemon:
         block_size = parse_size(self._arg(args, "block_size", int, "--block-size", 4096),
                                 "--block-size")
         with self._admin_lock:
+            from cyclemirror.receiver import rbdvolumes
+
+            if name in rbdvolumes.names(self.store.path):
+                raise AlreadyExistsError(f"volume {name!r} already exists in this store (an RBD "
+                                         "volume, docs/ceph.md); pick another name")
             vol = self.store.create_volume(name, size, block_size)
         log.info("volume %s created: %d bytes, block size %d", name, size, block_size)
         return self._volume_info(vol)
@@ -382,6 +392,13 @@ class Daemon:
             except CycleMirrorError as exc:  # one damaged volume must not hide the others
                 log.error("volume %s cannot be opened: %s", name, exc)
                 out.append({"name": name, "size": 0, "block_size": 0, "error": str(exc)})
+        from cyclemirror.receiver import rbdvolumes
+
+        for name in rbdvolumes.names(self.store.path):  # kept in RBD (promote, clone)
+            try:
+                out.append(rbdvolumes.load(self.store.path, name).info())
+            except CycleMirrorError as exc:
+                out.append({"name": name, "size": 0, "block_size": 0, "error": str(exc)})
         return out
 
     def _refuse_if_mirrored(self, what: str, name: str) -> None:
@@ -396,7 +413,12 @@ class Daemon:
         name = check_name(self._arg(args, "name", str, "volume name"), "volume name")
         with self._admin_lock:
             self._refuse_if_mirrored("volume", name)
-            self.store.delete_volume(name)
+            from cyclemirror.receiver import rbdvolumes
+
+            if name in rbdvolumes.names(self.store.path):  # kept in RBD (promote, clone)
+                rbdvolumes.remove(self.store, self.config.rbd_config(), name)
+            else:
+                self.store.delete_volume(name)
             dr_roles.forget(self.store, name)  # its role and generations go with it
             with self._backend_lock:
                 self._backends.pop(name, None)

@@ -7,7 +7,8 @@ the file system has one, XFS or btrfs; a sparse copy of the allocated data
 elsewhere, e.g. ext4), unpins, and lets the store adopt the copy as volume
 ``name`` (``Store.adopt_image``).  The clone is an ordinary volume: writable
 over NBD, its writes never reach the image, ``volume rm NAME`` removes it.
-The image's cycles keep applying throughout.
+The image's cycles keep applying throughout.  An image kept in RBD is cloned
+inside the cluster instead (``receiver.rbdvolumes``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 WORK_PREFIX = ".clone-"
 
 
-def clone(store, source: str, mirror: str, name: str) -> dict:
+def clone(store, source: str, mirror: str, name: str, rbd=None) -> dict:
     t0 = time.monotonic()
     root = os.fspath(store.path)
     name = validate_volume_name(name)
@@ -40,10 +41,10 @@ def clone(store, source: str, mirror: str, name: str) -> dict:
         raise UsageError(f"{source}/{mirror}: the name {source} belongs to several source "
                          "nodes; name the source by its node id")
     image = images[0]
-    if image.backend != "file":
-        raise UsageError(f"{source}/{mirror} is an RBD image; clone makes a volume from an "
-                         "image file and does not handle RBD images yet (rbd clone its last "
-                         "cyclemirror-N snapshot with Ceph's tools)")
+    if image.backend != "file":  # an RBD clone of its last cycle snapshot
+        from cyclemirror.receiver import rbdvolumes
+
+        return rbdvolumes.clone(store, rbd, image, name)
     if name in store.list_volumes():
         raise AlreadyExistsError(f"volume {name!r} already exists in this store; pick another "
                                  "name for the clone")

@@ -496,9 +496,7 @@ class Mirror:
             finally:
                 delta.close()
         self.backend.applied(c.cycle)
-        if getattr(self.backend, "keeps_files", False):
-            # verify hook: the scrub record follows the image
-            scrub.record_apply(self, c, previous)
+        scrub.record_apply(self, c, previous)  # the scrub record follows the image
         self._record_applied(c, still_committed=False)
         self.backend.after_state_saved(c.cycle)
         if not c.full:

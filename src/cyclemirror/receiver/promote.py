@@ -21,7 +21,8 @@ member becomes a volume under its own name, all as of the same group cycle):
 4. Each image is renamed into a work directory beside it as ``base.img`` and
    adopted by the store (``Store.adopt_image``: open overlay *k*, so the
    volume's next freeze is cycle *k+1*).  Nothing is copied: the time does
-   not depend on the size.
+   not depend on the size.  A mirror kept in RBD is rolled back to its last
+   cycle snapshot and renamed in its pool instead (``receiver.rbdvolumes``).
 5. Last, the mirror's state and leftovers are dropped.
 
 A crash anywhere after step 3 is finished from the records, with the geometry
@@ -110,27 +111,42 @@ def _volume_names(st: MirrorState, as_name: str | None) -> list[str]:
     return [validate_volume_name(as_name or st.mirror)]
 
 
+def _volumes(store) -> set[str]:
+    """The store's volumes, those kept in RBD (``receiver.rbdvolumes``) included."""
+    from cyclemirror.receiver import rbdvolumes
+
+    return set(store.list_volumes()) | set(rbdvolumes.names(store.path))
+
+
+def _open_volume(store, name: str):
+    from cyclemirror.receiver import rbdvolumes
+
+    vol = rbdvolumes.load(store.path, name)
+    return vol if vol is not None else store.open_volume(name)
+
+
 def promote(store, registry, source: str, mirror: str, as_name: str | None = None,
-            force: bool = False) -> dict:
+            force: bool = False, rbd=None) -> dict:
     """Promote incoming mirror ``source/mirror`` (a volume's or a group's) to writable
-    volumes; see the module doc."""
+    volumes; see the module doc.  ``rbd``: the daemon's ``RbdConfig``, for a mirror kept
+    in RBD (``receiver.rbdvolumes``)."""
     from cyclemirror.receiver.mirror import Mirror
 
     t0 = time.monotonic()
     root = os.fspath(store.path)
-    resumed = _resume(store, source, mirror, as_name)
+    resumed = _resume(store, source, mirror, as_name, rbd)
     if resumed is not None:
         return resumed
     node, path, st = find_mirror(root, source, mirror)
     what = f"{'group ' if st.group else ''}{source}/{mirror}"
     cut = [rec.volume for rec in _records_of(root, source, mirror)
-           if rec.volume not in store.list_volumes()]
+           if rec.volume not in _volumes(store)]
     if cut:  # (only a different --as gets here: _resume finishes the rest)
         raise UsageError(f"a promotion of {what} to volume {cut[0]} was cut short; finish it "
                          f"with 'cyclemirror mirror promote {source}/{mirror} --as {cut[0]}' "
                          "(nothing was changed)")
     names = _volume_names(st, as_name)
-    taken = [n for n in names if n in store.list_volumes()]
+    taken = [n for n in names if n in _volumes(store)]
     if taken:
         raise AlreadyExistsError(
             f"volume{'s' if len(taken) > 1 else ''} {', '.join(map(repr, taken))} already "
@@ -157,11 +173,13 @@ def promote(store, registry, source: str, mirror: str, as_name: str | None = Non
         registry.acquire(key, hold)  # cuts a connected source (forced) and keeps it out
     try:
         state = MirrorState.load(path)
-        if state.extra.get("backend"):
-            raise UsageError(f"incoming mirror {what} is kept in RBD; promote of an "
-                             "RBD mirror is not supported yet: clone its last snapshot "
-                             "(rbd clone POOL/IMAGE@cyclemirror-N ...) with Ceph's tools")
-        m = Mirror(os.path.dirname(path), state, path, MAX_CHUNK)  # redoes a committed cycle
+        in_rbd = bool(state.extra.get("backend"))
+        if in_rbd:
+            from cyclemirror.receiver import rbdvolumes
+
+            rbdvolumes.check_free(store, rbd, names)
+        # redoes a committed cycle
+        m = Mirror(os.path.dirname(path), state, path, MAX_CHUNK, rbd)
         try:
             if m.state.pending is not None:
                 log.info("promote %s: discarding half-received cycle %d", what,
@@ -181,10 +199,13 @@ def promote(store, registry, source: str, mirror: str, as_name: str | None = Non
                     "instants. Let the source apply one more cycle ('cyclemirror mirror "
                     "sync' there); if the source is lost, the group cannot be promoted "
                     "whole (docs/failover.md); nothing was changed")
-            images = [m.image_path(i) for i in range(len(st.volumes))]
+            if in_rbd:  # recovery checked the sizes of the last snapshots
+                images = []
+            else:
+                images = [m.image_path(i) for i in range(len(st.volumes))]
         finally:
             m.close()
-        for spec, image in zip(st.volumes, images, strict=True):
+        for spec, image in zip(st.volumes if images else [], images, strict=True):
             size = os.path.getsize(image)
             if size != spec.size:  # recover checked it; a file changed meanwhile is damage
                 raise IntegrityError(f"promote {what}: image {image} is {size} bytes, the "
@@ -206,7 +227,7 @@ def promote(store, registry, source: str, mirror: str, as_name: str | None = Non
         for name in names:
             _save_record(root, name, epoch, parent, promoted_from)
             failpoints.hit("promote.recorded")
-        vols = _adopt_members(store, os.path.dirname(path), st, names)
+        vols = _adopt_members(store, os.path.dirname(path), st, names, rbd)
         _drop_mirror_files(path, st)
     finally:
         if registry is not None:
@@ -231,10 +252,15 @@ def _save_record(root: str, name: str, epoch: str, parent: str, promoted_from: d
         kept=list(before.kept) if before is not None else [], changed=time.time()))
 
 
-def _adopt_members(store, directory: str, st: MirrorState, names: list[str]) -> list:
+def _adopt_members(store, directory: str, st: MirrorState, names: list[str],
+                   rbd=None) -> list:
     """Each member's image becomes its volume (a rename, no copy); members already made
     (a resumed promotion) are opened.  The mirror state stays until all are done: it
     holds their geometry for a promotion a crash cuts short here."""
+    if st.extra.get("backend"):  # RBD images: renamed in the pool
+        from cyclemirror.receiver import rbdvolumes
+
+        return rbdvolumes.adopt_members(store, rbd, st, names)
     vols = []
     existing = set(store.list_volumes())
     for name, spec in zip(names, st.volumes, strict=True):
@@ -292,7 +318,8 @@ def _records_of(root: str, source: str, mirror: str) -> list[roles.RoleRecord]:
             and source in (rec.promoted_from["source_node"], rec.promoted_from["source_name"])]
 
 
-def _resume(store, source: str, mirror: str, as_name: str | None) -> dict | None:
+def _resume(store, source: str, mirror: str, as_name: str | None,
+            rbd=None) -> dict | None:
     """Finish a promotion a crash cut short, from its role records; None if there is none.
 
     Records exist from the commit point on; the mirror state goes last, so while it
@@ -320,11 +347,11 @@ def _resume(store, source: str, mirror: str, as_name: str | None) -> dict | None
         if os.path.exists(path):
             st = MirrorState.load(path)
             break
-    existing = set(store.list_volumes())
+    existing = _volumes(store)
     if st is None:
         names = [rec.volume for rec in recs]
         if all(n in existing for n in names):
-            return _result(names, [store.open_volume(n) for n in names], p, recs[0].epoch,
+            return _result(names, [_open_volume(store, n) for n in names], p, recs[0].epoch,
                            recs[0].parent, _was_group(recs), source_was_connected=False,
                            seconds=0.0, resumed=True)
         return _resume_without_state(store, directory, recs, mirror)
@@ -345,7 +372,7 @@ def _resume(store, source: str, mirror: str, as_name: str | None) -> dict | None
             _save_record(root, name, recs[0].epoch, recs[0].parent, p)
     state_path = os.path.join(directory, mirror + (".group.json" if st.group
                                                    else ".state.json"))
-    vols = _adopt_members(store, directory, st, names)
+    vols = _adopt_members(store, directory, st, names, rbd)
     _drop_mirror_files(state_path, st)
     log.warning("finished the promotion of %s/%s to volume%s %s cut short before",
                 source, mirror, "s" if st.group else "", ", ".join(names))
@@ -386,7 +413,7 @@ def _resume_without_state(store, directory: str, recs, mirror: str) -> dict:
                    source_was_connected=False, seconds=0.0, resumed=True)
 
 
-def finish_cut(store) -> list[dict]:
+def finish_cut(store, rbd=None) -> list[dict]:
     """At the daemon's start: finish every promotion a crash cut short (role records of
     promoted volumes that do not exist yet, or whose mirror state is still there), before a source or an NBD client can see a
     half-promoted group.  Errors are logged (and the promote verb repeats them)."""
@@ -396,7 +423,7 @@ def finish_cut(store) -> list[dict]:
     except CycleMirrorError as exc:
         log.error("checking for cut promotions: %s", exc)
         return []
-    existing = set(store.list_volumes())
+    existing = _volumes(store)
 
     def cut(rec) -> bool:  # a volume not made yet, or the mirror's state not dropped yet
         p = rec.promoted_from
@@ -411,7 +438,7 @@ def finish_cut(store) -> list[dict]:
     done = []
     for node, mirror in todo:
         try:
-            result = _resume(store, node, mirror, None)
+            result = _resume(store, node, mirror, None, rbd)
         except CycleMirrorError as exc:
             log.error("the promotion of %s/%s was cut short and cannot be finished: %s "
                       "(run 'cyclemirror mirror promote %s/%s' to see it again)", node,
@@ -433,6 +460,11 @@ def serve_switchover(session, msg: dict) -> None:
     the group's mirror."""
     mirror = session.mirror
     st = mirror.state
+    if st.extra.get("backend"):
+        raise UsageError(f"switchover of {st.mirror!r}: this target keeps the mirror in RBD, "
+                         "and a switchover to an RBD target is not built (its promoted volume "
+                         "cannot be mirrored back); stop the writers and run 'cyclemirror "
+                         "mirror promote' on the target instead (docs/ceph.md)")
     mirror.wait_applied()
     mirror.raise_apply_error()
     if st.applied_cycle != msg["cycle"] or st.committed is not None:

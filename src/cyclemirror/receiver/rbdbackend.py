@@ -376,8 +376,40 @@ class RbdBackend:
             img.close()
         return b"".join(out)
 
+    # -- the scrub record (receiver.scrub) -----------------------------------------
+    def image_path_of(self, index: int) -> str:
+        """Where a file image would be: the scrub record goes beside it, in the store."""
+        import os
+
+        return os.path.join(self.directory, self.state.volumes[index].name + ".img")
+
+    def snapshot_hasher(self, index: int, cycle: int) -> _SnapshotHasher:
+        """Block digests of spans of member ``index`` at cycle ``cycle``'s snapshot."""
+        return _SnapshotHasher(self._open(self.image_name(index), snap_name(cycle),
+                                          read_only=True),
+                               self.state.volumes[index].block_size)
+
     def close(self) -> None:
         self.wait_pruned()  # the connection is shared; images are closed after each use
+
+
+class _SnapshotHasher:
+    """``digests(offset, length)`` of one open snapshot; ``close()`` when done."""
+
+    def __init__(self, image, block_size: int):
+        self.image = image
+        self.block_size = block_size
+
+    def __call__(self, offset: int, length: int):
+        import numpy as np
+
+        from cyclemirror._cext import blockhash
+
+        hashes, _zero = blockhash.hash_buffer(self.image.read(offset, length), self.block_size)
+        return np.asarray(hashes, dtype=np.uint64)
+
+    def close(self) -> None:
+        self.image.close()
 
 
 class RbdWriter:
@@ -453,6 +485,8 @@ class RbdSnapshotReader:
     the daemon's pin keeps the snapshot from being removed while it reads.
     """
 
+    # served as it is (not wrapped as a store volume), released per connection
+    nbd_backend = True
     readonly = True
     can_multi_conn = False  # another connection may read another cycle's snapshot
     per_connection = True
@@ -496,3 +530,84 @@ class RbdSnapshotReader:
         callback, self._on_release = self._on_release, None
         if callback is not None:
             callback()
+
+
+class RbdImageSpans:
+    """Spans of one RBD mirror image, each hashed from one applied cycle's snapshot.
+
+    The ``receiver.verify.ImageSpans`` interface for verify (and scrub): a
+    snapshot never changes, so no apply can tear a span; the image pin held
+    while it is read keeps the snapshot from being pruned meanwhile.
+    ``image_path`` is where a file image would be: the verify and scrub
+    records go beside the mirror's state under that name.
+    """
+
+    READ_STEP = 8 << 20
+
+    def __init__(self, cfg: RbdConfig, state_path: str, node: str, volume: str,
+                 block_size: int, throttle=None, check=None):
+        import os
+
+        self.cfg = cfg
+        self.state_path = state_path
+        self.image = image_name(node, volume)
+        self.image_path = os.path.join(os.path.dirname(state_path), volume + ".img")
+        self.block_size = block_size
+        self.throttle = throttle
+        self.check = check
+        self.bytes_read = 0
+        self.retries = 0
+        self.pinned_reads = 0
+
+    def state_key(self) -> tuple[int, float]:
+        from cyclemirror.receiver.state import MirrorState
+
+        st = MirrorState.load(self.state_path)  # its applied cycle's snapshot always exists
+        return st.applied_cycle, st.freeze_time
+
+    def stable_key(self, timeout: float = 0.0) -> tuple[int, float]:
+        return self.state_key()
+
+    def hash_span(self, offset: int, length: int):
+        """(cycle, freeze time, block digests) of ``[offset, offset + length)``."""
+        import numpy as np
+
+        from cyclemirror._cext import blockhash
+
+        bs = self.block_size
+        if offset % bs or length % bs:
+            raise UsageError(f"RBD image {self.image}: span {offset}+{length} is not whole "
+                             f"blocks of {bs}")
+        IMAGE_PINS.pin(self.state_path)
+        try:
+            for _ in range(3):
+                key = self.state_key()
+                try:
+                    img = connection(self.cfg).open(self.image, snap_name(key[0]), True)
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+                    self.retries += 1  # a prune that began before our pin: look again
+                    continue
+                try:
+                    out = []
+                    pos, end = offset, offset + length
+                    while pos < end:
+                        if self.check is not None:
+                            self.check()
+                        n = min(self.READ_STEP, end - pos)
+                        if self.throttle is not None:
+                            self.throttle(n)
+                        hashes, _zero = blockhash.hash_buffer(img.read(pos, n), bs)
+                        out.append(np.asarray(hashes, dtype=np.uint64))
+                        self.bytes_read += n
+                        pos += n
+                finally:
+                    img.close()
+                self.pinned_reads += 1
+                return key[0], key[1], (np.concatenate(out) if out
+                                        else np.empty(0, dtype=np.uint64))
+        finally:
+            IMAGE_PINS.unpin(self.state_path)
+        raise StoreError(f"RBD image {self.cfg.pool}/{self.image}: the snapshot of its applied "
+                         "cycle kept disappearing; verify again later")

@@ -348,19 +348,29 @@ def touched_blocks(staging_path: str, total: int, volumes) -> list[ExtentBitmap]
 
 def record_apply(mirror, c, previous: int) -> None:
     """Bring each member's record from cycle ``previous`` (the image's before this apply)
-    to cycle ``c`` (``InFlight``); never raises."""
+    to cycle ``c`` (``InFlight``); never raises.
+
+    An RBD mirror (a backend with ``snapshot_hasher``) reads the touched blocks
+    from the new cycle's snapshot; after a full cycle its record is dropped rather
+    than rebuilt (that would read the whole image back from the cluster), so the
+    next scrub makes a new baseline."""
     st = mirror.state
-    paths = [record_path(mirror.image_path(i)) for i in range(len(st.volumes))]
+    hasher = getattr(mirror.backend, "snapshot_hasher", None)
+    images = [mirror.backend.image_path_of(i) if hasher else mirror.image_path(i)
+              for i in range(len(st.volumes))]
+    paths = [record_path(image) for image in images]
     try:
         touched = None if c.full else touched_blocks(mirror.staging_file(c), c.staged_bytes,
                                                      st.volumes)
         for i, vol in enumerate(st.volumes):
             with RECORD_LOCKS(paths[i]):
-                if c.full:
-                    _rebuild(paths[i], mirror.image_path(i), vol, c.cycle)
+                if c.full and hasher:
+                    _drop(paths[i], "a full cycle was applied into RBD")
+                elif c.full:
+                    _rebuild(paths[i], images[i], vol, c.cycle)
                 else:
-                    _update(paths[i], mirror.image_path(i), vol, previous, c.cycle,
-                            touched[i])
+                    _update(paths[i], hasher(i, c.cycle) if hasher else images[i], vol,
+                            previous, c.cycle, touched[i])
     except Exception as exc:  # noqa: BLE001 - a record must never fail an apply
         for path in paths:
             with RECORD_LOCKS(path):
@@ -388,10 +398,21 @@ def _rebuild(path: str, image: str, vol, cycle: int) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def _update(path: str, image: str, vol, applied: int, cycle: int,
+def _update(path: str, image, vol, applied: int, cycle: int,
             touched: ExtentBitmap) -> None:
-    if not os.path.exists(path):
-        return  # no baseline yet: the next scrub makes one
+    """``image``: the image file's path, or an RBD snapshot's hasher
+    (``digests(offset, length)``, ``close()``)."""
+    try:
+        if not os.path.exists(path):
+            return  # no baseline yet: the next scrub makes one
+        _update_record(path, image, vol, applied, cycle, touched)
+    finally:
+        if not isinstance(image, str):
+            image.close()
+
+
+def _update_record(path: str, image, vol, applied: int, cycle: int,
+                   touched: ExtentBitmap) -> None:
     try:
         rec = ScrubRecord.open(path)
     except IntegrityError as exc:
@@ -417,7 +438,7 @@ def _update(path: str, image: str, vol, applied: int, cycle: int,
         rec.set_cycle(cycle)
 
 
-def _hash_runs(image: str, runs: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+def _hash_runs(image, runs: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
     """(block numbers, digests) of the blocks in ``runs`` of the image.
 
     The blocks were just written, so they are read whole (a hole reads as zeroes:
@@ -426,6 +447,13 @@ def _hash_runs(image: str, runs: np.ndarray, bs: int) -> tuple[np.ndarray, np.nd
     """
     blocks = np.empty(int(runs[:, 1].sum()), dtype=np.int64)
     digests = np.empty(len(blocks), dtype=np.uint64)
+    if not isinstance(image, str):  # an RBD snapshot's hasher
+        pos = 0
+        for start, count in runs.tolist():
+            blocks[pos:pos + count] = np.arange(start, start + count)
+            digests[pos:pos + count] = image(start * bs, count * bs)
+            pos += count
+        return blocks, digests
     fd = os.open(image, os.O_RDONLY)
     try:
         pos = 0
@@ -467,10 +495,12 @@ class ScrubOutcome:
 def scrub_image(state_path: str, image_path: str, vol, *, offset: int = 0,
                 length: int | None = None, rate: int = 0, resume_from: int | None = None,
                 found: ExtentBitmap | None = None, on_progress: Callable | None = None,
-                cancel: threading.Event | None = None) -> ScrubOutcome:
+                cancel: threading.Event | None = None,
+                make_spans: Callable | None = None) -> ScrubOutcome:
     """Compare ``[offset, offset + length)`` of the image with its record (see above).
 
-    The span is widened to whole record pages (512 blocks).
+    The span is widened to whole record pages (512 blocks).  ``make_spans(throttle,
+    check)``: the image's spans where it is not a file (RBD: ``RbdImageSpans``).
     """
     from cyclemirror.receiver.verify import ImageSpans
 
@@ -492,7 +522,8 @@ def scrub_image(state_path: str, image_path: str, vol, *, offset: int = 0,
             raise DeadlineError(f"scrub of {image_path} was cancelled")
 
     throttle = RateLimiter(rate).consume if rate else None
-    spans = ImageSpans(state_path, image_path, bs, throttle, check)
+    spans = (make_spans(throttle, check) if make_spans is not None
+             else ImageSpans(state_path, image_path, bs, throttle, check))
     path = record_path(image_path)
     out = ScrubOutcome(image_path, first * bs, (stop - first) * bs, bs,
                        found.copy() if found is not None else ExtentBitmap(nblocks),

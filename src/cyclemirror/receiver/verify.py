@@ -178,19 +178,27 @@ class VerifyTarget:
         if st.applied_cycle <= 0:
             raise NotFoundError(f"verify: mirror {msg['mirror']!r} of source {who} has no "
                                 "applied cycle yet")
-        if st.extra.get("backend"):
+        in_rbd = bool(st.extra.get("backend"))
+        if in_rbd and getattr(server, "rbd", None) is None:
             raise UsageError(f"verify: mirror {msg['mirror']!r} of source {who} is kept in "
-                             "RBD; verify reads image files and does not handle RBD images "
-                             "yet (docs/ceph.md)")
+                             "RBD, and this daemon was started without --rbd-pool")
         self.mirror = msg["mirror"]
         self.volumes = st.volumes
         directory = os.path.dirname(self.state_path)
         rate = msg["read_rate"]
         throttle = RateLimiter(rate).consume if rate else None
         self._stop = threading.Event()
-        self.images = [ImageSpans(self.state_path, os.path.join(directory, v.name + ".img"),
-                                  v.block_size, throttle, self._check)
-                       for v in st.volumes]
+        if in_rbd:  # each span hashed from one cycle's snapshot
+            from cyclemirror.receiver.rbdbackend import RbdImageSpans
+
+            self.images = [RbdImageSpans(server.rbd, self.state_path, st.source_node, v.name,
+                                         v.block_size, throttle, self._check)
+                           for v in st.volumes]
+        else:
+            self.images = [ImageSpans(self.state_path,
+                                      os.path.join(directory, v.name + ".img"),
+                                      v.block_size, throttle, self._check)
+                           for v in st.volumes]
         self._cond = threading.Condition()
         self._top: collections.deque = collections.deque()  # [index, offset, end, unit]
         self._detail: collections.deque = collections.deque()  # (index, offset, length, unit)
