@@ -7,8 +7,10 @@ links from 40 Mbit/s to loopback), lz4 when the CPU is the limit, the best
 ratio when the link is slow; ``LinkMeter`` on a real TCP connection tells a
 busy link (its rate) from one that idled (a lower bound); ``AdaptivePacker``
 learns from real packing (real FramePackers, a real file) and from the link
-rates it is told, moves to zstd on a slow link and to ``none`` on a fast
-one, lower bounds only ever raise its link estimate, and every frame it
+rates it is told, starts with zstd 1, moves to zstd on a slow link without
+a batch of lz4 or ``none`` (``worth_trying``: both bounds of a candidate's
+cost, the bytes one only against the link's own rate) and to ``none`` on a
+fast one, lower bounds only ever raise its link estimate, and every frame it
 makes, whatever the codec, decodes to exactly the bytes of its chunk at the
 same chunk boundaries as a fixed packer's.
 """
@@ -133,6 +135,35 @@ def test_worth_trying_a_level_only_when_its_cpu_cost_could_beat_the_choice(
     assert worth_trying(i, link, cpus, RATIO5, 1, chosen, CHEAP) is want
 
 
+# The packer's order: zstd 1 first (autocodec.FIRST), so ALWAYS is its index.
+ALWAYS = (2,)
+ONLY_ZSTD1 = [None, None, 300e6, None, None]
+
+
+@pytest.mark.parametrize("i, link, busy, cpus, chosen, want", [
+    (1, None, False, ONLY_ZSTD1, 2, False),  # no link rate: only the first candidate
+    (0, None, False, ONLY_ZSTD1, 2, False),
+    (2, None, False, [None] * 5, 2, True),  # the first one always
+    # 100 Mbit/s, the link's own rate: lz4 and none ship no fewer bytes than
+    # zstd 1, which is already link-bound there: never a batch of them to learn it
+    (1, 12.5e6, True, ONLY_ZSTD1, 2, False),
+    (0, 12.5e6, True, ONLY_ZSTD1, 2, False),
+    (0, 12.5e6, True, [None, 600e6, 300e6, None, None], 2, False),
+    (3, 12.5e6, True, ONLY_ZSTD1, 2, True),  # ...but zstd 3 could ship fewer
+    # a rate from lower bounds only (the link outran the packer): it may be far faster
+    (1, 12.5e6, False, ONLY_ZSTD1, 2, True),
+    (0, 12.5e6, False, ONLY_ZSTD1, 2, True),
+    (1, 10e9, True, ONLY_ZSTD1, 2, True),  # 10 GbE: zstd 1 is CPU-bound, lz4 could win
+    (1, 125e6, True, ONLY_ZSTD1, 2, True),  # 1 GbE: zstd 1 (300 MB/s) CPU-bound too
+    (0, 125e6, True, [None, 600e6, 300e6, None, None], 1, False),  # lz4 link-bound: not none
+    (0, 1e9, True, [None, 600e6, 300e6, None, None], 1, True),  # lz4 CPU-bound: none could
+    (4, 10e9, True, [None, 600e6, 300e6, 150e6, None], 1, False),  # zstd 9 on 10 GbE: never
+])
+def test_worth_trying_uses_both_bounds_the_bytes_one_only_on_the_links_own_rate(
+        i, link, busy, cpus, chosen, want):
+    assert worth_trying(i, link, cpus, RATIO5, 1, chosen, ALWAYS, link_busy=busy) is want
+
+
 def _tcp_pair():
     with socket.create_server(("127.0.0.1", 0)) as srv:
         a = socket.create_connection(srv.getsockname())
@@ -229,19 +260,22 @@ def test_the_packer_moves_to_zstd_on_a_slow_link_to_none_on_a_fast_one_frames_st
                 codecs |= {c for _o, _b, c in got} - {frames.CODEC_NONE}  # random: stored
             return codecs
 
-        assert batches(1) == {frames.CODEC_LZ4}  # the link is unknown: lz4
-        packer.observe_link("t", 2 * MiB, 2.0)  # 1 MiB/s: a very slow link
-        batches(len(CANDIDATES) + 1)  # every candidate gets measured once
+        assert batches(2) == {frames.CODEC_ZSTD}  # the link is unknown: zstd 1
+        packer.observe_link("t", 2 * MiB, 2.0)  # 1 MiB/s, its own rate: a very slow link
+        # the zstd levels get measured; lz4 and none, which cannot ship fewer
+        # bytes than zstd 1, get no batch (until exploration, one in 16)
+        assert batches(len(CANDIDATES) + 1) == {frames.CODEC_ZSTD}
+        tried = {c["codec"] for c in packer.status()["candidates"] if c["batches"]}
+        assert tried == {"zstd:1", "zstd:3", "zstd:9"}, packer.status()
         assert packer.status()["codec"].startswith("zstd")
         picked = packer.status()["codec"]
-        assert all(c["batches"] >= 1 for c in packer.status()["candidates"])
         for _ in range(EXPLORE_EVERY + 1):
             packer.observe_link("t", 2 * MiB, 2.0)
             batches(1)
         assert packer.status()["codec"] == picked != "lz4"
         for _ in range(30):  # now the link is far faster than any codec: none
             packer.observe_link("t", 1 << 30, 0.01)
-        batches(1)
+        batches(2)  # none gets its first batch (lz4 too, when exploring got to it first)
         assert packer.status()["codec"] == "none"
         assert packer.status()["link_rate"] > 1e9
     finally:

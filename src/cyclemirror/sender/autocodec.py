@@ -37,14 +37,19 @@ Every ``EXPLORE_EVERY``-th batch goes to a neighbour of the choice (the
 level above, then the one below), so the estimates near the choice stay
 current when the data or the link changes: from lz4 that is zstd 1 and
 ``none``, whose fast batches are what shows a fast link its lower bound.
-The first batches go one to each of lz4, ``none`` and zstd 1 (cheap to
-try), lz4 first: a first cycle packs a few batches ahead before the first
-byte is sent, so by the time the link has been measured they have been
-too.  zstd 3 and 9 get their first batch only once the link is measured
-and the CPU cost of the level below (a lower bound of theirs) is under the
-choice's cost (``worth_trying``): a batch of zstd 9 costs a second or more,
-which on a fast link is a good part of the cycle.  Without a link rate the
-choice is by CPU alone among the codecs that compress (lz4).
+The first batch goes to zstd 1 (``FIRST``), and the batches packed before
+the link is measured go to it too (a first cycle packs a few batches ahead
+of the first send: on a slow link each of them packed with lz4 shipped a
+third more bytes than zstd 1, on a fast one zstd 1 costs a few
+milliseconds more CPU per batch).  Every other candidate gets its first
+batch only once the link is measured and a lower bound of its cost is
+under the choice's cost (``worth_trying``): a level above a measured one
+is no faster on CPU than it, a level below one (lz4 and ``none`` below
+zstd 1) ships no fewer bytes than it.  So a fast link never pays for a
+first batch of zstd 9, and a slow one never ships a batch of lz4 or
+``none`` just to learn that they lose.  Without a link rate the choice is
+by CPU alone among the codecs that compress (zstd 1 at first, the only one
+measured).
 
 Determinism.  Resuming a cycle regenerates its frames and skips the first
 N; that stays correct because chunk boundaries depend only on raw lengths
@@ -56,6 +61,7 @@ bytes.
 from __future__ import annotations
 
 import fcntl
+import logging
 import struct
 import termios
 import threading
@@ -68,10 +74,10 @@ from cyclemirror._cext import frames
 # compressors, lz4 when the CPU is the limit, zstd at higher levels the slower the link.
 CANDIDATES: tuple[tuple[str, int], ...] = (("none", 0), ("lz4", 0), ("zstd", 1), ("zstd", 3),
                                            ("zstd", 9))
-FIRST = ("lz4", 0)  # the candidate of the first batch, and the choice while nothing is measured
-CHEAP = (("none", 0), ("lz4", 0), ("zstd", 1))  # a first batch of each costs little: always tried
+FIRST = ("zstd", 1)  # the candidate of the first batch, and the choice while nothing is measured
 EXPLORE_EVERY = 16  # one batch in this many tries another candidate
 WEIGHT = 0.3  # of a new observation in the running means
+log = logging.getLogger(__name__)
 _CODE = {"none": frames.CODEC_NONE, "lz4": frames.CODEC_LZ4, "zstd": frames.CODEC_ZSTD}
 
 
@@ -144,26 +150,39 @@ def cost(link_rate: float | None, cpu_rate: float, ratio: float, threads: int = 
 
 def worth_trying(i: int, link_rate: float | None, cpu_rates: Sequence[float | None],
                  ratios: Sequence[float | None], threads: int, chosen: int,
-                 cheap: Sequence[int]) -> bool:
+                 always: Sequence[int] = (), *, link_busy: bool = False) -> bool:
     """Whether the untried candidate ``i`` could beat the choice (pure, like ``choose``).
 
-    The candidates ``cheap`` always are (lz4, none, zstd 1: a batch of each
-    costs little).  The others are levels above them, never faster on CPU
-    than the measured level below: that one's CPU cost is a lower bound of
-    theirs.  Without a link rate nothing says they could win yet; with one,
-    they are tried when that bound is below the choice's cost.  So a fast
-    link never pays for a first batch of zstd 9, and a slow one still
-    measures every level before its first cycle is far along.
+    The candidates ``always`` are (the first one).  The others need a
+    measured link, and a lower bound of their cost under the choice's cost.
+    Candidates run from the least CPU to the fewest bytes, so a level above
+    the nearest measured one below it is no faster on CPU than that one
+    (``1 / (cpu_below * threads)`` bounds its cost), and a level below the
+    nearest measured one above it ships no fewer bytes (``ratio_above /
+    link``), a bound only when ``link_rate`` is the link's own rate
+    (``link_busy``: measured while its queue never ran empty); a rate from
+    lower bounds alone (a link faster than the packer) may be far below
+    it.  So a fast link never pays for a first batch of zstd 9, a slow one
+    never ships a batch of lz4 or ``none`` only to learn that they lose,
+    and each still measures whatever could win before its first cycle is
+    far along.
     """
-    if i in cheap:
+    if i in always:
         return True
     if link_rate is None or link_rate <= 0:
         return False
-    below = [j for j in range(i) if cpu_rates[j] is not None and cpu_rates[j] > 0]
     chosen_cpu, chosen_ratio = cpu_rates[chosen], ratios[chosen]
-    if not below or chosen_cpu is None or chosen_ratio is None or chosen_cpu <= 0:
+    if chosen_cpu is None or chosen_ratio is None or chosen_cpu <= 0:
         return True
-    bound = 1.0 / (cpu_rates[below[-1]] * max(1, threads))
+    measured = [j for j in range(len(cpu_rates)) if j != i and cpu_rates[j] is not None
+                and cpu_rates[j] > 0 and ratios[j] is not None]
+    below = [j for j in measured if j < i]
+    above = [j for j in measured if j > i]
+    bound = 0.0
+    if below:
+        bound = max(bound, 1.0 / (cpu_rates[below[-1]] * max(1, threads)))
+    if above and link_busy:
+        bound = max(bound, ratios[above[0]] / link_rate)
     return bound < cost(link_rate, chosen_cpu, chosen_ratio, threads)
 
 
@@ -180,11 +199,11 @@ class AdaptivePacker:
         self._cpu: list[float | None] = [None] * len(self.candidates)
         self._ratio: list[float | None] = [None] * len(self.candidates)
         self._links: dict[str, float] = {}
+        self._busy: dict[str, bool] = {}  # per link: was its last interval busy (its own rate)
         self._batches = 0
         self._started = [False] * len(self.candidates)
         self._stored = next((i for i, (c, _l) in enumerate(self.candidates) if c == "none"), None)
         self._first = self.candidates.index(FIRST) if FIRST in self.candidates else 0
-        self._cheap = tuple(i for i, c in enumerate(self.candidates) if c in CHEAP)
         self.chosen = self._first
         self.uses = [0] * len(self.candidates)
 
@@ -211,11 +230,13 @@ class AdaptivePacker:
                 self._links[who] = rate
             elif busy or rate > old:
                 self._links[who] = old + WEIGHT * (rate - old)
+            self._busy[who] = bool(busy)
             self.chosen = self._choose()
 
     def forget_link(self, who: str) -> None:
         with self._lock:
             self._links.pop(who, None)
+            self._busy.pop(who, None)
 
     # -- packing
 
@@ -225,9 +246,12 @@ class AdaptivePacker:
             self.chosen = self._choose()
             order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
             link = min(self._links.values()) if self._links else None
-            for i in order:  # the first batches: one to each candidate worth it, lz4 first
+            busy = bool(self._links) and self._busy.get(min(self._links, key=self._links.get),
+                                                         False)
+            for i in order:  # a first batch to each candidate worth it, FIRST first
                 if not self._started[i] and worth_trying(
-                        i, link, self._cpu, self._ratio, self.threads, self.chosen, self._cheap):
+                        i, link, self._cpu, self._ratio, self.threads, self.chosen,
+                        (self._first,), link_busy=busy):
                     self._started[i] = True
                     return i
             if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
@@ -249,6 +273,12 @@ class AdaptivePacker:
             self._ratio[i] = (ratio if old_ratio is None
                               else old_ratio + WEIGHT * (ratio - old_ratio))
             self.chosen = self._choose()
+            if log.isEnabledFor(logging.DEBUG):  # the choices over a cycle, to see where they go
+                link = min(self._links.values()) if self._links else None
+                log.debug("auto: batch %d %s raw %d wire %d in %.4fs; link %s; choice %s",
+                          self._batches, label(self.candidates[i]), raw, wire, seconds,
+                          "unmeasured" if link is None else f"{link / 1e6:.2f} MB/s",
+                          label(self.candidates[self.chosen]))
 
     def pack_extents(self, fd, extents, cycle):
         i = self._pick()
