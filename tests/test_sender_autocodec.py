@@ -33,6 +33,8 @@ from cyclemirror.sender.autocodec import (
     AdaptivePacker,
     LinkMeter,
     choose,
+    label,
+    link_bound,
     worth_trying,
 )
 
@@ -278,6 +280,54 @@ def test_the_packer_moves_to_zstd_on_a_slow_link_to_none_on_a_fast_one_frames_st
         batches(2)  # none gets its first batch (lz4 too, when exploring got to it first)
         assert packer.status()["codec"] == "none"
         assert packer.status()["link_rate"] > 1e9
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("link, cpu, ratio, threads, want", [
+    (12.5e6, 300e6, 0.35, 1, True),  # 100 Mbit/s: zstd 1 waits for the link
+    (10e9, 300e6, 0.35, 1, False),  # 10 GbE: the CPU is the limit
+    (125e6, 300e6, 0.35, 1, False),  # 1 GbE, one thread: CPU-bound (3.3 ns against 2.8 ns)
+    (125e6, 300e6, 0.35, 2, True),  # ...two threads: the link is
+    (None, 300e6, 0.35, 1, False),  # unknown figures say no
+    (12.5e6, None, 0.35, 1, False),
+    (12.5e6, 300e6, None, 1, False),
+])
+def test_link_bound_table(link, cpu, ratio, threads, want):
+    assert link_bound(link, cpu, ratio, threads) is want
+
+
+def test_on_a_link_bound_choice_trying_and_exploring_ship_no_more_than_the_choice(tmp_path):
+    data = _text(MiB // 2) + os.urandom(MiB // 4)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    fixed = {label(c): frames.FramePacker({"none": frames.CODEC_NONE, "lz4": frames.CODEC_LZ4,
+                                           "zstd": frames.CODEC_ZSTD}[c[0]], c[1], MiB)
+             for c in CANDIDATES}
+    packer = AdaptivePacker(MiB, threads=2)
+    fd = os.open(path, os.O_RDONLY)
+    extents = [(0, len(data))]
+    try:
+        packer.pack_extents(fd, extents, 1)  # zstd 1, blind
+        packed = 1
+        for _ in range(2 * EXPLORE_EVERY):
+            packer.observe_link("t", 2 * MiB, 2.0)  # 1 MiB/s, busy: every codec waits for it
+            choice = packer.status()["codec"]
+            before = sum(c["batches"] for c in packer.status()["candidates"])
+            wire = sum(len(f) for f in packer.pack_extents(fd, extents, 1))
+            assert wire <= sum(len(f) for f in fixed[choice].pack_extents(fd, extents, 1))
+            packed += 1
+            packed_now = sum(c["batches"] for c in packer.status()["candidates"])
+            assert packed_now - before in (1, 2)  # and the choice's packing, if it tried another
+        counts = {c["codec"]: c["batches"] for c in packer.status()["candidates"]}
+        assert sum(counts.values()) > packed  # some batches were packed twice
+        assert counts["zstd:3"] and counts["zstd:9"], counts  # tried and explored
+        for _ in range(30):  # a link far faster than the codecs: CPU-bound, one packing each
+            packer.observe_link("t", 1 << 30, 0.001)
+        for _ in range(EXPLORE_EVERY + 1):
+            before = sum(c["batches"] for c in packer.status()["candidates"])
+            packer.pack_extents(fd, extents, 1)
+            assert sum(c["batches"] for c in packer.status()["candidates"]) == before + 1
     finally:
         os.close(fd)
 

@@ -49,7 +49,12 @@ zstd 1) ships no fewer bytes than it.  So a fast link never pays for a
 first batch of zstd 9, and a slow one never ships a batch of lz4 or
 ``none`` just to learn that they lose.  Without a link rate the choice is
 by CPU alone among the codecs that compress (zstd 1 at first, the only one
-measured).
+measured).  A batch that tries or explores another candidate than the
+choice is packed with the choice as well when the choice is link-bound
+(``link_bound``: the threads pack faster than the link takes it, so they
+have time to spare), and the smaller of the two is shipped: on a slow link
+learning costs idle CPU, not wire bytes, and a batch that another codec
+happens to pack smaller ships smaller than with a fixed codec.
 
 Determinism.  Resuming a cycle regenerates its frames and skips the first
 N; that stays correct because chunk boundaries depend only on raw lengths
@@ -148,6 +153,20 @@ def cost(link_rate: float | None, cpu_rate: float, ratio: float, threads: int = 
     return c
 
 
+def link_bound(link_rate: float | None, cpu_rate: float | None, ratio: float | None,
+               threads: int = 1) -> bool:
+    """Whether a candidate's cost is the link's: it packs faster than the link takes it.
+
+    Then the packing threads have time to spare, and an exploring batch is
+    packed with the choice too and the smaller result shipped
+    (``AdaptivePacker``): exploring costs no wire bytes where bytes are the
+    cost.  Unknown figures say no.
+    """
+    if link_rate is None or link_rate <= 0 or cpu_rate is None or cpu_rate <= 0 or ratio is None:
+        return False
+    return ratio / link_rate > 1.0 / (cpu_rate * max(1, threads))
+
+
 def worth_trying(i: int, link_rate: float | None, cpu_rates: Sequence[float | None],
                  ratios: Sequence[float | None], threads: int, chosen: int,
                  always: Sequence[int] = (), *, link_busy: bool = False) -> bool:
@@ -240,27 +259,42 @@ class AdaptivePacker:
 
     # -- packing
 
-    def _pick(self) -> int:
+    def _pick(self) -> tuple[int, int | None]:
+        """The candidate of the next batch, and the one to pack it with as well (or None).
+
+        A batch that tries or explores another candidate than the choice is
+        packed with the choice too when the choice is link-bound (``link_bound``:
+        the packing threads have time to spare), and the smaller result is
+        shipped: on a slow link, learning costs CPU that is idle, not bytes.
+        """
         with self._lock:
             self._batches += 1
             self.chosen = self._choose()
-            order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
+            i = self._next_candidate()
             link = min(self._links.values()) if self._links else None
-            busy = bool(self._links) and self._busy.get(min(self._links, key=self._links.get),
-                                                         False)
-            for i in order:  # a first batch to each candidate worth it, FIRST first
-                if not self._started[i] and worth_trying(
-                        i, link, self._cpu, self._ratio, self.threads, self.chosen,
-                        (self._first,), link_busy=busy):
-                    self._started[i] = True
-                    return i
-            if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
-                # a neighbour of the choice (the level above, then below): it is
-                # where a change of data or link shows first, and cheap to try
-                step = 1 if (self._batches // EXPLORE_EVERY) % 2 else -1
-                j = self.chosen + step
-                return j if 0 <= j < len(self.candidates) else self.chosen - step
-            return self.chosen
+            c = self.chosen
+            if i != c and link_bound(link, self._cpu[c], self._ratio[c], self.threads):
+                return i, c
+            return i, None
+
+    def _next_candidate(self) -> int:
+        """The caller holds the lock and has made the choice."""
+        order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
+        link = min(self._links.values()) if self._links else None
+        busy = bool(self._links) and self._busy.get(min(self._links, key=self._links.get), False)
+        for i in order:  # a first batch to each candidate worth it, FIRST first
+            if not self._started[i] and worth_trying(
+                    i, link, self._cpu, self._ratio, self.threads, self.chosen,
+                    (self._first,), link_busy=busy):
+                self._started[i] = True
+                return i
+        if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
+            # a neighbour of the choice (the level above, then below): it is
+            # where a change of data or link shows first, and cheap to try
+            step = 1 if (self._batches // EXPLORE_EVERY) % 2 else -1
+            j = self.chosen + step
+            return j if 0 <= j < len(self.candidates) else self.chosen - step
+        return self.chosen
 
     def _learn(self, i: int, raw: int, wire: int, seconds: float) -> None:
         if raw < 65536 or seconds <= 0:
@@ -280,21 +314,27 @@ class AdaptivePacker:
                           "unmeasured" if link is None else f"{link / 1e6:.2f} MB/s",
                           label(self.candidates[self.chosen]))
 
+    def _pack(self, method: str, fd, extents, cycle, raw_of, wire_of):
+        i, also = self._pick()
+        out = None
+        for k in (i,) if also is None else (i, also):
+            t0 = time.perf_counter()
+            got = getattr(self.packers[k], method)(fd, extents, cycle)
+            wire = wire_of(got)
+            self._learn(k, raw_of(got), wire, time.perf_counter() - t0)
+            if out is None or wire < out[1]:
+                out = (got, wire)
+        return out[0]
+
     def pack_extents(self, fd, extents, cycle):
-        i = self._pick()
-        t0 = time.perf_counter()
-        out = self.packers[i].pack_extents(fd, extents, cycle)
-        self._learn(i, sum(length for _o, length in extents), sum(len(f) for f in out),
-                    time.perf_counter() - t0)
-        return out
+        raw = sum(length for _o, length in extents)
+        return self._pack("pack_extents", fd, extents, cycle, lambda _out: raw,
+                          lambda out: sum(len(f) for f in out))
 
     def pack_scatter(self, fd, extents, cycle):
-        i = self._pick()
-        t0 = time.perf_counter()
-        out = self.packers[i].pack_scatter(fd, extents, cycle)
-        self._learn(i, sum(n for _f, n in out), sum(len(f) for f, _n in out),
-                    time.perf_counter() - t0)
-        return out
+        return self._pack("pack_scatter", fd, extents, cycle,
+                          lambda out: sum(n for _f, n in out),
+                          lambda out: sum(len(f) for f, _n in out))
 
     def status(self) -> dict:
         """What ``status`` shows: the current pick and what it is based on."""
