@@ -295,6 +295,8 @@ def test_the_packer_moves_to_zstd_on_a_slow_link_to_none_on_a_fast_one_frames_st
 ])
 def test_link_bound_table(link, cpu, ratio, threads, want):
     assert link_bound(link, cpu, ratio, threads) is want
+    # a rate made of lower bounds (the link outran the packer) says nothing of the kind
+    assert link_bound(link, cpu, ratio, threads, link_busy=False) is False
 
 
 def test_on_a_link_bound_choice_trying_and_exploring_ship_no_more_than_the_choice(tmp_path):
@@ -325,6 +327,15 @@ def test_on_a_link_bound_choice_trying_and_exploring_ship_no_more_than_the_choic
         for _ in range(30):  # a link far faster than the codecs: CPU-bound, one packing each
             packer.observe_link("t", 1 << 30, 0.001)
         for _ in range(EXPLORE_EVERY + 1):
+            before = sum(c["batches"] for c in packer.status()["candidates"])
+            packer.pack_extents(fd, extents, 1)
+            assert sum(c["batches"] for c in packer.status()["candidates"]) == before + 1
+        # a slow rate made of lower bounds only (the link idled: it may be far faster):
+        # not link-bound, so no batch is packed twice
+        packer = AdaptivePacker(MiB, threads=2)
+        packer.pack_extents(fd, extents, 1)
+        for _ in range(EXPLORE_EVERY + 1):
+            packer.observe_link("t", 2 * MiB, 2.0, busy=False)
             before = sum(c["batches"] for c in packer.status()["candidates"])
             packer.pack_extents(fd, extents, 1)
             assert sum(c["batches"] for c in packer.status()["candidates"]) == before + 1

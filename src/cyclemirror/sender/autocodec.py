@@ -154,15 +154,18 @@ def cost(link_rate: float | None, cpu_rate: float, ratio: float, threads: int = 
 
 
 def link_bound(link_rate: float | None, cpu_rate: float | None, ratio: float | None,
-               threads: int = 1) -> bool:
+               threads: int = 1, *, link_busy: bool = True) -> bool:
     """Whether a candidate's cost is the link's: it packs faster than the link takes it.
 
     Then the packing threads have time to spare, and an exploring batch is
     packed with the choice too and the smaller result shipped
     (``AdaptivePacker``): exploring costs no wire bytes where bytes are the
-    cost.  Unknown figures say no.
+    cost.  Unknown figures say no, and so does a link rate made of lower
+    bounds only (not ``link_busy``: a link faster than the packer, whose
+    estimate is the packer's own pace).
     """
-    if link_rate is None or link_rate <= 0 or cpu_rate is None or cpu_rate <= 0 or ratio is None:
+    if (not link_busy or link_rate is None or link_rate <= 0 or cpu_rate is None
+            or cpu_rate <= 0 or ratio is None):
         return False
     return ratio / link_rate > 1.0 / (cpu_rate * max(1, threads))
 
@@ -270,18 +273,24 @@ class AdaptivePacker:
         with self._lock:
             self._batches += 1
             self.chosen = self._choose()
-            i = self._next_candidate()
-            link = min(self._links.values()) if self._links else None
+            link, busy = self._link()
+            i = self._next_candidate(link, busy)
             c = self.chosen
-            if i != c and link_bound(link, self._cpu[c], self._ratio[c], self.threads):
+            if i != c and link_bound(link, self._cpu[c], self._ratio[c], self.threads,
+                                     link_busy=busy):
                 return i, c
             return i, None
 
-    def _next_candidate(self) -> int:
+    def _link(self) -> tuple[float | None, bool]:
+        """The slowest target's link rate, and whether it is that link's own (busy) rate."""
+        if not self._links:
+            return None, False
+        who = min(self._links, key=self._links.get)
+        return self._links[who], self._busy.get(who, False)
+
+    def _next_candidate(self, link: float | None, busy: bool) -> int:
         """The caller holds the lock and has made the choice."""
         order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
-        link = min(self._links.values()) if self._links else None
-        busy = bool(self._links) and self._busy.get(min(self._links, key=self._links.get), False)
         for i in order:  # a first batch to each candidate worth it, FIRST first
             if not self._started[i] and worth_trying(
                     i, link, self._cpu, self._ratio, self.threads, self.chosen,
