@@ -7,8 +7,8 @@ links from 40 Mbit/s to loopback), lz4 when the CPU is the limit, the best
 ratio when the link is slow; ``LinkMeter`` on a real TCP connection tells a
 busy link (its rate) from one that idled (a lower bound); ``AdaptivePacker``
 learns from real packing (real FramePackers, a real file) and from the link
-rates it is told, starts with zstd 1, moves to zstd on a slow link without
-a batch of lz4 or ``none`` (``worth_trying``: both bounds of a candidate's
+rates it is told, probes with one batch of ``none`` then zstd 1, moves to
+zstd on a slow link without a batch of lz4 (``worth_trying``: both bounds of a candidate's
 cost, the bytes one only against the link's own rate) and to ``none`` on a
 fast one, lower bounds only ever raise its link estimate, and every frame it
 makes, whatever the codec, decodes to exactly the bytes of its chunk at the
@@ -262,13 +262,15 @@ def test_the_packer_moves_to_zstd_on_a_slow_link_to_none_on_a_fast_one_frames_st
                 codecs |= {c for _o, _b, c in got} - {frames.CODEC_NONE}  # random: stored
             return codecs
 
+        batches(1)  # the probe: none (its frames are stored, not in the set)
+        assert [c["batches"] for c in packer.status()["candidates"]][0] == 1
         assert batches(2) == {frames.CODEC_ZSTD}  # the link is unknown: zstd 1
         packer.observe_link("t", 2 * MiB, 2.0)  # 1 MiB/s, its own rate: a very slow link
-        # the zstd levels get measured; lz4 and none, which cannot ship fewer
-        # bytes than zstd 1, get no batch (until exploration, one in 16)
+        # the zstd levels get measured; lz4, which cannot ship fewer bytes
+        # than zstd 1, gets no batch (until exploration, one in 16)
         assert batches(len(CANDIDATES) + 1) == {frames.CODEC_ZSTD}
         tried = {c["codec"] for c in packer.status()["candidates"] if c["batches"]}
-        assert tried == {"zstd:1", "zstd:3", "zstd:9"}, packer.status()
+        assert tried == {"none", "zstd:1", "zstd:3", "zstd:9"}, packer.status()
         assert packer.status()["codec"].startswith("zstd")
         picked = packer.status()["codec"]
         for _ in range(EXPLORE_EVERY + 1):

@@ -37,7 +37,12 @@ Every ``EXPLORE_EVERY``-th batch goes to a neighbour of the choice (the
 level above, then the one below), so the estimates near the choice stay
 current when the data or the link changes: from lz4 that is zstd 1 and
 ``none``, whose fast batches are what shows a fast link its lower bound.
-The first batch goes to zstd 1 (``FIRST``), and the batches packed before
+The very first batch goes to ``none`` (``PROBE``): its frames reach the
+sender at once, so the first sample of the link (which sets the estimate
+outright) is taken at the pace of raw bytes, not of a codec: on a link
+faster than the packer, where only lower bounds are ever measured, a
+first estimate at zstd 1's pace is slow to climb (they only raise it).  The next batch goes to zstd 1 (``FIRST``),
+and the batches packed before
 the link is measured go to it too (a first cycle packs a few batches ahead
 of the first send: on a slow link each of them packed with lz4 shipped a
 third more bytes than zstd 1, on a fast one zstd 1 costs a few
@@ -79,7 +84,8 @@ from cyclemirror._cext import frames
 # compressors, lz4 when the CPU is the limit, zstd at higher levels the slower the link.
 CANDIDATES: tuple[tuple[str, int], ...] = (("none", 0), ("lz4", 0), ("zstd", 1), ("zstd", 3),
                                            ("zstd", 9))
-FIRST = ("zstd", 1)  # the candidate of the first batch, and the choice while nothing is measured
+PROBE = ("none", 0)  # the very first batch: its frames go out at once (see the docstring)
+FIRST = ("zstd", 1)  # the next, and the choice while the link is not measured
 EXPLORE_EVERY = 16  # one batch in this many tries another candidate
 WEIGHT = 0.3  # of a new observation in the running means
 log = logging.getLogger(__name__)
@@ -226,6 +232,7 @@ class AdaptivePacker:
         self._started = [False] * len(self.candidates)
         self._stored = next((i for i, (c, _l) in enumerate(self.candidates) if c == "none"), None)
         self._first = self.candidates.index(FIRST) if FIRST in self.candidates else 0
+        self._probe = self.candidates.index(PROBE) if PROBE in self.candidates else self._first
         self.chosen = self._first
         self.uses = [0] * len(self.candidates)
 
@@ -290,11 +297,13 @@ class AdaptivePacker:
 
     def _next_candidate(self, link: float | None, busy: bool) -> int:
         """The caller holds the lock and has made the choice."""
-        order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
-        for i in order:  # a first batch to each candidate worth it, FIRST first
+        always = (self._probe, self._first)
+        order = [*dict.fromkeys(always)] + [i for i in range(len(self.candidates))
+                                            if i not in always]
+        for i in order:  # a first batch to each candidate worth it, PROBE and FIRST first
             if not self._started[i] and worth_trying(
                     i, link, self._cpu, self._ratio, self.threads, self.chosen,
-                    (self._first,), link_busy=busy):
+                    always, link_busy=busy):
                 self._started[i] = True
                 return i
         if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
