@@ -7,8 +7,10 @@ links from 40 Mbit/s to loopback), lz4 when the CPU is the limit, the best
 ratio when the link is slow; ``LinkMeter`` on a real TCP connection tells a
 busy link (its rate) from one that idled (a lower bound); ``AdaptivePacker``
 learns from real packing (real FramePackers, a real file) and from the link
-rates it is told, moves to zstd on a slow link and to ``none`` on a fast
-one, lower bounds only ever raise its link estimate, and every frame it
+rates it is told, probes with one batch of ``none`` then zstd 1, moves to
+zstd on a slow link without a batch of lz4 (``worth_trying``: both bounds of a candidate's
+cost, the bytes one only against the link's own rate) and to ``none`` on a
+fast one, lower bounds only ever raise its link estimate, and every frame it
 makes, whatever the codec, decodes to exactly the bytes of its chunk at the
 same chunk boundaries as a fixed packer's.
 """
@@ -31,6 +33,8 @@ from cyclemirror.sender.autocodec import (
     AdaptivePacker,
     LinkMeter,
     choose,
+    label,
+    link_bound,
     worth_trying,
 )
 
@@ -133,6 +137,35 @@ def test_worth_trying_a_level_only_when_its_cpu_cost_could_beat_the_choice(
     assert worth_trying(i, link, cpus, RATIO5, 1, chosen, CHEAP) is want
 
 
+# The packer's order: zstd 1 first (autocodec.FIRST), so ALWAYS is its index.
+ALWAYS = (2,)
+ONLY_ZSTD1 = [None, None, 300e6, None, None]
+
+
+@pytest.mark.parametrize("i, link, busy, cpus, chosen, want", [
+    (1, None, False, ONLY_ZSTD1, 2, False),  # no link rate: only the first candidate
+    (0, None, False, ONLY_ZSTD1, 2, False),
+    (2, None, False, [None] * 5, 2, True),  # the first one always
+    # 100 Mbit/s, the link's own rate: lz4 and none ship no fewer bytes than
+    # zstd 1, which is already link-bound there: never a batch of them to learn it
+    (1, 12.5e6, True, ONLY_ZSTD1, 2, False),
+    (0, 12.5e6, True, ONLY_ZSTD1, 2, False),
+    (0, 12.5e6, True, [None, 600e6, 300e6, None, None], 2, False),
+    (3, 12.5e6, True, ONLY_ZSTD1, 2, True),  # ...but zstd 3 could ship fewer
+    # a rate from lower bounds only (the link outran the packer): it may be far faster
+    (1, 12.5e6, False, ONLY_ZSTD1, 2, True),
+    (0, 12.5e6, False, ONLY_ZSTD1, 2, True),
+    (1, 10e9, True, ONLY_ZSTD1, 2, True),  # 10 GbE: zstd 1 is CPU-bound, lz4 could win
+    (1, 125e6, True, ONLY_ZSTD1, 2, True),  # 1 GbE: zstd 1 (300 MB/s) CPU-bound too
+    (0, 125e6, True, [None, 600e6, 300e6, None, None], 1, False),  # lz4 link-bound: not none
+    (0, 1e9, True, [None, 600e6, 300e6, None, None], 1, True),  # lz4 CPU-bound: none could
+    (4, 10e9, True, [None, 600e6, 300e6, 150e6, None], 1, False),  # zstd 9 on 10 GbE: never
+])
+def test_worth_trying_uses_both_bounds_the_bytes_one_only_on_the_links_own_rate(
+        i, link, busy, cpus, chosen, want):
+    assert worth_trying(i, link, cpus, RATIO5, 1, chosen, ALWAYS, link_busy=busy) is want
+
+
 def _tcp_pair():
     with socket.create_server(("127.0.0.1", 0)) as srv:
         a = socket.create_connection(srv.getsockname())
@@ -229,21 +262,85 @@ def test_the_packer_moves_to_zstd_on_a_slow_link_to_none_on_a_fast_one_frames_st
                 codecs |= {c for _o, _b, c in got} - {frames.CODEC_NONE}  # random: stored
             return codecs
 
-        assert batches(1) == {frames.CODEC_LZ4}  # the link is unknown: lz4
-        packer.observe_link("t", 2 * MiB, 2.0)  # 1 MiB/s: a very slow link
-        batches(len(CANDIDATES) + 1)  # every candidate gets measured once
+        batches(1)  # the probe: none (its frames are stored, not in the set)
+        assert [c["batches"] for c in packer.status()["candidates"]][0] == 1
+        assert batches(2) == {frames.CODEC_ZSTD}  # the link is unknown: zstd 1
+        packer.observe_link("t", 2 * MiB, 2.0)  # 1 MiB/s, its own rate: a very slow link
+        # the zstd levels get measured; lz4, which cannot ship fewer bytes
+        # than zstd 1, gets no batch (until exploration, one in 16)
+        assert batches(len(CANDIDATES) + 1) == {frames.CODEC_ZSTD}
+        tried = {c["codec"] for c in packer.status()["candidates"] if c["batches"]}
+        assert tried == {"none", "zstd:1", "zstd:3", "zstd:9"}, packer.status()
         assert packer.status()["codec"].startswith("zstd")
         picked = packer.status()["codec"]
-        assert all(c["batches"] >= 1 for c in packer.status()["candidates"])
         for _ in range(EXPLORE_EVERY + 1):
             packer.observe_link("t", 2 * MiB, 2.0)
             batches(1)
         assert packer.status()["codec"] == picked != "lz4"
         for _ in range(30):  # now the link is far faster than any codec: none
             packer.observe_link("t", 1 << 30, 0.01)
-        batches(1)
+        batches(2)  # none gets its first batch (lz4 too, when exploring got to it first)
         assert packer.status()["codec"] == "none"
         assert packer.status()["link_rate"] > 1e9
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("link, cpu, ratio, threads, want", [
+    (12.5e6, 300e6, 0.35, 1, True),  # 100 Mbit/s: zstd 1 waits for the link
+    (10e9, 300e6, 0.35, 1, False),  # 10 GbE: the CPU is the limit
+    (125e6, 300e6, 0.35, 1, False),  # 1 GbE, one thread: CPU-bound (3.3 ns against 2.8 ns)
+    (125e6, 300e6, 0.35, 2, True),  # ...two threads: the link is
+    (None, 300e6, 0.35, 1, False),  # unknown figures say no
+    (12.5e6, None, 0.35, 1, False),
+    (12.5e6, 300e6, None, 1, False),
+])
+def test_link_bound_table(link, cpu, ratio, threads, want):
+    assert link_bound(link, cpu, ratio, threads) is want
+    # a rate made of lower bounds (the link outran the packer) says nothing of the kind
+    assert link_bound(link, cpu, ratio, threads, link_busy=False) is False
+
+
+def test_on_a_link_bound_choice_trying_and_exploring_ship_no_more_than_the_choice(tmp_path):
+    data = _text(MiB // 2) + os.urandom(MiB // 4)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    fixed = {label(c): frames.FramePacker({"none": frames.CODEC_NONE, "lz4": frames.CODEC_LZ4,
+                                           "zstd": frames.CODEC_ZSTD}[c[0]], c[1], MiB)
+             for c in CANDIDATES}
+    packer = AdaptivePacker(MiB, threads=2)
+    fd = os.open(path, os.O_RDONLY)
+    extents = [(0, len(data))]
+    try:
+        packer.pack_extents(fd, extents, 1)  # zstd 1, blind
+        packed = 1
+        for _ in range(2 * EXPLORE_EVERY):
+            packer.observe_link("t", 2 * MiB, 2.0)  # 1 MiB/s, busy: every codec waits for it
+            choice = packer.status()["codec"]
+            before = sum(c["batches"] for c in packer.status()["candidates"])
+            wire = sum(len(f) for f in packer.pack_extents(fd, extents, 1))
+            assert wire <= sum(len(f) for f in fixed[choice].pack_extents(fd, extents, 1))
+            packed += 1
+            packed_now = sum(c["batches"] for c in packer.status()["candidates"])
+            assert packed_now - before in (1, 2)  # and the choice's packing, if it tried another
+        counts = {c["codec"]: c["batches"] for c in packer.status()["candidates"]}
+        assert sum(counts.values()) > packed  # some batches were packed twice
+        assert counts["zstd:3"] and counts["zstd:9"], counts  # tried and explored
+        for _ in range(30):  # a link far faster than the codecs: CPU-bound, one packing each
+            packer.observe_link("t", 1 << 30, 0.001)
+        for _ in range(EXPLORE_EVERY + 1):
+            before = sum(c["batches"] for c in packer.status()["candidates"])
+            packer.pack_extents(fd, extents, 1)
+            assert sum(c["batches"] for c in packer.status()["candidates"]) == before + 1
+        # a slow rate made of lower bounds only (the link idled: it may be far faster):
+        # not link-bound, so no batch is packed twice
+        packer = AdaptivePacker(MiB, threads=2)
+        packer.pack_extents(fd, extents, 1)
+        for _ in range(EXPLORE_EVERY + 1):
+            packer.observe_link("t", 2 * MiB, 2.0, busy=False)
+            before = sum(c["batches"] for c in packer.status()["candidates"])
+            packer.pack_extents(fd, extents, 1)
+            assert sum(c["batches"] for c in packer.status()["candidates"]) == before + 1
     finally:
         os.close(fd)
 

@@ -37,14 +37,29 @@ Every ``EXPLORE_EVERY``-th batch goes to a neighbour of the choice (the
 level above, then the one below), so the estimates near the choice stay
 current when the data or the link changes: from lz4 that is zstd 1 and
 ``none``, whose fast batches are what shows a fast link its lower bound.
-The first batches go one to each of lz4, ``none`` and zstd 1 (cheap to
-try), lz4 first: a first cycle packs a few batches ahead before the first
-byte is sent, so by the time the link has been measured they have been
-too.  zstd 3 and 9 get their first batch only once the link is measured
-and the CPU cost of the level below (a lower bound of theirs) is under the
-choice's cost (``worth_trying``): a batch of zstd 9 costs a second or more,
-which on a fast link is a good part of the cycle.  Without a link rate the
-choice is by CPU alone among the codecs that compress (lz4).
+The very first batch goes to ``none`` (``PROBE``): its frames reach the
+sender at once, so the first sample of the link (which sets the estimate
+outright) is taken at the pace of raw bytes, not of a codec: on a link
+faster than the packer, where only lower bounds are ever measured, a
+first estimate at zstd 1's pace is slow to climb (they only raise it).  The next batch goes to zstd 1 (``FIRST``),
+and the batches packed before
+the link is measured go to it too (a first cycle packs a few batches ahead
+of the first send: on a slow link each of them packed with lz4 shipped a
+third more bytes than zstd 1, on a fast one zstd 1 costs a few
+milliseconds more CPU per batch).  Every other candidate gets its first
+batch only once the link is measured and a lower bound of its cost is
+under the choice's cost (``worth_trying``): a level above a measured one
+is no faster on CPU than it, a level below one (lz4 and ``none`` below
+zstd 1) ships no fewer bytes than it.  So a fast link never pays for a
+first batch of zstd 9, and a slow one never ships a batch of lz4 or
+``none`` just to learn that they lose.  Without a link rate the choice is
+by CPU alone among the codecs that compress (zstd 1 at first, the only one
+measured).  A batch that tries or explores another candidate than the
+choice is packed with the choice as well when the choice is link-bound
+(``link_bound``: the threads pack faster than the link takes it, so they
+have time to spare), and the smaller of the two is shipped: on a slow link
+learning costs idle CPU, not wire bytes, and a batch that another codec
+happens to pack smaller ships smaller than with a fixed codec.
 
 Determinism.  Resuming a cycle regenerates its frames and skips the first
 N; that stays correct because chunk boundaries depend only on raw lengths
@@ -56,6 +71,7 @@ bytes.
 from __future__ import annotations
 
 import fcntl
+import logging
 import struct
 import termios
 import threading
@@ -68,10 +84,11 @@ from cyclemirror._cext import frames
 # compressors, lz4 when the CPU is the limit, zstd at higher levels the slower the link.
 CANDIDATES: tuple[tuple[str, int], ...] = (("none", 0), ("lz4", 0), ("zstd", 1), ("zstd", 3),
                                            ("zstd", 9))
-FIRST = ("lz4", 0)  # the candidate of the first batch, and the choice while nothing is measured
-CHEAP = (("none", 0), ("lz4", 0), ("zstd", 1))  # a first batch of each costs little: always tried
+PROBE = ("none", 0)  # the very first batch: its frames go out at once (see the docstring)
+FIRST = ("zstd", 1)  # the next, and the choice while the link is not measured
 EXPLORE_EVERY = 16  # one batch in this many tries another candidate
 WEIGHT = 0.3  # of a new observation in the running means
+log = logging.getLogger(__name__)
 _CODE = {"none": frames.CODEC_NONE, "lz4": frames.CODEC_LZ4, "zstd": frames.CODEC_ZSTD}
 
 
@@ -142,28 +159,58 @@ def cost(link_rate: float | None, cpu_rate: float, ratio: float, threads: int = 
     return c
 
 
+def link_bound(link_rate: float | None, cpu_rate: float | None, ratio: float | None,
+               threads: int = 1, *, link_busy: bool = True) -> bool:
+    """Whether a candidate's cost is the link's: it packs faster than the link takes it.
+
+    Then the packing threads have time to spare, and an exploring batch is
+    packed with the choice too and the smaller result shipped
+    (``AdaptivePacker``): exploring costs no wire bytes where bytes are the
+    cost.  Unknown figures say no, and so does a link rate made of lower
+    bounds only (not ``link_busy``: a link faster than the packer, whose
+    estimate is the packer's own pace).
+    """
+    if (not link_busy or link_rate is None or link_rate <= 0 or cpu_rate is None
+            or cpu_rate <= 0 or ratio is None):
+        return False
+    return ratio / link_rate > 1.0 / (cpu_rate * max(1, threads))
+
+
 def worth_trying(i: int, link_rate: float | None, cpu_rates: Sequence[float | None],
                  ratios: Sequence[float | None], threads: int, chosen: int,
-                 cheap: Sequence[int]) -> bool:
+                 always: Sequence[int] = (), *, link_busy: bool = False) -> bool:
     """Whether the untried candidate ``i`` could beat the choice (pure, like ``choose``).
 
-    The candidates ``cheap`` always are (lz4, none, zstd 1: a batch of each
-    costs little).  The others are levels above them, never faster on CPU
-    than the measured level below: that one's CPU cost is a lower bound of
-    theirs.  Without a link rate nothing says they could win yet; with one,
-    they are tried when that bound is below the choice's cost.  So a fast
-    link never pays for a first batch of zstd 9, and a slow one still
-    measures every level before its first cycle is far along.
+    The candidates ``always`` are (the first one).  The others need a
+    measured link, and a lower bound of their cost under the choice's cost.
+    Candidates run from the least CPU to the fewest bytes, so a level above
+    the nearest measured one below it is no faster on CPU than that one
+    (``1 / (cpu_below * threads)`` bounds its cost), and a level below the
+    nearest measured one above it ships no fewer bytes (``ratio_above /
+    link``), a bound only when ``link_rate`` is the link's own rate
+    (``link_busy``: measured while its queue never ran empty); a rate from
+    lower bounds alone (a link faster than the packer) may be far below
+    it.  So a fast link never pays for a first batch of zstd 9, a slow one
+    never ships a batch of lz4 or ``none`` only to learn that they lose,
+    and each still measures whatever could win before its first cycle is
+    far along.
     """
-    if i in cheap:
+    if i in always:
         return True
     if link_rate is None or link_rate <= 0:
         return False
-    below = [j for j in range(i) if cpu_rates[j] is not None and cpu_rates[j] > 0]
     chosen_cpu, chosen_ratio = cpu_rates[chosen], ratios[chosen]
-    if not below or chosen_cpu is None or chosen_ratio is None or chosen_cpu <= 0:
+    if chosen_cpu is None or chosen_ratio is None or chosen_cpu <= 0:
         return True
-    bound = 1.0 / (cpu_rates[below[-1]] * max(1, threads))
+    measured = [j for j in range(len(cpu_rates)) if j != i and cpu_rates[j] is not None
+                and cpu_rates[j] > 0 and ratios[j] is not None]
+    below = [j for j in measured if j < i]
+    above = [j for j in measured if j > i]
+    bound = 0.0
+    if below:
+        bound = max(bound, 1.0 / (cpu_rates[below[-1]] * max(1, threads)))
+    if above and link_busy:
+        bound = max(bound, ratios[above[0]] / link_rate)
     return bound < cost(link_rate, chosen_cpu, chosen_ratio, threads)
 
 
@@ -180,11 +227,12 @@ class AdaptivePacker:
         self._cpu: list[float | None] = [None] * len(self.candidates)
         self._ratio: list[float | None] = [None] * len(self.candidates)
         self._links: dict[str, float] = {}
+        self._busy: dict[str, bool] = {}  # per link: was its last interval busy (its own rate)
         self._batches = 0
         self._started = [False] * len(self.candidates)
         self._stored = next((i for i, (c, _l) in enumerate(self.candidates) if c == "none"), None)
         self._first = self.candidates.index(FIRST) if FIRST in self.candidates else 0
-        self._cheap = tuple(i for i, c in enumerate(self.candidates) if c in CHEAP)
+        self._probe = self.candidates.index(PROBE) if PROBE in self.candidates else self._first
         self.chosen = self._first
         self.uses = [0] * len(self.candidates)
 
@@ -211,32 +259,60 @@ class AdaptivePacker:
                 self._links[who] = rate
             elif busy or rate > old:
                 self._links[who] = old + WEIGHT * (rate - old)
+            self._busy[who] = bool(busy)
             self.chosen = self._choose()
 
     def forget_link(self, who: str) -> None:
         with self._lock:
             self._links.pop(who, None)
+            self._busy.pop(who, None)
 
     # -- packing
 
-    def _pick(self) -> int:
+    def _pick(self) -> tuple[int, int | None]:
+        """The candidate of the next batch, and the one to pack it with as well (or None).
+
+        A batch that tries or explores another candidate than the choice is
+        packed with the choice too when the choice is link-bound (``link_bound``:
+        the packing threads have time to spare), and the smaller result is
+        shipped: on a slow link, learning costs CPU that is idle, not bytes.
+        """
         with self._lock:
             self._batches += 1
             self.chosen = self._choose()
-            order = [self._first] + [i for i in range(len(self.candidates)) if i != self._first]
-            link = min(self._links.values()) if self._links else None
-            for i in order:  # the first batches: one to each candidate worth it, lz4 first
-                if not self._started[i] and worth_trying(
-                        i, link, self._cpu, self._ratio, self.threads, self.chosen, self._cheap):
-                    self._started[i] = True
-                    return i
-            if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
-                # a neighbour of the choice (the level above, then below): it is
-                # where a change of data or link shows first, and cheap to try
-                step = 1 if (self._batches // EXPLORE_EVERY) % 2 else -1
-                j = self.chosen + step
-                return j if 0 <= j < len(self.candidates) else self.chosen - step
-            return self.chosen
+            link, busy = self._link()
+            i = self._next_candidate(link, busy)
+            c = self.chosen
+            if i != c and link_bound(link, self._cpu[c], self._ratio[c], self.threads,
+                                     link_busy=busy):
+                return i, c
+            return i, None
+
+    def _link(self) -> tuple[float | None, bool]:
+        """The slowest target's link rate, and whether it is that link's own (busy) rate."""
+        if not self._links:
+            return None, False
+        who = min(self._links, key=self._links.get)
+        return self._links[who], self._busy.get(who, False)
+
+    def _next_candidate(self, link: float | None, busy: bool) -> int:
+        """The caller holds the lock and has made the choice."""
+        always = (self._probe, self._first)
+        order = [*dict.fromkeys(always)] + [i for i in range(len(self.candidates))
+                                            if i not in always]
+        for i in order:  # a first batch to each candidate worth it, PROBE and FIRST first
+            if not self._started[i] and worth_trying(
+                    i, link, self._cpu, self._ratio, self.threads, self.chosen,
+                    always, link_busy=busy):
+                self._started[i] = True
+                return i
+        if self._batches % EXPLORE_EVERY == 0 and len(self.candidates) > 1:
+            # a neighbour of the choice (the level above, then below): it is
+            # where a change of data or link shows first, and cheap to try
+            step = 1 if (self._batches // EXPLORE_EVERY) % 2 else -1
+            j = self.chosen + step
+            return j if 0 <= j < len(self.candidates) else self.chosen - step
+        return self.chosen
 
     def _learn(self, i: int, raw: int, wire: int, seconds: float) -> None:
         if raw < 65536 or seconds <= 0:
@@ -249,22 +325,34 @@ class AdaptivePacker:
             self._ratio[i] = (ratio if old_ratio is None
                               else old_ratio + WEIGHT * (ratio - old_ratio))
             self.chosen = self._choose()
+            if log.isEnabledFor(logging.DEBUG):  # the choices over a cycle, to see where they go
+                link = min(self._links.values()) if self._links else None
+                log.debug("auto: batch %d %s raw %d wire %d in %.4fs; link %s; choice %s",
+                          self._batches, label(self.candidates[i]), raw, wire, seconds,
+                          "unmeasured" if link is None else f"{link / 1e6:.2f} MB/s",
+                          label(self.candidates[self.chosen]))
+
+    def _pack(self, method: str, fd, extents, cycle, raw_of, wire_of):
+        i, also = self._pick()
+        out = None
+        for k in (i,) if also is None else (i, also):
+            t0 = time.perf_counter()
+            got = getattr(self.packers[k], method)(fd, extents, cycle)
+            wire = wire_of(got)
+            self._learn(k, raw_of(got), wire, time.perf_counter() - t0)
+            if out is None or wire < out[1]:
+                out = (got, wire)
+        return out[0]
 
     def pack_extents(self, fd, extents, cycle):
-        i = self._pick()
-        t0 = time.perf_counter()
-        out = self.packers[i].pack_extents(fd, extents, cycle)
-        self._learn(i, sum(length for _o, length in extents), sum(len(f) for f in out),
-                    time.perf_counter() - t0)
-        return out
+        raw = sum(length for _o, length in extents)
+        return self._pack("pack_extents", fd, extents, cycle, lambda _out: raw,
+                          lambda out: sum(len(f) for f in out))
 
     def pack_scatter(self, fd, extents, cycle):
-        i = self._pick()
-        t0 = time.perf_counter()
-        out = self.packers[i].pack_scatter(fd, extents, cycle)
-        self._learn(i, sum(n for _f, n in out), sum(len(f) for f, _n in out),
-                    time.perf_counter() - t0)
-        return out
+        return self._pack("pack_scatter", fd, extents, cycle,
+                          lambda out: sum(n for _f, n in out),
+                          lambda out: sum(len(f) for f, _n in out))
 
     def status(self) -> dict:
         """What ``status`` shows: the current pick and what it is based on."""
