@@ -131,9 +131,17 @@ class Daemon:
             return ""
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
+        return self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """Ask the daemon to stop (SIGTERM), without waiting; ``wait_stopped`` waits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -172,9 +180,13 @@ class DaemonPool:
         return self
 
     def __exit__(self, *exc):
+        # SIGTERM to every daemon first, then wait for each: they shut down side by side
+        # instead of one after another (each takes a fraction of a second to stop).
+        for d in self.started:
+            d.terminate()
         for d in self.started:
             try:
-                d.stop()
+                d.wait_stopped()
             except AssertionError:
                 d.kill()
 
