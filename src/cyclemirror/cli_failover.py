@@ -104,9 +104,21 @@ def cmd_mirror_reinstate(args) -> int:
 def cmd_mirror_clone(args) -> int:
     from cyclemirror.cli import _call, _print_json
 
-    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image, name=args.name)
+    name = args.name
+    if "/" in name:  # a path (a volume name has no slash): a tree mirror's clone
+        import os
+
+        name = os.path.abspath(name)
+    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image, name=name)
     if args.json:
         _print_json(result)
+        return 0
+    if result.get("kind") == "tree":
+        sys.stdout.write(f"cloned tree {result['source_name'] or result['source_node']}/"
+                         f"{result['mirror']} at cycle {result['cycle']} to {result['path']} "
+                         f"({'a writable snapshot' if result['how'] == 'snapshot' else 'a copy'}"
+                         f", {result['seconds']:.2f}s): writable, the mirror keeps cycling; "
+                         "it is yours to delete\n")
         return 0
     sys.stdout.write(f"cloned {result['source_name'] or result['source_node']}/"
                      f"{result['mirror']} at cycle {result['cycle']} to volume "
@@ -174,15 +186,20 @@ def add_verbs(mverbs) -> None:
     reinstate.add_argument("--json", action="store_true", help="print the documented JSON")
     reinstate.set_defaults(func=cmd_mirror_reinstate)
     clone = mverbs.add_parser(
-        "clone", help="on a target: a writable volume from an incoming image, for a test "
-                      "failover, while mirroring goes on",
+        "clone", help="on a target: a writable volume from an incoming image, or a "
+                      "writable tree from a tree mirror, for a test failover, while "
+                      "mirroring goes on",
         description="Volume NAME starts as the image's latest applied cycle (a reflink where "
                     "the file system has one, else a sparse copy of its data); its writes "
                     "never reach the image, whose cycles keep applying. 'volume rm NAME' "
-                    "removes it.")
+                    "removes it. For a tree mirror give a PATH instead (it must not exist, "
+                    "outside the store): a writable btrfs snapshot of the last applied cycle "
+                    "where it can be, else a copy (docs/trees.md).")
     clone.add_argument("image", metavar="SOURCE/VOLUME",
-                       help="the source's node name (or id) and the volume, as 'status' lists")
-    clone.add_argument("name", metavar="NAME", help="the new volume's name")
+                       help="the source's node name (or id) and the volume or tree, as "
+                            "'status' lists")
+    clone.add_argument("name", metavar="NAME|PATH",
+                       help="the new volume's name, or for a tree mirror the new tree's path")
     clone.add_argument("--json", action="store_true", help="print the documented JSON")
     clone.set_defaults(func=cmd_mirror_clone)
     resolve = mverbs.add_parser(

@@ -299,11 +299,35 @@ def op_clone(service, args: dict) -> dict:
         raise UsageError(f"clone: {image!r} is not SOURCE/VOLUME (the source's node name or "
                          "id, a slash, the volume)")
     name = service._arg(args, "name", str, "NAME")
+    if name.startswith("/"):  # a path: a tree mirror's clone (docs/trees.md)
+        return clone_to_path(service, source, mirror, name)
+    from cyclemirror.receiver.treeclone import find_tree_mirror
+
+    if find_tree_mirror(str(service.store.path), source, mirror) is not None:
+        raise UsageError(f"clone: {source}/{mirror} is a tree mirror: its clone is a "
+                         f"directory tree at a path you name, not volume {name!r}; give an "
+                         "absolute path, e.g. /srv/app-test")
     with service._admin_lock:
         result = clone(service.store, source, mirror, name)
     with service._backend_lock:
         service._backends.pop(result["volume"], None)
     return result
+
+
+def clone_to_path(service, source: str, mirror: str, path: str) -> dict:
+    """``mirror clone SOURCE/TREE PATH``: a writable copy of a tree mirror at ``PATH``."""
+    from cyclemirror.receiver.treeclone import clone_tree, find_tree_mirror
+
+    root = str(service.store.path)
+    if find_tree_mirror(root, source, mirror) is None:
+        from cyclemirror.receiver.readers import mirror_images
+
+        if any(im.volume == mirror and source in (im.node_id, im.node_name)
+               for im in mirror_images(root)):
+            raise UsageError(f"clone: {source}/{mirror} is a volume's (or file's) mirror "
+                             "image: its clone is a volume of this store, named by a NAME, "
+                             f"not a path like {path!r}")
+    return clone_tree(root, source, mirror, path)
 
 
 def after_switchover(service, result: dict, back_to: str) -> None:
