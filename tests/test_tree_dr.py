@@ -5,7 +5,10 @@ system, one source and one target for the module, a tree object mirrored by
 ``mirror sync``.  ``mirror clone SOURCE/TREE PATH`` must give a writable tree
 equal to the source's snapshot of the target's last applied cycle, whose
 writes never reach the mirror, while the mirror keeps cycling; every bad
-input is refused with its exit code and nothing is made.  In-process, a
+input is refused with its exit code and nothing is made.  ``mirror promote
+SOURCE/TREE PATH`` is refused while the source is connected, then with
+``--force`` makes the last cycle a live tree object of the target, and the
+old source's next cycle is refused as demoted.  In-process, a
 cycle switched in while the clone is being copied makes the clone take its
 copy again (``receiver.treeclone``), never a mix of two cycles.
 """
@@ -18,7 +21,7 @@ import socket
 
 import pytest
 
-from tests.support.daemons import Daemon, make_key
+from tests.support.daemons import Daemon, make_key, wait_for
 from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
 
 
@@ -195,3 +198,78 @@ def test_a_cycle_switched_in_during_the_copy_is_taken_again(btrfs_mount, tmp_pat
         mirror.close()
     finally:
         delete_subvolumes(area)
+
+
+def test_promote_makes_a_live_tree_object_and_demotes_the_source(env, tmp_path):
+    from cyclemirror.store import cowfs
+
+    write(os.path.join(env.src, "one"), b"before the disaster\n")
+    k = sync(env)
+    image_k = tree_image(snap(env, k))
+    me = f"{env.a_name}/app"
+    dest = os.path.join(env.root, "promoted")
+    taken = subvolume(env.root, "taken-tree")
+    env.b.cli("tree", "add", "taken", taken)
+    trees_before = sorted(t["name"] for t in json.loads(env.b.cli("tree", "list",
+                                                                  "--json").stdout))
+    refusals = [
+        (("mirror", "promote", f"{env.a_name}/nosuch", dest), 3, "no tree mirror"),
+        (("mirror", "promote", me), 2, "is a tree mirror: name the path"),
+        (("mirror", "promote", me, taken), 4, "already exists"),
+        (("mirror", "promote", me, dest, "--as", "taken"), 4, "already an object"),
+        (("mirror", "promote", me, dest, "--as", "bad/name"), 2, ""),
+        (("mirror", "promote", me, os.path.join(env.b.store, "p")), 2, "inside this daemon"),
+    ]
+    if cowfs.filesystem_of(str(tmp_path)) != "btrfs":
+        refusals.append((("mirror", "promote", me, str(tmp_path / "p")), 2, "not on btrfs"))
+    for args, code, text in refusals:
+        r = env.b.cli(*args, check=False)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert text in r.stderr, (args, r.stderr)
+        assert not os.path.lexists(dest)
+    # The source is connected (it keeps its connection between cycles): refused without
+    # --force, nothing changed.
+    r = env.b.cli("mirror", "promote", me, dest, check=False)
+    assert r.returncode == 10, r.stderr
+    assert "connected" in r.stderr and "--force" in r.stderr
+    assert not os.path.lexists(dest)
+    assert sorted(t["name"] for t in json.loads(env.b.cli("tree", "list", "--json").stdout)) \
+        == trees_before
+    assert not [e for e in os.listdir(env.root) if e.startswith(".cyclemirror-clone-")]
+
+    out = json.loads(env.b.cli("mirror", "promote", me, dest, "--force", "--json").stdout)
+    assert out["kind"] == "tree" and out["tree"] == "app" and out["path"] == dest
+    assert out["cycle"] == k and out["resumed"] is False and out["forced"] is True
+    assert tree_image(dest) == image_k
+    listed = {t["name"]: t for t in json.loads(env.b.cli("tree", "list", "--json").stdout)}
+    assert listed["app"]["path"] == dest  # a tree object of b now: it can be mirrored on
+    write(os.path.join(dest, "one"), b"the new primary writes\n")  # live and writable
+    row = [t for t in env.b.status()["incoming_trees"] if t["tree"] == "app"][0]
+    assert row["promoted"]["path"] == dest and row["promoted"]["cycle"] == k
+    # The same promotion again answers it; another one is refused.
+    again = json.loads(env.b.cli("mirror", "promote", me, dest, "--json").stdout)
+    assert again["resumed"] is True and again["cycle"] == k
+    r = env.b.cli("mirror", "promote", me, os.path.join(env.root, "other"), check=False)
+    assert r.returncode == 10 and "promoted already" in r.stderr
+
+    # The old source is refused as demoted when it mirrors again: its target breaks.
+    mirror_before = tree_image(os.path.join(env.b.store, "mirrors", env.a.node_id, "trees",
+                                            "app"))
+    write(os.path.join(env.src, "one"), b"after the promotion\n")
+    env.a.cli("mirror", "sync", "app", "--timeout", "30", check=False)
+    wait_for(lambda: any(r["phase"] == "broken" for r in env.a.status()["mirrors"]
+                         if r["volume"] == "app"), 30, "the source's target to break")
+    text = json.dumps([r for r in env.a.status()["mirrors"] if r["volume"] == "app"])
+    assert "demoted" in text and "promoted it to tree object" in text, text
+    assert tree_image(os.path.join(env.b.store, "mirrors", env.a.node_id, "trees",
+                                   "app")) == mirror_before
+    with open(os.path.join(dest, "one"), "rb") as fh:
+        assert fh.read() == b"the new primary writes\n"
+    # mirror rm of the promoted mirror takes its record with it; the promoted tree stays.
+    env.b.cli("mirror", "rm", me, "--force")
+    assert not [t for t in env.b.status()["incoming_trees"] if t["tree"] == "app"]
+    assert not os.path.lexists(os.path.join(env.b.store, "mirrors", env.a.node_id, "trees",
+                                            ".cyclemirror-tree-app"))
+    assert json.loads(env.b.cli("tree", "list", "--json").stdout)
+    with open(os.path.join(dest, "one"), "rb") as fh:
+        assert fh.read() == b"the new primary writes\n"

@@ -16,9 +16,23 @@ def cmd_mirror_promote(args) -> int:
     request = {"image": args.image, "force": bool(args.force)}
     if args.as_name:
         request["as"] = args.as_name
+    if args.path is not None:
+        import os
+
+        request["path"] = os.path.abspath(args.path)
     result = _call(args, "mirror.promote", reply_timeout=None, **request)
     if args.json:
         _print_json(result)
+        return 0
+    if result.get("kind") == "tree":
+        forced = " (forced)" if result["forced"] else ""
+        done = ("(finished a promotion made before)" if result["resumed"]
+                else f"in {result['seconds']:.3f}s")
+        sys.stdout.write(
+            f"promoted tree {result['source_name'] or result['source_node']}/"
+            f"{result['mirror']}{forced} to tree object {result['tree']} at {result['path']}: "
+            f"writable now, as of cycle {result['cycle']} {done}\n"
+            "the source is demoted: it is refused if it tries to mirror here again\n")
         return 0
     forced = " (forced)" if result["forced"] else ""
     source = result["source_name"] or result["source_node"]
@@ -145,6 +159,9 @@ def add_verbs(mverbs) -> None:
                               "lists; for a consistency group its mirror "
                               "(SOURCE/GROUP-xxxxxxxx): every member is promoted, all as of "
                               "the same group cycle")
+    promote.add_argument("path", metavar="PATH", nargs="?",
+                         help="for a tree mirror: where the promoted tree is made (a new "
+                              "btrfs subvolume, registered as tree object NAME)")
     promote.add_argument("--as", dest="as_name", metavar="NAME",
                          help="the new volume's name (default: the volume's; not for a group)")
     promote.add_argument("--force", action="store_true",

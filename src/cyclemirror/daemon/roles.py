@@ -196,6 +196,34 @@ def op_promote(service, args: dict) -> dict:
     as_name = service._arg(args, "as", str, "--as", None)
     force = service._arg(args, "force", bool, "--force", False)
     registry = service.target.registry if service.target is not None else None
+    path = service._arg(args, "path", str, "PATH", None)
+    from cyclemirror.receiver.treeclone import find_tree_mirror
+
+    is_tree = find_tree_mirror(str(service.store.path), source, mirror) is not None
+    if path is not None or is_tree:
+        if path is None:
+            raise UsageError(f"promote: {source}/{mirror} is a tree mirror: name the path the "
+                             "promoted tree is made at ('mirror promote SOURCE/TREE PATH', "
+                             "a path on btrfs that does not exist)")
+        if not is_tree:
+            from cyclemirror.receiver.readers import mirror_images
+
+            if not any(im.volume == mirror and source in (im.node_id, im.node_name)
+                       for im in mirror_images(str(service.store.path))):
+                from cyclemirror.errors import NotFoundError
+                from cyclemirror.receiver.treeclone import known_tree_mirrors
+
+                known = known_tree_mirrors(str(service.store.path))
+                raise NotFoundError(f"promote: no tree mirror {source}/{mirror} in this "
+                                    f"store (tree mirrors: {', '.join(known) or 'none'})")
+            raise UsageError(f"promote: there is no tree mirror {source}/{mirror}: a PATH is "
+                             "only for a tree mirror (a volume's image becomes a volume of "
+                             "this store, named by --as)")
+        from cyclemirror.receiver.treepromote import promote_tree
+
+        with service._admin_lock:
+            return promote_tree(service.store, registry, source, mirror, path, as_name,
+                                force)
     with service._admin_lock:
         result = promote(service.store, registry, source, mirror, as_name, force)
     with service._backend_lock:

@@ -1,0 +1,178 @@
+"""Promote a tree mirror: its last applied cycle becomes a live tree object of this store.
+
+``promote_tree(store, registry, source, mirror, dest, as_name, force)`` is
+``mirror promote SOURCE/TREE PATH [--as NAME] [--force]`` on a target
+(docs/trees.md, "Clone and promote on the target"):
+
+1. refused while the source is connected and sending, unless ``force`` (which
+   closes its connection): the mirror is held in the server's registry, so no
+   cycle arrives meanwhile; a cycle cut short is discarded
+   (``TreeMirror.recover``);
+2. ``PATH`` becomes a btrfs subvolume holding the last applied cycle (a
+   writable snapshot of the mirror where it can be, else a copy: see
+   ``receiver.treeclone``), built aside and renamed in whole;
+3. it is registered as tree object ``NAME`` (default: the mirror's name) of
+   this store (``Store.add_tree``), so it can be mirrored in its turn;
+4. the promotion is recorded in the mirror's own directory
+   (``promoted.json``): from then on the old source's ``tree_open`` is refused
+   with a ``DemotedError`` that says what happened (``refuse_if_promoted``),
+   and the source breaks that target with that message.
+
+The mirror's tree stays as it was (the cycle promoted from) until ``mirror rm
+SOURCE/TREE``.  Running the same promotion again answers it (``resumed``),
+and finishes one a crash cut between steps 3 and 4.  Failing back (mirroring
+the promoted tree to the old source as a delta from the cycle both hold) is
+not built: the old source's tree object stays writable there and must be
+re-mirrored from the new primary with a full cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+
+from cyclemirror.errors import (
+    AlreadyExistsError,
+    DemotedError,
+    NotFoundError,
+    RoleError,
+    StoreError,
+    UsageError,
+)
+from cyclemirror.receiver import treeclone, treeops
+from cyclemirror.store import cowfs, fileobject
+from cyclemirror.store.fileops import atomic_write_json, read_json
+from cyclemirror.store.names import validate_volume_name
+
+log = logging.getLogger(__name__)
+PROMOTED_FILE = "promoted.json"
+RECORD_FORMAT = 1
+_LOCAL = None  # the registry of a daemon that runs no target server
+
+
+def promoted(work: str) -> dict | None:
+    """The promotion recorded in a tree mirror's directory ``work``, or None."""
+    try:
+        rec = read_json(os.path.join(work, PROMOTED_FILE), "tree promotion record")
+    except FileNotFoundError:
+        return None
+    if rec.get("format") != RECORD_FORMAT or not isinstance(rec.get("name"), str) \
+            or not isinstance(rec.get("path"), str) or type(rec.get("cycle")) is not int \
+            or not isinstance(rec.get("time"), int | float):
+        raise StoreError(f"tree promotion record in {work} is damaged; move it away only if "
+                         "the tree was not promoted")
+    return rec
+
+
+def refuse_if_promoted(work: str, mirror: str, source: str, here: str) -> None:
+    """Raise DemotedError if tree mirror ``mirror`` (in ``work``) was promoted here."""
+    rec = promoted(work)
+    if rec is None:
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rec["time"]))
+    raise DemotedError(
+        f"tree mirror {mirror!r} from {source}: {here} promoted it to tree object "
+        f"{rec['name']!r} ({rec['path']}) at {when}, as of cycle {rec['cycle']}"
+        f"{' (forced)' if rec.get('forced') else ''}; {source}'s tree is demoted and must not "
+        "mirror over the new primary. Stop its writers; failback of trees is not built: "
+        f"mirror {rec['name']} from {here} to {source} (a full cycle) after 'cyclemirror "
+        f"mirror rm' of this mirror there (docs/trees.md)")
+
+
+def _result(ref, rec: dict, resumed: bool, seconds: float, how: str) -> dict:
+    return {"kind": "tree", "source_node": ref.node, "source_name": ref.source_name,
+            "mirror": ref.name, "tree": rec["name"], "path": rec["path"],
+            "cycle": rec["cycle"], "freeze_time": rec["freeze_time"],
+            "forced": rec["forced"], "resumed": resumed, "how": how, "seconds": seconds,
+            "group": False, "volumes": []}
+
+
+def promote_tree(store, registry, source: str, mirror: str, dest: object,
+                 as_name: str | None, force: bool) -> dict:
+    global _LOCAL
+
+    t0 = time.monotonic()
+    root = os.fspath(store.path)
+    what = f"promote of tree mirror {source}/{mirror}"
+    validate_volume_name(mirror)
+    ref = treeclone.find_tree_mirror(root, source, mirror)
+    if ref is None:
+        known = treeclone.known_tree_mirrors(root)
+        raise NotFoundError(f"no tree mirror {source}/{mirror} in this store (tree mirrors: "
+                            f"{', '.join(known) or 'none'})")
+    name = validate_volume_name(as_name if as_name is not None else mirror)
+    if not isinstance(dest, str) or not os.path.isabs(dest):
+        raise UsageError(f"{what}: the destination must be an absolute path, got {dest!r}")
+    real = os.path.join(os.path.realpath(os.path.dirname(dest)), os.path.basename(dest))
+    done = promoted(ref.work)
+    if done is not None:
+        if done["name"] == name and done["path"] == real:
+            return _result(ref, done, True, time.monotonic() - t0, "")
+        raise RoleError(f"{what}: it was promoted already, to tree object {done['name']!r} "
+                        f"at {done['path']}")
+    if name in store.list_trees() and os.path.lexists(real):
+        obj = store.open_tree(name)
+        if os.path.normpath(obj.path) == real:  # a crash before the record: finish it
+            return _record(ref, name, real, force, t0, resumed=True)
+    real = treeclone.check_dest(root, dest, what)
+    parent, leaf = os.path.split(real)
+    if os.geteuid() != 0 or cowfs.filesystem_of(parent) != "btrfs":
+        raise UsageError(f"{what}: {parent} is not on btrfs (or the daemon does not run as "
+                         "root): a promoted tree must be a btrfs subvolume, a tree object "
+                         "that can be mirrored in its turn; pick a path on a btrfs file "
+                         "system")
+    taken = name in store.list_volumes() or name in store.list_trees() or \
+        os.path.exists(fileobject.record_path(root, name))
+    if taken:
+        raise AlreadyExistsError(f"{what}: {name!r} is already an object of this store; "
+                                 "give the promoted tree another name with --as")
+    if registry is None:
+        from cyclemirror.receiver.server import MirrorRegistry
+
+        if _LOCAL is None:
+            _LOCAL = MirrorRegistry()
+        registry = _LOCAL
+    key = (ref.node, ref.name, "tree")
+    try:
+        holder = registry.hold(key, force=force)
+    except UsageError as exc:
+        raise RoleError(f"{what}: refused: {exc}") from None
+    work = os.path.join(parent, f"{treeclone.WORK_PREFIX}{leaf}-{secrets.token_hex(4)}")
+    try:
+        treeops.TreeMirror(ref.root, ref.name).close()  # settles a cycle cut short
+        try:
+            _, how = treeclone.consistent_copy(ref, work)
+            pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                treeops.renameat2(pfd, os.path.basename(work), pfd, leaf,
+                                  treeops.RENAME_NOREPLACE)
+                os.fsync(pfd)
+            finally:
+                os.close(pfd)
+        except BaseException:
+            treeclone.remove_tree(work)
+            raise
+        try:
+            store.add_tree(name, real)
+        except BaseException:
+            treeclone.remove_tree(real)
+            raise
+        return _record(ref, name, real, force, t0, resumed=False, how=how)
+    finally:
+        registry.release(key, holder)
+
+
+def _record(ref, name: str, path: str, force: bool, t0: float, resumed: bool,
+            how: str = "") -> dict:
+    st = treeclone.read_state(ref)
+    rec = {"format": RECORD_FORMAT, "name": name, "path": path, "cycle": st["applied_cycle"],
+           "freeze_time": st["freeze_time"], "time": time.time(), "forced": bool(force),
+           "source_node": ref.node, "source_name": ref.source_name}
+    atomic_write_json(os.path.join(ref.work, PROMOTED_FILE), rec)
+    seconds = time.monotonic() - t0
+    log.warning("tree mirror %s promoted%s to tree object %s at %s, as of cycle %d (%.3fs); "
+                "its source is demoted", ref.label(), " (forced)" if force else "", name,
+                path, rec["cycle"], seconds)
+    return _result(ref, rec, resumed, seconds, how)
