@@ -273,3 +273,50 @@ def test_promote_makes_a_live_tree_object_and_demotes_the_source(env, tmp_path):
     assert json.loads(env.b.cli("tree", "list", "--json").stdout)
     with open(os.path.join(dest, "one"), "rb") as fh:
         assert fh.read() == b"the new primary writes\n"
+
+
+def test_a_file_mirror_clones_to_a_plain_file_while_cycles_go_on(env):
+    """A file object's mirror image (docs/files.md) cloned to a path: a plain file of the
+    last applied cycle, apart from the image, which keeps applying."""
+    live = os.path.join(env.root, "vm.img")
+    write(live, os.urandom(256 << 10) + bytes(768 << 10))  # 1 MiB, half sparse-worthy
+    env.a.cli("file", "add", "vmimg", live)
+    env.a.cli("mirror", "start", "vmimg", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "vmimg")
+    with open(live, "rb") as fh:
+        first = fh.read()
+    me = f"{env.a_name}/vmimg"
+    dest = os.path.join(env.clones, "vm-copy.img")
+    out = json.loads(env.b.cli("mirror", "clone", me, dest, "--json").stdout)
+    assert out["kind"] == "file" and out["path"] == dest and out["size"] == len(first)
+    with open(dest, "rb") as fh:
+        assert fh.read() == first
+    image = os.path.join(env.b.store, "mirrors", env.a.node_id, "vmimg.img")
+    with open(dest, "r+b") as fh:  # the clone is writable; the image does not see it
+        fh.write(b"clone" * 100)
+    with open(image, "rb") as fh:
+        assert fh.read() == first
+    with open(live, "r+b") as fh:  # the mirror keeps cycling
+        fh.seek(4096)
+        fh.write(b"second cycle" * 50)
+    env.a.cli("mirror", "sync", "vmimg")
+    with open(live, "rb") as fh:
+        second = fh.read()
+    with open(image, "rb") as fh:
+        assert fh.read() == second
+    with open(dest, "rb") as fh:
+        assert fh.read() == b"clone" * 100 + first[500:]
+    # Refusals change nothing.
+    listing = sorted(os.listdir(env.clones))
+    for args, code, text in [
+        (("mirror", "clone", me, dest), 4, "already exists"),
+        (("mirror", "clone", me, os.path.join(env.b.store, "x.img")), 2, "inside this daemon"),
+        (("mirror", "clone", f"{env.a_name}/nothing", os.path.join(env.clones, "y")), 3,
+         "no tree mirror"),
+        (("mirror", "promote", me, os.path.join(env.clones, "z")), 2,
+         "a PATH is only for a tree mirror"),
+    ]:
+        r = env.b.cli(*args, check=False)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert text in r.stderr, (args, r.stderr)
+    assert sorted(os.listdir(env.clones)) == listing

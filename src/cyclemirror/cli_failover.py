@@ -127,6 +127,12 @@ def cmd_mirror_clone(args) -> int:
     if args.json:
         _print_json(result)
         return 0
+    if result.get("kind") == "file":
+        sys.stdout.write(f"cloned {result['source_name'] or result['source_node']}/"
+                         f"{result['mirror']} at cycle {result['cycle']} to file "
+                         f"{result['path']} ({result['seconds']:.2f}s): writable, mirroring "
+                         "into the image goes on; it is yours to delete\n")
+        return 0
     if result.get("kind") == "tree":
         sys.stdout.write(f"cloned tree {result['source_name'] or result['source_node']}/"
                          f"{result['mirror']} at cycle {result['cycle']} to {result['path']} "
@@ -209,14 +215,15 @@ def add_verbs(mverbs) -> None:
         description="Volume NAME starts as the image's latest applied cycle (a reflink where "
                     "the file system has one, else a sparse copy of its data); its writes "
                     "never reach the image, whose cycles keep applying. 'volume rm NAME' "
-                    "removes it. For a tree mirror give a PATH instead (it must not exist, "
-                    "outside the store): a writable btrfs snapshot of the last applied cycle "
-                    "where it can be, else a copy (docs/trees.md).")
+                    "removes it. Give a PATH instead (it must not exist, outside the store) for "
+                    "a plain file of the image (a reflink where it can be), or, for a tree "
+                    "mirror, a writable btrfs snapshot of the last applied cycle where it can "
+                    "be, else a copy (docs/trees.md).")
     clone.add_argument("image", metavar="SOURCE/VOLUME",
                        help="the source's node name (or id) and the volume or tree, as "
                             "'status' lists")
     clone.add_argument("name", metavar="NAME|PATH",
-                       help="the new volume's name, or for a tree mirror the new tree's path")
+                       help="the new volume's name, or the new file's (or tree's) path")
     clone.add_argument("--json", action="store_true", help="print the documented JSON")
     clone.set_defaults(func=cmd_mirror_clone)
     resolve = mverbs.add_parser(

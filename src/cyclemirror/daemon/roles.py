@@ -343,19 +343,19 @@ def op_clone(service, args: dict) -> dict:
 
 
 def clone_to_path(service, source: str, mirror: str, path: str) -> dict:
-    """``mirror clone SOURCE/TREE PATH``: a writable copy of a tree mirror at ``PATH``."""
+    """``mirror clone SOURCE/NAME PATH``: a writable copy of tree mirror NAME at ``PATH``,
+    or of mirror image NAME (a file object's or a volume's) as a plain file there."""
     from cyclemirror.receiver.treeclone import clone_tree, find_tree_mirror
 
     root = str(service.store.path)
     if find_tree_mirror(root, source, mirror) is None:
-        from cyclemirror.receiver.readers import mirror_images
+        from cyclemirror.receiver.imageclone import clone_image_to_file, find_image
 
-        if any(im.volume == mirror and source in (im.node_id, im.node_name)
-               for im in mirror_images(root)):
-            raise UsageError(f"clone: {source}/{mirror} is a volume's (or file's) mirror "
-                             "image: its clone is a volume of this store, named by a NAME, "
-                             f"not a path like {path!r}")
-    return clone_tree(root, source, mirror, path)
+        if find_image(root, source, mirror) is not None:  # a file (or volume) mirror's image
+            with service._admin_lock:
+                return clone_image_to_file(service.store, source, mirror, path)
+    with service._admin_lock:
+        return clone_tree(root, source, mirror, path)
 
 
 def after_switchover(service, result: dict, back_to: str) -> None:
