@@ -8,7 +8,8 @@ writes never reach the mirror, while the mirror keeps cycling; every bad
 input is refused with its exit code and nothing is made.  ``mirror promote
 SOURCE/TREE PATH`` is refused while the source is connected, then with
 ``--force`` makes the last cycle a live tree object of the target, and the
-old source's next cycle is refused as demoted.  In-process, a
+old source's next cycle is refused as demoted; a promotion cut by kill -9 of
+the target daemon is finished by running it again.  In-process, a
 cycle switched in while the clone is being copied makes the clone take its
 copy again (``receiver.treeclone``), never a mix of two cycles.
 """
@@ -137,6 +138,7 @@ def test_clone_refusals_change_nothing(env):
         (("mirror", "clone", f"{env.a_name}/app", os.path.join(env.clones, ".cyclemirror-x")), 2,
          "not a usable name"),
         (("mirror", "clone", f"{env.a_name}/app", "plainname"), 2, "is a tree mirror"),
+        (("mirror", "clone", f"{env.a_name}/app", "rel/x"), 2, "nor an absolute path"),
         (("mirror", "clone", "app", os.path.join(env.clones, "x")), 2, "SOURCE/VOLUME"),
     ]
     for args, code, text in cases:
@@ -320,3 +322,55 @@ def test_a_file_mirror_clones_to_a_plain_file_while_cycles_go_on(env):
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert text in r.stderr, (args, r.stderr)
     assert sorted(os.listdir(env.clones)) == listing
+
+
+def test_a_promotion_killed_mid_way_is_finished_by_running_it_again(env):
+    """kill -9 of the target daemon inside a promotion (after its commit point and the
+    tree object's registration, before the record says done): the old source is refused
+    from the restart on, and the same promote finishes it, as of the promoted cycle."""
+    import subprocess
+    import sys
+
+    from tests.support.daemons import cli_env
+
+    src2 = subvolume(env.root, "app2")
+    write(os.path.join(src2, "f"), b"app2 cycle\n")
+    env.a.cli("tree", "add", "app2", src2)
+    env.a.cli("mirror", "start", "app2", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "app2")
+    mirror2 = os.path.join(env.b.store, "mirrors", env.a.node_id, "trees", "app2")
+    image = tree_image(mirror2)
+    dest = os.path.join(env.root, "promoted2")
+    env.b.stop()
+    env.b.args += ["--failpoint", "treepromote.registered=60"]
+    env.b.start()
+    cmd = [sys.executable, "-m", "cyclemirror.cli", "--store", env.b.store, "mirror",
+           "promote", f"{env.a_name}/app2", dest, "--as", "p2", "--force"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env())
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(env.b.store, "trees", "p2.json")), 60,
+                 "the promoted tree's registration")
+        env.b.kill()
+    finally:
+        proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    del env.b.args[-2:]
+    env.b.start()
+    row = [t for t in env.b.status()["incoming_trees"] if t["tree"] == "app2"][0]
+    assert row["promoted"]["done"] is False and row["promoted"]["path"] == dest
+    # The old source is refused as demoted already; the mirror stays the promoted cycle.
+    write(os.path.join(src2, "f"), b"written after the promotion\n")
+    env.a.cli("mirror", "sync", "app2", "--timeout", "30", check=False)
+    wait_for(lambda: "promoted it to tree object 'p2'" in json.dumps(
+        [r for r in env.a.status()["mirrors"] if r["volume"] == "app2"]), 30,
+        "the old source to be refused as demoted")
+    assert tree_image(mirror2) == image
+    out = json.loads(env.b.cli("mirror", "promote", f"{env.a_name}/app2", dest, "--as", "p2",
+                               "--json").stdout)
+    assert out["resumed"] is True and out["path"] == dest
+    assert tree_image(dest) == image
+    listed = {t["name"]: t for t in json.loads(env.b.cli("tree", "list", "--json").stdout)}
+    assert listed["p2"]["path"] == dest
+    row = [t for t in env.b.status()["incoming_trees"] if t["tree"] == "app2"][0]
+    assert row["promoted"]["done"] is True

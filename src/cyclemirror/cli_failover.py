@@ -118,12 +118,8 @@ def cmd_mirror_reinstate(args) -> int:
 def cmd_mirror_clone(args) -> int:
     from cyclemirror.cli import _call, _print_json
 
-    name = args.name
-    if "/" in name:  # a path (a volume name has no slash): a tree mirror's clone
-        import os
-
-        name = os.path.abspath(name)
-    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image, name=name)
+    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image,
+                   name=args.name)
     if args.json:
         _print_json(result)
         return 0
@@ -215,7 +211,8 @@ def add_verbs(mverbs) -> None:
         description="Volume NAME starts as the image's latest applied cycle (a reflink where "
                     "the file system has one, else a sparse copy of its data); its writes "
                     "never reach the image, whose cycles keep applying. 'volume rm NAME' "
-                    "removes it. Give a PATH instead (it must not exist, outside the store) for "
+                    "removes it. Give an absolute PATH instead (it must not exist, outside the "
+                    "store) for "
                     "a plain file of the image (a reflink where it can be), or, for a tree "
                     "mirror, a writable btrfs snapshot of the last applied cycle where it can "
                     "be, else a copy (docs/trees.md).")
@@ -223,7 +220,7 @@ def add_verbs(mverbs) -> None:
                        help="the source's node name (or id) and the volume or tree, as "
                             "'status' lists")
     clone.add_argument("name", metavar="NAME|PATH",
-                       help="the new volume's name, or the new file's (or tree's) path")
+                       help="the new volume's name, or the new file's (or tree's) absolute path")
     clone.add_argument("--json", action="store_true", help="print the documented JSON")
     clone.set_defaults(func=cmd_mirror_clone)
     resolve = mverbs.add_parser(

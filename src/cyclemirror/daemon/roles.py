@@ -327,8 +327,12 @@ def op_clone(service, args: dict) -> dict:
         raise UsageError(f"clone: {image!r} is not SOURCE/VOLUME (the source's node name or "
                          "id, a slash, the volume)")
     name = service._arg(args, "name", str, "NAME")
-    if name.startswith("/"):  # a path: a tree mirror's clone (docs/trees.md)
+    if name.startswith("/"):  # a path: a file or a tree (docs/files.md, docs/trees.md)
         return clone_to_path(service, source, mirror, name)
+    if "/" in name:
+        raise UsageError(f"clone: {name!r} is neither a volume name nor an absolute path; "
+                         "give a name for a volume clone, or an absolute path for a file or "
+                         "tree clone (e.g. /srv/app-test)")
     from cyclemirror.receiver.treeclone import find_tree_mirror
 
     if find_tree_mirror(str(service.store.path), source, mirror) is not None:

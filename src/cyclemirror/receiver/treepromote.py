@@ -8,19 +8,21 @@
    closes its connection): the mirror is held in the server's registry, so no
    cycle arrives meanwhile; a cycle cut short is discarded
    (``TreeMirror.recover``);
-2. ``PATH`` becomes a btrfs subvolume holding the last applied cycle (a
-   writable snapshot of the mirror where it can be, else a copy: see
-   ``receiver.treeclone``), built aside and renamed in whole;
-3. it is registered as tree object ``NAME`` (default: the mirror's name) of
+2. the promotion is recorded in the mirror's own directory (``promoted.json``:
+   name, path, cycle; ``done`` false), the commit point: from then on the old
+   source's ``tree_open`` is refused with a ``DemotedError`` that says what
+   happened (``refuse_if_promoted``), and the source breaks that target with
+   that message, so the mirror stays at the promoted cycle;
+3. ``PATH`` becomes a btrfs subvolume holding that cycle (a writable snapshot
+   of the mirror where it can be, else a copy: see ``receiver.treeclone``),
+   built aside and renamed in whole;
+4. it is registered as tree object ``NAME`` (default: the mirror's name) of
    this store (``Store.add_tree``), so it can be mirrored in its turn;
-4. the promotion is recorded in the mirror's own directory
-   (``promoted.json``): from then on the old source's ``tree_open`` is refused
-   with a ``DemotedError`` that says what happened (``refuse_if_promoted``),
-   and the source breaks that target with that message.
+5. the record says ``done``.
 
 The mirror's tree stays as it was (the cycle promoted from) until ``mirror rm
 SOURCE/TREE``.  Running the same promotion again answers it (``resumed``),
-and finishes one a crash cut between steps 3 and 4.  Failing back (mirroring
+and after a crash between steps 2 and 5 does what is left of 3 to 5.  Failing back (mirroring
 the promoted tree to the old source as a delta from the cycle both hold) is
 not built: the old source's tree object stays writable there and must be
 re-mirrored from the new primary with a full cycle.
@@ -33,6 +35,7 @@ import os
 import secrets
 import time
 
+from cyclemirror import failpoints
 from cyclemirror.errors import (
     AlreadyExistsError,
     DemotedError,
@@ -108,26 +111,20 @@ def promote_tree(store, registry, source: str, mirror: str, dest: object,
     real = os.path.join(os.path.realpath(os.path.dirname(dest)), os.path.basename(dest))
     done = promoted(ref.work)
     if done is not None:
-        if done["name"] == name and done["path"] == real:
+        if done["name"] != name or done["path"] != real:
+            raise RoleError(f"{what}: it was promoted already, to tree object "
+                            f"{done['name']!r} at {done['path']}")
+        if done.get("done"):
             return _result(ref, done, True, time.monotonic() - t0, "")
-        raise RoleError(f"{what}: it was promoted already, to tree object {done['name']!r} "
-                        f"at {done['path']}")
-    if name in store.list_trees() and os.path.lexists(real):
-        obj = store.open_tree(name)
-        if os.path.normpath(obj.path) == real:  # a crash before the record: finish it
-            return _record(ref, name, real, force, t0, resumed=True)
+        return _make(store, ref, done, t0, resumed=True)  # a crash cut it: finish it
     real = treeclone.check_dest(root, dest, what)
-    parent, leaf = os.path.split(real)
+    parent = os.path.dirname(real)
     if os.geteuid() != 0 or cowfs.filesystem_of(parent) != "btrfs":
         raise UsageError(f"{what}: {parent} is not on btrfs (or the daemon does not run as "
                          "root): a promoted tree must be a btrfs subvolume, a tree object "
                          "that can be mirrored in its turn; pick a path on a btrfs file "
                          "system")
-    taken = name in store.list_volumes() or name in store.list_trees() or \
-        os.path.exists(fileobject.record_path(root, name))
-    if taken:
-        raise AlreadyExistsError(f"{what}: {name!r} is already an object of this store; "
-                                 "give the promoted tree another name with --as")
+    _check_name_free(store, root, name, what)
     if registry is None:
         from cyclemirror.receiver.server import MirrorRegistry
 
@@ -139,11 +136,45 @@ def promote_tree(store, registry, source: str, mirror: str, dest: object,
         holder = registry.hold(key, force=force)
     except UsageError as exc:
         raise RoleError(f"{what}: refused: {exc}") from None
-    work = os.path.join(parent, f"{treeclone.WORK_PREFIX}{leaf}-{secrets.token_hex(4)}")
     try:
         treeops.TreeMirror(ref.root, ref.name).close()  # settles a cycle cut short
+        st = treeclone.read_state(ref)
+        if st["applied_cycle"] == 0 or not os.path.isdir(ref.path):
+            raise NotFoundError(f"{what}: the mirror holds no applied cycle yet; nothing to "
+                                "promote")
+        # The commit point: from here the old source is refused (the mirror stays this
+        # cycle), and a crash is finished by running the promotion again.
+        rec = {"format": RECORD_FORMAT, "name": name, "path": real,
+               "cycle": st["applied_cycle"], "freeze_time": st["freeze_time"],
+               "time": time.time(), "forced": bool(force), "source_node": ref.node,
+               "source_name": ref.source_name, "done": False}
+        atomic_write_json(os.path.join(ref.work, PROMOTED_FILE), rec)
+        return _make(store, ref, rec, t0, resumed=False)
+    finally:
+        registry.release(key, holder)
+
+
+def _check_name_free(store, root: str, name: str, what: str) -> None:
+    if name in store.list_volumes() or name in store.list_trees() or \
+            os.path.exists(fileobject.record_path(root, name)):
+        raise AlreadyExistsError(f"{what}: {name!r} is already an object of this store; "
+                                 "give the promoted tree another name with --as")
+
+
+def _make(store, ref, rec: dict, t0: float, resumed: bool) -> dict:
+    """The steps after the commit point, each skipped when a crash left it done: the tree
+    at the path, its registration, the record saying done."""
+    path, name = rec["path"], rec["name"]
+    parent, leaf = os.path.split(path)
+    how = ""
+    if not os.path.lexists(path):
+        work = os.path.join(parent, f"{treeclone.WORK_PREFIX}{leaf}-{secrets.token_hex(4)}")
         try:
-            _, how = treeclone.consistent_copy(ref, work)
+            st, how = treeclone.consistent_copy(ref, work)
+            if st["applied_cycle"] != rec["cycle"]:
+                raise StoreError(f"tree mirror {ref.label()} moved to cycle "
+                                 f"{st['applied_cycle']} after it was promoted as of cycle "
+                                 f"{rec['cycle']}; its state is not ours to trust")
             pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 treeops.renameat2(pfd, os.path.basename(work), pfd, leaf,
@@ -154,25 +185,15 @@ def promote_tree(store, registry, source: str, mirror: str, dest: object,
         except BaseException:
             treeclone.remove_tree(work)
             raise
-        try:
-            store.add_tree(name, real)
-        except BaseException:
-            treeclone.remove_tree(real)
-            raise
-        return _record(ref, name, real, force, t0, resumed=False, how=how)
-    finally:
-        registry.release(key, holder)
-
-
-def _record(ref, name: str, path: str, force: bool, t0: float, resumed: bool,
-            how: str = "") -> dict:
-    st = treeclone.read_state(ref)
-    rec = {"format": RECORD_FORMAT, "name": name, "path": path, "cycle": st["applied_cycle"],
-           "freeze_time": st["freeze_time"], "time": time.time(), "forced": bool(force),
-           "source_node": ref.node, "source_name": ref.source_name}
+    failpoints.hit("treepromote.made")
+    if name not in store.list_trees():
+        store.add_tree(name, path)
+    failpoints.hit("treepromote.registered")
+    rec["done"] = True
     atomic_write_json(os.path.join(ref.work, PROMOTED_FILE), rec)
     seconds = time.monotonic() - t0
-    log.warning("tree mirror %s promoted%s to tree object %s at %s, as of cycle %d (%.3fs); "
-                "its source is demoted", ref.label(), " (forced)" if force else "", name,
-                path, rec["cycle"], seconds)
+    log.warning("tree mirror %s promoted%s to tree object %s at %s, as of cycle %d (%.3fs)%s;"
+                " its source is demoted", ref.label(), " (forced)" if rec["forced"] else "",
+                name, path, rec["cycle"], seconds,
+                " (finished a promotion a crash cut short)" if resumed else "")
     return _result(ref, rec, resumed, seconds, how)

@@ -114,7 +114,7 @@ def tree_status(store_root: str, now: float) -> list[dict]:
             except Exception as exc:  # noqa: BLE001 - shown, never hidden
                 rec, row["error"] = None, str(exc)
             row["promoted"] = None if rec is None else {
-                k: rec[k] for k in ("name", "path", "cycle", "time", "forced")}
+                k: rec.get(k) for k in ("name", "path", "cycle", "time", "forced", "done")}
             rows.append(row)
     return rows
 
