@@ -8,7 +8,8 @@ writes never reach the mirror, while the mirror keeps cycling; every bad
 input is refused with its exit code and nothing is made.  ``mirror promote
 SOURCE/TREE PATH`` is refused while the source is connected, then with
 ``--force`` makes the last cycle a live tree object of the target, and the
-old source's next cycle is refused as demoted; a promotion cut by kill -9 of
+old source's next cycle is refused as demoted, and the promoted tree is
+mirrored on to a third daemon; a promotion cut by kill -9 of
 the target daemon is finished by running it again.  In-process, a
 cycle switched in while the clone is being copied makes the clone take its
 copy again (``receiver.treeclone``), never a mix of two cycles.
@@ -267,6 +268,19 @@ def test_promote_makes_a_live_tree_object_and_demotes_the_source(env, tmp_path):
                                    "app")) == mirror_before
     with open(os.path.join(dest, "one"), "rb") as fh:
         assert fh.read() == b"the new primary writes\n"
+    # The promoted tree is mirrored on in its turn, from the new primary to another node.
+    c = Daemon(env.root, "c", key_file=env.key, nbd=False,
+               extra=("--listen", f"127.0.0.1:{free_port()}")).start()
+    env.daemons.append(c)
+    env.b.cli("mirror", "start", "app", "--to", c.listen, "--interval", "3600")
+    env.b.cli("mirror", "sync", "app")
+    b_snaps = json.loads(env.b.cli("tree", "list", "--json").stdout)
+    b_app = [t for t in b_snaps if t["name"] == "app"][0]
+    b_cycle = [r for r in env.b.status()["mirrors"] if r["volume"] == "app"][0]["applied_cycle"]
+    assert_same_tree(os.path.join(b_app["snapshots"], f"snap-{b_cycle}"),
+                     os.path.join(c.store, "mirrors", env.b.node_id, "trees", "app"))
+    env.b.cli("mirror", "break", "app")
+    env.b.cli("mirror", "rm", "app")
     # mirror rm of the promoted mirror takes its record with it; the promoted tree stays.
     env.b.cli("mirror", "rm", me, "--force")
     assert not [t for t in env.b.status()["incoming_trees"] if t["tree"] == "app"]
