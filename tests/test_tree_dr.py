@@ -340,8 +340,9 @@ def test_a_file_mirror_clones_to_a_plain_file_while_cycles_go_on(env):
 
 def test_a_promotion_killed_mid_way_is_finished_by_running_it_again(env):
     """kill -9 of the target daemon inside a promotion (after its commit point and the
-    tree object's registration, before the record says done): the old source is refused
-    from the restart on, and the same promote finishes it, as of the promoted cycle."""
+    tree object's registration, before the record says done): the restarted daemon
+    finishes it, as of the promoted cycle, the old source is refused, and the same
+    promote answers it."""
     import subprocess
     import sys
 
@@ -371,8 +372,10 @@ def test_a_promotion_killed_mid_way_is_finished_by_running_it_again(env):
     assert proc.returncode != 0
     del env.b.args[-2:]
     env.b.start()
+    # The restarted daemon finished it before any source could connect.
     row = [t for t in env.b.status()["incoming_trees"] if t["tree"] == "app2"][0]
-    assert row["promoted"]["done"] is False and row["promoted"]["path"] == dest
+    assert row["promoted"]["done"] is True and row["promoted"]["path"] == dest
+    assert "finished a promotion a crash cut short" in env.b.log()
     # The old source is refused as demoted already; the mirror stays the promoted cycle.
     write(os.path.join(src2, "f"), b"written after the promotion\n")
     env.a.cli("mirror", "sync", "app2", "--timeout", "30", check=False)

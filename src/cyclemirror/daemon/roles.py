@@ -242,6 +242,9 @@ def finish_promotions(service) -> None:
                     "generation %s", result["source_name"] or result["source_node"],
                     result["mirror"], "s" if result["group"] else "",
                     ", ".join(result["volumes"]), result["generation"])
+    from cyclemirror.receiver.treepromote import finish_cut as finish_trees
+
+    finish_trees(service.store)  # tree mirrors' (docs/trees.md); each logs what it did
 
 
 def op_resolve(service, args: dict) -> dict:

@@ -21,8 +21,9 @@
 5. the record says ``done``.
 
 The mirror's tree stays as it was (the cycle promoted from) until ``mirror rm
-SOURCE/TREE``.  Running the same promotion again answers it (``resumed``),
-and after a crash between steps 2 and 5 does what is left of 3 to 5.  Failing back (mirroring
+SOURCE/TREE``.  Running the same promotion again answers it (``resumed``);
+after a crash between steps 2 and 5 the daemon's start does what is left of 3
+to 5 (``finish_cut``), and so would a rerun.  Failing back (mirroring
 the promoted tree to the old source as a delta from the cycle both hold) is
 not built: the old source's tree object stays writable there and must be
 re-mirrored from the new primary with a full cycle.
@@ -197,3 +198,25 @@ def _make(store, ref, rec: dict, t0: float, resumed: bool) -> dict:
                 name, path, rec["cycle"], seconds,
                 " (finished a promotion a crash cut short)" if resumed else "")
     return _result(ref, rec, resumed, seconds, how)
+
+
+def finish_cut(store) -> list[dict]:
+    """At daemon start, before any source can connect: finish the tree promotions a crash
+    cut short (a record not ``done``); one that fails is logged and left for a rerun."""
+    root = os.fspath(store.path)
+    out = []
+    base = os.path.join(root, "mirrors")
+    for node in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        troot = os.path.join(base, node, "trees")
+        for entry in sorted(os.listdir(troot)) if os.path.isdir(troot) else []:
+            if not entry.startswith(".cyclemirror-tree-"):
+                continue
+            ref = treeclone.TreeMirrorRef(root, node, entry[len(".cyclemirror-tree-"):])
+            try:
+                rec = promoted(ref.work)
+                if rec is not None and not rec.get("done"):
+                    out.append(_make(store, ref, rec, time.monotonic(), resumed=True))
+            except Exception:  # noqa: BLE001 - one mirror must not stop the daemon
+                log.exception("finishing the promotion of tree mirror %s failed; run the "
+                              "same 'mirror promote' again", ref.label())
+    return out
