@@ -16,9 +16,23 @@ def cmd_mirror_promote(args) -> int:
     request = {"image": args.image, "force": bool(args.force)}
     if args.as_name:
         request["as"] = args.as_name
+    if args.path is not None:
+        import os
+
+        request["path"] = os.path.abspath(args.path)
     result = _call(args, "mirror.promote", reply_timeout=None, **request)
     if args.json:
         _print_json(result)
+        return 0
+    if result.get("kind") == "tree":
+        forced = " (forced)" if result["forced"] else ""
+        done = ("(finished a promotion made before)" if result["resumed"]
+                else f"in {result['seconds']:.3f}s")
+        sys.stdout.write(
+            f"promoted tree {result['source_name'] or result['source_node']}/"
+            f"{result['mirror']}{forced} to tree object {result['tree']} at {result['path']}: "
+            f"writable now, as of cycle {result['cycle']} {done}\n"
+            "the source is demoted: it is refused if it tries to mirror here again\n")
         return 0
     forced = " (forced)" if result["forced"] else ""
     source = result["source_name"] or result["source_node"]
@@ -104,9 +118,23 @@ def cmd_mirror_reinstate(args) -> int:
 def cmd_mirror_clone(args) -> int:
     from cyclemirror.cli import _call, _print_json
 
-    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image, name=args.name)
+    result = _call(args, "mirror.clone", reply_timeout=None, image=args.image,
+                   name=args.name)
     if args.json:
         _print_json(result)
+        return 0
+    if result.get("kind") == "file":
+        sys.stdout.write(f"cloned {result['source_name'] or result['source_node']}/"
+                         f"{result['mirror']} at cycle {result['cycle']} to file "
+                         f"{result['path']} ({result['seconds']:.2f}s): writable, mirroring "
+                         "into the image goes on; it is yours to delete\n")
+        return 0
+    if result.get("kind") == "tree":
+        sys.stdout.write(f"cloned tree {result['source_name'] or result['source_node']}/"
+                         f"{result['mirror']} at cycle {result['cycle']} to {result['path']} "
+                         f"({'a writable snapshot' if result['how'] == 'snapshot' else 'a copy'}"
+                         f", {result['seconds']:.2f}s): writable, the mirror keeps cycling; "
+                         "it is yours to delete\n")
         return 0
     sys.stdout.write(f"cloned {result['source_name'] or result['source_node']}/"
                      f"{result['mirror']} at cycle {result['cycle']} to volume "
@@ -133,6 +161,9 @@ def add_verbs(mverbs) -> None:
                               "lists; for a consistency group its mirror "
                               "(SOURCE/GROUP-xxxxxxxx): every member is promoted, all as of "
                               "the same group cycle")
+    promote.add_argument("path", metavar="PATH", nargs="?",
+                         help="for a tree mirror: where the promoted tree is made (a new "
+                              "btrfs subvolume, registered as tree object NAME)")
     promote.add_argument("--as", dest="as_name", metavar="NAME",
                          help="the new volume's name (default: the volume's; not for a group)")
     promote.add_argument("--force", action="store_true",
@@ -174,15 +205,22 @@ def add_verbs(mverbs) -> None:
     reinstate.add_argument("--json", action="store_true", help="print the documented JSON")
     reinstate.set_defaults(func=cmd_mirror_reinstate)
     clone = mverbs.add_parser(
-        "clone", help="on a target: a writable volume from an incoming image, for a test "
-                      "failover, while mirroring goes on",
+        "clone", help="on a target: a writable volume from an incoming image, or a "
+                      "writable tree from a tree mirror, for a test failover, while "
+                      "mirroring goes on",
         description="Volume NAME starts as the image's latest applied cycle (a reflink where "
                     "the file system has one, else a sparse copy of its data); its writes "
                     "never reach the image, whose cycles keep applying. 'volume rm NAME' "
-                    "removes it.")
+                    "removes it. Give an absolute PATH instead (it must not exist, outside the "
+                    "store) for "
+                    "a plain file of the image (a reflink where it can be), or, for a tree "
+                    "mirror, a writable btrfs snapshot of the last applied cycle where it can "
+                    "be, else a copy (docs/trees.md).")
     clone.add_argument("image", metavar="SOURCE/VOLUME",
-                       help="the source's node name (or id) and the volume, as 'status' lists")
-    clone.add_argument("name", metavar="NAME", help="the new volume's name")
+                       help="the source's node name (or id) and the volume or tree, as "
+                            "'status' lists")
+    clone.add_argument("name", metavar="NAME|PATH",
+                       help="the new volume's name, or the new file's (or tree's) absolute path")
     clone.add_argument("--json", action="store_true", help="print the documented JSON")
     clone.set_defaults(func=cmd_mirror_clone)
     resolve = mverbs.add_parser(

@@ -44,6 +44,11 @@ KNOWN: dict[str, str] = {
                         "copy (receiver/treeops.py), so a kill -9 lands mid-apply",
     "receiver.tree_switch": "sleep between a tree mirror's pending record and its exchange "
                             "of directories (receiver/treeops.py)",
+    "treepromote.made": "sleep in a tree promotion after its tree is made at the path, "
+                        "before it is registered (receiver/treepromote.py)",
+    "treepromote.registered": "sleep in a tree promotion after the tree object is "
+                              "registered, before the record says done "
+                              "(receiver/treepromote.py)",
     "receiver.tree_switched": "sleep between a tree mirror's exchange of directories and "
                               "the record saying it applied (receiver/treeops.py)",
 }

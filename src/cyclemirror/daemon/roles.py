@@ -196,6 +196,34 @@ def op_promote(service, args: dict) -> dict:
     as_name = service._arg(args, "as", str, "--as", None)
     force = service._arg(args, "force", bool, "--force", False)
     registry = service.target.registry if service.target is not None else None
+    path = service._arg(args, "path", str, "PATH", None)
+    from cyclemirror.receiver.treeclone import find_tree_mirror
+
+    is_tree = find_tree_mirror(str(service.store.path), source, mirror) is not None
+    if path is not None or is_tree:
+        if path is None:
+            raise UsageError(f"promote: {source}/{mirror} is a tree mirror: name the path the "
+                             "promoted tree is made at ('mirror promote SOURCE/TREE PATH', "
+                             "a path on btrfs that does not exist)")
+        if not is_tree:
+            from cyclemirror.receiver.readers import mirror_images
+
+            if not any(im.volume == mirror and source in (im.node_id, im.node_name)
+                       for im in mirror_images(str(service.store.path))):
+                from cyclemirror.errors import NotFoundError
+                from cyclemirror.receiver.treeclone import known_tree_mirrors
+
+                known = known_tree_mirrors(str(service.store.path))
+                raise NotFoundError(f"promote: no tree mirror {source}/{mirror} in this "
+                                    f"store (tree mirrors: {', '.join(known) or 'none'})")
+            raise UsageError(f"promote: there is no tree mirror {source}/{mirror}: a PATH is "
+                             "only for a tree mirror (a volume's image becomes a volume of "
+                             "this store, named by --as)")
+        from cyclemirror.receiver.treepromote import promote_tree
+
+        with service._admin_lock:
+            return promote_tree(service.store, registry, source, mirror, path, as_name,
+                                force)
     with service._admin_lock:
         result = promote(service.store, registry, source, mirror, as_name, force,
                          rbd=service.config.rbd_config())
@@ -215,6 +243,9 @@ def finish_promotions(service) -> None:
                     "generation %s", result["source_name"] or result["source_node"],
                     result["mirror"], "s" if result["group"] else "",
                     ", ".join(result["volumes"]), result["generation"])
+    from cyclemirror.receiver.treepromote import finish_cut as finish_trees
+
+    finish_trees(service.store)  # tree mirrors' (docs/trees.md); each logs what it did
 
 
 def op_resolve(service, args: dict) -> dict:
@@ -300,11 +331,39 @@ def op_clone(service, args: dict) -> dict:
         raise UsageError(f"clone: {image!r} is not SOURCE/VOLUME (the source's node name or "
                          "id, a slash, the volume)")
     name = service._arg(args, "name", str, "NAME")
+    if name.startswith("/"):  # a path: a file or a tree (docs/files.md, docs/trees.md)
+        return clone_to_path(service, source, mirror, name)
+    if "/" in name:
+        raise UsageError(f"clone: {name!r} is neither a volume name nor an absolute path; "
+                         "give a name for a volume clone, or an absolute path for a file or "
+                         "tree clone (e.g. /srv/app-test)")
+    from cyclemirror.receiver.treeclone import find_tree_mirror
+
+    if find_tree_mirror(str(service.store.path), source, mirror) is not None:
+        raise UsageError(f"clone: {source}/{mirror} is a tree mirror: its clone is a "
+                         f"directory tree at a path you name, not volume {name!r}; give an "
+                         "absolute path, e.g. /srv/app-test")
     with service._admin_lock:
         result = clone(service.store, source, mirror, name, rbd=service.config.rbd_config())
     with service._backend_lock:
         service._backends.pop(result["volume"], None)
     return result
+
+
+def clone_to_path(service, source: str, mirror: str, path: str) -> dict:
+    """``mirror clone SOURCE/NAME PATH``: a writable copy of tree mirror NAME at ``PATH``,
+    or of mirror image NAME (a file object's or a volume's) as a plain file there."""
+    from cyclemirror.receiver.treeclone import clone_tree, find_tree_mirror
+
+    root = str(service.store.path)
+    if find_tree_mirror(root, source, mirror) is None:
+        from cyclemirror.receiver.imageclone import clone_image_to_file, find_image
+
+        if find_image(root, source, mirror) is not None:  # a file (or volume) mirror's image
+            with service._admin_lock:
+                return clone_image_to_file(service.store, source, mirror, path)
+    with service._admin_lock:
+        return clone_tree(root, source, mirror, path)
 
 
 def after_switchover(service, result: dict, back_to: str) -> None:

@@ -144,7 +144,19 @@ def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
     os.ftruncate(dst_fd, size)
     copier = KernelCopier(try_reflink=False)
     for begin, end in data_runs(src_fd, 0, size):
-        copier.copy(src_fd, dst_fd, begin, end - begin)
+        try:
+            copier.copy(src_fd, dst_fd, begin, end - begin)
+        except OSError as exc:  # copy_file_range across file systems (a clone elsewhere)
+            if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            pos = begin
+            while pos < end:
+                chunk = os.pread(src_fd, min(end - pos, 1 << 20), pos)
+                if not chunk:
+                    raise StoreError(f"copying a file stopped at offset {pos} of {end}: the "
+                                     "source file is short") from None
+                pwrite_all(dst_fd, chunk, pos)
+                pos += len(chunk)
 
 
 def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,

@@ -107,6 +107,14 @@ def tree_status(store_root: str, now: float) -> list[dict]:
                     row["freeze_time"] = st["freeze_time"]
                     row["rpo_age"] = now - st["freeze_time"]
             row["source_name"] = source_name(store_root, node)
+            try:
+                from cyclemirror.receiver.treepromote import promoted
+
+                rec = promoted(os.path.join(root, entry))
+            except Exception as exc:  # noqa: BLE001 - shown, never hidden
+                rec, row["error"] = None, str(exc)
+            row["promoted"] = None if rec is None else {
+                k: rec.get(k) for k in ("name", "path", "cycle", "time", "forced", "done")}
             rows.append(row)
     return rows
 
@@ -139,6 +147,11 @@ class TreeSession:
         self.key = (msg["node_id"], name, KIND)
         self.server.registry.acquire(self.key, self)
         root = trees_root(self.server.root, msg["node_id"])
+        from cyclemirror.receiver.treepromote import refuse_if_promoted
+
+        refuse_if_promoted(os.path.join(root, f".cyclemirror-tree-{name}"), name,
+                           msg["node_name"] or msg["node_id"],
+                           self.server.node_name or self.server.node_id)
         os.makedirs(root, mode=0o700, exist_ok=True)
         _note_source(self.server.root, msg["node_id"], msg["node_name"])
         self.mirror = m = TreeMirror(root, name)  # settles a crashed apply
@@ -221,7 +234,7 @@ def remove_tree_mirror(store_root: str, registry, name: str, force: bool) -> dic
     holder = registry.hold(key, force=force)
     removed = []
     try:
-        for parent, entry in ((work, "state.json"), (root, mirror)):
+        for parent, entry in ((work, "state.json"), (work, "promoted.json"), (root, mirror)):
             path = os.path.join(parent, entry)
             if not os.path.lexists(path):
                 continue
