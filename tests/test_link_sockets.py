@@ -12,9 +12,12 @@ import socket
 
 from cyclemirror import keys
 from cyclemirror.receiver import TargetServer
+from cyclemirror.receiver import server as target_server
 from cyclemirror.sender.connection import TargetLink
 from cyclemirror.store import Store
 from cyclemirror.wire import sockio
+from cyclemirror.wire.handshake import TlsConfig
+from tests.support.certs import Certs
 from tests.support.mirror import wait_for
 
 
@@ -48,3 +51,26 @@ def test_both_ends_of_a_mirror_connection_bound_how_long_a_dead_link_goes_unnoti
             link.close()
     finally:
         server.stop()
+
+
+def test_stopping_a_tls_target_wakes_a_session_idle_between_cycles(tmp_path, monkeypatch):
+    """wrap_socket detaches the accepted socket: stop() must shut down the TLS socket
+    the session reads from, or a source idle between cycles keeps the target's stop
+    waiting out STOP_WAIT (60 s: a `systemctl stop` that hangs, then is killed)."""
+    certs = Certs(tmp_path / "certs")
+    cert, key_file = certs.server("target")
+    key = keys.generate_key()
+    server = TargetServer(Store.create(str(tmp_path / "dst")), key,
+                          tls=TlsConfig(certfile=cert, keyfile=key_file))
+    server.start()
+    link = TargetLink(server.address, key,
+                      tls=TlsConfig(cafile=certs.ca_cert, server_hostname="127.0.0.1")).dial()
+    try:
+        wait_for(lambda: server._sessions, 10, "the target to start a session")
+        (session,) = list(server._sessions)
+        # Short enough that a session nobody woke is still alive when stop() returns.
+        monkeypatch.setattr(target_server, "STOP_WAIT", 3.0)
+        server.stop()
+        assert not session.is_alive(), "stop() left the idle TLS session blocked in a read"
+    finally:
+        link.close()

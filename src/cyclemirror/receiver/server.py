@@ -215,12 +215,17 @@ class TargetServer:
         with self._lock:
             self._conns.add(conn)
         link = None
+        sock = conn
         try:
             conn.settimeout(handshake.HANDSHAKE_TIMEOUT)
             sockio.tune_link(conn)
-            sock = conn
             if self.tls_context is not None:
                 sock = self._tls_accept(conn)
+                # wrap_socket detached conn (its fd is sock's now): stop() must shut
+                # down the TLS socket, or a session idle between cycles is never woken.
+                with self._lock:
+                    self._conns.discard(conn)
+                    self._conns.add(sock)
             keys = self.key() if callable(self.key) else self.key
             version, used = handshake.server_handshake_keys(sock, keys)
             sock.settimeout(None)  # idle between cycles is normal; keepalive finds the dead
@@ -234,11 +239,13 @@ class TargetServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._conns.discard(sock)
                 self._sessions.discard(threading.current_thread())
-            try:
-                conn.close()
-            except OSError:
-                pass
+            for c in {conn, sock}:
+                try:
+                    c.close()
+                except OSError:
+                    pass
 
     def _tls_accept(self, conn: socket.socket):
         """The TLS handshake of a session, its failures named for a person."""
@@ -293,7 +300,9 @@ class TargetServer:
             conns = list(self._conns)
         for c in conns:
             try:
-                c.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, also for a TLS one: it wakes a session
+                # blocked in a read without tearing the TLS state from under it.
+                socket.socket.shutdown(c, socket.SHUT_RDWR)
             except OSError:
                 pass
         if self._thread is not None:
