@@ -71,9 +71,9 @@ def mirror_cycle(obj: tree.TreeObject, target_root: str) -> Freeze:
     freeze, delta, frames through a socket into the target's apply, merge; cycles a dead
     source froze but did not ship go first).
 
-    This is the one place to swap for ``cyclemirror mirror start`` between real daemons
-    once they run tree cycles: the checks need only which cycle the target holds and its
-    freeze time, and read both from the target's own record."""
+    The same checks with real daemons cycling every second are in
+    tests/test_tree_postgres_daemon.py; this file keeps the library path because it can
+    kill the applying process at chosen points (before and after the exchange)."""
     return library_cycle(obj, target_root, NAME)
 
 
