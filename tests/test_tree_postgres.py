@@ -148,16 +148,9 @@ class Rig:
                         clone], check=True, capture_output=True)
         assert target_state(self.target_root) == state, "the target changed while cloned"
         cycle, freeze_time = state["applied_cycle"], state["freeze_time"]
-        try:
-            res = pg.check_copy(clone, os.path.join(self.top, f"check-{self.checks}"),
-                                SOURCE_PORT + self.checks)
-        finally:
-            delete_subvolumes(clone)
-        assert res.recovered, f"cycle {cycle}'s copy did not need recovery?\n{res.log}"
-        lower = self.client.committed_before(freeze_time)
-        assert res.counter >= lower, (
-            f"the copy of cycle {cycle} (frozen at {freeze_time:.6f}) holds counter "
-            f"{res.counter}, but {lower} was committed before that freeze")
+        res, lower = pg.check_clone(clone, os.path.join(self.top, f"check-{self.checks}"),
+                                    SOURCE_PORT + self.checks, self.client, cycle,
+                                    freeze_time, delete_subvolumes)
         f = self.freezes.get(cycle)
         if f is not None:
             assert f.before <= freeze_time <= f.after
@@ -168,11 +161,7 @@ class Rig:
         return Checked(cycle, res.counter, lower)
 
     def check_counter_log(self) -> None:
-        """Nothing acknowledged was lost on the source, restarts included: the values the
-        one client committed only go up."""
-        values = [c.value for c in self.client.commits()]
-        bad = [(a, b) for a, b in zip(values, values[1:], strict=False) if b <= a]
-        assert not bad, f"the counter went back after an acknowledged commit: {bad[:5]}"
+        self.client.check_never_went_back()
 
     def close(self) -> None:
         if self.client is not None:

@@ -160,16 +160,9 @@ class Rig:
         clone = os.path.join(self.clones, f"clone-{self.checks}")
         state = self.clone(clone)
         cycle, freeze_time = state["applied_cycle"], state["freeze_time"]
-        try:
-            res = pg.check_copy(clone, os.path.join(self.top, f"check-{self.checks}"),
-                                SOURCE_PORT + self.checks)
-        finally:
-            delete_subvolumes(clone)
-        assert res.recovered, f"cycle {cycle}'s copy did not need recovery?\n{res.log}"
-        lower = self.client.committed_before(freeze_time)
-        assert res.counter >= lower, (
-            f"the copy of cycle {cycle} (frozen at {freeze_time:.6f}) holds counter "
-            f"{res.counter}, but {lower} was committed before that freeze")
+        res, lower = pg.check_clone(clone, os.path.join(self.top, f"check-{self.checks}"),
+                                    SOURCE_PORT + self.checks, self.client, cycle,
+                                    freeze_time, delete_subvolumes)
         # any later cycle was frozen after this one's snapshot was made
         later = self.wait_applied(cycle)["freeze_time"]
         upper = self.client.sent_by(later)
@@ -179,9 +172,7 @@ class Rig:
         return cycle, res.counter, lower
 
     def check_counter_log(self) -> None:
-        values = [c.value for c in self.client.commits()]
-        bad = [(a, b) for a, b in zip(values, values[1:], strict=False) if b <= a]
-        assert not bad, f"the counter went back after an acknowledged commit: {bad[:5]}"
+        self.client.check_never_went_back()
 
     def kill_mid_apply(self, daemon: Daemon, rnd: random.Random) -> bool:
         """SIGKILL ``daemon`` while the target builds a cycle (or, if none started within

@@ -381,6 +381,13 @@ class CounterClient:
         with self._lock:
             return list(self.log)
 
+    def check_never_went_back(self) -> None:
+        """Nothing acknowledged was lost on the source, restarts included: the values this
+        one client committed only go up."""
+        values = [c.value for c in self.commits()]
+        bad = [(a, b) for a, b in zip(values, values[1:], strict=False) if b <= a]
+        assert not bad, f"the counter went back after an acknowledged commit: {bad[:5]}"
+
     def committed_before(self, t: float) -> int:
         """The largest value whose commit was acknowledged before ``t`` (0: none)."""
         best = 0
@@ -500,3 +507,20 @@ def prepare(server: PgServer, scale: int = 1, db: str = DB) -> None:
     pgbench_init(server, scale, db)
     create_counter(server, db)
     server.psql("CHECKPOINT", db)  # a copy's crash recovery starts here, not at initdb
+
+
+def check_clone(clone: str, workdir: str, port: int, client: CounterClient, cycle: int,
+                freeze_time: float, discard) -> tuple[CopyCheck, int]:
+    """``check_copy`` of ``clone``, the copy of cycle ``cycle`` frozen at ``freeze_time``,
+    then ``discard(clone)``: the copy must recover by itself and hold at least every value
+    ``client`` saw acknowledged before that freeze.  (the check, that lower bound)"""
+    try:
+        res = check_copy(clone, workdir, port)
+    finally:
+        discard(clone)
+    assert res.recovered, f"cycle {cycle}'s copy did not need recovery?\n{res.log}"
+    lower = client.committed_before(freeze_time)
+    assert res.counter >= lower, (
+        f"the copy of cycle {cycle} (frozen at {freeze_time:.6f}) holds counter "
+        f"{res.counter}, but {lower} was committed before that freeze")
+    return res, lower
