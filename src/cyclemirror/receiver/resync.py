@@ -76,22 +76,8 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
         return None
     who = open_msg["node_name"] or source
     me = server.node_name or server.node_id
-    vol = store.open_volume(name)
     spec = open_msg["volumes"][0]
-    if (spec["size"], spec["block_size"]) != (vol.size, vol.block_size):
-        raise ProtocolError(f"failback of {name} from {who}: it sends {spec['size']} bytes in "
-                            f"blocks of {spec['block_size']}, the volume here has {vol.size} "
-                            f"in blocks of {vol.block_size}")
-    if not 1 <= k <= vol.open_overlay:
-        raise ProtocolError(f"failback of {name} from {who}: it says it branched from cycle "
-                            f"{k} of epoch {epoch}, but this volume froze only "
-                            f"{vol.open_overlay} cycles: they share no cycle")
-    divergent = vol.dirty_since(k)
-    if divergent is None:
-        raise ProtocolError(
-            f"failback of {name} from {who}: cycle {k} was merged here already (another "
-            f"target of {me} applied a newer cycle), so this volume cannot be turned back "
-            "into the image of that cycle; remove the volume here to take a full copy")
+    vol, divergent = _member_checked(store, name, rec, k, who, me, spec)
     mine = divergent.count() * vol.block_size
     theirs = msg["written_blocks"] * vol.block_size
     if mine and theirs and msg["discard_on"] != server.node_id:
@@ -173,8 +159,9 @@ def _keep(root: str, vol, divergent, epoch: str, k: int) -> dict:
             "generation": roles.generation(epoch, k), "time": time.time()}
 
 
-def _member_checked(store, root, name, rec, k, who, me, spec):
-    """A member's volume, checked for a failback to cycle ``k``; its divergent blocks."""
+def _member_checked(store, name, rec, k, who, me, spec):
+    """A volume (or a group member), checked for a failback to cycle ``k`` of its epoch;
+    the volume and its divergent blocks."""
     vol = store.open_volume(name)
     if (spec["size"], spec["block_size"]) != (vol.size, vol.block_size):
         raise ProtocolError(f"failback of {name} from {who}: it sends {spec['size']} bytes in "
@@ -223,7 +210,7 @@ def prepare_group(server, open_msg: dict, msg: dict) -> dict | None:
             f"was changed. Mirror the group from {who} without those members, or remove "
             "the group's volumes here to take a full copy")
     checked = [(spec, recs[spec["name"]],
-                *_member_checked(store, root, spec["name"], recs[spec["name"]], k, who, me,
+                *_member_checked(store, spec["name"], recs[spec["name"]], k, who, me,
                                   spec)) for spec in specs]
     bs = checked[0][2].block_size
     mine = sum(div.count() * vol.block_size for _s, _r, vol, div in checked)
