@@ -53,11 +53,10 @@ from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, UsageError
 from cyclemirror.store import cowfs, fileops
 from cyclemirror.store.names import validate_volume_name
+from cyclemirror.store.snapnames import SNAP_PREFIX, TMP_PREFIX, is_ours, is_stale
 
 FILES_DIR = "files"
 RECORD_FORMAT = 1
-SNAP_PREFIX = "snap-"
-TMP_PREFIX = ".tmp-"
 DEFAULT_BLOCK_SIZE = 4096
 HASH_SPAN = 64 << 20  # bytes hashed per call in the fallback diff
 PENDING_CACHE_SECONDS = 1.0
@@ -137,7 +136,7 @@ def _remove_snapshot_dir(snaps: str) -> None:
     except FileNotFoundError:
         return
     for e in entries:
-        if e.startswith((SNAP_PREFIX, TMP_PREFIX)):
+        if is_ours(e):
             _unlink_quiet(os.path.join(snaps, e))
     try:
         os.rmdir(snaps)
@@ -244,10 +243,7 @@ class FileObject:
                                       f"{self.snapshots}", exc) from exc
         top, merged = self._rec["top"], self._rec["merged"]
         for e in entries:
-            num = e[len(SNAP_PREFIX):]
-            stale = e.startswith(TMP_PREFIX) or (
-                e.startswith(SNAP_PREFIX) and num.isdigit() and not merged < int(num) <= top)
-            if stale:
+            if is_stale(e, merged, top):
                 _unlink_quiet(os.path.join(self.snapshots, e))
         fileops.fsync_dir(self.snapshots)
 

@@ -41,11 +41,10 @@ from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, Us
 from cyclemirror.store import btrfsioctl, cowfs, fileops, treediff
 from cyclemirror.store.btrfsioctl import BTRFS_SUBVOL_INO
 from cyclemirror.store.names import validate_volume_name
+from cyclemirror.store.snapnames import SNAP_PREFIX, TMP_PREFIX, is_ours, is_stale
 
 TREES_DIR = "trees"
 RECORD_FORMAT = 1
-SNAP_PREFIX = "snap-"
-TMP_PREFIX = ".tmp-"
 
 
 def snapshot_dir_for(path: str, node_id: str, name: str) -> str:
@@ -133,20 +132,12 @@ def remove_tree(store_path: str, name: str) -> None:
     except FileNotFoundError:
         return
     for e in entries:
-        if _ours(e):
+        if is_ours(e):
             _delete_snapshot(os.path.join(snaps, e), f"tree object {name!r}")
     try:
         os.rmdir(snaps)
     except OSError:
         pass  # something not ours in it: left alone
-
-
-def _ours(entry: str) -> bool:
-    for prefix in (SNAP_PREFIX, TMP_PREFIX):
-        if entry.startswith(prefix):
-            rest = entry[len(prefix):]
-            return rest.isdigit() or (prefix == TMP_PREFIX and rest == "probe")
-    return False
 
 
 def _delete_snapshot(path: str, what: str) -> None:
@@ -232,10 +223,7 @@ class TreeObject:
                                       exc) from exc
         top, merged = self._rec["top"], self._rec["merged"]
         for e in entries:
-            if not _ours(e):
-                continue
-            stale = e.startswith(TMP_PREFIX) or not merged < int(e[len(SNAP_PREFIX):]) <= top
-            if stale:
+            if is_stale(e, merged, top):
                 _delete_snapshot(os.path.join(self.snapshots, e), what)
         fileops.fsync_dir(self.snapshots)
 
