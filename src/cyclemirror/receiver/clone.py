@@ -20,7 +20,6 @@ import time
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, UsageError
 from cyclemirror.receiver import fileops
 from cyclemirror.receiver.readers import PinnedImage, mirror_images
-from cyclemirror.receiver.state import MirrorState
 from cyclemirror.store.names import validate_volume_name
 
 log = logging.getLogger(__name__)
@@ -51,23 +50,7 @@ def clone(store, source: str, mirror: str, name: str, rbd=None) -> dict:
     ndir = os.path.dirname(image.image_path)
     work = os.path.join(ndir, WORK_PREFIX + name)
     copy = work + ".img"
-    pin = PinnedImage(image)
-    try:
-        cycle = MirrorState.load(image.state_path).applied_cycle
-        fileops.copy_sparse(image.image_path, copy)
-        fd = os.open(copy, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        try:
-            os.unlink(copy)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        pin.release()
+    cycle = copy_pinned(image, copy)
     vol = store.adopt_image(name, copy, image.block_size, 0, work)
     seconds = time.monotonic() - t0
     log.info("cloned incoming image %s/%s at cycle %d to volume %s (%.3fs)", source, mirror,
@@ -75,3 +58,26 @@ def clone(store, source: str, mirror: str, name: str, rbd=None) -> dict:
     return {"volume": vol.name, "source_node": image.node_id, "source_name": image.node_name,
             "mirror": mirror, "cycle": cycle, "size": vol.size, "block_size": vol.block_size,
             "seconds": seconds}
+
+
+def copy_pinned(image, dest: str) -> int:
+    """Copy the image file of ``image`` to ``dest`` (reflinks where the file system has
+    them, else a sparse copy) and fsync it, the image pinned meanwhile so no cycle applies
+    into it; the applied cycle the copy holds.  ``dest`` is removed if the copy fails."""
+    pin = PinnedImage(image)
+    try:
+        fileops.copy_sparse(image.image_path, dest)
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return pin.applied_cycle
+    except BaseException:
+        try:
+            os.unlink(dest)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        pin.release()

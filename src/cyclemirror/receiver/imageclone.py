@@ -22,8 +22,9 @@ import secrets
 import time
 
 from cyclemirror.errors import AlreadyExistsError, NotFoundError, UsageError
-from cyclemirror.receiver import fileops, treeops
-from cyclemirror.receiver.readers import PinnedImage, mirror_images
+from cyclemirror.receiver import treeops
+from cyclemirror.receiver.clone import copy_pinned
+from cyclemirror.receiver.readers import mirror_images
 from cyclemirror.receiver.treeclone import WORK_PREFIX, check_dest
 
 log = logging.getLogger(__name__)
@@ -53,20 +54,7 @@ def clone_image_to_file(store, source: str, mirror: str, dest: object) -> dict:
     real = check_dest(root, dest, what)
     parent, leaf = os.path.split(real)
     work = os.path.join(parent, f"{WORK_PREFIX}{leaf}-{secrets.token_hex(4)}")
-    pin = PinnedImage(image)
-    try:
-        cycle = pin.applied_cycle
-        fileops.copy_sparse(image.image_path, work)
-        fd = os.open(work, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _unlink(work)
-        raise
-    finally:
-        pin.release()
+    cycle = copy_pinned(image, work)
     pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
