@@ -7,13 +7,16 @@ must be, modes past the permission bits, data outside any file or past a
 file's end, frames of another cycle, a wrong 'end' count, a cut stream;
 extended attributes of unknown namespaces, over-long names, values past 64
 KiB or not base64, too many of them, on ops that take none; nodes of an
-unknown kind, FIFOs with a device number, device numbers Linux cannot hold.
+unknown kind, FIFOs with a device number, device numbers Linux cannot hold;
+and (hypothesis) any attribute set either decodes to exactly what was sent or
+is refused whole.
 Each is a ProtocolError before anything is applied; a well-formed stream
 decodes to exactly what was encoded.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -185,3 +188,32 @@ def test_arbitrary_bytes_after_a_good_start_are_a_protocol_error(junk, cut):
     good = begin() + op(path="d/f", size=10) + data(2, 0, b"0123456789") + end(chunks=2)
     with contextlib.suppress(ProtocolError):
         decode(good[: len(good) - cut * 7] + junk)
+
+
+_xattr_names = st.one_of(
+    st.sampled_from(["user.a", "trusted.t", "security.capability", "system.posix_acl_access",
+                     "system.posix_acl_default", "system.nfs4_acl", "btrfs.compression",
+                     "user.", "user." + "n" * 250, "user." + "é" * 126, "other.x"]),
+    st.text(max_size=12).map(lambda t: "user." + t))
+_xattr_sets = st.lists(st.tuples(_xattr_names, st.binary(max_size=300)), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_xattr_sets, st.sampled_from(["dir", "file", "meta", "symlink", "node", "rm", "link"]))
+def test_attributes_round_trip_exactly_or_are_refused_whole(pairs, kind):
+    """Whatever a peer sends: a set the shared rule (``xattrs.check_xattrs``) accepts, on
+    an op that takes attributes, decodes to exactly the pairs sent; anything else is a
+    ProtocolError, never a partial set."""
+    from cyclemirror import xattrs
+
+    ref = {"symlink": "t", "node": "fifo", "link": "b"}.get(kind, "")
+    msg = op(op=kind, path="a", ref=ref, size=0,
+             xattrs=[[n, base64.b64encode(v).decode()] for n, v in pairs])
+    ok = xattrs.check_xattrs(pairs, "x") is None and (kind not in ("rm", "link") or not pairs)
+    try:
+        ev = decode(begin() + msg + end())
+    except ProtocolError:
+        assert not ok
+        return
+    assert ok
+    assert ev[1][1]["xattrs"] == tuple(pairs)
