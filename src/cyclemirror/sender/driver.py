@@ -267,6 +267,7 @@ class MirrorDriver:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._break = False
+        self._crash: str | None = None  # why the cycles stopped on their own (_crashed)
         self._break_now = False
         self._sync_want = 0  # freeze as soon as open_overlay < this
         self._merge_want = 0  # the merger folds overlays <= this into base
@@ -392,6 +393,12 @@ class MirrorDriver:
                         down[r.label] = f"down, retrying ({r.last_error})"
                     else:
                         pending.append(r)
+                if pending and self._crash is not None:
+                    # The cycles stopped (the store or a hook failed): cycle ``want`` will
+                    # not reach these targets until a resume, so do not wait it out.
+                    raise UsageError(f"mirror of {self.volume.name!r} stopped before cycle "
+                                     f"{want} reached {pending[0].label}: {self._crash}; "
+                                     "fix that and resume it")
                 waited = [r for r in waited if r.label not in skipped]
                 applied = [r for r in waited if r.applied_cycle >= want]
                 if not waited:
@@ -463,6 +470,7 @@ class MirrorDriver:
         their last applied freeze without waiting out the interval."""
         with self._cond:
             self._break = self._break_now = False
+            self._crash = None
             for r in self.targets:
                 r.broken = None
                 r.paused = False
@@ -500,6 +508,7 @@ class MirrorDriver:
             r = self._target(label)
             r.paused, r.broken, r.backoff = False, None, 0.0
             self._break = self._break_now = False
+            self._crash = None
             self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
             self._cond.notify_all()
 
@@ -619,7 +628,7 @@ class MirrorDriver:
                                   if isinstance(self.packer, AdaptivePacker) else None),
                 "targets": {
                     r.label: {
-                        "phase": "broken" if r.broken or (
+                        "phase": "broken" if r.broken or self._crash is not None or (
                             r.paused and (r.link is None or r.phase == "idle")) else r.phase,
                         "paused": r.paused,
                         "applied_cycle": r.applied_cycle,
@@ -796,9 +805,10 @@ class MirrorDriver:
         log.error("mirror of %s stopped: %s: %s", self.volume.name, type(exc).__name__, exc)
         with self._cond:
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self._crash = self.last_error
             self.phase = "broken"
             self._break = True
-            self._cond.notify_all()
+            self._cond.notify_all()  # a sync waiting for a cycle learns it will not come
 
     def _wait_for_freeze_time(self) -> bool:
         """Sleep until the next freeze is due (or a sync asks now); False to re-check flags.

@@ -560,9 +560,16 @@ class TreeDriver:
 
     def _delta(self, base: int, k: int) -> treediff.TreeDelta:
         if base == k - 1 or (base == 0 and k == 1):
-            return self.tree.delta(k)  # keeps the walk of snapshot k for the next one
-        old = self.tree.snapshot_path(base) if base else None
-        return treediff.tree_delta(old, self.tree.snapshot_path(k))
+            d = self.tree.delta(k)  # keeps the walk of snapshot k for the next one
+        else:
+            old = self.tree.snapshot_path(base) if base else None
+            d = treediff.tree_delta(old, self.tree.snapshot_path(k))
+        if d.skipped:
+            log.info("mirror of tree %s, cycle %d: %d socket(s) not mirrored (a socket "
+                     "cannot be made meaningfully elsewhere): %s", self.tree.name, k,
+                     len(d.skipped), ", ".join(d.skipped[:5])
+                     + (", ..." if len(d.skipped) > 5 else ""))
+        return d
 
     def _connect(self, r: TreeTarget, k: int) -> None:
         tl = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,

@@ -22,17 +22,24 @@ applies them:
    as for file objects); where the map cannot say (compressed extents) or
    the file system will not map the file, the block hashes of both (the
    Cython xxh3 hashes) decide.
-4. ``symlink PATH -> REF`` (new, or a new target).
+4. ``symlink PATH -> REF`` (new, or a new target) and ``node PATH`` (``REF`` is
+   its kind: ``fifo``, ``chr`` or ``blk``; ``rdev`` a device's number): a new
+   FIFO or device node, or one of another kind or number.
 5. ``link PATH <- REF``: a hard link to ``REF`` of the *new* version, for
    every further name of an inode whose content was just written, or a name
    that is new for an unchanged inode.
-6. ``meta PATH``: a file or symlink whose only change is its mode, owner or
-   mtime (a hard-linked inode's metadata goes with its first name).
+6. ``meta PATH``: a file, symlink, FIFO or device node whose only change is its
+   mode, owner, mtime or extended attributes (a hard-linked inode's metadata
+   goes with its first name).
 
-Every op carries the new mode (permission bits), uid, gid and mtime (ns) of
-its path, where they apply.  Atimes are not mirrored.  Sockets, FIFOs and
-device nodes are not mirrored: ``TreeDelta.skipped`` lists them.  Names must
-be UTF-8 (the wire carries text); another name is a StoreError naming it.
+Every op carries the new mode (permission bits), uid, gid, mtime (ns) and
+extended attributes (the complete set of the mirrored namespaces,
+``cyclemirror.xattrs``: user, trusted, security, POSIX ACLs) of its path,
+where they apply.  Atimes are not mirrored.  Sockets are not mirrored (they
+cannot be made meaningfully anywhere else): ``TreeDelta.skipped`` lists
+them.  FIFOs and device nodes are, each name its own node (hard links
+between them are not kept).  Names must be UTF-8 (the wire carries text);
+another name is a StoreError naming it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cyclemirror import xattrs as xattrs_mod
 from cyclemirror._cext import blockhash
 from cyclemirror.errors import StoreError
 from cyclemirror.store import btrfsioctl, cowfs
@@ -57,7 +65,7 @@ HASH_SPAN = 64 << 20  # bytes hashed per call
 class Entry(NamedTuple):
     """What a walk saw at one path (lstat, never following a symlink)."""
 
-    kind: str  # "dir", "file", "symlink" or "other"
+    kind: str  # "dir", "file", "symlink", "fifo", "chr", "blk" or "other" (a socket)
     mode: int  # permission bits
     uid: int
     gid: int
@@ -66,6 +74,11 @@ class Entry(NamedTuple):
     ino: int
     ctime_ns: int = 0  # moves with every change of the inode; nobody can set it back
     target: str = ""  # a symlink's target
+    rdev: int = 0  # a device node's number
+    xattrs: xattrs_mod.Xattrs = ()  # the mirrored extended attributes, sorted by name
+
+
+NODE_KINDS = ("fifo", "chr", "blk")
 
 
 @dataclass
@@ -78,6 +91,8 @@ class TreeOp:
     gid: int = 0
     mtime_ns: int = 0
     size: int = 0
+    rdev: int = 0  # a device node's number ('node' of ref 'chr' or 'blk')
+    xattrs: xattrs_mod.Xattrs = ()  # the complete set, for every op but 'rm' and 'link'
     data: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
     zero: list[tuple[int, int]] = field(default_factory=list)
 
@@ -85,7 +100,7 @@ class TreeOp:
 @dataclass
 class TreeDelta:
     ops: list[TreeOp]
-    skipped: list[str]  # sockets, FIFOs, device nodes: not mirrored
+    skipped: list[str]  # sockets: not mirrored
     data_bytes: int = 0
     methods: dict[str, int] = field(default_factory=dict)  # how changed files were compared
     new_walk: dict[str, Entry] = field(default_factory=dict, repr=False)  # for the next one
@@ -154,7 +169,7 @@ def walk(root: str) -> Walk:
     """Every path under ``root`` (relative, "/"-separated; "." for the root) -> Entry."""
     out = Walk()
     out.snapshot = _snapshot_uuid(root)
-    out.put(".", _entry(os.lstat(root), ""))
+    out.put(".", _entry(os.lstat(root), "", root, root))
     _walk_into(out, root, "", root)
     return out
 
@@ -171,7 +186,7 @@ def _walk_into(out: Walk, root: str, rel_top: str, abs_top: str,
                 rel = _utf8(f"{rel_dir}/{de.name}" if rel_dir else de.name, root)
                 st = de.stat(follow_symlinks=False)
                 target = os.readlink(de.path) if stat.S_ISLNK(st.st_mode) else ""
-                e = _entry(st, _utf8(target, root))
+                e = _entry(st, _utf8(target, root), de.path, root)
                 out.put(rel, e)
                 if added is not None:
                     added.add(rel)
@@ -202,12 +217,15 @@ def _snapshot_uuid(root: str) -> bytes:
     return _snapshot_id(info) if info.readonly else b""
 
 
-def _entry(st: os.stat_result, target: str) -> Entry:
+def _entry(st: os.stat_result, target: str, path: str, root: str) -> Entry:
     m = st.st_mode
     kind = ("dir" if stat.S_ISDIR(m) else "file" if stat.S_ISREG(m)
-            else "symlink" if stat.S_ISLNK(m) else "other")
+            else "symlink" if stat.S_ISLNK(m) else "fifo" if stat.S_ISFIFO(m)
+            else "chr" if stat.S_ISCHR(m) else "blk" if stat.S_ISBLK(m) else "other")
+    xa = () if kind == "other" else xattrs_mod.read(path, f"tree entry {path}")
     return Entry(kind, stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_mtime_ns,
-                 st.st_size if kind == "file" else 0, st.st_ino, st.st_ctime_ns, target)
+                 st.st_size if kind == "file" else 0, st.st_ino, st.st_ctime_ns, target,
+                 st.st_rdev if kind in ("chr", "blk") else 0, xa)
 
 
 def _key(path: str) -> str:
@@ -221,12 +239,13 @@ def _parent(path: str) -> str:
 
 
 def _meta(e: Entry) -> tuple:
-    return (e.mode, e.uid, e.gid, e.mtime_ns)
+    return (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
 
 
 def _op(op: str, path: str, e: Entry, ref: str = "") -> TreeOp:
     return TreeOp(op, path, ref, e.mode, e.uid, e.gid, e.mtime_ns,
-                  e.size if op in ("file", "patch") else 0)
+                  e.size if op in ("file", "patch") else 0,
+                  e.rdev if op == "node" else 0, e.xattrs)
 
 
 def tree_delta(old_root: str | None, new_root: str,
@@ -373,16 +392,21 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
                 links.append(TreeOp("link", q, first))
     for op in ops:
         delta.data_bytes += sum(n for _, n in op.data)
-    # 4. symlinks
+    # 4. symlinks, FIFOs and device nodes
     for p in order:
         n = new[p]
-        if n.kind != "symlink":
-            continue
-        o = old.get(p)
-        if o is None or o.kind != "symlink" or o.target != n.target:
-            ops.append(_op("symlink", p, n, n.target))
-        elif (o.uid, o.gid, o.mtime_ns) != (n.uid, n.gid, n.mtime_ns):
-            metas.append(_op("meta", p, n))
+        if n.kind == "symlink":
+            o = old.get(p)
+            if o is None or o.kind != "symlink" or o.target != n.target:
+                ops.append(_op("symlink", p, n, n.target))
+            elif (o.uid, o.gid, o.mtime_ns, o.xattrs) != (n.uid, n.gid, n.mtime_ns, n.xattrs):
+                metas.append(_op("meta", p, n))
+        elif n.kind in NODE_KINDS:
+            o = old.get(p)
+            if o is None or o.kind != n.kind or o.rdev != n.rdev:
+                ops.append(_op("node", p, n, n.kind))
+            elif _meta(o) != _meta(n):
+                metas.append(_op("meta", p, n))
     # 5. further names of inodes, 6. metadata only
     ops.extend(links)
     ops.extend(metas)
@@ -470,7 +494,7 @@ def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: 
                           f"({exc.strerror})") from None
         if st.st_ino != ino:
             raise _Unsure(f"{p} is another inode than its directory says")
-        return _entry(st, _utf8(target, new_root))
+        return _entry(st, _utf8(target, new_root), full, new_root)
 
     def entries(root: str, p: str) -> dict[str, int]:
         with os.scandir(os.path.join(root, p)) as it:
@@ -501,7 +525,7 @@ def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: 
         full = os.path.join(new_root, q)
         st = os.lstat(full)
         target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else ""
-        new.put(q, _entry(st, _utf8(target, new_root)))
+        new.put(q, _entry(st, _utf8(target, new_root), full, new_root))
         cand.add(q)
         if stat.S_ISDIR(st.st_mode):
             _walk_into(new, new_root, q, full, cand)
