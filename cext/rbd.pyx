@@ -36,6 +36,7 @@ cdef extern from "rados/librados.h" nogil:
     int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx)
     void rados_ioctx_destroy(rados_ioctx_t io)
     void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace)
+    void rados_set_pool_full_try(rados_ioctx_t io)
 
 cdef extern from "rbd/librbd.h" nogil:
     ctypedef void *rbd_image_t
@@ -198,6 +199,15 @@ cdef class IoCtx:
     cdef void _check(self) except *:
         if self.io == NULL:
             raise ValueError("the I/O context is closed")
+
+    def set_pool_full_try(self):
+        """Writes to a full pool fail at once (EDQUOT: its quota; ENOSPC: a full OSD)
+        instead of waiting, paused, until the pool has room or the op timeout ends them.
+
+        Images opened from this context afterwards inherit it (librbd copies it).
+        """
+        self._check()
+        rados_set_pool_full_try(self.io)
 
     def create(self, name, uint64_t size):
         """Create image ``name`` of ``size`` bytes (layering only, 4 MiB objects)."""
