@@ -237,3 +237,24 @@ def test_a_cluster_that_stops_answering_mid_apply_is_a_temporary_error(
     later = [s for c, s in r.stats.items() if c > first]
     assert not any(s["full"] for s in later), later
     assert sum(s["bytes_raw"] for s in later) <= MiB, later
+
+
+def test_cluster_errors_name_the_pool_and_what_to_do():
+    """The three answers ``cluster_error`` gives (the cluster-full one cannot be made
+    here without filling the shared test cluster's OSD), and None for the rest."""
+    import errno
+
+    from cyclemirror.errors import ClusterUnavailableError, NoSpaceError, is_temporary
+
+    cfg = RbdConfig(pool="mirrors", namespace="site-a")
+    what = "mirror 'v' of source a"
+    full = rbdbackend.cluster_error(cfg, what, OSError(errno.ENOSPC, "No space left"))
+    assert isinstance(full, NoSpaceError) and is_temporary(full)
+    assert str(full).startswith(what) and "'mirrors/site-a'" in str(full)
+    assert "full ratio" in str(full) and "ceph health detail" in str(full)
+    quota = rbdbackend.cluster_error(cfg, what, OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert isinstance(quota, NoSpaceError) and "set-quota mirrors max_bytes" in str(quota)
+    silent = rbdbackend.cluster_error(cfg, what, OSError(errno.ETIMEDOUT, "timed out"))
+    assert isinstance(silent, ClusterUnavailableError) and is_temporary(silent)
+    assert "'mirrors/site-a'" in str(silent) and "ceph -s" in str(silent)
+    assert rbdbackend.cluster_error(cfg, what, OSError(errno.EIO, "I/O error")) is None
