@@ -7,7 +7,8 @@ for Debian's own interpreter only, hence a binding of our own.
 
 ``Cluster(conf, client, keyring)`` connects; ``Cluster.ioctx(pool, namespace)``
 opens a pool; ``IoCtx`` creates, removes, renames and opens images;
-``Image`` reads, writes, discards, flushes and handles snapshots.
+``Image`` reads, writes, discards, flushes and handles snapshots, and lists
+what changed since a snapshot (``diff``).
 
 Writes and write-zeroes are asynchronous (``rbd_aio_write``,
 ``rbd_aio_write_zeroes``) with up to ``MAX_INFLIGHT`` in flight: ``write``
@@ -19,7 +20,8 @@ on the cluster runs without the GIL.  Failures raise ``OSError`` with the
 errno librbd returned and a message naming the call and the image.
 """
 
-from libc.stdint cimport uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint64_t, int64_t
+from libc.stdlib cimport free, realloc
 from libc.string cimport strerror
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -36,6 +38,7 @@ cdef extern from "rados/librados.h" nogil:
     int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx)
     void rados_ioctx_destroy(rados_ioctx_t io)
     void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace)
+    void rados_set_pool_full_try(rados_ioctx_t io)
 
 cdef extern from "rbd/librbd.h" nogil:
     ctypedef void *rbd_image_t
@@ -81,6 +84,9 @@ cdef extern from "rbd/librbd.h" nogil:
     int rbd_snap_protect(rbd_image_t image, const char *snap_name)
     int rbd_snap_unprotect(rbd_image_t image, const char *snap_name)
     int rbd_snap_is_protected(rbd_image_t image, const char *snap_name, int *is_protected)
+    int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs,
+                          uint64_t len, uint8_t include_parent, uint8_t whole_object,
+                          int (*cb)(uint64_t, size_t, int, void *) noexcept nogil, void *arg)
 
 ctypedef int (*snap_fn)(rbd_image_t image, const char *snapname) noexcept nogil
 
@@ -93,6 +99,31 @@ cdef enum:
     _OPT_CLONE_FORMAT = 12  # RBD_IMAGE_OPTION_CLONE_FORMAT
 
 MAX_INFLIGHT = _MAX_INFLIGHT
+
+
+cdef struct _Extents:
+    uint64_t *data  # (offset, length, exists) triples
+    size_t n
+    size_t cap
+    bint oom
+
+
+cdef int _diff_extent(uint64_t offset, size_t length, int exists, void *arg) noexcept nogil:
+    cdef _Extents *ext = <_Extents *>arg
+    cdef size_t cap
+    cdef uint64_t *grown
+    if ext.n + 3 > ext.cap:
+        cap = ext.cap * 2 if ext.cap else 3 * 256
+        grown = <uint64_t *>realloc(ext.data, cap * sizeof(uint64_t))
+        if grown == NULL:
+            ext.oom = True
+            return -12  # ENOMEM: ends the iteration
+        ext.data, ext.cap = grown, cap
+    ext.data[ext.n] = offset
+    ext.data[ext.n + 1] = length
+    ext.data[ext.n + 2] = 1 if exists else 0
+    ext.n += 3
+    return 0
 
 
 cdef object _error(long ret, str what):
@@ -198,6 +229,15 @@ cdef class IoCtx:
     cdef void _check(self) except *:
         if self.io == NULL:
             raise ValueError("the I/O context is closed")
+
+    def set_pool_full_try(self):
+        """Writes to a full pool fail at once (EDQUOT: its quota; ENOSPC: a full OSD)
+        instead of waiting, paused, until the pool has room or the op timeout ends them.
+
+        Images opened from this context afterwards inherit it (librbd copies it).
+        """
+        self._check()
+        rados_set_pool_full_try(self.io)
 
     def create(self, name, uint64_t size):
         """Create image ``name`` of ``size`` bytes (layering only, 4 MiB objects)."""
@@ -510,6 +550,41 @@ cdef class Image:
         """Make the head equal snapshot ``name`` (waits for writes in flight first)."""
         self.drain()
         self._snap_op(rbd_snap_rollback, name, "rolling back to")
+
+    def diff(self, from_snapshot, uint64_t offset=0, length=None, bint whole_object=False):
+        """The extents that differ between snapshot ``from_snapshot`` (None: an empty
+        image) and what this handle reads (the head, or the snapshot it was opened at):
+        ``[(offset, length, exists), ...]`` in offset order; ``exists`` False is a
+        range that reads as zeroes now (discarded, or its object removed).  Within
+        ``[offset, offset + length)`` (default: to the end).  ``rbd_diff_iterate2``:
+        the OSDs answer from their snapshot records, nothing is read.
+        """
+        self._check()
+        cdef uint64_t size = self.size()
+        cdef uint64_t span = size - offset if length is None else <uint64_t>length
+        if offset > size or span > size - offset:
+            raise ValueError(f"diff of {self.name}: {offset}+{span} is outside its "
+                             f"{size} bytes")
+        cdef bytes b = _c(from_snapshot, "snapshot name")
+        cdef const char *cb = NULL
+        if b is not None:
+            cb = b
+        cdef _Extents ext
+        ext.data, ext.n, ext.cap, ext.oom = NULL, 0, 0, False
+        cdef int ret
+        try:
+            with nogil:
+                ret = rbd_diff_iterate2(self.image, cb, offset, span, 1, whole_object,
+                                        _diff_extent, &ext)
+            if ext.oom:
+                raise MemoryError(f"diff of {self.name}: out of memory for its extents")
+            if ret < 0:
+                raise _error(ret, f"diffing RBD image {self.name} against "
+                                  f"{from_snapshot or 'nothing'}")
+            return [(ext.data[i], ext.data[i + 1], ext.data[i + 2] != 0)
+                    for i in range(0, ext.n, 3)]
+        finally:
+            free(ext.data)
 
     def snap_list(self):
         """The image's snapshots: [(name, size), ...] in creation order."""

@@ -15,8 +15,8 @@ scratch that only an apply writes.
   step is idempotent, so recovery may run them again.
 * Delta: rollback of the head to the last cycle's snapshot when recovery
   redoes a cycle a crash cut (the head may hold part of it), then the records
-  are replayed into the head (librbd's cache in writeback mode: a flush at
-  open ends its write-through start); ``flush`` makes them durable.
+  are replayed into the head (no librbd cache: ``CLIENT_OPTIONS`` says why);
+  ``flush`` makes them durable.
 * ``applied(cycle)``: snapshot ``cyclemirror-<cycle>`` of every member (an
   existing one, left by a crash after it, is made again).  Once the state
   names the cycle as applied, older ``cyclemirror-*`` snapshots are removed
@@ -28,8 +28,14 @@ scratch that only an apply writes.
 Readers (the NBD export) open the snapshot of the applied cycle read-only, so
 they never see a half-applied head.  The cluster connection is shared by all
 mirrors of a daemon (``connection``); a cluster that is down or unreachable
-raises ``OSError`` (ETIMEDOUT after the configured timeouts), which the
-source treats as temporary and resumes after its last acknowledged chunk.
+raises ``OSError`` (ETIMEDOUT after the configured timeouts).  A full pool
+(over its quota, or an OSD over the full ratio) fails a write that needs room
+at once with EDQUOT or ENOSPC: the I/O context asks for that
+(``set_pool_full_try``), where librados would otherwise pause every write,
+even an image's open, until the pool has room or the op timeout ends it.
+``cluster_error`` turns those into errors that name the pool and what to do;
+all are temporary: the source retries and resumes after its last
+acknowledged chunk.
 """
 
 from __future__ import annotations
@@ -38,7 +44,12 @@ import errno
 import logging
 import threading
 
-from cyclemirror.errors import ClusterUnavailableError, StoreError, UsageError
+from cyclemirror.errors import (
+    ClusterUnavailableError,
+    NoSpaceError,
+    StoreError,
+    UsageError,
+)
 from cyclemirror.receiver.backend import RbdConfig
 from cyclemirror.receiver.readers import IMAGE_PINS
 
@@ -50,6 +61,12 @@ OLD_SUFFIX = "~old"
 # A cluster that does not answer is an error after these (seconds), not a hang.
 TIMEOUTS = {"client_mount_timeout": 30, "rados_mon_op_timeout": 30,
             "rados_osd_op_timeout": 60}
+# No librbd cache: its write-around mode completes a write before the OSD has it,
+# and a write the OSD then refused (EDQUOT from a full pool) was seen to reach no
+# flush: the apply's last flush returned 0, the cycle's snapshot was taken without
+# the delta (tests/test_rbd_full.py).  Without it each write's completion carries
+# the OSD's answer, which ``Image.drain`` raises.
+CLIENT_OPTIONS = {"rbd_cache": "false"}
 
 _connections: dict[tuple, object] = {}
 _conn_lock = threading.Lock()
@@ -82,9 +99,12 @@ def connection(cfg: RbdConfig):
             return io
         rbd = load_binding()
         try:
-            cluster = rbd.Cluster(cfg.conf, cfg.client, cfg.keyring, TIMEOUTS)
+            cluster = rbd.Cluster(cfg.conf, cfg.client, cfg.keyring,
+                                  {**TIMEOUTS, **CLIENT_OPTIONS})
             cluster.connect()
             io = cluster.ioctx(cfg.pool, cfg.namespace)
+            # A full pool: EDQUOT/ENOSPC for writes that need room, not a 60 s pause.
+            io.set_pool_full_try()
         except OSError as exc:
             raise ClusterUnavailableError(
                 f"RBD target: cannot reach pool {cfg.pool!r} of the Ceph cluster "
@@ -93,6 +113,35 @@ def connection(cfg: RbdConfig):
             ) from exc
         _connections[key] = io
         return io
+
+
+def cluster_error(cfg: RbdConfig, what: str, exc: OSError):
+    """``exc`` from librbd as an error that names ``cfg``'s pool and what to do, or None.
+
+    A pool over its quota (EDQUOT), a cluster too full for the pool (ENOSPC) and
+    a cluster that did not answer within the timeouts (ETIMEDOUT) are temporary:
+    the source retries with backoff and resumes after its last acknowledged chunk
+    (the last cycle's snapshot is untouched meanwhile).  ``what`` names the
+    mirror and its source.
+    """
+    pool = f"{cfg.pool}/{cfg.namespace}" if cfg.namespace else cfg.pool
+    resume = "the source retries and resumes after its last ack"
+    if exc.errno == errno.EDQUOT:
+        return NoSpaceError(
+            f"{what}: the Ceph pool {cfg.pool!r} is full: over its quota ({exc.strerror}; "
+            f"ceph osd pool get-quota {cfg.pool}); raise or lift the quota (ceph osd pool "
+            f"set-quota {cfg.pool} max_bytes BYTES, 0 for none) or free space in the pool: "
+            f"{resume}")
+    if exc.errno == errno.ENOSPC:
+        return NoSpaceError(
+            f"{what}: the Ceph cluster is full for pool {pool!r} ({exc.strerror}: an OSD is "
+            "over its full ratio; ceph health detail); add capacity or free space in the "
+            f"cluster: {resume}")
+    if exc.errno == errno.ETIMEDOUT:
+        return ClusterUnavailableError(
+            f"{what}: the Ceph cluster did not answer for pool {pool!r} within the client "
+            f"timeouts ({exc}); check the cluster (ceph -s) and the network to it: {resume}")
+    return None
 
 
 def remove_image(io, name: str) -> bool:
@@ -267,11 +316,6 @@ class RbdBackend:
                 if recovering and self.state.applied_cycle > 0:
                     # The head may hold part of this cycle: start from the last one.
                     img.snap_rollback(snap_name(self.state.applied_cycle))
-                # librbd's cache writes through until the image's first flush
-                # (rbd_cache_writethrough_until_flush, for guests that never flush): one
-                # now lets the delta's small scattered writes be cached and sent in the
-                # background; finish() flushes them all before the cycle is applied.
-                img.flush()
         except BaseException:
             for img in images:
                 img.close()

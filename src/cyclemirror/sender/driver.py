@@ -88,6 +88,7 @@ from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
 from cyclemirror.wire import messages
 from cyclemirror.wire.handshake import TlsConfig
+from cyclemirror.wire.link import RemoteError
 
 log = logging.getLogger(__name__)
 SEND_BATCH_BYTES = 256 << 10  # coalesce frames below this into one send
@@ -1121,7 +1122,8 @@ class MirrorDriver:
         r.phase = "connecting"
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                           insecure=r.spec.insecure,
-                          on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft))
+                          on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft),
+                          on_failure=lambda exc, r=r: self._apply_failed(r, exc))
         link.connect({
             "node_id": self.store.node_id, "node_name": self.store.node_name,
             "mirror": self.subject.remote_name, "group": self.subject.group,
@@ -1457,6 +1459,25 @@ class MirrorDriver:
             self._cond.notify_all()
         if stats is not None and self.options.on_applied is not None:
             self.options.on_applied(cycle, r.label, dict(stats))
+
+    def _apply_failed(self, r: OutgoingTarget, exc: BaseException) -> None:
+        """The target sent an error between cycles (called by its link's reader thread):
+        the apply of a committed cycle failed there (a full disk or Ceph pool).
+
+        Status shows it at once, and a cycle is asked for: its connection makes the
+        target's recovery redo the committed apply (nothing is sent again), retried
+        with backoff while it fails.  A link that merely closed asks for nothing.
+        """
+        if not isinstance(exc, RemoteError):
+            return
+        with self._cond:
+            if self._stop or r.broken is not None or r.held_cycle <= r.applied_cycle:
+                return  # not an apply's failure: a cycle in flight reports its own
+            r.last_error = f"{type(exc).__name__}: {exc}"
+            self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
+            self._cond.notify_all()
+        log.warning("mirror %s -> %s: the target could not apply cycle %d: %s",
+                    self.volume.name, r.label, r.held_cycle, exc)
 
     def _failed(self, r: OutgoingTarget, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"
