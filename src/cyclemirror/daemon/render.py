@@ -200,6 +200,11 @@ def render_status(doc: dict) -> str:
                  [t["name"], t["path"], t["fs"], t["consistency"], str(t["frozen_cycle"])]
                  for t in trees]
         lines += _table(rows)
+        for t in trees:  # a demoted tree stops cycling until it is failed back
+            if t.get("demoted"):
+                lines.append(f"tree {t['name']} is DEMOTED (by {t['demoted']['by']}): stop "
+                             "its writers and fail back from the new primary "
+                             "(docs/trees.md)")
     mirrors = doc.get("mirrors", [])
     if mirrors:
         lines.append("")

@@ -80,9 +80,9 @@ def refuse_if_promoted(work: str, mirror: str, source: str, here: str) -> None:
         f"tree mirror {mirror!r} from {source}: {here} promoted it to tree object "
         f"{rec['name']!r} ({rec['path']}) at {when}, as of cycle {rec['cycle']}"
         f"{' (forced)' if rec.get('forced') else ''}; {source}'s tree is demoted and must not "
-        f"mirror over the new primary. Stop its writers and remove this mirror on {source} "
-        "('cyclemirror mirror rm TREE' there); failback of trees is not built: mirror "
-        f"{rec['name']} from {here} to {source} (a full cycle; docs/trees.md)")
+        f"mirror over the new primary. Stop its writers there, then mirror the promoted "
+        f"tree back: on {here} run 'cyclemirror mirror start {rec['name']} --to {source}' "
+        "(docs/trees.md)")
 
 
 def _result(ref, rec: dict, resumed: bool, seconds: float, how: str) -> dict:

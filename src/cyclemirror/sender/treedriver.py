@@ -23,6 +23,10 @@ One thread runs:  wait -> freeze -> ship -> merge.
   (``merge_through``); a target that never held a cycle does not hold them
   back (it needs a full cycle anyway), a broken or unreachable one does: its
   cycle stays, so its next cycle is a delta.
+* Demotion: a target that answers ``DemotedError`` (it promoted this tree's
+  mirror) makes the tree *demoted* (``TreeObject.mark_demoted``, shown by
+  ``status``): the whole mirror stops, no more freezes, and ``resume`` is
+  refused, until the tree is failed back from the new primary (docs/trees.md).
 * Faults: a lost connection, a timeout, a target's temporary error: that
   target retries with backoff (a tree cycle is never resumed half way: it
   restarts whole, as a delta from what the target holds); a permanent one
@@ -50,6 +54,7 @@ from cyclemirror._cext import frames
 from cyclemirror.errors import (
     CycleMirrorError,
     DeadlineError,
+    DemotedError,
     NotFoundError,
     ProtocolError,
     StoreError,
@@ -190,6 +195,9 @@ class TreeDriver:
     def start(self) -> None:
         if self._thread is not None:
             raise UsageError(f"mirror of tree {self.tree.name!r} is already running")
+        demoted = self.demoted_error()
+        if demoted is not None:
+            raise demoted  # 'mirror start' and 'resume' refused; status shows it
         if self.options.shared_rate is not None:
             self.options.shared_rate.join()
         saved = self._load_state()
@@ -301,7 +309,21 @@ class TreeDriver:
             for r in self.targets:
                 r.drop_link()
 
+    def demoted_error(self) -> DemotedError | None:
+        """The error a demoted tree's mirror stops with (None: not demoted)."""
+        d = self.tree.demoted
+        if d is None:
+            return None
+        return DemotedError(
+            f"tree {self.tree.name!r} on this node is demoted ({d['by']} said: "
+            f"{d['message']}); it must not mirror over the new primary: stop its writers, "
+            f"then fail back by mirroring the promoted tree from the new primary to this "
+            f"node (docs/trees.md, \"Failback\")")
+
     def resume(self) -> None:
+        demoted = self.demoted_error()
+        if demoted is not None:
+            raise demoted
         with self._cond:
             self._break = self._break_now = False
             self.last_error = None
@@ -329,6 +351,9 @@ class TreeDriver:
             r.drop_link()
 
     def resume_target(self, label: str) -> None:
+        demoted = self.demoted_error()
+        if demoted is not None:
+            raise demoted
         with self._cond:
             r = self._target(label)
             r.paused, r.broken, r.backoff, r.next_try = False, None, 0.0, 0.0
@@ -468,7 +493,12 @@ class TreeDriver:
                         and (r.paused or self._break)]
             for r in idle:  # the target may then remove the mirror without --force
                 r.drop_link()
+            demoted = self.demoted_error()
             with self._cond:
+                if demoted is not None:
+                    self._break, self.last_error = True, f"DemotedError: {demoted}"
+                    for r in self.targets:
+                        r.phase = "broken"
                 if self._break:
                     self.phase = "broken"
                     self._cond.notify_all()
@@ -699,6 +729,15 @@ class TreeDriver:
         return exc
 
     def _failed(self, r: TreeTarget, exc: BaseException, k: int = 0) -> None:
+        if getattr(exc, "code", None) == "DemotedError" or isinstance(exc, DemotedError):
+            try:
+                if self.tree.mark_demoted(r.label, str(exc)):
+                    log.error("tree %s is DEMOTED: %s says: %s", self.tree.name, r.label, exc)
+            except (CycleMirrorError, OSError):
+                log.exception("tree %s: recording its demotion failed", self.tree.name)
+            with self._cond:
+                self._break = True  # every target: the tree stops cycling
+                self._cond.notify_all()
         r.drop_link()
         r.failed_cycle = max(r.failed_cycle, k)
         temporary = is_temporary(exc)

@@ -24,6 +24,10 @@ mode 0700, on the same file system, as a snapshot cannot cross one):
   or below ``merged``.  Only names of the form ``snap-N`` and ``.tmp-N`` in
   the object's own directory are ever deleted.
 
+Roles (docs/trees.md, "Failback"): the record also says whether the tree was
+*demoted* (a target promoted its mirror; ``mark_demoted``: the daemon then
+stops cycling it).
+
 The delta between two snapshots is ``store.treediff``; what ships it is
 ``wire.treeframes``; the target's side is ``receiver.treeops``.  Snapshots
 are made and deleted with the kernel's ioctls (``store.btrfsioctl``), which
@@ -165,10 +169,24 @@ def _read_record(path: str, name: str) -> dict:
           and isinstance(rec.get("snapshots"), str) and os.path.isabs(rec["snapshots"])
           and all(type(rec.get(k)) is int for k in ("top", "merged"))
           and isinstance(rec.get("freeze_times"), dict))
+    if ok:
+        ok = _roles_ok(rec)
     if not ok or not -1 <= rec["merged"] < max(rec["top"], 1):
         raise StoreError(f"tree object {name!r}: its record {path} is damaged; remove it "
                          f"('cyclemirror tree rm {name}') and add the tree again")
     return rec
+
+
+def _is_time(v) -> bool:
+    return type(v) in (int, float) and v == v and 0 <= v < 1e12
+
+
+def _roles_ok(rec: dict) -> bool:
+    """The optional role fields of a record, if present, have their shapes."""
+    d = rec.get("demoted")
+    return d is None or (isinstance(d, dict) and set(d) == {"by", "message", "time"}
+                         and isinstance(d["by"], str) and isinstance(d["message"], str)
+                         and _is_time(d["time"]))
 
 
 def _own_directory(path: str, what: str) -> None:
@@ -240,7 +258,27 @@ class TreeObject:
         with self._lock:
             return {"name": self.name, "kind": "tree", "path": self.path, "fs": "btrfs",
                     "consistency": "tree", "snapshots": self.snapshots,
-                    "frozen_cycle": self._rec["top"]}
+                    "frozen_cycle": self._rec["top"],
+                    "role": "demoted" if self._rec.get("demoted") else "primary",
+                    "demoted": self._rec.get("demoted")}
+
+    # -- roles (docs/trees.md, "Failback") ---------------------------------------------------
+    @property
+    def demoted(self) -> dict | None:
+        """{"by", "message", "time"} once a target said it promoted this tree, else None."""
+        with self._lock:
+            d = self._rec.get("demoted")
+            return dict(d) if d else None
+
+    def mark_demoted(self, by: str, message: str) -> bool:
+        """Record that target ``by`` promoted this tree; False if it was demoted already."""
+        with self._lock:
+            if self._rec.get("demoted"):
+                return False
+            self._rec["demoted"] = {"by": str(by)[:4096], "message": str(message)[:4096],
+                                    "time": time.time()}
+            self._save()
+            return True
 
     @property
     def frozen_cycle(self) -> int:
