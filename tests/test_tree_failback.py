@@ -1,14 +1,21 @@
-"""Failback of tree mirrors with real daemons: demotion on the old source.
+"""Failback of tree mirrors with real daemons: demotion on the old source, then a delta back.
 
 One source daemon (A) and one target daemon (B) for the module, their stores
 and trees on a btrfs loop file system.  A tree mirrored A -> B is promoted on
 B with ``--force`` (the disaster); A's next cycle is refused, and A must then
-record its tree as demoted, stop cycling it (``mirror resume`` refused, no
-new freeze, after a restart too) and say so in ``status``.
+record its tree as demoted, stop cycling it (``mirror resume`` refused) and
+say so in ``status``.  Mirroring B's promoted tree back to A must be a
+failback: A's tree rolled back to the promoted cycle (its own changes after
+it kept whole beside it, never deleted), and only what B changed since the
+promotion on the wire (counted: the bytes B's driver sent, against the
+changed file data and against the full tree), B's first cycle a delta from
+the promoted cycle.  Both sides changed: split brain, refused with nothing
+changed until the user names the loser on B.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -16,7 +23,7 @@ import socket
 import pytest
 
 from tests.support.daemons import Daemon, make_key, wait_for
-from tests.support.trees import delete_subvolumes, subvolume, tree_image
+from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
 
 BIG = 1 << 20  # a full copy of the tree ships at least this much
 
@@ -107,8 +114,27 @@ def promoted_tree(env, name: str) -> tuple[str, int, dict]:
     return src, k, image
 
 
+def failed_back(env, name: str, k: int) -> dict:
+    """B's mirror row of ``name`` after its first sync to A, checked to be a failback: A
+    held cycle ``k`` (the promoted one) when B's mirror opened, so every cycle B shipped
+    was a delta, none a full copy.  (The mirror ships one or two cycles, as the sync's
+    freeze lands before or after the one its start makes.)"""
+    m = row(env.b, name)
+    assert m["applied_cycle"] > k and m["last_cycle"]["full"] is False, m
+    assert 1 <= m["cycles_total"] <= 2, m
+    assert [line for line in env.a.log().splitlines()
+            if f"tree mirror {name} from" in line and "opened" in line][-1].endswith(
+        f"(applied cycle {k})")
+    assert "full copy" not in "\n".join(line for line in env.b.log().splitlines()
+                                        if f"mirror {name} " in line)
+    return m
+
+
 def test_the_old_source_records_its_tree_demoted_and_stops_cycling_it(env):
     src, k, _image = promoted_tree(env, "app")
+    info = tree_info(env.b, "app")  # the promoted tree keeps the promoted cycle as its base
+    assert info["frozen_cycle"] == k and info["promoted_from"]["cycle"] == k
+    assert os.path.isdir(os.path.join(info["snapshots"], f"snap-{k}"))
     assert tree_info(env.a, "app")["role"] == "primary"
 
     write(os.path.join(src, "d", "small"), b"written on A after the promotion\n")
@@ -136,3 +162,84 @@ def test_the_old_source_records_its_tree_demoted_and_stops_cycling_it(env):
     assert tree_info(env.a, "app")["role"] == "demoted"
     wait_for(lambda: row(env.a, "app")["phase"] == "broken", 30, "the mirror to stay broken")
     assert "DemotedError" in (row(env.a, "app")["last_error"] or "")
+
+
+def test_failback_after_split_brain_ships_only_the_delta(env):
+    """Continues the tree of the test above: A wrote after the promotion (its divergent
+    change), B writes now; mirroring B's tree back to A is refused as split brain until
+    B names A the loser, then A's tree is rolled back (its own tree kept whole) and B's
+    first cycle to A is a delta of B's changes."""
+    a_path = tree_info(env.a, "app")["path"]
+    a_before = tree_image(a_path)  # A's tree as A left it, divergent change included
+    dest = tree_info(env.b, "app")["path"]
+    k = tree_info(env.b, "app")["promoted_from"]["cycle"]
+    write(os.path.join(dest, "big"), os.urandom(8192), offset=65536)  # 8 KiB rewritten
+    write(os.path.join(dest, "new"), os.urandom(4096))
+    changed = 8192 + 4096
+
+    env.b.cli("mirror", "start", "app", "--to", env.a.listen, "--interval", "3600")
+    r = env.b.cli("mirror", "sync", "app", "--timeout", "30", check=False)
+    assert r.returncode != 0
+    m = wait_for(lambda: (lambda m: m if m["phase"] == "broken" else None)(row(env.b, "app")),
+                 30, "B's mirror back to break on the split brain")
+    assert "split brain on tree app" in m["last_error"], m
+    # Both daemons of the test run on one host, so they have one name: the loser is
+    # named by its node id.
+    loser = env.a.node_id if env.a_name == env.b_name else env.a_name
+    assert f"--discard-changes-on {loser}" in m["last_error"]
+    # Nothing changed on A: its tree, its object, no incoming mirror.
+    assert tree_image(a_path) == a_before and tree_info(env.a, "app") is not None
+    assert not env.a.status().get("incoming_trees")
+
+    r = env.b.cli("mirror", "resolve", "app", "--discard-changes-on", "nobody", check=False)
+    assert r.returncode == 2 and env.a_name in r.stderr
+    r = env.b.cli("mirror", "resolve", "app", "--discard-changes-on", env.b.node_id,
+                  check=False)
+    assert r.returncode == 10 and "not built for trees" in r.stderr
+    env.b.cli("mirror", "resolve", "app", "--discard-changes-on", loser)
+    env.b.cli("mirror", "resume", "app")
+    env.b.cli("mirror", "sync", "app", "--timeout", "60")
+
+    m = failed_back(env, "app", k)
+    # Only B's changes crossed the wire: its changed data plus the frames' headers and
+    # the ops of a few paths, far below the 1 MiB the tree holds.
+    assert changed <= m["shipped_bytes_total"] < changed + 16384, m
+    b_snaps = tree_info(env.b, "app")["snapshots"]
+    mirror = os.path.join(env.a.store, "mirrors", env.b.node_id, "trees", "app")
+    assert_same_tree(os.path.join(b_snaps, f"snap-{m['applied_cycle']}"), mirror)
+    # A: its tree object is gone, its own tree kept whole (divergent change included).
+    assert tree_info(env.a, "app") is None
+    kept = glob.glob(f"{a_path}.kept-{k}-*")
+    assert len(kept) == 1 and tree_image(kept[0]) == a_before
+    assert read(os.path.join(kept[0], "d", "small")) == b"written on A after the promotion\n"
+    assert not os.path.lexists(a_path)
+    t = [t for t in env.a.status()["incoming_trees"] if t["tree"] == "app"][0]
+    assert t["failback"]["kept"] == kept[0] and t["failback"]["done"] is True
+    assert t["failback"]["divergent_ops"] >= 1
+    assert "failed back; kept:" in env.a.cli("status").stdout
+    # The mirror goes on as any other: a next cycle is a delta from the last.
+    write(os.path.join(dest, "new"), b"again\n")
+    env.b.cli("mirror", "sync", "app")
+    m2 = row(env.b, "app")
+    assert m2["last_cycle"]["full"] is False
+    assert_same_tree(os.path.join(b_snaps, f"snap-{m2['applied_cycle']}"), mirror)
+
+
+def test_failback_without_changes_on_the_old_source_needs_no_word(env):
+    """Only the new primary wrote: nothing to choose, the failback goes on at once; the
+    old source's tree (equal to the promoted cycle) is still kept aside, not deleted."""
+    src, k, image = promoted_tree(env, "web")
+    dest = tree_info(env.b, "web")["path"]
+    write(os.path.join(dest, "d", "small"), b"changed on B\n")
+    os.unlink(os.path.join(dest, "link"))
+    env.b.cli("mirror", "start", "web", "--to", env.a.listen, "--interval", "3600")
+    env.b.cli("mirror", "sync", "web", "--timeout", "60")
+    m = failed_back(env, "web", k)
+    assert m["shipped_bytes_total"] < 16384, m
+    b_snaps = tree_info(env.b, "web")["snapshots"]
+    mirror = os.path.join(env.a.store, "mirrors", env.b.node_id, "trees", "web")
+    assert_same_tree(os.path.join(b_snaps, f"snap-{m['applied_cycle']}"), mirror)
+    kept = glob.glob(f"{src}.kept-{k}-*")
+    assert len(kept) == 1 and tree_image(kept[0]) == image
+    t = [t for t in env.a.status()["incoming_trees"] if t["tree"] == "web"][0]
+    assert t["failback"]["divergent_ops"] == 0

@@ -259,7 +259,9 @@ def render_status(doc: dict) -> str:
         rows += [[m.get("source_name") or m.get("source_node", "?"), m["tree"],
                   str(m.get("applied_cycle", 0)), _freeze_clock(m.get("freeze_time")),
                   format_duration(m.get("rpo_age")),
-                  m["path"] if not m.get("error") else f"unreadable: {m['error']}"]
+                  (m["path"] if not m.get("error") else f"unreadable: {m['error']}")
+                  + (f" (failed back; kept: {m['failback']['kept']})"
+                     if m.get("failback") else "")]
                  for m in trees_in]
         lines += _table(rows)
     roles_lines = render_roles(doc)  # roles and generations (docs/failover.md)

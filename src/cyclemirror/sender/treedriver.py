@@ -27,6 +27,14 @@ One thread runs:  wait -> freeze -> ship -> merge.
   mirror) makes the tree *demoted* (``TreeObject.mark_demoted``, shown by
   ``status``): the whole mirror stops, no more freezes, and ``resume`` is
   refused, until the tree is failed back from the new primary (docs/trees.md).
+* Failback: a promoted tree (``TreeObject.promoted_from``) says so to each
+  target at connect (``tree_branch``, before ``tree_open``): the cycle it was
+  promoted from, whether it wrote since, and the split brain's loser if a user
+  named one (only while it still has the snapshot of that cycle: without it
+  the target takes a full cycle).  The old source, which has that snapshot too, rolls
+  back to it and answers that it holds it, so the first cycle is a delta from
+  the promotion's base snapshot (``receiver.treefailback``).  That snapshot is
+  kept while a target holds no cycle yet.
 * Faults: a lost connection, a timeout, a target's temporary error: that
   target retries with backoff (a tree cycle is never resumed half way: it
   restarts whole, as a delta from what the target holds); a permanent one
@@ -544,7 +552,12 @@ class TreeDriver:
                 # retrying): another snapshot would only be kept for nobody.
                 live = self._live()
                 backlog = bool(live) and all(r.held < top for r in live)
-                if self._sync_want > top or top == 0 or (due <= 0 and not backlog):
+                # A promoted tree's newest cycle may be its promotion's base: what it
+                # wrote since is not frozen yet, and a failback must know of it.
+                p = self.tree.promoted_from
+                base_only = p is not None and top == p["cycle"]
+                if self._sync_want > top or top == 0 or base_only or \
+                        (due <= 0 and not backlog):
                     self._freezing = top + 1
                     break
                 mono = time.monotonic()
@@ -599,6 +612,9 @@ class TreeDriver:
                         insecure=r.spec.insecure)
         link = tl.dial()
         try:
+            branch = self._branch(k)
+            if branch is not None:
+                link.send_message("tree_branch", **branch)
             link.send_message("tree_open", node_id=self.store.node_id,
                               node_name=getattr(self.store, "node_name", None),
                               mirror=self.remote_name)
@@ -629,6 +645,17 @@ class TreeDriver:
             r.link = link
             r.held, r.held_freeze = applied, ft
         self._save_state()
+
+    def _branch(self, k: int) -> dict | None:
+        """The ``tree_branch`` message of a promoted tree (None for any other): the old
+        source rolls back to the promoted cycle and a failback ships only the delta."""
+        p = self.tree.promoted_from
+        if p is None or not self._ours(p["cycle"], p["freeze_time"]):
+            return None  # no base kept (or merged away): the target takes a full cycle
+        written = 0 if k == p["cycle"] else len(self._delta(p["cycle"], k).ops)
+        return {"source_node": p["source_node"], "mirror": p["mirror"], "cycle": p["cycle"],
+                "freeze_time": p["freeze_time"], "written_ops": written,
+                "discard_on": self.tree.discard_on or ""}
 
     def _send_guarded(self, r: TreeTarget, k: int, delta: treediff.TreeDelta) -> None:
         try:
@@ -766,6 +793,9 @@ class TreeDriver:
         if not held:
             return
         keep = min(held)
+        p = self.tree.promoted_from
+        if p is not None and any(r.held == 0 and not r.gone for r in self.targets):
+            keep = min(keep, p["cycle"])  # the base of a failback not made yet
         if keep >= 2:
             try:
                 self.tree.merge_through(keep - 1)
