@@ -243,3 +243,55 @@ def test_failback_without_changes_on_the_old_source_needs_no_word(env):
     assert len(kept) == 1 and tree_image(kept[0]) == image
     t = [t for t in env.a.status()["incoming_trees"] if t["tree"] == "web"][0]
     assert t["failback"]["divergent_ops"] == 0
+
+
+@pytest.mark.parametrize("failpoint", ["treefailback.recorded", "treefailback.switched",
+                                       "treefailback.kept"])
+def test_a_failback_killed_mid_way_is_finished_at_the_next_connect(env, failpoint):
+    """kill -9 of the old source's daemon inside the failback's steps after its commit
+    point: restarted, it finishes the failback when the new primary reconnects, with no
+    full copy, its own tree kept once, and the mirror equal to the new primary's."""
+    name = "crash" + failpoint.rsplit(".", 1)[1]
+    src, k, image = promoted_tree(env, name)
+    dest = tree_info(env.b, name)["path"]
+    write(os.path.join(dest, "big"), os.urandom(4096), offset=0)
+    env.a.stop()
+    env.a.args += ["--failpoint", f"{failpoint}=60"]
+    env.a.start()
+    work = os.path.join(env.a.store, "mirrors", env.b.node_id, "trees",
+                        f".cyclemirror-tree-{name}")
+
+    def inside() -> bool:  # provably in the failpoint's sleep, from what is on disk
+        try:
+            rec = json.loads(read(os.path.join(work, "failback.json")))
+            state = json.loads(read(os.path.join(work, "state.json")))
+        except FileNotFoundError:
+            state = {"applied_cycle": 0} if failpoint == "treefailback.recorded" else None
+            if state is None or not os.path.exists(os.path.join(work, "failback.json")):
+                return False
+            rec = json.loads(read(os.path.join(work, "failback.json")))
+        if rec["done"]:
+            return False
+        kept = os.path.lexists(rec["kept"])
+        return {"treefailback.recorded": state["applied_cycle"] == 0 and not kept,
+                "treefailback.switched": state["applied_cycle"] == k and not kept,
+                "treefailback.kept": state["applied_cycle"] == k and kept}[failpoint]
+
+    try:
+        env.b.cli("mirror", "start", name, "--to", env.a.listen, "--interval", "3600")
+        wait_for(inside, 60, f"the old source to sleep in {failpoint}")
+        env.a.kill()
+    finally:
+        del env.a.args[-2:]
+    env.a.start()
+    env.b.cli("mirror", "sync", name, "--timeout", "60")
+    failed_back(env, name, k)
+    m = row(env.b, name)
+    b_snaps = tree_info(env.b, name)["snapshots"]
+    mirror = os.path.join(env.a.store, "mirrors", env.b.node_id, "trees", name)
+    assert_same_tree(os.path.join(b_snaps, f"snap-{m['applied_cycle']}"), mirror)
+    kept = glob.glob(f"{src}.kept-{k}-*")
+    assert len(kept) == 1 and tree_image(kept[0]) == image
+    assert tree_info(env.a, name) is None and not os.path.lexists(src)
+    t = [t for t in env.a.status()["incoming_trees"] if t["tree"] == name][0]
+    assert t["failback"]["done"] is True

@@ -49,6 +49,7 @@ import os
 import shutil
 import time
 
+from cyclemirror import failpoints
 from cyclemirror.errors import RoleError, SplitBrainError, StoreError
 from cyclemirror.receiver import treeops
 from cyclemirror.store import btrfsioctl, treediff
@@ -159,6 +160,7 @@ def finish(server, root: str, mirror: str, rec: dict) -> dict:
     t0 = time.monotonic()
     store = server.store
     k, tname = rec["cycle"], rec["tree"]
+    failpoints.hit("treefailback.recorded")
     m = treeops.TreeMirror(root, mirror)
     try:
         if m.applied_cycle != k or not os.path.isdir(m.path):
@@ -166,9 +168,11 @@ def finish(server, root: str, mirror: str, rec: dict) -> dict:
             _switch_in(m, obj.snapshot_path(k), k, rec["freeze_time"])
     finally:
         m.close()
+    failpoints.hit("treefailback.switched")
     if os.path.lexists(rec["path"]) and not os.path.lexists(rec["kept"]):
         os.rename(rec["path"], rec["kept"])  # the live tree, kept whole for the user
         treeops.fsync_dir(os.path.dirname(rec["path"]))
+    failpoints.hit("treefailback.kept")
     if tname in store.list_trees():
         store.remove_tree(tname)
     shutil.rmtree(os.path.join(store.path, "outgoing", tname), ignore_errors=True)
