@@ -295,3 +295,28 @@ def test_a_failback_killed_mid_way_is_finished_at_the_next_connect(env, failpoin
     assert tree_info(env.a, name) is None and not os.path.lexists(src)
     t = [t for t in env.a.status()["incoming_trees"] if t["tree"] == name][0]
     assert t["failback"]["done"] is True
+
+
+def test_a_file_objects_source_records_its_demotion(env):
+    """A file object's mirror promoted on the target (to a volume there): the old
+    source's next cycle is refused and it records the file object as demoted (its role
+    record, as for a volume), shows it in status and stops mirroring it."""
+    live = os.path.join(env.root, "disk.img")
+    write(live, os.urandom(256 << 10))
+    env.a.cli("file", "add", "disk", live)
+    env.a.cli("mirror", "start", "disk", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "disk")
+    env.b.cli("mirror", "promote", f"{env.a.node_id}/disk", "--force")
+    write(live, b"after the promotion", offset=0)
+    r = env.a.cli("mirror", "sync", "disk", "--timeout", "30", check=False)
+    assert r.returncode != 0
+    role = wait_for(lambda: next((x for x in env.a.status().get("roles") or []
+                                  if x["volume"] == "disk" and x["role"] == "demoted"), None),
+                    30, "A to record the file object as demoted")
+    assert role["demoted"]["by"] == env.b.listen
+    m = row(env.a, "disk")
+    assert m["phase"] == "broken" and "demoted" in (m["last_error"] or ""), m
+    assert "demoted by" in env.a.cli("status").stdout
+    env.a.cli("mirror", "resume", "disk", check=False)  # does not help: still refused
+    r = env.a.cli("mirror", "sync", "disk", "--timeout", "10", check=False)
+    assert r.returncode != 0 and "demoted" in r.stderr, r.stderr
