@@ -18,11 +18,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import socket
 
 import pytest
 
 from tests.support.daemons import Daemon, make_key, wait_for
+from tests.support.nbd import run
 from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
 
 BIG = 1 << 20  # a full copy of the tree ships at least this much
@@ -49,8 +51,8 @@ def env(btrfs_mount):
     e.key = make_key(os.path.join(root, "key"))
     e.daemons = []
     try:
-        for name in ("a", "b"):
-            d = Daemon(root, name, key_file=e.key, nbd=False,
+        for name in ("a", "b"):  # b serves NBD: a promoted file object is a volume there
+            d = Daemon(root, name, key_file=e.key, nbd=name == "b",
                        extra=("--listen", f"127.0.0.1:{free_port()}")).start()
             e.daemons.append(d)
             setattr(e, name, d)
@@ -331,3 +333,57 @@ def test_a_file_objects_source_records_its_demotion(env):
     r = env.a.cli("mirror", "sync", "disk", "--timeout", "10", check=False)
     assert r.returncode != 0 and "demoted" in r.stderr, r.stderr
 
+
+def test_a_file_object_fails_back_from_its_snapshot_of_the_common_cycle(env):
+    """A file object promoted on B (a volume there) and written on both sides: the
+    mirror back is refused as split brain until B names A the loser; then A's snapshot of
+    the promoted cycle becomes the image (its live file kept whole beside it) and only
+    the blocks B wrote cross the wire."""
+    if shutil.which("qemu-io") is None:
+        pytest.skip("qemu-io (qemu-utils) is missing: it writes the promoted volume over NBD")
+    live = os.path.join(env.root, "vm2.img")
+    write(live, os.urandom(BIG))
+    env.a.cli("file", "add", "vm2", live)
+    env.a.cli("mirror", "start", "vm2", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "vm2")
+    k = row(env.a, "vm2")["applied_cycle"]
+    image_k = read(live)
+    env.b.cli("mirror", "promote", f"{env.a.node_id}/vm2", "--force")
+    write(live, b"A" * 4096, offset=0)  # the old source's divergent write
+    env.a.cli("mirror", "sync", "vm2", "--timeout", "30", check=False)
+    a_live = read(live)
+    uri = f"nbd+unix:///vm2?socket={env.b.nbd_sock}"
+    new = os.urandom(8192)  # random: the wire bytes are not shrunk by compression
+    write(os.path.join(env.root, "vm2-new"), new)
+    run("qemu-io", "-f", "raw", "-c", f"write -s {os.path.join(env.root, 'vm2-new')} 65536 "
+        "8192", "-c", "flush", uri)
+    expected = image_k[:65536] + new + image_k[65536 + 8192:]
+
+    env.b.cli("mirror", "start", "vm2", "--to", env.a.listen, "--interval", "3600")
+    r = env.b.cli("mirror", "sync", "vm2", "--timeout", "30", check=False)
+    assert r.returncode != 0
+    m = wait_for(lambda: (lambda m: m if m["phase"] == "broken" else None)(row(env.b, "vm2")),
+                 30, "B's mirror back to break on the split brain")
+    assert "split brain on file object vm2" in m["last_error"], m
+    assert read(live) == a_live and not os.path.exists(
+        os.path.join(env.a.store, "mirrors", env.b.node_id, "vm2.img"))
+    loser = env.a.node_id if env.a_name == env.b_name else env.a_name
+    env.b.cli("mirror", "resolve", "vm2", "--discard-changes-on", loser)
+    env.b.cli("mirror", "resume", "vm2")
+    env.b.cli("mirror", "sync", "vm2", "--timeout", "60")
+
+    assert read(os.path.join(env.a.store, "mirrors", env.b.node_id, "vm2.img")) == expected
+    kept = glob.glob(f"{live}.kept-{k}-*")
+    assert len(kept) == 1 and read(kept[0]) == a_live
+    assert not os.path.lexists(live)
+    assert "vm2" not in [f["name"] for f in json.loads(env.a.cli("file", "list",
+                                                                 "--json").stdout)]
+    role = [x for x in env.a.status()["roles"] if x["volume"] == "vm2"][0]
+    assert role["role"] == "secondary" and role["kept"][0]["path"] == kept[0]
+    assert role["kept"][0]["bytes"] == 4096
+    m = wait_for(lambda: (lambda m: m if m["cycles_total"] >= 1 else None)(row(env.b, "vm2")),
+                 30, "B to count its first cycle")
+    assert m["last_cycle"]["full"] is False, m
+    assert 8192 <= m["shipped_bytes_total"] < 8192 + 16384, m
+    assert "full copy" not in "\n".join(line for line in env.b.log().splitlines()
+                                        if "mirror vm2 " in line)
