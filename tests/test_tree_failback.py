@@ -120,16 +120,19 @@ def failed_back(env, name: str, k: int) -> dict:
     """B's mirror row of ``name`` after its first sync to A, checked to be a failback: A
     held cycle ``k`` (the promoted one) when B's mirror opened, so every cycle B shipped
     was a delta, none a full copy.  (The mirror ships one or two cycles, as the sync's
-    freeze lands before or after the one its start makes.)"""
+    freeze lands before or after the one its start makes, and may open more than once.)"""
     # The daemon counts a cycle just after the driver says it applied (which ends the
     # sync): wait for the count.
     m = wait_for(lambda: (lambda m: m if m["cycles_total"] >= 1 else None)(row(env.b, name)),
                  30, "B to count its first cycle")
     assert m["applied_cycle"] > k and m["last_cycle"]["full"] is False, m
     assert m["cycles_total"] <= 2, m
-    assert [line for line in env.a.log().splitlines()
-            if f"tree mirror {name} from" in line and "opened" in line][-1].endswith(
-        f"(applied cycle {k})")
+    lines = env.a.log().splitlines()
+    done = max(i for i, line in enumerate(lines)
+               if f"failback of tree {name}: this node's tree is now the mirror" in line)
+    opened = [line for line in lines[done:]
+              if f"tree mirror {name} from" in line and "opened" in line]
+    assert opened and opened[0].endswith(f"(applied cycle {k})"), opened
     assert "full copy" not in "\n".join(line for line in env.b.log().splitlines()
                                         if f"mirror {name} " in line)
     return m
