@@ -154,12 +154,17 @@ class Session:
                 self.server.registry.release(self.key, self)
 
     def _serve(self) -> None:
-        first = self.link.recv_message({"open", "verify_open", "lineage", "tree_open"})
+        first = self.link.recv_message({"open", "verify_open", "lineage", "tree_open",
+                                        "tree_branch"})
         self.lineage = None
+        branch = None
+        if first["type"] == "tree_branch":  # a promoted tree: a failback may follow
+            branch = first
+            first = self.link.recv_message({"tree_open"})
         if first["type"] == "tree_open":  # a tree object's mirror (receiver/treesession.py)
             from cyclemirror.receiver.treesession import TreeSession
 
-            return TreeSession(self.server, self.link, first).run()
+            return TreeSession(self.server, self.link, first, branch).run()
         if first["type"] == "lineage":  # protocol 3: the source's generation, then 'open'
             self.lineage = lineage.check_lineage_message(first)
             first = self.link.recv_message({"open"})

@@ -77,6 +77,11 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # of 'open', answered by 'tree_opened'; before each cycle's 'begin', 'tree_base' says
     # which applied cycle the delta starts from (0: a full cycle)
     "tree_open": {"node_id": "node", "node_name": "opt_text", "mirror": "name"},
+    # before 'tree_open', from a promoted tree only (docs/trees.md, "Failback"): the
+    # node and mirror it was promoted from, at which cycle (frozen when), how many ops
+    # it wrote since, and the node a user named to lose a split brain ('' for none)
+    "tree_branch": {"source_node": "node", "mirror": "name", "cycle": "int",
+                    "freeze_time": "float", "written_ops": "int", "discard_on": "text"},
     "tree_opened": {"node_id": "node", "applied_cycle": "int", "freeze_time": "float"},
     "tree_base": {"cycle": "int", "base": "int", "base_freeze_time": "float"},
 }
