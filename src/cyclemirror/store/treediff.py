@@ -425,8 +425,8 @@ def _open_pair(old_root: str, new_root: str) -> tuple[int, int]:
 
 
 def _snapshot_infos(ofd: int, nfd: int):
-    """The ``subvolume_info`` of two read-only snapshots of one subvolume, the old
-    one first; _Unsure where they are not that."""
+    """The ``subvolume_info`` of two read-only btrfs snapshots, the old one first;
+    _Unsure where they are not that."""
     try:
         oi, ni = btrfsioctl.subvolume_info(ofd), btrfsioctl.subvolume_info(nfd)
     except OSError as exc:
