@@ -257,8 +257,17 @@ def tree_delta(old_root: str | None, new_root: str,
     (the default), where both are read-only btrfs snapshots of one subvolume, only
     what btrfs says changed since ``old_root`` is looked at in ``new_root``
     (``_search_walk``); anything it cannot vouch for walks ``new_root`` whole, and
-    the ops are the same either way.  ``delta.new_walk.how`` says which it was."""
+    the ops are the same either way.  ``delta.new_walk.how`` says which it was.
+
+    A file whose lstat is the same in both (inode, ctime, size, metadata) is skipped
+    without comparing its content only where btrfs also says its inode item was not
+    written after ``old_root`` was made (``_written_since``): equal ctimes do not
+    prove equal bytes (a write that began before the snapshot, and set the ctime
+    that went into it, can have its bytes land after it, in the next snapshot with
+    the same ctime; two writes in one clock tick, one on each side of a snapshot,
+    leave one ctime too).  Where btrfs cannot say, every such file is compared."""
     cand = None  # paths that may differ; None: every path
+    written = None  # inodes btrfs wrote after old_root was made; None: it cannot say
     if old_root is None:
         old, new = Walk(), walk(new_root)
     else:
@@ -285,15 +294,17 @@ def tree_delta(old_root: str | None, new_root: str,
             if new is None:
                 new = walk(new_root)
                 new.how = "walk" + (why if search else "")
+        written = _written_since(old_root, new_root)
     delta = TreeDelta([], sorted(new.others), new_walk=new)
     if cand is None:
-        _ops_all(old, new, old_root, new_root, delta)
+        _ops_all(old, new, old_root, new_root, written, delta)
     else:
-        _ops_of(old, new, cand, old_root, new_root, delta)
+        _ops_of(old, new, cand, old_root, new_root, written, delta)
     return delta
 
 
-def _ops_all(old: Walk, new: Walk, old_root, new_root, delta: TreeDelta) -> None:
+def _ops_all(old: Walk, new: Walk, old_root, new_root, written: set[int] | None,
+             delta: TreeDelta) -> None:
     """The ops, every path considered (after a walk)."""
     old_order = sorted(old, key=_key)
     order = sorted(new, key=_key)
@@ -305,11 +316,12 @@ def _ops_all(old: Walk, new: Walk, old_root, new_root, delta: TreeDelta) -> None
     for p in order:
         if new[p].kind == "file":
             new_names.setdefault(new[p].ino, []).append(p)
-    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, delta)
+    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, written,
+         delta)
 
 
 def _ops_of(old: Walk, new: Walk, cand: set[str], old_root, new_root,
-            delta: TreeDelta) -> None:
+            written: set[int] | None, delta: TreeDelta) -> None:
     """The ops, only the paths of ``cand`` considered: every path whose entry differs
     between ``old`` and ``new`` is in it, and a path whose entry does not makes no op
     (so the ops equal ``_ops_all``'s).  An inode with a name in ``cand`` is looked at
@@ -325,15 +337,17 @@ def _ops_of(old: Walk, new: Walk, cand: set[str], old_root, new_root,
     firsts = sorted(((ns[0], ino, ns) for ino in inos if (ns := names(new, ino))),
                     key=lambda t: _key(t[0]))
     new_names = {ino: ns for _, ino, ns in firsts}
-    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, delta)
+    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, written,
+         delta)
 
 
 def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
-         delta: TreeDelta) -> None:
+         written_inos: set[int] | None, delta: TreeDelta) -> None:
     """Append the ops of the paths ``old_order`` (of ``old``) and ``order`` (of
     ``new``), both sorted by ``_key``, and of the inodes of ``new_names`` (inode ->
     its file names in ``new``, sorted, the inodes in the order of their first names;
-    ``old_names`` the same of ``old``)."""
+    ``old_names`` the same of ``old``).  ``written_inos``: the inodes btrfs wrote
+    after ``old_root`` was made (None: unknown, every file is compared)."""
     ops = delta.ops
     # 1. deletes: gone, or the kind changed (a directory must go before a file takes its
     # name, and the reverse); only the topmost of each deleted subtree.
@@ -367,10 +381,12 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
             op.data = _data_ranges(os.path.join(new_root, first), n.size)
             delta.methods["new"] = delta.methods.get("new", 0) + 1
             ops.append(op)
-        elif base == first and old[base].ino == ino and old[base].ctime_ns == n.ctime_ns \
-                and old[base] == n:
-            # The same inode, untouched since the last freeze (a snapshot keeps the
-            # inode, its ctime moves with every write, chmod or link): nothing to compare.
+        elif base == first and old[base] == n and written_inos is not None \
+                and ino not in written_inos:
+            # The same inode, untouched since the last freeze: the same lstat (a
+            # snapshot keeps the inode) and btrfs wrote nothing of it since.  The same
+            # ctime alone is not enough: a write's ctime can go into one snapshot and
+            # its bytes into the next (see tree_delta).
             written = False
         else:
             o = old[base]
@@ -420,6 +436,70 @@ def _open_dir(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
+def _open_pair(old_root: str, new_root: str) -> tuple[int, int]:
+    try:
+        ofd = _open_dir(old_root)
+    except OSError as exc:
+        raise _Unsure(f"opening {old_root}: {exc.strerror}") from None
+    try:
+        return ofd, _open_dir(new_root)
+    except OSError as exc:
+        os.close(ofd)
+        raise _Unsure(f"opening {new_root}: {exc.strerror}") from None
+
+
+def _snapshot_infos(ofd: int, nfd: int):
+    """The ``subvolume_info`` of two read-only btrfs snapshots, the old one first;
+    _Unsure where they are not that."""
+    try:
+        oi, ni = btrfsioctl.subvolume_info(ofd), btrfsioctl.subvolume_info(nfd)
+    except OSError as exc:
+        raise _Unsure(f"not btrfs ({exc.strerror})") from None
+    if not (oi.readonly and ni.readonly):
+        raise _Unsure("not read-only snapshots")
+    return oi, ni
+
+
+def _changed_since(nfd: int, oi, ni, after: int = 0) -> set[int]:
+    """``btrfsioctl.changed_inodes`` of snapshot ``nfd`` since the transaction that
+    made the snapshot of ``oi`` (``after`` 1: since the one after it); _Unsure where
+    btrfs cannot say."""
+    if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
+            or ni.otransid <= oi.otransid:
+        raise _Unsure("not two snapshots of one subvolume, in order")
+    try:
+        return btrfsioctl.changed_inodes(nfd, oi.otransid + after)
+    except OSError as exc:
+        raise _Unsure(f"tree search: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _Unsure(str(exc)) from None
+
+
+def _written_since(old_root: str, new_root: str) -> set[int] | None:
+    """The inodes of snapshot ``new_root`` whose inode item or entries btrfs wrote
+    after snapshot ``old_root`` was made, or None where it cannot say (not two
+    read-only snapshots of one subvolume in order, no CAP_SYS_ADMIN...).
+
+    After: in a transaction later than the one that made ``old_root``.  A snapshot
+    is made in its transaction's commit once every writer of that transaction is
+    done, so what that transaction wrote is in it, and a write after it is in a
+    later one: the bytes of a write whose ctime went into ``old_root`` land in a
+    later transaction, which writes the inode item again (the file's extents and
+    byte count), so the inode is here even though its lstat is not changed."""
+    try:
+        ofd, nfd = _open_pair(old_root, new_root)
+    except _Unsure:
+        return None
+    try:
+        oi, ni = _snapshot_infos(ofd, nfd)
+        return _changed_since(nfd, oi, ni, after=1)
+    except _Unsure:
+        return None
+    finally:
+        os.close(ofd)
+        os.close(nfd)
+
+
 def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str]]:
     """``walk(new_root)`` from ``old`` (``walk(old_root)``) and what btrfs says changed,
     and the paths whose entries may differ.  Raises _Unsure where it cannot vouch.
@@ -435,33 +515,12 @@ def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str
     as it was, because btrfs writes an inode's item whenever anything lstat
     shows of it changes, and a directory's whenever its entries do.  A path
     under a subtree already taken out is skipped (its new place was walked)."""
+    ofd, nfd = _open_pair(old_root, new_root)
     try:
-        ofd = _open_dir(old_root)
-    except OSError as exc:
-        raise _Unsure(f"opening {old_root}: {exc.strerror}") from None
-    try:
-        nfd = _open_dir(new_root)
-    except OSError as exc:
-        os.close(ofd)
-        raise _Unsure(f"opening {new_root}: {exc.strerror}") from None
-    try:
-        try:
-            oi, ni = btrfsioctl.subvolume_info(ofd), btrfsioctl.subvolume_info(nfd)
-        except OSError as exc:
-            raise _Unsure(f"not btrfs ({exc.strerror})") from None
-        if not (oi.readonly and ni.readonly):
-            raise _Unsure("not read-only snapshots")
+        oi, ni = _snapshot_infos(ofd, nfd)
         if not old.snapshot or old.snapshot != _snapshot_id(oi):
             raise _Unsure("the walk kept is not of the previous snapshot")
-        if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
-                or ni.otransid <= oi.otransid:
-            raise _Unsure("not two snapshots of one subvolume, in order")
-        try:
-            changed = btrfsioctl.changed_inodes(nfd, oi.otransid)
-        except OSError as exc:
-            raise _Unsure(f"tree search: {exc.strerror}") from None
-        except ValueError as exc:
-            raise _Unsure(str(exc)) from None
+        changed = _changed_since(nfd, oi, ni)
         new = old.copy()
         new.snapshot, new.how = _snapshot_id(ni), "search"
         cand: set[str] = set()
