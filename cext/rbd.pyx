@@ -631,6 +631,7 @@ cdef enum:
     _FEATURE_PLAIN_MASK = 1 | (1 << 8)
 
 OBJECT_OPS_INFLIGHT = _MAX_OPS_INFLIGHT
+OBJECT_BYTES_INFLIGHT = 64 << 20  # and at most this many bytes (as ``rbd import``'s 10 x 4 MiB)
 OBJECT_OP_MAX_EXTENTS = _OP_MAX_EXTENTS
 OBJECT_WRITER_PENDING_BYTES = 64 << 20
 
@@ -665,6 +666,8 @@ cdef class ObjectWriter:
     cdef uint64_t pending_bytes
     cdef rados_completion_t comps[_MAX_OPS_INFLIGHT]
     cdef rados_write_op_t ops[_MAX_OPS_INFLIGHT]
+    cdef uint64_t op_bytes[_MAX_OPS_INFLIGHT]
+    cdef uint64_t inflight_bytes
     cdef int head, count
     cdef int first_error
     cdef readonly uint64_t operations, extents  # sent so far (for profiles and tests)
@@ -675,6 +678,7 @@ cdef class ObjectWriter:
         self.first_error = 0
         self.pending = {}
         self.pending_bytes = 0
+        self.inflight_bytes = 0
         self.operations = self.extents = 0
 
     def __init__(self, Image image not None):
@@ -797,8 +801,10 @@ cdef class ObjectWriter:
     cdef int _send(self, uint64_t objno, list entry) except -1:
         """Send one object's gathered operation (waiting for room in flight)."""
         cdef rados_write_op_t op = <rados_write_op_t><size_t>entry[0]
-        self.pending_bytes -= entry[2]
-        while self.count == _MAX_OPS_INFLIGHT:
+        cdef uint64_t nbytes = entry[2]
+        self.pending_bytes -= nbytes
+        while self.count == _MAX_OPS_INFLIGHT or (
+                self.count and self.inflight_bytes + nbytes > OBJECT_BYTES_INFLIGHT):
             self._reap_one()
         cdef bytes boid = self.prefix + b".%016x" % objno
         cdef const char *oid = boid
@@ -816,6 +822,8 @@ cdef class ObjectWriter:
         cdef int slot = (self.head + self.count) % _MAX_OPS_INFLIGHT
         self.comps[slot] = c
         self.ops[slot] = op
+        self.op_bytes[slot] = nbytes
+        self.inflight_bytes += nbytes
         self.count += 1
         self.operations += 1
         self.extents += entry[1]
@@ -829,6 +837,7 @@ cdef class ObjectWriter:
             r = rados_aio_get_return_value(c)
             rados_aio_release(c)
             rados_release_write_op(self.ops[self.head])
+        self.inflight_bytes -= self.op_bytes[self.head]
         self.head = (self.head + 1) % _MAX_OPS_INFLIGHT
         self.count -= 1
         if r < 0 and self.first_error == 0:

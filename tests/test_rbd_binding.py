@@ -137,8 +137,10 @@ def test_object_writer_writes_read_back_as_the_model_and_the_snapshot_keeps_its_
         io, writes, pending, monkeypatch):
     from cyclemirror._cext import rbd
 
-    # pending=1: every write is sent at once (several operations on one object, in order)
+    # pending=1: every write is sent at once (several operations on one object, in
+    # order), one operation in flight at a time
     monkeypatch.setattr(rbd, "OBJECT_WRITER_PENDING_BYTES", pending)
+    monkeypatch.setattr(rbd, "OBJECT_BYTES_INFLIGHT", min(pending, 64 << 20))
     name, img = _fresh(io, OW_SIZE, 0x11)
     try:
         model = bytearray(b"\x11" * OW_SIZE)
