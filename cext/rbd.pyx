@@ -848,8 +848,15 @@ cdef class ObjectWriter:
         """Send every gathered operation (in object order), without waiting for them."""
         self._check()
         pending, self.pending = self.pending, {}
-        for objno in sorted(pending):
-            self._send(objno, pending[objno])
+        order = sorted(pending)
+        cdef Py_ssize_t k = 0
+        try:
+            for k in range(len(order)):
+                self._send(order[k], pending.pop(order[k]))
+        finally:  # a send failed: the operations not sent are dropped (the caller fails)
+            for entry in pending.values():
+                self.pending_bytes -= entry[2]
+                rados_release_write_op(<rados_write_op_t><size_t>entry[0])
 
     def flush(self):
         """Send everything gathered and wait: every write so far is durable; a failure
