@@ -15,8 +15,10 @@ scratch that only an apply writes.
   step is idempotent, so recovery may run them again.
 * Delta: rollback of the head to the last cycle's snapshot when recovery
   redoes a cycle a crash cut (the head may hold part of it), then the records
-  are replayed into the head (no librbd cache: ``CLIENT_OPTIONS`` says why);
-  ``flush`` makes them durable.
+  are replayed into the head (data through the binding's object writer, one
+  RADOS operation per 4 MiB object, where the image is plain; else, and zero
+  runs, through librbd, with no cache: ``CLIENT_OPTIONS`` says why);
+  ``finish`` makes them durable.
 * ``applied(cycle)``: snapshot ``cyclemirror-<cycle>`` of every member (an
   existing one, left by a crash after it, is made again).  Once the state
   names the cycle as applied, older ``cyclemirror-*`` snapshots are removed
@@ -272,7 +274,12 @@ class RbdBackend:
         fresh = not self._exists(name)
         if fresh:
             self.io.create(name, size)
-        return RbdWriter(self._open(name), fresh)
+        img = self._open(name)
+        try:
+            return RbdWriter(img, fresh)
+        except BaseException:
+            img.close()
+            raise
 
     def full_present(self) -> bool:
         return all(self._exists(self.image_name(i) + NEW_SUFFIX) for i in self._members())
@@ -316,11 +323,11 @@ class RbdBackend:
                 if recovering and self.state.applied_cycle > 0:
                     # The head may hold part of this cycle: start from the last one.
                     img.snap_rollback(snap_name(self.state.applied_cycle))
+            return RbdDeltaApply(images)
         except BaseException:
             for img in images:
                 img.close()
             raise
-        return RbdDeltaApply(images)
 
     def applied(self, cycle: int) -> None:
         self.wait_pruned()
@@ -456,6 +463,59 @@ class _SnapshotHasher:
         self.image.close()
 
 
+class _ImageWrites:
+    """The writes of one apply into one open image: data through the image's
+    ``ObjectWriter`` where the image is plain (the binding says), zero runs
+    and everything of another kind of image through librbd.
+
+    The object writer gathers the writes per 4 MiB data object and sends one
+    RADOS operation per object with all of its extents: 1% of scattered 4 KiB
+    blocks is about a tenth as many operations on the OSD as writes through
+    librbd, and a full cycle's 1 MiB chunks go as one operation per object.
+    Zero runs go through librbd's write-zeroes (it deallocates whole
+    objects).  The two ways never overlap in flight: before librbd's
+    write-zeroes the gathered writes are sent and waited for, and before the
+    next gathered write librbd's are flushed.
+    """
+
+    def __init__(self, image):
+        self.image = image
+        self.writer = image.object_writer()
+        self._librbd_unflushed = False
+
+    def write(self, data, offset: int) -> None:
+        writer = self.writer
+        if writer is None:
+            self.image.write(data, offset)
+            return
+        if self._librbd_unflushed:
+            self.image.flush()
+            self._librbd_unflushed = False
+        writer.write(data, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self._librbd_unflushed = True
+        # Not discard: librbd skips partial-object discards (rbd_skip_partial_discard).
+        self.image.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        """Every write so far is durable when this returns."""
+        if self.writer is not None:
+            self.writer.flush()
+        self.image.flush()
+        self._librbd_unflushed = False
+
+    def close(self) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            self.image.close()
+
+
 class RbdWriter:
     """A full cycle's writer into one RBD image (the ``ImageWriter`` interface).
 
@@ -468,38 +528,41 @@ class RbdWriter:
 
     def __init__(self, image, fresh: bool = False):
         self.image = image
+        self.writes = _ImageWrites(image)
         self.fresh = fresh
         self.written_end = 0  # the end of the furthest write into this image
 
     def write(self, data, offset: int) -> None:
-        self.image.write(data, offset)
+        self.writes.write(data, offset)
         self.written_end = max(self.written_end, offset + len(data))
 
     def punch(self, offset: int, length: int) -> None:
         if self.fresh and offset >= self.written_end:
             return
-        self.image.write_zeroes(offset, length)
+        self.writes.zero(offset, length)
         self.written_end = max(self.written_end, offset + length)
 
     def sync(self) -> None:
-        self.image.flush()
+        self.writes.flush()
 
     def close(self) -> None:
-        self.image.close()
+        self.writes.close()
 
 
 class RbdDeltaApply:
-    """Replays one delta into the members' heads."""
+    """Replays one delta into the members' heads (see ``_ImageWrites``)."""
 
     def __init__(self, images: list):
         self.images = images
+        self.writes: list[_ImageWrites] = []
+        for img in images:
+            self.writes.append(_ImageWrites(img))
 
     def write(self, member: int, data, offset: int) -> None:
-        self.images[member].write(data, offset)
+        self.writes[member].write(data, offset)
 
     def zero(self, member: int, offset: int, length: int) -> None:
-        # Not discard: librbd skips partial-object discards (rbd_skip_partial_discard).
-        self.images[member].write_zeroes(offset, length)
+        self.writes[member].zero(offset, length)
 
     def scatter(self, member: int, raw, volume_size: int, block_size: int) -> None:
         from cyclemirror._cext import frames
@@ -507,18 +570,21 @@ class RbdDeltaApply:
         extents = frames.scatter_extents(raw, volume_size, block_size)
         view = memoryview(raw)
         pos = len(view) - sum(length for _off, length in extents)
-        image = self.images[member]
+        writes = self.writes[member]
         for offset, length in extents:
-            image.write(view[pos:pos + length], offset)
+            writes.write(view[pos:pos + length], offset)
             pos += length
 
     def finish(self) -> None:
-        for img in self.images:
-            img.flush()
+        for writes in self.writes:
+            writes.flush()
 
     def close(self) -> None:
+        writes, self.writes = self.writes, []
         images, self.images = self.images, []
-        for img in images:
+        for w in writes:
+            w.close()
+        for img in images[len(writes):]:  # opened, but no writer made for it
             img.close()
 
 
