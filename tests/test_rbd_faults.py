@@ -105,7 +105,7 @@ def daemons(tmp_path):
         yield pool
 
 
-def test_serial_writer_kill_9_of_source_target_and_both_into_rbd(daemons, tmp_path,
+def test_serial_writer_kill_9_of_target_and_both_into_rbd(daemons, tmp_path,
                                                                  ceph_cluster):
     _binding_or_skip()
     key = make_key(tmp_path / "mirror.key")
