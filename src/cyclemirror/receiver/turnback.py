@@ -80,8 +80,7 @@ def turn_back(store, st: MirrorState, volumes: list[str], release, what: str) ->
     directory = os.path.join(root, INTENT_DIR)
     os.makedirs(directory, exist_ok=True)
     path = intent_path(root, st.source_node, st.mirror)
-    intent.save(path)
-    fileops.fsync_dir(directory)  # the commit point
+    intent.save(path)  # the commit point (written whole and durably, directory included)
     failpoints.hit("turnback.recorded")
     for volume in volumes:
         release(volume)
@@ -107,8 +106,7 @@ def _finish(store, path: str, intent: MirrorState) -> list[dict]:
         MirrorState(mirror=intent.mirror, group=intent.group, source_node=intent.source_node,
                     source_name=intent.source_name, volumes=list(intent.volumes),
                     applied_cycle=k, freeze_time=intent.freeze_time,
-                    extra=extra).save(target)
-        fileops.fsync_dir(ndir)
+                    extra=extra).save(target)  # durably, with the images renamed before
     failpoints.hit("turnback.committed")
     for volume in volumes:
         shutil.rmtree(os.path.join(root, "outgoing", volume), ignore_errors=True)
@@ -117,6 +115,8 @@ def _finish(store, path: str, intent: MirrorState) -> list[dict]:
             rec.role, rec.discard_on, rec.changed = roles.SECONDARY, None, time.time()
             roles.save_role(root, rec)
     os.unlink(path)
+    # Durably gone: an intent a crash brought back after the images moved on (promoted
+    # again, say) would turn them back once more.
     fileops.fsync_dir(os.path.dirname(path))
     return kept_all
 
