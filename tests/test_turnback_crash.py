@@ -11,13 +11,15 @@ primary's images again, its writes since the promotion kept in a file).
 One split-brained pair of real daemons is made once for the module: hosta
 mirrors group ``app`` (db, log) to hostb, writes more (pattern 3) and is
 killed; hostb promotes the group ``--force`` and writes (pattern 4).  Each
-test runs both daemons on copies of those stores (``cp -a``), stops the verb
-at a failpoint (or after a random delay), kills the daemon doing it with
-SIGKILL, and restarts it without the failpoint.  Then, checked through the
-daemons' status and real NBD reads (nbdcopy): before the commit point nothing
-changed and the verb runs again; from it on the restart finished it (its log
-says so); either way the images end equal to the winner's volumes, and the
-loser's writes are in its kept files, byte for byte.
+test runs both daemons on copies of those stores (``cp -a``) and kills the
+daemon doing the verb with SIGKILL: at each failpoint in turn (before the
+commit point, which leaves everything untouched so the verb runs again; at
+the commit point; then the daemon's start that finishes the job, itself
+killed at each later step), or after a random delay.  Checked through the
+daemons' status, the raw image files and the kept files: the group is never
+half turned, the start finishes the job (its log says so), the images end
+equal to the winner's volumes, and the loser's writes are in its kept files,
+byte for byte.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ SIZE = MiB
 BS = 4096
 MEMBERS = ("db", "log")
 FAILPOINT_SECONDS = 30
-POINTS = ("turnback.checked", "turnback.recorded", "turnback.released", "turnback.committed")
 # The blocks each side wrote after the last common cycle (hosta) or the promotion (hostb).
 A_BLOCKS = {"db": (3, 40), "log": (7,)}
 B_BLOCKS = {"db": (3, 100, 101), "log": (200,)}
@@ -131,13 +132,6 @@ def started(pool, d: Daemon) -> Daemon:
     return d.start()
 
 
-def restart_without_failpoints(d: Daemon) -> None:
-    if "--failpoint" in d.args:
-        i = d.args.index("--failpoint")
-        del d.args[i:i + 2]
-    d.start()
-
-
 def untouched(d: Daemon) -> bool:
     """On disk (the daemon is dead): every member still a volume with its base, no
     turn-back recorded, no image state, no role record saying secondary."""
@@ -186,20 +180,55 @@ def cli_proc(d: Daemon, *args) -> subprocess.Popen:
                             env=cli_env())
 
 
-# -- the old primary's group failback ---------------------------------------------------------
+# -- kill -9 at each step: the verb up to its commit point, then the start that finishes it --
 
-def reached(d: Daemon, failpoint: str, node_dir_glob: str = "*") -> bool:
+def set_failpoint(d: Daemon, failpoint: str | None) -> None:
+    if "--failpoint" in d.args:
+        i = d.args.index("--failpoint")
+        del d.args[i:i + 2]
+    if failpoint is not None:
+        d.args += ["--failpoint", f"{failpoint}={FAILPOINT_SECONDS}"]
+
+
+def spawn(d: Daemon) -> None:
+    """Start the daemon without waiting for its control socket: a start that finishes a
+    turn-back sleeps at the failpoint before it serves anything."""
+    with open(d.log_path, "a") as log:
+        d.proc = subprocess.Popen([*d.prefix, *d.command, "--store", d.store, "serve",
+                                   *d.args], stdout=log, stderr=subprocess.STDOUT,
+                                  env=d.env or cli_env())
+
+
+def reached(d: Daemon, failpoint: str) -> bool:
     """Whether the daemon is provably inside ``failpoint`` (it sleeps there)."""
+    assert d.proc.poll() is None, f"daemon {d.name} exited {d.proc.returncode}:\n{d.log()}"
     store = d.store
     if failpoint == "turnback.checked":
         return "checked; recording the turn-back" in d.log()
     if failpoint == "turnback.recorded":
         return bool(glob.glob(os.path.join(store, "turnback", "*.json")))
-    if failpoint == "turnback.released":
-        return bool(glob.glob(os.path.join(store, "mirrors", node_dir_glob, "db.img")))
+    if failpoint == "turnback.released":  # the first member's base is its image
+        return bool(glob.glob(os.path.join(store, "mirrors", "*", "db.img")))
     if failpoint == "turnback.committed":
-        return bool(glob.glob(os.path.join(store, "mirrors", node_dir_glob, "*.group.json")))
+        return bool(glob.glob(os.path.join(store, "mirrors", "*", "*.group.json")))
     raise AssertionError(failpoint)
+
+
+def kill_at(d: Daemon, failpoint: str) -> None:
+    wait_for(lambda: reached(d, failpoint), FAILPOINT_SECONDS / 2, f"{d.name} at {failpoint}")
+    d.kill()
+
+
+def cut_recoveries(d: Daemon) -> None:
+    """The intent is recorded and the daemon dead: kill each start that finishes it, at
+    each later step in turn; the intent stays until a start gets to the end."""
+    for failpoint in ("turnback.released", "turnback.committed"):
+        set_failpoint(d, failpoint)
+        spawn(d)
+        kill_at(d, failpoint)
+        assert glob.glob(os.path.join(d.store, "turnback", "*.json")), failpoint
+    set_failpoint(d, None)
+    d.start()
 
 
 def start_failback(a: Daemon, b: Daemon) -> None:
@@ -210,31 +239,39 @@ def start_failback(a: Daemon, b: Daemon) -> None:
               "app", "--compress", "none")
 
 
+def image(d: Daemon, peer_store: str, name: str) -> bytes:
+    """A mirror image, read as the plain raw file it is (docs/design.md)."""
+    with open(os.path.join(peer_store, "store.json")) as f:
+        node = json.load(f)["node_id"]
+    with open(os.path.join(d.store, "mirrors", node, name + ".img"), "rb") as f:
+        return f.read()
+
+
 def failback_ends_right(split, a: Daemon, b: Daemon) -> None:
     rows = json.loads(b.cli("mirror", "sync", "db", "--json", "--timeout", "120").stdout)
     assert all(r["synced"] for r in rows), rows
     kept = turned_back(a, "hostb")
     for name in MEMBERS:
-        assert read_all(a, f"mirror/hostb/{name}") == split["b"][name], name
+        assert image(a, os.path.join(split["root"], "b"), name) == split["b"][name], name
     check_kept(kept, A_BLOCKS, split["a"], 3)
 
 
-@pytest.mark.parametrize("failpoint", POINTS)
-def test_kill_9_inside_a_group_failback_leaves_it_untouched_or_whole(split, tmp_path, pool,
-                                                                     failpoint):
-    a, b = copies(split, tmp_path, "a", failpoint)
+def test_kill_9_at_each_step_of_a_group_failback_and_of_the_start_that_finishes_it(
+        split, tmp_path, pool):
+    a, b = copies(split, tmp_path, "a", "turnback.checked")
     started(pool, a)
     started(pool, b)
     start_failback(a, b)
-    wait_for(lambda: reached(a, failpoint), FAILPOINT_SECONDS / 2,
-             f"the failback to reach {failpoint}")
-    a.kill()
-    assert untouched(a) == (failpoint == "turnback.checked")
-    restart_without_failpoints(a)
-    if failpoint != "turnback.checked":  # from the commit point on, the start finished it
-        assert "finished the failback of group mirror" in a.log()
-        check_kept(turned_back(a, "hostb"), A_BLOCKS, split["a"], 3)
-    failback_ends_right(split, a, b)  # hostb reconnects: the delta, or the whole failback
+    kill_at(a, "turnback.checked")
+    assert untouched(a)  # before the commit point nothing changed...
+    set_failpoint(a, "turnback.recorded")
+    a.start()  # ...and hostb's reconnect runs the failback again, to its commit point
+    kill_at(a, "turnback.recorded")
+    assert not untouched(a)
+    cut_recoveries(a)
+    assert "finished the failback of group mirror" in a.log()
+    check_kept(turned_back(a, "hostb"), A_BLOCKS, split["a"], 3)
+    failback_ends_right(split, a, b)  # the delta from hostb, into images of one instant
 
 
 def test_kill_9_at_a_random_instant_of_a_group_failback(split, tmp_path, pool):
@@ -247,11 +284,10 @@ def test_kill_9_at_a_random_instant_of_a_group_failback(split, tmp_path, pool):
           "--compress", "none")
     last = cli_proc(b, "mirror", "start", "log", "--to", a.listen, "--interval", "3600",
                     "--group", "app", "--compress", "none")
-    delay = rng.uniform(0.0, 1.0)  # the CLI's start-up is most of this
-    time.sleep(delay)
+    time.sleep(rng.uniform(0.0, 1.0))  # the CLI's start-up is most of this
     a.kill()
     assert last.wait(60) == 0, last.communicate()
-    restart_without_failpoints(a)
+    a.start()
     failback_ends_right(split, a, b)
 
 
@@ -260,21 +296,16 @@ def test_kill_9_at_a_random_instant_of_a_group_failback(split, tmp_path, pool):
 def discard_ends_right(split, a: Daemon, b: Daemon, pool) -> None:
     """hostb holds hosta's images again, its writes kept; hosta (never told it was
     demoted) mirrors on: its next cycle makes the images equal to its volumes."""
-    kept = turned_back(b, "hosta")
-    check_kept(kept, B_BLOCKS, split["b"], 4)
+    check_kept(turned_back(b, "hosta"), B_BLOCKS, split["b"], 4)
     started(pool, a)
     rows = json.loads(a.cli("mirror", "sync", "db", "--json", "--timeout", "120").stdout)
     assert all(r["synced"] for r in rows), rows
     for name in MEMBERS:
-        assert read_all(b, f"mirror/hosta/{name}") == split["a"][name], name
+        assert image(b, os.path.join(split["root"], "a"), name) == split["a"][name], name
     check_kept(turned_back(b, "hosta"), B_BLOCKS, split["b"], 4)  # still there, intact
 
 
-@pytest.mark.parametrize("failpoint", POINTS)
-def test_kill_9_inside_a_discard_of_the_new_primarys_writes_leaves_it_untouched_or_whole(
-        split, tmp_path, pool, failpoint):
-    a, b = copies(split, tmp_path, "b", failpoint)
-    started(pool, b)
+def resolve_until_killed(b: Daemon, failpoint: str) -> None:
     proc = cli_proc(b, "mirror", "resolve", "db", "--discard-changes-on", "hostb", "--json")
     try:
         wait_for(lambda: reached(b, failpoint) or proc.poll() is not None,
@@ -284,16 +315,23 @@ def test_kill_9_inside_a_discard_of_the_new_primarys_writes_leaves_it_untouched_
     finally:
         proc.wait(30)
     assert proc.returncode != 0  # its daemon died under it
-    assert untouched(b) == (failpoint == "turnback.checked")
-    restart_without_failpoints(b)
-    again = b.cli("mirror", "resolve", "db", "--discard-changes-on", "hostb", "--json",
-                  check=False)
-    if failpoint == "turnback.checked":  # nothing was changed: it runs again, whole
-        assert again.returncode == 0, again.stderr
-        assert sorted(json.loads(again.stdout)["volumes"]) == list(MEMBERS)
-    else:  # the start finished it: there is no promoted primary left to resolve
-        assert "finished the split brain resolution" in b.log()
-        assert again.returncode == 10 and "not a promoted primary" in again.stderr, again
+
+
+def test_kill_9_at_each_step_of_a_discard_of_the_new_primarys_writes(split, tmp_path, pool):
+    a, b = copies(split, tmp_path, "b", "turnback.checked")
+    started(pool, b)
+    resolve_until_killed(b, "turnback.checked")
+    assert untouched(b)  # before the commit point nothing changed: it runs again
+    set_failpoint(b, "turnback.recorded")
+    b.start()
+    assert {v["name"] for v in b.status()["volumes"]} >= set(MEMBERS)
+    resolve_until_killed(b, "turnback.recorded")
+    assert not untouched(b)
+    cut_recoveries(b)
+    assert "finished the split brain resolution" in b.log()
+    # Finished: there is no promoted primary left to resolve, and that is all it says.
+    again = b.cli("mirror", "resolve", "db", "--discard-changes-on", "hostb", check=False)
+    assert again.returncode == 10 and "not a promoted primary" in again.stderr, again
     discard_ends_right(split, a, b, pool)
 
 
@@ -305,7 +343,7 @@ def test_kill_9_at_a_random_instant_of_a_discard(split, tmp_path, pool):
     time.sleep(rng.uniform(0.0, 0.8))  # the CLI's start-up is most of this
     b.kill()
     proc.wait(30)
-    restart_without_failpoints(b)
+    b.start()
     if {v["name"] for v in b.status()["volumes"]} >= set(MEMBERS):
         assert untouched(b)  # cut before its commit point: run it again
         b.cli("mirror", "resolve", "db", "--discard-changes-on", "hostb")
