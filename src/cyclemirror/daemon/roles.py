@@ -268,7 +268,13 @@ def forget_outgoing(store, volume: str) -> None:
     left = {e["spec"].group for e in book.entries.values()}
     for group in [g for g in book.groups if g not in left]:
         del book.groups[group]
-    book.save()
+    try:
+        book.save()
+    except CycleMirrorError as exc:  # (an unreadable book) the turn-back goes on
+        log.error("volume %s is a mirror image now, but its outgoing mirrors stay defined: "
+                  "%s; remove them ('cyclemirror mirror rm %s') once the definitions are "
+                  "fixed", volume, exc, volume)
+        return
     log.warning("volume %s is a mirror image now: its outgoing mirror%s to %s removed",
                 volume, "s" if len(drop) > 1 else "", ", ".join(t for _v, t in drop))
 
