@@ -80,15 +80,24 @@ def turn_back(store, st: MirrorState, volumes: list[str], release, what: str) ->
     directory = os.path.join(root, INTENT_DIR)
     os.makedirs(directory, exist_ok=True)
     path = intent_path(root, st.source_node, st.mirror)
+    steps = {"start": time.monotonic()}
     intent.save(path)  # the commit point (written whole and durably, directory included)
+    steps["intent"] = time.monotonic()
     failpoints.hit("turnback.recorded")
     for volume in volumes:
         release(volume)
-    return _finish(store, path, intent)
+    steps["release"] = time.monotonic()
+    kept = _finish(store, path, intent, steps)
+    log.info("%s: turned back in %s", what, ", ".join(
+        f"{name} {at - before:.3f}s" for (name, at), before in
+        zip(list(steps.items())[1:], list(steps.values())[:-1], strict=True)))
+    return kept
 
 
-def _finish(store, path: str, intent: MirrorState) -> list[dict]:
-    """Every step after the commit point, each safe to do again (module doc)."""
+def _finish(store, path: str, intent: MirrorState, steps: dict | None = None) -> list[dict]:
+    """Every step after the commit point, each safe to do again (module doc); ``steps``
+    gets the instant each ended (for the log)."""
+    steps = {} if steps is None else steps
     root = os.fspath(store.path)
     plan = intent.extra[INTENT_KEY]
     volumes, k = plan["volumes"], intent.applied_cycle
@@ -100,6 +109,7 @@ def _finish(store, path: str, intent: MirrorState) -> list[dict]:
         if kept is not None:
             kept_all.append(kept)
         failpoints.hit("turnback.released")
+    steps["members"] = time.monotonic()
     target = state_path(root, intent)
     if not os.path.exists(target):
         extra = {key: value for key, value in intent.extra.items() if key != INTENT_KEY}
@@ -107,6 +117,7 @@ def _finish(store, path: str, intent: MirrorState) -> list[dict]:
                     source_name=intent.source_name, volumes=list(intent.volumes),
                     applied_cycle=k, freeze_time=intent.freeze_time,
                     extra=extra).save(target)  # durably, with the images renamed before
+    steps["state"] = time.monotonic()
     failpoints.hit("turnback.committed")
     for volume in volumes:
         shutil.rmtree(os.path.join(root, "outgoing", volume), ignore_errors=True)
@@ -118,6 +129,7 @@ def _finish(store, path: str, intent: MirrorState) -> list[dict]:
     # Durably gone: an intent a crash brought back after the images moved on (promoted
     # again, say) would turn them back once more.
     fileops.fsync_dir(os.path.dirname(path))
+    steps["roles"] = time.monotonic()
     return kept_all
 
 
