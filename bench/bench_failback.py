@@ -28,8 +28,9 @@ has users run them: ``VENV/bin/cyclemirror`` of a virtual environment with
 the package ``pip install``-ed (an entry point in a venv, which does not read
 the base interpreter's site-packages ``.pth`` files).  VENV is
 CYCLEMIRROR_BENCH_VENV if set (e.g. the ``.venv`` of ``scripts/install-deps``
-after ``.venv/bin/pip install .``), else the checkout's ``.venv`` if the
-package is installed there, else a venv the bench makes in its temp dir and
+after ``.venv/bin/pip install .``), else the venv this bench runs in if the
+package is installed there (``tox -e bench``), else the checkout's ``.venv``
+if it is installed there, else a venv the bench makes in its temp dir and
 installs this checkout into (``python3 -m venv``; the wheel ``pip wheel .``
 builds with this interpreter's Cython, then ``pip install`` of it there).  The output says which, and the interpreter
 start-up floor (``python -c pass``) of the venv and of the dev interpreter.
@@ -72,6 +73,9 @@ def installed_cli(tmp) -> tuple[tuple, dict, str]:
            if k not in ("PYTHONPATH", "CYCLEMIRROR_STORE", "PYTHONHOME")}
     venv = os.environ.get("CYCLEMIRROR_BENCH_VENV")
     how = "CYCLEMIRROR_BENCH_VENV"
+    if not venv and sys.prefix != sys.base_prefix and os.path.exists(
+            os.path.join(sys.prefix, "bin", "cyclemirror")):
+        venv, how = sys.prefix, "the venv running this bench (tox -e bench)"
     if not venv and os.path.exists(os.path.join(REPO, ".venv", "bin", "cyclemirror")):
         venv, how = os.path.join(REPO, ".venv"), "the checkout's .venv"
     if not venv:
