@@ -342,7 +342,7 @@ def release_volume(service, volume: str) -> None:
     out = service.outgoing
     if out is not None:
         try:
-            out.break_cycles(volume, None, True)
+            out.break_cycles(volume, None, True, wait=False)  # remove() stops the driver
         except CycleMirrorError:
             pass  # not mirrored (any more)
         try:
