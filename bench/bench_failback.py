@@ -23,6 +23,22 @@ the CLI as an administrator would, data written through NBD (qemu-io):
    sparse: the copy is zero runs) measured as the promote reports it and as
    the CLI's wall time, median of CYCLEMIRROR_BENCH_ROUNDS (default 3) runs.
 
+The daemons and every CLI process run **as installed**, the way the README
+has users run them: ``VENV/bin/cyclemirror`` of a virtual environment with
+the package ``pip install``-ed (an entry point in a venv, which does not read
+the base interpreter's site-packages ``.pth`` files).  VENV is
+CYCLEMIRROR_BENCH_VENV if set (e.g. the ``.venv`` of ``scripts/install-deps``
+after ``.venv/bin/pip install .``), else the venv this bench runs in if the
+package is installed there (``tox -e bench``), else the checkout's ``.venv``
+if it is installed there, else a venv the bench makes in its temp dir and
+installs this checkout into (``python3 -m venv``; the wheel ``pip wheel .``
+builds with this interpreter's Cython, then ``pip install`` of it there).  The output says which, and the interpreter
+start-up floor (``python -c pass``) of the venv and of the dev interpreter.
+
+Before each timed part the bench calls sync(2), so neither the full copy nor
+the failback pays for writing back what the steps before it wrote (the
+import's 4 GiB, the blocks written through NBD): their fsyncs would.
+
 Nothing asserts a time; the ratios are printed.  The machine is shared:
 quote medians and say what else ran.
 """
@@ -43,11 +59,59 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_mirror import make_mixed_file  # noqa: E402 - the same data as the other benches
 from tests.support.daemons import DaemonPool, make_key, wait_for  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE_MB = int(os.environ.get("CYCLEMIRROR_BENCH_FAILBACK_MB", "1024"))
 PROMOTE_MB = int(os.environ.get("CYCLEMIRROR_BENCH_PROMOTE_MB", "4096"))
 ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
 MiB = 1 << 20
 BLOCK = 4096
+
+
+def installed_cli(tmp) -> tuple[tuple, dict, str]:
+    """(command, environment, where it came from) of the installed CLI (module doc)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "CYCLEMIRROR_STORE", "PYTHONHOME")}
+    venv = os.environ.get("CYCLEMIRROR_BENCH_VENV")
+    how = "CYCLEMIRROR_BENCH_VENV"
+    if not venv and sys.prefix != sys.base_prefix and os.path.exists(
+            os.path.join(sys.prefix, "bin", "cyclemirror")):
+        venv, how = sys.prefix, "the venv running this bench (tox -e bench)"
+    if not venv and os.path.exists(os.path.join(REPO, ".venv", "bin", "cyclemirror")):
+        venv, how = os.path.join(REPO, ".venv"), "the checkout's .venv"
+    if not venv:
+        venv, how = os.path.join(tmp, "venv"), "made in the temp dir from this checkout"
+        # The wheel is built by this interpreter's setuptools and Cython (no isolated build
+        # environment: that compiles every extension again, ten minutes on this VM).
+        wheels = os.path.join(tmp, "wheels")
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation",
+                        "--no-deps", "-w", wheels, REPO], check=True, timeout=3600)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=600)
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q",
+                        *[os.path.join(wheels, w) for w in os.listdir(wheels)]], check=True,
+                       timeout=3600, env=env)
+    exe = os.path.join(venv, "bin", "cyclemirror")
+    if not os.access(exe, os.X_OK):
+        raise AssertionError(f"{exe} is missing: install the package there first "
+                             f"('{venv}/bin/pip install {REPO}') or unset CYCLEMIRROR_BENCH_VENV")
+    where = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                            "import cyclemirror; print(cyclemirror.__file__)"], env=env,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    return (exe,), env, f"{exe} ({how}; package {os.path.dirname(where)})"
+
+
+def start_floor(python: str, env: dict, rounds: int = 5) -> float:
+    """Median wall time of ``python -c pass``: what any CLI process costs before our code."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        subprocess.run([python, "-c", "pass"], env=env, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
 
 
 def _uri(d, name):
@@ -88,18 +152,24 @@ def _run(tmp):
     key = make_key(os.path.join(tmp, "key"))
     size = SIZE_MB * MiB
     nblocks = size // BLOCK
+    command, env, where = installed_cli(tmp)
+    floors = (start_floor(os.path.join(os.path.dirname(command[0]), "python"), env),
+              start_floor(sys.executable, dict(os.environ)))
+    load_before = loadavg()
     with DaemonPool(tmp) as pool:
         a = pool.start("a", key_file=key, listen=True, metrics=False,
-                       extra=("--node-name", "hosta"))
+                       extra=("--node-name", "hosta"), command=command, env=env)
         b = pool.start("b", key_file=key, listen=True, metrics=False,
-                       extra=("--node-name", "hostb"))
+                       extra=("--node-name", "hostb"), command=command, env=env)
         src = os.path.join(tmp, "mixed.img")
         make_mixed_file(src, size)
         a.cli("volume", "import", "v", "--from", src, timeout=3600)
         os.unlink(src)
+        os.sync()  # the import's writes are on disk: the copy does not pay for them
         t0 = time.perf_counter()
         a.cli("mirror", "start", "v", "--to", b.listen, "--interval", "3600",
               "--compress", "none")
+        full_start = time.perf_counter() - t0
         full_rows = sync_rows(a, "v")
         full_seconds = time.perf_counter() - t0
         full_wire = full_rows[0]["shipped_bytes_total"]
@@ -116,9 +186,11 @@ def _run(tmp):
         a.start()
         wait_for(lambda: role(a, "v").get("role") == "demoted", 120, "hosta demoted")
         b.cli("mirror", "resolve", "v", "--discard-changes-on", "hosta")
+        os.sync()  # the same for the failback: the writes above are on disk
         t0 = time.perf_counter()
         b.cli("mirror", "start", "v", "--to", a.listen, "--interval", "3600",
               "--compress", "none")
+        back_start = time.perf_counter() - t0
         back_rows = sync_rows(b, "v")
         failback_seconds = time.perf_counter() - t0
         back_wire = back_rows[0]["shipped_bytes_total"]
@@ -130,11 +202,17 @@ def _run(tmp):
         same = digest(a, "mirror/hostb/v") == digest(b, "v")
         kept = role(a, "v").get("kept") or []
 
-        print(f"\nfailback bench, {SIZE_MB} MiB volume, no compression, loopback, one host:")
+        print(f"\nfailback bench, {SIZE_MB} MiB volume, no compression, loopback, one host; "
+              f"load average {load_before} before, {loadavg()} after")
+        print(f"  daemons and CLI: {where}")
+        print(f"  interpreter start-up floor (python -c pass, median of 5): venv "
+              f"{floors[0] * 1000:.0f} ms, dev interpreter {sys.executable} "
+              f"{floors[1] * 1000:.0f} ms")
         print(f"  full copy (first cycle):  {full_seconds:8.2f} s  {full_wire / MiB:10.1f} MiB "
-              "on the wire")
+              f"on the wire (the 'mirror start' process {full_start:.3f} s)")
         print(f"  failback (1% new, 0.1% old): {failback_seconds:8.2f} s  "
-              f"{back_wire / MiB:10.2f} MiB on the wire")
+              f"{back_wire / MiB:10.2f} MiB on the wire (the 'mirror start' process "
+              f"{back_start:.3f} s, then 'mirror sync' {failback_seconds - back_start:.3f} s)")
         print(f"  speed-up {full_seconds / failback_seconds:.1f}x; wire bytes / differing "
               f"bytes {back_wire / differing:.3f} ({differing} differing, {written_new} "
               f"written on the new primary, {kept[0]['bytes'] if kept else 0} kept on the "

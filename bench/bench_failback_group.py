@@ -21,6 +21,9 @@ client tools:
 
 CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds, each on fresh daemons; medians
 and each round are printed with the load average.  Nothing asserts a time.
+The daemons and the CLI run as installed, from a venv, and each timed part
+starts after sync(2), as in bench_failback.py (its module doc: which venv,
+CYCLEMIRROR_BENCH_VENV).
 """
 
 import json
@@ -34,7 +37,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_failback import BLOCK, MiB, digest, role, sync_rows, write_blocks  # noqa: E402
+from bench_failback import (  # noqa: E402
+    BLOCK,
+    MiB,
+    digest,
+    installed_cli,
+    role,
+    sync_rows,
+    write_blocks,
+)
 from bench_mirror import make_mixed_file  # noqa: E402 - the same data as the other benches
 from tests.support.daemons import DaemonPool, make_key, wait_for  # noqa: E402
 
@@ -45,17 +56,30 @@ MEMBERS = ("db", "log")
 
 def test_group_failback_against_a_full_copy():
     results = []
-    for i in range(ROUNDS):
-        tmp = tempfile.mkdtemp(prefix="cm-bench-gfailback-", dir=os.environ.get("TMPDIR"))
-        try:
-            results.append(_round(tmp, seed=14 + i))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        r = results[-1]
-        print(f"\n  round {i + 1}: full copy {r['full_s']:.2f} s ({r['full_wire'] / MiB:.1f} MiB), "
-              f"failback {r['back_s']:.2f} s ({r['back_wire'] / MiB:.2f} MiB), "
-              f"{r['full_s'] / r['back_s']:.1f}x; wire / differing "
-              f"{r['back_wire'] / r['differing']:.3f}; load {r['load']}")
+    where = tempfile.mkdtemp(prefix="cm-bench-gfailback-cli-", dir=os.environ.get("TMPDIR"))
+    try:
+        cli = installed_cli(where)
+        print(f"\n  daemons and CLI: {cli[2]}")
+        for i in range(ROUNDS):
+            tmp = tempfile.mkdtemp(prefix="cm-bench-gfailback-", dir=os.environ.get("TMPDIR"))
+            try:
+                results.append(_round(tmp, seed=14 + i, cli=cli))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _print_round(i, results[-1])
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    _print_medians(results)
+
+
+def _print_round(i: int, r: dict) -> None:
+    print(f"\n  round {i + 1}: full copy {r['full_s']:.2f} s ({r['full_wire'] / MiB:.1f} MiB), "
+          f"failback {r['back_s']:.2f} s ({r['back_wire'] / MiB:.2f} MiB), "
+          f"{r['full_s'] / r['back_s']:.1f}x; wire / differing "
+          f"{r['back_wire'] / r['differing']:.3f}; load {r['load']}")
+
+
+def _print_medians(results: list[dict]) -> None:
     med = {k: statistics.median(r[k] for r in results)
            for k in ("full_s", "back_s", "full_wire", "back_wire", "differing")}
     speedups = [r["full_s"] / r["back_s"] for r in results]
@@ -69,20 +93,22 @@ def test_group_failback_against_a_full_copy():
           f"{'; '.join(r['load'] for r in results)}")
 
 
-def _round(tmp: str, seed: int) -> dict:
+def _round(tmp: str, seed: int, cli: tuple) -> dict:
     key = make_key(os.path.join(tmp, "key"))
     size = SIZE_MB // 2 * MiB
     nblocks = size // BLOCK
+    command, env, _where = cli
     with DaemonPool(tmp) as pool:
         a = pool.start("a", key_file=key, listen=True, metrics=False,
-                       extra=("--node-name", "hosta"))
+                       extra=("--node-name", "hosta"), command=command, env=env)
         b = pool.start("b", key_file=key, listen=True, metrics=False,
-                       extra=("--node-name", "hostb"))
+                       extra=("--node-name", "hostb"), command=command, env=env)
         for n, name in enumerate(MEMBERS):
             src = os.path.join(tmp, f"{name}.img")
             make_mixed_file(src, size, seed=1 + n)
             a.cli("volume", "import", name, "--from", src, timeout=3600)
             os.unlink(src)
+        os.sync()  # the imports' writes are on disk: the copy does not pay for them
         t0 = time.perf_counter()
         for name in MEMBERS:
             a.cli("mirror", "start", name, "--to", b.listen, "--group", "app", "--interval",
@@ -104,6 +130,7 @@ def _round(tmp: str, seed: int) -> dict:
         wait_for(lambda: {role(a, m).get("role") for m in MEMBERS} == {"demoted"}, 120,
                  "hosta's members demoted")
         b.cli("mirror", "resolve", "db", "--discard-changes-on", "hosta")
+        os.sync()
         t0 = time.perf_counter()
         for name in MEMBERS:
             b.cli("mirror", "start", name, "--to", a.listen, "--group", "app", "--interval",

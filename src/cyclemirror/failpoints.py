@@ -57,6 +57,15 @@ KNOWN: dict[str, str] = {
                              "(receiver/treefailback.py)",
     "treefailback.kept": "sleep in a tree failback after the live tree was renamed aside, "
                          "before the tree object is removed (receiver/treefailback.py)",
+    "turnback.checked": "sleep in a failback's or split brain resolution's turn-back of "
+                        "volumes into a mirror image after its checks, before its commit "
+                        "point (receiver/turnback.py)",
+    "turnback.recorded": "sleep in a turn-back right after its intent (the commit point) "
+                         "was recorded (receiver/turnback.py)",
+    "turnback.released": "sleep in a turn-back after each member's base became its mirror "
+                         "image (receiver/turnback.py), so a kill -9 lands between members",
+    "turnback.committed": "sleep in a turn-back after the mirror state was written, before "
+                          "the role records say secondary (receiver/turnback.py)",
     "receiver.tree_switched": "sleep between a tree mirror's exchange of directories and "
                               "the record saying it applied (receiver/treeops.py)",
 }

@@ -35,16 +35,21 @@ def cli_env() -> dict:
     return env
 
 
+DEV_COMMAND = (sys.executable, "-m", "cyclemirror.cli")
+
+
 def run_cli(*args, store: str | None = None, check: bool = True, timeout: float = 120,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cyclemirror.cli"]
+            env: dict | None = None, command: tuple = DEV_COMMAND) -> subprocess.CompletedProcess:
+    """One CLI process; ``command``: how the CLI is started (default: this interpreter on the
+    package it imports; a bench may give an installed entry point, e.g. VENV/bin/cyclemirror)."""
+    cmd = list(command)
     if store is not None:
         cmd += ["--store", store]
     cmd += [str(a) for a in args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=env or cli_env())
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd[3:])} exited {proc.returncode}\n"
+        raise AssertionError(f"{' '.join(cmd[len(command):])} exited {proc.returncode}\n"
                              f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
     return proc
 
@@ -63,7 +68,7 @@ class Daemon:
 
     def __init__(self, root, name: str, *, key_file: str | None = None, listen: bool = False,
                  nbd: bool = True, metrics: bool = True, extra: tuple = (), env: dict | None = None,
-                 prefix: tuple = ()):
+                 prefix: tuple = (), command: tuple = DEV_COMMAND):
         self.root = str(root)
         self.name = name
         self.store = os.path.join(self.root, name)
@@ -82,6 +87,9 @@ class Daemon:
         self.args += list(extra)
         self.env = env
         self.prefix = tuple(prefix)  # e.g. ('ip', 'netns', 'exec', NS): run the daemon in there
+        # How the daemon and its CLI calls are started; another than the default (an
+        # installed entry point) gets ``env`` for its CLI calls too.
+        self.command = tuple(command)
         self.proc: subprocess.Popen | None = None
         self.listen: str | None = None
         self.metrics: str | None = None
@@ -89,7 +97,7 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> Daemon:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "cyclemirror.cli", "--store", self.store,
+                [*self.prefix, *self.command, "--store", self.store,
                  "serve",
                  *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env or cli_env())
         deadline = time.monotonic() + timeout
@@ -107,7 +115,7 @@ class Daemon:
                     raise AssertionError(f"daemon {self.name} did not answer:\n{self.log()}") from None
                 time.sleep(0.02)
                 continue
-            doc = json.loads(run_cli("status", "--json", store=self.store).stdout)
+            doc = json.loads(self.cli("status", "--json").stdout)
             self.listen = doc["node"]["listen"]
             self.metrics = doc["node"]["metrics"]
             self.node_id = doc["node"]["id"]
@@ -118,7 +126,10 @@ class Daemon:
             return client.call("status")
 
     def cli(self, *args, check: bool = True, timeout: float = 120):
-        return run_cli(*args, store=self.store, check=check, timeout=timeout)
+        if self.command == DEV_COMMAND:
+            return run_cli(*args, store=self.store, check=check, timeout=timeout)
+        return run_cli(*args, store=self.store, check=check, timeout=timeout, env=self.env,
+                       command=self.command)
 
     def status(self) -> dict:
         """The daemon's status document: what ``status --json`` prints (see the module doc)."""

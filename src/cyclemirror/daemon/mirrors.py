@@ -637,7 +637,11 @@ class OutgoingMirrors:
                      "; ".join(f"{t}: {w}" for t, w in sorted(skipped.items())))
         return rows
 
-    def break_cycles(self, volume: str, target: str | None, now: bool) -> list[dict]:
+    def break_cycles(self, volume: str, target: str | None, now: bool,
+                     wait: bool = True) -> list[dict]:
+        """Break the volume's mirror (to one target, or all); ``wait=False``: do not wait
+        for the drivers to say broken (a caller that removes the mirror next: that stops
+        the driver and waits for it anyway)."""
         with self._lock:
             unit, keys = self._unit_keys(volume, target)
             for k in keys:
@@ -654,7 +658,7 @@ class OutgoingMirrors:
             # Without --now the running cycle finishes first. Wait a while for that, but
             # not for ever: a cycle to an unreachable target only ends with --now. The
             # break is recorded either way; the rows say which phase the mirror is in.
-            deadline = time.monotonic() + BREAK_WAIT
+            deadline = time.monotonic() + (BREAK_WAIT if wait else 0.0)
             while time.monotonic() < deadline and not self._all_broken(driver, targets, whole):
                 time.sleep(0.05)
         log.info("mirror %s -> %s: broken%s", _unit_text(unit), ", ".join(targets),

@@ -23,6 +23,7 @@ whole (``receiver.promote``, ``daemon.switchover``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from cyclemirror.errors import CycleMirrorError, DemotedError, RoleError, UsageError
@@ -235,7 +236,8 @@ def op_promote(service, args: dict) -> dict:
 
 def finish_promotions(service) -> None:
     """At start, before the target and NBD serve anything: finish the promotions a crash
-    cut short (``receiver.promote.finish_cut``), so no half-promoted group is seen."""
+    cut short (``receiver.promote.finish_cut``), so no half-promoted group is seen, and
+    the turn-backs of volumes into mirror images (``receiver.turnback.finish_cut``)."""
     from cyclemirror.receiver.promote import finish_cut
 
     for result in finish_cut(service.store, service.config.rbd_config()):
@@ -246,6 +248,35 @@ def finish_promotions(service) -> None:
     from cyclemirror.receiver.treepromote import finish_cut as finish_trees
 
     finish_trees(service.store)  # tree mirrors' (docs/trees.md); each logs what it did
+    from cyclemirror.receiver.turnback import finish_cut as finish_turnbacks
+
+    # A failback's or a split brain's turn-back into mirror images (each logs itself).
+    finish_turnbacks(service.store, lambda volume: forget_outgoing(service.store, volume))
+
+
+def forget_outgoing(store, volume: str) -> None:
+    """At start, before the outgoing mirrors run: drop the definitions of ``volume``'s
+    mirrors that a turn-back cut short by a crash did not get to (``release_volume``)."""
+    from cyclemirror.daemon.mirrors import MirrorBook
+
+    book = MirrorBook(os.path.join(store.path, "daemon"))
+    drop = [key for key in book.entries if key[0] == volume]
+    if not drop:
+        return
+    for key in drop:
+        del book.entries[key]
+    left = {e["spec"].group for e in book.entries.values()}
+    for group in [g for g in book.groups if g not in left]:
+        del book.groups[group]
+    try:
+        book.save()
+    except CycleMirrorError as exc:  # (an unreadable book) the turn-back goes on
+        log.error("volume %s is a mirror image now, but its outgoing mirrors stay defined: "
+                  "%s; remove them ('cyclemirror mirror rm %s') once the definitions are "
+                  "fixed", volume, exc, volume)
+        return
+    log.warning("volume %s is a mirror image now: its outgoing mirror%s to %s removed",
+                volume, "s" if len(drop) > 1 else "", ", ".join(t for _v, t in drop))
 
 
 def op_resolve(service, args: dict) -> dict:
@@ -343,7 +374,7 @@ def release_volume(service, volume: str) -> None:
     out = service.outgoing
     if out is not None:
         try:
-            out.break_cycles(volume, None, True)
+            out.break_cycles(volume, None, True, wait=False)  # remove() stops the driver
         except CycleMirrorError:
             pass  # not mirrored (any more)
         try:

@@ -20,6 +20,10 @@ wrote since the promotion is in its overlays *k* and newer
 5. records the role ``secondary`` (the promotion stays in the record's
    history), so the old primary is no longer refused as demoted.
 
+Steps 2 to 5 are ``receiver.turnback``: its intent, recorded after the checks,
+is the commit point, so a kill -9 leaves the volumes untouched or, at the
+daemon's next start, turned back whole.
+
 The old primary then takes its demotion back (``mirror reinstate``, which asks
 this node and hears that it no longer holds a promoted copy), its mirror
 resumes, and its next cycle ships only what it wrote since cycle *k*.
@@ -28,13 +32,11 @@ resumes, and its next cycle ships only what it wrote since cycle *k*.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from cyclemirror.errors import RoleError
-from cyclemirror.receiver import fileops
+from cyclemirror.receiver import turnback
 from cyclemirror.receiver.lineage import LINEAGE_KEY
-from cyclemirror.receiver.resync import _keep
 from cyclemirror.receiver.state import MirrorState, VolumeSpec
 from cyclemirror.store import roles
 
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 def discard_here(store, recs: list, release) -> dict:
     """Turn the volumes of one promotion (``recs``: their primary role records) back into
     the old primary's mirror image of cycle *k*, keeping their writes since then."""
-    root = os.fspath(store.path)
     p = recs[0].promoted_from
     k = p["cycle"]
     old_epoch, _cycle = roles.parse_generation(p["generation"], "promoted_from.generation")
@@ -63,34 +64,16 @@ def discard_here(store, recs: list, release) -> dict:
                 f"you need) and mirror it from {who} to take a full copy")
         checked.append((rec, vol, divergent))
     t0 = time.monotonic()
-    for rec, _vol, _div in checked:
-        release(rec.volume)
-    ndir = os.path.join(root, "mirrors", p["source_node"])
-    os.makedirs(ndir, exist_ok=True)
-    kept_all, specs = [], []
-    for rec, vol, divergent in checked:
-        vol.merge_through(k - 1)  # a no-op for a volume adopted at overlay k
-        if divergent.count():
-            kept = _keep(root, vol, divergent, rec.epoch, k)
-            kept_all.append(kept)
-            rec.kept = [*rec.kept, kept][-roles.MAX_KEPT:]
-            rec.changed = time.time()
-            roles.save_role(root, rec)
-        image = rec.volume if group else p["mirror"]
-        specs.append(VolumeSpec(image, vol.size, vol.block_size))
-    for (rec, _vol, _div), spec in zip(checked, specs, strict=True):
-        store.release_base(rec.volume, os.path.join(ndir, spec.name + ".img"))
     name = p["mirror"]
-    state = MirrorState(mirror=name, group=group, source_node=p["source_node"],
-                        source_name=p["source_name"], volumes=specs, applied_cycle=k,
-                        freeze_time=p["freeze_time"],
-                        extra={LINEAGE_KEY: {"epoch": old_epoch, "parent": None,
-                                             "since": time.time()}})
-    state.save(os.path.join(ndir, name + (".group.json" if group else ".state.json")))
-    fileops.fsync_dir(ndir)  # the commit point: the images are the old primary's mirror
-    for rec, _vol, _div in checked:
-        rec.role, rec.discard_on, rec.changed = roles.SECONDARY, None, time.time()
-        roles.save_role(root, rec)
+    state = MirrorState(
+        mirror=name, group=group, source_node=p["source_node"], source_name=p["source_name"],
+        volumes=[VolumeSpec(rec.volume if group else name, vol.size, vol.block_size)
+                 for rec, vol, _div in checked],
+        applied_cycle=k, freeze_time=p["freeze_time"],
+        extra={LINEAGE_KEY: {"epoch": old_epoch, "parent": None, "since": time.time()}})
+    kept_all = turnback.turn_back(store, state, [rec.volume for rec, _v, _d in checked],
+                                  release, f"the split brain resolution of {name} in favour "
+                                  f"of {who}")
     volumes = [rec.volume for rec, _v, _d in checked]
     log.warning("split brain on %s resolved by the user in favour of %s: this node's writes "
                 "since cycle %d are discarded (kept in %s); %s %s the mirror image of %s "

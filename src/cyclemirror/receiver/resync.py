@@ -23,7 +23,12 @@ volume as of its freeze *k* is exactly the image the new primary branched from.
    volume's directory, its outgoing state and overlays dropped.  The role
    record becomes ``secondary`` (keeping its history and the kept files).
 
-A file object of epoch ``E`` fails back the same way from its reflink
+Steps 1, 2 and 4 and the kept copy of step 3 are ``receiver.turnback``:
+after the checks it records its intent first, so a kill -9 anywhere leaves the
+volume untouched or, at the daemon's next start, turned back whole.
+
+A file object of epoch ``E`` fails back the same way (not yet through an intent: its
+steps' order is what keeps it safe) from its reflink
 snapshot of cycle *k* (``receiver.filefailback``).
 
 The new primary then ships, as a delta, only the blocks it wrote since the
@@ -36,26 +41,24 @@ names its members, each of which must be a volume here of the parent epoch
 checked as above before anything changes, the split-brain question is asked
 of the group (its divergent bytes summed), and then every member in turn is
 merged to cycle *k*, its divergent blocks kept, and renamed into the group's
-mirror; the group's mirror state, written last, records them all at the one
-group cycle *k*.
+mirror; the group's mirror state, written after them, records them all at the
+one group cycle *k* (one intent covers the group: never half turned).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 from cyclemirror.errors import ProtocolError, SplitBrainError
-from cyclemirror.receiver import fileops
+from cyclemirror.receiver import turnback
 from cyclemirror.receiver.lineage import LINEAGE_KEY
 from cyclemirror.receiver.state import MirrorState, VolumeSpec
 from cyclemirror.store import roles
 
 log = logging.getLogger(__name__)
-KEPT_DIR = "kept"
-COPY_STEP = 8 << 20
+KEPT_DIR = turnback.KEPT_DIR
 
 
 def prepare(server, open_msg: dict, msg: dict) -> dict | None:
@@ -98,72 +101,27 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
             f"{who} run 'cyclemirror mirror resolve {name} --discard-changes-on {who}', then "
             f"'cyclemirror mirror reinstate {name}' here")
     t0 = time.monotonic()
-    steps = {}
-    if server.on_failback is not None:
-        server.on_failback(name)  # the daemon lets go: outgoing mirrors, NBD
-    steps["release"] = time.monotonic()
-    vol.merge_through(k - 1)  # base becomes the image of cycle k
-    steps["merge"] = time.monotonic()
-    freeze_time = msg["parent_freeze_time"]  # overlay k-1, which knew it, is merged
-    kept = None
-    if mine:
-        kept = _keep(root, vol, divergent, rec.epoch, k)
-        rec.kept = [*rec.kept, kept][-roles.MAX_KEPT:]
-        rec.changed = time.time()
-        roles.save_role(root, rec)
-    steps["keep"] = time.monotonic()
-    ndir = os.path.join(root, "mirrors", source)
-    os.makedirs(ndir, exist_ok=True)
-    store.release_base(name, os.path.join(ndir, name + ".img"))
     state = MirrorState(mirror=name, group=False, source_node=source,
                         source_name=open_msg["node_name"],
                         volumes=[VolumeSpec(name, spec["size"], spec["block_size"])],
-                        applied_cycle=k, freeze_time=freeze_time,
+                        applied_cycle=k, freeze_time=msg["parent_freeze_time"],
                         extra={LINEAGE_KEY: {"epoch": msg["epoch"], "parent": msg["parent"],
                                              "since": time.time()}})
-    state.save(os.path.join(ndir, name + ".state.json"))
-    fileops.fsync_dir(ndir)
-    shutil.rmtree(os.path.join(root, "outgoing", name), ignore_errors=True)
-    rec.role = roles.SECONDARY
-    rec.changed = time.time()
-    roles.save_role(root, rec)
-    steps["rename"] = time.monotonic()
-    last, parts = t0, []
-    for step, at in steps.items():
-        parts.append(f"{step} {at - last:.3f}s")
-        last = at
+    kept = turnback.turn_back(store, state, [name], _releaser(server),
+                              f"the failback of {name} from {who}")
+    kept = kept[0] if kept else None
     log.warning("failback of %s from %s: this volume is now its mirror image as of cycle %d "
-                "(generation %s), no copy (%s)%s", name, who, k, msg["parent"],
-                ", ".join(parts),
-                f"; this node's {mine} divergent bytes are kept in {kept['path']}" if kept
-                else "")
+                "(generation %s), no copy (%.3fs)%s", name, who, k, msg["parent"],
+                time.monotonic() - t0,
+                f"; this node's {kept['bytes']} divergent bytes are kept in {kept['path']}"
+                if kept else "")
     return {"cycle": k, "kept": kept}
 
 
-def _keep(root: str, vol, divergent, epoch: str, k: int) -> dict:
-    """Copy the divergent blocks (as the view reads them now) into a sparse kept file."""
-    directory = os.path.join(root, KEPT_DIR)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{vol.name}-{epoch}-{k}.img")
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, vol.size)
-        bs = vol.block_size
-        for start, count in divergent.iter_runs():
-            offset, end = start * bs, (start + count) * bs
-            while offset < end:
-                n = min(COPY_STEP, end - offset)
-                fileops.pwrite_all(fd, vol.read(offset, n), offset)
-                offset += n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fileops.fsync_dir(directory)
-    blocks = divergent.count()
-    return {"path": path, "blocks": blocks, "bytes": blocks * vol.block_size,
-            "generation": roles.generation(epoch, k), "time": time.time()}
+def _releaser(server):
+    """The daemon's hook that lets go of a volume (outgoing mirrors, NBD), or none."""
+    hook = server.on_failback
+    return hook if hook is not None else (lambda _volume: None)
 
 
 def _member_checked(store, name, rec, k, who, me, spec):
@@ -235,22 +193,6 @@ def prepare_group(server, open_msg: dict, msg: dict) -> dict | None:
             f"--discard-changes-on {who}' there, then 'cyclemirror mirror reinstate "
             f"{specs[0]['name']}' here")
     t0 = time.monotonic()
-    if server.on_failback is not None:
-        for spec in specs:
-            server.on_failback(spec["name"])  # the daemon lets go: outgoing mirrors, NBD
-    ndir = os.path.join(root, "mirrors", source)
-    os.makedirs(ndir, exist_ok=True)
-    kept_all = []
-    for _spec, rec, vol, divergent in checked:
-        vol.merge_through(k - 1)  # base becomes the member's image of cycle k
-        if divergent.count():
-            kept = _keep(root, vol, divergent, rec.epoch, k)
-            kept_all.append(kept)
-            rec.kept = [*rec.kept, kept][-roles.MAX_KEPT:]
-            rec.changed = time.time()
-            roles.save_role(root, rec)
-    for spec, _rec, _vol, _div in checked:
-        store.release_base(spec["name"], os.path.join(ndir, spec["name"] + ".img"))
     state = MirrorState(mirror=name, group=True, source_node=source,
                         source_name=open_msg["node_name"],
                         volumes=[VolumeSpec(s["name"], s["size"], s["block_size"])
@@ -258,13 +200,9 @@ def prepare_group(server, open_msg: dict, msg: dict) -> dict | None:
                         applied_cycle=k, freeze_time=msg["parent_freeze_time"],
                         extra={LINEAGE_KEY: {"epoch": msg["epoch"], "parent": msg["parent"],
                                              "since": time.time()}})
-    state.save(os.path.join(ndir, name + ".group.json"))  # the commit point
-    fileops.fsync_dir(ndir)
-    for spec, rec, _vol, _div in checked:
-        shutil.rmtree(os.path.join(root, "outgoing", spec["name"]), ignore_errors=True)
-        rec.role = roles.SECONDARY
-        rec.changed = time.time()
-        roles.save_role(root, rec)
+    kept_all = turnback.turn_back(store, state, [s["name"] for s in specs],
+                                  _releaser(server), f"the failback of group mirror {name} "
+                                  f"from {who}")
     log.warning("failback of group mirror %s from %s: members %s are now its images as of "
                 "group cycle %d (generation %s), no copy (%.3fs)%s", name, who, members, k,
                 msg["parent"], time.monotonic() - t0,

@@ -351,8 +351,12 @@ class Store:
         with self._lock:
             if not os.path.isdir(vol_dir):
                 raise NotFoundError(f"no volume {name!r} in store {self.path}")
+            base = os.path.join(vol_dir, BASE_FILE)
             try:
-                os.replace(os.path.join(vol_dir, BASE_FILE), dest)
+                # A crash after this rename leaves the directory without a base: running
+                # it again only removes the rest (receiver/turnback.py).
+                if os.path.exists(base) or not os.path.exists(dest):
+                    os.replace(base, dest)
                 fileops.fsync_dir(os.path.dirname(dest))
                 trash = os.path.join(self._volumes_dir, f".trash-{name}-{uuid.uuid4().hex[:8]}")
                 os.rename(vol_dir, trash)
