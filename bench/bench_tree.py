@@ -27,8 +27,12 @@ file of both copies is minutes a round at 100,000 files; a change missed in
 an earlier round still shows, as changes accumulate).  At 100,000 files run
 it with ``-p no:timeout`` (setting up takes longer than pytest's 600 s).  What is *not* in
 ours: the daemon, the socket, TLS and compression (this is the tree code
-alone; the daemon does not run tree cycles yet), and rsync reads the live
-tree, not a frozen one.  CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds; the
+alone; ``bench_tree_daemon.py`` measures the daemons' cycle against rsync
+to an rsync daemon, what users feel), and rsync reads the live tree, not a
+frozen one.  Each round prints where the cycle's time went (``Phases``:
+functions wrapped in this process only) and the time the target took to
+make the next cycle's stage ahead (``TreeMirror.prepare_next``, as the
+daemon does once it has answered ``applied``), which is not in "total".  CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds; the
 table prints medians, the ratio rsync / ours and the load average.  Nothing
 asserts a time.
 """
