@@ -12,7 +12,12 @@ inode number) of
 * every ``DIR_ITEM`` / ``DIR_INDEX`` (types 84, 96: the entries of directory
   ``objectid``) holding an entry (``btrfs_dir_item``: a 17-byte location key,
   u64 transid, u16 data_len, u16 name_len, u8 type, then name and data) whose
-  ``transid`` is at least ``min_transid``.
+  ``transid`` is at least ``min_transid``;
+* every ``XATTR_ITEM`` (type 24: extended attributes of inode ``objectid``, in
+  the same ``btrfs_dir_item`` form, the value as its data) holding an
+  attribute whose ``transid`` is at least ``min_transid`` (btrfs also writes
+  the inode item when an attribute is set or removed; this is the second
+  witness, and a removal has only the first).
 
 It returns ``(items, last)``: how many records it read and the key
 ``(objectid, type, offset)`` of the last one (None when there were none),
@@ -32,6 +37,7 @@ from libc.string cimport memcpy
 cdef enum:
     HEADER = 32
     INODE_ITEM = 1
+    XATTR_ITEM = 24
     DIR_ITEM = 84
     DIR_INDEX = 96
     DIR_ENTRY = 30  # sizeof(struct btrfs_dir_item), packed
@@ -53,6 +59,10 @@ cdef inline uint16_t _u16(const uint8_t *p) noexcept nogil:
     cdef uint16_t v
     memcpy(&v, p, 2)
     return v
+
+
+cdef str _what(uint32_t typ):
+    return "xattrs of inode" if typ == XATTR_ITEM else "directory"
 
 
 def scan_items(const uint8_t[::1] buf, Py_ssize_t nr_items, uint64_t min_transid,
@@ -86,11 +96,11 @@ def scan_items(const uint8_t[::1] buf, Py_ssize_t nr_items, uint64_t min_transid
             if length < 16:
                 raise ValueError(f"search buffer: inode item {objectid} is {length} bytes")
             hit = _u64(b + pos + 8) >= min_transid
-        elif typ == DIR_ITEM or typ == DIR_INDEX:
+        elif typ == DIR_ITEM or typ == DIR_INDEX or typ == XATTR_ITEM:
             q = pos
             while q < end:
                 if end - q < DIR_ENTRY:
-                    raise ValueError(f"search buffer: directory {objectid}: an entry "
+                    raise ValueError(f"search buffer: {_what(typ)} {objectid}: an entry "
                                      "runs past its item")
                 data_len = _u16(b + q + 25)
                 name_len = _u16(b + q + 27)
@@ -98,7 +108,7 @@ def scan_items(const uint8_t[::1] buf, Py_ssize_t nr_items, uint64_t min_transid
                     hit = True
                 q += DIR_ENTRY + name_len + data_len
                 if q > end:
-                    raise ValueError(f"search buffer: directory {objectid}: an entry "
+                    raise ValueError(f"search buffer: {_what(typ)} {objectid}: an entry "
                                      "runs past its item")
         if hit:
             changed.add(objectid)

@@ -7,7 +7,8 @@ for Debian's own interpreter only, hence a binding of our own.
 
 ``Cluster(conf, client, keyring)`` connects; ``Cluster.ioctx(pool, namespace)``
 opens a pool; ``IoCtx`` creates, removes, renames and opens images;
-``Image`` reads, writes, discards, flushes and handles snapshots.
+``Image`` reads, writes, discards, flushes and handles snapshots, and lists
+what changed since a snapshot (``diff``).
 
 Writes and write-zeroes are asynchronous (``rbd_aio_write``,
 ``rbd_aio_write_zeroes``) with up to ``MAX_INFLIGHT`` in flight: ``write``
@@ -17,9 +18,15 @@ for those in flight, so the image sees them in the caller's order.  ``flush`` wa
 cache: only after it returns are the writes durable.  Every call that waits
 on the cluster runs without the GIL.  Failures raise ``OSError`` with the
 errno librbd returned and a message naming the call and the image.
+
+``Image.object_writer()`` gives, for a plain image, an ``ObjectWriter``: a
+delta's scattered writes gathered into one RADOS operation per data object
+(see its docstring), which is what bounds a delta's apply on the OSD.
 """
 
-from libc.stdint cimport uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, free, realloc
+from posix.time cimport time_t
 from libc.string cimport strerror
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -36,6 +43,28 @@ cdef extern from "rados/librados.h" nogil:
     int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx)
     void rados_ioctx_destroy(rados_ioctx_t io)
     void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace)
+    void rados_set_pool_full_try(rados_ioctx_t io)
+    ctypedef void *rados_write_op_t
+    ctypedef void *rados_completion_t
+    ctypedef void (*rados_callback_t)(rados_completion_t cb, void *arg)
+    ctypedef uint64_t rados_snap_t
+    int rados_ioctx_create2(rados_t cluster, int64_t pool_id, rados_ioctx_t *ioctx)
+    int rados_ioctx_selfmanaged_snap_set_write_ctx(rados_ioctx_t io, rados_snap_t seq,
+                                                   rados_snap_t *snaps, int num_snaps)
+    int rados_exec(rados_ioctx_t io, const char *oid, const char *cls, const char *method,
+                   const char *in_buf, size_t in_len, char *buf, size_t out_len)
+    rados_write_op_t rados_create_write_op()
+    void rados_release_write_op(rados_write_op_t write_op)
+    void rados_write_op_write(rados_write_op_t write_op, const char *buffer, size_t len,
+                              uint64_t offset)
+    int rados_aio_create_completion2(void *cb_arg, rados_callback_t cb_complete,
+                                     rados_completion_t *pc)
+    int rados_aio_write_op_operate(rados_write_op_t write_op, rados_ioctx_t io,
+                                   rados_completion_t completion, const char *oid,
+                                   time_t *mtime, int flags)
+    int rados_aio_wait_for_complete(rados_completion_t c)
+    int rados_aio_get_return_value(rados_completion_t c)
+    void rados_aio_release(rados_completion_t c)
 
 cdef extern from "rbd/librbd.h" nogil:
     ctypedef void *rbd_image_t
@@ -54,6 +83,18 @@ cdef extern from "rbd/librbd.h" nogil:
                            const char *snap_name)
     int rbd_close(rbd_image_t image)
     int rbd_get_size(rbd_image_t image, uint64_t *size)
+    ctypedef struct rbd_image_info_t:
+        uint64_t size
+        uint64_t obj_size
+        int order
+    int rbd_stat(rbd_image_t image, rbd_image_info_t *info, size_t infosize)
+    int rbd_get_features(rbd_image_t image, uint64_t *features)
+    int rbd_get_stripe_unit(rbd_image_t image, uint64_t *stripe_unit)
+    int rbd_get_stripe_count(rbd_image_t image, uint64_t *stripe_count)
+    int rbd_get_overlap(rbd_image_t image, uint64_t *overlap)
+    int rbd_get_id(rbd_image_t image, char *id, size_t id_len)
+    int rbd_get_block_name_prefix(rbd_image_t image, char *prefix, size_t prefix_len)
+    int64_t rbd_get_data_pool_id(rbd_image_t image)
     ssize_t rbd_read(rbd_image_t image, uint64_t ofs, size_t len, char *buf)
     int rbd_discard(rbd_image_t image, uint64_t ofs, uint64_t len)
     int rbd_flush(rbd_image_t image)
@@ -81,6 +122,9 @@ cdef extern from "rbd/librbd.h" nogil:
     int rbd_snap_protect(rbd_image_t image, const char *snap_name)
     int rbd_snap_unprotect(rbd_image_t image, const char *snap_name)
     int rbd_snap_is_protected(rbd_image_t image, const char *snap_name, int *is_protected)
+    int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs,
+                          uint64_t len, uint8_t include_parent, uint8_t whole_object,
+                          int (*cb)(uint64_t, size_t, int, void *) noexcept nogil, void *arg)
 
 ctypedef int (*snap_fn)(rbd_image_t image, const char *snapname) noexcept nogil
 
@@ -93,6 +137,31 @@ cdef enum:
     _OPT_CLONE_FORMAT = 12  # RBD_IMAGE_OPTION_CLONE_FORMAT
 
 MAX_INFLIGHT = _MAX_INFLIGHT
+
+
+cdef struct _Extents:
+    uint64_t *data  # (offset, length, exists) triples
+    size_t n
+    size_t cap
+    bint oom
+
+
+cdef int _diff_extent(uint64_t offset, size_t length, int exists, void *arg) noexcept nogil:
+    cdef _Extents *ext = <_Extents *>arg
+    cdef size_t cap
+    cdef uint64_t *grown
+    if ext.n + 3 > ext.cap:
+        cap = ext.cap * 2 if ext.cap else 3 * 256
+        grown = <uint64_t *>realloc(ext.data, cap * sizeof(uint64_t))
+        if grown == NULL:
+            ext.oom = True
+            return -12  # ENOMEM: ends the iteration
+        ext.data, ext.cap = grown, cap
+    ext.data[ext.n] = offset
+    ext.data[ext.n + 1] = length
+    ext.data[ext.n + 2] = 1 if exists else 0
+    ext.n += 3
+    return 0
 
 
 cdef object _error(long ret, str what):
@@ -176,9 +245,11 @@ cdef class IoCtx:
     cdef readonly Cluster cluster
     cdef readonly object pool
     cdef readonly object namespace
+    cdef readonly bint full_try
 
     def __cinit__(self):
         self.io = NULL
+        self.full_try = False
 
     def __init__(self, Cluster cluster not None, pool, namespace=None):
         cdef bytes bpool = _c(pool, "pool")
@@ -198,6 +269,17 @@ cdef class IoCtx:
     cdef void _check(self) except *:
         if self.io == NULL:
             raise ValueError("the I/O context is closed")
+
+    def set_pool_full_try(self):
+        """Writes to a full pool fail at once (EDQUOT: its quota; ENOSPC: a full OSD)
+        instead of waiting, paused, until the pool has room or the op timeout ends them.
+
+        Images opened from this context afterwards inherit it (librbd copies it), and
+        so does an image's ``ObjectWriter`` (its own context on the data pool).
+        """
+        self._check()
+        rados_set_pool_full_try(self.io)
+        self.full_try = True
 
     def create(self, name, uint64_t size):
         """Create image ``name`` of ``size`` bytes (layering only, 4 MiB objects)."""
@@ -506,10 +588,75 @@ cdef class Image:
         if ret < 0:
             raise _error(ret, f"flattening RBD image {self.name}")
 
+    def object_writer(self):
+        """An ``ObjectWriter`` for this image's head, or None if the image is not plain
+        (a feature but layering, parent data, striping): then write through librbd.
+
+        Waits for (and flushes) what was written through this handle first."""
+        self._check()
+        if self.snapshot is not None:
+            raise ValueError(f"RBD image {self.name} is open at a snapshot")
+        self.flush()
+        cdef uint64_t features = 0, overlap = 0, unit = 0, count = 0
+        cdef rbd_image_info_t info
+        cdef int ret = rbd_get_features(self.image, &features)
+        if ret < 0:
+            raise _error(ret, f"the features of RBD image {self.name}")
+        if features & ~(<uint64_t>_FEATURE_PLAIN_MASK):
+            return None
+        ret = rbd_get_overlap(self.image, &overlap)
+        if ret < 0 and ret != -2:  # ENOENT: no parent
+            raise _error(ret, f"the parent overlap of RBD image {self.name}")
+        if ret == 0 and overlap:
+            return None
+        ret = rbd_stat(self.image, &info, sizeof(info))
+        if ret < 0:
+            raise _error(ret, f"stat of RBD image {self.name}")
+        if rbd_get_stripe_unit(self.image, &unit) < 0 or rbd_get_stripe_count(self.image, &count) < 0:
+            return None
+        if unit != info.obj_size or count != 1 or info.obj_size == 0:
+            return None
+        return ObjectWriter(self)
+
     def snap_rollback(self, name):
         """Make the head equal snapshot ``name`` (waits for writes in flight first)."""
         self.drain()
         self._snap_op(rbd_snap_rollback, name, "rolling back to")
+
+    def diff(self, from_snapshot, uint64_t offset=0, length=None, bint whole_object=False):
+        """The extents that differ between snapshot ``from_snapshot`` (None: an empty
+        image) and what this handle reads (the head, or the snapshot it was opened at):
+        ``[(offset, length, exists), ...]`` in offset order; ``exists`` False is a
+        range that reads as zeroes now (discarded, or its object removed).  Within
+        ``[offset, offset + length)`` (default: to the end).  ``rbd_diff_iterate2``:
+        the OSDs answer from their snapshot records, nothing is read.
+        """
+        self._check()
+        cdef uint64_t size = self.size()
+        cdef uint64_t span = size - offset if length is None else <uint64_t>length
+        if offset > size or span > size - offset:
+            raise ValueError(f"diff of {self.name}: {offset}+{span} is outside its "
+                             f"{size} bytes")
+        cdef bytes b = _c(from_snapshot, "snapshot name")
+        cdef const char *cb = NULL
+        if b is not None:
+            cb = b
+        cdef _Extents ext
+        ext.data, ext.n, ext.cap, ext.oom = NULL, 0, 0, False
+        cdef int ret
+        try:
+            with nogil:
+                ret = rbd_diff_iterate2(self.image, cb, offset, span, 1, whole_object,
+                                        _diff_extent, &ext)
+            if ext.oom:
+                raise MemoryError(f"diff of {self.name}: out of memory for its extents")
+            if ret < 0:
+                raise _error(ret, f"diffing RBD image {self.name} against "
+                                  f"{from_snapshot or 'nothing'}")
+            return [(ext.data[i], ext.data[i + 1], ext.data[i + 2] != 0)
+                    for i in range(0, ext.n, 3)]
+        finally:
+            free(ext.data)
 
     def snap_list(self):
         """The image's snapshots: [(name, size), ...] in creation order."""
@@ -550,3 +697,279 @@ cdef class Image:
         if self.image != NULL:
             rbd_close(self.image)
             self.image = NULL
+
+
+# -- writes straight to the image's data objects --------------------------------------------
+
+cdef enum:
+    _MAX_OPS_INFLIGHT = 32
+    _OP_MAX_EXTENTS = 512  # one object operation's sub-operations, at most
+    # What an object writer allows: layering (its parent data is checked apart) and
+    # operations (set on the parent of a clone: no say in how data is written).
+    _FEATURE_PLAIN_MASK = 1 | (1 << 8)
+
+OBJECT_OPS_INFLIGHT = _MAX_OPS_INFLIGHT
+OBJECT_BYTES_INFLIGHT = 64 << 20  # and at most this many bytes (as ``rbd import``'s 10 x 4 MiB)
+OBJECT_OP_MAX_EXTENTS = _OP_MAX_EXTENTS
+OBJECT_WRITER_PENDING_BYTES = 64 << 20
+
+
+cdef class ObjectWriter:
+    """Writes into an image's head as one RADOS operation per data object.
+
+    A delta of scattered blocks is thousands of small writes; through librbd
+    each is an operation of its own on the OSD (queue, PG lock, transaction,
+    commit).  Here the writes are gathered per 4 MiB data object, and each
+    object gets one operation holding all of its extents (``write`` sub-ops,
+    applied in the order given, atomically), sent with the image's snapshot
+    context, exactly what librbd sends for each write of such an image, so
+    the OSD makes the same copy-on-write clones for the image's snapshots.
+
+    Only for a plain image (``Image.object_writer`` says which): no feature
+    but layering and operations (no exclusive lock, object map or journal that librbd would
+    keep up to date), no parent data (nothing to copy up), no fancy striping.
+    ``write`` copies the data (librados does); operations on one object go
+    out in call order, and RADOS applies one client's operations on an
+    object in the order sent.  ``flush`` sends what is gathered and waits:
+    when it returns, every write is durable (an OSD acknowledges a write
+    once committed).  The caller writes nothing through librbd meanwhile.
+    """
+
+    cdef rados_ioctx_t io
+    cdef readonly object name
+    cdef object ioctx  # keeps the cluster connection alive
+    cdef bytes prefix
+    cdef uint64_t obj_size, size
+    cdef dict pending  # object number -> [rados_write_op_t as int, extents, bytes]
+    cdef uint64_t pending_bytes
+    cdef rados_completion_t comps[_MAX_OPS_INFLIGHT]
+    cdef rados_write_op_t ops[_MAX_OPS_INFLIGHT]
+    cdef uint64_t op_bytes[_MAX_OPS_INFLIGHT]
+    cdef uint64_t inflight_bytes
+    cdef int head, count
+    cdef int first_error
+    cdef readonly uint64_t operations, extents  # sent so far (for profiles and tests)
+
+    def __cinit__(self):
+        self.io = NULL
+        self.head = self.count = 0
+        self.first_error = 0
+        self.pending = {}
+        self.pending_bytes = 0
+        self.inflight_bytes = 0
+        self.operations = self.extents = 0
+
+    def __init__(self, Image image not None):
+        """Use ``Image.object_writer()``, which checks the image is plain first."""
+        image._check()
+        cdef rbd_image_info_t info
+        cdef int ret = rbd_stat(image.image, &info, sizeof(info))
+        if ret < 0:
+            raise _error(ret, f"stat of RBD image {image.name}")
+        self.obj_size, self.size, self.name = info.obj_size, info.size, image.name
+        cdef char buf[128]
+        ret = rbd_get_block_name_prefix(image.image, buf, sizeof(buf))
+        if ret < 0:
+            raise _error(ret, f"the object name prefix of RBD image {image.name}")
+        self.prefix = <bytes>buf
+        ret = rbd_get_id(image.image, buf, sizeof(buf))
+        if ret < 0:
+            raise _error(ret, f"the id of RBD image {image.name}")
+        cdef bytes header = b"rbd_header." + <bytes>buf
+        cdef int64_t pool = rbd_get_data_pool_id(image.image)
+        if pool < 0:
+            raise _error(pool, f"the data pool of RBD image {image.name}")
+        cdef IoCtx parent = image.ioctx
+        self.ioctx = parent
+        with nogil:
+            ret = rados_ioctx_create2(parent.cluster.cluster, pool, &self.io)
+        if ret < 0:
+            self.io = NULL
+            raise _error(ret, f"opening the data pool of RBD image {image.name}")
+        cdef bytes bns
+        if parent.namespace:
+            bns = _c(parent.namespace, "namespace")
+            rados_ioctx_set_namespace(self.io, bns)
+        if parent.full_try:
+            rados_set_pool_full_try(self.io)
+        self._set_snap_context(header)
+
+    cdef int _set_snap_context(self, bytes header) except -1:
+        """The image's snapshot context, as librbd keeps it: every snapshot of the image,
+        also those a user does not list (a removed snapshot that clones still use)."""
+        cdef int cap = 8 + 4 + 8 * _MAX_SNAPS
+        cdef char *out = <char *>malloc(cap)
+        if out == NULL:
+            raise MemoryError()
+        cdef const char *oid = header
+        cdef int ret
+        try:
+            with nogil:
+                ret = rados_exec(self.io, oid, b"rbd", b"get_snapcontext", NULL, 0, out, cap)
+            if ret < 0:
+                raise _error(ret, f"reading the snapshot context of RBD image {self.name}")
+            raw = out[:ret]
+        finally:
+            free(out)
+        if len(raw) < 12:
+            raise OSError(5, f"RBD image {self.name}: a snapshot context of {len(raw)} bytes")
+        seq = int.from_bytes(raw[0:8], "little")
+        n = int.from_bytes(raw[8:12], "little")
+        if len(raw) != 12 + 8 * n:
+            raise OSError(5, f"RBD image {self.name}: a snapshot context of {len(raw)} bytes "
+                             f"for {n} snapshots")
+        snaps = [int.from_bytes(raw[12 + 8 * i:20 + 8 * i], "little") for i in range(n)]
+        if any(s > seq for s in snaps) or snaps != sorted(snaps, reverse=True):
+            raise OSError(5, f"RBD image {self.name}: an invalid snapshot context "
+                             f"(seq {seq}, snapshots {snaps})")
+        cdef rados_snap_t *ids = <rados_snap_t *>malloc(sizeof(rados_snap_t) * (n + 1))
+        if ids == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                ids[i] = snaps[i]
+            ret = rados_ioctx_selfmanaged_snap_set_write_ctx(self.io, seq, ids, n)
+        finally:
+            free(ids)
+        if ret < 0:
+            raise _error(ret, f"setting the snapshot context of RBD image {self.name}")
+        return 0
+
+    cdef void _check(self) except *:
+        if self.io == NULL:
+            raise ValueError(f"the object writer of RBD image {self.name} is closed")
+
+    def write(self, data, uint64_t offset):
+        """Gather a write of ``data`` (bytes-like; copied) at ``offset`` of the image."""
+        self._check()
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        cdef uint64_t length = <uint64_t>view.len
+        cdef const char *p = <const char *>view.buf
+        cdef uint64_t objno, inner, n
+        cdef rados_write_op_t op
+        try:
+            if offset > self.size or length > self.size - offset:
+                raise ValueError(f"write {offset}+{length} outside RBD image {self.name} "
+                                 f"of {self.size} bytes")
+            while length:
+                objno = offset // self.obj_size
+                inner = offset % self.obj_size
+                n = min(length, self.obj_size - inner)
+                entry = self.pending.get(objno)
+                if entry is None:
+                    op = rados_create_write_op()
+                    if op == NULL:
+                        raise MemoryError()
+                    entry = self.pending[objno] = [<size_t>op, 0, 0]
+                op = <rados_write_op_t><size_t>entry[0]
+                rados_write_op_write(op, p, <size_t>n, inner)  # copies the bytes
+                entry[1] += 1
+                entry[2] += n
+                self.pending_bytes += n
+                if entry[1] >= _OP_MAX_EXTENTS or entry[2] >= self.obj_size:
+                    del self.pending[objno]
+                    self._send(objno, entry)
+                p += n
+                offset += n
+                length -= n
+        finally:
+            PyBuffer_Release(&view)
+        if self.pending_bytes >= OBJECT_WRITER_PENDING_BYTES:
+            self.send_all()
+
+    cdef int _send(self, uint64_t objno, list entry) except -1:
+        """Send one object's gathered operation (waiting for room in flight)."""
+        cdef rados_write_op_t op = <rados_write_op_t><size_t>entry[0]
+        cdef uint64_t nbytes = entry[2]
+        self.pending_bytes -= nbytes
+        while self.count == _MAX_OPS_INFLIGHT or (
+                self.count and self.inflight_bytes + nbytes > OBJECT_BYTES_INFLIGHT):
+            self._reap_one()
+        cdef bytes boid = self.prefix + b".%016x" % objno
+        cdef const char *oid = boid
+        cdef rados_completion_t c = NULL
+        cdef int ret = rados_aio_create_completion2(NULL, NULL, &c)
+        if ret < 0:
+            rados_release_write_op(op)
+            raise _error(ret, f"rados_aio_create_completion2 for {self.name}")
+        with nogil:
+            ret = rados_aio_write_op_operate(op, self.io, c, oid, NULL, 0)
+        if ret < 0:
+            rados_aio_release(c)
+            rados_release_write_op(op)
+            raise _error(ret, f"writing object {boid.decode()} of RBD image {self.name}")
+        cdef int slot = (self.head + self.count) % _MAX_OPS_INFLIGHT
+        self.comps[slot] = c
+        self.ops[slot] = op
+        self.op_bytes[slot] = nbytes
+        self.inflight_bytes += nbytes
+        self.count += 1
+        self.operations += 1
+        self.extents += entry[1]
+        return 0
+
+    cdef int _reap_one(self) except -1:
+        cdef rados_completion_t c = self.comps[self.head]
+        cdef int r
+        with nogil:
+            rados_aio_wait_for_complete(c)
+            r = rados_aio_get_return_value(c)
+            rados_aio_release(c)
+            rados_release_write_op(self.ops[self.head])
+        self.inflight_bytes -= self.op_bytes[self.head]
+        self.head = (self.head + 1) % _MAX_OPS_INFLIGHT
+        self.count -= 1
+        if r < 0 and self.first_error == 0:
+            self.first_error = r
+        return 0
+
+    def send_all(self):
+        """Send every gathered operation (in object order), without waiting for them."""
+        self._check()
+        pending, self.pending = self.pending, {}
+        order = sorted(pending)
+        cdef Py_ssize_t k = 0
+        try:
+            for k in range(len(order)):
+                self._send(order[k], pending.pop(order[k]))
+        finally:  # a send failed: the operations not sent are dropped (the caller fails)
+            for entry in pending.values():
+                self.pending_bytes -= entry[2]
+                rados_release_write_op(<rados_write_op_t><size_t>entry[0])
+
+    def flush(self):
+        """Send everything gathered and wait: every write so far is durable; a failure
+        of any of them is raised (OSError with librados' errno)."""
+        self.send_all()
+        while self.count:
+            self._reap_one()
+        cdef int err = self.first_error
+        if err:
+            self.first_error = 0
+            raise _error(err, f"writing RBD image {self.name}")
+
+    def close(self):
+        """Drop what is gathered and not sent, wait for what is in flight, close."""
+        for entry in self.pending.values():
+            rados_release_write_op(<rados_write_op_t><size_t>entry[0])
+        self.pending = {}
+        self.pending_bytes = 0
+        while self.count:
+            self._reap_one()
+        if self.io != NULL:
+            rados_ioctx_destroy(self.io)
+            self.io = NULL
+
+    def __dealloc__(self):
+        for entry in self.pending.values():
+            rados_release_write_op(<rados_write_op_t><size_t>entry[0])
+        while self.count:
+            rados_aio_wait_for_complete(self.comps[self.head])
+            rados_aio_release(self.comps[self.head])
+            rados_release_write_op(self.ops[self.head])
+            self.head = (self.head + 1) % _MAX_OPS_INFLIGHT
+            self.count -= 1
+        if self.io != NULL:
+            rados_ioctx_destroy(self.io)
+            self.io = NULL

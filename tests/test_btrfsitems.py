@@ -2,7 +2,7 @@
 
 Proves: for buffers of search records as ``BTRFS_IOC_TREE_SEARCH_V2`` lays
 them out (inode items, directory items holding several entries, other item
-kinds, transids either side of the threshold), the Cython parser finds the
+kinds, extended-attribute items, transids either side of the threshold), the Cython parser finds the
 same changed inodes and the same last key as the reference; for buffers cut
 short, lengths that run past the buffer or the item, inode items too short to
 hold their transid, and ``nr_items`` beyond what the buffer holds, both raise
@@ -38,9 +38,9 @@ def dir_entry(transid: int, name: bytes, data: bytes) -> bytes:
 inode_items = st.builds(lambda t, r: (1, inode_item(t, r)), TRANSIDS, st.binary(max_size=150))
 dir_items = st.builds(
     lambda typ, entries: (typ, b"".join(dir_entry(*e) for e in entries)),
-    st.sampled_from([84, 96]),
+    st.sampled_from([84, 96, 24]),  # directory items and indexes, xattr items
     st.lists(st.tuples(TRANSIDS, st.binary(max_size=20), st.binary(max_size=8)), max_size=3))
-other_items = st.tuples(st.sampled_from([0, 12, 13, 24, 108, 255]), st.binary(max_size=60))
+other_items = st.tuples(st.sampled_from([0, 12, 13, 108, 255]), st.binary(max_size=60))
 records = st.lists(st.tuples(U64, st.integers(0, 600), U64,
                              st.one_of(inode_items, dir_items, other_items)), max_size=12)
 
@@ -75,6 +75,14 @@ def test_well_formed_buffers_match_the_reference(recs, since):
     for _, objectid, _, (typ, body) in recs:
         if typ == 1 and len(body) >= 16 and int.from_bytes(body[8:16], "little") >= since:
             assert objectid in changed
+    # and every inode with an xattr (set) at or after it: the same entry layout
+    for _, objectid, _, (typ, body) in recs:
+        q = 0
+        while typ == 24 and q < len(body):
+            if int.from_bytes(body[q + 17:q + 25], "little") >= since:
+                assert objectid in changed
+            q += 30 + int.from_bytes(body[q + 25:q + 27], "little") + int.from_bytes(
+                body[q + 27:q + 29], "little")
 
 
 @given(recs=records, since=TRANSIDS, cut=st.integers(0, 1 << 12), extra=st.integers(0, 3),

@@ -5,6 +5,13 @@ write-zeroes (overlapping, up to more than the queue holds in flight)
 reads back, after ``flush``, exactly as the same operations applied in order
 to a bytearray; a snapshot keeps its content while the head changes and a
 rollback returns to it; errors carry librbd's errno and name the image.
+
+The object writer (one RADOS operation per data object, for a delta's
+scattered blocks): any sequence of writes, across object boundaries and
+several operations on one object, reads back as the model after ``flush``;
+the image's snapshots keep their content (the writes carry the image's
+snapshot context), also a removed snapshot that a clone still reads from;
+an image that is not plain (other features, parent data) gets none.
 """
 
 import errno
@@ -19,6 +26,13 @@ ALIGN = 512
 
 op = st.tuples(st.sampled_from(["write", "zero"]), st.integers(0, SIZE // ALIGN - 1),
                st.integers(1, 64), st.integers(0, 255))
+OBJ = 4 << 20  # the binding's images: 4 MiB objects
+OW_SIZE = 2 * OBJ + 3 * 4096  # three objects, the last one partial
+_B = OBJ // ALIGN
+ow_write = st.tuples(st.one_of(st.integers(0, OW_SIZE // ALIGN - 1),  # often near a boundary
+                               st.integers(_B - 300, _B + 300),
+                               st.integers(2 * _B - 300, OW_SIZE // ALIGN - 1)),
+                     st.integers(1, 40), st.integers(0, 255), st.booleans())
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +108,132 @@ def test_errors_carry_the_errno_and_name_the_image(io):
     assert info.value.errno == errno.ENOENT and "no-such-image" in str(info.value)
     with pytest.raises(ValueError, match="NUL"):
         io.open("bad\0name")
+
+
+def _fresh(io, size, fill=None):
+    name = "w" + uuid.uuid4().hex[:12]
+    io.create(name, size)
+    img = io.open(name)
+    if fill is not None:
+        img.write(bytes([fill]) * size, 0)
+        img.flush()
+    return name, img
+
+
+def _drop(io, name):
+    img = io.open(name)
+    try:
+        for snap, _size in img.snap_list():
+            img.snap_remove(snap)
+    finally:
+        img.close()
+    io.remove(name)
+
+
+@settings(max_examples=5, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(ow_write, min_size=1, max_size=30), pending=st.sampled_from([1, 1 << 30]))
+def test_object_writer_writes_read_back_as_the_model_and_the_snapshot_keeps_its_own(
+        io, writes, pending, monkeypatch):
+    from cyclemirror._cext import rbd
+
+    # pending=1: every write is sent at once (several operations on one object, in
+    # order), one operation in flight at a time
+    monkeypatch.setattr(rbd, "OBJECT_WRITER_PENDING_BYTES", pending)
+    monkeypatch.setattr(rbd, "OBJECT_BYTES_INFLIGHT", min(pending, 64 << 20))
+    name, img = _fresh(io, OW_SIZE, 0x11)
+    try:
+        model = bytearray(b"\x11" * OW_SIZE)
+        img.snap_create("before")
+        w = img.object_writer()
+        assert w is not None
+        for block, count, fill, flush in writes:
+            off = block * ALIGN
+            length = min(count * ALIGN * 8, OW_SIZE - off)  # up to 160 KiB
+            data = bytes([fill]) * length
+            w.write(memoryview(data), off)
+            model[off:off + length] = data
+            if flush:
+                w.flush()
+        w.flush()
+        assert w.operations >= 1 and w.extents >= len(writes)
+        w.close()
+        assert img.read(0, OW_SIZE) == model
+        snap = io.open(name, "before", True)
+        try:
+            assert snap.read(0, OW_SIZE) == b"\x11" * OW_SIZE
+        finally:
+            snap.close()
+    finally:
+        img.close()
+        _drop(io, name)
+
+
+def test_object_writer_splits_an_object_into_several_operations_in_order(io):
+    from cyclemirror._cext import rbd
+
+    name, img = _fresh(io, OBJ)
+    try:
+        w = img.object_writer()
+        n = rbd.OBJECT_OP_MAX_EXTENTS * 2 + 5
+        for i in range(n):  # the same 4 KiB again and again: the last one wins
+            w.write(i.to_bytes(4, "big") * 1024, 8192)
+        w.flush()
+        assert (w.operations, w.extents) == (3, n)
+        w.close()
+        assert img.read(8192, 4096) == (n - 1).to_bytes(4, "big") * 1024
+        assert img.read(0, 8192) == bytes(8192)
+    finally:
+        img.close()
+        _drop(io, name)
+
+
+def test_object_writer_spares_a_removed_snapshot_that_a_clone_reads(io):
+    """A clone (v2) of snapshot ``a`` keeps ``a`` after its removal (in the trash
+    namespace, not named by the user): writes to the parent must still clone for it."""
+    parent, img = _fresh(io, OBJ + 8192, 0x01)
+    child = parent + "-c"
+    try:
+        img.snap_create("a")
+        io.clone(parent, "a", child, 2)
+        img.snap_remove("a")
+        w = img.object_writer()
+        assert w is not None  # the parent of a clone is still plain to write
+        w.write(b"\x02" * 8192, OBJ - 4096)  # the end of object 0, the start of object 1
+        w.flush()
+        w.close()
+        c = io.open(child)
+        try:
+            assert c.read(0, OBJ + 8192) == b"\x01" * (OBJ + 8192)
+            assert c.object_writer() is None  # it reads its parent's data: librbd copies up
+        finally:
+            c.close()
+        assert img.read(OBJ - 4096, 8192) == b"\x02" * 8192
+    finally:
+        img.close()
+        io.remove(child)
+        _drop(io, parent)
+
+
+def test_object_writer_is_none_for_an_image_with_other_features(io, ceph_cluster):
+    name = "f" + uuid.uuid4().hex[:12]
+    ceph_cluster.run("rbd", "create", "--size", "4M", "--image-feature",
+                     "layering,exclusive-lock", f"{ceph_cluster.pool}/{name}")
+    img = io.open(name)
+    try:
+        assert img.object_writer() is None
+    finally:
+        img.close()
+        io.remove(name)
+    with pytest.raises(ValueError, match="snapshot"):
+        name, img = _fresh(io, 4096)
+        try:
+            img.snap_create("s")
+            snap = io.open(name, "s", True)
+            try:
+                snap.object_writer()
+            finally:
+                snap.close()
+        finally:
+            img.close()
+            _drop(io, name)

@@ -1,7 +1,8 @@
 """A kill -9 of the target while it applies a tree cycle leaves exactly one instant.
 
 Cycle 1 of a tree on btrfs is on the target; cycle 2 changes hundreds of
-files (writes, renames, deletes, new hard links and symlinks, modes). A
+files (writes, renames, deletes, new hard links and symlinks, modes,
+extended attributes, default ACLs, FIFOs, device nodes). A
 child process applies cycle 2 and is killed with SIGKILL: while it applies
 operations in the staging copy, after it recorded the pending switch but
 before the exchange, right after the exchange before the record says so,
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 
@@ -28,6 +30,7 @@ from cyclemirror.store import tree
 from tests.support.daemons import wait_for
 from tests.support.procenv import child_env
 from tests.support.trees import (
+    acl_bytes,
     apply_bytes,
     assert_same_tree,
     delete_subvolumes,
@@ -68,6 +71,13 @@ def history(btrfs_mount, tmp_path_factory):
         os.symlink("../f5", os.path.join(base, "sub", "sym"))
         os.chmod(os.path.join(base, "f7"), 0o600)
         os.chmod(os.path.join(base, "sub"), 0o700)
+        # attributes, ACLs, FIFOs and device nodes go through the same stage and switch
+        os.setxattr(os.path.join(base, "f8"), "user.v", rnd.randbytes(rnd.randrange(300)))
+        os.setxattr(os.path.join(base, "f9"), "trusted.t", b"t")
+        os.setxattr(os.path.join(base, "sub"), "system.posix_acl_default",
+                    acl_bytes(7, 5, 0, groups={100 + d: 5}))
+        os.mkfifo(os.path.join(base, "sub", "fifo"))
+        os.mknod(os.path.join(base, "dev"), stat.S_IFCHR | 0o600, os.makedev(1, 5))
     obj.freeze()
     c1, _ = encode_cycle(obj, 1)
     c2, delta = encode_cycle(obj, 2)

@@ -8,23 +8,27 @@ which names are hard links of one another.  A scripted history covers
 renames, deletes, a swap, hard links made and broken, symlinks retargeted,
 modes and owners changed, truncation and growth, sparse files, and a file
 that becomes a directory and back; a seeded random history does the same at
-random.  The target is on btrfs (files cloned by reflink) and, where the
+random, and sets and removes extended attributes (user, trusted, ACLs) and
+makes FIFOs and device nodes (test_tree_fidelity.py has them scripted).  The target is on btrfs (files cloned by reflink) and, where the
 temporary directory is elsewhere, on that file system too (files copied).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import stat
 
 import pytest
 
 from cyclemirror.receiver.treeops import TreeMirror
 from cyclemirror.store import cowfs, tree, treediff
-from tests.support.trees import assert_same_tree, delete_subvolumes, ship, subvolume
+from tests.support.trees import acl_bytes, assert_same_tree, delete_subvolumes, ship, subvolume
 
 NODE = "0123456789abcdef"
 K = 4096
+ACCESS, DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
 
 
 @pytest.fixture
@@ -177,7 +181,7 @@ def random_step(rnd: random.Random, src: str, names: list[str]) -> None:
     new = os.path.normpath(os.path.join(rnd.choice(dirs), rnd.choice(names)))
     if os.path.lexists(j(new)):
         new = None
-    what = rnd.randrange(11)
+    what = rnd.randrange(14)
     if what == 0 and new:
         write(j(new), some_bytes(rnd, rnd.choice([0, 10, 5000, 70_000, 300_000])))
     elif what == 1 and new:
@@ -194,7 +198,7 @@ def random_step(rnd: random.Random, src: str, names: list[str]) -> None:
             write(j(f), some_bytes(rnd, rnd.randrange(1, 9000)), rnd.randrange(0, size + 1))
     elif files and what == 5:
         f = rnd.choice(files)
-        if not os.path.islink(j(f)):
+        if not os.path.islink(j(f)) and os.path.isfile(j(f)):  # not a FIFO or a device
             os.truncate(j(f), rnd.randrange(0, 100_000))
     elif files and what == 6:
         os.unlink(j(rnd.choice(files)))
@@ -214,6 +218,37 @@ def random_step(rnd: random.Random, src: str, names: list[str]) -> None:
         f = rnd.choice(files)
         os.utime(j(f), ns=(rnd.randrange(1 << 40), rnd.randrange(1 << 60)),
                  follow_symlinks=False)
+    elif what == 11:  # a user attribute or an ACL set or removed (files and directories)
+        p = rnd.choice(files + dirs)
+        st = os.lstat(j(p))
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            name = rnd.choice(["user.a", "user.b", ACCESS] + [DEFAULT] * stat.S_ISDIR(st.st_mode))
+            if rnd.random() < 0.3:
+                with contextlib.suppress(OSError):  # (not there)
+                    os.removexattr(j(p), name)
+            elif name.startswith("user."):
+                os.setxattr(j(p), name, some_bytes(rnd, rnd.choice([0, 5, 3000])))
+            else:
+                perm = lambda: rnd.randrange(8)  # noqa: E731
+                os.setxattr(j(p), name, acl_bytes(
+                    perm(), perm(), perm(), {rnd.randrange(1, 3000): perm()} if
+                    rnd.random() < 0.7 else {}, {rnd.randrange(1, 3000): perm()} if
+                    rnd.random() < 0.5 else {}))
+    elif what == 12 and new:  # a FIFO or a device node (numbers no real device has)
+        kind = rnd.choice(["fifo", "chr", "blk"])
+        if kind == "fifo":
+            os.mkfifo(j(new), rnd.choice([0o600, 0o644]))
+        else:
+            os.mknod(j(new), (stat.S_IFCHR if kind == "chr" else stat.S_IFBLK) | 0o600,
+                     os.makedev(240 if kind == "chr" else 7, rnd.randrange(1000, 1 << 20)))
+    elif what == 13 and (files or len(dirs) > 1):  # trusted.*: on any kind, links too
+        p = rnd.choice(files + dirs)
+        if rnd.random() < 0.3:
+            with contextlib.suppress(OSError):
+                os.removexattr(j(p), "trusted.t", follow_symlinks=False)
+        else:
+            os.setxattr(j(p), "trusted.t", some_bytes(rnd, rnd.randrange(0, 200)),
+                        follow_symlinks=False)
 
 
 @pytest.mark.parametrize("seed", range(1, 6))

@@ -4,8 +4,9 @@
 ``BTRFS_IOC_TREE_SEARCH`` says were written since the previous snapshot
 (``_search_walk``).  Over seeded random histories (creates, deletes of files
 and of whole subtrees, renames of files and directories, swaps, hard links,
-symlinks, FIFOs, a file becoming a directory, mode/owner/mtime changes,
-truncation, growth, sparse files), on plain and on zstd-compressed btrfs,
+symlinks, FIFOs, device nodes, extended attributes and ACLs set and removed,
+a file becoming a directory, mode/owner/mtime changes, truncation, growth,
+sparse files), on plain and on zstd-compressed btrfs,
 every cycle's delta made that way must have been made that way (``how`` is
 "search") and equal the full walk's: the same ops, skipped paths and data
 bytes, and the same walk of the new snapshot for the next delta.  Every cycle
@@ -85,9 +86,9 @@ def structural_step(rnd: random.Random, src: str) -> None:
 
 
 def assert_mirrored(source: str, target: str) -> None:
-    """The target equals the source but for FIFOs, which are not mirrored."""
+    """The target equals the source but for sockets, which are not mirrored."""
     a, b = tree_image(source), tree_image(target)
-    a["entries"] = {p: e for p, e in a["entries"].items() if e[0] != "other"}
+    a["entries"] = {p: e for p, e in a["entries"].items() if e[0] != "socket"}
     assert a == b
 
 
@@ -124,6 +125,7 @@ def history(area: str, tmp_path, seed: int, cycles: int) -> None:
     rnd = random.Random(seed)
     names = [f"n{i}" for i in range(8)]
     mirror = TreeMirror(root, "t")
+    seen: set[str] = set()
     try:
         for _ in range(cycles):
             for _ in range(rnd.randrange(5, 40)):
@@ -135,9 +137,13 @@ def history(area: str, tmp_path, seed: int, cycles: int) -> None:
                     except OSError as exc:  # it truncated a FIFO: no change made
                         if exc.errno != errno.EINVAL:
                             raise
-            check_cycle(obj, mirror)
+            d = check_cycle(obj, mirror)
+            seen |= {op.op for op in d.ops} | {"xattrs:" + op.op for op in d.ops if op.xattrs}
     finally:
         mirror.close()
+    # the history exercised what the search must notice beyond files: attributes (set
+    # on files and directories), FIFOs and device nodes
+    assert "node" in seen and any(x.startswith("xattrs:") for x in seen), sorted(seen)
 
 
 @pytest.mark.parametrize("seed", range(31, 37))

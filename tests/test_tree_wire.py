@@ -4,13 +4,19 @@ The decoder (``wire.treeframes.TreeFrameReader``) is fed hand-made frames:
 paths that climb out of the tree, absolute paths, empty and '.' components,
 NUL bytes, over-long names, refs where none belongs or missing where one
 must be, modes past the permission bits, data outside any file or past a
-file's end, frames of another cycle, a wrong 'end' count, a cut stream.
+file's end, frames of another cycle, a wrong 'end' count, a cut stream;
+extended attributes of unknown namespaces, over-long names, values past 64
+KiB or not base64, too many of them, on ops that take none; nodes of an
+unknown kind, FIFOs with a device number, device numbers Linux cannot hold;
+and (hypothesis) any attribute set either decodes to exactly what was sent or
+is refused whole.
 Each is a ProtocolError before anything is applied; a well-formed stream
 decodes to exactly what was encoded.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -69,6 +75,30 @@ def test_a_path_that_could_leave_the_tree_is_refused(path):
     ({"op": "dir", "uid": 1 << 40}, "uid"),
     ({"op": "dir", "mtime_ns": 1.5}, "integer"),
     ({"op": "dir", "extra": 1}, "unknown fields"),
+    ({"op": "dir", "xattrs": [["system.nfs4_acl", ""]]}, "not in a mirrored namespace"),
+    ({"op": "dir", "xattrs": [["btrfs.compression", "emxpYg=="]]}, "mirrored namespace"),
+    ({"op": "dir", "xattrs": [["user.", ""]]}, "mirrored namespace"),
+    ({"op": "dir", "xattrs": [["user.a\u0000b", ""]]}, "mirrored namespace"),
+    ({"op": "dir", "xattrs": [["user." + "n" * 251, ""]]}, "at most 255 bytes"),
+    ({"op": "dir", "xattrs": [["user." + "é" * 126, ""]]}, "over 255 bytes"),
+    ({"op": "dir", "xattrs": [["user.a", "A" * 87388]]}, "pairs"),  # too long to decode
+    ({"op": "dir", "xattrs": [["user.a", "A" * 87384]]}, "65538 bytes, more than 65536"),
+    ({"op": "dir", "xattrs": [["user.a", "not base64!"]]}, "not base64"),
+    ({"op": "dir", "xattrs": [["user.a", ""], ["user.a", ""]]}, "twice"),
+    ({"op": "dir", "xattrs": [[f"user.{i}", ""] for i in range(129)]}, "at most 128"),
+    ({"op": "dir", "xattrs": [[f"user.{i}", "A" * 87380] for i in range(9)]},
+     "more than 524288"),
+    ({"op": "dir", "xattrs": [["user.a"]]}, "pairs"),
+    ({"op": "dir", "xattrs": {"user.a": ""}}, "pairs"),
+    ({"op": "rm", "xattrs": [["user.a", ""]]}, "takes no extended attributes"),
+    ({"op": "link", "ref": "b", "xattrs": [["user.a", ""]]}, "no extended attributes"),
+    ({"op": "node", "ref": "sock"}, "a node is one of"),
+    ({"op": "node", "ref": ""}, "a node is one of"),
+    ({"op": "node", "ref": "fifo", "rdev": 5}, "a FIFO has no device number"),
+    ({"op": "node", "ref": "chr", "rdev": 1 << 40}, "not a Linux one"),
+    ({"op": "node", "ref": "blk", "rdev": os.makedev(4096, 0)}, "not a Linux one"),
+    ({"op": "file", "rdev": os.makedev(8, 0)}, "only a 'node'"),
+    ({"op": "node", "path": ".", "ref": "fifo"}, "root"),
 ])
 def test_a_malformed_op_is_refused_naming_why(fields, why):
     with pytest.raises(ProtocolError, match=why):
@@ -104,12 +134,36 @@ def test_a_good_stream_decodes_to_what_was_encoded():
               + op(path="d/f", size=10, mtime_ns=7) + data(2, 3, b"abc")
               + frames.encode_zero(frames.FT_ZERO, 2, 6, 4)
               + op(op="symlink", path="d/s", ref="../../anywhere/at/all")
-              + op(op="link", path="d/g", ref="d/f") + end(chunks=6))
+              + op(op="link", path="d/g", ref="d/f")
+              + op(op="node", path="d/null", ref="chr", rdev=os.makedev(1, 3),
+                   xattrs=[["security.selinux", "c3lzdGVtX3U6b2JqZWN0X3I6bnVsbF9kZXZpY2VfdDpzMAA="],
+                           ["user.x", ""]])
+              + op(op="node", path="d/fifo", ref="fifo", mode=0o640)
+              + end(chunks=8))
     ev = decode(stream)
-    assert [e[0] for e in ev] == ["begin", "op", "op", "data", "zero", "op", "op", "end"]
+    assert [e[0] for e in ev] == ["begin", "op", "op", "data", "zero", "op", "op", "op", "op",
+                                  "end"]
     assert ev[1][1]["mtime_ns"] == -5
     assert ev[3][1:] == (3, b"abc") and ev[4][1:] == (6, 4)
     assert ev[5][1]["ref"] == "../../anywhere/at/all"
+    assert ev[7][1]["rdev"] == os.makedev(1, 3)
+    assert ev[7][1]["xattrs"] == (("security.selinux", b"system_u:object_r:null_device_t:s0\0"),
+                                  ("user.x", b""))
+    assert ev[8][1]["xattrs"] == () and ev[8][1]["ref"] == "fifo"
+
+
+def test_an_op_with_attributes_encodes_and_decodes_to_itself():
+    """What the source sends (``op_message`` of a TreeOp) is what the target reads."""
+    from cyclemirror.store.treediff import TreeOp
+
+    xa = (("system.posix_acl_access", bytes(range(44))), ("trusted.t", b"\xff" * 65536),
+          ("user.empty", b""))
+    ops = [TreeOp("dir", ".", mode=0o755, xattrs=xa),
+           TreeOp("node", "b", "blk", 0o660, 0, 6, 9, rdev=os.makedev(259, 1 << 19))]
+    stream = b"".join(treeframes.encode_tree_delta(ops, None, 2, 1.0, False))
+    ev = decode(stream)
+    assert ev[1][1]["xattrs"] == xa
+    assert ev[2][1]["rdev"] == os.makedev(259, 1 << 19) and ev[2][1]["ref"] == "blk"
 
 
 _pieces = st.lists(st.sampled_from(["..", ".", "", "a", "b", "é", "/", "\0", "x" * 255,
@@ -134,3 +188,32 @@ def test_arbitrary_bytes_after_a_good_start_are_a_protocol_error(junk, cut):
     good = begin() + op(path="d/f", size=10) + data(2, 0, b"0123456789") + end(chunks=2)
     with contextlib.suppress(ProtocolError):
         decode(good[: len(good) - cut * 7] + junk)
+
+
+_xattr_names = st.one_of(
+    st.sampled_from(["user.a", "trusted.t", "security.capability", "system.posix_acl_access",
+                     "system.posix_acl_default", "system.nfs4_acl", "btrfs.compression",
+                     "user.", "user." + "n" * 250, "user." + "é" * 126, "other.x"]),
+    st.text(max_size=12).map(lambda t: "user." + t))
+_xattr_sets = st.lists(st.tuples(_xattr_names, st.binary(max_size=300)), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_xattr_sets, st.sampled_from(["dir", "file", "meta", "symlink", "node", "rm", "link"]))
+def test_attributes_round_trip_exactly_or_are_refused_whole(pairs, kind):
+    """Whatever a peer sends: a set the shared rule (``xattrs.check_xattrs``) accepts, on
+    an op that takes attributes, decodes to exactly the pairs sent; anything else is a
+    ProtocolError, never a partial set."""
+    from cyclemirror import xattrs
+
+    ref = {"symlink": "t", "node": "fifo", "link": "b"}.get(kind, "")
+    msg = op(op=kind, path="a", ref=ref, size=0,
+             xattrs=[[n, base64.b64encode(v).decode()] for n, v in pairs])
+    ok = xattrs.check_xattrs(pairs, "x") is None and (kind not in ("rm", "link") or not pairs)
+    try:
+        ev = decode(begin() + msg + end())
+    except ProtocolError:
+        assert not ok
+        return
+    assert ok
+    assert ev[1][1]["xattrs"] == tuple(pairs)

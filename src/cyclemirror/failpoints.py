@@ -49,6 +49,14 @@ KNOWN: dict[str, str] = {
     "treepromote.registered": "sleep in a tree promotion after the tree object is "
                               "registered, before the record says done "
                               "(receiver/treepromote.py)",
+    "treefailback.recorded": "sleep in a tree failback on the old source after its record "
+                             "(the commit point), before the mirror is made "
+                             "(receiver/treefailback.py)",
+    "treefailback.switched": "sleep in a tree failback after the mirror holds the promoted "
+                             "cycle, before the live tree is renamed aside "
+                             "(receiver/treefailback.py)",
+    "treefailback.kept": "sleep in a tree failback after the live tree was renamed aside, "
+                         "before the tree object is removed (receiver/treefailback.py)",
     "receiver.tree_switched": "sleep between a tree mirror's exchange of directories and "
                               "the record saying it applied (receiver/treeops.py)",
 }

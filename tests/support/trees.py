@@ -8,8 +8,11 @@ snapshots of freeze k-1 and k (``store.treediff``), encoded to frames
 ``library_cycle`` a whole cycle that way (freeze, ship, merge), what the
 PostgreSQL test and benchmark run every second.  ``tree_image`` is
 everything the tests compare of a tree: per path its kind, mode, owner,
-mtime, size, bytes or symlink target, and which paths are hard links of one
-another.
+mtime, size, bytes or symlink target, device number, extended attributes of
+the mirrored namespaces (user, trusted, security, POSIX ACLs: read here with
+plain ``os.listxattr``, not the code under test), and which paths are hard
+links of one another; ``assert_same_tree`` also compares what ``getfacl``
+prints of both trees where it is installed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -71,6 +75,26 @@ def ship(obj: TreeObject, k: int, mirror: TreeMirror) -> treediff.TreeDelta:
     return delta
 
 
+def xattrs_of(path: str) -> tuple:
+    """The extended attributes a tree mirror carries, (name, value) sorted."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    keep = [n for n in names if n.startswith(("user.", "trusted.", "security."))
+            or n in ("system.posix_acl_access", "system.posix_acl_default")]
+    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in keep))
+
+
+def getfacl(root: str) -> str:
+    """``getfacl -R`` of the tree (physical walk, numeric ids, only entries with ACLs
+    beyond their mode), one block per path sorted by path (it prints in directory
+    order, which two file systems need not share)."""
+    out = subprocess.run(["getfacl", "-R", "-P", "-n", "-s", "."], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    return "\n\n".join(sorted(b.strip() for b in out.split("\n\n") if b.strip()))
+
+
 def tree_image(root: str) -> dict:
     out = {}
     inodes: dict[int, list[str]] = {}
@@ -89,11 +113,16 @@ def tree_image(root: str) -> dict:
                 body, kind = os.readlink(p), "symlink"
             elif stat.S_ISDIR(m):
                 body, kind = "", "dir"
+            elif stat.S_ISFIFO(m):
+                body, kind = "", "fifo"
+            elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
+                body = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                kind = "chr" if stat.S_ISCHR(m) else "blk"
             else:
-                body, kind = "", "other"
+                body, kind = "", "socket"
             mode = None if kind == "symlink" else stat.S_IMODE(m)
             out[rel] = (kind, mode, st.st_uid, st.st_gid, st.st_mtime_ns,
-                        st.st_size if kind == "file" else 0, body)
+                        st.st_size if kind == "file" else 0, body, xattrs_of(p))
     links = sorted(tuple(sorted(v)) for v in inodes.values() if len(v) > 1)
     return {"entries": out, "links": links}
 
@@ -101,6 +130,7 @@ def tree_image(root: str) -> dict:
 def assert_same_tree(source: str, target: str) -> None:
     a, b = tree_image(source), tree_image(target)
     if a == b:
+        assert_same_acls(source, target)
         return
     ea, eb = a["entries"], b["entries"]
     diffs = [f"only in source: {sorted(set(ea) - set(eb))[:10]}",
@@ -110,6 +140,12 @@ def assert_same_tree(source: str, target: str) -> None:
     if a["links"] != b["links"]:
         diffs.append(f"hard links: source {a['links']} target {b['links']}")
     raise AssertionError("trees differ:\n" + "\n".join(diffs))
+
+
+def assert_same_acls(source: str, target: str) -> None:
+    """What ``getfacl -R`` prints of both trees is the same (where it is installed)."""
+    if shutil.which("getfacl"):
+        assert getfacl(source) == getfacl(target)
 
 
 # -- hand-made frames, for what a hostile or broken peer could send -------------------------
@@ -130,7 +166,7 @@ def begin(cycle: int = 2, full: bool = False) -> bytes:
 
 def tree_op(cycle: int = 2, **kw) -> bytes:
     msg = {"type": "tree_op", "op": "file", "path": "a", "ref": "", "mode": 0o644, "uid": 0,
-           "gid": 0, "mtime_ns": 0, "size": 0}
+           "gid": 0, "mtime_ns": 0, "size": 0, "rdev": 0, "xattrs": []}
     msg.update(kw)
     return control(cycle, msg)
 
@@ -212,3 +248,30 @@ def library_cycle(obj: TreeObject, target_root: str, name: str) -> Freeze:
     if k > 1:
         obj.merge_through(k - 1)
     return Freeze(k, before, after, sent)
+
+
+# -- POSIX ACLs as the kernel keeps them, for tests where setfacl may be missing ----------
+
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def acl_bytes(owner: int, group: int, other: int, users: dict | None = None,
+              groups: dict | None = None) -> bytes:
+    """A ``system.posix_acl_access`` / ``_default`` value (version 2): owner, group and
+    other permissions (0..7), named users and groups {id: perm}; a mask (the union of
+    the group-class entries) when there are named ones."""
+    users, groups = users or {}, groups or {}
+    ents = [(ACL_USER_OBJ, owner, ACL_UNDEFINED_ID)]
+    ents += [(ACL_USER, p, u) for u, p in sorted(users.items())]
+    ents.append((ACL_GROUP_OBJ, group, ACL_UNDEFINED_ID))
+    ents += [(ACL_GROUP, p, g) for g, p in sorted(groups.items())]
+    if users or groups:
+        mask = group
+        for p in [*users.values(), *groups.values()]:
+            mask |= p
+        ents.append((ACL_MASK, mask, ACL_UNDEFINED_ID))
+    ents.append((ACL_OTHER, other, ACL_UNDEFINED_ID))
+    return (2).to_bytes(4, "little") + b"".join(
+        t.to_bytes(2, "little") + p.to_bytes(2, "little") + i.to_bytes(4, "little")
+        for t, p, i in ents)

@@ -831,6 +831,8 @@ class OutgoingMirrors:
                         "compression_ratio": t.get("compression_ratio"),
                         "full": t.get("full"), "chunks": t.get("chunks"),
                         "resumed_from": t.get("resumed_from"), "phases": t.get("phases")}
+                if "base_cycle" in t:  # a tree's: the cycle its delta started from
+                    last["base_cycle"] = t["base_cycle"]
             running = t.get("progress")
             row_progress = None
             if running and applied < running["cycle"]:

@@ -200,6 +200,11 @@ def render_status(doc: dict) -> str:
                  [t["name"], t["path"], t["fs"], t["consistency"], str(t["frozen_cycle"])]
                  for t in trees]
         lines += _table(rows)
+        for t in trees:  # a demoted tree stops cycling until it is failed back
+            if t.get("demoted"):
+                lines.append(f"tree {t['name']} is DEMOTED (by {t['demoted']['by']}): stop "
+                             "its writers and fail back from the new primary "
+                             "(docs/trees.md)")
     mirrors = doc.get("mirrors", [])
     if mirrors:
         lines.append("")
@@ -254,7 +259,9 @@ def render_status(doc: dict) -> str:
         rows += [[m.get("source_name") or m.get("source_node", "?"), m["tree"],
                   str(m.get("applied_cycle", 0)), _freeze_clock(m.get("freeze_time")),
                   format_duration(m.get("rpo_age")),
-                  m["path"] if not m.get("error") else f"unreadable: {m['error']}"]
+                  (m["path"] if not m.get("error") else f"unreadable: {m['error']}")
+                  + (f" (failed back; kept: {m['failback']['kept']})"
+                     if m.get("failback") else "")]
                  for m in trees_in]
         lines += _table(rows)
     roles_lines = render_roles(doc)  # roles and generations (docs/failover.md)

@@ -256,6 +256,8 @@ def op_resolve(service, args: dict) -> dict:
     volume = validate_volume_name(service._arg(args, "volume", str, "volume"))
     node = service._arg(args, "discard_changes_on", str, "--discard-changes-on")
     store = service.store
+    if volume in store.list_trees():
+        return _resolve_tree(store, volume, node)
     rec = roles.load_role(store.path, volume)
     if rec is None or rec.promoted_from is None or rec.role != roles.PRIMARY:
         from cyclemirror.errors import RoleError
@@ -281,6 +283,36 @@ def op_resolve(service, args: dict) -> dict:
                 p["source_name"] or p["source_node"])
     return {"volume": volume, "volumes": volumes, "discard_changes_on": p["source_node"],
             "discard_changes_on_name": p["source_name"]}
+
+
+def _resolve_tree(store, name: str, node: str) -> dict:
+    """``mirror resolve TREE --discard-changes-on OLD-SOURCE`` on a promoted tree: the
+    failback goes on over the old source's changes, which it keeps (docs/trees.md)."""
+    from cyclemirror.errors import RoleError
+
+    obj = store.open_tree(name)
+    p = obj.promoted_from
+    if p is None:
+        raise RoleError(f"tree {name!r} was not promoted on this node; resolve a split "
+                        "brain on the node that was promoted")
+    old = p["source_name"] or p["source_node"]
+    if node != p["source_node"] and node == store.node_name == p["source_name"]:
+        raise UsageError(f"--discard-changes-on {node!r}: both sides of tree {name} are "
+                         f"named {node!r}; name the loser by its node id ({p['source_node']} "
+                         f"is {old}, {store.node_id} this node)")
+    if node != p["source_node"] and node in (store.node_id, store.node_name):
+        raise RoleError(f"tree {name!r}: naming this node (the new primary) to lose is not "
+                        f"built for trees; to keep {old}'s tree instead, take it from its "
+                        f"kept copy there after the failback, or mirror it from {old} "
+                        "under another name")
+    if node not in (p["source_node"], p["source_name"]):
+        raise UsageError(f"--discard-changes-on {node!r}: the two sides of tree {name} are "
+                         f"{store.node_name or store.node_id} (this node) and {old}")
+    obj.set_discard_on(p["source_node"])
+    log.warning("tree %s: split brain resolved by the user: %s's changes lose (kept there)",
+                name, old)
+    return {"volume": name, "volumes": [name], "kind": "tree",
+            "discard_changes_on": p["source_node"], "discard_changes_on_name": p["source_name"]}
 
 
 def _discard_here(service, rec: roles.RoleRecord) -> dict:

@@ -23,6 +23,9 @@ volume as of its freeze *k* is exactly the image the new primary branched from.
    volume's directory, its outgoing state and overlays dropped.  The role
    record becomes ``secondary`` (keeping its history and the kept files).
 
+A file object of epoch ``E`` fails back the same way from its reflink
+snapshot of cycle *k* (``receiver.filefailback``).
+
 The new primary then ships, as a delta, only the blocks it wrote since the
 promotion (``sender.failback`` seeds its owed set).  The image stays the
 image of cycle *k* until that delta applies atomically: consistent throughout.
@@ -72,6 +75,10 @@ def prepare(server, open_msg: dict, msg: dict) -> dict | None:
     if rec is None or rec.role == roles.SECONDARY:
         return None
     epoch, k = roles.parse_generation(msg["parent"], "lineage parent")
+    if epoch == rec.epoch and name in store.list_files():  # a file object's failback
+        from cyclemirror.receiver.filefailback import prepare as prepare_file
+
+        return prepare_file(server, open_msg, msg, rec, k)
     if epoch != rec.epoch or name not in store.list_volumes():
         return None
     who = open_msg["node_name"] or source

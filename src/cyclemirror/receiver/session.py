@@ -36,7 +36,7 @@ from cyclemirror.errors import (
     NoSpaceError,
     ProtocolError,
 )
-from cyclemirror.receiver import lineage, resync
+from cyclemirror.receiver import lineage, rbdbackend, resync
 from cyclemirror.receiver.mirror import Mirror
 from cyclemirror.receiver.staging import REC_DATA, REC_SCATTER, REC_TRIM, REC_ZERO
 from cyclemirror.receiver.state import VolumeSpec
@@ -138,9 +138,15 @@ class Session:
         try:
             self._serve()
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self.mirror is None:
+            if self.mirror is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(self.mirror, exc) from exc
+            cfg = getattr(self.server, "rbd", None)
+            named = None
+            if cfg is not None and self.key is not None:  # the open's recovery, in the pool
+                named = rbdbackend.cluster_error(cfg, _what(self.key[1], self.source), exc)
+            if named is None:
                 raise
-            raise _no_space(self.mirror, exc) from exc
+            raise named from exc
         finally:
             if self.mirror is not None:
                 self.mirror.close()  # waits for an apply still running: it must not overlap
@@ -148,12 +154,17 @@ class Session:
                 self.server.registry.release(self.key, self)
 
     def _serve(self) -> None:
-        first = self.link.recv_message({"open", "verify_open", "lineage", "tree_open"})
+        first = self.link.recv_message({"open", "verify_open", "lineage", "tree_open",
+                                        "tree_branch"})
         self.lineage = None
+        branch = None
+        if first["type"] == "tree_branch":  # a promoted tree: a failback may follow
+            branch = first
+            first = self.link.recv_message({"tree_open"})
         if first["type"] == "tree_open":  # a tree object's mirror (receiver/treesession.py)
             from cyclemirror.receiver.treesession import TreeSession
 
-            return TreeSession(self.server, self.link, first).run()
+            return TreeSession(self.server, self.link, first, branch).run()
         if first["type"] == "lineage":  # protocol 3: the source's generation, then 'open'
             self.lineage = lineage.check_lineage_message(first)
             first = self.link.recv_message({"open"})
@@ -187,6 +198,7 @@ class Session:
         if not msg["group"] and (len(vols) != 1 or vols[0].name != msg["mirror"]):
             raise ProtocolError("open: a single-volume mirror must be named after its volume")
         self.key = (msg["node_id"], msg["mirror"], msg["group"])
+        self.source = msg["node_name"] or msg["node_id"]
         refuse = (self.server.root, self.server.node_id, getattr(self.server, "node_name", None),
                   msg["node_id"], msg["node_name"], msg["mirror"], self.lineage)
         lineage.refuse_if_promoted(*refuse)  # a demoted source: refused, nothing touched
@@ -291,7 +303,8 @@ class Session:
     def _applied_in_background(self, error: BaseException | None) -> None:
         """The mirror's apply thread is done: tell the source (its loop reads acks
         from any thread; a link closed meanwhile is the next session's business)."""
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT,
+                                                         errno.ETIMEDOUT):
             error = _no_space(self.mirror, error)
         try:
             if error is None:
@@ -327,10 +340,20 @@ class Session:
                                digests=digests.hex())
 
 
-def _no_space(mirror: Mirror, exc: OSError) -> NoSpaceError:
+def _what(mirror: str, source: str) -> str:
+    return f"mirror {mirror!r} of source {source}"
+
+
+def _no_space(mirror: Mirror, exc: OSError) -> CycleMirrorError | OSError:
     # Worth retrying once an operator frees space: the source backs off and
     # resumes after the last acknowledged chunk, which stays on disk.
     st = mirror.state
+    if mirror.backend.kind == "rbd":  # the pool is full (or the cluster silent), not a disk
+        return rbdbackend.cluster_error(mirror.backend.cfg,
+                                        _what(st.mirror, st.source_name or st.source_node),
+                                        exc) or exc
+    if exc.errno == errno.ETIMEDOUT:
+        return exc
     return NoSpaceError(
         f"mirror {st.mirror!r} of source {st.source_name or st.source_node}: the "
         f"target's disk is full ({exc.strerror}) under {mirror.directory}; "

@@ -14,8 +14,8 @@ A cycle is applied without ever touching ``ROOT/NAME``:
    ahead by ``prepare_next`` after the previous switch where the caller asks
    (the daemon does, once ``applied`` is sent), and only renamed here;
    elsewhere a walk copies it (each file a reflink clone where the file
-   system has them, else a copy; hard links, symlinks, modes, owners and
-   mtimes kept).
+   system has them, else a copy; hard links, symlinks, FIFOs, devices,
+   modes, owners, mtimes and extended attributes kept).
 2. The ops of the delta (``wire.treeframes``) are applied inside it, which
    nobody else sees: an entry is replaced by removing the old one and making
    the new one in place (for a ``patch``, a clone of the previous version's
@@ -61,6 +61,8 @@ from cyclemirror.store import btrfsioctl, cowfs
 from cyclemirror.store.btrfsioctl import BTRFS_SUBVOL_INO, subvolume_id
 from cyclemirror.store.fileops import KernelCopier, atomic_write_json, data_runs, read_json
 from cyclemirror.store.names import validate_volume_name
+from cyclemirror.xattrs import apply as xattr_set
+from cyclemirror.xattrs import read as xattr_get
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
@@ -164,10 +166,20 @@ def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
                 pos += len(chunk)
 
 
+def _at_path(dir_fd: int, name: str) -> str:
+    """A path to entry ``name`` of the open directory ``dir_fd`` for the calls that have
+    no ``*at`` form (the xattr ones): the directory is the one opened, never looked up
+    again, and the caller does not follow a symlink at ``name``."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
 def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,
-              dir_fd: int | None = None) -> None:
-    """Owner, then mode (chown clears set-id bits), then mtime (atime = mtime); what is
-    already so is not set again (each is a transaction's inode update)."""
+              dir_fd: int | None = None, xattrs=None, what: str = "") -> None:
+    """Owner, then mode (chown clears set-id bits), then the extended attributes
+    (exactly ``xattrs``, if given: chown clears a file capability), then mtime (atime
+    = mtime); what is already so is not set again (each is a transaction's inode
+    update).  With ``dir_fd``, ``fd_or_name`` is an entry of that directory that is not
+    opened: a symlink (no mode on Linux: ``mode`` None), a FIFO or a device node."""
     if dir_fd is None:
         st = os.fstat(fd_or_name)
         chowned = (st.st_uid, st.st_gid) != (uid, gid)
@@ -175,11 +187,19 @@ def _set_meta(fd_or_name, mode: int | None, uid: int, gid: int, mtime_ns: int,
             os.fchown(fd_or_name, uid, gid)
         if mode is not None and (chowned or stat.S_IMODE(st.st_mode) != mode):
             os.fchmod(fd_or_name, mode)
+        if xattrs is not None:
+            xattr_set(fd_or_name, xattrs, what)
         os.utime(fd_or_name, ns=(mtime_ns, mtime_ns))
-    else:  # a symlink: no mode on Linux
+    else:
         st = os.stat(fd_or_name, dir_fd=dir_fd, follow_symlinks=False)
-        if (st.st_uid, st.st_gid) != (uid, gid):
+        chowned = (st.st_uid, st.st_gid) != (uid, gid)
+        if chowned:
             os.chown(fd_or_name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if mode is not None and not stat.S_ISLNK(st.st_mode) and (
+                chowned or stat.S_IMODE(st.st_mode) != mode):
+            os.chmod(fd_or_name, mode, dir_fd=dir_fd)  # not a symlink (just lstat'ed)
+        if xattrs is not None:
+            xattr_set(_at_path(dir_fd, fd_or_name), xattrs, what)
         os.utime(fd_or_name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
@@ -189,10 +209,11 @@ def _times(st: os.stat_result) -> tuple[int, int]:
 
 def copy_tree(src_fd: int, dst_fd: int) -> None:
     """Copy the tree open as ``src_fd`` into the empty directory ``dst_fd``: clones of the
-    files (hard links kept as links), symlinks, directories, owners, modes, mtimes.
-    Anything else (a FIFO, a device someone made here) is not copied."""
+    files (hard links kept as links), symlinks, directories, FIFOs, device nodes (as
+    root), owners, modes, mtimes, mirrored extended attributes (ACLs among them).
+    Anything else (a socket someone made here) is not copied."""
     links: dict[tuple[int, int], str] = {}  # inode -> its first name copied (relative)
-    dirs: list[tuple[str, os.stat_result]] = []
+    dirs: list[tuple[str, os.stat_result, tuple]] = []
 
     def walk(sfd: int, dfd: int, rel: str) -> None:
         for name in os.listdir(sfd):
@@ -208,9 +229,10 @@ def copy_tree(src_fd: int, dst_fd: int) -> None:
                         walk(cs, cd, child)
                     finally:
                         os.close(cd)
+                    xa = xattr_get(cs, f"tree copy: {child}")
                 finally:
                     os.close(cs)
-                dirs.append((child, st))
+                dirs.append((child, st, xa))
             elif stat.S_ISREG(m):
                 key = (st.st_dev, st.st_ino)
                 if st.st_nlink > 1 and key in links:
@@ -228,26 +250,52 @@ def copy_tree(src_fd: int, dst_fd: int) -> None:
                                 | os.O_CLOEXEC, 0o600, dir_fd=dfd)
                     try:
                         _clone_or_copy(s, d)
-                        _set_meta(d, stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_mtime_ns)
+                        _set_meta(d, stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_mtime_ns,
+                                  xattrs=xattr_get(s, f"tree copy: {child}"),
+                                  what=f"tree copy: {child}")
                     finally:
                         os.close(d)
                 finally:
                     os.close(s)
                 if st.st_nlink > 1:
                     links[key] = child
-            elif stat.S_ISLNK(m):
-                os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
-                _set_meta(name, None, st.st_uid, st.st_gid, st.st_mtime_ns, dir_fd=dfd)
+            elif stat.S_ISLNK(m) or stat.S_ISFIFO(m) or stat.S_ISCHR(m) or stat.S_ISBLK(m):
+                if stat.S_ISLNK(m):
+                    os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+                else:
+                    make_node(dfd, name, m, st.st_rdev, f"tree copy: {child}")
+                _set_meta(name, None if stat.S_ISLNK(m) else stat.S_IMODE(m), st.st_uid,
+                          st.st_gid, st.st_mtime_ns, dir_fd=dfd,
+                          xattrs=xattr_get(_at_path(sfd, name), f"tree copy: {child}"),
+                          what=f"tree copy: {child}")
 
     walk(src_fd, dst_fd, ".")
-    for rel, st in dirs:  # children before parents (post-order): their times stay put
+    for rel, st, xa in dirs:  # children before parents (post-order): their times stay put
         fd = _open_dir(dst_fd, rel)
         try:
-            _set_meta(fd, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+            _set_meta(fd, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                      xattrs=xa, what=f"tree copy: {rel}")
         finally:
             os.close(fd)
     st = os.fstat(src_fd)
-    _set_meta(dst_fd, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+    _set_meta(dst_fd, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+              xattrs=xattr_get(src_fd, "tree copy: ."), what="tree copy: .")
+
+
+def make_node(dir_fd: int, name: str, mode: int, rdev: int, what: str) -> None:
+    """Make FIFO or device node ``name`` in ``dir_fd`` (``mode``'s file type says which;
+    permission bits 0600 until its metadata is set).  A device node only as root: it
+    needs CAP_MKNOD, and a mirror made by anyone else could not hold one; refused
+    then with a StoreError saying so."""
+    if stat.S_ISFIFO(mode):
+        os.mkfifo(name, 0o600, dir_fd=dir_fd)
+        return
+    if os.geteuid() != 0:
+        raise StoreError(f"{what}: a device node ({os.major(rdev)}, {os.minor(rdev)}) is "
+                         "made only when the target daemon runs as root (mknod needs "
+                         "CAP_MKNOD); run the target as root, or remove device nodes from "
+                         "the source tree")
+    os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dir_fd)
 
 
 class _Apply:
@@ -337,22 +385,33 @@ class _Apply:
             elif kind == "symlink":
                 self._clear(pfd, leaf, msg)
                 os.symlink(msg["ref"], leaf, dir_fd=pfd)
-                _set_meta(leaf, None, msg["uid"], msg["gid"], msg["mtime_ns"], dir_fd=pfd)
+                _set_meta(leaf, None, msg["uid"], msg["gid"], msg["mtime_ns"], dir_fd=pfd,
+                          xattrs=msg["xattrs"], what=self.where(msg))
+            elif kind == "node":
+                self._clear(pfd, leaf, msg)
+                fmt = {"fifo": stat.S_IFIFO, "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
+                make_node(pfd, leaf, fmt[msg["ref"]], msg["rdev"], self.where(msg))
+                _set_meta(leaf, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"],
+                          dir_fd=pfd, xattrs=msg["xattrs"], what=self.where(msg))
             elif kind == "meta":
                 st = _lstat_at(pfd, leaf)
                 if st is None:
                     raise ProtocolError(f"{self.where(msg)}: no such file in the tree")
-                if stat.S_ISLNK(st.st_mode):
-                    _set_meta(leaf, None, msg["uid"], msg["gid"], msg["mtime_ns"], dir_fd=pfd)
-                elif stat.S_ISREG(st.st_mode):
+                m = st.st_mode
+                if stat.S_ISLNK(m) or stat.S_ISFIFO(m) or stat.S_ISCHR(m) or stat.S_ISBLK(m):
+                    _set_meta(leaf, None if stat.S_ISLNK(m) else msg["mode"], msg["uid"],
+                              msg["gid"], msg["mtime_ns"], dir_fd=pfd, xattrs=msg["xattrs"],
+                              what=self.where(msg))
+                elif stat.S_ISREG(m):
                     fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                     try:
-                        _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
+                        _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"],
+                                  xattrs=msg["xattrs"], what=self.where(msg))
                     finally:
                         os.close(fd)
                 else:
-                    raise ProtocolError(f"{self.where(msg)}: 'meta' is for files and "
-                                        "symlinks, directories take 'dir'")
+                    raise ProtocolError(f"{self.where(msg)}: 'meta' is for files, symlinks, "
+                                        "FIFOs and device nodes; directories take 'dir'")
         finally:
             os.close(pfd)
         failpoints.hit("receiver.tree_op")
@@ -436,7 +495,8 @@ class _Apply:
         fd, msg = self.open_file
         self.open_file = None
         try:
-            _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
+            _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"],
+                      xattrs=msg["xattrs"], what=self.where(msg))
         finally:
             os.close(fd)
 
@@ -448,7 +508,8 @@ class _Apply:
             try:
                 msg = self.dir_meta.get(path)
                 if msg is not None:
-                    _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"])
+                    _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"],
+                              xattrs=msg["xattrs"], what=self.where(msg))
                 elif _times(os.fstat(fd)) != self.touched[path]:  # (files patched in
                     os.utime(fd, ns=self.touched[path])  # place leave it as it was)
             finally:

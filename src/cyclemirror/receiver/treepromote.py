@@ -17,16 +17,18 @@
    of the mirror where it can be, else a copy: see ``receiver.treeclone``),
    built aside and renamed in whole;
 4. it is registered as tree object ``NAME`` (default: the mirror's name) of
-   this store (``Store.add_tree``), so it can be mirrored in its turn;
+   this store (``Store.add_tree``), so it can be mirrored in its turn, with a
+   read-only snapshot of the promoted cycle *k* kept as its ``snap-k`` (taken
+   of the mirror's tree, held at *k*) and ``promoted_from`` naming the source,
+   the mirror, *k* and its freeze time: its next freeze is cycle *k + 1*, and
+   mirroring it back to the old source is a failback that ships the delta from
+   that base (``receiver.treefailback``);
 5. the record says ``done``.
 
 The mirror's tree stays as it was (the cycle promoted from) until ``mirror rm
 SOURCE/TREE``.  Running the same promotion again answers it (``resumed``);
 after a crash between steps 2 and 5 the daemon's start does what is left of 3
-to 5 (``finish_cut``), and so would a rerun.  Failing back (mirroring
-the promoted tree to the old source as a delta from the cycle both hold) is
-not built: the old source's tree object stays writable there and must be
-re-mirrored from the new primary with a full cycle.
+to 5 (``finish_cut``), and so would a rerun.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ def refuse_if_promoted(work: str, mirror: str, source: str, here: str) -> None:
         f"tree mirror {mirror!r} from {source}: {here} promoted it to tree object "
         f"{rec['name']!r} ({rec['path']}) at {when}, as of cycle {rec['cycle']}"
         f"{' (forced)' if rec.get('forced') else ''}; {source}'s tree is demoted and must not "
-        f"mirror over the new primary. Stop its writers and remove this mirror on {source} "
-        "('cyclemirror mirror rm TREE' there); failback of trees is not built: mirror "
-        f"{rec['name']} from {here} to {source} (a full cycle; docs/trees.md)")
+        f"mirror over the new primary. Stop its writers there, then fail back: on {here} "
+        f"run 'cyclemirror mirror start {rec['name']} --to {source}' (ships only what "
+        f"changed since cycle {rec['cycle']}; docs/trees.md, \"Failback\")")
 
 
 def _result(ref, rec: dict, resumed: bool, seconds: float, how: str) -> dict:
@@ -188,7 +190,18 @@ def _make(store, ref, rec: dict, t0: float, resumed: bool) -> dict:
             raise
     failpoints.hit("treepromote.made")
     if name not in store.list_trees():
-        store.add_tree(name, path)
+        store.add_tree(name, path, base={"path": ref.path, "cycle": rec["cycle"],
+                                         "freeze_time": rec["freeze_time"]},
+                       promoted_from={"source_node": rec["source_node"],
+                                      "source_name": rec["source_name"],
+                                      "mirror": ref.name, "cycle": rec["cycle"],
+                                      "freeze_time": float(rec["freeze_time"]),
+                                      "forced": bool(rec["forced"]), "time": rec["time"]})
+        if store.open_tree(name).frozen_cycle != rec["cycle"]:
+            log.warning("tree %s: no snapshot of the promoted cycle %d could be kept (the "
+                        "mirror %s is not a subvolume on the file system of %s): mirroring "
+                        "it back to %s will be a full cycle", name, rec["cycle"], ref.path,
+                        path, ref.source_name or ref.node)
     failpoints.hit("treepromote.registered")
     rec["done"] = True
     atomic_write_json(os.path.join(ref.work, PROMOTED_FILE), rec)

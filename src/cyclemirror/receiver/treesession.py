@@ -20,6 +20,10 @@ whole; ``applied`` goes back once it is switched (and durable).  Any error
 ends the connection after an ``error`` message; the tree stays the previous
 cycle.
 
+A promoted tree's ``tree_branch`` before ``tree_open`` may make this a
+failback: this node's own tree turned into the mirror at the promoted cycle
+first (``receiver.treefailback``).
+
 ``tree_status`` is the ``incoming_trees`` of ``status --json``;
 ``remove_tree_mirror`` is ``mirror rm SOURCE/NAME`` for a tree mirror.
 """
@@ -115,6 +119,15 @@ def tree_status(store_root: str, now: float) -> list[dict]:
                 rec, row["error"] = None, str(exc)
             row["promoted"] = None if rec is None else {
                 k: rec.get(k) for k in ("name", "path", "cycle", "time", "forced", "done")}
+            try:
+                from cyclemirror.receiver.treefailback import record
+
+                back = record(os.path.join(root, entry))
+            except Exception as exc:  # noqa: BLE001 - shown, never hidden
+                back, row["error"] = None, str(exc)
+            row["failback"] = None if back is None else {
+                k: back[k] for k in ("tree", "cycle", "kept", "divergent_ops",
+                                     "divergent_bytes", "time", "done")}
             rows.append(row)
     return rows
 
@@ -122,10 +135,11 @@ def tree_status(store_root: str, now: float) -> list[dict]:
 class TreeSession:
     """The rest of one connection after ``tree_open``; ``run()`` returns when it ends."""
 
-    def __init__(self, server, link, msg: dict):
+    def __init__(self, server, link, msg: dict, branch: dict | None = None):
         self.server = server
         self.link = link
         self.open_msg = msg
+        self.branch = branch  # a promoted tree's 'tree_branch' (receiver.treefailback)
         self.mirror: TreeMirror | None = None
         self.key = None
 
@@ -152,6 +166,9 @@ class TreeSession:
         refuse_if_promoted(os.path.join(root, f".cyclemirror-tree-{name}"), name,
                            msg["node_name"] or msg["node_id"],
                            self.server.node_name or self.server.node_id)
+        from cyclemirror.receiver import treefailback
+
+        treefailback.prepare(self.server, msg, self.branch)  # a failback: no full copy
         os.makedirs(root, mode=0o700, exist_ok=True)
         _note_source(self.server.root, msg["node_id"], msg["node_name"])
         self.mirror = m = TreeMirror(root, name)  # settles a crashed apply
@@ -245,7 +262,8 @@ def remove_tree_mirror(store_root: str, registry, name: str, force: bool) -> dic
     holder = registry.hold(key, force=force)
     removed = []
     try:
-        for parent, entry in ((work, "state.json"), (work, "promoted.json"), (root, mirror)):
+        for parent, entry in ((work, "state.json"), (work, "promoted.json"),
+                              (work, "failback.json"), (root, mirror)):
             path = os.path.join(parent, entry)
             if not os.path.lexists(path):
                 continue

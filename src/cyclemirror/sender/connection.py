@@ -34,7 +34,7 @@ CONNECT_TIMEOUT = 10.0
 class TargetLink:
     def __init__(self, address: tuple[str, int], key: bytes | None, *,
                  tls: handshake.TlsConfig | None = None, insecure: bool = False,
-                 on_applied=None):
+                 on_applied=None, on_failure=None):
         self.address = (address[0], int(address[1]))
         self.key = key
         self.tls = tls
@@ -48,6 +48,8 @@ class TargetLink:
         self.version = 0  # the protocol version the handshake agreed on
         # on_applied(cycle, freeze_time): called by the reader thread for each 'applied'.
         self.on_applied = on_applied
+        # on_failure(exc): called by the reader thread once, when it ends with a failure.
+        self.on_failure = on_failure
         self.hashes: dict[tuple[int, int], bytes] = {}
         self.failure: BaseException | None = None
         self._reader: threading.Thread | None = None
@@ -149,6 +151,8 @@ class TargetLink:
             with self._cond:
                 self.failure = exc
                 self._cond.notify_all()
+            if self.on_failure is not None:
+                self.on_failure(exc)
 
     def check(self) -> None:
         """Raise the reader's failure, if any (a lost link or the target's error)."""

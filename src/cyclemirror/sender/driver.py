@@ -88,6 +88,7 @@ from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
 from cyclemirror.wire import messages
 from cyclemirror.wire.handshake import TlsConfig
+from cyclemirror.wire.link import RemoteError
 
 log = logging.getLogger(__name__)
 SEND_BATCH_BYTES = 256 << 10  # coalesce frames below this into one send
@@ -267,6 +268,7 @@ class MirrorDriver:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._break = False
+        self._crash: str | None = None  # why the cycles stopped on their own (_crashed)
         self._break_now = False
         self._sync_want = 0  # freeze as soon as open_overlay < this
         self._merge_want = 0  # the merger folds overlays <= this into base
@@ -392,6 +394,12 @@ class MirrorDriver:
                         down[r.label] = f"down, retrying ({r.last_error})"
                     else:
                         pending.append(r)
+                if pending and self._crash is not None:
+                    # The cycles stopped (the store or a hook failed): cycle ``want`` will
+                    # not reach these targets until a resume, so do not wait it out.
+                    raise UsageError(f"mirror of {self.volume.name!r} stopped before cycle "
+                                     f"{want} reached {pending[0].label}: {self._crash}; "
+                                     "fix that and resume it")
                 waited = [r for r in waited if r.label not in skipped]
                 applied = [r for r in waited if r.applied_cycle >= want]
                 if not waited:
@@ -463,6 +471,7 @@ class MirrorDriver:
         their last applied freeze without waiting out the interval."""
         with self._cond:
             self._break = self._break_now = False
+            self._crash = None
             for r in self.targets:
                 r.broken = None
                 r.paused = False
@@ -500,6 +509,7 @@ class MirrorDriver:
             r = self._target(label)
             r.paused, r.broken, r.backoff = False, None, 0.0
             self._break = self._break_now = False
+            self._crash = None
             self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
             self._cond.notify_all()
 
@@ -619,7 +629,7 @@ class MirrorDriver:
                                   if isinstance(self.packer, AdaptivePacker) else None),
                 "targets": {
                     r.label: {
-                        "phase": "broken" if r.broken or (
+                        "phase": "broken" if r.broken or self._crash is not None or (
                             r.paused and (r.link is None or r.phase == "idle")) else r.phase,
                         "paused": r.paused,
                         "applied_cycle": r.applied_cycle,
@@ -796,9 +806,10 @@ class MirrorDriver:
         log.error("mirror of %s stopped: %s: %s", self.volume.name, type(exc).__name__, exc)
         with self._cond:
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self._crash = self.last_error
             self.phase = "broken"
             self._break = True
-            self._cond.notify_all()
+            self._cond.notify_all()  # a sync waiting for a cycle learns it will not come
 
     def _wait_for_freeze_time(self) -> bool:
         """Sleep until the next freeze is due (or a sync asks now); False to re-check flags.
@@ -1111,7 +1122,8 @@ class MirrorDriver:
         r.phase = "connecting"
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                           insecure=r.spec.insecure,
-                          on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft))
+                          on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft),
+                          on_failure=lambda exc, r=r: self._apply_failed(r, exc))
         link.connect({
             "node_id": self.store.node_id, "node_name": self.store.node_name,
             "mirror": self.subject.remote_name, "group": self.subject.group,
@@ -1447,6 +1459,25 @@ class MirrorDriver:
             self._cond.notify_all()
         if stats is not None and self.options.on_applied is not None:
             self.options.on_applied(cycle, r.label, dict(stats))
+
+    def _apply_failed(self, r: OutgoingTarget, exc: BaseException) -> None:
+        """The target sent an error between cycles (called by its link's reader thread):
+        the apply of a committed cycle failed there (a full disk or Ceph pool).
+
+        Status shows it at once, and a cycle is asked for: its connection makes the
+        target's recovery redo the committed apply (nothing is sent again), retried
+        with backoff while it fails.  A link that merely closed asks for nothing.
+        """
+        if not isinstance(exc, RemoteError):
+            return
+        with self._cond:
+            if self._stop or r.broken is not None or r.held_cycle <= r.applied_cycle:
+                return  # not an apply's failure: a cycle in flight reports its own
+            r.last_error = f"{type(exc).__name__}: {exc}"
+            self._sync_want = max(self._sync_want, self.volume.open_overlay + 1)
+            self._cond.notify_all()
+        log.warning("mirror %s -> %s: the target could not apply cycle %d: %s",
+                    self.volume.name, r.label, r.held_cycle, exc)
 
     def _failed(self, r: OutgoingTarget, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"

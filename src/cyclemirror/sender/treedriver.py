@@ -23,6 +23,18 @@ One thread runs:  wait -> freeze -> ship -> merge.
   (``merge_through``); a target that never held a cycle does not hold them
   back (it needs a full cycle anyway), a broken or unreachable one does: its
   cycle stays, so its next cycle is a delta.
+* Demotion: a target that answers ``DemotedError`` (it promoted this tree's
+  mirror) makes the tree *demoted* (``TreeObject.mark_demoted``, shown by
+  ``status``): the whole mirror stops, no more freezes, and ``resume`` is
+  refused, until the tree is failed back from the new primary (docs/trees.md).
+* Failback: a promoted tree (``TreeObject.promoted_from``) says so to each
+  target at connect (``tree_branch``, before ``tree_open``): the cycle it was
+  promoted from, whether it wrote since, and the split brain's loser if a user
+  named one (only while it still has the snapshot of that cycle: without it
+  the target takes a full cycle).  The old source, which has that snapshot too, rolls
+  back to it and answers that it holds it, so the first cycle is a delta from
+  the promotion's base snapshot (``receiver.treefailback``).  That snapshot is
+  kept while a target holds no cycle yet.
 * Faults: a lost connection, a timeout, a target's temporary error: that
   target retries with backoff (a tree cycle is never resumed half way: it
   restarts whole, as a delta from what the target holds); a permanent one
@@ -50,6 +62,7 @@ from cyclemirror._cext import frames
 from cyclemirror.errors import (
     CycleMirrorError,
     DeadlineError,
+    DemotedError,
     NotFoundError,
     ProtocolError,
     StoreError,
@@ -190,6 +203,9 @@ class TreeDriver:
     def start(self) -> None:
         if self._thread is not None:
             raise UsageError(f"mirror of tree {self.tree.name!r} is already running")
+        demoted = self.demoted_error()
+        if demoted is not None:
+            raise demoted  # 'mirror start' and 'resume' refused; status shows it
         if self.options.shared_rate is not None:
             self.options.shared_rate.join()
         saved = self._load_state()
@@ -301,7 +317,21 @@ class TreeDriver:
             for r in self.targets:
                 r.drop_link()
 
+    def demoted_error(self) -> DemotedError | None:
+        """The error a demoted tree's mirror stops with (None: not demoted)."""
+        d = self.tree.demoted
+        if d is None:
+            return None
+        return DemotedError(
+            f"tree {self.tree.name!r} on this node is demoted ({d['by']} said: "
+            f"{d['message']}); it must not mirror over the new primary: stop its writers, "
+            f"then fail back by mirroring the promoted tree from the new primary to this "
+            f"node (docs/trees.md, \"Failback\")")
+
     def resume(self) -> None:
+        demoted = self.demoted_error()
+        if demoted is not None:
+            raise demoted
         with self._cond:
             self._break = self._break_now = False
             self.last_error = None
@@ -329,6 +359,9 @@ class TreeDriver:
             r.drop_link()
 
     def resume_target(self, label: str) -> None:
+        demoted = self.demoted_error()
+        if demoted is not None:
+            raise demoted
         with self._cond:
             r = self._target(label)
             r.paused, r.broken, r.backoff, r.next_try = False, None, 0.0, 0.0
@@ -468,7 +501,12 @@ class TreeDriver:
                         and (r.paused or self._break)]
             for r in idle:  # the target may then remove the mirror without --force
                 r.drop_link()
+            demoted = self.demoted_error()
             with self._cond:
+                if demoted is not None:
+                    self._break, self.last_error = True, f"DemotedError: {demoted}"
+                    for r in self.targets:
+                        r.phase = "broken"
                 if self._break:
                     self.phase = "broken"
                     self._cond.notify_all()
@@ -514,7 +552,12 @@ class TreeDriver:
                 # retrying): another snapshot would only be kept for nobody.
                 live = self._live()
                 backlog = bool(live) and all(r.held < top for r in live)
-                if self._sync_want > top or top == 0 or (due <= 0 and not backlog):
+                # A promoted tree's newest cycle may be its promotion's base: what it
+                # wrote since is not frozen yet, and a failback must know of it.
+                p = self.tree.promoted_from
+                base_only = p is not None and top == p["cycle"]
+                if self._sync_want > top or top == 0 or base_only or \
+                        (due <= 0 and not backlog):
                     self._freezing = top + 1
                     break
                 mono = time.monotonic()
@@ -560,15 +603,25 @@ class TreeDriver:
 
     def _delta(self, base: int, k: int) -> treediff.TreeDelta:
         if base == k - 1 or (base == 0 and k == 1):
-            return self.tree.delta(k)  # keeps the walk of snapshot k for the next one
-        old = self.tree.snapshot_path(base) if base else None
-        return treediff.tree_delta(old, self.tree.snapshot_path(k))
+            d = self.tree.delta(k)  # keeps the walk of snapshot k for the next one
+        else:
+            old = self.tree.snapshot_path(base) if base else None
+            d = treediff.tree_delta(old, self.tree.snapshot_path(k))
+        if d.skipped:
+            log.info("mirror of tree %s, cycle %d: %d socket(s) not mirrored (a socket "
+                     "cannot be made meaningfully elsewhere): %s", self.tree.name, k,
+                     len(d.skipped), ", ".join(d.skipped[:5])
+                     + (", ..." if len(d.skipped) > 5 else ""))
+        return d
 
     def _connect(self, r: TreeTarget, k: int) -> None:
         tl = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                         insecure=r.spec.insecure)
         link = tl.dial()
         try:
+            branch = self._branch(k)
+            if branch is not None:
+                link.send_message("tree_branch", **branch)
             link.send_message("tree_open", node_id=self.store.node_id,
                               node_name=getattr(self.store, "node_name", None),
                               mirror=self.remote_name)
@@ -599,6 +652,17 @@ class TreeDriver:
             r.link = link
             r.held, r.held_freeze = applied, ft
         self._save_state()
+
+    def _branch(self, k: int) -> dict | None:
+        """The ``tree_branch`` message of a promoted tree (None for any other): the old
+        source rolls back to the promoted cycle and a failback ships only the delta."""
+        p = self.tree.promoted_from
+        if p is None or not self._ours(p["cycle"], p["freeze_time"]):
+            return None  # no base kept (or merged away): the target takes a full cycle
+        written = 0 if k == p["cycle"] else len(self._delta(p["cycle"], k).ops)
+        return {"source_node": p["source_node"], "mirror": p["mirror"], "cycle": p["cycle"],
+                "freeze_time": p["freeze_time"], "written_ops": written,
+                "discard_on": self.tree.discard_on or ""}
 
     def _send_guarded(self, r: TreeTarget, k: int, delta: treediff.TreeDelta) -> None:
         try:
@@ -699,6 +763,15 @@ class TreeDriver:
         return exc
 
     def _failed(self, r: TreeTarget, exc: BaseException, k: int = 0) -> None:
+        if getattr(exc, "code", None) == "DemotedError" or isinstance(exc, DemotedError):
+            try:
+                if self.tree.mark_demoted(r.label, str(exc)):
+                    log.error("tree %s is DEMOTED: %s says: %s", self.tree.name, r.label, exc)
+            except (CycleMirrorError, OSError):
+                log.exception("tree %s: recording its demotion failed", self.tree.name)
+            with self._cond:
+                self._break = True  # every target: the tree stops cycling
+                self._cond.notify_all()
         r.drop_link()
         r.failed_cycle = max(r.failed_cycle, k)
         temporary = is_temporary(exc)
@@ -727,6 +800,9 @@ class TreeDriver:
         if not held:
             return
         keep = min(held)
+        p = self.tree.promoted_from
+        if p is not None and any(r.held == 0 and not r.gone for r in self.targets):
+            keep = min(keep, p["cycle"])  # the base of a failback not made yet
         if keep >= 2:
             try:
                 self.tree.merge_through(keep - 1)

@@ -328,6 +328,16 @@ class FileObject:
             raise NotFoundError(f"file object {self.name!r} has no snapshot {k!r}")
         return FileCycle(self, k, 0.0, None).reader()
 
+    def snapshot_of(self, k: int) -> tuple[str, float] | None:
+        """(path, freeze time) of snapshot ``k`` if it is still kept (the oldest one kept
+        is the base of the next delta), else None."""
+        with self._lock:
+            if type(k) is not int or not max(1, self._rec["merged"] + 1) <= k <= self._rec["top"]:
+                return None
+            ft = self._rec["freeze_times"].get(str(k))
+        path = self._snap(k)
+        return (path, float(ft)) if ft is not None and os.path.exists(path) else None
+
     def frozen_cycles(self) -> list[int]:
         with self._lock:
             return list(range(max(1, self._rec["merged"] + 2), self._rec["top"] + 1))
@@ -392,15 +402,20 @@ class FileObject:
 
     def _changed(self, k: int) -> ExtentBitmap:
         """Blocks that differ between snap-(k-1) and snap-k (called with _lock held)."""
+        return self.changed_between(k - 1, k)
+
+    def changed_between(self, j: int, k: int) -> ExtentBitmap:
+        """Blocks that differ between snapshots ``j`` and ``k`` (a failback's divergence:
+        what this file was written after cycle ``j``)."""
         try:
-            fds = [os.open(self._snap(j), os.O_RDONLY) for j in (k - 1, k)]
+            fds = [os.open(self._snap(i), os.O_RDONLY) for i in (j, k)]
         except FileNotFoundError:
-            raise NotFoundError(f"file object {self.name!r}: snapshot of cycle {k - 1} or {k} "
+            raise NotFoundError(f"file object {self.name!r}: snapshot of cycle {j} or {k} "
                                 f"is gone from {self.snapshots}; the mirror compares block "
                                 "hashes with its targets instead") from None
         try:
             try:
-                maps = [self._map_of(j, fd) for j, fd in zip((k - 1, k), fds, strict=True)]
+                maps = [self._map_of(i, fd) for i, fd in zip((j, k), fds, strict=True)]
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
                     raise fileops.store_error(f"mapping file object {self.name!r}",

@@ -257,8 +257,10 @@ class Store:
         self._check_open()
         return tree.list_trees(self.path)
 
-    def add_tree(self, name: str, path: str) -> tree.TreeObject:
-        """Make the btrfs subvolume ``path`` tree object ``name``."""
+    def add_tree(self, name: str, path: str, base: dict | None = None,
+                 promoted_from: dict | None = None) -> tree.TreeObject:
+        """Make the btrfs subvolume ``path`` tree object ``name`` (a promoted tree: with
+        the base its failback starts from, ``tree.add_tree``)."""
         self._check_open()
         with self._lock:
             for taken, kind in ((os.path.isdir(self._dir_of(name)), "a volume"),
@@ -267,7 +269,7 @@ class Store:
                 if taken:
                     raise AlreadyExistsError(f"{name!r} is {kind} of store {self.path}; "
                                              "give the tree object another name")
-            tree.add_tree(self.path, self.node_id, name, path)
+            tree.add_tree(self.path, self.node_id, name, path, base, promoted_from)
         return self.open_tree(name)
 
     def open_tree(self, name: str) -> tree.TreeObject:

@@ -24,6 +24,14 @@ mode 0700, on the same file system, as a snapshot cannot cross one):
   or below ``merged``.  Only names of the form ``snap-N`` and ``.tmp-N`` in
   the object's own directory are ever deleted.
 
+Roles (docs/trees.md, "Failback"): the record also says whether the tree was
+*demoted* (a target promoted its mirror; ``mark_demoted``: the daemon then
+stops cycling it), whether it was *promoted* from a mirror here
+(``promoted_from``: the source node, mirror, cycle *k* and its freeze time;
+``add_tree(..., base=...)`` keeps a read-only snapshot of cycle *k* as
+``snap-k``, the base a failback's delta starts from), and the side a user named
+to lose a split brain (``discard_on``).
+
 The delta between two snapshots is ``store.treediff``; what ships it is
 ``wire.treeframes``; the target's side is ``receiver.treeops``.  Snapshots
 are made and deleted with the kernel's ioctls (``store.btrfsioctl``), which
@@ -97,8 +105,15 @@ def check_tree_path(path: str, what: str) -> None:
             "names, then add it again")
 
 
-def add_tree(store_path: str, node_id: str, name: str, path: str) -> dict:
-    """Record the btrfs subvolume ``path`` as tree object ``name``, after a probe snapshot."""
+def add_tree(store_path: str, node_id: str, name: str, path: str, base: dict | None = None,
+             promoted_from: dict | None = None) -> dict:
+    """Record the btrfs subvolume ``path`` as tree object ``name``, after a probe snapshot.
+
+    A promoted tree (``promoted_from``) may start from a base: ``base`` = {"path": a
+    subvolume holding exactly cycle ``cycle``, "cycle", "freeze_time"}; it is kept as
+    the read-only ``snap-<cycle>``, frozen at that time, and the object's next freeze is
+    cycle + 1, so a failback ships a delta from it.  A base that cannot be snapshotted
+    (another file system) is left out: the object starts at cycle 0."""
     validate_volume_name(name)
     if not os.path.isabs(path):
         raise UsageError(f"tree object {name!r}: the path must be absolute, got {path!r}")
@@ -116,6 +131,22 @@ def add_tree(store_path: str, node_id: str, name: str, path: str) -> dict:
     rec = {"format": RECORD_FORMAT, "name": name, "path": path, "fs": "btrfs",
            "snapshots": snaps, "top": 0, "merged": -1, "freeze_times": {},
            "created": time.time()}
+    if promoted_from is not None:
+        rec["promoted_from"] = dict(promoted_from)
+    if base is not None:
+        k = base["cycle"]
+        tmp = os.path.join(snaps, f"{TMP_PREFIX}{k}")
+        _delete_snapshot(tmp, f"tree object {name!r}")
+        try:
+            btrfsioctl.snapshot(base["path"], tmp, readonly=True)
+        except StoreError:
+            rec["base_error"] = f"no base snapshot of cycle {k} could be made from {base['path']}"
+        else:
+            final = os.path.join(snaps, f"{SNAP_PREFIX}{k}")
+            _delete_snapshot(final, f"tree object {name!r}")
+            os.rename(tmp, final)
+            fileops.fsync_dir(snaps)
+            rec.update(top=k, merged=k - 1, freeze_times={str(k): float(base["freeze_time"])})
     os.makedirs(os.path.join(store_path, TREES_DIR), exist_ok=True)
     fileops.atomic_write_json(record_path(store_path, name), rec)
     return rec
@@ -165,10 +196,38 @@ def _read_record(path: str, name: str) -> dict:
           and isinstance(rec.get("snapshots"), str) and os.path.isabs(rec["snapshots"])
           and all(type(rec.get(k)) is int for k in ("top", "merged"))
           and isinstance(rec.get("freeze_times"), dict))
+    if ok:
+        ok = _roles_ok(rec)
     if not ok or not -1 <= rec["merged"] < max(rec["top"], 1):
         raise StoreError(f"tree object {name!r}: its record {path} is damaged; remove it "
                          f"('cyclemirror tree rm {name}') and add the tree again")
     return rec
+
+
+def _is_time(v) -> bool:
+    return type(v) in (int, float) and v == v and 0 <= v < 1e12
+
+
+def _roles_ok(rec: dict) -> bool:
+    """The optional role fields of a record, if present, have their shapes."""
+    d = rec.get("demoted")
+    if d is not None and not (isinstance(d, dict) and set(d) == {"by", "message", "time"}
+                              and isinstance(d["by"], str) and isinstance(d["message"], str)
+                              and _is_time(d["time"])):
+        return False
+    p = rec.get("promoted_from")
+    if p is not None and not (
+            isinstance(p, dict) and set(p) == set(PROMOTED_FIELDS)
+            and isinstance(p["source_node"], str) and isinstance(p["mirror"], str)
+            and (p["source_name"] is None or isinstance(p["source_name"], str))
+            and type(p["cycle"]) is int and p["cycle"] >= 1 and _is_time(p["freeze_time"])
+            and type(p["forced"]) is bool and _is_time(p["time"])):
+        return False
+    return rec.get("discard_on") is None or isinstance(rec["discard_on"], str)
+
+
+PROMOTED_FIELDS = ("source_node", "source_name", "mirror", "cycle", "freeze_time", "forced",
+                   "time")
 
 
 def _own_directory(path: str, what: str) -> None:
@@ -240,7 +299,46 @@ class TreeObject:
         with self._lock:
             return {"name": self.name, "kind": "tree", "path": self.path, "fs": "btrfs",
                     "consistency": "tree", "snapshots": self.snapshots,
-                    "frozen_cycle": self._rec["top"]}
+                    "frozen_cycle": self._rec["top"],
+                    "role": "demoted" if self._rec.get("demoted") else "primary",
+                    "demoted": self._rec.get("demoted"),
+                    "promoted_from": self._rec.get("promoted_from"),
+                    "discard_on": self._rec.get("discard_on")}
+
+    # -- roles (docs/trees.md, "Failback") ---------------------------------------------------
+    @property
+    def demoted(self) -> dict | None:
+        """{"by", "message", "time"} once a target said it promoted this tree, else None."""
+        with self._lock:
+            d = self._rec.get("demoted")
+            return dict(d) if d else None
+
+    @property
+    def promoted_from(self) -> dict | None:
+        with self._lock:
+            p = self._rec.get("promoted_from")
+            return dict(p) if p else None
+
+    @property
+    def discard_on(self) -> str | None:
+        with self._lock:
+            return self._rec.get("discard_on")
+
+    def mark_demoted(self, by: str, message: str) -> bool:
+        """Record that target ``by`` promoted this tree; False if it was demoted already."""
+        with self._lock:
+            if self._rec.get("demoted"):
+                return False
+            self._rec["demoted"] = {"by": str(by)[:4096], "message": str(message)[:4096],
+                                    "time": time.time()}
+            self._save()
+            return True
+
+    def set_discard_on(self, node: str | None) -> None:
+        """A split brain's loser, as the user named it (``mirror resolve``)."""
+        with self._lock:
+            self._rec["discard_on"] = node
+            self._save()
 
     @property
     def frozen_cycle(self) -> int:

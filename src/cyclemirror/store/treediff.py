@@ -22,17 +22,24 @@ applies them:
    as for file objects); where the map cannot say (compressed extents) or
    the file system will not map the file, the block hashes of both (the
    Cython xxh3 hashes) decide.
-4. ``symlink PATH -> REF`` (new, or a new target).
+4. ``symlink PATH -> REF`` (new, or a new target) and ``node PATH`` (``REF`` is
+   its kind: ``fifo``, ``chr`` or ``blk``; ``rdev`` a device's number): a new
+   FIFO or device node, or one of another kind or number.
 5. ``link PATH <- REF``: a hard link to ``REF`` of the *new* version, for
    every further name of an inode whose content was just written, or a name
    that is new for an unchanged inode.
-6. ``meta PATH``: a file or symlink whose only change is its mode, owner or
-   mtime (a hard-linked inode's metadata goes with its first name).
+6. ``meta PATH``: a file, symlink, FIFO or device node whose only change is its
+   mode, owner, mtime or extended attributes (a hard-linked inode's metadata
+   goes with its first name).
 
-Every op carries the new mode (permission bits), uid, gid and mtime (ns) of
-its path, where they apply.  Atimes are not mirrored.  Sockets, FIFOs and
-device nodes are not mirrored: ``TreeDelta.skipped`` lists them.  Names must
-be UTF-8 (the wire carries text); another name is a StoreError naming it.
+Every op carries the new mode (permission bits), uid, gid, mtime (ns) and
+extended attributes (the complete set of the mirrored namespaces,
+``cyclemirror.xattrs``: user, trusted, security, POSIX ACLs) of its path,
+where they apply.  Atimes are not mirrored.  Sockets are not mirrored (they
+cannot be made meaningfully anywhere else): ``TreeDelta.skipped`` lists
+them.  FIFOs and device nodes are, each name its own node (hard links
+between them are not kept).  Names must be UTF-8 (the wire carries text);
+another name is a StoreError naming it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cyclemirror import xattrs as xattrs_mod
 from cyclemirror._cext import blockhash
 from cyclemirror.errors import StoreError
 from cyclemirror.store import btrfsioctl, cowfs
@@ -57,7 +65,7 @@ HASH_SPAN = 64 << 20  # bytes hashed per call
 class Entry(NamedTuple):
     """What a walk saw at one path (lstat, never following a symlink)."""
 
-    kind: str  # "dir", "file", "symlink" or "other"
+    kind: str  # "dir", "file", "symlink", "fifo", "chr", "blk" or "other" (a socket)
     mode: int  # permission bits
     uid: int
     gid: int
@@ -66,6 +74,11 @@ class Entry(NamedTuple):
     ino: int
     ctime_ns: int = 0  # moves with every change of the inode; nobody can set it back
     target: str = ""  # a symlink's target
+    rdev: int = 0  # a device node's number
+    xattrs: xattrs_mod.Xattrs = ()  # the mirrored extended attributes, sorted by name
+
+
+NODE_KINDS = ("fifo", "chr", "blk")
 
 
 @dataclass
@@ -78,6 +91,8 @@ class TreeOp:
     gid: int = 0
     mtime_ns: int = 0
     size: int = 0
+    rdev: int = 0  # a device node's number ('node' of ref 'chr' or 'blk')
+    xattrs: xattrs_mod.Xattrs = ()  # the complete set, for every op but 'rm' and 'link'
     data: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
     zero: list[tuple[int, int]] = field(default_factory=list)
 
@@ -85,7 +100,7 @@ class TreeOp:
 @dataclass
 class TreeDelta:
     ops: list[TreeOp]
-    skipped: list[str]  # sockets, FIFOs, device nodes: not mirrored
+    skipped: list[str]  # sockets: not mirrored
     data_bytes: int = 0
     methods: dict[str, int] = field(default_factory=dict)  # how changed files were compared
     new_walk: dict[str, Entry] = field(default_factory=dict, repr=False)  # for the next one
@@ -154,7 +169,7 @@ def walk(root: str) -> Walk:
     """Every path under ``root`` (relative, "/"-separated; "." for the root) -> Entry."""
     out = Walk()
     out.snapshot = _snapshot_uuid(root)
-    out.put(".", _entry(os.lstat(root), ""))
+    out.put(".", _entry(os.lstat(root), "", root, root))
     _walk_into(out, root, "", root)
     return out
 
@@ -171,7 +186,7 @@ def _walk_into(out: Walk, root: str, rel_top: str, abs_top: str,
                 rel = _utf8(f"{rel_dir}/{de.name}" if rel_dir else de.name, root)
                 st = de.stat(follow_symlinks=False)
                 target = os.readlink(de.path) if stat.S_ISLNK(st.st_mode) else ""
-                e = _entry(st, _utf8(target, root))
+                e = _entry(st, _utf8(target, root), de.path, root)
                 out.put(rel, e)
                 if added is not None:
                     added.add(rel)
@@ -202,12 +217,15 @@ def _snapshot_uuid(root: str) -> bytes:
     return _snapshot_id(info) if info.readonly else b""
 
 
-def _entry(st: os.stat_result, target: str) -> Entry:
+def _entry(st: os.stat_result, target: str, path: str, root: str) -> Entry:
     m = st.st_mode
     kind = ("dir" if stat.S_ISDIR(m) else "file" if stat.S_ISREG(m)
-            else "symlink" if stat.S_ISLNK(m) else "other")
+            else "symlink" if stat.S_ISLNK(m) else "fifo" if stat.S_ISFIFO(m)
+            else "chr" if stat.S_ISCHR(m) else "blk" if stat.S_ISBLK(m) else "other")
+    xa = () if kind == "other" else xattrs_mod.read(path, f"tree entry {path}")
     return Entry(kind, stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_mtime_ns,
-                 st.st_size if kind == "file" else 0, st.st_ino, st.st_ctime_ns, target)
+                 st.st_size if kind == "file" else 0, st.st_ino, st.st_ctime_ns, target,
+                 st.st_rdev if kind in ("chr", "blk") else 0, xa)
 
 
 def _key(path: str) -> str:
@@ -221,12 +239,13 @@ def _parent(path: str) -> str:
 
 
 def _meta(e: Entry) -> tuple:
-    return (e.mode, e.uid, e.gid, e.mtime_ns)
+    return (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
 
 
 def _op(op: str, path: str, e: Entry, ref: str = "") -> TreeOp:
     return TreeOp(op, path, ref, e.mode, e.uid, e.gid, e.mtime_ns,
-                  e.size if op in ("file", "patch") else 0)
+                  e.size if op in ("file", "patch") else 0,
+                  e.rdev if op == "node" else 0, e.xattrs)
 
 
 def tree_delta(old_root: str | None, new_root: str,
@@ -238,8 +257,17 @@ def tree_delta(old_root: str | None, new_root: str,
     (the default), where both are read-only btrfs snapshots of one subvolume, only
     what btrfs says changed since ``old_root`` is looked at in ``new_root``
     (``_search_walk``); anything it cannot vouch for walks ``new_root`` whole, and
-    the ops are the same either way.  ``delta.new_walk.how`` says which it was."""
+    the ops are the same either way.  ``delta.new_walk.how`` says which it was.
+
+    A file whose lstat is the same in both (inode, ctime, size, metadata) is skipped
+    without comparing its content only where btrfs also says its inode item was not
+    written after ``old_root`` was made (``_written_since``): equal ctimes do not
+    prove equal bytes (a write that began before the snapshot, and set the ctime
+    that went into it, can have its bytes land after it, in the next snapshot with
+    the same ctime; two writes in one clock tick, one on each side of a snapshot,
+    leave one ctime too).  Where btrfs cannot say, every such file is compared."""
     cand = None  # paths that may differ; None: every path
+    written = None  # inodes btrfs wrote after old_root was made; None: it cannot say
     if old_root is None:
         old, new = Walk(), walk(new_root)
     else:
@@ -266,13 +294,14 @@ def tree_delta(old_root: str | None, new_root: str,
             if new is None:
                 new = walk(new_root)
                 new.how = "walk" + (why if search else "")
+        written = _written_since(old_root, new_root)
     delta = TreeDelta([], sorted(new.others), new_walk=new)
     maps = _ItemMaps.open(old_root, new_root) if new.how == "search" else None
     try:
         if cand is None:
-            _ops_all(old, new, old_root, new_root, delta, maps)
+            _ops_all(old, new, old_root, new_root, written, delta, maps)
         else:
-            _ops_of(old, new, cand, old_root, new_root, delta, maps)
+            _ops_of(old, new, cand, old_root, new_root, written, delta, maps)
     finally:
         if maps is not None:
             maps.close()
@@ -318,8 +347,8 @@ class _ItemMaps:
             return None
 
 
-def _ops_all(old: Walk, new: Walk, old_root, new_root, delta: TreeDelta,
-             maps: _ItemMaps | None = None) -> None:
+def _ops_all(old: Walk, new: Walk, old_root, new_root, written: set[int] | None,
+             delta: TreeDelta, maps: _ItemMaps | None = None) -> None:
     """The ops, every path considered (after a walk)."""
     old_order = sorted(old, key=_key)
     order = sorted(new, key=_key)
@@ -331,11 +360,13 @@ def _ops_all(old: Walk, new: Walk, old_root, new_root, delta: TreeDelta,
     for p in order:
         if new[p].kind == "file":
             new_names.setdefault(new[p].ino, []).append(p)
-    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, delta, maps)
+    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, written,
+         delta, maps)
 
 
 def _ops_of(old: Walk, new: Walk, cand: set[str], old_root, new_root,
-            delta: TreeDelta, maps: _ItemMaps | None = None) -> None:
+            written: set[int] | None, delta: TreeDelta,
+            maps: _ItemMaps | None = None) -> None:
     """The ops, only the paths of ``cand`` considered: every path whose entry differs
     between ``old`` and ``new`` is in it, and a path whose entry does not makes no op
     (so the ops equal ``_ops_all``'s).  An inode with a name in ``cand`` is looked at
@@ -351,15 +382,18 @@ def _ops_of(old: Walk, new: Walk, cand: set[str], old_root, new_root,
     firsts = sorted(((ns[0], ino, ns) for ino in inos if (ns := names(new, ino))),
                     key=lambda t: _key(t[0]))
     new_names = {ino: ns for _, ino, ns in firsts}
-    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, delta, maps)
+    _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, written,
+         delta, maps)
 
 
 def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
-         delta: TreeDelta, maps: _ItemMaps | None = None) -> None:
+         written_inos: set[int] | None, delta: TreeDelta,
+         maps: _ItemMaps | None = None) -> None:
     """Append the ops of the paths ``old_order`` (of ``old``) and ``order`` (of
     ``new``), both sorted by ``_key``, and of the inodes of ``new_names`` (inode ->
     its file names in ``new``, sorted, the inodes in the order of their first names;
-    ``old_names`` the same of ``old``)."""
+    ``old_names`` the same of ``old``).  ``written_inos``: the inodes btrfs wrote
+    after ``old_root`` was made (None: unknown, every file is compared)."""
     ops = delta.ops
     # 1. deletes: gone, or the kind changed (a directory must go before a file takes its
     # name, and the reverse); only the topmost of each deleted subtree.
@@ -395,10 +429,12 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
                 else _data_ranges(os.path.join(new_root, first), n.size)
             delta.methods["new"] = delta.methods.get("new", 0) + 1
             ops.append(op)
-        elif base == first and old[base].ino == ino and old[base].ctime_ns == n.ctime_ns \
-                and old[base] == n:
-            # The same inode, untouched since the last freeze (a snapshot keeps the
-            # inode, its ctime moves with every write, chmod or link): nothing to compare.
+        elif base == first and old[base] == n and written_inos is not None \
+                and ino not in written_inos:
+            # The same inode, untouched since the last freeze: the same lstat (a
+            # snapshot keeps the inode) and btrfs wrote nothing of it since.  The same
+            # ctime alone is not enough: a write's ctime can go into one snapshot and
+            # its bytes into the next (see tree_delta).
             written = False
         else:
             o = old[base]
@@ -421,16 +457,21 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
                 links.append(TreeOp("link", q, first))
     for op in ops:
         delta.data_bytes += sum(n for _, n in op.data)
-    # 4. symlinks
+    # 4. symlinks, FIFOs and device nodes
     for p in order:
         n = new[p]
-        if n.kind != "symlink":
-            continue
-        o = old.get(p)
-        if o is None or o.kind != "symlink" or o.target != n.target:
-            ops.append(_op("symlink", p, n, n.target))
-        elif (o.uid, o.gid, o.mtime_ns) != (n.uid, n.gid, n.mtime_ns):
-            metas.append(_op("meta", p, n))
+        if n.kind == "symlink":
+            o = old.get(p)
+            if o is None or o.kind != "symlink" or o.target != n.target:
+                ops.append(_op("symlink", p, n, n.target))
+            elif (o.uid, o.gid, o.mtime_ns, o.xattrs) != (n.uid, n.gid, n.mtime_ns, n.xattrs):
+                metas.append(_op("meta", p, n))
+        elif n.kind in NODE_KINDS:
+            o = old.get(p)
+            if o is None or o.kind != n.kind or o.rdev != n.rdev:
+                ops.append(_op("node", p, n, n.kind))
+            elif _meta(o) != _meta(n):
+                metas.append(_op("meta", p, n))
     # 5. further names of inodes, 6. metadata only
     ops.extend(links)
     ops.extend(metas)
@@ -442,6 +483,70 @@ class _Unsure(Exception):
 
 def _open_dir(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _open_pair(old_root: str, new_root: str) -> tuple[int, int]:
+    try:
+        ofd = _open_dir(old_root)
+    except OSError as exc:
+        raise _Unsure(f"opening {old_root}: {exc.strerror}") from None
+    try:
+        return ofd, _open_dir(new_root)
+    except OSError as exc:
+        os.close(ofd)
+        raise _Unsure(f"opening {new_root}: {exc.strerror}") from None
+
+
+def _snapshot_infos(ofd: int, nfd: int):
+    """The ``subvolume_info`` of two read-only btrfs snapshots, the old one first;
+    _Unsure where they are not that."""
+    try:
+        oi, ni = btrfsioctl.subvolume_info(ofd), btrfsioctl.subvolume_info(nfd)
+    except OSError as exc:
+        raise _Unsure(f"not btrfs ({exc.strerror})") from None
+    if not (oi.readonly and ni.readonly):
+        raise _Unsure("not read-only snapshots")
+    return oi, ni
+
+
+def _changed_since(nfd: int, oi, ni, after: int = 0) -> set[int]:
+    """``btrfsioctl.changed_inodes`` of snapshot ``nfd`` since the transaction that
+    made the snapshot of ``oi`` (``after`` 1: since the one after it); _Unsure where
+    btrfs cannot say."""
+    if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
+            or ni.otransid <= oi.otransid:
+        raise _Unsure("not two snapshots of one subvolume, in order")
+    try:
+        return btrfsioctl.changed_inodes(nfd, oi.otransid + after)
+    except OSError as exc:
+        raise _Unsure(f"tree search: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _Unsure(str(exc)) from None
+
+
+def _written_since(old_root: str, new_root: str) -> set[int] | None:
+    """The inodes of snapshot ``new_root`` whose inode item or entries btrfs wrote
+    after snapshot ``old_root`` was made, or None where it cannot say (not two
+    read-only snapshots of one subvolume in order, no CAP_SYS_ADMIN...).
+
+    After: in a transaction later than the one that made ``old_root``.  A snapshot
+    is made in its transaction's commit once every writer of that transaction is
+    done, so what that transaction wrote is in it, and a write after it is in a
+    later one: the bytes of a write whose ctime went into ``old_root`` land in a
+    later transaction, which writes the inode item again (the file's extents and
+    byte count), so the inode is here even though its lstat is not changed."""
+    try:
+        ofd, nfd = _open_pair(old_root, new_root)
+    except _Unsure:
+        return None
+    try:
+        oi, ni = _snapshot_infos(ofd, nfd)
+        return _changed_since(nfd, oi, ni, after=1)
+    except _Unsure:
+        return None
+    finally:
+        os.close(ofd)
+        os.close(nfd)
 
 
 def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str]]:
@@ -459,33 +564,12 @@ def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str
     as it was, because btrfs writes an inode's item whenever anything lstat
     shows of it changes, and a directory's whenever its entries do.  A path
     under a subtree already taken out is skipped (its new place was walked)."""
+    ofd, nfd = _open_pair(old_root, new_root)
     try:
-        ofd = _open_dir(old_root)
-    except OSError as exc:
-        raise _Unsure(f"opening {old_root}: {exc.strerror}") from None
-    try:
-        nfd = _open_dir(new_root)
-    except OSError as exc:
-        os.close(ofd)
-        raise _Unsure(f"opening {new_root}: {exc.strerror}") from None
-    try:
-        try:
-            oi, ni = btrfsioctl.subvolume_info(ofd), btrfsioctl.subvolume_info(nfd)
-        except OSError as exc:
-            raise _Unsure(f"not btrfs ({exc.strerror})") from None
-        if not (oi.readonly and ni.readonly):
-            raise _Unsure("not read-only snapshots")
+        oi, ni = _snapshot_infos(ofd, nfd)
         if not old.snapshot or old.snapshot != _snapshot_id(oi):
             raise _Unsure("the walk kept is not of the previous snapshot")
-        if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
-                or ni.otransid <= oi.otransid:
-            raise _Unsure("not two snapshots of one subvolume, in order")
-        try:
-            changed = btrfsioctl.changed_inodes(nfd, oi.otransid)
-        except OSError as exc:
-            raise _Unsure(f"tree search: {exc.strerror}") from None
-        except ValueError as exc:
-            raise _Unsure(str(exc)) from None
+        changed = _changed_since(nfd, oi, ni)
         new = old.copy()
         new.snapshot, new.how = _snapshot_id(ni), "search"
         cand: set[str] = set()
@@ -518,7 +602,7 @@ def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: 
                           f"({exc.strerror})") from None
         if st.st_ino != ino:
             raise _Unsure(f"{p} is another inode than its directory says")
-        return _entry(st, _utf8(target, new_root))
+        return _entry(st, _utf8(target, new_root), full, new_root)
 
     def entries(root: str, p: str) -> dict[str, int]:
         with os.scandir(os.path.join(root, p)) as it:
@@ -549,7 +633,7 @@ def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: 
         full = os.path.join(new_root, q)
         st = os.lstat(full)
         target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else ""
-        new.put(q, _entry(st, _utf8(target, new_root)))
+        new.put(q, _entry(st, _utf8(target, new_root), full, new_root))
         cand.add(q)
         if stat.S_ISDIR(st.st_mode):
             _walk_into(new, new_root, q, full, cand)

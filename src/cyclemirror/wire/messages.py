@@ -14,6 +14,7 @@ import json
 import math
 import re
 
+from cyclemirror import xattrs
 from cyclemirror.errors import ProtocolError
 from cyclemirror.jsontext import loads_strict
 
@@ -29,10 +30,10 @@ MAX_BLOCK_SIZE = 1 << 20
 MAX_VOLUME_SIZE = 1 << 56
 MAX_PATH_BYTES = 4096  # a tree path or symlink target, in UTF-8 bytes (PATH_MAX)
 MAX_NAME_BYTES = 255  # one component of a tree path (NAME_MAX)
-TREE_OPS = frozenset({"rm", "dir", "file", "patch", "symlink", "link", "meta"})
+TREE_OPS = frozenset({"rm", "dir", "file", "patch", "symlink", "link", "meta", "node"})
 
 # kinds: int, sint, float, bool, name, node, text, hex, volumes, opt_text, relpath,
-# linktext, tree_op
+# linktext, tree_op, xattrs
 SCHEMAS: dict[str, dict[str, str]] = {
     # source -> target
     # protocol 3: sent before 'open', the generation of the source's volume
@@ -70,11 +71,17 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # a tree object's delta (docs/trees.md, wire/treeframes.py): one per operation, DATA
     # and ZERO frames of a 'file' or 'patch' op follow it; 'ref' is checked per op there
     "tree_op": {"op": "tree_op", "path": "relpath", "ref": "linktext", "mode": "int",
-                "uid": "int", "gid": "int", "mtime_ns": "sint", "size": "int"},
+                "uid": "int", "gid": "int", "mtime_ns": "sint", "size": "int", "rdev": "int",
+                "xattrs": "xattrs"},
     # a tree mirror's connection (docs/protocol.md, "Tree mirrors"): 'tree_open' instead
     # of 'open', answered by 'tree_opened'; before each cycle's 'begin', 'tree_base' says
     # which applied cycle the delta starts from (0: a full cycle)
     "tree_open": {"node_id": "node", "node_name": "opt_text", "mirror": "name"},
+    # before 'tree_open', from a promoted tree only (docs/trees.md, "Failback"): the
+    # node and mirror it was promoted from, at which cycle (frozen when), how many ops
+    # it wrote since, and the node a user named to lose a split brain ('' for none)
+    "tree_branch": {"source_node": "node", "mirror": "name", "cycle": "int",
+                    "freeze_time": "float", "written_ops": "int", "discard_on": "text"},
     "tree_opened": {"node_id": "node", "applied_cycle": "int", "freeze_time": "float"},
     "tree_base": {"cycle": "int", "base": "int", "base_freeze_time": "float"},
 }
@@ -102,6 +109,21 @@ def _check_value(mtype: str, field: str, kind: str, value):
     elif kind == "tree_op":
         if not isinstance(value, str) or value not in TREE_OPS:
             raise _bad(mtype, field, f"must be one of {sorted(TREE_OPS)}, got {value!r:.40}")
+    elif kind == "xattrs":
+        # [[name, base64 value], ...]: names and sizes checked by xattrs.check_xattrs
+        # once decoded (treeframes.check_tree_op); here only the shape and the cap on
+        # the count, before anything is decoded
+        if not isinstance(value, list) or len(value) > xattrs.MAX_COUNT:
+            raise _bad(mtype, field, f"must be a list of at most {xattrs.MAX_COUNT} "
+                                     "[name, base64 value] pairs")
+        for pair in value:
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], str)
+                    and len(pair[0]) <= xattrs.MAX_NAME
+                    and len(pair[1]) <= (xattrs.MAX_VALUE + 2) // 3 * 4):
+                raise _bad(mtype, field, "must hold [name, base64 value] pairs of strings "
+                                         f"(a name of at most {xattrs.MAX_NAME} bytes, a "
+                                         f"value of at most {xattrs.MAX_VALUE} bytes)")
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _bad(mtype, field, "must be a number")

@@ -4,7 +4,7 @@ A tree cycle is the frames a volume cycle uses (docs/protocol.md), nothing
 new but one CONTROL message type, ``tree_op`` (``wire/messages.py``)::
 
     CONTROL begin {cycle, freeze_time, full, resume_from: 0}
-    CONTROL tree_op {op, path, ref, mode, uid, gid, mtime_ns, size}
+    CONTROL tree_op {op, path, ref, mode, uid, gid, mtime_ns, size, rdev, xattrs}
       DATA / ZERO frames        -- only after a 'file' or 'patch' op: byte ranges
                                    of that file, offset + length <= its size
     CONTROL tree_op ...
@@ -18,7 +18,12 @@ message by its schema: ``path`` is a relative path that cannot leave the
 tree (``messages.check_relpath``: no ``..``, no absolute path, no empty or
 ``.`` component), ``ref`` is a relative path for ``patch`` and ``link``, any
 text without NUL for ``symlink`` (a symlink's target is stored, never
-followed), empty for the rest; ``mode`` only permission bits.  A frame of
+followed), ``fifo``, ``chr`` or ``blk`` for ``node``, empty for the rest;
+``mode`` only permission bits; ``rdev`` a device number (major under 2^12,
+minor under 2^20) for a ``node`` of ``chr`` or ``blk``, else 0; ``xattrs``
+[[name, base64 value], ...] (``cyclemirror.xattrs``: known namespaces only,
+a name of at most 255 bytes, a value of at most 64 KiB, a bounded count and
+total), empty for ``rm`` and ``link``.  A frame of
 another cycle, a DATA frame where no file is open, a missing or wrong
 ``end`` count: a ProtocolError each, and the cycle is not applied.
 
@@ -28,9 +33,12 @@ with the attributes of ``store.treediff.TreeOp``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable, Iterator
 
+from cyclemirror import xattrs
 from cyclemirror._cext import frames
 from cyclemirror.errors import ProtocolError
 from cyclemirror.wire import messages
@@ -40,17 +48,37 @@ ZERO_MAX = (1 << 32) - 1 - 4095  # a ZERO record's length fits 32 bits
 DEFAULT_CHUNK = 1 << 20
 OPS_WITH_DATA = ("file", "patch")
 OPS_WITH_PATH_REF = ("patch", "link")
+OPS_WITHOUT_XATTRS = ("rm", "link")
+NODE_KINDS = ("fifo", "chr", "blk")
+MAX_MAJOR = 1 << 12  # Linux's dev_t: 12 bits of major, 20 of minor
+MAX_MINOR = 1 << 20
 
 
 def op_message(op) -> dict:
     return {"op": op.op, "path": op.path, "ref": op.ref, "mode": op.mode, "uid": op.uid,
-            "gid": op.gid, "mtime_ns": op.mtime_ns, "size": op.size}
+            "gid": op.gid, "mtime_ns": op.mtime_ns, "size": op.size, "rdev": op.rdev,
+            "xattrs": [[n, base64.b64encode(v).decode("ascii")] for n, v in op.xattrs]}
 
 
 def check_tree_op(msg: dict) -> dict:
-    """What the schema cannot say: which ops take a ``ref`` and of which kind, modes."""
+    """What the schema cannot say: which ops take a ``ref`` and of which kind, modes,
+    device numbers, extended attributes.  Returns the message with ``xattrs`` decoded
+    to ((name, bytes), ...), the form ``receiver.treeops`` applies."""
     op, ref = msg["op"], msg["ref"]
     what = f"tree_op {op!r} at {msg['path'][:80]!r}"
+    if op == "node":
+        if ref not in NODE_KINDS:
+            raise ProtocolError(f"{what}: a node is one of {', '.join(NODE_KINDS)}, "
+                                f"not {ref[:40]!r}")
+        rdev = msg["rdev"]
+        if ref == "fifo" and rdev:
+            raise ProtocolError(f"{what}: a FIFO has no device number")
+        if ref != "fifo" and (rdev >= 1 << 32 or os.major(rdev) >= MAX_MAJOR
+                              or os.minor(rdev) >= MAX_MINOR):
+            raise ProtocolError(f"{what}: device number {rdev:#x} is not a Linux one "
+                                f"(major under {MAX_MAJOR}, minor under {MAX_MINOR})")
+    elif msg["rdev"]:
+        raise ProtocolError(f"{what}: only a 'node' has a device number")
     if op in OPS_WITH_PATH_REF:
         messages.check_relpath(ref, f"{what}: ref")
         if ref == ".":
@@ -58,7 +86,7 @@ def check_tree_op(msg: dict) -> dict:
     elif op == "symlink":
         if not ref:
             raise ProtocolError(f"{what}: a symlink needs a target")
-    elif ref:
+    elif ref and op != "node":
         raise ProtocolError(f"{what}: takes no ref")
     if msg["path"] == "." and op not in ("dir",):
         raise ProtocolError(f"{what}: the tree's root can only be a 'dir'")
@@ -70,7 +98,20 @@ def check_tree_op(msg: dict) -> dict:
         raise ProtocolError(f"{what}: size {msg['size']} is past 2**56")
     if op not in OPS_WITH_DATA and msg["size"]:
         raise ProtocolError(f"{what}: only 'file' and 'patch' have a size")
-    return msg
+    if op in OPS_WITHOUT_XATTRS and msg["xattrs"]:
+        raise ProtocolError(f"{what}: takes no extended attributes")
+    pairs = []
+    for name, b64 in msg["xattrs"]:
+        try:
+            value = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(f"{what}: extended attribute {name[:80]!r}: the value is "
+                                "not base64") from None
+        pairs.append((name, value))
+    why = xattrs.check_xattrs(pairs, what)
+    if why:
+        raise ProtocolError(why)
+    return {**msg, "xattrs": tuple(pairs)}
 
 
 def _control(frame_cycle: int, mtype: str, fields: dict) -> bytes:
@@ -163,7 +204,7 @@ class TreeFrameReader:
                 if msg["type"] == "error":
                     raise ProtocolError(f"{self.where}: the source gave up: "
                                         f"{msg['message'][:200]}")
-                check_tree_op(msg)
+                msg = check_tree_op(msg)
                 chunks += 1
                 size = msg["size"] if msg["op"] in OPS_WITH_DATA else 0
                 limits = volume_limits(size, 1) if size else control_limits()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 HEADER = struct.Struct("<QQQII")  # transid, objectid, offset, type, len
-INODE_ITEM, DIR_ITEM, DIR_INDEX = 1, 84, 96
+INODE_ITEM, XATTR_ITEM, DIR_ITEM, DIR_INDEX = 1, 24, 84, 96
 DIR_ENTRY = struct.Struct("<17sQHHB")  # location key, transid, data_len, name_len, type
 
 
@@ -33,17 +33,18 @@ def scan_items(buf, nr_items: int, min_transid: int, changed: set):
                 raise ValueError(f"search buffer: inode item {objectid} is {length} bytes")
             if int.from_bytes(item[8:16], "little") >= min_transid:
                 changed.add(objectid)
-        elif typ in (DIR_ITEM, DIR_INDEX):
+        elif typ in (DIR_ITEM, DIR_INDEX, XATTR_ITEM):
+            what = "xattrs of inode" if typ == XATTR_ITEM else "directory"
             q, hit = 0, False
             while q < len(item):
                 if len(item) - q < DIR_ENTRY.size:
-                    raise ValueError(f"search buffer: directory {objectid}: an entry runs "
+                    raise ValueError(f"search buffer: {what} {objectid}: an entry runs "
                                      "past its item")
                 _, transid, data_len, name_len, _ = DIR_ENTRY.unpack_from(item, q)
                 hit = hit or transid >= min_transid
                 q += DIR_ENTRY.size + name_len + data_len
                 if q > len(item):
-                    raise ValueError(f"search buffer: directory {objectid}: an entry runs "
+                    raise ValueError(f"search buffer: {what} {objectid}: an entry runs "
                                      "past its item")
             if hit:
                 changed.add(objectid)
