@@ -7,6 +7,7 @@ big volumes); the default run keeps them small so the suite stays fast.
 import os
 import shutil
 import tempfile
+import threading
 
 import pytest
 
@@ -49,29 +50,76 @@ def btrfs_zstd_mount(tmp_path_factory):
     fs.close()
 
 
+class _CephStart:
+    """The session's Ceph cluster, started in a thread as soon as the collected tests show
+    that one of them needs it: its ~15 s of start-up (mkfs, daemons, pool, health) overlap
+    the tests that run before the first Ceph test instead of adding to the wall time."""
+
+    def __init__(self):
+        from tests.support import ceph
+
+        self.dir = tempfile.mkdtemp(prefix="cyclemirror-ceph-")
+        self.cluster = ceph.CephCluster(self.dir)
+        self.error: BaseException | None = None
+        self.owned = False  # the fixture took it over (and stops it)
+        self.thread = threading.Thread(target=self._start, name="ceph-start", daemon=True)
+        self.thread.start()
+
+    def _start(self):
+        try:
+            self.cluster.start()
+        except BaseException as exc:  # noqa: BLE001 - reported by the fixture
+            self.error = exc
+
+    def close(self):
+        self.thread.join()
+        self.cluster.stop()
+        if self.error is None and not os.environ.get("CYCLEMIRROR_KEEP_CEPH"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_ceph_start: _CephStart | None = None
+
+
+def pytest_collection_finish(session):
+    global _ceph_start
+    from tests.support import ceph
+
+    if session.config.option.collectonly:
+        return
+    if _ceph_start is None and not ceph.missing_binaries() and any(
+            "ceph_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+        _ceph_start = _CephStart()
+
+
+def pytest_sessionfinish(session):
+    if _ceph_start is not None and not _ceph_start.owned:  # no Ceph test ran after all
+        _ceph_start.close()
+
+
 @pytest.fixture(scope="session")
 def ceph_cluster():
-    """A one-node Ceph cluster (tests/support/ceph.py), started once per session on first use.
+    """A one-node Ceph cluster (tests/support/ceph.py), started once per session: in the
+    background from the end of collection on (``_CephStart``), else on first use.
 
     Skips where the Ceph daemons are not installed; torn down at the session's end,
     whatever the tests did.
     """
+    global _ceph_start
     from tests.support import ceph
 
     missing = ceph.missing_binaries()
     if missing:
         pytest.skip(f"Ceph is not installed (missing {', '.join(missing)}); "
                     f"scripts/install-deps installs {ceph.PACKAGES}")
-    directory = tempfile.mkdtemp(prefix="cyclemirror-ceph-")
-    cluster = ceph.CephCluster(directory)
+    start = _ceph_start if _ceph_start is not None else _CephStart()
+    _ceph_start = start
+    start.owned = True
     try:
-        cluster.start()
-    except Exception as exc:  # noqa: BLE001 - a cluster that cannot start is reported
-        pytest.fail(f"the test Ceph cluster did not start: {exc} (its files stay in "
-                    f"{directory})")
-    try:
-        yield cluster
+        start.thread.join()
+        if start.error is not None:
+            pytest.fail(f"the test Ceph cluster did not start: {start.error} (its files stay "
+                        f"in {start.dir})")
+        yield start.cluster
     finally:
-        cluster.stop()
-        if not os.environ.get("CYCLEMIRROR_KEEP_CEPH"):
-            shutil.rmtree(directory, ignore_errors=True)
+        start.close()

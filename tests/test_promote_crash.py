@@ -13,6 +13,9 @@ kills it with SIGKILL, restarts it without the failpoint and checks, through
 real NBD reads (nbdcopy), that every member holds exactly the bytes of the last
 applied cycle, as a mirror image or as a volume, all members the same way; then
 promote is run again and must finish (or answer the finished promotion).
+
+The lost mirror (a volume, or the group) is made once per module; each case starts b
+on its own copy of that stopped store, with the case's failpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,13 +42,53 @@ SIZE = 4 * MiB
 FAILPOINT_SECONDS = 30
 
 
-@pytest.fixture
-def world(tmp_path):
+@pytest.fixture(scope="module")
+def key(tmp_path_factory):
     require_tool("nbdcopy")
     require_tool("qemu-io")
-    key = make_key(tmp_path / "mirror.key")
+    return make_key(tmp_path_factory.mktemp("key") / "mirror.key")
+
+
+@pytest.fixture
+def world(tmp_path, key):
     with DaemonPool(tmp_path) as pool:
         yield pool, key
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory, key):
+    """``mirrored(members)``: a fresh b whose store holds ``members`` mirrored from a lost a
+    (``source_lost_after_two_cycles``), made once per module and copied for each test.
+
+    The set-up (two daemons, two cycles written through NBD) is the same for every case;
+    each case gets its own copy of b's stopped store and starts b on it with its own
+    arguments, so a case still kills a daemon that never ran anything but its promotion."""
+    made: dict[tuple, tuple] = {}
+    pools = []
+
+    def setup(members: list[str]) -> tuple:
+        if tuple(members) not in made:
+            root = tmp_path_factory.mktemp("lost-" + "-".join(members))
+            pool = DaemonPool(root)
+            pools.append(pool)
+            b = pool.start("b", key_file=key, listen=True, metrics=False,
+                           extra=("--node-name", "hostb"))
+            made[tuple(members)] = (b.store, *source_lost_after_two_cycles(pool, key, members, b))
+            b.stop()
+        return made[tuple(members)]
+
+    def fresh_b(pool, members: list[str], extra: tuple = ()):
+        """b on a copy of the lost mirror's store: (b, mirror name, expected, cycle)."""
+        store, mirror, expected, cycle = setup(members)
+        shutil.copytree(store, os.path.join(pool.root, "b"), symlinks=True,
+                        ignore=shutil.ignore_patterns("*.sock"))
+        b = pool.start("b", key_file=key, listen=True, metrics=False,
+                       extra=("--node-name", "hostb", *extra))
+        return b, mirror, expected, cycle
+
+    yield fresh_b
+    for pool in pools:
+        pool.__exit__(None, None, None)
 
 
 def uri(d, name: str) -> str:
@@ -156,13 +200,11 @@ CASES = [(members, fp) for members in (["v"], ["db", "log"])
 
 @pytest.mark.parametrize(("members", "failpoint"), CASES,
                          ids=[f"{'group' if len(m) > 1 else 'volume'}-{fp}" for m, fp in CASES])
-def test_kill_9_inside_promote_leaves_the_mirror_or_the_promotion_whole(world, members,
-                                                                         failpoint):
-    pool, key = world
-    b = pool.start("b", key_file=key, listen=True, metrics=False,
-                   extra=("--node-name", "hostb", "--failpoint",
-                          f"{failpoint}={FAILPOINT_SECONDS}"))
-    mirror, expected, cycle = source_lost_after_two_cycles(pool, key, members, b)
+def test_kill_9_inside_promote_leaves_the_mirror_or_the_promotion_whole(world, mirrored,
+                                                                         members, failpoint):
+    pool, _key = world
+    b, mirror, expected, cycle = mirrored(pool, members,
+                                          ("--failpoint", f"{failpoint}={FAILPOINT_SECONDS}"))
     proc = promote_cli(b, mirror)
     try:
         wait_for(lambda: reached(b, failpoint, members) or proc.poll() is not None,
@@ -181,14 +223,12 @@ def test_kill_9_inside_promote_leaves_the_mirror_or_the_promotion_whole(world, m
     promote_again_and_check(b, mirror, members, expected, cycle)
 
 
-def test_kill_9_at_random_instants_of_a_group_promote(world):
+def test_kill_9_at_random_instants_of_a_group_promote(world, mirrored):
     """No failpoint: the kill lands wherever the promotion is after a random delay (most
     often before or after it, sometimes inside); whichever, the group is whole."""
-    pool, key = world
+    pool, _key = world
     members = ["db", "log"]
-    b = pool.start("b", key_file=key, listen=True, metrics=False,
-                   extra=("--node-name", "hostb"))
-    mirror, expected, cycle = source_lost_after_two_cycles(pool, key, members, b)
+    b, mirror, expected, cycle = mirrored(pool, members)
     rng = random.Random(int(os.environ.get("PROMOTE_CRASH_SEED", "1")))
     seen = set()
     for _round in range(4):

@@ -28,8 +28,10 @@ MANUAL = "3600"
 LINK_MBIT = 100
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def link():
+    """One namespace pair for the module: each test starts its own daemons in it, and the
+    cut-wire test puts the wire back up in its ``finally``."""
     with NetnsPair(f"{LINK_MBIT}mbit") as pair:
         yield pair
 

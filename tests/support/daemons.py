@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 
+from cyclemirror import keys
 from cyclemirror.daemon.control_client import ControlClient
 from cyclemirror.errors import DaemonUnavailableError
 from tests.support.procenv import child_env
@@ -49,7 +50,11 @@ def run_cli(*args, store: str | None = None, check: bool = True, timeout: float 
 
 
 def make_key(path) -> str:
-    run_cli("keygen", "--out", path)
+    """A new mirror key in the file ``path`` (mode 0600), written by the library call the
+    ``keygen --out`` verb makes (``keys.write_key_file``), in this process: tests make one
+    per test, and an interpreter per key was seconds of the suite.  The verb itself is
+    tested in tests/test_cli.py (test_keygen_prints_a_key_and_writes_a_private_key_file)."""
+    keys.write_key_file(str(path), keys.generate_key())
     return str(path)
 
 
