@@ -27,8 +27,12 @@ file of both copies is minutes a round at 100,000 files; a change missed in
 an earlier round still shows, as changes accumulate).  At 100,000 files run
 it with ``-p no:timeout`` (setting up takes longer than pytest's 600 s).  What is *not* in
 ours: the daemon, the socket, TLS and compression (this is the tree code
-alone; the daemon does not run tree cycles yet), and rsync reads the live
-tree, not a frozen one.  CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds; the
+alone; ``bench_tree_daemon.py`` measures the daemons' cycle against rsync
+to an rsync daemon, what users feel), and rsync reads the live tree, not a
+frozen one.  Each round prints where the cycle's time went (``Phases``:
+functions wrapped in this process only) and the time the target took to
+make the next cycle's stage ahead (``TreeMirror.prepare_next``, as the
+daemon does once it has answered ``applied``), which is not in "total".  CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds; the
 table prints medians, the ratio rsync / ours and the load average.  Nothing
 asserts a time.
 """
@@ -58,6 +62,56 @@ ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
 VERIFY = os.environ.get("CYCLEMIRROR_BENCH_VERIFY", "each")  # or "last": after the last round
 
 
+class Phases:
+    """Wall time spent inside chosen functions during one cycle (wrapped in this process
+    only, for the breakdown the table prints; the library is not changed by it)."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+        self._depth: dict[str, int] = {}
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*a, **kw):
+            depth = self._depth.get(name, 0)
+            self._depth[name] = depth + 1
+            t0 = time.monotonic()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self._depth[name] = depth
+                if depth == 0:  # recursion counts once
+                    self.t[name] = self.t.get(name, 0.0) + time.monotonic() - t0
+
+        setattr(owner, attr, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.t = self.t, {}
+        return out
+
+
+PHASES = Phases()
+
+
+def _wrap_phases() -> None:
+    from cyclemirror.receiver import treeops
+    from cyclemirror.store import btrfsioctl
+
+    PHASES.wrap(btrfsioctl, "changed_inodes", "src.search")
+    PHASES.wrap(treediff, "changed_content", "src.compare")
+    PHASES.wrap(treediff, "_data_ranges", "src.compare")
+    PHASES.wrap(treeops.TreeMirror, "_make_stage", "tgt.stage")
+    PHASES.wrap(treeops._Apply, "finish", "tgt.finish")  # noqa: SLF001
+    PHASES.wrap(treeops, "syncfs", "tgt.syncfs")
+    PHASES.wrap(treeops.TreeMirror, "_save", "tgt.record")
+    PHASES.wrap(treeops, "renameat2", "tgt.exchange")
+    PHASES.wrap(treeops.TreeMirror, "_remove", "tgt.rm_old")
+    for name in ("prepare_next",):
+        if hasattr(treeops.TreeMirror, name):
+            PHASES.wrap(treeops.TreeMirror, name, "tgt.prepare_next")
+
+
 def make_tree(src: str, rnd: random.Random) -> list[str]:
     paths = []
     for d in range(-(-FILES // 100)):
@@ -73,6 +127,7 @@ def make_tree(src: str, rnd: random.Random) -> list[str]:
 def one_cycle(obj, mirror) -> dict:
     if obj._walk:  # noqa: SLF001 (what the next delta starts from, for the comparison)
         _kept[obj._walk[0]] = obj._walk[1]
+    PHASES.take()
     t0 = time.monotonic()
     k = obj.freeze()
     t1 = time.monotonic()
@@ -89,6 +144,7 @@ def one_cycle(obj, mirror) -> dict:
     reader = treeframes.TreeFrameReader(treeframes.read_exact_from(io.BytesIO(data)))
     mirror.apply(reader.events())
     t4 = time.monotonic()
+    phases = PHASES.take()
     walked = 0.0
     if k > 1:  # the same delta by walking the new snapshot whole, as before the search
         t5 = time.monotonic()
@@ -97,9 +153,16 @@ def one_cycle(obj, mirror) -> dict:
         walked = time.monotonic() - t5
         assert full.ops == delta.ops
         obj.merge_through(k - 1)
+    # The next cycle's stage, made after the switch as the daemon does once it has
+    # answered 'applied' (off the cycle's path there: the source is waiting for its next
+    # freeze); timed apart, never in "total".
+    t6 = time.monotonic()
+    ahead = mirror.prepare_next() if hasattr(mirror, "prepare_next") else False
+    ahead_s = time.monotonic() - t6
     return {"freeze": t1 - t0, "delta": t2 - t1, "frames": t3 - t2, "apply": t4 - t3,
             "total": t4 - t0, "bytes": len(data), "ops": len(delta.ops), "cycle": k,
-            "walked": walked, "how": delta.new_walk.how}
+            "walked": walked, "how": delta.new_walk.how, "phases": phases,
+            "ahead": ahead_s if ahead else 0.0, "stage": getattr(mirror, "last_stage", "")}
 
 
 def obj_walk(obj, k: int):
@@ -136,6 +199,7 @@ def test_tree_cycle_against_rsync():
         root = os.path.join(fs.mount, "target")
         os.mkdir(root)
         mirror = TreeMirror(root, "t")
+        _wrap_phases()
         first = one_cycle(obj, mirror)
         rcopy = os.path.join(fs.mount, "rsync-copy")
         rsync(src, rcopy)
@@ -152,10 +216,19 @@ def test_tree_cycle_against_rsync():
                     os.close(fd)
             ours.append(one_cycle(obj, mirror))
             theirs.append(rsync(src, rcopy))
+            print(f"\nround {len(ours)}: ours {ours[-1]['total']:.3f} s (freeze "
+                  f"{ours[-1]['freeze']:.3f}, delta {ours[-1]['delta']:.3f}, frames "
+                  f"{ours[-1]['frames']:.3f}, apply {ours[-1]['apply']:.3f}; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ours[-1]["phases"].items()))
+                  + f"; stage {ours[-1]['stage'] or 'snapshot'}), next stage made ahead "
+                  f"{ours[-1]['ahead']:.3f} s, rsync {theirs[-1][0]:.3f} s, "
+                  f"load {os.getloadavg()[0]:.2f}",
+                  flush=True)
             if VERIFY == "each" or len(ours) == ROUNDS:
                 assert_same_tree(obj.snapshot_path(ours[-1]["cycle"]), mirror.path)
                 assert subprocess.run(["diff", "-r", "-q", src, rcopy]).returncode == 0
-        med = {k: statistics.median(r[k] for r in ours) for k in ours[0] if k != "how"}
+        med = {k: statistics.median(r[k] for r in ours) for k in ours[0]
+               if k not in ("how", "phases", "stage")}
         r_time = statistics.median(t for t, _ in theirs)
         r_bytes = statistics.median(b for _, b in theirs)
         print(f"\ntree of {FILES} files, {CHANGE:.1%} changed per round (4 KiB each), "

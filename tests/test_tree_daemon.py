@@ -337,6 +337,17 @@ def _ship_slowly(env, nbytes: int) -> subprocess.Popen:
     return bg
 
 
+def _nothing_left_but_the_record(env, b, applied: int) -> None:
+    """The target's directories of its tree mirrors hold their record and, at most, the
+    next cycle's stage made ahead from the cycle applied (``next-APPLIED``): no stage of
+    a cut-off apply, nothing made ahead from another cycle."""
+    troot = os.path.dirname(target_tree(env, b))
+    for e in os.listdir(troot):
+        if e.startswith(".cyclemirror-tree-"):
+            left = set(os.listdir(os.path.join(troot, e))) - {"state.json"}
+            assert left <= {f"next-{applied}"}, (e, left)
+
+
 def test_kill_9_of_the_target_while_it_applies_then_of_the_source_while_it_ships(env):
     a, b = env.a, env.b
     k = sync(env)
@@ -356,9 +367,7 @@ def test_kill_9_of_the_target_while_it_applies_then_of_the_source_while_it_ships
     k2 = sync(env)
     assert k2 > k
     check(env, k2, b)
-    assert not [e for e in os.listdir(os.path.dirname(target_tree(env, b)))
-                if e.startswith(".cyclemirror-tree-") and os.listdir(
-                    os.path.join(os.path.dirname(target_tree(env, b)), e)) != ["state.json"]]
+    _nothing_left_but_the_record(env, b, k2)
 
     bg = _ship_slowly(env, 3 * MiB)
     a.kill()  # mid-cycle on the source

@@ -275,3 +275,110 @@ def test_a_patch_from_itself_is_written_in_place_unless_hard_linked(btrfs_mount,
         mirror.close()
     finally:
         delete_subvolumes(area)
+
+
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def _extent_step(rnd: random.Random, files: list[str]) -> None:
+    """One change of a file's extents: writes (inline-sized, unaligned, large),
+    preallocation inside and past the end, punched holes, truncation, growth, and
+    ranges cloned from another file (reflinks keep the source's extent items)."""
+    import ctypes
+    import fcntl
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = rnd.choice(files)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        what = rnd.randrange(6)
+        at = rnd.randrange(0, size + 1) if rnd.random() < 0.7 else rnd.randrange(0, 1 << 20)
+        if what == 0:
+            os.pwrite(fd, some_bytes(rnd, rnd.choice([100, 3000, 4096, 70_000])), at)
+        elif what == 1:
+            flags = FALLOC_FL_KEEP_SIZE if rnd.random() < 0.5 else 0
+            libc.fallocate(fd, flags, ctypes.c_long(at - at % 4096),
+                           ctypes.c_long(rnd.choice([4096, 65536])))
+        elif what == 2 and size:
+            libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           ctypes.c_long(at - at % 4096), ctypes.c_long(rnd.choice([4096, 12288])))
+        elif what == 3:
+            os.ftruncate(fd, rnd.randrange(0, 300_000))
+        elif what == 4:
+            other = rnd.choice(files)
+            sfd = os.open(other, os.O_RDONLY)
+            try:
+                ssize = os.fstat(sfd).st_size // 4096 * 4096
+                if ssize:
+                    src_at = rnd.randrange(0, ssize, 4096)
+                    n = min(ssize - src_at, rnd.choice([4096, 65536]))
+                    arg = struct.pack("=qQQQ", sfd, src_at, n, at - at % 4096)
+                    try:
+                        fcntl.ioctl(fd, FICLONERANGE, arg)
+                    except OSError as exc:  # same file overlapping, inline: not cloned
+                        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                            raise
+            finally:
+                os.close(sfd)
+        else:
+            os.pwrite(fd, b"x" * rnd.randrange(1, 2000), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fs", ["plain", "zstd"])
+def test_extent_maps_from_items_say_what_fiemap_says(request, tmp_path, fs):
+    """``btrfsioctl.extent_map`` (a file's EXTENT_DATA items, by tree search) against
+    FIEMAP (``cowfs.extent_map``) of the same files of consecutive snapshots: the changed
+    and unproven ranges between two versions and the data ranges are the same."""
+    from cyclemirror.store import btrfsioctl, cowfs
+
+    mount = request.getfixturevalue("btrfs_mount" if fs == "plain" else "btrfs_zstd_mount")
+    area = os.path.join(mount, "x-" + tmp_path.name)
+    os.makedirs(area)
+    try:
+        src = subvolume(area)
+        rnd = random.Random(7)
+        files = [os.path.join(src, f"f{i}") for i in range(8)]
+        for f in files:
+            write(f, some_bytes(rnd, rnd.choice([0, 500, 5000, 200_000])))
+        snaps = []
+        for k in range(5):
+            for _ in range(30):
+                _extent_step(rnd, files)
+            snap = os.path.join(area, f"snap{k}")
+            from cyclemirror.store.btrfsioctl import snapshot
+
+            snapshot(src, snap, readonly=True)
+            snaps.append(snap)
+        compared = 0
+        for old, new in zip(snaps, snaps[1:], strict=False):
+            ofd, nfd = os.open(old, os.O_RDONLY), os.open(new, os.O_RDONLY)
+            try:
+                for f in files:
+                    name = os.path.basename(f)
+                    fo = os.open(os.path.join(old, name), os.O_RDONLY)
+                    fn = os.open(os.path.join(new, name), os.O_RDONLY)
+                    try:
+                        so, sn = os.fstat(fo), os.fstat(fn)
+                        io_, in_ = (btrfsioctl.extent_map(ofd, so.st_ino),
+                                    btrfsioctl.extent_map(nfd, sn.st_ino))
+                        fo_, fn_ = cowfs.extent_map(fo), cowfs.extent_map(fn)
+                        size = sn.st_size
+                        assert cowfs.compare_maps(io_, in_, size) == \
+                            cowfs.compare_maps(fo_, fn_, size), (name, io_, fo_, in_, fn_)
+                        assert cowfs.data_ranges(in_, size) == cowfs.data_ranges(fn_, size)
+                        compared += 1
+                    finally:
+                        os.close(fo)
+                        os.close(fn)
+            finally:
+                os.close(ofd)
+                os.close(nfd)
+        assert compared == 4 * len(files)
+    finally:
+        delete_subvolumes(area)

@@ -3,16 +3,19 @@
 Layout, in a directory ``ROOT`` of the target's choosing::
 
     ROOT/NAME/                       the mirror: a plain tree any tool reads
-    ROOT/.cyclemirror-tree-NAME/     ours: state.json, stage-K/ (the next version)
+    ROOT/.cyclemirror-tree-NAME/     ours: state.json, stage-K/ (the next version),
+                                 next-A/ (a stage made ahead, ``prepare_next``)
 
 A cycle is applied without ever touching ``ROOT/NAME``:
 
 1. ``stage-K`` is made: empty for a full cycle, else a copy of the current
    tree.  On btrfs (as root) it is a subvolume, and the copy a writable
-   snapshot of ``ROOT/NAME`` (constant time); elsewhere a walk copies it
-   (each file a reflink clone where the file system has them, else a copy;
-   hard links, symlinks, FIFOs, devices, modes, owners, mtimes and extended
-   attributes kept).
+   snapshot of ``ROOT/NAME`` (constant time, but a transaction commit): made
+   ahead by ``prepare_next`` after the previous switch where the caller asks
+   (the daemon does, once ``applied`` is sent), and only renamed here;
+   elsewhere a walk copies it (each file a reflink clone where the file
+   system has them, else a copy; hard links, symlinks, FIFOs, devices,
+   modes, owners, mtimes and extended attributes kept).
 2. The ops of the delta (``wire.treeframes``) are applied inside it, which
    nobody else sees: an entry is replaced by removing the old one and making
    the new one in place (for a ``patch``, a clone of the previous version's
@@ -64,6 +67,7 @@ from cyclemirror.xattrs import read as xattr_get
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
 STAGE_PREFIX = "stage-"
+NEXT_PREFIX = "next-"  # next-A: a stage made ahead, a writable snapshot of cycle A applied
 FICLONE = 0x40049409
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -537,6 +541,7 @@ class TreeMirror:
         # Stages as btrfs subvolumes where that can work: snapshots need root here.
         self.subvolumes = cowfs.filesystem_of(self.work) == "btrfs" and os.geteuid() == 0
         self.state = self._read_state()
+        self.last_stage = ""  # how the last apply's stage was made: ahead, snapshot, copy, empty
         self.recover()
 
     def close(self) -> None:
@@ -592,7 +597,7 @@ class TreeMirror:
         # By name, not through work_fd: btrfs lists to a long-open directory descriptor
         # only the entries that existed when it first read it.
         for entry in os.listdir(self.work):
-            if entry.startswith(STAGE_PREFIX):
+            if entry.startswith((STAGE_PREFIX, NEXT_PREFIX)):
                 self._remove(entry)
         fsync_dir(self.work)
 
@@ -628,7 +633,9 @@ class TreeMirror:
         try:
             if not full:
                 base_fd = os.open(self.path, _DIR_FLAGS)
-            stage_fd = self._make_stage(stage, base_fd)
+            stage_fd = self._take_next(stage) if not full else None
+            if stage_fd is None:
+                stage_fd = self._make_stage(stage, base_fd)
             job = _Apply(self, stage_fd, base_fd, cycle)
             for ev in it:
                 if ev[0] == "op":
@@ -665,6 +672,67 @@ class TreeMirror:
                     os.close(fd)
         return cycle
 
+    def prepare_next(self) -> bool:
+        """Make the next delta cycle's stage now, off that cycle's path: a writable
+        snapshot of the applied tree as ``next-A`` (A the applied cycle), which the next
+        ``apply`` of a delta from A renames to its ``stage-K`` instead of taking the
+        snapshot then (a btrfs transaction commit).  Only where stages are snapshots
+        (btrfs, as root); returns whether one is ready.  Nobody writes the mirror, so
+        the snapshot stays equal to it (``_take_next`` checks it is a snapshot of the
+        subvolume that is the mirror now).  A
+        crash leaves a ``next-`` entry that ``recover`` deletes like a stage.
+
+        Nobody else may write the mirror (it is replaced whole each cycle): what
+        someone writes there after this snapshot is gone at the next switch, where a
+        stage snapshotted at the apply would have carried it on."""
+        a = self.applied_cycle
+        name = f"{NEXT_PREFIX}{a}"
+        for entry in os.listdir(self.work):  # an older one: of a cycle no longer applied
+            if entry.startswith(NEXT_PREFIX) and entry != name:
+                self._remove(entry)
+        if not self.subvolumes or not a or self.state.get("pending") is not None:
+            return False
+        if _lstat_at(self.work_fd, name) is not None:
+            return True
+        try:
+            fd = os.open(self.path, _DIR_FLAGS)
+        except OSError:
+            return False
+        try:
+            if not subvolume_id(fd):
+                return False
+        finally:
+            os.close(fd)
+        btrfsioctl.snapshot(self.path, os.path.join(self.work, name), readonly=False)
+        return True
+
+    def _take_next(self, stage: str) -> int | None:
+        """The stage ``prepare_next`` made for a delta from the applied cycle, renamed to
+        ``stage`` and open; None where there is none or it is not a writable snapshot of
+        the subvolume that is the mirror now (then it is deleted)."""
+        name = f"{NEXT_PREFIX}{self.applied_cycle}"
+        if not self.subvolumes or _lstat_at(self.work_fd, name) is None:
+            return None
+        try:
+            nfd = os.open(name, _DIR_FLAGS, dir_fd=self.work_fd)
+            try:
+                mfd = os.open(self.path, _DIR_FLAGS)
+                try:
+                    mi, ni = btrfsioctl.subvolume_info(mfd), btrfsioctl.subvolume_info(nfd)
+                    ours = subvolume_id(nfd) != 0 and subvolume_id(mfd) != 0
+                finally:
+                    os.close(mfd)
+            finally:
+                os.close(nfd)
+        except OSError:
+            ours = False
+        if not ours or ni.parent_uuid != mi.uuid or ni.readonly:
+            self._remove(name)
+            return None
+        renameat2(self.work_fd, name, self.work_fd, stage, RENAME_NOREPLACE)
+        self.last_stage = "ahead"
+        return os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
+
     def _make_stage(self, stage: str, base_fd: int | None) -> int:
         """Make ``stage`` in our directory: empty (``base_fd`` None) or a copy of the tree
         open as ``base_fd``; return it open.  On btrfs (as root) the stage is a subvolume,
@@ -673,7 +741,9 @@ class TreeMirror:
         path = os.path.join(self.work, stage)
         if self.subvolumes and base_fd is not None and subvolume_id(base_fd):
             btrfsioctl.snapshot(self.path, path, readonly=False)
+            self.last_stage = "snapshot"
             return os.open(stage, _DIR_FLAGS, dir_fd=self.work_fd)
+        self.last_stage = "empty" if base_fd is None else "copy"
         if self.subvolumes:
             btrfsioctl.create_subvolume(path)
         else:

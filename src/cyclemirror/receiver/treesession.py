@@ -178,6 +178,7 @@ class TreeSession:
         log.info("tree mirror %s from %s opened by %s (applied cycle %d)", name,
                  msg["node_name"] or msg["node_id"], self.link.peer, m.applied_cycle)
         where = f"tree mirror {name!r} from {self.link.peer}"
+        self._prepare_next(name)  # the first cycle's frames wait in the socket meanwhile
         while True:
             try:
                 base = self.link.recv_message({"tree_base"})
@@ -197,8 +198,18 @@ class TreeSession:
                             base=base["base"] if base["base"] else None)
             self.link.send_message("applied", cycle=cycle, freeze_time=m.state["freeze_time"])
             log.info("tree mirror %s applied cycle %d", name, cycle)
+            self._prepare_next(name)  # while the source waits for its next freeze
             if self.server.on_applied is not None:
                 self.server.on_applied(m)
+
+    def _prepare_next(self, name: str) -> None:
+        """The next delta's stage, made now (``TreeMirror.prepare_next``): a failure here
+        only means the next apply makes its stage itself (and says what is wrong)."""
+        try:
+            self.mirror.prepare_next()
+        except Exception as exc:  # noqa: BLE001 - logged; the apply reports it again
+            log.warning("tree mirror %s: making the next cycle's stage ahead failed: %s "
+                        "(the next cycle makes it)", name, exc)
 
     def _check_base(self, msg: dict, where: str) -> None:
         m = self.mirror

@@ -18,6 +18,11 @@
   whose directory entries, were written then (``_cext.btrfsitems`` reads the
   items).  What ``btrfs subvolume find-new`` reads, for inodes instead of
   extents.  Needs CAP_SYS_ADMIN.
+* ``extent_map(fd, ino)``: the same search, for the ``EXTENT_DATA`` items of
+  one inode of the subvolume ``fd`` is in: its extent map as
+  ``cowfs.extent_map`` gives it (rows of logical, physical, length, FIEMAP
+  flags), without opening the file or asking FIEMAP (which also works out,
+  per extent, whether it is shared).  Needs CAP_SYS_ADMIN.
 
 A failure is a StoreError naming what was being done, the path and the
 kernel's reason (EPERM: these need root, or for deletion the
@@ -192,3 +197,86 @@ def changed_inodes(fd: int, since: int) -> set[int]:
             key = (objectid + 1, 0, 0)
         else:
             return changed
+
+
+EXTENT_DATA_KEY = 108
+# btrfs_file_extent_item (packed): generation, ram_bytes, compression, encryption,
+# other_encoding, type; then (not inline) disk_bytenr, disk_num_bytes, offset, num_bytes.
+_FILE_EXTENT = struct.Struct("<QQBBHB")
+_FILE_EXTENT_REG = struct.Struct("<QQQQ")
+_SEARCH_HEADER = struct.Struct("<QQQII")  # transid, objectid, offset, type, len
+_EXTENT_INLINE, _EXTENT_REG, _EXTENT_PREALLOC = 0, 1, 2
+# FIEMAP's flags, as cowfs reads them
+_FIEMAP_UNKNOWN, _FIEMAP_ENCODED, _FIEMAP_NOT_ALIGNED = 0x2, 0x8, 0x100
+_FIEMAP_INLINE, _FIEMAP_UNWRITTEN = 0x200, 0x800
+_SECTOR = 4096
+_MAP_BUF = 64 << 10
+
+
+def extent_map(fd: int, ino: int) -> list[tuple[int, int, int, int]]:
+    """The extent map of inode ``ino`` of the subvolume ``fd`` is in (a read-only
+    snapshot: nothing in flight), from its ``EXTENT_DATA`` items: rows (logical,
+    physical, length, flags) ascending, as ``cowfs.extent_map`` reads them with FIEMAP.
+    A plain extent is at ``disk_bytenr + offset``; a compressed one is ENCODED at its
+    ``disk_bytenr``; a preallocated one UNWRITTEN; inline data DATA_INLINE (which
+    ``cowfs`` never takes as equal to anything); an encrypted or otherwise encoded one
+    UNKNOWN (the same); a hole (``disk_bytenr`` 0, or no item) is not in the map.
+    OSError from the kernel; ValueError for an item that does not parse."""
+    if not 0 < ino < _U64_MAX:
+        raise ValueError(f"inode number {ino} is out of range")
+    args = bytearray(_SEARCH_KEY.size + 8 + _MAP_BUF)
+    rows: list[tuple[int, int, int, int]] = []
+    start = 0
+    while True:
+        _SEARCH_KEY.pack_into(args, 0, 0, ino, ino, start, _U64_MAX, 0, _U64_MAX,
+                              EXTENT_DATA_KEY, EXTENT_DATA_KEY, 0xFFFFFFFF, 0, 0, 0, 0, 0)
+        args[_SEARCH_KEY.size:_SEARCH_KEY.size + 8] = _MAP_BUF.to_bytes(8, "little")
+        fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, args)
+        nr = int.from_bytes(args[64:68], "little")
+        if nr == 0:
+            return rows
+        pos, end, last = _SEARCH_KEY.size + 8, len(args), start
+        for i in range(nr):
+            if end - pos < _SEARCH_HEADER.size:
+                raise ValueError(f"extent items of inode {ino}: record {i} runs past the "
+                                 "buffer")
+            _, objectid, offset, typ, length = _SEARCH_HEADER.unpack_from(args, pos)
+            pos += _SEARCH_HEADER.size
+            if length > end - pos:
+                raise ValueError(f"extent items of inode {ino}: record {i} runs past the "
+                                 "buffer")
+            if objectid != ino or typ != EXTENT_DATA_KEY or offset < last:
+                raise ValueError(f"extent items of inode {ino}: the search answered item "
+                                 f"({objectid}, {typ}, {offset}) out of order")
+            row = _extent_row(args, pos, length, offset, ino)
+            if row is not None:
+                rows.append(row)
+            pos += length
+            last = offset
+        if last >= _U64_MAX:
+            return rows
+        start = last + 1
+
+
+def _extent_row(buf, pos: int, length: int, offset: int, ino: int):
+    if length < _FILE_EXTENT.size:
+        raise ValueError(f"extent item ({ino}, {offset}) is {length} bytes")
+    _, ram_bytes, compression, encryption, other, kind = _FILE_EXTENT.unpack_from(buf, pos)
+    if kind == _EXTENT_INLINE:
+        end = -(-(offset + ram_bytes) // _SECTOR) * _SECTOR
+        return offset, 0, end - offset, _FIEMAP_INLINE | _FIEMAP_NOT_ALIGNED
+    if kind not in (_EXTENT_REG, _EXTENT_PREALLOC) or \
+            length < _FILE_EXTENT.size + _FILE_EXTENT_REG.size:
+        raise ValueError(f"extent item ({ino}, {offset}) of type {kind}, {length} bytes")
+    bytenr, _, extent_offset, num_bytes = _FILE_EXTENT_REG.unpack_from(
+        buf, pos + _FILE_EXTENT.size)
+    if bytenr == 0 or num_bytes == 0:
+        return None  # a hole
+    if offset + num_bytes >= 1 << 62 or bytenr + extent_offset >= 1 << 62:
+        raise ValueError(f"extent item ({ino}, {offset}) is past 2**62")
+    if encryption or other:
+        return offset, 0, num_bytes, _FIEMAP_UNKNOWN
+    if compression:
+        return offset, bytenr, num_bytes, _FIEMAP_ENCODED
+    return (offset, bytenr + extent_offset, num_bytes,
+            _FIEMAP_UNWRITTEN if kind == _EXTENT_PREALLOC else 0)

@@ -297,15 +297,59 @@ def tree_delta(old_root: str | None, new_root: str,
                 new.how = "walk" + (why if search else "")
         written = _written_since(old_root, new_root)
     delta = TreeDelta([], sorted(new.others), new_walk=new)
-    if cand is None:
-        _ops_all(old, new, old_root, new_root, written, delta)
-    else:
-        _ops_of(old, new, cand, old_root, new_root, written, delta)
+    maps = _ItemMaps.open(old_root, new_root) if new.how == "search" else None
+    try:
+        if cand is None:
+            _ops_all(old, new, old_root, new_root, written, delta, maps)
+        else:
+            _ops_of(old, new, cand, old_root, new_root, written, delta, maps)
+    finally:
+        if maps is not None:
+            maps.close()
     return delta
 
 
+class _ItemMaps:
+    """Extent maps of files of two read-only snapshots of one subvolume by inode number,
+    from btrfs's items (``btrfsioctl.extent_map``: one tree search per file, no open, no
+    FIEMAP); ``None`` from ``old``/``new`` where the search fails (FIEMAP then)."""
+
+    def __init__(self, ofd: int, nfd: int):
+        self.fds = (ofd, nfd)
+
+    @classmethod
+    def open(cls, old_root: str, new_root: str) -> _ItemMaps | None:
+        try:
+            ofd = _open_dir(old_root)
+        except OSError:
+            return None
+        try:
+            nfd = _open_dir(new_root)
+        except OSError:
+            os.close(ofd)
+            return None
+        return cls(ofd, nfd)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = (-1, -1)
+
+    def old(self, ino: int):
+        return self._map(0, ino)
+
+    def new(self, ino: int):
+        return self._map(1, ino)
+
+    def _map(self, which: int, ino: int):
+        try:
+            return btrfsioctl.extent_map(self.fds[which], ino)
+        except (OSError, ValueError):
+            return None
+
+
 def _ops_all(old: Walk, new: Walk, old_root, new_root, written: set[int] | None,
-             delta: TreeDelta) -> None:
+             delta: TreeDelta, maps: _ItemMaps | None = None) -> None:
     """The ops, every path considered (after a walk)."""
     old_order = sorted(old, key=_key)
     order = sorted(new, key=_key)
@@ -318,11 +362,12 @@ def _ops_all(old: Walk, new: Walk, old_root, new_root, written: set[int] | None,
         if new[p].kind == "file":
             new_names.setdefault(new[p].ino, []).append(p)
     _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, written,
-         delta)
+         delta, maps)
 
 
 def _ops_of(old: Walk, new: Walk, cand: set[str], old_root, new_root,
-            written: set[int] | None, delta: TreeDelta) -> None:
+            written: set[int] | None, delta: TreeDelta,
+            maps: _ItemMaps | None = None) -> None:
     """The ops, only the paths of ``cand`` considered: every path whose entry differs
     between ``old`` and ``new`` is in it, and a path whose entry does not makes no op
     (so the ops equal ``_ops_all``'s).  An inode with a name in ``cand`` is looked at
@@ -339,11 +384,12 @@ def _ops_of(old: Walk, new: Walk, cand: set[str], old_root, new_root,
                     key=lambda t: _key(t[0]))
     new_names = {ino: ns for _, ino, ns in firsts}
     _ops(old, new, old_order, order, new_names, old_names, old_root, new_root, written,
-         delta)
+         delta, maps)
 
 
 def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
-         written_inos: set[int] | None, delta: TreeDelta) -> None:
+         written_inos: set[int] | None, delta: TreeDelta,
+         maps: _ItemMaps | None = None) -> None:
     """Append the ops of the paths ``old_order`` (of ``old``) and ``order`` (of
     ``new``), both sorted by ``_key``, and of the inodes of ``new_names`` (inode ->
     its file names in ``new``, sorted, the inodes in the order of their first names;
@@ -379,7 +425,9 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
         written = True
         if base is None:
             op = _op("file", first, n)
-            op.data = _data_ranges(os.path.join(new_root, first), n.size)
+            mn = maps.new(ino) if maps is not None else None
+            op.data = _runs_merge(cowfs.data_ranges(mn, n.size)) if mn is not None \
+                else _data_ranges(os.path.join(new_root, first), n.size)
             delta.methods["new"] = delta.methods.get("new", 0) + 1
             ops.append(op)
         elif base == first and old[base] == n and written_inos is not None \
@@ -392,7 +440,8 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
         else:
             o = old[base]
             data, zero, method = changed_content(os.path.join(old_root, base),
-                                                 os.path.join(new_root, first), n.size)
+                                                 os.path.join(new_root, first), n.size,
+                                                 maps, (o.ino, ino))
             same_inode = old.get(first) is not None and old[first].ino == ino
             if data or zero or o.size != n.size or base != first or not same_inode:
                 op = _op("patch", first, n, base)
@@ -684,10 +733,29 @@ def _mapped(fd: int, size: int) -> list[tuple[int, int]]:
     return list(data_runs(fd, 0, size))
 
 
-def changed_content(old_path: str, new_path: str, size: int):
+def changed_content(old_path: str, new_path: str, size: int,
+                    maps: _ItemMaps | None = None, inos: tuple[int, int] = (0, 0)):
     """(data, zero, method): the (offset, length) ranges of the new file (``size``
     bytes) to ship as data and to zero, so that the old file truncated or grown to
-    ``size`` becomes the new one; ``method`` "fiemap", "fiemap+hash" or "hash"."""
+    ``size`` becomes the new one; ``method`` "fiemap", "fiemap+hash" or "hash" (or
+    "items", "items+hash" where ``maps`` gave both extent maps from btrfs's items for
+    ``inos`` = (old inode, new inode): then neither file is opened unless
+    ranges of a compressed extent must be hashed)."""
+    if maps is not None:
+        mo, mn = maps.old(inos[0]), maps.new(inos[1])
+        if mo is not None and mn is not None:
+            changed, unproven = cowfs.compare_maps(mo, mn, size)
+            method = "items"
+            if unproven:  # compressed extents: the bytes decide
+                fo, fn = _open(old_path), _open(new_path)
+                try:
+                    changed = changed + _hash_changed(fo, fn, unproven,
+                                                      os.fstat(fo).st_size, size)
+                finally:
+                    os.close(fo)
+                    os.close(fn)
+                method = "items+hash"
+            return (*_data_and_zero(changed, cowfs.data_ranges(mn, size), size), method)
     fo, fn = _open(old_path), _open(new_path)
     try:
         old_size = os.fstat(fo).st_size
@@ -713,13 +781,19 @@ def changed_content(old_path: str, new_path: str, size: int):
                 changed = changed + _hash_changed(fo, fn, unproven, old_size, size)
                 method = "fiemap+hash"
             new_data = cowfs.data_ranges(mn, size)
-        changed = [(a, b) for a, b in ((a, min(b, size)) for a, b in changed) if a < b]
-        data = _runs_merge(_intersect(changed, new_data))
-        zero = _runs_merge(_subtract(changed, [(a, a + n) for a, n in data]))
-        return data, zero, method
+        return (*_data_and_zero(changed, new_data, size), method)
     finally:
         os.close(fo)
         os.close(fn)
+
+
+def _data_and_zero(changed, new_data, size: int):
+    """The changed (start, end) ranges as (offset, length) ranges of data (where the new
+    file may hold data) and of zeroes (the rest)."""
+    changed = [(a, b) for a, b in ((a, min(b, size)) for a, b in changed) if a < b]
+    data = _runs_merge(_intersect(changed, new_data))
+    zero = _runs_merge(_subtract(changed, [(a, a + n) for a, n in data]))
+    return data, zero
 
 
 def _hash_changed(fo: int, fn: int, ranges, old_size: int, new_size: int):
