@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import urllib.request
 import pytest
 
 from cyclemirror.daemon.nbd_client import NbdClient
-from tests.support.daemons import DaemonPool, make_key, wait_for
+from tests.support.daemons import DaemonPool, free_port, make_key, wait_for
 from tests.support.metrics import family_of, parse_exposition
 
 DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "contrib", "grafana-dashboard.json")
@@ -118,12 +117,6 @@ def test_every_metric_the_dashboard_queries_is_served(mirrored):
                  "cyclemirror_mirror_error", "process_cpu_seconds_total",
                  "process_resident_memory_bytes"):
         assert name in queried, name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prom_query(base: str, expr: str) -> dict:

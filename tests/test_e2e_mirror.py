@@ -10,14 +10,13 @@ byte for byte with an export of the source volume taken at a quiet moment.
 import json
 import os
 import re
-import socket
 import threading
 
 import pytest
 
 from cyclemirror import errors
 from cyclemirror.daemon.nbd_client import NbdClient
-from tests.support.daemons import DaemonPool, make_key, wait_for
+from tests.support.daemons import DaemonPool, free_port, make_key, wait_for
 from tests.support.metrics import parse_exposition, value
 
 MiB = 1 << 20
@@ -61,12 +60,6 @@ def mirror_row(source, volume, target):
             if m["volume"] == volume and m["target"] == target.listen]
     assert len(rows) == 1
     return rows[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_every_mirror_command_keeps_the_image_equal_to_the_source(daemons, key, tmp_path):

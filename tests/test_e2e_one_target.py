@@ -12,13 +12,12 @@ every new form's bad input gets its documented exit code and changes nothing.
 import json
 import os
 import re
-import socket
 
 import pytest
 
 from cyclemirror import errors
 from cyclemirror.daemon.nbd_client import NbdClient
-from tests.support.daemons import DaemonPool, make_key, wait_for
+from tests.support.daemons import DaemonPool, free_port, make_key, wait_for
 
 MiB = 1 << 20
 MANUAL = "3600"  # cycles only when a test asks (sync)
@@ -33,12 +32,6 @@ def daemons(tmp_path):
 @pytest.fixture
 def key(tmp_path):
     return make_key(tmp_path / "mirror.key")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write(daemon, volume, offset, data):

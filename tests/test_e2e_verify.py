@@ -24,7 +24,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ import pytest
 from cyclemirror.daemon.nbd_client import NbdClient
 from cyclemirror.receiver.state import MirrorState
 from tests.support.corrupt import flip
-from tests.support.daemons import DaemonPool, cli_env, make_key, wait_for
+from tests.support.daemons import DaemonPool, cli_env, free_port, make_key, wait_for
 
 MiB = 1 << 20
 BS = 4096
@@ -101,12 +100,6 @@ def metric(text, name, **labels):
 
 def full_copies(source):
     return len(re.findall(r"cycle \d+ applied.*full copy", source.log()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup_mirror(daemons, key, interval=MANUAL, target_extra=(), size=SIZE):

@@ -26,14 +26,13 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.support.daemons import DaemonPool, cli_env, make_key, wait_for
+from tests.support.daemons import DaemonPool, cli_env, free_port, make_key, wait_for
 from tests.support.nbd import run
 from tests.support.tools import require_tool
 
@@ -244,12 +243,6 @@ def test_kill_9_at_random_instants_of_a_group_promote(world, mirrored):
 
 
 # -- a group apply cut by kill -9, then promote ----------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def image_file(b, a_node: str, name: str) -> str:
     return os.path.join(b.store, "mirrors", a_node, name + ".img")

@@ -30,7 +30,7 @@ import sys
 import pytest
 
 from tests.support.certs import Certs
-from tests.support.daemons import Daemon, cli_env, make_key, wait_for
+from tests.support.daemons import Daemon, cli_env, free_port, make_key, wait_for
 from tests.support.metrics import parse_exposition, value
 from tests.support.trees import (
     acl_bytes,
@@ -43,12 +43,6 @@ from tests.support.trees import (
 )
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Env:

@@ -19,18 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 
-from tests.support.daemons import Daemon, make_key, wait_for
+from tests.support.daemons import Daemon, free_port, make_key, wait_for
 from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Env:

@@ -19,21 +19,14 @@ import glob
 import json
 import os
 import shutil
-import socket
 
 import pytest
 
-from tests.support.daemons import Daemon, make_key, wait_for
+from tests.support.daemons import Daemon, free_port, make_key, wait_for
 from tests.support.nbd import run
 from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
 
 BIG = 1 << 20  # a full copy of the tree ships at least this much
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Env:

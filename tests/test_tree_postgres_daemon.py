@@ -33,25 +33,18 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
 from tests.support import pgcluster as pg
-from tests.support.daemons import Daemon, make_key, wait_for
+from tests.support.daemons import Daemon, free_port, make_key, wait_for
 from tests.support.trees import delete_subvolumes, subvolume
 
 NAME = "pg"
 SCALE = 1
 SOURCE_PORT = 5633  # the port names the Unix socket only; copies take the next ones
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Rig:

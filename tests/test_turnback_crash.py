@@ -28,14 +28,13 @@ import glob
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.support.daemons import Daemon, DaemonPool, cli_env, make_key, wait_for
+from tests.support.daemons import Daemon, DaemonPool, cli_env, free_port, make_key, wait_for
 from tests.support.nbd import run
 from tests.support.tools import require_tool
 
@@ -47,12 +46,6 @@ FAILPOINT_SECONDS = 30
 # The blocks each side wrote after the last common cycle (hosta) or the promotion (hostb).
 A_BLOCKS = {"db": (3, 40), "log": (7,)}
 B_BLOCKS = {"db": (3, 100, 101), "log": (200,)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def uri(d, name: str) -> str:
