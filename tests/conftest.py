@@ -81,25 +81,12 @@ class _CephStart:
 _ceph_start: _CephStart | None = None
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``--dist loadgroup``): a module's tests run in one worker,
-    so its module-scoped set-ups (daemons, loop file systems, PostgreSQL) are made once;
-    and every test of the Ceph cluster runs in one worker, so one cluster is started."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    for item in items:
-        group = "ceph" if "ceph_cluster" in getattr(item, "fixturenames", ()) \
-            else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_collection_finish(session):
     global _ceph_start
     from tests.support import ceph
 
     if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
-        return  # under xdist only the worker given the Ceph tests starts it, at first use
+        return  # under xdist a worker starts it at first use: only those given Ceph tests
     if _ceph_start is None and not ceph.missing_binaries() and any(
             "ceph_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
         _ceph_start = _CephStart()
