@@ -86,7 +86,11 @@ def run_target(store_path, keyfile, portfile, snapdir):
 
     server = TargetServer(store, keys.read_key_file(keyfile), ("127.0.0.1", port),
                           on_applied=snapshot, rbd=rbd)
-    server.start()  # recovers every mirror first
+    # Recover and copy what recovery left before listening: a source still running
+    # reconnects at once (a target's error asks it for a cycle) and would apply the next
+    # cycle into the image while it is copied here.  start() recovers again: nothing left.
+    os.makedirs(os.path.join(store_path, "mirrors"), exist_ok=True)
+    server._recover_all()
     mdir = os.path.join(store_path, "mirrors")
     for node in os.listdir(mdir):
         img = os.path.join(mdir, node, "v1.img")
@@ -104,6 +108,7 @@ def run_target(store_path, keyfile, portfile, snapdir):
             else:
                 copy_rbd_snapshot(rbd, node, applied, tmp)
             os.replace(tmp, os.path.join(snapdir, f"recovered-{n}-{applied}.img"))
+    server.start()
     tmp = portfile + ".tmp"
     with open(tmp, "w") as f:
         f.write(str(server.address[1]))
