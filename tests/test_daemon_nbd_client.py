@@ -76,8 +76,12 @@ def test_a_server_error_names_the_command_and_offset(tmp_path):
     sock = str(tmp_path / "ro.sock")
     proc = subprocess.Popen([nbdkit, "-f", "-r", "-U", sock, "memory", "64K"])
     try:
+        def accepting() -> bool:  # nbdkit makes the socket file at bind, before it listens
+            with socket.socket(socket.AF_UNIX) as probe:
+                return os.path.exists(sock) and probe.connect_ex(sock) == 0
+
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock) and time.monotonic() < deadline:
+        while not accepting() and time.monotonic() < deadline:
             time.sleep(0.02)
         with NbdClient("", unix_path=sock) as client:
             with pytest.raises(StoreError) as info:
