@@ -123,3 +123,20 @@ def ceph_cluster():
         yield start.cluster
     finally:
         start.close()
+
+
+@pytest.fixture(scope="module")
+def rbd_io(ceph_cluster):
+    """An I/O context on the test cluster's pool through our librbd binding, per module;
+    skips where the binding is not built."""
+    try:
+        from cyclemirror._cext import rbd
+    except ImportError:
+        pytest.skip("cyclemirror._cext.rbd is not built (install librbd-dev and librados-dev, "
+                    "then rebuild: python3 setup.py build_ext --inplace)")
+    cluster = rbd.Cluster(ceph_cluster.conf, ceph_cluster.client, ceph_cluster.keyring)
+    cluster.connect()
+    io = cluster.ioctx(ceph_cluster.pool)
+    yield io
+    io.close()
+    cluster.shutdown()

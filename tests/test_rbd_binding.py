@@ -35,28 +35,13 @@ ow_write = st.tuples(st.one_of(st.integers(0, OW_SIZE // ALIGN - 1),  # often ne
                      st.integers(1, 40), st.integers(0, 255), st.booleans())
 
 
-@pytest.fixture(scope="module")
-def io(ceph_cluster):
-    try:
-        from cyclemirror._cext import rbd
-    except ImportError:
-        pytest.skip("cyclemirror._cext.rbd is not built (install librbd-dev and librados-dev, "
-                    "then rebuild: python3 setup.py build_ext --inplace)")
-    cluster = rbd.Cluster(ceph_cluster.conf, ceph_cluster.client, ceph_cluster.keyring)
-    cluster.connect()
-    ioctx = cluster.ioctx(ceph_cluster.pool)
-    yield ioctx
-    ioctx.close()
-    cluster.shutdown()
-
-
 @settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op, min_size=1, max_size=60))
-def test_queued_writes_and_zeroes_read_back_as_the_model(io, ops):
+def test_queued_writes_and_zeroes_read_back_as_the_model(rbd_io, ops):
     name = "b" + uuid.uuid4().hex[:12]
-    io.create(name, SIZE)
-    img = io.open(name)
+    rbd_io.create(name, SIZE)
+    img = rbd_io.open(name)
     try:
         model = bytearray(SIZE)
         img.write(b"\x11" * SIZE, 0)  # something for zeroes to clear
@@ -75,20 +60,20 @@ def test_queued_writes_and_zeroes_read_back_as_the_model(io, ops):
         assert img.read(0, SIZE) == model
     finally:
         img.close()
-        io.remove(name)
+        rbd_io.remove(name)
 
 
-def test_a_snapshot_keeps_its_content_and_rollback_returns_to_it(io):
+def test_a_snapshot_keeps_its_content_and_rollback_returns_to_it(rbd_io):
     name = "b" + uuid.uuid4().hex[:12]
-    io.create(name, SIZE)
-    img = io.open(name)
+    rbd_io.create(name, SIZE)
+    img = rbd_io.open(name)
     try:
         img.write(b"a" * 4096, 0)
         img.flush()
         img.snap_create("s1")
         img.write(b"b" * 4096, 0)
         img.flush()
-        snap = io.open(name, "s1", True)
+        snap = rbd_io.open(name, "s1", True)
         assert snap.read(0, 4096) == b"a" * 4096
         snap.close()
         assert img.read(0, 4096) == b"b" * 4096
@@ -99,49 +84,49 @@ def test_a_snapshot_keeps_its_content_and_rollback_returns_to_it(io):
         assert img.snap_list() == []
     finally:
         img.close()
-        io.remove(name)
+        rbd_io.remove(name)
 
 
-def test_errors_carry_the_errno_and_name_the_image(io):
+def test_errors_carry_the_errno_and_name_the_image(rbd_io):
     with pytest.raises(OSError) as info:
-        io.open("no-such-image")
+        rbd_io.open("no-such-image")
     assert info.value.errno == errno.ENOENT and "no-such-image" in str(info.value)
     with pytest.raises(ValueError, match="NUL"):
-        io.open("bad\0name")
+        rbd_io.open("bad\0name")
 
 
-def _fresh(io, size, fill=None):
+def _fresh(rbd_io, size, fill=None):
     name = "w" + uuid.uuid4().hex[:12]
-    io.create(name, size)
-    img = io.open(name)
+    rbd_io.create(name, size)
+    img = rbd_io.open(name)
     if fill is not None:
         img.write(bytes([fill]) * size, 0)
         img.flush()
     return name, img
 
 
-def _drop(io, name):
-    img = io.open(name)
+def _drop(rbd_io, name):
+    img = rbd_io.open(name)
     try:
         for snap, _size in img.snap_list():
             img.snap_remove(snap)
     finally:
         img.close()
-    io.remove(name)
+    rbd_io.remove(name)
 
 
 @settings(max_examples=5, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(writes=st.lists(ow_write, min_size=1, max_size=30), pending=st.sampled_from([1, 1 << 30]))
 def test_object_writer_writes_read_back_as_the_model_and_the_snapshot_keeps_its_own(
-        io, writes, pending, monkeypatch):
+        rbd_io, writes, pending, monkeypatch):
     from cyclemirror._cext import rbd
 
     # pending=1: every write is sent at once (several operations on one object, in
     # order), one operation in flight at a time
     monkeypatch.setattr(rbd, "OBJECT_WRITER_PENDING_BYTES", pending)
     monkeypatch.setattr(rbd, "OBJECT_BYTES_INFLIGHT", min(pending, 64 << 20))
-    name, img = _fresh(io, OW_SIZE, 0x11)
+    name, img = _fresh(rbd_io, OW_SIZE, 0x11)
     try:
         model = bytearray(b"\x11" * OW_SIZE)
         img.snap_create("before")
@@ -159,20 +144,20 @@ def test_object_writer_writes_read_back_as_the_model_and_the_snapshot_keeps_its_
         assert w.operations >= 1 and w.extents >= len(writes)
         w.close()
         assert img.read(0, OW_SIZE) == model
-        snap = io.open(name, "before", True)
+        snap = rbd_io.open(name, "before", True)
         try:
             assert snap.read(0, OW_SIZE) == b"\x11" * OW_SIZE
         finally:
             snap.close()
     finally:
         img.close()
-        _drop(io, name)
+        _drop(rbd_io, name)
 
 
-def test_object_writer_splits_an_object_into_several_operations_in_order(io):
+def test_object_writer_splits_an_object_into_several_operations_in_order(rbd_io):
     from cyclemirror._cext import rbd
 
-    name, img = _fresh(io, OBJ)
+    name, img = _fresh(rbd_io, OBJ)
     try:
         w = img.object_writer()
         n = rbd.OBJECT_OP_MAX_EXTENTS * 2 + 5
@@ -185,24 +170,24 @@ def test_object_writer_splits_an_object_into_several_operations_in_order(io):
         assert img.read(0, 8192) == bytes(8192)
     finally:
         img.close()
-        _drop(io, name)
+        _drop(rbd_io, name)
 
 
-def test_object_writer_spares_a_removed_snapshot_that_a_clone_reads(io):
+def test_object_writer_spares_a_removed_snapshot_that_a_clone_reads(rbd_io):
     """A clone (v2) of snapshot ``a`` keeps ``a`` after its removal (in the trash
     namespace, not named by the user): writes to the parent must still clone for it."""
-    parent, img = _fresh(io, OBJ + 8192, 0x01)
+    parent, img = _fresh(rbd_io, OBJ + 8192, 0x01)
     child = parent + "-c"
     try:
         img.snap_create("a")
-        io.clone(parent, "a", child, 2)
+        rbd_io.clone(parent, "a", child, 2)
         img.snap_remove("a")
         w = img.object_writer()
         assert w is not None  # the parent of a clone is still plain to write
         w.write(b"\x02" * 8192, OBJ - 4096)  # the end of object 0, the start of object 1
         w.flush()
         w.close()
-        c = io.open(child)
+        c = rbd_io.open(child)
         try:
             assert c.read(0, OBJ + 8192) == b"\x01" * (OBJ + 8192)
             assert c.object_writer() is None  # it reads its parent's data: librbd copies up
@@ -211,29 +196,29 @@ def test_object_writer_spares_a_removed_snapshot_that_a_clone_reads(io):
         assert img.read(OBJ - 4096, 8192) == b"\x02" * 8192
     finally:
         img.close()
-        io.remove(child)
-        _drop(io, parent)
+        rbd_io.remove(child)
+        _drop(rbd_io, parent)
 
 
-def test_object_writer_is_none_for_an_image_with_other_features(io, ceph_cluster):
+def test_object_writer_is_none_for_an_image_with_other_features(rbd_io, ceph_cluster):
     name = "f" + uuid.uuid4().hex[:12]
     ceph_cluster.run("rbd", "create", "--size", "4M", "--image-feature",
                      "layering,exclusive-lock", f"{ceph_cluster.pool}/{name}")
-    img = io.open(name)
+    img = rbd_io.open(name)
     try:
         assert img.object_writer() is None
     finally:
         img.close()
-        io.remove(name)
+        rbd_io.remove(name)
     with pytest.raises(ValueError, match="snapshot"):
-        name, img = _fresh(io, 4096)
+        name, img = _fresh(rbd_io, 4096)
         try:
             img.snap_create("s")
-            snap = io.open(name, "s", True)
+            snap = rbd_io.open(name, "s", True)
             try:
                 snap.object_writer()
             finally:
                 snap.close()
         finally:
             img.close()
-            _drop(io, name)
+            _drop(rbd_io, name)

@@ -24,21 +24,6 @@ KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB  # two 4 MiB objects
 
 
-@pytest.fixture(scope="module")
-def ioctx(ceph_cluster):
-    try:
-        from cyclemirror._cext import rbd
-    except ImportError:
-        pytest.skip("cyclemirror._cext.rbd is not built (install librbd-dev and librados-dev, "
-                    "then rebuild: python3 setup.py build_ext --inplace)")
-    cluster = rbd.Cluster(ceph_cluster.conf, ceph_cluster.client, ceph_cluster.keyring)
-    cluster.connect()
-    io = cluster.ioctx(ceph_cluster.pool)
-    yield io
-    io.close()
-    cluster.shutdown()
-
-
 def _fresh(io, name: str):
     from cyclemirror.receiver.rbdbackend import remove_image
 
@@ -76,8 +61,8 @@ OBJECT_BLOCKS = (4 * MiB) // (4 * KiB)
 
 
 @pytest.fixture(scope="module")
-def prop_image(ioctx):
-    img = _fresh(ioctx, "diff-prop")  # one image for every example: snapshots cost
+def prop_image(rbd_io):
+    img = _fresh(rbd_io, "diff-prop")  # one image for every example: snapshots cost
     yield img
     img.close()
 
@@ -87,7 +72,7 @@ def prop_image(ioctx):
 @given(first=st.lists(st.tuples(st.integers(0, SIZE // MiB - 1), st.integers(1, 3)),
                       max_size=3),
        ops=st.lists(_op, min_size=1, max_size=6))
-def test_diff_since_a_snapshot_misses_nothing_that_differs(ioctx, prop_image, first, ops):
+def test_diff_since_a_snapshot_misses_nothing_that_differs(rbd_io, prop_image, first, ops):
     img = prop_image
     for mib, count in first:  # more data before the snapshot (sparse)
         n = min(count, SIZE // MiB - mib)
@@ -109,7 +94,7 @@ def test_diff_since_a_snapshot_misses_nothing_that_differs(ioctx, prop_image, fi
         touched.update(range(off // (4 * KiB), (off + length) // (4 * KiB)))
     img.flush()
     extents = img.diff("base")
-    before = ioctx.open("diff-prop", "base", read_only=True)
+    before = rbd_io.open("diff-prop", "base", read_only=True)
     try:
         old = before.read(0, SIZE)
     finally:
@@ -134,8 +119,8 @@ def test_diff_since_a_snapshot_misses_nothing_that_differs(ioctx, prop_image, fi
             assert b <= last.get(b // OBJECT_BLOCKS, -1), (b, extents, sorted(touched)[:20])
 
 
-def test_diff_from_nothing_is_the_allocated_data_and_bad_ranges_are_refused(ioctx):
-    img = _fresh(ioctx, "diff-alloc")
+def test_diff_from_nothing_is_the_allocated_data_and_bad_ranges_are_refused(rbd_io):
+    img = _fresh(rbd_io, "diff-alloc")
     try:
         img.write(b"\x01" * (64 * KiB), 5 * MiB)
         img.flush()
