@@ -261,7 +261,9 @@ def render_status(doc: dict) -> str:
                   format_duration(m.get("rpo_age")),
                   (m["path"] if not m.get("error") else f"unreadable: {m['error']}")
                   + (f" (failed back; kept: {m['failback']['kept']})"
-                     if m.get("failback") else "")]
+                     if m.get("failback") else "")
+                  + (f" (split brain lost by the promoted tree; kept: "
+                     f"{m['discarded']['kept']})" if m.get("discarded") else "")]
                  for m in trees_in]
         lines += _table(rows)
     roles_lines = render_roles(doc)  # roles and generations (docs/failover.md)

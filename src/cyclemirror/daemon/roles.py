@@ -248,6 +248,12 @@ def finish_promotions(service) -> None:
     from cyclemirror.receiver.treepromote import finish_cut as finish_trees
 
     finish_trees(service.store)  # tree mirrors' (docs/trees.md); each logs what it did
+    from cyclemirror.receiver.treediscard import finish_cut as finish_tree_discards
+
+    # A tree's split brain lost here, cut short (each logs itself), and its outgoing
+    # mirrors' definitions, which the live verb removed before its commit point.
+    for done in finish_tree_discards(service.store):
+        forget_outgoing(service.store, done["tree"])
     from cyclemirror.receiver.turnback import finish_cut as finish_turnbacks
 
     # A failback's or a split brain's turn-back into mirror images (each logs itself).
@@ -288,7 +294,7 @@ def op_resolve(service, args: dict) -> dict:
     node = service._arg(args, "discard_changes_on", str, "--discard-changes-on")
     store = service.store
     if volume in store.list_trees():
-        return _resolve_tree(store, volume, node)
+        return _resolve_tree(service, volume, node)
     rec = roles.load_role(store.path, volume)
     if rec is None or rec.promoted_from is None or rec.role != roles.PRIMARY:
         from cyclemirror.errors import RoleError
@@ -316,11 +322,14 @@ def op_resolve(service, args: dict) -> dict:
             "discard_changes_on_name": p["source_name"]}
 
 
-def _resolve_tree(store, name: str, node: str) -> dict:
-    """``mirror resolve TREE --discard-changes-on OLD-SOURCE`` on a promoted tree: the
-    failback goes on over the old source's changes, which it keeps (docs/trees.md)."""
+def _resolve_tree(service, name: str, node: str) -> dict:
+    """``mirror resolve TREE --discard-changes-on NODE`` on a promoted tree: naming the old
+    source, the failback goes on over its changes, which it keeps; naming this node, the
+    tree goes back to being the old source's mirror (``receiver.treediscard``), kept whole
+    beside its path (docs/trees.md)."""
     from cyclemirror.errors import RoleError
 
+    store = service.store
     obj = store.open_tree(name)
     p = obj.promoted_from
     if p is None:
@@ -332,10 +341,7 @@ def _resolve_tree(store, name: str, node: str) -> dict:
                          f"named {node!r}; name the loser by its node id ({p['source_node']} "
                          f"is {old}, {store.node_id} this node)")
     if node != p["source_node"] and node in (store.node_id, store.node_name):
-        raise RoleError(f"tree {name!r}: naming this node (the new primary) to lose is not "
-                        f"built for trees; to keep {old}'s tree instead, take it from its "
-                        f"kept copy there after the failback, or mirror it from {old} "
-                        "under another name")
+        return _discard_tree_here(service, name, p)
     if node not in (p["source_node"], p["source_name"]):
         raise UsageError(f"--discard-changes-on {node!r}: the two sides of tree {name} are "
                          f"{store.node_name or store.node_id} (this node) and {old}")
@@ -344,6 +350,26 @@ def _resolve_tree(store, name: str, node: str) -> dict:
                 name, old)
     return {"volume": name, "volumes": [name], "kind": "tree",
             "discard_changes_on": p["source_node"], "discard_changes_on_name": p["source_name"]}
+
+
+def _discard_tree_here(service, name: str, p: dict) -> dict:
+    """The user named this node to lose a tree's split brain: the promoted tree is kept
+    whole beside its path and the mirror it came from is the old source's again."""
+    from cyclemirror.receiver.treediscard import discard_here
+
+    store = service.store
+    registry = service.target.registry if service.target is not None else None
+    with service._admin_lock:
+        done = discard_here(store, registry, name,
+                            lambda tree: release_volume(service, tree))
+    who = p["source_name"] or p["source_node"]
+    return {"volume": name, "volumes": [name], "kind": "tree",
+            "discard_changes_on": store.node_id, "discard_changes_on_name": store.node_name,
+            "discarded_here": True, "cycle": done["cycle"], "image": done["image"],
+            "kept": [{"path": done["kept"], "generation": None, "time": time.time()}],
+            "next": f"on {who}: 'cyclemirror mirror reinstate {p['mirror']}' (it asks this "
+                    "node, which holds its mirror again), and its mirror resumes with a "
+                    f"delta of what it changed since cycle {done['cycle']}"}
 
 
 def _discard_here(service, rec: roles.RoleRecord) -> dict:

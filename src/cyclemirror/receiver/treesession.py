@@ -128,6 +128,14 @@ def tree_status(store_root: str, now: float) -> list[dict]:
             row["failback"] = None if back is None else {
                 k: back[k] for k in ("tree", "cycle", "kept", "divergent_ops",
                                      "divergent_bytes", "time", "done")}
+            try:
+                from cyclemirror.receiver.treediscard import record as discarded
+
+                lost = discarded(os.path.join(root, entry))
+            except Exception as exc:  # noqa: BLE001 - shown, never hidden
+                lost, row["error"] = None, str(exc)
+            row["discarded"] = None if lost is None else {
+                k: lost[k] for k in ("tree", "path", "cycle", "kept", "time", "done")}
             rows.append(row)
     return rows
 

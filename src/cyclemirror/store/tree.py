@@ -334,6 +334,12 @@ class TreeObject:
             self._save()
             return True
 
+    def clear_demoted(self) -> None:
+        """``mirror reinstate``: primary again (the demotion is in the daemon's log)."""
+        with self._lock:
+            if self._rec.pop("demoted", None) is not None:
+                self._save()
+
     def set_discard_on(self, node: str | None) -> None:
         """A split brain's loser, as the user named it (``mirror resolve``)."""
         with self._lock:

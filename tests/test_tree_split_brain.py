@@ -1,0 +1,224 @@
+"""Split brain on a tree or a file object won by the old source, with real daemons.
+
+One source daemon (A) and one target daemon (B, serving NBD) for the module,
+their stores and objects on the session's btrfs loop file system.  An object
+mirrored A -> B is promoted on B with ``--force`` (the disaster); both sides
+then write; the mirror back from B is refused as split brain; the user names
+B, the new primary, to lose (``mirror resolve NAME --discard-changes-on B``).
+B must then keep what it wrote whole (a tree: ``PATH.kept-<k>-<time>``; a file
+object, a volume on B: its blocks in ``STORE/kept/``), named in the output and
+in ``status``, and hold A's mirror as of the promoted cycle again; A takes its
+demotion back (``mirror reinstate NAME``, which asks B) and its next cycle to
+B is a delta of what A changed since that cycle: the wire bytes are counted
+against A's changed data, and B's mirror compared with A's object.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.support.daemons import Daemon, free_port, make_key, wait_for
+from tests.support.nbd import run
+from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
+
+BIG = 1 << 20  # a full copy ships at least this much
+
+
+class Env:
+    pass
+
+
+@pytest.fixture(scope="module")
+def env(btrfs_mount):
+    if os.geteuid() != 0:
+        pytest.skip("btrfs snapshots need root")
+    root = os.path.join(btrfs_mount, "tree-split-brain")
+    os.makedirs(root)
+    e = Env()
+    e.root = root
+    e.key = make_key(os.path.join(root, "key"))
+    e.daemons = []
+    try:
+        for name in ("a", "b"):
+            d = Daemon(root, name, key_file=e.key, nbd=name == "b",
+                       extra=("--listen", f"127.0.0.1:{free_port()}")).start()
+            e.daemons.append(d)
+            setattr(e, name, d)
+        yield e
+    finally:
+        d_err = None
+        for d in e.daemons:
+            try:
+                d.stop()
+            except AssertionError as exc:
+                d_err = exc
+                d.kill()
+        delete_subvolumes(root)
+        if d_err is not None:
+            raise d_err
+
+
+def write(path: str, data: bytes, offset: int | None = None) -> None:
+    with open(path, "wb" if offset is None else "r+b") as fh:
+        if offset is not None:
+            fh.seek(offset)
+        fh.write(data)
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def row(daemon, name: str) -> dict:
+    return [r for r in daemon.status()["mirrors"] if r["volume"] == name][0]
+
+
+def tree_info(daemon, name: str) -> dict | None:
+    trees = json.loads(daemon.cli("tree", "list", "--json").stdout)
+    return next((t for t in trees if t["name"] == name), None)
+
+
+def broken_on_split_brain(env, name: str, what: str) -> None:
+    """B mirrors ``name`` back to A: refused as split brain, B's mirror broken."""
+    env.b.cli("mirror", "start", name, "--to", env.a.listen, "--interval", "3600")
+    env.b.cli("mirror", "sync", name, "--timeout", "30", check=False)
+    m = wait_for(lambda: (lambda m: m if m["phase"] == "broken" else None)(row(env.b, name)),
+                 30, "B's mirror back to break on the split brain")
+    assert f"split brain on {what} {name}" in m["last_error"], m
+
+
+def demoted_on_a(env, name: str, tree: bool) -> None:
+    env.a.cli("mirror", "sync", name, "--timeout", "30", check=False)
+    if tree:
+        wait_for(lambda: tree_info(env.a, name)["role"] == "demoted", 30,
+                 "A to record its tree as demoted")
+    else:
+        wait_for(lambda: any(x["volume"] == name and x["role"] == "demoted"
+                             for x in env.a.status().get("roles") or []), 30,
+                 "A to record its file object as demoted")
+
+
+def test_the_old_source_wins_a_trees_split_brain_and_ships_only_its_changes(env):
+    src = subvolume(env.root, "app-a")
+    write(os.path.join(src, "big"), os.urandom(BIG))
+    os.makedirs(os.path.join(src, "d"))
+    write(os.path.join(src, "d", "small"), b"small file\n")
+    env.a.cli("tree", "add", "app", src)
+    env.a.cli("mirror", "start", "app", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "app")
+    k = row(env.a, "app")["applied_cycle"]
+    dest = os.path.join(env.root, "app-b")
+    env.b.cli("mirror", "promote", f"{env.a.node_id}/app", dest, "--force")
+    # Both sides write: A 8 KiB into its big file (refused: A is demoted), B a new file.
+    a_new = os.urandom(8192)
+    write(os.path.join(src, "big"), a_new, offset=4096 * 10)
+    demoted_on_a(env, "app", tree=True)
+    write(os.path.join(dest, "only-on-b"), b"B's change, kept whole\n")
+    b_before = tree_image(dest)
+    broken_on_split_brain(env, "app", "tree")
+
+    r = env.b.cli("mirror", "resolve", "app", "--discard-changes-on", env.b.node_id,
+                  "--json")
+    out = json.loads(r.stdout)
+    kept = glob.glob(f"{dest}.kept-{k}-*")
+    assert len(kept) == 1 and out["kept"][0]["path"] == kept[0], out
+    assert out["discarded_here"] is True and out["cycle"] == k
+    assert "mirror reinstate app" in out["next"]
+    # B: its tree kept whole, no tree object, no outgoing mirror, A's mirror at k again.
+    assert tree_image(kept[0]) == b_before and not os.path.lexists(dest)
+    assert tree_info(env.b, "app") is None
+    assert not [m for m in env.b.status()["mirrors"] if m["volume"] == "app"]
+    t = [t for t in env.b.status()["incoming_trees"] if t["tree"] == "app"][0]
+    assert t["applied_cycle"] == k and t["promoted"] is None, t
+    assert t["discarded"]["kept"] == kept[0] and t["discarded"]["done"] is True
+    assert "split brain lost by the promoted tree; kept:" in env.b.cli("status").stdout
+    # Resolving again is refused: the tree is gone, nothing changes.
+    r = env.b.cli("mirror", "resolve", "app", "--discard-changes-on", env.b.node_id,
+                  check=False)
+    assert r.returncode != 0 and glob.glob(f"{dest}.kept-{k}-*") == kept
+
+    shipped = row(env.a, "app")["shipped_bytes_total"]
+    r = env.a.cli("mirror", "reinstate", "app", "--json")
+    out = json.loads(r.stdout)
+    assert out["asked"] == [{"target": env.b.listen, "answer": "holds the image",
+                             "applied_cycle": k, "error": None}], out
+    assert out["mirror_resumed"] is True and tree_info(env.a, "app")["role"] == "primary"
+    env.a.cli("mirror", "sync", "app", "--timeout", "60")
+    m = row(env.a, "app")
+    assert m["last_cycle"]["full"] is False, m
+    # Only A's 8 KiB (and the frames around them) crossed the wire, not the 1 MiB tree.
+    sent = m["shipped_bytes_total"] - shipped
+    assert 8192 <= sent < 8192 + 16384, (sent, m)
+    mirror = os.path.join(env.b.store, "mirrors", env.a.node_id, "trees", "app")
+    snaps = tree_info(env.a, "app")["snapshots"]
+    assert_same_tree(os.path.join(snaps, f"snap-{m['applied_cycle']}"), mirror)
+    assert read(os.path.join(mirror, "big"))[40960:40960 + 8192] == a_new
+    assert not os.path.exists(os.path.join(mirror, "only-on-b"))
+
+
+def test_reinstate_of_a_tree_is_refused_while_the_target_holds_it_promoted(env):
+    """A tree demoted by a promotion that still stands: reinstate asks the target, which
+    answers that it promoted the tree; nothing changes on A."""
+    src = subvolume(env.root, "web-a")
+    write(os.path.join(src, "f"), b"x" * 4096)
+    env.a.cli("tree", "add", "web", src)
+    env.a.cli("mirror", "start", "web", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "web")
+    r = env.a.cli("mirror", "reinstate", "web", check=False)
+    assert r.returncode == 10 and "not demoted" in r.stderr, r.stderr
+    env.b.cli("mirror", "promote", f"{env.a.node_id}/web", os.path.join(env.root, "web-b"),
+              "--force")
+    demoted_on_a(env, "web", tree=True)
+    r = env.a.cli("mirror", "reinstate", "web", check=False)
+    assert r.returncode == 10 and "promoted its copy" in r.stderr, r.stderr
+    assert tree_info(env.a, "web")["role"] == "demoted"
+
+
+def test_the_old_source_wins_a_file_objects_split_brain(env):
+    """A file object promoted on B is a volume there: naming B the loser turns that
+    volume back into A's image of the promoted cycle (B's blocks kept in a file); A
+    reinstates its file object and its next cycle carries only A's divergent blocks."""
+    if shutil.which("qemu-io") is None:
+        pytest.skip("qemu-io (qemu-utils) is missing: it writes the promoted volume over NBD")
+    live = os.path.join(env.root, "vm.img")
+    write(live, os.urandom(BIG))
+    env.a.cli("file", "add", "vm", live)
+    env.a.cli("mirror", "start", "vm", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "vm")
+    k = row(env.a, "vm")["applied_cycle"]
+    env.b.cli("mirror", "promote", f"{env.a.node_id}/vm", "--force")
+    a_new = os.urandom(4096)
+    write(live, a_new, offset=8192)  # A's divergent write
+    demoted_on_a(env, "vm", tree=False)
+    b_new = os.path.join(env.root, "vm-b-new")
+    write(b_new, os.urandom(8192))
+    run("qemu-io", "-f", "raw", "-c", f"write -s {b_new} 65536 8192", "-c", "flush",
+        f"nbd+unix:///vm?socket={env.b.nbd_sock}")
+    broken_on_split_brain(env, "vm", "file object")
+
+    out = json.loads(env.b.cli("mirror", "resolve", "vm", "--discard-changes-on",
+                               env.b.node_id, "--json").stdout)
+    assert out["discarded_here"] is True and out["cycle"] == k, out
+    kept = out["kept"][0]
+    assert kept["bytes"] == 8192 and read(kept["path"])[65536:65536 + 8192] == read(b_new)
+    assert not os.path.exists(os.path.join(env.b.store, "volumes", "vm"))
+    assert os.path.exists(os.path.join(env.b.store, "mirrors", env.a.node_id, "vm.img"))
+    role = [x for x in env.b.status()["roles"] if x["volume"] == "vm"][0]
+    assert role["role"] == "secondary" and role["kept"][0]["path"] == kept["path"]
+
+    shipped = row(env.a, "vm")["shipped_bytes_total"]
+    out = json.loads(env.a.cli("mirror", "reinstate", "vm", "--json").stdout)
+    assert out["asked"][0]["answer"] == "holds the image", out
+    assert out["mirror_resumed"] is True
+    env.a.cli("mirror", "sync", "vm", "--timeout", "60")
+    image = os.path.join(env.b.store, "mirrors", env.a.node_id, "vm.img")
+    wait_for(lambda: read(image) == read(live), 30, "B's image to equal A's file")
+    sent = row(env.a, "vm")["shipped_bytes_total"] - shipped
+    assert 4096 <= sent < 4096 + 16384, sent
+    assert row(env.a, "vm")["last_cycle"]["full"] is False
