@@ -10,8 +10,8 @@ it kept whole beside it, never deleted), and only what B changed since the
 promotion on the wire (counted: the bytes B's driver sent, against the
 changed file data and against the full tree), B's first cycle a delta from
 the promoted cycle.  Both sides changed: split brain, refused with nothing
-changed until the user names the loser on B (B naming itself: 
-tests/test_tree_split_brain.py).
+changed until the user names the loser on B (B naming itself:
+tests/test_object_dr.py).
 """
 
 from __future__ import annotations

@@ -89,7 +89,10 @@ def cmd_mirror_switchover(args) -> int:
             else result["volume"])
     sys.stdout.write(
         f"switched {what} over to {result['to']} after cycle {result['cycle']} "
-        f"(writes held {result['writes_held_seconds']:.2f}s): it is primary now, generation "
+        + (f"(writes held {result['writes_held_seconds']:.2f}s)"
+           if result.get("writes_held_seconds") is not None
+           else "(a file object: its writers were not held)")
+        + ": it is primary now, generation "
         f"{result['generation']}; this node is demoted"
         + (f" and {result['to']} mirrors back to {back}\n" if back else "\n"))
     return 0

@@ -22,6 +22,14 @@
 If anything fails before the target promoted, writes are allowed again and
 the mirror resumed: the source stays primary.
 
+A file object switches over the same way, except that nothing of ours holds
+its writers (they write the file directly): stop them first.  The final
+cycle has every write made before its freeze; anything a writer still
+running wrote after it is not lost: the mirror back (``receiver.filefailback``)
+keeps the live file whole beside it (``PATH.kept-<k>-<time>``) and, if the
+new primary wrote too, refuses as split brain until a user names the loser.
+A tree's switchover is refused with the steps to do by hand.
+
 A consistency group switches over whole (``VOLUME`` names any member): writes
 are held on every member, the final cycle freezes them all at one instant,
 every member is demoted, and the target promotes the group's mirror (every
@@ -63,6 +71,15 @@ def op_switchover(service, args: dict) -> dict:
                              "the target reaches it at with --back-to HOST:PORT")
     out = service.outgoing
     store = service.store
+    if volume in store.list_trees():
+        raise UsageError(
+            f"switchover of tree {volume!r} is not built: its writers write its files "
+            "directly and cannot be held. Stop them, 'cyclemirror mirror sync "
+            f"{volume}', 'cyclemirror mirror break {volume}', then on the target "
+            f"'cyclemirror mirror promote SOURCE/{volume} PATH' and 'cyclemirror mirror "
+            f"start {volume} --to THIS-NODE' (a failback: no full copy; docs/trees.md)")
+    # A file object's writers write its file directly: nothing of ours can hold them.
+    is_file = volume in store.list_files()
     with out._lock:
         entries = out._entries_of(volume)
         if not entries:
@@ -89,7 +106,7 @@ def op_switchover(service, args: dict) -> dict:
     if driver is None:
         raise NotFoundError(f"the mirror of {what} is not running (see the daemon log)")
     spec = next(r.spec for r in driver.targets if r.label == to)
-    vols = [store.open_volume(m) for m in members]
+    vols = [] if is_file else [store.open_volume(m) for m in members]
     t0 = time.monotonic()
     held_vols = []
     promoted = None
@@ -147,7 +164,8 @@ def op_switchover(service, args: dict) -> dict:
     return {"volume": volume, "group": group, "volumes": members, "to": spec.label,
             "cycle": promoted["cycle"], "generation": promoted["generation"],
             "epoch": promoted["epoch"], "mirroring_back_to": back_to or None,
-            "writes_held_seconds": held, "seconds": time.monotonic() - t0}
+            "writes_held_seconds": None if is_file else held, "kind": "file" if is_file
+            else "volume", "seconds": time.monotonic() - t0}
 
 
 def _set_role(store, rec, role: str, demoted: dict | None) -> None:

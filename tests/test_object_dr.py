@@ -222,3 +222,60 @@ def test_the_old_source_wins_a_file_objects_split_brain(env):
     sent = row(env.a, "vm")["shipped_bytes_total"] - shipped
     assert 4096 <= sent < 4096 + 16384, sent
     assert row(env.a, "vm")["last_cycle"]["full"] is False
+
+
+def test_a_file_object_switches_over_and_back_without_a_full_copy(env):
+    """A planned switchover of a file object (its writers stopped): the target's image of
+    the final cycle becomes a volume there and is mirrored back at once, a failback: A's
+    live file is kept whole beside it and its snapshot of the final cycle becomes the
+    image; the new primary's writes then reach A as deltas."""
+    if shutil.which("qemu-io") is None:
+        pytest.skip("qemu-io (qemu-utils) is missing: it writes the promoted volume over NBD")
+    live = os.path.join(env.root, "sw.img")
+    write(live, os.urandom(BIG))
+    env.a.cli("file", "add", "sw", live)
+    env.a.cli("mirror", "start", "sw", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "sw")
+    last = os.urandom(4096)
+    write(live, last, offset=0)  # acknowledged before the switchover: must be on B
+    at_switch = read(live)
+    r = env.a.cli("mirror", "switchover", "sw", "--to", env.b.listen, "--json")
+    out = json.loads(r.stdout)
+    assert out["kind"] == "file" and out["writes_held_seconds"] is None, out
+    assert out["mirroring_back_to"] == env.a.listen
+    k = out["cycle"]
+    text = env.a.cli("mirror", "switchover", "sw", "--to", env.b.listen, check=False)
+    assert text.returncode != 0  # A is no longer the source of sw
+    # B: a volume holding the final cycle; A: the failback made it B's mirror image.
+    uri = f"nbd+unix:///sw?socket={env.b.nbd_sock}"
+    image = os.path.join(env.a.store, "mirrors", env.b.node_id, "sw.img")
+    wait_for(lambda: os.path.exists(image) and not os.path.lexists(live), 60,
+             "A's file object to fail back into B's mirror image")
+    assert read(image) == at_switch
+    kept = glob.glob(f"{live}.kept-{k}-*")
+    assert len(kept) == 1 and read(kept[0]) == at_switch
+    b_copy = os.path.join(env.root, "sw-b-copy")
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, b_copy)
+    assert read(b_copy) == at_switch
+    # The new primary writes; its mirror back ships only that, as a delta.
+    b_new = os.path.join(env.root, "sw-b-new")
+    write(b_new, os.urandom(8192))
+    run("qemu-io", "-f", "raw", "-c", f"write -s {b_new} 131072 8192", "-c", "flush", uri)
+    env.b.cli("mirror", "sync", "sw", "--timeout", "60")
+    m = row(env.b, "sw")
+    assert m["last_cycle"]["full"] is False, m
+    assert m["shipped_bytes_total"] < 8192 + 16384, m
+    expected = at_switch[:131072] + read(b_new) + at_switch[131072 + 8192:]
+    assert read(image) == expected
+
+
+def test_a_trees_switchover_is_refused_with_the_steps_by_hand(env):
+    src = subvolume(env.root, "sw-tree")
+    write(os.path.join(src, "f"), b"y" * 4096)
+    env.a.cli("tree", "add", "swt", src)
+    env.a.cli("mirror", "start", "swt", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "swt")
+    r = env.a.cli("mirror", "switchover", "swt", "--to", env.b.listen, check=False)
+    assert r.returncode == 2 and "mirror promote" in r.stderr, r.stderr
+    assert tree_info(env.a, "swt")["role"] == "primary"
+    assert row(env.a, "swt")["phase"] != "broken"
