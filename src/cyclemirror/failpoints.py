@@ -66,6 +66,27 @@ KNOWN: dict[str, str] = {
                          "image (receiver/turnback.py), so a kill -9 lands between members",
     "turnback.committed": "sleep in a turn-back after the mirror state was written, before "
                           "the role records say secondary (receiver/turnback.py)",
+    "filefailback.checked": "sleep in a file object's failback on the old source after its "
+                            "checks, before its intent (the commit point) is written "
+                            "(receiver/filefailback.py)",
+    "filefailback.recorded": "sleep in a file object's failback right after its intent "
+                             "(the commit point) was written (receiver/filefailback.py)",
+    "filefailback.imaged": "sleep in a file object's failback after the mirror image and "
+                           "its state were made, before the live file is renamed aside "
+                           "(receiver/filefailback.py)",
+    "filefailback.kept": "sleep in a file object's failback after the live file was renamed "
+                         "aside, before the file object is removed "
+                         "(receiver/filefailback.py)",
+    "filefailback.removed": "sleep in a file object's failback after the file object was "
+                            "removed, before its role record says secondary "
+                            "(receiver/filefailback.py)",
+    "treediscard.recorded": "sleep in a tree's split brain lost here after its record (the "
+                            "commit point) (receiver/treediscard.py)",
+    "treediscard.kept": "sleep in a tree's split brain lost here after the promoted tree was "
+                        "renamed aside (receiver/treediscard.py)",
+    "treediscard.released": "sleep in a tree's split brain lost here after the promotion "
+                            "record went, before the record says done "
+                            "(receiver/treediscard.py)",
     "receiver.tree_switched": "sleep between a tree mirror's exchange of directories and "
                               "the record saying it applied (receiver/treeops.py)",
 }

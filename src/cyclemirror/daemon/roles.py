@@ -254,6 +254,10 @@ def finish_promotions(service) -> None:
     # mirrors' definitions, which the live verb removed before its commit point.
     for done in finish_tree_discards(service.store):
         forget_outgoing(service.store, done["tree"])
+    from cyclemirror.receiver.filefailback import finish_cut as finish_file_failbacks
+
+    # A file object's failback into a mirror image, cut short (each logs itself).
+    finish_file_failbacks(service.store, lambda name: forget_outgoing(service.store, name))
     from cyclemirror.receiver.turnback import finish_cut as finish_turnbacks
 
     # A failback's or a split brain's turn-back into mirror images (each logs itself).

@@ -27,9 +27,8 @@ Steps 1, 2 and 4 and the kept copy of step 3 are ``receiver.turnback``:
 after the checks it records its intent first, so a kill -9 anywhere leaves the
 volume untouched or, at the daemon's next start, turned back whole.
 
-A file object of epoch ``E`` fails back the same way (not yet through an intent: its
-steps' order is what keeps it safe) from its reflink
-snapshot of cycle *k* (``receiver.filefailback``).
+A file object of epoch ``E`` fails back the same way, through an intent of its
+own, from its reflink snapshot of cycle *k* (``receiver.filefailback``).
 
 The new primary then ships, as a delta, only the blocks it wrote since the
 promotion (``sender.failback`` seeds its owed set).  The image stays the
