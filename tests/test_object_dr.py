@@ -11,6 +11,11 @@ in ``status``, and hold A's mirror as of the promoted cycle again; A takes its
 demotion back (``mirror reinstate NAME``, which asks B) and its next cycle to
 B is a delta of what A changed since that cycle: the wire bytes are counted
 against A's changed data, and B's mirror compared with A's object.
+
+The same module switches a file object over (its failback the mirror back,
+no full copy) and checks that a tree's switchover is refused, and kills B
+with SIGKILL inside each step of a tree's split brain lost on B (failpoints
+``treediscard.*``): its next start finishes it.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.support.daemons import Daemon, free_port, make_key, wait_for
+from tests.support.daemons import Daemon, cli_env, free_port, make_key, wait_for
 from tests.support.nbd import run
 from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
 
@@ -279,3 +286,77 @@ def test_a_trees_switchover_is_refused_with_the_steps_by_hand(env):
     assert r.returncode == 2 and "mirror promote" in r.stderr, r.stderr
     assert tree_info(env.a, "swt")["role"] == "primary"
     assert row(env.a, "swt")["phase"] != "broken"
+
+
+def _set_failpoint(d, failpoint: str | None) -> None:
+    if "--failpoint" in d.args:
+        i = d.args.index("--failpoint")
+        del d.args[i:i + 2]
+    if failpoint is not None:
+        d.args += ["--failpoint", f"{failpoint}=60"]
+
+
+@pytest.mark.parametrize("failpoint", ["treediscard.recorded", "treediscard.kept",
+                                       "treediscard.released"])
+def test_kill_9_inside_a_trees_split_brain_lost_here(env, failpoint):
+    """kill -9 of B while its 'mirror resolve ... --discard-changes-on B' sleeps after
+    each step past the commit point: B's next start finishes it (the tree kept once,
+    whole; the tree object and the promotion record gone), and A's reinstated mirror
+    then ships only its own change."""
+    name = "cut" + failpoint.split(".")[1][:3]
+    src = subvolume(env.root, f"{name}-a")
+    write(os.path.join(src, "f"), os.urandom(BIG // 4))
+    env.a.cli("tree", "add", name, src)
+    env.a.cli("mirror", "start", name, "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", name)
+    k = row(env.a, name)["applied_cycle"]
+    dest = os.path.join(env.root, f"{name}-b")
+    env.b.cli("mirror", "promote", f"{env.a.node_id}/{name}", dest, "--force")
+    write(os.path.join(src, "f"), os.urandom(4096), offset=0)
+    demoted_on_a(env, name, tree=True)
+    write(os.path.join(dest, "b-only"), b"kept on B\n")
+    b_before = tree_image(dest)
+    work = os.path.join(env.b.store, "mirrors", env.a.node_id, "trees",
+                        f".cyclemirror-tree-{name}")
+
+    def reached() -> bool:
+        try:
+            rec = json.loads(read(os.path.join(work, "discarded.json")))
+        except FileNotFoundError:
+            return False
+        kept = bool(glob.glob(f"{dest}.kept-{k}-*"))
+        promoted = os.path.exists(os.path.join(work, "promoted.json"))
+        return not rec["done"] and {"treediscard.recorded": not kept and promoted,
+                                    "treediscard.kept": kept and promoted,
+                                    "treediscard.released": kept and not promoted}[failpoint]
+
+    env.b.stop()
+    _set_failpoint(env.b, failpoint)
+    try:
+        env.b.start()
+    finally:
+        _set_failpoint(env.b, None)
+    proc = subprocess.Popen([sys.executable, "-m", "cyclemirror.cli", "--store", env.b.store,
+                             "mirror", "resolve", name, "--discard-changes-on",
+                             env.b.node_id], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=cli_env())
+    try:
+        wait_for(reached, 30, f"B to sleep in {failpoint}")
+        env.b.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    env.b.start()
+    kept = glob.glob(f"{dest}.kept-{k}-*")
+    assert len(kept) == 1 and tree_image(kept[0]) == b_before and not os.path.lexists(dest)
+    assert tree_info(env.b, name) is None
+    assert not os.path.exists(os.path.join(work, "promoted.json"))
+    assert json.loads(read(os.path.join(work, "discarded.json")))["done"] is True
+    shipped = row(env.a, name)["shipped_bytes_total"]
+    env.a.cli("mirror", "reinstate", name)
+    env.a.cli("mirror", "sync", name, "--timeout", "60")
+    m = row(env.a, name)
+    assert m["last_cycle"]["full"] is False and m["shipped_bytes_total"] - shipped < 16384, m
+    mirror = os.path.join(work, "..", name)
+    assert_same_tree(os.path.join(tree_info(env.a, name)["snapshots"],
+                                  f"snap-{m['applied_cycle']}"), mirror)
