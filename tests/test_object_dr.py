@@ -276,16 +276,71 @@ def test_a_file_object_switches_over_and_back_without_a_full_copy(env):
     assert read(image) == expected
 
 
-def test_a_trees_switchover_is_refused_with_the_steps_by_hand(env):
-    src = subvolume(env.root, "sw-tree")
-    write(os.path.join(src, "f"), b"y" * 4096)
+def test_a_tree_switches_over_and_back_without_a_full_copy(env):
+    """A planned switchover of a tree (its writers stopped): the target promotes its
+    mirror of the final cycle at the path named and mirrors it back, a failback: A's
+    live tree is kept whole aside and its snapshot of the final cycle becomes its
+    incoming mirror; B's changes then reach A as deltas; and the same verb on B
+    switches the tree back to A, at its old path."""
+    src = subvolume(env.root, "swt-a")
+    write(os.path.join(src, "big"), os.urandom(BIG))
     env.a.cli("tree", "add", "swt", src)
     env.a.cli("mirror", "start", "swt", "--to", env.b.listen, "--interval", "3600")
     env.a.cli("mirror", "sync", "swt")
-    r = env.a.cli("mirror", "switchover", "swt", "--to", env.b.listen, check=False)
-    assert r.returncode == 2 and "mirror promote" in r.stderr, r.stderr
-    assert tree_info(env.a, "swt")["role"] == "primary"
-    assert row(env.a, "swt")["phase"] != "broken"
+    write(os.path.join(src, "last"), b"written just before the switchover\n")
+    at_switch = tree_image(src)
+    dest = os.path.join(env.root, "swt-b")
+    r = env.a.cli("mirror", "switchover", "swt", "--to", env.b.listen, "--target-path", dest,
+                  "--json")
+    out = json.loads(r.stdout)
+    assert out["kind"] == "tree" and out["path"] == dest, out
+    assert out["mirroring_back_to"] == env.a.listen
+    k = out["cycle"]
+    assert tree_image(dest) == at_switch  # every change made before it is on B
+    assert tree_info(env.b, "swt")["promoted_from"]["cycle"] == k
+    mirror_a = os.path.join(env.a.store, "mirrors", env.b.node_id, "trees", "swt")
+    wait_for(lambda: tree_info(env.a, "swt") is None and os.path.isdir(mirror_a), 60,
+             "A's tree to fail back into B's mirror")
+    kept = glob.glob(f"{src}.kept-{k}-*")
+    assert len(kept) == 1 and tree_image(kept[0]) == at_switch and not os.path.lexists(src)
+    assert tree_image(mirror_a) == at_switch
+    # B writes; its mirror back ships that only.
+    write(os.path.join(dest, "big"), os.urandom(8192), offset=0)
+    env.b.cli("mirror", "sync", "swt", "--timeout", "60")
+    m = row(env.b, "swt")
+    assert m["last_cycle"]["full"] is False and m["shipped_bytes_total"] < 8192 + 16384, m
+    assert tree_image(mirror_a) == tree_image(dest)
+    # Back to A, at its old path: the same verb on B.
+    b_before = tree_image(dest)
+    out = json.loads(env.b.cli("mirror", "switchover", "swt", "--to", env.a.listen,
+                               "--target-path", src, "--json").stdout)
+    assert out["kind"] == "tree" and tree_image(src) == b_before
+    assert tree_info(env.a, "swt")["path"] == src
+    wait_for(lambda: tree_info(env.b, "swt") is None, 60, "B's tree to fail back")
+    mirror_b = os.path.join(env.b.store, "mirrors", env.a.node_id, "trees", "swt")
+    assert tree_image(mirror_b) == b_before  # the old mirror of A's first tree, replaced
+    write(os.path.join(src, "again"), b"A is primary again\n")
+    env.a.cli("mirror", "sync", "swt", "--timeout", "60")
+    assert row(env.a, "swt")["last_cycle"]["full"] is False
+    assert tree_image(mirror_b) == tree_image(src)
+    assert len(glob.glob(f"{dest}.kept-{out['cycle']}-*")) == 1
+
+
+def test_a_trees_switchover_refusals_change_nothing(env):
+    src = subvolume(env.root, "swr-a")
+    write(os.path.join(src, "f"), b"y" * 4096)
+    env.a.cli("tree", "add", "swr", src)
+    env.a.cli("mirror", "start", "swr", "--to", env.b.listen, "--interval", "3600")
+    env.a.cli("mirror", "sync", "swr")
+    r = env.a.cli("mirror", "switchover", "swr", "--to", "127.0.0.1:1", check=False)
+    assert r.returncode == 3 and "not mirrored to" in r.stderr, r.stderr
+    # A path on the target that exists: the target refuses to promote; nothing changes.
+    taken = os.path.join(env.root, "swr-taken")
+    os.mkdir(taken)
+    r = env.a.cli("mirror", "switchover", "swr", "--to", env.b.listen, "--target-path",
+                  taken, check=False)
+    assert r.returncode != 0, r
+    assert tree_info(env.b, "swr") is None
 
 
 def _set_failpoint(d, failpoint: str | None) -> None:

@@ -80,6 +80,8 @@ def cmd_mirror_switchover(args) -> int:
                "timeout": parse_seconds(args.timeout, "--timeout", allow_zero=False)}
     if args.back_to:
         request["back_to"] = args.back_to
+    if args.target_path:
+        request["path"] = args.target_path
     result = _call(args, "mirror.switchover", reply_timeout=None, **request)
     if args.json:
         _print_json(result)
@@ -91,7 +93,7 @@ def cmd_mirror_switchover(args) -> int:
         f"switched {what} over to {result['to']} after cycle {result['cycle']} "
         + (f"(writes held {result['writes_held_seconds']:.2f}s)"
            if result.get("writes_held_seconds") is not None
-           else "(a file object: its writers were not held)")
+           else f"(a {result.get('kind', 'file')} object: its writers were not held)")
         + ": it is primary now, generation "
         f"{result['generation']}; this node is demoted"
         + (f" and {result['to']} mirrors back to {back}\n" if back else "\n"))
@@ -187,6 +189,9 @@ def add_verbs(mverbs) -> None:
                         help="the target that becomes primary (one of the volume's targets)")
     switch.add_argument("--back-to", metavar="HOST:PORT",
                         help="where the new primary reaches this node (default: its --listen)")
+    switch.add_argument("--target-path", metavar="PATH",
+                        help="a tree object: the path on the target the promoted tree is made "
+                             "at (default: the tree's path here)")
     switch.add_argument("--timeout", default="300", metavar="SECONDS",
                         help="for the final cycle (default 300)")
     switch.add_argument("--json", action="store_true", help="print the documented JSON")

@@ -463,7 +463,7 @@ def after_switchover(service, result: dict, back_to: str) -> None:
     """The target's switchover hook: serve the new volumes, and mirror them back (a
     group's members as one group again, named after the group's mirror without its
     digest, so the old source receives one group mirror)."""
-    volumes = result["volumes"]
+    volumes = result["volumes"] or ([result["tree"]] if result.get("kind") == "tree" else [])
     with service._backend_lock:
         for volume in volumes:
             service._backends.pop(volume, None)

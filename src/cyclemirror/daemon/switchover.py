@@ -28,7 +28,8 @@ cycle has every write made before its freeze; anything a writer still
 running wrote after it is not lost: the mirror back (``receiver.filefailback``)
 keeps the live file whole beside it (``PATH.kept-<k>-<time>``) and, if the
 new primary wrote too, refuses as split brain until a user names the loser.
-A tree's switchover is refused with the steps to do by hand.
+A tree switches over in ``daemon.treeswitchover`` (its target promotes the
+mirror to a tree object at a path, and the mirror back is a tree's failback).
 
 A consistency group switches over whole (``VOLUME`` names any member): writes
 are held on every member, the final cycle freezes them all at one instant,
@@ -72,12 +73,13 @@ def op_switchover(service, args: dict) -> dict:
     out = service.outgoing
     store = service.store
     if volume in store.list_trees():
-        raise UsageError(
-            f"switchover of tree {volume!r} is not built: its writers write its files "
-            "directly and cannot be held. Stop them, 'cyclemirror mirror sync "
-            f"{volume}', 'cyclemirror mirror break {volume}', then on the target "
-            f"'cyclemirror mirror promote SOURCE/{volume} PATH' and 'cyclemirror mirror "
-            f"start {volume} --to THIS-NODE' (a failback: no full copy; docs/trees.md)")
+        from cyclemirror.daemon.treeswitchover import switchover_tree
+
+        return switchover_tree(service, volume, to, back_to, timeout,
+                               service._arg(args, "path", str, "--target-path", None))
+    if service._arg(args, "path", str, "--target-path", None) is not None:
+        raise UsageError(f"switchover of {volume!r}: --target-path is for a tree object (the "
+                         "path its promoted tree is made at on the target)")
     # A file object's writers write its file directly: nothing of ours can hold them.
     is_file = volume in store.list_files()
     with out._lock:

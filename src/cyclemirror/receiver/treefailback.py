@@ -93,14 +93,13 @@ def prepare(server, open_msg: dict, branch: dict | None) -> dict | None:
     mirror = open_msg["mirror"]
     work = os.path.join(root, f".cyclemirror-tree-{mirror}")
     done = record(work)
-    if done is not None:
-        if not done["done"]:
-            return finish(server, root, mirror, done)  # a crash cut it: finish it
-        return None
+    if done is not None and not done["done"]:
+        return finish(server, root, mirror, done)  # a crash cut it: finish it
     if store is None or branch is None or branch["source_node"] != server.node_id:
         return None
     st = _mirror_state(work)
-    if st is not None and st["applied_cycle"] > 0:
+    if st is not None and st["applied_cycle"] > 0 and not supersedes(work, branch,
+                                                                      server.node_id):
         return None  # the mirror holds a cycle: an ordinary delta
     tname, k, ftime = branch["mirror"], branch["cycle"], float(branch["freeze_time"])
     if tname not in store.list_trees():
@@ -148,6 +147,18 @@ def prepare(server, open_msg: dict, branch: dict | None) -> dict | None:
     return finish(server, root, mirror, rec)
 
 
+def supersedes(work: str, branch: dict | None, node_id: str) -> bool:
+    """Whether the source's tree descends from this node's tree that was promoted from
+    this very mirror (``work``): a switch back, whose failback replaces the mirror's
+    old cycle (and lifts its promotion record, which refuses the old source)."""
+    if branch is None or branch["source_node"] != node_id:
+        return False
+    from cyclemirror.receiver.treepromote import promoted
+
+    rec = promoted(work)
+    return rec is not None and rec.get("done") is True and rec["name"] == branch["mirror"]
+
+
 def _mirror_state(work: str) -> dict | None:
     try:
         return read_json(os.path.join(work, treeops.STATE_FILE), "tree mirror state")
@@ -163,11 +174,18 @@ def finish(server, root: str, mirror: str, rec: dict) -> dict:
     failpoints.hit("treefailback.recorded")
     m = treeops.TreeMirror(root, mirror)
     try:
-        if m.applied_cycle != k or not os.path.isdir(m.path):
+        if m.applied_cycle != k or float(m.state["freeze_time"]) != rec["freeze_time"] \
+                or not os.path.isdir(m.path):
             obj = store.open_tree(tname)  # still here: it goes only after the switch
             _switch_in(m, obj.snapshot_path(k), k, rec["freeze_time"])
     finally:
         m.close()
+    work = os.path.join(root, f".cyclemirror-tree-{mirror}")
+    from cyclemirror.receiver.treepromote import PROMOTED_FILE
+
+    if os.path.exists(os.path.join(work, PROMOTED_FILE)):  # a switch back: the promotion
+        os.unlink(os.path.join(work, PROMOTED_FILE))    # of the mirror's old cycle is over
+        treeops.fsync_dir(work)
     failpoints.hit("treefailback.switched")
     if os.path.lexists(rec["path"]) and not os.path.lexists(rec["kept"]):
         os.rename(rec["path"], rec["kept"])  # the live tree, kept whole for the user

@@ -43,6 +43,7 @@ from cyclemirror.errors import (
     AlreadyExistsError,
     DemotedError,
     NotFoundError,
+    ProtocolError,
     RoleError,
     StoreError,
     UsageError,
@@ -233,3 +234,35 @@ def finish_cut(store) -> list[dict]:
                 log.exception("finishing the promotion of tree mirror %s failed; run the "
                               "same 'mirror promote' again", ref.label())
     return out
+
+
+def serve_tree_switchover(session, msg: dict) -> None:
+    """The target's half of a tree's planned switchover (``daemon.treeswitchover``): the
+    source asks, after its final cycle ``msg['cycle']`` was applied here, that the mirror
+    be promoted at ``msg['path']`` (not forced: the source asked) and mirrored back to
+    ``msg['back_to']``; the answer is ``switched``."""
+    from cyclemirror.receiver.promote import _ADDRESS
+
+    m = session.mirror
+    name, node = session.open_msg["mirror"], session.open_msg["node_id"]
+    if m.applied_cycle != msg["cycle"]:
+        raise ProtocolError(f"switchover of tree {name!r}: the source's final cycle is "
+                            f"{msg['cycle']}, this mirror applied {m.applied_cycle}")
+    back_to = msg["back_to"]
+    if back_to and not _ADDRESS.fullmatch(back_to):
+        raise ProtocolError(f"switchover: back_to {back_to!r:.80} is not HOST:PORT")
+    server = session.server
+    if getattr(server, "store", None) is None:
+        raise UsageError(f"switchover of tree {name!r}: this target has no store to make "
+                         "a tree object in")
+    m.close()
+    session.mirror = None
+    server.registry.release(session.key, session)
+    session.key = None
+    result = promote_tree(server.store, server.registry, node, name, msg["path"], None,
+                          False)
+    session.link.send_message("switched", volume=result["tree"],
+                              generation=str(result["cycle"]), epoch="")
+    hook = getattr(server, "on_switchover", None)
+    if hook is not None:
+        hook(result, back_to)

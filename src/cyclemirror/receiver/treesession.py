@@ -169,12 +169,13 @@ class TreeSession:
         self.key = (msg["node_id"], name, KIND)
         self.server.registry.acquire(self.key, self)
         root = trees_root(self.server.root, msg["node_id"])
+        from cyclemirror.receiver import treefailback
         from cyclemirror.receiver.treepromote import refuse_if_promoted
 
-        refuse_if_promoted(os.path.join(root, f".cyclemirror-tree-{name}"), name,
-                           msg["node_name"] or msg["node_id"],
-                           self.server.node_name or self.server.node_id)
-        from cyclemirror.receiver import treefailback
+        work = os.path.join(root, f".cyclemirror-tree-{name}")
+        if not treefailback.supersedes(work, self.branch, self.server.node_id):
+            refuse_if_promoted(work, name, msg["node_name"] or msg["node_id"],
+                               self.server.node_name or self.server.node_id)
 
         treefailback.prepare(self.server, msg, self.branch)  # a failback: no full copy
         os.makedirs(root, mode=0o700, exist_ok=True)
@@ -189,11 +190,15 @@ class TreeSession:
         self._prepare_next(name)  # the first cycle's frames wait in the socket meanwhile
         while True:
             try:
-                base = self.link.recv_message({"tree_base"})
+                base = self.link.recv_message({"tree_base", "tree_switchover"})
             except ConnectionLostError as exc:
                 if getattr(exc, "clean", False):
                     return  # the source closed between cycles
                 raise
+            if base["type"] == "tree_switchover":  # a planned role swap (docs/trees.md)
+                from cyclemirror.receiver.treepromote import serve_tree_switchover
+
+                return serve_tree_switchover(self, base)
             self._check_base(base, where)
             reader = treeframes.TreeFrameReader(self._read_exact, where)
             events = reader.events()

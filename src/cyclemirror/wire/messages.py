@@ -43,6 +43,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # protocol 3, between cycles: the source asks the target to promote its image after
     # the final cycle (a planned switchover), the target answers with its generation
     "switchover": {"cycle": "int", "back_to": "text"},
+    # a tree's planned switchover, after 'tree_open' (docs/trees.md, "Switchover"): promote
+    # the mirror at 'path' here and mirror it back to 'back_to'
+    "tree_switchover": {"cycle": "int", "back_to": "text", "path": "text"},
     "switched": {"volume": "name", "generation": "text", "epoch": "text"},
     "open": {"node_id": "node", "node_name": "opt_text", "mirror": "name", "group": "bool",
              "volumes": "volumes"},
