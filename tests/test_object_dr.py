@@ -339,8 +339,23 @@ def test_a_trees_switchover_refusals_change_nothing(env):
     os.mkdir(taken)
     r = env.a.cli("mirror", "switchover", "swr", "--to", env.b.listen, "--target-path",
                   taken, check=False)
-    assert r.returncode != 0, r
+    assert r.returncode != 0 and "exists" in r.stderr, r.stderr
     assert tree_info(env.b, "swr") is None
+    # The target refused before promoting: A takes its tree back and mirrors on.
+    assert tree_info(env.a, "swr")["role"] == "primary"
+    write(os.path.join(src, "f"), b"z" * 4096)
+    env.a.cli("mirror", "sync", "swr", "--timeout", "60")
+    assert row(env.a, "swr")["last_cycle"]["full"] is False
+    r = env.a.cli("mirror", "switchover", "swr", "--to", env.b.listen, "--target-path",
+                  "relative/path", check=False)
+    assert r.returncode != 0 and "absolute" in r.stderr, r.stderr
+    assert tree_info(env.a, "swr")["role"] == "primary" and tree_info(env.b, "swr") is None
+    # Bad input for the new verbs: exit codes of docs/cli.md, nothing changed.
+    r = env.a.cli("mirror", "reinstate", "nothing-here", check=False)
+    assert r.returncode == 3, r.stderr
+    r = env.a.cli("mirror", "resolve", "swr", "--discard-changes-on", env.a.node_id,
+                  check=False)
+    assert r.returncode == 10 and "not promoted" in r.stderr, r.stderr
 
 
 def _set_failpoint(d, failpoint: str | None) -> None:

@@ -20,8 +20,10 @@ a descriptor opened before it write): stop them first.  Then:
    kept whole aside (``PATH.kept-<k>-<time>``: anything a writer still
    running wrote after the final freeze is there, never lost).
 
-If anything fails before the target was asked, the demotion is taken back
-and the mirror resumed.  If the target was asked but its answer was lost,
+If anything fails before the target was asked, or the target refuses before
+its promotion's commit point (a path that exists or is not on btrfs, say),
+the demotion is taken back and the mirror resumed.  If the target was asked
+but its answer was lost,
 the tree stays demoted (two primaries would be worse): ``mirror reinstate``
 asks the target and takes it back if it did not promote.
 """
@@ -35,6 +37,7 @@ from cyclemirror.errors import CycleMirrorError, NotFoundError, ProtocolError, R
 
 log = logging.getLogger(__name__)
 SWITCH_TIMEOUT = 600.0
+REFUSALS = {"UsageError", "AlreadyExistsError", "NotFoundError", "ProtocolError"}
 
 
 def switchover_tree(service, name: str, to: str, back_to: str, timeout: float,
@@ -70,7 +73,10 @@ def switchover_tree(service, name: str, to: str, back_to: str, timeout: float,
                                       f"after cycle {cycle}")
         switched = _ask(store, driver, spec, cycle, back_to, path, asked)
     except BaseException as exc:
-        if asked:
+        # The target's error naming a refusal before its promotion's commit point: it did
+        # not promote (serve_tree_switchover says so with another code if it did).
+        refused = getattr(exc, "code", None) in REFUSALS
+        if asked and not refused:
             raise RoleError(
                 f"switchover of tree {name!r}: {spec.label} was asked to promote its mirror "
                 f"but did not answer ({type(exc).__name__}: {exc}); this node's tree stays "

@@ -259,8 +259,19 @@ def serve_tree_switchover(session, msg: dict) -> None:
     session.mirror = None
     server.registry.release(session.key, session)
     session.key = None
-    result = promote_tree(server.store, server.registry, node, name, msg["path"], None,
-                          False)
+    try:
+        result = promote_tree(server.store, server.registry, node, name, msg["path"], None,
+                              False)
+    except Exception as exc:
+        from cyclemirror.receiver.treesession import trees_root
+
+        if promoted(os.path.join(trees_root(server.root, node),
+                                 f".cyclemirror-tree-{name}")) is None:
+            raise  # refused before the commit point: the source takes its tree back
+        raise StoreError(f"switchover of tree {name!r}: promoted here as of cycle "
+                         f"{msg['cycle']}, but not finished ({type(exc).__name__}: {exc}); "
+                         "this daemon finishes it when it starts again, or run the same "
+                         "'cyclemirror mirror promote' here") from exc
     session.link.send_message("switched", volume=result["tree"],
                               generation=str(result["cycle"]), epoch="")
     hook = getattr(server, "on_switchover", None)
