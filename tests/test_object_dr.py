@@ -274,6 +274,14 @@ def test_a_file_object_switches_over_and_back_without_a_full_copy(env):
     assert m["shipped_bytes_total"] < 8192 + 16384, m
     expected = at_switch[:131072] + read(b_new) + at_switch[131072 + 8192:]
     assert read(image) == expected
+    # Back: B's volume switches over as any volume; A gets a volume (not its file again).
+    out = json.loads(env.b.cli("mirror", "switchover", "sw", "--to", env.a.listen,
+                               "--json").stdout)
+    assert out["kind"] == "volume" and out["writes_held_seconds"] is not None, out
+    assert "sw" in [v["name"] for v in env.a.status()["volumes"]]
+    image_b = os.path.join(env.b.store, "mirrors", env.a.node_id, "sw.img")
+    wait_for(lambda: os.path.exists(image_b), 60, "B's volume to fail back into A's image")
+    assert read(image_b) == expected
 
 
 def test_a_tree_switches_over_and_back_without_a_full_copy(env):
