@@ -1,0 +1,230 @@
+"""Failback from an RBD target: a promoted RBD volume mirrored back (docs/ceph.md, "Failback").
+
+Against the session's one-node Ceph cluster:
+
+* the mirror subject of an RBD volume (``sender.rbdsubject``) through the
+  library: a write through the volume's NBD backend is wholly in a freeze or
+  wholly out of it, also across two objects; the dirty set of a freeze covers
+  every block that differs from the branch snapshot (a hypothesis model of
+  writes, zeroes and trims); the frozen reader's extents rebuild the
+  snapshot exactly from the owed blocks over the older image; merge removes
+  the freeze snapshots and never the branch snapshot;
+* the cycle driver over that subject to a real target daemon: a full first
+  cycle to a new target equals the frozen snapshot, the next is a delta;
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cyclemirror import keys
+from cyclemirror.sender import MirrorDriver, MirrorOptions
+from cyclemirror.store import Store
+from tests.support.daemons import Daemon, make_key, wait_for
+from tests.support.nbd import run
+from tests.support.tools import require_tool
+
+KiB, MiB = 1 << 10, 1 << 20
+BS = 4096
+SIZE = 8 * MiB  # two 4 MiB objects
+
+
+def _fresh(io, name: str, data: bytes | None = None):
+    from cyclemirror.receiver.rbdbackend import remove_image
+
+    remove_image(io, name)
+    io.create(name, SIZE)
+    img = io.open(name)
+    if data is not None:
+        img.write(data, 0)
+        img.flush()
+    return img
+
+
+def _subject(io, name: str, k: int = 7):
+    from cyclemirror.sender.rbdsubject import RbdVolumeSubject
+
+    return RbdVolumeSubject(io, name, size=SIZE, block_size=BS, branch_cycle=k,
+                            branch_snap=f"cyclemirror-{k}", branch_freeze_time=1.5)
+
+
+def _read_snap(io, name: str, snap: str) -> bytes:
+    img = io.open(name, snap, True)
+    try:
+        return img.read(0, SIZE)
+    finally:
+        img.close()
+
+
+def _blocks_differing(a: bytes, b: bytes) -> set[int]:
+    return {i for i in range(len(a) // BS) if a[i * BS:(i + 1) * BS] != b[i * BS:(i + 1) * BS]}
+
+
+def _rebuild(old: bytes, reader, owed) -> bytes:
+    """``old`` with the reader's extents over ``owed`` laid on it (what a target applies)."""
+    out = bytearray(old)
+    for off, length, kind, fd in reader.extents(owed, 64):
+        if kind == "data":
+            out[off:off + length] = os.pread(fd, length, off)
+        else:
+            out[off:off + length] = bytes(length)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def prop_image(rbd_io):
+    img = _fresh(rbd_io, "fb-prop", random.Random(1).randbytes(SIZE))
+    img.snap_create("cyclemirror-7")
+    yield img
+    img.close()
+
+
+_op = st.tuples(st.sampled_from(["write", "zero", "discard"]),
+                st.integers(0, SIZE // BS - 1), st.integers(1, 300))
+
+
+@settings(max_examples=4, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, min_size=1, max_size=6))
+def test_a_freeze_owes_every_block_that_differs_and_its_reader_rebuilds_it(
+        rbd_io, prop_image, ops):
+    img = prop_image
+    sub = _subject(rbd_io, "fb-prop")
+    try:
+        sub.merge_through(2**62)  # the previous example's freezes
+        img.snap_rollback("cyclemirror-7")
+        branch = _read_snap(rbd_io, "fb-prop", "cyclemirror-7")
+        assert sub.open_overlay == 7 and sub.frozen_cycles() == [7]
+        for kind, block, count in ops:
+            off = block * BS
+            length = min(count * BS, SIZE - off)
+            if kind == "write":
+                img.write(os.urandom(length), off)
+            elif kind == "zero":
+                img.write_zeroes(off, length)
+            else:
+                img.discard(off, length)
+        img.flush()
+        frozen = sub.freeze()
+        assert frozen.number == 8 and sub.frozen_cycles() == [7, 8]
+        snap = _read_snap(rbd_io, "fb-prop", frozen.snap)
+        differ = _blocks_differing(branch, snap)
+        owed = set()
+        for start, count in frozen.dirty.iter_runs():
+            owed.update(range(start, start + count))
+        assert differ <= owed, sorted(differ - owed)[:10]
+        img.write(b"\xee" * BS, 0)  # after the freeze: not in it
+        img.flush()
+        with frozen.reader() as rd:
+            assert _rebuild(branch, rd, frozen.dirty) == snap
+            assert rd.read(0, BS) == snap[:BS]
+        assert sub.dirty_since(7).count_range(0, 1) == 1  # the write after it
+        sub.merge_through(8)
+        assert sub.frozen_cycles() == [7]  # the branch snapshot stays
+    finally:
+        sub.close()
+
+
+def test_a_write_through_the_nbd_backend_is_wholly_before_or_after_a_freeze(rbd_io,
+                                                                            ceph_cluster):
+    """Writes spanning both objects, through the NBD export's own librbd handle, race
+    freezes taken through the subject's handle: each snapshot holds each write whole
+    (librbd quiesces the image's clients for a snapshot; the subject relies on it)."""
+    from cyclemirror.receiver.rbdvolumes import RbdVolume, RbdVolumeBackend
+    from tests.support.ceph import rbd_config
+
+    img = _fresh(rbd_io, "fb-quiesce", bytes(SIZE))
+    img.snap_create("cyclemirror-7")
+    img.close()
+    cfg = rbd_config(ceph_cluster)
+    vol = RbdVolume(name="fb-quiesce", size=SIZE, block_size=BS, pool=cfg.pool, namespace=None,
+                    kind="promoted", source_node="n", source_name=None, mirror="m",
+                    member="m", cycle=7, parent=None, time=0.0)
+    backend = RbdVolumeBackend(cfg, vol)
+    sub = _subject(rbd_io, "fb-quiesce")
+    span = (4 * MiB - 64 * KiB, 128 * KiB)  # across the two objects
+    stop, first = threading.Event(), threading.Event()
+    written, failed = [0], []
+
+    def writer():
+        try:
+            while not stop.is_set():
+                backend.write(span[0], bytes([written[0] % 251 + 1]) * span[1])
+                written[0] += 1
+                first.set()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            failed.append(exc)
+            first.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        first.wait(60)
+        snaps = [sub.freeze().snap for _ in range(6)]
+    finally:
+        stop.set()
+        t.join()
+        backend.release()
+    try:
+        assert not failed, failed
+        seen = set()
+        for snap in snaps:
+            got = _read_snap(rbd_io, "fb-quiesce", snap)[span[0]:span[0] + span[1]]
+            assert got[0] != 0 and got == bytes([got[0]]) * span[1], snap  # one write, whole
+            seen.add(got[0])
+        assert written[0] > len(seen) >= 1
+    finally:
+        sub.merge_through(2**62)
+        sub.close()
+
+
+def test_the_driver_ships_an_rbd_volume_full_then_as_deltas(rbd_io, tmp_path):
+    """A new target of an RBD volume: the branch cycle in full, then deltas."""
+    require_tool("nbdcopy")
+    key_file = make_key(tmp_path / "mirror.key")
+    data = random.Random(3).randbytes(SIZE)
+    img = _fresh(rbd_io, "fb-drv", data)
+    img.snap_create("cyclemirror-7")
+    target = Daemon(tmp_path, "dst", key_file=key_file, listen=True, metrics=False).start()
+    store = Store.create(os.path.join(tmp_path, "src"), node_name="rbdsrc")
+    sub = _subject(rbd_io, "fb-drv")
+    frozen: dict[int, bytes] = {}
+    applied: dict[int, dict] = {}
+
+    def on_frozen(f, reader):
+        frozen[f.number] = reader.read(0, SIZE)
+
+    host, port = target.listen.rsplit(":", 1)
+    driver = MirrorDriver(sub, (host, int(port)), keys.read_key_file(key_file),
+                          MirrorOptions(interval=3600, on_frozen=on_frozen,
+                                        on_applied=lambda c, _l, s: applied.update({c: s})),
+                          store=store)
+    try:
+        driver.start()
+        wait_for(lambda: 7 in applied, 60, "the branch cycle to apply")
+        assert applied[7]["full"]
+        img.write(b"\x5a" * (3 * BS), MiB)  # after the branch snapshot
+        img.flush()
+        c = driver.sync(60)
+        assert c == 8 and not applied[8]["full"]
+        assert applied[8]["bytes_raw"] == 3 * BS  # exactly the written blocks
+        image = run("nbdcopy", f"nbd+unix:///mirror/rbdsrc/fb-drv?socket={target.nbd_sock}",
+                    "-").stdout
+        assert hashlib.sha256(image).digest() == hashlib.sha256(frozen[8]).digest()
+        assert frozen[8][MiB:MiB + 3 * BS] == b"\x5a" * (3 * BS)
+        wait_for(lambda: sub.frozen_cycles() == [7, 8], 30, "freeze 7's merge")
+    finally:
+        driver.stop()
+        sub.merge_through(2**62)
+        sub.close()
+        img.close()
+        store.close()
+        target.stop()
+
