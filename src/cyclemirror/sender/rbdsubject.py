@@ -113,14 +113,16 @@ class _RbdFace:
 class RbdVolumeSubject(SingleVolume):
     """RBD image ``image`` of ``io`` (an ``IoCtx`` of the binding), mirrored as volume
     ``name``; ``branch_cycle``: the cycle whose snapshot ``branch_snap`` it branched
-    from (its freeze time ``branch_freeze_time``)."""
+    from (its freeze time ``branch_freeze_time``); ``floor``: the newest cycle a
+    driver ever accounted for (its state's ``last_freeze``), so cycle numbers never go
+    back when the freeze snapshots were removed with a mirror."""
 
     group = False
     is_rbd = True
 
     def __init__(self, io, image: str, *, size: int, block_size: int, branch_cycle: int,
                  branch_snap: str, branch_freeze_time: float, name: str | None = None,
-                 remote_name: str | None = None):
+                 remote_name: str | None = None, floor: int = 0):
         if type(block_size) is not int or block_size < 512 or block_size & (block_size - 1):
             raise UsageError(f"RBD volume {image}: block size {block_size!r} is not a power "
                              "of two of at least 512")
@@ -155,6 +157,9 @@ class RbdVolumeSubject(SingleVolume):
         self.state_dir_name = self.name
         self.volume = _RbdFace(self)
         self.volumes = [self.volume]
+        # The newest freeze: kept here (this subject makes every freeze snapshot), so
+        # the driver's frequent reads of it cost no cluster round trip.
+        self._top = max(max(self.snapshots(), default=branch_cycle), floor)
 
     @staticmethod
     def _check_remote(name: str) -> str:
@@ -174,26 +179,32 @@ class RbdVolumeSubject(SingleVolume):
             raise StoreError(f"RBD volume {self.image}: its mirror subject is closed")
         return self._head
 
-    def snapshots(self) -> dict[int, tuple[str, float]]:
-        """{cycle: (snapshot name, freeze time)}: the branch snapshot and the freezes."""
+    def _listed(self) -> list[tuple[int, str, float]]:
+        """(cycle, name, freeze time) of the branch snapshot and every freeze snapshot,
+        in creation order."""
         with self._lock:
             try:
                 listed = self._head_handle().snap_list()
             except OSError as exc:
                 raise _error(exc, f"listing the snapshots of RBD volume {self.image}") from exc
-        out: dict[int, tuple[str, float]] = {}
+        out = []
         for snap, _size in listed:
             if snap == self.branch_snap:
-                out.setdefault(self.branch_cycle, (snap, self.branch_freeze_time))
+                out.append((self.branch_cycle, snap, self.branch_freeze_time))
                 continue
             parsed = parse_freeze_snap(snap)
             if parsed is not None and parsed[0] > self.branch_cycle:
-                out[parsed[0]] = (snap, parsed[1])
+                out.append((parsed[0], snap, parsed[1]))
         return out
+
+    def snapshots(self) -> dict[int, tuple[str, float]]:
+        """{cycle: (snapshot name, freeze time)}: the branch snapshot and the freezes (of
+        two for one cycle, which only a failed call that took effect leaves, the newer)."""
+        return {cycle: (name, t) for cycle, name, t in self._listed()}
 
     @property
     def open_overlay(self) -> int:
-        return max(self.snapshots(), default=self.branch_cycle)
+        return self._top
 
     def frozen_cycles(self) -> list[int]:
         return sorted(self.snapshots())
@@ -208,8 +219,14 @@ class RbdVolumeSubject(SingleVolume):
             try:
                 head.snap_create(name)  # quiesced by librbd (see the module doc)
             except OSError as exc:
-                raise _error(exc, f"freezing RBD volume {self.image} (snapshot "
-                                  f"{name})") from exc
+                failure = _error(exc, f"freezing RBD volume {self.image} (snapshot {name})")
+            else:
+                failure = None
+                self._top = n
+        if failure is not None:
+            # It may have taken effect all the same (a timeout): ask the image.
+            self._top = max(self._top, max(self.snapshots(), default=self.branch_cycle))
+            raise failure
         log.debug("RBD volume %s: frozen as %s", self.image, name)
         return self.frozen(n)
 
@@ -219,9 +236,12 @@ class RbdVolumeSubject(SingleVolume):
             raise NotFoundError(f"RBD volume {self.image} has no snapshot of cycle {k} "
                                 f"(its cycles: {sorted(snaps)})")
         name, freeze_time = snaps[k]
-        dirty = None  # the branch cycle, or a predecessor merged away: not a delta
-        if k - 1 in snaps and k != self.branch_cycle:
-            dirty = self._diff(snaps[k - 1][0], name)
+        # What changed since the previous freeze; if that snapshot went (with a removed
+        # mirror), since the newest older one (the branch snapshot at worst): more than
+        # changed in the cycle, never less.  None (no older snapshot at all: the branch
+        # cycle itself) means the whole image.
+        older = [c for c in snaps if c < k]
+        dirty = self._diff(snaps[max(older)][0], name) if older else None
         return RbdFrozenCycle(self, k, name, freeze_time, dirty)
 
     def _diff(self, older: str, newer: str | None) -> ExtentBitmap:
@@ -258,7 +278,7 @@ class RbdVolumeSubject(SingleVolume):
 
     def merge_through(self, k: int) -> None:
         """Remove the freeze snapshots of cycles <= ``k`` (never the branch snapshot)."""
-        for cycle, (name, _t) in sorted(self.snapshots().items()):
+        for cycle, name, _t in self._listed():
             if cycle > k or not name.startswith(FREEZE_PREFIX):
                 continue
             with self._lock:
@@ -272,7 +292,7 @@ class RbdVolumeSubject(SingleVolume):
 
     def remove_freezes(self) -> int:
         """Every freeze snapshot (the mirror is removed); returns how many went."""
-        before = [n for n, _ in self.snapshots().values() if n.startswith(FREEZE_PREFIX)]
+        before = [n for _c, n, _t in self._listed() if n.startswith(FREEZE_PREFIX)]
         self.merge_through(2**62)
         return len(before)
 
