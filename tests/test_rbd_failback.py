@@ -219,6 +219,49 @@ def test_cycle_numbers_go_on_from_the_floor_and_a_lost_freeze_owes_more_not_less
         img.close()
 
 
+def _namespaces(io, name: str) -> dict[str, int]:
+    img = io.open(name)
+    try:
+        return {snap: ns for snap, _id, ns in img.snap_ids()}
+    finally:
+        img.close()
+
+
+def test_a_trashed_freeze_snapshot_goes_once_no_clone_needs_it(rbd_io):
+    """librbd trashes a snapshot before removing it (a kill -9 in between leaves it
+    there) and keeps it trashed while a clone reads from it: merges remove trashed
+    snapshots by id once they can go, and volume rm's image removal too."""
+    from cyclemirror.receiver.rbdbackend import remove_image
+
+    img = _fresh(rbd_io, "fb-trash", random.Random(4).randbytes(SIZE))
+    img.snap_create("cyclemirror-7")
+    img.close()
+    sub = _subject(rbd_io, "fb-trash")
+    try:
+        snap = sub.freeze().snap
+        remove_image(rbd_io, "fb-trash-clone")
+        rbd_io.clone("fb-trash", snap, "fb-trash-clone", 2)
+        sub.freeze()
+        sub.merge_through(8)  # the clone reads from it: trashed, not removed
+        spaces = _namespaces(rbd_io, "fb-trash")
+        assert snap not in spaces and sorted(spaces.values()).count(2) == 1, spaces
+        assert sub.frozen_cycles() == [7, 9]
+        remove_image(rbd_io, "fb-trash-clone")
+        sub.merge_through(8)
+        spaces = _namespaces(rbd_io, "fb-trash")
+        assert 2 not in spaces.values() and len(spaces) == 2, spaces
+        rbd_io.clone("fb-trash", "cyclemirror-7", "fb-trash-clone", 2)
+        trashed = rbd_io.open("fb-trash")
+        try:
+            trashed.snap_remove("cyclemirror-7")  # trashed: the clone needs it
+        finally:
+            trashed.close()
+        remove_image(rbd_io, "fb-trash-clone")
+    finally:
+        sub.close()
+    assert remove_image(rbd_io, "fb-trash")  # a trashed snapshot does not stop it
+
+
 def test_the_driver_ships_an_rbd_volume_full_then_as_deltas(rbd_io, tmp_path):
     """A new target of an RBD volume: the branch cycle in full, then deltas."""
     require_tool("nbdcopy")

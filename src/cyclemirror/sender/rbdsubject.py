@@ -53,6 +53,8 @@ from cyclemirror.sender import shipping
 from cyclemirror.sender.group import SingleVolume
 from cyclemirror.store.fileops import punch_hole, pwrite_all
 
+SNAP_NAMESPACE_TRASH = 2  # librbd's namespace of snapshots being removed
+
 log = logging.getLogger(__name__)
 
 FREEZE_PREFIX = "cyclemirror-out-"
@@ -289,6 +291,28 @@ class RbdVolumeSubject(SingleVolume):
                         raise _error(exc, f"removing snapshot {name} of RBD volume "
                                           f"{self.image}") from exc
             log.debug("RBD volume %s: freeze snapshot %s removed", self.image, name)
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        """Snapshots in librbd's trash namespace: a removal cut by a kill -9 leaves the
+        snapshot there (librbd trashes it first).  Removed by id; one that a clone
+        still needs is refused by librbd and stays."""
+        with self._lock:
+            try:
+                listed = self._head_handle().snap_ids()
+            except OSError as exc:
+                log.warning("RBD volume %s: listing its snapshots failed (%s)", self.image, exc)
+                return
+            for name, snap_id, namespace in listed:
+                if namespace != SNAP_NAMESPACE_TRASH:
+                    continue
+                try:
+                    self._head_handle().snap_remove_by_id(snap_id)
+                    log.info("RBD volume %s: trashed snapshot %s (id %d) removed", self.image,
+                             name, snap_id)
+                except OSError as exc:
+                    log.debug("RBD volume %s: trashed snapshot %s stays (%s)", self.image,
+                              name, exc)
 
     def remove_freezes(self) -> int:
         """Every freeze snapshot (the mirror is removed); returns how many went."""
