@@ -398,6 +398,8 @@ def test_failback_from_an_rbd_volume_ships_only_the_differing_blocks(tmp_path, c
             f.seek(3 * MiB)
             assert f.read(64 * KiB) == b"\x03" * (64 * KiB)
         assert _role(a, "v")["role"] == "secondary"
+        bad = b.cli("mirror", "verify", "v", check=False)  # not built for RBD: says so
+        assert bad.returncode == 2 and "RBD volume" in bad.stderr, bad
 
         # A second cycle is a delta of what B wrote since, while B's NBD writes go on.
         _qemu_io(b, "v", f"write -P 5 {7 * MiB} 4k")

@@ -460,6 +460,11 @@ class OutgoingMirrors:
             raise UsageError(f"{volume!r} is a tree object: verify compares the blocks of "
                              "volumes and file objects; a tree's target equals a snapshot "
                              "by construction (docs/trees.md)")
+        if getattr(driver.subject, "is_rbd", False):
+            raise UsageError(f"{volume!r} is an RBD volume: verify reads a store volume's "
+                             "frozen cycles and is not built for an RBD volume's mirror "
+                             "(docs/ceph.md, 'Not yet'); compare its image with the target's "
+                             "with nbdcopy or cmp meanwhile")
         index = [v.name for v in driver.subject.volumes].index(volume)
         runs = []
         for _volume, label in keys:
