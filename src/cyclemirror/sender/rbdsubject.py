@@ -23,7 +23,9 @@ overlay's role:
   blocks that read as zeroes travel as zero runs, the others are put into a
   ``memfd`` at their own offsets for ``FramePacker`` (which reads files by
   descriptor), and punched out of it again once packed, so it holds a bounded
-  window of the stream, never the image.
+  window of the stream, never the image.  Up to 16 reads are in flight at
+  once (a read waits for an OSD round trip; scattered blocks read one after
+  the other would be bound by that latency).
 * **merge** through *j*: the freeze snapshots of cycles <= *j* go (every
   one, also those a crash left behind).  The branch snapshot is the
   promotion's and stays; ``volume rm`` removes the image with all of them.
@@ -44,6 +46,7 @@ import re
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -63,6 +66,10 @@ _FREEZE = re.compile(r"cyclemirror-out-([0-9]{1,18})-([0-9]{1,20})")
 # after it: the packer has at most 2 * PACK_THREADS batches in flight plus the
 # one it is gathering (shipping.cycle_frames), each at most BATCH_BYTES.
 SPOOL_WINDOW = (2 * shipping.PACK_THREADS + 3) * shipping.BATCH_BYTES
+# Reads of the frozen snapshot in flight at once, and how far they run ahead.
+READ_THREADS = 16
+READ_AHEAD_COUNT = 256
+READ_AHEAD_BYTES = 32 << 20
 
 
 def freeze_snap_name(cycle: int, freeze_time: float) -> str:
@@ -452,36 +459,70 @@ class RbdFrozenReader:
         if pos < s.nblocks:
             yield pos, s.nblocks - pos, False
 
-    def _extents(self, blocks, max_run_blocks):
-        s = self._subject
-        bs = s.block_size
-        handed: deque[tuple[int, int, int]] = deque()  # (stream position, offset, length) in the spool
-        stream = 0
+    def _pieces(self, blocks, max_run_blocks):
+        """(offset, length, allocated) pieces of at most ``max_run_blocks`` blocks."""
+        bs = self._subject.block_size
         for start, count, allocated in self._ranges(blocks):
             if not allocated:
-                yield start * bs, count * bs, "zero", -1
+                yield start * bs, count * bs, False
                 continue
             for piece in range(start, start + count, max_run_blocks):
                 n = min(max_run_blocks, start + count - piece)
-                off = piece * bs
-                data = self.read(off, n * bs)
-                nonzero = np.frombuffer(data, dtype=np.uint64).reshape(n, bs // 8).any(axis=1)
-                i = 0
-                while i < n:
-                    kind = bool(nonzero[i])
-                    j = i + 1
-                    while j < n and bool(nonzero[j]) == kind:
-                        j += 1
-                    if not kind:
-                        yield off + i * bs, (j - i) * bs, "zero", -1
-                    else:
-                        a, b = off + i * bs, off + j * bs
-                        pwrite_all(self._spool, memoryview(data)[i * bs: j * bs], a)
-                        handed.append((stream, a, b - a))
-                        stream += b - a
-                        # Punch out what the packer is surely done with.
-                        while handed and handed[0][0] + SPOOL_WINDOW < stream - (b - a):
-                            _pos, p_off, p_len = handed.popleft()
-                            punch_hole(self._spool, p_off, p_len)
-                        yield a, b - a, "data", self._spool
-                    i = j
+                yield piece * bs, n * bs, True
+
+    def _read_ahead(self, pieces):
+        """(offset, length, data or None) in order; the data of allocated pieces is read
+        by READ_THREADS at once (librbd's read waits for one OSD round trip: scattered
+        4 KiB blocks one after the other would be bound by the latency), at most
+        READ_AHEAD_BYTES ahead."""
+        pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="rbd-read")
+        ahead: deque = deque()
+        ahead_bytes = 0
+        try:
+            for off, length, allocated in pieces:
+                ahead.append((off, length, pool.submit(self.read, off, length)
+                              if allocated else None))
+                ahead_bytes += length if allocated else 0
+                while ahead and (len(ahead) > READ_AHEAD_COUNT
+                                 or ahead_bytes > READ_AHEAD_BYTES):
+                    o, n, fut = ahead.popleft()
+                    ahead_bytes -= n if fut is not None else 0
+                    yield o, n, fut.result() if fut is not None else None
+            while ahead:
+                o, n, fut = ahead.popleft()
+                yield o, n, fut.result() if fut is not None else None
+        finally:
+            for _o, _n, fut in ahead:
+                if fut is not None:
+                    fut.cancel()
+            pool.shutdown(wait=True)
+
+    def _extents(self, blocks, max_run_blocks):
+        bs = self._subject.block_size
+        handed: deque[tuple[int, int, int]] = deque()  # (stream pos, offset, length) in the spool
+        stream = 0
+        for off, length, data in self._read_ahead(self._pieces(blocks, max_run_blocks)):
+            if data is None:
+                yield off, length, "zero", -1
+                continue
+            n = length // bs
+            nonzero = np.frombuffer(data, dtype=np.uint64).reshape(n, bs // 8).any(axis=1)
+            i = 0
+            while i < n:
+                kind = bool(nonzero[i])
+                j = i + 1
+                while j < n and bool(nonzero[j]) == kind:
+                    j += 1
+                if not kind:
+                    yield off + i * bs, (j - i) * bs, "zero", -1
+                else:
+                    a, b = off + i * bs, off + j * bs
+                    pwrite_all(self._spool, memoryview(data)[i * bs: j * bs], a)
+                    handed.append((stream, a, b - a))
+                    stream += b - a
+                    # Punch out what the packer is surely done with.
+                    while handed and handed[0][0] + SPOOL_WINDOW < stream - (b - a):
+                        _pos, p_off, p_len = handed.popleft()
+                        punch_hole(self._spool, p_off, p_len)
+                    yield a, b - a, "data", self._spool
+                i = j
