@@ -103,6 +103,10 @@ cdef extern from "rbd/librbd.h" nogil:
     int rbd_snap_rollback(rbd_image_t image, const char *snapname)
     int rbd_snap_list(rbd_image_t image, rbd_snap_info_t *snaps, int *max_snaps)
     void rbd_snap_list_end(rbd_snap_info_t *snaps)
+    int rbd_snap_remove_by_id(rbd_image_t image, uint64_t snap_id)
+    ctypedef int rbd_snap_namespace_type_t
+    int rbd_snap_get_namespace_type(rbd_image_t image, uint64_t snap_id,
+                                    rbd_snap_namespace_type_t *namespace_type)
     int rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb,
                                   rbd_completion_t *c)
     int rbd_aio_write(rbd_image_t image, uint64_t off, size_t len, const char *buf,
@@ -657,6 +661,39 @@ cdef class Image:
                     for i in range(0, ext.n, 3)]
         finally:
             free(ext.data)
+
+    def snap_ids(self):
+        """The image's snapshots of every namespace: [(name, id, namespace), ...] in
+        creation order; namespace 0 user, 1 group, 2 trash (a snapshot being removed, or
+        removed while a clone still needs it), 3 mirror."""
+        self._check()
+        cdef int maxn = _MAX_SNAPS
+        cdef rbd_snap_info_t snaps[_MAX_SNAPS]
+        cdef int ret, i
+        cdef rbd_snap_namespace_type_t ns
+        with nogil:
+            ret = rbd_snap_list(self.image, snaps, &maxn)
+        if ret < 0:
+            raise _error(ret, f"listing the snapshots of {self.name}")
+        out = []
+        try:
+            for i in range(ret):
+                ns = 0
+                if rbd_snap_get_namespace_type(self.image, snaps[i].id, &ns) < 0:
+                    ns = -1
+                out.append((snaps[i].name.decode(), snaps[i].id, ns))
+        finally:
+            rbd_snap_list_end(snaps)
+        return out
+
+    def snap_remove_by_id(self, uint64_t snap_id):
+        """Remove the snapshot of id ``snap_id`` (of any namespace: a trashed one too)."""
+        self._check()
+        cdef int ret
+        with nogil:
+            ret = rbd_snap_remove_by_id(self.image, snap_id)
+        if ret < 0:
+            raise _error(ret, f"removing snapshot id {snap_id} of {self.name}")
 
     def snap_list(self):
         """The image's snapshots: [(name, size), ...] in creation order."""

@@ -181,10 +181,11 @@ class OutgoingMirrors:
 
     def __init__(self, store, daemon_dir: str, *, default_key_file: str | None,
                  daemon_bwlimit: int, client_cert: tuple[str | None, str | None] = (None, None),
-                 insecure: bool = False, histograms=None):
+                 insecure: bool = False, histograms=None, rbd_config=None):
         from cyclemirror.sender.ratelimit import SharedRate
 
         self.store = store
+        self._rbd_config = rbd_config  # () -> the daemon's RBD settings (RBD volumes), or None
         self.default_key_file = default_key_file
         # The daemon's certificate, shown to targets that ask for one (serve --tls-cert),
         # and serve --insecure: plaintext allowed to every non-loopback target.
@@ -286,10 +287,10 @@ class OutgoingMirrors:
     def _rebuild(self, unit: str) -> None:
         """Replace the unit's driver by one for its recorded members and targets (lock held)."""
         old = self._drivers.pop(unit, None)
-        if old is not None:
-            old.stop()
-        self._build_errors.pop(unit, None)
         entries = self._unit_entries(unit)
+        if old is not None:
+            self._stop_driver(old, last=not entries)
+        self._build_errors.pop(unit, None)
         if not entries:
             return
         try:
@@ -298,6 +299,25 @@ class OutgoingMirrors:
             # Shown in status (phase broken, last_error) until a resume or restart succeeds.
             self._build_errors[unit] = f"{type(exc).__name__}: {exc}"
             raise
+
+    @staticmethod
+    def _stop_driver(driver, last: bool) -> None:
+        """Stop a driver; an RBD volume's lets go of its image (``last``: and of its
+        freeze snapshots, no mirror of it being left)."""
+        from cyclemirror.daemon import rbdmirror
+
+        driver.stop()
+        rbdmirror.release(driver, last)
+
+    def _rbd_subject(self, name: str, remote_name: str | None = None):
+        """The mirror subject of RBD volume ``name`` (a promoted RBD image), or None if
+        ``name`` is not one."""
+        from cyclemirror.daemon import rbdmirror
+
+        if rbdmirror.record(self.store, name) is None:
+            return None
+        rbd = self._rbd_config() if self._rbd_config is not None else None
+        return rbdmirror.subject(self.store, rbd, name, remote_name)
 
     def _target_spec(self, spec: MirrorSpec):
         from cyclemirror.sender.driver import TargetSpec
@@ -330,7 +350,8 @@ class OutgoingMirrors:
             bwlimit=first.bwlimit, shared_rate=self._shared_rate,
             on_applied=lambda cycle, label, stats, u=unit: self._on_applied(
                 u, cycle, label, stats, made.get("driver")))
-        subject = None if first.group else self.store.open_subject(unit)
+        subject = None if first.group else (self._rbd_subject(unit, first.remote_name)
+                                            or self.store.open_subject(unit))
         if getattr(subject, "is_tree", False):  # a tree object (sender/treedriver.py)
             from cyclemirror.sender.treedriver import TreeDriver
 
@@ -341,9 +362,16 @@ class OutgoingMirrors:
                 driver.break_target(_label(t))
             driver.start()
             return driver
-        dr_roles.attach(options, self.store, sorted({v for (v, _t), _e in entries}),
-                        first.group, sorted({t for (_v, t), _e in entries}),
-                        remote_name=self._target_mirror(unit, entries) if first.group else None)
+        try:
+            dr_roles.attach(options, self.store, sorted({v for (v, _t), _e in entries}),
+                            first.group, sorted({t for (_v, t), _e in entries}),
+                            remote_name=(self._target_mirror(unit, entries) if first.group
+                                         else None),
+                            subject=subject if getattr(subject, "is_rbd", False) else None)
+        except BaseException:
+            if getattr(subject, "is_rbd", False):
+                subject.close()
+            raise
         if first.group:
             remote = {v: e["spec"].remote_name for (v, _t), e in entries}
             members = sorted(remote)
@@ -351,6 +379,8 @@ class OutgoingMirrors:
                                   [self.store.open_volume(v) for v in members],
                                   [remote[v] for v in members],
                                   remote_name=self._target_mirror(unit, entries))
+            driver = MirrorDriver(subject, targets, options=options, store=self.store)
+        elif getattr(subject, "is_rbd", False):  # an RBD volume (daemon/rbdmirror.py)
             driver = MirrorDriver(subject, targets, options=options, store=self.store)
         else:
             driver = MirrorDriver(subject, targets, options=options,
@@ -430,6 +460,11 @@ class OutgoingMirrors:
             raise UsageError(f"{volume!r} is a tree object: verify compares the blocks of "
                              "volumes and file objects; a tree's target equals a snapshot "
                              "by construction (docs/trees.md)")
+        if getattr(driver.subject, "is_rbd", False):
+            raise UsageError(f"{volume!r} is an RBD volume: verify reads a store volume's "
+                             "frozen cycles and is not built for an RBD volume's mirror "
+                             "(docs/ceph.md, 'Not yet'); compare its image with the target's "
+                             "with nbdcopy or cmp meanwhile")
         index = [v.name for v in driver.subject.volumes].index(volume)
         runs = []
         for _volume, label in keys:
@@ -528,7 +563,13 @@ class OutgoingMirrors:
                 raise AlreadyExistsError(
                     f"volume {spec.volume!r} is already mirrored to {spec.to}; after a break "
                     f"use 'cyclemirror mirror resume {spec.volume}'")
-            subject = self.store.open_subject(spec.volume)  # NotFoundError names it
+            from cyclemirror.daemon import rbdmirror
+
+            if rbdmirror.record(self.store, spec.volume) is not None:
+                rbdmirror.check_start(spec)  # a promoted RBD image: failback (docs/ceph.md)
+                subject = None
+            else:
+                subject = self.store.open_subject(spec.volume)  # NotFoundError names it
             if spec.group and getattr(subject, "is_file", False):
                 raise UsageError(
                     f"file object {spec.volume!r} cannot join group {spec.group!r}: a file "
@@ -729,7 +770,7 @@ class OutgoingMirrors:
                     self._fix_group_name(unit)
                     old = self._drivers.pop(unit, None)
                     if old is not None:
-                        old.stop()
+                        self._stop_driver(old, last=False)
                 else:
                     self._forget_targets(unit, sorted({t for _, t in keys}))
                 for key in keys:
@@ -753,9 +794,11 @@ class OutgoingMirrors:
         from cyclemirror.sender.persist import DriverState
 
         driver = self._drivers.pop(unit, None)
-        if driver is not None:
-            driver.stop()
         entries = self._unit_entries(unit)
+        if driver is not None:
+            # The last target going: an RBD volume's freeze snapshots go with it.
+            gone = {t for (_v, t), _ in entries} <= set(targets)
+            self._stop_driver(driver, last=gone)
         if not unit.startswith(GROUP_UNIT) and unit in self.store.list_trees():
             from cyclemirror.sender.treedriver import forget_targets
 
@@ -765,11 +808,19 @@ class OutgoingMirrors:
             name = GROUP_STATE_PREFIX + self._target_mirror(unit, entries)
         else:
             name = unit
-        nblocks = sum(self.store.open_subject(v).nblocks for v in {v for (v, _), _ in entries})
+        nblocks = sum(self._nblocks_of(v) for v in {v for (v, _), _ in entries})
         state = DriverState(os.path.join(self.store.path, "outgoing", name), nblocks)
         for t in targets:
             state.targets.pop(t, None)
         state.save()
+
+    def _nblocks_of(self, name: str) -> int:
+        from cyclemirror.daemon import rbdmirror
+
+        vol = rbdmirror.record(self.store, name)
+        if vol is not None:
+            return vol.size // vol.block_size
+        return self.store.open_subject(name).nblocks
 
     def _key_ids(self, key_files) -> dict:
         """key_file (None: the daemon's) -> id of the key the mirror proves, or None."""
@@ -792,7 +843,7 @@ class OutgoingMirrors:
             self._drivers.clear()
         for driver in drivers:
             try:
-                driver.stop()
+                self._stop_driver(driver, last=False)
             except Exception:
                 log.exception("stopping the mirror of %s failed", driver.volume.name)
 

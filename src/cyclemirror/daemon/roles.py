@@ -43,15 +43,17 @@ def ensure_role(store, volume: str) -> roles.RoleRecord:
     return rec
 
 
-def written_since_branch(store, rec: roles.RoleRecord) -> int | None:
-    """Blocks this volume wrote since its epoch branched (a promoted volume), or None."""
+def written_since_branch(store, rec: roles.RoleRecord, subject=None) -> int | None:
+    """Blocks this volume wrote since its epoch branched (a promoted volume), or None.
+    ``subject``: an RBD volume's mirror subject (``sender.rbdsubject``), which knows."""
     if rec.promoted_from is None:
         return None
-    dirty = store.open_volume(rec.volume).dirty_since(rec.promoted_from["cycle"])
+    src = subject if subject is not None else store.open_volume(rec.volume)
+    dirty = src.dirty_since(rec.promoted_from["cycle"])
     return UNKNOWN_BLOCKS if dirty is None else dirty.count()
 
 
-def lineage_for(store, volume: str) -> dict:
+def lineage_for(store, volume: str, subject=None) -> dict:
     rec = ensure_role(store, volume)
     if rec.role == roles.DEMOTED:
         d = rec.demoted or {}
@@ -59,7 +61,7 @@ def lineage_for(store, volume: str) -> dict:
             f"volume {volume!r} on this node is demoted ({d.get('by', '?')} said: "
             f"{d.get('message', '?')}); it must not mirror over the new primary. Fail back by "
             "mirroring from the new primary to this node (docs/failover.md)")
-    written = written_since_branch(store, rec)
+    written = written_since_branch(store, rec, subject)
     return {"epoch": rec.epoch, "parent": rec.parent or "",
             "parent_freeze_time": rec.promoted_from["freeze_time"] if rec.promoted_from else 0.0,
             "written_blocks": written or 0, "discard_on": rec.discard_on or ""}
@@ -141,11 +143,13 @@ def group_lineage_for(store, group: str, members: list[str]) -> dict:
 
 
 def attach(options, store, volumes: list[str], group: str | bool | None,
-           targets: list[str] = (), remote_name: str | None = None) -> None:
+           targets: list[str] = (), remote_name: str | None = None, subject=None) -> None:
     """Give a driver's options the lineage hooks of its volume or group; for a promoted
     volume or group, seed a failback to each target it has no record of (before the
     driver reads its state).  ``group``: the group's name (a group's driver);
-    ``remote_name``: its mirror name on the targets (its driver state's name)."""
+    ``remote_name``: its mirror name on the targets (its driver state's name);
+    ``subject``: an RBD volume's mirror subject (``sender.rbdsubject``; a failback from
+    an RBD target is seeded by ``sender.failback.seed_rbd``)."""
     if group:
         members = sorted(volumes)
         name = group if isinstance(group, str) else (remote_name or members[0])
@@ -168,11 +172,14 @@ def attach(options, store, volumes: list[str], group: str | bool | None,
     volume = volumes[0]
     rec = ensure_role(store, volume)
     if rec.promoted_from is not None and rec.role == roles.PRIMARY:
-        from cyclemirror.sender.failback import seed
+        from cyclemirror.sender.failback import seed, seed_rbd
 
         for label in targets:
-            seed(store, volume, label, rec.promoted_from)
-    options.lineage = lambda: lineage_for(store, volume)
+            if subject is not None:
+                seed_rbd(store, subject, label, rec.promoted_from)
+            else:
+                seed(store, volume, label, rec.promoted_from)
+    options.lineage = lambda: lineage_for(store, volume, subject)
     options.on_demoted = lambda label, message: mark_demoted(store, volume, label, message)
 
 

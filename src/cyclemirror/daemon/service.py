@@ -126,7 +126,8 @@ class Daemon:
             self.outgoing = OutgoingMirrors(self.store, daemon_dir, default_key_file=cfg.key_file,
                                             daemon_bwlimit=cfg.bwlimit,
                                             client_cert=(cfg.tls_cert, cfg.tls_key),
-                                            insecure=cfg.insecure, histograms=histograms)
+                                            insecure=cfg.insecure, histograms=histograms,
+                                            rbd_config=cfg.rbd_config)
             self.outgoing.restore(cfg.mirrors)
             from cyclemirror.daemon.checks import Checks
 

@@ -58,6 +58,7 @@ from cyclemirror.receiver.readers import IMAGE_PINS
 log = logging.getLogger(__name__)
 
 SNAP_PREFIX = "cyclemirror-"
+SNAP_NAMESPACE_USER, SNAP_NAMESPACE_TRASH = 0, 2  # librbd's snapshot namespaces
 NEW_SUFFIX = "~new"
 OLD_SUFFIX = "~old"
 # A cluster that does not answer is an error after these (seconds), not a hang.
@@ -155,8 +156,11 @@ def remove_image(io, name: str) -> bool:
             return False
         raise
     try:
-        for snap, _size in img.snap_list():
-            img.snap_remove(snap)
+        for snap, snap_id, namespace in img.snap_ids():
+            if namespace == SNAP_NAMESPACE_USER:
+                img.snap_remove(snap)
+            else:  # e.g. trashed by a removal that a kill -9 cut short: by its id
+                img.snap_remove_by_id(snap_id)
     finally:
         img.close()
     io.remove(name)

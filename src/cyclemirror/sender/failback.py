@@ -13,6 +13,11 @@ target: the seed never makes a wrong delta, only saves the full one.
 A promoted consistency group is seeded the same way for all its members at
 once (``seed_group``): one owed set over the group's block space, the target
 holding the group's cycle *k*.
+
+A volume promoted on an RBD target (``sender.rbdsubject``) is seeded by
+``seed_rbd``: the target holds cycle *k*, whose snapshot is still on the image,
+and the owed set is what its freezes since then changed (none yet: the first
+freeze's dirty set is then what the volume wrote since the promotion).
 """
 
 from __future__ import annotations
@@ -105,4 +110,42 @@ def seed_group(store, members: list[str], remote_name: str, label: str,
              "blocks the members (%s) wrote since the promotion", remote_name, label,
              promoted_from["source_name"] or promoted_from["source_node"], k, owed.count(),
              ", ".join(v.name for v in vols))
+    return True
+
+
+def seed_rbd(store, subject, label: str, promoted_from: dict) -> bool:
+    """``seed`` for an RBD volume (``sender.rbdsubject``): the target holds the branch
+    cycle *k*; owed is what the volume's freezes since *k* changed (nothing before its
+    first freeze: that freeze's dirty set, folded in by the driver, is then exactly what
+    the volume wrote since the promotion).  False if the driver knows that target, or
+    the branch snapshot is gone (the plan then compares block hashes)."""
+    state = DriverState(os.path.join(store.path, "outgoing", subject.state_dir_name),
+                        subject.nblocks)
+    if label in state.targets or not state.trusted:
+        return False
+    k = promoted_from["cycle"]
+    if k != subject.branch_cycle:
+        log.warning("mirror %s -> %s: promoted at cycle %d but its RBD volume branched at %d; "
+                    "the target will be compared by block hashes", subject.name, label, k,
+                    subject.branch_cycle)
+        return False
+    snaps = subject.snapshots()
+    if k not in snaps:
+        return False
+    top = max(snaps)
+    owed = subject._diff(snaps[k][0], snaps[top][0]) if top > k else None
+    if owed is None:
+        from cyclemirror._cext.bitmap import ExtentBitmap
+
+        owed = ExtentBitmap(subject.nblocks)
+    e = state.entry(label)
+    e.held_cycle, e.freeze_time = k, promoted_from["freeze_time"]
+    e.target_node = promoted_from["source_node"]
+    state.save_owed(label, owed)
+    state.last_freeze = max(state.last_freeze, top)
+    state.save()
+    log.info("mirror %s -> %s: a failback to %s from RBD image %s: it holds cycle %d, owes "
+             "%d blocks frozen since the promotion (and what the next freeze adds)",
+             subject.name, label, promoted_from["source_name"] or promoted_from["source_node"],
+             subject.image, k, owed.count())
     return True
