@@ -3,8 +3,10 @@
 Proves: ext4 and tmpfs are refused with the reason and the fixes; a freeze is
 a reflink snapshot whose delta (FIEMAP) holds every rewritten block and not
 much more, agreeing with the block-hash fallback; old snapshots go at merge
-and what a crash left goes at the next open; a file that changed size fails
-the freeze, naming both sizes.  End to end with real daemons: qemu-io writes
+and what a crash left goes at the next open; a file that grew or shrank
+freezes with its new size (the grown tail all in the delta, its holes as zero
+runs), and one whose size is no multiple of the block size fails the freeze,
+naming both sizes.  End to end with real daemons: qemu-io writes
 at random offsets into a sparse file on XFS and on btrfs while cycles repeat, and every
 applied cycle on the target is a prefix of the writes (one freeze instant,
 never torn); a kill -9 of the source daemon in the middle of a cycle leaves
@@ -220,16 +222,40 @@ def test_merge_deletes_old_snapshots_and_open_cleans_what_a_crash_left(tmp_path,
         assert not os.path.exists(snaps) and os.path.exists(path)
 
 
-def test_a_file_that_changed_size_fails_the_freeze_naming_both(store, cowdir):
+def test_a_file_that_grows_or_shrinks_freezes_with_its_new_size(store, cowdir, tmp_path):
     path = os.path.join(cowdir, "g.img")
-    make_file(path, MiB)
+    make_file(path, MiB, [(0, b"a" * K)])
     obj = store.add_file("g", path)
     obj.freeze()
-    os.truncate(path, 2 * MiB)
-    with pytest.raises(StoreError, match=r"now 2097152 bytes, it was 1048576"):
+    os.truncate(path, 2 * MiB)  # grows; one block written in the new tail
+    pwrite(path, MiB + 128 * K, b"t" * K)
+    c2 = obj.freeze()
+    assert (c2.size, c2.nblocks, obj.size) == (2 * MiB, 512, 2 * MiB)
+    assert list(c2.dirty.iter_runs()) == [(256, 256)]  # the whole new tail, nothing else
+    with c2.reader() as rd:
+        runs = [(o, n, kind) for o, n, kind, _fd in rd.extents(c2.dirty, 1 << 20)]
+    data = [(o, n) for o, n, kind in runs if kind == "data"]
+    assert data == [(MiB + 128 * K, K)]  # the holes of the tail travel as zero runs
+    assert sum(n for _o, n, _k in runs) == MiB
+
+    os.truncate(path, 128 * K)  # shrinks below where it was written
+    c3 = obj.freeze()
+    assert (c3.size, c3.dirty.nbits) == (128 * K, 128) and c3.dirty.is_empty()
+    with c3.reader() as rd:
+        assert rd.read(0, K) == b"a" * K
+        with pytest.raises(UsageError):
+            rd.read(128 * K, K)  # past its end
+
+    o2 = fileobject.FileObject(store.path, "g")  # the sizes of kept cycles are recorded
+    assert o2.size == 128 * K and o2.size_changed
+    assert o2.frozen(3).size == 128 * K and o2.frozen(2).size == 2 * MiB
+
+    os.truncate(path, 128 * K + 100)  # not a multiple of the block size: refused
+    with pytest.raises(StoreError, match=r"now 524388 bytes, it was 524288 .*multiple of its "
+                                         r"block size 4096"):
         obj.freeze()
-    assert obj.open_overlay == 1
-    assert [n for n in os.listdir(obj.snapshots)] == ["snap-1"]
+    assert obj.open_overlay == 3
+    assert sorted(os.listdir(obj.snapshots)) == ["snap-1", "snap-2", "snap-3"]
 
 
 # -- end to end: real daemons, qemu-io, kill -9 -------------------------------------------------

@@ -1,17 +1,28 @@
-"""A mirrored file object whose live file changes size, with real daemons on XFS.
+"""A mirrored file object whose live file grows and shrinks, with real daemons and clients.
 
-What happens today (docs/files.md: an object keeps the size it had at
-``file add``): a plain writer appends to the live file between cycles; the
-next freeze fails naming both sizes, the mirror stops, and
+A raw image on XFS (reflink) and on btrfs is mirrored as a file object while
+``qemu-img resize`` grows it (and ``qemu-io`` writes into the new tail),
+``qemu-img resize --shrink`` shrinks it, and ``truncate`` cuts it short and
+grows it back (the tail must then read as zeroes on the target, not as what
+the target held there before).  After each cycle the target's mirror image
+equals the file as it was frozen, size and bytes, the NBD export of the image
+(``nbdinfo``) reports the new size, and only the first cycle was a full copy.
 
-* a ``mirror sync`` waiting for that cycle fails with that error instead of
-  waiting out its deadline (it used to hang: the cycle it waited for would
-  never come),
-* ``status`` shows the mirror's row broken with the error,
-* the target keeps exactly the last freeze (its image, and its size);
+A size the file object cannot take (not a multiple of its block size) stops
+the mirror visibly: ``mirror sync`` fails at once naming the size, ``status``
+shows the row broken, the target keeps its last cycle, and once the file has a
+good size ``mirror resume`` goes on with a delta.
 
-and once the file has its size back, ``mirror resume`` goes on with a delta
-(no second full copy) and the target equals the file again.
+Crash: the target daemon is killed with SIGKILL in the middle of applying a
+cycle that shrinks the image (a failpoint holds the apply right after the
+resize, before the data): after its restart the image is exactly that cycle,
+size and bytes (it was committed: recovery redoes it), never a mix.
+
+In process (hypothesis): the target's ``Mirror`` takes random cycles of random
+sizes, full and delta, some cut by a crash before their commit point or inside
+their apply; after recovery the image always equals a bytes model of the last
+applied cycle.  And a cycle's size is checked before anything is staged
+(bounds, the free space a growth needs), and kept in the journal.
 """
 
 from __future__ import annotations
@@ -19,22 +30,116 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 
-from tests.support.daemons import DaemonPool, make_key
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cyclemirror.errors import NoSpaceError, ProtocolError
+from cyclemirror.receiver.mirror import Mirror
+from cyclemirror.receiver.staging import REC_DATA, REC_ZERO, read_records
+from cyclemirror.receiver.state import MirrorState, VolumeSpec
+from tests.support.daemons import DaemonPool, cli_env, free_port, make_key, wait_for
+from tests.support.tools import require_tool
 
 K = 4096
 MiB = 1 << 20
+FAILPOINT_SECONDS = 30.0
+
+
+@pytest.fixture(params=["xfs", "btrfs"])
+def cowdir(request, tmp_path):
+    """A fresh directory on XFS or btrfs, emptied afterwards."""
+    mount = request.getfixturevalue(f"{request.param}_mount")
+    d = os.path.join(mount, "rs-" + tmp_path.name)
+    os.makedirs(d)
+    yield d
+    subprocess.run(["rm", "-rf", d], check=False)
+
+
+def image_row(target, source) -> dict:
+    rows = [r for r in target.status()["incoming"] if r["source_node"] == source.node_id]
+    assert len(rows) == 1, rows
+    return rows[0]
 
 
 def image_of(target, source) -> bytes:
-    rows = [r for r in target.status()["incoming"] if r["source_node"] == source.node_id]
-    assert len(rows) == 1, rows
-    with open(rows[0]["image"], "rb") as fh:
+    with open(image_row(target, source)["image"], "rb") as fh:
         return fh.read()
 
 
-def test_a_file_that_grows_stops_the_mirror_visibly_and_the_target_keeps_its_freeze(
-        xfs_mount, tmp_path):
+def read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def run(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True, timeout=60)
+
+
+def export_size(target, source, name: str) -> int:
+    out = subprocess.run(["nbdinfo", "--size",
+                          f"nbd+unix:///mirror/{source.node_id}/{name}?socket={target.nbd_sock}"],
+                         check=True, capture_output=True, text=True, timeout=60)
+    return int(out.stdout.strip())
+
+
+def full_copies(source) -> int:
+    return len(re.findall(r"mirror f -> \S+: cycle \d+ applied.*full copy", source.log()))
+
+
+def test_qemu_img_resize_and_truncate_are_mirrored_cycle_by_cycle(cowdir, tmp_path):
+    for tool in ("qemu-img", "qemu-io", "nbdinfo"):
+        require_tool(tool)
+    path = os.path.join(cowdir, "f.img")
+    run("qemu-img", "create", "-f", "raw", path, "1M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 256k", "-c", "write -P 0x12 960k 64k",
+        path)
+    with DaemonPool(tmp_path) as pool:
+        key = make_key(tmp_path / "k")
+        a = pool.start("a", key_file=key)
+        b = pool.start("b", key_file=key, listen=True)
+        a.cli("file", "add", "f", path)
+        a.cli("mirror", "start", "f", "--to", b.listen, "--interval", "3600")
+        a.cli("mirror", "sync", "f")
+        assert image_of(b, a) == read(path)
+
+        steps = [
+            # grows to 3 MiB: a write into the new tail, the rest of it a hole
+            (["qemu-img", "resize", "-f", "raw", path, "3M"],
+             ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 2m 64k", path]),
+            # shrinks to 512 KiB, past both writes above
+            (["qemu-img", "resize", "-f", "raw", "--shrink", path, "512K"],
+             ["qemu-io", "-f", "raw", "-c", "write -P 0x33 128k 4k", path]),
+            # the same size again, rewritten in the middle
+            (None, ["qemu-io", "-f", "raw", "-c", "write -P 0x44 300k 8k", path]),
+            # cut to 256 KiB and grown back to 1 MiB between two freezes: the target
+            # holds 0x44 at 300 KiB, which must become zeroes
+            (["truncate", "-s", "256K", path], ["truncate", "-s", "1M", path]),
+        ]
+        for i, (resize, write) in enumerate(steps):
+            for argv in (resize, write):
+                if argv is not None:
+                    run(*argv)
+            frozen = read(path)  # nothing writes the file during the cycle
+            a.cli("mirror", "sync", "f")
+            got = image_of(b, a)
+            assert len(got) == len(frozen), f"step {i}: the image has the wrong size"
+            assert got == frozen, f"step {i}: the image differs from the freeze"
+            assert export_size(b, a, "f") == len(frozen), f"step {i}: the NBD export's size"
+        assert read(path)[300 << 10:308 << 10] == bytes(8 << 10)  # the zeroes arrived
+        row = a.status()["mirrors"][0]
+        assert row["phase"] != "broken" and row["last_error"] is None, row
+        assert [f["size"] for f in a.status()["files"]] == [MiB]
+        assert full_copies(a) == 1, a.log()  # every resize was a delta
+        a.cli("mirror", "break", "f")
+        a.cli("mirror", "rm", "f")
+        a.cli("file", "rm", "f")
+
+
+def test_a_size_that_is_no_multiple_of_the_block_stops_the_mirror_visibly(xfs_mount,
+                                                                           tmp_path):
     d = os.path.join(xfs_mount, "rs-" + tmp_path.name)
     os.makedirs(d)
     path = os.path.join(d, "f.img")
@@ -49,16 +154,16 @@ def test_a_file_that_grows_stops_the_mirror_visibly_and_the_target_keeps_its_fre
             a.cli("file", "add", "f", path)
             a.cli("mirror", "start", "f", "--to", b.listen, "--interval", "3600")
             a.cli("mirror", "sync", "f")
-            with open(path, "rb") as fh:
-                frozen = fh.read()
+            frozen = read(path)
             assert image_of(b, a) == frozen
 
-            with open(path, "ab") as fh:  # a writer appends: the file grows
+            with open(path, "ab") as fh:  # a writer appends 8000 bytes: no whole block
                 fh.write(b"appended" * 1000)
             grown = os.path.getsize(path)
             r = a.cli("mirror", "sync", "f", check=False)  # answers, does not hang
             assert r.returncode != 0
             assert f"now {grown} bytes, it was {MiB}" in r.stderr, r.stderr
+            assert "multiple of its block size 4096" in r.stderr, r.stderr
             row = a.status()["mirrors"][0]
             assert row["phase"] == "broken", row
             assert f"now {grown} bytes" in (row["last_error"] or ""), row
@@ -67,20 +172,208 @@ def test_a_file_that_grows_stops_the_mirror_visibly_and_the_target_keeps_its_fre
             r = a.cli("mirror", "sync", "f", check=False)  # still stopped: says why
             assert r.returncode != 0 and "resume it first" in r.stderr, r.stderr
 
-            os.truncate(path, MiB)  # its size back, and a write meanwhile
+            os.truncate(path, 2 * MiB)  # a size it can take (larger), and a write
             with open(path, "r+b") as fh:
                 fh.seek(128 * K)
                 fh.write(b"after" * 100)
             a.cli("mirror", "resume", "f")
             a.cli("mirror", "sync", "f")
-            with open(path, "rb") as fh:
-                assert image_of(b, a) == fh.read()
+            assert image_of(b, a) == read(path)
             row = a.status()["mirrors"][0]
             assert row["phase"] != "broken" and row["last_error"] is None, row
-            full = re.findall(r"mirror f -> \S+: cycle \d+ applied.*full copy", a.log())
-            assert len(full) == 1, a.log()
+            assert full_copies(a) == 1, a.log()
             a.cli("mirror", "break", "f")
             a.cli("mirror", "rm", "f")
             a.cli("file", "rm", "f")
     finally:
         subprocess.run(["rm", "-rf", d], check=False)
+
+
+def test_kill_9_of_the_target_inside_a_resizing_apply_recovers_to_that_cycle(xfs_mount,
+                                                                            tmp_path):
+    d = os.path.join(xfs_mount, "rs-" + tmp_path.name)
+    os.makedirs(d)
+    path = os.path.join(d, "f.img")
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(2 * MiB))
+    try:
+        with DaemonPool(tmp_path) as pool:
+            key = make_key(tmp_path / "k")
+            port = free_port()  # b keeps its address across the restarts
+            b = pool.start("b", key_file=key, extra=("--listen", f"127.0.0.1:{port}"))
+            a = pool.start("a", key_file=key)
+            a.cli("file", "add", "f", path)
+            a.cli("mirror", "start", "f", "--to", b.listen, "--interval", "3600")
+            a.cli("mirror", "sync", "f")
+            old = read(path)
+            assert image_of(b, a) == old
+            image = image_row(b, a)["image"]
+            applied = image_row(b, a)["applied_cycle"]
+
+            b.stop()  # from now on a delta's apply sleeps right after its resize
+            b.args += ["--failpoint", f"receiver.apply_resized={FAILPOINT_SECONDS}"]
+            b.start()
+            os.truncate(path, MiB)  # shrinks, and a write below the new end
+            with open(path, "r+b") as fh:
+                fh.seek(256 << 10)
+                fh.write(b"new" * 4096)
+            new = read(path)
+            sync = subprocess.Popen([sys.executable, "-m", "cyclemirror.cli", "--store", a.store,
+                                     "mirror", "sync", "f"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=cli_env())
+            try:
+                # The apply is inside its failpoint: the image has the new size, not yet
+                # the new bytes.
+                wait_for(lambda: os.path.getsize(image) == MiB, FAILPOINT_SECONDS / 2,
+                         "the apply to resize the image (and sleep)")
+                assert read(image)[256 << 10:(256 << 10) + 3] != b"new"
+                b.kill()
+            finally:
+                sync.kill()
+                sync.wait()
+            b.args = [arg for arg in b.args
+                      if arg not in ("--failpoint", f"receiver.apply_resized={FAILPOINT_SECONDS}")]
+            b.start()
+            got = image_of(b, a)
+            assert got in (old, new), "the image after recovery is neither cycle"
+            assert got == new  # the cycle was committed before its apply: redone
+            assert image_row(b, a)["applied_cycle"] == applied + 1
+            # And the mirror goes on.  (A write first, written back: a sync that finds
+            # nothing written waits for the 'applied' of the cycle in flight, which the
+            # killed target never sent; the next cycle's connection learns of it.)
+            with open(path, "r+b") as fh:
+                fh.write(b"later" * 100)
+                fh.flush()
+                os.fsync(fh.fileno())
+            a.cli("mirror", "sync", "f")
+            assert image_of(b, a) == read(path)
+            a.cli("mirror", "break", "f")
+    finally:
+        subprocess.run(["rm", "-rf", d], check=False)
+
+
+# -- the target's apply of resizing cycles, in process, against a bytes model ---------------
+
+BS = 4096
+MAX_BLOCKS = 48
+resize_cycle = st.tuples(
+    st.integers(1, MAX_BLOCKS),  # the cycle's size in blocks
+    st.lists(st.tuples(st.integers(0, MAX_BLOCKS - 1), st.integers(1, 4), st.booleans(),
+                       st.integers(1, 255)), max_size=5),
+    st.sampled_from(["clean", "full", "crash_before_commit", "crash_in_apply"]),
+    st.integers(0, 6))
+
+
+def _records(nblocks: int, extents) -> list:
+    out = []
+    for start, n, is_data, fill in extents:
+        start = start % nblocks
+        n = min(n, nblocks - start)
+        if is_data:
+            out.append((REC_DATA, start * BS, n * BS, bytes([fill]) * (n * BS)))
+        else:
+            out.append((REC_ZERO, start * BS, n * BS, None))
+    return out
+
+
+def _open(root: str, size: int) -> Mirror:
+    return Mirror.open(root, "node1", None, "f", False, [VolumeSpec("f", size, BS)], 1 << 20,
+                       resizable=True)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cycles=st.lists(resize_cycle, min_size=1, max_size=6))
+def test_resizing_cycles_apply_all_or_nothing_after_any_crash(tmp_path_factory, cycles):
+    """Random cycles of random sizes (full or delta), some cut by a crash before their
+    commit point or in the middle of their apply (after the image took the new size, a
+    random prefix of the records written): after recovery the image is always exactly
+    the last applied cycle, size and bytes, and the state names that size."""
+    root = str(tmp_path_factory.mktemp("rs"))
+    m = _open(root, 8 * BS)
+    m.begin(1, 1.0, True, 0)
+    m.finish(1, 0)
+    model = bytes(8 * BS)
+    for number, (nblocks, extents, how, cut) in enumerate(cycles, start=2):
+        size = nblocks * BS
+        recs = _records(nblocks, extents)
+        full = how == "full"
+        new = bytearray(size) if full else bytearray(model[:size].ljust(size, b"\0"))
+        for kind, off, length, data in recs:
+            new[off:off + length] = data if kind == REC_DATA else bytes(length)
+        m.begin(number, float(number), full, 0, sizes=[size])
+        for kind, off, length, data in recs:
+            m.receive(kind, 0, off, length, data)
+        if how == "crash_before_commit":
+            m.checkpoint()
+            m.close()
+            m = _open(root, size)  # recovery: nothing of the cycle shows
+            assert read(m.image_path(0)) == model
+            assert m.state.volumes[0].size == len(model)
+            m.begin(number, float(number), full, 0, sizes=[size])  # sent again, whole
+            for kind, off, length, data in recs:
+                m.receive(kind, 0, off, length, data)
+            m.finish(number, len(recs))
+        elif how == "crash_in_apply":
+            # The state as a kill inside the apply leaves it: committed, the image
+            # already at the new size, a prefix of the records written into it.
+            m.checkpoint()
+            m._close_inflight()
+            p = m.state.pending
+            m.state.committed, m.state.pending = p, None
+            m.state.save(m.state_path)
+            fd = os.open(m.image_path(0), os.O_RDWR)
+            os.ftruncate(fd, size)
+            for kind, _mem, off, length, data in list(
+                    read_records(m.staging_path, p.staged_bytes, 1 << 20))[:cut]:
+                os.pwrite(fd, data if kind == REC_DATA else bytes(length), off)
+            os.close(fd)
+            m = _open(root, size)  # recovery finishes the apply
+        else:
+            m.finish(number, len(recs))
+        model = bytes(new)
+        assert m.state.applied_cycle == number and m.state.committed is None
+        assert m.state.volumes[0].size == size
+        assert read(m.image_path(0)) == model, f"cycle {number} ({how})"
+    m.close()
+    again = MirrorState.load(m.state_path)  # the journal kept the last size
+    assert again.volumes[0].size == len(model)
+
+
+def test_a_cycles_size_is_checked_before_anything_is_staged(tmp_path):
+    m = _open(str(tmp_path), 8 * BS)
+    m.begin(1, 1.0, True, 0)
+    m.finish(1, 0)
+    for bad in (0, 8 * BS + 1, 2**56 + BS):
+        with pytest.raises(ProtocolError, match="not a positive multiple of its block size"):
+            m.begin(2, 2.0, False, 0, sizes=[bad])
+    free = os.statvfs(str(tmp_path)).f_bavail * os.statvfs(str(tmp_path)).f_frsize
+    huge = (free // BS + (1 << 20)) * BS  # more than the file system has free
+    with pytest.raises(NoSpaceError, match="grows its images by .* free space there"):
+        m.begin(2, 2.0, False, 0, sizes=[huge])
+    assert m.state.pending is None and m.state.volumes[0].size == 8 * BS
+    assert not [f for f in os.listdir(m.directory) if ".staging" in f]
+    m.begin(2, 2.0, False, 0, sizes=[4 * BS])  # a shrink
+    m.receive(REC_DATA, 0, 3 * BS, BS, b"z" * BS)
+    with pytest.raises(ProtocolError, match="outside volume 'f' of 16384 bytes"):
+        m.receive(REC_DATA, 0, 4 * BS, BS, b"z" * BS)  # past the cycle's new end
+    m.checkpoint()
+    with pytest.raises(ProtocolError, match="cannot resume"):
+        m.begin(2, 2.0, False, 1, sizes=[8 * BS])  # the same cycle with another size
+    m.close()
+
+
+def test_a_resizing_cycle_survives_the_state_file_and_old_files_still_load(tmp_path):
+    m = _open(str(tmp_path), 8 * BS)
+    m.begin(1, 1.0, True, 0)
+    m.finish(1, 0)
+    m.begin(2, 2.0, False, 0, sizes=[16 * BS])
+    m.checkpoint()
+    m.close()
+    st = MirrorState.load(m.state_path)
+    assert st.pending.sizes == [16 * BS] and st.volumes[0].size == 8 * BS
+    plain = MirrorState("g", False, "node1", None, [VolumeSpec("g", 8 * BS, BS)])
+    assert b"sizes" not in plain.to_bytes()  # a cycle that keeps its size: as before
+    with pytest.raises(ProtocolError, match="size or block-size change"):  # not resizable
+        Mirror.open(str(tmp_path), "node1", None, "f", False, [VolumeSpec("f", 4 * BS, BS)],
+                    1 << 20)

@@ -29,6 +29,9 @@ from cyclemirror.errors import UsageError
 KNOWN: dict[str, str] = {
     "receiver.apply_record": "sleep after each staged record applied to a mirror image "
                              "(receiver/mirror.py), so a kill -9 lands inside apply",
+    "receiver.apply_resized": "sleep after a delta's redo set the images to the cycle's new "
+                              "sizes, before its records are replayed (receiver/mirror.py), so "
+                              "a kill -9 lands between a resize and the data",
     "promote.prepared": "sleep in a promotion after the image was recovered and checked, before "
                         "its commit point (receiver/promote.py)",
     "promote.recorded": "sleep after each role record a promotion writes (receiver/promote.py), "

@@ -149,6 +149,11 @@ class FileDeltaApply:
     def zero(self, member: int, offset: int, length: int) -> None:
         fileops.punch_zeroes(self.fds[member], offset, length)
 
+    def resize(self, member: int, size: int) -> None:
+        """The image takes cycle's size first (a shrink drops its tail, a growth adds a
+        hole); idempotent, like the records replayed after it."""
+        os.ftruncate(self.fds[member], size)
+
     def scatter(self, member: int, raw, volume_size: int, block_size: int) -> None:
         frames.scatter_write(self.fds[member], raw, volume_size, block_size)
 

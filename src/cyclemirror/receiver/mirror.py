@@ -37,6 +37,16 @@ nobody holds a pin (new readers wait for it); otherwise into a sparse clone
 keeps the one applied cycle it opened.  A crash leaves ``.img`` untouched in
 that case, and redo (idempotent: records are absolute) starts again.
 
+Sizes: a cycle of a file object that grew or shrank carries its members' sizes
+(``InFlight.sizes``, from the source's ``size`` messages).  Its extents are
+checked against those sizes; a full cycle builds images of that size; a delta's
+redo first sets each image to its new size (``DeltaApply.resize``: truncate, or
+extend with a hole) and then replays the records, all of it before the state
+names the cycle applied with the new sizes in one save.  So a crash mid-apply
+rolls forward to the new size and content on recovery (the cycle is committed),
+and a crash before the commit leaves the old size and content: never a mix.
+RBD images are not resized yet: such a cycle is refused at ``begin``.
+
 Recovery (on every open) redoes a committed cycle and keeps a pending one for
 resume; the image files are only ever touched by redo of a committed cycle,
 so after any crash each image equals the source at some freeze instant, and
@@ -56,7 +66,7 @@ import time
 
 from cyclemirror import failpoints
 from cyclemirror._cext import frames
-from cyclemirror.errors import ProtocolError, UsageError
+from cyclemirror.errors import NoSpaceError, ProtocolError, UsageError
 from cyclemirror.receiver import scrub
 from cyclemirror.receiver.backend import open_backend
 from cyclemirror.receiver.readers import IMAGE_PINS
@@ -69,6 +79,7 @@ from cyclemirror.receiver.staging import (
     read_records,
 )
 from cyclemirror.receiver.state import InFlight, MirrorState, VolumeSpec
+from cyclemirror.wire import messages
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +143,11 @@ class Mirror:
 
     @classmethod
     def open(cls, root: str, source_node: str, source_name: str | None, mirror: str,
-             group: bool, volumes: list[VolumeSpec], max_chunk: int, rbd=None) -> Mirror:
-        """Open (recovering) or create the mirror; refuse a geometry change."""
+             group: bool, volumes: list[VolumeSpec], max_chunk: int, rbd=None,
+             resizable: bool = False) -> Mirror:
+        """Open (recovering) or create the mirror; refuse a geometry change, except a
+        size change where the source said its sizes may change (``resizable``: a file
+        object; each cycle then carries its sizes and the apply resizes)."""
         directory = os.path.join(root, "mirrors", source_node)
         os.makedirs(directory, exist_ok=True)
         path = cls.state_file(directory, mirror, group)
@@ -142,6 +156,13 @@ class Mirror:
             old = [(v.name, v.size, v.block_size) for v in state.volumes]
             new = [(v.name, v.size, v.block_size) for v in volumes]
             common = {v[0] for v in old} & {v[0] for v in new}
+            if old != new and resizable and [(n, b) for n, _s, b in old] == [
+                    (n, b) for n, _s, b in new]:
+                log.info("mirror %s of %s: the source's sizes are now %s, the images %s: "
+                         "the next cycle resizes them", mirror, source_node,
+                         [v[1] for v in new], [v[1] for v in old])
+                state.source_name = source_name
+                return cls(directory, state, path, max_chunk, rbd)
             if old != new and group and {v for v in old if v[0] in common} == {
                     v for v in new if v[0] in common}:
                 # Members joined or left a group: the others keep their images.
@@ -260,10 +281,55 @@ class Mirror:
         self._new_images = []
 
     # -- receiving -------------------------------------------------------
-    def begin(self, cycle: int, freeze_time: float, full: bool, resume_from: int) -> int:
-        """Start or resume receiving ``cycle``; return the chunk count we hold."""
+    def sizes_of(self, c: InFlight | None) -> list[int]:
+        """Each member's size in cycle ``c`` (the images' sizes unless it resizes)."""
+        if c is not None and c.sizes is not None:
+            return c.sizes
+        return [v.size for v in self.state.volumes]
+
+    def _check_sizes(self, cycle: int, sizes: list[int] | None) -> list[int] | None:
+        """``sizes`` of ``cycle`` checked (bounds, room to grow, the backend); None when
+        they are the images' sizes."""
+        st = self.state
+        current = [v.size for v in st.volumes]
+        if sizes is None or list(sizes) == current:
+            return None
+        what = f"mirror {st.mirror!r} of source {st.source_name or st.source_node}"
+        if len(sizes) != len(st.volumes):
+            raise ProtocolError(f"{what}: cycle {cycle} gives {len(sizes)} sizes for "
+                                f"{len(st.volumes)} members")
+        for vol, size in zip(st.volumes, sizes, strict=True):
+            if type(size) is not int or not 0 < size <= messages.MAX_VOLUME_SIZE or (
+                    size % vol.block_size):
+                raise ProtocolError(f"{what}: cycle {cycle} gives {vol.name!r} a size of "
+                                    f"{size!r} bytes, not a positive multiple of its block "
+                                    f"size {vol.block_size} within 2**56")
+        if self.backend.kind != "file":
+            changed = [f"{v.name} {v.size} -> {n}" for v, n in zip(st.volumes, sizes,
+                                                                    strict=True) if v.size != n]
+            raise UsageError(
+                f"{what}: cycle {cycle} changes the size of {', '.join(changed)} bytes, and "
+                f"this target keeps its images in {self.backend.kind}, which cannot follow a "
+                "size change yet; mirror that file object to a target with raw image files, "
+                "or give the file its old size back")
+        growth = sum(max(0, n - v.size) for v, n in zip(st.volumes, sizes, strict=True))
+        if growth:
+            vfs = os.statvfs(self.directory)
+            free = vfs.f_bavail * vfs.f_frsize
+            if growth > free:
+                raise NoSpaceError(
+                    f"{what}: cycle {cycle} grows its images by {growth} bytes, more than the "
+                    f"{free} bytes free under {self.directory}; free space there (a grown "
+                    "image must fit, even where it stays sparse): the source retries")
+        return list(sizes)
+
+    def begin(self, cycle: int, freeze_time: float, full: bool, resume_from: int,
+              sizes: list[int] | None = None) -> int:
+        """Start or resume receiving ``cycle``; return the chunk count we hold.
+        ``sizes``: each member's size in this cycle (None: the images' sizes)."""
         self.raise_apply_error()
         st = self.state
+        sizes = self._check_sizes(cycle, sizes)
         newest = max(st.applied_cycle, st.committed.cycle if st.committed else 0)
         if cycle <= newest:
             raise ProtocolError(f"mirror {st.mirror!r}: cycle {cycle} is not newer than the "
@@ -273,7 +339,8 @@ class Mirror:
                                 "target has none (the source must send a full cycle)")
         p = st.pending
         if resume_from:
-            if p is None or (p.cycle, p.full, p.chunks) != (cycle, full, resume_from):
+            if p is None or (p.cycle, p.full, p.chunks, p.sizes) != (cycle, full, resume_from,
+                                                                    sizes):
                 raise ProtocolError(
                     f"mirror {st.mirror!r}: cannot resume cycle {cycle} at chunk "
                     f"{resume_from}; this target holds "
@@ -285,26 +352,30 @@ class Mirror:
         self._close_inflight()
         if p is None:
             p = InFlight(cycle, freeze_time, full,
-                         staging=None if full else self._staging_name(cycle))
+                         staging=None if full else self._staging_name(cycle), sizes=sizes)
             with self._state_lock:
                 st.pending = p
                 self._save()
         if full:
-            for i, vol in enumerate(st.volumes):
-                self._new_images.append(self.backend.full_writer(i, vol.size))
+            for i, size in enumerate(self.sizes_of(p)):
+                self._new_images.append(self.backend.full_writer(i, size))
         else:
             self._staging = StagingWriter(self.staging_file(p), p.staged_bytes)
         self._received = p.chunks
         return p.chunks
 
-    def check_extent(self, member: int, offset: int, length: int) -> None:
+    def check_extent(self, member: int, offset: int, length: int,
+                     c: InFlight | None = None) -> None:
+        """The extent lies inside ``member`` as cycle ``c`` sizes it (default: the cycle
+        being received)."""
         vols = self.state.volumes
         if not 0 <= member < len(vols):
             raise ProtocolError(f"mirror {self.state.mirror!r}: member {member} does not exist")
-        if offset < 0 or length < 0 or offset + length > vols[member].size:
+        size = self.sizes_of(c or self.state.pending)[member]
+        if offset < 0 or length < 0 or offset + length > size:
             raise ProtocolError(
                 f"mirror {self.state.mirror!r}: extent {offset}+{length} lies outside volume "
-                f"{vols[member].name!r} of {vols[member].size} bytes"
+                f"{vols[member].name!r} of {size} bytes"
             )
 
     def check_scatter(self, member: int, first_offset: int, raw) -> int:
@@ -313,7 +384,8 @@ class Mirror:
         if not 0 <= member < len(vols):
             raise ProtocolError(f"mirror {self.state.mirror!r}: member {member} does not exist")
         vol = vols[member]
-        first, _count, data = frames.scatter_check(raw, vol.size, vol.block_size)
+        size = self.sizes_of(self.state.pending)[member]
+        first, _count, data = frames.scatter_check(raw, size, vol.block_size)
         if first != first_offset:
             raise ProtocolError(
                 f"mirror {self.state.mirror!r}: a SCATTER frame's header names offset "
@@ -467,22 +539,28 @@ class Mirror:
             self.backend.install_full(c.cycle)
         else:
             delta = self.backend.open_delta(c.cycle, self.state_path, recovering)
+            sizes = self.sizes_of(c)
             try:
+                if c.sizes is not None:  # first the new sizes: every record lies inside them
+                    for i, size in enumerate(c.sizes):
+                        delta.resize(i, size)
+                    failpoints.hit("receiver.apply_resized")
                 for kind, member, offset, length, data in read_records(
                     self.staging_file(c), c.staged_bytes, self.max_chunk
                 ):
                     if kind == REC_SCATTER:
                         vol = st.volumes[member] if 0 <= member < len(st.volumes) else None
                         if vol is None:
-                            self.check_extent(member, 0, 0)  # raises: no such member
-                        delta.scatter(member, data, vol.size, vol.block_size)
+                            self.check_extent(member, 0, 0, c)  # raises: no such member
+                        delta.scatter(member, data, sizes[member], vol.block_size)
                         if failpoints.is_on("receiver.apply_record"):
                             # A SCATTER record holds many extents: one hit each, up to 10.
-                            count = frames.scatter_check(data, vol.size, vol.block_size)[1]
+                            count = frames.scatter_check(data, sizes[member],
+                                                         vol.block_size)[1]
                             for _ in range(min(10, count)):
                                 failpoints.hit("receiver.apply_record")
                         continue
-                    self.check_extent(member, offset, length)
+                    self.check_extent(member, offset, length, c)
                     if kind == REC_DATA:
                         delta.write(member, data, offset)
                     elif kind in (REC_ZERO, REC_TRIM):
@@ -511,6 +589,9 @@ class Mirror:
         st = self.state
         with self._state_lock:
             st.applied_cycle, st.freeze_time = c.cycle, c.freeze_time
+            if c.sizes is not None:  # the images have the cycle's sizes from now on
+                st.volumes = [VolumeSpec(v.name, n, v.block_size)
+                              for v, n in zip(st.volumes, c.sizes, strict=True)]
             if not still_committed:
                 st.committed = None
             st.extra.pop("joining", None)  # their blocks came whole in this cycle

@@ -62,6 +62,14 @@ def block_digests(path: str, start_block: int, count: int, block_size: int) -> b
     return np.asarray(hashes, dtype=">u8").tobytes()
 
 
+def zero_block_digest(block_size: int) -> bytes:
+    """The digest (as ``block_digests`` gives it) of a block of zeroes."""
+    from cyclemirror._cext import blockhash
+
+    hashes, _zero = blockhash.hash_buffer(bytes(block_size), block_size)
+    return np.asarray(hashes, dtype=">u8").tobytes()
+
+
 class WriteBehind:
     """Writes received chunks in a helper thread, so disk writes overlap the network.
 
@@ -155,8 +163,9 @@ class Session:
 
     def _serve(self) -> None:
         first = self.link.recv_message({"open", "verify_open", "lineage", "tree_open",
-                                        "tree_branch"})
+                                        "tree_branch", "resizable"})
         self.lineage = None
+        resizable = False
         branch = None
         if first["type"] == "tree_branch":  # a promoted tree: a failback may follow
             branch = first
@@ -167,12 +176,15 @@ class Session:
             return TreeSession(self.server, self.link, first, branch).run()
         if first["type"] == "lineage":  # protocol 3: the source's generation, then 'open'
             self.lineage = lineage.check_lineage_message(first)
+            first = self.link.recv_message({"open", "resizable"})
+        if first["type"] == "resizable":  # a file object: sizes may differ from the images'
+            resizable = True
             first = self.link.recv_message({"open"})
         if first["type"] == "verify_open":  # verify hook: a connection of its own (verify.py)
             from cyclemirror.receiver.verify import serve_verify
 
             return serve_verify(self.server, self.link, first)
-        self._open(first)
+        self._open(first, resizable)
         while True:
             try:
                 header, payload = self.link.recv_frame()
@@ -183,8 +195,10 @@ class Session:
                     return
                 raise
             msg = self.link.message_from(header, payload,
-                                         {"begin", "hash_request", "switchover"})
-            if msg["type"] == "begin":
+                                         {"begin", "hash_request", "switchover", "size"})
+            if msg["type"] == "size":
+                self._take_size(msg)
+            elif msg["type"] == "begin":
                 self._receive_cycle(msg)
             elif msg["type"] == "switchover":  # a planned role swap (daemon/switchover.py)
                 from cyclemirror.receiver.promote import serve_switchover
@@ -193,7 +207,44 @@ class Session:
             else:
                 self._answer_hashes(msg)
 
-    def _open(self, msg: dict) -> None:
+    def _take_size(self, msg: dict) -> None:
+        """A ``size`` message: member ``index``'s size in the cycle whose ``begin`` follows
+        (checked against the volume's block size here, against free space at ``begin``)."""
+        vols = self.mirror.state.volumes
+        index, size, cycle = msg["index"], msg["size"], msg["cycle"]
+        what = f"mirror {self.mirror.state.mirror!r} of source {self.source}"
+        if index >= len(vols):
+            raise ProtocolError(f"{what}: 'size' names member {index}, there are {len(vols)}")
+        bs = vols[index].block_size
+        if not 0 < size <= messages.MAX_VOLUME_SIZE or size % bs:
+            raise ProtocolError(f"{what}: 'size' gives {vols[index].name!r} {size} bytes, not "
+                                f"a positive multiple of its block size {bs} within 2**56")
+        if self._size_cycle not in (None, cycle):
+            raise ProtocolError(f"{what}: 'size' messages name cycles {self._size_cycle} and "
+                                f"{cycle} before one 'begin'")
+        self._size_cycle = cycle
+        self._next_sizes[index] = size
+        self._raise_limits(size)
+
+    def _raise_limits(self, size: int) -> None:
+        """Frames may address up to the largest size this connection has named."""
+        if size > self._limit_size:
+            self._limit_size = size
+            self.link.limits = wirelink.volume_limits(size, self._align)
+
+    def _cycle_sizes(self, cycle: int) -> list[int] | None:
+        """The members' sizes in ``cycle``: 'open''s, as 'size' messages amend them
+        (None where the connection may not resize and named none)."""
+        if self._size_cycle not in (None, cycle):
+            raise ProtocolError(f"mirror {self.mirror.state.mirror!r}: 'size' named cycle "
+                                f"{self._size_cycle}, then 'begin' cycle {cycle}")
+        sizes = list(self._declared)
+        for index, size in self._next_sizes.items():
+            sizes[index] = size
+        self._next_sizes, self._size_cycle = {}, None
+        return sizes
+
+    def _open(self, msg: dict, resizable: bool = False) -> None:
         vols = [VolumeSpec(v["name"], v["size"], v["block_size"]) for v in msg["volumes"]]
         if not msg["group"] and (len(vols) != 1 or vols[0].name != msg["mirror"]):
             raise ProtocolError("open: a single-volume mirror must be named after its volume")
@@ -208,12 +259,18 @@ class Session:
             resync.prepare(self.server, msg, self.lineage)  # a failback: no full copy
         self.mirror = Mirror.open(self.server.root, msg["node_id"], msg["node_name"],
                                   msg["mirror"], msg["group"], vols, wirelink.MAX_CHUNK,
-                                  rbd=getattr(self.server, "rbd", None))
+                                  rbd=getattr(self.server, "rbd", None), resizable=resizable)
+        # Each cycle's sizes: those 'open' declared (the images' unless 'resizable'),
+        # amended by the 'size' messages before its 'begin'.
+        self._declared = [v.size for v in vols]
+        self._next_sizes: dict[int, int] = {}
+        self._size_cycle: int | None = None
         if self.lineage is not None:
             lineage.adopt(self.mirror, self.lineage, msg["node_name"] or msg["node_id"])
         st = self.mirror.state
-        align = min(v.block_size for v in vols)
-        self.link.limits = wirelink.volume_limits(max(v.size for v in vols), align)
+        self._align = align = min(v.block_size for v in vols)
+        self._limit_size = max([v.size for v in vols] + [v.size for v in st.volumes])
+        self.link.limits = wirelink.volume_limits(self._limit_size, align)
         p = st.pending
         self.link.send_message(
             "opened", node_id=self.server.node_id, applied_cycle=st.applied_cycle,
@@ -225,7 +282,8 @@ class Session:
     def _receive_cycle(self, begin: dict) -> None:
         cycle = begin["cycle"]
         mirror = self.mirror
-        chunks = mirror.begin(cycle, begin["freeze_time"], begin["full"], begin["resume_from"])
+        chunks = mirror.begin(cycle, begin["freeze_time"], begin["full"], begin["resume_from"],
+                              sizes=self._cycle_sizes(cycle))
         self.link.send_message("ack", cycle=cycle, chunks=chunks)
         member = 0
         unacked_bytes, last_ack = 0, time.monotonic()
@@ -325,17 +383,24 @@ class Session:
             raise ProtocolError(f"hash_request: member {index} out of range")
         vol = mirror.state.volumes[index]
         nblocks = vol.size // vol.block_size
+        # A file object may be larger at the source than the image: blocks past the
+        # image's end hash as zero blocks (what they read as once a cycle grows it).
+        limit = max(nblocks, self._declared[index] // vol.block_size)
         if not mirror.has_image:
             raise ProtocolError("hash_request: this target has no image of the mirror yet")
-        if count == 0 or count > messages.MAX_HASH_BLOCKS or start + count > nblocks:
+        if count == 0 or count > messages.MAX_HASH_BLOCKS or start + count > limit:
             raise ProtocolError(
-                f"hash_request: blocks {start}+{count} outside 0..{nblocks} or over the cap "
+                f"hash_request: blocks {start}+{count} outside 0..{limit} or over the cap "
                 f"{messages.MAX_HASH_BLOCKS}"
             )
-        if mirror.backend.keeps_files:
-            digests = block_digests(mirror.image_path(index), start, count, vol.block_size)
-        else:
-            digests = mirror.backend.block_digests(index, start, count, vol.block_size)
+        inside = max(0, min(count, nblocks - start))
+        digests = b""
+        if inside and mirror.backend.keeps_files:
+            digests = block_digests(mirror.image_path(index), start, inside, vol.block_size)
+        elif inside:
+            digests = mirror.backend.block_digests(index, start, inside, vol.block_size)
+        if inside < count:
+            digests = bytes(digests) + zero_block_digest(vol.block_size) * (count - inside)
         self.link.send_message("hashes", index=index, start_block=start, count=count,
                                digests=digests.hex())
 

@@ -11,7 +11,11 @@ the old or the new version and a damaged one is detected, never trusted.
                                  recovery must finish applying it (redo)
 
 Both may be set: the next cycle is received while the committed one is
-applied (protocol 2).  Each delta names its own staging log (``staging``;
+applied (protocol 2).  A cycle whose members' sizes differ from the images'
+(a file object that grew or shrank) lists its sizes (``sizes``, one per member,
+absent otherwise): the apply resizes the images and then the state's
+``volumes`` take those sizes, in the same save that names the cycle applied.
+Each delta names its own staging log (``staging``;
 absent in files written before pipelining, which used ``<mirror>.staging``).  Single-volume mirrors keep
 ``<volume>.state.json`` beside ``<volume>.img``; a consistency group keeps
 ``<group>.group.json`` beside its members' images.
@@ -105,6 +109,7 @@ class InFlight:
     chunks: int = 0
     staged_bytes: int = 0
     staging: str | None = None  # the delta's staging log (a file name in the mirror's dir)
+    sizes: list[int] | None = None  # each member's size in this cycle (None: unchanged)
 
 
 @dataclass
@@ -122,6 +127,9 @@ class MirrorState:
 
     def to_bytes(self) -> bytes:
         body = asdict(self)
+        for key in ("pending", "committed"):  # 'sizes' only where a cycle resizes
+            if body[key] is not None and body[key]["sizes"] is None:
+                del body[key]["sizes"]
         body["version"] = STATE_VERSION
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         digest = xxhash.xxh64_hexdigest(text.encode())
@@ -166,9 +174,17 @@ class MirrorState:
         for key in ("pending", "committed"):
             flights[key] = None
             if body[key] is not None:
-                _fields(body[key], where, key,
+                flight = dict(body[key]) if type(body[key]) is dict else body[key]
+                sizes = flight.pop("sizes", None) if type(flight) is dict else None
+                _fields(flight, where, key,
                         _INFLIGHT_FIELDS if version >= 2 else _INFLIGHT_FIELDS_V1)
-                flights[key] = InFlight(**body[key])
+                if sizes is not None and not (
+                        type(sizes) is list and len(sizes) == len(specs) and all(
+                            _check_kind(n, "count") and n > 0 and n % v.block_size == 0
+                            for n, v in zip(sizes, specs, strict=False))):
+                    raise _damaged(where, f"{key}.sizes must list a positive multiple of "
+                                          "each member's block size")
+                flights[key] = InFlight(**flight, sizes=sizes)
         # Both may be set (the next cycle arrives while the committed one applies), the
         # pending one newer; version 1 wrote at most one.
         if flights["pending"] is not None and flights["committed"] is not None and (

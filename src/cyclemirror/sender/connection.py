@@ -41,6 +41,7 @@ class TargetLink:
         self.insecure = insecure
         self.link: FrameLink | None = None
         self.opened: dict | None = None
+        self.declared_sizes: list[int] = []  # the volumes' sizes 'open' declared
         self._cond = threading.Condition()
         self.acked = (0, 0)  # (cycle, chunks) of the newest ack
         self.committed = 0  # newest cycle the target committed (protocol 2)
@@ -79,16 +80,21 @@ class TargetLink:
             raw.close()
             raise
 
-    def connect(self, open_msg: dict, lineage: dict | None = None) -> dict:
+    def connect(self, open_msg: dict, lineage: dict | None = None,
+                resizable: bool = False) -> dict:
         """Dial, authenticate, open the mirror; return the target's ``opened`` reply.
 
         ``lineage``: the fields of the ``lineage`` message (the volume's generation,
-        docs/failover.md), sent before ``open`` to a target of protocol 3 or newer."""
+        docs/failover.md), sent before ``open`` to a target of protocol 3 or newer.
+        ``resizable``: a ``resizable`` message goes before ``open`` (a file object
+        whose size changed: the target may hold another size than ``open`` says)."""
         link = self.dial()
         sock = link.sock
         try:
             if lineage is not None and self.version >= handshake.LINEAGE_VERSION:
                 link.send_message("lineage", **lineage)
+            if resizable:
+                link.send_message("resizable")
             link.send_message("open", **open_msg)
             opened = link.recv_message({"opened"})
             vols = open_msg["volumes"]
@@ -99,6 +105,8 @@ class TargetLink:
             sock.close()
             raise
         self.link, self.opened = link, opened
+        # The sizes 'open' declared: a cycle of another size says so first ('size').
+        self.declared_sizes = [v["size"] for v in open_msg["volumes"]]
         with self._cond:
             self.acked = (opened["pending_cycle"], opened["pending_chunks"])
             self.applied = (opened["applied_cycle"], opened["freeze_time"])

@@ -86,6 +86,7 @@ from cyclemirror.sender.group import SingleVolume
 from cyclemirror.sender.pacing import WritePacer
 from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
+from cyclemirror.store.fileobject import resized_bitmap
 from cyclemirror.wire import messages
 from cyclemirror.wire.handshake import TlsConfig
 from cyclemirror.wire.link import RemoteError
@@ -261,7 +262,7 @@ class MirrorDriver:
         self.targets = [OutgoingTarget(s) for s in specs]
         self.state = DriverState(os.path.join(store.path, "outgoing",
                                               self.subject.state_dir_name),
-                                 self.subject.nblocks)
+                                 self.subject.nblocks, resizable=self.subject.resizable)
         # A group whose members changed: owed sets laid out anew (sender/group.py).
         self._joining = self.subject.adopt_layout(self.state)
         self._cond = threading.Condition()
@@ -874,11 +875,19 @@ class MirrorDriver:
         return None
 
     def _fold(self, dirty: ExtentBitmap | None) -> None:
+        """Fold a freeze's dirty set into every owed set.  A file object's dirty set has
+        its cycle's size: an owed set follows it (a shrink drops the blocks past the
+        end, a growth adds clear bits; the dirty set of the cycle that grew holds the
+        whole new tail, so whatever a target held there is overwritten)."""
         for r in self.targets:
             if dirty is None:
                 r.owed = None
             elif r.owed is not None:
+                if r.owed.nbits != dirty.nbits:
+                    r.owed = resized_bitmap(r.owed, dirty.nbits)
                 r.owed.union_update(dirty)
+        if dirty is not None:
+            self.state.nblocks = dirty.nbits
 
     # -- repairs (verify hook, docs/verify.md) ---------------------------------------------
     # A verify's differing blocks wait in a repair set per target (persisted) until the
@@ -941,7 +950,7 @@ class MirrorDriver:
             taken = {label: bm.copy() for label, bm in self._repairs.items()}
         for r in self.targets:
             if r.label in taken and r.owed is not None:
-                r.owed.union_update(taken[r.label])
+                r.owed.union_update(resized_bitmap(taken[r.label], r.owed.nbits))
         return taken
 
     def _repairs_folded(self, taken: dict[str, ExtentBitmap]) -> None:
@@ -1128,7 +1137,8 @@ class MirrorDriver:
             "node_id": self.store.node_id, "node_name": self.store.node_name,
             "mirror": self.subject.remote_name, "group": self.subject.group,
             "volumes": self.subject.volume_specs(),
-        }, lineage=self.options.lineage() if self.options.lineage is not None else None)
+        }, lineage=self.options.lineage() if self.options.lineage is not None else None,
+            resizable=self.subject.resizable and getattr(self.volume, "size_changed", False))
         return link
 
     def _start_dial(self, r: OutgoingTarget) -> None:
@@ -1205,7 +1215,7 @@ class MirrorDriver:
                 e.untrusted = True  # the next cycle compares hashes
                 self.state.save()
             else:
-                r.owed = ExtentBitmap(self.volume.nblocks)
+                r.owed = ExtentBitmap(_nblocks(frozen, self.subject))
                 self._record_held(r, held, opened["freeze_time"])
             return False
         if decision.action == plan.FULL:
@@ -1237,6 +1247,10 @@ class MirrorDriver:
         # this process would take back: only a cycle synced before it began may resume.
         e.in_flight, e.in_flight_full, e.in_flight_synced = c, full, frozen.synced
         self.state.save()
+        # A file object's cycle of another size than 'open' said: its size goes first.
+        size = getattr(frozen, "size", None) if self.subject.resizable else None
+        if size is not None and size != link.declared_sizes[0]:
+            link.link.send_message("size", cycle=c, index=0, size=size)
         link.link.send_message("begin", cycle=c, freeze_time=frozen.freeze_time, full=full,
                                resume_from=r.resume_from)
         got = link.wait_for(lambda: link.acked[0] == c and link.acked, 30.0,
@@ -1405,7 +1419,7 @@ class MirrorDriver:
 
     def _committed(self, r: OutgoingTarget, frozen, commit_seconds: float) -> None:
         """The target holds cycle ``frozen`` durably: nothing is owed from before it."""
-        r.owed = ExtentBitmap(self.volume.nblocks)
+        r.owed = ExtentBitmap(_nblocks(frozen, self.subject))
         r.ok, r.backoff, r.last_error, r.phase = True, 0.0, None, "idle"
         with self._cond:
             stats = r.cycle_stats.get(frozen.number)
@@ -1498,6 +1512,11 @@ class MirrorDriver:
                 self.last_error = text
             self._cond.notify_all()
         log.warning("mirror %s -> %s: %s", self.volume.name, r.label, text)
+
+
+def _nblocks(frozen, subject) -> int:
+    """The blocks of cycle ``frozen`` (a file object's cycle has its own size)."""
+    return getattr(frozen, "nblocks", None) or subject.nblocks
 
 
 def _cycle_bytes(subject, owed: ExtentBitmap | None) -> int:

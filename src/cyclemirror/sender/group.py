@@ -72,9 +72,20 @@ class SingleVolume:
         self.name = volume.name
         self.remote_name = validate_volume_name(remote_name or volume.name)
         self.remote_names = [self.remote_name]
-        self.nblocks = volume.nblocks
         self.offsets = [0]
         self.state_dir_name = volume.name
+
+    @property
+    def nblocks(self) -> int:
+        """The volume's blocks; a file object's change with its size (as of its newest
+        freeze: ``fileobject``)."""
+        return self.volume.nblocks
+
+    @property
+    def resizable(self) -> bool:
+        """The size may change from cycle to cycle (a file object), so each cycle's
+        frozen size is sent (``size`` messages, docs/protocol.md)."""
+        return bool(getattr(self.volume, "resizable", False))
 
     @property
     def open_overlay(self) -> int:
@@ -147,6 +158,8 @@ class VolumeGroup(SingleVolume):
     """Several volumes of one store, frozen at one instant each cycle."""
 
     group = True
+    nblocks = 0  # a plain attribute here (set below): a group's members keep their sizes
+    resizable = False
 
     def __init__(self, store, name: str, volumes: list, remote_names: list[str] | None = None,
                  *, remote_name: str | None = None):

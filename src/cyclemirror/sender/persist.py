@@ -39,6 +39,7 @@ import xxhash
 from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import CycleMirrorError, IntegrityError
 from cyclemirror.fileio import atomic_write
+from cyclemirror.store.fileobject import resized_bitmap
 
 FORMAT = 2
 MAX_INT = 2**63 - 1
@@ -135,9 +136,13 @@ def _canonical(body: dict) -> bytes:
 
 
 class DriverState:
-    def __init__(self, directory: str, nblocks: int):
+    def __init__(self, directory: str, nblocks: int, resizable: bool = False):
         self.directory = directory
         self.nblocks = nblocks
+        # A file object's owed sets were saved at the size of the freeze last accounted
+        # for: laid onto the present size on load (the cycles folded in next carry any
+        # tail that grew; sender/driver.py).
+        self.resizable = resizable
         self.last_freeze = 0
         self.targets: dict[str, TargetRecord] = {}
         os.makedirs(directory, exist_ok=True)
@@ -184,6 +189,8 @@ class DriverState:
             return None
         try:
             owed = ExtentBitmap.load(self._bitmap_path(label))
+            if owed.nbits != self.nblocks and self.resizable:
+                return resized_bitmap(owed, self.nblocks)
             if owed.nbits != self.nblocks:
                 raise IntegrityError(f"owed bitmap of {label} has {owed.nbits} bits, "
                                      f"the volume {self.nblocks} blocks")

@@ -153,11 +153,14 @@ def block_differences(reader, volume, fetch_hashes) -> ExtentBitmap:
     digests (big-endian, 8 bytes each) for that span.
     """
     bs = volume.block_size
-    diff = ExtentBitmap(volume.nblocks)
-    for start in range(0, volume.nblocks, HASH_SPAN_BLOCKS):
-        count = min(HASH_SPAN_BLOCKS, volume.nblocks - start)
+    # A file object's reader has its cycle's size; blocks past the end of the target's
+    # image hash there as zero blocks (receiver/session.py).
+    nblocks = getattr(reader, "nblocks", None) or volume.nblocks
+    diff = ExtentBitmap(nblocks)
+    for start in range(0, nblocks, HASH_SPAN_BLOCKS):
+        count = min(HASH_SPAN_BLOCKS, nblocks - start)
         ours, _zero = blockhash.hash_buffer(reader.read(start * bs, count * bs), bs)
         theirs = np.frombuffer(fetch_hashes(start, count), dtype=">u8").astype(np.uint64)
         diff.union_update(blockhash.diff_hashes(np.asarray(ours, dtype=np.uint64), theirs,
-                                                volume.nblocks, start))
+                                                nblocks, start))
     return diff

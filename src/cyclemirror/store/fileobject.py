@@ -34,8 +34,15 @@ next cycle after a crash is a delta, never a full copy; a snapshot that is
 gone makes ``frozen()`` raise NotFoundError, which the driver answers by
 comparing block hashes with the target.
 
-A file object keeps the size it had when it was added (a multiple of its block
-size); a freeze that finds another size fails, naming both.
+Sizes: the live file may grow or shrink between freezes (``qemu-img resize``,
+``truncate``).  Each freeze records its snapshot's size (``sizes`` in the record,
+for the cycles not yet merged), and ``frozen(k)`` has that size and a dirty set of
+``k``'s blocks: within the size both snapshots have, what their maps no longer
+share; on growth every block of the new tail as well (holes there travel as zero
+runs, without bytes, since the target cannot be assumed to hold zeros there after
+a shrink and a regrowth); on a shrink nothing past the new end.  A size must stay
+a positive multiple of the block size: a freeze that finds another size fails,
+naming it and the fix.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from cyclemirror.errors import AlreadyExistsError, NotFoundError, StoreError, Us
 from cyclemirror.store import cowfs, fileops
 from cyclemirror.store.names import validate_volume_name
 from cyclemirror.store.snapnames import SNAP_PREFIX, TMP_PREFIX, is_ours, is_stale
+from cyclemirror.wire.messages import MAX_VOLUME_SIZE
 
 FILES_DIR = "files"
 RECORD_FORMAT = 1
@@ -104,7 +112,7 @@ def add_file(store_path: str, node_id: str, name: str, path: str,
     if st.st_size == 0 or st.st_size % block_size:
         raise UsageError(
             f"file object {name!r}: {path} is {st.st_size} bytes, not a positive multiple of "
-            f"the block size {block_size}; file objects keep their size, so extend it first "
+            f"the block size {block_size}; a file object's size must be one, so extend it first "
             f"(truncate -s SIZE {path}) or give a smaller --block-size")
     snaps = snapshot_dir_for(path, node_id, name)
     _own_directory(snaps, f"file object {name!r}")
@@ -115,7 +123,7 @@ def add_file(store_path: str, node_id: str, name: str, path: str,
         _unlink_quiet(probe)
     rec = {"format": RECORD_FORMAT, "name": name, "path": path, "block_size": block_size,
            "size": st.st_size, "fs": fs, "snapshots": snaps, "top": 0, "merged": -1,
-           "freeze_times": {}, "created": time.time()}
+           "freeze_times": {}, "sizes": {}, "created": time.time()}
     os.makedirs(os.path.join(store_path, FILES_DIR), exist_ok=True)
     fileops.atomic_write_json(record_path(store_path, name), rec)
     return rec
@@ -153,12 +161,18 @@ def _read_record(path: str, name: str) -> dict:
           and isinstance(rec.get("path"), str) and os.path.isabs(rec["path"])
           and isinstance(rec.get("snapshots"), str) and os.path.isabs(rec["snapshots"])
           and all(type(rec.get(k)) is int for k in ("block_size", "size", "top", "merged"))
-          and isinstance(rec.get("freeze_times"), dict))
-    if not ok or rec["size"] <= 0 or rec["size"] % rec["block_size"] or not (
-            -1 <= rec["merged"] < max(rec["top"], 1)):
+          and isinstance(rec.get("freeze_times"), dict)
+          and isinstance(rec.get("sizes", {}), dict))
+    if not ok or rec["block_size"] <= 0 or not all(
+            _good_size(v, rec["block_size"]) for v in [rec["size"], *rec.get("sizes", {}).values()]
+    ) or not (-1 <= rec["merged"] < max(rec["top"], 1)):
         raise StoreError(f"file object {name!r}: its record {path} is damaged; remove it "
                          f"('cyclemirror file rm {name}') and add the file again")
     return rec
+
+
+def _good_size(size, block_size: int) -> bool:
+    return type(size) is int and 0 < size <= MAX_VOLUME_SIZE and size % block_size == 0
 
 
 def _unlink_quiet(path: str) -> None:
@@ -206,6 +220,7 @@ class FileObject:
     driver uses.  Thread-safe: ``_lock`` guards the record and the dirty-set cache."""
 
     is_file = True
+    resizable = True  # its size may change from cycle to cycle (sender/driver.py)
 
     def __init__(self, store_path: str, name: str):
         self.name = validate_volume_name(name)
@@ -217,6 +232,9 @@ class FileObject:
         self.size: int = rec["size"]
         self.fs: str = rec.get("fs", "?")
         self.nblocks = self.size // self.block_size
+        if "sizes" not in rec:  # a record from before sizes were recorded: one size for all
+            rec["sizes"] = {str(k): rec["size"] for k in range(max(1, rec["merged"] + 1),
+                                                                rec["top"] + 1)}
         self._rec = rec
         self._lock = threading.Lock()
         self._freeze_lock = threading.Lock()
@@ -283,13 +301,13 @@ class FileObject:
             except OSError as exc:
                 _unlink_quiet(tmp)
                 raise fileops.store_error(f"freezing file object {self.name!r}", exc) from exc
-            if size != self.size:
+            if not _good_size(size, self.block_size):
                 _unlink_quiet(tmp)
                 raise StoreError(
                     f"file object {self.name!r}: {self.path} is now {size} bytes, it was "
-                    f"{self.size} when the object was added; file objects keep their size: "
-                    "give it its size back, or remove the mirror and the object and add "
-                    "them again")
+                    f"{self.size} at the last freeze; a file object's size must be a positive "
+                    f"multiple of its block size {self.block_size} (at most 2**56): give it "
+                    f"such a size (truncate -s or qemu-img resize), then 'mirror resume'")
             with self._maps_lock:
                 self._maps.pop(k, None)  # a snap-k of a freeze that failed to commit
             os.rename(tmp, self._snap(k))
@@ -297,12 +315,29 @@ class FileObject:
             with self._lock:
                 self._rec["top"] = k
                 self._rec["freeze_times"][str(k)] = now
-                # Freeze times of merged cycles are of no more use.
-                self._rec["freeze_times"] = {n: t for n, t in self._rec["freeze_times"].items()
-                                             if int(n) > self._rec["merged"]}
+                self._rec.setdefault("sizes", {})[str(k)] = size
+                if size != self._rec["size"]:
+                    self._rec["resized"] = True  # for good: targets may hold another size
+                self._rec["size"] = size
+                # Freeze times and sizes of merged cycles are of no more use.
+                for key in ("freeze_times", "sizes"):
+                    self._rec[key] = {n: t for n, t in self._rec[key].items()
+                                      if int(n) > self._rec["merged"]}
                 self._save()  # the commit point
+                self.size, self.nblocks = size, size // self.block_size
                 self._pending = None
             return self.frozen(k)
+
+    def size_of(self, k: int) -> int:
+        """The size of snapshot ``k`` as its freeze recorded it (records written before
+        sizes were recorded hold one size for every cycle)."""
+        return int(self._rec.get("sizes", {}).get(str(k), self._rec["size"]))
+
+    @property
+    def size_changed(self) -> bool:
+        """The file changed size at some freeze: a target may hold another size than
+        the newest, so a mirror's connection says the sizes may differ."""
+        return bool(self._rec.get("resized", False))
 
     def _valid(self, k: int) -> bool:
         return max(1, self._rec["merged"] + 2) <= k <= self._rec["top"]
@@ -316,17 +351,18 @@ class FileObject:
                     f"file object {self.name!r} has no frozen cycle {k}: frozen cycles are "
                     f"{max(1, self._rec['merged'] + 2)}..{self._rec['top']}")
             freeze_time = float(self._rec["freeze_times"].get(str(k), 0.0))
+            size = self.size_of(k)
             if k not in self._dirty:
                 self._dirty[k] = None if k == 1 else self._changed(k)
             dirty = self._dirty[k]
-        return FileCycle(self, k, freeze_time, None if dirty is None else dirty.copy())
+        return FileCycle(self, k, freeze_time, None if dirty is None else dirty.copy(), size)
 
     def frozen_reader(self, k: int) -> FileReader:
         """A reader of snapshot ``k`` whatever its dirty set (a verify's reference image);
         NotFoundError on entry once it is merged."""
         if type(k) is not int or not 1 <= k <= self._rec["top"]:
             raise NotFoundError(f"file object {self.name!r} has no snapshot {k!r}")
-        return FileCycle(self, k, 0.0, None).reader()
+        return FileCycle(self, k, 0.0, None, self.size_of(k)).reader()
 
     def snapshot_of(self, k: int) -> tuple[str, float] | None:
         """(path, freeze time) of snapshot ``k`` if it is still kept (the oldest one kept
@@ -384,16 +420,20 @@ class FileObject:
     def _count_changed(self, live: str, snap: str) -> int:
         fds = [os.open(p, os.O_RDONLY) for p in (snap, live)]
         try:
+            old, new = (os.fstat(fd).st_size for fd in fds)
+            bs = self.block_size
+            common = min(old, new) // bs * bs
             bm = self._bitmap(cowfs.changed_ranges(cowfs.extent_map(fds[0]),
-                                                   cowfs.extent_map(fds[1]), self.size))
-            return bm.count()
+                                                   cowfs.extent_map(fds[1]), common),
+                              max(common, new) // bs)
+            return bm.count() + max(0, -(-new // bs) - common // bs)
         finally:
             for fd in fds:
                 os.close(fd)
 
     # -- dirty sets -----------------------------------------------------------------------
-    def _bitmap(self, ranges) -> ExtentBitmap:
-        bm = ExtentBitmap(self.nblocks)
+    def _bitmap(self, ranges, nblocks: int | None = None) -> ExtentBitmap:
+        bm = ExtentBitmap(self.nblocks if nblocks is None else nblocks)
         bs = self.block_size
         for a, b in ranges:
             first = a // bs
@@ -405,8 +445,21 @@ class FileObject:
         return self.changed_between(k - 1, k)
 
     def changed_between(self, j: int, k: int) -> ExtentBitmap:
-        """Blocks that differ between snapshots ``j`` and ``k`` (a failback's divergence:
-        what this file was written after cycle ``j``)."""
+        """Blocks of snapshot ``k`` that differ from snapshot ``j`` (a failback's
+        divergence: what this file was written after cycle ``j``).  Where ``k`` is the
+        larger, its tail past ``j``'s end counts as changed whole (its holes then
+        travel as zero runs)."""
+        bs = self.block_size
+        size_j, size_k = self.size_of(j), self.size_of(k)
+        common = min(size_j, size_k)
+        out = self._changed_within(j, k, common, size_k // bs)
+        if size_k > common:
+            out.set_range(common // bs, (size_k - common) // bs)
+        return out
+
+    def _changed_within(self, j: int, k: int, common: int, nblocks: int) -> ExtentBitmap:
+        """Blocks below ``common`` bytes that differ between snapshots ``j`` and ``k``, in
+        a bitmap of ``nblocks``."""
         try:
             fds = [os.open(self._snap(i), os.O_RDONLY) for i in (j, k)]
         except FileNotFoundError:
@@ -421,16 +474,16 @@ class FileObject:
                     raise fileops.store_error(f"mapping file object {self.name!r}",
                                               exc) from exc
                 self.last_diff_method = "hash"
-                return hash_diff(fds[0], fds[1], self.size, self.block_size)
-            changed, unproven = cowfs.compare_maps(maps[0], maps[1], self.size)
-            out = self._bitmap(changed)
+                return resized_bitmap(hash_diff(fds[0], fds[1], common, self.block_size), nblocks)
+            changed, unproven = cowfs.compare_maps(maps[0], maps[1], common)
+            out = self._bitmap(changed, nblocks)
             self.last_diff_method = "fiemap"
             if unproven:  # compressed extents: the map cannot tell, the bytes can
                 self.last_diff_method = "fiemap+hash"
-                spans = self._bitmap(unproven)
+                spans = self._bitmap(unproven, nblocks)
                 spans.difference_update(out)
-                out.union_update(hash_diff(fds[0], fds[1], self.size, self.block_size,
-                                           spans.iter_runs()))
+                out.union_update(resized_bitmap(hash_diff(fds[0], fds[1], common, self.block_size,
+                                                    spans.iter_runs()), nblocks))
             return out
         finally:
             for fd in fds:
@@ -454,6 +507,17 @@ class FileObject:
         pass
 
 
+def resized_bitmap(bm: ExtentBitmap, nbits: int) -> ExtentBitmap:
+    """``bm`` as a bitmap of ``nbits`` (bits past the end dropped, new ones clear; ``bm``
+    itself when it has that size already)."""
+    if bm.nbits == nbits:
+        return bm
+    out = ExtentBitmap(nbits)
+    for start, count in bm.iter_runs(0, min(bm.nbits, nbits)):
+        out.set_range(start, count)
+    return out
+
+
 def hash_diff(old_fd: int, new_fd: int, size: int, block_size: int,
               block_runs=None) -> ExtentBitmap:
     """Blocks whose xxh3 hashes differ between two files of ``size`` bytes, over
@@ -474,18 +538,21 @@ def hash_diff(old_fd: int, new_fd: int, size: int, block_size: int,
 
 
 class FileCycle:
-    """Cycle ``number`` of a file object: its freeze time, the blocks it changed since
-    the previous freeze (None for cycle 1) and a reader of its snapshot."""
+    """Cycle ``number`` of a file object: its freeze time, its size, the blocks it
+    changed since the previous freeze (None for cycle 1; a bitmap of this cycle's
+    blocks) and a reader of its snapshot."""
 
     synced = True
     zeroed = None
 
     def __init__(self, obj: FileObject, number: int, freeze_time: float,
-                 dirty: ExtentBitmap | None):
+                 dirty: ExtentBitmap | None, size: int):
         self.volume = obj
         self.number = number
         self.freeze_time = freeze_time
         self.dirty = dirty
+        self.size = size
+        self.nblocks = size // obj.block_size
 
     def sync(self) -> None:
         """The snapshot was fsynced at the freeze."""
@@ -504,6 +571,8 @@ class FileReader:
         self.cycle = cycle
         self._obj = cycle.volume
         self.fd = -1
+        self.size = cycle.size
+        self.nblocks = cycle.nblocks
         self._allocated: ExtentBitmap | None = None
 
     def __enter__(self) -> FileReader:
@@ -515,10 +584,10 @@ class FileReader:
                                 f"{self.cycle.number} is gone (merged)") from None
         try:
             try:
-                ranges = cowfs.data_ranges(obj._map_of(self.cycle.number, self.fd), obj.size)
+                ranges = cowfs.data_ranges(obj._map_of(self.cycle.number, self.fd), self.size)
             except OSError:
-                ranges = list(fileops.data_runs(self.fd, 0, obj.size))
-            self._allocated = obj._bitmap(ranges)
+                ranges = list(fileops.data_runs(self.fd, 0, self.size))
+            self._allocated = obj._bitmap(ranges, self.nblocks)
         except BaseException:
             self.close()
             raise
@@ -541,7 +610,8 @@ class FileReader:
         self._check_open()
         from cyclemirror.extents import check_range
 
-        check_range(offset, length, self._obj.size, f"read of file object {self._obj.name!r}")
+        check_range(offset, length, self.size, f"read of file object {self._obj.name!r} "
+                    f"(cycle {self.cycle.number})")
         return fileops.pread_exact(self.fd, length, offset)
 
     def extents(self, blocks: ExtentBitmap | None, max_run_blocks: int):
@@ -552,13 +622,13 @@ class FileReader:
             raise UsageError(f"max_run_blocks must be a positive integer, got {max_run_blocks!r}")
         full = blocks is None
         if full:
-            blocks = ExtentBitmap(obj.nblocks)
-            blocks.set_range(0, obj.nblocks)
-        elif not isinstance(blocks, ExtentBitmap) or blocks.nbits != obj.nblocks:
+            blocks = ExtentBitmap(self.nblocks)
+            blocks.set_range(0, self.nblocks)
+        elif not isinstance(blocks, ExtentBitmap) or blocks.nbits != self.nblocks:
             from cyclemirror.errors import BitmapRangeError
 
-            raise BitmapRangeError(f"block bitmap does not fit file object {obj.name!r} "
-                                   f"({obj.nblocks} blocks)")
+            raise BitmapRangeError(f"block bitmap does not fit cycle {self.cycle.number} of "
+                                   f"file object {obj.name!r} ({self.nblocks} blocks)")
         data = blocks.copy()
         data.intersection_update(self._allocated)
         zero = blocks.copy()

@@ -50,6 +50,11 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "open": {"node_id": "node", "node_name": "opt_text", "mirror": "name", "group": "bool",
              "volumes": "volumes"},
     "begin": {"cycle": "int", "freeze_time": "float", "full": "bool", "resume_from": "int"},
+    # a file object whose size changed (docs/files.md): 'resizable' before 'open' lets the
+    # sizes there differ from the images the target holds; 'size' before a cycle's
+    # 'begin' gives member 'index''s size in that cycle where it differs from 'open''s
+    "resizable": {},
+    "size": {"cycle": "int", "index": "int", "size": "int"},
     "member": {"index": "int"},
     "end": {"cycle": "int", "chunks": "int"},
     "hash_request": {"index": "int", "start_block": "int", "count": "int"},
