@@ -7,6 +7,8 @@ grows it back (the tail must then read as zeroes on the target, not as what
 the target held there before).  After each cycle the target's mirror image
 equals the file as it was frozen, size and bytes, the NBD export of the image
 (``nbdinfo``) reports the new size, and only the first cycle was a full copy.
+A clone of the resized image to a path, and its promotion to a volume (read
+back over NBD with ``nbdcopy``), have the new size and bytes.
 
 A size the file object cannot take (not a multiple of its block size) stops
 the mirror visibly: ``mirror sync`` fails at once naming the size, ``status``
@@ -90,7 +92,7 @@ def full_copies(source) -> int:
 
 
 def test_qemu_img_resize_and_truncate_are_mirrored_cycle_by_cycle(cowdir, tmp_path):
-    for tool in ("qemu-img", "qemu-io", "nbdinfo"):
+    for tool in ("qemu-img", "qemu-io", "nbdinfo", "nbdcopy"):
         require_tool(tool)
     path = os.path.join(cowdir, "f.img")
     run("qemu-img", "create", "-f", "raw", path, "1M")
@@ -133,9 +135,19 @@ def test_qemu_img_resize_and_truncate_are_mirrored_cycle_by_cycle(cowdir, tmp_pa
         assert row["phase"] != "broken" and row["last_error"] is None, row
         assert [f["size"] for f in a.status()["files"]] == [MiB]
         assert full_copies(a) == 1, a.log()  # every resize was a delta
+
+        # A clone and a promotion of the resized image are of its size.
+        clone = str(tmp_path / "clone.img")
+        b.cli("mirror", "clone", f"{a.node_id}/f", clone)
+        assert read(clone) == frozen
         a.cli("mirror", "break", "f")
-        a.cli("mirror", "rm", "f")
-        a.cli("file", "rm", "f")
+        b.cli("mirror", "promote", f"{a.node_id}/f", "--force")
+        out = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///f?socket={b.nbd_sock}"],
+                             check=True, capture_output=True, text=True, timeout=60)
+        assert int(out.stdout) == len(frozen) == MiB
+        out = subprocess.run(["nbdcopy", f"nbd+unix:///f?socket={b.nbd_sock}", "-"],
+                             check=True, capture_output=True, timeout=60)
+        assert out.stdout == frozen
 
 
 def test_a_size_that_is_no_multiple_of_the_block_stops_the_mirror_visibly(xfs_mount,
