@@ -29,8 +29,10 @@ applied cycle.  And a cycle's size is checked before anything is staged
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -38,10 +40,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cyclemirror import keys
+from cyclemirror._cext import frames
 from cyclemirror.errors import NoSpaceError, ProtocolError
+from cyclemirror.receiver import TargetServer
 from cyclemirror.receiver.mirror import Mirror
-from cyclemirror.receiver.staging import REC_DATA, REC_ZERO, read_records
+from cyclemirror.receiver.staging import REC_DATA, REC_ZERO, data_checksum, read_records
 from cyclemirror.receiver.state import MirrorState, VolumeSpec
+from cyclemirror.store import Store
+from cyclemirror.wire import handshake
+from cyclemirror.wire.link import FrameLink, RemoteError
 from tests.support.daemons import DaemonPool, cli_env, free_port, make_key, wait_for
 from tests.support.tools import require_tool
 
@@ -389,3 +397,90 @@ def test_a_resizing_cycle_survives_the_state_file_and_old_files_still_load(tmp_p
     with pytest.raises(ProtocolError, match="size or block-size change"):  # not resizable
         Mirror.open(str(tmp_path), "node1", None, "f", False, [VolumeSpec("f", 4 * BS, BS)],
                     1 << 20)
+
+
+# -- the 'resizable' and 'size' messages against a real TargetServer over a socket ---------
+
+@pytest.fixture
+def target(tmp_path):
+    key = keys.generate_key()
+    dst = Store.create(str(tmp_path / "dst"))
+    server = TargetServer(dst, key)
+    server.start()
+    yield {"server": server, "key": key, "dir": os.path.join(dst.path, "mirrors", "srcnode")}
+    server.stop()
+    dst.close()
+
+
+def _session(t, size: int, resizable: bool) -> FrameLink:
+    sock = socket.create_connection(t["server"].address, timeout=10)
+    handshake.client_handshake(sock, t["key"])
+    link = FrameLink(sock)
+    if resizable:
+        link.send_message("resizable")
+    link.send_message("open", node_id="srcnode", node_name=None, mirror="f", group=False,
+                      volumes=[{"name": "f", "size": size, "block_size": BS}])
+    link.recv_message({"opened"})
+    return link
+
+
+def _cycle(link: FrameLink, cycle: int, full: bool, offset: int, data: bytes) -> None:
+    link.send_message("begin", cycle=cycle, freeze_time=float(cycle), full=full, resume_from=0)
+    assert link.recv_message({"ack"})["chunks"] == 0
+    link.sock.sendall(frames.encode_header(frames.FT_DATA, 0, frames.CODEC_NONE, cycle, offset,
+                                           len(data), len(data), data_checksum(data)) + data)
+    link.send_message("end", cycle=cycle, chunks=1)
+    while link.recv_message({"ack", "committed", "applied"})["type"] != "applied":
+        pass
+
+
+def _refused(link: FrameLink) -> RemoteError:
+    with pytest.raises(RemoteError) as info:
+        while True:
+            link.recv_message({"ack"})
+    link.sock.close()
+    return info.value
+
+
+def test_the_size_messages_are_checked_and_a_resize_applies_over_a_socket(target):
+    link = _session(target, MiB, resizable=False)
+    _cycle(link, 1, True, 0, b"a" * BS)
+    link.sock.close()
+    image = os.path.join(target["dir"], "f.img")
+    assert os.path.getsize(image) == MiB
+
+    # Without 'resizable' another size in 'open' is still refused.
+    sock = socket.create_connection(target["server"].address, timeout=10)
+    handshake.client_handshake(sock, target["key"])
+    plain = FrameLink(sock)
+    plain.send_message("open", node_id="srcnode", node_name=None, mirror="f", group=False,
+                       volumes=[{"name": "f", "size": 2 * MiB, "block_size": BS}])
+    assert "size or block-size change" in str(_refused(plain))
+
+    bad = [({"cycle": 2, "index": 1, "size": 2 * MiB}, "names member 1", False),
+           ({"cycle": 2, "index": 0, "size": 2 * MiB + 512}, "not a positive multiple", False),
+           ({"cycle": 2, "index": 0, "size": 2**56 + BS}, "not a positive multiple", False),
+           ({"cycle": 2, "index": 0, "size": -BS}, "must be an integer", False),
+           ({"cycle": 2, "index": 0, "size": 2**55}, "free space there", True)]
+    for fields, why, temporary in bad:
+        link = _session(target, MiB, resizable=True)
+        if fields["size"] < 0:  # past our own encoder's checks: raw JSON
+            payload = json.dumps({"type": "size", **fields}).encode()
+            link.sock.sendall(frames.encode_control(2, payload))
+        else:
+            link.send_message("size", **fields)
+            link.send_message("begin", cycle=2, freeze_time=2.0, full=False, resume_from=0)
+        err = _refused(link)
+        assert why in str(err), (fields, err)
+        assert err.temporary is temporary, (fields, err)
+    assert os.path.getsize(image) == MiB  # nothing of it was applied
+    assert not [f for f in os.listdir(target["dir"]) if ".staging" in f]
+
+    # 'open' names the new size; the cycle needs no 'size' message then.
+    link = _session(target, 2 * MiB, resizable=True)
+    _cycle(link, 2, False, MiB + BS, b"b" * BS)
+    # And a shrink named by a 'size' message on the same connection.
+    link.send_message("size", cycle=3, index=0, size=8 * BS)
+    _cycle(link, 3, False, BS, b"c" * BS)
+    link.sock.close()
+    assert read(image) == b"a" * BS + b"c" * BS + bytes(6 * BS)
