@@ -83,6 +83,7 @@ cdef extern from "rbd/librbd.h" nogil:
                            const char *snap_name)
     int rbd_close(rbd_image_t image)
     int rbd_get_size(rbd_image_t image, uint64_t *size)
+    int rbd_resize(rbd_image_t image, uint64_t size)
     ctypedef struct rbd_image_info_t:
         uint64_t size
         uint64_t obj_size
@@ -411,6 +412,17 @@ cdef class Image:
         if ret < 0:
             raise _error(ret, f"size of RBD image {self.name}")
         return size
+
+    def resize(self, uint64_t size):
+        """Give the head ``size`` bytes (a shrink drops the tail, a growth reads as
+        zeroes); waits for writes in flight first."""
+        self._check()
+        self.drain()
+        cdef int ret
+        with nogil:
+            ret = rbd_resize(self.image, size)
+        if ret < 0:
+            raise _error(ret, f"resizing RBD image {self.name} to {size} bytes")
 
     def read(self, uint64_t offset, size_t length):
         self._check()

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class FileBackend:
     kind = "file"
-    keeps_files = True  # scrub, verify, promote and clone read the image files
+    keeps_files = True
+    resizes = True  # a cycle may change an image's size (DeltaApply.resize)  # scrub, verify, promote and clone read the image files
 
     def __init__(self, directory: str, state):
         self.directory = directory

@@ -45,7 +45,9 @@ extend with a hole) and then replays the records, all of it before the state
 names the cycle applied with the new sizes in one save.  So a crash mid-apply
 rolls forward to the new size and content on recovery (the cycle is committed),
 and a crash before the commit leaves the old size and content: never a mix.
-RBD images are not resized yet: such a cycle is refused at ``begin``.
+An RBD image is resized the same way (``rbd_resize`` inside the redo, which
+after a crash starts from the last cycle's snapshot, size included), and the
+cycle's snapshot then has the new size.
 
 Recovery (on every open) redoes a committed cycle and keeps a pending one for
 resume; the image files are only ever touched by redo of a committed cycle,
@@ -304,7 +306,7 @@ class Mirror:
                 raise ProtocolError(f"{what}: cycle {cycle} gives {vol.name!r} a size of "
                                     f"{size!r} bytes, not a positive multiple of its block "
                                     f"size {vol.block_size} within 2**56")
-        if self.backend.kind != "file":
+        if not getattr(self.backend, "resizes", False):
             changed = [f"{v.name} {v.size} -> {n}" for v, n in zip(st.volumes, sizes,
                                                                     strict=True) if v.size != n]
             raise UsageError(
@@ -313,7 +315,7 @@ class Mirror:
                 "size change yet; mirror that file object to a target with raw image files, "
                 "or give the file its old size back")
         growth = sum(max(0, n - v.size) for v, n in zip(st.volumes, sizes, strict=True))
-        if growth:
+        if growth and self.backend.keeps_files:  # (an RBD image grows thin: the pool's)
             vfs = os.statvfs(self.directory)
             free = vfs.f_bavail * vfs.f_frsize
             if growth > free:

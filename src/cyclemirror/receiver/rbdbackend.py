@@ -214,6 +214,7 @@ def stale_snapshots(names: list[str], applied: int, keep: int) -> list[str]:
 class RbdBackend:
     kind = "rbd"
     keeps_files = False
+    resizes = True  # a cycle may change an image's size (RbdDeltaApply.resize)
 
     def __init__(self, directory: str, state, cfg: RbdConfig, record: dict):
         self.directory = directory
@@ -511,6 +512,16 @@ class _ImageWrites:
         self.image.flush()
         self._librbd_unflushed = False
 
+    def resize(self, size: int) -> None:
+        """Resize the image; the object writer (which knows the image's size) is made
+        anew for the new size."""
+        self.flush()
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
+        self.image.resize(size)
+        self.writer = self.image.object_writer()
+
     def close(self) -> None:
         writer, self.writer = self.writer, None
         try:
@@ -567,6 +578,12 @@ class RbdDeltaApply:
 
     def zero(self, member: int, offset: int, length: int) -> None:
         self.writes[member].zero(offset, length)
+
+    def resize(self, member: int, size: int) -> None:
+        """The head takes the cycle's size first (a file object that grew or shrank);
+        a redo after a crash starts from the last cycle's snapshot, rolled back with its
+        size, so this is idempotent like the records replayed after it."""
+        self.writes[member].resize(size)
 
     def scatter(self, member: int, raw, volume_size: int, block_size: int) -> None:
         from cyclemirror._cext import frames
