@@ -860,6 +860,9 @@ class MirrorDriver:
                     st.entry(r.label).untrusted = True
                 continue
             self._fold(frozen.dirty)
+        for r in self.targets:  # a file object's newest size, also where a dirty set was lost
+            if r.owed is not None and r.owed.nbits != self.subject.nblocks:
+                r.owed = resized_bitmap(r.owed, self.subject.nblocks)
         if top > st.last_freeze:
             for r in self.targets:
                 st.save_owed(r.label, r.owed)
