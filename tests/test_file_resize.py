@@ -7,6 +7,7 @@ grows it back (the tail must then read as zeroes on the target, not as what
 the target held there before).  After each cycle the target's mirror image
 equals the file as it was frozen, size and bytes, the NBD export of the image
 (``nbdinfo``) reports the new size, and only the first cycle was a full copy.
+``mirror verify`` finds the resized image clean and ``mirror scrub`` agrees.
 A clone of the resized image to a path, and its promotion to a volume (read
 back over NBD with ``nbdcopy``), have the new size and bytes.
 
@@ -146,6 +147,9 @@ def test_qemu_img_resize_and_truncate_are_mirrored_cycle_by_cycle(cowdir, tmp_pa
         assert row["phase"] != "broken" and row["last_error"] is None, row
         assert [f["size"] for f in a.status()["files"]] == [MiB]
         assert full_copies(a) == 1, a.log()  # every resize was a delta
+        a.cli("mirror", "verify", "f")  # both sides hash the resized image alike
+        assert a.status()["mirrors"][0]["verify"]["state"] == "clean"
+        b.cli("mirror", "scrub", f"{a.node_id}/f")  # and the target's own record agrees
 
         # A clone and a promotion of the resized image are of its size.
         clone = str(tmp_path / "clone.img")
