@@ -2,7 +2,10 @@
 
 The loop reads frames strictly in protocol order (see docs/protocol.md,
 "Cycle"): ``begin``, then ``member`` switches and DATA/ZERO/TRIM frames of
-that cycle, then ``end``; ``hash_request`` is allowed between cycles.  Every
+that cycle, then ``end``; ``hash_request`` is allowed between cycles, and so are
+``size`` messages, which give a member's size in the cycle whose ``begin``
+follows (a file object that grew or shrank; ``resizable`` before ``open``
+lets ``open`` name sizes other than the images').  Every
 value is checked before use: frame headers by the link's limits, extents
 against the member volume, cycle numbers against the one in flight.  A
 protocol error ends this connection only, after an ``error`` message that
