@@ -48,6 +48,7 @@ from cyclemirror._cext.bitmap import ExtentBitmap
 from cyclemirror.errors import NoSpaceError, ProtocolError
 from cyclemirror.receiver import TargetServer
 from cyclemirror.receiver.mirror import Mirror
+from cyclemirror.receiver.session import zero_block_digest
 from cyclemirror.receiver.staging import REC_DATA, REC_ZERO, data_checksum, read_records
 from cyclemirror.receiver.state import MirrorState, VolumeSpec
 from cyclemirror.sender.persist import DriverState
@@ -492,7 +493,15 @@ def test_the_size_messages_are_checked_and_a_resize_applies_over_a_socket(target
     assert os.path.getsize(image) == MiB  # nothing of it was applied
     assert not [f for f in os.listdir(target["dir"]) if ".staging" in f]
 
-    # 'open' names the new size; the cycle needs no 'size' message then.
+    # 'open' names the new size; the cycle needs no 'size' message then.  Before it,
+    # the hashes of blocks past the image's end (a source comparing) are zero blocks'.
+    link = _session(target, 2 * MiB, resizable=True)
+    link.send_message("hash_request", index=0, start_block=0, count=300)
+    got = link.recv_message({"hashes"})["digests"]
+    zero = zero_block_digest(BS).hex()
+    assert got[:16] != zero and got[256 * 16:] == zero * 44  # blocks 256.. lie past the end
+    link.send_message("hash_request", index=0, start_block=500, count=13)  # past 'open''s
+    assert "outside 0..512" in str(_refused(link))
     link = _session(target, 2 * MiB, resizable=True)
     _cycle(link, 2, False, MiB + BS, b"b" * BS)
     # And a shrink named by a 'size' message on the same connection.
