@@ -78,8 +78,14 @@ class SingleVolume:
     @property
     def nblocks(self) -> int:
         """The volume's blocks; a file object's change with its size (as of its newest
-        freeze: ``fileobject``)."""
-        return self.volume.nblocks
+        freeze: ``fileobject``).  A subject that sets its own (a group, an RBD volume)
+        keeps that."""
+        own = self.__dict__.get("_nblocks")
+        return self.volume.nblocks if own is None else own
+
+    @nblocks.setter
+    def nblocks(self, value: int) -> None:
+        self._nblocks = value
 
     @property
     def resizable(self) -> bool:
@@ -158,8 +164,7 @@ class VolumeGroup(SingleVolume):
     """Several volumes of one store, frozen at one instant each cycle."""
 
     group = True
-    nblocks = 0  # a plain attribute here (set below): a group's members keep their sizes
-    resizable = False
+    resizable = False  # a group's members keep their sizes
 
     def __init__(self, store, name: str, volumes: list, remote_names: list[str] | None = None,
                  *, remote_name: str | None = None):
