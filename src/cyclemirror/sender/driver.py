@@ -450,7 +450,7 @@ class MirrorDriver:
             if quiet_ok and want > 1 and self.last_error is None and \
                     any(r.applied_cycle < want - 1 for r in live) and \
                     all(r.last_error is None for r in live) and \
-                    all(v.open_overlay == want - 1 and not v.pending_blocks()
+                    all(v.open_overlay == want - 1 and not v.pending_blocks(exact=True)
                         for v in self.subject.volumes):
                 return want - 1
             self._sync_want = max(self._sync_want, want)

@@ -111,8 +111,9 @@ class _RbdFace:
     def open_overlay(self) -> int:
         return self._subject.open_overlay
 
-    def pending_blocks(self) -> int:
-        """Blocks written since the newest freeze (the head against its snapshot)."""
+    def pending_blocks(self, exact: bool = False) -> int:
+        """Blocks written since the newest freeze (the head against its snapshot; always
+        exact)."""
         return self._subject.pending().count()
 
     def dirty_since(self, k: int) -> ExtentBitmap | None:

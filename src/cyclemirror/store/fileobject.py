@@ -397,34 +397,39 @@ class FileObject:
             _unlink_quiet(self._snap(j))
         fileops.fsync_dir(self.snapshots)
 
-    def pending_blocks(self) -> int:
-        """Blocks written since the newest freeze, as far as the mapping tells without
-        forcing writeback (unwritten-back data counts as changed); cached for a second."""
+    def pending_blocks(self, exact: bool = False) -> int:
+        """Blocks written since the newest freeze.
+
+        By default as far as the mapping tells without forcing writeback, cached for a
+        second (for status and the RPO estimate): an overwrite of a block still shared
+        with the snapshot shows only once written back.  ``exact`` (a sync deciding
+        whether a freeze is needed) writes the live file back first and is not cached."""
         with self._lock:
             top = self._rec["top"]
             cached = self._pending
         now = time.monotonic()
-        if cached is not None and now - cached[0] < PENDING_CACHE_SECONDS:
+        if not exact and cached is not None and now - cached[0] < PENDING_CACHE_SECONDS:
             return cached[1]
         if top == 0:
             count = self.nblocks
         else:
             try:
-                count = self._count_changed(self.path, self._snap(top))
+                count = self._count_changed(self.path, self._snap(top), sync=exact)
             except (OSError, StoreError):
                 count = self.nblocks
         with self._lock:
             self._pending = (now, count)
         return count
 
-    def _count_changed(self, live: str, snap: str) -> int:
+    def _count_changed(self, live: str, snap: str, sync: bool = False) -> int:
         fds = [os.open(p, os.O_RDONLY) for p in (snap, live)]
         try:
             old, new = (os.fstat(fd).st_size for fd in fds)
             bs = self.block_size
             common = min(old, new) // bs * bs
             bm = self._bitmap(cowfs.changed_ranges(cowfs.extent_map(fds[0]),
-                                                   cowfs.extent_map(fds[1]), common),
+                                                   cowfs.extent_map(fds[1], sync=sync),
+                                                   common),
                               max(common, new) // bs)
             return bm.count() + max(0, -(-new // bs) - common // bs)
         finally:

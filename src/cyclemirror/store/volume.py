@@ -495,8 +495,9 @@ class Volume:
 
     # -- freeze -----------------------------------------------------------------------
 
-    def pending_blocks(self) -> int:
-        """Blocks the open overlay holds so far: what the next freeze will owe targets."""
+    def pending_blocks(self, exact: bool = False) -> int:
+        """Blocks the open overlay holds so far: what the next freeze will owe targets
+        (always exact: every acknowledged write is in the overlay's bitmap)."""
         with self._lock:
             top = self._top()
         return top.dirty.count()
