@@ -768,6 +768,8 @@ class MirrorDriver:
                     # for it before its 'end', so no target commits data not yet durable.
                     frozen = self.subject.freeze(sync=False)
                     self._times = {"wait": t1 - t0, "freeze": time.monotonic() - t1}
+                    log.debug("mirror %s: froze cycle %d in %.3fs", self.volume.name,
+                              frozen.number, self._times["freeze"])
                     self._account_freeze(frozen)
                     self._start_sync(frozen)
                 else:
@@ -1120,6 +1122,7 @@ class MirrorDriver:
     def _dial(self, r: OutgoingTarget) -> TargetLink:
         """A new, opened link to ``r`` (network only: no state is read or written here)."""
         r.phase = "connecting"
+        t0 = time.monotonic()
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                           insecure=r.spec.insecure,
                           on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft),
@@ -1129,6 +1132,8 @@ class MirrorDriver:
             "mirror": self.subject.remote_name, "group": self.subject.group,
             "volumes": self.subject.volume_specs(),
         }, lineage=self.options.lineage() if self.options.lineage is not None else None)
+        log.debug("mirror %s -> %s: connected and opened in %.3fs", self.volume.name, r.label,
+                  time.monotonic() - t0)
         return link
 
     def _start_dial(self, r: OutgoingTarget) -> None:
@@ -1244,6 +1249,8 @@ class MirrorDriver:
         if got[1] != r.resume_from:
             raise StoreError(f"target {r.label} resumed at chunk {got[1]}, "
                              f"asked {r.resume_from}")
+        log.debug("mirror %s -> %s: cycle %d begun (%s)", self.volume.name, r.label, c,
+                  "full" if full else "delta")
         return True
 
     def _ship_group(self, group: list[OutgoingTarget], frozen, reader) -> None:
@@ -1341,6 +1348,9 @@ class MirrorDriver:
                     # Before 'end': the target may commit (and apply) at once.
                     r.cycle_stats[c] = stats
                 tlink.link.send_frame(end, f"the 'end' of cycle {c}")
+                log.debug("mirror %s -> %s: cycle %d sent, %d chunks, %d bytes (pack %.3fs, "
+                          "send %.3fs)", self.volume.name, r.label, c, total[0], wire,
+                          pack_seconds[0], send_seconds)
                 prog.bytes_wire = tlink.link.bytes_sent - wire0
             except BaseException as exc:  # noqa: BLE001
                 alive.pop(r.label, None)
@@ -1457,6 +1467,7 @@ class MirrorDriver:
             if stats is not None:
                 r.latency.observe(stats["bytes_raw"], time.time() - freeze_time)
             self._cond.notify_all()
+        log.debug("mirror %s -> %s: cycle %d applied there", self.volume.name, r.label, cycle)
         if stats is not None and self.options.on_applied is not None:
             self.options.on_applied(cycle, r.label, dict(stats))
 
