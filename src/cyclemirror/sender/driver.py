@@ -85,6 +85,7 @@ from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.group import SingleVolume
 from cyclemirror.sender.pacing import WritePacer
 from cyclemirror.sender.persist import DriverState
+from cyclemirror.sender.prepack import Prepack
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
 from cyclemirror.wire import messages
 from cyclemirror.wire.handshake import TlsConfig
@@ -1063,8 +1064,6 @@ class MirrorDriver:
                         return
 
     def _attempt(self, frozen, reader, targets: list[OutgoingTarget]) -> None:
-        c = frozen.number
-        ready = []
         if self._break_now:
             return
         for r in targets:
@@ -1075,7 +1074,31 @@ class MirrorDriver:
         dialling = [r for r in targets if self._needs_dial(r)]
         for r in dialling:
             self._start_dial(r)
-        self._wait_dials(dialling, self.options.dial_grace)
+        prepack = self._prepack(frozen, reader, targets, dialling)
+        try:
+            self._wait_dials(dialling, self.options.dial_grace)
+            self._attempt_dialled(frozen, reader, targets, dialling, prepack)
+        finally:
+            if prepack is not None:
+                prepack.discard()
+
+    def _prepack(self, frozen, reader, targets: list[OutgoingTarget],
+                 dialling: list[OutgoingTarget]) -> Prepack | None:
+        """Pack a delta's frames while its one target is dialled (``sender.prepack``)."""
+        if len(targets) != 1 or dialling != targets or targets[0].owed is None:
+            return None
+        owed = targets[0].owed
+        if not owed.count():
+            return None
+        # Packed for a target of the current protocol (SCATTER frames); used only if
+        # the dialled target speaks it and the plan keeps this owed set.
+        return Prepack(iter(self.subject.cycle_frames(reader, owed, frozen.number, self.packer,
+                                                      scatter=True)), owed, scatter=True)
+
+    def _attempt_dialled(self, frozen, reader, targets: list[OutgoingTarget],
+                         dialling: list[OutgoingTarget], prepack: Prepack | None) -> None:
+        c = frozen.number
+        ready = []
         for r in targets:
             if r in dialling and not r.dialled:
                 # Still dialling (see _ship_cycle), or its dial failed and said why
@@ -1096,7 +1119,7 @@ class MirrorDriver:
                     break
             else:
                 groups.append([r])
-        threads = [threading.Thread(target=self._ship_group, args=(g, frozen, reader),
+        threads = [threading.Thread(target=self._ship_group, args=(g, frozen, reader, prepack),
                                     daemon=True) for g in groups]
         for t in threads:
             t.start()
@@ -1253,8 +1276,10 @@ class MirrorDriver:
                   "full" if full else "delta")
         return True
 
-    def _ship_group(self, group: list[OutgoingTarget], frozen, reader) -> None:
-        """Produce the cycle's frames once; one sender thread per target of the group."""
+    def _ship_group(self, group: list[OutgoingTarget], frozen, reader,
+                    prepack: Prepack | None = None) -> None:
+        """Produce the cycle's frames once; one sender thread per target of the group
+        (the first frames packed ahead by ``prepack`` if they fit the group)."""
         c = frozen.number
         queues = {r.label: queue.Queue(self.options.queue_frames) for r in group}
         alive = {r.label: r for r in group}
@@ -1383,8 +1408,26 @@ class MirrorDriver:
             # Frames travel to the senders in lists of about SEND_BATCH_BYTES: one queue
             # handoff per list, not per frame (a delta is thousands of 4 KiB frames).
             items, nbytes = [], 0
-            stream = iter(self.subject.cycle_frames(reader, group[0].owed, c, self.packer,
-                                                    scatter=_scatter(group[0])))
+            ahead: list = []
+            if prepack is not None and len(group) == 1 and prepack.fits(
+                    group[0].owed, _scatter(group[0])):
+                ahead, stream = prepack.take()
+                log.debug("mirror %s -> %s: %d bytes of cycle %d's frames packed ahead "
+                          "in %.3fs%s", self.volume.name, group[0].label,
+                          sum(len(item[1]) for item in ahead), c, prepack.seconds,
+                          " (all of them)" if prepack.finished else "")
+            else:
+                stream = iter(self.subject.cycle_frames(reader, group[0].owed, c, self.packer,
+                                                        scatter=_scatter(group[0])))
+            for item in ahead:
+                items.append(item)
+                nbytes += len(item[1])
+                if item[0] is not None:
+                    total[0] = item[0] + 1
+                if nbytes >= SEND_BATCH_BYTES:
+                    publish(items)
+                    items, nbytes = [], 0
+            ahead = []
             while True:
                 tp = time.monotonic()
                 item = next(stream, None)
