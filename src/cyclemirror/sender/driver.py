@@ -283,6 +283,7 @@ class MirrorDriver:
         self._times: dict[str, float] = {}  # phase durations of the cycle being shipped
         # The background fsync adds "sync" to its cycle's _times while senders copy it.
         self._times_lock = threading.Lock()
+        self._hooks_running = 0  # on_applied hooks under way (_on_applied), under _cond
         self.last_merge_seconds: float | None = None
         self._merge_seconds_unreported: float | None = None  # merges since the last cycle
         self._repairs: dict[str, ExtentBitmap] = {}  # verify hook: label -> blocks to repair
@@ -409,7 +410,7 @@ class MirrorDriver:
                         raise failed[0]
                     raise UsageError(f"every target of the mirror of {self.volume.name!r} "
                                      "broke during the sync; resume one first")
-                if not pending and (applied or not down):
+                if not pending and (applied or not down) and not self._hooks_running:
                     skipped.update(down)
                     return skipped
                 left = deadline - time.monotonic()
@@ -1509,10 +1510,20 @@ class MirrorDriver:
                 stats["phases"]["apply"] = time.monotonic() - committed
             if stats is not None:
                 r.latency.observe(stats["bytes_raw"], time.time() - freeze_time)
+            hook = stats is not None and self.options.on_applied is not None
+            if hook:
+                # A sync waiting for this cycle returns once the hook counted it: its
+                # answer's figures (the daemon's shipped bytes) include this cycle.
+                self._hooks_running += 1
             self._cond.notify_all()
         log.debug("mirror %s -> %s: cycle %d applied there", self.volume.name, r.label, cycle)
-        if stats is not None and self.options.on_applied is not None:
-            self.options.on_applied(cycle, r.label, dict(stats))
+        if hook:
+            try:
+                self.options.on_applied(cycle, r.label, dict(stats))
+            finally:
+                with self._cond:
+                    self._hooks_running -= 1
+                    self._cond.notify_all()
 
     def _apply_failed(self, r: OutgoingTarget, exc: BaseException) -> None:
         """The target sent an error between cycles (called by its link's reader thread):
