@@ -39,10 +39,15 @@ Before each timed part the bench calls sync(2), so neither the full copy nor
 the failback pays for writing back what the steps before it wrote (the
 import's 4 GiB, the blocks written through NBD): their fsyncs would.
 
+CYCLEMIRROR_BENCH_LOG_LEVEL=debug starts both daemons with ``--log-level debug``
+and prints the failback's timeline: both daemons' log lines from the spawn of
+``mirror start`` to the return of ``mirror sync``, in milliseconds since then.
+
 Nothing asserts a time; the ratios are printed.  The machine is shared:
 quote medians and say what else ran.
 """
 
+import datetime
 import hashlib
 import json
 import os
@@ -63,6 +68,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE_MB = int(os.environ.get("CYCLEMIRROR_BENCH_FAILBACK_MB", "1024"))
 PROMOTE_MB = int(os.environ.get("CYCLEMIRROR_BENCH_PROMOTE_MB", "4096"))
 ROUNDS = int(os.environ.get("CYCLEMIRROR_BENCH_ROUNDS", "3"))
+# debug: both daemons log every step of the failback, printed as one timeline
+LOG_LEVEL = os.environ.get("CYCLEMIRROR_BENCH_LOG_LEVEL", "info")
 MiB = 1 << 20
 BLOCK = 4096
 
@@ -126,9 +133,30 @@ def write_blocks(d, name, blocks, pattern):
 
 
 def digest(d, export):
-    out = subprocess.run(["nbdcopy", _uri(d, export), "-"], check=True, capture_output=True,
-                         timeout=3600).stdout
-    return hashlib.sha256(out).hexdigest()
+    """sha256 of an export, streamed (a 4 GiB volume is not held in memory)."""
+    h = hashlib.sha256()
+    with subprocess.Popen(["nbdcopy", _uri(d, export), "-"], stdout=subprocess.PIPE) as proc:
+        while chunk := proc.stdout.read(8 * MiB):
+            h.update(chunk)
+    if proc.returncode:
+        raise AssertionError(f"nbdcopy of {export} exited {proc.returncode}")
+    return h.hexdigest()
+
+
+def timeline(logs: dict, since: float, until: float) -> list[str]:
+    """The daemons' log lines between two wall-clock instants, merged, each with its
+    milliseconds since ``since`` (the log's timestamps have milliseconds)."""
+    rows = []
+    for who, text in logs.items():
+        for line in text.splitlines():
+            stamp, _, rest = line.partition(" ")
+            try:
+                when = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+            except ValueError:
+                continue
+            if since - 0.001 <= when <= until + 0.001:
+                rows.append((when, f"{(when - since) * 1000:7.0f} ms {who}: {rest[:200]}"))
+    return [text for _, text in sorted(rows)]
 
 
 def role(d, volume):
@@ -158,9 +186,11 @@ def _run(tmp):
     load_before = loadavg()
     with DaemonPool(tmp) as pool:
         a = pool.start("a", key_file=key, listen=True, metrics=False,
-                       extra=("--node-name", "hosta"), command=command, env=env)
+                       extra=("--node-name", "hosta", "--log-level", LOG_LEVEL),
+                       command=command, env=env)
         b = pool.start("b", key_file=key, listen=True, metrics=False,
-                       extra=("--node-name", "hostb"), command=command, env=env)
+                       extra=("--node-name", "hostb", "--log-level", LOG_LEVEL),
+                       command=command, env=env)
         src = os.path.join(tmp, "mixed.img")
         make_mixed_file(src, size)
         a.cli("volume", "import", "v", "--from", src, timeout=3600)
@@ -187,12 +217,15 @@ def _run(tmp):
         wait_for(lambda: role(a, "v").get("role") == "demoted", 120, "hosta demoted")
         b.cli("mirror", "resolve", "v", "--discard-changes-on", "hosta")
         os.sync()  # the same for the failback: the writes above are on disk
+        wall0 = time.time()
         t0 = time.perf_counter()
         b.cli("mirror", "start", "v", "--to", a.listen, "--interval", "3600",
               "--compress", "none")
         back_start = time.perf_counter() - t0
+        sync_spawn = time.time()
         back_rows = sync_rows(b, "v")
         failback_seconds = time.perf_counter() - t0
+        wall1 = time.time()
         back_wire = back_rows[0]["shipped_bytes_total"]
         differing = len(set(old_blocks) | set(new_blocks)) * BLOCK
         written_new = len(set(new_blocks)) * BLOCK
@@ -221,6 +254,12 @@ def _run(tmp):
               f"(CLI wall {promote_wall * 1000:.0f} ms); images equal after failback: {same}")
         print("  old primary: " + (steps[-1].split("no copy ")[-1] if steps else "?"))
         print("  new primary: " + "; ".join(c.split(": ", 1)[-1] for c in cycles))
+        if LOG_LEVEL == "debug":
+            print(f"  timeline of the failback ('mirror start' spawned at 0 ms, 'mirror sync' "
+                  f"at {(sync_spawn - wall0) * 1000:.0f} ms, returned at "
+                  f"{(wall1 - wall0) * 1000:.0f} ms):")
+            for row in timeline({"hosta": a.log(), "hostb": b.log()}, wall0, wall1):
+                print("    " + row)
         assert same
 
         # Promote time of a big (sparse) image, median of ROUNDS runs.

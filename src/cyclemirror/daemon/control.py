@@ -33,6 +33,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -167,6 +168,8 @@ class ControlServer:
             op, args = parse_request(line)
         except CycleMirrorError as exc:
             return {"ok": False, "error": _error_payload(exc)}
+        t0 = time.monotonic()
+        log.debug("control %s: asked", op)
         try:
             result = self._handler(op, args)
         except CycleMirrorError as exc:
@@ -178,6 +181,7 @@ class ControlServer:
                 "type": "CycleMirrorError", "exit_code": 1,
                 "message": f"internal error in the daemon while running {op}: "
                            f"{type(exc).__name__}: {exc} (the daemon log has the traceback)"}}
+        log.debug("control %s: answered in %.3fs", op, time.monotonic() - t0)
         return {"ok": True, "result": result}
 
     @staticmethod

@@ -248,6 +248,8 @@ class Session:
         return sizes
 
     def _open(self, msg: dict, resizable: bool = False) -> None:
+        log.debug("mirror %s from %s: open from %s", msg["mirror"], msg["node_id"],
+                  self.link.peer)
         vols = [VolumeSpec(v["name"], v["size"], v["block_size"]) for v in msg["volumes"]]
         if not msg["group"] and (len(vols) != 1 or vols[0].name != msg["mirror"]):
             raise ProtocolError("open: a single-volume mirror must be named after its volume")
@@ -288,6 +290,7 @@ class Session:
         chunks = mirror.begin(cycle, begin["freeze_time"], begin["full"], begin["resume_from"],
                               sizes=self._cycle_sizes(cycle))
         self.link.send_message("ack", cycle=cycle, chunks=chunks)
+        log.debug("mirror %s: cycle %d begun", mirror.state.mirror, cycle)
         member = 0
         unacked_bytes, last_ack = 0, time.monotonic()
         writer = WriteBehind(mirror)
@@ -309,7 +312,10 @@ class Session:
                 if msg["cycle"] != cycle:
                     raise ProtocolError(f"'end' names cycle {msg['cycle']}, in flight is {cycle}")
                 writer.drain()
+                log.debug("mirror %s: cycle %d received, %d chunks; committing",
+                          mirror.state.mirror, cycle, msg["chunks"])
                 hold = mirror.commit(cycle, msg["chunks"])
+                log.debug("mirror %s: cycle %d committed", mirror.state.mirror, cycle)
                 if self.server.on_committed is not None:
                     self.server.on_committed(mirror)
                 if self.version >= PIPELINED_VERSION:
@@ -357,6 +363,8 @@ class Session:
         try:
             self.link.send_message("applied", cycle=cycle, freeze_time=freeze_time)
             self._told_applied = cycle
+            log.debug("mirror %s: cycle %d visible, told applied", self.mirror.state.mirror,
+                      cycle)
         except CycleMirrorError as exc:
             log.info("mirror %s: could not tell %s about the apply: %s",
                      self.mirror.state.mirror, self.link.peer, exc)

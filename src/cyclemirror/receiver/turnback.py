@@ -81,7 +81,17 @@ def turn_back(store, st: MirrorState, volumes: list[str], release, what: str) ->
     os.makedirs(directory, exist_ok=True)
     path = intent_path(root, st.source_node, st.mirror)
     steps = {"start": time.monotonic()}
-    intent.save(path)  # the commit point (written whole and durably, directory included)
+    # An NBD client still connected to a member writes into the overlays until the
+    # volume is closed: a write after the kept copy was taken would be acknowledged and
+    # then deleted with the volume.  So writes are refused (EPERM, saying why) from here,
+    # once those in flight have landed; each acknowledged one is in the kept file.
+    held = _hold_writes(store, volumes, what, st)
+    try:
+        intent.save(path)  # the commit point (written whole and durably, directory included)
+    except BaseException:
+        for vol in held:
+            vol.release_writes()  # nothing changed: the volumes take writes again
+        raise
     steps["intent"] = time.monotonic()
     failpoints.hit("turnback.recorded")
     for volume in volumes:
@@ -92,6 +102,24 @@ def turn_back(store, st: MirrorState, volumes: list[str], release, what: str) ->
         f"{name} {at - before:.3f}s" for (name, at), before in
         zip(list(steps.items())[1:], list(steps.values())[:-1], strict=True)))
     return kept
+
+
+def _hold_writes(store, volumes: list[str], what: str, st: MirrorState) -> list:
+    """Refuse every write to ``volumes`` from now on (``Volume.hold_writes``); returns
+    the volumes held."""
+    held = []
+    image = f"{st.source_name or st.source_node}/{st.mirror}"
+    try:
+        for volume in volumes:
+            vol = store.open_volume(volume)
+            vol.hold_writes(f"{what}: this volume becomes mirror image {image} of cycle "
+                            f"{st.applied_cycle} (docs/failover.md)")
+            held.append(vol)
+    except BaseException:
+        for vol in held:
+            vol.release_writes()
+        raise
+    return held
 
 
 def _finish(store, path: str, intent: MirrorState, steps: dict | None = None) -> list[dict]:

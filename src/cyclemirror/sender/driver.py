@@ -85,6 +85,7 @@ from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.group import SingleVolume
 from cyclemirror.sender.pacing import WritePacer
 from cyclemirror.sender.persist import DriverState
+from cyclemirror.sender.prepack import Prepack
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
 from cyclemirror.store.fileobject import resized_bitmap
 from cyclemirror.wire import messages
@@ -283,6 +284,7 @@ class MirrorDriver:
         self._times: dict[str, float] = {}  # phase durations of the cycle being shipped
         # The background fsync adds "sync" to its cycle's _times while senders copy it.
         self._times_lock = threading.Lock()
+        self._hooks_running = 0  # on_applied hooks under way (_on_applied), under _cond
         self.last_merge_seconds: float | None = None
         self._merge_seconds_unreported: float | None = None  # merges since the last cycle
         self._repairs: dict[str, ExtentBitmap] = {}  # verify hook: label -> blocks to repair
@@ -409,7 +411,7 @@ class MirrorDriver:
                         raise failed[0]
                     raise UsageError(f"every target of the mirror of {self.volume.name!r} "
                                      "broke during the sync; resume one first")
-                if not pending and (applied or not down):
+                if not pending and (applied or not down) and not self._hooks_running:
                     skipped.update(down)
                     return skipped
                 left = deadline - time.monotonic()
@@ -769,6 +771,8 @@ class MirrorDriver:
                     # for it before its 'end', so no target commits data not yet durable.
                     frozen = self.subject.freeze(sync=False)
                     self._times = {"wait": t1 - t0, "freeze": time.monotonic() - t1}
+                    log.debug("mirror %s: froze cycle %d in %.3fs", self.volume.name,
+                              frozen.number, self._times["freeze"])
                     self._account_freeze(frozen)
                     self._start_sync(frozen)
                 else:
@@ -1073,8 +1077,6 @@ class MirrorDriver:
                         return
 
     def _attempt(self, frozen, reader, targets: list[OutgoingTarget]) -> None:
-        c = frozen.number
-        ready = []
         if self._break_now:
             return
         for r in targets:
@@ -1085,7 +1087,31 @@ class MirrorDriver:
         dialling = [r for r in targets if self._needs_dial(r)]
         for r in dialling:
             self._start_dial(r)
-        self._wait_dials(dialling, self.options.dial_grace)
+        prepack = self._prepack(frozen, reader, targets, dialling)
+        try:
+            self._wait_dials(dialling, self.options.dial_grace)
+            self._attempt_dialled(frozen, reader, targets, dialling, prepack)
+        finally:
+            if prepack is not None:
+                prepack.discard()
+
+    def _prepack(self, frozen, reader, targets: list[OutgoingTarget],
+                 dialling: list[OutgoingTarget]) -> Prepack | None:
+        """Pack a delta's frames while its one target is dialled (``sender.prepack``)."""
+        if len(targets) != 1 or dialling != targets or targets[0].owed is None:
+            return None
+        owed = targets[0].owed
+        if not owed.count():
+            return None
+        # Packed for a target of the current protocol (SCATTER frames); used only if
+        # the dialled target speaks it and the plan keeps this owed set.
+        return Prepack(iter(self.subject.cycle_frames(reader, owed, frozen.number, self.packer,
+                                                      scatter=True)), owed, scatter=True)
+
+    def _attempt_dialled(self, frozen, reader, targets: list[OutgoingTarget],
+                         dialling: list[OutgoingTarget], prepack: Prepack | None) -> None:
+        c = frozen.number
+        ready = []
         for r in targets:
             if r in dialling and not r.dialled:
                 # Still dialling (see _ship_cycle), or its dial failed and said why
@@ -1106,7 +1132,7 @@ class MirrorDriver:
                     break
             else:
                 groups.append([r])
-        threads = [threading.Thread(target=self._ship_group, args=(g, frozen, reader),
+        threads = [threading.Thread(target=self._ship_group, args=(g, frozen, reader, prepack),
                                     daemon=True) for g in groups]
         for t in threads:
             t.start()
@@ -1132,6 +1158,7 @@ class MirrorDriver:
     def _dial(self, r: OutgoingTarget) -> TargetLink:
         """A new, opened link to ``r`` (network only: no state is read or written here)."""
         r.phase = "connecting"
+        t0 = time.monotonic()
         link = TargetLink((r.spec.host, r.spec.port), r.spec.key, tls=r.spec.tls,
                           insecure=r.spec.insecure,
                           on_applied=lambda cycle, ft, r=r: self._on_applied(r, cycle, ft),
@@ -1142,6 +1169,8 @@ class MirrorDriver:
             "volumes": self.subject.volume_specs(),
         }, lineage=self.options.lineage() if self.options.lineage is not None else None,
             resizable=self.subject.resizable and getattr(self.volume, "size_changed", False))
+        log.debug("mirror %s -> %s: connected and opened in %.3fs", self.volume.name, r.label,
+                  time.monotonic() - t0)
         return link
 
     def _start_dial(self, r: OutgoingTarget) -> None:
@@ -1261,10 +1290,14 @@ class MirrorDriver:
         if got[1] != r.resume_from:
             raise StoreError(f"target {r.label} resumed at chunk {got[1]}, "
                              f"asked {r.resume_from}")
+        log.debug("mirror %s -> %s: cycle %d begun (%s)", self.volume.name, r.label, c,
+                  "full" if full else "delta")
         return True
 
-    def _ship_group(self, group: list[OutgoingTarget], frozen, reader) -> None:
-        """Produce the cycle's frames once; one sender thread per target of the group."""
+    def _ship_group(self, group: list[OutgoingTarget], frozen, reader,
+                    prepack: Prepack | None = None) -> None:
+        """Produce the cycle's frames once; one sender thread per target of the group
+        (the first frames packed ahead by ``prepack`` if they fit the group)."""
         c = frozen.number
         queues = {r.label: queue.Queue(self.options.queue_frames) for r in group}
         alive = {r.label: r for r in group}
@@ -1358,6 +1391,9 @@ class MirrorDriver:
                     # Before 'end': the target may commit (and apply) at once.
                     r.cycle_stats[c] = stats
                 tlink.link.send_frame(end, f"the 'end' of cycle {c}")
+                log.debug("mirror %s -> %s: cycle %d sent, %d chunks, %d bytes (pack %.3fs, "
+                          "send %.3fs)", self.volume.name, r.label, c, total[0], wire,
+                          pack_seconds[0], send_seconds)
                 prog.bytes_wire = tlink.link.bytes_sent - wire0
             except BaseException as exc:  # noqa: BLE001
                 alive.pop(r.label, None)
@@ -1390,8 +1426,26 @@ class MirrorDriver:
             # Frames travel to the senders in lists of about SEND_BATCH_BYTES: one queue
             # handoff per list, not per frame (a delta is thousands of 4 KiB frames).
             items, nbytes = [], 0
-            stream = iter(self.subject.cycle_frames(reader, group[0].owed, c, self.packer,
-                                                    scatter=_scatter(group[0])))
+            ahead: list = []
+            if prepack is not None and len(group) == 1 and prepack.fits(
+                    group[0].owed, _scatter(group[0])):
+                ahead, stream = prepack.take()
+                log.debug("mirror %s -> %s: %d bytes of cycle %d's frames packed ahead "
+                          "in %.3fs%s", self.volume.name, group[0].label,
+                          sum(len(item[1]) for item in ahead), c, prepack.seconds,
+                          " (all of them)" if prepack.finished else "")
+            else:
+                stream = iter(self.subject.cycle_frames(reader, group[0].owed, c, self.packer,
+                                                        scatter=_scatter(group[0])))
+            for item in ahead:
+                items.append(item)
+                nbytes += len(item[1])
+                if item[0] is not None:
+                    total[0] = item[0] + 1
+                if nbytes >= SEND_BATCH_BYTES:
+                    publish(items)
+                    items, nbytes = [], 0
+            ahead = []
             while True:
                 tp = time.monotonic()
                 item = next(stream, None)
@@ -1473,9 +1527,20 @@ class MirrorDriver:
                 stats["phases"]["apply"] = time.monotonic() - committed
             if stats is not None:
                 r.latency.observe(stats["bytes_raw"], time.time() - freeze_time)
+            hook = stats is not None and self.options.on_applied is not None
+            if hook:
+                # A sync waiting for this cycle returns once the hook counted it: its
+                # answer's figures (the daemon's shipped bytes) include this cycle.
+                self._hooks_running += 1
             self._cond.notify_all()
-        if stats is not None and self.options.on_applied is not None:
-            self.options.on_applied(cycle, r.label, dict(stats))
+        log.debug("mirror %s -> %s: cycle %d applied there", self.volume.name, r.label, cycle)
+        if hook:
+            try:
+                self.options.on_applied(cycle, r.label, dict(stats))
+            finally:
+                with self._cond:
+                    self._hooks_running -= 1
+                    self._cond.notify_all()
 
     def _apply_failed(self, r: OutgoingTarget, exc: BaseException) -> None:
         """The target sent an error between cycles (called by its link's reader thread):

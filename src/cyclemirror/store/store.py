@@ -50,6 +50,7 @@ class Store:
         self._lock_fd = lock_fd
         self._lock = threading.Lock()
         self._volumes: dict[str, Volume] = {}
+        self._releasing: set[str] = set()  # release_base() under way: not opened again
         self._files: dict[str, fileobject.FileObject] = {}
         self._trees: dict[str, tree.TreeObject] = {}
         self._closed = False
@@ -312,6 +313,9 @@ class Store:
     def _open_locked(self, name: str) -> Volume:
         vol = self._volumes.get(name)
         if vol is None:
+            if name in self._releasing:
+                raise NotFoundError(f"volume {name!r} in store {self.path} is being turned "
+                                    "into a mirror image")
             vol_dir = self._dir_of(name)
             if not os.path.isdir(vol_dir):
                 raise NotFoundError(f"no volume {name!r} in store {self.path}")
@@ -346,8 +350,23 @@ class Store:
         vol_dir = self._dir_of(name)
         with self._lock:
             vol = self._volumes.pop(name, None)
-        if vol is not None:
-            vol.close()
+            # Not opened again (an NBD client's new connection) between the close and the
+            # move: writes to such a volume would go with it.
+            self._releasing.add(name)
+        try:
+            if vol is not None:
+                vol.close()
+            trash = self._move_base(name, vol_dir, dest)
+        finally:
+            with self._lock:
+                self._releasing.discard(name)
+        # Freeing big scattered overlays takes seconds on ext4: not on the caller's path
+        # (a crash leaves a .trash- directory, which the next open removes).
+        threading.Thread(target=shutil.rmtree, args=(trash, True), daemon=True,
+                         name=f"trash-{name}").start()
+
+    def _move_base(self, name: str, vol_dir: str, dest: str) -> str:
+        """release_base's renames; returns the trash directory the rest went to."""
         with self._lock:
             if not os.path.isdir(vol_dir):
                 raise NotFoundError(f"no volume {name!r} in store {self.path}")
@@ -364,10 +383,7 @@ class Store:
             except OSError as exc:
                 raise fileops.store_error(f"moving the base of volume {name!r} to {dest}",
                                           exc) from exc
-        # Freeing big scattered overlays takes seconds on ext4: not on the caller's path
-        # (a crash leaves a .trash- directory, which the next open removes).
-        threading.Thread(target=shutil.rmtree, args=(trash, True), daemon=True,
-                         name=f"trash-{name}").start()
+        return trash
 
     def close(self) -> None:
         with self._lock:
