@@ -80,7 +80,7 @@ from cyclemirror.errors import (
     UsageError,
     is_temporary,
 )
-from cyclemirror.sender import rpo, shipping
+from cyclemirror.sender import rpo, shipping, targetsync
 from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.driver import MirrorOptions, TargetSpec
 from cyclemirror.sender.ratelimit import RateLimiter
@@ -257,48 +257,39 @@ class TreeDriver:
     def sync_targets(self, labels=None, timeout: float = 600.0) -> tuple[int, dict[str, str]]:
         """Freeze now and wait; return (cycle, {target not waited for: why}).
 
-        As for volumes (``MirrorDriver.wait_targets``): named targets are waited for
-        until the deadline; without names a target that is broken is left out, and
-        one that is down (it failed this cycle and retries) once another applied it."""
+        The rule volumes follow too (``sender.targetsync``): named targets are waited for
+        until the deadline; without names a target that is broken is left out, one
+        that is down (it failed this cycle and retries) once another applied it, and
+        one that is slow is waited for."""
         with self._cond:
             waited, skipped = self._waitable(labels)
         want = self.request_freeze()
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                pending, down = [], {}
-                for r in waited:
-                    if r.held >= want:
-                        continue
-                    if r.broken is not None or r.gone:
-                        if labels is not None:
-                            raise CycleMirrorError(
-                                f"the mirror of tree {self.tree.name!r} to {r.label} "
-                                f"stopped: {r.last_error or 'removed'}")
-                        skipped[r.label] = f"broken: {r.last_error}"
-                    elif r.paused and labels is None:
-                        skipped[r.label] = "broken (mirror break)"
-                    elif labels is None and r.backoff > 0 and r.failed_cycle >= want:
-                        down[r.label] = f"down, retrying ({r.last_error})"
-                    else:
-                        pending.append(r)
+                st = targetsync.look(waited, want, labels is not None, lambda r: r.held,
+                                     lambda r: r.held, lambda r: r.gone)
+                if st.named_broken is not None:
+                    r = st.named_broken
+                    raise CycleMirrorError(f"the mirror of tree {self.tree.name!r} to "
+                                           f"{r.label} stopped: {r.last_error or 'removed'}")
+                skipped.update(st.left_out)
                 waited = [r for r in waited if r.label not in skipped]
-                applied = [r for r in waited if r.held >= want]
                 if not waited:
                     raise CycleMirrorError(
                         f"every target of the mirror of tree {self.tree.name!r} broke during "
                         "the sync: " + "; ".join(f"{t}: {w}" for t, w in sorted(skipped.items())))
-                if self._break and self.last_error and not applied:
+                if self._break and self.last_error and not st.applied:
                     raise CycleMirrorError(f"the mirror of tree {self.tree.name!r} stopped: "
                                            f"{self.last_error}")
-                if not pending and (applied or not down):
-                    skipped.update(down)
+                if st.done:
+                    skipped.update(st.down)
                     return want, skipped
                 left = deadline - time.monotonic()
                 if left <= 0:
                     late = ", ".join(f"{r.label} ({r.last_error or 'shipping'})"
-                                     for r in pending + [r for r in waited
-                                                         if r.label in down])
+                                     for r in st.pending + [r for r in waited
+                                                            if r.label in st.down])
                     raise DeadlineError(f"sync of tree {self.tree.name!r}: cycle {want} was "
                                         f"not applied on {late} within {timeout:g}s")
                 self._cond.wait(min(left, 0.5))
