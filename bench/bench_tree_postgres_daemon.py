@@ -41,6 +41,7 @@ While a mirrored run goes, the bench asks the source daemon for its status
 over the control socket every CYCLEMIRROR_BENCH_PG_POLL seconds (default 0.5):
 the cycles applied on the target during the run (cycles per second) and the
 RPO age (now minus the freeze time of the newest applied cycle) at each poll.
+The other runs poll it alike, so that every kind pays for the polls.
 
 It prints each run's TPS, the medians and their ratios to plain (the issue's
 target for mirrored: at least 0.8x), the cycles per second and RPO ages of the
@@ -50,6 +51,7 @@ recovered by a second PostgreSQL and pg_amcheck'ed, so the copies measured were
 good ones.  Nothing asserts a time.
 """
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -163,6 +165,16 @@ class Freezer:
             raise self.error
 
 
+@contextlib.contextmanager
+def polled(src: Daemon, tgt: Daemon):
+    """The same status polls as a mirrored run's, so every kind of run pays for them."""
+    poller = Poller(src, tgt).start()
+    try:
+        yield poller
+    finally:
+        poller.stop()
+
+
 def pgbench_run(server) -> float:
     server.psql("CHECKPOINT")
     return pg.pgbench_tps(pg.pgbench_start(server, SECONDS, CLIENTS), timeout=SECONDS + 120)
@@ -244,12 +256,14 @@ def test_pgbench_tps_with_the_daemons_mirroring_every_second():
         for r in range(ROUNDS):
             for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                 if kind == "plain":
-                    runs[kind].append({"tps": pgbench_run(server)})
+                    with polled(src, tgt):
+                        runs[kind].append({"tps": pgbench_run(server)})
                     extra = ""
                 elif kind == "freeze only":
                     freezer = Freezer(pgdata, snaps).start()
                     try:
-                        runs[kind].append({"tps": pgbench_run(server)})
+                        with polled(src, tgt):
+                            runs[kind].append({"tps": pgbench_run(server)})
                     finally:
                         freezer.stop()
                     extra = f", {freezer.count} snapshots"
