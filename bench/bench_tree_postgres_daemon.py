@@ -14,7 +14,7 @@ target ``serve`` whose store is on a second btrfs loop file system.  pgbench
 is initialised at CYCLEMIRROR_BENCH_PG_SCALE (default 10, about 150 MiB) and
 cycle 1 shipped.
 
-Then CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds, each three or four pgbench runs of
+Then CYCLEMIRROR_BENCH_ROUNDS (default 3) rounds, each up to five pgbench runs of
 CYCLEMIRROR_BENCH_PG_SECONDS (default 20) with CYCLEMIRROR_BENCH_PG_CLIENTS
 (default 2) clients, the order rotating from round to round, after a
 CHECKPOINT each:
@@ -32,10 +32,16 @@ CHECKPOINT each:
   transaction for each); what mirrored loses beyond it is the rest of the
   cycle: the delta, the frames, and the target's apply and syncfs, which here
   share the disk (and the 2 CPUs) with PostgreSQL;
+* **mirrored, store elsewhere**: the same from a second source daemon whose
+  store (the tree's record, the targets' state: written and fsynced at each
+  cycle) is in the bench's directory, not on the data's btrfs (its snapshots
+  are, beside the subvolume), to the same target;
 * **mirrored, memory target** (unless CYCLEMIRROR_BENCH_PG_MEM_TARGET=0): the
   same, to a second target of the same mirror (the first one in a break: a
   fan-out target at a time), a daemon whose btrfs image is a file in
   /dev/shm: its writes and syncfs cost no disk time, as on another host.
+
+CYCLEMIRROR_BENCH_PG_KINDS (kinds separated by ";") runs only some of them.
 
 While a mirrored run goes, the bench asks the source daemon for its status
 over the control socket every CYCLEMIRROR_BENCH_PG_POLL seconds (default 0.5):
@@ -77,6 +83,10 @@ POLL = float(os.environ.get("CYCLEMIRROR_BENCH_PG_POLL", "0.5"))
 # PostgreSQL uses cost it (on another host they would not share it).
 MEM_TARGET = os.environ.get("CYCLEMIRROR_BENCH_PG_MEM_TARGET", "1") != "0" and \
     os.path.isdir("/dev/shm")
+KINDS = ["mirrored", "plain", "freeze only", "mirrored, store elsewhere"] + (
+    ["mirrored, memory target"] if MEM_TARGET else [])
+if os.environ.get("CYCLEMIRROR_BENCH_PG_KINDS"):  # some of them, e.g. "mirrored;plain"
+    KINDS = [k for k in KINDS if k in os.environ["CYCLEMIRROR_BENCH_PG_KINDS"].split(";")]
 NAME = "pg"
 
 
@@ -246,13 +256,20 @@ def test_pgbench_tps_with_the_daemons_mirroring_every_second():
         first_s = time.monotonic() - t
         fulls = mirror_row(src, tgt)["applied_cycle"]
         src.cli("mirror", "break", NAME)
+        # a second source daemon whose store is not on the data's file system (its
+        # snapshots are: beside the subvolume), mirroring the same tree to the target
+        src2 = Daemon(top, "src2", key_file=key, nbd=False, metrics=False)
+        if "mirrored, store elsewhere" in KINDS:
+            daemons.append(src2.start())
+            src2.cli("tree", "add", NAME, pgdata)
+            src2.cli("mirror", "start", NAME, "--to", tgt.listen, "--interval", "1")
+            src2.cli("mirror", "sync", NAME, "--timeout", "600")
+            src2.cli("mirror", "break", NAME)
         load_before = os.getloadavg()
-        runs: dict[str, list] = {"mirrored": [], "plain": [], "freeze only": [],
-                                 "mirrored, memory target": []}
+        kinds = KINDS
+        runs: dict[str, list] = {k: [] for k in kinds}
         snaps = os.path.join(src_mount, "bench-freezes")
         os.mkdir(snaps)
-        kinds = ["mirrored", "plain", "freeze only"] + (
-            ["mirrored, memory target"] if MEM_TARGET else [])
         for r in range(ROUNDS):
             for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                 if kind == "plain":
@@ -269,7 +286,7 @@ def test_pgbench_tps_with_the_daemons_mirroring_every_second():
                     extra = f", {freezer.count} snapshots"
                 else:
                     to = targets["memory target" if "memory" in kind else "target"]
-                    m = mirrored_run(src, to, server, daemons)
+                    m = mirrored_run(src2 if "elsewhere" in kind else src, to, server, daemons)
                     runs[kind].append(m)
                     extra = (f", {m['rate']:.2f} cycles/s applied, RPO age median "
                              f"{statistics.median(m['ages']):.2f} s max {max(m['ages']):.2f} s, "
@@ -295,18 +312,19 @@ def test_pgbench_tps_with_the_daemons_mirroring_every_second():
         for kind in kinds:
             tps = [x["tps"] for x in runs[kind]]
             med = statistics.median(tps)
-            print(f"{kind + ':':<25} " + ", ".join(f"{x:.1f}" for x in tps)
+            print(f"{kind + ':':<27} " + ", ".join(f"{x:.1f}" for x in tps)
                   + f"; median {med:.1f} tps" + ("" if kind == "plain" else
                                                  f", {med / p_tps:.2f}x plain"))
             if kind.startswith("mirrored"):
                 ages = [a for x in runs[kind] for a in x["ages"]]
-                print(f"{'':<25} cycles/s applied median "
+                print(f"{'':<27} cycles/s applied median "
                       f"{statistics.median(x['rate'] for x in runs[kind]):.2f}; RPO age median "
                       f"{statistics.median(ages):.2f} s, max {max(ages):.2f} s "
                       f"({len(ages)} polls); daemons' CPU median "
                       f"{statistics.median(x['cpu'] for x in runs[kind]):.2f} s per second")
-        m_tps = statistics.median(x["tps"] for x in runs["mirrored"])
-        print(f"ratio mirrored/plain (median tps): {m_tps / p_tps:.2f}x (target >= 0.8x)")
+        if "mirrored" in runs:
+            m_tps = statistics.median(x["tps"] for x in runs["mirrored"])
+            print(f"ratio mirrored/plain (median tps): {m_tps / p_tps:.2f}x (target >= 0.8x)")
         print(f"a clone of the target after the last round: recovered by itself "
               f"{check.recovered}, pg_amcheck clean")
     finally:
