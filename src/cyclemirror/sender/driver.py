@@ -79,7 +79,7 @@ from cyclemirror.errors import (
     UsageError,
     is_temporary,
 )
-from cyclemirror.sender import plan, rpo, shipping
+from cyclemirror.sender import plan, rpo, shipping, targetsync
 from cyclemirror.sender.autocodec import AdaptivePacker, LinkMeter
 from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.group import SingleVolume
@@ -377,42 +377,32 @@ class MirrorDriver:
         happens to the others.  Without names a target that is down (its attempt
         at this cycle or a later one failed and it is retrying) or that breaks
         meanwhile is not waited for once another target applied the cycle; while
-        none has, the wait goes on (retries may bring one back)."""
+        none has, the wait goes on (retries may bring one back).  The rule is
+        ``sender.targetsync``'s, which the tree driver follows too."""
         deadline = time.monotonic() + timeout
         with self._cond:
             waited, skipped = self._waitable(labels)
             while True:
-                pending, down = [], {}
-                for r in waited:
-                    if r.applied_cycle >= want:
-                        continue
-                    if r.broken is not None:
-                        if labels is not None:
-                            raise r.broken
-                        skipped[r.label] = f"broken: {r.last_error}"
-                    elif r.paused and labels is None:
-                        skipped[r.label] = "broken (mirror break)"
-                    elif (labels is None and r.backoff > 0 and r.failed_cycle >= want
-                          and r.held_cycle < want):
-                        down[r.label] = f"down, retrying ({r.last_error})"
-                    else:
-                        pending.append(r)
-                if pending and self._crash is not None:
+                st = targetsync.look(waited, want, labels is not None,
+                                     lambda r: r.applied_cycle, lambda r: r.held_cycle)
+                if st.named_broken is not None:
+                    raise st.named_broken.broken
+                if st.pending and self._crash is not None:
                     # The cycles stopped (the store or a hook failed): cycle ``want`` will
                     # not reach these targets until a resume, so do not wait it out.
                     raise UsageError(f"mirror of {self.volume.name!r} stopped before cycle "
-                                     f"{want} reached {pending[0].label}: {self._crash}; "
+                                     f"{want} reached {st.pending[0].label}: {self._crash}; "
                                      "fix that and resume it")
+                skipped.update(st.left_out)
                 waited = [r for r in waited if r.label not in skipped]
-                applied = [r for r in waited if r.applied_cycle >= want]
                 if not waited:
                     failed = [r.broken for r in self.targets if r.broken is not None]
                     if failed:
                         raise failed[0]
                     raise UsageError(f"every target of the mirror of {self.volume.name!r} "
                                      "broke during the sync; resume one first")
-                if not pending and (applied or not down) and not self._hooks_running:
-                    skipped.update(down)
+                if st.done and not self._hooks_running:
+                    skipped.update(st.down)
                     return skipped
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -17,12 +17,20 @@ One thread runs:  wait -> freeze -> ship -> merge.
   of ``wire.treeframes.encode_tree_delta``; targets holding the same cycle
   share one delta (computed once, encoded once per target).  A target that
   never held a cycle, or holds one of another history (its freeze time is not
-  ours), gets a full cycle.  Targets ship in parallel, one thread each, and
-  the cycle waits for each one's ``applied``.
-* Merge: the snapshots below the oldest cycle any target holds are deleted
-  (``merge_through``); a target that never held a cycle does not hold them
-  back (it needs a full cycle anyway), a broken or unreachable one does: its
-  cycle stays, so its next cycle is a delta.
+  ours), gets a full cycle.
+* One target at a time: each target ships in a sender thread of its own
+  (connect, delta, frames, the wait for its ``applied``), and the loop does not
+  wait for the senders.  The next freeze is due at ``previous freeze +
+  interval`` once some target holds the newest cycle (so with one target, never
+  before its copy is done); a target still busy with an older cycle (a slow
+  link or apply, a stopped process) holds up nobody else, and when its cycle
+  ends it is sent the newest one, one delta over the cycles it missed.  A sync
+  that names only other targets does not wait for it.
+* Merge: the snapshots below the oldest cycle any target holds or is being
+  sent are deleted (``merge_through``, after each target's cycle); a target
+  that never held a cycle does not hold them back (it needs a full cycle
+  anyway), a broken, unreachable or slow one does: its cycle stays, so its
+  next cycle is a delta.
 * Demotion: a target that answers ``DemotedError`` (it promoted this tree's
   mirror) makes the tree *demoted* (``TreeObject.mark_demoted``, shown by
   ``status``): the whole mirror stops, no more freezes, and ``resume`` is
@@ -47,8 +55,11 @@ target the cycle it holds and its freeze time, so merges and ``status`` are
 right after a restart before the targets reconnect; a target's own answer at
 connect always wins over it.
 
-Locking: ``_cond`` guards the control flags and the status fields;
-``_state_lock`` (taken before ``_cond``) orders the writes of the state file.
+Locking: ``_cond`` guards the control flags, the status fields and each
+target's ``sender``; ``_state_lock`` (taken before ``_cond``) orders the writes
+of the state file; ``_snap_lock`` (taken before ``_cond``) keeps a merge from
+deleting snapshots while a delta is made from them or a connect settles which
+cycle a target holds.
 """
 
 from __future__ import annotations
@@ -69,7 +80,7 @@ from cyclemirror.errors import (
     UsageError,
     is_temporary,
 )
-from cyclemirror.sender import rpo, shipping
+from cyclemirror.sender import rpo, shipping, targetsync
 from cyclemirror.sender.connection import TargetLink
 from cyclemirror.sender.driver import MirrorOptions, TargetSpec
 from cyclemirror.sender.ratelimit import RateLimiter
@@ -105,6 +116,10 @@ class TreeTarget:
         self.latency = rpo.LatencyModel()
         self.rpo_state = rpo.OK
         self.gone = False
+        # Its sender thread while one ships a cycle to it (connect, delta, frames, the
+        # wait for 'applied'), and the cycle it ships: that snapshot is not merged.
+        self.sender: threading.Thread | None = None
+        self.sending = 0
 
     def drop_link(self) -> None:
         link, self.link = self.link, None
@@ -144,6 +159,11 @@ class TreeDriver:
         self.state_path = os.path.join(store.path, "outgoing", obj.name, STATE_FILE)
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()  # orders the writes of the state file
+        # Held while snapshots are read to make a delta, while a connect settles which
+        # cycle a target holds, and while snapshots are merged: a merge never deletes a
+        # snapshot a delta is being made from.
+        self._snap_lock = threading.RLock()
+        self._deltas: dict[tuple[int, int], treediff.TreeDelta] = {}  # (base, k): shared
         self._thread: threading.Thread | None = None
         self._stop = False
         self._break = False
@@ -237,48 +257,39 @@ class TreeDriver:
     def sync_targets(self, labels=None, timeout: float = 600.0) -> tuple[int, dict[str, str]]:
         """Freeze now and wait; return (cycle, {target not waited for: why}).
 
-        As for volumes (``MirrorDriver.wait_targets``): named targets are waited for
-        until the deadline; without names a target that is broken is left out, and
-        one that is down (it failed this cycle and retries) once another applied it."""
+        The rule volumes follow too (``sender.targetsync``): named targets are waited for
+        until the deadline; without names a target that is broken is left out, one
+        that is down (it failed this cycle and retries) once another applied it, and
+        one that is slow is waited for."""
         with self._cond:
             waited, skipped = self._waitable(labels)
         want = self.request_freeze()
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                pending, down = [], {}
-                for r in waited:
-                    if r.held >= want:
-                        continue
-                    if r.broken is not None or r.gone:
-                        if labels is not None:
-                            raise CycleMirrorError(
-                                f"the mirror of tree {self.tree.name!r} to {r.label} "
-                                f"stopped: {r.last_error or 'removed'}")
-                        skipped[r.label] = f"broken: {r.last_error}"
-                    elif r.paused and labels is None:
-                        skipped[r.label] = "broken (mirror break)"
-                    elif labels is None and r.backoff > 0 and r.failed_cycle >= want:
-                        down[r.label] = f"down, retrying ({r.last_error})"
-                    else:
-                        pending.append(r)
+                st = targetsync.look(waited, want, labels is not None, lambda r: r.held,
+                                     lambda r: r.held, lambda r: r.gone)
+                if st.named_broken is not None:
+                    r = st.named_broken
+                    raise CycleMirrorError(f"the mirror of tree {self.tree.name!r} to "
+                                           f"{r.label} stopped: {r.last_error or 'removed'}")
+                skipped.update(st.left_out)
                 waited = [r for r in waited if r.label not in skipped]
-                applied = [r for r in waited if r.held >= want]
                 if not waited:
                     raise CycleMirrorError(
                         f"every target of the mirror of tree {self.tree.name!r} broke during "
                         "the sync: " + "; ".join(f"{t}: {w}" for t, w in sorted(skipped.items())))
-                if self._break and self.last_error and not applied:
+                if self._break and self.last_error and not st.applied:
                     raise CycleMirrorError(f"the mirror of tree {self.tree.name!r} stopped: "
                                            f"{self.last_error}")
-                if not pending and (applied or not down):
-                    skipped.update(down)
+                if st.done:
+                    skipped.update(st.down)
                     return want, skipped
                 left = deadline - time.monotonic()
                 if left <= 0:
                     late = ", ".join(f"{r.label} ({r.last_error or 'shipping'})"
-                                     for r in pending + [r for r in waited
-                                                         if r.label in down])
+                                     for r in st.pending + [r for r in waited
+                                                            if r.label in st.down])
                     raise DeadlineError(f"sync of tree {self.tree.name!r}: cycle {want} was "
                                         f"not applied on {late} within {timeout:g}s")
                 self._cond.wait(min(left, 0.5))
@@ -433,9 +444,12 @@ class TreeDriver:
         now = time.time()
         with self._cond:
             checks = {r.label: self._assess(r, now) for r in self.targets}
+            phase = self.phase
+            if phase == "idle" and any(r.sender is not None for r in self.targets):
+                phase = "copying"
             return {
                 "volume": self.tree.name, "kind": "tree", "cycle": self.cycle,
-                "phase": self.phase, "last_error": self.last_error, "group": None,
+                "phase": phase, "last_error": self.last_error, "group": None,
                 "members": [self.tree.name], "rpo_objective": self.options.rpo,
                 "interval": self._interval(now), "pacing": None, "compress_auto": None,
                 "targets": {
@@ -485,8 +499,11 @@ class TreeDriver:
             with self._cond:
                 self._main_done = True
                 self._cond.notify_all()
+                senders = [r.sender for r in self.targets if r.sender is not None]
             for r in self.targets:
-                r.drop_link()
+                r.drop_link()  # a sender still shipping fails at once
+            for t in senders:
+                t.join(10.0)
 
     def _live(self) -> list[TreeTarget]:
         return [r for r in self.targets if r.broken is None and not r.paused]
@@ -497,9 +514,18 @@ class TreeDriver:
             with self._cond:
                 if self._stop:
                     return
-                idle = [r for r in self.targets if r.link is not None
+                if not self._break and self.targets and \
+                        all(r.broken is not None or r.paused for r in self.targets):
+                    self._break = True  # nothing left to ship to: until a resume
+                    self.last_error = "; ".join(f"{r.label}: {r.last_error}"
+                                                for r in self.targets if r.broken is not None
+                                                ) or self.last_error
+                # A target that is not shipping (its sender ends its cycle first, unless
+                # broken with --now) lets go of its link: the target may then remove the
+                # mirror without --force.
+                idle = [r for r in self.targets if r.link is not None and r.sender is None
                         and (r.paused or self._break)]
-            for r in idle:  # the target may then remove the mirror without --force
+            for r in idle:
                 r.drop_link()
             demoted = self.demoted_error()
             with self._cond:
@@ -516,42 +542,37 @@ class TreeDriver:
                 k = self._next_cycle()
                 if k is None:
                     continue
-                self._ship(k)
-                self._merge()
+                self._dispatch(k)
             except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
                 self._crashed(exc)
                 continue
             with self._cond:
-                self.phase = "idle"
-                if all(r.broken is not None or r.paused for r in self.targets):
-                    self._break = True
-                    self.last_error = "; ".join(f"{r.label}: {r.last_error}"
-                                                for r in self.targets if r.broken is not None
-                                                ) or self.last_error
+                if self.phase != "broken":
+                    self.phase = "idle"
                 self._cond.notify_all()
-
-    def _crashed(self, exc: BaseException) -> None:
-        log.error("mirror of tree %s stopped: %s: %s", self.tree.name, type(exc).__name__, exc)
-        with self._cond:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.phase = "broken"
-            self._break = True
-            self._cond.notify_all()
 
     def _next_cycle(self) -> int | None:
         """Wait for what to do next: a new freeze (returns its cycle, frozen), the newest
-        freeze for targets that lack it and may be tried again, or None to re-check flags."""
+        freeze for targets that lack it and may be sent it now, or None to re-check flags.
+
+        Each target ships in a sender thread of its own, so a target that is slow (a
+        slow link or apply, a stopped process) holds up nobody else: the next freeze is
+        due at ``previous freeze + interval`` once a target holds the newest cycle (for
+        a single target: once its copy is done), and a target still shipping an older
+        cycle gets the newest one, as one delta, when its cycle ends."""
         with self._cond:
             while True:
                 if self._stop or self._break or self._adding or self._removing:
                     return None
+                live = self._live()
+                if not live:
+                    return None  # every target broken or in a break: _cycles says so
                 top = self.tree.frozen_cycle
                 now = time.time()
                 due = self.last_freeze_time + self._interval(now) - now
-                # Every target that could take a cycle lacks the newest one (all down, or
-                # retrying): another snapshot would only be kept for nobody.
-                live = self._live()
-                backlog = bool(live) and all(r.held < top for r in live)
+                # Every target that could take a cycle lacks the newest one (shipping it,
+                # all down, or retrying): another snapshot would only be kept for nobody.
+                backlog = all(r.held < top for r in live)
                 # A promoted tree's newest cycle may be its promotion's base: what it
                 # wrote since is not frozen yet, and a failback must know of it.
                 p = self.tree.promoted_from
@@ -561,7 +582,7 @@ class TreeDriver:
                     self._freezing = top + 1
                     break
                 mono = time.monotonic()
-                retry = [r for r in self._live() if r.held < top]
+                retry = [r for r in live if r.sender is None and r.held < top]
                 if any(r.next_try <= mono for r in retry):
                     return top
                 wake = min([due if not backlog else 1.0] + [r.next_try - mono for r in retry])
@@ -574,39 +595,59 @@ class TreeDriver:
             self._cond.notify_all()
         return k
 
-    def _ship(self, k: int) -> None:
-        """Ship cycle ``k`` to every live target that lacks it and may be tried now."""
+    def _dispatch(self, k: int) -> None:
+        """Start a sender for cycle ``k`` for every live target that lacks it, is not
+        shipping, and may be tried now; returns at once (the senders report back)."""
         mono = time.monotonic()
         with self._cond:
-            todo = [r for r in self._live() if r.held < k and r.next_try <= mono]
-            self.phase = "copying"
-        connected = []
-        for r in todo:
-            try:
-                if r.link is None:
+            for r in self._live():
+                if r.sender is None and r.held < k and r.next_try <= mono:
+                    r.sending = k
+                    r.sender = threading.Thread(target=self._sender, args=(r, k), daemon=True,
+                                                name=f"tree-send-{r.label}")
+                    r.sender.start()
+
+    def _sender(self, r: TreeTarget, k: int) -> None:
+        """One target's cycle ``k``: connect if needed, its delta, the frames, 'applied'."""
+        try:
+            if r.link is None:
+                with self._cond:
                     r.phase = "reconnecting"
-                    self._connect(r, k)
-                if r.held < k:  # it may hold k already (said at its open)
-                    connected.append(r)
-            except BaseException as exc:  # noqa: BLE001 - that target's failure
-                self._failed(r, exc, k)
-        deltas: dict[int, treediff.TreeDelta] = {}
-        for base in sorted({r.held for r in connected}, reverse=True):
-            deltas[base] = self._delta(base, k)
-        threads = [threading.Thread(target=self._send_guarded, args=(r, k, deltas[r.held]),
-                                    daemon=True, name=f"tree-send-{r.label}")
-                   for r in connected]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+                self._connect(r, k)
+            if r.held < k:  # it may hold k already (said at its open)
+                self._send(r, k, self._delta_for(r, k))
+        except BaseException as exc:  # noqa: BLE001 - that target's failure
+            self._failed(r, exc, k)
+        finally:
+            with self._cond:
+                r.sender, r.sending = None, 0
+                self._cond.notify_all()
+        try:
+            self._merge()
+        except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
+            self._crashed(exc)
+
+    def _delta_for(self, r: TreeTarget, k: int) -> treediff.TreeDelta:
+        """The delta from the cycle ``r`` holds to ``k``, shared by the targets that
+        hold the same cycle (made once, while no merge deletes its snapshots)."""
+        with self._snap_lock:
+            with self._cond:
+                base = r.held
+            key = (base, k)
+            d = self._deltas.get(key)
+            if d is None:
+                d = self._delta(base, k)
+                self._deltas = {kb: v for kb, v in self._deltas.items() if kb[1] >= k}
+                self._deltas[key] = d
+            return d
 
     def _delta(self, base: int, k: int) -> treediff.TreeDelta:
-        if base == k - 1 or (base == 0 and k == 1):
-            d = self.tree.delta(k)  # keeps the walk of snapshot k for the next one
-        else:
-            old = self.tree.snapshot_path(base) if base else None
-            d = treediff.tree_delta(old, self.tree.snapshot_path(k))
+        with self._snap_lock:
+            if base == k - 1 or (base == 0 and k == 1):
+                d = self.tree.delta(k)  # keeps the walk of snapshot k for the next one
+            else:
+                old = self.tree.snapshot_path(base) if base else None
+                d = treediff.tree_delta(old, self.tree.snapshot_path(k))
         if d.skipped:
             log.info("mirror of tree %s, cycle %d: %d socket(s) not mirrored (a socket "
                      "cannot be made meaningfully elsewhere): %s", self.tree.name, k,
@@ -635,6 +676,11 @@ class TreeDriver:
                     f"{self.tree.name} --to {r.label}'") from None
             raise
         applied, ft = opened["applied_cycle"], float(opened["freeze_time"])
+        with self._snap_lock:  # no merge between the check and r.held naming that cycle
+            self._opened(r, link, k, applied, ft)
+        self._save_state()
+
+    def _opened(self, r: TreeTarget, link, k: int, applied: int, ft: float) -> None:
         if applied and not self._ours(applied, ft):
             if applied >= k:
                 link.close()
@@ -651,7 +697,6 @@ class TreeDriver:
         with self._cond:
             r.link = link
             r.held, r.held_freeze = applied, ft
-        self._save_state()
 
     def _branch(self, k: int) -> dict | None:
         """The ``tree_branch`` message of a promoted tree (None for any other): the old
@@ -795,21 +840,28 @@ class TreeDriver:
                     "'cyclemirror mirror resume')")
 
     def _merge(self) -> None:
-        with self._cond:
-            held = [r.held for r in self.targets if r.held > 0 and not r.gone]
-        if not held:
-            return
-        keep = min(held)
-        p = self.tree.promoted_from
-        if p is not None and any(r.held == 0 and not r.gone for r in self.targets):
-            keep = min(keep, p["cycle"])  # the base of a failback not made yet
-        if keep >= 2:
-            try:
-                self.tree.merge_through(keep - 1)
-            except (StoreError, OSError) as exc:
-                log.warning("mirror of tree %s: deleting snapshots up to cycle %d failed: "
-                            "%s (tried again after the next cycle)", self.tree.name,
-                            keep - 1, exc)
+        """Delete the snapshots below the oldest cycle a target holds or is being sent
+        (called by each sender when its cycle ends)."""
+        with self._snap_lock:
+            with self._cond:
+                every = [r for r in self.targets if not r.gone]
+                held = [r.held for r in every if r.held > 0]
+                held += [r.sending for r in every if r.sending > 0]
+                if not held:
+                    return
+                keep = min(held)
+                if keep < 2 or keep > self.tree.frozen_cycle:
+                    return
+            p = self.tree.promoted_from
+            if p is not None and any(r.held == 0 for r in every):
+                keep = min(keep, p["cycle"])  # the base of a failback not made yet
+            if keep >= 2:
+                try:
+                    self.tree.merge_through(keep - 1)
+                except (StoreError, OSError) as exc:
+                    log.warning("mirror of tree %s: deleting snapshots up to cycle %d "
+                                "failed: %s (tried again after the next cycle)",
+                                self.tree.name, keep - 1, exc)
 
 
 def _counting(ops, prog: dict):
