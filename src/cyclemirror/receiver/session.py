@@ -185,6 +185,9 @@ class WriteBehind:
             raise self.error
 
     def close(self) -> None:
+        """Stop the thread; marks in flight are waited for and recorded first (unless a
+        write failed), so a connection lost mid-cycle resumes after them."""
+        self.queue.put(self._SETTLE)
         self.queue.put(None)
         self.thread.join()
 
