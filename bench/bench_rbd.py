@@ -16,14 +16,16 @@ round, interleaved, in alternating order:
 - cyclemirror: the file imported as a source volume, mirrored to a target
   process with ``rbd=`` (its images in the pool) until the first cycle is
   applied (flushed, snapshotted, recorded); timed from the driver's start to
-  ``sync`` returning.  Codec CYCLEMIRROR_BENCH_CODEC (default lz4, or none).
+  ``sync`` returning.  Codec CYCLEMIRROR_BENCH_CODEC (default lz4; none, zstd
+  or auto).
 - ``rbd import --no-progress FILE POOL/IMAGE`` of the same file (it skips
   zero blocks, as the full cycle ships them as zero runs).
 
 Each contender's image is removed before the next round.  Size:
 CYCLEMIRROR_BENCH_RBD_MB (default 2048); rounds CYCLEMIRROR_BENCH_ROUNDS
-(default 3).  Prints medians and the ratio (rbd import's time / ours: above
-1 means we are faster).  Nothing asserts a time.
+(default 3).  Prints every round, the medians, the ratio (rbd import's time /
+ours: above 1 means we are faster) and the load average.  Nothing asserts a
+time.
 
 The delta: a mixed volume of CYCLEMIRROR_BENCH_RBD_DELTA_MB (default 4096)
 mirrored into the pool once (a full first cycle, not timed), and the same
@@ -179,7 +181,7 @@ def run_rbd_import(c, src_file, label):
 def test_full_cycle_into_rbd_against_rbd_import(cluster, tmp_path):
     src = str(tmp_path / "mixed.img")
     make_mixed_file(src, SIZE_MB * MiB)
-    ours, theirs = [], []
+    ours, theirs, load = [], [], [os.getloadavg()[0]]
     for r in range(ROUNDS):
         order = ["ours", "import"] if r % 2 == 0 else ["import", "ours"]
         for who in order:
@@ -187,16 +189,19 @@ def test_full_cycle_into_rbd_against_rbd_import(cluster, tmp_path):
                 ours.append(run_cyclemirror(str(tmp_path), cluster, src, f"r{r}"))
             else:
                 theirs.append(run_rbd_import(cluster, src, f"r{r}"))
-        print(f"\nround {r}: cyclemirror {ours[-1]:.2f}s, rbd import {theirs[-1]:.2f}s",
-              flush=True)
+        load.append(os.getloadavg()[0])
+        print(f"\nround {r}: cyclemirror {ours[-1]:.2f}s, rbd import {theirs[-1]:.2f}s "
+              f"({theirs[-1] / ours[-1]:.2f}x), load {load[-1]:.1f}", flush=True)
     mo, mt = statistics.median(ours), statistics.median(theirs)
     mb = SIZE_MB
-    print(f"\nfull cycle of a {mb} MiB mixed volume into RBD, {ROUNDS} rounds, medians:\n"
+    print(f"\nfull cycle of a {mb} MiB mixed volume into RBD (codec {CODEC}), {ROUNDS} rounds, "
+          f"medians:\n"
           f"  cyclemirror  {mo:.2f}s ({mb / mo:.0f} MiB/s)  all: "
           f"{', '.join(f'{s:.2f}' for s in ours)}\n"
           f"  rbd import   {mt:.2f}s ({mb / mt:.0f} MiB/s)  all: "
           f"{', '.join(f'{s:.2f}' for s in theirs)}\n"
-          f"  ratio (rbd import time / ours): {mt / mo:.2f}x")
+          f"  ratio (rbd import time / ours): {mt / mo:.2f}x\n"
+          f"  load average (1 min) from {load[0]:.1f} to {load[-1]:.1f}, max {max(load):.1f}")
 
 
 # -- the delta -------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ cdef extern from "rados/librados.h" nogil:
                                    rados_completion_t completion, const char *oid,
                                    time_t *mtime, int flags)
     int rados_aio_wait_for_complete(rados_completion_t c)
+    int rados_aio_is_complete(rados_completion_t c)
     int rados_aio_get_return_value(rados_completion_t c)
     void rados_aio_release(rados_completion_t c)
 
@@ -798,6 +799,7 @@ cdef class ObjectWriter:
     cdef int head, count
     cdef int first_error
     cdef readonly uint64_t operations, extents  # sent so far (for profiles and tests)
+    cdef readonly uint64_t completed  # operations reaped (they complete in send order here)
 
     def __cinit__(self):
         self.io = NULL
@@ -807,6 +809,7 @@ cdef class ObjectWriter:
         self.pending_bytes = 0
         self.inflight_bytes = 0
         self.operations = self.extents = 0
+        self.completed = 0
 
     def __init__(self, Image image not None):
         """Use ``Image.object_writer()``, which checks the image is plain first."""
@@ -969,9 +972,50 @@ cdef class ObjectWriter:
         self.inflight_bytes -= self.op_bytes[self.head]
         self.head = (self.head + 1) % _MAX_OPS_INFLIGHT
         self.count -= 1
+        self.completed += 1
         if r < 0 and self.first_error == 0:
             self.first_error = r
         return 0
+
+    def send_before(self, uint64_t offset):
+        """Send the gathered operation of every object that ends at or before ``offset``.
+
+        For a stream of writes in offset order (a full cycle): nothing more will
+        come for those objects, so their operations go out now, not when 64 MiB
+        are gathered, and the OSD gets a steady stream instead of bursts.  (A
+        later write to such an object would simply be one more operation.)
+        """
+        self._check()
+        if not self.pending:
+            return
+        cdef uint64_t limit = offset // self.obj_size
+        ready = sorted(k for k in self.pending if k < limit)
+        for objno in ready:
+            self._send(objno, self.pending.pop(objno))
+
+    def mark(self):
+        """Send everything gathered, without waiting; return a mark for ``reached``.
+
+        The writes so far are durable once ``reached(mark)`` is True: an
+        asynchronous checkpoint, while more writes go on being sent.
+        """
+        self.send_all()
+        return self.operations
+
+    def reached(self, uint64_t mark, bint wait=False):
+        """Whether every operation sent before ``mark`` (from ``mark()``) has completed
+        (with ``wait``: wait until it has).  Reaps what has completed, oldest first;
+        a failure of any operation reaped is raised (OSError with librados' errno)."""
+        self._check()
+        while self.completed < mark and self.count:
+            if not wait and not rados_aio_is_complete(self.comps[self.head]):
+                break
+            self._reap_one()
+        cdef int err = self.first_error
+        if err:
+            self.first_error = 0
+            raise _error(err, f"writing RBD image {self.name}")
+        return self.completed >= mark
 
     def send_all(self):
         """Send every gathered operation (in object order), without waiting for them."""

@@ -257,3 +257,52 @@ def test_a_pool_the_cluster_lacks_is_a_temporary_error_naming_the_pool(rbd):
     with pytest.raises(ClusterUnavailableError, match="'no-such-pool'") as info:
         rbdbackend.connection(replace(cfg, pool="no-such-pool"))
     assert is_temporary(info.value)  # the source retries, and resumes once it exists
+
+
+def test_an_asynchronous_checkpoint_of_a_full_cycle_counts_only_what_the_cluster_holds(
+        rbd, tmp_path):
+    """``checkpoint_mark`` / ``checkpoint_reached`` (a full cycle into RBD): once a mark
+    is reached, the chunks before it are in ``~new`` (read through another handle)
+    and the state file counts exactly them, not the ones received after the mark;
+    a reopen (as after a crash) resumes there, and the cycle ends equal to the model."""
+    from cyclemirror.receiver.state import MirrorState
+
+    cfg, io = rbd
+    mib = 1 << 20
+    size = 14 * mib  # three whole 4 MiB objects and a partial one
+    node = "n" + uuid.uuid4().hex[:12]
+    name = f"{node}~v"
+    vols = [VolumeSpec("v", size, BS)]
+    rng = random.Random(5)
+    chunks, model = [], bytearray(size)
+    for i in range(size // mib):
+        if i % 3 == 2:  # a zero run, as a full cycle ships the volume's holes
+            chunks.append((REC_ZERO, 0, i * mib, mib, None, None))
+        else:
+            data = rng.randbytes(mib)
+            chunks.append((REC_DATA, 0, i * mib, mib, data, None))
+            model[i * mib:(i + 1) * mib] = data
+    try:
+        m = open_mirror(str(tmp_path), node, cfg, vols)
+        m.begin(1, 1.0, True, 0)
+        assert m.can_checkpoint_async()
+        m.receive_batch(chunks[:7])
+        token = m.checkpoint_mark()
+        m.receive_batch(chunks[7:10])  # after the mark: not part of it
+        assert m.checkpoint_reached(token, wait=True) == 7
+        assert MirrorState.load(m.state_path).pending.chunks == 7
+        assert read_rbd(io, name + "~new")[:7 * mib] == model[:7 * mib]
+        m.close()  # the writes after the mark are dropped or not: either way uncounted
+        m = open_mirror(str(tmp_path), node, cfg, vols)
+        assert m.state.pending.chunks == 7
+        assert m.begin(1, 1.0, True, 7) == 7
+        assert m.can_checkpoint_async()  # the resumed image is not fresh: zero runs written
+        m.receive_batch(chunks[7:9])  # a zero run through librbd, then data
+        token = m.checkpoint_mark()
+        assert m.checkpoint_reached(token, wait=True) == 9
+        m.receive_batch(chunks[9:])
+        m.finish(1, len(chunks))
+        assert read_rbd(io, name, "cyclemirror-1") == model
+        m.close()
+    finally:
+        remove_images(io, node, ["v"])

@@ -12,6 +12,10 @@ several operations on one object, reads back as the model after ``flush``;
 the image's snapshots keep their content (the writes carry the image's
 snapshot context), also a removed snapshot that a clone still reads from;
 an image that is not plain (other features, parent data) gets none.
+Sent early (``send_before``, as a full cycle streams) or marked (``mark``,
+an asynchronous checkpoint), the writes still read back as the model, and
+once ``reached(mark)`` every byte written before the mark and not since
+reads as it was at the mark.
 """
 
 import errno
@@ -222,3 +226,84 @@ def test_object_writer_is_none_for_an_image_with_other_features(rbd_io, ceph_clu
         finally:
             img.close()
             _drop(rbd_io, name)
+
+
+ow_step = st.one_of(ow_write, st.just("mark"), st.just("reach"),
+                    st.tuples(st.just("send_before"), st.integers(0, OW_SIZE)))
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(ow_step, min_size=1, max_size=30))
+def test_object_writer_marks_are_durable_when_reached_and_early_sends_keep_the_order(
+        rbd_io, steps):
+    import numpy as np
+
+    name, img = _fresh(rbd_io, OW_SIZE, 0x22)
+    try:
+        model = bytearray(b"\x22" * OW_SIZE)
+        touched_since = []  # per mark in flight: (mark, model then, bytes written since)
+        w = img.object_writer()
+        for step in steps:
+            if step == "mark":
+                touched_since.append((w.mark(), bytes(model), np.zeros(OW_SIZE, bool)))
+            elif step == "reach":
+                if not touched_since:
+                    continue
+                mark, then, since = touched_since.pop(0)
+                assert w.reached(mark, True) is True
+                assert w.completed >= mark  # every operation sent before the mark is done
+                assert w.reached(mark) is True  # and stays so
+                now = np.frombuffer(img.read(0, OW_SIZE), np.uint8)
+                kept = ~since  # bytes written since the mark may be in flight
+                assert (now[kept] == np.frombuffer(then, np.uint8)[kept]).all()
+            elif step[0] == "send_before":
+                w.send_before(step[1])
+            else:
+                block, count, fill, _flush = step
+                off = block * ALIGN
+                length = min(count * ALIGN * 8, OW_SIZE - off)
+                data = bytes([fill]) * length
+                w.write(data, off)
+                model[off:off + length] = data
+                for _m, _then, since in touched_since:
+                    since[off:off + length] = True
+        w.flush()
+        assert w.completed == w.operations
+        w.close()
+        assert img.read(0, OW_SIZE) == model
+    finally:
+        img.close()
+        _drop(rbd_io, name)
+
+
+def test_object_writer_reached_waits_for_every_operation_before_the_mark(rbd_io):
+    """A mark just made has its operations in flight: ``reached`` without waiting may
+    say no, with ``wait`` it returns only once all of them completed (reaped)."""
+    name, img = _fresh(rbd_io, 3 * OBJ)
+    try:
+        w = img.object_writer()
+        # A full cycle's chunks in offset order, with a hole (a zero run it skips) in
+        # object 0, which is never whole: it goes once the stream passes it; object 1
+        # goes whole; object 2 (three chunks of four) is still gathered.
+        for off in range(0, 3 * OBJ - (1 << 20), 1 << 20):
+            w.send_before(off)
+            if off != 1 << 20:
+                w.write(bytes([off >> 20]) * (1 << 20), off)
+        assert w.operations == 2
+        mark = w.mark()
+        assert mark == w.operations == 3
+        answer = w.reached(mark)
+        assert answer is (w.completed >= mark)
+        assert w.reached(mark, True) is True and w.completed == 3
+        w.write(b"\x07" * 4096, 0)  # after the mark: a fourth operation, not part of it
+        later = w.mark()
+        assert later == 4 and w.reached(mark) is True
+        w.flush()
+        w.close()
+        assert img.read(0, 4096) == b"\x07" * 4096
+        assert img.read(1 << 20, 1 << 20) == bytes(1 << 20)
+        assert img.read(2 * OBJ, 1 << 20) == bytes([8]) * (1 << 20)
+    finally:
+        img.close()
+        _drop(rbd_io, name)

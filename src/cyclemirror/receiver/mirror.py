@@ -15,7 +15,11 @@ and its staging logs, with its images in a backend (``backend``): raw images
   receive    -> every record was already verified by the session (frame
                 checksums); it is written, not yet acknowledged.
   checkpoint -> fdatasync, then state.pending.chunks = N: the source may
-                resume after chunk N, and we say so in an ack.
+                resume after chunk N, and we say so in an ack.  A full
+                cycle into RBD checkpoints asynchronously
+                (``checkpoint_mark``, ``checkpoint_reached``): receiving
+                goes on while the cluster makes the marked writes durable;
+                the state and the ack follow once it has.
   commit     -> all chunks present: state.committed (the commit point).  From
                 here the cycle is as good as applied: recovery finishes it.
   apply      -> redo: a delta is replayed from staging into the images, a full
@@ -446,6 +450,48 @@ class Mirror:
             p.chunks = self._received
             self._save()
         return p.chunks
+
+    def can_checkpoint_async(self) -> bool:
+        """Whether the cycle in flight can use ``checkpoint_mark`` (a full cycle into
+        images whose writers can mark: RBD images with an object writer)."""
+        p = self.state.pending
+        return bool(p is not None and p.full and self._new_images
+                    and all(getattr(image, "can_mark", False) for image in self._new_images))
+
+    def checkpoint_mark(self):
+        """Start a checkpoint without waiting for it: a token for ``checkpoint_reached``,
+        or None where this cycle cannot (a delta's staging log, an image with no
+        object writer: ``checkpoint`` then).
+
+        A full cycle into RBD images: everything received so far is sent to the
+        cluster and marked; the writes that follow go on meanwhile.  Called by
+        the thread that writes (the session's write-behind thread).
+        """
+        p = self.state.pending
+        if p is None or not p.full or not self._new_images:
+            return None
+        marks = []
+        for image in self._new_images:
+            mark = image.sync_mark() if getattr(image, "can_mark", False) else None
+            if mark is None:
+                return None
+            marks.append(mark)
+        return self._received, marks
+
+    def checkpoint_reached(self, token, wait: bool = False) -> int | None:
+        """The chunk count of ``token`` once everything it marked is durable (the state
+        then says so, and the caller may acknowledge it), else None; ``wait``: wait for
+        it.  A write that failed is raised.  Same thread as ``checkpoint_mark``."""
+        received, marks = token
+        for image, mark in zip(self._new_images, marks, strict=True):
+            if not image.sync_reached(mark, wait):
+                return None
+        p = self.state.pending
+        with self._state_lock:
+            if p.chunks < received:
+                p.chunks = received
+                self._save()
+        return received
 
     def commit(self, cycle: int, chunks: int) -> contextlib.ExitStack:
         """All chunks sent: make the cycle committed (recovery will finish its apply).

@@ -13,7 +13,10 @@ says what was wrong; whatever was staged stays unapplied (and resumable).
 
 Acknowledgements: after each ``ACK_BYTES`` of payload or ``ACK_SECONDS``,
 the mirror is checkpointed (fdatasync + state) and an ``ack`` goes back, so
-the source can resume an interrupted cycle after the last acked chunk.
+the source can resume an interrupted cycle after the last acked chunk.  A
+full cycle into RBD checkpoints without stopping to read: the write-behind
+thread acks once the cluster has made the marked chunks durable
+(``WriteBehind``).
 
 Pipelining (protocol 2): at ``end`` the cycle is committed and ``committed``
 goes back at once; the apply runs in the mirror's apply thread, which sends
@@ -81,33 +84,95 @@ class WriteBehind:
     ``drain()`` (wait for every queued write, re-raise a failure) before it
     touches the mirror itself (checkpoint, finish).  The queue is bounded, so
     a slow disk pushes back on the source through TCP.
+
+    Asynchronous checkpoints (a full cycle into RBD: ``Mirror.checkpoint_mark``):
+    ``checkpoint()`` queues a mark behind the chunks put so far and returns
+    False at once (True: this cycle cannot, the caller checkpoints the usual
+    way).  This thread sends the marked writes to the cluster and goes on
+    writing; once they are durable (polled between batches, and while the
+    queue is idle) the state records the checkpoint and ``on_durable(chunks)``
+    sends the ack.  A chunk is acknowledged only when durable, as before, but
+    the session never stops reading for a flush.  ``drain()`` also waits for
+    every mark (so the session may touch the mirror after it).
     """
 
     DEPTH = 8
     BATCH_BYTES = 1 << 20
     BATCH_COUNT = 256
+    POLL_SECONDS = 0.02  # how often an idle writer looks at marks in flight
 
-    def __init__(self, mirror: Mirror):
+    _MARK = object()
+    _SETTLE = object()
+
+    def __init__(self, mirror: Mirror, on_durable=None):
         self.mirror = mirror
+        self.on_durable = on_durable
         self.queue: queue.Queue = queue.Queue(self.DEPTH)
         self.error: BaseException | None = None
         self._batch: list[tuple] = []
         self._batch_bytes = 0
+        self._marks: list = []  # checkpoint tokens in flight, oldest first (this thread's)
+        self._can_mark = on_durable is not None
         self.thread = threading.Thread(target=self._run, daemon=True, name="target-writer")
         self.thread.start()
 
     def _run(self) -> None:
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=self.POLL_SECONDS if self._marks else None)
+            except queue.Empty:
+                self._poll_marks(False)
+                continue
             try:
                 if item is None:
                     return
                 if self.error is None:
-                    self.mirror.receive_batch(item)
+                    if item is self._MARK:
+                        self._mark()
+                    elif item is self._SETTLE:
+                        self._poll_marks(True)
+                    else:
+                        self.mirror.receive_batch(item)
+                        self._poll_marks(False)
             except BaseException as exc:  # noqa: BLE001 - re-raised by put/drain
                 self.error = exc
+                self._marks = []
             finally:
                 self.queue.task_done()
+
+    def _mark(self) -> None:
+        token = self.mirror.checkpoint_mark()
+        if token is None:  # cannot mark after all: a checkpoint here, the usual way
+            self.on_durable(self.mirror.checkpoint())
+            return
+        self._marks.append(token)
+
+    def _poll_marks(self, wait: bool) -> None:
+        """Record and ack the newest mark that is durable (``wait``: wait for all)."""
+        durable = None
+        try:
+            while self._marks and self.error is None:
+                chunks = self.mirror.checkpoint_reached(self._marks[0], wait)
+                if chunks is None:
+                    break
+                self._marks.pop(0)
+                durable = chunks
+            if durable is not None:
+                self.on_durable(durable)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by put/drain
+            self.error = exc
+            self._marks = []
+
+    def checkpoint(self) -> bool:
+        """Queue an asynchronous checkpoint; True if the caller must checkpoint itself
+        (after ``drain()``): made without ``on_durable`` (a delta, file images...)."""
+        if not self._can_mark:
+            return True
+        if self.error is not None:
+            raise self.error
+        self._flush()
+        self.queue.put(self._MARK)
+        return False
 
     def put(self, chunk) -> None:
         """Queue one chunk; small ones travel to the thread in batches (one handoff each)."""
@@ -125,11 +190,15 @@ class WriteBehind:
 
     def drain(self) -> None:
         self._flush()
+        self.queue.put(self._SETTLE)  # marks in flight: durable and acknowledged first
         self.queue.join()
         if self.error is not None:
             raise self.error
 
     def close(self) -> None:
+        """Stop the thread; marks in flight are waited for and recorded first (unless a
+        write failed), so a connection lost mid-cycle resumes after them."""
+        self.queue.put(self._SETTLE)
         self.queue.put(None)
         self.thread.join()
 
@@ -293,7 +362,11 @@ class Session:
         log.debug("mirror %s: cycle %d begun", mirror.state.mirror, cycle)
         member = 0
         unacked_bytes, last_ack = 0, time.monotonic()
-        writer = WriteBehind(mirror)
+        ack = None
+        if mirror.can_checkpoint_async():
+            def ack(n: int) -> None:
+                self.link.send_message("ack", cycle=cycle, chunks=n)
+        writer = WriteBehind(mirror, ack)
         try:
             self._receive_frames(cycle, mirror, writer, member, unacked_bytes, last_ack)
         finally:
@@ -344,8 +417,9 @@ class Session:
             unacked_bytes += header.raw_length if kind in (REC_DATA, REC_SCATTER) else 0
             now = time.monotonic()
             if unacked_bytes >= ACK_BYTES or now - last_ack >= ACK_SECONDS:
-                writer.drain()
-                self.link.send_message("ack", cycle=cycle, chunks=mirror.checkpoint())
+                if writer.checkpoint():  # else the writer acks once the mark is durable
+                    writer.drain()
+                    self.link.send_message("ack", cycle=cycle, chunks=mirror.checkpoint())
                 unacked_bytes, last_ack = 0, now
 
     def _tell_applied(self, mirror: Mirror) -> None:
