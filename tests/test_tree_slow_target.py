@@ -30,7 +30,9 @@ from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume
 def rig(btrfs_mount, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("btrfs snapshots need root")
-    root = os.path.join(btrfs_mount, "slow-target-" + tmp_path.name)
+    # short: the daemons' control sockets live under it (a Unix socket path is < 108
+    # bytes, and under xdist the mount's own path is longer)
+    root = os.path.join(btrfs_mount, f"slow-{os.getpid()}-{abs(hash(tmp_path.name)) % 10**6}")
     os.makedirs(root)
     key = make_key(os.path.join(root, "key"))
     started = []

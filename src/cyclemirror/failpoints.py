@@ -32,6 +32,9 @@ KNOWN: dict[str, str] = {
     "receiver.apply_resized": "sleep after a delta's redo set the images to the cycle's new "
                               "sizes, before its records are replayed (receiver/mirror.py), so "
                               "a kill -9 lands between a resize and the data",
+    "receiver.commit": "sleep after a cycle's 'end' arrived, before the target commits it "
+                       "(receiver/session.py): a target that takes the bytes and never "
+                       "commits (a hung disk)",
     "promote.prepared": "sleep in a promotion after the image was recovered and checked, before "
                         "its commit point (receiver/promote.py)",
     "promote.recorded": "sleep after each role record a promotion writes (receiver/promote.py), "

@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from cyclemirror import failpoints
 from cyclemirror._cext import frames
 from cyclemirror.errors import (
     ConnectionLostError,
@@ -387,6 +388,7 @@ class Session:
                 writer.drain()
                 log.debug("mirror %s: cycle %d received, %d chunks; committing",
                           mirror.state.mirror, cycle, msg["chunks"])
+                failpoints.hit("receiver.commit")
                 hold = mirror.commit(cycle, msg["chunks"])
                 log.debug("mirror %s: cycle %d committed", mirror.state.mirror, cycle)
                 if self.server.on_committed is not None:

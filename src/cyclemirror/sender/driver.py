@@ -32,7 +32,9 @@ a second one merges and frees what the first is done with.
   compresses and checksums each chunk once (``shipping.cycle_frames``) and
   feeds a bounded queue per target; each target has its own sender thread and
   link, so one slow target cannot hold the others (a queue that stays full for
-  ``stall_timeout`` drops that target from the cycle).
+  ``stall_timeout``, the link timeout, drops that target from the cycle, and so
+  does a commit that has not come that long after another target's: a stopped
+  target's kernel still takes the bytes, so only the missing commit shows it).
 * Faults: temporary errors (lost connection, timeouts) are retried with
   exponential backoff; the retry resumes the cycle after the target's last
   acknowledged chunk.  Permanent ones (bad key, size mismatch, protocol
@@ -88,7 +90,7 @@ from cyclemirror.sender.persist import DriverState
 from cyclemirror.sender.prepack import Prepack
 from cyclemirror.sender.ratelimit import RateLimiter, SharedRate
 from cyclemirror.store.fileobject import resized_bitmap
-from cyclemirror.wire import messages
+from cyclemirror.wire import messages, sockio
 from cyclemirror.wire.handshake import TlsConfig
 from cyclemirror.wire.link import RemoteError
 
@@ -122,7 +124,9 @@ class MirrorOptions:
     retry_initial: float = 0.2
     retry_max: float = 30.0
     apply_timeout: float = 3600.0
-    stall_timeout: float = 60.0
+    # A target that takes no data, or has not committed a cycle this long after another
+    # target did, is dropped from the cycle (it catches up later): the link timeout.
+    stall_timeout: float = field(default_factory=sockio.link_timeout)
     dial_grace: float = 3.0  # how long a cycle waits for targets being dialled
     queue_frames: int = 32  # lists of frames (each ~SEND_BATCH_BYTES, or one big frame) per target
     on_frozen: object = None  # callable(frozen, reader): the daemon's/tests' hook
@@ -1128,18 +1132,71 @@ class MirrorDriver:
             t.start()
         for t in threads:
             t.join()
-        for r in ready:
-            link = r.link
-            if r.ok or link is None:  # None: its sender failed and reported why
-                continue
+        self._wait_commits(c, frozen, [r for r in ready if not r.ok and r.link is not None])
+
+    def _wait_commits(self, c: int, frozen, waiting: list[OutgoingTarget]) -> None:
+        """Wait for each target's commit of cycle ``c``, all at once.
+
+        A target that has not committed ``stall_timeout`` seconds after another one did
+        (stopped, hung on its disk: its kernel still takes the bytes) is dropped from
+        the cycle like a failed one, so it holds up nobody else: its owed set keeps the
+        cycle's blocks and a later cycle catches it up (a retry resumes after the chunks
+        it acknowledged).  Alone, or with every target as slow, the wait is
+        ``apply_timeout``.  State is recorded here, on the cycle's thread, in order."""
+        if not waiting:
+            return
+        self._set_phase("applying")
+        done: dict[str, tuple[BaseException | None, float]] = {}
+        cond = threading.Condition()
+
+        def wait(r: OutgoingTarget, link) -> None:
+            t0 = time.monotonic()
             try:
-                r.phase = "applying"
-                self._set_phase("applying")
-                t0 = time.monotonic()
                 link.wait_committed(c, self.options.apply_timeout)
-                self._committed(r, frozen, time.monotonic() - t0)
-            except BaseException as exc:  # noqa: BLE001
-                self._failed(r, exc)
+                result = (None, time.monotonic() - t0)
+            except BaseException as exc:  # noqa: BLE001 - recorded below
+                result = (exc, 0.0)
+            with cond:
+                done[r.label] = result
+                cond.notify_all()
+
+        threads = []
+        for r in waiting:
+            r.phase = "applying"
+            threads.append(threading.Thread(target=wait, args=(r, r.link), daemon=True,
+                                            name=f"commit-{self.volume.name}-{r.label}"))
+        for t in threads:
+            t.start()
+        stragglers: list[OutgoingTarget] = []
+        handled: set[str] = set()
+        first = None
+        while len(handled) < len(waiting):
+            with cond:
+                while not set(done) - handled:
+                    if first is not None and \
+                            time.monotonic() - first >= self.options.stall_timeout:
+                        break
+                    cond.wait(0.5 if first is None else
+                              max(0.01, first + self.options.stall_timeout - time.monotonic()))
+                new = [r for r in waiting if r.label in done and r.label not in handled]
+            if not new:  # the others' grace is over
+                stragglers = [r for r in waiting if r.label not in handled]
+                break
+            for r in new:  # recorded as each comes: a sync to that target returns
+                handled.add(r.label)
+                exc, seconds = done[r.label]
+                if exc is None:
+                    first = first or time.monotonic()
+                    self._committed(r, frozen, seconds)
+                else:
+                    self._failed(r, exc)
+        for r in stragglers:
+            r.drop_link()  # its wait ends with the closed link
+            self._failed(r, DeadlineError(
+                f"target {r.label} had not committed cycle {c} {self.options.stall_timeout:g}"
+                " s after another target did; it will catch up in a later cycle"))
+        for t in threads:
+            t.join()
 
     def _needs_dial(self, r: OutgoingTarget) -> bool:
         return not (r.link is not None and r.link.failure is None
@@ -1275,8 +1332,10 @@ class MirrorDriver:
             link.link.send_message("size", cycle=c, index=0, size=size)
         link.link.send_message("begin", cycle=c, freeze_time=frozen.freeze_time, full=full,
                                resume_from=r.resume_from)
-        got = link.wait_for(lambda: link.acked[0] == c and link.acked, 30.0,
-                            f"the start of cycle {c}")
+        # Targets are prepared one after the other: a stopped one holds the cycle up
+        # for this long at most (the link timeout, if shorter than 30 s).
+        got = link.wait_for(lambda: link.acked[0] == c and link.acked,
+                            min(30.0, self.options.stall_timeout), f"the start of cycle {c}")
         if got[1] != r.resume_from:
             raise StoreError(f"target {r.label} resumed at chunk {got[1]}, "
                              f"asked {r.resume_from}")

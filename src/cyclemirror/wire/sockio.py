@@ -46,6 +46,11 @@ def set_link_timeout(seconds: float) -> None:
     _timings.update(link_timings(seconds))
 
 
+def link_timeout() -> float:
+    """The link timeout in force, in seconds (what ``set_link_timeout`` set)."""
+    return _timings["TCP_USER_TIMEOUT"] / 1000
+
+
 def tune_link(sock: socket.socket) -> None:
     """No Nagle delay, keepalive probes, and a bound on unacknowledged data (Linux)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
