@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -61,6 +62,7 @@ from cyclemirror.store import btrfsioctl, cowfs
 HASH_BLOCK = 4096
 HASH_SPAN = 64 << 20  # bytes hashed per call
 PROVE_SMALL = 64 << 10  # changed spans up to this size are compared by their bytes
+COMPARE_THREADS = 8  # changed files compared at once (the kernel does most of the work)
 
 
 class Entry(NamedTuple):
@@ -415,6 +417,7 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
     # 3. regular files: one content op per inode, at its first name
     links: list[TreeOp] = []
     metas: list[TreeOp] = []
+    plan = []  # (ino, names, base, compare): base None for a new file
     for ino, names in new_names.items():
         first, n = names[0], new[names[0]]
         base = None
@@ -422,6 +425,19 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
             base = first if first in old_names[ino] else old_names[ino][0]
         elif first in old and old[first].kind == "file":
             base = first  # replaced by a new file (write and rename over): compare anyway
+        # The same inode, untouched since the last freeze: the same lstat (a snapshot
+        # keeps the inode) and btrfs wrote nothing of it since.  The same ctime alone
+        # is not enough: a write's ctime can go into one snapshot and its bytes into
+        # the next (see tree_delta).
+        compare = base is not None and not (
+            base == first and old[base] == n and written_inos is not None
+            and ino not in written_inos)
+        plan.append((ino, names, base, compare))
+    compared = _compare_all([(os.path.join(old_root, base), os.path.join(new_root, names[0]),
+                              new[names[0]].size, maps, (old[base].ino, ino))
+                             for ino, names, base, compare in plan if compare])
+    for ino, names, base, compare in plan:
+        first, n = names[0], new[names[0]]
         written = True
         if base is None:
             op = _op("file", first, n)
@@ -430,18 +446,11 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
                 else _data_ranges(os.path.join(new_root, first), n.size)
             delta.methods["new"] = delta.methods.get("new", 0) + 1
             ops.append(op)
-        elif base == first and old[base] == n and written_inos is not None \
-                and ino not in written_inos:
-            # The same inode, untouched since the last freeze: the same lstat (a
-            # snapshot keeps the inode) and btrfs wrote nothing of it since.  The same
-            # ctime alone is not enough: a write's ctime can go into one snapshot and
-            # its bytes into the next (see tree_delta).
+        elif not compare:
             written = False
         else:
             o = old[base]
-            data, zero, method = changed_content(os.path.join(old_root, base),
-                                                 os.path.join(new_root, first), n.size,
-                                                 maps, (o.ino, ino))
+            data, zero, method = next(compared)
             same_inode = old.get(first) is not None and old[first].ino == ino
             if data or zero or o.size != n.size or base != first or not same_inode:
                 op = _op("patch", first, n, base)
@@ -476,6 +485,25 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
     # 5. further names of inodes, 6. metadata only
     ops.extend(links)
     ops.extend(metas)
+
+
+def _compare_all(jobs: list[tuple]) -> Iterator[tuple]:
+    """``changed_content(*job)`` of each job, in order.  Many are compared by
+    ``COMPARE_THREADS`` threads at once: a comparison mostly waits on the kernel (tree
+    searches, reads of both versions), which lets go of the GIL, so a cycle of many
+    changed files takes a fraction of the time one after the other does.  The first
+    failure (in the jobs' order) is raised, as the loop one by one would."""
+    if len(jobs) < 2 * COMPARE_THREADS:
+        return (changed_content(*job) for job in jobs)
+    with ThreadPoolExecutor(COMPARE_THREADS, thread_name_prefix="tree-compare") as pool:
+        futures = [pool.submit(changed_content, *job) for job in jobs]
+        try:
+            results = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return iter(results)
 
 
 class _Unsure(Exception):
