@@ -156,6 +156,21 @@ def test_a_random_history_searched_equals_walked(btrfs_mount, tmp_path, seed):
         delete_subvolumes(area)
 
 
+@pytest.mark.parametrize("seed", [45, 46])
+def test_a_random_history_compared_by_threads_equals_walked(btrfs_mount, tmp_path, seed,
+                                                             monkeypatch):
+    """Two compare threads, so that four or more changed files are compared, and paths
+    restat'ed ahead, by the pool (``treediff._compare_all``, ``_restat_ahead``): the
+    same ops as the full walk, and the target equal to the source."""
+    monkeypatch.setattr(treediff, "COMPARE_THREADS", 2)
+    area = os.path.join(btrfs_mount, "st-" + tmp_path.name)
+    os.makedirs(area)
+    try:
+        history(area, tmp_path, seed, 4)
+    finally:
+        delete_subvolumes(area)
+
+
 @pytest.mark.parametrize("seed", [41, 42])
 def test_a_random_history_on_compressed_btrfs_searched_equals_walked(btrfs_zstd_mount,
                                                                       tmp_path, seed):
