@@ -98,6 +98,10 @@ def check_cycle(obj, mirror) -> treediff.TreeDelta:
     if k > 1:
         old, new = obj.snapshot_path(k - 1), obj.snapshot_path(k)
         full = treediff.tree_delta(old, new, search=False)
+        # the inodes written after the old snapshot, from the search's own pass, are
+        # what a search of their own (from the next transaction) says
+        assert treediff._search_walk(old, new, treediff.walk(old))[2] == \
+            treediff._written_since(old, new)
     delta = ship(obj, k, mirror)
     assert_mirrored(obj.snapshot_path(k), mirror.path)
     if k > 1:

@@ -291,13 +291,14 @@ def tree_delta(old_root: str | None, new_root: str,
             new = None
             if search:
                 try:
-                    new, cand = _search_walk(old_root, new_root, old)
+                    new, cand, written = _search_walk(old_root, new_root, old)
                 except _Unsure as exc:
                     why = f" ({exc})"
             if new is None:
                 new = walk(new_root)
                 new.how = "walk" + (why if search else "")
-        written = _written_since(old_root, new_root)
+        if written is None:
+            written = _written_since(old_root, new_root)
     delta = TreeDelta([], sorted(new.others), new_walk=new)
     maps = _ItemMaps.open(old_root, new_root) if new.how == "search" else None
     try:
@@ -538,15 +539,16 @@ def _snapshot_infos(ofd: int, nfd: int):
     return oi, ni
 
 
-def _changed_since(nfd: int, oi, ni, after: int = 0) -> set[int]:
+def _changed_since(nfd: int, oi, ni, after: int = 0, later: set[int] | None = None
+                   ) -> set[int]:
     """``btrfsioctl.changed_inodes`` of snapshot ``nfd`` since the transaction that
-    made the snapshot of ``oi`` (``after`` 1: since the one after it); _Unsure where
-    btrfs cannot say."""
+    made the snapshot of ``oi`` (``after`` 1: since the one after it; ``later`` gets
+    those of after 1 from the same search); _Unsure where btrfs cannot say."""
     if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
             or ni.otransid <= oi.otransid:
         raise _Unsure("not two snapshots of one subvolume, in order")
     try:
-        return btrfsioctl.changed_inodes(nfd, oi.otransid + after)
+        return btrfsioctl.changed_inodes(nfd, oi.otransid + after, later)
     except OSError as exc:
         raise _Unsure(f"tree search: {exc.strerror}") from None
     except ValueError as exc:
@@ -578,9 +580,11 @@ def _written_since(old_root: str, new_root: str) -> set[int] | None:
         os.close(nfd)
 
 
-def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str]]:
+def _search_walk(old_root: str, new_root: str, old: Walk
+                 ) -> tuple[Walk, set[str], set[int]]:
     """``walk(new_root)`` from ``old`` (``walk(old_root)``) and what btrfs says changed,
-    and the paths whose entries may differ.  Raises _Unsure where it cannot vouch.
+    the paths whose entries may differ, and ``_written_since(old_root, new_root)``
+    (from the same search).  Raises _Unsure where it cannot vouch.
 
     Both must be read-only snapshots of one subvolume, ``old`` the walk of
     ``old_root``.  Every inode whose inode item or entries were written in the
@@ -598,12 +602,13 @@ def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str
         oi, ni = _snapshot_infos(ofd, nfd)
         if not old.snapshot or old.snapshot != _snapshot_id(oi):
             raise _Unsure("the walk kept is not of the previous snapshot")
-        changed = _changed_since(nfd, oi, ni)
+        written: set[int] = set()
+        changed = _changed_since(nfd, oi, ni, later=written)
         new = old.copy()
         new.snapshot, new.how = _snapshot_id(ni), "search"
         cand: set[str] = set()
         _apply_changes(old_root, new_root, old, new, changed, cand)
-        return new, cand
+        return new, cand, written
     finally:
         os.close(ofd)
         os.close(nfd)
