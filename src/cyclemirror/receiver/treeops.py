@@ -402,12 +402,14 @@ class _Apply:
                 try:
                     if kind == "patch" and not in_place:
                         self._clone_ref(msg, fd)
-                    if not in_place or os.fstat(fd).st_size != msg["size"]:
-                        os.ftruncate(fd, msg["size"])  # a transaction, even to the same size
+                    # a transaction, even to the same size; with the file's writes
+                    grow = not in_place or os.fstat(fd).st_size != msg["size"]
                 except BaseException:
                     os.close(fd)
                     raise
                 self.open_file = (fd, msg)
+                if grow:
+                    self._run(_truncate, msg["size"], None, 0)
             elif kind == "symlink":
                 self._clear(pfd, leaf, msg)
                 os.symlink(msg["ref"], leaf, dir_fd=pfd)
@@ -516,17 +518,18 @@ class _Apply:
         self._run(punch_zeroes, offset, length, 0)
 
     def _run(self, fn, offset: int, arg, size: int) -> None:
-        """One run of the open file: held for the pool while the file's runs are small
-        (``FILE_HELD`` bytes in all), else written here, in order, the held ones first."""
+        """One run of the open file (``_do_run``): held for the pool while the file's
+        runs are small (``FILE_HELD`` bytes in all), else done here, in order, the held
+        ones first."""
         if self.held is not None and self.held_bytes + size + RUN_COST <= FILE_HELD:
             self.held.append((fn, offset, arg))
             self.held_bytes += size + RUN_COST
             return
         fd = self.open_file[0]
         for f, off, a in self.held or ():
-            f(fd, a, off) if f is pwrite_all else f(fd, off, a)
+            _do_run(fd, f, off, a)
         self.held = None
-        fn(fd, arg, offset) if fn is pwrite_all else fn(fd, offset, arg)
+        _do_run(fd, fn, offset, arg)
 
     def finish_file(self) -> None:
         if self.open_file is None:
@@ -559,15 +562,25 @@ class _Apply:
         self.files.close()
 
 
+def _truncate(fd: int, size: int, _unused) -> None:
+    os.ftruncate(fd, size)
+
+
+def _do_run(fd: int, fn, offset: int, arg) -> None:
+    """One held run: ``pwrite_all`` of bytes ``arg`` at ``offset``, ``punch_zeroes`` of
+    ``arg`` bytes at ``offset``, or ``_truncate`` to size ``offset``."""
+    if fn is pwrite_all:
+        pwrite_all(fd, arg, offset)
+    else:
+        fn(fd, offset, arg)
+
+
 def _write_file(fd: int, runs: list[tuple], msg: dict, what: str) -> None:
-    """A file's held runs written in order, then its metadata (after the writes, which
-    move its mtime); the descriptor is closed either way."""
+    """A file's held runs done in order (its size set first), then its metadata (after
+    the writes, which move its mtime); the descriptor is closed either way."""
     try:
         for fn, offset, arg in runs:
-            if fn is pwrite_all:
-                pwrite_all(fd, arg, offset)
-            else:
-                fn(fd, offset, arg)
+            _do_run(fd, fn, offset, arg)
         if runs:
             start_writeback(fd)
         _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"],
