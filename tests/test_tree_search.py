@@ -401,3 +401,22 @@ def test_extent_maps_from_items_say_what_fiemap_says(request, tmp_path, fs):
         assert compared == 4 * len(files)
     finally:
         delete_subvolumes(area)
+
+
+def test_work_in_threads_keeps_the_order_and_every_failure(tmp_path):
+    """``treediff._in_threads`` (the compare and restat threads): the outcomes in the
+    items' order, each failure in its place, whatever the threads' count."""
+    paths = []
+    for i in range(23):
+        p = tmp_path / f"f{i}"
+        if i % 5 != 3:
+            p.write_bytes(b"x" * i)
+        paths.append((str(p),))
+    for threads in (1, 4, 8, 40):
+        out = treediff._in_threads(os.stat, paths, threads, "test")
+        for i, r in enumerate(out):
+            if i % 5 == 3:
+                assert isinstance(r, treediff._Failed)
+                assert isinstance(r.exc, FileNotFoundError)
+            else:
+                assert r.st_size == i

@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -488,6 +489,33 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
     ops.extend(metas)
 
 
+class _Failed(NamedTuple):
+    exc: BaseException
+
+
+def _in_threads(fn, items: list, threads: int, name: str) -> list:
+    """``fn(*item)`` of every item by ``threads`` threads, each taking every
+    ``threads``-th item in turn: the outcomes in the items' order, a ``_Failed`` where
+    one raised.  One job per thread, not per item: a pool's future per item costs more
+    in locks and GIL hand-offs than a small item's work."""
+    out: list = [None] * len(items)
+
+    def work(start: int) -> None:
+        for i in range(start, len(items), threads):
+            try:
+                out[i] = fn(*items[i])
+            except BaseException as exc:  # noqa: BLE001 - the caller raises it in order
+                out[i] = _Failed(exc)
+
+    ts = [threading.Thread(target=work, args=(n,), name=f"{name}-{n}", daemon=True)
+          for n in range(min(threads, len(items)))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return out
+
+
 def _compare_all(jobs: list[tuple]) -> Iterator[tuple]:
     """``changed_content(*job)`` of each job, in order.  Many are compared by
     ``COMPARE_THREADS`` threads at once: a comparison mostly waits on the kernel (tree
@@ -496,15 +524,11 @@ def _compare_all(jobs: list[tuple]) -> Iterator[tuple]:
     failure (in the jobs' order) is raised, as the loop one by one would."""
     if len(jobs) < 2 * COMPARE_THREADS:
         return (changed_content(*job) for job in jobs)
-    with ThreadPoolExecutor(COMPARE_THREADS, thread_name_prefix="tree-compare") as pool:
-        futures = [pool.submit(changed_content, *job) for job in jobs]
-        try:
-            results = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    return iter(results)
+    out = _in_threads(changed_content, jobs, COMPARE_THREADS, "tree-compare")
+    for r in out:
+        if isinstance(r, _Failed):
+            raise r.exc
+    return iter(out)
 
 
 class _Unsure(Exception):
@@ -716,14 +740,8 @@ def _restat_ahead(restat, paths: list[tuple[str, int]]) -> dict:
     if len(paths) < 2 * COMPARE_THREADS:
         return {}
 
-    def one(item):
-        try:
-            return restat(*item)
-        except Exception as exc:  # noqa: BLE001 - raised where the loop gets to it
-            return exc
-
-    with ThreadPoolExecutor(COMPARE_THREADS, thread_name_prefix="tree-restat") as pool:
-        return dict(zip((p for p, _ in paths), pool.map(one, paths), strict=True))
+    out = _in_threads(restat, paths, COMPARE_THREADS, "tree-restat")
+    return {p: r.exc if isinstance(r, _Failed) else r for (p, _), r in zip(paths, out, strict=True)}
 
 
 def _open(path: str) -> int:
