@@ -163,9 +163,9 @@ def test_a_random_history_searched_equals_walked(btrfs_mount, tmp_path, seed):
 @pytest.mark.parametrize("seed", [45, 46])
 def test_a_random_history_compared_by_threads_equals_walked(btrfs_mount, tmp_path, seed,
                                                              monkeypatch):
-    """Two compare threads, so that four or more changed files are compared, and paths
-    restat'ed ahead, by the pool (``treediff._compare_all``, ``_restat_ahead``): the
-    same ops as the full walk, and the target equal to the source."""
+    """Two compare threads, so that four or more changed files are compared by threads
+    (``treediff._compare_all``): the same ops as the full walk, and the target equal
+    to the source."""
     monkeypatch.setattr(treediff, "COMPARE_THREADS", 2)
     area = os.path.join(btrfs_mount, "st-" + tmp_path.name)
     os.makedirs(area)
@@ -404,7 +404,7 @@ def test_extent_maps_from_items_say_what_fiemap_says(request, tmp_path, fs):
 
 
 def test_work_in_threads_keeps_the_order_and_every_failure(tmp_path):
-    """``treediff._in_threads`` (the compare and restat threads): the outcomes in the
+    """``treediff._in_threads`` (the compare threads): the outcomes in the
     items' order, each failure in its place, whatever the threads' count."""
     paths = []
     for i in range(23):

@@ -702,16 +702,11 @@ def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: 
     if e != new["."]:
         new.put(".", e)
     cand.add(".")
-    ahead = _restat_ahead(restat, [(p, old[p].ino) for p in work if p != "."])
     for p in work:
         if under_dropped(p):
             continue
         o = old[p]
-        e = ahead.get(p) if p != "." else new["."]
-        if isinstance(e, BaseException):
-            raise e
-        if e is None:
-            e = restat(p, o.ino)
+        e = restat(p, o.ino) if p != "." else new["."]
         if e != new[p]:
             new.put(p, e)
         cand.add(p)
@@ -729,19 +724,6 @@ def _apply_changes(old_root: str, new_root: str, old: Walk, new: Walk, changed: 
         for name, ino in now.items():
             if was.get(name) != ino:
                 bring_in(_utf8(prefix + name, new_root))
-
-
-def _restat_ahead(restat, paths: list[tuple[str, int]]) -> dict:
-    """``restat(path, ino)`` of many paths by ``COMPARE_THREADS`` threads at once (an
-    lstat and the extended attributes of an inode of a snapshot nobody looked at yet
-    wait on the kernel's reads): path -> Entry, or the exception it raised, which the
-    caller raises only if it gets to that path (one under a directory taken out is
-    skipped, as it was never looked at).  Few paths: nothing ahead (the caller restats)."""
-    if len(paths) < 2 * COMPARE_THREADS:
-        return {}
-
-    out = _in_threads(restat, paths, COMPARE_THREADS, "tree-restat")
-    return {p: r.exc if isinstance(r, _Failed) else r for (p, _), r in zip(paths, out, strict=True)}
 
 
 def _open(path: str) -> int:
