@@ -66,9 +66,11 @@ cdef str _what(uint32_t typ):
 
 
 def scan_items(const uint8_t[::1] buf, Py_ssize_t nr_items, uint64_t min_transid,
-               set changed):
+               set changed, set later=None):
     """Add to ``changed`` the inodes the first ``nr_items`` records of ``buf`` say
-    changed at or after ``min_transid``; return ``(items, last_key or None)``."""
+    changed at or after ``min_transid``, and to ``later`` (if given) those they say
+    changed after it (what a scan from ``min_transid + 1`` adds to ``changed``);
+    return ``(items, last_key or None)``."""
     if nr_items < 0:
         raise ValueError(f"nr_items must be >= 0, got {nr_items}")
     cdef Py_ssize_t size = buf.shape[0]
@@ -77,7 +79,8 @@ def scan_items(const uint8_t[::1] buf, Py_ssize_t nr_items, uint64_t min_transid
     cdef uint64_t objectid = 0, offset = 0
     cdef uint32_t typ = 0, length
     cdef uint16_t name_len, data_len
-    cdef bint hit
+    cdef bint hit, hit_later
+    cdef uint64_t t
     for i in range(nr_items):
         if size - pos < HEADER:
             raise ValueError(f"search buffer: record {i} header runs past the "
@@ -91,11 +94,13 @@ def scan_items(const uint8_t[::1] buf, Py_ssize_t nr_items, uint64_t min_transid
             raise ValueError(f"search buffer: record {i} ({length} bytes) runs past the "
                              f"{size}-byte buffer at {pos}")
         end = pos + length
-        hit = False
+        hit = hit_later = False
         if typ == INODE_ITEM:
             if length < 16:
                 raise ValueError(f"search buffer: inode item {objectid} is {length} bytes")
-            hit = _u64(b + pos + 8) >= min_transid
+            t = _u64(b + pos + 8)
+            hit = t >= min_transid
+            hit_later = t > min_transid
         elif typ == DIR_ITEM or typ == DIR_INDEX or typ == XATTR_ITEM:
             q = pos
             while q < end:
@@ -104,14 +109,19 @@ def scan_items(const uint8_t[::1] buf, Py_ssize_t nr_items, uint64_t min_transid
                                      "runs past its item")
                 data_len = _u16(b + q + 25)
                 name_len = _u16(b + q + 27)
-                if _u64(b + q + 17) >= min_transid:
+                t = _u64(b + q + 17)
+                if t >= min_transid:
                     hit = True
+                if t > min_transid:
+                    hit_later = True
                 q += DIR_ENTRY + name_len + data_len
                 if q > end:
                     raise ValueError(f"search buffer: {_what(typ)} {objectid}: an entry "
                                      "runs past its item")
         if hit:
             changed.add(objectid)
+        if hit_later and later is not None:
+            later.add(objectid)
         pos = end
     if nr_items == 0:
         return 0, None

@@ -52,13 +52,22 @@ def layout(recs) -> bytes:
 
 
 def both(buf: bytes, nr: int, since: int):
+    """Each scan's (answer, changed, later); ``later`` must be what a scan from
+    ``since + 1`` finds, and only those."""
     out = []
     for f in (btrfsitems.scan_items, btrfsitems_ref.scan_items):
         changed: set[int] = set()
+        later: set[int] = set()
         try:
-            out.append((f(buf, nr, since, changed), changed))
+            out.append((f(buf, nr, since, changed, later), changed, later))
         except ValueError:
             out.append(ValueError)
+            continue
+        if since + 1 < 1 << 64:
+            after: set[int] = set()
+            assert f(buf, nr, since + 1, after) == out[-1][0]
+            assert later == after
+        assert later <= changed
     return out
 
 
@@ -68,7 +77,7 @@ def test_well_formed_buffers_match_the_reference(recs, since):
     buf = layout(recs) + bytes(64)  # the kernel's buffer is larger than what it filled
     fast, ref = both(buf, len(recs), since)
     assert fast == ref
-    (n, last), changed = fast
+    (n, last), changed, _later = fast
     assert n == len(recs)
     assert last == (None if not recs else (recs[-1][1], recs[-1][3][0], recs[-1][2]))
     # every inode item at or after the threshold is found, none before it

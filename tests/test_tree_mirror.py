@@ -392,3 +392,45 @@ def test_a_next_stage_that_is_not_a_snapshot_of_the_mirror_is_not_used(area, tmp
     assert_same_tree(obj.snapshot_path(k), mirror.path)
     assert os.listdir(mirror.work) == ["state.json"]
     mirror.close()
+
+
+def test_file_writers_finish_every_file_and_raise_the_first_failure(tmp_path):
+    """The target's pool (``treeops.FileWriters``) writes each file's held runs and then
+    its metadata; a file whose write fails (here a descriptor opened read-only) fails
+    the cycle at ``wait``, the other files are still finished (grown, written, zeroed,
+    in that order), and every descriptor is closed either way."""
+    import errno
+
+    from cyclemirror.receiver import treeops
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    writers = treeops.FileWriters()
+    meta = {"mode": 0o640, "uid": os.getuid(), "gid": os.getgid(),
+            "mtime_ns": 1_500_000_000_123_456_789, "xattrs": ()}
+    paths = [str(tmp_path / f"f{i}") for i in range(20)]
+    for i, p in enumerate(paths):
+        with open(p, "wb") as fh:
+            fh.write(b"\1" * 2 * K)
+        flags = os.O_RDONLY if i == 7 else os.O_RDWR
+        fd = os.open(p, flags)
+        runs = [(treeops._truncate, 3 * K, None),
+                (treeops.pwrite_all, K, bytes([i + 2]) * K),
+                (treeops.punch_zeroes, 0, K)]
+        writers.submit(fd, runs, meta, f"file {i}")
+    with pytest.raises(OSError) as err:
+        writers.close(check=True)
+    assert err.value.errno in (errno.EBADF, errno.EINVAL)
+    assert fds() == before
+    for i, p in enumerate(paths):
+        with open(p, "rb") as fh:
+            body = fh.read()
+        if i == 7:
+            assert body == b"\1" * 2 * K
+            continue
+        assert body == b"\0" * K + bytes([i + 2]) * K + b"\0" * K
+        st = os.stat(p)
+        assert stat.S_IMODE(st.st_mode) == 0o640
+        assert st.st_mtime_ns == meta["mtime_ns"]

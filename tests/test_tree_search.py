@@ -98,6 +98,10 @@ def check_cycle(obj, mirror) -> treediff.TreeDelta:
     if k > 1:
         old, new = obj.snapshot_path(k - 1), obj.snapshot_path(k)
         full = treediff.tree_delta(old, new, search=False)
+        # the inodes written after the old snapshot, from the search's own pass, are
+        # what a search of their own (from the next transaction) says
+        assert treediff._search_walk(old, new, treediff.walk(old))[2] == \
+            treediff._written_since(old, new)
     delta = ship(obj, k, mirror)
     assert_mirrored(obj.snapshot_path(k), mirror.path)
     if k > 1:
@@ -152,6 +156,21 @@ def test_a_random_history_searched_equals_walked(btrfs_mount, tmp_path, seed):
     os.makedirs(area)
     try:
         history(area, tmp_path, seed, 6)
+    finally:
+        delete_subvolumes(area)
+
+
+@pytest.mark.parametrize("seed", [45, 46])
+def test_a_random_history_compared_by_threads_equals_walked(btrfs_mount, tmp_path, seed,
+                                                             monkeypatch):
+    """Two compare threads, so that four or more changed files are compared by threads
+    (``treediff._compare_all``): the same ops as the full walk, and the target equal
+    to the source."""
+    monkeypatch.setattr(treediff, "COMPARE_THREADS", 2)
+    area = os.path.join(btrfs_mount, "st-" + tmp_path.name)
+    os.makedirs(area)
+    try:
+        history(area, tmp_path, seed, 4)
     finally:
         delete_subvolumes(area)
 
@@ -382,3 +401,22 @@ def test_extent_maps_from_items_say_what_fiemap_says(request, tmp_path, fs):
         assert compared == 4 * len(files)
     finally:
         delete_subvolumes(area)
+
+
+def test_work_in_threads_keeps_the_order_and_every_failure(tmp_path):
+    """``treediff._in_threads`` (the compare threads): the outcomes in the
+    items' order, each failure in its place, whatever the threads' count."""
+    paths = []
+    for i in range(23):
+        p = tmp_path / f"f{i}"
+        if i % 5 != 3:
+            p.write_bytes(b"x" * i)
+        paths.append((str(p),))
+    for threads in (1, 4, 8, 40):
+        out = treediff._in_threads(os.stat, paths, threads, "test")
+        for i, r in enumerate(out):
+            if i % 5 == 3:
+                assert isinstance(r, treediff._Failed)
+                assert isinstance(r.exc, FileNotFoundError)
+            else:
+                assert r.st_size == i

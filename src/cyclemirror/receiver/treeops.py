@@ -23,7 +23,13 @@ A cycle is applied without ever touching ``ROOT/NAME``:
    stage file has no other name is written where it is, as that file is a
    copy of ``ref``); directory metadata is set last, deepest
    first, and directories whose own metadata did not change get their mtime
-   back.
+   back.  A file's small runs (up to ``FILE_HELD`` bytes in all) are written,
+   with its metadata after them, by a pool of threads (``FileWriters``) while
+   the next ops are read: a small write into a fresh snapshot mostly waits on
+   btrfs, so many files are written at once; each then starts its own
+   writeback (``sync_file_range``), which the ``syncfs`` below would
+   otherwise start for all of them at once.  Everything else waits for the
+   pool first.
 3. Everything is made durable (``syncfs``), the record ``pending`` =
    {cycle, identity of ``stage-K``: inode and subvolume id} is written, and
    ``renameat2(RENAME_EXCHANGE)`` swaps ``stage-K`` and ``ROOT/NAME`` in one
@@ -71,8 +77,14 @@ NEXT_PREFIX = "next-"  # next-A: a stage made ahead, a writable snapshot of cycl
 FICLONE = 0x40049409
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+SYNC_FILE_RANGE_WRITE = 2
 AT_FDCWD = -100
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+WRITER_THREADS = 8  # files of a cycle written at once (FileWriters)
+FILE_HELD = 1 << 20  # a file's runs up to this many bytes are written by the pool
+RUN_COST = 64  # what a held run counts on top of its bytes (a zero run has none)
+QUEUED_BYTES = 32 << 20  # held runs of files waiting for the pool, at most
+QUEUED_FILES = 64  # files waiting for the pool (each holds a descriptor), at most
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -86,6 +98,13 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), "syncfs")
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages out now (``sync_file_range`` WRITE: it does
+    not wait, and promises nothing), so the cycle's ``syncfs`` finds most of them on
+    their way instead of starting them all.  A hint only: a failure is ignored."""
+    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
 def dir_identity(fd: int) -> list[int]:
@@ -313,6 +332,11 @@ class _Apply:
         self.touched: dict[str, tuple[int, int]] = {}  # dir -> its (atime, mtime) before
         self.dir_meta: dict[str, dict] = {}
         self.open_file: tuple[int, dict] | None = None  # (fd, op)
+        # The open file's data and zero runs, held to be written by the pool with its
+        # metadata (None once it is past FILE_HELD: then written here as they come).
+        self.held: list[tuple] | None = []
+        self.held_bytes = 0
+        self.files = FileWriters()
 
     def where(self, msg: dict) -> str:
         return f"tree mirror {self.m.name!r}, cycle {self.cycle}, {msg['op']} {msg['path']!r}"
@@ -343,6 +367,8 @@ class _Apply:
     def op(self, msg: dict) -> None:
         self.finish_file()
         kind, path = msg["op"], msg["path"]
+        if kind not in ("file", "patch"):  # links, metadata: after the files are written
+            self.files.wait()
         if kind == "dir":
             if path != ".":
                 pfd, leaf = self._parent(path, msg)
@@ -376,12 +402,14 @@ class _Apply:
                 try:
                     if kind == "patch" and not in_place:
                         self._clone_ref(msg, fd)
-                    if not in_place or os.fstat(fd).st_size != msg["size"]:
-                        os.ftruncate(fd, msg["size"])  # a transaction, even to the same size
+                    # a transaction, even to the same size; with the file's writes
+                    grow = not in_place or os.fstat(fd).st_size != msg["size"]
                 except BaseException:
                     os.close(fd)
                     raise
                 self.open_file = (fd, msg)
+                if grow:
+                    self._run(_truncate, msg["size"], None, 0)
             elif kind == "symlink":
                 self._clear(pfd, leaf, msg)
                 os.symlink(msg["ref"], leaf, dir_fd=pfd)
@@ -481,27 +509,39 @@ class _Apply:
         if self.open_file is None:
             raise ProtocolError(f"tree mirror {self.m.name!r}, cycle {self.cycle}: data "
                                 "where no file is open")
-        pwrite_all(self.open_file[0], raw, offset)
+        self._run(pwrite_all, offset, raw, len(raw))
 
     def zero(self, offset: int, length: int) -> None:
         if self.open_file is None:
             raise ProtocolError(f"tree mirror {self.m.name!r}, cycle {self.cycle}: a zero "
                                 "run where no file is open")
-        punch_zeroes(self.open_file[0], offset, length)
+        self._run(punch_zeroes, offset, length, 0)
+
+    def _run(self, fn, offset: int, arg, size: int) -> None:
+        """One run of the open file (``_do_run``): held for the pool while the file's
+        runs are small (``FILE_HELD`` bytes in all), else done here, in order, the held
+        ones first."""
+        if self.held is not None and self.held_bytes + size + RUN_COST <= FILE_HELD:
+            self.held.append((fn, offset, arg))
+            self.held_bytes += size + RUN_COST
+            return
+        fd = self.open_file[0]
+        for f, off, a in self.held or ():
+            _do_run(fd, f, off, a)
+        self.held = None
+        _do_run(fd, fn, offset, arg)
 
     def finish_file(self) -> None:
         if self.open_file is None:
             return
         fd, msg = self.open_file
+        runs, self.held, self.held_bytes = self.held or [], [], 0
         self.open_file = None
-        try:
-            _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"],
-                      xattrs=msg["xattrs"], what=self.where(msg))
-        finally:
-            os.close(fd)
+        self.files.submit(fd, runs, msg, self.where(msg))
 
     def finish(self) -> None:
         self.finish_file()
+        self.files.close(check=True)
         depth = lambda p: 0 if p == "." else p.count("/") + 1  # noqa: E731
         for path in sorted(set(self.touched) | set(self.dir_meta), key=depth, reverse=True):
             fd = _open_dir(self.stage, path)
@@ -519,6 +559,96 @@ class _Apply:
         if self.open_file is not None:
             os.close(self.open_file[0])
             self.open_file = None
+        self.files.close()
+
+
+def _truncate(fd: int, size: int, _unused) -> None:
+    os.ftruncate(fd, size)
+
+
+def _do_run(fd: int, fn, offset: int, arg) -> None:
+    """One held run: ``pwrite_all`` of bytes ``arg`` at ``offset``, ``punch_zeroes`` of
+    ``arg`` bytes at ``offset``, or ``_truncate`` to size ``offset``."""
+    if fn is pwrite_all:
+        pwrite_all(fd, arg, offset)
+    else:
+        fn(fd, offset, arg)
+
+
+def _write_file(fd: int, runs: list[tuple], msg: dict, what: str) -> None:
+    """A file's held runs done in order (its size set first), then its metadata (after
+    the writes, which move its mtime); the descriptor is closed either way."""
+    try:
+        for fn, offset, arg in runs:
+            _do_run(fd, fn, offset, arg)
+        if runs:
+            start_writeback(fd)
+        _set_meta(fd, msg["mode"], msg["uid"], msg["gid"], msg["mtime_ns"],
+                  xattrs=msg["xattrs"], what=what)
+    finally:
+        os.close(fd)
+
+
+class FileWriters:
+    """Finishes files of a cycle (their held runs, then their metadata) in
+    ``WRITER_THREADS`` threads while the next ops are read and applied.
+
+    Writing a small change into a file of a fresh snapshot mostly waits on the kernel
+    (btrfs reads and copies the metadata it touches, the page cache fills), which
+    lets go of the GIL: a cycle of many small changed files is written several at a
+    time instead of one after the other.  Each file is one job with its own
+    descriptor, so files are independent; ``wait`` (before anything that reads what
+    they wrote: hard links, metadata-only ops, the directories' times, the switch)
+    returns when every job is done and raises the first failure.  At most
+    ``QUEUED_BYTES`` of held runs wait at once; past that ``submit`` waits for the
+    oldest jobs."""
+
+    def __init__(self):
+        self.pool = None
+        self.jobs: list = []  # (future, bytes held)
+        self.queued = 0
+
+    def submit(self, fd: int, runs: list[tuple], msg: dict, what: str) -> None:
+        size = sum((len(a) if f is pwrite_all else 0) + RUN_COST for f, _, a in runs)
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="tree-apply")
+        try:
+            fut = self.pool.submit(_write_file, fd, runs, msg, what)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.jobs.append((fut, size))
+        self.queued += size
+        while self.queued > QUEUED_BYTES or len(self.jobs) > QUEUED_FILES:
+            fut, size = self.jobs.pop(0)
+            self.queued -= size
+            fut.result()
+
+    def wait(self) -> None:
+        jobs, self.jobs, self.queued = self.jobs, [], 0
+        failed = None
+        for fut, _ in jobs:  # every job is waited for, so none runs after a failure
+            try:
+                fut.result()
+            except BaseException as exc:  # noqa: BLE001 - the first one is raised
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def close(self, check: bool = False) -> None:
+        """Wait for the jobs and stop the threads; with ``check`` raise the first failure
+        (without, an apply that failed already is being cleaned up)."""
+        try:
+            self.wait()
+        except BaseException:
+            if check:
+                raise
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+                self.pool = None
 
 
 class TreeMirror:

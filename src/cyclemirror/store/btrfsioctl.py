@@ -163,10 +163,13 @@ def subvolume_info(fd: int) -> SubvolumeInfo:
                          int.from_bytes(args[352:360], "little"))
 
 
-def changed_inodes(fd: int, since: int) -> set[int]:
+def changed_inodes(fd: int, since: int, later: set[int] | None = None) -> set[int]:
     """The inode numbers of the subvolume ``fd`` is in whose inode item or directory
     entries were written in transaction ``since`` or later (a superset of the inodes
-    whose lstat or entries differ from a snapshot made by transaction ``since``).
+    whose lstat or entries differ from a snapshot made by transaction ``since``);
+    ``later``, if given, gets those written after ``since`` (what a search from
+    ``since + 1`` answers: an item is never newer than its leaf, so the leaves that
+    search skips hold none of them), from the same search.
     OSError from the kernel (EPERM without CAP_SYS_ADMIN); ValueError for a buffer
     the parser cannot vouch for."""
     from cyclemirror._cext import btrfsitems
@@ -187,7 +190,7 @@ def changed_inodes(fd: int, since: int) -> set[int]:
         nr = int.from_bytes(args[64:68], "little")  # nr_items: how many came back
         if nr == 0:
             return changed
-        _, last = btrfsitems.scan_items(body, nr, since, changed)
+        _, last = btrfsitems.scan_items(body, nr, since, changed, later)
         objectid, typ, offset = last
         if offset < _U64_MAX:
             key = (objectid, typ, offset + 1)

@@ -47,6 +47,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -61,6 +63,7 @@ from cyclemirror.store import btrfsioctl, cowfs
 HASH_BLOCK = 4096
 HASH_SPAN = 64 << 20  # bytes hashed per call
 PROVE_SMALL = 64 << 10  # changed spans up to this size are compared by their bytes
+COMPARE_THREADS = 8  # changed files compared at once (the kernel does most of the work)
 
 
 class Entry(NamedTuple):
@@ -289,13 +292,14 @@ def tree_delta(old_root: str | None, new_root: str,
             new = None
             if search:
                 try:
-                    new, cand = _search_walk(old_root, new_root, old)
+                    new, cand, written = _search_walk(old_root, new_root, old)
                 except _Unsure as exc:
                     why = f" ({exc})"
             if new is None:
                 new = walk(new_root)
                 new.how = "walk" + (why if search else "")
-        written = _written_since(old_root, new_root)
+        if written is None:
+            written = _written_since(old_root, new_root)
     delta = TreeDelta([], sorted(new.others), new_walk=new)
     maps = _ItemMaps.open(old_root, new_root) if new.how == "search" else None
     try:
@@ -415,6 +419,7 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
     # 3. regular files: one content op per inode, at its first name
     links: list[TreeOp] = []
     metas: list[TreeOp] = []
+    plan = []  # (ino, names, base, compare): base None for a new file
     for ino, names in new_names.items():
         first, n = names[0], new[names[0]]
         base = None
@@ -422,6 +427,19 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
             base = first if first in old_names[ino] else old_names[ino][0]
         elif first in old and old[first].kind == "file":
             base = first  # replaced by a new file (write and rename over): compare anyway
+        # The same inode, untouched since the last freeze: the same lstat (a snapshot
+        # keeps the inode) and btrfs wrote nothing of it since.  The same ctime alone
+        # is not enough: a write's ctime can go into one snapshot and its bytes into
+        # the next (see tree_delta).
+        compare = base is not None and not (
+            base == first and old[base] == n and written_inos is not None
+            and ino not in written_inos)
+        plan.append((ino, names, base, compare))
+    compared = _compare_all([(os.path.join(old_root, base), os.path.join(new_root, names[0]),
+                              new[names[0]].size, maps, (old[base].ino, ino))
+                             for ino, names, base, compare in plan if compare])
+    for ino, names, base, compare in plan:
+        first, n = names[0], new[names[0]]
         written = True
         if base is None:
             op = _op("file", first, n)
@@ -430,18 +448,11 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
                 else _data_ranges(os.path.join(new_root, first), n.size)
             delta.methods["new"] = delta.methods.get("new", 0) + 1
             ops.append(op)
-        elif base == first and old[base] == n and written_inos is not None \
-                and ino not in written_inos:
-            # The same inode, untouched since the last freeze: the same lstat (a
-            # snapshot keeps the inode) and btrfs wrote nothing of it since.  The same
-            # ctime alone is not enough: a write's ctime can go into one snapshot and
-            # its bytes into the next (see tree_delta).
+        elif not compare:
             written = False
         else:
             o = old[base]
-            data, zero, method = changed_content(os.path.join(old_root, base),
-                                                 os.path.join(new_root, first), n.size,
-                                                 maps, (o.ino, ino))
+            data, zero, method = next(compared)
             same_inode = old.get(first) is not None and old[first].ino == ino
             if data or zero or o.size != n.size or base != first or not same_inode:
                 op = _op("patch", first, n, base)
@@ -478,6 +489,48 @@ def _ops(old, new, old_order, order, new_names, old_names, old_root, new_root,
     ops.extend(metas)
 
 
+class _Failed(NamedTuple):
+    exc: BaseException
+
+
+def _in_threads(fn, items: list, threads: int, name: str) -> list:
+    """``fn(*item)`` of every item by ``threads`` threads, each taking every
+    ``threads``-th item in turn: the outcomes in the items' order, a ``_Failed`` where
+    one raised.  One job per thread, not per item: a pool's future per item costs more
+    in locks and GIL hand-offs than a small item's work."""
+    out: list = [None] * len(items)
+
+    def work(start: int) -> None:
+        for i in range(start, len(items), threads):
+            try:
+                out[i] = fn(*items[i])
+            except BaseException as exc:  # noqa: BLE001 - the caller raises it in order
+                out[i] = _Failed(exc)
+
+    ts = [threading.Thread(target=work, args=(n,), name=f"{name}-{n}", daemon=True)
+          for n in range(min(threads, len(items)))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return out
+
+
+def _compare_all(jobs: list[tuple]) -> Iterator[tuple]:
+    """``changed_content(*job)`` of each job, in order.  Many are compared by
+    ``COMPARE_THREADS`` threads at once: a comparison mostly waits on the kernel (tree
+    searches, reads of both versions), which lets go of the GIL, so a cycle of many
+    changed files takes a fraction of the time one after the other does.  The first
+    failure (in the jobs' order) is raised, as the loop one by one would."""
+    if len(jobs) < 2 * COMPARE_THREADS:
+        return (changed_content(*job) for job in jobs)
+    out = _in_threads(changed_content, jobs, COMPARE_THREADS, "tree-compare")
+    for r in out:
+        if isinstance(r, _Failed):
+            raise r.exc
+    return iter(out)
+
+
 class _Unsure(Exception):
     """The search cannot vouch for the new snapshot: walk it instead (says why)."""
 
@@ -510,15 +563,16 @@ def _snapshot_infos(ofd: int, nfd: int):
     return oi, ni
 
 
-def _changed_since(nfd: int, oi, ni, after: int = 0) -> set[int]:
+def _changed_since(nfd: int, oi, ni, after: int = 0, later: set[int] | None = None
+                   ) -> set[int]:
     """``btrfsioctl.changed_inodes`` of snapshot ``nfd`` since the transaction that
-    made the snapshot of ``oi`` (``after`` 1: since the one after it); _Unsure where
-    btrfs cannot say."""
+    made the snapshot of ``oi`` (``after`` 1: since the one after it; ``later`` gets
+    those of after 1 from the same search); _Unsure where btrfs cannot say."""
     if oi.parent_uuid != ni.parent_uuid or not any(oi.parent_uuid) \
             or ni.otransid <= oi.otransid:
         raise _Unsure("not two snapshots of one subvolume, in order")
     try:
-        return btrfsioctl.changed_inodes(nfd, oi.otransid + after)
+        return btrfsioctl.changed_inodes(nfd, oi.otransid + after, later)
     except OSError as exc:
         raise _Unsure(f"tree search: {exc.strerror}") from None
     except ValueError as exc:
@@ -550,9 +604,11 @@ def _written_since(old_root: str, new_root: str) -> set[int] | None:
         os.close(nfd)
 
 
-def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str]]:
+def _search_walk(old_root: str, new_root: str, old: Walk
+                 ) -> tuple[Walk, set[str], set[int]]:
     """``walk(new_root)`` from ``old`` (``walk(old_root)``) and what btrfs says changed,
-    and the paths whose entries may differ.  Raises _Unsure where it cannot vouch.
+    the paths whose entries may differ, and ``_written_since(old_root, new_root)``
+    (from the same search).  Raises _Unsure where it cannot vouch.
 
     Both must be read-only snapshots of one subvolume, ``old`` the walk of
     ``old_root``.  Every inode whose inode item or entries were written in the
@@ -570,12 +626,13 @@ def _search_walk(old_root: str, new_root: str, old: Walk) -> tuple[Walk, set[str
         oi, ni = _snapshot_infos(ofd, nfd)
         if not old.snapshot or old.snapshot != _snapshot_id(oi):
             raise _Unsure("the walk kept is not of the previous snapshot")
-        changed = _changed_since(nfd, oi, ni)
+        written: set[int] = set()
+        changed = _changed_since(nfd, oi, ni, later=written)
         new = old.copy()
         new.snapshot, new.how = _snapshot_id(ni), "search"
         cand: set[str] = set()
         _apply_changes(old_root, new_root, old, new, changed, cand)
-        return new, cand
+        return new, cand, written
     finally:
         os.close(ofd)
         os.close(nfd)

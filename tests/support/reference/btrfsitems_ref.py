@@ -12,7 +12,7 @@ INODE_ITEM, XATTR_ITEM, DIR_ITEM, DIR_INDEX = 1, 24, 84, 96
 DIR_ENTRY = struct.Struct("<17sQHHB")  # location key, transid, data_len, name_len, type
 
 
-def scan_items(buf, nr_items: int, min_transid: int, changed: set):
+def scan_items(buf, nr_items: int, min_transid: int, changed: set, later: set | None = None):
     if nr_items < 0:
         raise ValueError(f"nr_items must be >= 0, got {nr_items}")
     buf = bytes(buf)
@@ -31,21 +31,27 @@ def scan_items(buf, nr_items: int, min_transid: int, changed: set):
         if typ == INODE_ITEM:
             if length < 16:
                 raise ValueError(f"search buffer: inode item {objectid} is {length} bytes")
-            if int.from_bytes(item[8:16], "little") >= min_transid:
+            t = int.from_bytes(item[8:16], "little")
+            if t >= min_transid:
                 changed.add(objectid)
+            if t > min_transid and later is not None:
+                later.add(objectid)
         elif typ in (DIR_ITEM, DIR_INDEX, XATTR_ITEM):
             what = "xattrs of inode" if typ == XATTR_ITEM else "directory"
-            q, hit = 0, False
+            q, hit, hit_later = 0, False, False
             while q < len(item):
                 if len(item) - q < DIR_ENTRY.size:
                     raise ValueError(f"search buffer: {what} {objectid}: an entry runs "
                                      "past its item")
                 _, transid, data_len, name_len, _ = DIR_ENTRY.unpack_from(item, q)
                 hit = hit or transid >= min_transid
+                hit_later = hit_later or transid > min_transid
                 q += DIR_ENTRY.size + name_len + data_len
                 if q > len(item):
                     raise ValueError(f"search buffer: {what} {objectid}: an entry runs "
                                      "past its item")
             if hit:
                 changed.add(objectid)
+            if hit_later and later is not None:
+                later.add(objectid)
     return (nr_items, last) if nr_items else (0, None)
