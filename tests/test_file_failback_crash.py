@@ -28,16 +28,13 @@ import time
 
 import pytest
 
-from tests.support.daemons import Daemon, cli_env, free_port, make_key, wait_for
+from tests.support.daemons import Daemon, cli_env, wait_for
 from tests.support.nbd import run
+from tests.support.objectpair import daemon_pair, read, row, write
 
 SIZE = 256 << 10
 B_OFFSET, B_LEN = 65536, 8192
 FAILPOINT_SECONDS = 60
-
-
-class Env:
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -46,47 +43,8 @@ def env(btrfs_mount):
         pytest.skip("file objects on btrfs need reflinks; the test daemons run as root")
     if shutil.which("qemu-io") is None:
         pytest.skip("qemu-io (qemu-utils) is missing: it writes the promoted volume over NBD")
-    root = os.path.join(btrfs_mount, "file-failback-crash")
-    os.makedirs(root)
-    e = Env()
-    e.root = root
-    e.key = make_key(os.path.join(root, "key"))
-    e.daemons = []
-    try:
-        for name in ("a", "b"):
-            d = Daemon(root, name, key_file=e.key, nbd=name == "b",
-                       extra=("--listen", f"127.0.0.1:{free_port()}")).start()
-            e.daemons.append(d)
-            setattr(e, name, d)
+    with daemon_pair(btrfs_mount, "file-failback-crash") as e:
         yield e
-    finally:
-        err = None
-        for d in e.daemons:
-            try:
-                d.stop()
-            except AssertionError as exc:
-                err = exc
-                d.kill()
-        if err is not None:
-            raise err
-
-
-def write(path: str, data: bytes, offset: int | None = None) -> None:
-    with open(path, "wb" if offset is None else "r+b") as fh:
-        if offset is not None:
-            fh.seek(offset)
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def read(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def row(daemon, name: str) -> dict:
-    return [r for r in daemon.status()["mirrors"] if r["volume"] == name][0]
 
 
 class Case:

@@ -23,71 +23,20 @@ import shutil
 
 import pytest
 
-from tests.support.daemons import Daemon, free_port, make_key, wait_for
+from tests.support.daemons import wait_for
 from tests.support.nbd import run
-from tests.support.trees import assert_same_tree, delete_subvolumes, subvolume, tree_image
+from tests.support.objectpair import daemon_pair, read, row, tree_info, write
+from tests.support.trees import assert_same_tree, subvolume, tree_image
 
 BIG = 1 << 20  # a full copy of the tree ships at least this much
-
-
-class Env:
-    pass
 
 
 @pytest.fixture(scope="module")
 def env(btrfs_mount):
     if os.geteuid() != 0:
         pytest.skip("btrfs snapshots need root")
-    root = os.path.join(btrfs_mount, "tree-failback")
-    os.makedirs(root)
-    e = Env()
-    e.root = root
-    e.key = make_key(os.path.join(root, "key"))
-    e.daemons = []
-    try:
-        for name in ("a", "b"):  # b serves NBD: a promoted file object is a volume there
-            d = Daemon(root, name, key_file=e.key, nbd=name == "b",
-                       extra=("--listen", f"127.0.0.1:{free_port()}")).start()
-            e.daemons.append(d)
-            setattr(e, name, d)
-        e.a_name = e.a.status()["node"]["name"]
-        e.b_name = e.b.status()["node"]["name"]
+    with daemon_pair(btrfs_mount, "tree-failback") as e:
         yield e
-    finally:
-        d_err = None
-        for d in e.daemons:
-            try:
-                d.stop()
-            except AssertionError as exc:
-                d_err = exc
-                d.kill()
-        delete_subvolumes(root)
-        if d_err is not None:
-            raise d_err
-
-
-def write(path: str, data: bytes, offset: int | None = None) -> None:
-    if offset is None:
-        with open(path, "wb") as fh:
-            fh.write(data)
-        return
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(data)
-
-
-def read(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def row(daemon, name: str) -> dict:
-    return [r for r in daemon.status()["mirrors"] if r["volume"] == name][0]
-
-
-def tree_info(daemon, name: str) -> dict | None:
-    trees = json.loads(daemon.cli("tree", "list", "--json").stdout)
-    return next((t for t in trees if t["name"] == name), None)
 
 
 def promoted_tree(env, name: str) -> tuple[str, int, dict]:

@@ -63,6 +63,8 @@ status fields; shipping and merging happen outside it.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import os
 import queue
@@ -1486,15 +1488,9 @@ class MirrorDriver:
             else:
                 stream = iter(self.subject.cycle_frames(reader, group[0].owed, c, self.packer,
                                                         scatter=_scatter(group[0])))
-            for item in ahead:
-                items.append(item)
-                nbytes += len(item[1])
-                if item[0] is not None:
-                    total[0] = item[0] + 1
-                if nbytes >= SEND_BATCH_BYTES:
-                    publish(items)
-                    items, nbytes = [], 0
-            ahead = []
+            if ahead:  # the frames packed ahead first, each let go of once handed on
+                stream = itertools.chain(_drain(collections.deque(ahead)), stream)
+                ahead = []
             while True:
                 tp = time.monotonic()
                 item = next(stream, None)
@@ -1652,6 +1648,12 @@ def _same_owed(a: ExtentBitmap | None, b: ExtentBitmap | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return a == b
+
+
+def _drain(items: collections.deque):
+    """Yield and forget ``items`` from the front (a list iterator would keep them all)."""
+    while items:
+        yield items.popleft()
 
 
 def _scatter(r: OutgoingTarget) -> bool:
