@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -67,5 +68,25 @@ def test_no_snapshot_piles_up_while_every_target_is_down(tree_store):
         row = driver.status()
         assert row["kind"] == "tree" and row["targets"][f"127.0.0.1:{label_port}"][
             "applied_cycle"] == 0
+    finally:
+        driver.stop()
+
+
+def test_a_freeze_that_fails_stops_the_mirror_and_says_why(tree_store):
+    """A failure outside any one target (here the tree's subvolume is gone, so its
+    freeze fails) shows in status as a broken mirror naming the error, and the driver's
+    loop lives on to be stopped."""
+    store, obj = tree_store
+    subprocess.run(["btrfs", "subvolume", "delete", obj.path], check=True,
+                   capture_output=True)
+    driver = TreeDriver(obj, [TargetSpec("127.0.0.1", closed_port(), b"k" * 32)],
+                        MirrorOptions(interval=0.02, retry_initial=0.05, retry_max=0.1),
+                        store=store)
+    driver.start()
+    try:
+        row = wait_for(lambda: (lambda r: r if r["phase"] == "broken" else None)(
+            driver.status()), 30, "the mirror to show the failed freeze")
+        assert row["last_error"], row
+        assert driver._thread.is_alive()
     finally:
         driver.stop()

@@ -627,6 +627,15 @@ class TreeDriver:
         except BaseException as exc:  # noqa: BLE001 - reported in status, never lost
             self._crashed(exc)
 
+    def _crashed(self, exc: BaseException) -> None:
+        """A failure outside any one target (a freeze, a merge): stop until resumed."""
+        log.error("mirror of tree %s stopped: %s: %s", self.tree.name, type(exc).__name__, exc)
+        with self._cond:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.phase = "broken"
+            self._break = True
+            self._cond.notify_all()
+
     def _delta_for(self, r: TreeTarget, k: int) -> treediff.TreeDelta:
         """The delta from the cycle ``r`` holds to ``k``, shared by the targets that
         hold the same cycle (made once, while no merge deletes its snapshots)."""
@@ -708,12 +717,6 @@ class TreeDriver:
         return {"source_node": p["source_node"], "mirror": p["mirror"], "cycle": p["cycle"],
                 "freeze_time": p["freeze_time"], "written_ops": written,
                 "discard_on": self.tree.discard_on or ""}
-
-    def _send_guarded(self, r: TreeTarget, k: int, delta: treediff.TreeDelta) -> None:
-        try:
-            self._send(r, k, delta)
-        except BaseException as exc:  # noqa: BLE001 - that target's failure
-            self._failed(r, exc, k)
 
     def _send(self, r: TreeTarget, k: int, delta: treediff.TreeDelta) -> None:
         base = r.held
