@@ -377,6 +377,29 @@ def test_resizing_cycles_apply_all_or_nothing_after_any_crash(tmp_path_factory, 
     assert again.volumes[0].size == len(model)
 
 
+def test_a_cycle_begun_while_a_resize_is_still_applying_keeps_its_own_size(tmp_path):
+    """Pipelined cycles: cycle 2 grows the image and is committed but not applied yet
+    when cycle 3, back at the old size, begins.  Cycle 3 must still shrink the image
+    after cycle 2's apply grew it, and a resume of cycle 3 after that apply must be
+    taken (its sizes compare the same way before and after)."""
+    small, big = 4 * BS, 8 * BS
+    m = _open(str(tmp_path), small)
+    m.begin(1, 1.0, True, 0)
+    m.finish(1, 0)
+    m.begin(2, 2.0, False, 0, sizes=[big])
+    m.receive(REC_DATA, 0, 6 * BS, BS, b"\x02" * BS)
+    hold = m.commit(2, 1)  # committed; its apply (the growth) has not run yet
+    m.begin(3, 3.0, False, 0, sizes=[small])
+    m.receive(REC_DATA, 0, 0, BS, b"\x03" * BS)
+    m.checkpoint()
+    m.apply_committed(hold)  # the image grows to cycle 2's size meanwhile
+    assert m.begin(3, 3.0, False, 1, sizes=[small]) == 1  # a resume after it is taken
+    m.finish(3, 1)
+    assert m.state.applied_cycle == 3 and m.state.volumes[0].size == small
+    assert read(m.image_path(0)) == b"\x03" * BS + bytes(3 * BS)
+    m.close()
+
+
 def test_a_cycles_size_is_checked_before_anything_is_staged(tmp_path):
     m = _open(str(tmp_path), 8 * BS)
     m.begin(1, 1.0, True, 0)

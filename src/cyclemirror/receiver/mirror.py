@@ -295,9 +295,10 @@ class Mirror:
 
     def _check_sizes(self, cycle: int, sizes: list[int] | None) -> list[int] | None:
         """``sizes`` of ``cycle`` checked (bounds, room to grow, the backend); None when
-        they are the images' sizes."""
+        they are the sizes of the cycle before it: the committed one still applying, if
+        any, else the images' (so None means the same before and after that apply)."""
         st = self.state
-        current = [v.size for v in st.volumes]
+        current = self.sizes_of(st.committed)
         if sizes is None or list(sizes) == current:
             return None
         what = f"mirror {st.mirror!r} of source {st.source_name or st.source_node}"
