@@ -322,6 +322,8 @@ def test_kill_9_at_each_step_of_a_discard_of_the_new_primarys_writes(split, tmp_
     assert not untouched(b)
     cut_recoveries(b)
     assert "finished the split brain resolution" in b.log()
+    # ...and only that: no start took the turn-back for a promotion cut short
+    assert "finished the promotion" not in b.log(), b.log()[-3000:]
     # Finished: there is no promoted primary left to resolve, and that is all it says.
     again = b.cli("mirror", "resolve", "db", "--discard-changes-on", "hostb", check=False)
     assert again.returncode == 10 and "not a promoted primary" in again.stderr, again

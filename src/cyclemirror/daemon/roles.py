@@ -242,33 +242,34 @@ def op_promote(service, args: dict) -> dict:
 
 
 def finish_promotions(service) -> None:
-    """At start, before the target and NBD serve anything: finish the promotions a crash
-    cut short (``receiver.promote.finish_cut``), so no half-promoted group is seen, and
-    the turn-backs of volumes into mirror images (``receiver.turnback.finish_cut``)."""
-    from cyclemirror.receiver.promote import finish_cut
+    """At start, before the target and NBD serve anything: finish what a crash cut short.
 
+    Turn-backs of volumes into mirror images (``receiver.turnback.finish_cut``) and file
+    objects' failbacks go first: a turn-back cut after its commit point leaves a
+    promoted role record beside a moved volume or a mirror state, which
+    ``receiver.promote.finish_cut`` would otherwise take for a promotion cut short and
+    redo before the turn-back undid it again.  Then the promotions, so no half-promoted
+    group is seen, and the trees'."""
+    from cyclemirror.receiver.filefailback import finish_cut as finish_file_failbacks
+    from cyclemirror.receiver.promote import finish_cut
+    from cyclemirror.receiver.treediscard import finish_cut as finish_tree_discards
+    from cyclemirror.receiver.treepromote import finish_cut as finish_trees
+    from cyclemirror.receiver.turnback import finish_cut as finish_turnbacks
+
+    # A failback's or a split brain's turn-back into mirror images (each logs itself).
+    finish_turnbacks(service.store, lambda volume: forget_outgoing(service.store, volume))
+    # A file object's failback into a mirror image, cut short (each logs itself).
+    finish_file_failbacks(service.store, lambda name: forget_outgoing(service.store, name))
     for result in finish_cut(service.store, service.config.rbd_config()):
         log.warning("finished the promotion of %s/%s cut short by a crash: volume%s %s, "
                     "generation %s", result["source_name"] or result["source_node"],
                     result["mirror"], "s" if result["group"] else "",
                     ", ".join(result["volumes"]), result["generation"])
-    from cyclemirror.receiver.treepromote import finish_cut as finish_trees
-
     finish_trees(service.store)  # tree mirrors' (docs/trees.md); each logs what it did
-    from cyclemirror.receiver.treediscard import finish_cut as finish_tree_discards
-
     # A tree's split brain lost here, cut short (each logs itself), and its outgoing
     # mirrors' definitions, which the live verb removed before its commit point.
     for done in finish_tree_discards(service.store):
         forget_outgoing(service.store, done["tree"])
-    from cyclemirror.receiver.filefailback import finish_cut as finish_file_failbacks
-
-    # A file object's failback into a mirror image, cut short (each logs itself).
-    finish_file_failbacks(service.store, lambda name: forget_outgoing(service.store, name))
-    from cyclemirror.receiver.turnback import finish_cut as finish_turnbacks
-
-    # A failback's or a split brain's turn-back into mirror images (each logs itself).
-    finish_turnbacks(service.store, lambda volume: forget_outgoing(service.store, volume))
 
 
 def forget_outgoing(store, volume: str) -> None:
