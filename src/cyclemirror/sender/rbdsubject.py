@@ -40,6 +40,7 @@ wrote since the promotion.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import re
@@ -156,20 +157,23 @@ class RbdVolumeSubject(SingleVolume):
             self._head = io.open(image)
         except OSError as exc:
             raise _error(exc, f"cannot open RBD volume {image}") from exc
-        actual = self._head.size()
-        if actual != size:
-            self._head.close()
-            raise StoreError(f"RBD volume {image} is {actual} bytes, its record says {size}; "
-                             "look at the record (STORE/rbd-volumes) and the image")
-        self.remote_name = self._check_remote(remote_name or self.name)
-        self.remote_names = [self.remote_name]
-        self.offsets = [0]
-        self.state_dir_name = self.name
-        self.volume = _RbdFace(self)
-        self.volumes = [self.volume]
-        # The newest freeze: kept here (this subject makes every freeze snapshot), so
-        # the driver's frequent reads of it cost no cluster round trip.
-        self._top = max(max(self.snapshots(), default=branch_cycle), floor)
+        try:
+            actual = self._head.size()
+            if actual != size:
+                raise StoreError(f"RBD volume {image} is {actual} bytes, its record says "
+                                 f"{size}; look at the record (STORE/rbd-volumes) and the image")
+            self.remote_name = self._check_remote(remote_name or self.name)
+            self.remote_names = [self.remote_name]
+            self.offsets = [0]
+            self.state_dir_name = self.name
+            self.volume = _RbdFace(self)
+            self.volumes = [self.volume]
+            # The newest freeze: kept here (this subject makes every freeze snapshot), so
+            # the driver's frequent reads of it cost no cluster round trip.
+            self._top = max(max(self.snapshots(), default=branch_cycle), floor)
+        except BaseException:
+            self._head.close()  # whatever failed, the image is not left open
+            raise
 
     @staticmethod
     def _check_remote(name: str) -> str:
@@ -508,13 +512,10 @@ class RbdFrozenReader:
                 continue
             n = length // bs
             nonzero = np.frombuffer(data, dtype=np.uint64).reshape(n, bs // 8).any(axis=1)
-            i = 0
-            while i < n:
-                kind = bool(nonzero[i])
-                j = i + 1
-                while j < n and bool(nonzero[j]) == kind:
-                    j += 1
-                if not kind:
+            # The runs of blocks alike (all zero, or holding data): edges where it changes.
+            edges = [0, *(np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1).tolist(), n]
+            for i, j in itertools.pairwise(edges):
+                if not nonzero[i]:
                     yield off + i * bs, (j - i) * bs, "zero", -1
                 else:
                     a, b = off + i * bs, off + j * bs
@@ -526,4 +527,3 @@ class RbdFrozenReader:
                         _pos, p_off, p_len = handed.popleft()
                         punch_hole(self._spool, p_off, p_len)
                     yield a, b - a, "data", self._spool
-                i = j
