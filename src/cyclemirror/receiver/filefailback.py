@@ -188,8 +188,7 @@ def finish(store, path: str, intent: MirrorState) -> dict:
         MirrorState(mirror=name, group=False, source_node=intent.source_node,
                     source_name=intent.source_name, volumes=list(intent.volumes),
                     applied_cycle=k, freeze_time=intent.freeze_time,
-                    extra=extra).save(state_path)
-        fileops.fsync_dir(ndir)
+                    extra=extra).save(state_path)  # its directory's fsync: the image's too
     failpoints.hit("filefailback.imaged")
     live = plan["live"]
     if os.path.lexists(live) and not os.path.lexists(kept["path"]):
