@@ -479,7 +479,7 @@ class FileObject:
                     raise fileops.store_error(f"mapping file object {self.name!r}",
                                               exc) from exc
                 self.last_diff_method = "hash"
-                return resized_bitmap(hash_diff(fds[0], fds[1], common, self.block_size), nblocks)
+                return hash_diff(fds[0], fds[1], common, self.block_size, nbits=nblocks)
             changed, unproven = cowfs.compare_maps(maps[0], maps[1], common)
             out = self._bitmap(changed, nblocks)
             self.last_diff_method = "fiemap"
@@ -487,8 +487,8 @@ class FileObject:
                 self.last_diff_method = "fiemap+hash"
                 spans = self._bitmap(unproven, nblocks)
                 spans.difference_update(out)
-                out.union_update(resized_bitmap(hash_diff(fds[0], fds[1], common, self.block_size,
-                                                    spans.iter_runs()), nblocks))
+                out.union_update(hash_diff(fds[0], fds[1], common, self.block_size,
+                                           spans.iter_runs(), nbits=nblocks))
             return out
         finally:
             for fd in fds:
@@ -524,12 +524,14 @@ def resized_bitmap(bm: ExtentBitmap, nbits: int) -> ExtentBitmap:
 
 
 def hash_diff(old_fd: int, new_fd: int, size: int, block_size: int,
-              block_runs=None) -> ExtentBitmap:
+              block_runs=None, nbits: int | None = None) -> ExtentBitmap:
     """Blocks whose xxh3 hashes differ between two files of ``size`` bytes, over
-    ``block_runs`` ((first block, count) pairs; None: all of them).  The fallback where
-    the extent map cannot be read, or cannot vouch for what it maps."""
+    ``block_runs`` ((first block, count) pairs; None: all of them), in a bitmap of
+    ``nbits`` (default: the blocks of ``size``; more where the file grew since).  The
+    fallback where the extent map cannot be read, or cannot vouch for what it maps."""
     nblocks = size // block_size
-    out = ExtentBitmap(nblocks)
+    nbits = nblocks if nbits is None else nbits
+    out = ExtentBitmap(nbits)
     step = max(1, HASH_SPAN // block_size)
     for first, count in [(0, nblocks)] if block_runs is None else block_runs:
         for start in range(first, first + count, step):
@@ -537,7 +539,7 @@ def hash_diff(old_fd: int, new_fd: int, size: int, block_size: int,
             a, _ = blockhash.hash_file(old_fd, start * block_size, n, block_size)
             b, _ = blockhash.hash_file(new_fd, start * block_size, n, block_size)
             out.union_update(blockhash.diff_hashes(np.asarray(a, dtype=np.uint64),
-                                                   np.asarray(b, dtype=np.uint64), nblocks,
+                                                   np.asarray(b, dtype=np.uint64), nbits,
                                                    start))
     return out
 
