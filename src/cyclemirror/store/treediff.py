@@ -324,15 +324,9 @@ class _ItemMaps:
     @classmethod
     def open(cls, old_root: str, new_root: str) -> _ItemMaps | None:
         try:
-            ofd = _open_dir(old_root)
-        except OSError:
+            return cls(*_open_pair(old_root, new_root))
+        except _Unsure:
             return None
-        try:
-            nfd = _open_dir(new_root)
-        except OSError:
-            os.close(ofd)
-            return None
-        return cls(ofd, nfd)
 
     def close(self) -> None:
         for fd in self.fds:
